@@ -1,0 +1,84 @@
+"""Audit events: what happened, to which message, with which outcome and exact reason.
+
+An event becomes one leaf of the Merkle log: the leaf bytes are the RFC 8785 canonical
+JSON of ``AuditEvent.to_entry()`` (None fields left out). Entries hold metadata and
+digests only, never bodies, signatures, keys or tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import rfc8785
+
+from gateway.clock import format_rfc3339
+
+
+class EventKind(StrEnum):
+    RECEIVED = "received"
+    REJECTED = "rejected"
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    DELIVERED = "delivered"
+    SUBMITTED = "submitted"
+    SUBMIT_REJECTED = "submit_rejected"
+    SENT = "sent"
+    ATTEMPT_FAILED = "attempt_failed"
+    RECEIPT_RECEIVED = "receipt_received"
+    ACKNOWLEDGED = "acknowledged"
+    PARTNER_REJECTED = "partner_rejected"
+    DEAD = "dead"
+    QUERY = "query"
+    OPERATOR_ACTION = "operator_action"
+    KEY_CHANGE = "key_change"
+    POISON = "poison"
+    CHECKPOINT_SENT = "checkpoint_sent"
+    CHECKPOINT_WITNESSED = "checkpoint_witnessed"
+    COSIGNATURE_RECEIVED = "cosignature_received"
+    HISTORY_INCONSISTENT = "history_inconsistent"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditEvent:
+    event: EventKind
+    at: datetime
+    message_id: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    message_type: str | None = None
+    correlation_id: str | None = None
+    #: ``sha-256:<base64url>`` of the exact body bytes
+    body_digest: str | None = None
+    #: ``ACK``, a NACK code, or a short state word (``sent``, ``dead`` ...)
+    outcome: str | None = None
+    #: the exact reason of a rejection or failure (operator-facing, never sent to partners)
+    reason: str | None = None
+    #: who did it, for operator actions and API submissions (a JWT subject, ``cli:<user>``)
+    actor: str | None = None
+    transport: str | None = None
+
+    def to_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"event": self.event.value, "at": format_rfc3339(self.at)}
+        for name in (
+            "message_id",
+            "sender",
+            "recipient",
+            "message_type",
+            "correlation_id",
+            "body_digest",
+            "outcome",
+            "reason",
+            "actor",
+            "transport",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                entry[name] = value
+        return entry
+
+    def entry_bytes(self) -> bytes:
+        """The leaf data: RFC 8785 canonical JSON of the entry."""
+        return bytes(rfc8785.dumps(self.to_entry()))

@@ -1,0 +1,17 @@
+"""The one entry point: ``c2c-gateway``. Each command group lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from gateway import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="c2c-gateway")
+def cli() -> None:
+    """Cross-border customs data-exchange gateway."""
+
+
+def main() -> None:
+    cli()
