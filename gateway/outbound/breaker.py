@@ -1,0 +1,110 @@
+"""Per-partner circuit breaker: stop hammering a partner that keeps failing.
+
+closed: attempts flow; ``failure_threshold`` consecutive failures open it.
+open: no attempt until ``reset_timeout_s`` has passed on the monotonic clock.
+half-open: exactly one probe attempt is let through; its success closes the breaker,
+its failure opens it again for another full timeout.
+
+Time is monotonic so a wall-clock jump neither stalls nor floods a partner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_timeout_s: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        if failure_threshold < 1 or reset_timeout_s <= 0:
+            raise ValueError("breaker needs failure_threshold >= 1 and reset_timeout_s > 0")
+        self._threshold = failure_threshold
+        self._reset_timeout_s = reset_timeout_s
+        self._monotonic = monotonic
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._probe_in_flight or self._monotonic() - self._opened_at >= self._reset_timeout_s:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def seconds_until_probe(self) -> float:
+        """How long until an attempt may be made (0 when one may be made now)."""
+        if self._opened_at is None:
+            return 0.0
+        if self._probe_in_flight:
+            return self._reset_timeout_s
+        return max(0.0, self._opened_at + self._reset_timeout_s - self._monotonic())
+
+    def try_acquire(self) -> bool:
+        """May an attempt start now? In half-open state only the first caller gets a yes."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+            self._probe_in_flight = True
+            return True
+        return False
+
+    def record_success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._probe_in_flight = False
+
+    def record_failure(self) -> None:
+        self._failures += 1
+        if self._probe_in_flight or self._failures >= self._threshold:
+            self._opened_at = self._monotonic()
+        self._probe_in_flight = False
+
+    def release(self) -> None:
+        """An acquired attempt ended with no verdict on the partner's health (e.g. a NACK)."""
+        if self._probe_in_flight:
+            self.record_success()
+
+
+class BreakerBoard:
+    """One breaker per partner, created on first use."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        reset_timeout_s: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._failure_threshold = failure_threshold
+        self._reset_timeout_s = reset_timeout_s
+        self._monotonic = monotonic
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    def for_partner(self, partner: str) -> CircuitBreaker:
+        breaker = self._breakers.get(partner)
+        if breaker is None:
+            breaker = CircuitBreaker(
+                failure_threshold=self._failure_threshold,
+                reset_timeout_s=self._reset_timeout_s,
+                monotonic=self._monotonic,
+            )
+            self._breakers[partner] = breaker
+        return breaker
+
+    def states(self) -> dict[str, BreakerState]:
+        return {partner: breaker.state for partner, breaker in self._breakers.items()}

@@ -1,0 +1,49 @@
+"""Exponential backoff with full jitter, capped, with Retry-After as a floor."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gateway.outbound.backoff import BackoffPolicy
+
+
+def test_ceiling_doubles_from_base_and_stops_at_cap() -> None:
+    policy = BackoffPolicy(base_s=2.0, cap_s=900.0)
+    assert [policy.ceiling(n) for n in range(1, 12)] == [
+        2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 900.0, 900.0,
+    ]  # fmt: skip
+    assert policy.ceiling(10_000) == 900.0
+
+
+def test_full_jitter_draws_across_the_whole_range() -> None:
+    policy = BackoffPolicy(base_s=1.0, cap_s=60.0)
+    rng = random.Random(7)
+    draws = [policy.delay(4, rng=rng) for _ in range(2000)]
+    assert all(0.0 <= d <= 8.0 for d in draws)
+    # Full jitter, not "equal jitter": the lower half of the range is used as much as the upper.
+    assert min(draws) < 0.1
+    assert max(draws) > 7.9
+    low = sum(1 for d in draws if d < 4.0)
+    assert 800 < low < 1200
+
+
+def test_retry_after_is_a_floor() -> None:
+    policy = BackoffPolicy(base_s=1.0, cap_s=4.0)
+    rng = random.Random(1)
+    assert all(policy.delay(3, rng=rng, retry_after_s=120.0) == 120.0 for _ in range(100))
+    # A short Retry-After never shortens the jittered backoff below what the draw gave.
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert policy.delay(3, rng=rng_a, retry_after_s=0.0) == policy.delay(3, rng=rng_b)
+
+
+@pytest.mark.parametrize(("base", "cap"), [(0.0, 1.0), (-1.0, 1.0), (5.0, 1.0)])
+def test_bad_policy_is_refused(base: float, cap: float) -> None:
+    with pytest.raises(ValueError, match="backoff needs"):
+        BackoffPolicy(base_s=base, cap_s=cap)
+
+
+def test_attempts_are_one_based() -> None:
+    with pytest.raises(ValueError, match="start at 1"):
+        BackoffPolicy(base_s=1.0, cap_s=2.0).ceiling(0)
