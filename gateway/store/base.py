@@ -1,0 +1,408 @@
+"""The Store protocol and the records it keeps: inbox, outbox, audit log, checkpoints.
+
+Two implementations pass one shared test suite: SQLite (embedded default) and PostgreSQL
+(several replicas). Every write takes the audit events that record it and appends them in
+the same transaction; every database failure surfaces as ``gateway.errors.Unavailable``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal, NamedTuple, Protocol
+
+from gateway.audit.events import AuditEvent
+from gateway.model import Direction, Priority
+
+#: ``(sender, message_id)``: the inbox key
+InboundKey = tuple[str, str]
+#: ``(level, idx)``: the perfect Merkle subtree over leaves ``[idx << level, (idx + 1) << level)``
+NodeKey = tuple[int, int]
+
+
+class StoreError(Exception):
+    """A request the store refuses on its merits (not a database failure: that is Unavailable)."""
+
+
+class MessageNotFound(StoreError):
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"no outbound message with message_id {message_id!r}")
+        self.message_id = message_id
+
+
+class LeaseLost(StoreError):
+    """``finish_attempt`` by a worker that no longer holds the message's lease."""
+
+    def __init__(self, message_id: str, worker_id: str) -> None:
+        super().__init__(f"worker {worker_id!r} does not hold the lease on {message_id!r}")
+        self.message_id = message_id
+        self.worker_id = worker_id
+
+
+class InvalidTransition(StoreError):
+    def __init__(self, message_id: str, state: str, action: str) -> None:
+        super().__init__(f"message {message_id!r} is {state}; cannot {action}")
+        self.message_id = message_id
+        self.state = state
+        self.action = action
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboundRecord:
+    """A partner's message as received and stored (the inbox row)."""
+
+    sender: str
+    message_id: str
+    recipient: str
+    message_type: str
+    schema_version: str
+    correlation_id: str | None
+    in_reply_to: str | None
+    #: the exact wire bytes; None once purged by retention
+    body: bytes | None
+    body_digest: str
+    #: the detached JWS the partner sent
+    signature: str
+    kid: str
+    transport: str
+    received_at: datetime
+    #: the receipt we sent back (exact bytes and its JWS), returned again for duplicates
+    receipt_body: bytes
+    receipt_signature: str
+    #: inbox order, assigned by the store
+    seq: int | None = None
+    #: published to the internal bus (transactional-outbox relay)
+    relayed: bool = False
+
+    @property
+    def key(self) -> InboundKey:
+        return (self.sender, self.message_id)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InboundOutcome:
+    status: Literal["stored", "duplicate", "conflict"]
+    #: the stored row; for duplicate/conflict the original one, with its original receipt
+    record: InboundRecord
+
+
+class OutboundState(StrEnum):
+    QUEUED = "queued"
+    #: handed to the partner at least once, no receipt yet (retrying)
+    SENT = "sent"
+    ACKNOWLEDGED = "acknowledged"
+    REJECTED = "rejected"
+    DEAD = "dead"
+
+
+#: states the dispatcher still works on
+ACTIVE_STATES = frozenset({OutboundState.QUEUED, OutboundState.SENT})
+#: states an operator may retry
+RETRYABLE_STATES = frozenset({OutboundState.DEAD, OutboundState.REJECTED})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OutboundRecord:
+    """A message to a partner (the outbox row)."""
+
+    message_id: str
+    recipient: str
+    message_type: str
+    schema_version: str
+    correlation_id: str | None
+    in_reply_to: str | None
+    priority: Priority
+    #: the exact signed bytes sent on every attempt; None once purged by retention
+    body: bytes | None
+    body_digest: str
+    signature: str
+    kid: str
+    transport: Literal["https", "amqp"]
+    created_at: datetime
+    expires_at: datetime | None
+    next_attempt_at: datetime
+    updated_at: datetime
+    state: OutboundState = OutboundState.QUEUED
+    attempts: int = 0
+    last_error: str | None = None
+    #: the partner's receipt (exact bytes and its JWS) once it came
+    receipt_body: bytes | None = None
+    receipt_signature: str | None = None
+    #: who submitted it (a JWT subject, ``amqp:<app>``)
+    submitted_by: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttemptUpdate:
+    """The result of one delivery attempt, written by ``finish_attempt``."""
+
+    state: OutboundState
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None = None
+    receipt_body: bytes | None = None
+    receipt_signature: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageFilter:
+    """Listing filter; None means any. ``partner`` is the sender (inbound) or recipient."""
+
+    direction: Direction | None = None
+    partner: str | None = None
+    message_type: str | None = None
+    #: an OutboundState value, or ``received`` / ``delivered`` for inbound messages
+    state: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    correlation_id: str | None = None
+
+
+#: inbound listing states
+INBOUND_RECEIVED = "received"
+INBOUND_DELIVERED = "delivered"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessageSummary:
+    direction: Direction
+    message_id: str
+    #: the sender of an inbound message, the recipient of an outbound one
+    partner: str
+    message_type: str
+    schema_version: str
+    correlation_id: str | None
+    state: str
+    #: received_at (inbound) or created_at (outbound)
+    at: datetime
+    attempts: int
+    body_digest: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MessagePage:
+    """Newest first; pass ``next_cursor`` as ``after`` for the next page (None: no more)."""
+
+    items: list[MessageSummary]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditFilter:
+    """Audit query; None means any. ``partner`` matches the sender or the recipient."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    partner: str | None = None
+    message_type: str | None = None
+    message_id: str | None = None
+    outcome: str | None = None
+    event: str | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditRow:
+    #: 0-based leaf index
+    seq: int
+    #: the leaf data: RFC 8785 JSON from ``AuditEvent.entry_bytes()``
+    entry: bytes
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Checkpoint:
+    size: int
+    root_hash: bytes
+    #: the signed note (C2SP checkpoint format)
+    note: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Cosignature:
+    partner: str
+    size: int
+    root_hash: bytes
+    note: str
+    received_at: datetime
+
+
+class WitnessedState(NamedTuple):
+    """The latest checkpoint of a partner's log we verified (unpacks as a tuple)."""
+
+    size: int
+    root_hash: bytes
+    note: str
+
+
+class Store(Protocol):
+    # lifecycle
+    async def open(self) -> None:
+        """Connect and apply pending migrations (idempotent, safe from two processes)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise Unavailable when the database cannot be reached."""
+        ...
+
+    # inbox
+    async def store_inbound(
+        self, record: InboundRecord, events: Sequence[AuditEvent]
+    ) -> InboundOutcome:
+        """Insert the row and append ``events`` in one transaction; duplicate/conflict
+        (by ``(sender, message_id)``) return the original row and append nothing."""
+        ...
+
+    async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None: ...
+
+    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
+        """The earliest inbound message answering our message ``in_reply_to``."""
+        ...
+
+    async def pending_relay(self, limit: int) -> list[InboundRecord]:
+        """Stored inbound messages not yet published to the internal bus, oldest first."""
+        ...
+
+    async def mark_relayed(
+        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
+    ) -> None: ...
+
+    # outbox
+    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
+        """Raise DuplicateConflict when ``message_id`` is already in the outbox."""
+        ...
+
+    async def claim_outbound(
+        self, worker_id: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutboundRecord]:
+        """Lease up to ``limit`` queued/sent rows due at ``now`` (urgent first) to ``worker_id``
+        for ``lease_s`` seconds. Expired rows are returned too: the caller finishes them as dead.
+        A row leased by another worker is skipped until that lease ends."""
+        ...
+
+    async def finish_attempt(
+        self,
+        message_id: str,
+        worker_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+    ) -> OutboundRecord:
+        """Write an attempt's result and release the lease; LeaseLost if not the holder."""
+        ...
+
+    async def get_outbound(self, message_id: str) -> OutboundRecord | None: ...
+
+    async def retry_outbound(
+        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        """dead/rejected -> queued with attempts reset; MessageNotFound / InvalidTransition."""
+        ...
+
+    async def outbox_depth(self) -> dict[OutboundState, int]: ...
+
+    async def list_messages(
+        self, filter: MessageFilter, *, limit: int = 50, after: str | None = None
+    ) -> MessagePage: ...
+
+    # audit log
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Append leaves (and the perfect subtrees they complete); returns their seqs."""
+        ...
+
+    async def audit_size(self) -> int: ...
+
+    async def audit_entries(
+        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+    ) -> list[AuditRow]:
+        """Entries with seq > after_seq matching ``filter``, in seq order."""
+        ...
+
+    async def audit_entry(self, seq: int) -> AuditRow | None: ...
+
+    async def audit_leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        """Leaf hashes for seqs ``[start, end)``."""
+        ...
+
+    async def audit_node_hashes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+        """Stored perfect-subtree hashes; keys of incomplete subtrees are absent."""
+        ...
+
+    async def save_checkpoint(
+        self,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        created_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None: ...
+
+    async def latest_checkpoint(self) -> Checkpoint | None: ...
+
+    async def checkpoint_for_size(self, size: int) -> Checkpoint | None: ...
+
+    async def save_cosignature(
+        self,
+        partner: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        received_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None: ...
+
+    async def cosignatures(self, size: int | None = None) -> list[Cosignature]: ...
+
+    async def get_witnessed(self, origin: str) -> WitnessedState | None: ...
+
+    async def set_witnessed(
+        self,
+        origin: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        events: Sequence[AuditEvent] = (),
+    ) -> None: ...
+
+    # retention
+    async def purge_bodies(self, older_than: datetime) -> int:
+        """Null the bodies of inbound (already relayed) and finished outbound messages
+        older than ``older_than``; digests, metadata and audit entries are kept."""
+        ...
+
+
+def empty_depth() -> dict[OutboundState, int]:
+    return dict.fromkeys(OutboundState, 0)
+
+
+__all__ = [
+    "ACTIVE_STATES",
+    "INBOUND_DELIVERED",
+    "INBOUND_RECEIVED",
+    "RETRYABLE_STATES",
+    "AttemptUpdate",
+    "AuditFilter",
+    "AuditRow",
+    "Checkpoint",
+    "Cosignature",
+    "InboundKey",
+    "InboundOutcome",
+    "InboundRecord",
+    "InvalidTransition",
+    "LeaseLost",
+    "MessageFilter",
+    "MessageNotFound",
+    "MessagePage",
+    "MessageSummary",
+    "NodeKey",
+    "OutboundRecord",
+    "OutboundState",
+    "Store",
+    "StoreError",
+    "WitnessedState",
+    "empty_depth",
+]
