@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/c2c-gateway demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff check --output-format concise gateway tests bench
 	$(BIN)/ruff format --check gateway tests bench
 
 typecheck: $(STAMP)

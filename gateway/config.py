@@ -67,7 +67,8 @@ class ApiAuthConfig:
 class AmqpConfig:
     """RabbitMQ; ``url`` None means the in-process bus (single node)."""
 
-    url: str | None = None
+    #: may hold a password: kept out of repr so it is never printed or logged
+    url: str | None = field(default=None, repr=False)
     prefetch: int = 50
     delivery_limit: int = 5
     publish_timeout_s: float = 10.0
@@ -152,7 +153,8 @@ class GatewayConfig:
     api_listen: ListenConfig
     tls: TlsConfig
     signing_keys: tuple[KeyConfig, ...]
-    store_url: str
+    #: may hold a password: kept out of repr so it is never printed or logged
+    store_url: str = field(repr=False)
     amqp: AmqpConfig
     api_auth: ApiAuthConfig
     audit: AuditConfig
@@ -161,3 +163,433 @@ class GatewayConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     partners_dir: Path = Path("partners")
     partners: Mapping[str, PartnerConfig] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+#: PROTOCOL.md section 6: the message types every gateway knows by name, whatever the
+#: schema catalogue of this build holds.
+PROTOCOL_MESSAGE_TYPES: frozenset[str] = frozenset(
+    {
+        "shipment.advance_data",
+        "shipment.manifest",
+        "shipment.export_declaration",
+        "shipment.status",
+        "enforcement.risk_alert",
+        "enforcement.seizure_report",
+        "enforcement.assistance_request",
+        "enforcement.assistance_response",
+        "query.shipment_lookup",
+        "query.trader_lookup",
+        "query.response",
+        "audit.checkpoint",
+        "audit.cosignature",
+        "receipt",
+    }
+)
+
+GATEWAY_FILE = "gateway.toml"
+PARTNER_FILE = "partner.toml"
+_ALGS: tuple[Alg, ...] = ("EdDSA", "ES256")
+_TYP_RE = re.compile(r"^c2c\+[a-z0-9][a-z0-9.-]{0,31}$")
+_ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
+_FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+#: A replay window (plus skew) longer than a day would accept week-old captures as fresh.
+_MAX_FRESHNESS_S = 86_400
+
+_TOML_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    list: "an array",
+    dict: "a table",
+    datetime: "a date-time",
+    date: "a date",
+    time: "a time",
+}
+
+
+def _type_name(value: object) -> str:
+    return _TOML_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+class _Table:
+    """One TOML table being read: typed getters that fail with the dotted key, and a final
+    check that every key was understood (a typo is an error, not a silently ignored line)."""
+
+    def __init__(self, data: Mapping[str, Any], *, file: Path, prefix: str = "") -> None:
+        self._data = data
+        self._file = file
+        self._prefix = prefix
+        self._seen: set[str] = set()
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(str(self._file), self.key(name), reason)
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, expected: tuple[type, ...], what: str) -> Any:
+        self._seen.add(name)
+        if name not in self._data:
+            return None
+        value = self._data[name]
+        # bool is an int subclass in Python; TOML keeps them apart and so do we.
+        if isinstance(value, bool) and bool not in expected:
+            raise self.error(name, f"expected {what}, got a boolean")
+        if not isinstance(value, expected):
+            raise self.error(name, f"expected {what}, got {_type_name(value)}")
+        return value
+
+    def required(self, name: str) -> None:
+        if name not in self._data:
+            raise self.error(name, "required key is missing")
+
+    def opt_str(self, name: str) -> str | None:
+        value: str | None = self._get(name, (str,), "a string")
+        if value is not None and not value.strip():
+            raise self.error(name, "must not be empty")
+        return value
+
+    def req_str(self, name: str) -> str:
+        self.required(name)
+        value = self.opt_str(name)
+        assert value is not None
+        return value
+
+    def str_or(self, name: str, default: str) -> str:
+        value = self.opt_str(name)
+        return default if value is None else value
+
+    def opt_int(self, name: str, *, minimum: int) -> int | None:
+        value: int | None = self._get(name, (int,), "an integer")
+        if value is not None and value < minimum:
+            raise self.error(name, f"must be >= {minimum}, got {value}")
+        return value
+
+    def int_or(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self.opt_int(name, minimum=minimum)
+        if value is None:
+            return default
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be <= {maximum}, got {value}")
+        return value
+
+    def float_or(self, name: str, default: float, *, positive: bool = True) -> float:
+        value: int | float | None = self._get(name, (int, float), "a number")
+        if value is None:
+            return default
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise self.error(name, "must be a finite number")
+        if positive and number <= 0:
+            raise self.error(name, f"must be > 0, got {value}")
+        if not positive and number < 0:
+            raise self.error(name, f"must be >= 0, got {value}")
+        return number
+
+    def bool_or(self, name: str, default: bool) -> bool:
+        value: bool | None = self._get(name, (bool,), "a boolean")
+        return default if value is None else value
+
+    def str_list(self, name: str) -> tuple[str, ...]:
+        values: list[Any] | None = self._get(name, (list,), "an array of strings")
+        if values is None:
+            return ()
+        for index, item in enumerate(values):
+            if not isinstance(item, str) or not item.strip():
+                raise self.error(
+                    f"{name}[{index}]", f"expected a non-empty string, got {_type_name(item)}"
+                )
+        seen: set[str] = set()
+        for index, item in enumerate(values):
+            if item in seen:
+                raise self.error(f"{name}[{index}]", f"duplicate entry {item!r}")
+            seen.add(item)
+        return tuple(values)
+
+    def opt_datetime(self, name: str) -> datetime | None:
+        value: datetime | None = self._get(name, (datetime,), "an offset date-time")
+        if value is not None and value.tzinfo is None:
+            raise self.error(
+                name, "date-time needs a UTC offset, e.g. 2026-01-01T00:00:00Z (got a local time)"
+            )
+        return value
+
+    def alg_or(self, name: str, default: Alg) -> Alg:
+        value = self.opt_str(name)
+        if value is None:
+            return default
+        for alg in _ALGS:
+            if value == alg:
+                return alg
+        raise self.error(name, f"unsupported algorithm {value!r}: only EdDSA or ES256")
+
+    def opt_path(self, name: str, *, must_exist: bool = True) -> Path | None:
+        value = self.opt_str(name)
+        if value is None:
+            return None
+        path = self._file.parent / value
+        if must_exist and not path.is_file():
+            raise self.error(name, f"file not found: {path}")
+        return path
+
+    def req_path(self, name: str) -> Path:
+        self.required(name)
+        path = self.opt_path(name)
+        assert path is not None
+        return path
+
+    def path_list(self, name: str) -> tuple[Path, ...]:
+        paths = []
+        for index, value in enumerate(self.str_list(name)):
+            path = self._file.parent / value
+            if not path.is_file():
+                raise self.error(f"{name}[{index}]", f"file not found: {path}")
+            paths.append(path)
+        return tuple(paths)
+
+    def table(self, name: str) -> _Table:
+        value: dict[str, Any] | None = self._get(name, (dict,), "a table")
+        return _Table(value or {}, file=self._file, prefix=f"{self.key(name)}.")
+
+    def table_list(self, name: str) -> list[_Table]:
+        values: list[Any] | None = self._get(name, (list,), "an array of tables")
+        tables = []
+        for index, item in enumerate(values or []):
+            if not isinstance(item, dict):
+                raise self.error(f"{name}[{index}]", f"expected a table, got {_type_name(item)}")
+            tables.append(_Table(item, file=self._file, prefix=f"{self.key(name)}[{index}]."))
+        return tables
+
+    def finish(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _read_toml(path: Path) -> _Table:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(str(path), "(file)", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", f"cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "(file)", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "(toml)", str(exc)) from None
+    return _Table(data, file=path)
+
+
+def _known_message_types() -> frozenset[str]:
+    """PROTOCOL section 6 names plus whatever the schema catalogue of this build adds."""
+    try:
+        from gateway.schemas.registry import SchemaRegistry  # noqa: PLC0415
+    except ImportError:
+        return PROTOCOL_MESSAGE_TYPES
+    index = SchemaRegistry.load_builtin().index()
+    return PROTOCOL_MESSAGE_TYPES | {str(entry["message_type"]) for entry in index}
+
+
+def _party(table: _Table, name: str) -> str:
+    value = table.req_str(name)
+    if not is_party_id(value):
+        raise table.error(name, f"{value!r} is not a party id (^[A-Z]{{2}}-[A-Z0-9]{{2,16}}$)")
+    return value
+
+
+def _key_config(table: _Table) -> KeyConfig:
+    key = KeyConfig(
+        path=table.req_path("path"),
+        alg=table.alg_or("alg", "EdDSA"),
+        not_before=table.opt_datetime("not_before"),
+        not_after=table.opt_datetime("not_after"),
+    )
+    if key.not_before and key.not_after and key.not_before > key.not_after:
+        raise table.error("not_before", "not_before is after not_after")
+    table.finish()
+    return key
+
+
+def _keys(table: _Table, name: str) -> tuple[KeyConfig, ...]:
+    table.required(name)
+    keys = tuple(_key_config(entry) for entry in table.table_list(name))
+    if not keys:
+        raise table.error(name, "at least one key is required")
+    return keys
+
+
+def _listen(table: _Table, default_port: int) -> ListenConfig:
+    listen = ListenConfig(
+        host=table.str_or("host", ListenConfig.host),
+        port=table.int_or("port", default_port, minimum=0, maximum=65_535),
+    )
+    table.finish()
+    return listen
+
+
+def _url_with_scheme(
+    table: _Table, name: str, value: str, schemes: tuple[str, ...], what: str
+) -> str:
+    # The URL may carry a password: the reason never repeats it.
+    parts = urlsplit(value)
+    if parts.scheme not in schemes:
+        raise table.error(name, f"expected {what}")
+    return value
+
+
+def _secret_url(table: _Table, name: str, environ: Mapping[str, str]) -> str | None:
+    """A URL given inline, or by name of the environment variable holding it (``<name>_env``)."""
+    env_name = f"{name}_env"
+    inline = table.opt_str(name)
+    variable = table.opt_str(env_name)
+    if inline is not None and variable is not None:
+        raise table.error(env_name, f"give {name} or {env_name}, not both")
+    if variable is None:
+        return inline
+    if not _ENV_NAME_RE.fullmatch(variable):
+        raise table.error(env_name, f"{variable!r} is not an environment variable name")
+    value = environ.get(variable)
+    if not value:
+        raise table.error(env_name, f"environment variable {variable} is not set")
+    return value
+
+
+def _store_url(table: _Table, environ: Mapping[str, str]) -> str:
+    url = _secret_url(table, "store_url", environ) or "sqlite:///var/c2c.db"
+    name = "store_url_env" if table.has("store_url_env") else "store_url"
+    if url.startswith("sqlite:///"):
+        database = url.removeprefix("sqlite:///")
+        if not database:
+            raise table.error(name, "sqlite URL names no database file")
+        # A relative database path is relative to gateway.toml, like every other path.
+        return f"sqlite:///{table.file.parent.absolute() / database}"
+    return _url_with_scheme(
+        table, name, url, ("postgresql", "postgres"), "a sqlite:/// or postgresql:// URL"
+    )
+
+
+def _limits(table: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_body_bytes=table.int_or("max_body_bytes", d.max_body_bytes, minimum=1),
+        replay_window_s=table.int_or("replay_window_s", d.replay_window_s, minimum=1),
+        max_skew_s=table.int_or("max_skew_s", d.max_skew_s, minimum=0),
+        request_timeout_s=table.float_or("request_timeout_s", d.request_timeout_s),
+        header_timeout_s=table.float_or("header_timeout_s", d.header_timeout_s),
+        max_connections=table.int_or("max_connections", d.max_connections, minimum=1),
+    )
+    if limits.max_skew_s > limits.replay_window_s:
+        raise table.error(
+            "max_skew_s",
+            f"skew ({limits.max_skew_s} s) larger than the replay window "
+            f"({limits.replay_window_s} s)",
+        )
+    if limits.max_skew_s + limits.replay_window_s > _MAX_FRESHNESS_S:
+        raise table.error(
+            "replay_window_s",
+            f"replay_window_s + max_skew_s = {limits.replay_window_s + limits.max_skew_s} s "
+            f"exceeds {_MAX_FRESHNESS_S} s (one day)",
+        )
+    table.finish()
+    return limits
+
+
+def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
+    d = AmqpConfig()
+    url = _secret_url(table, "url", environ)
+    if url is not None:
+        name = "url_env" if table.has("url_env") else "url"
+        _url_with_scheme(table, name, url, ("amqp", "amqps"), "an amqp:// or amqps:// URL")
+    amqp = AmqpConfig(
+        url=url,
+        prefetch=table.int_or("prefetch", d.prefetch, minimum=1),
+        delivery_limit=table.int_or("delivery_limit", d.delivery_limit, minimum=1),
+        publish_timeout_s=table.float_or("publish_timeout_s", d.publish_timeout_s),
+    )
+    table.finish()
+    return amqp
+
+
+def _api_auth(table: _Table) -> ApiAuthConfig:
+    algorithms = table.str_list("algorithms") or ("EdDSA",)
+    checked: list[Alg] = []
+    for index, value in enumerate(algorithms):
+        alg = next((a for a in _ALGS if a == value), None)
+        if alg is None:
+            raise table.error(
+                f"algorithms[{index}]", f"unsupported algorithm {value!r}: only EdDSA or ES256"
+            )
+        checked.append(alg)
+    table.required("public_keys")
+    public_keys = table.path_list("public_keys")
+    if not public_keys:
+        raise table.error("public_keys", "at least one public key is required to verify tokens")
+    auth = ApiAuthConfig(
+        issuer=table.req_str("issuer"),
+        audience=table.req_str("audience"),
+        algorithms=tuple(checked),
+        public_keys=public_keys,
+        signing_key=table.opt_path("signing_key"),
+        leeway_s=table.int_or("leeway_s", ApiAuthConfig.leeway_s, minimum=0, maximum=300),
+    )
+    table.finish()
+    return auth
+
+
+def _audit(table: _Table) -> AuditConfig:
+    origin = table.req_str("origin")
+    if any(ch.isspace() for ch in origin) or not origin.isprintable():
+        raise table.error("origin", "must be one printable line without spaces")
+    audit = AuditConfig(
+        key=table.req_path("key"),
+        origin=origin,
+        checkpoint_interval_s=table.float_or(
+            "checkpoint_interval_s", AuditConfig.checkpoint_interval_s
+        ),
+    )
+    table.finish()
+    return audit
+
+
+def _outbox(table: _Table) -> OutboxConfig:
+    d = OutboxConfig()
+    outbox = OutboxConfig(
+        max_attempts=table.int_or("max_attempts", d.max_attempts, minimum=1),
+        base_delay_s=table.float_or("base_delay_s", d.base_delay_s),
+        max_delay_s=table.float_or("max_delay_s", d.max_delay_s),
+        default_ttl_s=table.int_or("default_ttl_s", d.default_ttl_s, minimum=1),
+        send_timeout_s=table.float_or("send_timeout_s", d.send_timeout_s),
+        breaker_failures=table.int_or("breaker_failures", d.breaker_failures, minimum=1),
+        breaker_reset_s=table.float_or("breaker_reset_s", d.breaker_reset_s),
+        poll_interval_s=table.float_or("poll_interval_s", d.poll_interval_s),
+    )
+    if outbox.max_delay_s < outbox.base_delay_s:
+        raise table.error("max_delay_s", "must be >= base_delay_s")
+    table.finish()
+    return outbox
+
+
+def _retention(table: _Table) -> RetentionConfig:
+    retention = RetentionConfig(body_retention_days=table.opt_int("body_retention_days", minimum=1))
+    table.finish()
+    return retention
+
+
+def _tls(table: _Table) -> TlsConfig:
+    table.required("tls") if False else None
+    tls = TlsConfig(cert=table.req_path("cert"), key=table.req_path("key"), ca=table.req_path("ca"))
+    table.finish()
+    return tls

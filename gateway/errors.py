@@ -83,7 +83,9 @@ class SchemaInvalid(GatewayError):
     code = NackCode.SCHEMA_INVALID
 
     def __init__(self, reason: str, *, pointer: str, detail: str | None = None) -> None:
-        super().__init__(reason, detail=detail if detail is not None else f"schema error at {pointer or '/'}")
+        super().__init__(
+            reason, detail=detail if detail is not None else f"schema error at {pointer or '/'}"
+        )
         self.pointer = pointer
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import click
 
 from gateway import __version__
+from gateway.cli.sig import sig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="c2c-gateway")
 def cli() -> None:
     """Cross-border customs data-exchange gateway."""
+
+
+cli.add_command(sig)
 
 
 def main() -> None:

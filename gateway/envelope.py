@@ -1,0 +1,321 @@
+"""Strict envelope parsing (PROTOCOL.md section 2).
+
+The body is checked in this order: size (before anything is decoded), encoding (UTF-8, no
+BOM), JSON syntax with the protocol's extra rules (no duplicate member names, no
+NaN/Infinity, nesting at most 32, numbers within IEEE-754 double range, no lone surrogates),
+then the envelope's shape and every header field. Everything refused raises a GatewayError.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from gateway.clock import format_rfc3339
+from gateway.errors import Malformed, Stale, TooLarge, UnsupportedType
+from gateway.model import Envelope, Header, Priority, is_party_id
+
+MAX_DEPTH = 32
+MAX_LEGAL_BASIS = 256
+_BOM = b"\xef\xbb\xbf"
+_MESSAGE_ID_RE = re.compile(
+    r"^[0-9a-f]{8}-[0-9a-f]{4}-[47][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+)
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_RFC3339_UTC_RE = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?(Z|\+00:00)$"
+)
+_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
+_VERSION_RE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
+# A surrogate escape (\uD800-\uDFFF) may form a valid pair; only then is the decoded text checked.
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+_HEADER_REQUIRED = (
+    "message_id",
+    "message_type",
+    "schema_version",
+    "sender",
+    "recipient",
+    "created_at",
+)
+_HEADER_OPTIONAL = (
+    "expires_at",
+    "correlation_id",
+    "in_reply_to",
+    "priority",
+    "respond_by",
+    "legal_basis",
+)
+_HEADER_FIELDS = frozenset(_HEADER_REQUIRED + _HEADER_OPTIONAL)
+# Longest decimal integer that can still be within double range (DBL_MAX has 309 digits).
+_MAX_INT_DIGITS = 309
+
+
+def _reject_constant(name: str) -> Any:
+    raise Malformed(f"JSON literal {name} is not allowed")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Malformed(f"number {text[:40]} is outside IEEE-754 double range")
+    return value
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - (1 if text.startswith("-") else 0)
+    if digits > _MAX_INT_DIGITS:
+        raise Malformed(f"integer with {digits} digits is outside IEEE-754 double range")
+    value = int(text)
+    if digits == _MAX_INT_DIGITS and not math.isfinite(float(value)):
+        raise Malformed("integer is outside IEEE-754 double range")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Malformed(f"duplicate member name {key[:64]!r}")
+            seen.add(key)
+    return result
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates,
+    parse_float=_parse_float,
+    parse_int=_parse_int,
+    parse_constant=_reject_constant,
+    strict=True,
+)
+
+
+def _check_depth_and_text(document: Any, *, check_surrogates: bool) -> None:
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > MAX_DEPTH:
+                raise Malformed(f"nesting deeper than {MAX_DEPTH}")
+            for key, value in node.items():
+                if check_surrogates:
+                    _check_text(key)
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            if depth > MAX_DEPTH:
+                raise Malformed(f"nesting deeper than {MAX_DEPTH}")
+            stack.extend((value, depth + 1) for value in node)
+        elif check_surrogates and isinstance(node, str):
+            _check_text(node)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Malformed("string contains a lone UTF-16 surrogate escape") from exc
+
+
+def parse_json_strict(body: bytes, *, max_bytes: int) -> Any:
+    """Parse ``body`` as strict UTF-8 JSON or raise TooLarge/Malformed."""
+    if len(body) > max_bytes:
+        raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
+    if body.startswith(_BOM):
+        raise Malformed("body starts with a UTF-8 byte-order mark")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Malformed(f"body is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        document = _DECODER.decode(text)
+    except Malformed:
+        raise
+    except RecursionError as exc:
+        raise Malformed(f"nesting deeper than {MAX_DEPTH}") from exc
+    except ValueError as exc:  # json.JSONDecodeError and int() digit-limit errors
+        raise Malformed(f"invalid JSON: {str(exc)[:120]}") from exc
+    _check_depth_and_text(document, check_surrogates=_SURROGATE_ESCAPE_RE.search(body) is not None)
+    return document
+
+
+def parse_timestamp(value: object, field: str) -> datetime:
+    """Parse an RFC 3339 UTC timestamp (``Z`` or ``+00:00``) or raise Malformed."""
+    if not isinstance(value, str):
+        raise Malformed(f"header.{field} must be an RFC 3339 UTC timestamp string")
+    match = _RFC3339_UTC_RE.fullmatch(value)
+    if match is None:
+        raise Malformed(f"header.{field} is not an RFC 3339 UTC timestamp: {value[:40]!r}")
+    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
+    fraction = match.group(7)
+    micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
+    try:
+        return datetime(year, month, day, hour, minute, second, micros, tzinfo=UTC)
+    except ValueError as exc:
+        raise Malformed(f"header.{field} is not a valid date/time: {value[:40]!r}") from exc
+
+
+def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> str | None:
+    value = header.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        kind = "a lowercase UUID v4 or v7" if pattern is _MESSAGE_ID_RE else "a lowercase UUID"
+        raise Malformed(f"header.{field} must be {kind}")
+    return value
+
+
+def _party(header: Mapping[str, Any], field: str) -> str:
+    value = header[field]
+    if not is_party_id(value):
+        raise Malformed(f"header.{field} is not a party id (CC-AGENCY)")
+    return str(value)
+
+
+def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | None = None) -> Header:
+    if not isinstance(raw, dict):
+        raise Malformed("header must be a JSON object")
+    unknown = sorted(set(raw) - _HEADER_FIELDS)
+    if unknown:
+        raise Malformed(f"header has unknown member {unknown[0][:64]!r}")
+    for field in _HEADER_REQUIRED:
+        if raw.get(field) is None:
+            raise Malformed(f"header.{field} is required")
+    message_id = _uuid(raw, "message_id", _MESSAGE_ID_RE)
+    assert message_id is not None
+    message_type = raw["message_type"]
+    schema_version = raw["schema_version"]
+    if not isinstance(message_type, str) or _TYPE_RE.fullmatch(message_type) is None:
+        raise Malformed("header.message_type is not a message type name")
+    if not isinstance(schema_version, str) or _VERSION_RE.fullmatch(schema_version) is None:
+        raise Malformed("header.schema_version is not a version such as 1.0")
+    if is_known_type is not None and not is_known_type(message_type, schema_version):
+        raise UnsupportedType(
+            f"unknown message_type/schema_version {message_type}/{schema_version}"
+        )
+    priority_raw = raw.get("priority", Priority.ROUTINE.value)
+    if priority_raw is None:
+        priority_raw = Priority.ROUTINE.value
+    if priority_raw not in (Priority.ROUTINE.value, Priority.URGENT.value):
+        raise Malformed("header.priority must be 'routine' or 'urgent'")
+    legal_basis = raw.get("legal_basis")
+    if legal_basis is not None and (
+        not isinstance(legal_basis, str) or not 0 < len(legal_basis) <= MAX_LEGAL_BASIS
+    ):
+        raise Malformed(f"header.legal_basis must be a string of 1-{MAX_LEGAL_BASIS} characters")
+    expires_raw = raw.get("expires_at")
+    respond_raw = raw.get("respond_by")
+    return Header(
+        message_id=message_id,
+        message_type=message_type,
+        schema_version=schema_version,
+        sender=_party(raw, "sender"),
+        recipient=_party(raw, "recipient"),
+        created_at=parse_timestamp(raw["created_at"], "created_at"),
+        expires_at=None if expires_raw is None else parse_timestamp(expires_raw, "expires_at"),
+        correlation_id=_uuid(raw, "correlation_id", _UUID_RE),
+        in_reply_to=_uuid(raw, "in_reply_to", _UUID_RE),
+        priority=Priority(priority_raw),
+        respond_by=None if respond_raw is None else parse_timestamp(respond_raw, "respond_by"),
+        legal_basis=legal_basis,
+    )
+
+
+def parse_envelope(
+    body: bytes,
+    *,
+    max_bytes: int,
+    is_known_type: Callable[[str, str], bool] | None = None,
+) -> Envelope:
+    """Parse and check a canonical envelope; raises TooLarge, Malformed or UnsupportedType."""
+    document = parse_json_strict(body, max_bytes=max_bytes)
+    if not isinstance(document, dict):
+        raise Malformed("envelope must be a JSON object")
+    if set(document) != {"header", "payload"}:
+        extra = sorted(set(document) - {"header", "payload"})
+        if extra:
+            raise Malformed(f"envelope has unknown member {extra[0][:64]!r}")
+        missing = sorted({"header", "payload"} - set(document))
+        raise Malformed(f"envelope lacks member {missing[0]!r}")
+    header = parse_header(document["header"], is_known_type=is_known_type)
+    payload = document["payload"]
+    if not isinstance(payload, dict):
+        raise Malformed("payload must be a JSON object")
+    return Envelope(header=header, payload=payload)
+
+
+def check_freshness(
+    header: Header, *, now: datetime, replay_window_s: float, max_skew_s: float
+) -> None:
+    """Refuse a message outside the replay window, from the future, or expired (STALE)."""
+    age = now - header.created_at
+    if age > timedelta(seconds=replay_window_s):
+        raise Stale(
+            f"created_at {format_rfc3339(header.created_at)} is {age.total_seconds():.0f}s old,"
+            f" beyond the replay window of {replay_window_s:.0f}s"
+        )
+    if -age > timedelta(seconds=max_skew_s):
+        raise Stale(
+            f"created_at {format_rfc3339(header.created_at)} is"
+            f" {-age.total_seconds():.0f}s in the future, beyond the allowed skew of"
+            f" {max_skew_s:.0f}s"
+        )
+    if header.expires_at is not None and header.expires_at <= now:
+        raise Stale(f"expires_at {format_rfc3339(header.expires_at)} has passed")
+
+
+def header_to_json(header: Header) -> dict[str, Any]:
+    """The wire form of a header; optional members that are unset are left out."""
+    out: dict[str, Any] = {
+        "message_id": header.message_id,
+        "message_type": header.message_type,
+        "schema_version": header.schema_version,
+        "sender": header.sender,
+        "recipient": header.recipient,
+        "created_at": format_rfc3339(header.created_at),
+    }
+    if header.expires_at is not None:
+        out["expires_at"] = format_rfc3339(header.expires_at)
+    out["correlation_id"] = header.correlation_id
+    out["in_reply_to"] = header.in_reply_to
+    if header.priority is not Priority.ROUTINE:
+        out["priority"] = header.priority.value
+    if header.respond_by is not None:
+        out["respond_by"] = format_rfc3339(header.respond_by)
+    if header.legal_basis is not None:
+        out["legal_basis"] = header.legal_basis
+    return out
+
+
+def encode_envelope(header: Header, payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON bytes of an envelope, ready to be signed as they are."""
+    return orjson.dumps({"header": header_to_json(header), "payload": payload})
+
+
+def body_digest(body: bytes) -> str:
+    """``sha-256:<base64url>`` of the exact bytes (PROTOCOL.md section 4, ref_digest)."""
+    digest = hashlib.sha256(body).digest()
+    return "sha-256:" + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def new_message_id() -> str:
+    """A fresh UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then random bits."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
