@@ -21,13 +21,13 @@ from typing import Any
 
 import jsonschema_rs
 
-from gateway.errors import SchemaInvalid, UnsupportedType
+from gateway.errors import UnsupportedType
+from gateway.schemas.failures import PayloadInvalid, clip, json_pointer
 from gateway.schemas.rules import RULES, CrossFieldRule
 
 SCHEMA_SUFFIX = ".schema.json"
 SHARED_DEFS_FILE = ("_shared", "customs.defs.json")
 URL_PREFIX = "/c2c/v1/schemas"
-REASON_MAX = 200
 # Annotation keyword naming the types that answer another message (envelope in_reply_to).
 IN_REPLY_TO_KEYWORD = "x-c2c-in-reply-to"
 
@@ -55,13 +55,8 @@ class _Entry:
     rule: CrossFieldRule | None
 
 
-def json_pointer(path: Iterator[str | int] | list[str | int]) -> str:
-    """RFC 6901 pointer of an instance location given as its path segments."""
-    return "".join("/" + str(seg).replace("~", "~0").replace("/", "~1") for seg in path)
-
-
 def _clip(text: str, limit: int = _NAME_MAX) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return clip(text, limit)
 
 
 def _describe(error: jsonschema_rs.ValidationError) -> str:
@@ -105,12 +100,6 @@ def _describe(error: jsonschema_rs.ValidationError) -> str:
             return "is present or has a form that is not allowed here"
         case _:
             return f"fails {kind.name}"
-
-
-def schema_invalid(pointer: str, what: str) -> SchemaInvalid:
-    """The SchemaInvalid raised for ``pointer``: its reason names the pointer, within 200 chars."""
-    reason = f"{_clip(pointer or '/', 100)}: {what}"
-    return SchemaInvalid(_clip(reason, REASON_MAX), pointer=pointer)
 
 
 def _def_refs(node: Any) -> Iterator[str]:
@@ -226,11 +215,19 @@ class SchemaRegistry:
         try:
             entry.validator.validate(payload)
         except jsonschema_rs.ValidationError as exc:
-            raise schema_invalid(json_pointer(exc.instance_path), _describe(exc)) from None
+            raise PayloadInvalid(json_pointer(exc.instance_path), _describe(exc)) from None
         except ValueError:
-            raise schema_invalid("", "payload is not a JSON value") from None
+            raise PayloadInvalid("", "payload is not a JSON value") from None
         if entry.rule is not None:
-            entry.rule(payload)
+            entry.rule(payload, self._validate_embedded)
+
+    def _validate_embedded(self, message_type: str, version: str, payload: Any, at: str) -> None:
+        if not self.is_known(message_type, version):
+            raise PayloadInvalid(f"{at}/schema_version", "names no known schema for this type")
+        try:
+            self.validate(message_type, version, payload)
+        except PayloadInvalid as exc:
+            raise exc.rebased(f"{at}/payload") from None
 
     def requires_in_reply_to(self, message_type: str, version: str) -> bool:
         """True for types that answer another message (their envelope names it)."""

@@ -13,9 +13,11 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from gateway.errors import SchemaInvalid
+from gateway.schemas.failures import PayloadInvalid
 
-CrossFieldRule = Callable[[Any], None]
+# Validates a payload of another type embedded at a JSON pointer (type, version, payload, pointer).
+EmbeddedValidator = Callable[[str, str, Any, str], None]
+CrossFieldRule = Callable[[Any, EmbeddedValidator], None]
 
 # Per-line rounding tolerance when a total is compared with the sum of its lines.
 _ROUNDING_PER_LINE = Decimal("0.01")
@@ -28,8 +30,8 @@ _RFC3339 = re.compile(
 )
 
 
-def _fail(pointer: str, what: str) -> SchemaInvalid:
-    return SchemaInvalid(f"{pointer}: {what}"[:200], pointer=pointer)
+def _fail(pointer: str, what: str) -> PayloadInvalid:
+    return PayloadInvalid(pointer, what)
 
 
 def _instant(value: str, pointer: str) -> datetime:
@@ -104,7 +106,7 @@ def _check_unique(values: Iterable[tuple[str, Any]], what: str) -> None:
         seen.add(value)
 
 
-def advance_data(payload: Any) -> None:
+def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
     _check_net_within_gross(items, "/goods_items")
@@ -114,7 +116,7 @@ def advance_data(payload: Any) -> None:
     _check_not_before(payload, "estimated_departure", "estimated_arrival")
 
 
-def manifest(payload: Any) -> None:
+def manifest(payload: Any, _embedded: EmbeddedValidator) -> None:
     masters = payload["masters"]
     houses = [
         (f"/masters/{m}/houses/{h}/house_document", (d["type"], d["reference"]))
@@ -140,7 +142,7 @@ def manifest(payload: Any) -> None:
         raise _fail("/totals/pieces", "does not equal the sum of the masters' pieces")
 
 
-def export_declaration(payload: Any) -> None:
+def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
     _check_net_within_gross(items, "/goods_items")
@@ -154,18 +156,18 @@ def export_declaration(payload: Any) -> None:
     _check_not_before(payload, "acceptance_datetime", "exit_datetime")
 
 
-def seizure_report(payload: Any) -> None:
+def seizure_report(payload: Any, _embedded: EmbeddedValidator) -> None:
     _check_unique(
         ((f"/goods/{i}/sequence", g["sequence"]) for i, g in enumerate(payload["goods"])),
         "sequence number",
     )
 
 
-def risk_alert(payload: Any) -> None:
+def risk_alert(payload: Any, _embedded: EmbeddedValidator) -> None:
     _check_not_before(payload, "issued_at", "valid_until")
 
 
-def assistance_request(payload: Any) -> None:
+def assistance_request(payload: Any, _embedded: EmbeddedValidator) -> None:
     requesting = payload["requesting_administration"]["country_code"]
     if payload["requested_administration"]["country_code"] == requesting:
         raise _fail(
@@ -173,9 +175,19 @@ def assistance_request(payload: Any) -> None:
         )
 
 
-def query_response(payload: Any) -> None:
-    if payload["result_count"] != len(payload.get("results", ())):
+def query_response(payload: Any, embedded: EmbeddedValidator) -> None:
+    results = payload.get("results", [])
+    if payload["result_count"] != len(results):
         raise _fail("/result_count", "does not equal the number of results")
+    for i, result in enumerate(results):
+        record = result.get("record")
+        if record is not None:
+            embedded(
+                record["message_type"],
+                record["schema_version"],
+                record["payload"],
+                f"/results/{i}/record",
+            )
 
 
 RULES: dict[tuple[str, str], CrossFieldRule] = {
