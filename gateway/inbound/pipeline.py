@@ -1,0 +1,201 @@
+"""``InboundPipeline.handle``: run the stages, and turn every refusal into its answer.
+
+An accepted message gets the ACK receipt signed before and stored with its commit. A refused
+one is audited exactly once with its exact reason and answered with a signed NACK receipt when
+it can be tied to a sender and a message id, else with an RFC 9457 problem document. The
+partner sees only the code and a minimal detail. ``handle`` never raises.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+
+from gateway.adapters.registry import CANONICAL
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.envelope import body_digest, parse_json_strict
+from gateway.errors import GatewayError, RateLimited, TooLarge, Unavailable
+from gateway.inbound.context import (
+    InboundContext,
+    InboundEnv,
+    InboundRequest,
+    InboundResult,
+)
+from gateway.inbound.stages import STAGES, Stage
+from gateway.receipts import RECEIPT_TYPE
+
+log = structlog.get_logger(__name__)
+
+
+def problem_document(exc: GatewayError) -> dict[str, Any]:
+    """RFC 9457 problem details for a refusal that no receipt can be tied to."""
+    return {
+        "type": "about:blank",
+        "title": HTTPStatus(exc.http_status).phrase,
+        "status": exc.http_status,
+        "detail": exc.detail,
+        "code": exc.code.value,
+    }
+
+
+def _canonical_uuid(value: object) -> str | None:
+    if not isinstance(value, str) or len(value) != 36:
+        return None
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        return None
+    return value if str(parsed) == value else None
+
+
+class InboundPipeline:
+    def __init__(self, env: InboundEnv, stages: Sequence[Stage] = STAGES) -> None:
+        self._env = env
+        self._stages = tuple(stages)
+
+    @property
+    def env(self) -> InboundEnv:
+        return self._env
+
+    async def handle(self, request: InboundRequest) -> InboundResult:
+        env = self._env
+        started = time.perf_counter()
+        ctx = InboundContext(
+            request=request,
+            env=env,
+            received_at=env.clock.now(),
+            digest=body_digest(request.body),
+        )
+        env.metrics.inbound_received.labels(
+            env.metrics.partner_label(request.peer), request.transport
+        ).inc()
+        try:
+            result = await self._run(ctx)
+            outcome = "ack" if result.http_status == 202 else "duplicate"
+        except GatewayError as exc:
+            result = await self._reject(ctx, exc)
+            outcome = "nack"
+        except Exception as exc:
+            # A bug must neither acknowledge nor leak: the partner is told to retry later and
+            # the operator gets the trace (never the body).
+            log.exception("inbound_internal_error", peer=request.peer, error=type(exc).__name__)
+            result = await self._reject(
+                ctx, Unavailable(f"internal error in the inbound pipeline: {type(exc).__name__}")
+            )
+            outcome = "nack"
+        env.metrics.inbound_latency.labels(request.transport, outcome).observe(
+            time.perf_counter() - started
+        )
+        return result
+
+    async def _run(self, ctx: InboundContext) -> InboundResult:
+        for stage in self._stages:
+            await stage(ctx)
+            if ctx.result is not None:
+                break
+        if ctx.result is None:
+            raise RuntimeError("the inbound stages finished without a result")
+        env = ctx.env
+        partner = env.metrics.partner_label(ctx.request.peer)
+        if ctx.result.http_status == 202 and ctx.envelope is not None:
+            env.metrics.inbound_accepted.labels(partner, ctx.envelope.header.message_type).inc()
+        elif ctx.result.http_status == 200:
+            env.metrics.inbound_duplicates.labels(partner).inc()
+        return ctx.result
+
+    def _tied_message_id(self, ctx: InboundContext, exc: GatewayError) -> str | None:
+        """The message id a NACK can name: from the parsed envelope, else read best-effort
+        from the body (never from a body over the size limit)."""
+        if ctx.envelope is not None:
+            return ctx.envelope.header.message_id
+        if ctx.partner is None or isinstance(exc, TooLarge):
+            return None
+        body = ctx.canonical
+        if body is None and ctx.adapter is not None and ctx.adapter.name == CANONICAL:
+            body = ctx.request.body
+        if body is None:
+            return None
+        try:
+            document = parse_json_strict(body, max_bytes=ctx.partner.max_body_bytes)
+        except GatewayError:
+            return None
+        header = document.get("header") if isinstance(document, dict) else None
+        if not isinstance(header, dict) or header.get("message_type") == RECEIPT_TYPE:
+            return None
+        return _canonical_uuid(header.get("message_id"))
+
+    async def _reject(self, ctx: InboundContext, exc: GatewayError) -> InboundResult:
+        env = ctx.env
+        request = ctx.request
+        header = ctx.envelope.header if ctx.envelope is not None else None
+        peer = ctx.partner.id if ctx.partner is not None else None
+        message_id = self._tied_message_id(ctx, exc)
+        event = AuditEvent(
+            event=EventKind.REJECTED,
+            at=ctx.received_at,
+            message_id=message_id,
+            sender=peer,
+            recipient=header.recipient if header is not None else None,
+            message_type=header.message_type if header is not None else None,
+            correlation_id=header.correlation_id if header is not None else None,
+            body_digest=ctx.digest,
+            outcome=exc.code.value,
+            reason=exc.reason,
+            transport=request.transport,
+        )
+        try:
+            await env.store.append_audit([event])
+        except GatewayError as audit_exc:
+            log.error(
+                "inbound_rejection_not_audited",
+                peer=peer,
+                message_id=message_id,
+                code=exc.code.value,
+                reason=exc.reason,
+                audit_error=audit_exc.reason,
+            )
+        env.metrics.inbound_rejected.labels(env.metrics.partner_label(peer), exc.code.value).inc()
+        log.info(
+            "inbound_rejected",
+            peer=peer,
+            message_id=message_id,
+            code=exc.code.value,
+            reason=exc.reason,
+            transport=request.transport,
+        )
+        retry_after = exc.retry_after_s if isinstance(exc, RateLimited) else None
+        is_receipt = header is not None and header.message_type == RECEIPT_TYPE
+        if peer is None or message_id is None or is_receipt:
+            return InboundResult(
+                http_status=exc.http_status,
+                code=exc.code,
+                receipt_body=None,
+                receipt_signature=None,
+                problem=problem_document(exc),
+                retry_after_s=retry_after,
+                record=None,
+            )
+        receipt = env.signer.sign(
+            recipient=peer,
+            ref_message_id=message_id,
+            ref_digest=ctx.digest,
+            received_at=ctx.received_at,
+            status="NACK",
+            code=exc.code,
+            detail=exc.detail,
+            correlation_id=header.correlation_id if header is not None else None,
+        )
+        return InboundResult(
+            http_status=exc.http_status,
+            code=exc.code,
+            receipt_body=receipt.body,
+            receipt_signature=receipt.signature,
+            problem=None,
+            retry_after_s=retry_after,
+            record=None,
+        )

@@ -1,0 +1,310 @@
+"""The inbound stages, in the order they run (``STAGES``).
+
+Each stage reads the context, adds what it learned, or raises a ``GatewayError`` carrying the
+PROTOCOL.md section 4 code with the exact reason. A stage that completes the exchange early (an
+exact re-send, a partner's receipt) sets ``ctx.result`` and the remaining stages are skipped.
+Nothing here knows HTTP or AMQP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.crypto.jws import verify_detached
+from gateway.crypto.keys import ensure_key_valid
+from gateway.envelope import check_freshness, parse_envelope
+from gateway.errors import (
+    DuplicateConflict,
+    Malformed,
+    NotAuthorized,
+    RateLimited,
+    SenderMismatch,
+    SignatureInvalid,
+    TooLarge,
+)
+from gateway.inbound.context import InboundContext, InboundResult, ReceivedReceipt
+from gateway.receipts import RECEIPT_TYPE
+from gateway.store.base import InboundRecord
+
+Stage = Callable[[InboundContext], Awaitable[None]]
+
+_IDENTITY_ENCODINGS = frozenset({"", "identity"})
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+async def check_limits(ctx: InboundContext) -> None:
+    """Who is it, may they send now, and is the body acceptable to look at at all."""
+    request = ctx.request
+    partners = ctx.env.config.partners
+    if request.peer is None or request.peer not in partners:
+        raise SenderMismatch(f"transport identity {request.peer!r} is not a configured partner")
+    partner = partners[request.peer]
+    ctx.partner = partner
+    ctx.adapter = ctx.env.adapters[partner.id]
+    retry_after = ctx.env.limiters.retry_after(partner.id)
+    if retry_after is not None:
+        raise RateLimited(
+            f"{partner.id} is over its rate of {partner.rate.per_second:g}/s"
+            f" (burst {partner.rate.burst})",
+            retry_after_s=retry_after,
+        )
+    if len(request.body) > partner.max_body_bytes:
+        raise TooLarge(
+            f"body is {len(request.body)} bytes, over {partner.id}'s limit of"
+            f" {partner.max_body_bytes}"
+        )
+    encoding = (request.content_encoding or "").strip().lower()
+    if encoding not in _IDENTITY_ENCODINGS:
+        raise Malformed(
+            f"Content-Encoding {encoding[:32]!r} refused: bodies are signed and sent as they are",
+            detail="Content-Encoding is not accepted",
+        )
+    if request.content_type is None:
+        # AMQP publishers may leave content_type unset; an HTTP request must say what it sends.
+        if request.transport == "https":
+            raise Malformed("no Content-Type", detail="Content-Type is required")
+        return
+    media_type = _media_type(request.content_type)
+    if media_type not in ctx.adapter.content_types:
+        expected = ", ".join(sorted(ctx.adapter.content_types))
+        raise Malformed(
+            f"Content-Type {request.content_type[:64]!r} is not {partner.id}'s ({expected})",
+            detail=f"Content-Type must be {expected}",
+        )
+
+
+async def verify_signature(ctx: InboundContext) -> None:
+    """The detached JWS over the exact bytes received, with one of the peer's keys."""
+    assert ctx.partner is not None
+    signature = ctx.request.signature
+    if not signature:
+        raise SignatureInvalid("no detached JWS sent with the message")
+    ctx.key = verify_detached(
+        signature,
+        ctx.request.body,
+        keyring=ctx.env.keyring,
+        party=ctx.partner.id,
+        at=None,
+        accepted_typs=(ctx.partner.typ,),
+    )
+
+
+async def adapt(ctx: InboundContext) -> None:
+    """Native format -> canonical envelope bytes (pass-through for canonical partners)."""
+    assert ctx.adapter is not None
+    ctx.canonical = ctx.adapter.to_canonical(ctx.request.body)
+
+
+async def parse_and_check_freshness(ctx: InboundContext) -> None:
+    """Strict envelope parse; the signing key valid at created_at; replay window and expiry."""
+    assert ctx.partner is not None
+    assert ctx.key is not None
+    assert ctx.canonical is not None
+    env = ctx.env
+    ctx.envelope = parse_envelope(
+        ctx.canonical, max_bytes=ctx.partner.max_body_bytes, is_known_type=env.registry.is_known
+    )
+    header = ctx.envelope.header
+    ensure_key_valid(ctx.key, header.created_at)
+    check_freshness(
+        header,
+        now=env.clock.now(),
+        replay_window_s=env.config.limits.replay_window_s,
+        max_skew_s=env.config.limits.max_skew_s,
+    )
+
+
+async def validate_schema(ctx: InboundContext) -> None:
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    ctx.env.registry.validate(header.message_type, header.schema_version, ctx.envelope.payload)
+
+
+async def authorize(ctx: InboundContext) -> None:
+    """The signed sender is the authenticated peer, we are the recipient, the type is allowed."""
+    assert ctx.partner is not None
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    partner = ctx.partner
+    if header.sender != partner.id:
+        raise SenderMismatch(
+            f"header.sender {header.sender} differs from the {ctx.request.transport} identity"
+            f" {partner.id}"
+        )
+    broker_user = ctx.request.broker_user
+    if broker_user is not None and broker_user != partner.amqp.broker_user:
+        raise SenderMismatch(
+            f"AMQP user_id {broker_user[:64]!r} is not {partner.id}'s broker user"
+            f" {partner.amqp.broker_user!r}"
+        )
+    our_party = ctx.env.config.party
+    if header.recipient != our_party:
+        raise SenderMismatch(
+            f"header.recipient {header.recipient} is not this gateway ({our_party})",
+            detail="recipient is not this gateway",
+        )
+    if header.message_type == RECEIPT_TYPE:
+        # Every partner may answer our messages with receipts; nothing else to authorize.
+        return
+    if header.message_type not in partner.inbound_types:
+        raise NotAuthorized(f"{partner.id} may not send {header.message_type}")
+    if partner.legal_basis is not None and header.legal_basis != partner.legal_basis:
+        raise NotAuthorized(
+            f"legal_basis {header.legal_basis!r} is not {partner.id}'s agreement"
+            f" {partner.legal_basis!r}",
+            detail="legal_basis missing or not the agreement configured for this partner",
+        )
+
+
+async def hand_over_receipts(ctx: InboundContext) -> None:
+    """A partner's receipt updates our outbound state; it is never receipted back (no loops)."""
+    assert ctx.envelope is not None
+    assert ctx.key is not None
+    assert ctx.partner is not None
+    if ctx.envelope.header.message_type != RECEIPT_TYPE:
+        return
+    if ctx.env.on_receipt is not None:
+        signature = ctx.request.signature
+        assert signature is not None
+        await ctx.env.on_receipt(
+            ReceivedReceipt(
+                envelope=ctx.envelope,
+                body=ctx.request.body,
+                signature=signature,
+                kid=ctx.key.kid,
+                peer=ctx.partner.id,
+                transport=ctx.request.transport,
+                received_at=ctx.received_at,
+            )
+        )
+    ctx.result = InboundResult(
+        http_status=202,
+        code=None,
+        receipt_body=None,
+        receipt_signature=None,
+        problem=None,
+        retry_after_s=None,
+        record=None,
+    )
+
+
+def _duplicate_result(ctx: InboundContext, original: InboundRecord) -> InboundResult:
+    if original.body_digest != ctx.digest:
+        raise DuplicateConflict(
+            f"message_id {original.message_id} of {original.sender} was stored"
+            f" {original.received_at.isoformat()} with digest {original.body_digest},"
+            f" this body has {ctx.digest}"
+        )
+    return InboundResult(
+        http_status=200,
+        code=None,
+        receipt_body=original.receipt_body,
+        receipt_signature=original.receipt_signature,
+        problem=None,
+        retry_after_s=None,
+        record=original,
+    )
+
+
+def _event(ctx: InboundContext, kind: EventKind, outcome: str) -> AuditEvent:
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    return AuditEvent(
+        event=kind,
+        at=ctx.received_at,
+        message_id=header.message_id,
+        sender=header.sender,
+        recipient=header.recipient,
+        message_type=header.message_type,
+        correlation_id=header.correlation_id,
+        body_digest=ctx.digest,
+        outcome=outcome,
+        transport=ctx.request.transport,
+    )
+
+
+async def dedupe(ctx: InboundContext) -> None:
+    """An exact re-send gets the original receipt; same id with other bytes is a conflict.
+
+    This is the fast path; the database constraint in ``persist`` settles concurrent races.
+    """
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    original = await ctx.env.store.get_inbound(header.sender, header.message_id)
+    if original is None:
+        return
+    ctx.result = _duplicate_result(ctx, original)
+    await ctx.env.store.append_audit([_event(ctx, EventKind.DUPLICATE, "ACK")])
+
+
+async def persist(ctx: InboundContext) -> None:
+    """Sign the ACK, then commit row + receipt + audit event in one transaction.
+
+    The receipt exists before the commit so that it is stored with the row (an exact re-send
+    gets these very bytes back), and it is released only after the commit.
+    """
+    assert ctx.envelope is not None
+    assert ctx.key is not None
+    assert ctx.request.signature
+    header = ctx.envelope.header
+    env = ctx.env
+    receipt = env.signer.sign(
+        recipient=header.sender,
+        ref_message_id=header.message_id,
+        ref_digest=ctx.digest,
+        received_at=ctx.received_at,
+        status="ACK",
+        correlation_id=header.correlation_id,
+    )
+    record = InboundRecord(
+        sender=header.sender,
+        message_id=header.message_id,
+        recipient=header.recipient,
+        message_type=header.message_type,
+        schema_version=header.schema_version,
+        correlation_id=header.correlation_id,
+        in_reply_to=header.in_reply_to,
+        body=ctx.request.body,
+        body_digest=ctx.digest,
+        signature=ctx.request.signature,
+        kid=ctx.key.kid,
+        transport=ctx.request.transport,
+        received_at=ctx.received_at,
+        receipt_body=receipt.body,
+        receipt_signature=receipt.signature,
+    )
+    outcome = await env.store.store_inbound(record, [_event(ctx, EventKind.ACCEPTED, "ACK")])
+    if outcome.status == "stored":
+        ctx.result = InboundResult(
+            http_status=202,
+            code=None,
+            receipt_body=outcome.record.receipt_body,
+            receipt_signature=outcome.record.receipt_signature,
+            problem=None,
+            retry_after_s=None,
+            record=outcome.record,
+        )
+        if env.on_stored is not None:
+            env.on_stored()
+        return
+    # Lost a race with a concurrent copy: answer exactly as the fast path would have.
+    ctx.result = _duplicate_result(ctx, outcome.record)
+    await env.store.append_audit([_event(ctx, EventKind.DUPLICATE, "ACK")])
+
+
+#: The inbound pipeline (DESIGN.md "Data flow"), in order.
+STAGES: tuple[Stage, ...] = (
+    check_limits,
+    verify_signature,
+    adapt,
+    parse_and_check_freshness,
+    validate_schema,
+    authorize,
+    hand_over_receipts,
+    dedupe,
+    persist,
+)

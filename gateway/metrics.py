@@ -1,0 +1,76 @@
+"""Prometheus metrics, one registry per runtime (several gateways can share one process).
+
+Label values are bounded: partner labels are configured partner ids or ``-`` (no partner could
+be tied), codes are PROTOCOL.md NACK codes, so an attacker cannot grow the series count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+NO_PARTNER = "-"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The gateway's metrics; ``render()`` is the ``/metrics`` body."""
+
+    def __init__(self, partners: Collection[str] = ()) -> None:
+        self._partners = frozenset(partners)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.inbound_received = Counter(
+            "c2c_inbound_received_total",
+            "Inbound messages received, before any check.",
+            ["partner", "transport"],
+            registry=self.registry,
+        )
+        self.inbound_accepted = Counter(
+            "c2c_inbound_accepted_total",
+            "Inbound messages accepted (ACK after commit).",
+            ["partner", "message_type"],
+            registry=self.registry,
+        )
+        self.inbound_duplicates = Counter(
+            "c2c_inbound_duplicates_total",
+            "Exact re-sends answered with the original receipt.",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.inbound_rejected = Counter(
+            "c2c_inbound_rejected_total",
+            "Inbound messages rejected, by NACK code.",
+            ["partner", "code"],
+            registry=self.registry,
+        )
+        self.inbound_latency = Histogram(
+            "c2c_inbound_latency_seconds",
+            "Time from receiving a body to having the answer ready (after commit).",
+            ["transport", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.relay_published = Counter(
+            "c2c_relay_published_total",
+            "Inbound records handed to the internal bus (at least once).",
+            registry=self.registry,
+        )
+        self.relay_failures = Counter(
+            "c2c_relay_failures_total",
+            "Relay rounds that failed (store or bus unavailable).",
+            registry=self.registry,
+        )
+        self.outbox_depth = Gauge(
+            "c2c_outbox_depth",
+            "Outbound messages by state.",
+            ["state"],
+            registry=self.registry,
+        )
+
+    def partner_label(self, partner: str | None) -> str:
+        return partner if partner is not None and partner in self._partners else NO_PARTNER
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

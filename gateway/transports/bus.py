@@ -1,0 +1,71 @@
+"""The internal bus: how accepted inbound messages reach CBP systems.
+
+``publish_inbound`` returns only once the bus has taken responsibility for the record (for
+RabbitMQ: a publisher confirm; in process: every subscriber has handled it). The relay marks a
+record relayed only after that, so delivery is at least once and each delivery carries the
+record's ``message_id``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import structlog
+
+from gateway.errors import Unavailable
+from gateway.store.base import InboundRecord
+
+InboundHandler = Callable[[InboundRecord], Awaitable[None]]
+
+log = structlog.get_logger(__name__)
+
+
+class Bus(Protocol):
+    async def publish_inbound(self, record: InboundRecord) -> None:
+        """Hand one accepted record over; raises ``Unavailable`` when not confirmed."""
+        ...
+
+    def subscribe(self, handler: InboundHandler) -> None:
+        """Register an internal consumer of accepted inbound records."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryBus:
+    """In-process bus for a single node: a publish is confirmed when every subscriber returned.
+
+    A subscriber that raises makes the publish fail, so the relay re-publishes the record later:
+    subscribers must be idempotent on ``(sender, message_id)``, as with any at-least-once bus.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: list[InboundHandler] = []
+        self._closed = False
+
+    def subscribe(self, handler: InboundHandler) -> None:
+        self._handlers.append(handler)
+
+    async def publish_inbound(self, record: InboundRecord) -> None:
+        if self._closed:
+            raise Unavailable("in-process bus is closed")
+        for handler in tuple(self._handlers):
+            try:
+                await handler(record)
+            except Exception as exc:
+                # A consumer's bug must not stop the relay: the record stays pending and is
+                # offered again, which is exactly what at-least-once promises.
+                log.warning(
+                    "bus_subscriber_failed",
+                    sender=record.sender,
+                    message_id=record.message_id,
+                    error=type(exc).__name__,
+                )
+                raise Unavailable(
+                    f"subscriber failed on {record.sender}/{record.message_id}: "
+                    f"{type(exc).__name__}"
+                ) from exc
+
+    async def close(self) -> None:
+        self._closed = True

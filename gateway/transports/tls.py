@@ -1,0 +1,141 @@
+"""TLS contexts and client-certificate identity.
+
+Server: TLS 1.2+, client certificate required and verified against the trust anchors of the
+configured partners; the verified certificate is then tied to exactly one partner by its
+configured SHA-256 fingerprint(s) or subject CN, issued directly by that partner's own CA.
+Client (outbound): verifies the partner's server certificate and hostname, presents ours.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from gateway.config import PartnerConfig, TlsConfig
+from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
+from gateway.errors import ConfigError
+
+
+def _load_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    try:
+        context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(str(tls.cert), "tls.cert/tls.key", f"cannot load: {exc}") from None
+
+
+def _load_ca(context: ssl.SSLContext, ca: Path, key: str) -> None:
+    try:
+        context.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(str(ca), key, f"cannot load trust anchor: {exc}") from None
+
+
+def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> list[Path]:
+    """Every CA file a partner's client certificate may chain to (no duplicates, stable order)."""
+    anchors: dict[Path, None] = {tls.ca: None}
+    for partner in partners:
+        if partner.https.ca is not None:
+            anchors[partner.https.ca] = None
+    return list(anchors)
+
+
+def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSLContext:
+    """Partner-facing server: TLS 1.2+, client certificate required and chain-verified."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    _load_chain(context, tls)
+    for anchor in partner_trust_anchors(tls, partners):
+        _load_ca(context, anchor, "https.ca")
+    return context
+
+
+def client_context(tls: TlsConfig, ca: Path | None = None) -> ssl.SSLContext:
+    """Outbound client: verifies the server against ``ca`` (default: ours), presents our cert."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.check_hostname = True
+    context.options |= ssl.OP_NO_COMPRESSION
+    _load_ca(context, ca if ca is not None else tls.ca, "https.ca")
+    _load_chain(context, tls)
+    return context
+
+
+def _read_ca_certs(path: Path) -> tuple[x509.Certificate, ...]:
+    try:
+        return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(path), "https.ca", f"cannot read CA certificates: {exc}") from None
+
+
+def _issued_by(cert: x509.Certificate, anchors: tuple[x509.Certificate, ...]) -> bool:
+    for anchor in anchors:
+        try:
+            cert.verify_directly_issued_by(anchor)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PartnerIdentity:
+    partner: str
+    anchors: tuple[x509.Certificate, ...]
+    fingerprints: frozenset[str]
+    subjects: frozenset[str]
+
+
+class PartnerIdentifier:
+    """Ties a verified client certificate to the one partner it identifies, or to none.
+
+    A partner with neither fingerprints nor subjects configured cannot use HTTPS: identity
+    is never guessed from the certificate alone.
+    """
+
+    def __init__(self, tls: TlsConfig, partners: Mapping[str, PartnerConfig]) -> None:
+        by_file: dict[Path, tuple[x509.Certificate, ...]] = {}
+        identities = []
+        for partner in partners.values():
+            fingerprints = frozenset(
+                f.lower().replace(":", "") for f in partner.https.client_cert_fingerprints
+            )
+            subjects = frozenset(partner.https.client_cert_subjects)
+            if not fingerprints and not subjects:
+                continue
+            ca = partner.https.ca if partner.https.ca is not None else tls.ca
+            if ca not in by_file:
+                by_file[ca] = _read_ca_certs(ca)
+            identities.append(
+                _PartnerIdentity(
+                    partner=partner.id,
+                    anchors=by_file[ca],
+                    fingerprints=fingerprints,
+                    subjects=subjects,
+                )
+            )
+        self._identities = tuple(identities)
+
+    def identify(self, der: bytes) -> str | None:
+        """The partner id for this (already chain-verified) certificate, or None."""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return None
+        fingerprint = cert_fingerprint(cert)
+        name = cert_subject_cn(cert)
+        found = {
+            identity.partner
+            for identity in self._identities
+            if (fingerprint in identity.fingerprints or name in identity.subjects)
+            and _issued_by(cert, identity.anchors)
+        }
+        # Two partners claiming one certificate is a configuration error: refuse both.
+        return found.pop() if len(found) == 1 else None
