@@ -1,0 +1,479 @@
+"""The dispatcher: drains the outbox, one leased row at a time, until each message ends.
+
+Every attempt sends the stored signed bytes unchanged (same id, same bytes, same signature)
+and is judged by the partner's signed receipt, verified against the partner's keys and the
+SHA-256 digest of exactly those bytes:
+
+- ACK -> acknowledged; NACK -> rejected (except RATE_LIMITED / UNAVAILABLE: retried);
+- retryable failure (connection, TLS, timeout, 408/429/5xx, a 2xx without a valid receipt)
+  -> backoff with full jitter, floored by ``Retry-After``; after ``max_attempts`` or at
+  ``expires_at`` -> dead;
+- non-retryable (a redirect, or another 4xx without a valid receipt) -> dead with the reason.
+
+A per-partner circuit breaker keeps a failing partner from being hammered. Each result and
+its audit events are written in one store transaction by ``finish_attempt``, which also
+releases the lease; a crash before that leaves the lease to run out and the row is sent
+again later (the partner deduplicates by message_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+import structlog
+
+from gateway.adapters.registry import adapter_for
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.clock import Clock, format_rfc3339
+from gateway.config import GatewayConfig
+from gateway.crypto.keys import KeyRing
+from gateway.errors import GatewayError, NackCode, Unavailable
+from gateway.outbound.backoff import BackoffPolicy
+from gateway.outbound.breaker import BreakerBoard, BreakerState
+from gateway.outbound.transport import (
+    Delivery,
+    Handed,
+    OutboundTransport,
+    PartnerReply,
+    TransportError,
+)
+from gateway.receipts import Receipt, verify_receipt
+from gateway.store.base import (
+    AttemptUpdate,
+    LeaseLost,
+    OutboundRecord,
+    OutboundState,
+    Store,
+)
+
+log = structlog.get_logger(__name__)
+
+#: NACK codes that say "not now" rather than "no": the message is sent again later.
+RETRYABLE_NACKS = frozenset({NackCode.RATE_LIMITED, NackCode.UNAVAILABLE})
+#: HTTP statuses that, without a valid receipt, are worth another attempt.
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Verdict:
+    """How one attempt ended, before it is turned into a state and audit events."""
+
+    kind: Literal["acknowledged", "rejected", "retry", "dead"]
+    reason: str | None = None
+    retry_after_s: float | None = None
+    receipt: Receipt | None = None
+    #: the verified receipt's exact bytes and JWS, archived with the outbox row
+    receipt_body: bytes | None = None
+    receipt_signature: str | None = None
+    #: the partner got the bytes (or may have): the row moves from queued to sent
+    reached_partner: bool = True
+    #: the partner answered like a healthy endpoint (the breaker closes)
+    partner_healthy: bool = False
+
+
+def judge_reply(
+    reply: PartnerReply, *, keyring: KeyRing, partner: str, record: OutboundRecord
+) -> Verdict:
+    """Classify a synchronous answer; its receipt decides whenever it verifies."""
+    receipt_error: str
+    if reply.signature is not None and reply.body:
+        try:
+            receipt = verify_receipt(
+                reply.body,
+                reply.signature,
+                keyring,
+                partner,
+                record.message_id,
+                record.body_digest,
+            )
+        except GatewayError as exc:
+            receipt_error = f"invalid receipt ({exc.code}): {exc.reason}"
+        else:
+            return _judge_receipt(
+                receipt,
+                body=reply.body,
+                signature=reply.signature,
+                status=reply.status,
+                retry_after_s=reply.retry_after_s,
+            )
+    else:
+        receipt_error = "no signed receipt in the answer"
+    status = reply.status
+    if 300 <= status < 400:
+        return Verdict(
+            kind="dead",
+            reason=f"HTTP {status} redirect to {reply.location or '(no Location)'} not followed;"
+            " check the partner's configured URL",
+        )
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        return Verdict(
+            kind="retry",
+            reason=f"HTTP {status}; {receipt_error}",
+            retry_after_s=reply.retry_after_s,
+        )
+    if 200 <= status < 300:
+        return Verdict(kind="retry", reason=f"HTTP {status} but {receipt_error}")
+    return Verdict(kind="dead", reason=f"HTTP {status} without a valid receipt: {receipt_error}")
+
+
+def _judge_receipt(
+    receipt: Receipt,
+    *,
+    body: bytes,
+    signature: str,
+    status: int | None,
+    retry_after_s: float | None,
+) -> Verdict:
+    http = f"HTTP {status}, " if status is not None else ""
+    detail = f": {receipt.detail}" if receipt.detail else ""
+    kind: Literal["acknowledged", "rejected", "retry"]
+    if receipt.status == "ACK":
+        kind, reason = "acknowledged", None
+    elif receipt.code in RETRYABLE_NACKS:
+        kind, reason = "retry", f"{http}NACK {receipt.code}{detail}"
+    else:
+        kind, reason = "rejected", f"{http}NACK {receipt.code}{detail}"
+    return Verdict(
+        kind=kind,
+        reason=reason,
+        retry_after_s=retry_after_s if kind == "retry" else None,
+        receipt=receipt,
+        receipt_body=body,
+        receipt_signature=signature,
+        partner_healthy=kind != "retry",
+    )
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+
+
+class Dispatcher:
+    """Claims due outbox rows with a lease and drives each to its next state."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        config: GatewayConfig,
+        transports: Mapping[str, OutboundTransport],
+        partner_keys: KeyRing,
+        clock: Clock,
+        worker_id: str | None = None,
+        rng: random.Random | None = None,
+        batch_size: int = 32,
+    ) -> None:
+        outbox = config.outbox
+        self._store = store
+        self._config = config
+        self._transports = dict(transports)
+        self._keyring = partner_keys
+        self._clock = clock
+        self._worker_id = worker_id or default_worker_id()
+        # Jitter only spreads retries over time; it protects no secret.
+        self._rng = rng or random.Random()  # noqa: S311
+        self._batch_size = batch_size
+        self._backoff = BackoffPolicy(base_s=outbox.base_delay_s, cap_s=outbox.max_delay_s)
+        self.breakers = BreakerBoard(
+            failure_threshold=outbox.breaker_failures,
+            reset_timeout_s=outbox.breaker_reset_s,
+            monotonic=clock.monotonic,
+        )
+        # Long enough for a full send plus the store write; a lease that ran out means the
+        # worker died, and the row is sent again (the partner deduplicates by message_id).
+        self._lease_s = outbox.send_timeout_s + 30.0
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    @property
+    def worker_id(self) -> str:
+        return self._worker_id
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        return self.breakers.states()
+
+    def wake(self) -> None:
+        """Look at the outbox now (a message was submitted or retried)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Work until ``stop()``; store outages are waited out, never fatal."""
+        while not self._stopping.is_set():
+            try:
+                worked = await self.run_once()
+            except Unavailable as exc:
+                log.warning("dispatcher_store_unavailable", reason=exc.reason)
+                worked = 0
+            if worked:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._config.outbox.poll_interval_s)
+
+    async def run_once(self) -> int:
+        """Claim one batch of due rows and finish each; returns how many were claimed."""
+        records = await self._store.claim_outbound(
+            self._worker_id, self._clock.now(), self._batch_size, self._lease_s
+        )
+        if records:
+            await asyncio.gather(*(self._process(record) for record in records))
+        return len(records)
+
+    async def _process(self, record: OutboundRecord) -> None:
+        try:
+            await self._attempt(record)
+        except LeaseLost:
+            # Another worker took the row after our lease ran out; its result stands.
+            log.warning("dispatcher_lease_lost", message_id=record.message_id)
+
+    def _event(
+        self,
+        kind: EventKind,
+        record: OutboundRecord,
+        *,
+        at: datetime,
+        outcome: str | None = None,
+        reason: str | None = None,
+        transport: str | None = None,
+    ) -> AuditEvent:
+        return AuditEvent(
+            event=kind,
+            at=at,
+            message_id=record.message_id,
+            sender=self._config.party,
+            recipient=record.recipient,
+            message_type=record.message_type,
+            correlation_id=record.correlation_id,
+            body_digest=record.body_digest,
+            outcome=outcome,
+            reason=reason,
+            transport=transport or record.transport,
+        )
+
+    async def _finish_dead(self, record: OutboundRecord, reason: str, now: datetime) -> None:
+        await self._store.finish_attempt(
+            record.message_id,
+            self._worker_id,
+            AttemptUpdate(
+                state=OutboundState.DEAD,
+                attempts=record.attempts,
+                next_attempt_at=now,
+                last_error=reason,
+            ),
+            [self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason)],
+        )
+        log.warning("outbound_dead", message_id=record.message_id, reason=reason)
+
+    async def _attempt(self, record: OutboundRecord) -> None:
+        now = self._clock.now()
+        if record.expires_at is not None and record.expires_at <= now:
+            last = f"; last error: {record.last_error}" if record.last_error else ""
+            await self._finish_dead(
+                record,
+                f"expired at {format_rfc3339(record.expires_at)} after {record.attempts}"
+                f" attempt(s){last}",
+                now,
+            )
+            return
+        partner = self._config.partners.get(record.recipient)
+        if partner is None:
+            await self._finish_dead(
+                record, f"recipient {record.recipient} is no longer a configured partner", now
+            )
+            return
+        transport = self._transports.get(record.transport)
+        if transport is None:
+            await self._finish_dead(
+                record, f"transport {record.transport!r} is not running in this gateway", now
+            )
+            return
+        if record.body is None:
+            await self._finish_dead(record, "the message body was purged by retention", now)
+            return
+        breaker = self.breakers.for_partner(partner.id)
+        if not breaker.try_acquire():
+            wait_s = max(breaker.seconds_until_probe(), self._config.outbox.poll_interval_s)
+            await self._store.finish_attempt(
+                record.message_id,
+                self._worker_id,
+                AttemptUpdate(
+                    state=record.state,
+                    attempts=record.attempts,
+                    next_attempt_at=now + timedelta(seconds=wait_s),
+                    last_error=record.last_error,
+                ),
+                [],
+            )
+            return
+        delivery = Delivery(
+            partner=partner,
+            sender=self._config.party,
+            message_id=record.message_id,
+            message_type=record.message_type,
+            body=record.body,
+            signature=record.signature,
+            content_type=min(adapter_for(partner).content_types),
+        )
+        sent_at = self._clock.now()
+        verdict: Verdict
+        try:
+            result = await transport.send(delivery)
+        except TransportError as exc:
+            verdict = Verdict(kind="retry", reason=exc.reason, reached_partner=exc.may_have_arrived)
+        else:
+            if isinstance(result, Handed):
+                breaker.release()
+                await self._finish_handed(record, sent_at=sent_at)
+                return
+            verdict = judge_reply(result, keyring=self._keyring, partner=partner.id, record=record)
+        if verdict.kind == "retry":
+            breaker.record_failure()
+        elif verdict.partner_healthy:
+            breaker.record_success()
+        else:
+            breaker.release()
+        await self._finish(record, verdict, sent_at=sent_at, transport=transport.name)
+
+    async def _finish_handed(self, record: OutboundRecord, *, sent_at: datetime) -> None:
+        """An asynchronous transport took it: wait for the receipt, resend if none comes."""
+        attempts = record.attempts + 1
+        next_at = self._next_attempt(record, attempts, retry_after_s=None, now=sent_at)
+        await self._store.finish_attempt(
+            record.message_id,
+            self._worker_id,
+            AttemptUpdate(state=OutboundState.SENT, attempts=attempts, next_attempt_at=next_at),
+            [self._event(EventKind.SENT, record, at=sent_at, outcome="sent")],
+        )
+
+    def _next_attempt(
+        self, record: OutboundRecord, attempts: int, *, retry_after_s: float | None, now: datetime
+    ) -> datetime:
+        delay = self._backoff.delay(attempts, rng=self._rng, retry_after_s=retry_after_s)
+        next_at = now + timedelta(seconds=delay)
+        if record.expires_at is not None and next_at > record.expires_at:
+            # Come back at expiry to close it as dead rather than keep it waiting past it.
+            return record.expires_at
+        return next_at
+
+    async def _finish(
+        self, record: OutboundRecord, verdict: Verdict, *, sent_at: datetime, transport: str
+    ) -> None:
+        now = self._clock.now()
+        attempts = record.attempts + 1
+        events = [
+            self._event(
+                EventKind.SENT,
+                record,
+                at=sent_at,
+                outcome=f"attempt {attempts}",
+                transport=transport,
+            )
+        ]
+        receipt = verdict.receipt
+        update: AttemptUpdate
+        if receipt is not None:
+            events.append(
+                self._event(
+                    EventKind.RECEIPT_RECEIVED,
+                    record,
+                    at=now,
+                    outcome=receipt.code.value if receipt.code else receipt.status,
+                    reason=receipt.detail,
+                    transport=transport,
+                )
+            )
+        receipt_body, receipt_signature = verdict.receipt_body, verdict.receipt_signature
+        if verdict.kind == "acknowledged":
+            events.append(self._event(EventKind.ACKNOWLEDGED, record, at=now, outcome="ACK"))
+            update = AttemptUpdate(
+                state=OutboundState.ACKNOWLEDGED,
+                attempts=attempts,
+                next_attempt_at=now,
+                receipt_body=receipt_body,
+                receipt_signature=receipt_signature,
+            )
+        elif verdict.kind == "rejected":
+            events.append(
+                self._event(
+                    EventKind.PARTNER_REJECTED,
+                    record,
+                    at=now,
+                    outcome=receipt.code.value if receipt and receipt.code else "NACK",
+                    reason=verdict.reason,
+                )
+            )
+            update = AttemptUpdate(
+                state=OutboundState.REJECTED,
+                attempts=attempts,
+                next_attempt_at=now,
+                last_error=verdict.reason,
+                receipt_body=receipt_body,
+                receipt_signature=receipt_signature,
+            )
+        elif verdict.kind == "dead" or attempts >= self._config.outbox.max_attempts:
+            events.append(
+                self._event(
+                    EventKind.ATTEMPT_FAILED,
+                    record,
+                    at=now,
+                    outcome="failed",
+                    reason=verdict.reason,
+                )
+            )
+            reason = (
+                verdict.reason
+                if verdict.kind == "dead"
+                else f"gave up after {attempts} attempts; last error: {verdict.reason}"
+            )
+            events.append(
+                self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason)
+            )
+            update = AttemptUpdate(
+                state=OutboundState.DEAD,
+                attempts=attempts,
+                next_attempt_at=now,
+                last_error=reason,
+                receipt_body=receipt_body,
+                receipt_signature=receipt_signature,
+            )
+        else:
+            next_at = self._next_attempt(
+                record, attempts, retry_after_s=verdict.retry_after_s, now=now
+            )
+            events.append(
+                self._event(
+                    EventKind.ATTEMPT_FAILED,
+                    record,
+                    at=now,
+                    outcome=f"retry at {format_rfc3339(next_at)}",
+                    reason=verdict.reason,
+                )
+            )
+            reached = verdict.reached_partner or record.state is OutboundState.SENT
+            update = AttemptUpdate(
+                state=OutboundState.SENT if reached else OutboundState.QUEUED,
+                attempts=attempts,
+                next_attempt_at=next_at,
+                last_error=verdict.reason,
+            )
+        await self._store.finish_attempt(record.message_id, self._worker_id, update, events)
+        log.info(
+            "outbound_attempt",
+            message_id=record.message_id,
+            partner=record.recipient,
+            attempt=attempts,
+            result=verdict.kind,
+            state=update.state.value,
+        )

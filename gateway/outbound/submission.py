@@ -1,0 +1,262 @@
+"""Submission: an internal system's message becomes a signed, stored outbox row.
+
+The stages run in the order of ``STAGES``; each enriches the context or raises a
+``GatewayError``. Nothing is stored unless every stage passed, and the row is stored with
+its ``submitted`` audit event in one transaction, so a 202 means the message is durable.
+The signature is made here, once: the dispatcher sends these exact bytes on every attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from gateway.adapters.registry import adapter_for
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, PartnerConfig
+from gateway.crypto.jws import sign_detached
+from gateway.crypto.keys import SigningKey
+from gateway.envelope import body_digest, encode_envelope, new_message_id
+from gateway.errors import GatewayError, Malformed, NotAuthorized, Unavailable
+from gateway.model import Header, Priority, is_party_id
+from gateway.schemas.registry import SchemaRegistry
+from gateway.store.base import OutboundRecord, Store
+
+RECEIPT_TYPE = "receipt"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Submission:
+    """What an internal system asks to send (API body or ``c2c.submit`` message)."""
+
+    recipient: str
+    message_type: str
+    payload: Mapping[str, Any]
+    actor: str
+    schema_version: str = "1.0"
+    correlation_id: str | None = None
+    in_reply_to: str | None = None
+    priority: Priority = Priority.ROUTINE
+    #: seconds until the message expires; None: the outbox default
+    ttl_s: int | None = None
+    respond_by: datetime | None = None
+    legal_basis: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmissionServices:
+    config: GatewayConfig
+    registry: SchemaRegistry
+    signing_keys: Sequence[SigningKey]
+    store: Store
+    clock: Clock
+
+
+@dataclass(kw_only=True)
+class SubmitContext:
+    submission: Submission
+    services: SubmissionServices
+    now: datetime
+    partner: PartnerConfig | None = None
+    transport: Literal["https", "amqp"] | None = None
+    header: Header | None = None
+    body: bytes | None = field(default=None, repr=False)
+    signature: str | None = field(default=None, repr=False)
+    kid: str | None = None
+    record: OutboundRecord | None = None
+
+
+Stage = Callable[[SubmitContext], Awaitable[None]]
+
+
+def current_signing_key(keys: Sequence[SigningKey], now: datetime) -> SigningKey:
+    """The key to sign with now: valid now, the newest one during a rotation overlap."""
+    valid = [
+        key
+        for key in keys
+        if (key.not_before is None or key.not_before <= now)
+        and (key.not_after is None or now <= key.not_after)
+    ]
+    if not valid:
+        raise Unavailable(f"no own signing key is valid at {now.isoformat()}; rotate keys")
+    return max(valid, key=lambda key: key.not_before or datetime.min.replace(tzinfo=now.tzinfo))
+
+
+async def resolve_partner(ctx: SubmitContext) -> None:
+    recipient = ctx.submission.recipient
+    if not is_party_id(recipient):
+        raise Malformed(f"recipient {recipient[:40]!r} is not a party id (CC-AGENCY)")
+    partner = ctx.services.config.partners.get(recipient)
+    if partner is None:
+        raise NotAuthorized(
+            f"recipient {recipient} is not a configured partner",
+            detail=f"recipient {recipient} is not a configured partner",
+        )
+    if partner.https.url is not None:
+        ctx.transport = "https"
+    elif partner.amqp.enabled:
+        ctx.transport = "amqp"
+    else:
+        raise NotAuthorized(
+            f"partner {recipient} has no outbound transport (https.url or amqp) configured",
+            detail=f"partner {recipient} cannot be reached: no transport configured",
+        )
+    ctx.partner = partner
+
+
+async def authorize_type(ctx: SubmitContext) -> None:
+    assert ctx.partner is not None
+    message_type = ctx.submission.message_type
+    if message_type == RECEIPT_TYPE:
+        raise NotAuthorized(
+            "receipts are made by the gateway, not submitted",
+            detail="receipts are made by the gateway, not submitted",
+        )
+    if message_type not in ctx.partner.outbound_types:
+        allowed = ", ".join(sorted(ctx.partner.outbound_types)) or "none"
+        raise NotAuthorized(
+            f"{message_type[:60]!r} may not be sent to {ctx.partner.id} (allowed: {allowed})",
+            detail=f"message type may not be sent to {ctx.partner.id} (allowed: {allowed})",
+        )
+
+
+async def validate_payload(ctx: SubmitContext) -> None:
+    submission = ctx.submission
+    registry = ctx.services.registry
+    registry.validate(submission.message_type, submission.schema_version, submission.payload)
+    if (
+        registry.requires_in_reply_to(submission.message_type, submission.schema_version)
+        and submission.in_reply_to is None
+    ):
+        raise Malformed(
+            f"{submission.message_type} answers another message: in_reply_to is required",
+            detail=f"{submission.message_type} answers another message: in_reply_to is required",
+        )
+
+
+async def check_legal_basis(ctx: SubmitContext) -> None:
+    assert ctx.partner is not None
+    required = ctx.partner.legal_basis
+    given = ctx.submission.legal_basis
+    if required is not None and given is not None and given != required:
+        raise NotAuthorized(
+            f"legal_basis {given[:80]!r} is not the agreement configured for {ctx.partner.id}",
+            detail=f"legal_basis must be the agreement configured for {ctx.partner.id}",
+        )
+
+
+async def build_envelope(ctx: SubmitContext) -> None:
+    assert ctx.partner is not None
+    submission = ctx.submission
+    ttl_s = submission.ttl_s or ctx.services.config.outbox.default_ttl_s
+    ctx.header = Header(
+        message_id=new_message_id(),
+        message_type=submission.message_type,
+        schema_version=submission.schema_version,
+        sender=ctx.services.config.party,
+        recipient=ctx.partner.id,
+        created_at=ctx.now,
+        expires_at=ctx.now + timedelta(seconds=ttl_s),
+        correlation_id=submission.correlation_id,
+        in_reply_to=submission.in_reply_to,
+        priority=submission.priority,
+        respond_by=submission.respond_by,
+        legal_basis=submission.legal_basis or ctx.partner.legal_basis,
+    )
+    canonical = encode_envelope(ctx.header, submission.payload)
+    ctx.body = adapter_for(ctx.partner).from_canonical(canonical)
+
+
+async def sign_message(ctx: SubmitContext) -> None:
+    assert ctx.partner is not None
+    assert ctx.body is not None
+    key = current_signing_key(ctx.services.signing_keys, ctx.now)
+    ctx.signature = sign_detached(ctx.body, key, typ=ctx.partner.typ)
+    ctx.kid = key.kid
+
+
+async def persist(ctx: SubmitContext) -> None:
+    header, body, signature = ctx.header, ctx.body, ctx.signature
+    assert header is not None
+    assert body is not None
+    assert signature is not None
+    assert ctx.kid is not None
+    assert ctx.transport is not None
+    digest = body_digest(body)
+    record = OutboundRecord(
+        message_id=header.message_id,
+        recipient=header.recipient,
+        message_type=header.message_type,
+        schema_version=header.schema_version,
+        correlation_id=header.correlation_id,
+        in_reply_to=header.in_reply_to,
+        priority=header.priority,
+        body=body,
+        body_digest=digest,
+        signature=signature,
+        kid=ctx.kid,
+        transport=ctx.transport,
+        created_at=ctx.now,
+        expires_at=header.expires_at,
+        next_attempt_at=ctx.now,
+        updated_at=ctx.now,
+        submitted_by=ctx.submission.actor,
+    )
+    event = AuditEvent(
+        event=EventKind.SUBMITTED,
+        at=ctx.now,
+        message_id=header.message_id,
+        sender=header.sender,
+        recipient=header.recipient,
+        message_type=header.message_type,
+        correlation_id=header.correlation_id,
+        body_digest=digest,
+        outcome="queued",
+        actor=ctx.submission.actor,
+        transport=ctx.transport,
+    )
+    await ctx.services.store.enqueue_outbound(record, [event])
+    ctx.record = record
+
+
+STAGES: tuple[Stage, ...] = (
+    resolve_partner,
+    authorize_type,
+    validate_payload,
+    check_legal_basis,
+    build_envelope,
+    sign_message,
+    persist,
+)
+
+
+async def submit(services: SubmissionServices, submission: Submission) -> OutboundRecord:
+    """Run ``STAGES``; a refusal is audited (with the actor and exact reason) and re-raised."""
+    ctx = SubmitContext(submission=submission, services=services, now=services.clock.now())
+    try:
+        for stage in STAGES:
+            await stage(ctx)
+    except GatewayError as exc:
+        if not isinstance(exc, Unavailable):
+            await services.store.append_audit(
+                [
+                    AuditEvent(
+                        event=EventKind.SUBMIT_REJECTED,
+                        at=ctx.now,
+                        sender=services.config.party,
+                        recipient=submission.recipient
+                        if is_party_id(submission.recipient)
+                        else None,
+                        message_type=submission.message_type[:100],
+                        outcome=exc.code.value,
+                        reason=exc.reason,
+                        actor=submission.actor,
+                    )
+                ]
+            )
+        raise
+    assert ctx.record is not None
+    return ctx.record

@@ -1,0 +1,165 @@
+"""Outbound HTTPS: POST the stored signed bytes to a partner over mutual TLS.
+
+The client verifies the partner's server certificate against that partner's trust anchor
+and presents our certificate. Redirects are never followed (the body and our certificate
+must not go to another host), proxies from the environment are ignored, no cookies are
+kept, and every aiohttp failure becomes a ``TransportError`` here, at this one seam.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gateway.config import PartnerConfig, TlsConfig
+from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
+from gateway.transports.tls import client_context
+
+MESSAGES_PATH = "/c2c/v1/messages"
+#: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024
+
+
+def message_endpoint(base_url: str) -> str:
+    """The partner's message endpoint: the configured URL, or its base with PROTOCOL's path."""
+    trimmed = base_url.rstrip("/")
+    return trimmed if trimmed.endswith(MESSAGES_PATH) else trimmed + MESSAGES_PATH
+
+
+def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
+    """``Retry-After`` as seconds from ``now`` (RFC 9110 10.2.3: delta-seconds or HTTP-date)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(min(int(text), 7 * 86_400))
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - now).total_seconds())
+
+
+class HttpsTransport:
+    name = "https"
+
+    def __init__(
+        self,
+        tls: TlsConfig,
+        *,
+        timeout_s: float,
+        connect_timeout_s: float = 10.0,
+        limit_per_host: int = 8,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._tls = tls
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s)
+        )
+        self._limit_per_host = limit_per_host
+        self._max_reply_bytes = max_reply_bytes
+        self._now = now
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _context_for(self, partner: PartnerConfig) -> ssl.SSLContext:
+        context = self._contexts.get(partner.id)
+        if context is None:
+            context = client_context(self._tls, partner.https.ca)
+            self._contexts[partner.id] = context
+        return context
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        # Created on first use so it belongs to the running event loop.
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit_per_host=self._limit_per_host)
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+                auto_decompress=False,
+            )
+        return self._session
+
+    async def send(self, delivery: Delivery) -> PartnerReply | Handed:
+        url = delivery.partner.https.url
+        if url is None or urlsplit(url).scheme != "https":
+            raise TransportError(
+                f"partner {delivery.partner.id} has no https:// URL configured",
+                may_have_arrived=False,
+            )
+        endpoint = message_endpoint(url)
+        headers = {
+            "Content-Type": delivery.content_type,
+            "C2C-Signature": delivery.signature,
+            "Accept": "application/json",
+        }
+        try:
+            async with self._session_now().post(
+                endpoint,
+                data=delivery.body,
+                headers=headers,
+                ssl=self._context_for(delivery.partner),
+                allow_redirects=False,
+            ) as response:
+                body = await self._read_limited(response)
+                return PartnerReply(
+                    status=response.status,
+                    body=body,
+                    signature=response.headers.get("C2C-Signature"),
+                    retry_after_s=parse_retry_after(
+                        response.headers.get("Retry-After"), now=self._now()
+                    ),
+                    location=response.headers.get("Location"),
+                )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TransportError(
+                f"TLS certificate of {endpoint} refused: {exc.certificate_error}",
+                may_have_arrived=False,
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise TransportError(
+                f"cannot connect to {endpoint}: {exc.os_error.strerror or exc.os_error}",
+                may_have_arrived=False,
+            ) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise TransportError(
+                f"connecting to {endpoint} timed out", may_have_arrived=False
+            ) from None
+        except TimeoutError:
+            raise TransportError(
+                f"no complete answer from {endpoint} within {self._timeout.total} s",
+                may_have_arrived=True,
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise TransportError(
+                f"HTTPS exchange with {endpoint} failed: {type(exc).__name__}: {exc}",
+                may_have_arrived=True,
+            ) from None
+
+    async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(16 * 1024):
+            size += len(chunk)
+            if size > self._max_reply_bytes:
+                raise TransportError(
+                    f"reply from {response.url} exceeds {self._max_reply_bytes} bytes",
+                    may_have_arrived=True,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
