@@ -6,11 +6,20 @@ with ConfigError(file, key, reason), never a traceback.
 
 from __future__ import annotations
 
+import os
+import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError
+from gateway.model import is_party_id
+from gateway.schemas.registry import SchemaRegistry
 
 Alg = Literal["EdDSA", "ES256"]
 
@@ -338,7 +347,7 @@ class _Table:
         value = self.opt_str(name)
         if value is None:
             return None
-        path = self._file.parent / value
+        path = (self._file.parent / value).resolve()
         if must_exist and not path.is_file():
             raise self.error(name, f"file not found: {path}")
         return path
@@ -352,7 +361,7 @@ class _Table:
     def path_list(self, name: str) -> tuple[Path, ...]:
         paths = []
         for index, value in enumerate(self.str_list(name)):
-            path = self._file.parent / value
+            path = (self._file.parent / value).resolve()
             if not path.is_file():
                 raise self.error(f"{name}[{index}]", f"file not found: {path}")
             paths.append(path)
@@ -361,6 +370,11 @@ class _Table:
     def table(self, name: str) -> _Table:
         value: dict[str, Any] | None = self._get(name, (dict,), "a table")
         return _Table(value or {}, file=self._file, prefix=f"{self.key(name)}.")
+
+    def req_table(self, name: str) -> _Table:
+        if name not in self._data:
+            raise self.error(name, "required table is missing")
+        return self.table(name)
 
     def table_list(self, name: str) -> list[_Table]:
         values: list[Any] | None = self._get(name, (list,), "an array of tables")
@@ -395,12 +409,8 @@ def _read_toml(path: Path) -> _Table:
 
 def _known_message_types() -> frozenset[str]:
     """PROTOCOL section 6 names plus whatever the schema catalogue of this build adds."""
-    try:
-        from gateway.schemas.registry import SchemaRegistry  # noqa: PLC0415
-    except ImportError:
-        return PROTOCOL_MESSAGE_TYPES
-    index = SchemaRegistry.load_builtin().index()
-    return PROTOCOL_MESSAGE_TYPES | {str(entry["message_type"]) for entry in index}
+    catalogue = {message_type for message_type, _ in SchemaRegistry.load_builtin().types()}
+    return PROTOCOL_MESSAGE_TYPES | catalogue
 
 
 def _party(table: _Table, name: str) -> str:
@@ -589,7 +599,186 @@ def _retention(table: _Table) -> RetentionConfig:
 
 
 def _tls(table: _Table) -> TlsConfig:
-    table.required("tls") if False else None
     tls = TlsConfig(cert=table.req_path("cert"), key=table.req_path("key"), ca=table.req_path("ca"))
     table.finish()
     return tls
+
+
+def _message_types(table: _Table, name: str, known: frozenset[str]) -> frozenset[str]:
+    values = table.str_list(name)
+    for index, value in enumerate(values):
+        if value not in known:
+            raise table.error(f"{name}[{index}]", f"unknown message type {value!r}")
+    return frozenset(values)
+
+
+def _https_url(table: _Table, name: str) -> str | None:
+    value = table.opt_str(name)
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- parsing the port is what detects a bad one
+    except ValueError:
+        raise table.error(name, f"{value!r} is not a valid URL") from None
+    if parts.scheme != "https" or not parts.hostname:
+        raise table.error(name, f"{value!r} is not an https:// URL")
+    if parts.username is not None or parts.password is not None:
+        raise table.error(name, "credentials in the URL are not allowed")
+    if parts.query or parts.fragment:
+        raise table.error(name, "the URL must not have a query or fragment")
+    return value
+
+
+def _partner_https(table: _Table) -> PartnerHttps:
+    fingerprints = []
+    for index, value in enumerate(table.str_list("client_cert_fingerprints")):
+        # Accept what `openssl x509 -fingerprint -sha256` prints (colons, upper case).
+        normalised = value.replace(":", "").lower()
+        if not _FINGERPRINT_RE.fullmatch(normalised):
+            raise table.error(
+                f"client_cert_fingerprints[{index}]",
+                "expected a SHA-256 fingerprint (64 hex digits)",
+            )
+        fingerprints.append(normalised)
+    https = PartnerHttps(
+        url=_https_url(table, "url"),
+        ca=table.opt_path("ca"),
+        client_cert_fingerprints=tuple(fingerprints),
+        client_cert_subjects=table.str_list("client_cert_subjects"),
+    )
+    uses_https = https.url or https.client_cert_fingerprints or https.client_cert_subjects
+    if uses_https and https.ca is None:
+        raise table.error("ca", "required when the partner uses HTTPS (url or client_cert_*)")
+    table.finish()
+    return https
+
+
+def _partner_amqp(table: _Table) -> PartnerAmqp:
+    amqp = PartnerAmqp(
+        enabled=table.bool_or("enabled", False), broker_user=table.opt_str("broker_user")
+    )
+    table.finish()
+    return amqp
+
+
+def _rate(table: _Table) -> RateLimit:
+    d = RateLimit()
+    rate = RateLimit(
+        per_second=table.float_or("per_second", d.per_second),
+        burst=table.int_or("burst", d.burst, minimum=1),
+    )
+    table.finish()
+    return rate
+
+
+def _adapter(table: _Table, directory: Path) -> str:
+    value = table.str_or("adapter", "canonical")
+    if value == "canonical":
+        return value
+    target = (directory / value).resolve()
+    if not target.is_relative_to(directory.resolve()) or target.suffix != ".py":
+        raise table.error("adapter", "must be 'canonical' or a .py file inside the partner folder")
+    if not target.is_file():
+        raise table.error("adapter", f"file not found: {directory / value}")
+    return value
+
+
+def load_partner_config(
+    directory: Path,
+    *,
+    own_party: str,
+    default_max_body_bytes: int = LimitsConfig.max_body_bytes,
+    known_types: frozenset[str] | None = None,
+) -> PartnerConfig:
+    """Load ``directory/partner.toml``; the folder's name must be the partner's id."""
+    directory = directory.absolute()
+    if not is_party_id(directory.name):
+        raise ConfigError(
+            str(directory), "(folder)", f"folder name {directory.name!r} is not a party id"
+        )
+    table = _read_toml(directory / PARTNER_FILE)
+    partner_id = _party(table, "id")
+    if partner_id != directory.name:
+        raise table.error("id", f"{partner_id!r} differs from the folder name {directory.name!r}")
+    if partner_id == own_party:
+        raise table.error("id", f"{partner_id!r} is this gateway's own party")
+    known = _known_message_types() if known_types is None else known_types
+    typ = table.str_or("typ", "c2c+json")
+    if not _TYP_RE.fullmatch(typ):
+        raise table.error("typ", f"{typ!r} is not a c2c+<format> JWS type")
+    partner = PartnerConfig(
+        id=partner_id,
+        name=table.req_str("name"),
+        directory=directory,
+        keys=_keys(table, "keys"),
+        inbound_types=_message_types(table, "inbound_types", known),
+        outbound_types=_message_types(table, "outbound_types", known),
+        max_body_bytes=table.int_or("max_body_bytes", default_max_body_bytes, minimum=1),
+        rate=_rate(table.table("rate")),
+        https=_partner_https(table.table("https")),
+        amqp=_partner_amqp(table.table("amqp")),
+        adapter=_adapter(table, directory),
+        typ=typ,
+        legal_basis=table.opt_str("legal_basis"),
+    )
+    if not (partner.https.url or partner.https.ca or partner.amqp.enabled):
+        raise table.error("https", "the partner has no transport: configure [https] or [amqp]")
+    table.finish()
+    return partner
+
+
+def _partners(
+    directory: Path, *, own_party: str, default_max_body_bytes: int
+) -> dict[str, PartnerConfig]:
+    known = _known_message_types()
+    partners: dict[str, PartnerConfig] = {}
+    for entry in sorted(directory.iterdir()):
+        # Hidden and private folders (.git, __pycache__) and plain files (README) are not partners.
+        if entry.name.startswith((".", "_")) or not entry.is_dir():
+            continue
+        partner = load_partner_config(
+            entry,
+            own_party=own_party,
+            default_max_body_bytes=default_max_body_bytes,
+            known_types=known,
+        )
+        partners[partner.id] = partner
+    return partners
+
+
+def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load ``gateway.toml`` and every ``partners/<id>/partner.toml`` it points at.
+
+    ``environ`` (default ``os.environ``) supplies secrets named by ``*_env`` keys.
+    Raises ConfigError(file, key, reason) on the first problem found.
+    """
+    source = Path(path).absolute()
+    env = os.environ if environ is None else environ
+    table = _read_toml(source)
+    party = _party(table, "party")
+    limits = _limits(table.table("limits"))
+    partners_dir = source.parent / table.str_or("partners_dir", "partners")
+    if not partners_dir.is_dir():
+        raise table.error("partners_dir", f"directory not found: {partners_dir}")
+    config = GatewayConfig(
+        source=source,
+        party=party,
+        partner_listen=_listen(table.table("partner_listen"), ListenConfig.port),
+        api_listen=_listen(table.table("api_listen"), 8080),
+        tls=_tls(table.req_table("tls")),
+        signing_keys=_keys(table, "signing_keys"),
+        store_url=_store_url(table, env),
+        amqp=_amqp(table.table("amqp"), env),
+        api_auth=_api_auth(table.req_table("api_auth")),
+        audit=_audit(table.req_table("audit")),
+        limits=limits,
+        outbox=_outbox(table.table("outbox")),
+        retention=_retention(table.table("retention")),
+        partners_dir=partners_dir,
+        partners=MappingProxyType(
+            _partners(partners_dir, own_party=party, default_max_body_bytes=limits.max_body_bytes)
+        ),
+    )
+    table.finish()
+    return config

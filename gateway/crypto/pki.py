@@ -1,0 +1,325 @@
+"""Development PKI: a CA, TLS certificates for client and server use, and signing keys.
+
+For development, tests and the conformance sandbox only: production keys and certificates
+come from each administration's own PKI. The layout is PROTOCOL.md section 8::
+
+    DIR/ca.pem  DIR/ca.key                       the development CA (ECDSA P-256)
+    DIR/P/tls.pem  DIR/P/tls.key                 P's TLS certificate (CN = P, serverAuth +
+                                                 clientAuth, SAN = the hosts) and key (P-256)
+    DIR/P/sign.key  DIR/P/sign.pub  DIR/P/sign.kid   P's Ed25519 message-signing key pair and
+                                                 its RFC 7638 thumbprint
+    DIR/G/audit.key  DIR/G/audit.pub             the gateway party's audit checkpoint key
+    DIR/G/api-token.key  DIR/G/api-token.pub     the gateway party's internal-API token key
+
+Generation is idempotent: a file that exists is kept (and checked against its partner file),
+only missing files are made, each written atomically; private keys are mode 0600.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.crypto.keys import jwk_thumbprint
+from gateway.model import is_party_id
+
+DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+TLS_CERT = "tls.pem"
+TLS_KEY = "tls.key"
+SIGN_KEY = "sign.key"
+SIGN_PUB = "sign.pub"
+SIGN_KID = "sign.kid"
+AUDIT_KEY = "audit.key"
+AUDIT_PUB = "audit.pub"
+API_TOKEN_KEY = "api-token.key"  # noqa: S105 -- a file name, not a secret
+API_TOKEN_PUB = "api-token.pub"  # noqa: S105 -- a file name, not a secret
+
+_ORGANIZATION = "c2c-gateway development PKI (not for production)"
+_CA_LIFETIME = timedelta(days=3650)
+_LEAF_LIFETIME = timedelta(days=1095)
+# Tolerates clocks of the machines in a demo being slightly behind.
+_BACKDATE = timedelta(hours=1)
+
+
+class PkiError(Exception):
+    """The directory holds an inconsistent set of files that cannot be completed safely."""
+
+
+class _Created:
+    """What this run wrote, relative to the PKI directory, in order."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self.paths: list[str] = []
+
+    def add(self, path: Path) -> None:
+        self.paths.append(path.relative_to(self._root).as_posix())
+
+
+def _write_atomic(path: Path, data: bytes, *, private: bool) -> None:
+    # A crash never leaves a half-written key: write a temporary file, then rename it.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _private_pem(key: ec.EllipticCurvePrivateKey | Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _public_pem(key: ec.EllipticCurvePublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise PkiError(f"{path}: expected an ECDSA P-256 private key")
+    return key
+
+
+def _load_ed25519_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise PkiError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise PkiError(f"{path}: expected an Ed25519 private key")
+    return key
+
+
+def _ensure_ec_key(path: Path, created: _Created) -> ec.EllipticCurvePrivateKey:
+    if path.exists():
+        return _load_ec_key(path)
+    key = ec.generate_private_key(ec.SECP256R1())
+    _write_atomic(path, _private_pem(key), private=True)
+    created.add(path)
+    return key
+
+
+def _ensure_ed25519_pair(key_path: Path, pub_path: Path, created: _Created) -> Ed25519PublicKey:
+    """The key pair at key_path/pub_path; a public key without its private key is an error."""
+    if key_path.exists():
+        public = _load_ed25519_key(key_path).public_key()
+    elif pub_path.exists():
+        raise PkiError(f"{pub_path} exists without {key_path.name}; remove it to regenerate both")
+    else:
+        private = Ed25519PrivateKey.generate()
+        _write_atomic(key_path, _private_pem(private), private=True)
+        created.add(key_path)
+        public = private.public_key()
+    expected = _public_pem(public)
+    if not pub_path.exists():
+        _write_atomic(pub_path, expected, private=False)
+        created.add(pub_path)
+    elif pub_path.read_bytes().strip() != expected.strip():
+        raise PkiError(f"{pub_path} does not match {key_path.name}")
+    return public
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+class _Ca:
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None) -> None:
+        self.cert = cert
+        self.key = key
+
+
+def _ensure_ca(root: Path, created: _Created) -> _Ca:
+    cert_path, key_path = root / CA_CERT, root / CA_KEY
+    if cert_path.exists():
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            raise PkiError(f"{cert_path}: not a PEM certificate") from None
+        key = _load_ec_key(key_path) if key_path.exists() else None
+        if key is not None and cert.public_key() != key.public_key():
+            raise PkiError(f"{cert_path} does not match {key_path.name}")
+        return _Ca(cert, key)
+    key = _ensure_ec_key(key_path, created)
+    now = datetime.now(UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("C2C Development CA"))
+        .issuer_name(_name("C2C Development CA"))
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(now + _CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    created.add(cert_path)
+    return _Ca(cert, key)
+
+
+def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _issue_tls_cert(
+    ca: _Ca, party: str, key: ec.EllipticCurvePrivateKey, hosts: Sequence[str]
+) -> x509.Certificate:
+    if ca.key is None:
+        raise PkiError(f"{CA_CERT} exists without {CA_KEY}: cannot issue a certificate for {party}")
+    now = datetime.now(UTC)
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(party))
+        .issuer_name(ca.cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _BACKDATE)
+        .not_valid_after(min(now + _LEAF_LIFETIME, ca.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+
+
+def _ensure_tls(
+    ca: _Ca, party_dir: Path, party: str, hosts: Sequence[str], created: _Created
+) -> None:
+    cert_path, key_path = party_dir / TLS_CERT, party_dir / TLS_KEY
+    if cert_path.exists():
+        if not key_path.exists():
+            raise PkiError(f"{cert_path} exists without {TLS_KEY}; remove it to regenerate both")
+        return
+    key = _ensure_ec_key(key_path, created)
+    cert = _issue_tls_cert(ca, party, key, hosts)
+    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+    created.add(cert_path)
+
+
+def _ensure_signing(party_dir: Path, created: _Created) -> None:
+    public = _ensure_ed25519_pair(party_dir / SIGN_KEY, party_dir / SIGN_PUB, created)
+    kid_path = party_dir / SIGN_KID
+    kid = jwk_thumbprint(public)
+    if not kid_path.exists():
+        _write_atomic(kid_path, f"{kid}\n".encode("ascii"), private=False)
+        created.add(kid_path)
+    elif kid_path.read_text(encoding="ascii", errors="replace").strip() != kid:
+        raise PkiError(f"{kid_path} is not the thumbprint of {SIGN_PUB}")
+
+
+def init_dev_pki(
+    dir: Path,
+    parties: Sequence[str],
+    *,
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+    gateway_party: str | None = None,
+) -> list[str]:
+    """Create what is missing of the development PKI for ``parties`` in ``dir``.
+
+    ``gateway_party`` (default: the first of ``parties``) also gets its audit and API-token
+    keys. Returns the files created, relative to ``dir`` (empty when nothing was missing).
+    Raises ValueError for a bad party id or host, PkiError for an inconsistent directory.
+    """
+    for party in parties:
+        if not is_party_id(party):
+            raise ValueError(f"not a party id: {party!r}")
+    if gateway_party is None and parties:
+        gateway_party = parties[0]
+    if gateway_party is not None and not is_party_id(gateway_party):
+        raise ValueError(f"not a party id: {gateway_party!r}")
+    if not hosts or any(not host or not host.isascii() or host != host.strip() for host in hosts):
+        raise ValueError(f"hosts must be non-empty ASCII names or addresses: {list(hosts)!r}")
+    root = Path(dir)
+    root.mkdir(parents=True, exist_ok=True)
+    created = _Created(root)
+    ca = _ensure_ca(root, created)
+    every = list(dict.fromkeys([*parties, *([gateway_party] if gateway_party else [])]))
+    for party in every:
+        party_dir = root / party
+        party_dir.mkdir(exist_ok=True)
+        _ensure_tls(ca, party_dir, party, hosts, created)
+        _ensure_signing(party_dir, created)
+        if party == gateway_party:
+            _ensure_ed25519_pair(party_dir / AUDIT_KEY, party_dir / AUDIT_PUB, created)
+            _ensure_ed25519_pair(party_dir / API_TOKEN_KEY, party_dir / API_TOKEN_PUB, created)
+    return created.paths

@@ -1,0 +1,60 @@
+"""X.509 certificate helpers: load, fingerprint, subject name.
+
+Partners are pinned by certificate fingerprint (SHA-256 of the DER encoding, lowercase hex,
+no colons: what ``partner.toml`` holds) or by subject common name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from gateway.errors import ConfigError
+
+_PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
+
+
+def _parse(data: bytes) -> x509.Certificate:
+    if _PEM_MARKER in data:
+        return x509.load_pem_x509_certificate(data)
+    return x509.load_der_x509_certificate(data)
+
+
+def load_certificate(source: Path | bytes | str) -> x509.Certificate:
+    """The first certificate of a PEM or DER file (Path) or of PEM/DER bytes or PEM text.
+
+    A file that is missing or not a certificate raises ``ConfigError(file, "certificate", ...)``;
+    bytes or text that are not a certificate raise ``ValueError``.
+    """
+    if isinstance(source, Path):
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                str(source), "certificate", f"cannot read file: {exc.strerror}"
+            ) from None
+        try:
+            return _parse(data)
+        except ValueError:
+            raise ConfigError(
+                str(source), "certificate", "is not a PEM or DER X.509 certificate"
+            ) from None
+    return _parse(source.encode("ascii") if isinstance(source, str) else source)
+
+
+def cert_fingerprint(cert: x509.Certificate | bytes | str) -> str:
+    """SHA-256 over the DER encoding, lowercase hex without colons."""
+    certificate = cert if isinstance(cert, x509.Certificate) else load_certificate(cert)
+    return certificate.fingerprint(hashes.SHA256()).hex()
+
+
+def cert_subject_cn(cert: x509.Certificate) -> str | None:
+    """The subject's common name, or None when it has none (or more than one)."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")

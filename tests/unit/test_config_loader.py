@@ -1,0 +1,280 @@
+"""Config loader: the shipped samples load into the frozen dataclasses, and every kind of bad
+file fails with the exact file, dotted key and reason."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.config import (
+    PROTOCOL_MESSAGE_TYPES,
+    GatewayConfig,
+    load_config,
+    load_partner_config,
+)
+from gateway.crypto.pki import init_dev_pki
+from gateway.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pki")
+    init_dev_pki(root / "certs" / "dev", ["US-CBP", "MX-ANAM", "CA-CBSA"])
+    return root / "certs"
+
+
+@pytest.fixture
+def tree(tmp_path: Path, pki_template: Path) -> Path:
+    """A copy of the repository's gateway.toml and partners/ with a dev PKI beside them."""
+    shutil.copy(REPO / "gateway.toml", tmp_path / "gateway.toml")
+    shutil.copytree(REPO / "partners", tmp_path / "partners")
+    shutil.copytree(pki_template, tmp_path / "certs")
+    return tmp_path
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_sample_config_round_trip(tree: Path) -> None:
+    config = load_config(tree / "gateway.toml", environ={})
+    assert isinstance(config, GatewayConfig)
+    assert config.source == tree / "gateway.toml"
+    assert config.party == "US-CBP"
+    assert (config.partner_listen.host, config.partner_listen.port) == ("127.0.0.1", 8443)
+    assert config.api_listen.port == 8080
+    certs = (tree / "certs" / "dev").resolve()
+    assert config.tls.cert == certs / "US-CBP" / "tls.pem"
+    assert config.tls.ca == certs / "ca.pem"
+    assert [k.path for k in config.signing_keys] == [certs / "US-CBP" / "sign.key"]
+    assert config.signing_keys[0].not_before == datetime(2025, 1, 1, tzinfo=UTC)
+    assert config.store_url == f"sqlite:///{tree / 'var' / 'c2c.db'}"
+    assert config.amqp.url is None
+    assert config.api_auth.public_keys == (certs / "US-CBP" / "api-token.pub",)
+    assert config.audit.key == certs / "US-CBP" / "audit.key"
+    assert (config.limits.replay_window_s, config.limits.max_skew_s) == (900, 120)
+    assert sorted(config.partners) == ["CA-CBSA", "MX-ANAM"]
+
+    mx = config.partners["MX-ANAM"]
+    assert mx.directory == tree / "partners" / "MX-ANAM"
+    assert [k.path for k in mx.keys] == [certs / "MX-ANAM" / "sign.pub"]
+    assert mx.keys[0].alg == "EdDSA"
+    assert mx.inbound_types == PROTOCOL_MESSAGE_TYPES == mx.outbound_types
+    assert mx.max_body_bytes == 2_097_152
+    assert (mx.rate.per_second, mx.rate.burst) == (200.0, 400)
+    assert mx.https.url == "https://127.0.0.1:9444/c2c/v1/messages"
+    assert mx.https.ca == certs / "ca.pem"
+    assert mx.https.client_cert_subjects == ("MX-ANAM",)
+    assert (mx.amqp.enabled, mx.amqp.broker_user) == (False, "mx-anam")
+    assert (mx.adapter, mx.typ) == ("canonical", "c2c+json")
+    assert mx.legal_basis == "US-MX CMAA (Mexico City, 1976)"
+
+    ca = config.partners["CA-CBSA"]
+    # No max_body_bytes in the file: the gateway-wide limit applies.
+    assert ca.max_body_bytes == config.limits.max_body_bytes
+    assert ca.https.client_cert_subjects == ("CA-CBSA",)
+
+
+def test_config_objects_are_frozen(tree: Path) -> None:
+    config = load_config(tree / "gateway.toml", environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.party = "MX-ANAM"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        config.partners["GB-HMRC"] = config.partners["MX-ANAM"]  # type: ignore[index]
+
+
+def test_secret_urls_come_from_the_environment_and_never_show_in_repr(tree: Path) -> None:
+    _edit(tree / "gateway.toml", '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
+    _edit(
+        tree / "gateway.toml",
+        'store_url = "sqlite:///var/c2c.db"',
+        'store_url_env = "C2C_STORE_URL"',
+    )
+    env = {
+        "C2C_AMQP_URL": "amqp://gw:s3cret-amqp@127.0.0.1:5672/c2c",
+        "C2C_STORE_URL": "postgresql://gw:s3cret-pg@127.0.0.1/c2c",
+    }
+    config = load_config(tree / "gateway.toml", environ=env)
+    assert config.amqp.url == env["C2C_AMQP_URL"]
+    assert config.store_url == env["C2C_STORE_URL"]
+    assert "s3cret" not in repr(config)
+
+
+G = "gateway.toml"
+MX = "partners/MX-ANAM/partner.toml"
+
+# (file edited, old text, new text, file named in the error, dotted key, exact reason)
+# fmt: off
+BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
+    (G, 'party = "US-CBP"', 'party = "us-cbp"', G, "party",
+     "'us-cbp' is not a party id (^[A-Z]{2}-[A-Z0-9]{2,16}$)"),
+    (G, 'party = "US-CBP"', 'party = "US-CBP"\ncolour = "blue"', G, "colour", "unknown key"),
+    (G, "max_skew_s = 120", "max_skew_s = 120\nmax_body = 5", G, "limits.max_body",
+     "unknown key"),
+    (G, "port = 8443", 'port = "8443"', G, "partner_listen.port",
+     "expected an integer, got a string"),
+    (G, "port = 8443", "port = 70000", G, "partner_listen.port", "must be <= 65535, got 70000"),
+    (G, "max_body_bytes = 1048576", "max_body_bytes = -1", G, "limits.max_body_bytes",
+     "must be >= 1, got -1"),
+    (G, "max_skew_s = 120", "max_skew_s = 1000", G, "limits.max_skew_s",
+     "skew (1000 s) larger than the replay window (900 s)"),
+    (G, "replay_window_s = 900", "replay_window_s = 86400", G, "limits.replay_window_s",
+     "replay_window_s + max_skew_s = 86520 s exceeds 86400 s (one day)"),
+    (G, 'alg = "EdDSA"', 'alg = "RS256"', G, "signing_keys[0].alg",
+     "unsupported algorithm 'RS256': only EdDSA or ES256"),
+    (G, "not_before = 2025-01-01T00:00:00Z",
+     "not_before = 2025-01-01T00:00:00Z\nnot_after = 2024-01-01T00:00:00Z", G,
+     "signing_keys[0].not_before", "not_before is after not_after"),
+    (G, "not_before = 2025-01-01T00:00:00Z", "not_before = 2025-01-01T00:00:00", G,
+     "signing_keys[0].not_before",
+     "date-time needs a UTC offset, e.g. 2026-01-01T00:00:00Z (got a local time)"),
+    (G, "prefetch = 50", "prefetch = true", G, "amqp.prefetch",
+     "expected an integer, got a boolean"),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "mysql://u:pw@db/c2c"', G,
+     "store_url", "expected a sqlite:/// or postgresql:// URL"),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_TEST_UNSET_URL"', G, "amqp.url_env",
+     "environment variable C2C_TEST_UNSET_URL is not set"),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://x"\nurl_env = "C2C_AMQP_URL"', G,
+     "amqp.url_env", "give url or url_env, not both"),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "http://gw:hunter2@127.0.0.1/"', G, "amqp.url",
+     "expected an amqp:// or amqps:// URL"),
+    (G, 'algorithms = ["EdDSA"]', 'algorithms = ["EdDSA", "HS256"]', G,
+     "api_auth.algorithms[1]", "unsupported algorithm 'HS256': only EdDSA or ES256"),
+    (G, "[audit]", "[audit_log]", G, "audit", "required table is missing"),
+    (G, 'origin = "dev.c2c-gateway.invalid/US-CBP"', 'origin = ""', G, "audit.origin",
+     "must not be empty"),
+    (G, 'partners_dir = "partners"', 'partners_dir = "nowhere"', G, "partners_dir",
+     "directory not found: {root}/nowhere"),
+    (G, 'cert = "certs/dev/US-CBP/tls.pem"', 'cert = "certs/dev/US-CBP/missing.pem"', G,
+     "tls.cert", "file not found: {root}/certs/dev/US-CBP/missing.pem"),
+    (G, "port = 8443", "port = 8443 8444", G, "(toml)",
+     "Expected newline or end of document after a statement (at line 14, column 13)"),
+    (MX, 'id = "MX-ANAM"', 'id = "CA-CBSA"', MX, "id",
+     "'CA-CBSA' differs from the folder name 'MX-ANAM'"),
+    (MX, 'id = "MX-ANAM"', 'id = "../../etc"', MX, "id",
+     "'../../etc' is not a party id (^[A-Z]{2}-[A-Z0-9]{2,16}$)"),
+    (MX, "inbound_types = [\n", 'inbound_types = [\n    "shipment.manifesto",\n',
+     MX, "inbound_types[0]",
+     "unknown message type 'shipment.manifesto'"),
+    (MX, "outbound_types = [\n", 'outbound_types = [\n    "receipt",\n',
+     MX, "outbound_types[14]", "duplicate entry 'receipt'"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"http://127.0.0.1:9444/"',
+     MX, "https.url", "'http://127.0.0.1:9444/' is not an https:// URL"),
+    (MX, 'alg = "EdDSA"', 'alg = "HS256"', MX, "keys[0].alg",
+     "unsupported algorithm 'HS256': only EdDSA or ES256"),
+    (MX, 'path = "../../certs/dev/MX-ANAM/sign.pub"',
+     'path = "../../certs/dev/MX-ANAM/old.pub"', MX, "keys[0].path",
+     "file not found: {root}/certs/dev/MX-ANAM/old.pub"),
+    (MX, "max_body_bytes = 2097152", "max_body_bytes = 0", MX, "max_body_bytes",
+     "must be >= 1, got 0"),
+    (MX, "per_second = 200.0", "per_second = 0", MX, "rate.per_second", "must be > 0, got 0"),
+    (MX, "client_cert_fingerprints = []", 'client_cert_fingerprints = ["AB:CD"]', MX,
+     "https.client_cert_fingerprints[0]", "expected a SHA-256 fingerprint (64 hex digits)"),
+    (MX, 'broker_user = "mx-anam"', 'broker_user = "mx-anam"\nvhost = "/"', MX, "amqp.vhost",
+     "unknown key"),
+    (MX, 'adapter = "canonical"', 'adapter = "../../gateway/evil.py"', MX, "adapter",
+     "must be 'canonical' or a .py file inside the partner folder"),
+    (MX, 'typ = "c2c+json"', 'typ = "JWT"', MX, "typ", "'JWT' is not a c2c+<format> JWS type"),
+    (MX, 'ca = "../../certs/dev/ca.pem"\n', "", MX, "https.ca",
+     "required when the partner uses HTTPS (url or client_cert_*)"),
+    (MX, "[[keys]]", "[[old_keys]]", MX, "keys", "required key is missing"),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(
+    ("edited", "old", "new", "file", "key", "reason"),
+    BAD_FILES,
+    ids=[f"{case[4]}:{case[5][:40]}" for case in BAD_FILES],
+)
+def test_bad_file_names_file_key_and_reason(
+    tree: Path, edited: str, old: str, new: str, file: str, key: str, reason: str
+) -> None:
+    _edit(tree / edited, old, new)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tree / "gateway.toml", environ={"C2C_AMQP_URL": "amqp://127.0.0.1/"})
+    error = caught.value
+    assert (error.file, error.key, error.reason) == (
+        str(tree / file),
+        key,
+        reason.replace("{root}", str(tree.resolve())),
+    )
+    assert "hunter2" not in str(error)
+
+
+def test_missing_gateway_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "gateway.toml")
+    assert (caught.value.key, caught.value.reason) == ("(file)", "file not found")
+
+
+def test_partner_folder_with_a_bad_name_is_refused(tree: Path) -> None:
+    shutil.copytree(tree / "partners" / "MX-ANAM", tree / "partners" / "mx anam")
+    with pytest.raises(ConfigError) as caught:
+        load_config(tree / "gateway.toml", environ={})
+    assert (caught.value.file, caught.value.key, caught.value.reason) == (
+        str(tree / "partners" / "mx anam"),
+        "(folder)",
+        "folder name 'mx anam' is not a party id",
+    )
+
+
+def test_partner_folder_without_partner_toml(tree: Path) -> None:
+    (tree / "partners" / "GB-HMRC").mkdir()
+    with pytest.raises(ConfigError) as caught:
+        load_config(tree / "gateway.toml", environ={})
+    assert (caught.value.file, caught.value.key, caught.value.reason) == (
+        str(tree / "partners" / "GB-HMRC" / "partner.toml"),
+        "(file)",
+        "file not found",
+    )
+
+
+def test_hidden_folders_and_files_in_partners_are_ignored(tree: Path) -> None:
+    (tree / "partners" / ".git").mkdir()
+    (tree / "partners" / "__pycache__").mkdir()
+    (tree / "partners" / "README.md").write_text("partners\n", encoding="utf-8")
+    assert sorted(load_config(tree / "gateway.toml", environ={}).partners) == [
+        "CA-CBSA",
+        "MX-ANAM",
+    ]
+
+
+def test_partner_cannot_be_the_gateway_itself(tree: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_partner_config(tree / "partners" / "MX-ANAM", own_party="MX-ANAM")
+    assert (caught.value.key, caught.value.reason) == (
+        "id",
+        "'MX-ANAM' is this gateway's own party",
+    )
+
+
+def test_fingerprints_are_normalised(tree: Path) -> None:
+    fingerprint = "AB:" * 31 + "CD"
+    _edit(
+        tree / MX,
+        "client_cert_fingerprints = []",
+        f'client_cert_fingerprints = ["{fingerprint}"]',
+    )
+    partner = load_partner_config(tree / "partners" / "MX-ANAM", own_party="US-CBP")
+    assert partner.https.client_cert_fingerprints == ("ab" * 31 + "cd",)
+
+
+def test_partner_without_any_transport_is_refused(tree: Path) -> None:
+    text = (tree / MX).read_text(encoding="utf-8")
+    head = text[: text.index("[https]")]
+    (tree / MX).write_text(head, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_partner_config(tree / "partners" / "MX-ANAM", own_party="US-CBP")
+    assert (caught.value.key, caught.value.reason) == (
+        "https",
+        "the partner has no transport: configure [https] or [amqp]",
+    )
