@@ -64,7 +64,7 @@ def _quote(value: object, limit: int = 64) -> str:
     return shown + ("..." if len(text) > limit else "")
 
 
-def _b64url_decode(segment: str, what: str) -> bytes:
+def b64url_decode_strict(segment: str, what: str) -> bytes:
     """Strict, canonical base64url (RFC 7515 section 2): no padding, no ``+/``, no whitespace."""
     if not _B64URL.fullmatch(segment):
         match = _OFFENDING.search(segment)
@@ -158,7 +158,7 @@ def parse_detached(jws: str) -> ParsedJws:
             f"protected header segment is {len(protected_b64)} characters, "
             f"over the {_MAX_HEADER_B64}-character limit ({MAX_HEADER_BYTES} bytes decoded)"
         )
-    header_bytes = _b64url_decode(protected_b64, "protected header")
+    header_bytes = b64url_decode_strict(protected_b64, "protected header")
     try:
         header_text = header_bytes.decode("utf-8")
     except UnicodeDecodeError:
@@ -195,7 +195,7 @@ def parse_detached(jws: str) -> ParsedJws:
         raise SignatureInvalid("protected header typ must be a string")
     if not signature_b64:
         raise SignatureInvalid("signature segment is empty")
-    signature = _b64url_decode(signature_b64, "signature")
+    signature = b64url_decode_strict(signature_b64, "signature")
     return ParsedJws(
         alg=alg,
         kid=kid,

@@ -16,7 +16,9 @@ from typing import Any
 
 import jwt
 
+from gateway.crypto.jws import b64url_decode_strict
 from gateway.crypto.keys import ALGORITHMS, KeyRing, SigningKey, VerificationKey
+from gateway.errors import SignatureInvalid
 
 REQUIRED_CLAIMS = ("exp", "nbf", "iat", "iss", "aud", "sub")
 #: Upper bound on a token's length, checked before anything is decoded.
@@ -109,6 +111,15 @@ def verify_token(
     ring = keys if isinstance(keys, KeyRing) else KeyRing(keys)
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
         raise TokenInvalid("token is not a string of acceptable length")
+    segments = token.split(".")
+    if len(segments) != 3:
+        raise TokenInvalid(f"token must have 3 segments, found {len(segments)}")
+    try:
+        # pyjwt tolerates padding and non-zero trailing bits: one token, many spellings.
+        for segment, what in zip(segments, ("header", "claims", "signature"), strict=True):
+            b64url_decode_strict(segment, f"token {what}")
+    except SignatureInvalid as exc:
+        raise TokenInvalid(exc.reason) from None
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:

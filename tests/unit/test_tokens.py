@@ -14,6 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.crypto import (
     KeyRing,
@@ -216,3 +218,25 @@ def test_issue_refuses_bad_arguments() -> None:
         issue(ttl_s=0)
     with pytest.raises(ValueError, match="without whitespace"):
         issue(scopes=["c2c:send admin"])
+
+
+TOKEN = issue()
+MUTATED_TOKENS = st.builds(
+    lambda cut, tail: TOKEN[:cut] + tail, st.integers(0, len(TOKEN)), st.text(max_size=5)
+).filter(lambda token: token != TOKEN)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=400) | MUTATED_TOKENS)
+def test_arbitrary_tokens_only_raise_token_invalid(token: str) -> None:
+    with pytest.raises(TokenInvalid):
+        check(token)
+
+
+def test_non_canonical_base64url_spelling_of_a_valid_token_is_refused() -> None:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(TOKEN[-1])
+    with pytest.raises(TokenInvalid, match="non-zero unused bits"):
+        check(TOKEN[:-1] + alphabet[last | 1])
+    with pytest.raises(TokenInvalid, match="padding"):
+        check(TOKEN + "==")
