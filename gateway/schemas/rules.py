@@ -36,6 +36,12 @@ def _fail(pointer: str, what: str) -> PayloadInvalid:
 
 def _instant(value: str, pointer: str) -> datetime:
     """Parse an RFC 3339 date-time the schema accepted (leap second 60 counts as 59)."""
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is not None and parsed.tzinfo is not None:
+        return parsed
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise _fail(pointer, "is not a valid date-time")
