@@ -118,6 +118,39 @@ def jwk_thumbprint(public_key: PublicKey | PrivateKey) -> str:
     return jwk_thumbprint_of(public_jwk(public_key))
 
 
+# Edwards25519 (RFC 8032 section 5.1): field prime and curve constant.
+_ED_P = 2**255 - 19
+_ED_D = -121665 * pow(121666, _ED_P - 2, _ED_P) % _ED_P
+
+
+def _ed25519_weakness(raw: bytes) -> str | None:
+    """Why an encoded Ed25519 public key must not be configured, or None.
+
+    A small-order point (8P = identity) lets one signature verify for many messages, and a
+    non-canonical encoding gives one key two kids (RFC 8032 section 5.1.3; T20).
+    """
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _ED_P:
+        return "is a non-canonical Ed25519 encoding (y >= p)"
+    u = (y * y - 1) % _ED_P
+    v = (_ED_D * y * y + 1) % _ED_P
+    x = u * pow(v, 3, _ED_P) * pow(u * pow(v, 7, _ED_P), (_ED_P - 5) // 8, _ED_P) % _ED_P
+    if (v * x * x - u) % _ED_P != 0:
+        x = x * pow(2, (_ED_P - 1) // 4, _ED_P) % _ED_P
+    if (v * x * x - u) % _ED_P != 0:
+        return "is not a point on Ed25519"
+    for _ in range(3):
+        xx, yy = x * x % _ED_P, y * y % _ED_P
+        t = _ED_D * xx * yy % _ED_P
+        x, y = (
+            2 * x * y * pow(1 + t, _ED_P - 2, _ED_P) % _ED_P,
+            (yy + xx) * pow(1 - t, _ED_P - 2, _ED_P) % _ED_P,
+        )
+    if x == 0 and y == 1:
+        return "is a small-order Ed25519 point, which would accept forged signatures"
+    return None
+
+
 def _check_window(not_before: datetime | None, not_after: datetime | None) -> None:
     for name, moment in (("not_before", not_before), ("not_after", not_after)):
         if moment is not None and moment.tzinfo is None:
@@ -145,6 +178,14 @@ class VerificationKey:
         actual = alg_for_key(self.public_key)
         if actual != self.alg:
             raise ValueError(f"key {self.kid} is an {actual} key, configured as {self.alg}")
+        if isinstance(self.public_key, Ed25519PublicKey):
+            weakness = _ed25519_weakness(
+                self.public_key.public_bytes(
+                    serialization.Encoding.Raw, serialization.PublicFormat.Raw
+                )
+            )
+            if weakness is not None:
+                raise ValueError(f"public key {weakness}")
         thumbprint = jwk_thumbprint(self.public_key)
         if self.kid != thumbprint:
             raise ValueError(f"kid {self.kid!r} is not the key's RFC 7638 thumbprint {thumbprint}")
@@ -253,6 +294,11 @@ def read_public_key(path: Path) -> PublicKey:
         ) from None
     _accepted(path, "public key", key)
     assert isinstance(key, Ed25519PublicKey | ec.EllipticCurvePublicKey)
+    if isinstance(key, Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        weakness = _ed25519_weakness(raw)
+        if weakness is not None:
+            raise ConfigError(str(path), "public key", weakness)
     return key
 
 

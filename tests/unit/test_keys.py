@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x25519
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway.crypto import (
     KeyRing,
@@ -196,3 +196,48 @@ def test_thumbprint_of_refuses_incomplete_or_unknown_jwks() -> None:
         jwk_thumbprint_of({"kty": "EC", "crv": "P-256", "x": "AA"})
     with pytest.raises(ValueError, match="has no RFC 7638 thumbprint definition"):
         jwk_thumbprint_of({"kty": "XYZ"})
+
+
+ED25519_P = 2**255 - 19
+SMALL_ORDER = {
+    "identity": (1).to_bytes(32, "little"),
+    "order 2": (ED25519_P - 1).to_bytes(32, "little"),
+    "order 4": bytes(32),
+    "order 8": bytes.fromhex("26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05"),
+    "order 8, other": bytes.fromhex(
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a"
+    ),
+}
+
+
+@pytest.mark.parametrize("raw", SMALL_ORDER.values(), ids=SMALL_ORDER.keys())
+def test_small_order_ed25519_keys_are_refused(tmp_path: Path, raw: bytes) -> None:
+    public = Ed25519PublicKey.from_public_bytes(raw)
+    path = tmp_path / "p.pem"
+    path.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_verification_key(path, party="MX-ANAM", alg="EdDSA")
+    assert caught.value.reason == (
+        "is a small-order Ed25519 point, which would accept forged signatures"
+    )
+    with pytest.raises(ValueError, match="small-order"):
+        VerificationKey(party="MX-ANAM", kid=jwk_thumbprint(public), alg="EdDSA", public_key=public)
+
+
+def test_non_canonical_ed25519_encoding_is_refused() -> None:
+    public = Ed25519PublicKey.from_public_bytes((ED25519_P + 2).to_bytes(32, "little"))
+    with pytest.raises(ValueError, match="non-canonical Ed25519 encoding"):
+        VerificationKey(party="MX-ANAM", kid=jwk_thumbprint(public), alg="EdDSA", public_key=public)
+
+
+def test_ordinary_ed25519_keys_are_not_mistaken_for_weak_ones() -> None:
+    for _ in range(50):
+        public = Ed25519PrivateKey.generate().public_key()
+        key = VerificationKey(
+            party="MX-ANAM", kid=jwk_thumbprint(public), alg="EdDSA", public_key=public
+        )
+        assert key.public_key is public
