@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from gateway import __version__
+from gateway.cli.amqp import amqp
 from gateway.cli.pki import pki
 from gateway.cli.sig import sig
 
@@ -16,6 +17,7 @@ def cli() -> None:
 
 
 cli.add_command(sig)
+cli.add_command(amqp)
 cli.add_command(pki)
 
 

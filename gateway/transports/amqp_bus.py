@@ -1,0 +1,93 @@
+"""The RabbitMQ internal bus: accepted inbound messages to the ``c2c.inbound`` topic exchange.
+
+Called by the inbox relay only after the store commit; ``publish_inbound`` returns only after
+the broker's confirm (``mandatory``: with no queue bound, nothing is confirmed and the record
+stays pending). Routing key ``<sender>.<message_type>``; the properties are those of PROTOCOL
+section 5, so a consumer deduplicates by ``(app_id, message_id)`` and can re-verify the
+partner's signature from the ``c2c-signature`` header over the exact body.
+
+In-process subscribers are called after the confirm, for the records this process relays;
+systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from gateway.clock import format_rfc3339
+from gateway.errors import Unavailable
+from gateway.store.base import InboundRecord
+from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
+from gateway.transports.bus import InboundHandler
+
+log = structlog.get_logger(__name__)
+
+BUS_CONCERN = "bus"
+
+
+def routing_key(record: InboundRecord) -> str:
+    return f"{record.sender}.{record.message_type}"
+
+
+def bus_message(record: InboundRecord) -> OutgoingMessage:
+    if record.body is None:
+        raise Unavailable(f"{record.sender}/{record.message_id}: body purged before it was relayed")
+    headers = {
+        "c2c-recipient": record.recipient,
+        "c2c-schema-version": record.schema_version,
+        "c2c-body-digest": record.body_digest,
+        "c2c-kid": record.kid,
+        "c2c-transport": record.transport,
+        "c2c-received-at": format_rfc3339(record.received_at),
+    }
+    if record.in_reply_to is not None:
+        headers["c2c-in-reply-to"] = record.in_reply_to
+    return OutgoingMessage(
+        body=record.body,
+        message_id=record.message_id,
+        message_type=record.message_type,
+        app_id=record.sender,
+        signature=record.signature,
+        correlation_id=record.correlation_id,
+        headers=headers,
+    )
+
+
+class RabbitBus:
+    def __init__(self, broker: AmqpBroker) -> None:
+        self._broker = broker
+        self._handlers: list[InboundHandler] = []
+        self._closed = False
+
+    def subscribe(self, handler: InboundHandler) -> None:
+        self._handlers.append(handler)
+
+    async def publish_inbound(self, record: InboundRecord) -> None:
+        if self._closed:
+            raise Unavailable("RabbitMQ bus is closed")
+        await self._broker.publish(
+            bus_message(record),
+            exchange=INBOUND_EXCHANGE,
+            routing_key=routing_key(record),
+            concern=BUS_CONCERN,
+        )
+        for handler in tuple(self._handlers):
+            try:
+                await handler(record)
+            except Exception as exc:
+                # Same contract as the in-process bus: the record stays pending and is
+                # published again (consumers deduplicate by message_id).
+                log.warning(
+                    "bus_subscriber_failed",
+                    sender=record.sender,
+                    message_id=record.message_id,
+                    error=type(exc).__name__,
+                )
+                raise Unavailable(
+                    f"subscriber failed on {record.sender}/{record.message_id}: "
+                    f"{type(exc).__name__}"
+                ) from exc
+
+    async def close(self) -> None:
+        # The broker connection is the runtime's; it closes it after the relay stopped.
+        self._closed = True

@@ -1,0 +1,227 @@
+"""Partner-facing AMQP: consume ``c2c.partner.<id>.in`` through the inbound pipeline.
+
+The same pipeline as HTTPS decides everything; this module only maps its result onto the
+broker (PROTOCOL section 5):
+
+- accepted, exact re-send, or refused with a signed NACK: the receipt is published to the
+  partner's ``.out`` queue with a confirm, and only then is the delivery acked (a stored message
+  whose receipt could not be published is returned to the queue; its redelivery is an exact
+  re-send answered with the original receipt). Deterministic refusals are never requeued.
+- a partner's own receipt is handed to the dispatcher by the pipeline and not answered.
+- ``UNAVAILABLE`` with the store unreachable is an outage: the delivery is held and retried
+  in process for a while (so a short outage does not burn the delivery limit, which RabbitMQ
+  3.x counts even for ``basic.nack``), then returned with ``basic.nack(requeue=True)``.
+- ``UNAVAILABLE`` with the store reachable, or an exception, is a processing failure: the
+  delivery is returned with ``basic.reject(requeue=True)``, which the quorum queue counts; the
+  last allowed attempt is audited as ``poison`` before the broker dead-letters it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.config import PartnerConfig
+from gateway.envelope import body_digest, new_message_id
+from gateway.errors import NackCode, Unavailable
+from gateway.inbound.context import InboundRequest, InboundResult
+from gateway.inbound.pipeline import InboundPipeline
+from gateway.receipts import RECEIPT_TYPE
+from gateway.transports.amqp import (
+    SIGNATURE_HEADER,
+    AmqpBroker,
+    Delivery,
+    OutgoingMessage,
+    Settlement,
+    partner_in_queue,
+    partner_out_queue,
+)
+
+log = structlog.get_logger(__name__)
+
+PROBLEM_TYPE = "problem"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: publisher channel for everything the gateway sends to partners' ``.out`` queues
+OUT_CONCERN = "partner-out"
+
+
+class PartnerInbox:
+    """Consumes the ``.in`` queue of every AMQP-enabled partner."""
+
+    def __init__(
+        self,
+        *,
+        broker: AmqpBroker,
+        pipeline: InboundPipeline,
+        partners: Iterable[PartnerConfig],
+        outage_hold_s: float = 30.0,
+    ) -> None:
+        self._broker = broker
+        self._pipeline = pipeline
+        self._partners = tuple(p for p in partners if p.amqp.enabled)
+        self._outage_hold_s = outage_hold_s
+        env = pipeline.env
+        self._party = env.config.party
+        self._store = env.store
+        self._clock = env.clock
+
+    @property
+    def partner_ids(self) -> list[str]:
+        return [p.id for p in self._partners]
+
+    async def start(self) -> None:
+        """Start consuming (one channel per partner, so one partner's backlog cannot starve
+        another's); raises ``Unavailable`` when the broker refuses."""
+        for partner in self._partners:
+
+            async def handler(delivery: Delivery, partner: PartnerConfig = partner) -> Settlement:
+                return await self.on_delivery(partner, delivery)
+
+            await self._broker.consume(
+                partner_in_queue(partner.id), handler, concern=f"partner-in:{partner.id}"
+            )
+
+    async def on_delivery(self, partner: PartnerConfig, delivery: Delivery) -> Settlement:
+        request = InboundRequest(
+            body=delivery.body,
+            signature=delivery.header_str(SIGNATURE_HEADER),
+            transport="amqp",
+            peer=partner.id,
+            broker_user=delivery.user_id,
+            content_type=delivery.content_type,
+        )
+        try:
+            result = await self._handle_through_outages(request)
+        except _Outage:
+            return Settlement.REQUEUE
+        except Exception as exc:
+            await self._failed(partner, delivery, f"processing raised {type(exc).__name__}")
+            return Settlement.REJECT
+        if result.code is NackCode.UNAVAILABLE:
+            await self._failed(partner, delivery, "processing failed while the store was reachable")
+            return Settlement.REJECT
+        answer = self._answer(delivery, result)
+        if answer is not None:
+            try:
+                await self._broker.publish(
+                    answer, routing_key=partner_out_queue(partner.id), concern=OUT_CONCERN
+                )
+            except Unavailable as exc:
+                log.warning(
+                    "amqp_receipt_not_published",
+                    partner=partner.id,
+                    message_id=answer.message_id,
+                    reason=exc.reason,
+                )
+                return Settlement.REQUEUE
+        return Settlement.ACK
+
+    async def _handle_through_outages(self, request: InboundRequest) -> InboundResult:
+        """Run the pipeline; while the store is down, hold the delivery and try again."""
+        started = self._clock.monotonic()
+        pause = 0.2
+        while True:
+            result = await self._pipeline.handle(request)
+            if result.code is not NackCode.UNAVAILABLE or await self._store_reachable():
+                return result
+            if self._clock.monotonic() - started >= self._outage_hold_s:
+                raise _Outage
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+    async def _store_reachable(self) -> bool:
+        try:
+            await self._store.ping()
+        except Unavailable:
+            return False
+        return True
+
+    async def _failed(self, partner: PartnerConfig, delivery: Delivery, reason: str) -> None:
+        """A counted failure; on the last attempt the delivery is about to be dead-lettered."""
+        limit = self._broker.config.delivery_limit
+        attempt = delivery.delivery_count + 1
+        log.error(
+            "amqp_processing_failed",
+            partner=partner.id,
+            message_id=_safe_id(delivery.message_id),
+            attempt=attempt,
+            delivery_limit=limit,
+            reason=reason,
+        )
+        if delivery.delivery_count < limit:
+            return
+        event = AuditEvent(
+            event=EventKind.POISON,
+            at=self._clock.now(),
+            message_id=_safe_id(delivery.message_id),
+            sender=partner.id,
+            body_digest=body_digest(delivery.body),
+            outcome="dead-lettered",
+            reason=(
+                f"{reason}; attempt {attempt} of {limit + 1} failed, dead-lettered from "
+                f"{delivery.queue} to {delivery.queue}.dead"
+            ),
+            transport="amqp",
+        )
+        try:
+            await self._store.append_audit([event])
+        except Unavailable as exc:
+            log.error(
+                "amqp_poison_not_audited",
+                partner=partner.id,
+                message_id=event.message_id,
+                reason=event.reason,
+                audit_error=exc.reason,
+            )
+
+    def _answer(self, delivery: Delivery, result: InboundResult) -> OutgoingMessage | None:
+        if result.receipt_body is not None and result.receipt_signature is not None:
+            header = _header_of(result.receipt_body)
+            return OutgoingMessage(
+                body=result.receipt_body,
+                message_id=str(header["message_id"]),
+                message_type=RECEIPT_TYPE,
+                app_id=self._party,
+                signature=result.receipt_signature,
+                correlation_id=_opt_str(header.get("correlation_id")),
+            )
+        if result.problem is None or delivery.message_type == RECEIPT_TYPE:
+            # A handed-over receipt, or a refused one: receipts are never answered (no loops).
+            return None
+        # Nothing tied the body to a message id, so no receipt can be signed: the partner gets
+        # the RFC 9457 problem document, as an HTTPS client would.
+        return OutgoingMessage(
+            body=orjson.dumps(result.problem),
+            message_id=new_message_id(),
+            message_type=PROBLEM_TYPE,
+            app_id=self._party,
+            content_type=PROBLEM_CONTENT_TYPE,
+            correlation_id=_safe_id(delivery.message_id),
+        )
+
+
+class _Outage(Exception):
+    """The store stayed unreachable for the whole hold time."""
+
+
+def _header_of(receipt_body: bytes) -> dict[str, Any]:
+    # Our own signed receipt: its shape is ours, not a partner's.
+    header = orjson.loads(receipt_body)["header"]
+    assert isinstance(header, dict)
+    return header
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _safe_id(value: str | None) -> str | None:
+    """A partner-set AMQP property, kept only when it looks like an id (it reaches logs)."""
+    if value is None or len(value) > 64 or not value.isascii() or not value.isprintable():
+        return None
+    return value

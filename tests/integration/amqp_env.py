@@ -1,0 +1,101 @@
+"""A gateway configuration directory for the AMQP tests: dev PKI, gateway.toml, two partners.
+
+``MX-ANAM`` uses AMQP (broker user ``mx-anam``) and ``CA-CBSA`` HTTPS only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.crypto.pki import init_dev_pki
+
+GATEWAY = "US-CBP"
+AMQP_PARTNER = "MX-ANAM"
+AMQP_USER = "mx-anam"
+HTTPS_PARTNER = "CA-CBSA"
+
+_TYPES = """[
+    "shipment.advance_data", "shipment.status", "enforcement.risk_alert",
+    "query.shipment_lookup", "query.response", "receipt",
+]"""
+
+
+def write_config(
+    root: Path,
+    *,
+    amqp_url: str | None,
+    amqp_user: str = AMQP_USER,
+    delivery_limit: int = 3,
+    publish_timeout_s: float = 5.0,
+    prefetch: int = 50,
+    rate_per_second: float = 10_000.0,
+    burst: int = 20_000,
+) -> Path:
+    """Write the configuration under ``root``; returns the path of gateway.toml."""
+    init_dev_pki(root / "certs", [GATEWAY, AMQP_PARTNER, HTTPS_PARTNER], gateway_party=GATEWAY)
+    amqp = f'url = "{amqp_url}"\n' if amqp_url else ""
+    (root / "gateway.toml").write_text(
+        f"""party = "{GATEWAY}"
+partners_dir = "partners"
+store_url = "sqlite:///c2c.db"
+
+[partner_listen]
+port = 0
+
+[api_listen]
+port = 0
+
+[tls]
+cert = "certs/{GATEWAY}/tls.pem"
+key = "certs/{GATEWAY}/tls.key"
+ca = "certs/ca.pem"
+
+[[signing_keys]]
+path = "certs/{GATEWAY}/sign.key"
+alg = "EdDSA"
+not_before = 2020-01-01T00:00:00Z
+
+[amqp]
+{amqp}prefetch = {prefetch}
+delivery_limit = {delivery_limit}
+publish_timeout_s = {publish_timeout_s}
+
+[api_auth]
+issuer = "urn:test"
+audience = "urn:test:api"
+public_keys = ["certs/{GATEWAY}/api-token.pub"]
+
+[audit]
+key = "certs/{GATEWAY}/audit.key"
+origin = "test/{GATEWAY}"
+""",
+        "utf-8",
+    )
+    for partner, transport in (
+        (AMQP_PARTNER, f'[amqp]\nenabled = true\nbroker_user = "{amqp_user}"\n'),
+        (
+            HTTPS_PARTNER,
+            '[https]\nurl = "https://127.0.0.1:9/c2c/v1/messages"\nca = "../../certs/ca.pem"\n',
+        ),
+    ):
+        folder = root / "partners" / partner
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "partner.toml").write_text(
+            f"""id = "{partner}"
+name = "{partner} test partner"
+inbound_types = {_TYPES}
+outbound_types = {_TYPES}
+
+[[keys]]
+path = "../../certs/{partner}/sign.pub"
+alg = "EdDSA"
+not_before = 2020-01-01T00:00:00Z
+
+[rate]
+per_second = {rate_per_second}
+burst = {burst}
+
+{transport}""",
+            "utf-8",
+        )
+    return root / "gateway.toml"

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pgdb
+import pytest
+from rabbit import RabbitVhost, create_vhost, delete_vhost
+
+from gateway.clock import ManualClock
+from gateway.store import Store, open_store
+
+
+@pytest.fixture
+def rabbit_vhost() -> Iterator[RabbitVhost]:
+    """A fresh RabbitMQ vhost (the guest user has full rights on it), deleted afterwards."""
+    vhost = create_vhost()
+    try:
+        yield vhost
+    finally:
+        delete_vhost(vhost)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A PostgreSQL database of this test run (on the local server), dropped at the end."""
+    name = pgdb.create_database()
+    try:
+        yield name
+    finally:
+        pgdb.drop_database(name)
+
+
+@pytest.fixture
+async def pg_dsn(pg_database: str) -> AsyncIterator[str]:
+    """A DSN whose search_path is a fresh schema, dropped after the test."""
+    schema = await pgdb.create_schema(pg_database)
+    try:
+        yield pgdb.dsn(pg_database, schema=schema)
+    finally:
+        await pgdb.drop_schema(pg_database, schema)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A store URL for each backend: a fresh SQLite file, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    database: str = request.getfixturevalue("pg_database")
+    schema = await pgdb.create_schema(database)
+    try:
+        yield pgdb.dsn(database, schema=schema)
+    finally:
+        await pgdb.drop_schema(database, schema)
+
+
+@pytest.fixture
+def store_clock() -> ManualClock:
+    return ManualClock(datetime(2026, 11, 24, 12, 0, tzinfo=UTC))
+
+
+@pytest.fixture
+async def store(store_url: str, store_clock: ManualClock) -> AsyncIterator[Store]:
+    """An open store on each backend (SQLite and PostgreSQL), closed after the test."""
+    opened = open_store(store_url, clock=store_clock)
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
