@@ -102,7 +102,8 @@ class InboundContext:
     request: InboundRequest
     env: InboundEnv
     received_at: datetime
-    digest: str
+    #: ``sha-256:<b64url>`` of the exact body; None when the transport could not read it all
+    digest: str | None
     partner: PartnerConfig | None = None
     adapter: Adapter | None = None
     key: VerificationKey | None = None

@@ -25,6 +25,7 @@ from gateway.inbound.context import (
     InboundEnv,
     InboundRequest,
     InboundResult,
+    Transport,
 )
 from gateway.inbound.stages import STAGES, Stage
 from gateway.receipts import RECEIPT_TYPE
@@ -92,6 +93,23 @@ class InboundPipeline:
             time.perf_counter() - started
         )
         return result
+
+    async def refuse_unread(
+        self, *, peer: str | None, transport: Transport, error: GatewayError
+    ) -> InboundResult:
+        """Audit and answer a message the transport refused before it had all of its bytes
+        (a body over the endpoint's limit): no digest, no message id, so a problem document."""
+        env = self._env
+        partner = env.config.partners.get(peer) if peer is not None else None
+        ctx = InboundContext(
+            request=InboundRequest(body=b"", signature=None, transport=transport, peer=peer),
+            env=env,
+            received_at=env.clock.now(),
+            digest=None,
+            partner=partner,
+        )
+        env.metrics.inbound_received.labels(env.metrics.partner_label(peer), transport).inc()
+        return await self._reject(ctx, error)
 
     async def _run(self, ctx: InboundContext) -> InboundResult:
         for stage in self._stages:
@@ -170,7 +188,7 @@ class InboundPipeline:
         )
         retry_after = exc.retry_after_s if isinstance(exc, RateLimited) else None
         is_receipt = header is not None and header.message_type == RECEIPT_TYPE
-        if peer is None or message_id is None or is_receipt:
+        if peer is None or message_id is None or is_receipt or ctx.digest is None:
             return InboundResult(
                 http_status=exc.http_status,
                 code=exc.code,

@@ -250,6 +250,7 @@ async def persist(ctx: InboundContext) -> None:
     assert ctx.envelope is not None
     assert ctx.key is not None
     assert ctx.request.signature
+    assert ctx.digest is not None
     header = ctx.envelope.header
     env = ctx.env
     receipt = env.signer.sign(

@@ -1,0 +1,117 @@
+"""Inbox -> internal bus relay (transactional outbox).
+
+The inbox row is the source of truth: a record is marked relayed only after the bus confirmed
+it. A crash between the confirm and the mark re-publishes it on restart, so internal consumers
+see every accepted message at least once, always with its ``message_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.clock import Clock
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.store.base import InboundRecord, Store
+from gateway.transports.bus import Bus
+
+log = structlog.get_logger(__name__)
+
+
+class InboxRelay:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        bus: Bus,
+        clock: Clock,
+        metrics: Metrics,
+        batch: int = 100,
+        poll_interval_s: float = 0.5,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._clock = clock
+        self._metrics = metrics
+        self._batch = batch
+        self._poll_interval_s = poll_interval_s
+        self._max_backoff_s = max_backoff_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def notify(self) -> None:
+        """A commit happened: publish now instead of at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="inbox-relay")
+
+    async def stop(self) -> None:
+        """Stop after the round in progress (its confirmed records are marked first)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def relay_once(self) -> int:
+        """Publish one batch of pending records; returns how many were confirmed and marked."""
+        pending = await self._store.pending_relay(self._batch)
+        confirmed: list[InboundRecord] = []
+        try:
+            for record in pending:
+                await self._bus.publish_inbound(record)
+                confirmed.append(record)
+        finally:
+            # Mark what the bus confirmed even when a later publish failed, so a bad record or
+            # a bus outage midway does not make the good ones go out again.
+            if confirmed:
+                await self._store.mark_relayed(
+                    [record.key for record in confirmed],
+                    [self._delivered(record) for record in confirmed],
+                )
+                self._metrics.relay_published.inc(len(confirmed))
+        return len(confirmed)
+
+    def _delivered(self, record: InboundRecord) -> AuditEvent:
+        return AuditEvent(
+            event=EventKind.DELIVERED,
+            at=self._clock.now(),
+            message_id=record.message_id,
+            sender=record.sender,
+            recipient=record.recipient,
+            message_type=record.message_type,
+            correlation_id=record.correlation_id,
+            body_digest=record.body_digest,
+            outcome="delivered",
+        )
+
+    async def _run(self) -> None:
+        backoff = self._poll_interval_s
+        while not self._stopping:
+            try:
+                count = await self.relay_once()
+            except GatewayError as exc:
+                self._metrics.relay_failures.inc()
+                log.warning("relay_failed", code=exc.code.value, reason=exc.reason)
+                backoff = min(self._max_backoff_s, backoff * 2)
+                await self._sleep(backoff)
+                continue
+            backoff = self._poll_interval_s
+            if count < self._batch:
+                await self._sleep(self._poll_interval_s)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
+        self._wake.clear()

@@ -1,0 +1,212 @@
+"""The running gateway: one object that loads everything from config and starts/stops it.
+
+``Gateway(config)`` loads keys (partners' and ours), the schema catalogue, adapters, rate
+limiters and metrics, and builds the store, the bus, the inbound pipeline, the inbox relay and
+the partner HTTPS server; nothing is opened until ``start()``. Further services (the internal
+API, the outbound dispatcher, AMQP consumers) are added with ``add_service`` and started after
+the store is open, stopped before it closes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from gateway.adapters.registry import Adapter, adapter_for
+from gateway.clock import Clock, SystemClock
+from gateway.config import GatewayConfig
+from gateway.crypto.keys import (
+    KeyRing,
+    SigningKey,
+    VerificationKey,
+    load_signing_key,
+    load_verification_key,
+    public_jwk,
+)
+from gateway.errors import ConfigError
+from gateway.inbound.context import InboundEnv, OnReceipt, ReceivedReceipt
+from gateway.inbound.pipeline import InboundPipeline
+from gateway.inbound.ratelimit import RateLimiters
+from gateway.metrics import Metrics
+from gateway.receipts import ReceiptSigner
+from gateway.relay import InboxRelay
+from gateway.schemas.registry import SchemaRegistry
+from gateway.store import InvalidStoreUrl, open_store
+from gateway.store.base import Store
+from gateway.transports.bus import Bus, MemoryBus
+from gateway.transports.https_server import PartnerHttpsServer
+from gateway.transports.tls import PartnerIdentifier, server_context
+
+log = structlog.get_logger(__name__)
+
+
+class Service(Protocol):
+    """Anything the gateway starts after the store is open and stops before it closes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def load_partner_keys(config: GatewayConfig) -> KeyRing:
+    keys: list[VerificationKey] = []
+    for partner in config.partners.values():
+        for key in partner.keys:
+            keys.append(
+                load_verification_key(
+                    key.path,
+                    party=partner.id,
+                    alg=key.alg,
+                    not_before=key.not_before,
+                    not_after=key.not_after,
+                )
+            )
+    return KeyRing(keys)
+
+
+def load_own_signing_keys(config: GatewayConfig) -> tuple[SigningKey, ...]:
+    if not config.signing_keys:
+        raise ConfigError(str(config.source), "signing_keys", "at least one signing key is needed")
+    return tuple(
+        load_signing_key(
+            key.path,
+            party=config.party,
+            alg=key.alg,
+            not_before=key.not_before,
+            not_after=key.not_after,
+        )
+        for key in config.signing_keys
+    )
+
+
+def jwks(keys: tuple[SigningKey, ...]) -> dict[str, Any]:
+    """Our public signing keys as a JWKS (RFC 7517), with kid, alg and use."""
+    return {
+        "keys": [{**public_jwk(key), "kid": key.kid, "alg": key.alg, "use": "sig"} for key in keys]
+    }
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        clock: Clock | None = None,
+        store: Store | None = None,
+        bus: Bus | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.keyring = load_partner_keys(config)
+        self.signing_keys = load_own_signing_keys(config)
+        self.registry = SchemaRegistry.load_builtin()
+        self.metrics = Metrics(config.partners.keys())
+        self.limiters = RateLimiters(
+            {pid: partner.rate for pid, partner in config.partners.items()}, self.clock
+        )
+        self.adapters: Mapping[str, Adapter] = {
+            pid: adapter_for(partner) for pid, partner in config.partners.items()
+        }
+        self.signer = ReceiptSigner(party=config.party, keys=self.signing_keys, clock=self.clock)
+        if store is None:
+            try:
+                store = open_store(config.store_url, clock=self.clock)
+            except InvalidStoreUrl as exc:
+                raise ConfigError(str(config.source), "store_url", str(exc)) from None
+        self.store = store
+        self.bus: Bus = bus if bus is not None else MemoryBus()
+        self.relay = InboxRelay(
+            store=self.store, bus=self.bus, clock=self.clock, metrics=self.metrics
+        )
+        self._receipt_handler: OnReceipt | None = None
+        self.pipeline = InboundPipeline(
+            InboundEnv(
+                config=config,
+                keyring=self.keyring,
+                registry=self.registry,
+                store=self.store,
+                signer=self.signer,
+                clock=self.clock,
+                limiters=self.limiters,
+                adapters=self.adapters,
+                metrics=self.metrics,
+                on_receipt=self._on_receipt,
+                on_stored=self.relay.notify,
+            )
+        )
+        self.partner_server = PartnerHttpsServer(
+            pipeline=self.pipeline,
+            registry=self.registry,
+            jwks=jwks(self.signing_keys),
+            identifier=PartnerIdentifier(config.tls, config.partners),
+            ssl_context=server_context(config.tls, config.partners.values()),
+            limits=config.limits,
+            max_body_bytes=max(
+                [config.limits.max_body_bytes]
+                + [partner.max_body_bytes for partner in config.partners.values()]
+            ),
+            host=config.partner_listen.host,
+            port=config.partner_listen.port,
+        )
+        self._services: list[Service] = []
+        self._started = False
+
+    def set_receipt_handler(self, handler: OnReceipt) -> None:
+        """Where partners' receipts for our messages go (the outbound dispatcher)."""
+        self._receipt_handler = handler
+
+    def add_service(self, service: Service) -> None:
+        if self._started:
+            raise RuntimeError("add services before start()")
+        self._services.append(service)
+
+    async def _on_receipt(self, receipt: ReceivedReceipt) -> None:
+        if self._receipt_handler is None:
+            log.warning(
+                "receipt_without_dispatcher",
+                peer=receipt.peer,
+                in_reply_to=receipt.envelope.header.in_reply_to,
+            )
+            return
+        await self._receipt_handler(receipt)
+
+    @property
+    def partner_url(self) -> str:
+        return self.partner_server.url
+
+    async def start(self) -> None:
+        try:
+            self.signer.current_key()
+        except RuntimeError as exc:
+            raise ConfigError(str(self.config.source), "signing_keys", str(exc)) from None
+        await self.store.open()
+        started: list[Service] = []
+        try:
+            self.relay.start()
+            for service in self._services:
+                await service.start()
+                started.append(service)
+            await self.partner_server.start()
+        except BaseException:
+            for service in reversed(started):
+                await service.stop()
+            await self.relay.stop()
+            await self.store.close()
+            raise
+        self._started = True
+        log.info("gateway_started", party=self.config.party, partner_url=self.partner_url)
+
+    async def stop(self) -> None:
+        """Graceful: stop taking messages, finish in-flight ones, then close the store."""
+        if not self._started:
+            return
+        self._started = False
+        await self.partner_server.stop()
+        for service in reversed(self._services):
+            await service.stop()
+        await self.relay.stop()
+        await self.bus.close()
+        await self.store.close()
+        log.info("gateway_stopped", party=self.config.party)

@@ -1,0 +1,331 @@
+"""The partner-facing HTTPS endpoint (PROTOCOL.md section 5): mutual TLS, aiohttp.
+
+This module knows HTTP and TLS and nothing about signatures or schemas: it ties the verified
+client certificate to a partner, reads the body within its limits and deadlines, hands an
+``InboundRequest`` to the pipeline and writes the ``InboundResult`` back. Hardening: the C HTTP
+parser is required, no static/websocket/multipart routes, no decompression, explicit body
+limit, a deadline from accept to the first request (TLS handshake and headers included), a
+body deadline, and a connection cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import http, web, web_protocol
+from aiohttp.http_parser import HttpRequestParserPy
+
+from gateway.config import LimitsConfig
+from gateway.errors import GatewayError, TooLarge
+from gateway.inbound.context import InboundRequest, InboundResult
+from gateway.inbound.pipeline import InboundPipeline
+from gateway.schemas.registry import SchemaRegistry
+from gateway.transports.tls import PartnerIdentifier
+
+log = structlog.get_logger(__name__)
+
+MESSAGES_PATH = "/c2c/v1/messages"
+SIGNATURE_HEADER = "C2C-Signature"
+PROBLEM_JSON = "application/problem+json"
+
+_PARTNER = web.RequestKey("partner", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def assert_c_parser() -> None:
+    """Refuse to serve with aiohttp's pure-Python HTTP parser (several smuggling CVEs hit it)."""
+    if http.HttpRequestParser is HttpRequestParserPy:
+        raise RuntimeError(
+            "aiohttp's C HTTP parser is not loaded (AIOHTTP_NO_EXTENSIONS set, or no wheel for"
+            " this platform); the partner endpoint will not start without it"
+        )
+
+
+def _problem(status: int, title: str, detail: str, code: str | None = None) -> web.Response:
+    document: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if code is not None:
+        document["code"] = code
+    return web.Response(status=status, body=orjson.dumps(document), content_type=PROBLEM_JSON)
+
+
+def _json(document: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+
+def result_response(result: InboundResult) -> web.Response:
+    """The wire form of a pipeline result: the signed receipt, or a problem document."""
+    headers: dict[str, str] = {}
+    if result.retry_after_s is not None:
+        headers["Retry-After"] = str(result.retry_after_s)
+    if result.receipt_body is not None and result.receipt_signature is not None:
+        headers[SIGNATURE_HEADER] = result.receipt_signature
+        return web.Response(
+            status=result.http_status,
+            body=result.receipt_body,
+            content_type="application/json",
+            headers=headers,
+        )
+    if result.problem is not None:
+        return web.Response(
+            status=result.http_status,
+            body=orjson.dumps(result.problem),
+            content_type=PROBLEM_JSON,
+            headers=headers,
+        )
+    return web.Response(status=result.http_status, headers=headers)
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers a connection over the cap by closing it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _GuardedSite(web.BaseSite):
+    """A TCP site with a connection cap and a deadline from accept to the first request.
+
+    aiohttp has no header-read deadline of its own: a peer that opens a connection and then
+    trickles (or never sends) its request line would hold a slot forever.
+    """
+
+    __slots__ = ("_awaiting", "_bound_port", "_deadline_s", "_host", "_max_connections", "_port")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        *,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext,
+        deadline_s: float,
+        max_connections: int,
+        awaiting: set[web_protocol.RequestHandler],
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
+        self._host = host
+        self._port = port
+        self._bound_port = port
+        self._deadline_s = deadline_s
+        self._max_connections = max_connections
+        self._awaiting = awaiting
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._bound_port}"
+
+    @property
+    def port(self) -> int:
+        return self._bound_port
+
+    def _enforce_deadline(self, handler: web_protocol.RequestHandler) -> None:
+        if handler not in self._awaiting:
+            return
+        self._awaiting.discard(handler)
+        if handler.transport is not None:
+            log.info("https_connection_deadline", deadline_s=self._deadline_s)
+            handler.transport.close()
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        server = self._runner.server
+        assert server is not None
+        if len(server.connections) >= self._max_connections:
+            log.warning("https_connection_cap", cap=self._max_connections)
+            return _Refuse()
+        handler = server()
+        self._awaiting.add(handler)
+        asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
+        return handler
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=self._deadline_s,
+        )
+        if self._server.sockets:
+            self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+class PartnerHttpsServer:
+    """Partner endpoint: ``POST /c2c/v1/messages``, schemas and keys (PROTOCOL.md section 5)."""
+
+    def __init__(
+        self,
+        *,
+        pipeline: InboundPipeline,
+        registry: SchemaRegistry,
+        jwks: Mapping[str, Any],
+        identifier: PartnerIdentifier,
+        ssl_context: ssl.SSLContext,
+        limits: LimitsConfig,
+        max_body_bytes: int,
+        host: str,
+        port: int,
+        shutdown_timeout_s: float = 30.0,
+    ) -> None:
+        assert_c_parser()
+        self._pipeline = pipeline
+        self._registry = registry
+        self._jwks = dict(jwks)
+        self._identify = functools.lru_cache(maxsize=256)(identifier.identify)
+        self._ssl_context = ssl_context
+        self._limits = limits
+        self._max_body_bytes = max_body_bytes
+        self._host = host
+        self._port = port
+        self._shutdown_timeout_s = shutdown_timeout_s
+        # Connections that have not yet started their first request (header deadline).
+        self._awaiting: set[web_protocol.RequestHandler] = set()
+        self._runner: web.AppRunner | None = None
+        self._site: _GuardedSite | None = None
+
+    @property
+    def port(self) -> int:
+        if self._site is None:
+            raise RuntimeError("the partner HTTPS server is not started")
+        return self._site.port
+
+    @property
+    def url(self) -> str:
+        return f"https://{self._host}:{self.port}"
+
+    def make_app(self) -> web.Application:
+        # One byte over the largest partner limit, so the pipeline's per-partner check is the
+        # one that answers; anything beyond is cut off by aiohttp while reading.
+        app = web.Application(
+            client_max_size=self._max_body_bytes + 1,
+            middlewares=[self._mark_started, self._require_partner],
+        )
+        app.router.add_post(MESSAGES_PATH, self._post_message)
+        app.router.add_get("/c2c/v1/schemas", self._schema_index, allow_head=False)
+        app.router.add_get(
+            "/c2c/v1/schemas/{message_type}/{schema_version}", self._schema, allow_head=False
+        )
+        app.router.add_get("/c2c/v1/keys", self._keys, allow_head=False)
+        return app
+
+    async def start(self) -> None:
+        runner = web.AppRunner(
+            self.make_app(),
+            handle_signals=False,
+            access_log=None,
+            auto_decompress=False,
+            keepalive_timeout=self._limits.header_timeout_s * 3,
+            max_headers=64,
+            max_line_size=8190,
+            max_field_size=8190,
+            shutdown_timeout=self._shutdown_timeout_s,
+        )
+        await runner.setup()
+        site = _GuardedSite(
+            runner,
+            host=self._host,
+            port=self._port,
+            ssl_context=self._ssl_context,
+            deadline_s=self._limits.header_timeout_s,
+            max_connections=self._limits.max_connections,
+            awaiting=self._awaiting,
+        )
+        await site.start()
+        self._runner, self._site = runner, site
+        log.info("partner_https_listening", url=self.url)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (their commits and answers), close."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+            log.info("partner_https_stopped")
+
+    @web.middleware
+    async def _mark_started(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self._awaiting.discard(request.protocol)
+        return await handler(request)
+
+    @web.middleware
+    async def _require_partner(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        partner = self._identify(der) if der else None
+        if partner is None:
+            log.warning("https_unknown_client_certificate", path=request.path)
+            return _problem(
+                403,
+                "Forbidden",
+                "the client certificate does not identify a configured partner",
+                "SENDER_MISMATCH",
+            )
+        request[_PARTNER] = partner
+        return await handler(request)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self._limits.request_timeout_s):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise TooLarge(
+                f"body over the endpoint limit of {self._max_body_bytes} bytes (cut off while"
+                " reading)"
+            ) from None
+
+    async def _post_message(self, request: web.Request) -> web.StreamResponse:
+        partner = request[_PARTNER]
+        try:
+            body = await self._read_body(request)
+        except TimeoutError:
+            log.info("https_body_timeout", peer=partner)
+            return _problem(
+                408, "Request Timeout", "the body did not arrive within the deadline", None
+            )
+        except GatewayError as exc:
+            result = await self._pipeline.refuse_unread(peer=partner, transport="https", error=exc)
+            return result_response(result)
+        result = await self._pipeline.handle(
+            InboundRequest(
+                body=body,
+                signature=request.headers.get(SIGNATURE_HEADER),
+                transport="https",
+                peer=partner,
+                content_type=request.headers.get("Content-Type"),
+                content_encoding=request.headers.get("Content-Encoding"),
+            )
+        )
+        return result_response(result)
+
+    async def _schema_index(self, request: web.Request) -> web.StreamResponse:
+        return _json({"schemas": self._registry.index()})
+
+    async def _schema(self, request: web.Request) -> web.StreamResponse:
+        message_type = request.match_info["message_type"]
+        version = request.match_info["schema_version"]
+        if not self._registry.is_known(message_type, version):
+            return _problem(404, "Not Found", "no such message_type/schema_version", None)
+        return web.Response(
+            body=orjson.dumps(self._registry.schema(message_type, version)),
+            content_type="application/schema+json",
+        )
+
+    async def _keys(self, request: web.Request) -> web.StreamResponse:
+        return _json(self._jwks)
+
+
+def jwks_of(keys: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """A JWKS document from public JWKs (each with kid/alg/use already set)."""
+    return {"keys": [dict(key) for key in keys]}
