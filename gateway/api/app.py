@@ -1,0 +1,124 @@
+"""The internal API application: one route table gives the router and each route's access rule."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from gateway.api.auth import (
+    SCOPE_ADMIN,
+    SCOPE_QUERY,
+    SCOPE_SEND,
+    Access,
+    Handler,
+    bearer_middleware,
+)
+from gateway.api.messages import get_message, list_messages, post_message, retry_message
+from gateway.api.openapi import openapi_document
+from gateway.api.ops import healthz, metrics, readyz
+from gateway.api.problems import json_response, problem, problem_for
+from gateway.api.queries import get_query, post_query
+from gateway.api.services import SERVICES, ApiServices
+from gateway.errors import GatewayError
+
+log = structlog.get_logger(__name__)
+
+PUBLIC = Access(public=True)
+READ = Access(scopes=frozenset({SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN}))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    access: Access
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+ROUTES: tuple[Route, ...] = (
+    Route(
+        method="POST",
+        path="/api/v1/messages",
+        handler=post_message,
+        access=Access(scopes=frozenset({SCOPE_SEND})),
+    ),
+    Route(method="GET", path="/api/v1/messages", handler=list_messages, access=READ),
+    Route(method="GET", path="/api/v1/messages/{message_id}", handler=get_message, access=READ),
+    Route(
+        method="POST",
+        path="/api/v1/messages/{message_id}/retry",
+        handler=retry_message,
+        access=Access(scopes=frozenset({SCOPE_ADMIN})),
+    ),
+    Route(
+        method="POST",
+        path="/api/v1/queries",
+        handler=post_query,
+        access=Access(scopes=frozenset({SCOPE_QUERY})),
+    ),
+    Route(
+        method="GET",
+        path="/api/v1/queries/{query_id}",
+        handler=get_query,
+        access=Access(scopes=frozenset({SCOPE_QUERY, SCOPE_ADMIN})),
+    ),
+    Route(method="GET", path="/api/v1/openapi.json", handler=openapi, access=PUBLIC),
+    Route(method="GET", path="/healthz", handler=healthz, access=PUBLIC),
+    Route(method="GET", path="/readyz", handler=readyz, access=PUBLIC),
+    Route(method="GET", path="/metrics", handler=metrics, access=PUBLIC),
+)
+
+_ACCESS = {(route.method, route.path): route.access for route in ROUTES}
+
+
+def _access_for(request: web.Request) -> Access | None:
+    info = request.match_info
+    if info.http_exception is not None:
+        return None
+    resource = info.route.resource
+    if resource is None:
+        return None
+    return _ACCESS.get((request.method, resource.canonical))
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal is a problem document; an unexpected fault is logged, never shown."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return problem_for(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, exc.reason, headers=headers)
+    except Exception as exc:
+        log.exception("api_internal_error", path=request.path, error=type(exc).__name__)
+        return problem(500, "internal error; the gateway logged it")
+
+
+def build_api_app(services: ApiServices) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            problem_middleware,
+            bearer_middleware(
+                auth=services.config.api_auth,
+                keys=services.token_keys,
+                clock=services.clock,
+                access_for=_access_for,
+            ),
+        ],
+        client_max_size=services.config.limits.max_body_bytes + 1,
+    )
+    app[SERVICES] = services
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    return app

@@ -1,0 +1,139 @@
+"""JWT bearer authentication and scope checks for the internal API.
+
+Tokens are verified by ``gateway.crypto.tokens.verify_token``: an asymmetric algorithm
+allow-list, the key chosen by exact ``kid`` from configuration, issuer, audience, exp, nbf
+and iat checked against the injected clock. 401 says the token is not acceptable and why;
+403 says which scope the route needs. Both bodies are RFC 9457 problem documents with an
+RFC 6750 ``WWW-Authenticate`` header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.api.problems import problem
+from gateway.clock import Clock
+from gateway.config import ApiAuthConfig
+from gateway.crypto.keys import (
+    KeyRing,
+    VerificationKey,
+    alg_for_key,
+    jwk_thumbprint,
+    read_public_key,
+)
+from gateway.crypto.tokens import TokenClaims, TokenInvalid, verify_token
+from gateway.errors import ConfigError
+
+SCOPE_SEND = "c2c:send"
+SCOPE_QUERY = "c2c:query"
+SCOPE_AUDIT = "audit:read"
+SCOPE_ADMIN = "admin"
+ALL_SCOPES = (SCOPE_SEND, SCOPE_QUERY, SCOPE_AUDIT, SCOPE_ADMIN)
+#: the party name token keys are filed under in their key ring
+KEY_OWNER = "internal-api"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLAIMS_KEY = "c2c_claims"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Access:
+    """Who may call a route: ``public`` routes need no token; else any one of ``scopes``."""
+
+    scopes: frozenset[str] = frozenset()
+    public: bool = False
+
+
+def load_token_keys(auth: ApiAuthConfig, *, source: str) -> KeyRing:
+    """The verification keys for API tokens; each must use an allowed algorithm."""
+    keys = []
+    for index, path in enumerate(auth.public_keys):
+        public = read_public_key(path)
+        alg = alg_for_key(public)
+        if alg not in auth.algorithms:
+            raise ConfigError(
+                source,
+                f"api_auth.public_keys[{index}]",
+                f"{path.name} is an {alg} key but api_auth.algorithms allows only"
+                f" {', '.join(auth.algorithms)}",
+            )
+        keys.append(
+            VerificationKey(party=KEY_OWNER, kid=jwk_thumbprint(public), alg=alg, public_key=public)
+        )
+    return KeyRing(keys)
+
+
+def _unauthorized(reason: str) -> web.Response:
+    description = reason.replace('"', "'")[:200]
+    return problem(
+        401,
+        reason,
+        headers={
+            "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{description}"'
+        },
+    )
+
+
+def _forbidden(needed: Collection[str]) -> web.Response:
+    names = " ".join(sorted(needed))
+    detail = (
+        f"this operation needs the scope {names}"
+        if len(needed) == 1
+        else f"this operation needs one of the scopes {names}"
+    )
+    return problem(
+        403,
+        detail,
+        headers={"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{names}"'},
+    )
+
+
+def claims_of(request: web.Request) -> TokenClaims:
+    claims = request.get(CLAIMS_KEY)
+    assert isinstance(claims, TokenClaims), "route reached without authentication"
+    return claims
+
+
+def bearer_middleware(
+    *,
+    auth: ApiAuthConfig,
+    keys: KeyRing,
+    clock: Clock,
+    access_for: Callable[[web.Request], Access | None],
+) -> Middleware:
+    """Authenticate every routed request; ``access_for`` gives the route's rule."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        access = access_for(request)
+        if access is None or access.public:
+            # Unrouted requests fall through to aiohttp's own 404/405.
+            return await handler(request)
+        header = request.headers.get("Authorization")
+        if header is None:
+            return _unauthorized("missing Authorization header (expected: Bearer <JWT>)")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _unauthorized("Authorization header must be 'Bearer <JWT>'")
+        try:
+            claims = verify_token(
+                token.strip(),
+                keys=keys,
+                issuer=auth.issuer,
+                audience=auth.audience,
+                algorithms=auth.algorithms,
+                now=clock.now(),
+                leeway_s=auth.leeway_s,
+            )
+        except TokenInvalid as exc:
+            return _unauthorized(exc.reason)
+        if not (claims.scopes & access.scopes):
+            return _forbidden(access.scopes)
+        request[CLAIMS_KEY] = claims
+        return await handler(request)
+
+    return middleware

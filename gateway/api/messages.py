@@ -1,0 +1,246 @@
+"""Internal API: submit, look up, list and retry messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.api.auth import claims_of
+from gateway.api.problems import json_response, problem
+from gateway.api.requests import Fields, json_object, path_uuid
+from gateway.api.services import SERVICES, ApiServices
+from gateway.clock import format_rfc3339
+from gateway.errors import Malformed
+from gateway.model import Direction, Priority, is_party_id
+from gateway.outbound.operator import RetryRefused, operator_retry
+from gateway.outbound.submission import Submission, submit
+from gateway.store.base import (
+    INBOUND_DELIVERED,
+    INBOUND_RECEIVED,
+    InboundRecord,
+    MessageFilter,
+    OutboundRecord,
+    OutboundState,
+)
+from gateway.store.queries import InvalidCursor
+
+SUBMIT_MEMBERS = frozenset(
+    {
+        "recipient",
+        "message_type",
+        "schema_version",
+        "payload",
+        "correlation_id",
+        "in_reply_to",
+        "priority",
+        "ttl_s",
+        "respond_by",
+        "legal_basis",
+    }
+)
+MAX_TTL_S = 30 * 86_400
+LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
+MAX_PAGE = 500
+
+
+def actor_of(request: web.Request) -> str:
+    return f"api:{claims_of(request).subject}"
+
+
+def submission_from(document: dict[str, Any], *, actor: str) -> Submission:
+    fields = Fields(document, allowed=SUBMIT_MEMBERS)
+    priority = fields.choice("priority", frozenset(p.value for p in Priority))
+    return Submission(
+        recipient=fields.required_text("recipient", limit=40),
+        message_type=fields.required_text("message_type", limit=100),
+        schema_version=fields.text("schema_version", limit=20) or "1.0",
+        payload=fields.obj("payload"),
+        correlation_id=fields.uuid("correlation_id"),
+        in_reply_to=fields.uuid("in_reply_to"),
+        priority=Priority(priority) if priority else Priority.ROUTINE,
+        ttl_s=fields.integer("ttl_s", low=1, high=MAX_TTL_S),
+        respond_by=fields.timestamp("respond_by"),
+        legal_basis=fields.text("legal_basis"),
+        actor=actor,
+    )
+
+
+async def post_message(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
+    record = await submit(services.submission(), submission_from(document, actor=actor_of(request)))
+    services.wake()
+    return json_response(
+        {"message_id": record.message_id, "status": record.state.value},
+        status=202,
+        headers={"Location": f"/api/v1/messages/{record.message_id}"},
+    )
+
+
+def _json_or_none(body: bytes | None) -> Any:
+    if body is None:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # A native-format body (XML, EDIFACT) is shown as text.
+        return body.decode("utf-8", errors="replace")
+
+
+def _opt_time(value: Any) -> str | None:
+    return None if value is None else format_rfc3339(value)
+
+
+def outbound_view(record: OutboundRecord) -> dict[str, Any]:
+    receipt = None
+    if record.receipt_body is not None:
+        receipt = {
+            "envelope": _json_or_none(record.receipt_body),
+            "signature": record.receipt_signature,
+        }
+    return {
+        "direction": Direction.OUTBOUND.value,
+        "message_id": record.message_id,
+        "partner": record.recipient,
+        "message_type": record.message_type,
+        "schema_version": record.schema_version,
+        "correlation_id": record.correlation_id,
+        "in_reply_to": record.in_reply_to,
+        "priority": record.priority.value,
+        "state": record.state.value,
+        "attempts": record.attempts,
+        "last_error": record.last_error,
+        "created_at": format_rfc3339(record.created_at),
+        "updated_at": format_rfc3339(record.updated_at),
+        "expires_at": _opt_time(record.expires_at),
+        "next_attempt_at": format_rfc3339(record.next_attempt_at)
+        if record.state in (OutboundState.QUEUED, OutboundState.SENT)
+        else None,
+        "body_digest": record.body_digest,
+        "submitted_by": record.submitted_by,
+        "envelope": _json_or_none(record.body),
+        "signature": record.signature,
+        "receipt": receipt,
+    }
+
+
+def inbound_view(record: InboundRecord) -> dict[str, Any]:
+    return {
+        "direction": Direction.INBOUND.value,
+        "message_id": record.message_id,
+        "partner": record.sender,
+        "message_type": record.message_type,
+        "schema_version": record.schema_version,
+        "correlation_id": record.correlation_id,
+        "in_reply_to": record.in_reply_to,
+        "state": INBOUND_DELIVERED if record.relayed else INBOUND_RECEIVED,
+        "received_at": format_rfc3339(record.received_at),
+        "transport": record.transport,
+        "body_digest": record.body_digest,
+        "envelope": _json_or_none(record.body),
+        "signature": record.signature,
+        "receipt": {
+            "envelope": _json_or_none(record.receipt_body),
+            "signature": record.receipt_signature,
+        },
+    }
+
+
+async def find_message(services: ApiServices, message_id: str) -> dict[str, Any] | None:
+    outbound = await services.store.get_outbound(message_id)
+    if outbound is not None:
+        return outbound_view(outbound)
+    # Inbound ids are unique per sender only; partners are few, so each is asked.
+    for partner in sorted(services.config.partners):
+        inbound = await services.store.get_inbound(partner, message_id)
+        if inbound is not None:
+            return inbound_view(inbound)
+    return None
+
+
+async def get_message(request: web.Request) -> web.Response:
+    message_id = path_uuid(request, "message_id")
+    view = await find_message(request.app[SERVICES], message_id)
+    if view is None:
+        return problem(404, f"no message with message_id {message_id}")
+    return json_response(view)
+
+
+def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None]:
+    query = request.query
+    allowed = {"direction", "partner", "type", "state", "since", "until", "correlation_id"}
+    allowed |= {"limit", "after"}
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise Malformed(
+            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
+            f" allowed: {', '.join(sorted(allowed))}"
+        )
+    for name in allowed:
+        if len(query.getall(name, [])) > 1:
+            raise Malformed(f"query parameter {name} given more than once")
+    fields = Fields(dict(query), allowed=frozenset(allowed))
+    direction = fields.choice("direction", frozenset(d.value for d in Direction))
+    partner = fields.text("partner", limit=40)
+    if partner is not None and not is_party_id(partner):
+        raise Malformed("partner must be a party id (CC-AGENCY)")
+    limit_text = fields.text("limit", limit=4)
+    if limit_text is not None and not (limit_text.isdigit() and 1 <= int(limit_text) <= MAX_PAGE):
+        raise Malformed(f"limit must be an integer from 1 to {MAX_PAGE}")
+    filt = MessageFilter(
+        direction=Direction(direction) if direction else None,
+        partner=partner,
+        message_type=fields.text("type", limit=100),
+        state=fields.choice("state", LIST_STATES),
+        since=fields.timestamp("since"),
+        until=fields.timestamp("until"),
+        correlation_id=fields.uuid("correlation_id"),
+    )
+    return filt, int(limit_text) if limit_text else 50, fields.text("after", limit=400)
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    filt, limit, after = message_filter(request)
+    try:
+        page = await request.app[SERVICES].store.list_messages(filt, limit=limit, after=after)
+    except InvalidCursor:
+        return problem(400, "after is not a cursor this API returned", code="MALFORMED")
+    return json_response(
+        {
+            "items": [
+                {
+                    "direction": item.direction.value,
+                    "message_id": item.message_id,
+                    "partner": item.partner,
+                    "message_type": item.message_type,
+                    "schema_version": item.schema_version,
+                    "correlation_id": item.correlation_id,
+                    "state": item.state,
+                    "at": format_rfc3339(item.at),
+                    "attempts": item.attempts,
+                    "body_digest": item.body_digest,
+                }
+                for item in page.items
+            ],
+            "next_cursor": page.next_cursor,
+        }
+    )
+
+
+async def retry_message(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    message_id = path_uuid(request, "message_id")
+    try:
+        record = await operator_retry(
+            services.store,
+            party=services.config.party,
+            message_id=message_id,
+            actor=actor_of(request),
+            now=services.clock.now(),
+        )
+    except RetryRefused as exc:
+        return problem(404 if exc.kind == "not_found" else 409, exc.reason)
+    services.wake()
+    return json_response({"message_id": record.message_id, "status": record.state.value})

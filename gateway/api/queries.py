@@ -1,0 +1,100 @@
+"""Internal API: ask a partner a question and wait (a bounded time) for its answer.
+
+The query is an ordinary outbound message; the answer is the partner's ``query.response``
+whose ``in_reply_to`` names it, found in the inbox. Waiting reads the store, so the answer is
+found whichever replica received it. Past ``timeout_s`` the caller gets 202 and polls
+``GET /api/v1/queries/{id}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.messages import actor_of, inbound_view
+from gateway.api.problems import json_response, problem
+from gateway.api.requests import Fields, json_object, path_uuid
+from gateway.api.services import SERVICES, ApiServices
+from gateway.errors import Malformed
+from gateway.outbound.submission import Submission, submit
+from gateway.store.base import OutboundRecord, OutboundState
+
+QUERY_MEMBERS = frozenset(
+    {"partner", "message_type", "schema_version", "params", "timeout_s", "correlation_id"}
+)
+RESPONSE_TYPE = "query.response"
+DEFAULT_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 60.0
+#: states in which no answer can come any more
+FINAL_STATES = frozenset({OutboundState.REJECTED, OutboundState.DEAD})
+
+
+def query_submission(document: dict[str, Any], *, actor: str) -> tuple[Submission, float]:
+    fields = Fields(document, allowed=QUERY_MEMBERS)
+    message_type = fields.required_text("message_type", limit=100)
+    if not message_type.startswith("query.") or message_type == RESPONSE_TYPE:
+        raise Malformed(f"message_type must be a query type (query.*), not {message_type!r}")
+    timeout_s = fields.number("timeout_s", low=0, high=MAX_TIMEOUT_S)
+    submission = Submission(
+        recipient=fields.required_text("partner", limit=40),
+        message_type=message_type,
+        schema_version=fields.text("schema_version", limit=20) or "1.0",
+        payload=fields.obj("params"),
+        correlation_id=fields.uuid("correlation_id"),
+        actor=actor,
+    )
+    return submission, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+
+
+async def _answer(services: ApiServices, query: OutboundRecord) -> dict[str, Any] | None:
+    reply = await services.store.find_inbound_reply(query.message_id)
+    if reply is None or reply.message_type != RESPONSE_TYPE:
+        return None
+    return inbound_view(reply)
+
+
+def _view(query: OutboundRecord, answer: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "query_id": query.message_id,
+        "partner": query.recipient,
+        "message_type": query.message_type,
+        "state": "answered" if answer is not None else query.state.value,
+        "last_error": query.last_error,
+        "response": answer,
+    }
+
+
+async def post_query(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
+    submission, timeout_s = query_submission(document, actor=actor_of(request))
+    query = await submit(services.submission(), submission)
+    services.wake()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        answer = await _answer(services, query)
+        if answer is not None:
+            return json_response(_view(query, answer))
+        current = await services.store.get_outbound(query.message_id)
+        if current is not None:
+            query = current
+        if query.state in FINAL_STATES or loop.time() >= deadline:
+            break
+        await asyncio.sleep(min(services.query_poll_s, max(0.0, deadline - loop.time())))
+    return json_response(
+        _view(query, None),
+        status=202,
+        headers={"Location": f"/api/v1/queries/{query.message_id}"},
+    )
+
+
+async def get_query(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    query_id = path_uuid(request, "query_id")
+    query = await services.store.get_outbound(query_id)
+    if query is None or not query.message_type.startswith("query."):
+        return problem(404, f"no query with query_id {query_id}")
+    return json_response(_view(query, await _answer(services, query)))

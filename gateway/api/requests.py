@@ -1,0 +1,109 @@
+"""Reading the internal API's JSON bodies and query strings, with exact refusals."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.envelope import parse_json_strict, parse_timestamp
+from gateway.errors import Malformed
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+MAX_TEXT = 200
+
+
+async def json_object(request: web.Request, *, max_bytes: int) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise Malformed(f"Content-Type must be application/json, not {request.content_type!r}")
+    body = await request.content.read(max_bytes + 1)
+    document = parse_json_strict(body, max_bytes=max_bytes)
+    if not isinstance(document, dict):
+        raise Malformed("the request body must be a JSON object")
+    return document
+
+
+class Fields:
+    """Typed access to a JSON object's members; unknown members are refused."""
+
+    def __init__(self, document: Mapping[str, Any], *, allowed: frozenset[str]) -> None:
+        unknown = sorted(set(document) - allowed)
+        if unknown:
+            names = ", ".join(name[:40] for name in unknown[:5])
+            raise Malformed(f"unknown member(s): {names}; allowed: {', '.join(sorted(allowed))}")
+        self._doc = document
+
+    def text(self, name: str, *, required: bool = False, limit: int = MAX_TEXT) -> str | None:
+        value = self._doc.get(name)
+        if value is None:
+            if required:
+                raise Malformed(f"{name} is required")
+            return None
+        if not isinstance(value, str) or not value or len(value) > limit:
+            raise Malformed(f"{name} must be a non-empty string of at most {limit} characters")
+        return value
+
+    def required_text(self, name: str, *, limit: int = MAX_TEXT) -> str:
+        value = self.text(name, required=True, limit=limit)
+        assert value is not None
+        return value
+
+    def uuid(self, name: str) -> str | None:
+        value = self.text(name, limit=36)
+        if value is not None and not UUID_RE.fullmatch(value):
+            raise Malformed(f"{name} must be a lowercase UUID")
+        return value
+
+    def obj(self, name: str) -> dict[str, Any]:
+        value = self._doc.get(name)
+        if not isinstance(value, dict):
+            raise Malformed(f"{name} is required and must be a JSON object")
+        return value
+
+    def integer(self, name: str, *, low: int, high: int) -> int | None:
+        value = self._doc.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise Malformed(f"{name} must be an integer from {low} to {high}")
+        return value
+
+    def number(self, name: str, *, low: float, high: float) -> float | None:
+        value = self._doc.get(name)
+        if value is None:
+            return None
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not low <= value <= high
+        ):
+            raise Malformed(f"{name} must be a number from {low} to {high}")
+        return float(value)
+
+    def timestamp(self, name: str) -> datetime | None:
+        value = self._doc.get(name)
+        if value is None:
+            return None
+        try:
+            return parse_timestamp(value, name)
+        except Malformed:
+            raise Malformed(f"{name} must be an RFC 3339 UTC timestamp") from None
+
+    def choice(self, name: str, options: frozenset[str]) -> str | None:
+        value = self._doc.get(name)
+        if value is None:
+            return None
+        if value not in options:
+            raise Malformed(f"{name} must be one of {', '.join(sorted(options))}")
+        assert isinstance(value, str)
+        return value
+
+
+def path_uuid(request: web.Request, name: str) -> str:
+    value = request.match_info[name]
+    if not UUID_RE.fullmatch(value):
+        raise Malformed(f"{name} must be a lowercase UUID")
+    return value
