@@ -1,0 +1,747 @@
+"""PostgreSQL store: several gateway replicas on one database.
+
+Dedupe and the outbox rest on database constraints and row locks, never on process memory:
+the inbox key is a UNIQUE constraint, outbox rows are claimed with ``FOR UPDATE SKIP LOCKED``
+plus a lease, and audit appends serialize on the single ``audit_head`` row so sequence numbers
+have no gaps. Each call runs in its own transaction from an asyncpg pool; a broken connection
+is dropped by the pool and replaced on the next call, so the store recovers by itself.
+"""
+
+# ruff: noqa: S608 -- SQL here is composed of constant fragments and placeholders; every
+# value goes through a query parameter.
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import TypeAlias, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from gateway.audit.events import AuditEvent
+from gateway.audit.merkle import frontier
+from gateway.clock import Clock
+from gateway.errors import DuplicateConflict, Unavailable
+from gateway.model import Direction, Priority
+from gateway.store.audit_rows import plan_append
+from gateway.store.base import (
+    RETRYABLE_STATES,
+    AttemptUpdate,
+    AuditFilter,
+    AuditRow,
+    Checkpoint,
+    Cosignature,
+    InboundKey,
+    InboundOutcome,
+    InboundRecord,
+    InvalidTransition,
+    LeaseLost,
+    MessageFilter,
+    MessageNotFound,
+    MessagePage,
+    MessageSummary,
+    NodeKey,
+    OutboundRecord,
+    OutboundState,
+    StoreError,
+    WitnessedState,
+    empty_depth,
+)
+from gateway.store.migrations import load_migrations
+from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
+
+T = TypeVar("T")
+Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
+
+#: pg_advisory_xact_lock key serializing migrations across processes ("c2cmigr")
+_MIGRATION_LOCK = 0x6332636D69677200
+
+
+def _aware(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
+    return moment
+
+
+DIALECT = Dialect(placeholder=lambda n: f"${n}", timestamp=_aware, true="TRUE", false="FALSE")
+
+#: what a database or network failure looks like from asyncpg; all become Unavailable
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+
+_INBOUND_COLUMNS = (
+    "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
+    "body, body_digest, signature, kid, transport, received_at, receipt_body, "
+    "receipt_signature, seq, relayed"
+)
+_OUTBOUND_COLUMNS = (
+    "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
+    "priority, body, body_digest, signature, kid, transport, created_at, expires_at, state, "
+    "attempts, next_attempt_at, last_error, receipt_body, receipt_signature, submitted_by, "
+    "updated_at"
+)
+_PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
+
+
+def _inbound(row: asyncpg.Record) -> InboundRecord:
+    return InboundRecord(
+        sender=row[0],
+        message_id=row[1],
+        recipient=row[2],
+        message_type=row[3],
+        schema_version=row[4],
+        correlation_id=row[5],
+        in_reply_to=row[6],
+        body=row[7],
+        body_digest=row[8],
+        signature=row[9],
+        kid=row[10],
+        transport=row[11],
+        received_at=row[12],
+        receipt_body=row[13],
+        receipt_signature=row[14],
+        seq=row[15],
+        relayed=row[16],
+    )
+
+
+def _outbound(row: asyncpg.Record) -> OutboundRecord:
+    return OutboundRecord(
+        message_id=row[0],
+        recipient=row[1],
+        message_type=row[2],
+        schema_version=row[3],
+        correlation_id=row[4],
+        in_reply_to=row[5],
+        priority=Priority(row[6]),
+        body=row[7],
+        body_digest=row[8],
+        signature=row[9],
+        kid=row[10],
+        transport=row[11],
+        created_at=row[12],
+        expires_at=row[13],
+        state=OutboundState(row[14]),
+        attempts=row[15],
+        next_attempt_at=row[16],
+        last_error=row[17],
+        receipt_body=row[18],
+        receipt_signature=row[19],
+        submitted_by=row[20],
+        updated_at=row[21],
+    )
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Clock,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout_s: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._min_size = min_size
+        self._max_size = max_size
+        self._command_timeout_s = command_timeout_s
+        self._pool: asyncpg.Pool | None = None
+
+    # lifecycle
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                command_timeout=self._command_timeout_s,
+                timeout=self._command_timeout_s,
+            )
+        except _DB_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        self._pool = pool
+        try:
+            await self._transaction(_migrate)
+        except BaseException:
+            self._pool = None
+            await pool.close()
+            raise
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def ping(self) -> None:
+        await self._call(lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1"))
+
+    async def _call(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("postgresql: store is not open")
+        try:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+        except _DB_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def _transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        async def in_transaction(conn: Conn) -> T:
+            async with conn.transaction():
+                return await fn(conn)
+
+        return await self._call(in_transaction)
+
+    # audit log
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[int]:
+        events = list(events)
+        return await self._transaction(lambda c: _append_audit(c, events))
+
+    async def audit_size(self) -> int:
+        size: int = await self._call(
+            lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1")
+        )
+        return size
+
+    async def audit_entries(
+        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+    ) -> list[AuditRow]:
+        sql, params = audit_query(DIALECT, filter, after_seq=after_seq, limit=limit)
+        rows = await self._call(lambda c: c.fetch(sql, *params))
+        return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+
+    async def audit_entry(self, seq: int) -> AuditRow | None:
+        row = await self._call(
+            lambda c: c.fetchrow(
+                "SELECT seq, entry, leaf_hash FROM audit_entries WHERE seq = $1", seq
+            )
+        )
+        return None if row is None else AuditRow(seq=row[0], entry=row[1], leaf_hash=row[2])
+
+    async def audit_leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        rows = await self._call(
+            lambda c: c.fetch(
+                "SELECT leaf_hash FROM audit_entries WHERE seq >= $1 AND seq < $2 ORDER BY seq",
+                start,
+                end,
+            )
+        )
+        return [r[0] for r in rows]
+
+    async def audit_node_hashes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        return await self._call(lambda c: _fetch_nodes(c, wanted))
+
+    async def save_checkpoint(
+        self,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        created_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        async def unit(c: Conn) -> None:
+            existing = await c.fetchval(
+                "SELECT root_hash FROM audit_checkpoints WHERE size = $1 FOR UPDATE", size
+            )
+            if existing is not None and bytes(existing) != root_hash:
+                raise StoreError(f"a checkpoint of size {size} exists with another root hash")
+            await c.execute(
+                "INSERT INTO audit_checkpoints (size, root_hash, note, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (size) DO UPDATE SET note = EXCLUDED.note, "
+                "created_at = EXCLUDED.created_at",
+                size,
+                root_hash,
+                note,
+                _aware(created_at),
+            )
+            await _append_audit(c, events)
+
+        await self._transaction(unit)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        return await self._checkpoint("ORDER BY size DESC LIMIT 1")
+
+    async def checkpoint_for_size(self, size: int) -> Checkpoint | None:
+        return await self._checkpoint("WHERE size = $1", size)
+
+    async def _checkpoint(self, clause: str, *params: object) -> Checkpoint | None:
+        row = await self._call(
+            lambda c: c.fetchrow(
+                f"SELECT size, root_hash, note, created_at FROM audit_checkpoints {clause}",
+                *params,
+            )
+        )
+        if row is None:
+            return None
+        return Checkpoint(size=row[0], root_hash=row[1], note=row[2], created_at=row[3])
+
+    async def save_cosignature(
+        self,
+        partner: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        received_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        async def unit(c: Conn) -> None:
+            await c.execute(
+                "INSERT INTO audit_cosignatures (partner, size, root_hash, note, received_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (partner, size) DO UPDATE SET "
+                "root_hash = EXCLUDED.root_hash, note = EXCLUDED.note, "
+                "received_at = EXCLUDED.received_at",
+                partner,
+                size,
+                root_hash,
+                note,
+                _aware(received_at),
+            )
+            await _append_audit(c, events)
+
+        await self._transaction(unit)
+
+    async def cosignatures(self, size: int | None = None) -> list[Cosignature]:
+        sql = "SELECT partner, size, root_hash, note, received_at FROM audit_cosignatures"
+        params: tuple[int, ...] = ()
+        if size is not None:
+            sql += " WHERE size = $1"
+            params = (size,)
+        rows = await self._call(lambda c: c.fetch(sql + " ORDER BY size, partner", *params))
+        return [
+            Cosignature(partner=r[0], size=r[1], root_hash=r[2], note=r[3], received_at=r[4])
+            for r in rows
+        ]
+
+    async def get_witnessed(self, origin: str) -> WitnessedState | None:
+        row = await self._call(
+            lambda c: c.fetchrow(
+                "SELECT size, root_hash, note FROM audit_witnessed WHERE origin = $1", origin
+            )
+        )
+        return None if row is None else WitnessedState(row[0], row[1], row[2])
+
+    async def set_witnessed(
+        self,
+        origin: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        async def unit(c: Conn) -> None:
+            await c.execute(
+                "INSERT INTO audit_witnessed (origin, size, root_hash, note) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (origin) DO UPDATE SET "
+                "size = EXCLUDED.size, root_hash = EXCLUDED.root_hash, note = EXCLUDED.note",
+                origin,
+                size,
+                root_hash,
+                note,
+            )
+            await _append_audit(c, events)
+
+        await self._transaction(unit)
+
+    # inbox
+
+    async def store_inbound(
+        self, record: InboundRecord, events: Sequence[AuditEvent]
+    ) -> InboundOutcome:
+        events = list(events)
+
+        async def unit(c: Conn) -> InboundOutcome:
+            # ON CONFLICT waits for a concurrent insert of the same key to commit or abort,
+            # so a race between replicas ends here as a duplicate, never as an error
+            seq = await c.fetchval(
+                "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+                "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
+                "transport, received_at, receipt_body, receipt_signature) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
+                "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING RETURNING seq",
+                record.sender,
+                record.message_id,
+                record.recipient,
+                record.message_type,
+                record.schema_version,
+                record.correlation_id,
+                record.in_reply_to,
+                record.body,
+                record.body_digest,
+                record.signature,
+                record.kid,
+                record.transport,
+                _aware(record.received_at),
+                record.receipt_body,
+                record.receipt_signature,
+            )
+            if seq is not None:
+                await _append_audit(c, events)
+                stored = replace(record, seq=seq, relayed=False)
+                return InboundOutcome(status="stored", record=stored)
+            existing = await _get_inbound(c, record.sender, record.message_id)
+            if existing is None:
+                raise Unavailable("postgresql: inbound row vanished after a key conflict")
+            same = existing.body_digest == record.body_digest
+            return InboundOutcome(status="duplicate" if same else "conflict", record=existing)
+
+        return await self._transaction(unit)
+
+    async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
+        return await self._call(lambda c: _get_inbound(c, sender, message_id))
+
+    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
+        row = await self._call(
+            lambda c: c.fetchrow(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
+                "WHERE in_reply_to = $1 ORDER BY seq LIMIT 1",
+                in_reply_to,
+            )
+        )
+        return None if row is None else _inbound(row)
+
+    async def pending_relay(self, limit: int) -> list[InboundRecord]:
+        rows = await self._call(
+            lambda c: c.fetch(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
+                "WHERE NOT relayed ORDER BY seq LIMIT $1",
+                limit,
+            )
+        )
+        return [_inbound(r) for r in rows]
+
+    async def mark_relayed(
+        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
+    ) -> None:
+        keys = list(keys)
+        events = list(events)
+
+        async def unit(c: Conn) -> None:
+            await c.execute(
+                "UPDATE inbound_messages AS m SET relayed = TRUE "
+                "FROM unnest($1::text[], $2::text[]) AS k(sender, message_id) "
+                "WHERE m.sender = k.sender AND m.message_id = k.message_id",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+            await _append_audit(c, events)
+
+        await self._transaction(unit)
+
+    # outbox
+
+    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
+        events = list(events)
+
+        async def unit(c: Conn) -> None:
+            inserted = await c.fetchval(
+                f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
+                "$17, $18, $19, $20, $21, $22, $23) "
+                "ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                record.message_id,
+                record.recipient,
+                record.message_type,
+                record.schema_version,
+                record.correlation_id,
+                record.in_reply_to,
+                record.priority.value,
+                record.body,
+                record.body_digest,
+                record.signature,
+                record.kid,
+                record.transport,
+                _aware(record.created_at),
+                None if record.expires_at is None else _aware(record.expires_at),
+                record.state.value,
+                record.attempts,
+                _aware(record.next_attempt_at),
+                record.last_error,
+                record.receipt_body,
+                record.receipt_signature,
+                record.submitted_by,
+                _aware(record.updated_at),
+                _PRIORITY_RANK[record.priority],
+            )
+            if inserted is None:
+                raise DuplicateConflict(
+                    f"outbound message_id {record.message_id!r} is already in the outbox"
+                )
+            await _append_audit(c, events)
+
+        await self._transaction(unit)
+
+    async def claim_outbound(
+        self, worker_id: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutboundRecord]:
+        until = _aware(now) + timedelta(seconds=lease_s)
+        cols = ", ".join(f"o.{c.strip()}" for c in _OUTBOUND_COLUMNS.split(","))
+        rows = await self._transaction(
+            lambda c: c.fetch(
+                "WITH due AS (SELECT message_id FROM outbound_messages "
+                "WHERE state IN ('queued', 'sent') AND next_attempt_at <= $1 "
+                "AND (lease_owner IS NULL OR lease_until <= $1) "
+                "ORDER BY priority_rank, next_attempt_at, created_at LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED) "
+                "UPDATE outbound_messages AS o SET lease_owner = $3, lease_until = $4 "
+                f"FROM due WHERE o.message_id = due.message_id RETURNING {cols}",
+                _aware(now),
+                limit,
+                worker_id,
+                until,
+            )
+        )
+        records = [_outbound(r) for r in rows]
+        records.sort(key=lambda r: (_PRIORITY_RANK[r.priority], r.next_attempt_at, r.created_at))
+        return records
+
+    async def finish_attempt(
+        self,
+        message_id: str,
+        worker_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+    ) -> OutboundRecord:
+        events = list(events)
+
+        async def unit(c: Conn) -> OutboundRecord:
+            row = await c.fetchrow(
+                "SELECT lease_owner FROM outbound_messages WHERE message_id = $1 FOR UPDATE",
+                message_id,
+            )
+            if row is None:
+                raise MessageNotFound(message_id)
+            if row[0] != worker_id:
+                raise LeaseLost(message_id, worker_id)
+            updated = await c.fetchrow(
+                "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
+                "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
+                "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
+                "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
+                f"RETURNING {_OUTBOUND_COLUMNS}",
+                update.state.value,
+                update.attempts,
+                _aware(update.next_attempt_at),
+                update.last_error,
+                update.receipt_body,
+                update.receipt_signature,
+                self._clock.now(),
+                message_id,
+            )
+            if updated is None:
+                raise MessageNotFound(message_id)
+            await _append_audit(c, events)
+            return _outbound(updated)
+
+        return await self._transaction(unit)
+
+    async def get_outbound(self, message_id: str) -> OutboundRecord | None:
+        row = await self._call(
+            lambda c: c.fetchrow(
+                f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages WHERE message_id = $1",
+                message_id,
+            )
+        )
+        return None if row is None else _outbound(row)
+
+    async def retry_outbound(
+        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        async def unit(c: Conn) -> OutboundRecord:
+            row = await c.fetchrow(
+                "SELECT state, body IS NULL FROM outbound_messages "
+                "WHERE message_id = $1 FOR UPDATE",
+                message_id,
+            )
+            if row is None:
+                raise MessageNotFound(message_id)
+            state = OutboundState(row[0])
+            if state not in RETRYABLE_STATES:
+                raise InvalidTransition(message_id, state.value, "retry")
+            if row[1]:
+                raise InvalidTransition(message_id, f"{state.value} (body purged)", "retry")
+            updated = await c.fetchrow(
+                "UPDATE outbound_messages SET state = 'queued', attempts = 0, "
+                "next_attempt_at = $1, last_error = NULL, updated_at = $1, lease_owner = NULL, "
+                f"lease_until = NULL, retried_by = $2 WHERE message_id = $3 "
+                f"RETURNING {_OUTBOUND_COLUMNS}",
+                _aware(now),
+                actor,
+                message_id,
+            )
+            if updated is None:
+                raise MessageNotFound(message_id)
+            await _append_audit(c, events)
+            return _outbound(updated)
+
+        return await self._transaction(unit)
+
+    async def outbox_depth(self) -> dict[OutboundState, int]:
+        rows = await self._call(
+            lambda c: c.fetch("SELECT state, count(*) FROM outbound_messages GROUP BY state")
+        )
+        depth = empty_depth()
+        for state, count in rows:
+            depth[OutboundState(state)] = count
+        return depth
+
+    async def list_messages(
+        self, filter: MessageFilter, *, limit: int = 50, after: str | None = None
+    ) -> MessagePage:
+        query = messages_query(DIALECT, filter, limit=limit, after=after)
+        if query is None:
+            return MessagePage(items=[], next_cursor=None)
+        sql, params = query
+        rows = await self._call(lambda c: c.fetch(sql, *params))
+        items = [
+            MessageSummary(
+                direction=Direction(r[0]),
+                message_id=r[1],
+                partner=r[2],
+                message_type=r[3],
+                schema_version=r[4],
+                correlation_id=r[5],
+                state=r[6],
+                at=r[7],
+                attempts=r[8],
+                body_digest=r[9],
+            )
+            for r in rows
+        ]
+        next_cursor = None
+        if items and len(items) == limit:
+            last = items[-1]
+            next_cursor = Cursor(
+                at=last.at,
+                direction=last.direction.value,
+                partner=last.partner,
+                message_id=last.message_id,
+            ).encode()
+        return MessagePage(items=items, next_cursor=next_cursor)
+
+    # retention
+
+    async def purge_bodies(self, older_than: datetime) -> int:
+        cutoff = _aware(older_than)
+
+        async def unit(c: Conn) -> int:
+            inbound = await c.fetchval(
+                "WITH p AS (UPDATE inbound_messages SET body = NULL "
+                "WHERE received_at < $1 AND relayed AND body IS NOT NULL RETURNING 1) "
+                "SELECT count(*) FROM p",
+                cutoff,
+            )
+            outbound = await c.fetchval(
+                "WITH p AS (UPDATE outbound_messages SET body = NULL WHERE created_at < $1 "
+                "AND state IN ('acknowledged', 'rejected', 'dead') AND body IS NOT NULL "
+                "RETURNING 1) SELECT count(*) FROM p",
+                cutoff,
+            )
+            return int(inbound) + int(outbound)
+
+        return await self._transaction(unit)
+
+
+def _unavailable(exc: BaseException) -> Unavailable:
+    return Unavailable(f"postgresql: {type(exc).__name__}: {exc}")
+
+
+async def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord | None:
+    row = await c.fetchrow(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages WHERE sender = $1 AND message_id = $2",
+        sender,
+        message_id,
+    )
+    return None if row is None else _inbound(row)
+
+
+async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+    rows = await c.fetch(
+        "SELECT n.level, n.idx, n.hash FROM audit_nodes AS n "
+        "JOIN unnest($1::smallint[], $2::bigint[]) AS k(level, idx) "
+        "ON n.level = k.level AND n.idx = k.idx",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> list[int]:
+    """Append inside the caller's transaction; the head row lock makes seqs gap-free."""
+    if not events:
+        return []
+    size: int = await c.fetchval("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+    keys = frontier(size)
+    known = await _fetch_nodes(c, keys) if keys else {}
+    if len(known) != len(keys):
+        raise Unavailable(f"postgresql: audit frontier incomplete at size {size}")
+    plan = plan_append(size, known, events)
+    entries = plan.entries
+    await c.execute(
+        "INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, message_id, sender, "
+        "recipient, message_type, outcome, correlation_id) "
+        "SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::timestamptz[], "
+        "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
+        [e.seq for e in entries],
+        [e.entry for e in entries],
+        [e.leaf_hash for e in entries],
+        [_aware(e.at) for e in entries],
+        [e.event for e in entries],
+        [e.message_id for e in entries],
+        [e.sender for e in entries],
+        [e.recipient for e in entries],
+        [e.message_type for e in entries],
+        [e.outcome for e in entries],
+        [e.correlation_id for e in entries],
+    )
+    await c.execute(
+        "INSERT INTO audit_nodes (level, idx, hash) "
+        "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
+        [k[0] for k in plan.nodes],
+        [k[1] for k in plan.nodes],
+        list(plan.nodes.values()),
+    )
+    await c.execute("UPDATE audit_head SET size = $1 WHERE id = 1", plan.new_size)
+    return [e.seq for e in entries]
+
+
+async def _migrate(c: Conn) -> None:
+    """Apply pending migrations; the advisory lock makes a second process wait, then skip."""
+    await c.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+    await c.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+        "name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    applied = {r[0] for r in await c.fetch("SELECT version FROM schema_migrations")}
+    for migration in load_migrations("postgres"):
+        if migration.version in applied:
+            continue
+        await c.execute(migration.sql)
+        await c.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            migration.version,
+            migration.name,
+        )

@@ -1,0 +1,908 @@
+"""SQLite store: the embedded default (WAL, synchronous=FULL, one writer with group commit).
+
+All writes go through ONE connection on ONE thread. The writer takes every write unit queued
+at that moment, runs each inside its own SAVEPOINT (a unit that fails is rolled back alone)
+and commits them together; each caller's future resolves only after COMMIT returned, so
+nothing is acknowledged before it is durable, and concurrent messages share one fsync.
+Reads run on separate connections in a small thread pool and never wait for the writer.
+
+The batch runs in one thread hop with the stdlib ``sqlite3`` module: aiosqlite would cost a
+hop per statement, which is what a group commit exists to avoid.
+"""
+
+# ruff: noqa: S608 -- SQL here is composed of constant fragments and placeholders; every
+# value goes through a query parameter.
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gateway.audit.events import AuditEvent
+from gateway.audit.merkle import frontier
+from gateway.clock import Clock
+from gateway.errors import DuplicateConflict, GatewayError, Unavailable
+from gateway.model import Direction, Priority
+from gateway.store.audit_rows import plan_append
+from gateway.store.base import (
+    ACTIVE_STATES,
+    RETRYABLE_STATES,
+    AttemptUpdate,
+    AuditFilter,
+    AuditRow,
+    Checkpoint,
+    Cosignature,
+    InboundKey,
+    InboundOutcome,
+    InboundRecord,
+    InvalidTransition,
+    LeaseLost,
+    MessageFilter,
+    MessageNotFound,
+    MessagePage,
+    MessageSummary,
+    NodeKey,
+    OutboundRecord,
+    OutboundState,
+    StoreError,
+    WitnessedState,
+    empty_depth,
+)
+from gateway.store.migrations import load_migrations
+from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
+
+T = TypeVar("T")
+Conn = sqlite3.Connection
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICRO = timedelta(microseconds=1)
+
+
+def _us(moment: datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
+    return (moment - _EPOCH) // _MICRO
+
+
+def _us_opt(moment: datetime | None) -> int | None:
+    return None if moment is None else _us(moment)
+
+
+def _dt(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _dt_opt(value: int | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+DIALECT = Dialect(placeholder=lambda n: f"?{n}", timestamp=_us, true="1", false="0")
+
+_INBOUND_COLUMNS = (
+    "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
+    "body, body_digest, signature, kid, transport, received_at, receipt_body, "
+    "receipt_signature, seq, relayed"
+)
+_OUTBOUND_COLUMNS = (
+    "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
+    "priority, body, body_digest, signature, kid, transport, created_at, expires_at, state, "
+    "attempts, next_attempt_at, last_error, receipt_body, receipt_signature, submitted_by, "
+    "updated_at"
+)
+_PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
+_FINISHED = tuple(s.value for s in OutboundState if s not in ACTIVE_STATES)
+
+
+def _inbound(row: Sequence[Any]) -> InboundRecord:
+    return InboundRecord(
+        sender=row[0],
+        message_id=row[1],
+        recipient=row[2],
+        message_type=row[3],
+        schema_version=row[4],
+        correlation_id=row[5],
+        in_reply_to=row[6],
+        body=row[7],
+        body_digest=row[8],
+        signature=row[9],
+        kid=row[10],
+        transport=row[11],
+        received_at=_dt(row[12]),
+        receipt_body=row[13],
+        receipt_signature=row[14],
+        seq=row[15],
+        relayed=bool(row[16]),
+    )
+
+
+def _outbound(row: Sequence[Any]) -> OutboundRecord:
+    return OutboundRecord(
+        message_id=row[0],
+        recipient=row[1],
+        message_type=row[2],
+        schema_version=row[3],
+        correlation_id=row[4],
+        in_reply_to=row[5],
+        priority=Priority(row[6]),
+        body=row[7],
+        body_digest=row[8],
+        signature=row[9],
+        kid=row[10],
+        transport=row[11],
+        created_at=_dt(row[12]),
+        expires_at=_dt_opt(row[13]),
+        state=OutboundState(row[14]),
+        attempts=row[15],
+        next_attempt_at=_dt(row[16]),
+        last_error=row[17],
+        receipt_body=row[18],
+        receipt_signature=row[19],
+        submitted_by=row[20],
+        updated_at=_dt(row[21]),
+    )
+
+
+def _unavailable(exc: sqlite3.Error) -> Unavailable:
+    return Unavailable(f"sqlite: {type(exc).__name__}: {exc}")
+
+
+@dataclass(kw_only=True, slots=True)
+class _Unit:
+    fn: Callable[[Conn], Any]
+    future: asyncio.Future[Any]
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock,
+        busy_timeout_ms: int = 5_000,
+        readers: int = 2,
+        max_batch: int = 512,
+    ) -> None:
+        self._path = path
+        self._clock = clock
+        self._busy_timeout_ms = busy_timeout_ms
+        self._readers = readers
+        self._max_batch = max_batch
+        self._writer_pool: ThreadPoolExecutor | None = None
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._writer_conn: Conn | None = None
+        self._reader_conns: list[Conn] = []
+        self._reader_local = threading.local()
+        self._reader_lock = threading.Lock()
+        self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # lifecycle
+
+    async def open(self) -> None:
+        if self._writer_task is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+        self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
+        try:
+            self._writer_conn = await loop.run_in_executor(self._writer_pool, self._open_writer)
+        except sqlite3.Error as exc:
+            await self._shutdown_pools()
+            raise _unavailable(exc) from exc
+        self._queue = asyncio.Queue()
+        self._writer_task = asyncio.create_task(self._writer_loop(), name="sqlite-writer")
+
+    async def close(self) -> None:
+        task = self._writer_task
+        if task is None:
+            return
+        self._writer_task = None
+        await self._queue.put(None)
+        await task
+        await self._shutdown_pools()
+
+    async def ping(self) -> None:
+        task = self._writer_task
+        if task is None or task.done():
+            raise Unavailable("sqlite: store is not open")
+        await self._read(lambda c: c.execute("SELECT 1 FROM audit_head").fetchone())
+
+    async def _shutdown_pools(self) -> None:
+        for pool in (self._writer_pool, self._reader_pool):
+            if pool is not None:
+                await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+        self._writer_pool = self._reader_pool = None
+        conns = [c for c in [self._writer_conn, *self._reader_conns] if c is not None]
+        self._writer_conn = None
+        self._reader_conns = []
+        self._reader_local = threading.local()
+        for conn in conns:
+            conn.close()
+
+    def _connect(self) -> Conn:
+        conn = sqlite3.connect(
+            self._path,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        return conn
+
+    def _open_writer(self) -> Conn:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            conn.execute("PRAGMA synchronous = FULL")
+            sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+            if str(mode).lower() != "wal" or sync != 2:
+                raise sqlite3.OperationalError(
+                    f"{self._path}: needs journal_mode=wal and synchronous=FULL, "
+                    f"got journal_mode={mode} synchronous={sync}"
+                )
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # the single writer
+
+    async def _write(self, fn: Callable[[Conn], T]) -> T:
+        if self._writer_task is None or self._writer_task.done():
+            raise Unavailable("sqlite: store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Unit(fn=fn, future=future))
+        return await future
+
+    async def _writer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            batch = [u for u in batch if not u.future.cancelled()]
+            if not batch:
+                continue
+            fns = [u.fn for u in batch]
+            try:
+                results = await loop.run_in_executor(self._writer_pool, self._commit_batch, fns)
+            except RuntimeError as exc:
+                # the pool is gone (interpreter shutting down): nothing was committed
+                results = [Unavailable(f"sqlite: writer stopped: {exc}")] * len(batch)
+            for unit, result in zip(batch, results, strict=True):
+                if unit.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    unit.future.set_exception(result)
+                else:
+                    unit.future.set_result(result)
+
+    def _commit_batch(self, fns: list[Callable[[Conn], Any]]) -> list[Any]:
+        conn = self._writer_conn
+        assert conn is not None
+        results: list[Any] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn in fns:
+                conn.execute("SAVEPOINT unit")
+                try:
+                    results.append(fn(conn))
+                except (StoreError, GatewayError) as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    results.append(exc)
+                except sqlite3.IntegrityError as exc:
+                    conn.execute("ROLLBACK TO unit")
+                    results.append(_unavailable(exc))
+                conn.execute("RELEASE unit")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # a failed statement (disk full, I/O error, lock timeout) or COMMIT: the whole
+            # batch is rolled back and every caller told so; nothing was acknowledged
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            return [_unavailable(exc)] * len(fns)
+        return results
+
+    # reads
+
+    def _reader(self) -> Conn:
+        conn: Conn | None = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            conn.execute("PRAGMA query_only = 1")
+            self._reader_local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    def _run_read(self, fn: Callable[[Conn], T]) -> T:
+        conn = self._reader()
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    async def _read(self, fn: Callable[[Conn], T]) -> T:
+        pool = self._reader_pool
+        if pool is None:
+            raise Unavailable("sqlite: store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, self._run_read, fn)
+        except sqlite3.Error as exc:
+            raise _unavailable(exc) from exc
+
+    # audit log (the append runs inside the caller's unit)
+
+    def _append_audit(self, conn: Conn, events: Sequence[AuditEvent]) -> list[int]:
+        if not events:
+            return []
+        size = conn.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]
+        known: dict[NodeKey, bytes] = {}
+        for level, idx in frontier(size):
+            row = conn.execute(
+                "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", (level, idx)
+            ).fetchone()
+            if row is None:
+                raise sqlite3.DatabaseError(f"audit node ({level}, {idx}) missing at size {size}")
+            known[(level, idx)] = row[0]
+        plan = plan_append(size, known, events)
+        conn.executemany(
+            "INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, message_id, sender, "
+            "recipient, message_type, outcome, correlation_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.seq,
+                    e.entry,
+                    e.leaf_hash,
+                    _us(e.at),
+                    e.event,
+                    e.message_id,
+                    e.sender,
+                    e.recipient,
+                    e.message_type,
+                    e.outcome,
+                    e.correlation_id,
+                )
+                for e in plan.entries
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO audit_nodes (level, idx, hash) VALUES (?, ?, ?)",
+            [(level, idx, h) for (level, idx), h in plan.nodes.items()],
+        )
+        conn.execute("UPDATE audit_head SET size = ? WHERE id = 1", (plan.new_size,))
+        return [e.seq for e in plan.entries]
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[int]:
+        events = list(events)
+        return await self._write(lambda c: self._append_audit(c, events))
+
+    async def audit_size(self) -> int:
+        size: int = await self._read(
+            lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]
+        )
+        return size
+
+    async def audit_entries(
+        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+    ) -> list[AuditRow]:
+        sql, params = audit_query(DIALECT, filter, after_seq=after_seq, limit=limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+
+    async def audit_entry(self, seq: int) -> AuditRow | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT seq, entry, leaf_hash FROM audit_entries WHERE seq = ?", (seq,)
+            ).fetchone()
+        )
+        return None if row is None else AuditRow(seq=row[0], entry=row[1], leaf_hash=row[2])
+
+    async def audit_leaf_hashes(self, start: int, end: int) -> list[bytes]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT leaf_hash FROM audit_entries WHERE seq >= ? AND seq < ? ORDER BY seq",
+                (start, end),
+            ).fetchall()
+        )
+        return [r[0] for r in rows]
+
+    async def audit_node_hashes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+        wanted = list(dict.fromkeys(keys))
+
+        def fetch(c: Conn) -> dict[NodeKey, bytes]:
+            found: dict[NodeKey, bytes] = {}
+            for level, idx in wanted:
+                row = c.execute(
+                    "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", (level, idx)
+                ).fetchone()
+                if row is not None:
+                    found[(level, idx)] = row[0]
+            return found
+
+        return await self._read(fetch)
+
+    async def save_checkpoint(
+        self,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        created_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        def unit(c: Conn) -> None:
+            row = c.execute(
+                "SELECT root_hash FROM audit_checkpoints WHERE size = ?", (size,)
+            ).fetchone()
+            if row is not None and bytes(row[0]) != root_hash:
+                raise StoreError(f"a checkpoint of size {size} exists with another root hash")
+            c.execute(
+                "INSERT INTO audit_checkpoints (size, root_hash, note, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (size) DO UPDATE SET note = excluded.note, "
+                "created_at = excluded.created_at",
+                (size, root_hash, note, _us(created_at)),
+            )
+            self._append_audit(c, events)
+
+        await self._write(unit)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        return await self._checkpoint("ORDER BY size DESC LIMIT 1", ())
+
+    async def checkpoint_for_size(self, size: int) -> Checkpoint | None:
+        return await self._checkpoint("WHERE size = ?", (size,))
+
+    async def _checkpoint(self, clause: str, params: tuple[int, ...]) -> Checkpoint | None:
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT size, root_hash, note, created_at FROM audit_checkpoints {clause}",
+                params,
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return Checkpoint(size=row[0], root_hash=row[1], note=row[2], created_at=_dt(row[3]))
+
+    async def save_cosignature(
+        self,
+        partner: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        received_at: datetime,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        def unit(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO audit_cosignatures (partner, size, root_hash, note, received_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (partner, size) DO UPDATE SET "
+                "root_hash = excluded.root_hash, note = excluded.note, "
+                "received_at = excluded.received_at",
+                (partner, size, root_hash, note, _us(received_at)),
+            )
+            self._append_audit(c, events)
+
+        await self._write(unit)
+
+    async def cosignatures(self, size: int | None = None) -> list[Cosignature]:
+        sql = "SELECT partner, size, root_hash, note, received_at FROM audit_cosignatures"
+        params: tuple[int, ...] = ()
+        if size is not None:
+            sql += " WHERE size = ?"
+            params = (size,)
+        rows = await self._read(
+            lambda c: c.execute(sql + " ORDER BY size, partner", params).fetchall()
+        )
+        return [
+            Cosignature(partner=r[0], size=r[1], root_hash=r[2], note=r[3], received_at=_dt(r[4]))
+            for r in rows
+        ]
+
+    async def get_witnessed(self, origin: str) -> WitnessedState | None:
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT size, root_hash, note FROM audit_witnessed WHERE origin = ?", (origin,)
+            ).fetchone()
+        )
+        return None if row is None else WitnessedState(row[0], row[1], row[2])
+
+    async def set_witnessed(
+        self,
+        origin: str,
+        size: int,
+        root_hash: bytes,
+        note: str,
+        events: Sequence[AuditEvent] = (),
+    ) -> None:
+        events = list(events)
+
+        def unit(c: Conn) -> None:
+            c.execute(
+                "INSERT INTO audit_witnessed (origin, size, root_hash, note) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (origin) DO UPDATE SET size = excluded.size, "
+                "root_hash = excluded.root_hash, note = excluded.note",
+                (origin, size, root_hash, note),
+            )
+            self._append_audit(c, events)
+
+        await self._write(unit)
+
+    # inbox
+
+    async def store_inbound(
+        self, record: InboundRecord, events: Sequence[AuditEvent]
+    ) -> InboundOutcome:
+        events = list(events)
+
+        def unit(c: Conn) -> InboundOutcome:
+            cur = c.execute(
+                "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+                "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
+                "transport, received_at, receipt_body, receipt_signature, relayed) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
+                "ON CONFLICT (sender, message_id) DO NOTHING",
+                (
+                    record.sender,
+                    record.message_id,
+                    record.recipient,
+                    record.message_type,
+                    record.schema_version,
+                    record.correlation_id,
+                    record.in_reply_to,
+                    record.body,
+                    record.body_digest,
+                    record.signature,
+                    record.kid,
+                    record.transport,
+                    _us(record.received_at),
+                    record.receipt_body,
+                    record.receipt_signature,
+                ),
+            )
+            if cur.rowcount == 1:
+                self._append_audit(c, events)
+                stored = replace(record, seq=cur.lastrowid, relayed=False)
+                return InboundOutcome(status="stored", record=stored)
+            existing = _get_inbound(c, record.sender, record.message_id)
+            if existing is None:
+                raise sqlite3.IntegrityError("inbound row vanished after a key conflict")
+            same = existing.body_digest == record.body_digest
+            return InboundOutcome(status="duplicate" if same else "conflict", record=existing)
+
+        return await self._write(unit)
+
+    async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
+        return await self._read(lambda c: _get_inbound(c, sender, message_id))
+
+    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
+                "WHERE in_reply_to = ? ORDER BY seq LIMIT 1",
+                (in_reply_to,),
+            ).fetchone()
+        )
+        return None if row is None else _inbound(row)
+
+    async def pending_relay(self, limit: int) -> list[InboundRecord]:
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
+                "WHERE relayed = 0 ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [_inbound(r) for r in rows]
+
+    async def mark_relayed(
+        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
+    ) -> None:
+        keys = list(keys)
+        events = list(events)
+
+        def unit(c: Conn) -> None:
+            c.executemany(
+                "UPDATE inbound_messages SET relayed = 1 WHERE sender = ? AND message_id = ?",
+                keys,
+            )
+            self._append_audit(c, events)
+
+        await self._write(unit)
+
+    # outbox
+
+    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
+        events = list(events)
+
+        def unit(c: Conn) -> None:
+            cur = c.execute(
+                f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (message_id) DO NOTHING",
+                (
+                    record.message_id,
+                    record.recipient,
+                    record.message_type,
+                    record.schema_version,
+                    record.correlation_id,
+                    record.in_reply_to,
+                    record.priority.value,
+                    record.body,
+                    record.body_digest,
+                    record.signature,
+                    record.kid,
+                    record.transport,
+                    _us(record.created_at),
+                    _us_opt(record.expires_at),
+                    record.state.value,
+                    record.attempts,
+                    _us(record.next_attempt_at),
+                    record.last_error,
+                    record.receipt_body,
+                    record.receipt_signature,
+                    record.submitted_by,
+                    _us(record.updated_at),
+                    _PRIORITY_RANK[record.priority],
+                ),
+            )
+            if cur.rowcount != 1:
+                raise DuplicateConflict(
+                    f"outbound message_id {record.message_id!r} is already in the outbox"
+                )
+            self._append_audit(c, events)
+
+        await self._write(unit)
+
+    async def claim_outbound(
+        self, worker_id: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutboundRecord]:
+        now_us = _us(now)
+        until_us = _us(now + timedelta(seconds=lease_s))
+
+        def unit(c: Conn) -> list[OutboundRecord]:
+            rows = c.execute(
+                f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages "
+                "WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? "
+                "AND (lease_owner IS NULL OR lease_until <= ?) "
+                "ORDER BY priority_rank, next_attempt_at, created_at LIMIT ?",
+                (now_us, now_us, limit),
+            ).fetchall()
+            c.executemany(
+                "UPDATE outbound_messages SET lease_owner = ?, lease_until = ? "
+                "WHERE message_id = ?",
+                [(worker_id, until_us, r[0]) for r in rows],
+            )
+            return [_outbound(r) for r in rows]
+
+        return await self._write(unit)
+
+    async def finish_attempt(
+        self,
+        message_id: str,
+        worker_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+    ) -> OutboundRecord:
+        events = list(events)
+
+        def unit(c: Conn) -> OutboundRecord:
+            row = c.execute(
+                "SELECT lease_owner FROM outbound_messages WHERE message_id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise MessageNotFound(message_id)
+            if row[0] != worker_id:
+                raise LeaseLost(message_id, worker_id)
+            c.execute(
+                "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
+                "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
+                "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
+                "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
+                (
+                    update.state.value,
+                    update.attempts,
+                    _us(update.next_attempt_at),
+                    update.last_error,
+                    update.receipt_body,
+                    update.receipt_signature,
+                    _us(self._clock.now()),
+                    message_id,
+                ),
+            )
+            self._append_audit(c, events)
+            return _require_outbound(c, message_id)
+
+        return await self._write(unit)
+
+    async def get_outbound(self, message_id: str) -> OutboundRecord | None:
+        return await self._read(lambda c: _get_outbound(c, message_id))
+
+    async def retry_outbound(
+        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        def unit(c: Conn) -> OutboundRecord:
+            row = c.execute(
+                "SELECT state, body IS NULL FROM outbound_messages WHERE message_id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                raise MessageNotFound(message_id)
+            state = OutboundState(row[0])
+            if state not in RETRYABLE_STATES:
+                raise InvalidTransition(message_id, state.value, "retry")
+            if row[1]:
+                raise InvalidTransition(message_id, f"{state.value} (body purged)", "retry")
+            c.execute(
+                "UPDATE outbound_messages SET state = 'queued', attempts = 0, "
+                "next_attempt_at = ?, last_error = NULL, updated_at = ?, lease_owner = NULL, "
+                "lease_until = NULL, retried_by = ? WHERE message_id = ?",
+                (_us(now), _us(now), actor, message_id),
+            )
+            self._append_audit(c, events)
+            return _require_outbound(c, message_id)
+
+        return await self._write(unit)
+
+    async def outbox_depth(self) -> dict[OutboundState, int]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT state, count(*) FROM outbound_messages GROUP BY state"
+            ).fetchall()
+        )
+        depth = empty_depth()
+        for state, count in rows:
+            depth[OutboundState(state)] = count
+        return depth
+
+    async def list_messages(
+        self, filter: MessageFilter, *, limit: int = 50, after: str | None = None
+    ) -> MessagePage:
+        query = messages_query(DIALECT, filter, limit=limit, after=after)
+        if query is None:
+            return MessagePage(items=[], next_cursor=None)
+        sql, params = query
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        items = [
+            MessageSummary(
+                direction=Direction(r[0]),
+                message_id=r[1],
+                partner=r[2],
+                message_type=r[3],
+                schema_version=r[4],
+                correlation_id=r[5],
+                state=r[6],
+                at=_dt(r[7]),
+                attempts=r[8],
+                body_digest=r[9],
+            )
+            for r in rows
+        ]
+        return MessagePage(items=items, next_cursor=_next_cursor(items, limit))
+
+    # retention
+
+    async def purge_bodies(self, older_than: datetime) -> int:
+        cutoff = _us(older_than)
+
+        def unit(c: Conn) -> int:
+            inbound = c.execute(
+                "UPDATE inbound_messages SET body = NULL "
+                "WHERE received_at < ? AND relayed = 1 AND body IS NOT NULL",
+                (cutoff,),
+            ).rowcount
+            outbound = c.execute(
+                "UPDATE outbound_messages SET body = NULL WHERE created_at < ? "
+                f"AND state IN ({', '.join('?' for _ in _FINISHED)}) AND body IS NOT NULL",
+                (cutoff, *_FINISHED),
+            ).rowcount
+            return inbound + outbound
+
+        return await self._write(unit)
+
+    async def integrity_check(self) -> str:
+        """``PRAGMA integrity_check``: ``ok`` or the problems SQLite found."""
+        rows = await self._read(lambda c: c.execute("PRAGMA integrity_check").fetchall())
+        return "\n".join(str(r[0]) for r in rows)
+
+
+def _next_cursor(items: list[MessageSummary], limit: int) -> str | None:
+    if len(items) < limit or not items:
+        return None
+    last = items[-1]
+    return Cursor(
+        at=last.at, direction=last.direction.value, partner=last.partner, message_id=last.message_id
+    ).encode()
+
+
+def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord | None:
+    row = c.execute(
+        f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages WHERE sender = ? AND message_id = ?",
+        (sender, message_id),
+    ).fetchone()
+    return None if row is None else _inbound(row)
+
+
+def _get_outbound(c: Conn, message_id: str) -> OutboundRecord | None:
+    row = c.execute(
+        f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages WHERE message_id = ?",
+        (message_id,),
+    ).fetchone()
+    return None if row is None else _outbound(row)
+
+
+def _require_outbound(c: Conn, message_id: str) -> OutboundRecord:
+    record = _get_outbound(c, message_id)
+    if record is None:
+        raise MessageNotFound(message_id)
+    return record
+
+
+def _migrate(conn: Conn) -> None:
+    """Apply pending migrations under the write lock (a second process waits, then skips)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+            "name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
+        )
+        applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for migration in load_migrations("sqlite"):
+            if migration.version in applied:
+                continue
+            for statement in _statements(migration.sql):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, _us(datetime.now(UTC))),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into complete statements (``executescript`` would COMMIT our lock)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in pending.splitlines()
+    ):
+        raise sqlite3.OperationalError(f"incomplete SQL statement in migration: {pending[:80]!r}")
+    return out

@@ -1,0 +1,516 @@
+"""The shared Store suite: every test runs on SQLite and on the local PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.merkle import root_from_nodes, root_plan
+from gateway.clock import ManualClock
+from gateway.errors import DuplicateConflict
+from gateway.model import Direction, Priority
+from gateway.store import Store, open_store
+from gateway.store.base import (
+    AttemptUpdate,
+    AuditFilter,
+    InboundRecord,
+    InvalidTransition,
+    LeaseLost,
+    MessageFilter,
+    MessageNotFound,
+    OutboundRecord,
+    OutboundState,
+)
+
+T0 = datetime.fromisoformat("2026-11-24T12:00:00+00:00")
+
+
+def digest(body: bytes) -> str:
+    return "sha-256:" + hashlib.sha256(body).hexdigest()
+
+
+def inbound(
+    message_id: str,
+    *,
+    sender: str = "MX-SAT",
+    body: bytes = b'{"payload": 1}',
+    at: datetime = T0,
+    in_reply_to: str | None = None,
+    correlation_id: str | None = None,
+) -> InboundRecord:
+    return InboundRecord(
+        sender=sender,
+        message_id=message_id,
+        recipient="US-CBP",
+        message_type="shipment.advance_data",
+        schema_version="1.0",
+        correlation_id=correlation_id,
+        in_reply_to=in_reply_to,
+        body=body,
+        body_digest=digest(body),
+        signature="eyJhbGciOiJFZERTQSJ9..c2ln",
+        kid="kid-1",
+        transport="https",
+        received_at=at,
+        receipt_body=b'{"receipt": "' + message_id.encode() + b'"}',
+        receipt_signature="eyJhbGciOiJFZERTQSJ9..cmVj",
+    )
+
+
+def outbound(
+    message_id: str,
+    *,
+    priority: Priority = Priority.ROUTINE,
+    at: datetime = T0,
+    expires_at: datetime | None = None,
+    recipient: str = "MX-SAT",
+) -> OutboundRecord:
+    body = b'{"out": "' + message_id.encode() + b'"}'
+    return OutboundRecord(
+        message_id=message_id,
+        recipient=recipient,
+        message_type="shipment.advance_data",
+        schema_version="1.0",
+        correlation_id=None,
+        in_reply_to=None,
+        priority=priority,
+        body=body,
+        body_digest=digest(body),
+        signature="eyJhbGciOiJFZERTQSJ9..b3V0",
+        kid="kid-1",
+        transport="https",
+        created_at=at,
+        expires_at=expires_at,
+        next_attempt_at=at,
+        updated_at=at,
+        submitted_by="svc-test",
+    )
+
+
+def event(kind: EventKind, message_id: str | None = None, **extra: str) -> AuditEvent:
+    return AuditEvent(event=kind, at=T0, message_id=message_id, **extra)
+
+
+async def all_seqs(store: Store) -> list[int]:
+    rows = await store.audit_entries(AuditFilter(), limit=100_000)
+    return [r.seq for r in rows]
+
+
+def naive_root(leaves: list[bytes]) -> bytes:
+    """RFC 6962 MTH, straight from the definition."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    left, right = naive_root(leaves[:k]), naive_root(leaves[k:])
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+# inbox
+
+
+async def test_inbound_stored_then_duplicate_returns_original_receipt(store: Store) -> None:
+    first = await store.store_inbound(inbound("m-1"), [event(EventKind.ACCEPTED, "m-1")])
+    assert first.status == "stored"
+    assert first.record.seq is not None
+    later = replace(inbound("m-1"), receipt_body=b"another receipt", received_at=T0 + timedelta(1))
+    again = await store.store_inbound(later, [event(EventKind.ACCEPTED, "m-1")])
+    assert again.status == "duplicate"
+    assert again.record.receipt_body == b'{"receipt": "m-1"}'
+    assert again.record.received_at == T0
+    assert await store.audit_size() == 1
+
+
+async def test_inbound_same_id_other_body_is_conflict_and_leaves_original(store: Store) -> None:
+    await store.store_inbound(inbound("m-1"), [event(EventKind.ACCEPTED, "m-1")])
+    outcome = await store.store_inbound(
+        inbound("m-1", body=b'{"payload": 2}'), [event(EventKind.ACCEPTED, "m-1")]
+    )
+    assert outcome.status == "conflict"
+    assert outcome.record.body == b'{"payload": 1}'
+    stored = await store.get_inbound("MX-SAT", "m-1")
+    assert stored is not None
+    assert stored.body == b'{"payload": 1}'
+    assert await store.audit_size() == 1
+
+
+async def test_inbound_dedupe_is_scoped_by_sender(store: Store) -> None:
+    a = await store.store_inbound(inbound("123", sender="MX-SAT"), [])
+    b = await store.store_inbound(inbound("123", sender="CA-CBSA"), [])
+    assert (a.status, b.status) == ("stored", "stored")
+
+
+async def test_fifty_concurrent_identical_inserts_store_one_row(store: Store) -> None:
+    outcomes = await asyncio.gather(
+        *(
+            store.store_inbound(inbound("race"), [event(EventKind.ACCEPTED, "race")])
+            for _ in range(50)
+        )
+    )
+    statuses = sorted(o.status for o in outcomes)
+    assert statuses == ["duplicate"] * 49 + ["stored"]
+    assert await store.audit_size() == 1
+    assert len(await store.pending_relay(100)) == 1
+
+
+async def test_many_concurrent_inbound_each_visible_when_returned(store: Store) -> None:
+    async def one(i: int) -> None:
+        outcome = await store.store_inbound(
+            inbound(f"gc-{i}"), [event(EventKind.ACCEPTED, f"gc-{i}")]
+        )
+        assert outcome.status == "stored"
+        # read back on another connection: the row was committed before the call returned
+        assert await store.get_inbound("MX-SAT", f"gc-{i}") is not None
+
+    await asyncio.gather(*(one(i) for i in range(200)))
+    assert await store.audit_size() == 200
+    assert await all_seqs(store) == list(range(200))
+
+
+async def test_relay_pending_oldest_first_and_marked(store: Store) -> None:
+    for i in range(5):
+        await store.store_inbound(inbound(f"r-{i}"), [])
+    pending = await store.pending_relay(3)
+    assert [r.message_id for r in pending] == ["r-0", "r-1", "r-2"]
+    await store.mark_relayed([r.key for r in pending], [event(EventKind.DELIVERED, "r-0")])
+    rest = await store.pending_relay(10)
+    assert [r.message_id for r in rest] == ["r-3", "r-4"]
+    relayed = await store.get_inbound("MX-SAT", "r-0")
+    assert relayed is not None
+    assert relayed.relayed
+    assert await store.audit_size() == 1
+
+
+async def test_find_inbound_reply(store: Store) -> None:
+    assert await store.find_inbound_reply("q-1") is None
+    await store.store_inbound(inbound("resp-1", in_reply_to="q-1"), [])
+    reply = await store.find_inbound_reply("q-1")
+    assert reply is not None
+    assert reply.message_id == "resp-1"
+
+
+# audit log
+
+
+async def test_failed_unit_appends_no_audit_entry(store: Store) -> None:
+    await store.enqueue_outbound(outbound("o-1"), [event(EventKind.SUBMITTED, "o-1")])
+    results = await asyncio.gather(
+        store.enqueue_outbound(outbound("o-1"), [event(EventKind.SUBMITTED, "dup")]),
+        store.store_inbound(inbound("ok-1"), [event(EventKind.ACCEPTED, "ok-1")]),
+        store.store_inbound(inbound("ok-2"), [event(EventKind.ACCEPTED, "ok-2")]),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], DuplicateConflict)
+    assert "o-1" in results[0].reason
+    rows = await store.audit_entries(AuditFilter())
+    assert [r.seq for r in rows] == [0, 1, 2]
+    assert all(b'"dup"' not in r.entry for r in rows)
+
+
+async def test_concurrent_appends_have_gap_free_seqs(store: Store) -> None:
+    batches = [[event(EventKind.QUERY, f"a-{i}-{j}") for j in range(1 + i % 3)] for i in range(40)]
+    results = await asyncio.gather(*(store.append_audit(b) for b in batches))
+    seqs = sorted(s for r in results for s in r)
+    total = sum(len(b) for b in batches)
+    assert seqs == list(range(total))
+    for got, batch in zip(results, batches, strict=True):
+        assert got == list(range(got[0], got[0] + len(batch)))
+    assert await store.audit_size() == total
+    assert await all_seqs(store) == list(range(total))
+
+
+async def test_node_hashes_match_naive_root_for_sizes_1_to_70(store: Store) -> None:
+    sizes = [1, 2, 3, 7, 8, 13, 30, 31, 32, 33, 50, 64, 65, 70]
+    appended = 0
+    for step, target in enumerate(sizes):
+        count = target - appended
+        await store.append_audit(
+            [event(EventKind.QUERY, f"n-{appended + i}", outcome=str(step)) for i in range(count)]
+        )
+        appended = target
+    leaves = await store.audit_leaf_hashes(0, 70)
+    rows = await store.audit_entries(AuditFilter(), limit=70)
+    assert leaves == [hashlib.sha256(b"\x00" + r.entry).digest() for r in rows]
+    for size in range(1, 71):
+        keys = root_plan(size).keys()
+        nodes = await store.audit_node_hashes(keys)
+        assert set(nodes) == set(keys)
+        assert root_from_nodes(size, nodes) == naive_root(leaves[:size]), size
+    # an incomplete subtree is never stored
+    assert await store.audit_node_hashes([(3, 8), (1, 35)]) == {}
+
+
+async def test_audit_filters(store: Store) -> None:
+    await store.append_audit(
+        [
+            AuditEvent(event=EventKind.ACCEPTED, at=T0, message_id="x", sender="MX-SAT"),
+            AuditEvent(
+                event=EventKind.REJECTED,
+                at=T0 + timedelta(hours=1),
+                message_id="y",
+                sender="CA-CBSA",
+                outcome="SCHEMA_INVALID",
+                message_type="t.a",
+            ),
+            AuditEvent(
+                event=EventKind.SENT,
+                at=T0 + timedelta(hours=2),
+                message_id="z",
+                recipient="MX-SAT",
+                correlation_id="c-1",
+            ),
+        ]
+    )
+
+    async def seqs(f: AuditFilter, after: int = -1) -> list[int]:
+        return [r.seq for r in await store.audit_entries(f, after_seq=after)]
+
+    assert await seqs(AuditFilter(partner="MX-SAT")) == [0, 2]
+    assert await seqs(AuditFilter(message_id="y")) == [1]
+    assert await seqs(AuditFilter(outcome="SCHEMA_INVALID", message_type="t.a")) == [1]
+    assert await seqs(AuditFilter(event="sent", correlation_id="c-1")) == [2]
+    assert await seqs(AuditFilter(since=T0 + timedelta(minutes=30))) == [1, 2]
+    assert await seqs(AuditFilter(until=T0 + timedelta(minutes=30))) == [0]
+    assert await seqs(AuditFilter(), after=0) == [1, 2]
+    entry = await store.audit_entry(1)
+    assert entry is not None
+    assert b'"SCHEMA_INVALID"' in entry.entry
+    assert await store.audit_entry(3) is None
+
+
+async def test_checkpoints_cosignatures_witness_state(store: Store) -> None:
+    assert await store.latest_checkpoint() is None
+    root = b"\x01" * 32
+    await store.save_checkpoint(3, root, "note-3", T0, [event(EventKind.QUERY)])
+    await store.save_checkpoint(5, b"\x02" * 32, "note-5", T0 + timedelta(1))
+    latest = await store.latest_checkpoint()
+    assert latest is not None
+    assert (latest.size, latest.note) == (5, "note-5")
+    at3 = await store.checkpoint_for_size(3)
+    assert at3 is not None
+    assert at3.root_hash == root
+    assert at3.created_at == T0
+    assert await store.audit_size() == 1
+    await store.save_cosignature("MX-SAT", 3, root, "cosig", T0)
+    await store.save_cosignature("CA-CBSA", 5, b"\x02" * 32, "cosig5", T0)
+    assert [c.partner for c in await store.cosignatures()] == ["MX-SAT", "CA-CBSA"]
+    assert [c.note for c in await store.cosignatures(size=5)] == ["cosig5"]
+    assert await store.get_witnessed("mx.example/log") is None
+    await store.set_witnessed("mx.example/log", 10, b"\x03" * 32, "their note")
+    await store.set_witnessed("mx.example/log", 12, b"\x04" * 32, "newer note")
+    assert await store.get_witnessed("mx.example/log") == (12, b"\x04" * 32, "newer note")
+
+
+# outbox
+
+
+async def test_outbox_claim_urgent_first_and_lease(store: Store) -> None:
+    await store.enqueue_outbound(outbound("routine"), [event(EventKind.SUBMITTED, "routine")])
+    await store.enqueue_outbound(
+        outbound("urgent", priority=Priority.URGENT, at=T0 + timedelta(seconds=1)), []
+    )
+    await store.enqueue_outbound(outbound("later", at=T0 + timedelta(hours=1)), [])
+    claimed = await store.claim_outbound("w1", T0 + timedelta(seconds=2), 10, 30)
+    assert [r.message_id for r in claimed] == ["urgent", "routine"]
+    # leased: another worker gets nothing until the lease ends
+    assert await store.claim_outbound("w2", T0 + timedelta(seconds=3), 10, 30) == []
+    taken = await store.claim_outbound("w2", T0 + timedelta(seconds=40), 10, 30)
+    assert [r.message_id for r in taken] == ["urgent", "routine"]
+    update = AttemptUpdate(state=OutboundState.SENT, attempts=1, next_attempt_at=T0)
+    with pytest.raises(LeaseLost):
+        await store.finish_attempt("urgent", "w1", update, [event(EventKind.SENT, "urgent")])
+    assert await store.audit_size() == 1
+
+
+async def test_outbox_finish_and_retry(store: Store, store_clock: ManualClock) -> None:
+    await store.enqueue_outbound(outbound("o-1"), [])
+    (_claimed,) = await store.claim_outbound("w1", T0, 10, 30)
+    failed = await store.finish_attempt(
+        "o-1",
+        "w1",
+        AttemptUpdate(
+            state=OutboundState.SENT,
+            attempts=1,
+            next_attempt_at=T0 + timedelta(seconds=4),
+            last_error="HTTP 503",
+        ),
+        [event(EventKind.ATTEMPT_FAILED, "o-1")],
+    )
+    assert (failed.state, failed.attempts, failed.last_error) == (OutboundState.SENT, 1, "HTTP 503")
+    assert await store.claim_outbound("w1", T0 + timedelta(seconds=3), 10, 30) == []
+    assert len(await store.claim_outbound("w1", T0 + timedelta(seconds=4), 10, 30)) == 1
+    dead = await store.finish_attempt(
+        "o-1",
+        "w1",
+        AttemptUpdate(state=OutboundState.DEAD, attempts=2, next_attempt_at=T0, last_error="x"),
+        [event(EventKind.DEAD, "o-1")],
+    )
+    assert dead.state is OutboundState.DEAD
+    assert await store.claim_outbound("w1", T0 + timedelta(days=1), 10, 30) == []
+    depth = await store.outbox_depth()
+    assert depth[OutboundState.DEAD] == 1
+    assert depth[OutboundState.QUEUED] == 0
+    later = T0 + timedelta(hours=2)
+    retried = await store.retry_outbound(
+        "o-1", now=later, actor="cli:ops", events=[event(EventKind.OPERATOR_ACTION, "o-1")]
+    )
+    assert (retried.state, retried.attempts, retried.next_attempt_at) == (
+        OutboundState.QUEUED,
+        0,
+        later,
+    )
+    with pytest.raises(InvalidTransition):
+        await store.retry_outbound("o-1", now=later, actor="cli:ops", events=[])
+    with pytest.raises(MessageNotFound):
+        await store.retry_outbound("nope", now=later, actor="cli:ops", events=[])
+    (_again,) = await store.claim_outbound("w2", later, 10, 30)
+    acked = await store.finish_attempt(
+        "o-1",
+        "w2",
+        AttemptUpdate(
+            state=OutboundState.ACKNOWLEDGED,
+            attempts=1,
+            next_attempt_at=later,
+            receipt_body=b"receipt",
+            receipt_signature="sig",
+        ),
+        [event(EventKind.ACKNOWLEDGED, "o-1")],
+    )
+    assert (acked.receipt_body, acked.receipt_signature) == (b"receipt", "sig")
+    stored = await store.get_outbound("o-1")
+    assert stored == acked
+    assert stored.updated_at == store_clock.now()
+    assert await store.audit_size() == 4
+
+
+async def test_outbox_duplicate_message_id_is_refused(store: Store) -> None:
+    await store.enqueue_outbound(outbound("o-1"), [])
+    with pytest.raises(DuplicateConflict, match="o-1"):
+        await store.enqueue_outbound(outbound("o-1"), [event(EventKind.SUBMITTED, "o-1")])
+    assert await store.audit_size() == 0
+
+
+async def test_expired_rows_are_claimed_so_the_dispatcher_can_end_them(store: Store) -> None:
+    await store.enqueue_outbound(outbound("exp", expires_at=T0 + timedelta(minutes=5)), [])
+    (record,) = await store.claim_outbound("w1", T0 + timedelta(minutes=10), 10, 30)
+    assert record.expires_at is not None
+    assert record.expires_at < T0 + timedelta(minutes=10)
+    dead = await store.finish_attempt(
+        "exp",
+        "w1",
+        AttemptUpdate(
+            state=OutboundState.DEAD, attempts=0, next_attempt_at=T0, last_error="expired"
+        ),
+        [],
+    )
+    assert dead.state is OutboundState.DEAD
+
+
+async def test_two_concurrent_claimers_never_share_a_row(
+    store: Store, store_url: str, store_clock: ManualClock
+) -> None:
+    for i in range(120):
+        await store.enqueue_outbound(outbound(f"c-{i:03d}"), [])
+    other = open_store(store_url, clock=store_clock)
+    await other.open()
+    try:
+        claims: dict[str, list[str]] = {"a": [], "b": []}
+
+        async def drain(name: str, s: Store) -> None:
+            while True:
+                got = await s.claim_outbound(name, T0, 7, 60)
+                if not got:
+                    return
+                claims[name].extend(r.message_id for r in got)
+
+        await asyncio.gather(drain("a", store), drain("b", other))
+    finally:
+        await other.close()
+    everything = claims["a"] + claims["b"]
+    assert len(everything) == len(set(everything)) == 120
+
+
+# listing and retention
+
+
+async def test_list_messages_filters_and_pages(store: Store) -> None:
+    for i in range(5):
+        await store.store_inbound(inbound(f"in-{i}", at=T0 + timedelta(minutes=i)), [])
+    for i in range(4):
+        await store.enqueue_outbound(
+            outbound(f"out-{i}", at=T0 + timedelta(minutes=i, seconds=30), recipient="CA-CBSA"), []
+        )
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await store.list_messages(MessageFilter(), limit=4, after=after)
+        seen.extend(m.message_id for m in page.items)
+        if page.next_cursor is None:
+            break
+        after = page.next_cursor
+    expected = [f"in-{i}" for i in range(5)] + [f"out-{i}" for i in range(4)]
+    expected.sort(key=lambda m: (int(m[-1]), m.startswith("out")), reverse=True)
+    assert seen == expected
+    only_out = await store.list_messages(MessageFilter(direction=Direction.OUTBOUND))
+    assert {m.partner for m in only_out.items} == {"CA-CBSA"}
+    queued = await store.list_messages(MessageFilter(state="queued", partner="CA-CBSA"))
+    assert len(queued.items) == 4
+    received = await store.list_messages(
+        MessageFilter(state="received", since=T0 + timedelta(minutes=3))
+    )
+    assert [m.message_id for m in received.items] == ["in-4", "in-3"]
+    assert (await store.list_messages(MessageFilter(state="bogus"))).items == []
+
+
+async def test_purge_bodies_keeps_digests_and_metadata(store: Store) -> None:
+    await store.store_inbound(inbound("old"), [event(EventKind.ACCEPTED, "old")])
+    await store.store_inbound(inbound("unrelayed"), [])
+    await store.store_inbound(inbound("new", at=T0 + timedelta(days=40)), [])
+    await store.mark_relayed([("MX-SAT", "old"), ("MX-SAT", "new")])
+    await store.enqueue_outbound(outbound("done"), [])
+    await store.enqueue_outbound(outbound("active", at=T0 + timedelta(seconds=1)), [])
+    assert len(await store.claim_outbound("w", T0, 10, 30)) == 1
+    await store.finish_attempt(
+        "done",
+        "w",
+        AttemptUpdate(state=OutboundState.ACKNOWLEDGED, attempts=1, next_attempt_at=T0),
+        [],
+    )
+    purged = await store.purge_bodies(T0 + timedelta(days=30))
+    assert purged == 2
+    old = await store.get_inbound("MX-SAT", "old")
+    assert old is not None
+    assert old.body is None
+    assert old.body_digest == digest(b'{"payload": 1}')
+    assert old.receipt_body == b'{"receipt": "old"}'
+    for key in (("MX-SAT", "unrelayed"), ("MX-SAT", "new")):
+        kept = await store.get_inbound(*key)
+        assert kept is not None
+        assert kept.body is not None
+    done = await store.get_outbound("done")
+    active = await store.get_outbound("active")
+    assert done is not None
+    assert done.body is None
+    assert active is not None
+    assert active.body is not None
+    assert await store.audit_size() == 1
+    assert await store.purge_bodies(T0 + timedelta(days=30)) == 0
+
+
+async def test_reopen_applies_no_migration_twice(store: Store, store_url: str) -> None:
+    await store.store_inbound(inbound("keep"), [event(EventKind.ACCEPTED, "keep")])
+    clock = ManualClock(T0)
+    first, second = open_store(store_url, clock=clock), open_store(store_url, clock=clock)
+    await asyncio.gather(first.open(), second.open())
+    try:
+        assert await first.get_inbound("MX-SAT", "keep") is not None
+        assert await second.audit_size() == 1
+    finally:
+        await first.close()
+        await second.close()
