@@ -154,6 +154,14 @@ def _unavailable(exc: sqlite3.Error) -> Unavailable:
     return Unavailable(f"sqlite: {type(exc).__name__}: {exc}")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WriterStats:
+    """Group-commit counters since open: transactions committed and write units in them."""
+
+    commits: int
+    units: int
+
+
 @dataclass(kw_only=True, slots=True)
 class _Unit:
     fn: Callable[[Conn], Any]
@@ -183,10 +191,16 @@ class SqliteStore:
         self._reader_lock = threading.Lock()
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        self._commits = 0
+        self._units = 0
 
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def writer_stats(self) -> WriterStats:
+        return WriterStats(commits=self._commits, units=self._units)
 
     # lifecycle
 
@@ -316,6 +330,8 @@ class SqliteStore:
                     results.append(_unavailable(exc))
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
+            self._commits += 1
+            self._units += len(fns)
         except sqlite3.Error as exc:
             # a failed statement (disk full, I/O error, lock timeout) or COMMIT: the whole
             # batch is rolled back and every caller told so; nothing was acknowledged

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.audit.merkle import root_from_nodes, root_plan
+from gateway.audit.merkle import frontier, root_from_nodes
 from gateway.clock import ManualClock
 from gateway.errors import DuplicateConflict
 from gateway.model import Direction, Priority
@@ -238,7 +238,7 @@ async def test_node_hashes_match_naive_root_for_sizes_1_to_70(store: Store) -> N
     rows = await store.audit_entries(AuditFilter(), limit=70)
     assert leaves == [hashlib.sha256(b"\x00" + r.entry).digest() for r in rows]
     for size in range(1, 71):
-        keys = root_plan(size).keys()
+        keys = frontier(size)
         nodes = await store.audit_node_hashes(keys)
         assert set(nodes) == set(keys)
         assert root_from_nodes(size, nodes) == naive_root(leaves[:size]), size

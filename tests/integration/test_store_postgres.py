@@ -1,0 +1,139 @@
+"""PostgreSQL-only behaviour: a cut connection is Unavailable, then the pool recovers by itself;
+dedupe and claims hold across replicas (separate pools)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pgdb
+import pytest
+from test_store import T0, event, inbound, outbound
+
+from gateway.audit.events import EventKind
+from gateway.clock import ManualClock
+from gateway.errors import Unavailable
+from gateway.store.postgres import PostgresStore
+
+pytestmark = pytest.mark.postgres
+
+
+class TcpProxy:
+    """A loopback TCP relay to PostgreSQL that a test can cut (drop every connection and
+    refuse new ones) and restore, without touching the real server."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target_port = target_port
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(pgdb.HOST, self._target_port)
+        except OSError:
+            writer.close()
+            return
+        tasks = {
+            asyncio.create_task(self._pipe(reader, up_writer)),
+            asyncio.create_task(self._pipe(up_reader, writer)),
+        }
+        self._pipes |= tasks
+        for task in tasks:
+            task.add_done_callback(self._pipes.discard)
+
+    @staticmethod
+    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await dst.wait_closed()
+
+
+@pytest.fixture
+async def proxied(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    proxy = TcpProxy(pgdb.PORT)
+    await proxy.start()
+    try:
+        yield proxy, pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
+    finally:
+        await proxy.cut()
+
+
+async def test_cut_connection_is_unavailable_and_store_recovers(
+    proxied: tuple[TcpProxy, str],
+) -> None:
+    proxy, dsn = proxied
+    store = PostgresStore(dsn, clock=ManualClock(T0), max_size=4, command_timeout_s=5)
+    await store.open()
+    try:
+        await store.store_inbound(inbound("before"), [event(EventKind.ACCEPTED, "before")])
+        await proxy.cut()
+        with pytest.raises(Unavailable, match="postgresql"):
+            await store.store_inbound(inbound("during"), [event(EventKind.ACCEPTED, "during")])
+        with pytest.raises(Unavailable):
+            await store.ping()
+        with pytest.raises(Unavailable):
+            await store.audit_size()
+        await proxy.start()
+        await store.ping()
+        outcome = await store.store_inbound(inbound("during"), [event(EventKind.ACCEPTED)])
+        assert outcome.status == "stored"
+        assert await store.audit_size() == 2
+    finally:
+        await store.close()
+
+
+async def test_unreachable_server_at_open_is_unavailable(pg_dsn: str) -> None:
+    proxy = TcpProxy(pgdb.PORT)
+    await proxy.start()
+    await proxy.cut()
+    dsn = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
+    store = PostgresStore(dsn, clock=ManualClock(T0), command_timeout_s=2)
+    with pytest.raises(Unavailable, match="postgresql"):
+        await store.open()
+
+
+async def test_dedupe_and_claims_hold_across_replicas(pg_dsn: str) -> None:
+    replicas = [PostgresStore(pg_dsn, clock=ManualClock(T0), max_size=5) for _ in range(2)]
+    for replica in replicas:
+        await replica.open()
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                replicas[i % 2].store_inbound(inbound("x"), [event(EventKind.ACCEPTED, "x")])
+                for i in range(40)
+            )
+        )
+        assert sorted(o.status for o in outcomes) == ["duplicate"] * 39 + ["stored"]
+        for i in range(60):
+            await replicas[0].enqueue_outbound(outbound(f"o-{i}"), [])
+        claimed = await asyncio.gather(
+            *(replicas[i % 2].claim_outbound(f"w{i}", T0, 5, 60) for i in range(16))
+        )
+        ids = [r.message_id for batch in claimed for r in batch]
+        assert len(ids) == len(set(ids)) == 60
+        assert await replicas[1].audit_size() == 1
+    finally:
+        for replica in replicas:
+            await replica.close()

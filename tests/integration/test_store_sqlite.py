@@ -1,0 +1,96 @@
+"""SQLite-only behaviour: group commit, pragmas, lock timeouts as Unavailable, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from test_store import T0, event, inbound, outbound
+
+from gateway.audit.events import EventKind
+from gateway.clock import ManualClock
+from gateway.errors import DuplicateConflict, Unavailable
+from gateway.store.sqlite import SqliteStore
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0), busy_timeout_ms=200)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> None:
+    before = sqlite_store.writer_stats
+    outcomes = await asyncio.gather(
+        *(
+            sqlite_store.store_inbound(inbound(f"g-{i}"), [event(EventKind.ACCEPTED, f"g-{i}")])
+            for i in range(300)
+        )
+    )
+    assert {o.status for o in outcomes} == {"stored"}
+    after = sqlite_store.writer_stats
+    assert after.units - before.units == 300
+    # far fewer fsyncs than messages: the writer batched what was queued
+    assert after.commits - before.commits < 100
+
+
+async def test_failing_unit_in_a_batch_rolls_back_alone(sqlite_store: SqliteStore) -> None:
+    await sqlite_store.enqueue_outbound(outbound("o-1"), [])
+    before = sqlite_store.writer_stats
+    results = await asyncio.gather(
+        sqlite_store.store_inbound(inbound("a"), [event(EventKind.ACCEPTED, "a")]),
+        sqlite_store.enqueue_outbound(outbound("o-1"), [event(EventKind.SUBMITTED, "o-1")]),
+        sqlite_store.store_inbound(inbound("b"), [event(EventKind.ACCEPTED, "b")]),
+        return_exceptions=True,
+    )
+    assert sqlite_store.writer_stats.commits - before.commits == 1
+    assert isinstance(results[1], DuplicateConflict)
+    assert await sqlite_store.audit_size() == 2
+    assert await sqlite_store.get_inbound("MX-SAT", "b") is not None
+
+
+async def test_wal_and_full_sync_are_in_force(sqlite_store: SqliteStore) -> None:
+    with sqlite3.connect(sqlite_store.path) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert await sqlite_store.integrity_check() == "ok"
+
+
+async def test_lock_timeout_is_unavailable_then_recovers(sqlite_store: SqliteStore) -> None:
+    blocker = sqlite3.connect(sqlite_store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(Unavailable, match="locked"):
+            await sqlite_store.store_inbound(inbound("blocked"), [event(EventKind.ACCEPTED)])
+        blocker.execute("ROLLBACK")
+    finally:
+        blocker.close()
+    assert await sqlite_store.get_inbound("MX-SAT", "blocked") is None
+    assert await sqlite_store.audit_size() == 0
+    outcome = await sqlite_store.store_inbound(inbound("blocked"), [event(EventKind.ACCEPTED)])
+    assert outcome.status == "stored"
+    await sqlite_store.ping()
+
+
+async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "missing-dir" / "gw.db", clock=ManualClock(T0))
+    with pytest.raises(Unavailable, match="unable to open"):
+        await store.open()
+    with pytest.raises(Unavailable, match="not open"):
+        await store.ping()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0))
+    await store.open()
+    await store.close()
+    with pytest.raises(Unavailable, match="not open"):
+        await store.store_inbound(inbound("late"), [])
+    with pytest.raises(Unavailable, match="not open"):
+        await store.audit_size()
