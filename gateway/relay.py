@@ -33,6 +33,7 @@ class InboxRelay:
         batch: int = 100,
         poll_interval_s: float = 0.5,
         max_backoff_s: float = 10.0,
+        stop_timeout_s: float = 15.0,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -41,6 +42,7 @@ class InboxRelay:
         self._batch = batch
         self._poll_interval_s = poll_interval_s
         self._max_backoff_s = max_backoff_s
+        self._stop_timeout_s = stop_timeout_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -61,8 +63,13 @@ class InboxRelay:
             return
         self._stopping = True
         self._wake.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self._stop_timeout_s)
+        except TimeoutError:
+            # A publish hung (broker gone): what it held stays pending and goes out next start.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def relay_once(self) -> int:
         """Publish one batch of pending records; returns how many were confirmed and marked."""

@@ -177,6 +177,7 @@ class Gateway:
         return self.partner_server.url
 
     async def start(self) -> None:
+        """Open the store, start the services (broker first), the relay, then take messages."""
         try:
             self.signer.current_key()
         except RuntimeError as exc:
@@ -184,29 +185,30 @@ class Gateway:
         await self.store.open()
         started: list[Service] = []
         try:
-            self.relay.start()
             for service in self._services:
                 await service.start()
                 started.append(service)
+            self.relay.start()
             await self.partner_server.start()
         except BaseException:
+            await self.relay.stop()
             for service in reversed(started):
                 await service.stop()
-            await self.relay.stop()
             await self.store.close()
             raise
         self._started = True
         log.info("gateway_started", party=self.config.party, partner_url=self.partner_url)
 
     async def stop(self) -> None:
-        """Graceful: stop taking messages, finish in-flight ones, then close the store."""
+        """Graceful: stop taking messages and let in-flight ones commit and be answered, stop
+        the relay (after its round in progress) and the services, then close the store."""
         if not self._started:
             return
         self._started = False
         await self.partner_server.stop()
+        await self.relay.stop()
         for service in reversed(self._services):
             await service.stop()
-        await self.relay.stop()
         await self.bus.close()
         await self.store.close()
         log.info("gateway_stopped", party=self.config.party)

@@ -8,6 +8,8 @@ from gateway import __version__
 from gateway.cli.amqp import amqp
 from gateway.cli.partners import partners
 from gateway.cli.pki import pki
+from gateway.cli.sandbox import sandbox
+from gateway.cli.serve import serve
 from gateway.cli.sig import sig
 
 
@@ -20,6 +22,8 @@ def cli() -> None:
 cli.add_command(sig)
 cli.add_command(amqp)
 cli.add_command(pki)
+cli.add_command(serve)
+cli.add_command(sandbox)
 cli.add_command(partners)
 
 

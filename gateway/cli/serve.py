@@ -1,0 +1,125 @@
+"""``c2c-gateway serve``: run the gateway from its configuration until SIGTERM or SIGINT.
+
+Shutdown is graceful: the partner endpoint stops accepting, in-flight requests finish (an
+acknowledged message is always committed), services stop, then the store closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import click
+import structlog
+import uvloop
+
+from gateway.api.server import ApiServer
+from gateway.config import load_config
+from gateway.errors import ConfigError
+from gateway.outbound.service import attach_outbound
+from gateway.runtime import Gateway
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """structlog to stderr: JSON lines when stderr is not a terminal, readable lines when it is."""
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer()
+        if sys.stderr.isatty()
+        else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
+    """Gateway with its outbound dispatcher and internal API attached."""
+    gateway = Gateway(load_config(config_path))
+    _, api = attach_outbound(gateway)
+    assert api is not None
+    return gateway, api
+
+
+async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) -> None:
+    """Start, report readiness, wait for SIGTERM/SIGINT, stop gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await gateway.start()
+        try:
+            on_ready()
+            await stop.wait()
+        finally:
+            await gateway.stop()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
+    """Build the gateway (and its readiness report) and serve it on uvloop until signalled;
+    operator errors exit 2 with one clear line, never a traceback."""
+
+    async def serve_it() -> None:
+        gateway, on_ready = build()
+        await run_until_signalled(gateway, on_ready)
+
+    try:
+        uvloop.run(serve_it())
+    except ConfigError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        click.echo(f"error: cannot serve: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+
+
+@click.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("gateway.toml"),
+    show_default=True,
+    help="gateway.toml (partners are read from its partners_dir).",
+)
+def serve(config_path: Path) -> None:
+    """Serve the partner endpoint, the internal API and the dispatcher until SIGTERM."""
+    configure_logging()
+    log = structlog.get_logger("gateway.serve")
+
+    def build() -> tuple[Gateway, Callable[[], None]]:
+        gateway, api = build_gateway(config_path)
+
+        def ready() -> None:
+            log.info(
+                "serving",
+                party=gateway.config.party,
+                partner_url=gateway.partner_url,
+                api_url=api.url,
+            )
+
+        return gateway, ready
+
+    run(build)

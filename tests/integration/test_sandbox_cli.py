@@ -1,0 +1,216 @@
+"""The conformance sandbox as a partner uses it: a subprocess, the system curl, and a JWS made
+by an independent JOSE library (jwcrypto), never by the gateway's own code.
+Also: ``serve`` refuses a bad configuration with one clear line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from jwcrypto import jwk, jws
+
+from gateway.cli.main import cli
+from gateway.schemas.registry import SchemaRegistry
+
+C2C_GATEWAY = str(Path(sys.executable).with_name("c2c-gateway"))
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, Any], Path]]:
+    directory = tmp_path_factory.mktemp("sandbox")
+    log_path = tmp_path_factory.mktemp("sandbox-log") / "stderr.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [C2C_GATEWAY, "sandbox", "--dir", str(directory), "--port", "0", "--api-port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line:
+        process.kill()
+        process.wait(timeout=10)
+        pytest.fail(f"sandbox did not start: {log_path.read_text()[-2000:]}")
+    ready = json.loads(line)
+    try:
+        yield ready, directory
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+        err = log_path.read_text()
+        # Exactly one line on stdout, ever; a clean exit on SIGTERM.
+        assert out == b"", out
+        assert process.returncode == 0, err[-2000:]
+        assert "gateway_stopped" in err
+
+
+def _independent_jws(body: bytes, directory: Path, party: str) -> str:
+    key = jwk.JWK.from_pem((directory / party / "sign.key").read_bytes())
+    kid = (directory / party / "sign.kid").read_text().strip()
+    token = jws.JWS(body)
+    token.add_signature(
+        key, alg="EdDSA", protected=json.dumps({"alg": "EdDSA", "kid": kid, "typ": "c2c+json"})
+    )
+    header, _, signature = token.serialize(compact=True).split(".")
+    return f"{header}..{signature}"
+
+
+def _message(sender: str, *, created_at: dt.datetime | None = None) -> tuple[str, bytes]:
+    payload = SchemaRegistry.load_builtin().examples("shipment.advance_data", "1.0")[0]
+    message_id = str(uuid.uuid4())
+    created = (created_at or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    envelope = {
+        "header": {
+            "message_id": message_id,
+            "message_type": "shipment.advance_data",
+            "schema_version": "1.0",
+            "sender": sender,
+            "recipient": "US-CBP",
+            "created_at": created,
+            "correlation_id": None,
+            "in_reply_to": None,
+        },
+        "payload": payload,
+    }
+    return message_id, json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def _curl(
+    url: str, directory: Path, party: str, tmp: Path, *, body: bytes | None, signature: str | None
+) -> tuple[int, dict[str, str], bytes]:
+    headers_file, body_file = tmp / "headers.txt", tmp / "body.bin"
+    command = [
+        "curl",
+        "--silent",
+        "--show-error",
+        "--cert",
+        str(directory / party / "tls.pem"),
+        "--key",
+        str(directory / party / "tls.key"),
+        "--cacert",
+        str(directory / "ca.pem"),
+        "--dump-header",
+        str(headers_file),
+        "--output",
+        str(body_file),
+        "--write-out",
+        "%{http_code}",
+    ]
+    if body is not None:
+        (tmp / "request.json").write_bytes(body)
+        command += [
+            "--header",
+            "Content-Type: application/json",
+            "--data-binary",
+            f"@{tmp / 'request.json'}",
+        ]
+    if signature is not None:
+        command += ["--header", f"C2C-Signature: {signature}"]
+    done = subprocess.run([*command, url], capture_output=True, timeout=30, check=True)
+    headers = {}
+    for raw in headers_file.read_text().splitlines()[1:]:
+        if ":" in raw:
+            name, value = raw.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    return int(done.stdout), headers, body_file.read_bytes()
+
+
+def _verify_receipt(receipt: bytes, signature: str, directory: Path) -> dict[str, Any]:
+    """Check US-CBP's detached receipt signature with jwcrypto and the published sign.pub."""
+    key = jwk.JWK.from_pem((directory / "US-CBP" / "sign.pub").read_bytes())
+    token = jws.JWS()
+    token.deserialize(signature)
+    token.verify(key, alg="EdDSA", detached_payload=receipt)
+    document: dict[str, Any] = json.loads(receipt)
+    return document
+
+
+def test_partner_sends_with_curl_and_an_independent_jws(
+    sandbox: tuple[dict[str, Any], Path], tmp_path: Path
+) -> None:
+    ready, directory = sandbox
+    assert ready["ready"] is True
+    assert ready["party"] == "US-CBP"
+    assert ready["dir"] == str(directory)
+    assert ready["partner_url"].startswith("https://127.0.0.1:")
+    assert ready["api_url"].startswith("https://127.0.0.1:")
+    for name in ("ca.pem", "api.token", "gateway.toml", "US-CBP/audit.pub", "MX-ANAM/sign.kid"):
+        assert (directory / name).is_file(), name
+    url = ready["partner_url"] + "/c2c/v1/messages"
+
+    message_id, body = _message("MX-ANAM")
+    signature = _independent_jws(body, directory, "MX-ANAM")
+    status, headers, receipt = _curl(
+        url, directory, "MX-ANAM", tmp_path, body=body, signature=signature
+    )
+    assert status == 202, receipt
+    document = _verify_receipt(receipt, headers["c2c-signature"], directory)
+    assert document["header"]["in_reply_to"] == message_id
+    assert document["payload"]["status"] == "ACK"
+    digest = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).rstrip(b"=").decode()
+    assert document["payload"]["ref_digest"] == f"sha-256:{digest}"
+
+    # The same bytes again: 200 and the very same receipt.
+    again_status, again_headers, again = _curl(
+        url, directory, "MX-ANAM", tmp_path, body=body, signature=signature
+    )
+    assert again_status == 200
+    assert again == receipt
+    assert again_headers["c2c-signature"] == headers["c2c-signature"]
+
+    # One flipped byte: a signed NACK.
+    tampered = body.replace(b'"US-CBP"', b'"US-CBP" ', 1)
+    bad_status, bad_headers, nack = _curl(
+        url, directory, "MX-ANAM", tmp_path, body=tampered, signature=signature
+    )
+    assert bad_status == 401
+    nack_doc = _verify_receipt(nack, bad_headers["c2c-signature"], directory)
+    assert nack_doc["payload"]["code"] == "SIGNATURE_INVALID"
+
+
+def test_keys_and_schemas_with_curl(sandbox: tuple[dict[str, Any], Path], tmp_path: Path) -> None:
+    ready, directory = sandbox
+    status, _, raw = _curl(
+        ready["partner_url"] + "/c2c/v1/keys",
+        directory,
+        "CA-CBSA",
+        tmp_path,
+        body=None,
+        signature=None,
+    )
+    assert status == 200
+    kids = [key["kid"] for key in json.loads(raw)["keys"]]
+    assert kids == [(directory / "US-CBP" / "sign.kid").read_text().strip()]
+    status, _, raw = _curl(
+        ready["partner_url"] + "/c2c/v1/schemas/shipment.advance_data/1.0",
+        directory,
+        "CA-CBSA",
+        tmp_path,
+        body=None,
+        signature=None,
+    )
+    assert status == 200
+    assert json.loads(raw)["examples"]
+
+
+def test_serve_bad_config_exits_2_with_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('party = "not a party"\n')
+    result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {config}: party:")
+    assert "Traceback" not in result.output
