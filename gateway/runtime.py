@@ -9,7 +9,7 @@ the store is open, stopped before it closes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -30,11 +30,15 @@ from gateway.inbound.context import InboundEnv, OnReceipt, ReceivedReceipt
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.inbound.ratelimit import RateLimiters
 from gateway.metrics import Metrics
+from gateway.outbound.submission import SubmissionServices
 from gateway.receipts import ReceiptSigner
 from gateway.relay import InboxRelay
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store import InvalidStoreUrl, open_store
 from gateway.store.base import Store
+from gateway.transports.amqp import AmqpBroker
+from gateway.transports.amqp_bus import RabbitBus
+from gateway.transports.amqp_service import AmqpService
 from gateway.transports.bus import Bus, MemoryBus
 from gateway.transports.https_server import PartnerHttpsServer
 from gateway.transports.tls import PartnerIdentifier, server_context
@@ -116,7 +120,14 @@ class Gateway:
             except InvalidStoreUrl as exc:
                 raise ConfigError(str(config.source), "store_url", str(exc)) from None
         self.store = store
+        #: the RabbitMQ side (partner queues, c2c.submit, c2c.inbound) when amqp.url is set
+        self.broker: AmqpBroker | None = None
+        if bus is None and config.amqp.url is not None:
+            self.broker = AmqpBroker(config.amqp)
+            bus = RabbitBus(self.broker)
         self.bus: Bus = bus if bus is not None else MemoryBus()
+        #: called when an internal system submitted over AMQP (the dispatcher's wake-up)
+        self.on_submitted: Callable[[], None] | None = None
         self.relay = InboxRelay(
             store=self.store, bus=self.bus, clock=self.clock, metrics=self.metrics
         )
@@ -152,6 +163,26 @@ class Gateway:
         )
         self._services: list[Service] = []
         self._started = False
+        self.amqp: AmqpService | None = None
+        if self.broker is not None:
+            self.amqp = AmqpService(
+                broker=self.broker,
+                pipeline=self.pipeline,
+                submission=SubmissionServices(
+                    config=config,
+                    registry=self.registry,
+                    signing_keys=self.signing_keys,
+                    store=self.store,
+                    clock=self.clock,
+                ),
+                on_submitted=self._submitted,
+            )
+            # First service: the broker is connected before anything publishes to it.
+            self.add_service(self.amqp)
+
+    def _submitted(self) -> None:
+        if self.on_submitted is not None:
+            self.on_submitted()
 
     def set_receipt_handler(self, handler: OnReceipt) -> None:
         """Where partners' receipts for our messages go (the outbound dispatcher)."""

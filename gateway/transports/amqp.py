@@ -170,6 +170,10 @@ class AmqpBroker:
         self._channels: dict[str, AbstractRobustChannel] = {}
         self._exchanges: dict[tuple[str, str], AbstractExchange] = {}
         self._lock = asyncio.Lock()
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def config(self) -> AmqpConfig:
@@ -343,11 +347,36 @@ class AmqpBroker:
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await self._handle(queue, message, handler)
 
-            await declared.consume(on_message, no_ack=False)
+            tag = await declared.consume(on_message, no_ack=False)
         except _TRANSIENT as exc:
             raise Unavailable(f"cannot consume {queue}: {_describe(exc)}") from exc
+        self._consumers.append((declared, tag))
+
+    async def stop_consuming(self, *, timeout_s: float = 10.0) -> None:
+        """Cancel every consumer, then wait (bounded) for the deliveries being handled.
+
+        Whatever is still unacked when the connection closes goes back to its queue.
+        """
+        consumers, self._consumers = self._consumers, []
+        for queue, tag in consumers:
+            with contextlib.suppress(*_TRANSIENT, TimeoutError):
+                await queue.cancel(tag, timeout=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
 
     async def _handle(
+        self, queue: str, message: AbstractIncomingMessage, handler: DeliveryHandler
+    ) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._settle(queue, message, handler)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _settle(
         self, queue: str, message: AbstractIncomingMessage, handler: DeliveryHandler
     ) -> None:
         delivery = _delivery(queue, message)

@@ -1,0 +1,149 @@
+"""Internal systems submit outbound messages by publishing to the ``c2c.submit`` exchange.
+
+The body is the same JSON object as ``POST /api/v1/messages`` and goes through the same
+submission stages (resolve partner, authorize type, validate, sign, store with its audit
+event). The submitter is ``amqp:<user_id>`` (broker-validated) or else ``amqp:<app_id>``.
+
+Answers: with ``reply_to`` set, the outcome is published there (``submission.accepted`` with
+the message id, or an RFC 9457 ``problem`` naming the code and the exact reason). A refused
+submission without ``reply_to`` is dead-lettered to ``c2c.submit.dead`` with the reason in the
+``c2c-reason`` header. The delivery is acked only once the row is stored or the refusal was
+published with a confirm; while the store is down it goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.api.messages import submission_from
+from gateway.envelope import new_message_id, parse_json_strict
+from gateway.errors import GatewayError, Malformed, Unavailable
+from gateway.inbound.pipeline import problem_document
+from gateway.outbound.submission import SubmissionServices, submit
+from gateway.transports.amqp import (
+    DEAD_LETTER_EXCHANGE,
+    REASON_HEADER,
+    SUBMIT_QUEUE,
+    AmqpBroker,
+    Delivery,
+    OutgoingMessage,
+    Settlement,
+)
+
+log = structlog.get_logger(__name__)
+
+ACCEPTED_TYPE = "submission.accepted"
+PROBLEM_TYPE = "problem"
+REPLY_CONCERN = "submit-reply"
+
+
+class SubmitConsumer:
+    def __init__(
+        self,
+        *,
+        broker: AmqpBroker,
+        services: SubmissionServices,
+        on_submitted: Callable[[], None] | None = None,
+        outage_pause_s: float = 1.0,
+    ) -> None:
+        self._broker = broker
+        self._services = services
+        self._on_submitted = on_submitted
+        self._outage_pause_s = outage_pause_s
+        self._party = services.config.party
+
+    async def start(self) -> None:
+        await self._broker.consume(SUBMIT_QUEUE, self.on_delivery, concern="submit")
+
+    async def on_delivery(self, delivery: Delivery) -> Settlement:
+        actor = _actor(delivery)
+        try:
+            document = parse_json_strict(
+                delivery.body, max_bytes=self._services.config.limits.max_body_bytes
+            )
+            if not isinstance(document, dict):
+                raise Malformed("the submission must be a JSON object")
+            record = await submit(self._services, submission_from(document, actor=actor))
+        except Unavailable as exc:
+            log.warning("amqp_submit_unavailable", actor=actor, reason=exc.reason)
+            # Give the store a moment before the message comes round again.
+            await asyncio.sleep(self._outage_pause_s)
+            return Settlement.REQUEUE
+        except GatewayError as exc:
+            return await self._refuse(delivery, actor, exc)
+        if self._on_submitted is not None:
+            self._on_submitted()
+        log.info("amqp_submitted", actor=actor, message_id=record.message_id)
+        if delivery.reply_to:
+            reply = self._reply(
+                delivery,
+                ACCEPTED_TYPE,
+                {"message_id": record.message_id, "status": record.state.value},
+            )
+            try:
+                await self._broker.publish(
+                    reply, routing_key=delivery.reply_to, concern=REPLY_CONCERN
+                )
+            except Unavailable as exc:
+                # The message is stored and will be sent; only the courtesy reply is lost.
+                log.warning("amqp_submit_reply_lost", actor=actor, reason=exc.reason)
+        return Settlement.ACK
+
+    async def _refuse(self, delivery: Delivery, actor: str, exc: GatewayError) -> Settlement:
+        log.info("amqp_submit_refused", actor=actor, code=exc.code.value, reason=exc.reason)
+        if delivery.reply_to:
+            document = {**problem_document(exc), "reason": exc.reason}
+            reply = self._reply(delivery, PROBLEM_TYPE, document, "application/problem+json")
+            try:
+                await self._broker.publish(
+                    reply, routing_key=delivery.reply_to, concern=REPLY_CONCERN
+                )
+                return Settlement.ACK
+            except Unavailable as reply_exc:
+                log.warning("amqp_submit_reply_failed", actor=actor, reason=reply_exc.reason)
+        dead = OutgoingMessage(
+            body=delivery.body,
+            message_id=delivery.message_id or new_message_id(),
+            message_type=delivery.message_type or "submission",
+            app_id=delivery.app_id or "",
+            content_type=delivery.content_type or "application/json",
+            correlation_id=delivery.correlation_id,
+            headers={REASON_HEADER: f"{exc.code.value}: {exc.reason}"},
+        )
+        try:
+            await self._broker.publish(
+                dead,
+                exchange=DEAD_LETTER_EXCHANGE,
+                routing_key=SUBMIT_QUEUE,
+                concern=REPLY_CONCERN,
+            )
+        except Unavailable as dead_exc:
+            log.warning("amqp_submit_dead_letter_failed", actor=actor, reason=dead_exc.reason)
+            return Settlement.REQUEUE
+        return Settlement.ACK
+
+    def _reply(
+        self,
+        delivery: Delivery,
+        message_type: str,
+        document: dict[str, Any],
+        content_type: str = "application/json",
+    ) -> OutgoingMessage:
+        return OutgoingMessage(
+            body=orjson.dumps(document),
+            message_id=new_message_id(),
+            message_type=message_type,
+            app_id=self._party,
+            content_type=content_type,
+            correlation_id=delivery.correlation_id or delivery.message_id,
+        )
+
+
+def _actor(delivery: Delivery) -> str:
+    who = delivery.user_id or delivery.app_id or "anonymous"
+    return f"amqp:{who[:64]}"

@@ -1,0 +1,337 @@
+"""Partner-facing AMQP against the real broker (PROTOCOL sections 4, 5, 7).
+
+A foreign peer written with plain aio-pika publishes signed messages to ``.in`` and gets
+signed receipts on ``.out``; accepted messages reach a ``c2c.inbound`` consumer with their
+message_id; every NACK case of the HTTPS tests holds over AMQP with the same code, and the
+refused delivery is acked once (never requeued: RELIABILITY-SECURITY T52).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
+from amqp_peer import IN_EXCHANGE, AmqpEnv, amqp_gateway, queue_depth
+from rabbit import HOST, PORT, RabbitVhost, rabbitmqctl
+
+from gateway.cli.amqp import partner_permissions
+from gateway.envelope import body_digest
+from gateway.errors import NackCode
+from gateway.inbound.context import ReceivedReceipt
+from gateway.receipts import ReceiptSigner
+from gateway.store.base import AuditFilter
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+def partner_user(rabbit_vhost: RabbitVhost) -> Iterator[tuple[str, str]]:
+    """A real least-privilege broker user for MX-ANAM on the test vhost."""
+    user, password = f"mx-anam-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    rabbitmqctl("add_user", user, stdin=password + "\n")
+    perms = partner_permissions(AMQP_PARTNER)
+    rabbitmqctl(
+        "set_permissions", "-p", rabbit_vhost.name, user, perms.configure, perms.write, perms.read
+    )
+    try:
+        yield user, password
+    finally:
+        with contextlib.suppress(RuntimeError):
+            rabbitmqctl("delete_user", user)
+
+
+async def rejections(env: AmqpEnv, code: NackCode) -> list[dict[str, Any]]:
+    rows = await env.gateway.store.audit_entries(AuditFilter(event="rejected", outcome=code.value))
+    return [json.loads(row.entry) for row in rows]
+
+
+async def test_foreign_peer_gets_signed_ack_and_message_reaches_cbp_consumer(
+    tmp_path: Path, rabbit_vhost: RabbitVhost, partner_user: tuple[str, str]
+) -> None:
+    user, password = partner_user
+    async with amqp_gateway(tmp_path, rabbit_vhost, amqp_user=user) as env:
+        partner = await aio_pika.connect(
+            f"amqp://{user}:{password}@{HOST}:{PORT}/{rabbit_vhost.name}"
+        )
+        try:
+            channel = await partner.channel()
+            exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
+            message_id, body = env.message()
+            signature = env.sign(body)
+            for _ in range(2):  # the second is an exact re-send
+                await exchange.publish(
+                    aio_pika.Message(
+                        body,
+                        message_id=message_id,
+                        type="shipment.advance_data",
+                        app_id=AMQP_PARTNER,
+                        user_id=user,
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        headers={"c2c-signature": signature},
+                    ),
+                    routing_key="",
+                )
+        finally:
+            await partner.close()
+        # The fixture's peer consumes MX-ANAM's .out queue.
+        receipts = [await env.peer.next_out(), await env.peer.next_out()]
+        first = env.receipt(receipts[0], message_id=message_id, body=body)
+        assert first.status == "ACK"
+        assert first.envelope.header.recipient == AMQP_PARTNER
+        assert first.envelope.header.in_reply_to == message_id
+        # The re-send is answered with the original receipt, byte for byte.
+        assert receipts[1].body == receipts[0].body
+        assert receipts[1].headers["c2c-signature"] == receipts[0].headers["c2c-signature"]
+
+        stored = await env.gateway.store.get_inbound(AMQP_PARTNER, message_id)
+        assert stored is not None
+        assert stored.body == body
+        assert stored.transport == "amqp"
+        assert stored.receipt_body == receipts[0].body
+
+        await env.sink.wait_for(1)
+        routed = env.sink.messages[0]
+        assert routed.routing_key == f"{AMQP_PARTNER}.shipment.advance_data"
+        assert routed.message_id == message_id
+        assert routed.app_id == AMQP_PARTNER
+        assert routed.type == "shipment.advance_data"
+        assert routed.body == body
+        assert routed.headers["c2c-signature"] == signature
+        assert routed.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        # The relay marks the row after the confirm, which may come after the sink's delivery.
+        async with asyncio.timeout(10):
+            while await env.gateway.store.pending_relay(10):
+                await asyncio.sleep(0.05)
+        assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 0
+
+
+async def test_every_nack_case_holds_over_amqp(tmp_path: Path, rabbit_vhost: RabbitVhost) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        accepted_id, accepted = env.message()
+        await env.peer.send(accepted, signature=env.sign(accepted), message_id=accepted_id)
+        assert (
+            env.receipt(await env.peer.next_out(), message_id=accepted_id, body=accepted).status
+            == "ACK"
+        )
+
+        tampered_id, original = env.message()
+        tampered = original.replace(b'"US-CBP"', b'"US-CBP" ', 1)
+        schema_payload = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
+        schema_payload.pop(next(iter(schema_payload)))
+        extra_id, extra_source = env.message()
+        extra = json.dumps({**json.loads(extra_source), "extra": 1}).encode()
+        _, conflict = env.message(message_id=accepted_id)
+        assert conflict != accepted
+
+        cases: list[tuple[str, NackCode, str, bytes, str | None, dict[str, Any], str]] = []
+
+        def case(
+            name: str,
+            code: NackCode,
+            message: tuple[str, bytes],
+            *,
+            signature: str | bool | None = True,
+            reason: str,
+            **send: Any,
+        ) -> None:
+            message_id, body = message
+            sig = env.sign(body) if signature is True else signature or None
+            cases.append((name, code, message_id, body, sig, send, reason))
+
+        case(
+            "tampered body",
+            NackCode.SIGNATURE_INVALID,
+            (tampered_id, tampered),
+            signature=env.sign(original),
+            reason="signature",
+        )
+        case(
+            "no signature",
+            NackCode.SIGNATURE_INVALID,
+            env.message(),
+            signature=False,
+            reason="no detached JWS",
+        )
+        other = env.message()
+        case(
+            "another party's key",
+            NackCode.UNKNOWN_KEY,
+            other,
+            signature=env.sign(other[1], HTTPS_PARTNER),
+            reason=env.keys[HTTPS_PARTNER].kid,
+        )
+        case(
+            "header.sender is another partner",
+            NackCode.SENDER_MISMATCH,
+            env.message(sender=HTTPS_PARTNER),
+            reason="header.sender CA-CBSA differs",
+        )
+        case(
+            "user_id is not the broker user",
+            NackCode.SENDER_MISMATCH,
+            env.message(),
+            user_id="guest",
+            reason="AMQP user_id 'guest' is not MX-ANAM's broker user",
+        )
+        case(
+            "wrong recipient",
+            NackCode.SENDER_MISMATCH,
+            env.message(recipient="GB-HMRC"),
+            reason="recipient GB-HMRC is not this gateway",
+        )
+        case(
+            "type not allowed",
+            NackCode.NOT_AUTHORIZED,
+            env.message(message_type="enforcement.seizure_report"),
+            reason="may not send enforcement.seizure_report",
+        )
+        case("schema", NackCode.SCHEMA_INVALID, env.message(payload=schema_payload), reason="")
+        case(
+            "unknown version",
+            NackCode.UNSUPPORTED_TYPE,
+            env.message(schema_version="9.9"),
+            reason="9.9",
+        )
+        case(
+            "unknown member", NackCode.MALFORMED, (extra_id, extra), reason="unknown member 'extra'"
+        )
+        case(
+            "content type",
+            NackCode.MALFORMED,
+            env.message(),
+            content_type="text/plain",
+            reason="Content-Type 'text/plain'",
+        )
+        case(
+            "stale",
+            NackCode.STALE,
+            env.message(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=16)),
+            reason="beyond the replay window",
+        )
+        case(
+            "same id, other bytes",
+            NackCode.DUPLICATE_CONFLICT,
+            (accepted_id, conflict),
+            reason="with digest",
+        )
+
+        for name, code, message_id, body, signature, send, reason in cases:
+            await env.peer.send(body, signature=signature, message_id=message_id, **send)
+            out = await env.peer.next_out()
+            receipt = env.receipt(out, message_id=message_id, body=body)
+            assert (receipt.status, receipt.code) == ("NACK", code), name
+            entries = [
+                e for e in await rejections(env, code) if e.get("body_digest") == body_digest(body)
+            ]
+            assert len(entries) == 1, (name, entries)
+            assert reason in entries[0]["reason"], (name, entries[0]["reason"])
+            assert entries[0]["transport"] == "amqp"
+            if code is not NackCode.DUPLICATE_CONFLICT:
+                assert await env.gateway.store.get_inbound(AMQP_PARTNER, message_id) is None, name
+
+        # Bodies no receipt can be tied to get the problem document (as over HTTPS).
+        for name, body, code in (
+            ("not JSON", b'{"header": {"message_id": 1,', NackCode.MALFORMED),
+            ("over the size limit", b"x" * (1_048_576 + 1), NackCode.TOO_LARGE),
+        ):
+            await env.peer.send(body, signature=env.sign(body), message_id="not-an-id")
+            out = await env.peer.next_out()
+            assert out.type == "problem", name
+            assert out.content_type == "application/problem+json"
+            assert out.app_id == GATEWAY
+            assert out.correlation_id == "not-an-id"
+            assert json.loads(out.body)["code"] == code.value, name
+            assert len(await rejections(env, code)) >= 1
+
+        # Every refusal was settled once: nothing requeued, nothing dead-lettered, one answer
+        # per message.
+        queue = f"c2c.partner.{AMQP_PARTNER}.in"
+        assert await queue_depth(rabbit_vhost, queue) == 0
+        assert await queue_depth(rabbit_vhost, f"{queue}.dead") == 0
+        assert env.peer.out.empty()
+        await env.sink.wait_for(1)
+        assert {m.message_id for m in env.sink.messages} == {accepted_id}
+
+
+async def test_rate_limited_over_amqp(tmp_path: Path, rabbit_vhost: RabbitVhost) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost, rate_per_second=0.01, burst=2) as env:
+        sent = [env.message() for _ in range(3)]
+        answers = []
+        for message_id, body in sent:
+            await env.peer.send(body, signature=env.sign(body), message_id=message_id)
+            answers.append(await env.peer.next_out())
+        receipts = [
+            env.receipt(out, message_id=message_id, body=body)
+            for out, (message_id, body) in zip(answers, sent, strict=True)
+        ]
+        assert [(r.status, r.code) for r in receipts] == [
+            ("ACK", None),
+            ("ACK", None),
+            ("NACK", NackCode.RATE_LIMITED),
+        ]
+        assert await env.gateway.store.get_inbound(AMQP_PARTNER, sent[2][0]) is None
+
+
+async def test_store_outage_holds_the_delivery_and_acks_after_recovery(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        message_id, body = env.message()
+        await env.gateway.store.close()
+        try:
+            await env.peer.send(body, signature=env.sign(body), message_id=message_id)
+            # No answer while the store is down: neither an ACK nor a NACK is published.
+            with pytest.raises(TimeoutError):
+                await env.peer.next_out(timeout_s=1.5)
+        finally:
+            await env.gateway.store.open()
+        receipt = env.receipt(await env.peer.next_out(), message_id=message_id, body=body)
+        assert receipt.status == "ACK"
+        assert await env.gateway.store.get_inbound(AMQP_PARTNER, message_id) is not None
+        await env.sink.wait_for(1)
+        assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in.dead") == 0
+
+
+async def test_partner_receipt_goes_to_the_receipt_hook_and_is_not_answered(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        handed: asyncio.Queue[ReceivedReceipt] = asyncio.Queue()
+
+        async def on_receipt(receipt: ReceivedReceipt) -> None:
+            await handed.put(receipt)
+
+        env.gateway.set_receipt_handler(on_receipt)
+        partner_signer = ReceiptSigner(
+            party=AMQP_PARTNER, keys=[env.keys[AMQP_PARTNER]], clock=env.gateway.clock
+        )
+        ours = str(uuid.uuid4())
+        signed = partner_signer.sign(
+            recipient=GATEWAY,
+            ref_message_id=ours,
+            ref_digest=body_digest(b"our message"),
+            received_at=dt.datetime.now(dt.UTC),
+            status="ACK",
+        )
+        await env.peer.send(signed.body, signature=signed.signature, message_type="receipt")
+        async with asyncio.timeout(15):
+            got = await handed.get()
+        assert got.envelope.header.in_reply_to == ours
+        assert got.transport == "amqp"
+        assert got.peer == AMQP_PARTNER
+
+        # The next message's ACK is the first thing on .out: the receipt was not answered.
+        message_id, body = env.message()
+        await env.peer.send(body, signature=env.sign(body), message_id=message_id)
+        first = await env.peer.next_out()
+        assert env.receipt(first, message_id=message_id, body=body).status == "ACK"
