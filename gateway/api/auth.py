@@ -37,7 +37,7 @@ ALL_SCOPES = (SCOPE_SEND, SCOPE_QUERY, SCOPE_AUDIT, SCOPE_ADMIN)
 KEY_OWNER = "internal-api"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-CLAIMS_KEY = "c2c_claims"
+CLAIMS_KEY = web.RequestKey("c2c_claims", TokenClaims)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,9 +93,7 @@ def _forbidden(needed: Collection[str]) -> web.Response:
 
 
 def claims_of(request: web.Request) -> TokenClaims:
-    claims = request.get(CLAIMS_KEY)
-    assert isinstance(claims, TokenClaims), "route reached without authentication"
-    return claims
+    return request[CLAIMS_KEY]
 
 
 def bearer_middleware(

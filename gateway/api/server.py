@@ -44,6 +44,10 @@ class ApiServer:
         self._bound_port: int | None = None
 
     @property
+    def app(self) -> web.Application:
+        return self._app
+
+    @property
     def url(self) -> str:
         if self._bound_port is None:
             raise RuntimeError("the internal API server is not started")

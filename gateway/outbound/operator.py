@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Literal
 
 from gateway.audit.events import AuditEvent, EventKind
+from gateway.clock import format_rfc3339
 from gateway.store.base import InvalidTransition, MessageNotFound, OutboundRecord, Store
 
 
@@ -23,6 +24,13 @@ async def operator_retry(
     record = await store.get_outbound(message_id)
     if record is None:
         raise RetryRefused(f"no outbound message with message_id {message_id}", kind="not_found")
+    if record.expires_at is not None and record.expires_at <= now:
+        # Its signed header says it expired: any partner must refuse these bytes as STALE.
+        raise RetryRefused(
+            f"message {message_id} expired at {format_rfc3339(record.expires_at)}; its signed"
+            " bytes would be refused as STALE: submit the content again as a new message",
+            kind="conflict",
+        )
     event = AuditEvent(
         event=EventKind.OPERATOR_ACTION,
         at=now,

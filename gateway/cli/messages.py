@@ -1,0 +1,177 @@
+"""``c2c-gateway messages list|show|retry``: the outbox and inbox from the operator's seat.
+
+``retry`` puts a dead or rejected message back in the queue (same signed bytes), audited
+with the actor ``cli:<user>``; a running gateway's dispatcher picks it up at its next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import NoReturn, TypeVar
+
+import click
+import orjson
+
+from gateway.api.messages import inbound_view, outbound_view
+from gateway.api.requests import UUID_RE
+from gateway.clock import SystemClock, format_rfc3339
+from gateway.config import GatewayConfig, load_config
+from gateway.envelope import parse_timestamp
+from gateway.errors import ConfigError, Malformed, Unavailable
+from gateway.model import Direction
+from gateway.outbound.operator import RetryRefused, operator_retry
+from gateway.store import open_store
+from gateway.store.base import MessageFilter, Store
+from gateway.store.queries import InvalidCursor
+
+T = TypeVar("T")
+
+_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("gateway.toml"),
+    show_default=True,
+    help="The gateway's configuration file.",
+)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _with_store(config_path: Path, work: Callable[[GatewayConfig, Store], Awaitable[T]]) -> T:
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(f"{exc.file}: {exc.key}: {exc.reason}")
+
+    async def run() -> T:
+        store = open_store(config.store_url, clock=SystemClock())
+        await store.open()
+        try:
+            return await work(config, store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except Unavailable as exc:
+        _fail(f"store unavailable: {exc.reason}")
+
+
+def _message_id(value: str) -> str:
+    if not UUID_RE.fullmatch(value):
+        _fail(f"{value[:60]!r} is not a message id (a lowercase UUID)")
+    return value
+
+
+@click.group()
+def messages() -> None:
+    """List, show and retry messages."""
+
+
+@messages.command("list")
+@_CONFIG
+@click.option("--direction", type=click.Choice([d.value for d in Direction]))
+@click.option("--partner", help="Sender (inbound) or recipient (outbound).")
+@click.option("--type", "message_type", help="message_type.")
+@click.option("--state", help="queued, sent, acknowledged, rejected, dead, received, delivered.")
+@click.option("--since", help="RFC 3339 UTC time, e.g. 2026-11-23T00:00:00Z.")
+@click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
+@click.option("--after", help="The cursor printed at the end of the previous page.")
+def list_command(
+    config_path: Path,
+    direction: str | None,
+    partner: str | None,
+    message_type: str | None,
+    state: str | None,
+    since: str | None,
+    limit: int,
+    after: str | None,
+) -> None:
+    """List messages, newest first."""
+    since_at: datetime | None = None
+    if since is not None:
+        try:
+            since_at = parse_timestamp(since, "since")
+        except Malformed:
+            _fail(f"--since: {since!r} is not an RFC 3339 UTC time")
+    filt = MessageFilter(
+        direction=Direction(direction) if direction else None,
+        partner=partner,
+        message_type=message_type,
+        state=state,
+        since=since_at,
+    )
+
+    async def work(config: GatewayConfig, store: Store) -> None:
+        try:
+            page = await store.list_messages(filt, limit=limit, after=after)
+        except InvalidCursor:
+            _fail("--after: not a cursor this command printed")
+        heading = ("AT", "DIR", "PARTNER", "TYPE", "STATE", "TRIES")
+        click.echo("{:<24} {:<8} {:<10} {:<32} {:<13} {:>5}  MESSAGE_ID".format(*heading))
+        for item in page.items:
+            click.echo(
+                f"{format_rfc3339(item.at):<24} {item.direction.value:<8} {item.partner:<10} "
+                f"{item.message_type:<32} {item.state:<13} {item.attempts:>5}  {item.message_id}"
+            )
+        if page.next_cursor is not None:
+            click.echo(f"more: --after {page.next_cursor}")
+
+    _with_store(config_path, work)
+
+
+@messages.command("show")
+@_CONFIG
+@click.argument("message_id")
+def show_command(config_path: Path, message_id: str) -> None:
+    """Show one message (state, attempts, last error, receipt) as JSON."""
+    wanted = _message_id(message_id)
+
+    async def work(config: GatewayConfig, store: Store) -> None:
+        outbound = await store.get_outbound(wanted)
+        if outbound is not None:
+            view = outbound_view(outbound)
+        else:
+            for partner in sorted(config.partners):
+                inbound = await store.get_inbound(partner, wanted)
+                if inbound is not None:
+                    view = inbound_view(inbound)
+                    break
+            else:
+                _fail(f"no message with message_id {wanted}")
+        click.echo(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
+
+    _with_store(config_path, work)
+
+
+@messages.command("retry")
+@_CONFIG
+@click.argument("message_id")
+def retry_command(config_path: Path, message_id: str) -> None:
+    """Queue a dead or rejected outbound message again (audited as cli:<user>)."""
+    wanted = _message_id(message_id)
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(config: GatewayConfig, store: Store) -> None:
+        try:
+            record = await operator_retry(
+                store,
+                party=config.party,
+                message_id=wanted,
+                actor=actor,
+                now=SystemClock().now(),
+            )
+        except RetryRefused as exc:
+            _fail(exc.reason)
+        click.echo(f"queued again: {record.message_id} (to {record.recipient}, by {actor})")
+
+    _with_store(config_path, work)

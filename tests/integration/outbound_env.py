@@ -1,0 +1,103 @@
+"""Helpers for the internal API and dispatcher tests: real gateways on loopback."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gateway.api.auth import ALL_SCOPES
+from gateway.api.server import ApiServer
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, OutboxConfig, load_config
+from gateway.crypto.keys import load_signing_key
+from gateway.crypto.tokens import issue_token
+from gateway.devenv import prepare_dev_environment
+from gateway.outbound.dispatcher import Dispatcher
+from gateway.outbound.service import attach_outbound
+from gateway.runtime import Gateway
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_config(
+    root: Path,
+    party: str,
+    *,
+    peers: Mapping[str, str] | None = None,
+    outbox: OutboxConfig | None = None,
+    partner_port: int = 0,
+) -> GatewayConfig:
+    path = prepare_dev_environment(
+        root / party, party=party, pki_dir=root / "pki", peers=peers, partner_port=partner_port
+    )
+    config = load_config(path)
+    if outbox is not None:
+        config = dataclasses.replace(config, outbox=outbox)
+    return config
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    dispatcher: Dispatcher
+    api: ApiServer
+
+    @property
+    def api_url(self) -> str:
+        return self.api.url
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.gateway.config
+
+
+async def start_gateway(config: GatewayConfig, *, clock: Clock | None = None) -> Running:
+    gateway = Gateway(config, clock=clock)
+    service, api = attach_outbound(gateway)
+    await gateway.start()
+    assert api is not None
+    return Running(gateway=gateway, dispatcher=service.dispatcher, api=api)
+
+
+def token(
+    config: GatewayConfig,
+    scopes: Iterable[str] = ALL_SCOPES,
+    *,
+    subject: str = "test-client",
+    now: datetime | None = None,
+    ttl_s: int = 600,
+    audience: str | None = None,
+) -> str:
+    assert config.api_auth.signing_key is not None
+    key = load_signing_key(config.api_auth.signing_key, party="api", alg="EdDSA")
+    return issue_token(
+        key,
+        issuer=config.api_auth.issuer,
+        audience=audience or config.api_auth.audience,
+        subject=subject,
+        scopes=scopes,
+        ttl_s=ttl_s,
+        now=now or datetime.now(UTC),
+    )
+
+
+def auth(bearer: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {bearer}"}
+
+
+def client_ssl(config: GatewayConfig) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(config.tls.ca))
+
+
+def example(gateway: Gateway, message_type: str) -> dict[str, Any]:
+    return gateway.registry.examples(message_type, "1.0")[0]

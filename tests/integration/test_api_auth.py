@@ -1,0 +1,163 @@
+"""Internal API bearer tokens over real TLS: every refusal has its exact status and body."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+
+from gateway.crypto.keys import jwk_thumbprint, read_public_key
+
+
+@pytest.fixture
+async def us(tmp_path: Path) -> AsyncIterator[Running]:
+    running = await start_gateway(
+        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    )
+    try:
+        yield running
+    finally:
+        await running.gateway.stop()
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims(running: Running, **overrides: Any) -> dict[str, Any]:
+    now = int(datetime.now(UTC).timestamp())
+    base = {
+        "iss": running.config.api_auth.issuer,
+        "aud": running.config.api_auth.audience,
+        "sub": "attacker",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "scope": "c2c:send c2c:query audit:read admin",
+    }
+    base.update(overrides)
+    return base
+
+
+def api_kid(running: Running) -> str:
+    return jwk_thumbprint(read_public_key(running.config.api_auth.public_keys[0]))
+
+
+async def call(
+    running: Running, bearer: str | None, *, method: str = "GET", path: str = "/api/v1/messages"
+) -> tuple[int, dict[str, Any], str | None]:
+    headers = auth(bearer) if bearer is not None else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, running.api_url + path, headers=headers, ssl=client_ssl(running.config)
+        ) as response,
+    ):
+        assert response.content_type == "application/problem+json" or response.status < 400
+        return response.status, await response.json(), response.headers.get("WWW-Authenticate")
+
+
+def unauthorized(detail: str) -> dict[str, Any]:
+    return {"type": "about:blank", "title": "Unauthorized", "status": 401, "detail": detail}
+
+
+async def test_valid_token_is_accepted(us: Running) -> None:
+    status, body, _ = await call(us, token(us.config))
+    assert status == 200
+    assert body == {"items": [], "next_cursor": None}
+
+
+async def test_missing_token(us: Running) -> None:
+    status, body, challenge = await call(us, None)
+    assert status == 401
+    assert body == unauthorized("missing Authorization header (expected: Bearer <JWT>)")
+    assert challenge is not None
+    assert challenge.startswith('Bearer error="invalid_token"')
+
+
+async def test_expired_token(us: Running) -> None:
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    status, body, _ = await call(us, token(us.config, now=issued, ttl_s=60))
+    assert status == 401
+    expired = (issued + timedelta(seconds=60)).isoformat()
+    assert body == unauthorized(f"token expired at {expired}")
+
+
+async def test_wrong_audience(us: Running) -> None:
+    status, body, _ = await call(us, token(us.config, audience="urn:c2c:someone-else"))
+    assert status == 401
+    assert body == unauthorized("token refused: Audience doesn't match")
+
+
+async def test_alg_none(us: Running) -> None:
+    header = {"alg": "none", "typ": "JWT", "kid": api_kid(us)}
+    unsigned = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims(us)).encode())}."
+    status, body, _ = await call(us, unsigned)
+    assert status == 401
+    assert body == unauthorized("alg 'none' is not allowed (allowed: EdDSA)")
+
+
+async def test_hs256_keyed_with_the_public_key(us: Running) -> None:
+    # CVE-2022-29217 class: an HMAC whose secret is the server's own public key PEM.
+    secret = us.config.api_auth.public_keys[0].read_bytes()
+    header = {"alg": "HS256", "typ": "JWT", "kid": api_kid(us)}
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims(us)).encode())}"
+    mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    status, body, _ = await call(us, f"{signing_input}.{b64(mac)}")
+    assert status == 401
+    assert body == unauthorized("alg 'HS256' is not allowed (allowed: EdDSA)")
+
+
+async def test_missing_scope_is_403_naming_the_scope(us: Running) -> None:
+    status, body, challenge = await call(
+        us, token(us.config, scopes=["audit:read"]), method="POST", path="/api/v1/messages"
+    )
+    assert status == 403
+    assert body == {
+        "type": "about:blank",
+        "title": "Forbidden",
+        "status": 403,
+        "detail": "this operation needs the scope c2c:send",
+    }
+    assert challenge == 'Bearer error="insufficient_scope", scope="c2c:send"'
+
+
+async def test_retry_needs_admin(us: Running) -> None:
+    path = "/api/v1/messages/01890000-0000-7000-8000-000000000000/retry"
+    status, body, _ = await call(
+        us, token(us.config, scopes=["c2c:send"]), method="POST", path=path
+    )
+    assert status == 403
+    assert body["detail"] == "this operation needs the scope admin"
+
+
+async def test_probes_need_no_token(us: Running) -> None:
+    for path in ("/healthz", "/readyz", "/api/v1/openapi.json"):
+        status, _, _ = await call(us, None, path=path)
+        assert status == 200, path
+
+
+async def test_token_is_checked_before_the_body(us: Running) -> None:
+    # An unauthenticated caller learns nothing about recipients or schemas.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            us.api_url + "/api/v1/messages",
+            json={
+                "recipient": "MX-ANAM",
+                "message_type": "shipment.status",
+                "payload": example(us.gateway, "shipment.status"),
+            },
+            ssl=client_ssl(us.config),
+        ) as response,
+    ):
+        assert response.status == 401

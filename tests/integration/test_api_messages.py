@@ -1,0 +1,228 @@
+"""Internal API routes over real TLS: submit, refuse, look up, list, page, retry, OpenAPI."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+
+from gateway.audit.events import EventKind
+from gateway.store.base import AuditFilter
+
+
+@pytest.fixture
+async def us(tmp_path: Path) -> AsyncIterator[Running]:
+    # MX-ANAM's URL points at a closed port: messages stay queued, which is what these need.
+    running = await start_gateway(
+        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    )
+    try:
+        yield running
+    finally:
+        await running.gateway.stop()
+
+
+async def api(
+    running: Running,
+    method: str,
+    path: str,
+    *,
+    json: Any = None,
+    data: bytes | None = None,
+    scopes: tuple[str, ...] = ("c2c:send", "c2c:query", "admin"),
+) -> tuple[int, Any]:
+    headers = auth(token(running.config, scopes))
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            running.api_url + path,
+            json=json,
+            data=data,
+            headers=headers,
+            ssl=client_ssl(running.config),
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+def submission(
+    running: Running, message_type: str = "shipment.status", **extra: Any
+) -> dict[str, Any]:
+    return {
+        "recipient": "MX-ANAM",
+        "message_type": message_type,
+        "payload": example(running.gateway, message_type),
+        **extra,
+    }
+
+
+async def test_submit_stores_signed_message_and_audits_the_actor(us: Running) -> None:
+    status, body = await api(us, "POST", "/api/v1/messages", json=submission(us))
+    assert status == 202
+    assert body["status"] == "queued"
+    record = await us.gateway.store.get_outbound(body["message_id"])
+    assert record is not None
+    assert record.recipient == "MX-ANAM"
+    assert record.submitted_by == "api:test-client"
+    events = await us.gateway.store.audit_entries(AuditFilter(message_id=record.message_id))
+    assert any(
+        b'"event":"submitted"' in e.entry and b'"actor":"api:test-client"' in e.entry
+        for e in events
+    )
+    status, view = await api(us, "GET", f"/api/v1/messages/{record.message_id}")
+    assert status == 200
+    assert view["envelope"]["header"]["sender"] == "US-CBP"
+    assert view["envelope"]["payload"] == example(us.gateway, "shipment.status")
+    assert view["signature"] == record.signature
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code", "detail_part"),
+    [
+        ({"recipient": "ZZ-NOBODY"}, 403, "NOT_AUTHORIZED", "not a configured partner"),
+        ({"recipient": "mx"}, 400, "MALFORMED", "not a party id"),
+        ({"message_type": "receipt"}, 403, "NOT_AUTHORIZED", "receipts are made by the gateway"),
+        ({"message_type": "shipment.nope"}, 403, "NOT_AUTHORIZED", "may not be sent to MX-ANAM"),
+        ({"schema_version": "9.9"}, 400, "UNSUPPORTED_TYPE", "unknown message_type/schema_version"),
+        ({"payload": {}}, 400, "SCHEMA_INVALID", ""),
+        ({"payload": None}, 400, "MALFORMED", "payload is required and must be a JSON object"),
+        ({"surprise": 1}, 400, "MALFORMED", "unknown member(s): surprise"),
+        (
+            {"correlation_id": "not-a-uuid"},
+            400,
+            "MALFORMED",
+            "correlation_id must be a lowercase UUID",
+        ),
+        ({"priority": "asap"}, 400, "MALFORMED", "priority must be one of routine, urgent"),
+        ({"ttl_s": 0}, 400, "MALFORMED", "ttl_s must be an integer from 1 to 2592000"),
+    ],
+)
+async def test_bad_submissions_are_refused_and_nothing_is_stored(
+    us: Running, change: dict[str, Any], status: int, code: str, detail_part: str
+) -> None:
+    got_status, body = await api(us, "POST", "/api/v1/messages", json=submission(us) | change)
+    assert (got_status, body["code"]) == (status, code), body
+    assert detail_part in body["detail"]
+    assert sum((await us.gateway.store.outbox_depth()).values()) == 0
+
+
+async def test_schema_error_names_the_pointer(us: Running) -> None:
+    payload = example(us.gateway, "shipment.status")
+    payload.pop(next(iter(payload)))
+    status, body = await api(us, "POST", "/api/v1/messages", json=submission(us, payload=payload))
+    assert status == 400
+    assert body["code"] == "SCHEMA_INVALID"
+    assert "pointer" in body
+
+
+async def test_answers_need_in_reply_to(us: Running) -> None:
+    status, body = await api(
+        us, "POST", "/api/v1/messages", json=submission(us, "enforcement.assistance_response")
+    )
+    assert status == 400
+    assert (
+        body["detail"]
+        == "enforcement.assistance_response answers another message: in_reply_to is required"
+    )
+
+
+async def test_not_json_is_a_clear_400(us: Running) -> None:
+    status, body = await api(us, "POST", "/api/v1/messages", data=b"{not json")
+    assert status == 400
+    assert body["code"] == "MALFORMED"
+
+
+async def test_submission_refusals_are_audited(us: Running) -> None:
+    await api(us, "POST", "/api/v1/messages", json=submission(us, recipient="ZZ-NOBODY"))
+    rows = await us.gateway.store.audit_entries(AuditFilter(event=EventKind.SUBMIT_REJECTED.value))
+    assert len(rows) == 1
+    assert b'"reason":"recipient ZZ-NOBODY is not a configured partner"' in rows[0].entry
+
+
+async def test_list_filters_and_pages(us: Running) -> None:
+    ids = []
+    for message_type in ("shipment.status", "enforcement.risk_alert", "shipment.status"):
+        _, body = await api(us, "POST", "/api/v1/messages", json=submission(us, message_type))
+        ids.append(body["message_id"])
+    status, page = await api(us, "GET", "/api/v1/messages?type=shipment.status&direction=outbound")
+    assert status == 200
+    assert {item["message_id"] for item in page["items"]} == {ids[0], ids[2]}
+    status, first = await api(us, "GET", "/api/v1/messages?limit=2")
+    assert [item["message_id"] for item in first["items"]] == [ids[2], ids[1]]
+    assert first["next_cursor"] is not None
+    status, second = await api(us, "GET", f"/api/v1/messages?limit=2&after={first['next_cursor']}")
+    assert [item["message_id"] for item in second["items"]] == [ids[0]]
+    assert second["next_cursor"] is None
+    for bad in (
+        "limit=0",
+        "state=lost",
+        "since=yesterday",
+        "partner=mx",
+        "colour=red",
+        "after=zzz",
+    ):
+        status, body = await api(us, "GET", f"/api/v1/messages?{bad}")
+        assert status == 400, bad
+        assert body["status"] == 400
+
+
+async def test_lookup_and_retry_refusals(us: Running) -> None:
+    missing = "01890000-0000-7000-8000-000000000000"
+    status, body = await api(us, "GET", f"/api/v1/messages/{missing}")
+    assert (status, body["detail"]) == (404, f"no message with message_id {missing}")
+    status, body = await api(us, "GET", "/api/v1/messages/not-a-uuid")
+    assert (status, body["detail"]) == (400, "message_id must be a lowercase UUID")
+    status, body = await api(us, "POST", f"/api/v1/messages/{missing}/retry")
+    assert (status, body["detail"]) == (404, f"no outbound message with message_id {missing}")
+    _, queued = await api(us, "POST", "/api/v1/messages", json=submission(us))
+    mid = queued["message_id"]
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry")
+    assert status == 409
+    assert body["detail"].endswith("only dead or rejected messages can be retried")
+
+
+async def test_unknown_routes_and_methods_are_problems(us: Running) -> None:
+    status, body = await api(us, "GET", "/api/v1/nothing")
+    assert (status, body["title"]) == (404, "Not Found")
+    status, body = await api(us, "DELETE", "/api/v1/messages")
+    assert (status, body["title"]) == (405, "Method Not Allowed")
+
+
+async def test_metrics_and_readiness(us: Running) -> None:
+    await api(us, "POST", "/api/v1/messages", json=submission(us))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(us.api_url + "/metrics", ssl=client_ssl(us.config)) as response,
+    ):
+        text = await response.text()
+    assert response.status == 200
+    assert (
+        'c2c_outbox_depth{state="queued"} 1.0' in text
+        or 'c2c_outbox_depth{state="sent"} 1.0' in text
+    )
+    status, ready = await api(us, "GET", "/readyz")
+    assert (status, ready) == (200, {"status": "ready", "checks": {"store": "ok"}})
+
+
+async def test_openapi_document_matches_the_router(us: Running) -> None:
+    status, document = await api(us, "GET", "/api/v1/openapi.json")
+    assert status == 200
+    assert document["openapi"] == "3.1.0"
+    documented = {
+        (method.upper(), path)
+        for path, operations in document["paths"].items()
+        for method in operations
+    }
+    routed = {
+        (route.method, route.resource.canonical)
+        for route in us.api.app.router.routes()
+        if route.resource is not None
+    }
+    assert documented == routed

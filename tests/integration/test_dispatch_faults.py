@@ -1,0 +1,307 @@
+"""The dispatcher against a real mutual-TLS partner stub: receipts, backoff, breaker, expiry.
+
+Time is a ManualClock, moved to each row's next_attempt_at, so backoff and the breaker's
+timeouts are observed exactly without waiting for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from outbound_env import free_port, gateway_config
+from partner_stub import PartnerStub
+
+from gateway.audit.events import EventKind
+from gateway.clock import ManualClock
+from gateway.config import GatewayConfig, OutboxConfig
+from gateway.outbound.backoff import BackoffPolicy
+from gateway.outbound.breaker import BreakerState
+from gateway.outbound.dispatcher import Dispatcher
+from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.runtime import load_own_signing_keys, load_partner_keys
+from gateway.schemas.registry import SchemaRegistry
+from gateway.store import open_store
+from gateway.store.base import AuditFilter, OutboundRecord, OutboundState, Store
+from gateway.transports.https_client import HttpsTransport
+
+OUTBOX = OutboxConfig(
+    max_attempts=50,
+    base_delay_s=1.0,
+    max_delay_s=8.0,
+    default_ttl_s=3600,
+    send_timeout_s=0.5,
+    breaker_failures=3,
+    breaker_reset_s=30.0,
+    poll_interval_s=0.05,
+)
+
+
+@dataclass
+class Env:
+    config: GatewayConfig
+    store: Store
+    clock: ManualClock
+    dispatcher: Dispatcher
+    stub: PartnerStub
+    port: int
+    registry: SchemaRegistry
+
+    async def submit(self, ttl_s: int | None = None) -> OutboundRecord:
+        services = SubmissionServices(
+            config=self.config,
+            registry=self.registry,
+            signing_keys=load_own_signing_keys(self.config),
+            store=self.store,
+            clock=self.clock,
+        )
+        return await submit(
+            services,
+            Submission(
+                recipient="MX-ANAM",
+                message_type="shipment.status",
+                payload=self.registry.examples("shipment.status", "1.0")[0],
+                actor="test",
+                ttl_s=ttl_s,
+            ),
+        )
+
+    async def row(self, message_id: str) -> OutboundRecord:
+        record = await self.store.get_outbound(message_id)
+        assert record is not None
+        return record
+
+    async def step(self, message_id: str) -> OutboundRecord:
+        """Move the clock to the row's next attempt and let the dispatcher take it."""
+        record = await self.row(message_id)
+        if record.next_attempt_at > self.clock.now():
+            self.clock.advance(record.next_attempt_at - self.clock.now())
+        assert await self.dispatcher.run_once() == 1
+        return await self.row(message_id)
+
+    async def events(self, message_id: str) -> list[bytes]:
+        rows = await self.store.audit_entries(AuditFilter(message_id=message_id))
+        return [row.entry for row in rows]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    port = free_port()
+    config = gateway_config(
+        tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"}, outbox=OUTBOX
+    )
+    # A day behind real time: what expires on this clock has also expired for the CLI,
+    # which reads the system clock.
+    clock = ManualClock(datetime.now(UTC) - timedelta(days=1))
+    store = open_store(config.store_url, clock=clock)
+    await store.open()
+    transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
+    dispatcher = Dispatcher(
+        store=store,
+        config=config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(config),
+        clock=clock,
+        rng=random.Random(4),
+    )
+    stub = PartnerStub(pki=tmp_path / "pki")
+    try:
+        yield Env(config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin())
+    finally:
+        await stub.stop()
+        await transport.aclose()
+        await store.close()
+
+
+async def test_ack_receipt_is_verified_and_archived(env: Env) -> None:
+    await env.stub.start(env.port)
+    record = await env.submit()
+    done = await env.step(record.message_id)
+    assert done.state is OutboundState.ACKNOWLEDGED
+    assert done.attempts == 1
+    assert done.receipt_body is not None
+    assert done.receipt_signature is not None
+    assert env.stub.seen[0].body == record.body
+    assert env.stub.seen[0].signature == record.signature
+    kinds = [e.split(b'"event":"')[1].split(b'"')[0] for e in await env.events(record.message_id)]
+    assert kinds == [b"submitted", b"sent", b"receipt_received", b"acknowledged"]
+
+
+async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> None:
+    policy = BackoffPolicy(base_s=OUTBOX.base_delay_s, cap_s=OUTBOX.max_delay_s)
+    record = await env.submit(ttl_s=120)
+    breaker = env.dispatcher.breakers.for_partner("MX-ANAM")
+    # Three refused connections: each schedules the next attempt within the jittered ceiling.
+    for attempt in (1, 2, 3):
+        before = env.clock.now()
+        row = await env.step(record.message_id)
+        assert row.attempts == attempt
+        assert row.state is OutboundState.QUEUED  # nothing reached the partner
+        assert "cannot connect" in (row.last_error or "")
+        delay = (row.next_attempt_at - before).total_seconds()
+        assert 0 <= delay <= policy.ceiling(attempt) + 1e-3
+    assert breaker.state is BreakerState.OPEN
+    # Open: the row is looked at but not sent; it waits for the breaker's timeout.
+    if (await env.row(record.message_id)).next_attempt_at > env.clock.now():
+        env.clock.advance((await env.row(record.message_id)).next_attempt_at - env.clock.now())
+    assert await env.dispatcher.run_once() == 1
+    held = await env.row(record.message_id)
+    assert held.attempts == 3
+    assert (held.next_attempt_at - env.clock.now()).total_seconds() > 20
+    # Half-open after the timeout: exactly one probe, which fails and re-opens the breaker.
+    env.clock.advance(held.next_attempt_at - env.clock.now())
+    assert breaker.state is BreakerState.HALF_OPEN
+    probed = await env.step(record.message_id)
+    assert probed.attempts == 4
+    assert breaker.state is BreakerState.OPEN
+    # Still down when the message expires: dead, with the reason, never deleted.
+    env.clock.advance(timedelta(seconds=200))
+    assert await env.dispatcher.run_once() == 1
+    dead = await env.row(record.message_id)
+    assert dead.state is OutboundState.DEAD
+    assert (dead.last_error or "").startswith("expired at ")
+    assert b'"event":"dead"' in (await env.events(record.message_id))[-1]
+    # Its signed header says it expired, so an operator retry is refused with the reason.
+    code, _, err = await cli_retry(env, record.message_id)
+    assert code == 2
+    assert "would be refused as STALE" in err
+
+
+async def cli_retry(env: Env, message_id: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "c2c-gateway"),
+        "messages",
+        "retry",
+        "--config",
+        str(env.config.source),
+        message_id,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> None:
+    env.stub.behaviours = ["302", "ack"]
+    await env.stub.start(env.port)
+    record = await env.submit(ttl_s=3 * 86_400)
+    assert (await env.step(record.message_id)).state is OutboundState.DEAD
+    code, out, err = await cli_retry(env, record.message_id)
+    assert code == 0, err
+    assert out.startswith(f"queued again: {record.message_id} (to MX-ANAM, by cli:")
+    assert (await env.row(record.message_id)).state is OutboundState.QUEUED
+    done = await env.step(record.message_id)
+    assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 1)
+    assert [seen.body for seen in env.stub.seen] == [record.body, record.body]
+    assert {seen.signature for seen in env.stub.seen} == {record.signature}
+    retried = [e for e in await env.events(record.message_id) if b'"operator_action"' in e]
+    assert len(retried) == 1
+    assert b'"actor":"cli:' in retried[0]
+    code, _, err = await cli_retry(env, record.message_id)
+    assert code == 2
+    assert err.strip().endswith("only dead or rejected messages can be retried")
+
+
+async def test_slow_partner_times_out_and_the_resend_is_byte_identical(env: Env) -> None:
+    env.stub.behaviours = ["slow", "ack"]
+    env.stub.slow_s = 1.5
+    await env.stub.start(env.port)
+    record = await env.submit()
+    first = await env.step(record.message_id)
+    assert first.state is OutboundState.SENT  # it may have arrived
+    assert "within 0.5 s" in (first.last_error or "")
+    done = await env.step(record.message_id)
+    assert done.state is OutboundState.ACKNOWLEDGED
+    assert len(env.stub.seen) == 2
+    assert {seen.body for seen in env.stub.seen} == {record.body}
+    assert {seen.signature for seen in env.stub.seen} == {record.signature}
+
+
+async def test_5xx_then_429_honours_retry_after(env: Env) -> None:
+    env.stub.behaviours = ["503", "nack_unavailable", "429", "ack"]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    row = await env.step(record.message_id)
+    assert (row.state, row.last_error) == (
+        OutboundState.SENT,
+        "HTTP 503; no signed receipt in the answer",
+    )
+    row = await env.step(record.message_id)
+    assert row.last_error == "HTTP 503, NACK UNAVAILABLE: refused by the stub"
+    before = env.clock.now()
+    row = await env.step(record.message_id)
+    assert row.last_error == "HTTP 429; no signed receipt in the answer"
+    assert (row.next_attempt_at - before).total_seconds() >= 120
+    row = await env.step(record.message_id)
+    assert (row.state, row.attempts) == (OutboundState.ACKNOWLEDGED, 4)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        ("400", "HTTP 400 without a valid receipt: no signed receipt in the answer"),
+        (
+            "302",
+            "HTTP 302 redirect to https://127.0.0.1:9/elsewhere not followed;"
+            " check the partner's configured URL",
+        ),
+    ],
+)
+async def test_non_retryable_answers_are_dead_at_once(
+    env: Env, behaviour: str, reason: str
+) -> None:
+    env.stub.behaviours = [behaviour]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    row = await env.step(record.message_id)
+    assert (row.state, row.attempts, row.last_error) == (OutboundState.DEAD, 1, reason)
+    assert len(env.stub.seen) == 1
+
+
+@pytest.mark.parametrize("behaviour", ["200_empty", "ack_wrong_key", "ack_wrong_digest"])
+async def test_invalid_receipt_is_never_an_ack(env: Env, behaviour: str) -> None:
+    env.stub.behaviours = [behaviour, "ack"]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    row = await env.step(record.message_id)
+    assert row.state is OutboundState.SENT
+    assert row.receipt_body is None
+    assert row.last_error is not None
+    assert row.last_error.startswith(("HTTP 200 but", "HTTP 202 but"))
+    row = await env.step(record.message_id)
+    assert row.state is OutboundState.ACKNOWLEDGED
+
+
+async def test_signed_nack_is_rejected_and_an_operator_may_retry(env: Env) -> None:
+    env.stub.behaviours = ["nack"]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    row = await env.step(record.message_id)
+    assert (row.state, row.last_error) == (
+        OutboundState.REJECTED,
+        "HTTP 400, NACK SCHEMA_INVALID: refused by the stub",
+    )
+    assert row.receipt_body is not None
+    entries = await env.events(record.message_id)
+    assert any(f'"event":"{EventKind.PARTNER_REJECTED.value}"'.encode() in e for e in entries)
+
+
+async def test_max_attempts_makes_it_dead(env: Env) -> None:
+    env.stub.behaviours = ["503"]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    row = record
+    for _ in range(4 * OUTBOX.max_attempts):
+        row = await env.step(record.message_id)
+        if row.state is OutboundState.DEAD:
+            break
+    assert (row.state, row.attempts) == (OutboundState.DEAD, OUTBOX.max_attempts)
+    assert (row.last_error or "").startswith(f"gave up after {OUTBOX.max_attempts} attempts")
