@@ -99,7 +99,7 @@ class AuditLog:
         return self._signer.verifier
 
     async def _nodes(self, plan: merkle.Plan) -> dict[merkle.NodeKey, bytes]:
-        keys = plan.keys()
+        keys = plan.node_keys()
         return await self._store.audit_node_hashes(keys) if keys else {}
 
     async def _checked_size(self, size: int | None) -> int:
@@ -224,7 +224,7 @@ class AuditLog:
         *,
         trusted: Sequence[str] = (),
         batch: int = 4096,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] | None = None,
     ) -> VerifyReport:
         """Recompute the whole log and compare it with the store and the signed checkpoints.
 
@@ -302,7 +302,7 @@ class AuditLog:
         report: VerifyReport,
         sizes_of_interest: set[int],
         batch: int,
-        progress: Callable[[int], None] | None,
+        progress: Callable[[int], object] | None,
     ) -> dict[int, bytes]:
         """Stream every entry; return recomputed roots for the sizes asked (and the full size)."""
         wanted = sizes_of_interest | {report.size}

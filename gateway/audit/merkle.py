@@ -84,7 +84,7 @@ class Plan:
 
     ranges: tuple[tuple[int, int], ...]
 
-    def keys(self) -> list[NodeKey]:
+    def node_keys(self) -> list[NodeKey]:
         """Every perfect-subtree hash ``assemble`` needs (deduplicated, stable order)."""
         seen: dict[NodeKey, None] = {}
         for start, end in self.ranges:
@@ -315,7 +315,7 @@ def verify_consistency(
 
 
 def inclusion_proof(index: int, size: int, hashes: Mapping[NodeKey, bytes]) -> list[bytes]:
-    """PATH(index, D[size]) from the hashes of ``inclusion_plan(index, size).keys()``."""
+    """PATH(index, D[size]) from the hashes of ``inclusion_plan(index, size).node_keys()``."""
     return inclusion_plan(index, size).assemble(hashes)
 
 

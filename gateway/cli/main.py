@@ -6,6 +6,7 @@ import click
 
 from gateway import __version__
 from gateway.cli.amqp import amqp
+from gateway.cli.audit import audit
 from gateway.cli.partners import partners
 from gateway.cli.pki import pki
 from gateway.cli.sandbox import sandbox
@@ -22,6 +23,7 @@ def cli() -> None:
 cli.add_command(sig)
 cli.add_command(amqp)
 cli.add_command(pki)
+cli.add_command(audit)
 cli.add_command(serve)
 cli.add_command(sandbox)
 cli.add_command(partners)

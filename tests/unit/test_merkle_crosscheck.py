@@ -97,9 +97,9 @@ def test_plans_stay_logarithmic_at_any_size(size: int, data: st.DataObject) -> N
     index = data.draw(st.integers(min_value=0, max_value=size - 1))
     old = data.draw(st.integers(min_value=1, max_value=size))
     bound = 2 * size.bit_length() + 2
-    assert len(merkle.inclusion_plan(index, size).keys()) <= bound
-    assert len(merkle.consistency_plan(old, size).keys()) <= bound
-    assert len(merkle.root_plan(size).keys()) <= size.bit_length()
+    assert len(merkle.inclusion_plan(index, size).node_keys()) <= bound
+    assert len(merkle.consistency_plan(old, size).node_keys()) <= bound
+    assert len(merkle.root_plan(size).node_keys()) <= size.bit_length()
 
 
 @settings(max_examples=40, deadline=None)

@@ -1,0 +1,499 @@
+"""Export bundles and their offline verification (format: docs/audit-bundle.md).
+
+A bundle is one JSON Lines file, every line RFC 8785 canonical JSON:
+
+1. ``{"type": "header", ...}`` with the signed checkpoint note;
+2. ``{"type": "entry", "seq", "entry", "proof"}`` per audit entry (base64 leaf data and its
+   inclusion proof in the checkpoint's tree);
+3. ``{"type": "message", ...}`` per archived message of a case export (wire bytes,
+   signature, receipt);
+4. ``{"type": "cosignature", ...}`` per partner cosignature, with a consistency proof from
+   the cosigned tree to the bundle's tree;
+5. ``{"type": "end", "signature"}``: a signed note over the SHA-256 of every line before it.
+
+Verification needs only the bundle and the log's audit public key. Each entry is checked on
+its own against the checkpoint, so a changed entry is named by its seq; the end signature
+makes every other byte (and truncation) fail too.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+import rfc8785
+
+from gateway.audit import merkle
+from gateway.audit.checkpoint import CheckpointError, open_checkpoint
+from gateway.audit.log import AuditLog
+from gateway.clock import format_rfc3339
+from gateway.crypto.notes import (
+    NoteError,
+    NoteSigner,
+    NoteVerifier,
+    parse_note,
+    sign_note,
+    verify_note,
+)
+from gateway.envelope import body_digest
+from gateway.store.base import AuditFilter, MessageFilter, Store
+
+FORMAT = "c2c-audit-bundle"
+VERSION = 1
+_END_PREFIX = "c2c-audit-bundle/v1 "
+#: entries (and their proofs' node reads) fetched per store round trip
+PAGE = 512
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return bytes(rfc8785.dumps(obj)) + b"\n"
+
+
+def _end_text(origin: str, lines: int, digest: bytes) -> str:
+    return f"{_END_PREFIX}{origin}\n{lines}\n{digest.hex()}\n"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ExportSummary:
+    path: Path
+    size: int
+    entries: int
+    messages: int
+    cosignatures: int
+
+
+class _Writer:
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.lines = 0
+
+    def write(self, obj: dict[str, Any]) -> None:
+        data = _line(obj)
+        self._out.write(data)
+        self._hash.update(data)
+        self.lines += 1
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+
+async def export_bundle(
+    store: Store,
+    audit: AuditLog,
+    signer: NoteSigner,
+    out: Path,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    correlation_id: str | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> ExportSummary:
+    """Write a bundle of the entries matching the filter, proven against a fresh checkpoint.
+
+    Written to a temporary file and renamed, so a failed export leaves no partial bundle.
+    """
+    checkpoint = await audit.checkpoint()
+    size = checkpoint.size
+    filt = AuditFilter(since=since, until=until, correlation_id=correlation_id)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        with tmp.open("wb") as fh:
+            writer = _Writer(fh)
+            writer.write(
+                {
+                    "type": "header",
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "origin": audit.origin,
+                    "checkpoint": checkpoint.note,
+                    "filter": {
+                        k: v
+                        for k, v in (
+                            ("since", since and format_rfc3339(since)),
+                            ("until", until and format_rfc3339(until)),
+                            ("correlation_id", correlation_id),
+                        )
+                        if v is not None
+                    },
+                }
+            )
+            entries = await _write_entries(store, writer, filt, size, progress)
+            messages = await _write_messages(store, writer, correlation_id)
+            cosigs = await _write_cosignatures(store, audit, writer, size)
+            lines = writer.lines
+            end = sign_note(_end_text(audit.origin, lines, writer.digest()), [signer])
+            writer.write({"type": "end", "signature": end})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportSummary(
+        path=out, size=size, entries=entries, messages=messages, cosignatures=cosigs
+    )
+
+
+async def _write_entries(
+    store: Store,
+    writer: _Writer,
+    filt: AuditFilter,
+    size: int,
+    progress: Callable[[int], object] | None,
+) -> int:
+    count = 0
+    after = -1
+    while True:
+        page = await store.audit_entries(filt, after_seq=after, limit=PAGE)
+        rows = [r for r in page if r.seq < size]
+        if not rows:
+            return count
+        plans = [merkle.inclusion_plan(r.seq, size) for r in rows]
+        keys = list(dict.fromkeys(k for p in plans for k in p.node_keys()))
+        nodes = await store.audit_node_hashes(keys) if keys else {}
+        for row, plan in zip(rows, plans, strict=True):
+            writer.write(
+                {
+                    "type": "entry",
+                    "seq": row.seq,
+                    "entry": _b64(row.entry),
+                    "proof": [_b64(h) for h in plan.assemble(nodes)],
+                }
+            )
+        count += len(rows)
+        after = rows[-1].seq
+        if progress is not None:
+            progress(len(rows))
+
+
+async def _write_messages(store: Store, writer: _Writer, correlation_id: str | None) -> int:
+    if correlation_id is None:
+        return 0
+    count = 0
+    after: str | None = None
+    while True:
+        page = await store.list_messages(
+            MessageFilter(correlation_id=correlation_id), limit=100, after=after
+        )
+        for item in page.items:
+            record = await _message_record(
+                store, item.direction.value, item.partner, item.message_id
+            )
+            if record is not None:
+                writer.write(record)
+                count += 1
+        if page.next_cursor is None:
+            return count
+        after = page.next_cursor
+
+
+async def _message_record(
+    store: Store, direction: str, partner: str, message_id: str
+) -> dict[str, Any] | None:
+    if direction == "inbound":
+        inbound = await store.get_inbound(partner, message_id)
+        if inbound is None:
+            return None
+        return _message_obj(
+            direction,
+            message_id,
+            inbound.sender,
+            inbound.recipient,
+            inbound.body,
+            inbound.body_digest,
+            inbound.signature,
+            inbound.receipt_body,
+            inbound.receipt_signature,
+        )
+    outbound = await store.get_outbound(message_id)
+    if outbound is None:
+        return None
+    return _message_obj(
+        direction,
+        message_id,
+        None,
+        outbound.recipient,
+        outbound.body,
+        outbound.body_digest,
+        outbound.signature,
+        outbound.receipt_body,
+        outbound.receipt_signature,
+    )
+
+
+def _message_obj(
+    direction: str,
+    message_id: str,
+    sender: str | None,
+    recipient: str,
+    body: bytes | None,
+    digest: str,
+    signature: str,
+    receipt_body: bytes | None,
+    receipt_signature: str | None,
+) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "type": "message",
+        "direction": direction,
+        "message_id": message_id,
+        "recipient": recipient,
+        "body_digest": digest,
+        "signature": signature,
+    }
+    for name, value in (
+        ("sender", sender),
+        ("body", None if body is None else _b64(body)),
+        ("receipt_body", None if receipt_body is None else _b64(receipt_body)),
+        ("receipt_signature", receipt_signature),
+    ):
+        if value is not None:
+            obj[name] = value
+    return obj
+
+
+async def _write_cosignatures(store: Store, audit: AuditLog, writer: _Writer, size: int) -> int:
+    count = 0
+    for cosig in await store.cosignatures():
+        if cosig.size > size:
+            continue
+        proof = await audit.consistency_proof(cosig.size, size)
+        writer.write(
+            {
+                "type": "cosignature",
+                "partner": cosig.partner,
+                "note": cosig.note,
+                "consistency_proof": [_b64(h) for h in proof],
+            }
+        )
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------- offline verification
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Failure:
+    #: 1-based line of the bundle
+    line: int | None
+    what: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.what}" if self.line is not None else self.what
+
+
+@dataclass(kw_only=True, slots=True)
+class BundleReport:
+    origin: str | None = None
+    size: int | None = None
+    entries: int = 0
+    messages: int = 0
+    cosignatures: int = 0
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, line: int | None, what: str) -> None:
+        self.failures.append(Failure(line=line, what=what))
+
+
+class _BadLine(Exception):
+    pass
+
+
+def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise _BadLine(f"field {name!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise _BadLine(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise _BadLine(f"{what} is not valid base64") from None
+
+
+def _hashes(value: Any, what: str) -> list[bytes]:
+    if not isinstance(value, list):
+        raise _BadLine(f"{what} is not a list")
+    return [_unb64(h, f"{what}[{i}]") for i, h in enumerate(value)]
+
+
+@dataclass(kw_only=True, slots=True)
+class _State:
+    key: NoteVerifier
+    origin: str = ""
+    size: int = 0
+    root: bytes = b""
+    last_seq: int = -1
+    digests: set[tuple[str, str]] = field(default_factory=set)
+    messages: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+
+
+def verify_bundle(
+    path: Path,
+    public_key: Callable[[str], NoteVerifier],
+    *,
+    progress: Callable[[int], object] | None = None,
+) -> BundleReport:
+    """Check a bundle offline; ``public_key(origin)`` gives the log's verifier for its origin."""
+    report = BundleReport()
+    running = hashlib.sha256()
+    state: _State | None = None
+    ended = False
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            if ended:
+                report.fail(number, "data after the end line")
+                break
+            try:
+                obj = _parse_line(raw)
+                kind = obj.get("type")
+                if number == 1:
+                    if kind != "header":
+                        raise _BadLine("the first line is not the bundle header")
+                    state = _header(obj, public_key, report)
+                elif state is None:
+                    break
+                elif kind == "entry":
+                    _entry(obj, state, report, number)
+                    if progress is not None:
+                        progress(1)
+                elif kind == "message":
+                    state.messages.append((number, obj))
+                elif kind == "cosignature":
+                    _cosignature(obj, state, report, number)
+                elif kind == "end":
+                    _end(obj, state, running.digest(), number - 1, report, number)
+                    ended = True
+                else:
+                    raise _BadLine(f"unknown line type {kind!r}")
+            except _BadLine as exc:
+                report.fail(number, str(exc))
+                if number == 1:
+                    break
+            running.update(raw)
+    if state is not None:
+        for number, obj in state.messages:
+            _message(obj, state, report, number)
+    if not ended:
+        report.fail(None, "bundle is truncated: it has no end line")
+    return report
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    if not raw.endswith(b"\n"):
+        raise _BadLine("line does not end with a newline (truncated bundle?)")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _BadLine("line is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise _BadLine("line is not a JSON object")
+    if _line(obj) != raw:
+        raise _BadLine("line is not in RFC 8785 canonical form")
+    return obj
+
+
+def _header(
+    obj: dict[str, Any], public_key: Callable[[str], NoteVerifier], report: BundleReport
+) -> _State:
+    if obj.get("format") != FORMAT or obj.get("version") != VERSION:
+        raise _BadLine(f"not a {FORMAT} version {VERSION} header")
+    origin = _field(obj, "origin", str)
+    note = _field(obj, "checkpoint", str)
+    try:
+        key = public_key(origin)
+        body = open_checkpoint(note, key, origin=origin).body
+    except (CheckpointError, NoteError) as exc:
+        raise _BadLine(f"checkpoint: {exc}") from None
+    report.origin, report.size = origin, body.size
+    return _State(key=key, origin=origin, size=body.size, root=body.root_hash)
+
+
+def _entry(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
+    seq = _field(obj, "seq", int)
+    if seq <= state.last_seq:
+        report.fail(number, f"entry {seq} is out of order (after entry {state.last_seq})")
+    state.last_seq = max(state.last_seq, seq)
+    data = _unb64(obj.get("entry"), f"entry {seq}")
+    proof = _hashes(obj.get("proof"), f"entry {seq} proof")
+    report.entries += 1
+    try:
+        merkle.verify_inclusion(seq, state.size, merkle.leaf_hash(data), proof, state.root)
+    except merkle.ProofError as exc:
+        report.fail(number, f"entry {seq} is not in the checkpoint's tree: {exc}")
+        return
+    try:
+        entry = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(entry, dict):
+        message_id, digest = entry.get("message_id"), entry.get("body_digest")
+        if isinstance(message_id, str) and isinstance(digest, str):
+            state.digests.add((message_id, digest))
+
+
+def _message(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
+    try:
+        message_id = _field(obj, "message_id", str)
+        claimed = _field(obj, "body_digest", str)
+        report.messages += 1
+        if (message_id, claimed) not in state.digests:
+            report.fail(
+                number, f"message {message_id}: no proven audit entry records digest {claimed}"
+            )
+            return
+        if "body" in obj:
+            body = _unb64(obj["body"], f"message {message_id} body")
+            if body_digest(body) != claimed:
+                report.fail(number, f"message {message_id}: wire bytes do not match {claimed}")
+    except _BadLine as exc:
+        report.fail(number, str(exc))
+
+
+def _cosignature(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
+    partner = _field(obj, "partner", str)
+    note = _field(obj, "note", str)
+    proof = _hashes(obj.get("consistency_proof"), f"cosignature of {partner} proof")
+    report.cosignatures += 1
+    try:
+        body = open_checkpoint(note, state.key, origin=state.origin).body
+        if len(parse_note(note).signatures) < 2:
+            raise _BadLine(f"checkpoint of size {body.size} carries no cosignature of {partner}")
+        merkle.verify_consistency(body.size, state.size, body.root_hash, state.root, proof)
+    except (CheckpointError, NoteError, merkle.ProofError) as exc:
+        report.fail(number, f"cosignature of {partner}: {exc}")
+
+
+def _end(
+    obj: dict[str, Any],
+    state: _State,
+    digest: bytes,
+    lines: int,
+    report: BundleReport,
+    number: int,
+) -> None:
+    note = _field(obj, "signature", str)
+    try:
+        verify_note(note, [state.key])
+        text = parse_note(note).text
+    except NoteError as exc:
+        raise _BadLine(f"end signature: {exc}") from None
+    if text != _end_text(state.origin, lines, digest):
+        report.fail(number, "end signature does not cover these lines: the bundle was altered")

@@ -1,0 +1,333 @@
+"""``c2c-gateway audit``: query the log, get proofs, sign checkpoints, export and verify bundles.
+
+``audit verify`` is offline: it needs only a bundle and the gateway's audit public key, and
+names exactly which line, entry or checkpoint fails. The other commands open the store of a
+gateway configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import getpass
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import orjson
+from tqdm import tqdm
+
+from gateway.audit import merkle
+from gateway.audit.bundle import export_bundle, verify_bundle
+from gateway.audit.checkpoint import CheckpointError
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.log import AuditIntegrityError, AuditLog
+from gateway.clock import SystemClock, format_rfc3339
+from gateway.config import GatewayConfig, load_config
+from gateway.crypto.notes import NoteSigner, NoteVerifier, load_note_signer, load_note_verifier
+from gateway.errors import ConfigError, GatewayError
+from gateway.store import InvalidStoreUrl, Store, open_store
+from gateway.store.base import AuditFilter
+
+T = TypeVar("T")
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except ConfigError as exc:
+        _fail(str(exc))
+    except (GatewayError, InvalidStoreUrl) as exc:
+        _fail(f"store: {exc}")
+    except (merkle.ProofError, CheckpointError, AuditIntegrityError) as exc:
+        _fail(str(exc))
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{option}: {value!r} is not an RFC 3339 time (e.g. 2026-03-01T00:00:00Z)")
+    if moment.tzinfo is None:
+        _fail(f"{option}: {value!r} needs a time zone (e.g. a trailing Z)")
+    return moment.astimezone(UTC)
+
+
+class _Opened:
+    def __init__(self, config: GatewayConfig, store: Store, signer: NoteSigner) -> None:
+        self.config = config
+        self.store = store
+        self.signer = signer
+        self.audit = AuditLog(store, signer=signer, clock=SystemClock())
+
+
+@asynccontextmanager
+async def _open(config_path: Path) -> AsyncIterator[_Opened]:
+    config = load_config(config_path)
+    signer = load_note_signer(config.audit.key, config.audit.origin)
+    store = open_store(config.store_url, clock=SystemClock())
+    await store.open()
+    try:
+        yield _Opened(config, store, signer)
+    finally:
+        await store.close()
+
+
+def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--config",
+        "config_path",
+        required=True,
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="The gateway configuration (gateway.toml).",
+    )(func)
+
+
+def _progress_bar(total: int | None, enabled: bool, desc: str) -> tqdm[Any]:
+    return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="entry", desc=desc)
+
+
+@click.group()
+def audit() -> None:
+    """The tamper-evident audit log: entries, proofs, checkpoints, bundles."""
+
+
+@audit.command("query")
+@_config_option
+@click.option("--since", help="Entries at or after this RFC 3339 time.")
+@click.option("--until", help="Entries before this RFC 3339 time.")
+@click.option("--partner", help="Sender or recipient party id.")
+@click.option("--type", "message_type", help="Message type.")
+@click.option("--message-id", help="Message id.")
+@click.option("--outcome", help="Outcome (ACK, a NACK code, a state word).")
+@click.option("--event", help="Event kind (received, rejected, ...).")
+@click.option("--correlation-id", help="Correlation id of a case or conversation.")
+@click.option("--after", "after_seq", type=int, default=-1, show_default=True, help="Seq cursor.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+def query_command(
+    config_path: Path,
+    since: str | None,
+    until: str | None,
+    partner: str | None,
+    message_type: str | None,
+    message_id: str | None,
+    outcome: str | None,
+    event: str | None,
+    correlation_id: str | None,
+    after_seq: int,
+    limit: int,
+) -> None:
+    """Print matching entries, one JSON object per line ({"seq", "leaf_hash", "entry"})."""
+    filt = AuditFilter(
+        since=_parse_time(since, "--since"),
+        until=_parse_time(until, "--until"),
+        partner=partner,
+        message_type=message_type,
+        message_id=message_id,
+        outcome=outcome,
+        event=event,
+        correlation_id=correlation_id,
+    )
+
+    async def run() -> None:
+        async with _open(config_path) as opened:
+            rows = await opened.store.audit_entries(filt, after_seq=after_seq, limit=limit)
+        for row in rows:
+            line = {
+                "seq": row.seq,
+                "leaf_hash": row.leaf_hash.hex(),
+                "entry": orjson.loads(row.entry),
+            }
+            click.echo(orjson.dumps(line).decode())
+
+    _run(run())
+
+
+@audit.command("proof")
+@_config_option
+@click.option("--index", type=int, help="Inclusion proof of this entry (seq).")
+@click.option("--old-size", type=int, help="Consistency proof from this tree size.")
+@click.option("--size", type=int, help="Tree size (default: the current one).")
+def proof_command(
+    config_path: Path, index: int | None, old_size: int | None, size: int | None
+) -> None:
+    """Print an inclusion (--index) or consistency (--old-size) proof as JSON (base64 hashes)."""
+    if (index is None) == (old_size is None):
+        _fail("give exactly one of --index or --old-size")
+
+    async def run() -> dict[str, Any]:
+        async with _open(config_path) as opened:
+            if index is not None:
+                proof = await opened.audit.inclusion_proof(index, size)
+                return {
+                    "index": proof.index,
+                    "size": proof.size,
+                    "leaf_hash": base64.b64encode(proof.leaf_hash).decode(),
+                    "root_hash": base64.b64encode(proof.root_hash).decode(),
+                    "proof": [base64.b64encode(h).decode() for h in proof.hashes],
+                }
+            assert old_size is not None
+            new_size, root = await opened.audit.root(size)
+            _, old_root = await opened.audit.root(old_size)
+            hashes = await opened.audit.consistency_proof(old_size, new_size)
+            return {
+                "old_size": old_size,
+                "size": new_size,
+                "old_root_hash": base64.b64encode(old_root).decode(),
+                "root_hash": base64.b64encode(root).decode(),
+                "proof": [base64.b64encode(h).decode() for h in hashes],
+            }
+
+    click.echo(orjson.dumps(_run(run()), option=orjson.OPT_INDENT_2).decode())
+
+
+@audit.command("checkpoint")
+@_config_option
+def checkpoint_command(config_path: Path) -> None:
+    """Sign a checkpoint of the current tree now and print its note."""
+
+    async def run() -> str:
+        async with _open(config_path) as opened:
+            return (await opened.audit.checkpoint()).note
+
+    click.echo(_run(run()), nl=False)
+
+
+@audit.command("check")
+@_config_option
+@click.option(
+    "--trusted",
+    "trusted_paths",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="A checkpoint note kept from earlier; it must still be a prefix of the log.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
+def check_command(
+    config_path: Path, trusted_paths: tuple[Path, ...], progress: bool | None
+) -> None:
+    """Recompute the whole stored log and compare it with its tree and signed checkpoints."""
+    trusted = [p.read_text(encoding="utf-8") for p in trusted_paths]
+    show = sys.stderr.isatty() if progress is None else progress
+
+    async def run() -> tuple[bool, list[str], int, int]:
+        async with _open(config_path) as opened:
+            size = await opened.store.audit_size()
+            with _progress_bar(size, show, "checking") as bar:
+                report = await opened.audit.verify_store(trusted=trusted, progress=bar.update)
+        lines = [str(p) for p in report.problems]
+        return report.ok, lines, report.checked, report.problem_count
+
+    ok, lines, checked, count = _run(run())
+    for line in lines:
+        click.echo(f"FAIL {line}", err=True)
+    if not ok:
+        _fail(f"audit log check failed: {count} problem(s) in {checked} entries", code=1)
+    click.echo(f"OK {checked} entries match their tree and signed checkpoints")
+
+
+@audit.command("export")
+@_config_option
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--since", help="Entries at or after this RFC 3339 time.")
+@click.option("--until", help="Entries before this RFC 3339 time.")
+@click.option("--correlation-id", help="A case: its entries, messages, signatures, receipts.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
+def export_command(
+    config_path: Path,
+    out: Path,
+    since: str | None,
+    until: str | None,
+    correlation_id: str | None,
+    progress: bool | None,
+) -> None:
+    """Write an evidence bundle that `audit verify` checks offline."""
+    since_at, until_at = _parse_time(since, "--since"), _parse_time(until, "--until")
+    show = sys.stderr.isatty() if progress is None else progress
+
+    async def run() -> str:
+        async with _open(config_path) as opened:
+            clock = SystemClock()
+            scope = correlation_id or "all"
+            # the export is an operator action, recorded before the checkpoint that covers it
+            await opened.store.append_audit(
+                [
+                    AuditEvent(
+                        event=EventKind.OPERATOR_ACTION,
+                        at=clock.now(),
+                        correlation_id=correlation_id,
+                        outcome="audit_export",
+                        actor=f"cli:{getpass.getuser()}",
+                        reason=f"export {scope} since={since or '-'} until={until or '-'}",
+                    )
+                ]
+            )
+            with _progress_bar(None, show, "exporting") as bar:
+                summary = await export_bundle(
+                    opened.store,
+                    opened.audit,
+                    opened.signer,
+                    out,
+                    since=since_at,
+                    until=until_at,
+                    correlation_id=correlation_id,
+                    progress=bar.update,
+                )
+        return (
+            f"wrote {summary.path}: {summary.entries} entries, {summary.messages} messages, "
+            f"{summary.cosignatures} cosignatures, checkpoint size {summary.size}"
+        )
+
+    try:
+        click.echo(_run(run()))
+    except OSError as exc:
+        _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
+
+
+@audit.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The gateway's audit public key (PEM), e.g. DIR/US-CBP/audit.pub.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
+def verify_command(bundle: Path, key_path: Path, progress: bool | None) -> None:
+    """Verify a bundle offline: checkpoint, every inclusion proof, order, wire bytes, end seal."""
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def key_for(origin: str) -> NoteVerifier:
+        return load_note_verifier(key_path, origin)
+
+    try:
+        with bundle.open("rb") as fh:
+            total = sum(1 for _ in fh)
+    except OSError as exc:
+        _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
+    try:
+        with _progress_bar(total, show, "verifying") as bar:
+            report = verify_bundle(bundle, key_for, progress=bar.update)
+    except ConfigError as exc:
+        _fail(str(exc))
+    for failure in report.failures:
+        click.echo(f"FAIL {bundle}: {failure}", err=True)
+    if not report.ok:
+        _fail(f"{bundle}: verification failed ({len(report.failures)} problem(s))", code=1)
+    click.echo(
+        f"OK {bundle}: {report.entries} entries, {report.messages} messages and "
+        f"{report.cosignatures} cosignatures proven in checkpoint {report.origin} "
+        f"size {report.size} (verified {format_rfc3339(datetime.now(UTC))})"
+    )
