@@ -6,12 +6,14 @@ import click
 
 from gateway import __version__
 from gateway.cli.amqp import amqp
+from gateway.cli.messages import messages
 from gateway.cli.audit import audit
 from gateway.cli.partners import partners
 from gateway.cli.pki import pki
 from gateway.cli.sandbox import sandbox
 from gateway.cli.serve import serve
 from gateway.cli.sig import sig
+from gateway.cli.token import token
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +29,8 @@ cli.add_command(audit)
 cli.add_command(serve)
 cli.add_command(sandbox)
 cli.add_command(partners)
+cli.add_command(messages)
+cli.add_command(token)
 
 
 def main() -> None:
