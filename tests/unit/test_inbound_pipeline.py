@@ -1,0 +1,232 @@
+"""The inbound pipeline without any transport: the AMQP-shaped requests, partners' receipts,
+concurrent duplicates, fault handling, the STAGES order, and the inbox -> bus relay.
+
+Uses the real SQLite store and the sandbox environment (gateway.devenv) in a tmp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.clock import ManualClock, SystemClock
+from gateway.config import RateLimit, load_config
+from gateway.crypto.jws import sign_detached
+from gateway.crypto.keys import SigningKey, load_signing_key
+from gateway.devenv import prepare_dev_environment
+from gateway.envelope import body_digest, encode_envelope, new_message_id
+from gateway.errors import NackCode, Unavailable
+from gateway.inbound import (
+    STAGES,
+    InboundContext,
+    InboundPipeline,
+    InboundRequest,
+    ReceivedReceipt,
+)
+from gateway.inbound.ratelimit import TokenBucket
+from gateway.inbound.stages import Stage
+from gateway.model import Header
+from gateway.relay import InboxRelay
+from gateway.runtime import Gateway
+from gateway.store.base import AuditFilter, InboundRecord
+from gateway.transports.bus import MemoryBus
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+MX = "MX-ANAM"
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    config = load_config(prepare_dev_environment(tmp_path))
+    gw = Gateway(config, clock=ManualClock(NOW))
+    await gw.store.open()
+    try:
+        yield gw
+    finally:
+        await gw.store.close()
+
+
+def mx_key(gateway: Gateway) -> SigningKey:
+    return load_signing_key(gateway.config.source.parent / MX / "sign.key", party=MX, alg="EdDSA")
+
+
+def message(
+    gateway: Gateway,
+    *,
+    message_type: str = "shipment.advance_data",
+    payload: dict[str, object] | None = None,
+    in_reply_to: str | None = None,
+) -> tuple[str, bytes]:
+    message_id = new_message_id()
+    header = Header(
+        message_id=message_id,
+        message_type=message_type,
+        schema_version="1.0",
+        sender=MX,
+        recipient="US-CBP",
+        created_at=NOW,
+        in_reply_to=in_reply_to,
+    )
+    if payload is None:
+        payload = gateway.registry.examples(message_type, "1.0")[0]
+    return message_id, encode_envelope(header, payload)
+
+
+def amqp_request(
+    gateway: Gateway, body: bytes, *, broker_user: str | None = None, sign: bool = True
+) -> InboundRequest:
+    return InboundRequest(
+        body=body,
+        signature=sign_detached(body, mx_key(gateway)) if sign else None,
+        transport="amqp",
+        peer=MX,
+        broker_user=broker_user,
+        content_type=None,
+    )
+
+
+def test_stages_run_in_the_documented_order() -> None:
+    assert [stage.__name__ for stage in STAGES] == [
+        "check_limits",
+        "verify_signature",
+        "adapt",
+        "parse_and_check_freshness",
+        "validate_schema",
+        "authorize",
+        "hand_over_receipts",
+        "dedupe",
+        "persist",
+    ]
+
+
+async def test_amqp_message_without_content_type_is_accepted(gateway: Gateway) -> None:
+    message_id, body = message(gateway)
+    result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert result.http_status == 202
+    assert result.code is None
+    assert result.record is not None
+    assert result.record.transport == "amqp"
+    assert result.record.message_id == message_id
+
+
+async def test_amqp_user_id_of_another_user_is_sender_mismatch(gateway: Gateway) -> None:
+    message_id, body = message(gateway)
+    result = await gateway.pipeline.handle(amqp_request(gateway, body, broker_user="intruder"))
+    assert result.http_status == 403
+    assert result.code == NackCode.SENDER_MISMATCH
+    assert result.receipt_body is not None
+    rows = await gateway.store.audit_entries(AuditFilter(event="rejected"))
+    assert len(rows) == 1
+    entry = json.loads(rows[0].entry)
+    assert "AMQP user_id 'intruder'" in entry["reason"]
+    assert entry["message_id"] == message_id
+
+
+async def test_unknown_peer_gets_problem_not_receipt(gateway: Gateway) -> None:
+    _, body = message(gateway)
+    request = InboundRequest(body=body, signature=None, transport="amqp", peer="GB-HMRC")
+    result = await gateway.pipeline.handle(request)
+    assert result.http_status == 403
+    assert result.receipt_body is None
+    assert result.problem is not None
+    assert result.problem["code"] == "SENDER_MISMATCH"
+
+
+async def test_partner_receipt_goes_to_hook_and_is_not_answered(gateway: Gateway) -> None:
+    seen: list[str | None] = []
+
+    async def on_receipt(receipt: ReceivedReceipt) -> None:
+        seen.append(receipt.envelope.header.in_reply_to)
+
+    gateway.set_receipt_handler(on_receipt)
+    ours = new_message_id()
+    payload = {
+        "status": "ACK",
+        "ref_message_id": ours,
+        "ref_digest": body_digest(b"what we sent"),
+        "received_at": "2026-11-23T07:00:01.123Z",
+        "code": None,
+        "detail": None,
+    }
+    _, body = message(gateway, message_type="receipt", payload=payload, in_reply_to=ours)
+    result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert result.http_status == 202
+    assert result.receipt_body is None
+    assert result.problem is None
+    assert seen == [ours]
+    # A bad receipt is refused, but never with a receipt of our own (no loops).
+    bad = await gateway.pipeline.handle(amqp_request(gateway, body, sign=False))
+    assert bad.code == NackCode.SIGNATURE_INVALID
+    assert bad.receipt_body is None
+    assert bad.problem is not None
+
+
+async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gateway) -> None:
+    message_id, body = message(gateway)
+    results = await asyncio.gather(
+        *(gateway.pipeline.handle(amqp_request(gateway, body)) for _ in range(8))
+    )
+    assert sorted(r.http_status for r in results) == [200] * 7 + [202]
+    assert len({r.receipt_body for r in results}) == 1
+    pending = await gateway.store.pending_relay(100)
+    assert [r.message_id for r in pending] == [message_id]
+
+
+async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) -> None:
+    async def broken(ctx: InboundContext) -> None:
+        raise KeyError("a bug")
+
+    stages: list[Stage] = [*STAGES[:-1], broken]
+    pipeline = InboundPipeline(gateway.pipeline.env, stages)
+    message_id, body = message(gateway)
+    result = await pipeline.handle(amqp_request(gateway, body))
+    assert result.http_status == 503
+    assert result.code == NackCode.UNAVAILABLE
+    assert await gateway.store.get_inbound(MX, message_id) is None
+    rows = await gateway.store.audit_entries(AuditFilter(event="rejected"))
+    assert [json.loads(r.entry)["reason"] for r in rows] == [
+        "internal error in the inbound pipeline: KeyError"
+    ]
+
+
+def test_token_bucket_refills_at_its_rate() -> None:
+    clock = ManualClock(NOW)
+    bucket = TokenBucket(RateLimit(per_second=2.0, burst=2), clock)
+    assert bucket.take() == 0.0
+    assert bucket.take() == 0.0
+    assert bucket.take() == pytest.approx(0.5)
+    clock.advance(dt.timedelta(seconds=0.5))
+    assert bucket.take() == 0.0
+    assert bucket.take() == pytest.approx(0.5)
+
+
+async def test_relay_republishes_what_the_bus_did_not_confirm(gateway: Gateway) -> None:
+    bus = MemoryBus()
+    seen: list[str] = []
+    fail_once = {True}
+
+    async def consumer(record: InboundRecord) -> None:
+        seen.append(record.message_id)
+        if fail_once:
+            fail_once.clear()
+            raise ConnectionError("consumer crashed after taking it")
+
+    bus.subscribe(consumer)
+
+    relay = InboxRelay(store=gateway.store, bus=bus, clock=SystemClock(), metrics=gateway.metrics)
+    ids = [message(gateway) for _ in range(2)]
+    for _, body in ids:
+        assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+    with pytest.raises(Unavailable, match="subscriber failed"):
+        await relay.relay_once()
+    assert await relay.relay_once() == 2
+    assert await relay.relay_once() == 0
+    # At least once: the first one twice, each time with its message_id; nothing lost.
+    assert seen == [ids[0][0], ids[0][0], ids[1][0]]
+    delivered = await gateway.store.audit_entries(AuditFilter(event="delivered"))
+    assert len(delivered) == 2
