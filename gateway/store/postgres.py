@@ -3,7 +3,10 @@
 Dedupe and the outbox rest on database constraints and row locks, never on process memory:
 the inbox key is a UNIQUE constraint, outbox rows are claimed with ``FOR UPDATE SKIP LOCKED``
 plus a lease, and audit appends serialize on the single ``audit_head`` row so sequence numbers
-have no gaps. Each call runs in its own transaction from an asyncpg pool; a broken connection
+have no gaps. Writes are group-committed like the SQLite store's: one writer task per process
+runs every queued unit in one transaction (a SAVEPOINT each, so a refused unit rolls back
+alone), taking the head row first so replicas queue instead of deadlocking; each caller is
+answered after COMMIT. Reads and claims use their own pooled connections. A broken connection
 is dropped by the pool and replaced on the next call, so the store recovers by itself.
 """
 
@@ -12,10 +15,11 @@ is dropped by the pool and replaced on the next call, so the store recovers by i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -139,6 +143,12 @@ def _outbound(row: asyncpg.Record) -> OutboundRecord:
     )
 
 
+@dataclass(kw_only=True, slots=True)
+class _Unit:
+    fn: Callable[[Conn], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
 class PostgresStore:
     def __init__(
         self,
@@ -148,13 +158,17 @@ class PostgresStore:
         min_size: int = 1,
         max_size: int = 10,
         command_timeout_s: float = 30.0,
+        max_batch: int = 256,
     ) -> None:
         self._dsn = dsn
         self._clock = clock
         self._min_size = min_size
         self._max_size = max_size
         self._command_timeout_s = command_timeout_s
+        self._max_batch = max_batch
         self._pool: asyncpg.Pool | None = None
+        self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -178,13 +192,21 @@ class PostgresStore:
             self._pool = None
             await pool.close()
             raise
+        self._queue = asyncio.Queue()
+        self._writer_task = asyncio.create_task(self._writer_loop(), name="postgres-writer")
 
     async def close(self) -> None:
+        task, self._writer_task = self._writer_task, None
+        if task is not None:
+            await self._queue.put(None)
+            await task
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
 
     async def ping(self) -> None:
+        if self._writer_task is None or self._writer_task.done():
+            raise Unavailable("postgresql: store is not open")
         await self._call(lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1"))
 
     async def _call(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
@@ -204,11 +226,70 @@ class PostgresStore:
 
         return await self._call(in_transaction)
 
+    # batched writes
+
+    async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        if self._writer_task is None or self._writer_task.done():
+            raise Unavailable("postgresql: store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Unit(fn=fn, future=future))
+        return await future
+
+    async def _writer_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            batch = [u for u in batch if not u.future.cancelled()]
+            if not batch:
+                continue
+            results = await self._commit_batch([u.fn for u in batch])
+            for unit, result in zip(batch, results, strict=True):
+                if unit.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    unit.future.set_exception(result)
+                else:
+                    unit.future.set_result(result)
+
+    async def _commit_batch(self, fns: list[Callable[[Conn], Awaitable[Any]]]) -> list[Any]:
+        pool = self._pool
+        if pool is None:
+            return [Unavailable("postgresql: store is not open")] * len(fns)
+        results: list[Any] = []
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                # the head row first: every audited write takes it before any row lock, so
+                # batches of different replicas queue here instead of deadlocking
+                await conn.execute("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+                for fn in fns:
+                    try:
+                        async with conn.transaction():
+                            results.append(await fn(conn))
+                    except asyncpg.IntegrityConstraintViolationError as exc:
+                        results.append(_unavailable(exc))
+                    except _DB_ERRORS:
+                        raise
+                    except Exception as exc:
+                        # the unit's own refusal (or bug) goes back to its caller alone
+                        results.append(exc)
+        except _DB_ERRORS as exc:
+            return [_unavailable(exc)] * len(fns)
+        return results
+
     # audit log
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[int]:
         events = list(events)
-        return await self._transaction(lambda c: _append_audit(c, events))
+        return await self._write(lambda c: _append_audit(c, events))
 
     async def audit_size(self) -> int:
         size: int = await self._call(
@@ -274,7 +355,7 @@ class PostgresStore:
             )
             await _append_audit(c, events)
 
-        await self._transaction(unit)
+        await self._write(unit)
 
     async def latest_checkpoint(self) -> Checkpoint | None:
         return await self._checkpoint("ORDER BY size DESC LIMIT 1")
@@ -318,7 +399,7 @@ class PostgresStore:
             )
             await _append_audit(c, events)
 
-        await self._transaction(unit)
+        await self._write(unit)
 
     async def cosignatures(self, size: int | None = None) -> list[Cosignature]:
         sql = "SELECT partner, size, root_hash, note, received_at FROM audit_cosignatures"
@@ -362,7 +443,7 @@ class PostgresStore:
             )
             await _append_audit(c, events)
 
-        await self._transaction(unit)
+        await self._write(unit)
 
     # inbox
 
@@ -406,7 +487,7 @@ class PostgresStore:
             same = existing.body_digest == record.body_digest
             return InboundOutcome(status="duplicate" if same else "conflict", record=existing)
 
-        return await self._transaction(unit)
+        return await self._write(unit)
 
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
         return await self._call(lambda c: _get_inbound(c, sender, message_id))
@@ -447,7 +528,7 @@ class PostgresStore:
             )
             await _append_audit(c, events)
 
-        await self._transaction(unit)
+        await self._write(unit)
 
     # outbox
 
@@ -490,7 +571,7 @@ class PostgresStore:
                 )
             await _append_audit(c, events)
 
-        await self._transaction(unit)
+        await self._write(unit)
 
     async def claim_outbound(
         self, worker_id: str, now: datetime, limit: int, lease_s: float
@@ -554,7 +635,7 @@ class PostgresStore:
             await _append_audit(c, events)
             return _outbound(updated)
 
-        return await self._transaction(unit)
+        return await self._write(unit)
 
     async def get_outbound(self, message_id: str) -> OutboundRecord | None:
         row = await self._call(
@@ -597,7 +678,7 @@ class PostgresStore:
             await _append_audit(c, events)
             return _outbound(updated)
 
-        return await self._transaction(unit)
+        return await self._write(unit)
 
     async def outbox_depth(self) -> dict[OutboundState, int]:
         rows = await self._call(
@@ -662,7 +743,7 @@ class PostgresStore:
             )
             return int(inbound) + int(outbound)
 
-        return await self._transaction(unit)
+        return await self._write(unit)
 
 
 def _unavailable(exc: BaseException) -> Unavailable:

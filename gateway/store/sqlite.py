@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from gateway.audit.events import AuditEvent
 from gateway.audit.merkle import frontier
 from gateway.clock import Clock
-from gateway.errors import DuplicateConflict, GatewayError, Unavailable
+from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
 from gateway.store.audit_rows import plan_append
 from gateway.store.base import (
@@ -322,12 +322,15 @@ class SqliteStore:
                 conn.execute("SAVEPOINT unit")
                 try:
                     results.append(fn(conn))
-                except (StoreError, GatewayError) as exc:
-                    conn.execute("ROLLBACK TO unit")
-                    results.append(exc)
                 except sqlite3.IntegrityError as exc:
                     conn.execute("ROLLBACK TO unit")
                     results.append(_unavailable(exc))
+                except sqlite3.Error:
+                    raise
+                except Exception as exc:
+                    # the unit's own refusal (or bug) goes back to its caller alone
+                    conn.execute("ROLLBACK TO unit")
+                    results.append(exc)
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
             self._commits += 1
