@@ -14,9 +14,11 @@ from typing import Any
 
 import asyncpg
 import pytest
+import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import merkle
+from gateway.audit.bundle import export_bundle, verify_bundle
 from gateway.audit.checkpoint import CheckpointError, open_checkpoint
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
@@ -273,6 +275,20 @@ async def test_rewrite_after_checkpoint_fails_consistency_and_the_witness(
         await audit.accept_cosignature("MX-ANAM", cosigned.cosigned_note, cosigner.verifier)
         stored = await store.cosignatures(25)
         assert [c.partner for c in stored] == ["MX-ANAM"]
+        await store.append_audit(_events(3, start=25))
+        out = tmp_path / "bundle.jsonl"
+        summary = await export_bundle(store, audit, log_signer, out)
+        assert (summary.entries, summary.cosignatures) == (29, 1)
+        bundle_report = verify_bundle(out, lambda _origin: log_signer.verifier)
+        assert bundle_report.ok, bundle_report.failures
+        lines = out.read_bytes().splitlines(keepends=True)
+        cosig_line = json.loads(lines[-2])
+        assert cosig_line["type"] == "cosignature"
+        cosig_line["consistency_proof"] = cosig_line["consistency_proof"][1:]
+        lines[-2] = bytes(rfc8785.dumps(cosig_line)) + b"\n"
+        out.write_bytes(b"".join(lines))
+        failures = [str(f) for f in verify_bundle(out, lambda _o: log_signer.verifier).failures]
+        assert failures[0].startswith(f"line {len(lines) - 1}: cosignature of MX-ANAM: ")
         with pytest.raises(StaleCheckpoint, match="older than the witnessed size 25"):
             await witness.witness(published.note, log_signer.verifier, ORIGIN)
         with pytest.raises(CheckpointError, match="expected"):
