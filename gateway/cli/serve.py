@@ -22,6 +22,7 @@ from gateway.api.server import ApiServer
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.outbound.service import attach_outbound
+from gateway.outbound.transport import OutboundTransport
 from gateway.runtime import Gateway
 
 
@@ -53,9 +54,18 @@ def fail(message: str) -> NoReturn:
 
 
 def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
-    """Gateway with its outbound dispatcher and internal API attached."""
+    """Gateway with its outbound dispatcher and internal API attached (and, when amqp.url is
+    configured, the AMQP transport for outbound messages and the broker in ``/readyz``)."""
     gateway = Gateway(load_config(config_path))
-    _, api = attach_outbound(gateway)
+    extra: dict[str, OutboundTransport] = {}
+    if gateway.amqp is not None:
+        extra["amqp"] = gateway.amqp.outbound_transport
+    dispatcher, api = attach_outbound(
+        gateway,
+        extra_transports=extra,
+        broker_ping=gateway.broker.ping if gateway.broker is not None else None,
+    )
+    gateway.on_submitted = dispatcher.dispatcher.wake
     assert api is not None
     return gateway, api
 
