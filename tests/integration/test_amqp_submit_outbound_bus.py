@@ -1,0 +1,175 @@
+"""Internal systems over RabbitMQ: ``c2c.submit`` submissions (answered on reply_to or
+dead-lettered with the reason), outbound messages published to a partner's ``.out`` queue with a
+confirm, and a ``c2c.inbound`` publish that nothing is bound to is an error, never a silent drop
+(RELIABILITY-SECURITY T65)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import aio_pika
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
+from amqp_peer import amqp_gateway
+from rabbit import RabbitVhost
+
+from gateway.config import AmqpConfig
+from gateway.crypto.jws import sign_detached
+from gateway.envelope import body_digest, new_message_id
+from gateway.errors import Unavailable
+from gateway.outbound.transport import Delivery, Handed, TransportError
+from gateway.store.base import InboundRecord
+from gateway.transports.amqp import AmqpBroker
+from gateway.transports.amqp_bus import RabbitBus
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def test_submissions_are_stored_or_answered_with_the_reason(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        channel = await env.peer.connection.channel()
+        replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        reply_queue = await channel.declare_queue(exclusive=True)
+        await reply_queue.consume(replies.put, no_ack=True)
+        dead: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        dead_queue = await channel.get_queue("c2c.submit.dead", ensure=False)
+        await dead_queue.consume(dead.put, no_ack=True)
+        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
+
+        async def publish(document: dict[str, object], *, reply: bool, cid: str) -> None:
+            await submit.publish(
+                aio_pika.Message(
+                    json.dumps(document).encode(),
+                    app_id="cbp-targeting",
+                    correlation_id=cid,
+                    reply_to=reply_queue.name if reply else None,
+                    content_type="application/json",
+                ),
+                routing_key="",
+            )
+
+        good = {"recipient": AMQP_PARTNER, "message_type": "shipment.advance_data"}
+        await publish({**good, "payload": example}, reply=True, cid="c-good")
+        async with asyncio.timeout(15):
+            accepted = await replies.get()
+        assert accepted.type == "submission.accepted"
+        assert accepted.correlation_id == "c-good"
+        answer = json.loads(accepted.body)
+        assert answer["status"] == "queued"
+        record = await env.gateway.store.get_outbound(answer["message_id"])
+        assert record is not None
+        assert record.recipient == AMQP_PARTNER
+        assert record.transport == "amqp"
+        assert record.submitted_by == "amqp:cbp-targeting"
+
+        await publish({**good, "recipient": "GB-HMRC", "payload": example}, reply=True, cid="c-bad")
+        async with asyncio.timeout(15):
+            refused = await replies.get()
+        assert refused.type == "problem"
+        assert refused.correlation_id == "c-bad"
+        problem = json.loads(refused.body)
+        assert problem["code"] == "NOT_AUTHORIZED"
+        assert problem["reason"] == "recipient GB-HMRC is not a configured partner"
+
+        bad_body = {**good, "payload": example, "colour": "blue"}
+        await publish(bad_body, reply=False, cid="c-dead")
+        async with asyncio.timeout(15):
+            lettered = await dead.get()
+        assert json.loads(lettered.body) == bad_body
+        assert lettered.correlation_id == "c-dead"
+        reason = lettered.headers["c2c-reason"]
+        assert isinstance(reason, str)
+        assert reason.startswith("MALFORMED: unknown member(s): colour")
+
+
+async def test_outbound_message_goes_to_the_partners_out_queue(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        assert env.gateway.amqp is not None
+        transport = env.gateway.amqp.outbound_transport
+        body = b'{"header": {}, "payload": {}}'
+        signature = sign_detached(body, env.gateway.signing_keys[0])
+        message_id = new_message_id()
+        partners = env.gateway.config.partners
+        result = await transport.send(
+            Delivery(
+                partner=partners[AMQP_PARTNER],
+                sender=GATEWAY,
+                message_id=message_id,
+                message_type="shipment.status",
+                body=body,
+                signature=signature,
+            )
+        )
+        assert isinstance(result, Handed)
+        out = await env.peer.next_out()
+        assert out.body == body
+        assert out.message_id == message_id
+        assert out.type == "shipment.status"
+        assert out.app_id == GATEWAY
+        assert out.headers["c2c-signature"] == signature
+        assert out.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+        with pytest.raises(TransportError) as refused:
+            await transport.send(
+                Delivery(
+                    partner=partners[HTTPS_PARTNER],
+                    sender=GATEWAY,
+                    message_id=new_message_id(),
+                    message_type="shipment.status",
+                    body=body,
+                    signature=signature,
+                )
+            )
+        assert refused.value.may_have_arrived is False
+        assert "CA-CBSA has no AMQP transport" in refused.value.reason
+
+
+async def test_inbound_publish_with_no_queue_bound_is_not_confirmed(
+    rabbit_vhost: RabbitVhost,
+) -> None:
+    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), publish_timeout_s=3.0))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        bus = RabbitBus(broker)
+        body = b'{"header": {}, "payload": {}}'
+        record = InboundRecord(
+            sender=AMQP_PARTNER,
+            message_id=new_message_id(),
+            recipient=GATEWAY,
+            message_type="shipment.status",
+            schema_version="1.0",
+            correlation_id=None,
+            in_reply_to=None,
+            body=body,
+            body_digest=body_digest(body),
+            signature="sig",
+            kid="kid",
+            transport="amqp",
+            received_at=dt.datetime.now(dt.UTC),
+            receipt_body=b"{}",
+            receipt_signature="rsig",
+        )
+        with pytest.raises(Unavailable, match="unroutable"):
+            await bus.publish_inbound(record)
+
+        channel = await broker.channel("test-sink")
+        sink = await channel.declare_queue("test.sink", durable=True)
+        await sink.bind("c2c.inbound", routing_key=f"{AMQP_PARTNER}.#")
+        await bus.publish_inbound(record)
+        message = await sink.get(fail=False)
+        assert message is not None
+        assert message.message_id == record.message_id
+        assert message.routing_key == f"{AMQP_PARTNER}.shipment.status"
+        assert message.headers["c2c-body-digest"] == record.body_digest
+    finally:
+        await broker.close()
