@@ -6,8 +6,9 @@ import click
 
 from gateway import __version__
 from gateway.cli.amqp import amqp
-from gateway.cli.messages import messages
 from gateway.cli.audit import audit
+from gateway.cli.demo import demo
+from gateway.cli.messages import messages
 from gateway.cli.partners import partners
 from gateway.cli.pki import pki
 from gateway.cli.sandbox import sandbox
@@ -25,12 +26,13 @@ def cli() -> None:
 cli.add_command(sig)
 cli.add_command(amqp)
 cli.add_command(pki)
-cli.add_command(audit)
 cli.add_command(serve)
 cli.add_command(sandbox)
 cli.add_command(partners)
+cli.add_command(audit)
 cli.add_command(messages)
 cli.add_command(token)
+cli.add_command(demo)
 
 
 def main() -> None:
