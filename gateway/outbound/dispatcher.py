@@ -36,6 +36,7 @@ from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig
 from gateway.crypto.keys import KeyRing
 from gateway.errors import GatewayError, NackCode, Unavailable
+from gateway.inbound.context import ReceivedReceipt
 from gateway.outbound.backoff import BackoffPolicy
 from gateway.outbound.breaker import BreakerBoard, BreakerState
 from gateway.outbound.transport import (
@@ -192,6 +193,10 @@ class Dispatcher:
         self._lease_s = outbox.send_timeout_s + 30.0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Verified receipts that came in on the inbound side (AMQP), applied when the row
+        # is next claimed. Kept in memory only: if lost, the message is sent again and the
+        # partner answers the duplicate with its original receipt.
+        self._receipts: dict[str, Verdict] = {}
 
     @property
     def worker_id(self) -> str:
@@ -207,6 +212,37 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+
+    async def apply_partner_receipt(self, received: ReceivedReceipt) -> None:
+        """The inbound pipeline's ``on_receipt`` hook: a partner's receipt for our message."""
+        message_id = received.envelope.header.in_reply_to
+        record = await self._store.get_outbound(message_id) if message_id else None
+        if record is None or record.recipient != received.peer:
+            log.warning("receipt_for_unknown_message", peer=received.peer, in_reply_to=message_id)
+            return
+        try:
+            receipt = verify_receipt(
+                received.body,
+                received.signature,
+                self._keyring,
+                received.peer,
+                record.message_id,
+                record.body_digest,
+            )
+        except GatewayError as exc:
+            log.warning(
+                "receipt_refused", message_id=record.message_id, code=exc.code, reason=exc.reason
+            )
+            return
+        self._receipts[record.message_id] = _judge_receipt(
+            receipt,
+            body=received.body,
+            signature=received.signature,
+            status=None,
+            retry_after_s=None,
+        )
+        # Applied (without sending again) when the row is next claimed, at its scheduled time.
+        self.wake()
 
     async def run(self) -> None:
         """Work until ``stop()``; store outages are waited out, never fatal."""
@@ -302,6 +338,10 @@ class Dispatcher:
         if record.body is None:
             await self._finish_dead(record, "the message body was purged by retention", now)
             return
+        pending = self._receipts.pop(record.message_id, None)
+        if pending is not None:
+            await self._finish(record, pending, sent_at=now, transport=record.transport, sent=False)
+            return
         breaker = self.breakers.for_partner(partner.id)
         if not breaker.try_acquire():
             wait_s = max(breaker.seconds_until_probe(), self._config.outbox.poll_interval_s)
@@ -368,19 +408,28 @@ class Dispatcher:
         return next_at
 
     async def _finish(
-        self, record: OutboundRecord, verdict: Verdict, *, sent_at: datetime, transport: str
+        self,
+        record: OutboundRecord,
+        verdict: Verdict,
+        *,
+        sent_at: datetime,
+        transport: str,
+        sent: bool = True,
     ) -> None:
+        """Write an attempt's verdict; ``sent=False`` for a receipt that came in on its own."""
         now = self._clock.now()
-        attempts = record.attempts + 1
-        events = [
-            self._event(
-                EventKind.SENT,
-                record,
-                at=sent_at,
-                outcome=f"attempt {attempts}",
-                transport=transport,
+        attempts = record.attempts + 1 if sent else record.attempts
+        events = []
+        if sent:
+            events.append(
+                self._event(
+                    EventKind.SENT,
+                    record,
+                    at=sent_at,
+                    outcome=f"attempt {attempts}",
+                    transport=transport,
+                )
             )
-        ]
         receipt = verdict.receipt
         update: AttemptUpdate
         if receipt is not None:

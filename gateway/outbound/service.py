@@ -70,6 +70,7 @@ def attach_outbound(
     )
     service = DispatcherService(dispatcher, transports)
     gateway.add_service(service)
+    gateway.set_receipt_handler(dispatcher.apply_partner_receipt)
     api: ApiServer | None = None
     if with_api:
         services = ApiServices(

@@ -21,10 +21,15 @@ from partner_stub import PartnerStub
 from gateway.audit.events import EventKind
 from gateway.clock import ManualClock
 from gateway.config import GatewayConfig, OutboxConfig
+from gateway.crypto.keys import load_signing_key
+from gateway.envelope import parse_envelope
+from gateway.inbound.context import ReceivedReceipt
 from gateway.outbound.backoff import BackoffPolicy
 from gateway.outbound.breaker import BreakerState
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.outbound.transport import Delivery, Handed, PartnerReply
+from gateway.receipts import ReceiptSigner
 from gateway.runtime import load_own_signing_keys, load_partner_keys
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store import open_store
@@ -305,3 +310,60 @@ async def test_max_attempts_makes_it_dead(env: Env) -> None:
             break
     assert (row.state, row.attempts) == (OutboundState.DEAD, OUTBOX.max_attempts)
     assert (row.last_error or "").startswith(f"gave up after {OUTBOX.max_attempts} attempts")
+
+
+class HandingTransport:
+    """An asynchronous transport's contract (AMQP): takes the message, the receipt comes later."""
+
+    name = "https"
+
+    def __init__(self) -> None:
+        self.handed: list[bytes] = []
+
+    async def send(self, delivery: Delivery) -> PartnerReply | Handed:
+        self.handed.append(delivery.body)
+        return Handed()
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Path) -> None:
+    transport = HandingTransport()
+    dispatcher = Dispatcher(
+        store=env.store,
+        config=env.config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(env.config),
+        clock=env.clock,
+    )
+    env.dispatcher = dispatcher
+    record = await env.submit()
+    handed = await env.step(record.message_id)
+    assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)
+    assert handed.body is not None
+    mx_key = load_signing_key(
+        tmp_path / "pki" / "MX-ANAM" / "sign.key", party="MX-ANAM", alg="EdDSA"
+    )
+    signed = ReceiptSigner(party="MX-ANAM", keys=[mx_key], clock=env.clock).sign(
+        recipient="US-CBP",
+        ref_message_id=record.message_id,
+        ref_digest=record.body_digest,
+        received_at=env.clock.now(),
+        status="ACK",
+    )
+    await dispatcher.apply_partner_receipt(
+        ReceivedReceipt(
+            envelope=parse_envelope(signed.body, max_bytes=65536),
+            body=signed.body,
+            signature=signed.signature,
+            kid=mx_key.kid,
+            peer="MX-ANAM",
+            transport="amqp",
+            received_at=env.clock.now(),
+        )
+    )
+    done = await env.step(record.message_id)
+    assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 1)
+    assert done.receipt_body == signed.body
+    assert transport.handed == [record.body]  # applied without sending it again
