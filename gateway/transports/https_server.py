@@ -231,6 +231,8 @@ class PartnerHttpsServer:
             max_headers=64,
             max_line_size=8190,
             max_field_size=8190,
+            # After refusing a body mid-way, drain what still comes only briefly.
+            lingering_time=2.0,
             shutdown_timeout=self._shutdown_timeout_s,
         )
         await runner.setup()
@@ -291,9 +293,12 @@ class PartnerHttpsServer:
             body = await self._read_body(request)
         except TimeoutError:
             log.info("https_body_timeout", peer=partner)
-            return _problem(
+            response = _problem(
                 408, "Request Timeout", "the body did not arrive within the deadline", None
             )
+            # The rest of the body may still come: the connection cannot be reused.
+            response.force_close()
+            return response
         except GatewayError as exc:
             result = await self._pipeline.refuse_unread(peer=partner, transport="https", error=exc)
             return result_response(result)

@@ -1,0 +1,276 @@
+"""Support for the partner-endpoint tests: a dev-PKI gateway environment in a tmp dir, a
+running gateway with a MemoryBus subscriber, signed test messages and an mTLS client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import io
+import json
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from gateway.config import load_config
+from gateway.crypto.jws import sign_detached
+from gateway.crypto.keys import KeyRing, SigningKey, load_signing_key
+from gateway.crypto.pki import init_dev_pki
+from gateway.envelope import body_digest, encode_envelope, new_message_id
+from gateway.errors import NackCode
+from gateway.model import Header
+from gateway.receipts import Receipt, verify_receipt
+from gateway.runtime import Gateway
+from gateway.store.base import AuditFilter, InboundRecord
+from gateway.transports.bus import MemoryBus
+
+US = "US-CBP"
+MX = "MX-ANAM"
+CA = "CA-CBSA"
+GB = "GB-HMRC"
+LEGAL_BASIS = "US-MX CMAA (Mexico City, 1976)"
+URL_PATH = "/c2c/v1/messages"
+
+_GATEWAY_TOML = """\
+party = "US-CBP"
+partners_dir = "partners"
+store_url = "sqlite:///{store}"
+
+[partner_listen]
+host = "127.0.0.1"
+port = 0
+
+[api_listen]
+host = "127.0.0.1"
+port = 0
+
+[tls]
+cert = "pki/US-CBP/tls.pem"
+key = "pki/US-CBP/tls.key"
+ca = "pki/ca.pem"
+
+[[signing_keys]]
+path = "pki/US-CBP/sign.key"
+alg = "EdDSA"
+
+[api_auth]
+issuer = "urn:test"
+audience = "urn:test:api"
+public_keys = ["pki/US-CBP/api-token.pub"]
+
+[audit]
+key = "pki/US-CBP/audit.key"
+origin = "test.invalid/US-CBP"
+"""
+
+_PARTNER_TOML = """\
+id = "{pid}"
+name = "{pid} test partner"
+max_body_bytes = {max_body}
+inbound_types = ["shipment.advance_data", "enforcement.risk_alert", "receipt"]
+outbound_types = ["shipment.advance_data"]
+{legal}
+
+[[keys]]
+path = "../../pki/{pid}/sign.pub"
+alg = "EdDSA"
+
+[rate]
+per_second = {rate}
+burst = {burst}
+
+[https]
+ca = "../../pki/ca.pem"
+client_cert_subjects = ["{pid}"]
+"""
+
+
+@dataclass
+class Env:
+    root: Path
+    gateway: Gateway
+    delivered: list[InboundRecord]
+    arrived: asyncio.Event
+    keys: dict[str, SigningKey]
+    our_keys: KeyRing
+
+    @property
+    def url(self) -> str:
+        return self.gateway.partner_url + URL_PATH
+
+    def client_ssl(self, party: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.pem"))
+        if party is not None:
+            context.load_cert_chain(
+                str(self.root / "pki" / party / "tls.pem"),
+                str(self.root / "pki" / party / "tls.key"),
+            )
+        return context
+
+
+def write_environment(root: Path, limits: str = "") -> None:
+    """``limits``: extra lines for the ``[limits]`` table of gateway.toml."""
+    init_dev_pki(root / "pki", [US, MX, CA, GB])
+    (root / "gateway.toml").write_text(
+        _GATEWAY_TOML.format(store=root / "gw.db") + "\n[limits]\n" + limits
+    )
+    partners = {
+        MX: {"legal": f'legal_basis = "{LEGAL_BASIS}"', "rate": 1000.0, "burst": 1000},
+        CA: {"legal": "", "rate": 1000.0, "burst": 1000},
+        # A partner that hardly refills: two requests, then 429.
+        GB: {"legal": "", "rate": 0.01, "burst": 2},
+    }
+    for pid, extra in partners.items():
+        folder = root / "partners" / pid
+        folder.mkdir(parents=True)
+        (folder / "partner.toml").write_text(
+            _PARTNER_TOML.format(pid=pid, max_body=4096 if pid == CA else 1_048_576, **extra)
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(tmp_path: Path, limits: str = "") -> AsyncIterator[Env]:
+    write_environment(tmp_path, limits)
+    config = load_config(tmp_path / "gateway.toml")
+    bus = MemoryBus()
+    delivered: list[InboundRecord] = []
+    arrived = asyncio.Event()
+
+    async def consume(record: InboundRecord) -> None:
+        delivered.append(record)
+        arrived.set()
+
+    bus.subscribe(consume)
+    gateway = Gateway(config, bus=bus)
+    await gateway.start()
+    keys = {
+        pid: load_signing_key(tmp_path / "pki" / pid / "sign.key", party=pid, alg="EdDSA")
+        for pid in (MX, CA, GB)
+    }
+    our_keys = KeyRing(key.verification_key() for key in gateway.signing_keys)
+    try:
+        yield Env(tmp_path, gateway, delivered, arrived, keys, our_keys)
+    finally:
+        await gateway.stop()
+
+
+def make_message(
+    env: Env,
+    *,
+    sender: str = MX,
+    message_type: str = "shipment.advance_data",
+    recipient: str = US,
+    created_at: dt.datetime | None = None,
+    legal_basis: str | None = LEGAL_BASIS,
+    payload: dict[str, Any] | None = None,
+    message_id: str | None = None,
+    schema_version: str = "1.0",
+) -> tuple[str, bytes]:
+    registry = env.gateway.registry
+    if payload is None:
+        payload = registry.examples(message_type, "1.0")[0]
+    message_id = message_id or new_message_id()
+    header = Header(
+        message_id=message_id,
+        message_type=message_type,
+        schema_version=schema_version,
+        sender=sender,
+        recipient=recipient,
+        created_at=created_at or dt.datetime.now(dt.UTC),
+        legal_basis=legal_basis,
+        in_reply_to=new_message_id()
+        if registry.requires_in_reply_to(message_type, "1.0")
+        else None,
+    )
+    return message_id, encode_envelope(header, payload)
+
+
+@dataclass
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def post(
+    env: Env,
+    body: bytes | io.BytesIO,
+    *,
+    cert: str | None = MX,
+    signer: str | None = MX,
+    signature: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    all_headers = {"Content-Type": "application/json"}
+    if signature is None and signer is not None:
+        assert isinstance(body, bytes)
+        signature = sign_detached(body, env.keys[signer])
+    if signature is not None:
+        all_headers["C2C-Signature"] = signature
+    all_headers.update(headers or {})
+    connector = aiohttp.TCPConnector(ssl=env.client_ssl(cert))
+    async with (
+        aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+        session.post(env.url, data=body, headers=all_headers) as response,
+    ):
+        return Answer(response.status, await response.read(), dict(response.headers))
+
+
+def check_receipt(
+    env: Env, answer: Answer, *, message_id: str, body: bytes, recipient: str = MX
+) -> Receipt:
+    receipt = verify_receipt(
+        answer.body,
+        answer.headers["C2C-Signature"],
+        env.our_keys,
+        US,
+        message_id,
+        body_digest(body),
+    )
+    assert receipt.envelope.header.message_type == "receipt"
+    assert receipt.envelope.header.schema_version == "1.0"
+    assert receipt.envelope.header.recipient == recipient
+    assert receipt.envelope.header.in_reply_to == message_id
+    env.gateway.registry.validate("receipt", "1.0", receipt.envelope.payload)
+    return receipt
+
+
+async def rejections(env: Env, code: NackCode) -> list[dict[str, Any]]:
+    rows = await env.gateway.store.audit_entries(AuditFilter(event="rejected", outcome=code.value))
+    return [json.loads(row.entry) for row in rows]
+
+
+async def assert_nack(
+    env: Env,
+    answer: Answer,
+    code: NackCode,
+    status: int,
+    *,
+    message_id: str,
+    body: bytes,
+    reason_contains: str,
+) -> None:
+    assert answer.status == status, answer.body
+    receipt = check_receipt(env, answer, message_id=message_id, body=body)
+    assert receipt.status == "NACK"
+    assert receipt.code == code
+    entries = await rejections(env, code)
+    assert len(entries) == 1, entries
+    assert reason_contains in entries[0]["reason"]
+    assert entries[0]["message_id"] == message_id
+    assert entries[0]["body_digest"] == body_digest(body)
+    assert await env.gateway.store.get_inbound(MX, message_id) is None
+
+
+async def wait_delivered(env: Env, count: int) -> None:
+    async with asyncio.timeout(10):
+        while len(env.delivered) < count:
+            await env.arrived.wait()
+            env.arrived.clear()
