@@ -22,7 +22,8 @@ from aiohttp import http, web, web_protocol
 from aiohttp.http_parser import HttpRequestParserPy
 
 from gateway.config import LimitsConfig
-from gateway.errors import GatewayError, TooLarge
+from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, load_certificate
+from gateway.errors import GatewayError, SenderMismatch, TooLarge
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.schemas.registry import SchemaRegistry
@@ -84,6 +85,19 @@ def result_response(result: InboundResult) -> web.Response:
             headers=headers,
         )
     return web.Response(status=result.http_status, headers=headers)
+
+
+def _describe_certificate(der: bytes | None) -> str:
+    if not der:
+        return "no client certificate on the connection"
+    try:
+        cert = load_certificate(der)
+    except ValueError:
+        return "client certificate is not parseable"
+    return (
+        f"client certificate sha256 {cert_fingerprint(cert)} (CN {cert_subject_cn(cert)!r})"
+        " identifies no configured partner"
+    )
 
 
 class _Refuse(asyncio.Protocol):
@@ -268,12 +282,10 @@ class PartnerHttpsServer:
         partner = self._identify(der) if der else None
         if partner is None:
             log.warning("https_unknown_client_certificate", path=request.path)
-            return _problem(
-                403,
-                "Forbidden",
-                "the client certificate does not identify a configured partner",
-                "SENDER_MISMATCH",
+            result = await self._pipeline.refuse_unread(
+                peer=None, transport="https", error=SenderMismatch(_describe_certificate(der))
             )
+            return result_response(result)
         request[_PARTNER] = partner
         return await handler(request)
 

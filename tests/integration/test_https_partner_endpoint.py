@@ -433,6 +433,10 @@ async def test_valid_certificate_of_no_partner_gets_403_problem(env: Env) -> Non
     answer = await post(env, body, cert=US)
     assert answer.status == 403
     assert answer.json()["code"] == "SENDER_MISMATCH"
+    entries = await rejections(env, NackCode.SENDER_MISMATCH)
+    assert len(entries) == 1
+    assert "(CN 'US-CBP') identifies no configured partner" in entries[0]["reason"]
+    assert "sender" not in entries[0]
 
 
 # --- schemas and keys ---------------------------------------------------------------------
