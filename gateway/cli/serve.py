@@ -24,6 +24,7 @@ from gateway.errors import ConfigError
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.transport import OutboundTransport
 from gateway.runtime import Gateway
+from gateway.selfcheck import SelfCheckError, run_selfcheck
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -56,7 +57,9 @@ def fail(message: str) -> NoReturn:
 def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
     """Gateway with its outbound dispatcher and internal API attached (and, when amqp.url is
     configured, the AMQP transport for outbound messages and the broker in ``/readyz``)."""
-    gateway = Gateway(load_config(config_path))
+    config = load_config(config_path)
+    run_selfcheck(config)
+    gateway = Gateway(config)
     extra: dict[str, OutboundTransport] = {}
     if gateway.amqp is not None:
         extra["amqp"] = gateway.amqp.outbound_transport
@@ -98,7 +101,7 @@ def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
 
     try:
         uvloop.run(serve_it())
-    except ConfigError as exc:
+    except (ConfigError, SelfCheckError) as exc:
         fail(str(exc))
     except OSError as exc:
         click.echo(f"error: cannot serve: {exc.strerror or exc}", err=True)
