@@ -49,6 +49,7 @@ from gateway.outbound.transport import (
 from gateway.receipts import Receipt, verify_receipt
 from gateway.store.base import (
     AttemptUpdate,
+    InvalidTransition,
     LeaseLost,
     OutboundRecord,
     OutboundState,
@@ -193,10 +194,6 @@ class Dispatcher:
         self._lease_s = outbox.send_timeout_s + 30.0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        # Verified receipts that came in on the inbound side (AMQP), applied when the row
-        # is next claimed. Kept in memory only: if lost, the message is sent again and the
-        # partner answers the duplicate with its original receipt.
-        self._receipts: dict[str, Verdict] = {}
 
     @property
     def worker_id(self) -> str:
@@ -234,15 +231,24 @@ class Dispatcher:
                 "receipt_refused", message_id=record.message_id, code=exc.code, reason=exc.reason
             )
             return
-        self._receipts[record.message_id] = _judge_receipt(
+        verdict = _judge_receipt(
             receipt,
             body=received.body,
             signature=received.signature,
             status=None,
             retry_after_s=None,
         )
-        # Applied (without sending again) when the row is next claimed, at its scheduled time.
-        self.wake()
+        # Written at once, durably and without a lease: a worker still sending the message
+        # loses its lease and its own result yields to this one.
+        update, events = self._outcome(
+            record, verdict, sent_at=self._clock.now(), transport=received.transport, sent=False
+        )
+        try:
+            await self._store.record_receipt(record.message_id, update, events)
+        except InvalidTransition as exc:
+            log.info("receipt_for_finished_message", message_id=record.message_id, state=exc.state)
+            return
+        log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
 
     async def run(self) -> None:
         """Work until ``stop()``; store outages are waited out, never fatal."""
@@ -338,10 +344,6 @@ class Dispatcher:
         if record.body is None:
             await self._finish_dead(record, "the message body was purged by retention", now)
             return
-        pending = self._receipts.pop(record.message_id, None)
-        if pending is not None:
-            await self._finish(record, pending, sent_at=now, transport=record.transport, sent=False)
-            return
         breaker = self.breakers.for_partner(partner.id)
         if not breaker.try_acquire():
             wait_s = max(breaker.seconds_until_probe(), self._config.outbox.poll_interval_s)
@@ -414,9 +416,32 @@ class Dispatcher:
         *,
         sent_at: datetime,
         transport: str,
-        sent: bool = True,
     ) -> None:
-        """Write an attempt's verdict; ``sent=False`` for a receipt that came in on its own."""
+        """Write an attempt's verdict and release the lease."""
+        update, events = self._outcome(
+            record, verdict, sent_at=sent_at, transport=transport, sent=True
+        )
+        await self._store.finish_attempt(record.message_id, self._worker_id, update, events)
+        log.info(
+            "outbound_attempt",
+            message_id=record.message_id,
+            partner=record.recipient,
+            attempt=update.attempts,
+            result=verdict.kind,
+            state=update.state.value,
+        )
+
+    def _outcome(
+        self,
+        record: OutboundRecord,
+        verdict: Verdict,
+        *,
+        sent_at: datetime,
+        transport: str,
+        sent: bool,
+    ) -> tuple[AttemptUpdate, list[AuditEvent]]:
+        """The new row state and its audit events; ``sent=False`` for a receipt that came in
+        on its own (no attempt is counted)."""
         now = self._clock.now()
         attempts = record.attempts + 1 if sent else record.attempts
         events = []
@@ -517,12 +542,4 @@ class Dispatcher:
                 next_attempt_at=next_at,
                 last_error=verdict.reason,
             )
-        await self._store.finish_attempt(record.message_id, self._worker_id, update, events)
-        log.info(
-            "outbound_attempt",
-            message_id=record.message_id,
-            partner=record.recipient,
-            attempt=attempts,
-            result=verdict.kind,
-            state=update.state.value,
-        )
+        return update, events

@@ -295,6 +295,14 @@ class Store(Protocol):
         """Write an attempt's result and release the lease; LeaseLost if not the holder."""
         ...
 
+    async def record_receipt(
+        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        """Apply a partner receipt that came in on its own (over AMQP), without a lease: only
+        while the message is queued or sent (else InvalidTransition; MessageNotFound). Any
+        lease is dropped, so a worker still sending it gets LeaseLost and its result yields."""
+        ...
+
     async def get_outbound(self, message_id: str) -> OutboundRecord | None: ...
 
     async def retry_outbound(

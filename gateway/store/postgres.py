@@ -29,8 +29,9 @@ from gateway.audit.merkle import frontier
 from gateway.clock import Clock
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
-from gateway.store.audit_rows import plan_append
+from gateway.store.audit_rows import AuditAppend, plan_append
 from gateway.store.base import (
+    ACTIVE_STATES,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -143,10 +144,29 @@ def _outbound(row: asyncpg.Record) -> OutboundRecord:
     )
 
 
+class _Tx:
+    """One group commit: its connection (head row locked) and the audit events its units
+    append, written together at the end with a few multi-row statements."""
+
+    def __init__(self, conn: Conn, size: int) -> None:
+        self.conn = conn
+        self.size = size
+        self.events: list[AuditEvent] = []
+
+    def audit(self, events: Sequence[AuditEvent]) -> list[int]:
+        """Queue ``events`` for this commit and return the seqs they will have."""
+        start = self.size + len(self.events)
+        self.events.extend(events)
+        return list(range(start, start + len(events)))
+
+
 @dataclass(kw_only=True, slots=True)
 class _Unit:
-    fn: Callable[[Conn], Awaitable[Any]]
     future: asyncio.Future[Any]
+    #: a generic write, run in its own SAVEPOINT
+    fn: Callable[[_Tx], Awaitable[Any]] | None = None
+    #: an inbox insert, batched with the other inserts of the same commit
+    inbound: tuple[InboundRecord, list[AuditEvent]] | None = None
 
 
 class PostgresStore:
@@ -169,6 +189,10 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # The audit head size and its frontier nodes as of this process's last commit: used
+        # again while the locked head still shows that size (no other replica appended since).
+        self._frontier_size = -1
+        self._frontier_nodes: dict[NodeKey, bytes] = {}
 
     # lifecycle
 
@@ -228,12 +252,18 @@ class PostgresStore:
 
     # batched writes
 
-    async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _write(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
+        result: T = await self._enqueue(_Unit(fn=fn, future=self._future()))
+        return result
+
+    def _future(self) -> asyncio.Future[Any]:
         if self._writer_task is None or self._writer_task.done():
             raise Unavailable("postgresql: store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Unit(fn=fn, future=future))
-        return await future
+        return asyncio.get_running_loop().create_future()
+
+    async def _enqueue(self, unit: _Unit) -> Any:
+        await self._queue.put(unit)
+        return await unit.future
 
     async def _writer_loop(self) -> None:
         stopping = False
@@ -251,7 +281,7 @@ class PostgresStore:
             batch = [u for u in batch if not u.future.cancelled()]
             if not batch:
                 continue
-            results = await self._commit_batch([u.fn for u in batch])
+            results = await self._commit_batch(batch)
             for unit, result in zip(batch, results, strict=True):
                 if unit.future.done():
                     continue
@@ -260,36 +290,65 @@ class PostgresStore:
                 else:
                     unit.future.set_result(result)
 
-    async def _commit_batch(self, fns: list[Callable[[Conn], Awaitable[Any]]]) -> list[Any]:
+    async def _commit_batch(self, units: list[_Unit]) -> list[Any]:
+        """One transaction for the whole batch: head lock, inbox inserts in one statement,
+        the other units each in a SAVEPOINT, then every audit entry, node and the new head
+        size in three statements. Callers are answered only after COMMIT."""
         pool = self._pool
         if pool is None:
-            return [Unavailable("postgresql: store is not open")] * len(fns)
-        results: list[Any] = []
+            return [Unavailable("postgresql: store is not open")] * len(units)
+        results: list[Any] = [None] * len(units)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 # the head row first: every audited write takes it before any row lock, so
                 # batches of different replicas queue here instead of deadlocking
-                await conn.execute("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
-                for fn in fns:
-                    try:
-                        async with conn.transaction():
-                            results.append(await fn(conn))
-                    except asyncpg.IntegrityConstraintViolationError as exc:
-                        results.append(_unavailable(exc))
-                    except _DB_ERRORS:
-                        raise
-                    except Exception as exc:
-                        # the unit's own refusal (or bug) goes back to its caller alone
-                        results.append(exc)
+                size: int = await conn.fetchval(
+                    "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE"
+                )
+                known = await self._frontier_at(conn, size)
+                tx = _Tx(conn, size)
+                inbound = [(i, u.inbound) for i, u in enumerate(units) if u.inbound is not None]
+                if inbound:
+                    outcomes = await _store_inbound_batch(tx, [item for _, item in inbound])
+                    for (index, _), outcome in zip(inbound, outcomes, strict=True):
+                        results[index] = outcome
+                for index, unit in enumerate(units):
+                    if unit.fn is not None:
+                        results[index] = await _run_unit(tx, unit.fn)
+                plan = plan_append(size, known, tx.events) if tx.events else None
+                if plan is not None:
+                    await _write_audit(conn, plan)
         except _DB_ERRORS as exc:
-            return [_unavailable(exc)] * len(fns)
+            self._frontier_size = -1
+            return [_unavailable(exc)] * len(units)
+        except BaseException:
+            self._frontier_size = -1
+            raise
+        if plan is not None:
+            nodes = {**known, **plan.nodes}
+            self._frontier_nodes = {k: nodes[k] for k in frontier(plan.new_size)}
+            self._frontier_size = plan.new_size
         return results
+
+    async def _frontier_at(self, conn: Conn, size: int) -> dict[NodeKey, bytes]:
+        if size == self._frontier_size:
+            return self._frontier_nodes
+        keys = frontier(size)
+        known = await _fetch_nodes(conn, keys) if keys else {}
+        if len(known) != len(keys):
+            raise Unavailable(f"postgresql: audit frontier incomplete at size {size}")
+        self._frontier_size, self._frontier_nodes = size, known
+        return known
 
     # audit log
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[int]:
         events = list(events)
-        return await self._write(lambda c: _append_audit(c, events))
+
+        async def unit(tx: _Tx) -> list[int]:
+            return tx.audit(events)
+
+        return await self._write(unit)
 
     async def audit_size(self) -> int:
         size: int = await self._call(
@@ -338,7 +397,8 @@ class PostgresStore:
     ) -> None:
         events = list(events)
 
-        async def unit(c: Conn) -> None:
+        async def unit(tx: _Tx) -> None:
+            c = tx.conn
             existing = await c.fetchval(
                 "SELECT root_hash FROM audit_checkpoints WHERE size = $1 FOR UPDATE", size
             )
@@ -353,7 +413,7 @@ class PostgresStore:
                 note,
                 _aware(created_at),
             )
-            await _append_audit(c, events)
+            tx.audit(events)
 
         await self._write(unit)
 
@@ -385,7 +445,8 @@ class PostgresStore:
     ) -> None:
         events = list(events)
 
-        async def unit(c: Conn) -> None:
+        async def unit(tx: _Tx) -> None:
+            c = tx.conn
             await c.execute(
                 "INSERT INTO audit_cosignatures (partner, size, root_hash, note, received_at) "
                 "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (partner, size) DO UPDATE SET "
@@ -397,7 +458,7 @@ class PostgresStore:
                 note,
                 _aware(received_at),
             )
-            await _append_audit(c, events)
+            tx.audit(events)
 
         await self._write(unit)
 
@@ -431,7 +492,8 @@ class PostgresStore:
     ) -> None:
         events = list(events)
 
-        async def unit(c: Conn) -> None:
+        async def unit(tx: _Tx) -> None:
+            c = tx.conn
             await c.execute(
                 "INSERT INTO audit_witnessed (origin, size, root_hash, note) "
                 "VALUES ($1, $2, $3, $4) ON CONFLICT (origin) DO UPDATE SET "
@@ -441,7 +503,7 @@ class PostgresStore:
                 root_hash,
                 note,
             )
-            await _append_audit(c, events)
+            tx.audit(events)
 
         await self._write(unit)
 
@@ -450,44 +512,9 @@ class PostgresStore:
     async def store_inbound(
         self, record: InboundRecord, events: Sequence[AuditEvent]
     ) -> InboundOutcome:
-        events = list(events)
-
-        async def unit(c: Conn) -> InboundOutcome:
-            # ON CONFLICT waits for a concurrent insert of the same key to commit or abort,
-            # so a race between replicas ends here as a duplicate, never as an error
-            seq = await c.fetchval(
-                "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
-                "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
-                "transport, received_at, receipt_body, receipt_signature) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) "
-                "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING RETURNING seq",
-                record.sender,
-                record.message_id,
-                record.recipient,
-                record.message_type,
-                record.schema_version,
-                record.correlation_id,
-                record.in_reply_to,
-                record.body,
-                record.body_digest,
-                record.signature,
-                record.kid,
-                record.transport,
-                _aware(record.received_at),
-                record.receipt_body,
-                record.receipt_signature,
-            )
-            if seq is not None:
-                await _append_audit(c, events)
-                stored = replace(record, seq=seq, relayed=False)
-                return InboundOutcome(status="stored", record=stored)
-            existing = await _get_inbound(c, record.sender, record.message_id)
-            if existing is None:
-                raise Unavailable("postgresql: inbound row vanished after a key conflict")
-            same = existing.body_digest == record.body_digest
-            return InboundOutcome(status="duplicate" if same else "conflict", record=existing)
-
-        return await self._write(unit)
+        unit = _Unit(future=self._future(), inbound=(record, list(events)))
+        outcome: InboundOutcome = await self._enqueue(unit)
+        return outcome
 
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
         return await self._call(lambda c: _get_inbound(c, sender, message_id))
@@ -518,7 +545,8 @@ class PostgresStore:
         keys = list(keys)
         events = list(events)
 
-        async def unit(c: Conn) -> None:
+        async def unit(tx: _Tx) -> None:
+            c = tx.conn
             await c.execute(
                 "UPDATE inbound_messages AS m SET relayed = TRUE "
                 "FROM unnest($1::text[], $2::text[]) AS k(sender, message_id) "
@@ -526,7 +554,7 @@ class PostgresStore:
                 [k[0] for k in keys],
                 [k[1] for k in keys],
             )
-            await _append_audit(c, events)
+            tx.audit(events)
 
         await self._write(unit)
 
@@ -535,7 +563,8 @@ class PostgresStore:
     async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
         events = list(events)
 
-        async def unit(c: Conn) -> None:
+        async def unit(tx: _Tx) -> None:
+            c = tx.conn
             inserted = await c.fetchval(
                 f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
@@ -569,7 +598,7 @@ class PostgresStore:
                 raise DuplicateConflict(
                     f"outbound message_id {record.message_id!r} is already in the outbox"
                 )
-            await _append_audit(c, events)
+            tx.audit(events)
 
         await self._write(unit)
 
@@ -606,7 +635,8 @@ class PostgresStore:
     ) -> OutboundRecord:
         events = list(events)
 
-        async def unit(c: Conn) -> OutboundRecord:
+        async def unit(tx: _Tx) -> OutboundRecord:
+            c = tx.conn
             row = await c.fetchrow(
                 "SELECT lease_owner FROM outbound_messages WHERE message_id = $1 FOR UPDATE",
                 message_id,
@@ -632,7 +662,44 @@ class PostgresStore:
             )
             if updated is None:
                 raise MessageNotFound(message_id)
-            await _append_audit(c, events)
+            tx.audit(events)
+            return _outbound(updated)
+
+        return await self._write(unit)
+
+    async def record_receipt(
+        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        async def unit(tx: _Tx) -> OutboundRecord:
+            c = tx.conn
+            state = await c.fetchval(
+                "SELECT state FROM outbound_messages WHERE message_id = $1 FOR UPDATE",
+                message_id,
+            )
+            if state is None:
+                raise MessageNotFound(message_id)
+            if OutboundState(state) not in ACTIVE_STATES:
+                raise InvalidTransition(message_id, state, "record a receipt")
+            updated = await c.fetchrow(
+                "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
+                "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
+                "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
+                "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
+                f"RETURNING {_OUTBOUND_COLUMNS}",
+                update.state.value,
+                update.attempts,
+                _aware(update.next_attempt_at),
+                update.last_error,
+                update.receipt_body,
+                update.receipt_signature,
+                self._clock.now(),
+                message_id,
+            )
+            if updated is None:
+                raise MessageNotFound(message_id)
+            tx.audit(events)
             return _outbound(updated)
 
         return await self._write(unit)
@@ -651,7 +718,8 @@ class PostgresStore:
     ) -> OutboundRecord:
         events = list(events)
 
-        async def unit(c: Conn) -> OutboundRecord:
+        async def unit(tx: _Tx) -> OutboundRecord:
+            c = tx.conn
             row = await c.fetchrow(
                 "SELECT state, body IS NULL FROM outbound_messages "
                 "WHERE message_id = $1 FOR UPDATE",
@@ -675,7 +743,7 @@ class PostgresStore:
             )
             if updated is None:
                 raise MessageNotFound(message_id)
-            await _append_audit(c, events)
+            tx.audit(events)
             return _outbound(updated)
 
         return await self._write(unit)
@@ -728,7 +796,8 @@ class PostgresStore:
     async def purge_bodies(self, older_than: datetime) -> int:
         cutoff = _aware(older_than)
 
-        async def unit(c: Conn) -> int:
+        async def unit(tx: _Tx) -> int:
+            c = tx.conn
             inbound = await c.fetchval(
                 "WITH p AS (UPDATE inbound_messages SET body = NULL "
                 "WHERE received_at < $1 AND relayed AND body IS NOT NULL RETURNING 1) "
@@ -770,16 +839,120 @@ async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> list[int]:
-    """Append inside the caller's transaction; the head row lock makes seqs gap-free."""
-    if not events:
-        return []
-    size: int = await c.fetchval("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
-    keys = frontier(size)
-    known = await _fetch_nodes(c, keys) if keys else {}
-    if len(known) != len(keys):
-        raise Unavailable(f"postgresql: audit frontier incomplete at size {size}")
-    plan = plan_append(size, known, events)
+async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:
+    """Run one unit in a SAVEPOINT: its refusal (or bug) rolls back its rows and its queued
+    audit events alone and goes back to its caller; a database failure fails the batch."""
+    mark = len(tx.events)
+    try:
+        async with tx.conn.transaction():
+            return await fn(tx)
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        del tx.events[mark:]
+        return _unavailable(exc)
+    except _DB_ERRORS:
+        raise
+    except Exception as exc:
+        del tx.events[mark:]
+        return exc
+
+
+async def _store_inbound_batch(
+    tx: _Tx, items: list[tuple[InboundRecord, list[AuditEvent]]]
+) -> list[InboundOutcome | BaseException]:
+    """Insert a batch's inbox rows with one statement; the unique constraint decides which
+    are new. A key repeated inside the batch is inserted once and the others answered from it."""
+    first: dict[InboundKey, InboundRecord] = {}
+    for record, _ in items:
+        first.setdefault(record.key, record)
+    try:
+        async with tx.conn.transaction():
+            seqs = await _insert_inbound(tx.conn, list(first.values()))
+    except asyncpg.IntegrityConstraintViolationError:
+        # one bad row must not refuse the others: insert each alone
+        seqs = {}
+        failed: dict[InboundKey, BaseException] = {}
+        for record in first.values():
+            try:
+                async with tx.conn.transaction():
+                    seqs.update(await _insert_inbound(tx.conn, [record]))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                failed[record.key] = _unavailable(exc)
+    else:
+        failed = {}
+    existing = await _get_inbound_many(
+        tx.conn, [key for key in first if key not in seqs and key not in failed]
+    )
+    outcomes: list[InboundOutcome | BaseException] = []
+    answered: set[InboundKey] = set()
+    for record, events in items:
+        key = record.key
+        if key in failed:
+            outcomes.append(failed[key])
+            continue
+        if key in seqs and key not in answered:
+            answered.add(key)
+            tx.audit(events)
+            stored = replace(record, seq=seqs[key], relayed=False)
+            outcomes.append(InboundOutcome(status="stored", record=stored))
+            continue
+        original = (
+            replace(first[key], seq=seqs[key], relayed=False) if key in seqs else existing.get(key)
+        )
+        if original is None:
+            outcomes.append(Unavailable("postgresql: inbound row vanished after a key conflict"))
+            continue
+        same = original.body_digest == record.body_digest
+        outcomes.append(InboundOutcome(status="duplicate" if same else "conflict", record=original))
+    return outcomes
+
+
+async def _insert_inbound(c: Conn, records: list[InboundRecord]) -> dict[InboundKey, int]:
+    # ON CONFLICT waits for a concurrent insert of the same key to commit or abort, so a race
+    # between replicas ends as a duplicate, never as an error
+    rows = await c.fetch(
+        "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+        "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
+        "transport, received_at, receipt_body, receipt_signature) "
+        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+        "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::text[], "
+        "$13::timestamptz[], $14::bytea[], $15::text[]) "
+        "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING "
+        "RETURNING sender, message_id, seq",
+        [r.sender for r in records],
+        [r.message_id for r in records],
+        [r.recipient for r in records],
+        [r.message_type for r in records],
+        [r.schema_version for r in records],
+        [r.correlation_id for r in records],
+        [r.in_reply_to for r in records],
+        [r.body for r in records],
+        [r.body_digest for r in records],
+        [r.signature for r in records],
+        [r.kid for r in records],
+        [r.transport for r in records],
+        [_aware(r.received_at) for r in records],
+        [r.receipt_body for r in records],
+        [r.receipt_signature for r in records],
+    )
+    return {(r[0], r[1]): r[2] for r in rows}
+
+
+async def _get_inbound_many(c: Conn, keys: Sequence[InboundKey]) -> dict[InboundKey, InboundRecord]:
+    if not keys:
+        return {}
+    cols = ", ".join(f"m.{col.strip()}" for col in _INBOUND_COLUMNS.split(","))
+    rows = await c.fetch(
+        f"SELECT {cols} FROM inbound_messages AS m "
+        "JOIN unnest($1::text[], $2::text[]) AS k(sender, message_id) "
+        "ON m.sender = k.sender AND m.message_id = k.message_id",
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+    )
+    return {(r[0], r[1]): _inbound(r) for r in rows}
+
+
+async def _write_audit(c: Conn, plan: AuditAppend) -> None:
+    """Write a batch's entries, the subtrees they complete and the new head size."""
     entries = plan.entries
     await c.execute(
         "INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, message_id, sender, "
@@ -798,15 +971,15 @@ async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> list[int]:
         [e.outcome for e in entries],
         [e.correlation_id for e in entries],
     )
-    await c.execute(
-        "INSERT INTO audit_nodes (level, idx, hash) "
-        "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
-        [k[0] for k in plan.nodes],
-        [k[1] for k in plan.nodes],
-        list(plan.nodes.values()),
-    )
+    if plan.nodes:
+        await c.execute(
+            "INSERT INTO audit_nodes (level, idx, hash) "
+            "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
+            [k[0] for k in plan.nodes],
+            [k[1] for k in plan.nodes],
+            list(plan.nodes.values()),
+        )
     await c.execute("UPDATE audit_head SET size = $1 WHERE id = 1", plan.new_size)
-    return [e.seq for e in entries]
 
 
 async def _migrate(c: Conn) -> None:

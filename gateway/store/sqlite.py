@@ -761,6 +761,41 @@ class SqliteStore:
 
         return await self._write(unit)
 
+    async def record_receipt(
+        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        def unit(c: Conn) -> OutboundRecord:
+            row = c.execute(
+                "SELECT state FROM outbound_messages WHERE message_id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise MessageNotFound(message_id)
+            state = OutboundState(row[0])
+            if state not in ACTIVE_STATES:
+                raise InvalidTransition(message_id, state.value, "record a receipt")
+            c.execute(
+                "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
+                "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
+                "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
+                "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
+                (
+                    update.state.value,
+                    update.attempts,
+                    _us(update.next_attempt_at),
+                    update.last_error,
+                    update.receipt_body,
+                    update.receipt_signature,
+                    _us(self._clock.now()),
+                    message_id,
+                ),
+            )
+            self._append_audit(c, events)
+            return _require_outbound(c, message_id)
+
+        return await self._write(unit)
+
     async def get_outbound(self, message_id: str) -> OutboundRecord | None:
         return await self._read(lambda c: _get_outbound(c, message_id))
 

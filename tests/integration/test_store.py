@@ -159,6 +159,27 @@ async def test_fifty_concurrent_identical_inserts_store_one_row(store: Store) ->
     assert len(await store.pending_relay(100)) == 1
 
 
+async def test_concurrent_same_key_other_bodies_store_one_and_conflict_the_rest(
+    store: Store,
+) -> None:
+    bodies = [b'{"payload": %d}' % (i % 3) for i in range(30)]
+    outcomes = await asyncio.gather(
+        *(
+            store.store_inbound(inbound("same", body=body), [event(EventKind.ACCEPTED, "same")])
+            for body in bodies
+        )
+    )
+    stored = [o for o in outcomes if o.status == "stored"]
+    assert len(stored) == 1
+    winner = stored[0].record.body_digest
+    for outcome, body in zip(outcomes, bodies, strict=True):
+        assert outcome.record == stored[0].record
+        if outcome.status != "stored":
+            expected = "duplicate" if digest(body) == winner else "conflict"
+            assert outcome.status == expected
+    assert await store.audit_size() == 1
+
+
 async def test_many_concurrent_inbound_each_visible_when_returned(store: Store) -> None:
     async def one(i: int) -> None:
         outcome = await store.store_inbound(
@@ -387,6 +408,34 @@ async def test_outbox_finish_and_retry(store: Store, store_clock: ManualClock) -
     assert stored == acked
     assert stored.updated_at == store_clock.now()
     assert await store.audit_size() == 4
+
+
+async def test_record_receipt_without_a_lease_only_while_active(store: Store) -> None:
+    await store.enqueue_outbound(outbound("o-1"), [])
+    (_claimed,) = await store.claim_outbound("w1", T0, 10, 30)
+    acked = AttemptUpdate(
+        state=OutboundState.ACKNOWLEDGED,
+        attempts=1,
+        next_attempt_at=T0,
+        receipt_body=b"late receipt",
+        receipt_signature="sig",
+    )
+    done = await store.record_receipt("o-1", acked, [event(EventKind.ACKNOWLEDGED, "o-1")])
+    assert (done.state, done.receipt_body) == (OutboundState.ACKNOWLEDGED, b"late receipt")
+    # the worker still sending it lost its lease: its result yields to the receipt
+    with pytest.raises(LeaseLost):
+        await store.finish_attempt(
+            "o-1",
+            "w1",
+            AttemptUpdate(state=OutboundState.SENT, attempts=1, next_attempt_at=T0),
+            [event(EventKind.ATTEMPT_FAILED, "o-1")],
+        )
+    with pytest.raises(InvalidTransition, match="acknowledged; cannot record a receipt"):
+        await store.record_receipt("o-1", acked, [event(EventKind.ACKNOWLEDGED, "again")])
+    with pytest.raises(MessageNotFound):
+        await store.record_receipt("nope", acked, [])
+    assert await store.get_outbound("o-1") == done
+    assert await store.audit_size() == 1
 
 
 async def test_outbox_duplicate_message_id_is_refused(store: Store) -> None:

@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 
 import pgdb
 import pytest
-from test_store import T0, event, inbound, outbound
+from test_store import T0, event, inbound, naive_root, outbound
 
 from gateway.audit.events import EventKind
+from gateway.audit.merkle import frontier, root_from_nodes
 from gateway.clock import ManualClock
 from gateway.errors import Unavailable
+from gateway.store.base import AuditFilter
 from gateway.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.postgres
@@ -134,6 +136,34 @@ async def test_dedupe_and_claims_hold_across_replicas(pg_dsn: str) -> None:
         ids = [r.message_id for batch in claimed for r in batch]
         assert len(ids) == len(set(ids)) == 60
         assert await replicas[1].audit_size() == 1
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+async def test_replicas_interleaving_appends_keep_one_consistent_tree(pg_dsn: str) -> None:
+    """Each replica caches its last frontier; after the other appended it must read it again."""
+    replicas = [PostgresStore(pg_dsn, clock=ManualClock(T0), max_size=3) for _ in range(2)]
+    for replica in replicas:
+        await replica.open()
+    try:
+        for round_ in range(12):
+            await asyncio.gather(
+                *(
+                    replicas[(round_ + i) % 2].store_inbound(
+                        inbound(f"m-{round_}-{i}"), [event(EventKind.ACCEPTED, f"m-{round_}-{i}")]
+                    )
+                    for i in range(1 + round_ % 5)
+                )
+            )
+        size = await replicas[0].audit_size()
+        assert size == sum(1 + r % 5 for r in range(12))
+        leaves = await replicas[1].audit_leaf_hashes(0, size)
+        rows = await replicas[1].audit_entries(AuditFilter(), limit=size)
+        assert [r.seq for r in rows] == list(range(size))
+        for n in range(1, size + 1):
+            nodes = await replicas[n % 2].audit_node_hashes(frontier(n))
+            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
     finally:
         for replica in replicas:
             await replica.close()
