@@ -33,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.outbound.submission import SubmissionServices
 from gateway.receipts import ReceiptSigner
 from gateway.relay import InboxRelay
+from gateway.retention import RetentionService
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store import InvalidStoreUrl, open_store
 from gateway.store.base import Store
@@ -179,6 +180,15 @@ class Gateway:
             )
             # First service: the broker is connected before anything publishes to it.
             self.add_service(self.amqp)
+        #: the periodic body purge, when ``retention.body_retention_days`` is set
+        self.retention: RetentionService | None = None
+        if config.retention.body_retention_days is not None:
+            self.retention = RetentionService(
+                store=self.store,
+                clock=self.clock,
+                retention_days=config.retention.body_retention_days,
+            )
+            self.add_service(self.retention)
 
     def _submitted(self) -> None:
         if self.on_submitted is not None:
