@@ -188,26 +188,32 @@ class InboundPipeline:
         )
         retry_after = exc.retry_after_s if isinstance(exc, RateLimited) else None
         is_receipt = header is not None and header.message_type == RECEIPT_TYPE
-        if peer is None or message_id is None or is_receipt or ctx.digest is None:
-            return InboundResult(
-                http_status=exc.http_status,
-                code=exc.code,
-                receipt_body=None,
-                receipt_signature=None,
-                problem=problem_document(exc),
-                retry_after_s=retry_after,
-                record=None,
-            )
-        receipt = env.signer.sign(
-            recipient=peer,
-            ref_message_id=message_id,
-            ref_digest=ctx.digest,
-            received_at=ctx.received_at,
-            status="NACK",
+        unsigned = InboundResult(
+            http_status=exc.http_status,
             code=exc.code,
-            detail=exc.detail,
-            correlation_id=header.correlation_id if header is not None else None,
+            receipt_body=None,
+            receipt_signature=None,
+            problem=problem_document(exc),
+            retry_after_s=retry_after,
+            record=None,
         )
+        if peer is None or message_id is None or is_receipt or ctx.digest is None:
+            return unsigned
+        try:
+            receipt = env.signer.sign(
+                recipient=peer,
+                ref_message_id=message_id,
+                ref_digest=ctx.digest,
+                received_at=ctx.received_at,
+                status="NACK",
+                code=exc.code,
+                detail=exc.detail,
+                correlation_id=header.correlation_id if header is not None else None,
+            )
+        except RuntimeError as sign_exc:
+            # The refusal still reaches the partner, unsigned, rather than as a bare 500.
+            log.error("nack_not_signed", peer=peer, message_id=message_id, error=str(sign_exc))
+            return unsigned
         return InboundResult(
             http_status=exc.http_status,
             code=exc.code,

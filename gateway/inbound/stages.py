@@ -22,6 +22,7 @@ from gateway.errors import (
     SenderMismatch,
     SignatureInvalid,
     TooLarge,
+    Unavailable,
 )
 from gateway.inbound.context import InboundContext, InboundResult, ReceivedReceipt
 from gateway.receipts import RECEIPT_TYPE
@@ -253,14 +254,18 @@ async def persist(ctx: InboundContext) -> None:
     assert ctx.digest is not None
     header = ctx.envelope.header
     env = ctx.env
-    receipt = env.signer.sign(
-        recipient=header.sender,
-        ref_message_id=header.message_id,
-        ref_digest=ctx.digest,
-        received_at=ctx.received_at,
-        status="ACK",
-        correlation_id=header.correlation_id,
-    )
+    try:
+        receipt = env.signer.sign(
+            recipient=header.sender,
+            ref_message_id=header.message_id,
+            ref_digest=ctx.digest,
+            received_at=ctx.received_at,
+            status="ACK",
+            correlation_id=header.correlation_id,
+        )
+    except RuntimeError as exc:
+        # No ACK can be signed, so nothing may be stored as accepted (T73: fail closed).
+        raise Unavailable(f"receipt signing key unavailable: {exc}") from None
     record = InboundRecord(
         sender=header.sender,
         message_id=header.message_id,
