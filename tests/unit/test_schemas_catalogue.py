@@ -28,9 +28,16 @@ PROTOCOL_TYPES = {
     "query.shipment_lookup",
     "query.trader_lookup",
     "query.response",
+    "audit.checkpoint",
+    "audit.cosignature",
     "receipt",
 }
-ANSWER_TYPES = {"enforcement.assistance_response", "query.response", "receipt"}
+ANSWER_TYPES = {
+    "enforcement.assistance_response",
+    "query.response",
+    "audit.cosignature",
+    "receipt",
+}
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 
 
@@ -165,7 +172,8 @@ def test_schema_and_examples_are_copies(registry: SchemaRegistry) -> None:
         ("shipment.unknown", "1.0"),
         ("shipment.advance_data", "1.1"),
         ("shipment.advance_data", "2.0"),
-        ("audit.checkpoint", "1.0"),
+        ("audit.checkpoint", "1.1"),
+        ("audit.witness", "1.0"),
         ("", ""),
         ("../receipt", "1.0"),
         ("x" * 10_000, "1.0"),
