@@ -1,0 +1,114 @@
+"""Real ``c2c-gateway serve`` processes for the crash, replica and restart tests: start one on
+a dev environment, wait for its ready line, SIGKILL it, start it again on the same config."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config import GatewayConfig
+from gateway.crypto.jws import sign_detached
+from gateway.crypto.keys import load_signing_key
+from gateway.envelope import encode_envelope, new_message_id
+from gateway.model import Header
+from gateway.schemas.registry import SchemaRegistry
+
+
+def edit_toml(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def raise_rate_limit(config: GatewayConfig, partner: str) -> None:
+    """Crash tests send far faster than a sample partner's rate allows."""
+    toml = config.source.parent / "partners" / partner / "partner.toml"
+    text = toml.read_text(encoding="utf-8")
+    start = text.index("[rate]")
+    end = text.index("\n[", start + 1)
+    toml.write_text(
+        text[:start] + "[rate]\nper_second = 100000.0\nburst = 100000\n" + text[end:],
+        encoding="utf-8",
+    )
+
+
+@dataclass
+class ServeProcess:
+    """One ``c2c-gateway serve --config PATH``; ``start`` may be called again after a kill."""
+
+    config_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    partner_url: str = ""
+    api_url: str = ""
+    _drain: asyncio.Task[bytes] | None = field(default=None, repr=False)
+
+    async def start(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "c2c-gateway"),
+            "serve",
+            "--config",
+            str(self.config_path),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self.proc = proc
+        assert proc.stderr is not None
+        async with asyncio.timeout(60):
+            while True:
+                line = await proc.stderr.readline()
+                assert line, "serve exited before it was ready"
+                if line.startswith(b"{") and json.loads(line).get("event") == "serving":
+                    ready = json.loads(line)
+                    self.partner_url, self.api_url = ready["partner_url"], ready["api_url"]
+                    break
+        # keep reading so a chatty log never blocks the process on a full pipe
+        self._drain = asyncio.create_task(proc.stderr.read())
+
+    async def kill(self) -> None:
+        """SIGKILL: no graceful anything, like a power cut of the process."""
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await self._finish_drain()
+
+    async def stop(self) -> int:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return 0
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            code = await proc.wait()
+        await self._finish_drain()
+        return code
+
+    async def _finish_drain(self) -> None:
+        task, self._drain = self._drain, None
+        if task is not None:
+            await task
+
+
+def signed_messages(
+    pki: Path, *, sender: str, recipient: str, count: int, message_type: str
+) -> list[tuple[str, bytes, str]]:
+    """``count`` distinct signed messages ``(message_id, body, signature)`` from ``sender``."""
+    key = load_signing_key(pki / sender / "sign.key", party=sender, alg="EdDSA")
+    payload = SchemaRegistry.load_builtin().examples(message_type, "1.0")[0]
+    out = []
+    for _ in range(count):
+        header = Header(
+            message_id=new_message_id(),
+            message_type=message_type,
+            schema_version="1.0",
+            sender=sender,
+            recipient=recipient,
+            created_at=dt.datetime.now(dt.UTC),
+        )
+        body = encode_envelope(header, payload)
+        out.append((header.message_id, body, sign_detached(body, key)))
+    return out
