@@ -8,10 +8,13 @@ from gateway import __version__
 from gateway.cli.amqp import amqp
 from gateway.cli.audit import audit
 from gateway.cli.demo import demo
+from gateway.cli.keys import keys
 from gateway.cli.messages import messages
 from gateway.cli.partners import partners
 from gateway.cli.pki import pki
+from gateway.cli.query import query
 from gateway.cli.sandbox import sandbox
+from gateway.cli.send import send
 from gateway.cli.serve import serve
 from gateway.cli.sig import sig
 from gateway.cli.token import token
@@ -33,6 +36,9 @@ cli.add_command(audit)
 cli.add_command(messages)
 cli.add_command(token)
 cli.add_command(demo)
+cli.add_command(keys)
+cli.add_command(send)
+cli.add_command(query)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ come from each administration's own PKI. The layout is PROTOCOL.md section 8::
                                                  clientAuth, SAN = the hosts) and key (P-256)
     DIR/P/sign.key  DIR/P/sign.pub  DIR/P/sign.kid   P's Ed25519 message-signing key pair and
                                                  its RFC 7638 thumbprint
-    DIR/G/audit.key  DIR/G/audit.pub             the gateway party's audit checkpoint key
+    DIR/P/audit.key  DIR/P/audit.pub             P's audit checkpoint key (Ed25519): signs P's
+                                                 checkpoints and cosigns its partners'
     DIR/G/api-token.key  DIR/G/api-token.pub     the gateway party's internal-API token key
 
 Generation is idempotent: a file that exists is kept (and checked against its partner file),
@@ -296,8 +297,8 @@ def init_dev_pki(
 ) -> list[str]:
     """Create what is missing of the development PKI for ``parties`` in ``dir``.
 
-    ``gateway_party`` (default: the first of ``parties``) also gets its audit and API-token
-    keys. Returns the files created, relative to ``dir`` (empty when nothing was missing).
+    Every party gets an audit checkpoint key; ``gateway_party`` (default: the first of
+    ``parties``) also gets its API-token key. Returns the files created, relative to ``dir`` (empty when nothing was missing).
     Raises ValueError for a bad party id or host, PkiError for an inconsistent directory.
     """
     for party in parties:
@@ -319,7 +320,42 @@ def init_dev_pki(
         party_dir.mkdir(exist_ok=True)
         _ensure_tls(ca, party_dir, party, hosts, created)
         _ensure_signing(party_dir, created)
+        # Every administration runs a gateway that signs checkpoints its partners witness.
+        _ensure_ed25519_pair(party_dir / AUDIT_KEY, party_dir / AUDIT_PUB, created)
         if party == gateway_party:
-            _ensure_ed25519_pair(party_dir / AUDIT_KEY, party_dir / AUDIT_PUB, created)
             _ensure_ed25519_pair(party_dir / API_TOKEN_KEY, party_dir / API_TOKEN_PUB, created)
     return created.paths
+
+
+def _write_new(path: Path, data: bytes, *, private: bool) -> None:
+    # Complete before it appears, and never replaces a file: link() fails if the name exists.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def generate_signing_key(path: Path) -> tuple[Path, str]:
+    """A new Ed25519 message-signing key: private PEM at ``path`` (mode 0600), public PEM next
+    to it with the suffix ``.pub``. Returns (public key path, kid = RFC 7638 thumbprint).
+
+    Never overwrites: if either file exists, raises PkiError and writes nothing.
+    """
+    pub_path = path.with_suffix(".pub")
+    for existing in (path, pub_path):
+        if existing.exists():
+            raise PkiError(f"{existing} already exists; a new key never replaces a file")
+    private = Ed25519PrivateKey.generate()
+    _write_new(path, _private_pem(private), private=True)
+    try:
+        _write_new(pub_path, _public_pem(private.public_key()), private=False)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return pub_path, jwk_thumbprint(private.public_key())
