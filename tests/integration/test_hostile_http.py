@@ -290,3 +290,14 @@ async def test_schema_route_does_not_read_files_by_path(env: Env) -> None:
     assert statuses == [404], answer[:300]
     problem = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert problem["status"] == 404
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/xml", "multipart/form-data"])
+async def test_other_media_types_on_ingest_are_malformed(env: Env, content_type: str) -> None:
+    message_id, body = make_message(env)
+    answer = await post(env, body, headers={"Content-Type": content_type})
+    assert answer.status == 400
+    entries = await rejections(env, NackCode.MALFORMED)
+    assert len(entries) == 1
+    assert f"Content-Type '{content_type}' is not MX-ANAM's" in entries[0]["reason"]
+    assert await env.gateway.store.get_inbound(MX, message_id) is None
