@@ -191,7 +191,8 @@ class Dispatcher:
         )
         # Long enough for a full send plus the store write; a lease that ran out means the
         # worker died, and the row is sent again (the partner deduplicates by message_id).
-        self._lease_s = outbox.send_timeout_s + 30.0
+        # Short enough that a crashed replica's rows are picked up again soon after.
+        self._lease_s = outbox.send_timeout_s + 10.0
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 

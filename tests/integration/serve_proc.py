@@ -29,12 +29,13 @@ def raise_rate_limit(config: GatewayConfig, partner: str) -> None:
     """Crash tests send far faster than a sample partner's rate allows."""
     toml = config.source.parent / "partners" / partner / "partner.toml"
     text = toml.read_text(encoding="utf-8")
+    rate = "[rate]\nper_second = 100000.0\nburst = 100000\n"
+    if "[rate]" not in text:
+        toml.write_text(text + "\n" + rate, encoding="utf-8")
+        return
     start = text.index("[rate]")
     end = text.index("\n[", start + 1)
-    toml.write_text(
-        text[:start] + "[rate]\nper_second = 100000.0\nburst = 100000\n" + text[end:],
-        encoding="utf-8",
-    )
+    toml.write_text(text[:start] + rate + text[end:], encoding="utf-8")
 
 
 @dataclass
