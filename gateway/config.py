@@ -133,6 +133,17 @@ class PartnerAmqp:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PartnerAudit:
+    """The partner's audit log, for witnessing: its checkpoint key and origin line."""
+
+    #: Ed25519 public key (SubjectPublicKeyInfo PEM) signing the partner's checkpoints and
+    #: its cosignatures of ours
+    public_key: Path
+    #: the partner's checkpoint origin line (the key name of its note signatures)
+    origin: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class PartnerConfig:
     id: str
     name: str
@@ -152,6 +163,8 @@ class PartnerConfig:
     typ: str = "c2c+json"
     #: reference of the agreement messages must name in header.legal_basis (None: optional)
     legal_basis: str | None = None
+    #: the partner's audit log (None: no mutual witnessing with this partner)
+    audit: PartnerAudit | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -559,10 +572,15 @@ def _api_auth(table: _Table) -> ApiAuthConfig:
     return auth
 
 
-def _audit(table: _Table) -> AuditConfig:
+def _origin(table: _Table) -> str:
     origin = table.req_str("origin")
-    if any(ch.isspace() for ch in origin) or not origin.isprintable():
-        raise table.error("origin", "must be one printable line without spaces")
+    if any(ch.isspace() for ch in origin) or not origin.isprintable() or "+" in origin:
+        raise table.error("origin", "must be one printable line without spaces or '+'")
+    return origin
+
+
+def _audit(table: _Table) -> AuditConfig:
+    origin = _origin(table)
     audit = AuditConfig(
         key=table.req_path("key"),
         origin=origin,
@@ -654,6 +672,14 @@ def _partner_https(table: _Table) -> PartnerHttps:
     return https
 
 
+def _partner_audit(table: _Table, *, own_origin: str | None) -> PartnerAudit:
+    audit = PartnerAudit(public_key=table.req_path("public_key"), origin=_origin(table))
+    if audit.origin == own_origin:
+        raise table.error("origin", f"{audit.origin!r} is this gateway's own audit origin")
+    table.finish()
+    return audit
+
+
 def _partner_amqp(table: _Table) -> PartnerAmqp:
     amqp = PartnerAmqp(
         enabled=table.bool_or("enabled", False), broker_user=table.opt_str("broker_user")
@@ -690,6 +716,7 @@ def load_partner_config(
     own_party: str,
     default_max_body_bytes: int = LimitsConfig.max_body_bytes,
     known_types: frozenset[str] | None = None,
+    own_origin: str | None = None,
 ) -> PartnerConfig:
     """Load ``directory/partner.toml``; the folder's name must be the partner's id."""
     directory = directory.absolute()
@@ -721,6 +748,11 @@ def load_partner_config(
         adapter=_adapter(table, directory),
         typ=typ,
         legal_basis=table.opt_str("legal_basis"),
+        audit=(
+            _partner_audit(table.table("audit"), own_origin=own_origin)
+            if table.has("audit")
+            else None
+        ),
     )
     if not (partner.https.url or partner.https.ca or partner.amqp.enabled):
         raise table.error("https", "the partner has no transport: configure [https] or [amqp]")
@@ -729,7 +761,7 @@ def load_partner_config(
 
 
 def _partners(
-    directory: Path, *, own_party: str, default_max_body_bytes: int
+    directory: Path, *, own_party: str, default_max_body_bytes: int, own_origin: str
 ) -> dict[str, PartnerConfig]:
     known = _known_message_types()
     partners: dict[str, PartnerConfig] = {}
@@ -742,7 +774,16 @@ def _partners(
             own_party=own_party,
             default_max_body_bytes=default_max_body_bytes,
             known_types=known,
+            own_origin=own_origin,
         )
+        if partner.audit is not None:
+            for other in partners.values():
+                if other.audit is not None and other.audit.origin == partner.audit.origin:
+                    raise ConfigError(
+                        str(entry / PARTNER_FILE),
+                        "audit.origin",
+                        f"{partner.audit.origin!r} is also the audit origin of {other.id}",
+                    )
         partners[partner.id] = partner
     return partners
 
@@ -761,6 +802,7 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     partners_dir = source.parent / table.str_or("partners_dir", "partners")
     if not partners_dir.is_dir():
         raise table.error("partners_dir", f"directory not found: {partners_dir}")
+    audit = _audit(table.req_table("audit"))
     config = GatewayConfig(
         source=source,
         party=party,
@@ -771,13 +813,18 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         store_url=_store_url(table, env),
         amqp=_amqp(table.table("amqp"), env),
         api_auth=_api_auth(table.req_table("api_auth")),
-        audit=_audit(table.req_table("audit")),
+        audit=audit,
         limits=limits,
         outbox=_outbox(table.table("outbox")),
         retention=_retention(table.table("retention")),
         partners_dir=partners_dir,
         partners=MappingProxyType(
-            _partners(partners_dir, own_party=party, default_max_body_bytes=limits.max_body_bytes)
+            _partners(
+                partners_dir,
+                own_party=party,
+                default_max_body_bytes=limits.max_body_bytes,
+                own_origin=audit.origin,
+            )
         ),
     )
     table.finish()

@@ -8,7 +8,8 @@ come from each administration's own PKI. The layout is PROTOCOL.md section 8::
                                                  clientAuth, SAN = the hosts) and key (P-256)
     DIR/P/sign.key  DIR/P/sign.pub  DIR/P/sign.kid   P's Ed25519 message-signing key pair and
                                                  its RFC 7638 thumbprint
-    DIR/G/audit.key  DIR/G/audit.pub             the gateway party's audit checkpoint key
+    DIR/P/audit.key  DIR/P/audit.pub             P's audit checkpoint key (Ed25519): signs P's
+                                                 checkpoints and cosigns its partners'
     DIR/G/api-token.key  DIR/G/api-token.pub     the gateway party's internal-API token key
 
 Generation is idempotent: a file that exists is kept (and checked against its partner file),
@@ -296,8 +297,9 @@ def init_dev_pki(
 ) -> list[str]:
     """Create what is missing of the development PKI for ``parties`` in ``dir``.
 
-    ``gateway_party`` (default: the first of ``parties``) also gets its audit and API-token
-    keys. Returns the files created, relative to ``dir`` (empty when nothing was missing).
+    Every party gets an audit checkpoint key; ``gateway_party`` (default: the first of
+    ``parties``) also gets its API-token key. Returns the files created, relative to ``dir``
+    (empty when nothing was missing).
     Raises ValueError for a bad party id or host, PkiError for an inconsistent directory.
     """
     for party in parties:
@@ -319,8 +321,9 @@ def init_dev_pki(
         party_dir.mkdir(exist_ok=True)
         _ensure_tls(ca, party_dir, party, hosts, created)
         _ensure_signing(party_dir, created)
+        # Every administration runs a gateway that signs checkpoints its partners witness.
+        _ensure_ed25519_pair(party_dir / AUDIT_KEY, party_dir / AUDIT_PUB, created)
         if party == gateway_party:
-            _ensure_ed25519_pair(party_dir / AUDIT_KEY, party_dir / AUDIT_PUB, created)
             _ensure_ed25519_pair(party_dir / API_TOKEN_KEY, party_dir / API_TOKEN_PUB, created)
     return created.paths
 

@@ -68,6 +68,9 @@ def test_sample_config_round_trip(tree: Path) -> None:
     assert [k.path for k in mx.keys] == [certs / "MX-ANAM" / "sign.pub"]
     assert mx.keys[0].alg == "EdDSA"
     assert mx.inbound_types == PROTOCOL_MESSAGE_TYPES == mx.outbound_types
+    assert mx.audit is not None
+    assert mx.audit.public_key == certs / "MX-ANAM" / "audit.pub"
+    assert mx.audit.origin == "dev.c2c-gateway.invalid/MX-ANAM"
     assert mx.max_body_bytes == 2_097_152
     assert (mx.rate.per_second, mx.rate.burst) == (200.0, 400)
     assert mx.https.url == "https://127.0.0.1:9444/c2c/v1/messages"
@@ -186,6 +189,17 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
     (MX, 'ca = "../../certs/dev/ca.pem"\n', "", MX, "https.ca",
      "required when the partner uses HTTPS (url or client_cert_*)"),
     (MX, "[[keys]]", "[[old_keys]]", MX, "keys", "required key is missing"),
+    (MX, 'public_key = "../../certs/dev/MX-ANAM/audit.pub"',
+     'public_key = "../../certs/dev/MX-ANAM/gone.pub"', MX, "audit.public_key",
+     "file not found: {root}/certs/dev/MX-ANAM/gone.pub"),
+    (MX, 'origin = "dev.c2c-gateway.invalid/MX-ANAM"', 'origin = "MX ANAM log"', MX,
+     "audit.origin", "must be one printable line without spaces or '+'"),
+    (MX, 'origin = "dev.c2c-gateway.invalid/MX-ANAM"', 'origin = "dev.c2c-gateway.invalid/US-CBP"',
+     MX, "audit.origin", "'dev.c2c-gateway.invalid/US-CBP' is this gateway's own audit origin"),
+    (MX, 'origin = "dev.c2c-gateway.invalid/MX-ANAM"', 'origin = "dev.c2c-gateway.invalid/CA-CBSA"',
+     MX, "audit.origin", "'dev.c2c-gateway.invalid/CA-CBSA' is also the audit origin of CA-CBSA"),
+    (MX, 'origin = "dev.c2c-gateway.invalid/MX-ANAM"', "", MX, "audit.origin",
+     "required key is missing"),
 ]
 # fmt: on
 

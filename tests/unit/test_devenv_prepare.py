@@ -97,6 +97,14 @@ def test_partner_gateway_of_a_two_gateway_demo(tmp_path: Path) -> None:
     mx_view = load_verification_key(us_seen_by_mx.keys[0].path, party="US-CBP", alg="EdDSA")
     assert us_signing.kid == mx_view.kid
     assert mx_config.audit.key == pki / "MX-ANAM" / "audit.key"
+    # Each witnesses the other: its partner entry names the other's audit key and origin.
+    assert us_seen_by_mx.audit is not None
+    assert us_seen_by_mx.audit.public_key == pki / "US-CBP" / "audit.pub"
+    assert us_seen_by_mx.audit.origin == us_config.audit.origin
+    mx_seen_by_us = us_config.partners["MX-ANAM"].audit
+    assert mx_seen_by_us is not None
+    assert mx_seen_by_us.public_key == pki / "MX-ANAM" / "audit.pub"
+    assert mx_seen_by_us.origin == mx_config.audit.origin
     assert not (tmp_path / "mx" / "MX-ANAM").exists()
 
 

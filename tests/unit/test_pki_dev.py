@@ -22,8 +22,8 @@ from gateway.crypto.pki import PkiError, init_dev_pki
 from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, load_certificate
 
 PARTIES = ["US-CBP", "MX-ANAM", "CA-CBSA"]
-PARTY_FILES = ["tls.key", "tls.pem", "sign.key", "sign.pub", "sign.kid"]
-GATEWAY_FILES = ["audit.key", "audit.pub", "api-token.key", "api-token.pub"]
+PARTY_FILES = ["tls.key", "tls.pem", "sign.key", "sign.pub", "sign.kid", "audit.key", "audit.pub"]
+GATEWAY_FILES = ["api-token.key", "api-token.pub"]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,10 @@ def test_gateway_party_keys_are_distinct_ed25519_pairs(pki: tuple[Path, list[str
     for name in ("audit", "api-token"):
         key = load_signing_key(root / "US-CBP" / f"{name}.key", party="US-CBP", alg="EdDSA")
         assert isinstance(key.private_key, Ed25519PrivateKey)
-    assert not (root / "MX-ANAM" / "audit.key").exists()
+    assert (root / "MX-ANAM" / "audit.pub").read_bytes() != (
+        root / "US-CBP" / "audit.pub"
+    ).read_bytes()
+    assert not (root / "MX-ANAM" / "api-token.key").exists()
 
 
 def test_only_missing_files_are_made(tmp_path: Path) -> None:
