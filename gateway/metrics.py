@@ -62,6 +62,25 @@ class Metrics:
             "Relay rounds that failed (store or bus unavailable).",
             registry=self.registry,
         )
+        self.audit_witnessed = Counter(
+            "c2c_audit_checkpoints_witnessed_total",
+            "Partners' checkpoints we answered, by status (cosigned, stale, inconsistent).",
+            ["partner", "status"],
+            registry=self.registry,
+        )
+        self.audit_cosignatures = Counter(
+            "c2c_audit_cosignatures_received_total",
+            "Partners' cosignatures of our checkpoints, verified and stored.",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.audit_history_inconsistent = Counter(
+            "c2c_audit_history_inconsistent_total",
+            "Alerts: a partner's log contradicts a checkpoint we witnessed, or a partner "
+            "reports that ours does.",
+            ["partner", "whose"],
+            registry=self.registry,
+        )
         self.outbox_depth = Gauge(
             "c2c_outbox_depth",
             "Outbound messages by state.",

@@ -1,0 +1,555 @@
+"""Mutual witnessing between administrations: checkpoints and cosignatures over the exchange.
+
+Each gateway sends its latest signed checkpoint to every partner configured with an
+``[audit]`` key as an ``audit.checkpoint`` message through the normal outbox (every
+``audit.checkpoint_interval_s`` when the tree grew, and on demand), with the consistency proof
+from the size that partner last cosigned. The partner's gateway verifies it with ``Witness``
+and answers ``audit.cosignature`` (``in_reply_to`` the checkpoint): cosigned, stale (with the
+size it witnessed, so we prove from there), or inconsistent (history rewritten: its alert).
+A cosignature we receive is verified with the partner's key and stored
+(``AuditLog.accept_cosignature``), so auditors and export bundles show it.
+
+Inbound messages reach this module through the internal bus after the inbox commit; handling
+runs in its own task, so a slow or failing witness never holds up or breaks the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+import structlog
+
+from gateway.adapters.registry import adapter_for
+from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.log import AuditIntegrityError, AuditLog
+from gateway.audit.merkle import HASH_SIZE
+from gateway.audit.witness import HistoryRewritten, StaleCheckpoint, Witness
+from gateway.clock import Clock
+from gateway.config import GatewayConfig, PartnerConfig
+from gateway.crypto.keys import SigningKey
+from gateway.crypto.notes import NoteError, NoteVerifier, load_note_signer, load_note_verifier
+from gateway.crypto.notes import parse_note as parse_signed_note
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.schemas.registry import SchemaRegistry
+from gateway.store.base import ACTIVE_STATES, InboundRecord, OutboundRecord, Store
+
+if TYPE_CHECKING:
+    from gateway.runtime import Gateway
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_TYPE = "audit.checkpoint"
+COSIGNATURE_TYPE = "audit.cosignature"
+WITNESSING_TYPES = frozenset({CHECKPOINT_TYPE, COSIGNATURE_TYPE})
+#: the actor recorded on the outbox rows this module submits
+ACTOR = "gateway:witnessing"
+_DETAIL_MAX = 512
+#: inbound messages remembered as handled, so a relay re-delivery is not answered twice
+_HANDLED_MEMORY = 4096
+
+Status = Literal["cosigned", "stale", "inconsistent"]
+
+
+class PayloadError(ValueError):
+    """A witnessing payload that passed its schema but does not hold together."""
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def _hash(text: str, where: str) -> bytes:
+    try:
+        value = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise PayloadError(f"{where}: not base64") from None
+    if len(value) != HASH_SIZE:
+        raise PayloadError(f"{where}: not a {HASH_SIZE}-byte hash")
+    return value
+
+
+# ----------------------------------------------------------------------------- payloads
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CheckpointOffer:
+    """An ``audit.checkpoint`` payload."""
+
+    note: str
+    old_size: int
+    consistency_proof: tuple[bytes, ...]
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.note,
+            "old_size": self.old_size,
+            "consistency_proof": [_b64(h) for h in self.consistency_proof],
+        }
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> CheckpointOffer:
+        proof = tuple(
+            _hash(item, f"/consistency_proof/{index}")
+            for index, item in enumerate(payload["consistency_proof"])
+        )
+        return cls(
+            note=payload["checkpoint"], old_size=payload["old_size"], consistency_proof=proof
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CosignatureAnswer:
+    """An ``audit.cosignature`` payload: the witness's verdict on one checkpoint."""
+
+    status: Status
+    origin: str
+    size: int
+    root_hash: bytes
+    #: the checkpoint note with the witness's cosignature appended (status cosigned only)
+    cosignature: str | None = None
+    witnessed_size: int | None = None
+    detail: str | None = None
+
+    def payload(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "status": self.status,
+            "origin": self.origin,
+            "size": self.size,
+            "root_hash": _b64(self.root_hash),
+        }
+        if self.cosignature is not None:
+            out["cosignature"] = self.cosignature
+        if self.witnessed_size is not None:
+            out["witnessed_size"] = self.witnessed_size
+        if self.detail is not None:
+            out["detail"] = self.detail[:_DETAIL_MAX]
+        return out
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> CosignatureAnswer:
+        answer = cls(
+            status=payload["status"],
+            origin=payload["origin"],
+            size=payload["size"],
+            root_hash=_hash(payload["root_hash"], "/root_hash"),
+            cosignature=payload.get("cosignature"),
+            witnessed_size=payload.get("witnessed_size"),
+            detail=payload.get("detail"),
+        )
+        if answer.cosignature is not None:
+            try:
+                body = parse_body(parse_signed_note(answer.cosignature).text)
+            except (NoteError, CheckpointError) as exc:
+                raise PayloadError(f"/cosignature: {exc}") from None
+            if (body.origin, body.size, body.root_hash) != (
+                answer.origin,
+                answer.size,
+                answer.root_hash,
+            ):
+                raise PayloadError("/cosignature: names another checkpoint than origin/size")
+        return answer
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PeerKeys:
+    """A partner's audit log as configured: its checkpoint key and its cosignature key."""
+
+    partner: str
+    origin: str
+    log_key: NoteVerifier
+    cosigner_key: NoteVerifier
+
+    @classmethod
+    def load(cls, partner: PartnerConfig) -> PeerKeys:
+        assert partner.audit is not None
+        path, origin = partner.audit.public_key, partner.audit.origin
+        return cls(
+            partner=partner.id,
+            origin=origin,
+            log_key=load_note_verifier(path, origin),
+            cosigner_key=load_note_verifier(path, origin, cosignature=True),
+        )
+
+
+async def answer_checkpoint(
+    witness: Witness, offer: CheckpointOffer, peer: PeerKeys
+) -> CosignatureAnswer:
+    """Witness ``offer`` from ``peer``: cosign it, or say why not.
+
+    CheckpointError when the note is not ``peer``'s log (origin) or not signed by its key:
+    nothing can be said about a log we cannot authenticate.
+    """
+    body = open_checkpoint(offer.note, peer.log_key, origin=peer.origin).body
+    status: Status = "cosigned"
+    cosigned_note: str | None = None
+    detail: str | None = None
+    try:
+        witnessed = await witness.witness(
+            offer.note,
+            peer.log_key,
+            peer.origin,
+            old_size=offer.old_size,
+            consistency_proof=offer.consistency_proof,
+            partner=peer.partner,
+        )
+    except StaleCheckpoint as exc:
+        status, witnessed_size, detail = "stale", exc.witnessed_size, exc.reason
+    except HistoryRewritten as exc:
+        previous = parse_body(parse_signed_note(exc.previous_note).text)
+        status, witnessed_size, detail = "inconsistent", previous.size, exc.reason
+    else:
+        cosigned_note, witnessed_size = witnessed.cosigned_note, witnessed.size
+    return CosignatureAnswer(
+        status=status,
+        origin=body.origin,
+        size=body.size,
+        root_hash=body.root_hash,
+        cosignature=cosigned_note,
+        witnessed_size=witnessed_size,
+        detail=detail,
+    )
+
+
+def _payload_of(record: InboundRecord, partner: PartnerConfig) -> Mapping[str, Any]:
+    """The payload of an accepted (so already verified and schema-valid) inbound message."""
+    if record.body is None:
+        raise PayloadError("body already purged by retention")
+    envelope = orjson.loads(adapter_for(partner).to_canonical(record.body))
+    payload: Mapping[str, Any] = envelope["payload"]
+    return payload
+
+
+# ----------------------------------------------------------------------------- service
+
+
+class WitnessingService:
+    """Sends our checkpoints to partners and answers theirs; a gateway service.
+
+    ``send_checkpoints`` also serves ``c2c-gateway audit checkpoint --send`` (no running
+    gateway: the rows go into the outbox and the serving gateway's dispatcher sends them).
+    """
+
+    def __init__(
+        self,
+        *,
+        config: GatewayConfig,
+        store: Store,
+        clock: Clock,
+        registry: SchemaRegistry,
+        signing_keys: Sequence[SigningKey],
+        metrics: Metrics | None = None,
+        wake: Callable[[], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self.wake = wake
+        origin = config.audit.origin
+        self.audit = AuditLog(store, signer=load_note_signer(config.audit.key, origin), clock=clock)
+        self.witness = Witness(
+            store,
+            cosigner=load_note_signer(config.audit.key, origin, cosignature=True),
+            clock=clock,
+        )
+        self.peers: dict[str, PeerKeys] = {
+            pid: PeerKeys.load(partner)
+            for pid, partner in config.partners.items()
+            if partner.audit is not None
+        }
+        self._submission = SubmissionServices(
+            config=config, registry=registry, signing_keys=signing_keys, store=store, clock=clock
+        )
+        #: per partner: the largest size it cosigned (loaded from the store once)
+        self._cosigned: dict[str, int] | None = None
+        #: per partner: our last checkpoint message to it and the size it offered
+        self._last_sent: dict[str, tuple[str, int]] = {}
+        #: per partner: the witnessed size we last re-proved from after a stale answer
+        self._reproved: dict[str, int] = {}
+        self._handled: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        self._stop.clear()
+        self._loop_task = asyncio.create_task(self._run(), name="audit-witnessing")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            await task
+        for pending in list(self._tasks):
+            pending.cancel()
+        for pending in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+
+    async def _run(self) -> None:
+        interval = self._config.audit.checkpoint_interval_s
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval)
+            if self._stop.is_set():
+                return
+            try:
+                await self.send_checkpoints()
+            except GatewayError as exc:
+                log.warning("audit.checkpoint_round_failed", code=exc.code.value, reason=exc.reason)
+
+    # -- sending our checkpoints
+
+    async def _last_cosigned(self, partner: str) -> int:
+        if self._cosigned is None:
+            cosigned: dict[str, int] = {}
+            for row in await self._store.cosignatures():
+                cosigned[row.partner] = max(cosigned.get(row.partner, 0), row.size)
+            self._cosigned = cosigned
+        return self._cosigned.get(partner, 0)
+
+    async def send_checkpoints(self, *, force: bool = False) -> list[OutboundRecord]:
+        """Sign a checkpoint of the current tree and offer it to every witnessing partner.
+
+        Without ``force``, a partner is skipped while our previous checkpoint to it is still
+        being delivered, or when the tree did not grow past what it last saw or cosigned.
+        """
+        try:
+            checkpoint = await self.audit.checkpoint()
+        except AuditIntegrityError as exc:
+            log.error("audit.checkpoint_refused", reason=str(exc))
+            return []
+        sent = []
+        for partner in sorted(self.peers):
+            if not force and not await self._due(partner, checkpoint.size):
+                continue
+            record = await self._offer(partner, checkpoint.note, checkpoint.size, None)
+            if record is not None:
+                sent.append(record)
+        if sent and self.wake is not None:
+            self.wake()
+        return sent
+
+    async def _due(self, partner: str, size: int) -> bool:
+        last = self._last_sent.get(partner)
+        if last is not None:
+            record = await self._store.get_outbound(last[0])
+            if record is not None and record.state in ACTIVE_STATES:
+                return False
+        seen = max(last[1] if last is not None else 0, await self._last_cosigned(partner))
+        return size > seen
+
+    async def _offer(
+        self, partner: str, note: str, size: int, old_size: int | None
+    ) -> OutboundRecord | None:
+        """Queue ``note`` for ``partner`` with the proof from ``old_size`` (default: the size
+        it last cosigned)."""
+        if old_size is None:
+            old_size = await self._last_cosigned(partner)
+        if old_size > size:
+            # The partner cosigned a larger tree than the one we now sign: our log lost
+            # entries. Offer it without a proof; the partner's witness will say so.
+            log.error(
+                "audit.log_shorter_than_cosigned", partner=partner, size=size, cosigned=old_size
+            )
+            old_size = 0
+        proof = await self.audit.consistency_proof(old_size, size) if 0 < old_size < size else []
+        offer = CheckpointOffer(note=note, old_size=old_size, consistency_proof=tuple(proof))
+        try:
+            record = await submit(
+                self._submission,
+                Submission(
+                    recipient=partner,
+                    message_type=CHECKPOINT_TYPE,
+                    payload=offer.payload(),
+                    actor=ACTOR,
+                    # A checkpoint older than the partner's replay window is refused as
+                    # STALE anyway; a newer one replaces it.
+                    ttl_s=self._config.limits.replay_window_s,
+                ),
+            )
+        except GatewayError as exc:
+            log.warning(
+                "audit.checkpoint_not_sent", partner=partner, code=exc.code.value, reason=exc.reason
+            )
+            return None
+        self._last_sent[partner] = (record.message_id, size)
+        log.info("audit.checkpoint_offered", partner=partner, size=size, old_size=old_size)
+        return record
+
+    # -- inbound: partners' checkpoints and cosignatures
+
+    async def on_inbound(self, record: InboundRecord) -> None:
+        """Bus subscriber: hand witnessing messages to a task of their own and return."""
+        if record.message_type not in WITNESSING_TYPES:
+            return
+        if record.key in self._handled:
+            return
+        self._handled[record.key] = None
+        while len(self._handled) > _HANDLED_MEMORY:
+            self._handled.popitem(last=False)
+        task = asyncio.create_task(self.handle(record), name=f"witnessing-{record.message_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def handle(self, record: InboundRecord) -> None:
+        """Handle one accepted witnessing message; every failure is logged, none raised."""
+        partner = self._config.partners.get(record.sender)
+        peer = self.peers.get(record.sender)
+        if partner is None or peer is None:
+            log.warning(
+                "audit.witnessing_not_configured",
+                partner=record.sender,
+                message_id=record.message_id,
+                message_type=record.message_type,
+            )
+            return
+        try:
+            payload = _payload_of(record, partner)
+            if record.message_type == CHECKPOINT_TYPE:
+                await self._witness(record, peer, CheckpointOffer.from_payload(payload))
+            else:
+                await self._cosigned_by(record, peer, CosignatureAnswer.from_payload(payload))
+        except (PayloadError, CheckpointError) as exc:
+            log.error(
+                "audit.witnessing_message_refused",
+                partner=record.sender,
+                message_id=record.message_id,
+                message_type=record.message_type,
+                reason=str(exc),
+            )
+        except GatewayError as exc:
+            log.warning(
+                "audit.witnessing_failed",
+                partner=record.sender,
+                message_id=record.message_id,
+                code=exc.code.value,
+                reason=exc.reason,
+            )
+        except Exception:
+            log.exception(
+                "audit.witnessing_bug", partner=record.sender, message_id=record.message_id
+            )
+
+    async def _witness(self, record: InboundRecord, peer: PeerKeys, offer: CheckpointOffer) -> None:
+        answer = await answer_checkpoint(self.witness, offer, peer)
+        if self._metrics is not None:
+            self._metrics.audit_witnessed.labels(peer.partner, answer.status).inc()
+            if answer.status == "inconsistent":
+                self._metrics.audit_history_inconsistent.labels(peer.partner, "partner").inc()
+        log.info(
+            "audit.checkpoint_witnessed",
+            partner=peer.partner,
+            size=answer.size,
+            status=answer.status,
+        )
+        await submit(
+            self._submission,
+            Submission(
+                recipient=peer.partner,
+                message_type=COSIGNATURE_TYPE,
+                payload=answer.payload(),
+                actor=ACTOR,
+                in_reply_to=record.message_id,
+                correlation_id=record.correlation_id,
+                ttl_s=self._config.limits.replay_window_s,
+            ),
+        )
+        if self.wake is not None:
+            self.wake()
+
+    async def _cosigned_by(
+        self, record: InboundRecord, peer: PeerKeys, answer: CosignatureAnswer
+    ) -> None:
+        if answer.origin != self.audit.origin:
+            raise PayloadError(f"answers a checkpoint of {answer.origin!r}, not of our log")
+        if answer.status == "cosigned":
+            assert answer.cosignature is not None
+            await self.audit.accept_cosignature(peer.partner, answer.cosignature, peer.cosigner_key)
+            if self._cosigned is not None:
+                self._cosigned[peer.partner] = max(self._cosigned.get(peer.partner, 0), answer.size)
+            if self._metrics is not None:
+                self._metrics.audit_cosignatures.labels(peer.partner).inc()
+            log.info("audit.cosignature_stored", partner=peer.partner, size=answer.size)
+        elif answer.status == "stale":
+            await self._reprove(peer.partner, answer)
+        else:
+            await self._reported_inconsistent(record, peer.partner, answer)
+
+    async def _reprove(self, partner: str, answer: CosignatureAnswer) -> None:
+        """Offer our latest checkpoint again, proven from the size the partner witnessed."""
+        witnessed = answer.witnessed_size
+        assert witnessed is not None
+        latest = await self.audit.latest_checkpoint()
+        if latest is None or witnessed > latest.size:
+            await self._reported_inconsistent(None, partner, answer)
+            return
+        if self._reproved.get(partner) == witnessed:
+            log.warning("audit.checkpoint_still_stale", partner=partner, witnessed=witnessed)
+            return
+        self._reproved[partner] = witnessed
+        offered = await self._offer(partner, latest.note, latest.size, witnessed)
+        if offered is not None and self.wake is not None:
+            self.wake()
+
+    async def _reported_inconsistent(
+        self, record: InboundRecord | None, partner: str, answer: CosignatureAnswer
+    ) -> None:
+        """A partner says our log contradicts what it witnessed: the alert on our side."""
+        reason = (
+            f"{partner} refuses to cosign our checkpoint of size {answer.size} "
+            f"(it witnessed size {answer.witnessed_size}): {answer.detail or answer.status}"
+        )
+        await self._store.append_audit(
+            [
+                AuditEvent(
+                    event=EventKind.HISTORY_INCONSISTENT,
+                    at=self._clock.now(),
+                    message_id=record.message_id if record is not None else None,
+                    sender=partner,
+                    message_type=COSIGNATURE_TYPE,
+                    outcome="reported by partner",
+                    reason=reason,
+                )
+            ]
+        )
+        if self._metrics is not None:
+            self._metrics.audit_history_inconsistent.labels(partner, "ours").inc()
+        log.error("audit.history_inconsistent_reported", partner=partner, reason=reason)
+
+    async def idle(self) -> None:
+        """Wait until no inbound witnessing message is being handled (tests, demo)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def attach_witnessing(
+    gateway: Gateway, *, wake: Callable[[], None] | None = None
+) -> WitnessingService:
+    """Add mutual witnessing to ``gateway``: its periodic checkpoint offers and the bus
+    subscriber answering partners' checkpoints and storing their cosignatures."""
+    service = WitnessingService(
+        config=gateway.config,
+        store=gateway.store,
+        clock=gateway.clock,
+        registry=gateway.registry,
+        signing_keys=gateway.signing_keys,
+        metrics=gateway.metrics,
+        wake=wake,
+    )
+    gateway.bus.subscribe(service.on_inbound)
+    gateway.add_service(service)
+    return service

@@ -1,0 +1,220 @@
+"""Mutual witnessing between two real gateways (in-process runtimes, real mutual TLS).
+
+US-CBP offers its checkpoint to MX-ANAM as an ``audit.checkpoint`` message; MX-ANAM's
+gateway verifies and cosigns it and answers ``audit.cosignature``; US-CBP verifies that
+cosignature and stores it. Then US-CBP's history is rewritten in its database (raw SQL) and a
+new checkpoint is signed with its real audit key: MX-ANAM answers ``inconsistent``, keeps both
+notes in its own audit log, raises the alert, and cosigns nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+
+from gateway.audit.checkpoint import open_checkpoint, parse_body, verify_cosignature
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.witnessing import COSIGNATURE_TYPE, WitnessingService, attach_witnessing
+from gateway.config import GatewayConfig, OutboxConfig, load_config
+from gateway.crypto.notes import load_note_verifier, parse_note
+from gateway.devenv import default_partners_src, prepare_dev_environment
+from gateway.outbound.service import attach_outbound
+from gateway.runtime import Gateway
+from gateway.store.base import AuditFilter
+
+US, MX = "US-CBP", "MX-ANAM"
+FAST_OUTBOX = OutboxConfig(
+    max_attempts=5,
+    base_delay_s=0.1,
+    max_delay_s=0.5,
+    send_timeout_s=5.0,
+    poll_interval_s=0.05,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _configs(root: Path) -> dict[str, GatewayConfig]:
+    ports = {US: _free_port(), MX: _free_port()}
+    # Only the two parties under test: no offers to a third partner nobody serves.
+    samples = root / "samples"
+    shutil.copytree(default_partners_src() / MX, samples / MX)
+    configs = {}
+    for party in (US, MX):
+        other = MX if party == US else US
+        path = prepare_dev_environment(
+            root / party,
+            party=party,
+            pki_dir=root / "pki",
+            partners_src=samples,
+            partner_port=ports[party],
+            peers={other: f"https://127.0.0.1:{ports[other]}"},
+        )
+        config = load_config(path)
+        # The periodic round stays out of the way: the test offers checkpoints itself.
+        audit = dataclasses.replace(config.audit, checkpoint_interval_s=3600.0)
+        configs[party] = dataclasses.replace(config, outbox=FAST_OUTBOX, audit=audit)
+    return configs
+
+
+@asynccontextmanager
+async def running(config: GatewayConfig) -> AsyncIterator[tuple[Gateway, WitnessingService]]:
+    gateway = Gateway(config)
+    dispatcher, _ = attach_outbound(gateway, with_api=False)
+    witnessing = attach_witnessing(gateway, wake=dispatcher.dispatcher.wake)
+    await gateway.start()
+    try:
+        yield gateway, witnessing
+    finally:
+        await gateway.stop()
+
+
+async def _until(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def _rewrite_history(db: Path) -> None:
+    """What an insider with database access does: drop the log and its signed checkpoints."""
+    with sqlite3.connect(db) as conn:
+        for table in ("audit_entries", "audit_nodes", "audit_checkpoints", "audit_cosignatures"):
+            conn.execute(f"DELETE FROM {table}")
+        conn.execute("UPDATE audit_head SET size = 0")
+    conn.close()
+
+
+@pytest.fixture
+def configs(tmp_path: Path) -> dict[str, GatewayConfig]:
+    return _configs(tmp_path)
+
+
+async def test_checkpoint_cosigned_then_rewritten_history_is_caught(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    us_config, mx_config = configs[US], configs[MX]
+    mx_audit_pub = mx_config.audit.key.with_name("audit.pub")
+    mx_cosigner = load_note_verifier(mx_audit_pub, mx_config.audit.origin, cosignature=True)
+    us_log_key = load_note_verifier(
+        us_config.audit.key.with_name("audit.pub"), us_config.audit.origin
+    )
+
+    async with running(mx_config) as (mx, mx_witnessing), running(us_config) as (us, us_witnessing):
+        # Some history worth witnessing: the log has the startup entries and these.
+        await us.store.append_audit(
+            [AuditEvent(event=EventKind.OPERATOR_ACTION, at=us.clock.now(), actor="test")] * 5
+        )
+        offered = await us_witnessing.send_checkpoints()
+        assert [record.recipient for record in offered] == [MX]
+        checkpoint = await us.store.latest_checkpoint()
+        assert checkpoint is not None
+
+        async def cosigned() -> bool:
+            return any(c.partner == MX for c in await us.store.cosignatures())
+
+        await _until("US-CBP to store MX-ANAM's cosignature", cosigned)
+        (stored,) = await us.store.cosignatures()
+        assert (stored.size, stored.root_hash) == (checkpoint.size, checkpoint.root_hash)
+        assert verify_cosignature(stored.note, mx_cosigner) > 0
+        open_checkpoint(stored.note, us_log_key, origin=us_config.audit.origin)
+        witnessed = await mx.store.get_witnessed(us_config.audit.origin)
+        assert witnessed is not None
+        assert (witnessed.size, witnessed.root_hash) == (checkpoint.size, checkpoint.root_hash)
+        answer = await us.store.find_inbound_reply(offered[0].message_id)
+        assert answer is not None
+        assert answer.message_type == COSIGNATURE_TYPE
+        assert answer.body is not None
+        assert orjson.loads(answer.body)["payload"]["status"] == "cosigned"
+        await _until("witnessing tasks to finish", _idle(mx_witnessing, us_witnessing))
+        witnessed_size = witnessed.size
+
+    _rewrite_history(Path(us_config.store_url.removeprefix("sqlite:///")))
+
+    with structlog.testing.capture_logs() as logs:
+        async with (
+            running(mx_config) as (mx, mx_witnessing),
+            running(us_config) as (us, us_witnessing),
+        ):
+            # A forged history, longer than what MX-ANAM witnessed, signed with the real key.
+            await us.store.append_audit(
+                [
+                    AuditEvent(event=EventKind.OPERATOR_ACTION, at=us.clock.now(), actor="x")
+                    for _ in range(witnessed_size + 3)
+                ]
+            )
+            offered = await us_witnessing.send_checkpoints(force=True)
+            assert len(offered) == 1
+            forged = await us.store.latest_checkpoint()
+            assert forged is not None
+            assert forged.size > witnessed_size
+
+            async def alert_recorded() -> bool:
+                rows = await mx.store.audit_entries(
+                    AuditFilter(event=EventKind.HISTORY_INCONSISTENT.value)
+                )
+                return bool(rows)
+
+            await _until("MX-ANAM's history_inconsistent entry", alert_recorded)
+
+            async def reported_back() -> bool:
+                rows = await us.store.audit_entries(
+                    AuditFilter(event=EventKind.HISTORY_INCONSISTENT.value)
+                )
+                return bool(rows)
+
+            await _until("US-CBP to learn MX-ANAM refused", reported_back)
+
+            (row,) = await mx.store.audit_entries(
+                AuditFilter(event=EventKind.HISTORY_INCONSISTENT.value)
+            )
+            entry = orjson.loads(row.entry)
+            assert entry["sender"] == US
+            assert entry["outcome"] == "refused"
+            # Both signed notes are the evidence: the one witnessed and the forged one.
+            assert checkpoint.note in entry["reason"]
+            assert forged.note in entry["reason"]
+            assert f"witnessed size {witnessed_size}" in entry["reason"]
+            # MX-ANAM still holds the honest tree, and US-CBP got no cosignature.
+            still = await mx.store.get_witnessed(us_config.audit.origin)
+            assert still is not None
+            assert (still.size, still.root_hash) == (checkpoint.size, checkpoint.root_hash)
+            assert await us.store.cosignatures() == []
+            counter = mx.metrics.registry.get_sample_value(
+                "c2c_audit_history_inconsistent_total", {"partner": US, "whose": "partner"}
+            )
+            assert counter == 1.0
+            witnessed_counter = mx.metrics.registry.get_sample_value(
+                "c2c_audit_checkpoints_witnessed_total", {"partner": US, "status": "stale"}
+            )
+            assert witnessed_counter == 1.0
+
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert any(e["event"] == "audit.history_rewritten" and e["partner"] == US for e in errors)
+    assert any(e["event"] == "audit.history_inconsistent_reported" for e in errors)
+    # The forged note says it is US-CBP's, signed by its real key: only history betrays it.
+    assert parse_body(parse_note(forged.note).text).origin == us_config.audit.origin
+
+
+def _idle(*services: WitnessingService) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        for service in services:
+            await service.idle()
+        return True
+
+    return check
