@@ -9,7 +9,9 @@ in-process bus, talking real mutual TLS. Then:
   and both queries (answered with query.response, correlated by ``in_reply_to``);
 - MX-ANAM does the same the other way, and US-CBP sends CA-CBSA a risk alert;
 - a tampered message is refused as SIGNATURE_INVALID, an old message replayed after the
-  window as STALE, and an exact re-send is answered with its original receipt.
+  window as STALE, and an exact re-send is answered with its original receipt;
+- every gateway offers its signed audit checkpoint to its partners (``audit.checkpoint``),
+  which witness and cosign it (``audit.cosignature``); each cosignature is verified and stored.
 
 Every message goes through the internal API (JWT bearer) and the dispatcher, every receipt
 is verified by its sender. The result is a summary table; anything unexpected makes the
@@ -34,6 +36,7 @@ import aiohttp
 import orjson
 
 from gateway.api.auth import ALL_SCOPES
+from gateway.audit.witnessing import WitnessingService, attach_witnessing
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
 from gateway.crypto.jws import sign_detached
@@ -97,6 +100,7 @@ class Node:
     token: str
     ssl_context: ssl.SSLContext
     session: aiohttp.ClientSession
+    witnessing: WitnessingService
     answered: list[str] = field(default_factory=list)
 
     @property
@@ -390,10 +394,36 @@ async def _attacks(partner: Node, home: Node, report: Report) -> None:
     )
 
 
+async def _witnessing(nodes: Sequence[Node], report: Report, *, timeout_s: float) -> None:
+    """Each gateway offers its checkpoint; each partner must cosign exactly that tree."""
+    offered: dict[str, int] = {}
+    for node in nodes:
+        await node.witnessing.send_checkpoints(force=True)
+        latest = await node.gateway.store.latest_checkpoint()
+        assert latest is not None
+        offered[node.party] = latest.size
+    deadline = time.monotonic() + timeout_s
+    for node in nodes:
+        size = offered[node.party]
+        for partner in sorted(node.witnessing.peers):
+            cosigned = False
+            while not cosigned and time.monotonic() < deadline:
+                rows = await node.gateway.store.cosignatures(size)
+                cosigned = any(row.partner == partner for row in rows)
+                if not cosigned:
+                    await asyncio.sleep(0.05)
+            report.check(
+                f"{node.party} checkpoint (size {size}) cosigned by {partner}",
+                "cosignature verified" if cosigned else "no cosignature",
+                cosigned,
+            )
+
+
 async def _start(config: GatewayConfig, tasks: set[asyncio.Task[None]]) -> Node:
     gateway = Gateway(config)
-    _, api = attach_outbound(gateway)
+    dispatcher, api = attach_outbound(gateway)
     assert api is not None
+    witnessing = attach_witnessing(gateway, wake=dispatcher.dispatcher.wake)
     await gateway.start()
     auth = config.api_auth
     assert auth.signing_key is not None
@@ -414,6 +444,7 @@ async def _start(config: GatewayConfig, tasks: set[asyncio.Task[None]]) -> Node:
         token=token,
         ssl_context=ssl.create_default_context(cafile=str(config.tls.ca)),
         session=aiohttp.ClientSession(),
+        witnessing=witnessing,
     )
     gateway.bus.subscribe(_responder(node, tasks))
     return node
@@ -444,6 +475,8 @@ async def run_demo(*, root: Path | None = None, echo: Callable[[str], None] = pr
             await _tally(home, canada.party, [alert], report)
             echo(f"{mexico.party} as a careless or hostile peer: tampering, replay, re-send...")
             await _attacks(mexico, home, report)
+            echo("mutual witnessing: every gateway's audit checkpoint cosigned by its partners...")
+            await _witnessing(list(nodes.values()), report, timeout_s=20)
         finally:
             for node in nodes.values():
                 await node.session.close()

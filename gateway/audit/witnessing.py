@@ -22,7 +22,7 @@ import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
 import structlog
@@ -33,7 +33,7 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.merkle import HASH_SIZE
 from gateway.audit.witness import HistoryRewritten, StaleCheckpoint, Witness
-from gateway.clock import Clock
+from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.keys import SigningKey
 from gateway.crypto.notes import NoteError, NoteVerifier, load_note_signer, load_note_verifier
@@ -41,11 +41,9 @@ from gateway.crypto.notes import parse_note as parse_signed_note
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.runtime import Gateway, load_own_signing_keys
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import ACTIVE_STATES, InboundRecord, OutboundRecord, Store
-
-if TYPE_CHECKING:
-    from gateway.runtime import Gateway
 
 log = structlog.get_logger(__name__)
 
@@ -534,6 +532,19 @@ class WitnessingService:
         """Wait until no inbound witnessing message is being handled (tests, demo)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+async def offer_checkpoints(config: GatewayConfig, store: Store) -> list[OutboundRecord]:
+    """``audit checkpoint --send``: sign a checkpoint and queue it for every witnessing
+    partner in the (open) store; the serving gateway's dispatcher delivers the rows."""
+    service = WitnessingService(
+        config=config,
+        store=store,
+        clock=SystemClock(),
+        registry=SchemaRegistry.load_builtin(),
+        signing_keys=load_own_signing_keys(config),
+    )
+    return await service.send_checkpoints(force=True)
 
 
 def attach_witnessing(

@@ -26,6 +26,7 @@ from gateway.audit.bundle import export_bundle, verify_bundle
 from gateway.audit.checkpoint import CheckpointError
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
+from gateway.audit.witnessing import offer_checkpoints
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.notes import NoteSigner, NoteVerifier, load_note_signer, load_note_verifier
@@ -194,14 +195,27 @@ def proof_command(
 
 @audit.command("checkpoint")
 @_config_option
-def checkpoint_command(config_path: Path) -> None:
+@click.option(
+    "--send",
+    is_flag=True,
+    help="Also queue it as audit.checkpoint to every partner with an [audit] key (witnessing).",
+)
+def checkpoint_command(config_path: Path, send: bool) -> None:
     """Sign a checkpoint of the current tree now and print its note."""
 
-    async def run() -> str:
+    async def run() -> tuple[str, list[tuple[str, str]]]:
         async with _open(config_path) as opened:
-            return (await opened.audit.checkpoint()).note
+            # Signed here first, so a log that contradicts its last checkpoint fails loudly.
+            note = (await opened.audit.checkpoint()).note
+            if not send:
+                return note, []
+            offered = await offer_checkpoints(opened.config, opened.store)
+            return note, [(r.recipient, r.message_id) for r in offered]
 
-    click.echo(_run(run()), nl=False)
+    note, offered = _run(run())
+    click.echo(note, nl=False)
+    for partner, message_id in offered:
+        click.echo(f"queued audit.checkpoint {message_id} for {partner}", err=True)
 
 
 @audit.command("check")

@@ -19,6 +19,7 @@ import structlog
 import uvloop
 
 from gateway.api.server import ApiServer
+from gateway.audit.witnessing import attach_witnessing
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.outbound.service import attach_outbound
@@ -55,8 +56,9 @@ def fail(message: str) -> NoReturn:
 
 
 def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
-    """Gateway with its outbound dispatcher and internal API attached (and, when amqp.url is
-    configured, the AMQP transport for outbound messages and the broker in ``/readyz``)."""
+    """Gateway with its outbound dispatcher, internal API and mutual audit witnessing attached
+    (and, when amqp.url is configured, the AMQP transport for outbound messages and the broker
+    in ``/readyz``)."""
     config = load_config(config_path)
     run_selfcheck(config)
     gateway = Gateway(config)
@@ -69,6 +71,7 @@ def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
         broker_ping=gateway.broker.ping if gateway.broker is not None else None,
     )
     gateway.on_submitted = dispatcher.dispatcher.wake
+    attach_witnessing(gateway, wake=dispatcher.dispatcher.wake)
     assert api is not None
     return gateway, api
 

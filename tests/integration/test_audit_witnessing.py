@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
 import socket
 import sqlite3
@@ -22,16 +23,20 @@ from pathlib import Path
 import orjson
 import pytest
 import structlog
+from click.testing import CliRunner
 
 from gateway.audit.checkpoint import open_checkpoint, parse_body, verify_cosignature
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.witnessing import COSIGNATURE_TYPE, WitnessingService, attach_witnessing
+from gateway.cli.main import cli
+from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
 from gateway.crypto.notes import load_note_verifier, parse_note
 from gateway.devenv import default_partners_src, prepare_dev_environment
 from gateway.outbound.service import attach_outbound
 from gateway.runtime import Gateway
-from gateway.store.base import AuditFilter
+from gateway.store import open_store
+from gateway.store.base import AuditFilter, OutboundState
 
 US, MX = "US-CBP", "MX-ANAM"
 FAST_OUTBOX = OutboxConfig(
@@ -209,6 +214,43 @@ async def test_checkpoint_cosigned_then_rewritten_history_is_caught(
     assert any(e["event"] == "audit.history_inconsistent_reported" for e in errors)
     # The forged note says it is US-CBP's, signed by its real key: only history betrays it.
     assert parse_body(parse_note(forged.note).text).origin == us_config.audit.origin
+
+
+def test_cli_checkpoint_send_queues_an_offer_per_witnessing_partner(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    config = configs[US]
+    result = CliRunner().invoke(
+        cli, ["audit", "checkpoint", "--config", str(config.source), "--send"]
+    )
+    assert result.exit_code == 0, result.output
+    # The note is the last thing on stdout (the CLI leaves structlog's default stdout output
+    # in place: log lines may precede it).
+    start = result.stdout.rfind(f"{config.audit.origin}\n")
+    assert start >= 0, result.stdout
+    note = result.stdout[start:]
+    (line,) = result.stderr.splitlines()
+    match = re.fullmatch(rf"queued audit\.checkpoint (\S+) for {MX}", line)
+    assert match is not None, line
+
+    async def queued() -> None:
+        store = open_store(config.store_url, clock=SystemClock())
+        await store.open()
+        try:
+            record = await store.get_outbound(match.group(1))
+        finally:
+            await store.close()
+        assert record is not None
+        assert (record.message_type, record.recipient, record.state) == (
+            "audit.checkpoint",
+            MX,
+            OutboundState.QUEUED,
+        )
+        assert record.body is not None
+        payload = orjson.loads(record.body)["payload"]
+        assert payload == {"checkpoint": note, "old_size": 0, "consistency_proof": []}
+
+    asyncio.run(queued())
 
 
 def _idle(*services: WitnessingService) -> Callable[[], Awaitable[bool]]:

@@ -45,6 +45,13 @@ def test_demo_exits_0_with_every_type_receipted_and_every_check_passed(tmp_path:
     assert re.search(r"^tampered message .*\s401 SIGNATURE_INVALID\s+ok$", out, re.M)
     assert re.search(r"^old message replayed .*\s422 STALE\s+ok$", out, re.M)
     assert re.search(r"^exact re-send .*\s200 original receipt\s+ok$", out, re.M)
+    for party, partner in (("US-CBP", "MX-ANAM"), ("MX-ANAM", "US-CBP"), ("CA-CBSA", "US-CBP")):
+        assert re.search(
+            rf"^{party} checkpoint \(size [1-9][0-9]*\) cosigned by {partner}\s+"
+            r"cosignature verified\s+ok$",
+            out,
+            re.M,
+        ), (party, partner)
     assert "FAILED" not in out
     assert out.rstrip().splitlines()[-1].startswith("all exchanges receipted and verified")
     # The gateways' own files were kept where asked; nothing leaked onto stdout but the report.
