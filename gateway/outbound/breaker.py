@@ -3,13 +3,16 @@
 closed: attempts flow; ``failure_threshold`` consecutive failures open it.
 open: no attempt until ``reset_timeout_s`` has passed on the monotonic clock.
 half-open: exactly one probe attempt is let through; its success closes the breaker,
-its failure opens it again for another full timeout.
+its failure opens it again for another full timeout. Attempts that find the probe in flight
+may wait for its verdict (``probe_settled``), so a recovered partner is reached at once.
 
 Time is monotonic so a wall-clock jump neither stalls nor floods a partner.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from enum import StrEnum
 
@@ -36,6 +39,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probe_in_flight = False
+        self._probe_done: asyncio.Event | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -60,19 +64,35 @@ class CircuitBreaker:
             return True
         if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
             self._probe_in_flight = True
+            self._probe_done = asyncio.Event()
             return True
         return False
+
+    async def probe_settled(self, timeout_s: float) -> bool:
+        """Wait at most ``timeout_s`` for the probe in flight to end; True when none is left
+        in flight (``try_acquire`` then says whether the partner may be tried)."""
+        done = self._probe_done
+        if done is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout_s)
+        return not self._probe_in_flight
+
+    def _end_probe(self) -> None:
+        self._probe_in_flight = False
+        done, self._probe_done = self._probe_done, None
+        if done is not None:
+            done.set()
 
     def record_success(self) -> None:
         self._failures = 0
         self._opened_at = None
-        self._probe_in_flight = False
+        self._end_probe()
 
     def record_failure(self) -> None:
         self._failures += 1
         if self._probe_in_flight or self._failures >= self._threshold:
             self._opened_at = self._monotonic()
-        self._probe_in_flight = False
+        self._end_probe()
 
     def release(self) -> None:
         """An acquired attempt ended with no verdict on the partner's health (e.g. a NACK)."""

@@ -193,6 +193,8 @@ class Dispatcher:
         # worker died, and the row is sent again (the partner deduplicates by message_id).
         # Short enough that a crashed replica's rows are picked up again soon after.
         self._lease_s = outbox.send_timeout_s + 10.0
+        # Waiting for a breaker probe plus a full send must stay within the lease.
+        self._probe_wait_s = (self._lease_s - outbox.send_timeout_s) / 2
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -346,8 +348,17 @@ class Dispatcher:
             await self._finish_dead(record, "the message body was purged by retention", now)
             return
         breaker = self.breakers.for_partner(partner.id)
-        if not breaker.try_acquire():
-            wait_s = max(breaker.seconds_until_probe(), self._config.outbox.poll_interval_s)
+        # A probe of a recovering partner in flight decides for this row too: wait for its
+        # verdict rather than park the row for a whole reset timeout after a success.
+        if not (
+            breaker.try_acquire()
+            or (await breaker.probe_settled(self._probe_wait_s) and breaker.try_acquire())
+        ):
+            # Still probing (a slow partner): look again soon; open: at the next probe.
+            until_probe = (
+                breaker.seconds_until_probe() if breaker.state is BreakerState.OPEN else 0.0
+            )
+            wait_s = max(until_probe, self._config.outbox.poll_interval_s)
             await self._store.finish_attempt(
                 record.message_id,
                 self._worker_id,

@@ -24,6 +24,7 @@ max_attempts = 1000
 base_delay_s = 0.5
 max_delay_s = 1.0
 breaker_failures = 1000
+breaker_reset_s = 1.0
 send_timeout_s = 2.0
 poll_interval_s = 0.05
 """
@@ -73,7 +74,10 @@ async def test_sigkilled_dispatcher_ends_every_message_acknowledged_once(tmp_pat
     with us.source.open("a", encoding="utf-8") as handle:
         handle.write(OUTBOX)
     receiver, sender = ServeProcess(mx.source), ServeProcess(us.source)
-    # MX-ANAM starts down: the whole outbox is queued (and retrying) before anything drains
+    # MX-ANAM starts down: the whole outbox is queued (and retrying) before anything drains.
+    # 500 rows retrying every second pass breaker_failures within seconds, so the breaker is
+    # open when MX-ANAM comes up; a short reset keeps the test from idling through the
+    # default 30 s before the half-open probe.
     await sender.start()
     try:
         ids = await submit_all(us, sender.api_url)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from gateway.outbound.breaker import BreakerBoard, BreakerState, CircuitBreaker
 
 
@@ -94,3 +96,33 @@ def test_board_keeps_partners_apart() -> None:
     assert board.for_partner("CA-CBSA").state is BreakerState.CLOSED
     assert board.for_partner("MX-ANAM") is board.for_partner("MX-ANAM")
     assert board.states() == {"MX-ANAM": BreakerState.OPEN, "CA-CBSA": BreakerState.CLOSED}
+
+
+async def test_attempts_waiting_on_a_probe_go_ahead_once_it_succeeds() -> None:
+    breaker, mono = make()
+    for _ in range(3):
+        breaker.record_failure()
+    mono.t += 30
+    assert breaker.try_acquire()
+    assert not breaker.try_acquire()
+    waiting = asyncio.create_task(breaker.probe_settled(10.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    breaker.record_success()
+    assert await waiting
+    assert breaker.try_acquire()
+
+
+async def test_probe_wait_is_bounded_and_a_failed_probe_keeps_others_out() -> None:
+    breaker, mono = make()
+    for _ in range(3):
+        breaker.record_failure()
+    mono.t += 30
+    assert breaker.try_acquire()
+    assert not await breaker.probe_settled(0.01)
+    waiting = asyncio.create_task(breaker.probe_settled(10.0))
+    await asyncio.sleep(0)
+    breaker.record_failure()
+    assert await waiting
+    assert not breaker.try_acquire()
+    assert breaker.seconds_until_probe() == 30.0
