@@ -46,6 +46,8 @@ class ServeProcess:
     proc: asyncio.subprocess.Process | None = None
     partner_url: str = ""
     api_url: str = ""
+    #: everything the process wrote to stderr (its JSON log lines), kept after it ended
+    stderr_log: bytearray = field(default_factory=bytearray, repr=False)
     _drain: asyncio.Task[bytes] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
@@ -91,7 +93,7 @@ class ServeProcess:
     async def _finish_drain(self) -> None:
         task, self._drain = self._drain, None
         if task is not None:
-            await task
+            self.stderr_log += await task
 
 
 def signed_messages(
