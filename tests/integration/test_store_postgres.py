@@ -4,11 +4,11 @@ dedupe and claims hold across replicas (separate pools)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pgdb
 import pytest
+from tcp_proxy import TcpProxy
 from test_store import T0, event, inbound, naive_root, outbound
 
 from gateway.audit.events import EventKind
@@ -19,57 +19,6 @@ from gateway.store.base import AuditFilter
 from gateway.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.postgres
-
-
-class TcpProxy:
-    """A loopback TCP relay to PostgreSQL that a test can cut (drop every connection and
-    refuse new ones) and restore, without touching the real server."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target_port = target_port
-        self._server: asyncio.Server | None = None
-        self._pipes: set[asyncio.Task[None]] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-            await server.wait_closed()
-        for task in list(self._pipes):
-            task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(pgdb.HOST, self._target_port)
-        except OSError:
-            writer.close()
-            return
-        tasks = {
-            asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
-        }
-        self._pipes |= tasks
-        for task in tasks:
-            task.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            dst.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await dst.wait_closed()
 
 
 @pytest.fixture
