@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from gateway.api import audit
 from gateway.api.auth import (
     SCOPE_ADMIN,
+    SCOPE_AUDIT,
     SCOPE_QUERY,
     SCOPE_SEND,
     Access,
@@ -22,12 +24,15 @@ from gateway.api.ops import healthz, metrics, readyz
 from gateway.api.problems import json_response, problem, problem_for
 from gateway.api.queries import get_query, post_query
 from gateway.api.services import SERVICES, ApiServices
+from gateway.audit.log import AuditLog
+from gateway.crypto.notes import load_note_signer
 from gateway.errors import GatewayError
 
 log = structlog.get_logger(__name__)
 
 PUBLIC = Access(public=True)
 READ = Access(scopes=frozenset({SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN}))
+AUDIT_READ = Access(scopes=frozenset({SCOPE_AUDIT}))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +73,34 @@ ROUTES: tuple[Route, ...] = (
         path="/api/v1/queries/{query_id}",
         handler=get_query,
         access=Access(scopes=frozenset({SCOPE_QUERY, SCOPE_ADMIN})),
+    ),
+    Route(
+        method="GET", path="/api/v1/audit/entries", handler=audit.list_entries, access=AUDIT_READ
+    ),
+    Route(
+        method="GET",
+        path="/api/v1/audit/checkpoint",
+        handler=audit.latest_checkpoint,
+        access=AUDIT_READ,
+    ),
+    Route(
+        method="GET",
+        path="/api/v1/audit/proofs/inclusion",
+        handler=audit.inclusion_proof,
+        access=AUDIT_READ,
+    ),
+    Route(
+        method="GET",
+        path="/api/v1/audit/proofs/consistency",
+        handler=audit.consistency_proof,
+        access=AUDIT_READ,
+    ),
+    Route(method="GET", path="/api/v1/audit/export", handler=audit.export, access=AUDIT_READ),
+    Route(
+        method="GET",
+        path="/api/v1/audit/verify",
+        handler=audit.verify,
+        access=Access(scopes=frozenset({SCOPE_AUDIT, SCOPE_ADMIN})),
     ),
     Route(method="GET", path="/api/v1/openapi.json", handler=openapi, access=PUBLIC),
     Route(method="GET", path="/healthz", handler=healthz, access=PUBLIC),
@@ -119,6 +152,12 @@ def build_api_app(services: ApiServices) -> web.Application:
         client_max_size=services.config.limits.max_body_bytes + 1,
     )
     app[SERVICES] = services
+    config = services.config
+    app[audit.AUDIT_LOG] = AuditLog(
+        services.store,
+        signer=load_note_signer(config.audit.key, config.audit.origin),
+        clock=services.clock,
+    )
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
     return app

@@ -8,12 +8,16 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.api.auth import SCOPE_ADMIN, SCOPE_QUERY, SCOPE_SEND
+from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
+from gateway.audit.events import EventKind
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
 _TIME = {"type": "string", "format": "date-time"}
 _READ_SCOPES = [SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN]
+_B64 = {"type": "string", "contentEncoding": "base64"}
+_HASHES = {"type": "array", "items": _B64}
+_SEQ = {"type": "integer", "minimum": 0}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -176,6 +180,103 @@ _SCHEMAS: dict[str, Any] = {
             "response": {"oneOf": [{"type": "null"}, _ref("Message")]},
         },
     },
+    "AuditEntryPage": {
+        "type": "object",
+        "required": ["items", "next_after"],
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["seq", "leaf_hash", "entry"],
+                    "properties": {
+                        "seq": _SEQ,
+                        "leaf_hash": _B64,
+                        "entry": {
+                            "type": "object",
+                            "description": "The leaf data (RFC 8785 JSON): event, at, "
+                            "message_id, sender, recipient, message_type, body_digest, "
+                            "outcome, reason, actor ...",
+                        },
+                    },
+                },
+            },
+            "next_after": {
+                "type": ["integer", "null"],
+                "description": "Pass as after for the next page; null when this page is the last",
+            },
+        },
+    },
+    "AuditCheckpoint": {
+        "type": "object",
+        "required": ["origin", "size", "root_hash", "created_at", "note", "cosignatures"],
+        "properties": {
+            "origin": {"type": "string"},
+            "size": _SEQ,
+            "root_hash": _B64,
+            "created_at": _TIME,
+            "note": {"type": "string", "description": "C2SP signed-note checkpoint"},
+            "cosignatures": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["partner", "size", "root_hash", "received_at", "note"],
+                    "properties": {
+                        "partner": _PARTY,
+                        "size": _SEQ,
+                        "root_hash": _B64,
+                        "received_at": _TIME,
+                        "note": {"type": "string", "description": "The cosigned note"},
+                    },
+                },
+            },
+        },
+    },
+    "InclusionProof": {
+        "type": "object",
+        "required": ["index", "size", "leaf_hash", "root_hash", "proof"],
+        "properties": {
+            "index": _SEQ,
+            "size": _SEQ,
+            "leaf_hash": _B64,
+            "root_hash": _B64,
+            "proof": _HASHES,
+        },
+    },
+    "ConsistencyProof": {
+        "type": "object",
+        "required": ["old_size", "size", "old_root_hash", "root_hash", "proof"],
+        "properties": {
+            "old_size": _SEQ,
+            "size": _SEQ,
+            "old_root_hash": _B64,
+            "root_hash": _B64,
+            "proof": _HASHES,
+        },
+    },
+    "StoreCheck": {
+        "type": "object",
+        "required": ["ok", "size", "checked", "first_bad_position", "problem_count", "problems"],
+        "properties": {
+            "ok": {"type": "boolean"},
+            "size": _SEQ,
+            "checked": _SEQ,
+            "checkpoint_size": {"type": ["integer", "null"]},
+            "first_bad_position": {"type": ["integer", "null"]},
+            "problem_count": _SEQ,
+            "problems": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["position", "what"],
+                    "properties": {
+                        "position": {"type": ["integer", "null"]},
+                        "what": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
     "Readiness": {
         "type": "object",
         "required": ["status", "checks"],
@@ -225,6 +326,127 @@ def _list_parameters() -> list[dict[str, Any]]:
         ),
         query("after", {"type": "string", "maxLength": 400}, "next_cursor of the previous page"),
     ]
+
+
+def _query(
+    name: str, schema: dict[str, Any], description: str, *, required: bool = False
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_EVENTS = [kind.value for kind in EventKind]
+_INT = {"type": "integer", "minimum": 0, "maximum": 2**62}
+
+
+def _audit_entry_parameters() -> list[dict[str, Any]]:
+    return [
+        _query("since", _TIME, "At or after this time (RFC 3339 UTC)"),
+        _query("until", _TIME, "Before this time (RFC 3339 UTC)"),
+        _query("partner", _PARTY, "Sender or recipient"),
+        _query("type", {"type": "string", "maxLength": 100}, "message_type"),
+        _query("message_id", _UUID, "Message id"),
+        _query("correlation_id", _UUID, "Case or conversation id"),
+        _query("outcome", {"type": "string", "maxLength": 100}, "ACK, a NACK code or a state"),
+        _query("event", {"type": "string", "enum": _EVENTS}, "Event kind"),
+        _query("after", _INT, "next_after of the previous page (a seq)"),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size"),
+    ]
+
+
+def _audit_get(
+    operation: str,
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    scopes: list[str],
+    parameters: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "operationId": operation,
+        "summary": summary,
+        "security": _security(scopes),
+        "responses": {
+            "200": ok,
+            "400": _problem("Bad parameter (named in detail)"),
+            **_AUTH_ERRORS,
+            **(extra or {}),
+            "503": _problem("The store is unavailable"),
+        },
+    }
+    if parameters is not None:
+        spec["parameters"] = parameters
+    return {"get": spec}
+
+
+def _audit_paths() -> dict[str, Any]:
+    audit = [SCOPE_AUDIT]
+    return {
+        "/api/v1/audit/entries": _audit_get(
+            "listAuditEntries",
+            "Audit entries in log order, filtered, keyset-paged by seq",
+            _json(_ref("AuditEntryPage"), "One page"),
+            scopes=audit,
+            parameters=_audit_entry_parameters(),
+        ),
+        "/api/v1/audit/checkpoint": _audit_get(
+            "latestAuditCheckpoint",
+            "The latest signed checkpoint and the partners' cosignatures of it",
+            _json(_ref("AuditCheckpoint"), "The checkpoint"),
+            scopes=audit,
+            extra={"404": _problem("No checkpoint signed yet")},
+        ),
+        "/api/v1/audit/proofs/inclusion": _audit_get(
+            "auditInclusionProof",
+            "RFC 9162 inclusion proof of entry index in the tree of size entries",
+            _json(_ref("InclusionProof"), "The proof"),
+            scopes=audit,
+            parameters=[
+                _query("index", _INT, "Entry (seq), below size", required=True),
+                _query("size", _INT, "Tree size (default: current)"),
+            ],
+        ),
+        "/api/v1/audit/proofs/consistency": _audit_get(
+            "auditConsistencyProof",
+            "RFC 9162 consistency proof from tree size old_size to size",
+            _json(_ref("ConsistencyProof"), "The proof"),
+            scopes=audit,
+            parameters=[
+                _query("old_size", _INT, "Earlier tree size", required=True),
+                _query("size", _INT, "Later tree size (default: current)"),
+            ],
+        ),
+        "/api/v1/audit/export": _audit_get(
+            "auditExport",
+            "Evidence bundle (docs/audit-bundle.md) proven against a fresh checkpoint; "
+            "with correlation_id: the case's messages, wire bytes, signatures and receipts. "
+            "Verify offline with `c2c-gateway audit verify`. Audited as an operator action.",
+            {
+                "description": "The bundle (JSON Lines) as a download",
+                "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+            },
+            scopes=audit,
+            parameters=[
+                _query("since", _TIME, "Entries at or after this time"),
+                _query("until", _TIME, "Entries before this time"),
+                _query("correlation_id", _UUID, "A case: its entries and messages"),
+            ],
+            extra={"409": _problem("The log contradicts its last checkpoint")},
+        ),
+        "/api/v1/audit/verify": _audit_get(
+            "auditStoreCheck",
+            "Recompute the whole stored log against its tree and signed checkpoints; "
+            "names the first bad position",
+            _json(_ref("StoreCheck"), "The report (ok false names the problems)"),
+            scopes=[SCOPE_AUDIT, SCOPE_ADMIN],
+        ),
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -340,6 +562,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_audit_paths(),
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",

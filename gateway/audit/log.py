@@ -95,6 +95,10 @@ class AuditLog:
         return self._signer.name
 
     @property
+    def signer(self) -> NoteSigner:
+        return self._signer
+
+    @property
     def verifier(self) -> NoteVerifier:
         return self._signer.verifier
 

@@ -1,0 +1,272 @@
+"""Auditor API: entries, checkpoints with their cosignatures, proofs, export bundles, the check.
+
+Every route needs ``audit:read`` (``admin`` may also run the store check). Proofs and roots
+come from ``AuditLog`` (O(log n) node reads); a bad parameter is a 400 naming it and why.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from gateway.api.auth import claims_of
+from gateway.api.problems import json_response, problem
+from gateway.api.requests import Fields
+from gateway.api.services import SERVICES
+from gateway.audit import merkle
+from gateway.audit.bundle import export_bundle
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.log import AuditIntegrityError, AuditLog
+from gateway.clock import format_rfc3339
+from gateway.errors import Malformed
+from gateway.model import is_party_id
+from gateway.store.base import AuditFilter
+
+AUDIT_LOG = web.AppKey("c2c_audit_log", AuditLog)
+MAX_PAGE = 1000
+#: bytes per chunk when streaming a bundle
+CHUNK = 256 * 1024
+ENTRY_PARAMS = frozenset(
+    {
+        "since",
+        "until",
+        "partner",
+        "type",
+        "message_id",
+        "correlation_id",
+        "outcome",
+        "event",
+        "after",
+        "limit",
+    }
+)
+EVENTS = frozenset(kind.value for kind in EventKind)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _query(request: web.Request, allowed: frozenset[str]) -> Fields:
+    query = request.query
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise Malformed(
+            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
+            f" allowed: {', '.join(sorted(allowed))}"
+        )
+    for name in allowed:
+        if len(query.getall(name, [])) > 1:
+            raise Malformed(f"query parameter {name} given more than once")
+    return Fields(dict(query), allowed=allowed)
+
+
+def _int(fields: Fields, name: str, *, low: int, high: int = 2**62) -> int | None:
+    text = fields.text(name, limit=20)
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        raise Malformed(f"{name} must be an integer from {low} to {high}")
+    return int(text)
+
+
+def _required_int(fields: Fields, name: str, *, low: int) -> int:
+    value = _int(fields, name, low=low)
+    if value is None:
+        raise Malformed(f"query parameter {name} is required")
+    return value
+
+
+def _audit_log(request: web.Request) -> AuditLog:
+    return request.app[AUDIT_LOG]
+
+
+async def _tree_size(request: web.Request, fields: Fields, name: str) -> int:
+    """``name`` (default: the current size), refused when larger than the tree."""
+    current = await request.app[SERVICES].store.audit_size()
+    size = _int(fields, name, low=0)
+    if size is None:
+        return current
+    if size > current:
+        raise Malformed(f"{name} {size} is larger than the tree ({current} entries)")
+    return size
+
+
+async def list_entries(request: web.Request) -> web.Response:
+    fields = _query(request, ENTRY_PARAMS)
+    partner = fields.text("partner", limit=40)
+    if partner is not None and not is_party_id(partner):
+        raise Malformed("partner must be a party id (CC-AGENCY)")
+    filt = AuditFilter(
+        since=fields.timestamp("since"),
+        until=fields.timestamp("until"),
+        partner=partner,
+        message_type=fields.text("type", limit=100),
+        message_id=fields.uuid("message_id"),
+        correlation_id=fields.uuid("correlation_id"),
+        outcome=fields.text("outcome", limit=100),
+        event=fields.choice("event", EVENTS),
+    )
+    after = _int(fields, "after", low=0)
+    limit = _int(fields, "limit", low=1, high=MAX_PAGE) or 100
+    rows = await request.app[SERVICES].store.audit_entries(
+        filt, after_seq=-1 if after is None else after, limit=limit
+    )
+    return json_response(
+        {
+            "items": [
+                {"seq": r.seq, "leaf_hash": _b64(r.leaf_hash), "entry": orjson.loads(r.entry)}
+                for r in rows
+            ],
+            # a full page may have more after it; the cursor is the last seq seen
+            "next_after": rows[-1].seq if len(rows) == limit else None,
+        }
+    )
+
+
+async def latest_checkpoint(request: web.Request) -> web.Response:
+    _query(request, frozenset())
+    store = request.app[SERVICES].store
+    checkpoint = await store.latest_checkpoint()
+    if checkpoint is None:
+        return problem(404, "no checkpoint has been signed yet")
+    cosignatures = await store.cosignatures(checkpoint.size)
+    return json_response(
+        {
+            "origin": _audit_log(request).origin,
+            "size": checkpoint.size,
+            "root_hash": _b64(checkpoint.root_hash),
+            "created_at": format_rfc3339(checkpoint.created_at),
+            "note": checkpoint.note,
+            "cosignatures": [
+                {
+                    "partner": c.partner,
+                    "size": c.size,
+                    "root_hash": _b64(c.root_hash),
+                    "received_at": format_rfc3339(c.received_at),
+                    "note": c.note,
+                }
+                for c in cosignatures
+                if c.root_hash == checkpoint.root_hash
+            ],
+        }
+    )
+
+
+async def inclusion_proof(request: web.Request) -> web.Response:
+    fields = _query(request, frozenset({"index", "size"}))
+    index = _required_int(fields, "index", low=0)
+    size = await _tree_size(request, fields, "size")
+    if index >= size:
+        raise Malformed(f"index {index} is not below the tree size {size}")
+    try:
+        proof = await _audit_log(request).inclusion_proof(index, size)
+    except merkle.ProofError as exc:
+        raise Malformed(str(exc)) from None
+    return json_response(
+        {
+            "index": proof.index,
+            "size": proof.size,
+            "leaf_hash": _b64(proof.leaf_hash),
+            "root_hash": _b64(proof.root_hash),
+            "proof": [_b64(h) for h in proof.hashes],
+        }
+    )
+
+
+async def consistency_proof(request: web.Request) -> web.Response:
+    fields = _query(request, frozenset({"old_size", "size"}))
+    old_size = _required_int(fields, "old_size", low=0)
+    size = await _tree_size(request, fields, "size")
+    if old_size > size:
+        raise Malformed(f"old_size {old_size} is larger than size {size}")
+    audit = _audit_log(request)
+    try:
+        _, root = await audit.root(size)
+        _, old_root = await audit.root(old_size)
+        hashes = await audit.consistency_proof(old_size, size)
+    except merkle.ProofError as exc:
+        raise Malformed(str(exc)) from None
+    return json_response(
+        {
+            "old_size": old_size,
+            "size": size,
+            "old_root_hash": _b64(old_root),
+            "root_hash": _b64(root),
+            "proof": [_b64(h) for h in hashes],
+        }
+    )
+
+
+async def export(request: web.Request) -> web.StreamResponse:
+    fields = _query(request, frozenset({"since", "until", "correlation_id"}))
+    since, until = fields.timestamp("since"), fields.timestamp("until")
+    correlation_id = fields.uuid("correlation_id")
+    services = request.app[SERVICES]
+    audit = _audit_log(request)
+    scope = correlation_id or "all"
+    # the export is an operator action, recorded before the checkpoint that covers it
+    await services.store.append_audit(
+        [
+            AuditEvent(
+                event=EventKind.OPERATOR_ACTION,
+                at=services.clock.now(),
+                correlation_id=correlation_id,
+                outcome="audit_export",
+                actor=f"api:{claims_of(request).subject}",
+                reason=(
+                    f"export {scope} since={fields.text('since') or '-'}"
+                    f" until={fields.text('until') or '-'}"
+                ),
+            )
+        ]
+    )
+    with tempfile.TemporaryDirectory(prefix="c2c-export-") as tmp:
+        path = Path(tmp) / "bundle.jsonl"
+        try:
+            summary = await export_bundle(
+                services.store,
+                audit,
+                audit.signer,
+                path,
+                since=since,
+                until=until,
+                correlation_id=correlation_id,
+            )
+        except AuditIntegrityError as exc:
+            return problem(409, f"the log cannot be checkpointed for export: {exc}")
+        name = f"audit-{audit.origin.replace('/', '_')}-{scope}-{summary.size}.jsonl"
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/x-ndjson",
+                "Content-Disposition": f'attachment; filename="{name}"',
+                "X-Audit-Tree-Size": str(summary.size),
+            }
+        )
+        response.content_length = path.stat().st_size
+        await response.prepare(request)
+        with path.open("rb") as fh:
+            while chunk := fh.read(CHUNK):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def verify(request: web.Request) -> web.Response:
+    _query(request, frozenset())
+    report = await _audit_log(request).verify_store()
+    return json_response(
+        {
+            "ok": report.ok,
+            "size": report.size,
+            "checked": report.checked,
+            "checkpoint_size": report.checkpoint_size,
+            "first_bad_position": report.first_bad_position,
+            "problem_count": report.problem_count,
+            "problems": [{"position": p.position, "what": p.what} for p in report.problems],
+        }
+    )

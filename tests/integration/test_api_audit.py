@@ -1,0 +1,261 @@
+"""Auditor API over real TLS: entries, checkpoint + cosignatures, proofs, export, store check."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+
+from gateway.api.audit import AUDIT_LOG
+from gateway.audit import merkle
+from gateway.audit.bundle import verify_bundle
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.crypto.notes import load_note_verifier
+
+AUDITOR = ("audit:read",)
+
+
+@pytest.fixture
+async def us(tmp_path: Path) -> AsyncIterator[Running]:
+    # MX-ANAM's URL points at a closed port: messages stay queued.
+    running = await start_gateway(
+        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    )
+    try:
+        yield running
+    finally:
+        await running.gateway.stop()
+
+
+async def call(
+    running: Running, method: str, path: str, *, scopes: tuple[str, ...] = AUDITOR, **kw: Any
+) -> tuple[int, dict[str, str], bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            running.api_url + path,
+            headers=auth(token(running.config, scopes)),
+            ssl=client_ssl(running.config),
+            **kw,
+        ) as response,
+    ):
+        return response.status, dict(response.headers), await response.read()
+
+
+async def get(running: Running, path: str, **kw: Any) -> tuple[int, Any]:
+    status, _, body = await call(running, "GET", path, **kw)
+    return status, orjson.loads(body)
+
+
+async def submit(running: Running, correlation_id: str | None = None) -> str:
+    document: dict[str, Any] = {
+        "recipient": "MX-ANAM",
+        "message_type": "shipment.status",
+        "payload": example(running.gateway, "shipment.status"),
+    }
+    if correlation_id is not None:
+        document["correlation_id"] = correlation_id
+    status, _, body = await call(
+        running, "POST", "/api/v1/messages", scopes=("c2c:send",), json=document
+    )
+    assert status == 202, body
+    message_id: str = orjson.loads(body)["message_id"]
+    return message_id
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+async def test_entries_are_filtered_and_keyset_paged(us: Running) -> None:
+    ids = [await submit(us) for _ in range(3)]
+    status, page = await get(us, f"/api/v1/audit/entries?message_id={ids[1]}&event=submitted")
+    assert status == 200
+    assert [item["entry"]["message_id"] for item in page["items"]] == [ids[1]]
+    assert page["next_after"] is None
+    status, page = await get(us, f"/api/v1/audit/entries?message_id={ids[1]}")
+    assert {item["entry"]["message_id"] for item in page["items"]} == {ids[1]}
+    seen: list[int] = []
+    after = ""
+    while True:
+        status, page = await get(us, f"/api/v1/audit/entries?event=submitted&limit=2{after}")
+        assert status == 200
+        seen += [item["seq"] for item in page["items"]]
+        for item in page["items"]:
+            row = await us.gateway.store.audit_entry(item["seq"])
+            assert row is not None
+            assert unb64(item["leaf_hash"]) == merkle.leaf_hash(row.entry)
+        if page["next_after"] is None:
+            break
+        after = f"&after={page['next_after']}"
+    assert seen == sorted(seen)
+    assert len(seen) == 3
+    status, page = await get(us, "/api/v1/audit/entries?partner=MX-ANAM&type=shipment.status")
+    assert {item["entry"]["message_id"] for item in page["items"]} == set(ids)
+    status, page = await get(us, "/api/v1/audit/entries?outcome=queued&since=2000-01-01T00:00:00Z")
+    assert status == 200
+    status, page = await get(us, "/api/v1/audit/entries?until=2000-01-01T00:00:00Z")
+    assert page["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ("limit=0", "limit must be an integer from 1 to 1000"),
+        ("after=-3", "after must be an integer from 0 to"),
+        ("message_id=xyz", "message_id must be a lowercase UUID"),
+        ("partner=mexico", "partner must be a party id"),
+        ("event=exploded", "event must be one of"),
+        ("since=yesterday", "since must be an RFC 3339 UTC timestamp"),
+        ("colour=blue", "unknown query parameter(s): colour"),
+    ],
+)
+async def test_bad_entry_filters_are_400(us: Running, query: str, detail: str) -> None:
+    status, body = await get(us, f"/api/v1/audit/entries?{query}")
+    assert status == 400
+    assert detail in body["detail"]
+
+
+async def test_every_audit_route_needs_audit_read(us: Running) -> None:
+    for path in (
+        "/api/v1/audit/entries",
+        "/api/v1/audit/checkpoint",
+        "/api/v1/audit/proofs/inclusion?index=0",
+        "/api/v1/audit/proofs/consistency?old_size=0",
+        "/api/v1/audit/export",
+        "/api/v1/audit/verify",
+    ):
+        status, body = await get(us, path, scopes=("c2c:send", "c2c:query"))
+        assert status == 403, path
+        assert "audit:read" in body["detail"]
+    status, _ = await get(us, "/api/v1/audit/verify", scopes=("admin",))
+    assert status == 200
+
+
+async def test_checkpoint_with_cosignatures_and_proofs(us: Running) -> None:
+    status, body = await get(us, "/api/v1/audit/checkpoint")
+    assert (status, body["detail"]) == (404, "no checkpoint has been signed yet")
+    for _ in range(5):
+        await submit(us)
+    audit_log = us.api.app[AUDIT_LOG]
+    old = await audit_log.checkpoint()
+    await submit(us)
+    await submit(us)
+    signed = await audit_log.checkpoint()
+    status, body = await get(us, "/api/v1/audit/checkpoint")
+    assert status == 200
+    assert (body["size"], unb64(body["root_hash"]), body["note"]) == (
+        signed.size,
+        signed.root_hash,
+        signed.note,
+    )
+    assert body["cosignatures"] == []
+    size = signed.size
+    for index in (0, old.size - 1, size - 1):
+        status, proof = await get(us, f"/api/v1/audit/proofs/inclusion?index={index}&size={size}")
+        assert status == 200
+        row = await us.gateway.store.audit_entry(index)
+        assert row is not None
+        assert unb64(proof["leaf_hash"]) == merkle.leaf_hash(row.entry)
+        merkle.verify_inclusion(
+            index,
+            size,
+            merkle.leaf_hash(row.entry),
+            [unb64(h) for h in proof["proof"]],
+            signed.root_hash,
+        )
+    status, proof = await get(
+        us, f"/api/v1/audit/proofs/consistency?old_size={old.size}&size={size}"
+    )
+    assert status == 200
+    assert unb64(proof["old_root_hash"]) == old.root_hash
+    merkle.verify_consistency(
+        old.size, size, old.root_hash, signed.root_hash, [unb64(h) for h in proof["proof"]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "detail"),
+    [
+        ("inclusion?index=3&size=3", "index 3 is not below the tree size 3"),
+        ("inclusion?index=0&size=999", "size 999 is larger than the tree (4 entries)"),
+        ("inclusion?size=2", "query parameter index is required"),
+        ("inclusion?index=one", "index must be an integer from 0 to"),
+        ("consistency?old_size=3&size=2", "old_size 3 is larger than size 2"),
+        ("consistency?old_size=1&size=5", "size 5 is larger than the tree (4 entries)"),
+        ("consistency?size=2", "query parameter old_size is required"),
+    ],
+)
+async def test_bad_proof_requests_are_400(us: Running, path: str, detail: str) -> None:
+    await us.gateway.store.append_audit(
+        [AuditEvent(event=EventKind.QUERY, at=us.gateway.clock.now()) for _ in range(4)]
+    )
+    status, body = await get(us, f"/api/v1/audit/proofs/{path}")
+    assert status == 400
+    assert body["code"] == "MALFORMED"
+    assert detail in body["detail"]
+
+
+async def test_case_export_downloads_a_bundle_that_verifies_offline(
+    us: Running, tmp_path: Path
+) -> None:
+    case = str(uuid.uuid4())
+    in_case = [await submit(us, case), await submit(us, case)]
+    await submit(us)
+    status, headers, body = await call(us, "GET", f"/api/v1/audit/export?correlation_id={case}")
+    assert status == 200
+    assert headers["Content-Type"] == "application/x-ndjson"
+    assert headers["Content-Disposition"].startswith("attachment; filename=")
+    path = tmp_path / "case.jsonl"
+    path.write_bytes(body)
+    key = us.config.audit.key.with_name("audit.pub")
+    report = verify_bundle(path, lambda origin: load_note_verifier(key, origin))
+    assert report.ok, report.failures
+    assert report.messages == 2
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    messages = {line["message_id"] for line in lines if line["type"] == "message"}
+    assert messages == set(in_case)
+    exported = [orjson.loads(unb64(line["entry"])) for line in lines if line["type"] == "entry"]
+    assert {e.get("correlation_id") for e in exported} == {case}
+    assert sorted(e["message_id"] for e in exported if e["event"] == "submitted") == sorted(in_case)
+    # the export itself is audited, with the API client as its actor
+    (action,) = [e for e in exported if e["event"] == "operator_action"]
+    assert (action["actor"], action["outcome"]) == ("api:test-client", "audit_export")
+    status, _, body = await call(us, "GET", "/api/v1/audit/export?since=tomorrow")
+    assert status == 400
+
+
+async def test_store_check_names_the_first_bad_position(us: Running) -> None:
+    events = [
+        AuditEvent(event=EventKind.QUERY, at=us.gateway.clock.now(), outcome=f"n{i}")
+        for i in range(40)
+    ]
+    await us.gateway.store.append_audit(events)
+    await us.api.app[AUDIT_LOG].checkpoint()
+    status, report = await get(us, "/api/v1/audit/verify")
+    assert status == 200
+    assert report["ok"] is True
+    assert report["checked"] == report["size"] == 40
+    db = Path(str(us.config.store_url).removeprefix("sqlite:///"))
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE audit_entries SET entry = CAST(REPLACE(CAST(entry AS TEXT), 'n17', 'n71') "
+            "AS BLOB) WHERE seq = 17"
+        )
+    status, report = await get(us, "/api/v1/audit/verify")
+    assert status == 200
+    assert report["ok"] is False
+    assert report["first_bad_position"] == 17
+    assert report["problems"][0] == {
+        "position": 17,
+        "what": "entry bytes do not match the stored leaf hash",
+    }
