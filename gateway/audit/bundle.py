@@ -50,6 +50,9 @@ VERSION = 1
 _END_PREFIX = "c2c-audit-bundle/v1 "
 #: entries (and their proofs' node reads) fetched per store round trip
 PAGE = 512
+#: aligned leaf block read as one range when a page holds at least DENSE entries of it
+BLOCK = 1024
+DENSE = 32
 
 
 def _b64(data: bytes) -> str:
@@ -158,8 +161,7 @@ async def _write_entries(
         if not rows:
             return count
         plans = [merkle.inclusion_plan(r.seq, size) for r in rows]
-        keys = list(dict.fromkeys(k for p in plans for k in p.node_keys()))
-        nodes = await store.audit_node_hashes(keys) if keys else {}
+        nodes = await _proof_nodes(store, [r.seq for r in rows], plans, size)
         for row, plan in zip(rows, plans, strict=True):
             writer.write(
                 {
@@ -173,6 +175,31 @@ async def _write_entries(
         after = rows[-1].seq
         if progress is not None:
             progress(len(rows))
+
+
+async def _proof_nodes(
+    store: Store, seqs: list[int], plans: list[merkle.Plan], size: int
+) -> dict[merkle.NodeKey, bytes]:
+    """The subtree hashes of a page's proofs, read as ranges of leaf hashes where dense.
+
+    A full-log export proves every entry: the low levels of neighbouring proofs are then
+    recomputed from one range read per aligned block instead of thousands of node lookups;
+    only the few upper nodes (and sparse pages' nodes) come from the node table.
+    """
+    nodes: dict[merkle.NodeKey, bytes] = {}
+    per_block: dict[int, int] = {}
+    for seq in seqs:
+        per_block[seq // BLOCK] = per_block.get(seq // BLOCK, 0) + 1
+    for block, count in per_block.items():
+        if count < DENSE:
+            continue
+        start = block * BLOCK
+        leaves = await store.audit_leaf_hashes(start, min(start + BLOCK, size))
+        nodes.update(merkle.subtree_hashes(leaves, offset=start))
+    keys = [k for k in dict.fromkeys(k for p in plans for k in p.node_keys()) if k not in nodes]
+    if keys:
+        nodes.update(await store.audit_node_hashes(keys))
+    return nodes
 
 
 async def _write_messages(store: Store, writer: _Writer, correlation_id: str | None) -> int:

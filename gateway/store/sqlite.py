@@ -395,16 +395,13 @@ class SqliteStore:
         if cached is not None and cached[0] == size:
             known = cached[1]
         else:
-            known = {}
-            for level, idx in frontier(size):
-                row = conn.execute(
-                    "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", (level, idx)
-                ).fetchone()
-                if row is None:
+            keys = frontier(size)
+            known = _node_hashes(conn, keys)
+            for level, idx in keys:
+                if (level, idx) not in known:
                     raise sqlite3.DatabaseError(
                         f"audit node ({level}, {idx}) missing at size {size}"
                     )
-                known[(level, idx)] = row[0]
         plan = plan_append(size, known, events)
         conn.executemany(
             "INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, message_id, sender, "
@@ -472,18 +469,9 @@ class SqliteStore:
 
     async def audit_node_hashes(self, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
         wanted = list(dict.fromkeys(keys))
-
-        def fetch(c: Conn) -> dict[NodeKey, bytes]:
-            found: dict[NodeKey, bytes] = {}
-            for level, idx in wanted:
-                row = c.execute(
-                    "SELECT hash FROM audit_nodes WHERE level = ? AND idx = ?", (level, idx)
-                ).fetchone()
-                if row is not None:
-                    found[(level, idx)] = row[0]
-            return found
-
-        return await self._read(fetch)
+        if not wanted:
+            return {}
+        return await self._read(lambda c: _node_hashes(c, wanted))
 
     async def save_checkpoint(
         self,
@@ -916,6 +904,27 @@ def _next_cursor(items: list[MessageSummary], limit: int) -> str | None:
     return Cursor(
         at=last.at, direction=last.direction.value, partner=last.partner, message_id=last.message_id
     ).encode()
+
+
+#: node keys per lookup statement (two parameters each, far below SQLite's variable limit)
+NODE_BATCH = 500
+
+
+def _node_hashes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
+    """Stored subtree hashes for ``keys``: one primary-key join per NODE_BATCH keys."""
+    found: dict[NodeKey, bytes] = {}
+    for start in range(0, len(keys), NODE_BATCH):
+        chunk = keys[start : start + NODE_BATCH]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        rows = c.execute(
+            f"WITH k(level, idx) AS (VALUES {values}) "
+            "SELECT n.level, n.idx, n.hash FROM k JOIN audit_nodes AS n "
+            "ON n.level = k.level AND n.idx = k.idx",
+            [v for key in chunk for v in key],
+        ).fetchall()
+        for level, idx, value in rows:
+            found[(level, idx)] = value
+    return found
 
 
 def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord | None:
