@@ -12,6 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
 import rfc8785
 
 from gateway.clock import format_rfc3339
@@ -81,4 +82,13 @@ class AuditEvent:
 
     def entry_bytes(self) -> bytes:
         """The leaf data: RFC 8785 canonical JSON of the entry."""
-        return bytes(rfc8785.dumps(self.to_entry()))
+        entry = self.to_entry()
+        if all(type(value) is str for value in entry.values()):
+            # A flat object of ASCII keys and string values: orjson with sorted keys writes
+            # the very RFC 8785 bytes (same escapes, UTF-8, no whitespace) about 20x faster
+            # than the pure-Python canonicalizer; two entries are written per message.
+            try:
+                return orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)
+            except orjson.JSONEncodeError:
+                pass  # a lone surrogate: the canonicalizer below reports it
+        return bytes(rfc8785.dumps(entry))
