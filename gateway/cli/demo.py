@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from gateway.cli.serve import configure_logging
 from gateway.demo import DemoFailure, run_demo
+from gateway.logging import configure_logging
 
 
 @click.command()

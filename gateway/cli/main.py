@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from gateway import __version__
@@ -18,12 +20,16 @@ from gateway.cli.send import send
 from gateway.cli.serve import serve
 from gateway.cli.sig import sig
 from gateway.cli.token import token
+from gateway.logging import configure_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="c2c-gateway")
 def cli() -> None:
     """Cross-border customs data-exchange gateway."""
+    # commands print their results on stdout; logs (warnings and worse) go to stderr.
+    # serve, sandbox and demo configure their own level.
+    configure_logging(logging.WARNING, cache=False)
 
 
 cli.add_command(sig)

@@ -20,13 +20,14 @@ import structlog
 
 from gateway import DEFAULT_PARTY
 from gateway.api.auth import ALL_SCOPES
-from gateway.cli.serve import build_gateway, configure_logging, fail, run
+from gateway.cli.serve import build_gateway, fail, run
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import load_signing_key
 from gateway.crypto.pki import PkiError
 from gateway.crypto.tokens import issue_token
 from gateway.devenv import prepare_dev_environment
 from gateway.errors import ConfigError
+from gateway.logging import configure_logging
 from gateway.runtime import Gateway
 
 BEARER_FILE = "api.token"

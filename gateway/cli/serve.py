@@ -7,7 +7,6 @@ acknowledged message is always committed), services stop, then the store closes.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -22,32 +21,11 @@ from gateway.api.server import ApiServer
 from gateway.audit.witnessing import attach_witnessing
 from gateway.config import load_config
 from gateway.errors import ConfigError
+from gateway.logging import configure_logging
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.transport import OutboundTransport
 from gateway.runtime import Gateway
 from gateway.selfcheck import SelfCheckError, run_selfcheck
-
-
-def configure_logging(level: int = logging.INFO) -> None:
-    """structlog to stderr: JSON lines when stderr is not a terminal, readable lines when it is."""
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer()
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
-    )
-    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
 
 
 def fail(message: str) -> NoReturn:
