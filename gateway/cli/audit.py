@@ -205,6 +205,18 @@ def checkpoint_command(config_path: Path, send: bool) -> None:
 
     async def run() -> tuple[str, list[tuple[str, str]]]:
         async with _open(config_path) as opened:
+            # an on-demand checkpoint is an operator action, recorded in the tree it signs
+            await opened.store.append_audit(
+                [
+                    AuditEvent(
+                        event=EventKind.OPERATOR_ACTION,
+                        at=SystemClock().now(),
+                        outcome="audit_checkpoint",
+                        actor=f"cli:{getpass.getuser()}",
+                        reason="checkpoint --send" if send else "checkpoint",
+                    )
+                ]
+            )
             # Signed here first, so a log that contradicts its last checkpoint fails loudly.
             note = (await opened.audit.checkpoint()).note
             if not send:
