@@ -193,10 +193,13 @@ class SqliteStore:
         self._writer_task: asyncio.Task[None] | None = None
         self._commits = 0
         self._units = 0
-        # (size, frontier hashes) after the last audit append of the open write transaction.
-        # Only the writer thread touches it, and only between BEGIN IMMEDIATE and the end of
-        # that transaction (the write lock makes it exact); any rollback clears it.
+        # (size, frontier hashes) after the last audit append of the open write transaction,
+        # and as last committed. Only the writer thread touches them. The log is append-only,
+        # so a committed tree of a given size is the only one there will ever be at that size:
+        # an equal head size (checked on every append) means the frontier is still exact,
+        # also when another process shares the file. Any rollback drops the open one.
         self._tx_frontier: tuple[int, dict[NodeKey, bytes]] | None = None
+        self._committed_frontier: tuple[int, dict[NodeKey, bytes]] | None = None
 
     @property
     def path(self) -> Path:
@@ -212,6 +215,8 @@ class SqliteStore:
         if self._writer_task is not None:
             return
         loop = asyncio.get_running_loop()
+        # the file may have been replaced while closed (a restore): nothing carried over
+        self._committed_frontier = None
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
@@ -320,7 +325,7 @@ class SqliteStore:
         conn = self._writer_conn
         assert conn is not None
         results: list[Any] = []
-        self._tx_frontier = None
+        self._tx_frontier = self._committed_frontier
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn in fns:
@@ -340,6 +345,7 @@ class SqliteStore:
                     results.append(exc)
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
+            self._committed_frontier = self._tx_frontier
             self._commits += 1
             self._units += len(fns)
         except sqlite3.Error as exc:
@@ -389,8 +395,8 @@ class SqliteStore:
             return []
         size = conn.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]
         cached = self._tx_frontier
-        # Every unit of a batch appends: reading the frontier (log2 n rows) once per batch
-        # instead of once per unit is most of what the audit log costs on the inbound path.
+        # Nearly every unit appends: re-reading the frontier (log2 n rows) each time was most
+        # of what the audit log cost on the inbound path.
         self._tx_frontier = None
         if cached is not None and cached[0] == size:
             known = cached[1]

@@ -60,3 +60,25 @@ async def test_batch_with_failed_appending_units_keeps_the_tree_exact(tmp_path: 
         assert root_from_nodes(size, nodes) == root(leaves)
     finally:
         await store.close()
+
+
+async def test_two_stores_on_one_file_append_in_turn_and_the_tree_stays_exact(
+    tmp_path: Path,
+) -> None:
+    """Each store keeps its committed frontier; the other's appends must invalidate it."""
+    first = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0))
+    second = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0))
+    await first.open()
+    await second.open()
+    try:
+        for i in range(40):
+            writer = first if i % 3 else second
+            await writer.append_audit([event(EventKind.DELIVERED, f"turn-{i}")] * (1 + i % 4))
+        size = await first.audit_size()
+        assert size == sum(1 + i % 4 for i in range(40))
+        leaves = await second.audit_leaf_hashes(0, size)
+        nodes = await first.audit_node_hashes(root_plan(size).node_keys())
+        assert root_from_nodes(size, nodes) == root(leaves)
+    finally:
+        await first.close()
+        await second.close()
