@@ -44,6 +44,8 @@ class LoadResult:
     """What one load-client run measured (latencies in milliseconds)."""
 
     count: int
+    #: every request sent, warm-up included
+    sent: int
     seconds: float
     errors: int
     p50_ms: float
@@ -60,6 +62,7 @@ class LoadResult:
         assert isinstance(statuses, dict)
         return cls(
             count=int(str(data["count"])),
+            sent=int(str(data["sent"])),
             seconds=float(str(data["seconds"])),
             errors=int(str(data["errors"])),
             p50_ms=float(str(data["p50_ms"])),
@@ -108,6 +111,8 @@ def _fmt(value: float | None, unit: str) -> str:
         return "-"
     if unit == "ms":
         return f"{value:.2f} ms"
+    if unit == "us":
+        return f"{value:,.0f} µs"
     if unit == "MiB":
         return f"{value:.1f} MiB"
     return f"{value:,.0f} {unit}".rstrip()
@@ -174,6 +179,12 @@ def sign_messages(
 
 def python() -> str:
     return sys.executable
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from bench.common import (
     Process,
     Serve,
     Table,
+    cpu_seconds,
     prepare,
     rss_mib,
     run_load,
@@ -95,35 +96,58 @@ def urls_of(servers: Sequence[Serve]) -> list[str]:
     return [s.partner_url + MESSAGES_PATH for s in servers]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A load run and the server's CPU time per request over it (robust to a noisy box)."""
+
+    load: LoadResult
+    cpu_us: float
+
+    @property
+    def rate(self) -> float:
+        return self.load.rate
+
+
+async def measured(pids: Sequence[int], run: Awaitable[LoadResult]) -> Measured:
+    before = sum(cpu_seconds(pid) for pid in pids)
+    result = await run
+    used = sum(cpu_seconds(pid) for pid in pids) - before
+    return Measured(load=result, cpu_us=used / max(result.sent, 1) * 1e6)
+
+
 async def load(
-    urls: Sequence[str], pki: Path, payloads: Payloads, *, concurrency: int, budget: int
-) -> LoadResult:
+    servers: Sequence[Serve], pki: Path, payloads: Payloads, *, concurrency: int, budget: int
+) -> Measured:
     skip, limit = payloads.take(budget)
-    return await run_load(
-        urls,
-        pki=pki,
-        payloads=payloads.path,
-        concurrency=concurrency,
-        duration_s=scaled(8.0, 3.0),
-        skip=skip,
-        limit=limit,
+    return await measured(
+        [s.pid for s in servers],
+        run_load(
+            urls_of(servers),
+            pki=pki,
+            payloads=payloads.path,
+            concurrency=concurrency,
+            duration_s=scaled(8.0, 3.0),
+            skip=skip,
+            limit=limit,
+        ),
     )
 
 
-def add_load_rows(table: Table, label: str, base: LoadResult, gw: LoadResult) -> None:
+def add_load_rows(table: Table, label: str, base: Measured, gw: Measured) -> None:
     table.add(f"{label} messages/s", base.rate, gw.rate, "/s")
-    table.add(f"{label} p50", base.p50_ms, gw.p50_ms, "ms")
-    table.add(f"{label} p99", base.p99_ms, gw.p99_ms, "ms")
-    if gw.errors or base.errors:
+    table.add(f"{label} p50", base.load.p50_ms, gw.load.p50_ms, "ms")
+    table.add(f"{label} p99", base.load.p99_ms, gw.load.p99_ms, "ms")
+    table.add(f"{label} server CPU per message", base.cpu_us, gw.cpu_us, "us")
+    if gw.load.errors or base.load.errors:
         table.notes.append(
-            f"{label}: non-202 answers, baseline {base.statuses}, gateway {gw.statuses}"
+            f"{label}: non-202 answers, baseline {base.load.statuses}, gateway {gw.load.statuses}"
         )
 
 
 @dataclass(frozen=True)
 class RawFigures:
-    c1: LoadResult
-    c32: LoadResult
+    c1: Measured
+    c32: Measured
 
 
 async def raw_figures(pki: Path, payloads: Path) -> RawFigures:
@@ -131,8 +155,14 @@ async def raw_figures(pki: Path, payloads: Path) -> RawFigures:
     async with raw_server(pki) as raw:
         url = [f"https://127.0.0.1:{raw.info}{MESSAGES_PATH}"]
         duration = scaled(8.0, 3.0)
-        c1 = await run_load(url, pki=pki, payloads=payloads, concurrency=1, duration_s=duration)
-        c32 = await run_load(url, pki=pki, payloads=payloads, concurrency=32, duration_s=duration)
+        c1 = await measured(
+            [raw.pid],
+            run_load(url, pki=pki, payloads=payloads, concurrency=1, duration_s=duration),
+        )
+        c32 = await measured(
+            [raw.pid],
+            run_load(url, pki=pki, payloads=payloads, concurrency=32, duration_s=duration),
+        )
     return RawFigures(c1=c1, c32=c32)
 
 
@@ -145,10 +175,9 @@ async def sqlite_inbound(root: Path) -> tuple[Table, RawFigures]:
     )
     raw = await raw_figures(root, payloads.path)
     table = Table("1. HTTPS inbound, SQLite store (raw aiohttp mTLS 202 vs gateway)")
-    async with gateways(config) as (gw,):
-        urls = urls_of([gw])
-        c1 = await load(urls, root, payloads, concurrency=1, budget=budget_c1)
-        c32 = await load(urls, root, payloads, concurrency=32, budget=budget_c32)
+    async with gateways(config) as servers:
+        c1 = await load(servers, root, payloads, concurrency=1, budget=budget_c1)
+        c32 = await load(servers, root, payloads, concurrency=32, budget=budget_c32)
     add_load_rows(table, "c=1", raw.c1, c1)
     add_load_rows(table, "c=32", raw.c32, c32)
     table.notes.append(
@@ -156,8 +185,8 @@ async def sqlite_inbound(root: Path) -> tuple[Table, RawFigures]:
         f" ({c32.rate / raw.c32.rate:.2f})"
     )
     table.notes.append(
-        f"target c=1 p99 <= 3x raw p99: {_verdict(c1.p99_ms <= 3 * raw.c1.p99_ms)}"
-        f" ({c1.p99_ms / raw.c1.p99_ms:.2f}x)"
+        f"target c=1 p99 <= 3x raw p99: {_verdict(c1.load.p99_ms <= 3 * raw.c1.load.p99_ms)}"
+        f" ({c1.load.p99_ms / raw.c1.load.p99_ms:.2f}x)"
     )
     return table, raw
 
@@ -186,11 +215,10 @@ async def postgres_inbound(root: Path, raw: RawFigures) -> list[Table]:
         config = prepare(root, store_url=url)
         payloads = Payloads(sign_messages(root, root / "payloads.jsonl", count=total), total)
         table = Table("2. HTTPS inbound, PostgreSQL store (raw aiohttp mTLS 202 vs gateway)")
-        async with gateways(config) as (gw,):
-            urls = urls_of([gw])
-            c1 = await load(urls, root, payloads, concurrency=1, budget=budget_c1)
+        async with gateways(config) as servers:
+            c1 = await load(servers, root, payloads, concurrency=1, budget=budget_c1)
             busy0 = cpu_busy()
-            one = await load(urls, root, payloads, concurrency=32, budget=budget_c32)
+            one = await load(servers, root, payloads, concurrency=32, budget=budget_c32)
             busy1 = cpu_busy()
         add_load_rows(table, "c=1", raw.c1, c1)
         add_load_rows(table, "c=32", raw.c32, one)
@@ -198,11 +226,12 @@ async def postgres_inbound(root: Path, raw: RawFigures) -> list[Table]:
         scale = Table("2b. Scale-out: 1 vs 2 gateway processes on one PostgreSQL, c=32")
         async with gateways(config, 2) as pair:
             busy2 = cpu_busy()
-            two = await load(urls_of(pair), root, payloads, concurrency=32, budget=budget_c32)
+            two = await load(pair, root, payloads, concurrency=32, budget=budget_c32)
             busy3 = cpu_busy()
     scale.add("messages/s", one.rate, two.rate, "/s")
-    scale.add("p50", one.p50_ms, two.p50_ms, "ms")
-    scale.add("p99", one.p99_ms, two.p99_ms, "ms")
+    scale.add("p50", one.load.p50_ms, two.load.p50_ms, "ms")
+    scale.add("p99", one.load.p99_ms, two.load.p99_ms, "ms")
+    scale.add("gateway CPU per message (all processes)", one.cpu_us, two.cpu_us, "us")
     cpu_one = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1) * 100
     cpu_two = (busy3[0] - busy2[0]) / max(busy3[1] - busy2[1], 1) * 100
     scale.notes.append("baseline column: one process; gateway column: two processes")

@@ -47,6 +47,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     next_index = itertools.count()
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
+    sent = [0]
     measured_from = [0.0]
     deadline = [float("inf")]
     warmup = min(args.warmup, len(payloads) // 10)
@@ -66,6 +67,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             headers = base_headers if signature is None else {**base_headers, SIGNATURE: signature}
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
+            sent[0] += 1
             if index >= warmup:
                 latencies.append(time.perf_counter() - started)
                 statuses[response.status] += 1
@@ -78,6 +80,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     latencies.sort()
     return {
         "count": len(latencies),
+        "sent": sent[0],
         "seconds": finished - measured_from[0] if warm_done.is_set() else 0.0,
         "errors": sum(n for status, n in statuses.items() if status != 202),
         "p50_ms": percentile(latencies, 0.50) * 1000,
