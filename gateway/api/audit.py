@@ -258,7 +258,21 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 async def verify(request: web.Request) -> web.Response:
     _query(request, frozenset())
+    services = request.app[SERVICES]
     report = await _audit_log(request).verify_store()
+    # recorded after the check, with its verdict, so the report describes the log as it was
+    verdict = "ok" if report.ok else f"first bad position {report.first_bad_position}"
+    await services.store.append_audit(
+        [
+            AuditEvent(
+                event=EventKind.OPERATOR_ACTION,
+                at=services.clock.now(),
+                outcome="audit_verify",
+                actor=f"api:{claims_of(request).subject}",
+                reason=f"verify: {report.checked} of {report.size} entries checked, {verdict}",
+            )
+        ]
+    )
     return json_response(
         {
             "ok": report.ok,

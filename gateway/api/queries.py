@@ -17,6 +17,7 @@ from gateway.api.messages import actor_of, inbound_view
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid
 from gateway.api.services import SERVICES, ApiServices
+from gateway.audit.events import EventKind
 from gateway.errors import Malformed
 from gateway.outbound.submission import Submission, submit
 from gateway.store.base import OutboundRecord, OutboundState
@@ -44,6 +45,7 @@ def query_submission(document: dict[str, Any], *, actor: str) -> tuple[Submissio
         payload=fields.obj("params"),
         correlation_id=fields.uuid("correlation_id"),
         actor=actor,
+        audit_event=EventKind.QUERY,
     )
     return submission, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
 

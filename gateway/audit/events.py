@@ -19,6 +19,8 @@ from gateway.clock import format_rfc3339
 
 
 class EventKind(StrEnum):
+    #: not written by this gateway: accepted/duplicate/rejected carry the receipt time
+    #: (docs/audit-events.md); kept so entries of that kind still parse
     RECEIVED = "received"
     REJECTED = "rejected"
     ACCEPTED = "accepted"

@@ -252,6 +252,19 @@ def check_command(
             size = await opened.store.audit_size()
             with _progress_bar(size, show, "checking") as bar:
                 report = await opened.audit.verify_store(trusted=trusted, progress=bar.update)
+            # an auditor's read of the store is an operator action, recorded with its verdict;
+            # a log too damaged to take it must still get its verdict printed
+            action = AuditEvent(
+                event=EventKind.OPERATOR_ACTION,
+                at=SystemClock().now(),
+                outcome="audit_check",
+                actor=f"cli:{getpass.getuser()}",
+                reason=f"check: {report.checked} entries, {report.problem_count} problem(s)",
+            )
+            try:
+                await opened.store.append_audit([action])
+            except GatewayError as exc:
+                click.echo(f"warning: the check was not recorded in the log: {exc}", err=True)
         lines = [str(p) for p in report.problems]
         return report.ok, lines, report.checked, report.problem_count
 

@@ -44,6 +44,9 @@ class Submission:
     ttl_s: int | None = None
     respond_by: datetime | None = None
     legal_basis: str | None = None
+    #: the audit event of the stored row: ``QUERY`` for a question asked through the queries
+    #: API, so auditors find who asked a partner what without reading message types
+    audit_event: Literal[EventKind.SUBMITTED, EventKind.QUERY] = EventKind.SUBMITTED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,7 +209,7 @@ async def persist(ctx: SubmitContext) -> None:
         submitted_by=ctx.submission.actor,
     )
     event = AuditEvent(
-        event=EventKind.SUBMITTED,
+        event=ctx.submission.audit_event,
         at=ctx.now,
         message_id=header.message_id,
         sender=header.sender,
