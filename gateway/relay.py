@@ -3,12 +3,20 @@
 The inbox row is the source of truth: a record is marked relayed only after the bus confirmed
 it. A crash between the confirm and the mark re-publishes it on restart, so internal consumers
 see every accepted message at least once, always with its ``message_id``.
+
+Replicas on one database share the inbox: each round claims a batch with a lease
+(``claim_relay``), so two healthy relays never publish the same row; a crashed relay's rows go
+to another one when its lease ends. The mark names the lease holder, so a relay whose lease ran
+out (and was taken over) does not audit ``delivered`` a second time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
+import socket
 
 import structlog
 
@@ -20,6 +28,10 @@ from gateway.store.base import InboundRecord, Store
 from gateway.transports.bus import Bus
 
 log = structlog.get_logger(__name__)
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:relay:{random.getrandbits(32):08x}"
 
 
 class InboxRelay:
@@ -34,6 +46,8 @@ class InboxRelay:
         poll_interval_s: float = 0.5,
         max_backoff_s: float = 10.0,
         stop_timeout_s: float = 15.0,
+        lease_s: float = 30.0,
+        owner: str | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -43,9 +57,17 @@ class InboxRelay:
         self._poll_interval_s = poll_interval_s
         self._max_backoff_s = max_backoff_s
         self._stop_timeout_s = stop_timeout_s
+        # Far longer than a batch takes to publish: a lease that runs out mid-round only
+        # costs a duplicate publish (at least once), and a crashed relay's rows wait this long.
+        self._lease_s = lease_s
+        self._owner = owner or default_owner()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+
+    @property
+    def owner(self) -> str:
+        return self._owner
 
     def notify(self) -> None:
         """A commit happened: publish now instead of at the next poll."""
@@ -72,8 +94,10 @@ class InboxRelay:
                 await task
 
     async def relay_once(self) -> int:
-        """Publish one batch of pending records; returns how many were confirmed and marked."""
-        pending = await self._store.pending_relay(self._batch)
+        """Publish one claimed batch; returns how many records the bus confirmed."""
+        pending = await self._store.claim_relay(
+            self._owner, self._clock.now(), self._batch, self._lease_s
+        )
         confirmed: list[InboundRecord] = []
         try:
             for record in pending:
@@ -83,11 +107,14 @@ class InboxRelay:
             # Mark what the bus confirmed even when a later publish failed, so a bad record or
             # a bus outage midway does not make the good ones go out again.
             if confirmed:
-                await self._store.mark_relayed(
+                marked = await self._store.mark_relayed(
                     [record.key for record in confirmed],
                     [self._delivered(record) for record in confirmed],
+                    owner=self._owner,
                 )
                 self._metrics.relay_published.inc(len(confirmed))
+                if len(marked) < len(confirmed):
+                    log.warning("relay_lease_lost", published=len(confirmed), marked=len(marked))
         return len(confirmed)
 
     def _delivered(self, record: InboundRecord) -> AuditEvent:

@@ -265,12 +265,29 @@ class Store(Protocol):
         ...
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:
-        """Stored inbound messages not yet published to the internal bus, oldest first."""
+        """Stored inbound messages not yet published to the internal bus, oldest first.
+        A read, not a claim: the relay publishes what ``claim_relay`` leased to it."""
+        ...
+
+    async def claim_relay(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[InboundRecord]:
+        """Lease up to ``limit`` unrelayed rows (oldest first) to ``owner`` for ``lease_s``
+        seconds. A row leased by another owner is skipped until that lease ends; rows already
+        leased to ``owner`` are returned again (and their lease renewed)."""
         ...
 
     async def mark_relayed(
-        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
-    ) -> None: ...
+        self,
+        keys: Sequence[InboundKey],
+        events: Sequence[AuditEvent] = (),
+        *,
+        owner: str | None = None,
+    ) -> list[InboundKey]:
+        """Mark the rows relayed and release their lease; returns the keys marked now. A row
+        already relayed, or (with ``owner``) leased to someone else, is left alone and the
+        events naming it (by sender and message_id) are not appended: no second audit."""
+        ...
 
     # outbox
     async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
@@ -387,6 +404,16 @@ def empty_depth() -> dict[OutboundState, int]:
     return dict.fromkeys(OutboundState, 0)
 
 
+def events_for_marked(
+    keys: Sequence[InboundKey], marked: Sequence[InboundKey], events: Sequence[AuditEvent]
+) -> list[AuditEvent]:
+    """``events`` without those recording a key of ``keys`` that ``mark_relayed`` skipped."""
+    skipped = set(keys).difference(marked)
+    if not skipped:
+        return list(events)
+    return [e for e in events if (e.sender, e.message_id) not in skipped]
+
+
 __all__ = [
     "ACTIVE_STATES",
     "INBOUND_DELIVERED",
@@ -413,4 +440,5 @@ __all__ = [
     "StoreError",
     "WitnessedState",
     "empty_depth",
+    "events_for_marked",
 ]

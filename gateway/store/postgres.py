@@ -53,6 +53,7 @@ from gateway.store.base import (
     StoreError,
     WitnessedState,
     empty_depth,
+    events_for_marked,
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
@@ -539,24 +540,57 @@ class PostgresStore:
         )
         return [_inbound(r) for r in rows]
 
+    async def claim_relay(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[InboundRecord]:
+        until = _aware(now) + timedelta(seconds=lease_s)
+        cols = ", ".join(f"m.{col.strip()}" for col in _INBOUND_COLUMNS.split(","))
+        # SKIP LOCKED: a replica claiming at the same moment takes the next rows instead of
+        # waiting for these, and the lease keeps them out of its later claims
+        rows = await self._transaction(
+            lambda c: c.fetch(
+                "WITH due AS (SELECT seq FROM inbound_messages WHERE NOT relayed "
+                "AND (relay_owner IS NULL OR relay_owner = $3 OR relay_lease_until <= $1) "
+                "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) "
+                "UPDATE inbound_messages AS m SET relay_owner = $3, relay_lease_until = $4 "
+                f"FROM due WHERE m.seq = due.seq RETURNING {cols}",
+                _aware(now),
+                limit,
+                owner,
+                until,
+            )
+        )
+        records = [_inbound(r) for r in rows]
+        records.sort(key=lambda r: r.seq or 0)
+        return records
+
     async def mark_relayed(
-        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
-    ) -> None:
+        self,
+        keys: Sequence[InboundKey],
+        events: Sequence[AuditEvent] = (),
+        *,
+        owner: str | None = None,
+    ) -> list[InboundKey]:
         keys = list(keys)
         events = list(events)
 
-        async def unit(tx: _Tx) -> None:
-            c = tx.conn
-            await c.execute(
-                "UPDATE inbound_messages AS m SET relayed = TRUE "
+        async def unit(tx: _Tx) -> list[InboundKey]:
+            rows = await tx.conn.fetch(
+                "UPDATE inbound_messages AS m SET relayed = TRUE, relay_owner = NULL, "
+                "relay_lease_until = NULL "
                 "FROM unnest($1::text[], $2::text[]) AS k(sender, message_id) "
-                "WHERE m.sender = k.sender AND m.message_id = k.message_id",
+                "WHERE m.sender = k.sender AND m.message_id = k.message_id AND NOT m.relayed "
+                "AND ($3::text IS NULL OR m.relay_owner = $3::text) "
+                "RETURNING m.sender, m.message_id",
                 [k[0] for k in keys],
                 [k[1] for k in keys],
+                owner,
             )
-            tx.audit(events)
+            marked: list[InboundKey] = [(r[0], r[1]) for r in rows]
+            tx.audit(events_for_marked(keys, marked, events))
+            return marked
 
-        await self._write(unit)
+        return await self._write(unit)
 
     # outbox
 

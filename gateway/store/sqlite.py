@@ -55,6 +55,7 @@ from gateway.store.base import (
     StoreError,
     WitnessedState,
     empty_depth,
+    events_for_marked,
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
@@ -655,20 +656,53 @@ class SqliteStore:
         )
         return [_inbound(r) for r in rows]
 
+    async def claim_relay(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[InboundRecord]:
+        now_us = _us(now)
+        until_us = _us(now + timedelta(seconds=lease_s))
+
+        # one write unit: the single writer makes select-and-lease atomic across callers
+        def unit(c: Conn) -> list[InboundRecord]:
+            rows = c.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages WHERE relayed = 0 "
+                "AND (relay_owner IS NULL OR relay_owner = ? OR relay_lease_until <= ?) "
+                "ORDER BY seq LIMIT ?",
+                (owner, now_us, limit),
+            ).fetchall()
+            c.executemany(
+                "UPDATE inbound_messages SET relay_owner = ?, relay_lease_until = ? WHERE seq = ?",
+                [(owner, until_us, r[15]) for r in rows],
+            )
+            return [_inbound(r) for r in rows]
+
+        return await self._write(unit)
+
     async def mark_relayed(
-        self, keys: Sequence[InboundKey], events: Sequence[AuditEvent] = ()
-    ) -> None:
+        self,
+        keys: Sequence[InboundKey],
+        events: Sequence[AuditEvent] = (),
+        *,
+        owner: str | None = None,
+    ) -> list[InboundKey]:
         keys = list(keys)
         events = list(events)
 
-        def unit(c: Conn) -> None:
-            c.executemany(
-                "UPDATE inbound_messages SET relayed = 1 WHERE sender = ? AND message_id = ?",
-                keys,
-            )
-            self._append_audit(c, events)
+        def unit(c: Conn) -> list[InboundKey]:
+            marked: list[InboundKey] = []
+            for sender, message_id in keys:
+                cur = c.execute(
+                    "UPDATE inbound_messages SET relayed = 1, relay_owner = NULL, "
+                    "relay_lease_until = NULL WHERE sender = ?1 AND message_id = ?2 "
+                    "AND relayed = 0 AND (?3 IS NULL OR relay_owner = ?3)",
+                    (sender, message_id, owner),
+                )
+                if cur.rowcount == 1:
+                    marked.append((sender, message_id))
+            self._append_audit(c, events_for_marked(keys, marked, events))
+            return marked
 
-        await self._write(unit)
+        return await self._write(unit)
 
     # outbox
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -206,6 +207,111 @@ async def test_relay_pending_oldest_first_and_marked(store: Store) -> None:
     assert relayed is not None
     assert relayed.relayed
     assert await store.audit_size() == 1
+
+
+async def test_two_concurrent_relay_claimers_never_share_a_pending_row(
+    store: Store, store_url: str, store_clock: ManualClock
+) -> None:
+    for i in range(120):
+        await store.store_inbound(inbound(f"p-{i:03d}"), [])
+    other = open_store(store_url, clock=store_clock)
+    await other.open()
+    try:
+        claims: dict[str, list[str]] = {"a": [], "b": []}
+
+        async def drain(name: str, s: Store) -> None:
+            while True:
+                got = await s.claim_relay(name, T0, 7, 60)
+                if not got:
+                    return
+                # the relay marks only after the bus confirmed: let the other claim meanwhile
+                await asyncio.sleep(0)
+                claims[name].extend(r.message_id for r in got)
+                await s.mark_relayed(
+                    [r.key for r in got],
+                    [event(EventKind.DELIVERED, r.message_id, sender=r.sender) for r in got],
+                    owner=name,
+                )
+
+        await asyncio.gather(drain("a", store), drain("b", other))
+    finally:
+        await other.close()
+    everything = claims["a"] + claims["b"]
+    assert len(everything) == len(set(everything)) == 120
+    assert await store.pending_relay(200) == []
+    assert await store.audit_size() == 120
+
+
+async def test_relay_claim_oldest_first_and_own_rows_again(store: Store) -> None:
+    for i in range(5):
+        await store.store_inbound(inbound(f"o-{i}"), [])
+    first = await store.claim_relay("a", T0, 3, 30)
+    assert [r.message_id for r in first] == ["o-0", "o-1", "o-2"]
+    assert [r.message_id for r in await store.claim_relay("b", T0, 10, 30)] == ["o-3", "o-4"]
+    # the holder's next round (after a failed publish) retries its own rows without waiting
+    again = await store.claim_relay("a", T0 + timedelta(seconds=1), 10, 30)
+    assert [r.message_id for r in again] == ["o-0", "o-1", "o-2"]
+
+
+async def test_relay_lease_expiry_hands_rows_over(store: Store) -> None:
+    for i in range(4):
+        await store.store_inbound(inbound(f"e-{i}"), [])
+    crashed = await store.claim_relay("dead", T0, 10, 30)
+    assert len(crashed) == 4
+    assert await store.claim_relay("live", T0 + timedelta(seconds=29), 10, 30) == []
+    taken = await store.claim_relay("live", T0 + timedelta(seconds=30), 10, 30)
+    assert [r.message_id for r in taken] == [f"e-{i}" for i in range(4)]
+    marked = await store.mark_relayed(
+        [r.key for r in taken],
+        [event(EventKind.DELIVERED, r.message_id, sender=r.sender) for r in taken],
+        owner="live",
+    )
+    assert sorted(marked) == sorted(r.key for r in taken)
+    assert await store.pending_relay(10) == []
+    assert await store.audit_size() == 4
+
+
+async def test_relay_mark_by_non_holder_does_not_double_audit(store: Store) -> None:
+    for i in range(3):
+        await store.store_inbound(inbound(f"n-{i}"), [])
+    await store.claim_relay("old", T0, 10, 30)
+    rows = await store.claim_relay("new", T0 + timedelta(seconds=31), 10, 30)
+    keys = [r.key for r in rows]
+
+    def delivered() -> list[AuditEvent]:
+        return [event(EventKind.DELIVERED, r.message_id, sender=r.sender) for r in rows]
+
+    # the relay whose lease ran out published too (at least once) but must not mark or audit
+    assert await store.mark_relayed(keys, delivered(), owner="old") == []
+    assert await store.audit_size() == 0
+    assert len(await store.pending_relay(10)) == 3
+    assert sorted(await store.mark_relayed(keys, delivered(), owner="new")) == sorted(keys)
+    assert await store.audit_size() == 3
+    # a second mark, by the holder or without an owner, is a no-op: no second `delivered`
+    assert await store.mark_relayed(keys, delivered(), owner="new") == []
+    assert await store.mark_relayed(keys, delivered()) == []
+    assert await store.audit_size() == 3
+    record = await store.get_inbound("MX-SAT", "n-0")
+    assert record is not None
+    assert record.relayed
+
+
+async def test_relay_mark_appends_events_of_marked_rows_only(store: Store) -> None:
+    await store.store_inbound(inbound("m-held"), [])
+    await store.store_inbound(inbound("m-other"), [])
+    await store.claim_relay("a", T0, 1, 30)
+    await store.claim_relay("b", T0, 1, 30)
+    marked = await store.mark_relayed(
+        [("MX-SAT", "m-held"), ("MX-SAT", "m-other")],
+        [
+            event(EventKind.DELIVERED, "m-held", sender="MX-SAT"),
+            event(EventKind.DELIVERED, "m-other", sender="MX-SAT"),
+        ],
+        owner="a",
+    )
+    assert marked == [("MX-SAT", "m-held")]
+    rows = await store.audit_entries(AuditFilter(event="delivered"))
+    assert [json.loads(r.entry)["message_id"] for r in rows] == ["m-held"]
 
 
 async def test_find_inbound_reply(store: Store) -> None:
