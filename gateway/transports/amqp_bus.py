@@ -12,15 +12,11 @@ systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
 
 from __future__ import annotations
 
-import structlog
-
 from gateway.clock import format_rfc3339
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
-from gateway.transports.bus import InboundHandler
-
-log = structlog.get_logger(__name__)
+from gateway.transports.bus import InboundHandler, notify_subscribers
 
 BUS_CONCERN = "bus"
 
@@ -71,22 +67,7 @@ class RabbitBus:
             routing_key=routing_key(record),
             concern=BUS_CONCERN,
         )
-        for handler in tuple(self._handlers):
-            try:
-                await handler(record)
-            except Exception as exc:
-                # Same contract as the in-process bus: the record stays pending and is
-                # published again (consumers deduplicate by message_id).
-                log.warning(
-                    "bus_subscriber_failed",
-                    sender=record.sender,
-                    message_id=record.message_id,
-                    error=type(exc).__name__,
-                )
-                raise Unavailable(
-                    f"subscriber failed on {record.sender}/{record.message_id}: "
-                    f"{type(exc).__name__}"
-                ) from exc
+        await notify_subscribers(self._handlers, record)
 
     async def close(self) -> None:
         # The broker connection is the runtime's; it closes it after the relay stopped.

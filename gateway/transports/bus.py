@@ -33,6 +33,27 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
 
+async def notify_subscribers(handlers: list[InboundHandler], record: InboundRecord) -> None:
+    """Hand a record to every in-process subscriber; the first failure fails the publish.
+
+    A consumer's bug must not stop the relay: the record stays pending and is offered again,
+    which is exactly what at-least-once promises (subscribers deduplicate by message_id).
+    """
+    for handler in tuple(handlers):
+        try:
+            await handler(record)
+        except Exception as exc:
+            log.warning(
+                "bus_subscriber_failed",
+                sender=record.sender,
+                message_id=record.message_id,
+                error=type(exc).__name__,
+            )
+            raise Unavailable(
+                f"subscriber failed on {record.sender}/{record.message_id}: {type(exc).__name__}"
+            ) from exc
+
+
 class MemoryBus:
     """In-process bus for a single node: a publish is confirmed when every subscriber returned.
 
@@ -50,22 +71,7 @@ class MemoryBus:
     async def publish_inbound(self, record: InboundRecord) -> None:
         if self._closed:
             raise Unavailable("in-process bus is closed")
-        for handler in tuple(self._handlers):
-            try:
-                await handler(record)
-            except Exception as exc:
-                # A consumer's bug must not stop the relay: the record stays pending and is
-                # offered again, which is exactly what at-least-once promises.
-                log.warning(
-                    "bus_subscriber_failed",
-                    sender=record.sender,
-                    message_id=record.message_id,
-                    error=type(exc).__name__,
-                )
-                raise Unavailable(
-                    f"subscriber failed on {record.sender}/{record.message_id}: "
-                    f"{type(exc).__name__}"
-                ) from exc
+        await notify_subscribers(self._handlers, record)
 
     async def close(self) -> None:
         self._closed = True
