@@ -46,7 +46,7 @@ class InboxRelay:
         poll_interval_s: float = 0.5,
         max_backoff_s: float = 10.0,
         stop_timeout_s: float = 15.0,
-        lease_s: float = 30.0,
+        lease_s: float = 10.0,
         owner: str | None = None,
     ) -> None:
         self._store = store
@@ -57,8 +57,9 @@ class InboxRelay:
         self._poll_interval_s = poll_interval_s
         self._max_backoff_s = max_backoff_s
         self._stop_timeout_s = stop_timeout_s
-        # Far longer than a batch takes to publish: a lease that runs out mid-round only
-        # costs a duplicate publish (at least once), and a crashed relay's rows wait this long.
+        # Far longer than a confirmed batch takes to publish (well under a second), yet short:
+        # the rows a crashed relay held wait this long, even for its own restart. A lease that
+        # runs out mid-round (a stalled broker) costs only a duplicate publish (at least once).
         self._lease_s = lease_s
         self._owner = owner or default_owner()
         self._wake = asyncio.Event()
