@@ -660,6 +660,26 @@ class PostgresStore:
         records.sort(key=lambda r: (_PRIORITY_RANK[r.priority], r.next_attempt_at, r.created_at))
         return records
 
+    async def _apply_update(
+        self, c: Conn, message_id: str, update: AttemptUpdate
+    ) -> asyncpg.Record | None:
+        """Record an attempt's or a late receipt's outcome and release any lease."""
+        return await c.fetchrow(
+            "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
+            "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
+            "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
+            "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
+            f"RETURNING {_OUTBOUND_COLUMNS}",
+            update.state.value,
+            update.attempts,
+            _aware(update.next_attempt_at),
+            update.last_error,
+            update.receipt_body,
+            update.receipt_signature,
+            self._clock.now(),
+            message_id,
+        )
+
     async def finish_attempt(
         self,
         message_id: str,
@@ -679,21 +699,7 @@ class PostgresStore:
                 raise MessageNotFound(message_id)
             if row[0] != worker_id:
                 raise LeaseLost(message_id, worker_id)
-            updated = await c.fetchrow(
-                "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
-                "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
-                "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
-                "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
-                f"RETURNING {_OUTBOUND_COLUMNS}",
-                update.state.value,
-                update.attempts,
-                _aware(update.next_attempt_at),
-                update.last_error,
-                update.receipt_body,
-                update.receipt_signature,
-                self._clock.now(),
-                message_id,
-            )
+            updated = await self._apply_update(c, message_id, update)
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)
@@ -716,21 +722,7 @@ class PostgresStore:
                 raise MessageNotFound(message_id)
             if OutboundState(state) not in ACTIVE_STATES:
                 raise InvalidTransition(message_id, state, "record a receipt")
-            updated = await c.fetchrow(
-                "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
-                "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
-                "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
-                "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
-                f"RETURNING {_OUTBOUND_COLUMNS}",
-                update.state.value,
-                update.attempts,
-                _aware(update.next_attempt_at),
-                update.last_error,
-                update.receipt_body,
-                update.receipt_signature,
-                self._clock.now(),
-                message_id,
-            )
+            updated = await self._apply_update(c, message_id, update)
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)

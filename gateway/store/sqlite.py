@@ -771,6 +771,25 @@ class SqliteStore:
 
         return await self._write(unit)
 
+    def _apply_update(self, c: Conn, message_id: str, update: AttemptUpdate) -> None:
+        """Record an attempt's or a late receipt's outcome and release any lease."""
+        c.execute(
+            "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
+            "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
+            "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
+            "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
+            (
+                update.state.value,
+                update.attempts,
+                _us(update.next_attempt_at),
+                update.last_error,
+                update.receipt_body,
+                update.receipt_signature,
+                _us(self._clock.now()),
+                message_id,
+            ),
+        )
+
     async def finish_attempt(
         self,
         message_id: str,
@@ -788,22 +807,7 @@ class SqliteStore:
                 raise MessageNotFound(message_id)
             if row[0] != worker_id:
                 raise LeaseLost(message_id, worker_id)
-            c.execute(
-                "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
-                "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
-                "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
-                (
-                    update.state.value,
-                    update.attempts,
-                    _us(update.next_attempt_at),
-                    update.last_error,
-                    update.receipt_body,
-                    update.receipt_signature,
-                    _us(self._clock.now()),
-                    message_id,
-                ),
-            )
+            self._apply_update(c, message_id, update)
             self._append_audit(c, events)
             return _require_outbound(c, message_id)
 
@@ -823,22 +827,7 @@ class SqliteStore:
             state = OutboundState(row[0])
             if state not in ACTIVE_STATES:
                 raise InvalidTransition(message_id, state.value, "record a receipt")
-            c.execute(
-                "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
-                "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
-                "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
-                "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
-                (
-                    update.state.value,
-                    update.attempts,
-                    _us(update.next_attempt_at),
-                    update.last_error,
-                    update.receipt_body,
-                    update.receipt_signature,
-                    _us(self._clock.now()),
-                    message_id,
-                ),
-            )
+            self._apply_update(c, message_id, update)
             self._append_audit(c, events)
             return _require_outbound(c, message_id)
 
