@@ -25,7 +25,7 @@ from gateway.errors import NackCode
 from gateway.model import Header
 from gateway.receipts import Receipt, verify_receipt
 from gateway.runtime import Gateway
-from gateway.store.base import AuditFilter, InboundRecord
+from gateway.store.base import AuditFilter, InboundRecord, Store
 from gateway.transports.bus import MemoryBus
 
 US = "US-CBP"
@@ -267,6 +267,15 @@ async def assert_nack(
     assert entries[0]["message_id"] == message_id
     assert entries[0]["body_digest"] == body_digest(body)
     assert await env.gateway.store.get_inbound(MX, message_id) is None
+
+
+async def wait_relayed(store: Store) -> None:
+    """The relay marks a record after the bus confirmed it: wait for that mark (bounded)."""
+    for _ in range(1000):
+        if not await store.pending_relay(10):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the relay did not mark the delivered records within 10 s")
 
 
 async def wait_delivered(env: Env, count: int) -> None:

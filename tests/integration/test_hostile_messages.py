@@ -26,6 +26,7 @@ from https_env import (
     rejections,
     running_gateway,
     wait_delivered,
+    wait_relayed,
     write_environment,
 )
 
@@ -211,7 +212,7 @@ async def test_concurrent_identical_posts_store_once_and_all_get_the_receipt(env
     assert receipt.status == "ACK"
     await wait_delivered(env, 1)
     assert [(r.sender, r.message_id) for r in env.delivered] == [(MX, message_id)]
-    assert await env.gateway.store.pending_relay(10) == []
+    await wait_relayed(env.gateway.store)
 
 
 async def test_same_message_id_from_two_partners_is_two_messages(env: Env) -> None:

@@ -36,6 +36,7 @@ from https_env import (
     rejections,
     running_gateway,
     wait_delivered,
+    wait_relayed,
 )
 
 from gateway.crypto.jws import sign_detached
@@ -76,7 +77,7 @@ async def test_exact_resend_returns_original_receipt_bytes(env: Env) -> None:
     assert second.body == first.body
     assert second.headers["C2C-Signature"] == first.headers["C2C-Signature"]
     await wait_delivered(env, 1)
-    assert await env.gateway.store.pending_relay(10) == []
+    await wait_relayed(env.gateway.store)
     assert len(env.delivered) == 1
 
 
