@@ -8,6 +8,11 @@ Replicas on one database share the inbox: each round claims a batch with a lease
 (``claim_relay``), so two healthy relays never publish the same row; a crashed relay's rows go
 to another one when its lease ends. The mark names the lease holder, so a relay whose lease ran
 out (and was taken over) does not audit ``delivered`` a second time.
+
+The hot path needs no claim: the inbound pipeline stores each new row already leased to this
+relay (``lease()``) and hands the committed record over (``stored()``), so a round is the
+publishes (confirms pipelined) plus one mark. Claims remain for what no one handed over: rows
+of a crashed or stopped relay, and records dropped from a full hand-over queue.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import contextlib
 import os
 import random
 import socket
+from collections import deque
+from datetime import timedelta
 
 import structlog
 
@@ -24,7 +31,7 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.store.base import InboundRecord, Store
+from gateway.store.base import InboundRecord, RelayLease, Store
 from gateway.transports.bus import Bus
 
 log = structlog.get_logger(__name__)
@@ -49,6 +56,7 @@ class InboxRelay:
         lease_s: float = 10.0,
         coalesce_s: float = 0.02,
         owner: str | None = None,
+        max_handed: int = 5000,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -67,6 +75,15 @@ class InboxRelay:
         # It delays internal delivery only; partners' ACKs never wait for the relay.
         self._coalesce_s = coalesce_s
         self._owner = owner or default_owner()
+        # Rows handed over are leased under their own name, so that a claim (which re-takes
+        # rows leased to ``owner``) never returns a row that is in, or on its way to, the queue.
+        self._hand_owner = f"{self._owner}:handed"
+        # Committed records handed over by the pipeline, leased to us at insert. Bounded: when
+        # full, new rows are stored unleased and a later claim picks them up from the database.
+        self._handed: deque[InboundRecord] = deque()
+        self._max_handed = max_handed
+        self._lease_delta = timedelta(seconds=lease_s)
+        self._last_claim = float("-inf")
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -79,13 +96,27 @@ class InboxRelay:
         """A commit happened: publish now instead of at the next poll."""
         self._wake.set()
 
+    def lease(self) -> RelayLease | None:
+        """The lease a new inbox row is stored under, or None (not running, queue full): the
+        row is then stored unleased and a claim round takes it."""
+        if self._task is None or self._stopping or len(self._handed) >= self._max_handed:
+            return None
+        return RelayLease(owner=self._hand_owner, until=self._clock.now() + self._lease_delta)
+
+    def stored(self, record: InboundRecord) -> None:
+        """A row stored under ``lease()`` was committed: publish it in the next round."""
+        self._handed.append(record)
+        self._wake.set()
+
     def start(self) -> None:
         if self._task is None:
             self._stopping = False
             self._task = asyncio.create_task(self._run(), name="inbox-relay")
 
     async def stop(self) -> None:
-        """Stop after the round in progress (its confirmed records are marked first)."""
+        """Stop after the round in progress (its confirmed records are marked first), then
+        give up the leases of what was handed over and not published, so the next relay (this
+        node restarted, or a replica) takes those rows at once instead of after the lease."""
         task, self._task = self._task, None
         if task is None:
             return
@@ -98,30 +129,77 @@ class InboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._handed.clear()
+        try:
+            await self._store.release_relay(self._hand_owner)
+        except GatewayError as exc:
+            log.warning("relay_release_failed", code=exc.code.value, reason=exc.reason)
 
     async def relay_once(self) -> int:
-        """Publish one claimed batch; returns how many records the bus confirmed."""
-        pending = await self._store.claim_relay(
-            self._owner, self._clock.now(), self._batch, self._lease_s
-        )
+        """Publish one batch (handed-over records, else a claimed batch); returns how many
+        records the bus confirmed."""
+        handed = self._take_handed()
+        claimed: list[InboundRecord] = []
+        loop = asyncio.get_running_loop()
+        if not handed or loop.time() - self._last_claim >= self._poll_interval_s:
+            # claims also run while records are being handed over, so that rows no one handed
+            # over (a crashed relay's, an overflow) are not starved
+            self._last_claim = loop.time()
+            try:
+                claimed = await self._store.claim_relay(
+                    self._owner, self._clock.now(), self._batch, self._lease_s
+                )
+            except BaseException:
+                self._handed.extendleft(reversed(handed))
+                raise
+            # a handed row whose lease ran out while queued can come back in a claim
+            keys = {record.key for record in handed}
+            claimed = [record for record in claimed if record.key not in keys]
         confirmed: list[InboundRecord] = []
         try:
-            for record in pending:
-                await self._bus.publish_inbound(record)
-                confirmed.append(record)
+            await self._publish([*handed, *claimed], confirmed)
         finally:
             # Mark what the bus confirmed even when a later publish failed, so a bad record or
-            # a bus outage midway does not make the good ones go out again.
-            if confirmed:
-                marked = await self._store.mark_relayed(
-                    [record.key for record in confirmed],
-                    [self._delivered(record) for record in confirmed],
-                    owner=self._owner,
-                )
-                self._metrics.relay_published.inc(len(confirmed))
-                if len(marked) < len(confirmed):
-                    log.warning("relay_lease_lost", published=len(confirmed), marked=len(marked))
+            # a bus outage midway does not make the good ones go out again. Handed records the
+            # bus did not take go back to the front of the queue (still leased to us).
+            done = {record.key for record in confirmed}
+            self._handed.extendleft(reversed([r for r in handed if r.key not in done]))
+            await self._mark([r for r in handed if r.key in done], self._hand_owner)
+            await self._mark([r for r in claimed if r.key in done], self._owner)
         return len(confirmed)
+
+    async def _mark(self, records: list[InboundRecord], owner: str) -> None:
+        if not records:
+            return
+        marked = await self._store.mark_relayed(
+            [record.key for record in records],
+            [self._delivered(record) for record in records],
+            owner=owner,
+        )
+        self._metrics.relay_published.inc(len(records))
+        if len(marked) < len(records):
+            log.warning("relay_lease_lost", published=len(records), marked=len(marked))
+
+    def _take_handed(self) -> list[InboundRecord]:
+        count = min(self._batch, len(self._handed))
+        return [self._handed.popleft() for _ in range(count)]
+
+    async def _publish(self, records: list[InboundRecord], confirmed: list[InboundRecord]) -> None:
+        """Publish every record with their confirms in flight together; ``confirmed`` gets
+        those the bus took, in order. Raises the first failure after all have settled."""
+        if not records:
+            return
+        outcomes = await asyncio.gather(
+            *(self._bus.publish_inbound(record) for record in records), return_exceptions=True
+        )
+        failure: BaseException | None = None
+        for record, outcome in zip(records, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+            else:
+                confirmed.append(record)
+        if failure is not None:
+            raise failure
 
     def _delivered(self, record: InboundRecord) -> AuditEvent:
         return AuditEvent(

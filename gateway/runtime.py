@@ -145,7 +145,7 @@ class Gateway:
                 adapters=self.adapters,
                 metrics=self.metrics,
                 on_receipt=self._on_receipt,
-                on_stored=self.relay.notify,
+                relay=self.relay,
             )
         )
         self.partner_server = PartnerHttpsServer(

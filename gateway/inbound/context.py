@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from gateway.adapters.registry import Adapter
 from gateway.clock import Clock
@@ -21,7 +21,7 @@ from gateway.metrics import Metrics
 from gateway.model import Envelope
 from gateway.receipts import ReceiptSigner
 from gateway.schemas.registry import SchemaRegistry
-from gateway.store.base import InboundRecord, Store
+from gateway.store.base import InboundRecord, RelayLease, Store
 
 Transport = Literal["https", "amqp"]
 
@@ -77,6 +77,18 @@ class ReceivedReceipt:
 OnReceipt = Callable[[ReceivedReceipt], Awaitable[None]]
 
 
+class RelayHandoff(Protocol):
+    """Where accepted records go after their commit (``gateway.relay.InboxRelay``)."""
+
+    def lease(self) -> RelayLease | None:
+        """The relay lease to store a new row under (None: store it unleased)."""
+        ...
+
+    def stored(self, record: InboundRecord) -> None:
+        """The row stored under ``lease()`` is committed: publish it to the internal bus."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class InboundEnv:
     """Everything the stages use; built once by the runtime."""
@@ -91,8 +103,8 @@ class InboundEnv:
     adapters: Mapping[str, Adapter]
     metrics: Metrics
     on_receipt: OnReceipt | None = None
-    #: called after each commit, so the relay publishes without waiting for its next poll
-    on_stored: Callable[[], None] | None = None
+    #: takes each committed record, so the relay publishes it without a claim or a re-read
+    relay: RelayHandoff | None = None
 
 
 @dataclass(kw_only=True)

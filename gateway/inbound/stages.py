@@ -228,16 +228,8 @@ def _event(ctx: InboundContext, kind: EventKind, outcome: str) -> AuditEvent:
     )
 
 
-async def dedupe(ctx: InboundContext) -> None:
-    """An exact re-send gets the original receipt; same id with other bytes is a conflict.
-
-    This is the fast path; the database constraint in ``persist`` settles concurrent races.
-    """
-    assert ctx.envelope is not None
-    header = ctx.envelope.header
-    original = await ctx.env.store.get_inbound(header.sender, header.message_id)
-    if original is None:
-        return
+async def _answer_duplicate(ctx: InboundContext, original: InboundRecord) -> None:
+    """An exact re-send gets the original receipt; same id with other bytes is a conflict."""
     ctx.result = _duplicate_result(ctx, original)
     await ctx.env.store.append_audit([_event(ctx, EventKind.DUPLICATE, "ACK")])
 
@@ -246,7 +238,9 @@ async def persist(ctx: InboundContext) -> None:
     """Sign the ACK, then commit row + receipt + audit event in one transaction.
 
     The receipt exists before the commit so that it is stored with the row (an exact re-send
-    gets these very bytes back), and it is released only after the commit.
+    gets these very bytes back), and it is released only after the commit. Deduplication is
+    the insert itself: the database constraint on ``(sender, message_id)`` answers a re-send
+    (the original receipt) or a conflict, with no read before the write.
     """
     assert ctx.envelope is not None
     assert ctx.key is not None
@@ -264,7 +258,12 @@ async def persist(ctx: InboundContext) -> None:
             correlation_id=header.correlation_id,
         )
     except RuntimeError as exc:
-        # No ACK can be signed, so nothing may be stored as accepted (T73: fail closed).
+        # No ACK can be signed, so nothing may be stored as accepted (T73: fail closed). An
+        # exact re-send still gets the receipt signed when the original was accepted.
+        original = await env.store.get_inbound(header.sender, header.message_id)
+        if original is not None:
+            await _answer_duplicate(ctx, original)
+            return
         raise Unavailable(f"receipt signing key unavailable: {exc}") from None
     record = InboundRecord(
         sender=header.sender,
@@ -283,7 +282,11 @@ async def persist(ctx: InboundContext) -> None:
         receipt_body=receipt.body,
         receipt_signature=receipt.signature,
     )
-    outcome = await env.store.store_inbound(record, [_event(ctx, EventKind.ACCEPTED, "ACK")])
+    relay = env.relay
+    lease = None if relay is None else relay.lease()
+    outcome = await env.store.store_inbound(
+        record, [_event(ctx, EventKind.ACCEPTED, "ACK")], relay_lease=lease
+    )
     if outcome.status == "stored":
         ctx.result = InboundResult(
             http_status=202,
@@ -294,12 +297,10 @@ async def persist(ctx: InboundContext) -> None:
             retry_after_s=None,
             record=outcome.record,
         )
-        if env.on_stored is not None:
-            env.on_stored()
+        if relay is not None and lease is not None:
+            relay.stored(outcome.record)
         return
-    # Lost a race with a concurrent copy: answer exactly as the fast path would have.
-    ctx.result = _duplicate_result(ctx, outcome.record)
-    await env.store.append_audit([_event(ctx, EventKind.DUPLICATE, "ACK")])
+    await _answer_duplicate(ctx, outcome.record)
 
 
 #: The inbound pipeline (DESIGN.md "Data flow"), in order.
@@ -311,6 +312,5 @@ STAGES: tuple[Stage, ...] = (
     validate_schema,
     authorize,
     hand_over_receipts,
-    dedupe,
     persist,
 )

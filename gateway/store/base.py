@@ -82,6 +82,15 @@ class InboundRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class RelayLease:
+    """The relay lease a new inbox row is stored under: the relay that will publish it got
+    the record in memory, so it needs no claim (no second write, no re-read of the body)."""
+
+    owner: str
+    until: datetime
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InboundOutcome:
     status: Literal["stored", "duplicate", "conflict"]
     #: the stored row; for duplicate/conflict the original one, with its original receipt
@@ -252,10 +261,15 @@ class Store(Protocol):
 
     # inbox
     async def store_inbound(
-        self, record: InboundRecord, events: Sequence[AuditEvent]
+        self,
+        record: InboundRecord,
+        events: Sequence[AuditEvent],
+        *,
+        relay_lease: RelayLease | None = None,
     ) -> InboundOutcome:
         """Insert the row and append ``events`` in one transaction; duplicate/conflict
-        (by ``(sender, message_id)``) return the original row and append nothing."""
+        (by ``(sender, message_id)``) return the original row and append nothing. With
+        ``relay_lease`` the new row is born leased to that relay (as ``claim_relay`` would)."""
         ...
 
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None: ...
@@ -275,6 +289,11 @@ class Store(Protocol):
         """Lease up to ``limit`` unrelayed rows (oldest first) to ``owner`` for ``lease_s``
         seconds. A row leased by another owner is skipped until that lease ends; rows already
         leased to ``owner`` are returned again (and their lease renewed)."""
+        ...
+
+    async def release_relay(self, owner: str) -> int:
+        """End ``owner``'s leases on rows it has not relayed (a relay stopping cleanly), so
+        the next relay takes them at once; returns how many were released."""
         ...
 
     async def mark_relayed(

@@ -50,6 +50,7 @@ from gateway.store.base import (
     NodeKey,
     OutboundRecord,
     OutboundState,
+    RelayLease,
     StoreError,
     WitnessedState,
     empty_depth,
@@ -167,7 +168,7 @@ class _Unit:
     #: a generic write, run in its own SAVEPOINT
     fn: Callable[[_Tx], Awaitable[Any]] | None = None
     #: an inbox insert, batched with the other inserts of the same commit
-    inbound: tuple[InboundRecord, list[AuditEvent]] | None = None
+    inbound: tuple[InboundRecord, list[AuditEvent], RelayLease | None] | None = None
 
 
 class PostgresStore:
@@ -511,9 +512,13 @@ class PostgresStore:
     # inbox
 
     async def store_inbound(
-        self, record: InboundRecord, events: Sequence[AuditEvent]
+        self,
+        record: InboundRecord,
+        events: Sequence[AuditEvent],
+        *,
+        relay_lease: RelayLease | None = None,
     ) -> InboundOutcome:
-        unit = _Unit(future=self._future(), inbound=(record, list(events)))
+        unit = _Unit(future=self._future(), inbound=(record, list(events), relay_lease))
         outcome: InboundOutcome = await self._enqueue(unit)
         return outcome
 
@@ -563,6 +568,17 @@ class PostgresStore:
         records = [_inbound(r) for r in rows]
         records.sort(key=lambda r: r.seq or 0)
         return records
+
+    async def release_relay(self, owner: str) -> int:
+        async def unit(tx: _Tx) -> int:
+            status: str = await tx.conn.execute(
+                "UPDATE inbound_messages SET relay_owner = NULL, relay_lease_until = NULL "
+                "WHERE NOT relayed AND relay_owner = $1",
+                owner,
+            )
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._write(unit)
 
     async def mark_relayed(
         self,
@@ -883,13 +899,13 @@ async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:
 
 
 async def _store_inbound_batch(
-    tx: _Tx, items: list[tuple[InboundRecord, list[AuditEvent]]]
+    tx: _Tx, items: list[tuple[InboundRecord, list[AuditEvent], RelayLease | None]]
 ) -> list[InboundOutcome | BaseException]:
     """Insert a batch's inbox rows with one statement; the unique constraint decides which
     are new. A key repeated inside the batch is inserted once and the others answered from it."""
-    first: dict[InboundKey, InboundRecord] = {}
-    for record, _ in items:
-        first.setdefault(record.key, record)
+    first: dict[InboundKey, tuple[InboundRecord, RelayLease | None]] = {}
+    for record, _, lease in items:
+        first.setdefault(record.key, (record, lease))
     try:
         async with tx.conn.transaction():
             seqs = await _insert_inbound(tx.conn, list(first.values()))
@@ -897,12 +913,12 @@ async def _store_inbound_batch(
         # one bad row must not refuse the others: insert each alone
         seqs = {}
         failed: dict[InboundKey, BaseException] = {}
-        for record in first.values():
+        for item in first.values():
             try:
                 async with tx.conn.transaction():
-                    seqs.update(await _insert_inbound(tx.conn, [record]))
+                    seqs.update(await _insert_inbound(tx.conn, [item]))
             except asyncpg.IntegrityConstraintViolationError as exc:
-                failed[record.key] = _unavailable(exc)
+                failed[item[0].key] = _unavailable(exc)
     else:
         failed = {}
     existing = await _get_inbound_many(
@@ -910,7 +926,7 @@ async def _store_inbound_batch(
     )
     outcomes: list[InboundOutcome | BaseException] = []
     answered: set[InboundKey] = set()
-    for record, events in items:
+    for record, events, _ in items:
         key = record.key
         if key in failed:
             outcomes.append(failed[key])
@@ -922,7 +938,9 @@ async def _store_inbound_batch(
             outcomes.append(InboundOutcome(status="stored", record=stored))
             continue
         original = (
-            replace(first[key], seq=seqs[key], relayed=False) if key in seqs else existing.get(key)
+            replace(first[key][0], seq=seqs[key], relayed=False)
+            if key in seqs
+            else existing.get(key)
         )
         if original is None:
             outcomes.append(Unavailable("postgresql: inbound row vanished after a key conflict"))
@@ -932,16 +950,20 @@ async def _store_inbound_batch(
     return outcomes
 
 
-async def _insert_inbound(c: Conn, records: list[InboundRecord]) -> dict[InboundKey, int]:
+async def _insert_inbound(
+    c: Conn, items: list[tuple[InboundRecord, RelayLease | None]]
+) -> dict[InboundKey, int]:
+    records = [record for record, _ in items]
     # ON CONFLICT waits for a concurrent insert of the same key to commit or abort, so a race
     # between replicas ends as a duplicate, never as an error
     rows = await c.fetch(
         "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
         "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
-        "transport, received_at, receipt_body, receipt_signature) "
+        "transport, received_at, receipt_body, receipt_signature, relay_owner, "
+        "relay_lease_until) "
         "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
         "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::text[], "
-        "$13::timestamptz[], $14::bytea[], $15::text[]) "
+        "$13::timestamptz[], $14::bytea[], $15::text[], $16::text[], $17::timestamptz[]) "
         "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING "
         "RETURNING sender, message_id, seq",
         [r.sender for r in records],
@@ -959,6 +981,8 @@ async def _insert_inbound(c: Conn, records: list[InboundRecord]) -> dict[Inbound
         [_aware(r.received_at) for r in records],
         [r.receipt_body for r in records],
         [r.receipt_signature for r in records],
+        [None if lease is None else lease.owner for _, lease in items],
+        [None if lease is None else _aware(lease.until) for _, lease in items],
     )
     return {(r[0], r[1]): r[2] for r in rows}
 

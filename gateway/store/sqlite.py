@@ -52,6 +52,7 @@ from gateway.store.base import (
     NodeKey,
     OutboundRecord,
     OutboundState,
+    RelayLease,
     StoreError,
     WitnessedState,
     empty_depth,
@@ -592,16 +593,23 @@ class SqliteStore:
     # inbox
 
     async def store_inbound(
-        self, record: InboundRecord, events: Sequence[AuditEvent]
+        self,
+        record: InboundRecord,
+        events: Sequence[AuditEvent],
+        *,
+        relay_lease: RelayLease | None = None,
     ) -> InboundOutcome:
         events = list(events)
+        owner = None if relay_lease is None else relay_lease.owner
+        until = None if relay_lease is None else _us(relay_lease.until)
 
         def unit(c: Conn) -> InboundOutcome:
             cur = c.execute(
                 "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
                 "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
-                "transport, received_at, receipt_body, receipt_signature, relayed) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0) "
+                "transport, received_at, receipt_body, receipt_signature, relayed, "
+                "relay_owner, relay_lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
                 "ON CONFLICT (sender, message_id) DO NOTHING",
                 (
                     record.sender,
@@ -619,6 +627,8 @@ class SqliteStore:
                     _us(record.received_at),
                     record.receipt_body,
                     record.receipt_signature,
+                    owner,
+                    until,
                 ),
             )
             if cur.rowcount == 1:
@@ -675,6 +685,17 @@ class SqliteStore:
                 [(owner, until_us, r[15]) for r in rows],
             )
             return [_inbound(r) for r in rows]
+
+        return await self._write(unit)
+
+    async def release_relay(self, owner: str) -> int:
+        def unit(c: Conn) -> int:
+            cur = c.execute(
+                "UPDATE inbound_messages SET relay_owner = NULL, relay_lease_until = NULL "
+                "WHERE relayed = 0 AND relay_owner = ?",
+                (owner,),
+            )
+            return int(cur.rowcount)
 
         return await self._write(unit)
 

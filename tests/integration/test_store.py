@@ -26,6 +26,7 @@ from gateway.store.base import (
     MessageNotFound,
     OutboundRecord,
     OutboundState,
+    RelayLease,
 )
 
 T0 = datetime.fromisoformat("2026-11-24T12:00:00+00:00")
@@ -251,6 +252,42 @@ async def test_relay_claim_oldest_first_and_own_rows_again(store: Store) -> None
     # the holder's next round (after a failed publish) retries its own rows without waiting
     again = await store.claim_relay("a", T0 + timedelta(seconds=1), 10, 30)
     assert [r.message_id for r in again] == ["o-0", "o-1", "o-2"]
+
+
+async def test_row_stored_under_a_relay_lease_needs_no_claim(store: Store) -> None:
+    lease = RelayLease(owner="hand", until=T0 + timedelta(seconds=30))
+    outcome = await store.store_inbound(inbound("h-0"), [], relay_lease=lease)
+    assert outcome.status == "stored"
+    await store.store_inbound(inbound("h-1"), [])
+    # another relay's claim skips the leased row until the lease ends
+    assert [r.message_id for r in await store.claim_relay("b", T0, 10, 30)] == ["h-1"]
+    assert await store.claim_relay("c", T0 + timedelta(seconds=29), 10, 30) == []
+    # the holder marks it without claiming it; a mark by someone else is refused
+    assert await store.mark_relayed([outcome.record.key], owner="b") == []
+    assert await store.mark_relayed([outcome.record.key], owner="hand") == [outcome.record.key]
+    assert [r.message_id for r in await store.pending_relay(10)] == ["h-1"]
+
+
+async def test_a_duplicate_keeps_the_original_rows_lease(store: Store) -> None:
+    lease = RelayLease(owner="hand", until=T0 + timedelta(seconds=30))
+    await store.store_inbound(inbound("d-0"), [])
+    again = await store.store_inbound(inbound("d-0"), [], relay_lease=lease)
+    assert again.status == "duplicate"
+    # the re-send did not lease the original row: any relay may claim it
+    assert [r.message_id for r in await store.claim_relay("b", T0, 10, 30)] == ["d-0"]
+
+
+async def test_release_relay_frees_a_stopped_relays_rows_at_once(store: Store) -> None:
+    lease = RelayLease(owner="hand", until=T0 + timedelta(seconds=30))
+    for i in range(3):
+        await store.store_inbound(inbound(f"s-{i}"), [], relay_lease=lease)
+    done = await store.mark_relayed([("MX-SAT", "s-0")], owner="hand")
+    assert done == [("MX-SAT", "s-0")]
+    assert await store.claim_relay("next", T0, 10, 30) == []
+    assert await store.release_relay("hand") == 2
+    assert await store.release_relay("hand") == 0
+    taken = await store.claim_relay("next", T0, 10, 30)
+    assert [r.message_id for r in taken] == ["s-1", "s-2"]
 
 
 async def test_relay_lease_expiry_hands_rows_over(store: Store) -> None:

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,7 +100,6 @@ def test_stages_run_in_the_documented_order() -> None:
         "validate_schema",
         "authorize",
         "hand_over_receipts",
-        "dedupe",
         "persist",
     ]
 
@@ -222,11 +222,71 @@ async def test_relay_republishes_what_the_bus_did_not_confirm(gateway: Gateway) 
     ids = [message(gateway) for _ in range(2)]
     for _, body in ids:
         assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+    # The batch's publishes are in flight together: the second is confirmed (and marked)
+    # although the first failed, and only the first goes out again.
     with pytest.raises(Unavailable, match="subscriber failed"):
         await relay.relay_once()
-    assert await relay.relay_once() == 2
+    assert await relay.relay_once() == 1
     assert await relay.relay_once() == 0
     # At least once: the first one twice, each time with its message_id; nothing lost.
-    assert seen == [ids[0][0], ids[0][0], ids[1][0]]
+    assert seen == [ids[0][0], ids[1][0], ids[0][0]]
     delivered = await gateway.store.audit_entries(AuditFilter(event="delivered"))
     assert len(delivered) == 2
+
+
+async def test_running_relay_publishes_handed_records_without_claiming_them(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    all_seen = asyncio.Event()
+
+    async def consumer(record: InboundRecord) -> None:
+        seen.append(record.message_id)
+        if len(seen) == 3:
+            all_seen.set()
+
+    gateway.bus.subscribe(consumer)
+    claimed: list[str] = []
+    claim = gateway.store.claim_relay
+
+    async def counting_claim(*args: Any, **kwargs: Any) -> list[InboundRecord]:
+        rows = await claim(*args, **kwargs)
+        claimed.extend(r.message_id for r in rows)
+        return rows
+
+    monkeypatch.setattr(gateway.store, "claim_relay", counting_claim)
+    gateway.relay.start()
+    try:
+        ids = [message(gateway) for _ in range(3)]
+        for _, body in ids:
+            assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+        await asyncio.wait_for(all_seen.wait(), 5)
+    finally:
+        await gateway.relay.stop()
+    assert seen == [message_id for message_id, _ in ids]
+    assert claimed == []
+    assert await gateway.store.pending_relay(10) == []
+    delivered = await gateway.store.audit_entries(AuditFilter(event="delivered"))
+    assert len(delivered) == 3
+
+
+async def test_stopping_relay_releases_the_rows_it_could_not_publish(gateway: Gateway) -> None:
+    attempts: list[str] = []
+    both_tried = asyncio.Event()
+
+    async def broken(record: InboundRecord) -> None:
+        attempts.append(record.message_id)
+        if len(set(attempts)) == 2:
+            both_tried.set()
+        raise ConnectionError("consumer down")
+
+    gateway.bus.subscribe(broken)
+    gateway.relay.start()
+    ids = [message(gateway) for _ in range(2)]
+    for _, body in ids:
+        assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+    await asyncio.wait_for(both_tried.wait(), 5)
+    await gateway.relay.stop()
+    # leased to the stopped relay until NOW + its lease, yet another relay may take them now
+    taken = await gateway.store.claim_relay("next-relay", NOW, 10, 30)
+    assert sorted(r.message_id for r in taken) == sorted(message_id for message_id, _ in ids)
