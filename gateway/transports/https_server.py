@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -199,6 +200,8 @@ class PartnerHttpsServer:
         self._registry = registry
         self._jwks = dict(jwks)
         self._identify = functools.lru_cache(maxsize=256)(identifier.identify)
+        # Partners identified per TLS connection (see _partner_of); entries go with the connection.
+        self._peers: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self._ssl_context = ssl_context
         self._limits = limits
         self._max_body_bytes = max_body_bytes
@@ -225,7 +228,7 @@ class PartnerHttpsServer:
         # one that answers; anything beyond is cut off by aiohttp while reading.
         app = web.Application(
             client_max_size=self._max_body_bytes + 1,
-            middlewares=[self._mark_started, self._require_partner],
+            middlewares=[self._require_partner],
         )
         app.router.add_post(MESSAGES_PATH, self._post_message)
         app.router.add_get("/c2c/v1/schemas", self._schema_index, allow_head=False)
@@ -271,16 +274,14 @@ class PartnerHttpsServer:
             log.info("partner_https_stopped")
 
     @web.middleware
-    async def _mark_started(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self._awaiting.discard(request.protocol)
-        return await handler(request)
-
-    @web.middleware
     async def _require_partner(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        partner = self._identify(der) if der else None
+        # A request has started on this connection: its header deadline no longer applies.
+        self._awaiting.discard(request.protocol)
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        partner = self._partner_of(ssl_object) if ssl_object is not None else None
         if partner is None:
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             log.warning("https_unknown_client_certificate", path=request.path)
             result = await self._pipeline.refuse_unread(
                 peer=None, transport="https", error=SenderMismatch(_describe_certificate(der))
@@ -289,15 +290,42 @@ class PartnerHttpsServer:
         request[_PARTNER] = partner
         return await handler(request)
 
+    def _partner_of(self, ssl_object: ssl.SSLObject) -> str | None:
+        """The partner the connection's client certificate identifies, or None.
+
+        Remembered for the connection when its certificate cannot change: renegotiation is
+        off in the server context, or the connection is TLS 1.3 (no renegotiation, and this
+        server never asks for post-handshake authentication).
+        """
+        partner = self._peers.get(ssl_object)
+        if partner is None:
+            der = ssl_object.getpeercert(binary_form=True)
+            partner = self._identify(der) if der else None
+            if partner is not None and (
+                ssl_object.context.options & ssl.OP_NO_RENEGOTIATION
+                or ssl_object.version() == "TLSv1.3"
+            ):
+                self._peers[ssl_object] = partner
+        return partner
+
     async def _read_body(self, request: web.Request) -> bytes:
+        content = request.content
+        if content.is_eof():
+            # The whole body has arrived already: nothing to wait for, no deadline to arm.
+            body = content.read_nowait()
+            if len(body) > self._max_body_bytes + 1:
+                raise self._too_large()
+            return body
         try:
             async with asyncio.timeout(self._limits.request_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise TooLarge(
-                f"body over the endpoint limit of {self._max_body_bytes} bytes (cut off while"
-                " reading)"
-            ) from None
+            raise self._too_large() from None
+
+    def _too_large(self) -> TooLarge:
+        return TooLarge(
+            f"body over the endpoint limit of {self._max_body_bytes} bytes (cut off while reading)"
+        )
 
     async def _post_message(self, request: web.Request) -> web.StreamResponse:
         partner = request[_PARTNER]
