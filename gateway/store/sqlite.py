@@ -26,6 +26,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
+
 from gateway.audit.events import AuditEvent
 from gateway.audit.merkle import frontier
 from gateway.clock import Clock
@@ -66,6 +68,8 @@ Conn = sqlite3.Connection
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
+
+log = structlog.get_logger(__name__)
 
 
 def _us(moment: datetime) -> int:
@@ -179,6 +183,7 @@ class SqliteStore:
         busy_timeout_ms: int = 5_000,
         readers: int = 2,
         max_batch: int = 512,
+        checkpoint_interval_s: float = 0.25,
     ) -> None:
         self._path = path
         self._clock = clock
@@ -193,6 +198,14 @@ class SqliteStore:
         self._reader_lock = threading.Lock()
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        # WAL checkpoints run here, beside the writer, never inside a commit: SQLite's
+        # automatic checkpoint would stall the one commit that crosses 1,000 WAL pages (at one
+        # message per commit that is every few dozen messages) for a copy and an fsync.
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._checkpoint_pool: ThreadPoolExecutor | None = None
+        self._checkpoint_conn: Conn | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._checkpointed_commits = 0
         self._commits = 0
         self._units = 0
         # (size, frontier hashes) after the last audit append of the open write transaction,
@@ -228,12 +241,21 @@ class SqliteStore:
             raise _unavailable(exc) from exc
         self._queue = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._writer_loop(), name="sqlite-writer")
+        self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
+        self._checkpoint_task = asyncio.create_task(
+            self._checkpoint_loop(), name="sqlite-checkpoint"
+        )
 
     async def close(self) -> None:
         task = self._writer_task
         if task is None:
             return
         self._writer_task = None
+        checkpointer, self._checkpoint_task = self._checkpoint_task, None
+        if checkpointer is not None:
+            checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpointer
         await self._queue.put(None)
         await task
         await self._shutdown_pools()
@@ -245,11 +267,16 @@ class SqliteStore:
         await self._read(lambda c: c.execute("SELECT 1 FROM audit_head").fetchone())
 
     async def _shutdown_pools(self) -> None:
-        for pool in (self._writer_pool, self._reader_pool):
+        for pool in (self._writer_pool, self._reader_pool, self._checkpoint_pool):
             if pool is not None:
                 await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
-        self._writer_pool = self._reader_pool = None
-        conns = [c for c in [self._writer_conn, *self._reader_conns] if c is not None]
+        self._writer_pool = self._reader_pool = self._checkpoint_pool = None
+        conns = [
+            c
+            for c in [self._checkpoint_conn, self._writer_conn, *self._reader_conns]
+            if c is not None
+        ]
+        self._checkpoint_conn = None
         self._writer_conn = None
         self._reader_conns = []
         self._reader_local = threading.local()
@@ -271,6 +298,8 @@ class SqliteStore:
         try:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute("PRAGMA synchronous = FULL")
+            # checkpoints are the checkpointer's (``_checkpoint_loop``), not the commits'
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             sync = conn.execute("PRAGMA synchronous").fetchone()[0]
             if str(mode).lower() != "wal" or sync != 2:
                 raise sqlite3.OperationalError(
@@ -360,6 +389,32 @@ class SqliteStore:
         finally:
             self._tx_frontier = None
         return results
+
+    # WAL checkpoints
+
+    async def _checkpoint_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._checkpoint_interval_s)
+            commits = self._commits
+            if commits == self._checkpointed_commits or self._checkpoint_pool is None:
+                continue
+            try:
+                await loop.run_in_executor(self._checkpoint_pool, self._checkpoint_wal)
+            except sqlite3.Error as exc:
+                # not fatal: the WAL keeps every commit; the next round tries again
+                log.warning("sqlite_checkpoint_failed", error=f"{type(exc).__name__}: {exc}")
+                continue
+            self._checkpointed_commits = commits
+
+    def _checkpoint_wal(self) -> tuple[int, int, int]:
+        """PASSIVE: copy what no reader still needs into the database file, without taking
+        the write lock, so commits go on meanwhile."""
+        conn = self._checkpoint_conn
+        if conn is None:
+            conn = self._checkpoint_conn = self._connect()
+        busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(frames), int(done)
 
     # reads
 

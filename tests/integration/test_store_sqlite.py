@@ -94,3 +94,35 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
         await store.store_inbound(inbound("late"), [])
     with pytest.raises(Unavailable, match="not open"):
         await store.audit_size()
+
+
+async def _fill(store: SqliteStore, prefix: str) -> None:
+    # one commit each, about 2 MB of WAL in all: past SQLite's automatic checkpoint point
+    for i in range(150):
+        body = (f'{{"n": {i}, "pad": "' + "x" * 12_000 + '"}').encode()
+        await store.store_inbound(inbound(f"{prefix}-{i}", body=body), [])
+
+
+async def test_commits_never_checkpoint_the_wal_themselves(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0), checkpoint_interval_s=3600)
+    await store.open()
+    try:
+        await _fill(store, "n")
+        # everything is still in the WAL: no commit stopped to copy it into the database
+        assert (tmp_path / "gw.db").stat().st_size < 500_000
+        assert (tmp_path / "gw.db-wal").stat().st_size > 1_500_000
+    finally:
+        await store.close()
+
+
+async def test_the_checkpointer_copies_the_wal_into_the_database(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0), checkpoint_interval_s=0.05)
+    await store.open()
+    try:
+        await _fill(store, "c")
+        async with asyncio.timeout(5):
+            while (tmp_path / "gw.db").stat().st_size < 1_500_000:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert len(await store.pending_relay(500)) == 150
+    finally:
+        await store.close()
