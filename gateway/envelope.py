@@ -76,8 +76,11 @@ def _parse_int(text: str) -> int:
     if digits > _MAX_INT_DIGITS:
         raise Malformed(f"integer with {digits} digits is outside IEEE-754 double range")
     value = int(text)
-    if digits == _MAX_INT_DIGITS and not math.isfinite(float(value)):
-        raise Malformed("integer is outside IEEE-754 double range")
+    if digits == _MAX_INT_DIGITS:
+        try:
+            float(value)
+        except OverflowError as exc:  # int to float never gives inf, it raises instead
+            raise Malformed("integer is outside IEEE-754 double range") from exc
     return value
 
 

@@ -88,6 +88,8 @@ def test_size_limit_is_checked_before_parsing() -> None:
         (b"[1e400]", "double range"),
         (b"[-1e309]", "double range"),
         (b"[" + b"9" * 400 + b"]", "double range"),
+        (b"[" + b"9" * 309 + b"]", "double range"),
+        (b"[-" + b"9" * 309 + b"]", "double range"),
         (b"[" + b"1" * 5000 + b"]", "double range"),
         (b"[" * 33 + b"]" * 33, "nesting deeper than 32"),
         (b'{"a":' * 33 + b"1" + b"}" * 33, "nesting deeper than 32"),
