@@ -4,6 +4,11 @@ The body is checked in this order: size (before anything is decoded), encoding (
 BOM), JSON syntax with the protocol's extra rules (no duplicate member names, no
 NaN/Infinity, nesting at most 32, numbers within IEEE-754 double range, no lone surrogates),
 then the envelope's shape and every header field. Everything refused raises a GatewayError.
+
+JSON is first parsed by orjson and a few cheap checks confirm that the strict parser would
+return the same value; whenever that cannot be shown (orjson refuses, duplicates, deep
+nesting, big integers, surrogate escapes), the strict parser decides, so every refusal and
+its reason come from one place.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ _HEADER_OPTIONAL = (
     "legal_basis",
 )
 _HEADER_FIELDS = frozenset(_HEADER_REQUIRED + _HEADER_OPTIONAL)
+_PRIORITIES = {p.value: p for p in Priority}
+# In orjson's 2-space indented output, what starts an element nested deeper than MAX_DEPTH.
+_DEEP_INDENT = b"\n" + b" " * (2 * MAX_DEPTH)
 # Longest decimal integer that can still be within double range (DBL_MAX has 309 digits).
 _MAX_INT_DIGITS = 309
 
@@ -141,6 +149,46 @@ def parse_json_strict(body: bytes, *, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise Malformed(f"body is not valid UTF-8 (byte {exc.start})") from exc
     try:
+        document = orjson.loads(body)
+        indented = orjson.dumps(document, option=orjson.OPT_INDENT_2)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return _parse_json_text_strict(text, body)
+    if _same_as_strict(body, indented):
+        return document
+    return _parse_json_text_strict(text, body)
+
+
+def _same_as_strict(body: bytes, indented: bytes) -> bool:
+    """Whether orjson's value for ``body`` (re-encoded as ``indented``) is the strict value.
+
+    orjson itself refuses what the strict parser refuses except for three things it lets
+    through, which are checked here conservatively (a false "no" only costs the slow path):
+
+    - duplicate member names (orjson keeps the last one): every member has exactly one ``:``
+      outside strings in ``body`` and in ``indented``, and the strings hold the same colons
+      (orjson never escapes one; a body that might, with a ``\\u003.`` escape, takes the
+      strict path), so fewer colons in ``indented`` means a member was dropped;
+    - nesting: in ``indented`` the elements of a container at depth d start on a line
+      indented by 2*d spaces, so a container deeper than MAX_DEPTH starts after a newline and
+      2*MAX_DEPTH spaces (raw newlines never occur inside encoded strings);
+    - integers beyond 64 bits, which orjson turns into floats: those are at least 9.2e18 and
+      are encoded in exponent form ``e+NN``.
+
+    orjson refuses lone surrogate escapes too; bodies with any surrogate escape still take the
+    strict path so that this never depends on it.
+    """
+    if b"\\" in body and (b"\\u003" in body or _SURROGATE_ESCAPE_RE.search(body) is not None):
+        return False
+    return (
+        body.count(b":") == indented.count(b":")
+        and _DEEP_INDENT not in indented
+        and (b"+" not in indented or b"e+" not in indented)  # "+" is rare, "e" is not
+    )
+
+
+def _parse_json_text_strict(text: str, body: bytes) -> Any:
+    """The strict parser: stdlib json with hooks for every rule, then a walk for the rest."""
+    try:
         document = _DECODER.decode(text)
     except Malformed:
         raise
@@ -159,11 +207,12 @@ def parse_timestamp(value: object, field: str) -> datetime:
     match = _RFC3339_UTC_RE.fullmatch(value)
     if match is None:
         raise Malformed(f"header.{field} is not an RFC 3339 UTC timestamp: {value[:40]!r}")
-    year, month, day, hour, minute, second = (int(match.group(i)) for i in range(1, 7))
-    fraction = match.group(7)
+    year, month, day, hour, minute, second, fraction, _ = match.groups()
     micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
     try:
-        return datetime(year, month, day, hour, minute, second, micros, tzinfo=UTC)
+        return datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=UTC
+        )
     except ValueError as exc:
         raise Malformed(f"header.{field} is not a valid date/time: {value[:40]!r}") from exc
 
@@ -188,8 +237,8 @@ def _party(header: Mapping[str, Any], field: str) -> str:
 def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | None = None) -> Header:
     if not isinstance(raw, dict):
         raise Malformed("header must be a JSON object")
-    unknown = sorted(set(raw) - _HEADER_FIELDS)
-    if unknown:
+    if not raw.keys() <= _HEADER_FIELDS:
+        unknown = sorted(set(raw) - _HEADER_FIELDS)
         raise Malformed(f"header has unknown member {unknown[0][:64]!r}")
     for field in _HEADER_REQUIRED:
         if raw.get(field) is None:
@@ -209,7 +258,8 @@ def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | Non
     priority_raw = raw.get("priority", Priority.ROUTINE.value)
     if priority_raw is None:
         priority_raw = Priority.ROUTINE.value
-    if priority_raw not in (Priority.ROUTINE.value, Priority.URGENT.value):
+    priority = _PRIORITIES.get(priority_raw) if isinstance(priority_raw, str) else None
+    if priority is None:
         raise Malformed("header.priority must be 'routine' or 'urgent'")
     legal_basis = raw.get("legal_basis")
     if legal_basis is not None and (
@@ -228,7 +278,7 @@ def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | Non
         expires_at=None if expires_raw is None else parse_timestamp(expires_raw, "expires_at"),
         correlation_id=_uuid(raw, "correlation_id", _UUID_RE),
         in_reply_to=_uuid(raw, "in_reply_to", _UUID_RE),
-        priority=Priority(priority_raw),
+        priority=priority,
         respond_by=None if respond_raw is None else parse_timestamp(respond_raw, "respond_by"),
         legal_basis=legal_basis,
     )
@@ -244,7 +294,7 @@ def parse_envelope(
     document = parse_json_strict(body, max_bytes=max_bytes)
     if not isinstance(document, dict):
         raise Malformed("envelope must be a JSON object")
-    if set(document) != {"header", "payload"}:
+    if len(document) != 2 or "header" not in document or "payload" not in document:
         extra = sorted(set(document) - {"header", "payload"})
         if extra:
             raise Malformed(f"envelope has unknown member {extra[0][:64]!r}")
