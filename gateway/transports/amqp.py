@@ -7,7 +7,9 @@ and is bounded by a deadline: RobustConnection can leave a publish waiting durin
 so each attempt runs under a timeout and is retried until the deadline, then raises
 ``Unavailable``. Consumers get a plain ``Delivery`` and answer with a ``Settlement``; settling a
 delivery whose channel died with a reconnect is skipped (its tag is meaningless on the new
-channel, and the broker redelivers it anyway).
+channel, and the broker redelivers it anyway). The acks of deliveries handled together go out
+as one ``basic.ack(multiple=True)`` where that covers only deliveries already answered ACK or
+already settled (``_ChannelAcks``); NACKs and rejects go out one by one.
 
 Every consumed queue is a durable quorum queue with an explicit ``x-delivery-limit`` and the
 dead-letter exchange ``c2c.dlx`` (at-least-once dead-lettering to ``<queue>.dead``): nothing
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -33,6 +36,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import ChannelInvalidStateError
+from aiormq import spec
 
 from gateway.config import AmqpConfig
 from gateway.errors import Unavailable
@@ -52,6 +56,8 @@ CONNECTION_NAME = "c2c-gateway"
 
 #: failures of one publish attempt that a reconnect can cure
 _TRANSIENT = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
+#: ``delivery_mode`` of a message the broker writes to disk
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 
 def partner_in_queue(partner_id: str) -> str:
@@ -103,10 +109,26 @@ class OutgoingMessage:
     correlation_id: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def to_aio_pika(self) -> aio_pika.Message:
+    def _headers(self) -> dict[str, Any]:
         headers: dict[str, Any] = dict(self.headers)
         if self.signature is not None:
             headers[SIGNATURE_HEADER] = self.signature
+        return headers
+
+    def properties(self) -> spec.Basic.Properties:
+        """The AMQP properties as sent: those of ``to_aio_pika()``, built directly."""
+        return spec.Basic.Properties(
+            content_type=self.content_type,
+            headers=self._headers(),
+            delivery_mode=PERSISTENT,
+            priority=0,
+            correlation_id=self.correlation_id,
+            message_id=self.message_id,
+            message_type=self.message_type,
+            app_id=self.app_id,
+        )
+
+    def to_aio_pika(self) -> aio_pika.Message:
         return aio_pika.Message(
             self.body,
             message_id=self.message_id,
@@ -115,7 +137,7 @@ class OutgoingMessage:
             content_type=self.content_type,
             correlation_id=self.correlation_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers=headers,
+            headers=self._headers(),
         )
 
 
@@ -168,12 +190,15 @@ class AmqpBroker:
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._channels: dict[str, AbstractRobustChannel] = {}
-        self._exchanges: dict[tuple[str, str], AbstractExchange] = {}
         self._lock = asyncio.Lock()
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: ack coalescing per protocol channel (a reconnect opens new ones)
+        self._acks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def config(self) -> AmqpConfig:
@@ -197,7 +222,6 @@ class AmqpBroker:
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._channels.clear()
-        self._exchanges.clear()
         if connection is not None:
             with contextlib.suppress(*_TRANSIENT, TimeoutError):
                 await connection.close()
@@ -287,6 +311,7 @@ class AmqpBroker:
         deadline = loop.time() + timeout_s
         attempt = 0
         last = "no attempt"
+        properties = message.properties()
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -296,9 +321,17 @@ class AmqpBroker:
                 )
             try:
                 async with asyncio.timeout(remaining):
-                    target = await self._exchange(concern, exchange)
-                    await target.publish(
-                        message.to_aio_pika(), routing_key, mandatory=True, timeout=remaining
+                    channel = await self._publisher(concern)
+                    # wait=False: the confirm is awaited without first waiting for the frame
+                    # to be written (the confirm cannot come earlier anyway), so the channel's
+                    # lock is not held across one socket write per publish.
+                    await channel.basic_publish(
+                        message.body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=True,
+                        wait=False,
                     )
                 return
             except aiormq.exceptions.PublishError as exc:
@@ -313,19 +346,16 @@ class AmqpBroker:
             attempt += 1
             await asyncio.sleep(min(0.05 * 2**attempt, 1.0, max(deadline - loop.time(), 0)))
 
-    async def _exchange(self, concern: str, name: str) -> AbstractExchange:
-        key = (concern, name)
-        cached = self._exchanges.get(key)
-        if cached is not None:
-            return cached
-        channel = await self.channel(concern)
-        exchange = (
-            channel.default_exchange
-            if name == ""
-            else await channel.get_exchange(name, ensure=False)
-        )
-        self._exchanges[key] = exchange
-        return exchange
+    async def _publisher(self, concern: str) -> aiormq.Channel:
+        """The open protocol channel under a concern's robust channel (after a reconnect, the
+        new one, once restored)."""
+        robust = self._channels.get(concern) or await self.channel(concern)
+        channel = await robust.get_underlay_channel()
+        if channel.is_closed:
+            raise ChannelInvalidStateError(f"{concern} channel is closed")
+        # aio-pika types it as the abstract channel; on a connection it is aiormq's channel
+        assert isinstance(channel, aiormq.Channel)
+        return channel
 
     async def consume(
         self, queue: str, handler: DeliveryHandler, *, concern: str, prefetch: int | None = None
@@ -367,17 +397,27 @@ class AmqpBroker:
     async def _handle(
         self, queue: str, message: AbstractIncomingMessage, handler: DeliveryHandler
     ) -> None:
+        acks = self._acks.get(message.channel)
+        if acks is None:
+            acks = self._acks[message.channel] = _ChannelAcks(message.channel)
+        tag = message.delivery_tag
+        if tag is not None:
+            acks.received(tag)
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self._settle(queue, message, handler)
+            await self._settle(queue, message, handler, acks)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
 
     async def _settle(
-        self, queue: str, message: AbstractIncomingMessage, handler: DeliveryHandler
+        self,
+        queue: str,
+        message: AbstractIncomingMessage,
+        handler: DeliveryHandler,
+        acks: _ChannelAcks,
     ) -> None:
         delivery = _delivery(queue, message)
         try:
@@ -392,13 +432,20 @@ class AmqpBroker:
                 error=type(exc).__name__,
             )
             settlement = Settlement.REJECT
+        tag = message.delivery_tag
         try:
-            if settlement is Settlement.ACK:
-                await message.ack()
-            elif settlement is Settlement.REQUEUE:
-                await message.nack(requeue=True)
+            if tag is None:
+                # not a basic.deliver (cannot happen on a consumer): settled the plain way
+                if settlement is Settlement.ACK:
+                    await message.ack()
+                elif settlement is Settlement.REQUEUE:
+                    await message.nack(requeue=True)
+                else:
+                    await message.reject(requeue=True)
+            elif settlement is Settlement.ACK:
+                await acks.ack(tag)
             else:
-                await message.reject(requeue=True)
+                await acks.refuse(tag, reject=settlement is Settlement.REJECT)
         except _TRANSIENT as exc:
             # The channel this delivery came on is gone (reconnect): its tag cannot be settled
             # on the new channel, and the broker has already returned the message to the queue.
@@ -409,6 +456,135 @@ class AmqpBroker:
                 settlement=settlement.value,
                 error=_describe(exc),
             )
+
+
+class _ChannelAcks:
+    """Settles the deliveries of one channel, acks coalesced into as few frames as possible.
+
+    ``basic.ack(multiple=True)`` acks every unsettled delivery up to its tag, so it is sent
+    only over a run of tags that were all received here and are each either to be acked now
+    or already settled by a frame queued before it: ``_through`` is the tag up to which
+    everything is settled, and the run starts right after it. A tag never received (or one
+    still being handled) ends the run; an ack behind it goes out alone at once, so no delivery
+    waits for another. The acks of one loop iteration go out together, in order, from one
+    task; a NACK or reject is sent by its delivery's own task and counts as settled only once
+    its frame is queued, so a later ``multiple`` ack can never overtake it.
+    """
+
+    #: settled tags held behind an unsettled one before coalescing is given up on the channel
+    MAX_AHEAD = 4096
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        # weak: the broker keeps this in a WeakKeyDictionary keyed by the channel
+        self._channel_ref = weakref.ref(channel)
+        self._loop = asyncio.get_running_loop()
+        #: received and not settled: None while handled, the waiter once it is to be acked
+        self._open: dict[int, asyncio.Future[None] | None] = {}
+        #: settled tags above ``_through``
+        self._ahead: set[int] = set()
+        self._through = 0
+        self._waiting = 0
+        self._sender: asyncio.Task[None] | None = None
+        self._coalesce = True
+
+    def received(self, tag: int) -> None:
+        self._open[tag] = None
+
+    def ack(self, tag: int) -> asyncio.Future[None]:
+        """Queue the ack of ``tag``; the future is done once its frame is queued."""
+        waiter = self._loop.create_future()
+        self._open[tag] = waiter
+        self._waiting += 1
+        if self._sender is None:
+            self._sender = self._loop.create_task(self._send())
+        return waiter
+
+    async def refuse(self, tag: int, *, reject: bool) -> None:
+        """``basic.reject(requeue=True)`` (counted) or ``basic.nack(requeue=True)``."""
+        channel = self._channel()
+        if reject:
+            await channel.basic_reject(tag, requeue=True, wait=False)
+        else:
+            await channel.basic_nack(tag, requeue=True, wait=False)
+        self._settled(tag)
+
+    def _channel(self) -> aiormq.abc.AbstractChannel:
+        channel = self._channel_ref()
+        if channel is None:
+            raise ChannelInvalidStateError("the delivery's channel is gone")
+        return channel
+
+    def _settled(self, tag: int) -> None:
+        self._open.pop(tag, None)
+        if not self._coalesce or tag <= self._through:
+            return
+        if tag == self._through + 1:
+            through = tag
+            while through + 1 in self._ahead:
+                through += 1
+                self._ahead.remove(through)
+            self._through = through
+            return
+        self._ahead.add(tag)
+        if len(self._ahead) > self.MAX_AHEAD:
+            # a tag that never settles holds the run back: ack one by one from now on
+            self._coalesce = False
+            self._ahead.clear()
+
+    async def _send(self) -> None:
+        frames: list[tuple[int, bool, list[asyncio.Future[None]]]] = []
+        try:
+            while frames := self._take():
+                for tag, multiple, waiters in frames:
+                    try:
+                        await self._channel().basic_ack(tag, multiple=multiple, wait=False)
+                    except Exception as exc:
+                        for waiter in waiters:
+                            if not waiter.done():
+                                waiter.set_exception(exc)
+                    else:
+                        for waiter in waiters:
+                            if not waiter.done():
+                                waiter.set_result(None)
+        finally:
+            self._sender = None
+            # cancelled (loop shutdown): the deliveries still waiting are not acked
+            for _, _, waiters in frames:
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.cancel()
+
+    def _take(self) -> list[tuple[int, bool, list[asyncio.Future[None]]]]:
+        """The ack frames to send now, in order: ``(tag, multiple, waiters)``."""
+        if not self._waiting:
+            return []
+        frames: list[tuple[int, bool, list[asyncio.Future[None]]]] = []
+        if self._coalesce:
+            run: list[asyncio.Future[None]] = []
+            last = 0
+            tag = self._through + 1
+            while True:
+                if tag in self._ahead:
+                    self._ahead.remove(tag)
+                else:
+                    waiter = self._open.get(tag)
+                    if waiter is None:
+                        break
+                    del self._open[tag]
+                    run.append(waiter)
+                    last = tag
+                tag += 1
+            self._through = tag - 1
+            if run:
+                self._waiting -= len(run)
+                frames.append((last, len(run) > 1, run))
+        if self._waiting:
+            alone = [(tag, waiter) for tag, waiter in self._open.items() if waiter is not None]
+            for tag, waiter in alone:
+                self._settled(tag)
+                frames.append((tag, False, [waiter]))
+            self._waiting = 0
+        return frames
 
 
 def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:

@@ -64,6 +64,7 @@ class PartnerInbox:
         self._broker = broker
         self._pipeline = pipeline
         self._partners = tuple(p for p in partners if p.amqp.enabled)
+        self._out_queues = {p.id: partner_out_queue(p.id) for p in self._partners}
         self._outage_hold_s = outage_hold_s
         env = pipeline.env
         self._party = env.config.party
@@ -109,7 +110,9 @@ class PartnerInbox:
         if answer is not None:
             try:
                 await self._broker.publish(
-                    answer, routing_key=partner_out_queue(partner.id), concern=OUT_CONCERN
+                    answer,
+                    routing_key=self._out_queues.get(partner.id) or partner_out_queue(partner.id),
+                    concern=OUT_CONCERN,
                 )
             except Unavailable as exc:
                 log.warning(
