@@ -2,9 +2,10 @@
 
 Called by the inbox relay only after the store commit; ``publish_inbound`` returns only after
 the broker's confirm (``mandatory``: with no queue bound, nothing is confirmed and the record
-stays pending). Routing key ``<sender>.<message_type>``; the properties are those of PROTOCOL
-section 5, so a consumer deduplicates by ``(app_id, message_id)`` and can re-verify the
-partner's signature from the ``c2c-signature`` header over the exact body.
+stays pending); ``publish_inbound_many`` publishes a batch with the confirms in flight
+together. Routing key ``<sender>.<message_type>``; the properties are those of PROTOCOL section
+5, so a consumer deduplicates by ``(app_id, message_id)`` and can re-verify the partner's
+signature from the ``c2c-signature`` header over the exact body.
 
 In-process subscribers are called after the confirm, for the records this process relays;
 systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
@@ -12,11 +13,14 @@ systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 from gateway.clock import format_rfc3339
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
-from gateway.transports.bus import InboundHandler, notify_subscribers
+from gateway.transports.bus import InboundHandler, notify_subscribers, taken_prefix
 
 BUS_CONCERN = "bus"
 
@@ -61,13 +65,35 @@ class RabbitBus:
     async def publish_inbound(self, record: InboundRecord) -> None:
         if self._closed:
             raise Unavailable("RabbitMQ bus is closed")
+        await self._publish(record)
+        await notify_subscribers(self._handlers, record)
+
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
+        if self._closed:
+            raise Unavailable("RabbitMQ bus is closed")
+        failures: list[BaseException | None] = list(
+            await asyncio.gather(
+                *(self._publish(record) for record in records), return_exceptions=True
+            )
+        )
+        # in-process subscribers see the confirmed records in order, up to the first failure
+        for index, record in enumerate(records):
+            if failures[index] is not None:
+                break
+            try:
+                await notify_subscribers(self._handlers, record)
+            except Unavailable as exc:
+                failures[index] = exc
+                break
+        return taken_prefix(records, failures)
+
+    async def _publish(self, record: InboundRecord) -> None:
         await self._broker.publish(
             bus_message(record),
             exchange=INBOUND_EXCHANGE,
             routing_key=routing_key(record),
             concern=BUS_CONCERN,
         )
-        await notify_subscribers(self._handlers, record)
 
     async def close(self) -> None:
         # The broker connection is the runtime's; it closes it after the relay stopped.

@@ -3,12 +3,13 @@
 ``publish_inbound`` returns only once the bus has taken responsibility for the record (for
 RabbitMQ: a publisher confirm; in process: every subscriber has handled it). The relay marks a
 record relayed only after that, so delivery is at least once and each delivery carries the
-record's ``message_id``.
+record's ``message_id``. ``publish_inbound_many`` does the same for a batch with the confirms
+in flight together, and says how many leading records were taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import structlog
@@ -26,11 +27,39 @@ class Bus(Protocol):
         """Hand one accepted record over; raises ``Unavailable`` when not confirmed."""
         ...
 
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
+        """Hand records over, confirms awaited together; returns how many leading records were
+        taken (``len(records)`` when all were): record ``i`` counts only if every record before
+        it was taken too, and in-process subscribers see the taken records in order. Raises the
+        ``Unavailable`` of the first record when even that one was not taken; a later failure
+        ends the count and is logged (``bus_publish_failed``)."""
+        ...
+
     def subscribe(self, handler: InboundHandler) -> None:
         """Register an internal consumer of accepted inbound records."""
         ...
 
     async def close(self) -> None: ...
+
+
+def taken_prefix(records: Sequence[InboundRecord], failures: Sequence[BaseException | None]) -> int:
+    """How many leading records have no failure; raises the first record's own failure, logs
+    the one that ends a non-empty prefix (the caller learns only the count)."""
+    for index, (record, failure) in enumerate(zip(records, failures, strict=True)):
+        if failure is None:
+            continue
+        if index == 0:
+            raise failure
+        log.warning(
+            "bus_publish_failed",
+            sender=record.sender,
+            message_id=record.message_id,
+            taken=index,
+            of=len(records),
+            error=failure.reason if isinstance(failure, Unavailable) else type(failure).__name__,
+        )
+        return index
+    return len(records)
 
 
 async def notify_subscribers(handlers: list[InboundHandler], record: InboundRecord) -> None:
@@ -72,6 +101,18 @@ class MemoryBus:
         if self._closed:
             raise Unavailable("in-process bus is closed")
         await notify_subscribers(self._handlers, record)
+
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
+        if self._closed:
+            raise Unavailable("in-process bus is closed")
+        failures: list[BaseException | None] = [None] * len(records)
+        for index, record in enumerate(records):
+            try:
+                await notify_subscribers(self._handlers, record)
+            except Unavailable as exc:
+                failures[index] = exc
+                break
+        return taken_prefix(records, failures)
 
     async def close(self) -> None:
         self._closed = True

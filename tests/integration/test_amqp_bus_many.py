@@ -1,0 +1,83 @@
+"""``RabbitBus.publish_inbound_many``: a batch published with its confirms in flight together;
+the count is of the leading records confirmed, a record that cannot be published ends it, and a
+batch nothing is bound for is refused like a single publish (RELIABILITY-SECURITY T65)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import pytest
+from amqp_env import AMQP_PARTNER, GATEWAY
+from rabbit import RabbitVhost
+
+from gateway.config import AmqpConfig
+from gateway.envelope import body_digest, new_message_id
+from gateway.errors import Unavailable
+from gateway.store.base import InboundRecord
+from gateway.transports.amqp import AmqpBroker
+from gateway.transports.amqp_bus import RabbitBus
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def _record(index: int) -> InboundRecord:
+    body = b'{"header": {}, "payload": {"n": %d}}' % index
+    return InboundRecord(
+        sender=AMQP_PARTNER,
+        message_id=new_message_id(),
+        recipient=GATEWAY,
+        message_type="shipment.status",
+        schema_version="1.0",
+        correlation_id=None,
+        in_reply_to=None,
+        body=body,
+        body_digest=body_digest(body),
+        signature="sig",
+        kid="kid",
+        transport="amqp",
+        received_at=dt.datetime.now(dt.UTC),
+        receipt_body=b"{}",
+        receipt_signature="rsig",
+    )
+
+
+async def test_a_batch_is_confirmed_in_order_up_to_the_first_failure(
+    rabbit_vhost: RabbitVhost,
+) -> None:
+    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), publish_timeout_s=3.0))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        bus = RabbitBus(broker)
+        relayed: list[str] = []
+
+        async def subscriber(record: InboundRecord) -> None:
+            relayed.append(record.message_id)
+
+        bus.subscribe(subscriber)
+        records = [_record(i) for i in range(30)]
+        with pytest.raises(Unavailable, match="unroutable"):
+            await bus.publish_inbound_many(records)
+        assert relayed == []
+
+        channel = await broker.channel("test-sink")
+        sink = await channel.declare_queue("test.sink", durable=True)
+        await sink.bind("c2c.inbound", routing_key=f"{AMQP_PARTNER}.#")
+        assert await bus.publish_inbound_many(records) == len(records)
+        assert relayed == [r.message_id for r in records]
+        received = []
+        while (message := await sink.get(fail=False, no_ack=True)) is not None:
+            received.append(message.message_id)
+        assert sorted(received) == sorted(r.message_id for r in records)
+
+        # a record whose body was purged cannot be published: the count stops before it
+        relayed.clear()
+        batch = [_record(i) for i in range(6)]
+        batch[4] = dataclasses.replace(batch[4], body=None)
+        assert await bus.publish_inbound_many(batch) == 4
+        assert relayed == [r.message_id for r in batch[:4]]
+        with pytest.raises(Unavailable, match="purged"):
+            await bus.publish_inbound_many(batch[4:])
+    finally:
+        await broker.close()
