@@ -150,15 +150,19 @@ class _Tx:
     """One group commit: its connection (head row locked) and the audit events its units
     append, written together at the end with a few multi-row statements."""
 
-    def __init__(self, conn: Conn, size: int) -> None:
+    def __init__(self, conn: Conn, size: int | None) -> None:
         self.conn = conn
+        #: the head size, when the head row was locked before the units ran
         self.size = size
         self.events: list[AuditEvent] = []
 
     def audit(self, events: Sequence[AuditEvent]) -> list[int]:
-        """Queue ``events`` for this commit and return the seqs they will have."""
-        start = self.size + len(self.events)
+        """Queue ``events`` for this commit and return the seqs they will have (known only
+        when the head was locked first: inbox-only batches lock it last and ignore them)."""
+        start = (-1 if self.size is None else self.size) + len(self.events)
         self.events.extend(events)
+        if self.size is None:
+            return []
         return list(range(start, start + len(events)))
 
 
@@ -293,21 +297,28 @@ class PostgresStore:
                     unit.future.set_result(result)
 
     async def _commit_batch(self, units: list[_Unit]) -> list[Any]:
-        """One transaction for the whole batch: head lock, inbox inserts in one statement,
-        the other units each in a SAVEPOINT, then every audit entry, node and the new head
-        size in three statements. Callers are answered only after COMMIT."""
+        """One transaction for the whole batch: inbox inserts in one statement, the other
+        units each in a SAVEPOINT, then the head lock with the frontier, and every audit
+        entry, node and the new head size in one statement. Callers are answered only after
+        COMMIT.
+
+        The head row is what replicas queue on, so it is held as briefly as possible: an
+        inbox-only batch takes it last (two round trips before COMMIT). Its inserts go in key
+        order, so two replicas inserting the same keys wait for each other in one order and
+        cannot deadlock. A batch with other units (which may update rows in any order) takes
+        the head first, so that those are serialised across replicas as before."""
         pool = self._pool
         if pool is None:
             return [Unavailable("postgresql: store is not open")] * len(units)
         results: list[Any] = [None] * len(units)
+        plan: AuditAppend | None = None
+        known: dict[NodeKey, bytes] = {}
         try:
             async with pool.acquire() as conn, conn.transaction():
-                # the head row first: every audited write takes it before any row lock, so
-                # batches of different replicas queue here instead of deadlocking
-                size: int = await conn.fetchval(
-                    "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE"
-                )
-                known = await self._frontier_at(conn, size)
+                head_first = any(unit.fn is not None for unit in units)
+                size: int | None = None
+                if head_first:
+                    size, known = await self._lock_head(conn)
                 tx = _Tx(conn, size)
                 inbound = [(i, u.inbound) for i, u in enumerate(units) if u.inbound is not None]
                 if inbound:
@@ -317,12 +328,18 @@ class PostgresStore:
                 for index, unit in enumerate(units):
                     if unit.fn is not None:
                         results[index] = await _run_unit(tx, unit.fn)
-                plan = plan_append(size, known, tx.events) if tx.events else None
-                if plan is not None:
+                if tx.events:
+                    if size is None:
+                        size, known = await self._lock_head(conn)
+                    plan = plan_append(size, known, tx.events)
                     await _write_audit(conn, plan)
         except _DB_ERRORS as exc:
             self._frontier_size = -1
             return [_unavailable(exc)] * len(units)
+        except Unavailable as exc:
+            # the audit frontier could not be read: this batch fails, the writer goes on
+            self._frontier_size = -1
+            return [exc] * len(units)
         except BaseException:
             self._frontier_size = -1
             raise
@@ -332,15 +349,25 @@ class PostgresStore:
             self._frontier_size = plan.new_size
         return results
 
-    async def _frontier_at(self, conn: Conn, size: int) -> dict[NodeKey, bytes]:
+    async def _lock_head(self, conn: Conn) -> tuple[int, dict[NodeKey, bytes]]:
+        """Lock the head row and get the frontier of its size, in one round trip: the nodes
+        come back only when the size is not the one this process appended last (another
+        replica appended since)."""
+        rows = await conn.fetch(_LOCK_HEAD_SQL, self._frontier_size)
+        size: int = rows[0][0]
         if size == self._frontier_size:
-            return self._frontier_nodes
+            return size, self._frontier_nodes
         keys = frontier(size)
-        known = await _fetch_nodes(conn, keys) if keys else {}
-        if len(known) != len(keys):
+        known = {(r[1], r[2]): r[3] for r in rows if r[1] is not None}
+        if any(key not in known for key in keys):
+            # The lock was waited for: the statement locked the newest head row, but read the
+            # nodes in the snapshot taken when it started, before that append committed. A
+            # second statement (a new snapshot, under the lock) sees them.
+            known = await _fetch_nodes(conn, keys)
+        if any(key not in known for key in keys):
             raise Unavailable(f"postgresql: audit frontier incomplete at size {size}")
         self._frontier_size, self._frontier_nodes = size, known
-        return known
+        return size, known
 
     # audit log
 
@@ -870,6 +897,18 @@ async def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord |
     return None if row is None else _inbound(row)
 
 
+# The head row, locked, with the frontier nodes of its size unless that size is $1 (the one
+# whose frontier the caller has): for every bit b set in size, the perfect subtree
+# (b, (size >> b) - 1), which is ``gateway.audit.merkle.frontier(size)``.
+_LOCK_HEAD_SQL = (
+    "WITH head AS (SELECT size FROM audit_head WHERE id = 1 FOR UPDATE) "
+    "SELECT head.size, n.level, n.idx, n.hash FROM head "
+    "LEFT JOIN LATERAL (SELECT b FROM generate_series(0, 62) AS b "
+    "WHERE head.size <> $1 AND (head.size >> b) & 1 = 1) AS bits ON TRUE "
+    "LEFT JOIN audit_nodes AS n ON n.level = bits.b AND n.idx = (head.size >> bits.b) - 1"
+)
+
+
 async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
     rows = await c.fetch(
         "SELECT n.level, n.idx, n.hash FROM audit_nodes AS n "
@@ -904,7 +943,8 @@ async def _store_inbound_batch(
     """Insert a batch's inbox rows with one statement; the unique constraint decides which
     are new. A key repeated inside the batch is inserted once and the others answered from it."""
     first: dict[InboundKey, tuple[InboundRecord, RelayLease | None]] = {}
-    for record, _, lease in items:
+    # key order: replicas inserting the same keys meet them in one order (no deadlock)
+    for record, _, lease in sorted(items, key=lambda item: item[0].key):
         first.setdefault(record.key, (record, lease))
     try:
         async with tx.conn.transaction():
@@ -1002,13 +1042,17 @@ async def _get_inbound_many(c: Conn, keys: Sequence[InboundKey]) -> dict[Inbound
 
 
 async def _write_audit(c: Conn, plan: AuditAppend) -> None:
-    """Write a batch's entries, the subtrees they complete and the new head size."""
+    """Write a batch's entries, the subtrees they complete and the new head size, in one
+    statement (one round trip while the head row is locked)."""
     entries = plan.entries
     await c.execute(
-        "INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, message_id, sender, "
-        "recipient, message_type, outcome, correlation_id) "
+        "WITH entries AS (INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, "
+        "message_id, sender, recipient, message_type, outcome, correlation_id) "
         "SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::timestamptz[], "
-        "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])",
+        "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])),"
+        " nodes AS (INSERT INTO audit_nodes (level, idx, hash) "
+        "SELECT * FROM unnest($12::smallint[], $13::bigint[], $14::bytea[])) "
+        "UPDATE audit_head SET size = $15 WHERE id = 1",
         [e.seq for e in entries],
         [e.entry for e in entries],
         [e.leaf_hash for e in entries],
@@ -1020,16 +1064,11 @@ async def _write_audit(c: Conn, plan: AuditAppend) -> None:
         [e.message_type for e in entries],
         [e.outcome for e in entries],
         [e.correlation_id for e in entries],
+        [k[0] for k in plan.nodes],
+        [k[1] for k in plan.nodes],
+        list(plan.nodes.values()),
+        plan.new_size,
     )
-    if plan.nodes:
-        await c.execute(
-            "INSERT INTO audit_nodes (level, idx, hash) "
-            "SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
-            [k[0] for k in plan.nodes],
-            [k[1] for k in plan.nodes],
-            list(plan.nodes.values()),
-        )
-    await c.execute("UPDATE audit_head SET size = $1 WHERE id = 1", plan.new_size)
 
 
 async def _migrate(c: Conn) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pgdb
 import pytest
 from tcp_proxy import TcpProxy
@@ -116,3 +117,54 @@ async def test_replicas_interleaving_appends_keep_one_consistent_tree(pg_dsn: st
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def _lock_waiters(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def test_append_after_waiting_for_the_head_reads_the_new_frontier(pg_dsn: str) -> None:
+    """A replica that waited for the head lock while another appended must not build on the
+    frontier of the snapshot its statement started with (that append's nodes are missing)."""
+    first, second = (PostgresStore(pg_dsn, clock=ManualClock(T0)) for _ in range(2))
+    await first.open()
+    await second.open()
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        await first.store_inbound(inbound("seed"), [event(EventKind.ACCEPTED, "seed")])
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+        # queued on the head in this order: the first appends, then the second goes on
+        a = asyncio.create_task(first.append_audit([event(EventKind.ACCEPTED, "a")]))
+        async with asyncio.timeout(10):
+            while await _lock_waiters(pg_dsn) < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        b = asyncio.create_task(
+            second.store_inbound(inbound("b"), [event(EventKind.ACCEPTED, "b")])
+        )
+        async with asyncio.timeout(10):
+            while await _lock_waiters(pg_dsn) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await tx.commit()
+        async with asyncio.timeout(10):
+            assert await a == [1]
+            assert (await b).status == "stored"
+        size = await second.audit_size()
+        assert size == 3
+        leaves = await second.audit_leaf_hashes(0, size)
+        for n in range(1, size + 1):
+            nodes = await first.audit_node_hashes(frontier(n))
+            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
+    finally:
+        await holder.close()
+        await first.close()
+        await second.close()
