@@ -185,21 +185,11 @@ class InboxRelay:
         return [self._handed.popleft() for _ in range(count)]
 
     async def _publish(self, records: list[InboundRecord], confirmed: list[InboundRecord]) -> None:
-        """Publish every record with their confirms in flight together; ``confirmed`` gets
-        those the bus took, in order. Raises the first failure after all have settled."""
-        if not records:
-            return
-        outcomes = await asyncio.gather(
-            *(self._bus.publish_inbound(record) for record in records), return_exceptions=True
-        )
-        failure: BaseException | None = None
-        for record, outcome in zip(records, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failure = failure or outcome
-            else:
-                confirmed.append(record)
-        if failure is not None:
-            raise failure
+        """Publish the batch with the confirms in flight together; ``confirmed`` gets the
+        leading records the bus took. Raises when the bus took none of them."""
+        if records:
+            taken = await self._bus.publish_inbound_many(records)
+            confirmed.extend(records[:taken])
 
     def _delivered(self, record: InboundRecord) -> AuditEvent:
         return AuditEvent(
