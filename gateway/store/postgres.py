@@ -285,28 +285,37 @@ class PostgresStore:
                     break
                 batch.append(item)
             batch = [u for u in batch if not u.future.cancelled()]
-            if not batch:
+            # Inbox inserts and other units never share a transaction: the first lock the
+            # audit head last, the others first (see _commit_batch), and a transaction holding
+            # the head must never wait for an inbox key another one holds while it waits for
+            # the head.
+            for group in (
+                [u for u in batch if u.inbound is not None],
+                [u for u in batch if u.inbound is None],
+            ):
+                if group:
+                    self._settle(group, await self._commit_batch(group))
+
+    @staticmethod
+    def _settle(units: list[_Unit], results: list[Any]) -> None:
+        for unit, result in zip(units, results, strict=True):
+            if unit.future.done():
                 continue
-            results = await self._commit_batch(batch)
-            for unit, result in zip(batch, results, strict=True):
-                if unit.future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    unit.future.set_exception(result)
-                else:
-                    unit.future.set_result(result)
+            if isinstance(result, BaseException):
+                unit.future.set_exception(result)
+            else:
+                unit.future.set_result(result)
 
     async def _commit_batch(self, units: list[_Unit]) -> list[Any]:
-        """One transaction for the whole batch: inbox inserts in one statement, the other
-        units each in a SAVEPOINT, then the head lock with the frontier, and every audit
-        entry, node and the new head size in one statement. Callers are answered only after
-        COMMIT.
+        """One transaction for a batch of inbox inserts (one statement) or of other units
+        (each in a SAVEPOINT), then every audit entry, node and the new head size in one
+        statement. Callers are answered only after COMMIT.
 
         The head row is what replicas queue on, so it is held as briefly as possible: an
-        inbox-only batch takes it last (two round trips before COMMIT). Its inserts go in key
+        inbox batch takes it last (two round trips before COMMIT). Its inserts go in key
         order, so two replicas inserting the same keys wait for each other in one order and
-        cannot deadlock. A batch with other units (which may update rows in any order) takes
-        the head first, so that those are serialised across replicas as before."""
+        cannot deadlock. Other units (which may update rows in any order) take the head
+        first, so that those are serialised across replicas as before."""
         pool = self._pool
         if pool is None:
             return [Unavailable("postgresql: store is not open")] * len(units)

@@ -168,3 +168,46 @@ async def test_append_after_waiting_for_the_head_reads_the_new_frontier(pg_dsn: 
         await holder.close()
         await first.close()
         await second.close()
+
+
+async def test_inbox_insert_waiting_on_a_key_never_holds_the_head(pg_dsn: str) -> None:
+    """Another replica has inserted key K (uncommitted) and will lock the audit head next;
+    this one gets K again in the same batch as a unit that takes the head first. If both
+    shared a transaction, it would hold the head while waiting for K: a deadlock."""
+    store = PostgresStore(pg_dsn, clock=ManualClock(T0))
+    await store.open()
+    other = await asyncpg.connect(pg_dsn)
+    try:
+        record = inbound("k")
+        tx = other.transaction()
+        await tx.start()
+        await other.execute(
+            "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+            "schema_version, body, body_digest, signature, kid, transport, received_at, "
+            "receipt_body, receipt_signature) "
+            "VALUES ($1, $2, 'US-CBP', 'shipment.advance_data', '1.0', $3, $4, 's', 'kid-1', "
+            "'https', now(), $5, 'r')",
+            record.sender,
+            record.message_id,
+            record.body,
+            record.body_digest,
+            b"{}",
+        )
+        both = asyncio.gather(
+            store.store_inbound(record, [event(EventKind.ACCEPTED, "k")]),
+            store.append_audit([event(EventKind.REJECTED, "x")]),
+        )
+        async with asyncio.timeout(10):
+            while await _lock_waiters(pg_dsn) < 1:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        # the other replica now takes the head (no deadlock: it is free) and commits
+        async with asyncio.timeout(5):
+            await other.execute("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+        await tx.commit()
+        async with asyncio.timeout(10):
+            outcome, seqs = await both
+        assert outcome.status == "duplicate"
+        assert seqs == [0]
+    finally:
+        await other.close()
+        await store.close()
