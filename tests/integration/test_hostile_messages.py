@@ -290,3 +290,34 @@ async def test_no_valid_receipt_key_is_503_and_nothing_acknowledged(tmp_path: Pa
         receipt = check_receipt(env, accepted, message_id=message_id, body=body)
         assert receipt.status == "ACK"
         assert await env.gateway.store.get_inbound(MX, stale_id) is None
+
+
+async def test_resend_of_an_accepted_message_gets_its_receipt_without_a_signing_key(
+    tmp_path: Path,
+) -> None:
+    """The original receipt is stored; a re-send needs no new signature, so it is answered
+    200 with those bytes even while no signing key is valid (nothing new is acknowledged)."""
+    start = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    write_environment(tmp_path)
+    gateway_toml = tmp_path / "gateway.toml"
+    gateway_toml.write_text(
+        gateway_toml.read_text().replace(
+            'path = "pki/US-CBP/sign.key"\nalg = "EdDSA"\n',
+            'path = "pki/US-CBP/sign.key"\nalg = "EdDSA"\n'
+            f"not_after = {(start + dt.timedelta(hours=1)).isoformat()}\n",
+        )
+    )
+    clock = ManualClock(start + dt.timedelta(minutes=59))
+    async with started_gateway(tmp_path, clock) as env:
+        _, body = make_message(env, created_at=clock.now())
+        first = await post(env, body)
+        assert first.status == 202, first.body
+        clock.advance(dt.timedelta(minutes=2))
+        again = await post(env, body, signature=sign_detached(body, env.keys[MX]))
+        assert again.status == 200, again.body
+        assert again.body == first.body
+        assert again.headers["C2C-Signature"] == first.headers["C2C-Signature"]
+        other_id, other = make_message(env, created_at=clock.now())
+        refused = await post(env, other)
+        assert refused.status == 503
+        assert await env.gateway.store.get_inbound(MX, other_id) is None
