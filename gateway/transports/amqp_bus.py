@@ -20,7 +20,7 @@ from gateway.clock import format_rfc3339
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
-from gateway.transports.bus import InboundHandler, notify_subscribers, taken_prefix
+from gateway.transports.bus import InboundHandler, notify_in_order, notify_subscribers
 
 BUS_CONCERN = "bus"
 
@@ -77,15 +77,7 @@ class RabbitBus:
             )
         )
         # in-process subscribers see the confirmed records in order, up to the first failure
-        for index, record in enumerate(records):
-            if failures[index] is not None:
-                break
-            try:
-                await notify_subscribers(self._handlers, record)
-            except Unavailable as exc:
-                failures[index] = exc
-                break
-        return taken_prefix(records, failures)
+        return await notify_in_order(self._handlers, records, failures)
 
     async def _publish(self, record: InboundRecord) -> None:
         await self._broker.publish(

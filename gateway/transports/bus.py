@@ -42,6 +42,25 @@ class Bus(Protocol):
     async def close(self) -> None: ...
 
 
+async def notify_in_order(
+    handlers: list[InboundHandler],
+    records: Sequence[InboundRecord],
+    failures: list[BaseException | None],
+) -> int:
+    """Hand in-process subscribers the records the bus took (``failures[i] is None``), in
+    order, up to the first that failed or that a subscriber refused; returns the taken
+    prefix as ``taken_prefix`` does."""
+    for index, record in enumerate(records):
+        if failures[index] is not None:
+            break
+        try:
+            await notify_subscribers(handlers, record)
+        except Unavailable as exc:
+            failures[index] = exc
+            break
+    return taken_prefix(records, failures)
+
+
 def taken_prefix(records: Sequence[InboundRecord], failures: Sequence[BaseException | None]) -> int:
     """How many leading records have no failure; raises the first record's own failure, logs
     the one that ends a non-empty prefix (the caller learns only the count)."""
@@ -105,14 +124,7 @@ class MemoryBus:
     async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
         if self._closed:
             raise Unavailable("in-process bus is closed")
-        failures: list[BaseException | None] = [None] * len(records)
-        for index, record in enumerate(records):
-            try:
-                await notify_subscribers(self._handlers, record)
-            except Unavailable as exc:
-                failures[index] = exc
-                break
-        return taken_prefix(records, failures)
+        return await notify_in_order(self._handlers, records, [None] * len(records))
 
     async def close(self) -> None:
         self._closed = True
