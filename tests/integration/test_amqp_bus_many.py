@@ -5,14 +5,13 @@ batch nothing is bound for is refused like a single publish (RELIABILITY-SECURIT
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY
+from inbound_records import sample_record
 from rabbit import RabbitVhost
 
 from gateway.config import AmqpConfig
-from gateway.envelope import body_digest, new_message_id
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import AmqpBroker
@@ -22,24 +21,7 @@ pytestmark = pytest.mark.rabbitmq
 
 
 def _record(index: int) -> InboundRecord:
-    body = b'{"header": {}, "payload": {"n": %d}}' % index
-    return InboundRecord(
-        sender=AMQP_PARTNER,
-        message_id=new_message_id(),
-        recipient=GATEWAY,
-        message_type="shipment.status",
-        schema_version="1.0",
-        correlation_id=None,
-        in_reply_to=None,
-        body=body,
-        body_digest=body_digest(body),
-        signature="sig",
-        kid="kid",
-        transport="amqp",
-        received_at=dt.datetime.now(dt.UTC),
-        receipt_body=b"{}",
-        receipt_signature="rsig",
-    )
+    return sample_record(index, sender=AMQP_PARTNER, recipient=GATEWAY)
 
 
 async def test_a_batch_is_confirmed_in_order_up_to_the_first_failure(

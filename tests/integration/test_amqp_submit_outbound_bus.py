@@ -6,7 +6,6 @@ confirm, and a ``c2c.inbound`` publish that nothing is bound to is an error, nev
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -15,14 +14,14 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
 from amqp_peer import amqp_gateway
+from inbound_records import sample_record
 from rabbit import RabbitVhost
 
 from gateway.config import AmqpConfig
 from gateway.crypto.jws import sign_detached
-from gateway.envelope import body_digest, new_message_id
+from gateway.envelope import new_message_id
 from gateway.errors import Unavailable
 from gateway.outbound.transport import Delivery, Handed, TransportError
-from gateway.store.base import InboundRecord
 from gateway.transports.amqp import AmqpBroker
 from gateway.transports.amqp_bus import RabbitBus
 
@@ -141,24 +140,7 @@ async def test_inbound_publish_with_no_queue_bound_is_not_confirmed(
     try:
         await broker.declare_topology([AMQP_PARTNER])
         bus = RabbitBus(broker)
-        body = b'{"header": {}, "payload": {}}'
-        record = InboundRecord(
-            sender=AMQP_PARTNER,
-            message_id=new_message_id(),
-            recipient=GATEWAY,
-            message_type="shipment.status",
-            schema_version="1.0",
-            correlation_id=None,
-            in_reply_to=None,
-            body=body,
-            body_digest=body_digest(body),
-            signature="sig",
-            kid="kid",
-            transport="amqp",
-            received_at=dt.datetime.now(dt.UTC),
-            receipt_body=b"{}",
-            receipt_signature="rsig",
-        )
+        record = sample_record(sender=AMQP_PARTNER, recipient=GATEWAY)
         with pytest.raises(Unavailable, match="unroutable"):
             await bus.publish_inbound(record)
 

@@ -3,35 +3,16 @@ record a subscriber failed on (that record and the rest stay pending for the rel
 
 from __future__ import annotations
 
-import datetime as dt
-
 import pytest
+from inbound_records import sample_record
 
-from gateway.envelope import body_digest, new_message_id
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.bus import MemoryBus
 
 
 def _record(index: int) -> InboundRecord:
-    body = b'{"header": {}, "payload": {"n": %d}}' % index
-    return InboundRecord(
-        sender="MX-ANAM",
-        message_id=new_message_id(),
-        recipient="US-CBP",
-        message_type="shipment.status",
-        schema_version="1.0",
-        correlation_id=None,
-        in_reply_to=None,
-        body=body,
-        body_digest=body_digest(body),
-        signature="sig",
-        kid="kid",
-        transport="amqp",
-        received_at=dt.datetime.now(dt.UTC),
-        receipt_body=b"{}",
-        receipt_signature="rsig",
-    )
+    return sample_record(index)
 
 
 async def test_a_batch_reaches_the_subscribers_in_order() -> None:
