@@ -40,6 +40,13 @@ class AuditAppend:
 def plan_append(
     size: int, frontier_hashes: Mapping[NodeKey, bytes], events: Sequence[AuditEvent]
 ) -> AuditAppend:
+    entries = entry_rows(size, events)
+    nodes = append_nodes(size, frontier_hashes, [e.leaf_hash for e in entries])
+    return AuditAppend(entries=entries, nodes=nodes, new_size=size + len(entries))
+
+
+def entry_rows(size: int, events: Sequence[AuditEvent]) -> list[EntryRow]:
+    """The entry rows of ``events`` appended to a log of ``size`` entries (leaf data and hash)."""
     entries: list[EntryRow] = []
     for offset, event in enumerate(events):
         data = event.entry_bytes()
@@ -58,5 +65,4 @@ def plan_append(
                 correlation_id=event.correlation_id,
             )
         )
-    nodes = append_nodes(size, frontier_hashes, [e.leaf_hash for e in entries])
-    return AuditAppend(entries=entries, nodes=nodes, new_size=size + len(entries))
+    return entries

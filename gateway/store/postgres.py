@@ -25,11 +25,10 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.audit.events import AuditEvent
-from gateway.audit.merkle import frontier
 from gateway.clock import Clock
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
-from gateway.store.audit_rows import AuditAppend, plan_append
+from gateway.store.audit_rows import entry_rows
 from gateway.store.base import (
     ACTIVE_STATES,
     RETRYABLE_STATES,
@@ -195,10 +194,6 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
-        # The audit head size and its frontier nodes as of this process's last commit: used
-        # again while the locked head still shows that size (no other replica appended since).
-        self._frontier_size = -1
-        self._frontier_nodes: dict[NodeKey, bytes] = {}
 
     # lifecycle
 
@@ -320,14 +315,13 @@ class PostgresStore:
         if pool is None:
             return [Unavailable("postgresql: store is not open")] * len(units)
         results: list[Any] = [None] * len(units)
-        plan: AuditAppend | None = None
-        known: dict[NodeKey, bytes] = {}
         try:
             async with pool.acquire() as conn, conn.transaction():
-                head_first = any(unit.fn is not None for unit in units)
                 size: int | None = None
-                if head_first:
-                    size, known = await self._lock_head(conn)
+                if any(unit.fn is not None for unit in units):
+                    size = await conn.fetchval(
+                        "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE"
+                    )
                 tx = _Tx(conn, size)
                 inbound = [(i, u.inbound) for i, u in enumerate(units) if u.inbound is not None]
                 if inbound:
@@ -338,45 +332,14 @@ class PostgresStore:
                     if unit.fn is not None:
                         results[index] = await _run_unit(tx, unit.fn)
                 if tx.events:
-                    if size is None:
-                        size, known = await self._lock_head(conn)
-                    plan = plan_append(size, known, tx.events)
-                    await _write_audit(conn, plan)
+                    first = await _append_audit(conn, tx.events)
+                    if size is not None and first != size:
+                        raise Unavailable(f"postgresql: audit head moved from {size} to {first}")
         except _DB_ERRORS as exc:
-            self._frontier_size = -1
             return [_unavailable(exc)] * len(units)
         except Unavailable as exc:
-            # the audit frontier could not be read: this batch fails, the writer goes on
-            self._frontier_size = -1
             return [exc] * len(units)
-        except BaseException:
-            self._frontier_size = -1
-            raise
-        if plan is not None:
-            nodes = {**known, **plan.nodes}
-            self._frontier_nodes = {k: nodes[k] for k in frontier(plan.new_size)}
-            self._frontier_size = plan.new_size
         return results
-
-    async def _lock_head(self, conn: Conn) -> tuple[int, dict[NodeKey, bytes]]:
-        """Lock the head row and get the frontier of its size, in one round trip: the nodes
-        come back only when the size is not the one this process appended last (another
-        replica appended since)."""
-        rows = await conn.fetch(_LOCK_HEAD_SQL, self._frontier_size)
-        size: int = rows[0][0]
-        if size == self._frontier_size:
-            return size, self._frontier_nodes
-        keys = frontier(size)
-        known = {(r[1], r[2]): r[3] for r in rows if r[1] is not None}
-        if any(key not in known for key in keys):
-            # The lock was waited for: the statement locked the newest head row, but read the
-            # nodes in the snapshot taken when it started, before that append committed. A
-            # second statement (a new snapshot, under the lock) sees them.
-            known = await _fetch_nodes(conn, keys)
-        if any(key not in known for key in keys):
-            raise Unavailable(f"postgresql: audit frontier incomplete at size {size}")
-        self._frontier_size, self._frontier_nodes = size, known
-        return size, known
 
     # audit log
 
@@ -906,18 +869,6 @@ async def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord |
     return None if row is None else _inbound(row)
 
 
-# The head row, locked, with the frontier nodes of its size unless that size is $1 (the one
-# whose frontier the caller has): for every bit b set in size, the perfect subtree
-# (b, (size >> b) - 1), which is ``gateway.audit.merkle.frontier(size)``.
-_LOCK_HEAD_SQL = (
-    "WITH head AS (SELECT size FROM audit_head WHERE id = 1 FOR UPDATE) "
-    "SELECT head.size, n.level, n.idx, n.hash FROM head "
-    "LEFT JOIN LATERAL (SELECT b FROM generate_series(0, 62) AS b "
-    "WHERE head.size <> $1 AND (head.size >> b) & 1 = 1) AS bits ON TRUE "
-    "LEFT JOIN audit_nodes AS n ON n.level = bits.b AND n.idx = (head.size >> bits.b) - 1"
-)
-
-
 async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]:
     rows = await c.fetch(
         "SELECT n.level, n.idx, n.hash FROM audit_nodes AS n "
@@ -1050,19 +1001,14 @@ async def _get_inbound_many(c: Conn, keys: Sequence[InboundKey]) -> dict[Inbound
     return {(r[0], r[1]): _inbound(r) for r in rows}
 
 
-async def _write_audit(c: Conn, plan: AuditAppend) -> None:
-    """Write a batch's entries, the subtrees they complete and the new head size, in one
-    statement (one round trip while the head row is locked)."""
-    entries = plan.entries
-    await c.execute(
-        "WITH entries AS (INSERT INTO audit_entries (seq, entry, leaf_hash, at, event, "
-        "message_id, sender, recipient, message_type, outcome, correlation_id) "
-        "SELECT * FROM unnest($1::bigint[], $2::bytea[], $3::bytea[], $4::timestamptz[], "
-        "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[])),"
-        " nodes AS (INSERT INTO audit_nodes (level, idx, hash) "
-        "SELECT * FROM unnest($12::smallint[], $13::bigint[], $14::bytea[])) "
-        "UPDATE audit_head SET size = $15 WHERE id = 1",
-        [e.seq for e in entries],
+async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> int:
+    """Append a batch's entries with ``c2c_audit_append`` (migration 0003): the head is
+    locked, the Merkle nodes hashed and everything written inside the database, in one round
+    trip. Returns the seq of the first entry."""
+    entries = entry_rows(0, events)
+    first: int = await c.fetchval(
+        "SELECT c2c_audit_append($1::bytea[], $2::bytea[], $3::timestamptz[], $4::text[], "
+        "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])",
         [e.entry for e in entries],
         [e.leaf_hash for e in entries],
         [_aware(e.at) for e in entries],
@@ -1073,11 +1019,8 @@ async def _write_audit(c: Conn, plan: AuditAppend) -> None:
         [e.message_type for e in entries],
         [e.outcome for e in entries],
         [e.correlation_id for e in entries],
-        [k[0] for k in plan.nodes],
-        [k[1] for k in plan.nodes],
-        list(plan.nodes.values()),
-        plan.new_size,
     )
+    return first
 
 
 async def _migrate(c: Conn) -> None:
