@@ -16,7 +16,7 @@ is dropped by the pool and replaced on the next call, so the store recovers by i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias, TypeVar
@@ -302,19 +302,30 @@ class PostgresStore:
                 unit.future.set_result(result)
 
     async def _commit_batch(self, units: list[_Unit]) -> list[Any]:
-        """One transaction for a batch of inbox inserts (one statement) or of other units
-        (each in a SAVEPOINT), then every audit entry, node and the new head size in one
-        statement. Callers are answered only after COMMIT.
+        """Commit a batch of inbox inserts, or of other units (each in a SAVEPOINT), with
+        their audit entries. Callers are answered only after COMMIT.
 
         The head row is what replicas queue on, so it is held as briefly as possible: an
-        inbox batch takes it last (two round trips before COMMIT). Its inserts go in key
+        inbox batch is one autocommit statement that inserts and then appends (the head is
+        held inside the database only, never across a round trip). Its inserts go in key
         order, so two replicas inserting the same keys wait for each other in one order and
-        cannot deadlock. Other units (which may update rows in any order) take the head
-        first, so that those are serialised across replicas as before."""
+        cannot deadlock. Other units (which may update rows in any order) run in a
+        transaction that takes the head first, so that those are serialised across replicas
+        as before."""
         pool = self._pool
         if pool is None:
             return [Unavailable("postgresql: store is not open")] * len(units)
         results: list[Any] = [None] * len(units)
+        if all(unit.inbound is not None for unit in units):
+            try:
+                async with pool.acquire() as conn:
+                    return await _store_inbound_statement(
+                        conn, [unit.inbound for unit in units if unit.inbound is not None]
+                    )
+            except asyncpg.IntegrityConstraintViolationError:
+                pass  # a row broke another constraint: the transaction below sorts them out
+            except _DB_ERRORS as exc:
+                return [_unavailable(exc)] * len(units)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 size: int | None = None
@@ -897,33 +908,98 @@ async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:
         return exc
 
 
+def _first_of_each_key(
+    items: list[tuple[InboundRecord, list[AuditEvent], RelayLease | None]],
+) -> dict[InboundKey, tuple[InboundRecord, list[AuditEvent], RelayLease | None]]:
+    """The first item of each key, in key order: replicas inserting the same keys meet them in
+    one order (no deadlock); a key repeated inside the batch is answered from its first."""
+    first: dict[InboundKey, tuple[InboundRecord, list[AuditEvent], RelayLease | None]] = {}
+    for item in sorted(items, key=lambda item: item[0].key):
+        first.setdefault(item[0].key, item)
+    return first
+
+
+async def _store_inbound_statement(
+    c: Conn, items: list[tuple[InboundRecord, list[AuditEvent], RelayLease | None]]
+) -> list[InboundOutcome | BaseException]:
+    """An inbox batch as one autocommit statement: the insert (the unique key decides which
+    rows are new), then ``c2c_audit_append`` with the events of the rows inserted."""
+    first = _first_of_each_key(items)
+    records = [(record, lease) for record, _, lease in first.values()]
+    events = [(record.key, event) for record, evs, _ in first.values() for event in evs]
+    rows = entry_rows(0, [event for _, event in events])
+    inserted = await c.fetch(
+        _INSERT_INBOUND_SQL.replace(
+            "RETURNING sender, message_id, seq",
+            "RETURNING sender, message_id, seq), "
+            "ev AS (SELECT e.* FROM unnest($18::text[], $19::text[], $20::bytea[], "
+            "$21::bytea[], $22::timestamptz[], $23::text[], $24::text[], $25::text[], "
+            "$26::text[], $27::text[], $28::text[], $29::text[]) WITH ORDINALITY AS "
+            "e(k_sender, k_message_id, entry, leaf_hash, at, event, message_id, sender, "
+            "recipient, message_type, outcome, correlation_id, ord) "
+            "JOIN ins ON ins.sender = e.k_sender AND ins.message_id = e.k_message_id) "
+            "SELECT ins.sender, ins.message_id, ins.seq, (SELECT c2c_audit_append("
+            "array_agg(entry ORDER BY ord), array_agg(leaf_hash ORDER BY ord), "
+            "array_agg(at ORDER BY ord), array_agg(event ORDER BY ord), "
+            "array_agg(message_id ORDER BY ord), array_agg(sender ORDER BY ord), "
+            "array_agg(recipient ORDER BY ord), array_agg(message_type ORDER BY ord), "
+            "array_agg(outcome ORDER BY ord), array_agg(correlation_id ORDER BY ord)) "
+            "FROM ev) FROM ins",
+        ),
+        *_inbound_args(records),
+        [key[0] for key, _ in events],
+        [key[1] for key, _ in events],
+        [r.entry for r in rows],
+        [r.leaf_hash for r in rows],
+        [_aware(r.at) for r in rows],
+        [r.event for r in rows],
+        [r.message_id for r in rows],
+        [r.sender for r in rows],
+        [r.recipient for r in rows],
+        [r.message_type for r in rows],
+        [r.outcome for r in rows],
+        [r.correlation_id for r in rows],
+    )
+    seqs: dict[InboundKey, int] = {(r[0], r[1]): r[2] for r in inserted}
+    existing = await _get_inbound_many(c, [key for key in first if key not in seqs])
+    return _inbound_outcomes(items, first, seqs, {}, existing, None)
+
+
 async def _store_inbound_batch(
     tx: _Tx, items: list[tuple[InboundRecord, list[AuditEvent], RelayLease | None]]
 ) -> list[InboundOutcome | BaseException]:
-    """Insert a batch's inbox rows with one statement; the unique constraint decides which
-    are new. A key repeated inside the batch is inserted once and the others answered from it."""
-    first: dict[InboundKey, tuple[InboundRecord, RelayLease | None]] = {}
-    # key order: replicas inserting the same keys meet them in one order (no deadlock)
-    for record, _, lease in sorted(items, key=lambda item: item[0].key):
-        first.setdefault(record.key, (record, lease))
+    """Insert a batch's inbox rows inside ``tx``, one statement unless a row breaks another
+    constraint (then each alone, so one bad row does not refuse the others)."""
+    first = _first_of_each_key(items)
+    records = [(record, lease) for record, _, lease in first.values()]
+    failed: dict[InboundKey, BaseException] = {}
     try:
         async with tx.conn.transaction():
-            seqs = await _insert_inbound(tx.conn, list(first.values()))
+            seqs = await _insert_inbound(tx.conn, records)
     except asyncpg.IntegrityConstraintViolationError:
-        # one bad row must not refuse the others: insert each alone
         seqs = {}
-        failed: dict[InboundKey, BaseException] = {}
-        for item in first.values():
+        for item in records:
             try:
                 async with tx.conn.transaction():
                     seqs.update(await _insert_inbound(tx.conn, [item]))
             except asyncpg.IntegrityConstraintViolationError as exc:
                 failed[item[0].key] = _unavailable(exc)
-    else:
-        failed = {}
     existing = await _get_inbound_many(
         tx.conn, [key for key in first if key not in seqs and key not in failed]
     )
+    return _inbound_outcomes(items, first, seqs, failed, existing, tx)
+
+
+def _inbound_outcomes(
+    items: list[tuple[InboundRecord, list[AuditEvent], RelayLease | None]],
+    first: Mapping[InboundKey, tuple[InboundRecord, list[AuditEvent], RelayLease | None]],
+    seqs: Mapping[InboundKey, int],
+    failed: Mapping[InboundKey, BaseException],
+    existing: Mapping[InboundKey, InboundRecord],
+    tx: _Tx | None,
+) -> list[InboundOutcome | BaseException]:
+    """Each item's answer: stored (the first of its key, whose events ``tx`` appends when
+    given), duplicate or conflict of the row that holds the key, or its failure."""
     outcomes: list[InboundOutcome | BaseException] = []
     answered: set[InboundKey] = set()
     for record, events, _ in items:
@@ -933,7 +1009,8 @@ async def _store_inbound_batch(
             continue
         if key in seqs and key not in answered:
             answered.add(key)
-            tx.audit(events)
+            if tx is not None:
+                tx.audit(events)
             stored = replace(record, seq=seqs[key], relayed=False)
             outcomes.append(InboundOutcome(status="stored", record=stored))
             continue
@@ -950,22 +1027,24 @@ async def _store_inbound_batch(
     return outcomes
 
 
-async def _insert_inbound(
-    c: Conn, items: list[tuple[InboundRecord, RelayLease | None]]
-) -> dict[InboundKey, int]:
+# ON CONFLICT waits for a concurrent insert of the same key to commit or abort, so a race
+# between replicas ends as a duplicate, never as an error
+_INSERT_INBOUND_SQL = (
+    "WITH ins AS (INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+    "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
+    "transport, received_at, receipt_body, receipt_signature, relay_owner, "
+    "relay_lease_until) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
+    "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::text[], "
+    "$13::timestamptz[], $14::bytea[], $15::text[], $16::text[], $17::timestamptz[]) "
+    "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING "
+    "RETURNING sender, message_id, seq"
+)
+
+
+def _inbound_args(items: list[tuple[InboundRecord, RelayLease | None]]) -> list[list[Any]]:
     records = [record for record, _ in items]
-    # ON CONFLICT waits for a concurrent insert of the same key to commit or abort, so a race
-    # between replicas ends as a duplicate, never as an error
-    rows = await c.fetch(
-        "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
-        "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
-        "transport, received_at, receipt_body, receipt_signature, relay_owner, "
-        "relay_lease_until) "
-        "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
-        "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::text[], "
-        "$13::timestamptz[], $14::bytea[], $15::text[], $16::text[], $17::timestamptz[]) "
-        "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING "
-        "RETURNING sender, message_id, seq",
+    return [
         [r.sender for r in records],
         [r.message_id for r in records],
         [r.recipient for r in records],
@@ -983,7 +1062,13 @@ async def _insert_inbound(
         [r.receipt_signature for r in records],
         [None if lease is None else lease.owner for _, lease in items],
         [None if lease is None else _aware(lease.until) for _, lease in items],
-    )
+    ]
+
+
+async def _insert_inbound(
+    c: Conn, items: list[tuple[InboundRecord, RelayLease | None]]
+) -> dict[InboundKey, int]:
+    rows = await c.fetch(_INSERT_INBOUND_SQL + ") SELECT * FROM ins", *_inbound_args(items))
     return {(r[0], r[1]): r[2] for r in rows}
 
 

@@ -4,6 +4,7 @@ dedupe and claims hold across replicas (separate pools)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -210,4 +211,27 @@ async def test_inbox_insert_waiting_on_a_key_never_holds_the_head(pg_dsn: str) -
         assert seqs == [0]
     finally:
         await other.close()
+        await store.close()
+
+
+async def test_a_row_breaking_another_constraint_fails_alone(pg_dsn: str) -> None:
+    """The one-statement inbox path falls back to row-by-row when a row breaks a constraint
+    other than the unique key: the good rows of the batch are stored and audited."""
+    store = PostgresStore(pg_dsn, clock=ManualClock(T0))
+    await store.open()
+    try:
+        bad = dataclasses.replace(inbound("bad"), receipt_signature=None)  # NOT NULL
+        good, refused, other = await asyncio.gather(
+            store.store_inbound(inbound("good"), [event(EventKind.ACCEPTED, "good")]),
+            store.store_inbound(bad, [event(EventKind.ACCEPTED, "bad")]),
+            store.store_inbound(inbound("other"), [event(EventKind.ACCEPTED, "other")]),
+            return_exceptions=True,
+        )
+        assert not isinstance(good, BaseException)
+        assert not isinstance(other, BaseException)
+        assert (good.status, other.status) == ("stored", "stored")
+        assert isinstance(refused, Unavailable)
+        assert await store.get_inbound("MX-SAT", "bad") is None
+        assert await store.audit_size() == 2
+    finally:
         await store.close()
