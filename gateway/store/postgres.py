@@ -53,7 +53,6 @@ from gateway.store.base import (
     StoreError,
     WitnessedState,
     empty_depth,
-    events_for_marked,
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
@@ -580,15 +579,15 @@ class PostgresStore:
         return records
 
     async def release_relay(self, owner: str) -> int:
-        async def unit(tx: _Tx) -> int:
-            status: str = await tx.conn.execute(
+        # no audit entry: the head is not taken (a mark holding rows may be waiting for it)
+        status: str = await self._call(
+            lambda c: c.execute(
                 "UPDATE inbound_messages SET relay_owner = NULL, relay_lease_until = NULL "
                 "WHERE NOT relayed AND relay_owner = $1",
                 owner,
             )
-            return int(status.rsplit(" ", 1)[-1])
-
-        return await self._write(unit)
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def mark_relayed(
         self,
@@ -597,26 +596,22 @@ class PostgresStore:
         *,
         owner: str | None = None,
     ) -> list[InboundKey]:
+        """One autocommit statement (``_MARK_RELAYED_SQL``): the audit head is held inside
+        the database only, not across round trips as in a unit of the writer."""
         keys = list(keys)
-        events = list(events)
-
-        async def unit(tx: _Tx) -> list[InboundKey]:
-            rows = await tx.conn.fetch(
-                "UPDATE inbound_messages AS m SET relayed = TRUE, relay_owner = NULL, "
-                "relay_lease_until = NULL "
-                "FROM unnest($1::text[], $2::text[]) AS k(sender, message_id) "
-                "WHERE m.sender = k.sender AND m.message_id = k.message_id AND NOT m.relayed "
-                "AND ($3::text IS NULL OR m.relay_owner = $3::text) "
-                "RETURNING m.sender, m.message_id",
+        keyed = [((e.sender, e.message_id), e) for e in events]
+        row = await self._call(
+            lambda c: c.fetchrow(
+                _MARK_RELAYED_SQL,
                 [k[0] for k in keys],
                 [k[1] for k in keys],
                 owner,
+                *_keyed_event_args(keyed),
             )
-            marked: list[InboundKey] = [(r[0], r[1]) for r in rows]
-            tx.audit(events_for_marked(keys, marked, events))
-            return marked
-
-        return await self._write(unit)
+        )
+        if row is None:  # the statement returns one row
+            raise Unavailable("postgresql: marking relayed rows returned nothing")
+        return list(zip(row[0] or [], row[1] or [], strict=True))
 
     # outbox
 
@@ -927,28 +922,63 @@ async def _store_inbound_statement(
     first = _first_of_each_key(items)
     records = [(record, lease) for record, _, lease in first.values()]
     events = [(record.key, event) for record, evs, _ in first.values() for event in evs]
-    rows = entry_rows(0, [event for _, event in events])
     inserted = await c.fetch(
         _INSERT_INBOUND_SQL.replace(
             "RETURNING sender, message_id, seq",
             "RETURNING sender, message_id, seq), "
-            "ev AS (SELECT e.* FROM unnest($18::text[], $19::text[], $20::bytea[], "
-            "$21::bytea[], $22::timestamptz[], $23::text[], $24::text[], $25::text[], "
-            "$26::text[], $27::text[], $28::text[], $29::text[]) WITH ORDINALITY AS "
-            "e(k_sender, k_message_id, entry, leaf_hash, at, event, message_id, sender, "
-            "recipient, message_type, outcome, correlation_id, ord) "
-            "JOIN ins ON ins.sender = e.k_sender AND ins.message_id = e.k_message_id) "
-            "SELECT ins.sender, ins.message_id, ins.seq, (SELECT c2c_audit_append("
-            "array_agg(entry ORDER BY ord), array_agg(leaf_hash ORDER BY ord), "
-            "array_agg(at ORDER BY ord), array_agg(event ORDER BY ord), "
-            "array_agg(message_id ORDER BY ord), array_agg(sender ORDER BY ord), "
-            "array_agg(recipient ORDER BY ord), array_agg(message_type ORDER BY ord), "
-            "array_agg(outcome ORDER BY ord), array_agg(correlation_id ORDER BY ord)) "
-            "FROM ev) FROM ins",
+            + _keyed_events_cte(
+                18, "JOIN ins ON ins.sender = e.k_sender AND ins.message_id = e.k_message_id"
+            )
+            + f" SELECT ins.sender, ins.message_id, ins.seq, {_APPEND_EV} FROM ins",
         ),
         *_inbound_args(records),
+        *_keyed_event_args(events),
+    )
+    seqs: dict[InboundKey, int] = {(r[0], r[1]): r[2] for r in inserted}
+    existing = await _get_inbound_many(c, [key for key in first if key not in seqs])
+    return _inbound_outcomes(items, first, seqs, {}, existing, None)
+
+
+def _keyed_events_cte(first_param: int, join: str) -> str:
+    """``ev``: audit events, each with the inbox key it records (``k_sender``,
+    ``k_message_id``) and its place (``ord``), from the twelve arrays of
+    ``_keyed_event_args`` starting at ``$first_param``, joined with ``join``."""
+    types = ["text", "text", "bytea", "bytea", "timestamptz"] + ["text"] * 7
+    arrays = ", ".join(f"${first_param + i}::{t}[]" for i, t in enumerate(types))
+    return (
+        f"ev AS (SELECT e.* FROM unnest({arrays}) WITH ORDINALITY AS "
+        "e(k_sender, k_message_id, entry, leaf_hash, at, event, message_id, sender, "
+        f"recipient, message_type, outcome, correlation_id, ord) {join})"
+    )
+
+
+# ``ev`` appended in its order, in one call (the audit head is locked only when it has rows);
+# the seq of its first entry, or NULL
+_APPEND_EV = (
+    "(SELECT CASE WHEN count(*) > 0 THEN c2c_audit_append("
+    "array_agg(entry ORDER BY ord), array_agg(leaf_hash ORDER BY ord), "
+    "array_agg(at ORDER BY ord), array_agg(event ORDER BY ord), "
+    "array_agg(message_id ORDER BY ord), array_agg(sender ORDER BY ord), "
+    "array_agg(recipient ORDER BY ord), array_agg(message_type ORDER BY ord), "
+    "array_agg(outcome ORDER BY ord), array_agg(correlation_id ORDER BY ord)) END "
+    "FROM ev)"
+)
+
+
+def _keyed_event_args(
+    events: Sequence[tuple[tuple[str | None, str | None], AuditEvent]],
+) -> list[list[Any]]:
+    return [
         [key[0] for key, _ in events],
         [key[1] for key, _ in events],
+        *_event_args([event for _, event in events]),
+    ]
+
+
+def _event_args(events: Sequence[AuditEvent]) -> list[list[Any]]:
+    """The ten parallel arrays ``c2c_audit_append`` takes, one element per event."""
+    rows = entry_rows(0, events)
+    return [
         [r.entry for r in rows],
         [r.leaf_hash for r in rows],
         [_aware(r.at) for r in rows],
@@ -959,10 +989,32 @@ async def _store_inbound_statement(
         [r.message_type for r in rows],
         [r.outcome for r in rows],
         [r.correlation_id for r in rows],
+    ]
+
+
+# Marking relayed rows and appending the events of the rows marked, as one autocommit
+# statement: the rows are locked in seq order (two marks of the same rows queue in one order),
+# and the audit head only after them, inside the database.
+_MARK_RELAYED_SQL = (
+    "WITH due AS (SELECT m.seq FROM inbound_messages AS m "
+    "JOIN unnest($1::text[], $2::text[]) AS k(sender, message_id) "
+    "ON m.sender = k.sender AND m.message_id = k.message_id "
+    "WHERE NOT m.relayed AND ($3::text IS NULL OR m.relay_owner = $3::text) "
+    "ORDER BY m.seq FOR UPDATE OF m), "
+    "marked AS (UPDATE inbound_messages AS m SET relayed = TRUE, relay_owner = NULL, "
+    "relay_lease_until = NULL FROM due WHERE m.seq = due.seq "
+    "RETURNING m.sender, m.message_id), "
+    # the events of rows marked, and of keys not asked to be marked (as events_for_marked)
+    + _keyed_events_cte(
+        4,
+        "LEFT JOIN marked ON marked.sender = e.k_sender AND marked.message_id = e.k_message_id "
+        "WHERE marked.sender IS NOT NULL OR NOT EXISTS (SELECT 1 FROM "
+        "unnest($1::text[], $2::text[]) AS k(sender, message_id) "
+        "WHERE k.sender = e.k_sender AND k.message_id = e.k_message_id)",
     )
-    seqs: dict[InboundKey, int] = {(r[0], r[1]): r[2] for r in inserted}
-    existing = await _get_inbound_many(c, [key for key in first if key not in seqs])
-    return _inbound_outcomes(items, first, seqs, {}, existing, None)
+    + " SELECT (SELECT array_agg(sender) FROM marked), "
+    "(SELECT array_agg(message_id) FROM marked), " + _APPEND_EV
+)
 
 
 async def _store_inbound_batch(
@@ -1090,20 +1142,10 @@ async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> int:
     """Append a batch's entries with ``c2c_audit_append`` (migration 0003): the head is
     locked, the Merkle nodes hashed and everything written inside the database, in one round
     trip. Returns the seq of the first entry."""
-    entries = entry_rows(0, events)
     first: int = await c.fetchval(
         "SELECT c2c_audit_append($1::bytea[], $2::bytea[], $3::timestamptz[], $4::text[], "
         "$5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[])",
-        [e.entry for e in entries],
-        [e.leaf_hash for e in entries],
-        [_aware(e.at) for e in entries],
-        [e.event for e in entries],
-        [e.message_id for e in entries],
-        [e.sender for e in entries],
-        [e.recipient for e in entries],
-        [e.message_type for e in entries],
-        [e.outcome for e in entries],
-        [e.correlation_id for e in entries],
+        *_event_args(events),
     )
     return first
 

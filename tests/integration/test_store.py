@@ -351,6 +351,28 @@ async def test_relay_mark_appends_events_of_marked_rows_only(store: Store) -> No
     assert [json.loads(r.entry)["message_id"] for r in rows] == ["m-held"]
 
 
+async def test_relay_mark_keeps_events_of_keys_it_was_not_asked_to_mark(store: Store) -> None:
+    await store.store_inbound(inbound("k-0"), [])
+    other = event(EventKind.REJECTED, "elsewhere", sender="MX-SAT")
+    assert await store.mark_relayed([], [other]) == []
+    assert await store.audit_size() == 1
+    marked = await store.mark_relayed(
+        [("MX-SAT", "k-0"), ("MX-SAT", "k-missing")],
+        [
+            event(EventKind.DELIVERED, "k-0", sender="MX-SAT"),
+            event(EventKind.DELIVERED, "k-missing", sender="MX-SAT"),
+            other,
+        ],
+    )
+    assert marked == [("MX-SAT", "k-0")]
+    rows = await store.audit_entries(AuditFilter(), limit=10)
+    assert [(json.loads(r.entry)["event"], json.loads(r.entry)["message_id"]) for r in rows] == [
+        ("rejected", "elsewhere"),
+        ("delivered", "k-0"),
+        ("rejected", "elsewhere"),
+    ]
+
+
 async def test_find_inbound_reply(store: Store) -> None:
     assert await store.find_inbound_reply("q-1") is None
     await store.store_inbound(inbound("resp-1", in_reply_to="q-1"), [])

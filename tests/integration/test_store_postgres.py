@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import asyncpg
 import pgdb
@@ -17,7 +18,7 @@ from gateway.audit.events import EventKind
 from gateway.audit.merkle import frontier, root_from_nodes
 from gateway.clock import ManualClock
 from gateway.errors import Unavailable
-from gateway.store.base import AuditFilter
+from gateway.store.base import AuditFilter, RelayLease
 from gateway.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.postgres
@@ -235,3 +236,64 @@ async def test_a_row_breaking_another_constraint_fails_alone(pg_dsn: str) -> Non
         assert await store.audit_size() == 2
     finally:
         await store.close()
+
+
+async def test_release_relay_does_not_wait_for_the_audit_head(pg_dsn: str) -> None:
+    """Releasing a relay's leases writes no audit entry, so it must not queue on the head: a
+    mark holding rows may be waiting there."""
+    store = PostgresStore(pg_dsn, clock=ManualClock(T0))
+    await store.open()
+    holder = await asyncpg.connect(pg_dsn)
+    try:
+        lease = RelayLease(owner="hand", until=T0 + timedelta(seconds=30))
+        await store.store_inbound(inbound("l-0"), [], relay_lease=lease)
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+        async with asyncio.timeout(5):
+            assert await store.release_relay("hand") == 1
+        await tx.rollback()
+    finally:
+        await holder.close()
+        await store.close()
+
+
+async def test_replicas_marking_overlapping_rows_mark_and_audit_each_once(pg_dsn: str) -> None:
+    """Marks are single statements that lock their rows (in seq order), then the head: two
+    replicas marking the same rows in opposite orders, while appends go on, neither deadlock
+    nor mark or audit a row twice."""
+    replicas = [PostgresStore(pg_dsn, clock=ManualClock(T0), max_size=4) for _ in range(2)]
+    for replica in replicas:
+        await replica.open()
+    try:
+        keys = [
+            (await replicas[0].store_inbound(inbound(f"v-{i:02d}"), [])).record.key
+            for i in range(44)
+        ]
+
+        async def mark(i: int) -> list[tuple[str, str]]:
+            chunk = keys[(i * 5) % 40 : (i * 5) % 40 + 8]
+            ordered = chunk if i % 2 else list(reversed(chunk))
+            delivered = [event(EventKind.DELIVERED, mid, sender=sender) for sender, mid in ordered]
+            return await replicas[i % 2].mark_relayed(ordered, delivered)
+
+        async def append(i: int) -> list[int]:
+            return await replicas[i % 2].append_audit([event(EventKind.REJECTED, f"x-{i}")])
+
+        results = await asyncio.gather(
+            *(mark(i) for i in range(24)), *(append(i) for i in range(12))
+        )
+        marked = [key for batch in results[:24] for key in batch]
+        assert len(marked) == len(set(marked))
+        assert set(marked) == set(keys[:43])
+        size = await replicas[0].audit_size()
+        delivered = await replicas[1].audit_entries(AuditFilter(event="delivered"), limit=100)
+        assert size == len(marked) + 12 == len(delivered) + 12
+        assert sorted(r.entry for r in delivered) == sorted(set(r.entry for r in delivered))
+        leaves = await replicas[1].audit_leaf_hashes(0, size)
+        for n in range(1, size + 1):
+            nodes = await replicas[n % 2].audit_node_hashes(frontier(n))
+            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
+    finally:
+        for replica in replicas:
+            await replica.close()
