@@ -300,6 +300,9 @@ class SqliteStore:
             conn.execute("PRAGMA synchronous = FULL")
             # checkpoints are the checkpointer's (``_checkpoint_loop``), not the commits'
             conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # the per-unit savepoints' sub-journals in memory, not in a temporary file that
+            # each transaction would create, write and unlink
+            conn.execute("PRAGMA temp_store = MEMORY")
             sync = conn.execute("PRAGMA synchronous").fetchone()[0]
             if str(mode).lower() != "wal" or sync != 2:
                 raise sqlite3.OperationalError(

@@ -62,6 +62,13 @@ async def test_wal_and_full_sync_are_in_force(sqlite_store: SqliteStore) -> None
     assert await sqlite_store.integrity_check() == "ok"
 
 
+async def test_writer_keeps_savepoint_journals_in_memory(sqlite_store: SqliteStore) -> None:
+    """Every unit runs in a SAVEPOINT; with temp_store=FILE each transaction would create,
+    write and unlink a sub-journal file (four more syscalls and a copy of each page)."""
+    mode = await sqlite_store._write(lambda c: c.execute("PRAGMA temp_store").fetchone()[0])
+    assert mode == 2  # MEMORY
+
+
 async def test_lock_timeout_is_unavailable_then_recovers(sqlite_store: SqliteStore) -> None:
     blocker = sqlite3.connect(sqlite_store.path, isolation_level=None)
     try:
