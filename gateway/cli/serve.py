@@ -7,6 +7,7 @@ acknowledged message is always committed), services stop, then the store closes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from collections.abc import Callable
@@ -62,6 +63,7 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
         loop.add_signal_handler(signum, stop.set)
     try:
         await gateway.start()
+        freeze_startup_objects()
         try:
             on_ready()
             await stop.wait()
@@ -70,6 +72,15 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def freeze_startup_objects() -> None:
+    """What starting built (modules, schemas, keys, configuration: tens of thousands of
+    objects) lives as long as the process. Moved out of the collector's generations, it is
+    no longer scanned by every full collection (tens of milliseconds each, a latency spike
+    for the requests waiting behind it); only what requests leave behind is."""
+    gc.collect()
+    gc.freeze()
 
 
 def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
