@@ -21,7 +21,16 @@ from pathlib import Path
 import aio_pika
 import orjson
 
-from bench.common import PARTNER, Process, Serve, Table, prepare, scaled, sign_messages
+from bench.common import (
+    PARTNER,
+    Process,
+    Serve,
+    Table,
+    cpu_seconds,
+    prepare,
+    scaled,
+    sign_messages,
+)
 from gateway.config import AmqpConfig
 from gateway.transports.amqp import (
     INBOUND_EXCHANGE,
@@ -108,6 +117,33 @@ async def drain_rate(url: str, queue: str, expected: int, timeout_s: float) -> f
         await connection.close()
 
 
+def broker_pid() -> int | None:
+    """The local RabbitMQ node's process (``beam.smp`` running ``rabbit``), if readable."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if (proc / "comm").read_text().strip() != "beam.smp":
+                continue
+            if b"rabbit" in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+async def drain_measured(
+    url: str, queue: str, expected: int, timeout_s: float, consumer: int
+) -> tuple[float, float, float | None]:
+    """``drain_rate``, plus the consumer's and the broker's CPU per message meanwhile (µs)."""
+    broker = broker_pid()
+    pids = [consumer] + ([broker] if broker is not None else [])
+    before = [cpu_seconds(pid) for pid in pids]
+    rate = await drain_rate(url, queue, expected, timeout_s)
+    used = [(cpu_seconds(pid) - b) / expected * 1e6 for pid, b in zip(pids, before, strict=True)]
+    return rate, used[0], used[1] if broker is not None else None
+
+
 async def declare_raw_queues(url: str) -> None:
     connection = await aio_pika.connect(url)
     try:
@@ -153,7 +189,9 @@ async def amqp_inbound(root: Path) -> Table:
             ["-m", "bench.raw_amqp", "--url", url, "--in-queue", RAW_IN, "--out-queue", RAW_OUT]
         ).start()
         try:
-            raw_rate = await drain_rate(url, RAW_OUT, count, timeout)
+            raw_rate, raw_cpu, raw_broker = await drain_measured(
+                url, RAW_OUT, count, timeout, raw.pid
+            )
         finally:
             await raw.stop()
 
@@ -165,10 +203,14 @@ async def amqp_inbound(root: Path) -> Table:
         )
         gateway = await Serve(config).start()
         try:
-            gw_rate = await drain_rate(url, partner_out_queue(PARTNER), count, timeout)
+            gw_rate, gw_cpu, gw_broker = await drain_measured(
+                url, partner_out_queue(PARTNER), count, timeout, gateway.pid
+            )
         finally:
             await gateway.stop()
     table.add(f"messages/s ({count:,} backlog, prefetch 50)", raw_rate, gw_rate, "/s")
+    table.add("consumer CPU per message", raw_cpu, gw_cpu, "us")
+    table.add("broker CPU per message", raw_broker, gw_broker, "us")
     table.notes.append(
         f"target >= 0.50 of raw aio-pika: {'MET' if gw_rate >= 0.5 * raw_rate else 'MISSED'}"
         f" ({gw_rate / raw_rate:.2f})"
