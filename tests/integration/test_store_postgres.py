@@ -110,15 +110,21 @@ async def test_replicas_interleaving_appends_keep_one_consistent_tree(pg_dsn: st
             )
         size = await replicas[0].audit_size()
         assert size == sum(1 + r % 5 for r in range(12))
-        leaves = await replicas[1].audit_leaf_hashes(0, size)
         rows = await replicas[1].audit_entries(AuditFilter(), limit=size)
         assert [r.seq for r in rows] == list(range(size))
-        for n in range(1, size + 1):
-            nodes = await replicas[n % 2].audit_node_hashes(frontier(n))
-            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
+        await assert_one_tree(replicas, size)
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def assert_one_tree(stores: list[PostgresStore], size: int) -> None:
+    """Every tree size 1..size, its frontier nodes read through the stores in turn, has the
+    naive RFC 6962 root of the leaves (read through the first store)."""
+    leaves = await stores[0].audit_leaf_hashes(0, size)
+    for n in range(1, size + 1):
+        nodes = await stores[(n + 1) % len(stores)].audit_node_hashes(frontier(n))
+        assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
 
 
 async def _lock_waiters(dsn: str) -> int:
@@ -162,10 +168,7 @@ async def test_append_after_waiting_for_the_head_reads_the_new_frontier(pg_dsn: 
             assert (await b).status == "stored"
         size = await second.audit_size()
         assert size == 3
-        leaves = await second.audit_leaf_hashes(0, size)
-        for n in range(1, size + 1):
-            nodes = await first.audit_node_hashes(frontier(n))
-            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
+        await assert_one_tree([second, first], size)
     finally:
         await holder.close()
         await first.close()
@@ -290,10 +293,7 @@ async def test_replicas_marking_overlapping_rows_mark_and_audit_each_once(pg_dsn
         delivered = await replicas[1].audit_entries(AuditFilter(event="delivered"), limit=100)
         assert size == len(marked) + 12 == len(delivered) + 12
         assert sorted(r.entry for r in delivered) == sorted(set(r.entry for r in delivered))
-        leaves = await replicas[1].audit_leaf_hashes(0, size)
-        for n in range(1, size + 1):
-            nodes = await replicas[n % 2].audit_node_hashes(frontier(n))
-            assert root_from_nodes(n, nodes) == naive_root(leaves[:n]), n
+        await assert_one_tree(replicas, size)
     finally:
         for replica in replicas:
             await replica.close()
