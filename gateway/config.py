@@ -47,6 +47,11 @@ class TlsConfig:
     cert: Path
     key: Path
     ca: Path
+    #: PEM CRLs of the partner CAs; when set, partners' client certificates are checked
+    #: against them at the handshake (every partner CA needs one)
+    crls: tuple[Path, ...] = ()
+    #: how often the CRL files are checked for a new version, and for staleness
+    crl_check_interval_s: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -617,7 +622,13 @@ def _retention(table: _Table) -> RetentionConfig:
 
 
 def _tls(table: _Table) -> TlsConfig:
-    tls = TlsConfig(cert=table.req_path("cert"), key=table.req_path("key"), ca=table.req_path("ca"))
+    tls = TlsConfig(
+        cert=table.req_path("cert"),
+        key=table.req_path("key"),
+        ca=table.req_path("ca"),
+        crls=table.path_list("crls"),
+        crl_check_interval_s=table.float_or("crl_check_interval_s", 60.0),
+    )
     table.finish()
     return tls
 

@@ -42,6 +42,7 @@ from gateway.transports.amqp_bus import RabbitBus
 from gateway.transports.amqp_service import AmqpService
 from gateway.transports.bus import Bus, MemoryBus
 from gateway.transports.https_server import PartnerHttpsServer
+from gateway.transports.revocation import CrlWatcher, enable_revocation
 from gateway.transports.tls import PartnerIdentifier, server_context
 
 log = structlog.get_logger(__name__)
@@ -148,12 +149,18 @@ class Gateway:
                 relay=self.relay,
             )
         )
+        partner_context = server_context(config.tls, config.partners.values())
+        self.crl_watcher: CrlWatcher | None = None
+        if config.tls.crls:
+            self.crl_watcher = enable_revocation(
+                partner_context, config.tls, config.partners.values(), self.clock
+            )
         self.partner_server = PartnerHttpsServer(
             pipeline=self.pipeline,
             registry=self.registry,
             jwks=jwks(self.signing_keys),
             identifier=PartnerIdentifier(config.tls, config.partners),
-            ssl_context=server_context(config.tls, config.partners.values()),
+            ssl_context=partner_context,
             limits=config.limits,
             max_body_bytes=max(
                 [config.limits.max_body_bytes]
@@ -163,6 +170,8 @@ class Gateway:
             port=config.partner_listen.port,
         )
         self._services: list[Service] = []
+        if self.crl_watcher is not None:
+            self._services.append(self.crl_watcher)
         self._started = False
         self.amqp: AmqpService | None = None
         if self.broker is not None:

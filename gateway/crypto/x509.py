@@ -10,11 +10,19 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from gateway.errors import ConfigError
 
 _PEM_MARKER = b"-----BEGIN CERTIFICATE-----"
+# the kinds of CA key a CRL signature can be checked with here
+_CRL_ISSUER_KEYS = (
+    ec.EllipticCurvePublicKey,
+    rsa.RSAPublicKey,
+    ed25519.Ed25519PublicKey,
+    ed448.Ed448PublicKey,
+)
 
 
 def _parse(data: bytes) -> x509.Certificate:
@@ -58,3 +66,12 @@ def cert_subject_cn(cert: x509.Certificate) -> str | None:
         return None
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` issued ``crl``: its subject is the CRL's issuer and its key verifies
+    the CRL's signature."""
+    key = ca.public_key()
+    if ca.subject != crl.issuer or not isinstance(key, _CRL_ISSUER_KEYS):
+        return False
+    return crl.is_signature_valid(key)

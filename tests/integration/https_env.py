@@ -9,7 +9,7 @@ import datetime as dt
 import io
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,12 +112,14 @@ class Env:
         return context
 
 
-def write_environment(root: Path, limits: str = "") -> None:
-    """``limits``: extra lines for the ``[limits]`` table of gateway.toml."""
+def write_environment(root: Path, limits: str = "", tls: str = "") -> None:
+    """``limits``, ``tls``: extra lines for the ``[limits]`` and ``[tls]`` tables of
+    gateway.toml."""
     init_dev_pki(root / "pki", [US, MX, CA, GB])
-    (root / "gateway.toml").write_text(
-        _GATEWAY_TOML.format(store=root / "gw.db") + "\n[limits]\n" + limits
+    text = _GATEWAY_TOML.format(store=root / "gw.db").replace(
+        'ca = "pki/ca.pem"\n', 'ca = "pki/ca.pem"\n' + tls
     )
+    (root / "gateway.toml").write_text(text + "\n[limits]\n" + limits)
     partners = {
         MX: {"legal": f'legal_basis = "{LEGAL_BASIS}"', "rate": 1000.0, "burst": 1000},
         CA: {"legal": "", "rate": 1000.0, "burst": 1000},
@@ -133,8 +135,18 @@ def write_environment(root: Path, limits: str = "") -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(tmp_path: Path, limits: str = "") -> AsyncIterator[Env]:
-    write_environment(tmp_path, limits)
+async def running_gateway(
+    tmp_path: Path,
+    limits: str = "",
+    *,
+    tls: str = "",
+    prepare: Callable[[Path], None] | None = None,
+) -> AsyncIterator[Env]:
+    """A started gateway with its partners; ``prepare(root)`` runs after the PKI and the
+    configuration files are written and before they are loaded."""
+    write_environment(tmp_path, limits, tls)
+    if prepare is not None:
+        prepare(tmp_path)
     config = load_config(tmp_path / "gateway.toml")
     bus = MemoryBus()
     delivered: list[InboundRecord] = []

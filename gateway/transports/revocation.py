@@ -1,0 +1,256 @@
+"""Revocation of partners' client certificates, from CRLs (``[tls] crls``).
+
+With CRLs configured, the partner endpoint checks every client certificate against the CRL
+of the CA that issued it during the TLS handshake (OpenSSL ``VERIFY_CRL_CHECK_LEAF``). A
+revoked certificate, a CA with no CRL, or a CRL past its nextUpdate all refuse the handshake:
+fail closed, like an expired certificate (no HTTP, no receipt). At start every partner CA
+must have a CRL it signed, or the configuration is refused.
+
+The files are watched: a new version (signed by a partner CA, with a later thisUpdate than
+the one in force) is added to the live context's store, where OpenSSL uses the newest valid
+CRL of an issuer for the next handshakes. A file that turns bad is refused with an error and
+the CRL in force stays; a CRL past its nextUpdate is reported once per version. Superseded CRLs
+stay in the store until the next start (OpenSSL cannot remove one from a live context): one
+per published CRL, so a CA that publishes large CRLs often wants a periodic restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+from cryptography import x509
+
+from gateway.clock import Clock, format_rfc3339
+from gateway.config import PartnerConfig, TlsConfig
+from gateway.crypto.x509 import cert_subject_cn, crl_signed_by
+from gateway.errors import ConfigError
+from gateway.transports.tls import partner_trust_anchors
+
+log = structlog.get_logger(__name__)
+
+_KEY = "tls.crls"
+_PEM_MARK = b"-----BEGIN X509 CRL-----"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrlFile:
+    path: Path
+    crl: x509.CertificateRevocationList
+    #: the CA certificate that signed it
+    issuer: x509.Certificate
+    mtime_ns: int
+
+    @property
+    def next_update(self) -> datetime | None:
+        return self.crl.next_update_utc
+
+    def describe(self) -> str:
+        return f"CRL of {cert_subject_cn(self.issuer)!r} ({len(self.crl)} revoked)"
+
+
+def read_anchors(files: Sequence[Path]) -> list[tuple[Path, x509.Certificate]]:
+    """Every CA certificate of the partner trust anchor files, with its file."""
+    anchors: list[tuple[Path, x509.Certificate]] = []
+    for path in files:
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                str(path), "https.ca", f"cannot read CA certificates: {exc}"
+            ) from None
+        anchors.extend((path, cert) for cert in certs)
+    return anchors
+
+
+def read_crl(path: Path, anchors: Sequence[x509.Certificate]) -> CrlFile:
+    """Parse ``path`` (PEM) and find the partner CA that signed it, or raise ConfigError."""
+    try:
+        mtime_ns = path.stat().st_mtime_ns
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(path), _KEY, f"cannot read: {exc.strerror or exc}") from None
+    if data.count(_PEM_MARK) > 1:
+        raise ConfigError(str(path), _KEY, "holds more than one CRL: give each its own file")
+    if _PEM_MARK not in data:
+        raise ConfigError(
+            str(path),
+            _KEY,
+            "not a PEM CRL (no '-----BEGIN X509 CRL-----'); convert a DER one with "
+            "'openssl crl -inform DER -outform PEM'",
+        )
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise ConfigError(str(path), _KEY, f"not a readable CRL: {exc}") from None
+    for anchor in anchors:
+        if crl_signed_by(crl, anchor):
+            return CrlFile(path=path, crl=crl, issuer=anchor, mtime_ns=mtime_ns)
+    raise ConfigError(
+        str(path),
+        _KEY,
+        f"issued by {crl.issuer.rfc4514_string()!r}, which is not a partner CA "
+        "(or its signature does not verify with that CA's key)",
+    )
+
+
+def load_crls(
+    crls: Sequence[Path], anchor_files: Sequence[Path]
+) -> tuple[list[CrlFile], list[x509.Certificate]]:
+    """Read every configured CRL; every partner CA must have signed one of them."""
+    anchors = read_anchors(anchor_files)
+    certs = [cert for _, cert in anchors]
+    files = [read_crl(path, certs) for path in crls]
+    for path, cert in anchors:
+        if not any(f.issuer == cert for f in files):
+            raise ConfigError(
+                str(path),
+                _KEY,
+                f"no CRL in tls.crls is from this partner CA ({cert_subject_cn(cert)!r}): "
+                "with CRLs configured every partner CA needs one, or all of its certificates "
+                "are refused",
+            )
+    return files, certs
+
+
+def apply_crls(context: ssl.SSLContext, files: Sequence[CrlFile]) -> None:
+    """Load the CRLs into ``context`` and check client certificates against them."""
+    for crl_file in files:
+        _add(context, crl_file)
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+
+
+def _add(context: ssl.SSLContext, crl_file: CrlFile) -> None:
+    try:
+        context.load_verify_locations(cafile=str(crl_file.path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(str(crl_file.path), _KEY, f"cannot load: {exc}") from None
+
+
+class CrlWatcher:
+    """Re-reads changed CRL files into the live context; reports CRLs past nextUpdate."""
+
+    def __init__(
+        self,
+        *,
+        context: ssl.SSLContext,
+        files: Sequence[CrlFile],
+        anchors: Sequence[x509.Certificate],
+        clock: Clock,
+        interval_s: float,
+    ) -> None:
+        self._context = context
+        self._files = list(files)
+        self._anchors = list(anchors)
+        self._clock = clock
+        self._interval_s = interval_s
+        # (path, mtime) of a version refused, and CRL versions reported stale: each said once
+        self._refused: set[tuple[Path, int]] = set()
+        self._stale: set[tuple[Path, datetime | None]] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def files(self) -> list[CrlFile]:
+        return list(self._files)
+
+    async def start(self) -> None:
+        self.check()
+        self._task = asyncio.create_task(self._run(), name="crl-watcher")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.check()
+
+    def check(self) -> None:
+        """Take in every changed file that is a valid, not older CRL; report stale ones."""
+        for index, current in enumerate(self._files):
+            try:
+                mtime_ns = current.path.stat().st_mtime_ns
+            except OSError as exc:
+                self._refuse(current.path, -1, f"cannot read: {exc.strerror or exc}")
+                continue
+            if mtime_ns == current.mtime_ns:
+                continue
+            try:
+                fresh = read_crl(current.path, self._anchors)
+            except ConfigError as exc:
+                self._refuse(current.path, mtime_ns, exc.reason)
+                continue
+            if fresh.crl.last_update_utc <= current.crl.last_update_utc:
+                if fresh.crl.tbs_certlist_bytes == current.crl.tbs_certlist_bytes:
+                    self._files[index] = fresh  # the same CRL written again
+                    continue
+                # OpenSSL keeps using the CRL in force unless the new one is more recent
+                self._refuse(
+                    current.path,
+                    fresh.mtime_ns,
+                    f"its thisUpdate {format_rfc3339(fresh.crl.last_update_utc)} is not later "
+                    f"than the CRL in force ({format_rfc3339(current.crl.last_update_utc)})",
+                )
+                continue
+            try:
+                _add(self._context, fresh)
+            except ConfigError as exc:
+                self._refuse(current.path, fresh.mtime_ns, exc.reason)
+                continue
+            self._files[index] = fresh
+            log.info(
+                "crl_reloaded",
+                path=str(fresh.path),
+                crl=fresh.describe(),
+                next_update=_time(fresh.next_update),
+            )
+        now = self._clock.now()
+        for crl_file in self._files:
+            next_update = crl_file.next_update
+            key = (crl_file.path, next_update)
+            if next_update is not None and now >= next_update and key not in self._stale:
+                self._stale.add(key)
+                log.error(
+                    "crl_stale",
+                    path=str(crl_file.path),
+                    crl=crl_file.describe(),
+                    next_update=_time(next_update),
+                    effect=f"client certificates of {cert_subject_cn(crl_file.issuer)!r} are "
+                    "refused at the handshake until a fresh CRL is installed",
+                )
+
+    def _refuse(self, path: Path, mtime_ns: int, reason: str) -> None:
+        if (path, mtime_ns) in self._refused:
+            return
+        self._refused.add((path, mtime_ns))
+        log.error("crl_reload_refused", path=str(path), reason=reason, kept="the CRL in force")
+
+
+def _time(moment: datetime | None) -> str | None:
+    return None if moment is None else format_rfc3339(moment)
+
+
+def enable_revocation(
+    context: ssl.SSLContext, tls: TlsConfig, partners: Iterable[PartnerConfig], clock: Clock
+) -> CrlWatcher:
+    """Check partners' client certificates on ``context`` against ``tls.crls``; the watcher
+    (a gateway service) keeps them current."""
+    files, anchors = load_crls(tls.crls, partner_trust_anchors(tls, partners))
+    apply_crls(context, files)
+    return CrlWatcher(
+        context=context,
+        files=files,
+        anchors=anchors,
+        clock=clock,
+        interval_s=tls.crl_check_interval_s,
+    )

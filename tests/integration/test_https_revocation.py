@@ -1,0 +1,177 @@
+"""Partners' client certificates checked against the partner CAs' CRLs (T04, T05).
+
+Real TLS on loopback: a revoked certificate, or any certificate while its CA's CRL is past
+nextUpdate, is refused at the handshake (fail closed, like an expired certificate). CRL files
+are re-read while serving; a bad or older file leaves the CRL in force.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from https_env import CA, MX, Env, make_message, post, running_gateway, write_environment
+
+from gateway.config import load_config
+from gateway.crypto.pki import init_dev_pki
+from gateway.errors import ConfigError
+from gateway.runtime import Gateway
+
+TLS = 'crls = ["pki/ca.crl"]\ncrl_check_interval_s = 3600\n'
+NOW = dt.datetime.now(dt.UTC)
+
+
+def write_crl(
+    root: Path,
+    revoked: Sequence[str] = (),
+    *,
+    this_update: dt.datetime | None = None,
+    next_update: dt.datetime | None = None,
+    issuer_dir: str = "pki",
+) -> Path:
+    """A CRL signed by the CA in ``root/issuer_dir``, revoking those parties' TLS
+    certificates, written to ``root/pki/ca.crl`` (its mtime moved on, as a new file's)."""
+    pki = root / issuer_dir
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    this_update = this_update or NOW - dt.timedelta(minutes=5)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(this_update)
+        .next_update(next_update or this_update + dt.timedelta(days=7))
+    )
+    for party in revoked:
+        cert = x509.load_pem_x509_certificate((root / "pki" / party / "tls.pem").read_bytes())
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(this_update)
+            .build()
+        )
+    path = root / "pki" / "ca.crl"
+    old_mtime = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    mtime = max(path.stat().st_mtime_ns, old_mtime + 1_000_000)
+    os.utime(path, ns=(mtime, mtime))
+    return path
+
+
+async def status_of(env: Env, party: str) -> int | None:
+    """The HTTP status of a valid message from ``party``, or None when the TLS handshake
+    was refused."""
+    _, body = make_message(env, sender=party)
+    try:
+        answer = await post(env, body, cert=party, signer=party)
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+        return None
+    return answer.status
+
+
+@pytest.fixture
+async def revoked_mx(tmp_path: Path) -> AsyncIterator[Env]:
+    async with running_gateway(
+        tmp_path, tls=TLS, prepare=lambda root: write_crl(root, [MX])
+    ) as env:
+        yield env
+
+
+async def test_revoked_certificate_is_refused_at_the_handshake(revoked_mx: Env) -> None:
+    assert await status_of(revoked_mx, MX) is None
+    assert await status_of(revoked_mx, CA) == 202
+    assert await revoked_mx.gateway.store.audit_size() == 1  # CA-CBSA's accepted message
+
+
+async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, tls=TLS, prepare=lambda root: write_crl(root)) as env:
+        assert await status_of(env, MX) == 202
+        write_crl(tmp_path, [MX], this_update=NOW)
+        watcher = env.gateway.crl_watcher
+        assert watcher is not None
+        with structlog.testing.capture_logs() as logs:
+            watcher.check()
+        assert [e["event"] for e in logs] == ["crl_reloaded"]
+        assert await status_of(env, MX) is None
+        assert await status_of(env, CA) == 202
+
+
+async def test_an_older_or_broken_crl_file_leaves_the_crl_in_force(revoked_mx: Env) -> None:
+    watcher = revoked_mx.gateway.crl_watcher
+    assert watcher is not None
+    # a replay of an earlier CRL that did not yet revoke MX-ANAM
+    write_crl(revoked_mx.root, [], this_update=NOW - dt.timedelta(days=1))
+    with structlog.testing.capture_logs() as logs:
+        watcher.check()
+        watcher.check()  # said once per file version
+    assert [e["event"] for e in logs] == ["crl_reload_refused"]
+    assert "is not later than the CRL in force" in logs[0]["reason"]
+    assert await status_of(revoked_mx, MX) is None
+    (revoked_mx.root / "pki" / "ca.crl").write_text("not a CRL\n")
+    with structlog.testing.capture_logs() as logs:
+        watcher.check()
+    assert [e["event"] for e in logs] == ["crl_reload_refused"]
+    assert "not a PEM CRL" in logs[0]["reason"]
+    assert await status_of(revoked_mx, MX) is None
+    assert await status_of(revoked_mx, CA) == 202
+
+
+async def test_crl_past_next_update_refuses_every_certificate_of_its_ca(tmp_path: Path) -> None:
+    def stale(root: Path) -> None:
+        write_crl(
+            root,
+            this_update=NOW - dt.timedelta(days=2),
+            next_update=NOW - dt.timedelta(days=1),
+        )
+
+    with structlog.testing.capture_logs() as logs:
+        async with running_gateway(tmp_path, tls=TLS, prepare=stale) as env:
+            assert await status_of(env, MX) is None
+            assert await status_of(env, CA) is None
+            watcher = env.gateway.crl_watcher
+            assert watcher is not None
+            watcher.check()
+            # reported at start, not again for the same CRL
+            stale_reports = [e for e in logs if e["event"] == "crl_stale"]
+            assert len(stale_reports) == 1
+            assert "refused at the handshake" in stale_reports[0]["effect"]
+            write_crl(tmp_path, this_update=NOW)  # a current one arrives
+            watcher.check()
+            assert await status_of(env, MX) == 202
+
+
+def test_crl_of_another_ca_or_no_crl_file_is_a_configuration_error(tmp_path: Path) -> None:
+    write_environment(tmp_path, tls=TLS)
+    init_dev_pki(tmp_path / "other", ["XX-OTHER"])
+    write_crl(tmp_path, issuer_dir="other")
+    config = load_config(tmp_path / "gateway.toml")
+    with pytest.raises(ConfigError, match="which is not a partner CA") as info:
+        Gateway(config)
+    assert info.value.key == "tls.crls"
+    (tmp_path / "pki" / "ca.crl").write_bytes(b"\x30\x82")
+    with pytest.raises(ConfigError, match="not a PEM CRL"):
+        Gateway(load_config(tmp_path / "gateway.toml"))
+    pem = write_crl(tmp_path).read_bytes()
+    (tmp_path / "pki" / "ca.crl").write_bytes(pem + pem)
+    with pytest.raises(ConfigError, match="holds more than one CRL"):
+        Gateway(load_config(tmp_path / "gateway.toml"))
+
+
+def test_every_partner_ca_needs_a_crl(tmp_path: Path) -> None:
+    write_environment(tmp_path, tls=TLS)
+    init_dev_pki(tmp_path / "other", ["XX-OTHER"])
+    gb = tmp_path / "partners" / "GB-HMRC" / "partner.toml"
+    gb.write_text(gb.read_text().replace('ca = "../../pki/ca.pem"', 'ca = "../../other/ca.pem"'))
+    write_crl(tmp_path)  # from the CA of MX-ANAM and CA-CBSA only
+    with pytest.raises(ConfigError, match=r"no CRL in tls\.crls is from this partner CA") as info:
+        Gateway(load_config(tmp_path / "gateway.toml"))
+    assert info.value.file == str((tmp_path / "other" / "ca.pem").resolve())
