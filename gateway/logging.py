@@ -17,6 +17,7 @@ from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 #: longest rendered field (T79: at most 256 characters)
 MAX_FIELD = 256
@@ -163,3 +164,30 @@ def configure_logging(
     root.addHandler(handler)
     # third-party libraries speak only when something is wrong
     root.setLevel(max(level, logging.WARNING))
+
+
+class _OneLineBadRequests(logging.Filter):
+    """aiohttp logs every request its parser refuses (a 400) as an error with a traceback: a
+    few kilobytes that any connected peer can make the gateway write per request. The
+    refusal itself is expected; this keeps it as one warning line naming the parse error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())[:200]
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {reason}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_BAD_REQUESTS = _OneLineBadRequests()
+
+
+def quiet_bad_requests() -> None:
+    """Log aiohttp's refusals of unparseable requests as one line (idempotent)."""
+    server = logging.getLogger("aiohttp.server")
+    if _BAD_REQUESTS not in server.filters:
+        server.addFilter(_BAD_REQUESTS)

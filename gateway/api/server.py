@@ -9,6 +9,7 @@ from aiohttp import web
 
 from gateway.config import TlsConfig
 from gateway.errors import ConfigError
+from gateway.logging import quiet_bad_requests
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +56,7 @@ class ApiServer:
         return f"{scheme}://{self._host}:{self._bound_port}"
 
     async def start(self) -> None:
+        quiet_bad_requests()
         runner = web.AppRunner(
             self._app,
             handle_signals=False,

@@ -27,6 +27,7 @@ from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, load_certific
 from gateway.errors import GatewayError, SenderMismatch, TooLarge
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
+from gateway.logging import quiet_bad_requests
 from gateway.schemas.registry import SchemaRegistry
 from gateway.transports.tls import PartnerIdentifier
 
@@ -239,6 +240,7 @@ class PartnerHttpsServer:
         return app
 
     async def start(self) -> None:
+        quiet_bad_requests()
         runner = web.AppRunner(
             self.make_app(),
             handle_signals=False,

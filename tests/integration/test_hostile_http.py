@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -301,3 +302,22 @@ async def test_other_media_types_on_ingest_are_malformed(env: Env, content_type:
     assert len(entries) == 1
     assert f"Content-Type '{content_type}' is not MX-ANAM's" in entries[0]["reason"]
     assert await env.gateway.store.get_inbound(MX, message_id) is None
+
+
+async def test_a_refused_request_is_logged_as_one_line(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp would log each unparseable request with a traceback: kilobytes of log per
+    request, for any connected peer to make."""
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        statuses, _ = await exchange(env, SMUGGLING["two CL"])
+    assert statuses == [400]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 1
+    record = records[0]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert record.exc_text is None
+    assert "Error handling request" in record.getMessage()
+    assert "BadHttpMessage" in record.getMessage()
+    assert "\n" not in record.getMessage()
