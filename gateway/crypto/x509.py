@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
@@ -75,3 +75,7 @@ def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> 
     if ca.subject != crl.issuer or not isinstance(key, _CRL_ISSUER_KEYS):
         return False
     return crl.is_signature_valid(key)
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)

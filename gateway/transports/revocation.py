@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,7 +30,7 @@ from cryptography import x509
 
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import PartnerConfig, TlsConfig
-from gateway.crypto.x509 import cert_subject_cn, crl_signed_by
+from gateway.crypto.x509 import cert_subject_cn, crl_pem, crl_signed_by
 from gateway.errors import ConfigError
 from gateway.transports.tls import partner_trust_anchors
 
@@ -127,8 +128,14 @@ def apply_crls(context: ssl.SSLContext, files: Sequence[CrlFile]) -> None:
 
 
 def _add(context: ssl.SSLContext, crl_file: CrlFile) -> None:
+    # From the bytes that were checked, not from the path again: the file may have changed
+    # since (``load_verify_locations`` takes CRLs only from a file).
+    pem = crl_pem(crl_file.crl)
     try:
-        context.load_verify_locations(cafile=str(crl_file.path))
+        with tempfile.NamedTemporaryFile(prefix="c2c-crl-", suffix=".pem") as checked:
+            checked.write(pem)
+            checked.flush()
+            context.load_verify_locations(cafile=checked.name)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(str(crl_file.path), _KEY, f"cannot load: {exc}") from None
 
