@@ -32,7 +32,7 @@ from gateway.clock import Clock, format_rfc3339
 from gateway.config import PartnerConfig, TlsConfig
 from gateway.crypto.x509 import cert_subject_cn, crl_pem, crl_signed_by
 from gateway.errors import ConfigError
-from gateway.transports.tls import partner_trust_anchors
+from gateway.transports.tls import partner_trust_anchors, read_ca_certs
 
 log = structlog.get_logger(__name__)
 
@@ -58,16 +58,7 @@ class CrlFile:
 
 def read_anchors(files: Sequence[Path]) -> list[tuple[Path, x509.Certificate]]:
     """Every CA certificate of the partner trust anchor files, with its file."""
-    anchors: list[tuple[Path, x509.Certificate]] = []
-    for path in files:
-        try:
-            certs = x509.load_pem_x509_certificates(path.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                str(path), "https.ca", f"cannot read CA certificates: {exc}"
-            ) from None
-        anchors.extend((path, cert) for cert in certs)
-    return anchors
+    return [(path, cert) for path in files for cert in read_ca_certs(path)]
 
 
 def read_crl(path: Path, anchors: Sequence[x509.Certificate]) -> CrlFile:
@@ -161,10 +152,6 @@ class CrlWatcher:
         self._refused: set[tuple[Path, int]] = set()
         self._stale: set[tuple[Path, datetime | None]] = set()
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def files(self) -> list[CrlFile]:
-        return list(self._files)
 
     async def start(self) -> None:
         self.check()

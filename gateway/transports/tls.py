@@ -68,7 +68,7 @@ def client_context(tls: TlsConfig, ca: Path | None = None) -> ssl.SSLContext:
     return context
 
 
-def _read_ca_certs(path: Path) -> tuple[x509.Certificate, ...]:
+def read_ca_certs(path: Path) -> tuple[x509.Certificate, ...]:
     try:
         return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
     except (OSError, ValueError) as exc:
@@ -112,7 +112,7 @@ class PartnerIdentifier:
                 continue
             ca = partner.https.ca if partner.https.ca is not None else tls.ca
             if ca not in by_file:
-                by_file[ca] = _read_ca_certs(ca)
+                by_file[ca] = read_ca_certs(ca)
             identities.append(
                 _PartnerIdentity(
                     partner=partner.id,
