@@ -113,6 +113,21 @@ class DuplicateConflict(GatewayError):
     code = NackCode.DUPLICATE_CONFLICT
 
 
+class IdempotencyKeyReused(DuplicateConflict):
+    """An internal submitter reused an Idempotency-Key for a different request.
+
+    Not a partner refusal: 422, as draft-ietf-httpapi-idempotency-key-header asks, with the
+    DUPLICATE_CONFLICT code (the nearest PROTOCOL.md code: same id, different content).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, detail="Idempotency-Key was already used for a different request")
+
+    @property
+    def http_status(self) -> int:
+        return 422
+
+
 class TooLarge(GatewayError):
     code = NackCode.TOO_LARGE
 

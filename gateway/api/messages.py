@@ -15,7 +15,7 @@ from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
-from gateway.outbound.submission import Submission, submit
+from gateway.outbound.submission import Submission, submit_request
 from gateway.store.base import (
     INBOUND_DELIVERED,
     INBOUND_RECEIVED,
@@ -43,13 +43,34 @@ SUBMIT_MEMBERS = frozenset(
 MAX_TTL_S = 30 * 86_400
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
+#: draft-ietf-httpapi-idempotency-key-header; a replayed answer says so (as Stripe's API does)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 def actor_of(request: web.Request) -> str:
     return f"api:{claims_of(request).subject}"
 
 
-def submission_from(document: dict[str, Any], *, actor: str) -> Submission:
+def idempotency_key_of(request: web.Request) -> str | None:
+    """The ``Idempotency-Key`` header: a structured-field string (``"..."``) or a bare token.
+
+    Its characters are checked by the submission (so a bad key is audited like any refusal).
+    """
+    values = request.headers.getall(IDEMPOTENCY_HEADER, [])
+    if len(values) > 1:
+        raise Malformed(f"{IDEMPOTENCY_HEADER} given more than once")
+    if not values:
+        return None
+    value = values[0].strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return value
+
+
+def submission_from(
+    document: dict[str, Any], *, actor: str, idempotency_key: str | None = None
+) -> Submission:
     fields = Fields(document, allowed=SUBMIT_MEMBERS)
     priority = fields.choice("priority", frozenset(p.value for p in Priority))
     return Submission(
@@ -64,18 +85,25 @@ def submission_from(document: dict[str, Any], *, actor: str) -> Submission:
         respond_by=fields.timestamp("respond_by"),
         legal_basis=fields.text("legal_basis"),
         actor=actor,
+        idempotency_key=idempotency_key,
     )
 
 
 async def post_message(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    key = idempotency_key_of(request)
     document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
-    record = await submit(services.submission(), submission_from(document, actor=actor_of(request)))
+    submission = submission_from(document, actor=actor_of(request), idempotency_key=key)
+    submitted = await submit_request(services.submission(), submission)
+    record = submitted.record
     services.wake()
+    headers = {"Location": f"/api/v1/messages/{record.message_id}"}
+    if submitted.replayed:
+        headers[REPLAYED_HEADER] = "true"
     return json_response(
         {"message_id": record.message_id, "status": record.state.value},
         status=202,
-        headers={"Location": f"/api/v1/messages/{record.message_id}"},
+        headers=headers,
     )
 
 
@@ -120,6 +148,7 @@ def outbound_view(record: OutboundRecord) -> dict[str, Any]:
         else None,
         "body_digest": record.body_digest,
         "submitted_by": record.submitted_by,
+        "idempotency_key": record.idempotency_key,
         "envelope": _json_or_none(record.body),
         "signature": record.signature,
         "receipt": receipt,

@@ -52,6 +52,30 @@ _MESSAGE_ID_PARAM = {
     "schema": _UUID,
 }
 
+_IDEMPOTENCY_KEY_PARAM = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Your key for this request (draft-ietf-httpapi-idempotency-key-header): a"
+    " structured-field string or a bare token, 1 to 255 printable ASCII characters other than"
+    ' " and \\. Sent again with the same request, it gets the message the first one created'
+    " (marked Idempotent-Replayed: true), never a second one; with a different request, 422."
+    " Keys are per token subject and kept as long as their message.",
+    "schema": {"type": "string", "maxLength": 257},
+}
+_REPLAYED_HEADER = {
+    "Idempotent-Replayed": {
+        "description": "true when the answer is for an earlier request with this Idempotency-Key",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+_KEY_REUSED = _problem("The Idempotency-Key was used for a different request")
+
+
+def _replayable(response: dict[str, Any]) -> dict[str, Any]:
+    return {**response, "headers": _REPLAYED_HEADER}
+
+
 _SCHEMAS: dict[str, Any] = {
     "Problem": {
         "type": "object",
@@ -124,6 +148,8 @@ _SCHEMAS: dict[str, Any] = {
             "attempts": {"type": "integer"},
             "last_error": {"type": ["string", "null"]},
             "body_digest": {"type": "string"},
+            "submitted_by": {"type": ["string", "null"]},
+            "idempotency_key": {"type": ["string", "null"]},
             "envelope": {},
             "signature": {"type": ["string", "null"]},
             "receipt": _ref("Signed"),
@@ -470,15 +496,19 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "submitMessage",
                     "summary": "Submit a message to a partner; stored durably before 202",
                     "security": _security([SCOPE_SEND]),
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("Submission")}},
                     },
                     "responses": {
-                        "202": _json(_ref("Accepted"), "Stored in the outbox; delivery follows"),
+                        "202": _replayable(
+                            _json(_ref("Accepted"), "Stored in the outbox; delivery follows")
+                        ),
                         "400": _problem("Malformed request, unknown type or schema error"),
                         **_AUTH_ERRORS,
                         "413": _problem("Body too large"),
+                        "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable; nothing was kept"),
                     },
                 },
@@ -531,16 +561,18 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "submitQuery",
                     "summary": "Send a query and wait up to timeout_s for the partner's answer",
                     "security": _security([SCOPE_QUERY]),
+                    "parameters": [_IDEMPOTENCY_KEY_PARAM],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("Query")}},
                     },
                     "responses": {
-                        "200": _json(_ref("QueryState"), "Answered in time"),
-                        "202": _json(_ref("QueryState"), "Sent; no answer yet"),
+                        "200": _replayable(_json(_ref("QueryState"), "Answered in time")),
+                        "202": _replayable(_json(_ref("QueryState"), "Sent; no answer yet")),
                         "400": _problem("Malformed request or schema error"),
                         **_AUTH_ERRORS,
                         "413": _problem("Body too large"),
+                        "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable"),
                     },
                 }

@@ -13,13 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.messages import actor_of, inbound_view
+from gateway.api.messages import REPLAYED_HEADER, actor_of, idempotency_key_of, inbound_view
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid
 from gateway.api.services import SERVICES, ApiServices
 from gateway.audit.events import EventKind
 from gateway.errors import Malformed
-from gateway.outbound.submission import Submission, submit
+from gateway.outbound.submission import Submission, submit_request
 from gateway.store.base import OutboundRecord, OutboundState
 
 QUERY_MEMBERS = frozenset(
@@ -32,7 +32,9 @@ MAX_TIMEOUT_S = 60.0
 FINAL_STATES = frozenset({OutboundState.REJECTED, OutboundState.DEAD})
 
 
-def query_submission(document: dict[str, Any], *, actor: str) -> tuple[Submission, float]:
+def query_submission(
+    document: dict[str, Any], *, actor: str, idempotency_key: str | None = None
+) -> tuple[Submission, float]:
     fields = Fields(document, allowed=QUERY_MEMBERS)
     message_type = fields.required_text("message_type", limit=100)
     if not message_type.startswith("query.") or message_type == RESPONSE_TYPE:
@@ -46,6 +48,7 @@ def query_submission(document: dict[str, Any], *, actor: str) -> tuple[Submissio
         correlation_id=fields.uuid("correlation_id"),
         actor=actor,
         audit_event=EventKind.QUERY,
+        idempotency_key=idempotency_key,
     )
     return submission, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
 
@@ -70,16 +73,19 @@ def _view(query: OutboundRecord, answer: dict[str, Any] | None) -> dict[str, Any
 
 async def post_query(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    key = idempotency_key_of(request)
     document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
-    submission, timeout_s = query_submission(document, actor=actor_of(request))
-    query = await submit(services.submission(), submission)
+    submission, timeout_s = query_submission(document, actor=actor_of(request), idempotency_key=key)
+    submitted = await submit_request(services.submission(), submission)
+    query = submitted.record
+    replayed = {REPLAYED_HEADER: "true"} if submitted.replayed else {}
     services.wake()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
         answer = await _answer(services, query)
         if answer is not None:
-            return json_response(_view(query, answer))
+            return json_response(_view(query, answer), headers=replayed)
         current = await services.store.get_outbound(query.message_id)
         if current is not None:
             query = current
@@ -89,7 +95,7 @@ async def post_query(request: web.Request) -> web.Response:
     return json_response(
         _view(query, None),
         status=202,
-        headers={"Location": f"/api/v1/queries/{query.message_id}"},
+        headers={"Location": f"/api/v1/queries/{query.message_id}", **replayed},
     )
 
 

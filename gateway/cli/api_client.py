@@ -12,6 +12,7 @@ import json
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ class ApiCallError(Exception):
         super().__init__(message)
         self.message = message
         self.refused = refused
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiAnswer:
+    status: int
+    document: Any
+    headers: Mapping[str, str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +77,27 @@ class ApiClient:
         except (OSError, ssl.SSLError) as exc:
             raise ApiCallError(f"--ca: {self.ca}: cannot load: {exc}", refused=False) from None
 
-    def post(self, path: str, document: dict[str, Any], *, timeout_s: float) -> tuple[int, Any]:
+    def post(
+        self,
+        path: str,
+        document: dict[str, Any],
+        *,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
         """POST JSON; returns (status, JSON answer) for 2xx, raises ApiCallError otherwise."""
+        answer = self.post_with_headers(path, document, timeout_s=timeout_s, headers=headers)
+        return answer.status, answer.document
+
+    def post_with_headers(
+        self,
+        path: str,
+        document: dict[str, Any],
+        *,
+        timeout_s: float,
+        headers: Mapping[str, str] | None = None,
+    ) -> ApiAnswer:
+        """POST JSON; the 2xx answer with its headers, raises ApiCallError otherwise."""
         request = urllib.request.Request(  # noqa: S310 -- scheme checked in create()
             self.base_url + path,
             data=json.dumps(document).encode("utf-8"),
@@ -79,6 +106,7 @@ class ApiClient:
                 "Authorization": f"Bearer {self.token}",
                 "Content-Type": "application/json",
                 "Accept": "application/json, application/problem+json",
+                **(headers or {}),
             },
         )
         context = self._context() if self.base_url.startswith("https:") else None
@@ -86,7 +114,11 @@ class ApiClient:
             with urllib.request.urlopen(  # noqa: S310 -- scheme checked in create()
                 request, timeout=timeout_s, context=context
             ) as response:
-                return int(response.status), _json(response.read())
+                return ApiAnswer(
+                    status=int(response.status),
+                    document=_json(response.read()),
+                    headers=dict(response.headers.items()),
+                )
         except urllib.error.HTTPError as exc:
             raise _problem_error(exc.code, exc.read()) from None
         except urllib.error.URLError as exc:

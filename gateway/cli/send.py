@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import click
 
+from gateway.api.messages import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from gateway.api.requests import UUID_RE
 from gateway.cli.api_client import ApiCallError, ApiClient
 from gateway.clock import SystemClock
@@ -27,7 +28,7 @@ from gateway.config import LimitsConfig, load_config
 from gateway.envelope import parse_json_strict
 from gateway.errors import ConfigError, GatewayError, SchemaInvalid, Unavailable
 from gateway.model import Priority
-from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.outbound.submission import Submission, SubmissionServices, submit_request
 from gateway.runtime import load_own_signing_keys
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store import InvalidStoreUrl, open_store
@@ -80,7 +81,7 @@ def api_client(api_url: str, token_file: Path | None, ca: Path | None) -> ApiCli
         fail(exc.message)
 
 
-def _submit_direct(config_path: Path, submission: Submission) -> tuple[str, str]:
+def _submit_direct(config_path: Path, submission: Submission) -> tuple[str, str, bool]:
     try:
         config = load_config(config_path)
         signing_keys = load_own_signing_keys(config)
@@ -98,13 +99,13 @@ def _submit_direct(config_path: Path, submission: Submission) -> tuple[str, str]
         clock=clock,
     )
 
-    async def run() -> tuple[str, str]:
+    async def run() -> tuple[str, str, bool]:
         await store.open()
         try:
-            record = await submit(services, submission)
+            submitted = await submit_request(services, submission)
         finally:
             await store.close()
-        return record.message_id, record.state.value
+        return submitted.record.message_id, submitted.record.state.value, submitted.replayed
 
     try:
         return asyncio.run(run())
@@ -114,7 +115,7 @@ def _submit_direct(config_path: Path, submission: Submission) -> tuple[str, str]
         fail(refusal_text(exc), REFUSED)
 
 
-def _submit_api(client: ApiClient, submission: Submission) -> tuple[str, str]:
+def _submit_api(client: ApiClient, submission: Submission) -> tuple[str, str, bool]:
     document: dict[str, Any] = {
         "recipient": submission.recipient,
         "message_type": submission.message_type,
@@ -126,12 +127,20 @@ def _submit_api(client: ApiClient, submission: Submission) -> tuple[str, str]:
     if submission.in_reply_to is not None:
         document["in_reply_to"] = submission.in_reply_to
     try:
-        _, answer = client.post("/api/v1/messages", document, timeout_s=API_TIMEOUT_S)
+        headers = {}
+        if submission.idempotency_key is not None:
+            # A structured-field string, as draft-ietf-httpapi-idempotency-key-header has it.
+            headers[IDEMPOTENCY_HEADER] = f'"{submission.idempotency_key}"'
+        reply = client.post_with_headers(
+            "/api/v1/messages", document, timeout_s=API_TIMEOUT_S, headers=headers
+        )
     except ApiCallError as exc:
         fail(exc.message, REFUSED if exc.refused else OPERATOR_ERROR)
+    answer = reply.document
     if not isinstance(answer, dict) or not {"message_id", "status"} <= answer.keys():
         fail("the internal API answered without message_id and status")
-    return str(answer["message_id"]), str(answer["status"])
+    replayed = reply.headers.get(REPLAYED_HEADER, "").lower() == "true"
+    return str(answer["message_id"]), str(answer["status"]), replayed
 
 
 @click.command()
@@ -162,6 +171,11 @@ def _submit_api(client: ApiClient, submission: Submission) -> tuple[str, str]:
     default=Priority.ROUTINE.value,
     show_default=True,
 )
+@click.option(
+    "--idempotency-key",
+    help="A key of yours for this message: running the command again with the same key and"
+    " message gives back the message the first run created instead of sending a second one.",
+)
 @click.option("--api-url", help="Submit through a running gateway's internal API instead.")
 @click.option(
     "--token",
@@ -182,6 +196,7 @@ def send(
     correlation_id: str | None,
     in_reply_to: str | None,
     priority: str,
+    idempotency_key: str | None,
     api_url: str | None,
     token_file: Path | None,
     ca: Path | None,
@@ -197,9 +212,16 @@ def send(
         in_reply_to=in_reply_to,
         priority=Priority(priority),
         actor=f"cli:{getpass.getuser()}",
+        idempotency_key=idempotency_key,
     )
     if client is not None:
-        message_id, state = _submit_api(client, submission)
+        message_id, state, replayed = _submit_api(client, submission)
     else:
-        message_id, state = _submit_direct(config_path, submission)
+        message_id, state, replayed = _submit_direct(config_path, submission)
+    if replayed:
+        click.echo(
+            f"note: --idempotency-key {idempotency_key!r} was already used for this message;"
+            " nothing new was sent",
+            err=True,
+        )
     click.echo(f"{message_id} {state}")

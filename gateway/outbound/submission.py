@@ -9,13 +9,16 @@ The signature is made here, once: the dispatcher sends these exact bytes on ever
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import orjson
+import structlog
+
 from gateway.adapters.registry import adapter_for
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.clock import Clock
+from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import SigningKey
@@ -23,9 +26,12 @@ from gateway.envelope import body_digest, encode_envelope, new_message_id
 from gateway.errors import GatewayError, Malformed, NotAuthorized, Unavailable
 from gateway.model import Header, Priority, is_party_id
 from gateway.schemas.registry import SchemaRegistry
-from gateway.store.base import OutboundRecord, Store
+from gateway.store.base import OutboundRecord, Store, same_request
+
+log = structlog.get_logger(__name__)
 
 RECEIPT_TYPE = "receipt"
+MAX_IDEMPOTENCY_KEY = 255
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +53,52 @@ class Submission:
     #: the audit event of the stored row: ``QUERY`` for a question asked through the queries
     #: API, so auditors find who asked a partner what without reading message types
     audit_event: Literal[EventKind.SUBMITTED, EventKind.QUERY] = EventKind.SUBMITTED
+    #: the submitter's key for retries (``Idempotency-Key``, AMQP ``message_id``): the same
+    #: key and request from the same actor yield the message the first one created
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Submitted:
+    record: OutboundRecord
+    #: the request repeated an earlier one's Idempotency-Key: nothing new was stored
+    replayed: bool = False
+
+
+def check_idempotency_key(value: str) -> str:
+    """The key, if it is 1 to 255 printable ASCII characters other than ``"`` and ``\\``."""
+    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not all(
+        " " <= ch <= "~" and ch not in '"\\' for ch in value
+    ):
+        raise Malformed(
+            f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ' other than " and \\'
+        )
+    return value
+
+
+def request_digest(submission: Submission) -> str:
+    """A digest of what a submission asks for (not who asks, nor its key): two requests with
+    the same digest would build the same message, but for its id and times."""
+    request = {
+        "kind": submission.audit_event.value,
+        "recipient": submission.recipient,
+        "message_type": submission.message_type,
+        "schema_version": submission.schema_version,
+        "payload": submission.payload,
+        "correlation_id": submission.correlation_id,
+        "in_reply_to": submission.in_reply_to,
+        "priority": submission.priority.value,
+        "ttl_s": submission.ttl_s,
+        "respond_by": None
+        if submission.respond_by is None
+        else format_rfc3339(submission.respond_by),
+        "legal_basis": submission.legal_basis,
+    }
+    try:
+        return body_digest(orjson.dumps(request, option=orjson.OPT_SORT_KEYS))
+    except orjson.JSONEncodeError as exc:
+        raise Malformed(f"the payload cannot be encoded as JSON: {exc}") from exc
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +121,7 @@ class SubmitContext:
     body: bytes | None = field(default=None, repr=False)
     signature: str | None = field(default=None, repr=False)
     kid: str | None = None
+    digest: str | None = None
     record: OutboundRecord | None = None
 
 
@@ -207,6 +260,8 @@ async def persist(ctx: SubmitContext) -> None:
         next_attempt_at=ctx.now,
         updated_at=ctx.now,
         submitted_by=ctx.submission.actor,
+        idempotency_key=ctx.submission.idempotency_key,
+        request_digest=ctx.digest,
     )
     event = AuditEvent(
         event=ctx.submission.audit_event,
@@ -221,8 +276,9 @@ async def persist(ctx: SubmitContext) -> None:
         actor=ctx.submission.actor,
         transport=ctx.transport,
     )
-    await ctx.services.store.enqueue_outbound(record, [event])
-    ctx.record = record
+    # With an Idempotency-Key, a concurrent twin of this request may have been stored first:
+    # the store then returns that row instead.
+    ctx.record = await ctx.services.store.enqueue_outbound(record, [event])
 
 
 STAGES: tuple[Stage, ...] = (
@@ -237,9 +293,27 @@ STAGES: tuple[Stage, ...] = (
 
 
 async def submit(services: SubmissionServices, submission: Submission) -> OutboundRecord:
-    """Run ``STAGES``; a refusal is audited (with the actor and exact reason) and re-raised."""
+    """``submit_request`` for callers that need only the stored row."""
+    return (await submit_request(services, submission)).record
+
+
+async def submit_request(services: SubmissionServices, submission: Submission) -> Submitted:
+    """Run ``STAGES``; a refusal is audited (with the actor and exact reason) and re-raised.
+
+    With an Idempotency-Key its submitter already used, the message that key created is
+    returned (``replayed``) when the request is the same, and nothing is stored or audited
+    again; a different request under that key is refused (IdempotencyKeyReused).
+    """
     ctx = SubmitContext(submission=submission, services=services, now=services.clock.now())
     try:
+        if submission.idempotency_key is not None:
+            check_idempotency_key(submission.idempotency_key)
+            ctx.digest = request_digest(submission)
+            earlier = await services.store.find_outbound_by_key(
+                submission.actor, submission.idempotency_key
+            )
+            if earlier is not None:
+                return _replayed(ctx, earlier)
         for stage in STAGES:
             await stage(ctx)
     except GatewayError as exc:
@@ -262,4 +336,22 @@ async def submit(services: SubmissionServices, submission: Submission) -> Outbou
             )
         raise
     assert ctx.record is not None
-    return ctx.record
+    assert ctx.header is not None
+    if ctx.record.message_id != ctx.header.message_id:
+        return _replayed(ctx, ctx.record)
+    return Submitted(record=ctx.record)
+
+
+def _replayed(ctx: SubmitContext, earlier: OutboundRecord) -> Submitted:
+    """The answer to a retry: the earlier message, if the request is the same."""
+    record = same_request(
+        earlier,
+        replace(earlier, idempotency_key=ctx.submission.idempotency_key, request_digest=ctx.digest),
+    )
+    log.info(
+        "submission_replayed",
+        actor=ctx.submission.actor,
+        idempotency_key=ctx.submission.idempotency_key,
+        message_id=record.message_id,
+    )
+    return Submitted(record=record, replayed=True)

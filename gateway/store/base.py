@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Literal, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
+from gateway.errors import IdempotencyKeyReused
 from gateway.model import Direction, Priority
 
 #: ``(sender, message_id)``: the inbox key
@@ -141,6 +142,10 @@ class OutboundRecord:
     receipt_signature: str | None = None
     #: who submitted it (a JWT subject, ``amqp:<app>``)
     submitted_by: str | None = None
+    #: the submitter's Idempotency-Key (unique per ``submitted_by``) and a digest of its
+    #: request: a retry with the same key and request gets this message back
+    idempotency_key: str | None = None
+    request_digest: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -309,8 +314,19 @@ class Store(Protocol):
         ...
 
     # outbox
-    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
-        """Raise DuplicateConflict when ``message_id`` is already in the outbox."""
+    async def enqueue_outbound(
+        self, record: OutboundRecord, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        """Store the row with its events; returns what is stored. Raise DuplicateConflict when
+        ``message_id`` is already in the outbox. With an ``idempotency_key`` that its submitter
+        already used, nothing is written: the earlier row is returned when its
+        ``request_digest`` is the same, else IdempotencyKeyReused is raised."""
+        ...
+
+    async def find_outbound_by_key(
+        self, submitted_by: str, idempotency_key: str
+    ) -> OutboundRecord | None:
+        """The row a submitter created with this Idempotency-Key, if it is still kept."""
         ...
 
     async def claim_outbound(
@@ -421,6 +437,16 @@ class Store(Protocol):
 
 def empty_depth() -> dict[OutboundState, int]:
     return dict.fromkeys(OutboundState, 0)
+
+
+def same_request(earlier: OutboundRecord, record: OutboundRecord) -> OutboundRecord:
+    """``earlier`` when ``record`` repeats its request under the same Idempotency-Key."""
+    if earlier.request_digest != record.request_digest:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {record.idempotency_key!r} of {record.submitted_by} was used for"
+            f" message {earlier.message_id} with a different request"
+        )
+    return earlier
 
 
 def events_for_marked(

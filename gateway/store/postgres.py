@@ -53,6 +53,7 @@ from gateway.store.base import (
     StoreError,
     WitnessedState,
     empty_depth,
+    same_request,
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
@@ -90,7 +91,7 @@ _OUTBOUND_COLUMNS = (
     "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "priority, body, body_digest, signature, kid, transport, created_at, expires_at, state, "
     "attempts, next_attempt_at, last_error, receipt_body, receipt_signature, submitted_by, "
-    "updated_at"
+    "updated_at, idempotency_key, request_digest"
 )
 _PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
 
@@ -141,6 +142,8 @@ def _outbound(row: asyncpg.Record) -> OutboundRecord:
         receipt_signature=row[19],
         submitted_by=row[20],
         updated_at=row[21],
+        idempotency_key=row[22],
+        request_digest=row[23],
     )
 
 
@@ -615,16 +618,20 @@ class PostgresStore:
 
     # outbox
 
-    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
+    async def enqueue_outbound(
+        self, record: OutboundRecord, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
         events = list(events)
 
-        async def unit(tx: _Tx) -> None:
+        async def unit(tx: _Tx) -> OutboundRecord:
             c = tx.conn
+            # No conflict target: a reused Idempotency-Key (a unique index too) waits for the
+            # row holding it to commit, then inserts nothing and is looked up below.
             inserted = await c.fetchval(
                 f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
-                "$17, $18, $19, $20, $21, $22, $23) "
-                "ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                "$17, $18, $19, $20, $21, $22, $23, $24, $25) "
+                "ON CONFLICT DO NOTHING RETURNING message_id",
                 record.message_id,
                 record.recipient,
                 record.message_type,
@@ -647,15 +654,27 @@ class PostgresStore:
                 record.receipt_signature,
                 record.submitted_by,
                 _aware(record.updated_at),
+                record.idempotency_key,
+                record.request_digest,
                 _PRIORITY_RANK[record.priority],
             )
             if inserted is None:
+                if record.idempotency_key is not None:
+                    earlier = await _outbound_by_key(c, record.submitted_by, record.idempotency_key)
+                    if earlier is not None:
+                        return same_request(earlier, record)
                 raise DuplicateConflict(
                     f"outbound message_id {record.message_id!r} is already in the outbox"
                 )
             tx.audit(events)
+            return record
 
-        await self._write(unit)
+        return await self._write(unit)
+
+    async def find_outbound_by_key(
+        self, submitted_by: str, idempotency_key: str
+    ) -> OutboundRecord | None:
+        return await self._call(lambda c: _outbound_by_key(c, submitted_by, idempotency_key))
 
     async def claim_outbound(
         self, worker_id: str, now: datetime, limit: int, lease_s: float
@@ -1167,3 +1186,15 @@ async def _migrate(c: Conn) -> None:
             migration.version,
             migration.name,
         )
+
+
+async def _outbound_by_key(
+    c: Conn, submitted_by: str | None, idempotency_key: str
+) -> OutboundRecord | None:
+    row = await c.fetchrow(
+        f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages "
+        "WHERE submitted_by = $1 AND idempotency_key = $2",
+        submitted_by,
+        idempotency_key,
+    )
+    return None if row is None else _outbound(row)

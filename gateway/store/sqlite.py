@@ -59,6 +59,7 @@ from gateway.store.base import (
     WitnessedState,
     empty_depth,
     events_for_marked,
+    same_request,
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
@@ -101,7 +102,7 @@ _OUTBOUND_COLUMNS = (
     "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "priority, body, body_digest, signature, kid, transport, created_at, expires_at, state, "
     "attempts, next_attempt_at, last_error, receipt_body, receipt_signature, submitted_by, "
-    "updated_at"
+    "updated_at, idempotency_key, request_digest"
 )
 _PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
 _FINISHED = tuple(s.value for s in OutboundState if s not in ACTIVE_STATES)
@@ -153,6 +154,8 @@ def _outbound(row: Sequence[Any]) -> OutboundRecord:
         receipt_signature=row[19],
         submitted_by=row[20],
         updated_at=_dt(row[21]),
+        idempotency_key=row[22],
+        request_digest=row[23],
     )
 
 
@@ -785,13 +788,20 @@ class SqliteStore:
 
     # outbox
 
-    async def enqueue_outbound(self, record: OutboundRecord, events: Sequence[AuditEvent]) -> None:
+    async def enqueue_outbound(
+        self, record: OutboundRecord, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
         events = list(events)
 
-        def unit(c: Conn) -> None:
+        def unit(c: Conn) -> OutboundRecord:
+            if record.idempotency_key is not None:
+                # The writer runs units one at a time, so no other insert can come between.
+                earlier = _outbound_by_key(c, record.submitted_by, record.idempotency_key)
+                if earlier is not None:
+                    return same_request(earlier, record)
             cur = c.execute(
                 f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"VALUES ({', '.join('?' * 25)}) "
                 "ON CONFLICT (message_id) DO NOTHING",
                 (
                     record.message_id,
@@ -816,6 +826,8 @@ class SqliteStore:
                     record.receipt_signature,
                     record.submitted_by,
                     _us(record.updated_at),
+                    record.idempotency_key,
+                    record.request_digest,
                     _PRIORITY_RANK[record.priority],
                 ),
             )
@@ -824,8 +836,14 @@ class SqliteStore:
                     f"outbound message_id {record.message_id!r} is already in the outbox"
                 )
             self._append_audit(c, events)
+            return record
 
-        await self._write(unit)
+        return await self._write(unit)
+
+    async def find_outbound_by_key(
+        self, submitted_by: str, idempotency_key: str
+    ) -> OutboundRecord | None:
+        return await self._read(lambda c: _outbound_by_key(c, submitted_by, idempotency_key))
 
     async def claim_outbound(
         self, worker_id: str, now: datetime, limit: int, lease_s: float
@@ -1047,6 +1065,17 @@ def _get_outbound(c: Conn, message_id: str) -> OutboundRecord | None:
     row = c.execute(
         f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages WHERE message_id = ?",
         (message_id,),
+    ).fetchone()
+    return None if row is None else _outbound(row)
+
+
+def _outbound_by_key(
+    c: Conn, submitted_by: str | None, idempotency_key: str
+) -> OutboundRecord | None:
+    row = c.execute(
+        f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages "
+        "WHERE submitted_by = ? AND idempotency_key = ?",
+        (submitted_by, idempotency_key),
     ).fetchone()
     return None if row is None else _outbound(row)
 

@@ -3,6 +3,9 @@
 The body is the same JSON object as ``POST /api/v1/messages`` and goes through the same
 submission stages (resolve partner, authorize type, validate, sign, store with its audit
 event). The submitter is ``amqp:<user_id>`` (broker-validated) or else ``amqp:<app_id>``.
+The AMQP ``message_id`` property is the submission's idempotency key: a redelivery (the
+gateway stopped between storing and acking) or a publisher's resend with the same
+``message_id`` and body gets the message the first one created, never a second one.
 
 Answers: with ``reply_to`` set, the outcome is published there (``submission.accepted`` with
 the message id, or an RFC 9457 ``problem`` naming the code and the exact reason). A refused
@@ -24,7 +27,7 @@ from gateway.api.messages import submission_from
 from gateway.envelope import new_message_id, parse_json_strict
 from gateway.errors import GatewayError, Malformed, Unavailable
 from gateway.inbound.pipeline import problem_document
-from gateway.outbound.submission import SubmissionServices, submit
+from gateway.outbound.submission import SubmissionServices, submit_request
 from gateway.transports.amqp import (
     DEAD_LETTER_EXCHANGE,
     REASON_HEADER,
@@ -68,7 +71,10 @@ class SubmitConsumer:
             )
             if not isinstance(document, dict):
                 raise Malformed("the submission must be a JSON object")
-            record = await submit(self._services, submission_from(document, actor=actor))
+            submission = submission_from(
+                document, actor=actor, idempotency_key=delivery.message_id or None
+            )
+            submitted = await submit_request(self._services, submission)
         except Unavailable as exc:
             log.warning("amqp_submit_unavailable", actor=actor, reason=exc.reason)
             # Give the store a moment before the message comes round again.
@@ -76,9 +82,15 @@ class SubmitConsumer:
             return Settlement.REQUEUE
         except GatewayError as exc:
             return await self._refuse(delivery, actor, exc)
+        record = submitted.record
         if self._on_submitted is not None:
             self._on_submitted()
-        log.info("amqp_submitted", actor=actor, message_id=record.message_id)
+        log.info(
+            "amqp_submitted",
+            actor=actor,
+            message_id=record.message_id,
+            replayed=submitted.replayed,
+        )
         if delivery.reply_to:
             reply = self._reply(
                 delivery,

@@ -88,6 +88,56 @@ async def test_submissions_are_stored_or_answered_with_the_reason(
         assert reason.startswith("MALFORMED: unknown member(s): colour")
 
 
+async def test_a_resent_submission_with_its_message_id_makes_one_message(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    # A redelivery (the gateway stopped between storing and acking) or a publisher's resend
+    # carries the same message_id: the outbox gets one row, and both answers name it.
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        channel = await env.peer.connection.channel()
+        replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        reply_queue = await channel.declare_queue(exclusive=True)
+        await reply_queue.consume(replies.put, no_ack=True)
+        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
+        document = {
+            "recipient": AMQP_PARTNER,
+            "message_type": "shipment.advance_data",
+            "payload": example,
+        }
+
+        async def publish(document: dict[str, object], message_id: str) -> dict[str, str]:
+            await submit.publish(
+                aio_pika.Message(
+                    json.dumps(document).encode(),
+                    app_id="cbp-targeting",
+                    message_id=message_id,
+                    reply_to=reply_queue.name,
+                    content_type="application/json",
+                ),
+                routing_key="",
+            )
+            async with asyncio.timeout(15):
+                reply = await replies.get()
+            answer: dict[str, str] = json.loads(reply.body)
+            return answer
+
+        first = await publish(document, "sub-1")
+        again = await publish(document, "sub-1")
+        assert again["message_id"] == first["message_id"]
+        other = await publish(document, "sub-2")
+        assert other["message_id"] != first["message_id"]
+        assert sum((await env.gateway.store.outbox_depth()).values()) == 2
+
+        changed = await publish({**document, "priority": "urgent"}, "sub-1")
+        assert changed["code"] == "DUPLICATE_CONFLICT"
+        assert first["message_id"] in changed["reason"]
+        assert sum((await env.gateway.store.outbox_depth()).values()) == 2
+        record = await env.gateway.store.get_outbound(first["message_id"])
+        assert record is not None
+        assert record.idempotency_key == "sub-1"
+
+
 async def test_outbound_message_goes_to_the_partners_out_queue(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:

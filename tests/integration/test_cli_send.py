@@ -267,3 +267,51 @@ def test_api_url_needs_https_and_a_token(tmp_path: Path) -> None:
     closed = run(*args, "--api-url", "https://127.0.0.1:1", "--token", token_file)
     assert closed.exit_code == 2
     assert closed.stderr.startswith("error: https://127.0.0.1:1: cannot reach the internal API: ")
+
+
+async def test_send_again_with_the_same_idempotency_key_sends_nothing_new(
+    config: GatewayConfig, tmp_path: Path
+) -> None:
+    payload = payload_file(tmp_path, "shipment.status")
+    args = (
+        "send", "--config", config.source, "--to", "MX-ANAM", "--type", "shipment.status",
+        "--payload", payload, "--idempotency-key", "ops-2026-12-04-1",
+    )  # fmt: skip
+    first = await arun(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stderr == ""
+    again = await arun(*args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout
+    assert "was already used for this message; nothing new was sent" in again.stderr
+    submitted = [e for e in await audit_entries(config) if e["event"] == EventKind.SUBMITTED]
+    assert len(submitted) == 1
+
+    changed = await arun(*args, "--priority", "urgent")
+    assert changed.exit_code == 1
+    assert changed.stderr.startswith("error: DUPLICATE_CONFLICT: Idempotency-Key ")
+
+
+async def test_send_through_the_api_with_an_idempotency_key(
+    running: Running, tmp_path: Path
+) -> None:
+    config = running.config
+    token_file = tmp_path / "token"
+    token_file.write_text(token(config, subject="ops-desk") + "\n", encoding="utf-8")
+    payload = payload_file(tmp_path, "shipment.status")
+    args = (
+        "send", "--to", "MX-ANAM", "--type", "shipment.status", "--payload", payload,
+        "--api-url", running.api_url, "--token", token_file, "--ca", config.tls.ca,
+        "--idempotency-key", "desk-7",
+    )  # fmt: skip
+    first = await run_process(*args)
+    assert first.exit_code == 0, first.stderr
+    again = await run_process(*args)
+    assert again.exit_code == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert "nothing new was sent" in again.stderr
+    message_id = first.stdout.split()[0]
+    record = await running.gateway.store.get_outbound(message_id)
+    assert record is not None
+    assert (record.submitted_by, record.idempotency_key) == ("api:ops-desk", "desk-7")
+    assert sum((await running.gateway.store.outbox_depth()).values()) == 1

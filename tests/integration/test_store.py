@@ -13,7 +13,7 @@ import pytest
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.merkle import frontier, root_from_nodes
 from gateway.clock import ManualClock
-from gateway.errors import DuplicateConflict
+from gateway.errors import DuplicateConflict, IdempotencyKeyReused
 from gateway.model import Direction, Priority
 from gateway.store import Store, open_store
 from gateway.store.base import (
@@ -379,6 +379,88 @@ async def test_find_inbound_reply(store: Store) -> None:
     reply = await store.find_inbound_reply("q-1")
     assert reply is not None
     assert reply.message_id == "resp-1"
+
+
+# idempotency keys
+
+
+def keyed(
+    message_id: str, *, key: str = "k-1", request: str = "req-a", actor: str = "api:alice"
+) -> OutboundRecord:
+    return replace(
+        outbound(message_id),
+        submitted_by=actor,
+        idempotency_key=key,
+        request_digest=digest(request.encode()),
+    )
+
+
+async def submitted_ids(store: Store) -> list[str | None]:
+    rows = await store.audit_entries(AuditFilter(event=EventKind.SUBMITTED.value), limit=100)
+    return [json.loads(r.entry)["message_id"] for r in rows]
+
+
+async def test_a_repeated_idempotency_key_gets_the_first_row_back(store: Store) -> None:
+    first = await store.enqueue_outbound(keyed("o-1"), [event(EventKind.SUBMITTED, "o-1")])
+    assert first.message_id == "o-1"
+    again = await store.enqueue_outbound(keyed("o-2"), [event(EventKind.SUBMITTED, "o-2")])
+    assert again.message_id == "o-1"
+    assert again.idempotency_key == "k-1"
+    assert await store.get_outbound("o-2") is None
+    assert await submitted_ids(store) == ["o-1"]
+    found = await store.find_outbound_by_key("api:alice", "k-1")
+    assert found is not None
+    assert found.message_id == "o-1"
+    assert found.request_digest == digest(b"req-a")
+    assert await store.find_outbound_by_key("api:bob", "k-1") is None
+    assert await store.find_outbound_by_key("api:alice", "k-2") is None
+
+
+async def test_an_idempotency_key_reused_for_another_request_writes_nothing(store: Store) -> None:
+    await store.enqueue_outbound(keyed("o-1"), [event(EventKind.SUBMITTED, "o-1")])
+    results = await asyncio.gather(
+        store.enqueue_outbound(keyed("o-2", request="req-b"), [event(EventKind.SUBMITTED, "o-2")]),
+        store.enqueue_outbound(outbound("o-3"), [event(EventKind.SUBMITTED, "o-3")]),
+        return_exceptions=True,
+    )
+    refused = results[0]
+    assert isinstance(refused, IdempotencyKeyReused)
+    assert "'k-1' of api:alice was used for message o-1" in refused.reason
+    assert refused.http_status == 422
+    assert isinstance(results[1], OutboundRecord)
+    assert await store.get_outbound("o-2") is None
+    assert sorted(await submitted_ids(store)) == ["o-1", "o-3"]
+
+
+async def test_idempotency_keys_are_per_submitter(store: Store) -> None:
+    await store.enqueue_outbound(keyed("o-1", actor="api:alice"), [])
+    other = await store.enqueue_outbound(keyed("o-2", actor="amqp:bob", request="req-b"), [])
+    assert other.message_id == "o-2"
+    unkeyed = [replace(outbound(f"u-{i}"), idempotency_key=None) for i in range(2)]
+    for record in unkeyed:
+        await store.enqueue_outbound(record, [])
+    assert sum((await store.outbox_depth()).values()) == 4
+
+
+async def test_twin_submissions_from_two_store_instances_store_one_row(
+    store: Store, store_url: str, store_clock: ManualClock
+) -> None:
+    # Two replicas (two connections, two writers) race with the same key: one row, one event.
+    other = open_store(store_url, clock=store_clock)
+    await other.open()
+    try:
+        results = await asyncio.gather(
+            *(
+                instance.enqueue_outbound(keyed(f"o-{i}"), [event(EventKind.SUBMITTED, f"o-{i}")])
+                for i, instance in enumerate([store, other] * 4)
+            )
+        )
+    finally:
+        await other.close()
+    winners = {record.message_id for record in results}
+    assert len(winners) == 1
+    assert sum((await store.outbox_depth()).values()) == 1
+    assert await submitted_ids(store) == sorted(winners)
 
 
 # audit log
