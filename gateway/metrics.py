@@ -45,6 +45,12 @@ class Metrics:
             ["partner", "code"],
             registry=self.registry,
         )
+        self.tls_refused = Counter(
+            "c2c_tls_handshakes_refused_total",
+            "Partner-endpoint TLS handshakes refused, by reason (no_cert, expired, revoked ...).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.inbound_latency = Histogram(
             "c2c_inbound_latency_seconds",
             "Time from receiving a body to having the answer ready (after commit).",

@@ -38,6 +38,7 @@ class EventKind(StrEnum):
     OPERATOR_ACTION = "operator_action"
     KEY_CHANGE = "key_change"
     POISON = "poison"
+    TLS_REFUSED = "tls_refused"
     CHECKPOINT_SENT = "checkpoint_sent"
     CHECKPOINT_WITNESSED = "checkpoint_witnessed"
     COSIGNATURE_RECEIVED = "cosignature_received"

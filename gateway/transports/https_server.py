@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -22,14 +23,16 @@ import structlog
 from aiohttp import http, web, web_protocol
 from aiohttp.http_parser import HttpRequestParserPy
 
+from gateway.audit.events import AuditEvent, EventKind
 from gateway.config import LimitsConfig
 from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, load_certificate
-from gateway.errors import GatewayError, SenderMismatch, TooLarge
+from gateway.errors import GatewayError, SenderMismatch, TooLarge, Unavailable
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.logging import quiet_bad_requests
 from gateway.schemas.registry import SchemaRegistry
 from gateway.transports.tls import PartnerIdentifier
+from gateway.transports.tls_accept import HandshakeRefusal, RefusalWindow, TlsAcceptor
 
 log = structlog.get_logger(__name__)
 
@@ -116,7 +119,15 @@ class _GuardedSite(web.BaseSite):
     trickles (or never sends) its request line would hold a slot forever.
     """
 
-    __slots__ = ("_awaiting", "_bound_port", "_deadline_s", "_host", "_max_connections", "_port")
+    __slots__ = (
+        "_awaiting",
+        "_bound_port",
+        "_deadline_s",
+        "_host",
+        "_max_connections",
+        "_on_refused",
+        "_port",
+    )
 
     def __init__(
         self,
@@ -128,6 +139,7 @@ class _GuardedSite(web.BaseSite):
         deadline_s: float,
         max_connections: int,
         awaiting: set[web_protocol.RequestHandler],
+        on_refused: Callable[[HandshakeRefusal], None],
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
         self._host = host
@@ -136,6 +148,7 @@ class _GuardedSite(web.BaseSite):
         self._deadline_s = deadline_s
         self._max_connections = max_connections
         self._awaiting = awaiting
+        self._on_refused = on_refused
 
     @property
     def name(self) -> str:
@@ -162,18 +175,20 @@ class _GuardedSite(web.BaseSite):
         handler = server()
         self._awaiting.add(handler)
         asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
-        return handler
+        assert self._ssl_context is not None
+        # The handshake runs in our hands, so a refused one is counted and audited.
+        return TlsAcceptor(
+            handler=handler,
+            context=self._ssl_context,
+            handshake_timeout_s=self._deadline_s,
+            on_refused=self._on_refused,
+        )
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._protocol,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            backlog=self._backlog,
-            ssl_handshake_timeout=self._deadline_s,
+            self._protocol, self._host, self._port, backlog=self._backlog
         )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
@@ -213,6 +228,8 @@ class PartnerHttpsServer:
         self._awaiting: set[web_protocol.RequestHandler] = set()
         self._runner: web.AppRunner | None = None
         self._site: _GuardedSite | None = None
+        self._refusals = RefusalWindow()
+        self._audit_tasks: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -263,6 +280,7 @@ class PartnerHttpsServer:
             deadline_s=self._limits.header_timeout_s,
             max_connections=self._limits.max_connections,
             awaiting=self._awaiting,
+            on_refused=self._tls_refused,
         )
         await site.start()
         self._runner, self._site = runner, site
@@ -274,6 +292,40 @@ class PartnerHttpsServer:
         if runner is not None:
             await runner.cleanup()
             log.info("partner_https_stopped")
+        if self._audit_tasks:
+            await asyncio.gather(*self._audit_tasks, return_exceptions=True)
+
+    def _tls_refused(self, refusal: HandshakeRefusal) -> None:
+        """Count every refused handshake; log and audit the first per address and reason
+        in a minute (RELIABILITY-SECURITY T01: one rate-limited audit event)."""
+        env = self._pipeline.env
+        env.metrics.tls_refused.labels(refusal.reason).inc()
+        unrecorded = self._refusals.admit((refusal.host, refusal.reason), time.monotonic())
+        if unrecorded is None:
+            return
+        where = refusal.host if refusal.port is None else f"{refusal.host}:{refusal.port}"
+        reason = f"{refusal.detail}; from {where}"
+        if unrecorded:
+            reason += f"; {unrecorded} more from this address not recorded since the last entry"
+        log.warning(
+            "tls_handshake_refused", peer=where, reason=refusal.reason, detail=refusal.detail
+        )
+        event = AuditEvent(
+            event=EventKind.TLS_REFUSED,
+            at=env.clock.now(),
+            outcome=refusal.reason,
+            reason=reason,
+            transport="https",
+        )
+        task = asyncio.get_running_loop().create_task(self._audit_refusal(event))
+        self._audit_tasks.add(task)
+        task.add_done_callback(self._audit_tasks.discard)
+
+    async def _audit_refusal(self, event: AuditEvent) -> None:
+        try:
+            await self._pipeline.env.store.append_audit([event])
+        except Unavailable as exc:
+            log.warning("tls_refusal_not_audited", reason=exc.reason)
 
     @web.middleware
     async def _require_partner(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -8,12 +8,15 @@ accepted messages to a bus subscriber, and the schema/key endpoints.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import json
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -39,8 +42,10 @@ from https_env import (
     wait_relayed,
 )
 
+from gateway.audit.events import EventKind
 from gateway.crypto.jws import sign_detached
 from gateway.errors import NackCode
+from gateway.store.base import AuditFilter
 
 
 @pytest.fixture
@@ -352,17 +357,102 @@ async def test_store_unavailable_acknowledges_nothing(env: Env) -> None:
 # --- client certificates ------------------------------------------------------------------
 
 
-async def _handshake_refused(env: Env, context: ssl.SSLContext) -> None:
+async def _handshake_refused(env: Env, context: ssl.SSLContext, reason: str) -> None:
+    """The handshake fails, nothing is stored, and the refusal is counted and audited
+    (RELIABILITY-SECURITY T01-T03) with the reason and the peer's address."""
     _, body = make_message(env)
     connector = aiohttp.TCPConnector(ssl=context)
     async with aiohttp.ClientSession(connector=connector) as session:
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
             async with session.post(env.url, data=body) as response:
                 await response.read()
+    entries = await tls_refusals(env)
+    assert [(e["outcome"], e["transport"]) for e in entries] == [(reason, "https")]
+    assert "; from 127.0.0.1:" in entries[0]["reason"]
+    metrics = env.gateway.metrics.registry
+    assert metrics.get_sample_value("c2c_tls_handshakes_refused_total", {"reason": reason}) == 1
+    assert sum((await env.gateway.store.outbox_depth()).values()) == 0
+    assert await env.gateway.store.audit_size() == 1
+
+
+async def tls_refusals(env: Env) -> list[dict[str, Any]]:
+    """The ``tls_refused`` entries, once the asynchronous append has landed."""
+    store = env.gateway.store
+    for _ in range(100):
+        rows = await store.audit_entries(AuditFilter(event=EventKind.TLS_REFUSED.value))
+        if rows:
+            return [json.loads(row.entry) for row in rows]
+        await asyncio.sleep(0.02)
+    return []
 
 
 async def test_no_client_certificate_refused(env: Env) -> None:
-    await _handshake_refused(env, env.client_ssl(None))
+    await _handshake_refused(env, env.client_ssl(None), "no_cert")
+    [entry] = await tls_refusals(env)
+    assert entry["reason"].startswith("the client presented no certificate; from 127.0.0.1:")
+
+
+async def test_plain_http_to_the_tls_port_is_a_protocol_refusal(env: Env) -> None:
+    url = urlsplit(env.gateway.partner_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(b"POST /c2c/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+    async with asyncio.timeout(5):
+        await reader.read()  # closed by the server
+    writer.close()
+    [entry] = await tls_refusals(env)
+    assert entry["outcome"] == "protocol"
+    assert entry["reason"].startswith("HTTP_REQUEST; from 127.0.0.1:")
+    # Served as before: a valid partner on the same port.
+    _, body = make_message(env)
+    assert (await post(env, body)).status == 202
+
+
+async def test_a_request_sent_with_the_last_handshake_bytes_is_served(env: Env) -> None:
+    # The client's Finished and its first request leave in one TCP write, so the server
+    # reads application data before the handler has taken the connection over.
+    url = urlsplit(env.gateway.partner_url)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = env.client_ssl(MX).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                incoming.write(await reader.read(65536))
+        message_id, body = make_message(env)
+        head = (
+            f"POST /c2c/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"C2C-Signature: {sign_detached(body, env.keys[MX])}\r\n\r\n"
+        )
+        tls.write(head.encode() + body)
+        writer.write(outgoing.read())
+        answer = b""
+        while not _complete(answer):
+            incoming.write(await reader.read(65536))
+            try:
+                while data := tls.read(65536):
+                    answer += data
+            except ssl.SSLWantReadError:
+                pass
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
+    assert await env.gateway.store.get_inbound(MX, message_id) is not None
+
+
+def _complete(answer: bytes) -> bool:
+    """Whether ``answer`` holds a whole HTTP response with a Content-Length body."""
+    head, sep, rest = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(rest) >= int(value)
+    return True
 
 
 def _cert(
@@ -413,7 +503,7 @@ async def test_certificate_from_another_ca_refused(env: Env, tmp_path: Path) -> 
     cert_path, key_path, _, _ = _cert(
         tmp_path, MX, issuer_cert=other_ca, issuer_key=other_key, not_after=later
     )
-    await _handshake_refused(env, _client_with(env, cert_path, key_path))
+    await _handshake_refused(env, _client_with(env, cert_path, key_path), "untrusted")
 
 
 async def test_expired_certificate_refused(env: Env, tmp_path: Path) -> None:
@@ -425,7 +515,9 @@ async def test_expired_certificate_refused(env: Env, tmp_path: Path) -> None:
     cert_path, key_path, _, _ = _cert(
         tmp_path, MX, issuer_cert=ca_cert, issuer_key=ca_key, not_after=expired
     )
-    await _handshake_refused(env, _client_with(env, cert_path, key_path))
+    await _handshake_refused(env, _client_with(env, cert_path, key_path), "expired")
+    [entry] = await tls_refusals(env)
+    assert entry["reason"].startswith("certificate has expired (verify error 10); from ")
 
 
 async def test_valid_certificate_of_no_partner_gets_403_problem(env: Env) -> None:

@@ -7,7 +7,9 @@ are re-read while serving; a bad or older file leaves the CRL in force.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -25,6 +27,7 @@ from gateway.config import load_config
 from gateway.crypto.pki import init_dev_pki
 from gateway.errors import ConfigError
 from gateway.runtime import Gateway
+from gateway.store.base import AuditFilter
 
 TLS = 'crls = ["pki/ca.crl"]\ncrl_check_interval_s = 3600\n'
 NOW = dt.datetime.now(dt.UTC)
@@ -89,7 +92,20 @@ async def revoked_mx(tmp_path: Path) -> AsyncIterator[Env]:
 async def test_revoked_certificate_is_refused_at_the_handshake(revoked_mx: Env) -> None:
     assert await status_of(revoked_mx, MX) is None
     assert await status_of(revoked_mx, CA) == 202
-    assert await revoked_mx.gateway.store.audit_size() == 1  # CA-CBSA's accepted message
+    store = revoked_mx.gateway.store
+    for _ in range(100):  # the refusal's entry is appended in the background
+        if await store.audit_size() == 2:
+            break
+        await asyncio.sleep(0.02)
+    rows = await store.audit_entries(AuditFilter())
+    entries = [json.loads(row.entry) for row in rows]
+    # CA-CBSA's accepted message, and MX-ANAM's revoked certificate knocking (T04: audit leaf).
+    assert sorted((e["event"], e["outcome"]) for e in entries) == [
+        ("accepted", "ACK"),
+        ("tls_refused", "revoked"),
+    ]
+    refusal = next(e for e in entries if e["event"] == "tls_refused")
+    assert refusal["reason"].startswith("certificate revoked (verify error 23); from 127.0.0.1:")
 
 
 async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
@@ -144,6 +160,14 @@ async def test_crl_past_next_update_refuses_every_certificate_of_its_ca(tmp_path
             stale_reports = [e for e in logs if e["event"] == "crl_stale"]
             assert len(stale_reports) == 1
             assert "refused at the handshake" in stale_reports[0]["effect"]
+            # Two refusals from one address for one reason: counted twice, logged once.
+            refused = [e for e in logs if e["event"] == "tls_handshake_refused"]
+            assert [e["reason"] for e in refused] == ["revocation_unknown"]
+            assert refused[0]["detail"] == "CRL has expired (verify error 12)"
+            samples = env.gateway.metrics.registry.get_sample_value(
+                "c2c_tls_handshakes_refused_total", {"reason": "revocation_unknown"}
+            )
+            assert samples == 2
             write_crl(tmp_path, this_update=NOW)  # a current one arrives
             watcher.check()
             assert await status_of(env, MX) == 202

@@ -1,0 +1,197 @@
+"""Server-side TLS handshakes run by the gateway, so that a refused handshake is seen.
+
+asyncio's own accept path (``create_server(ssl=...)``) drops a failed handshake without a
+word to the application: a revoked, expired or unknown client certificate would knock
+unnoticed (RELIABILITY-SECURITY T01-T05 ask for a counter and a rate-limited audit entry).
+Here the listening socket is plain TCP; each accepted connection runs ``loop.start_tls`` in a
+task. A refusal is classified and handed, with the peer's address, to ``on_refused``. A
+completed handshake hands the TLS transport to the aiohttp handler as asyncio would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: OpenSSL X509_V_ERR_* codes, by what they mean for a partner's client certificate
+_VERIFY_REASONS: dict[int, str] = {
+    9: "not_yet_valid",  # CERT_NOT_YET_VALID
+    10: "expired",  # CERT_HAS_EXPIRED
+    23: "revoked",  # CERT_REVOKED
+    3: "revocation_unknown",  # UNABLE_TO_GET_CRL
+    11: "revocation_unknown",  # CRL_NOT_YET_VALID
+    12: "revocation_unknown",  # CRL_HAS_EXPIRED
+    2: "untrusted",  # UNABLE_TO_GET_ISSUER_CERT
+    18: "untrusted",  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: "untrusted",  # SELF_SIGNED_CERT_IN_CHAIN
+    20: "untrusted",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: "untrusted",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
+#: every reason a refusal can carry (the metric's label values)
+REASONS = (
+    "no_cert",
+    "expired",
+    "not_yet_valid",
+    "revoked",
+    "revocation_unknown",
+    "untrusted",
+    "bad_certificate",
+    "protocol",
+)
+MAX_DETAIL = 200
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRefusal:
+    #: the peer's IP address (no port), or "unknown"
+    host: str
+    port: int | None
+    #: one of ``REASONS``
+    reason: str
+    #: OpenSSL's words for it
+    detail: str
+
+
+def classify(exc: ssl.SSLError) -> tuple[str, str]:
+    """(reason, detail) of a failed server-side handshake."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = int(exc.verify_code or 0)
+        message = exc.verify_message or "certificate verify failed"
+        return _VERIFY_REASONS.get(code, "bad_certificate"), f"{message} (verify error {code})"
+    reason = exc.reason or ""
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no_cert", "the client presented no certificate"
+    return "protocol", (reason or str(exc))[:MAX_DETAIL]
+
+
+class _Pending(asyncio.Protocol):
+    """Stands in for the handler from the end of the handshake until it takes over."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> None:
+        self.eof = True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+
+
+_HANDSHAKES: set[asyncio.Task[None]] = set()
+
+
+class TlsAcceptor(asyncio.Protocol):
+    """The protocol of an accepted TCP connection until its TLS handshake has ended."""
+
+    def __init__(
+        self,
+        *,
+        handler: asyncio.Protocol,
+        context: ssl.SSLContext,
+        handshake_timeout_s: float,
+        on_refused: Callable[[HandshakeRefusal], None],
+    ) -> None:
+        self._handler = handler
+        self._context = context
+        self._timeout_s = handshake_timeout_s
+        self._on_refused = on_refused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        # The ClientHello waits in the socket until start_tls reads it.
+        transport.pause_reading()
+        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        _HANDSHAKES.add(task)
+        task.add_done_callback(_HANDSHAKES.discard)
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
+        raise RuntimeError("data before the TLS handshake started")
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        pending = _Pending()
+        try:
+            tls = await loop.start_tls(
+                transport,
+                pending,
+                self._context,
+                server_side=True,
+                ssl_handshake_timeout=self._timeout_s,
+            )
+        except ssl.SSLError as exc:
+            host, port = _peer(transport.get_extra_info("peername"))
+            reason, detail = classify(exc)
+            self._on_refused(HandshakeRefusal(host=host, port=port, reason=reason, detail=detail))
+            return
+        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+            # The peer left or was too slow; start_tls has closed the connection.
+            log.debug("tls_handshake_abandoned", error=type(exc).__name__)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        if tls is None or pending.lost:
+            return
+        self._handler.connection_made(tls)
+        tls.set_protocol(self._handler)
+        for chunk in pending.chunks:
+            self._handler.data_received(chunk)
+        if pending.eof:
+            self._handler.eof_received()
+
+
+def _peer(peername: Any) -> tuple[str, int | None]:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return str(peername[0]), int(peername[1])
+    return "unknown", None
+
+
+class RefusalWindow:
+    """Which refusals to record: the first per (address, reason) in each window, and at most
+    ``budget`` in all per window, so a flood cannot grow the audit log; the rest are counted.
+
+    ``admit`` returns None to stay quiet, else how many refusals of that key went unrecorded
+    since the last one recorded.
+    """
+
+    def __init__(self, *, window_s: float = 60.0, budget: int = 60, max_keys: int = 4096) -> None:
+        self._window_s = window_s
+        self._budget = budget
+        self._max_keys = max_keys
+        self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
+        self._budget_since = float("-inf")
+        self._spent = 0
+
+    def admit(self, key: tuple[str, str], now: float) -> int | None:
+        since, quiet = self._seen.get(key, (float("-inf"), 0))
+        if now - since < self._window_s:
+            self._seen[key] = (since, quiet + 1)
+            return None
+        if now - self._budget_since >= self._window_s:
+            self._budget_since, self._spent = now, 0
+        if self._spent >= self._budget:
+            self._seen[key] = (since, quiet + 1)
+            self._seen.move_to_end(key)
+            self._trim()
+            return None
+        self._spent += 1
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        self._trim()
+        return quiet
+
+    def _trim(self) -> None:
+        while len(self._seen) > self._max_keys:
+            self._seen.popitem(last=False)

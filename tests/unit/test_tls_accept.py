@@ -1,0 +1,73 @@
+"""Classifying refused TLS handshakes, and how many of them are recorded."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+
+from gateway.transports.tls_accept import REASONS, RefusalWindow, classify
+
+
+def verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
+    exc = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED]")
+    exc.verify_code = code
+    exc.verify_message = message
+    return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "reason"),
+    [
+        (23, "certificate revoked", "revoked"),
+        (10, "certificate has expired", "expired"),
+        (9, "certificate is not yet valid", "not_yet_valid"),
+        (12, "CRL has expired", "revocation_unknown"),
+        (3, "unable to get certificate CRL", "revocation_unknown"),
+        (20, "unable to get local issuer certificate", "untrusted"),
+        (18, "self-signed certificate", "untrusted"),
+        (7, "certificate signature failure", "bad_certificate"),
+    ],
+)
+def test_verify_errors(code: int, message: str, reason: str) -> None:
+    assert classify(verify_error(code, message)) == (reason, f"{message} (verify error {code})")
+
+
+def test_other_handshake_errors() -> None:
+    no_cert = ssl.SSLError(1, "peer did not return a certificate")
+    no_cert.reason = "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    assert classify(no_cert) == ("no_cert", "the client presented no certificate")
+    plain = ssl.SSLError(1, "http request")
+    plain.reason = "HTTP_REQUEST"
+    assert classify(plain) == ("protocol", "HTTP_REQUEST")
+    assert {classify(e)[0] for e in (no_cert, plain)} <= set(REASONS)
+
+
+def test_first_refusal_per_key_and_window_is_recorded() -> None:
+    window = RefusalWindow(window_s=60.0, budget=100)
+    key = ("192.0.2.7", "revoked")
+    assert window.admit(key, now=0.0) == 0
+    assert window.admit(key, now=1.0) is None
+    assert window.admit(key, now=59.0) is None
+    assert window.admit(("192.0.2.7", "expired"), now=59.0) == 0
+    assert window.admit(("192.0.2.8", "revoked"), now=59.0) == 0
+    # The next one recorded says how many went unrecorded since the last.
+    assert window.admit(key, now=60.0) == 2
+    assert window.admit(key, now=61.0) is None
+
+
+def test_a_flood_from_many_addresses_is_bounded_by_the_budget() -> None:
+    window = RefusalWindow(window_s=60.0, budget=3)
+    admitted = [window.admit((f"2001:db8::{i}", "untrusted"), now=1.0) for i in range(10)]
+    assert admitted == [0, 0, 0] + [None] * 7
+    # A new window, a new budget; an address that went unrecorded says so.
+    assert window.admit(("2001:db8::5", "untrusted"), now=61.0) == 1
+
+
+def test_the_table_of_addresses_is_bounded() -> None:
+    window = RefusalWindow(window_s=60.0, budget=1_000, max_keys=4)
+    for i in range(10):
+        window.admit((f"198.51.100.{i}", "protocol"), now=0.0)
+    # The oldest were forgotten: the first address is recorded again at once.
+    assert window.admit(("198.51.100.0", "protocol"), now=1.0) == 0
+    assert window.admit(("198.51.100.9", "protocol"), now=1.0) is None
