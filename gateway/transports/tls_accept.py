@@ -3,19 +3,22 @@
 asyncio's own accept path (``create_server(ssl=...)``) drops a failed handshake without a
 word to the application: a revoked, expired or unknown client certificate would knock
 unnoticed (RELIABILITY-SECURITY T01-T05 ask for a counter and a rate-limited audit entry).
-Here the listening socket is plain TCP; each accepted connection runs ``loop.start_tls`` in a
-task. A refusal is classified and handed, with the peer's address, to ``on_refused``. A
-completed handshake hands the TLS transport to the aiohttp handler as asyncio would have.
+Here the listening socket is plain TCP; each accepted connection's handshake runs in a task
+(``TlsAcceptor``). A refusal is classified and handed, with the peer's address, to
+``on_refused``. A completed handshake hands the TLS transport to the aiohttp handler as
+``create_server(ssl=...)`` would have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -72,29 +75,17 @@ def classify(exc: ssl.SSLError) -> tuple[str, str]:
     return "protocol", (reason or str(exc))[:MAX_DETAIL]
 
 
-class _Pending(asyncio.Protocol):
-    """Stands in for the handler from the end of the handshake until it takes over."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.lost = False
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> None:
-        self.eof = True
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.lost = True
-
-
 _HANDSHAKES: set[asyncio.Task[None]] = set()
 
 
 class TlsAcceptor(asyncio.Protocol):
-    """The protocol of an accepted TCP connection until its TLS handshake has ended."""
+    """Takes an accepted TCP connection over and runs its TLS handshake.
+
+    The connection's socket is duplicated and the plain transport dropped before it reads a
+    byte; ``loop.connect_accepted_socket`` then runs the server side of the handshake on the
+    duplicate, so the handler gets its TLS transport exactly as from ``create_server(ssl=)``
+    (on asyncio and on uvloop alike), and a failure raises here, where the peer is known.
+    """
 
     def __init__(
         self,
@@ -110,46 +101,43 @@ class TlsAcceptor(asyncio.Protocol):
         self._on_refused = on_refused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        # The ClientHello waits in the socket until start_tls reads it.
-        transport.pause_reading()
-        task = asyncio.get_running_loop().create_task(self._handshake(transport))
+        # A stream transport (uvloop's is not an asyncio.Transport subclass).
+        transport = cast(asyncio.Transport, transport)
+        host, port = _peer(transport.get_extra_info("peername"))
+        plain = transport.get_extra_info("socket")
+        try:
+            duplicate = socket.socket(fileno=os.dup(plain.fileno()))
+        except (OSError, AttributeError) as exc:
+            log.warning("tls_accept_failed", error=str(exc))
+            transport.abort()
+            return
+        # Closing this descriptor leaves the connection open on the duplicate; the transport
+        # never starts reading.
+        transport.abort()
+        task = asyncio.get_running_loop().create_task(self._handshake(duplicate, host, port))
         _HANDSHAKES.add(task)
         task.add_done_callback(_HANDSHAKES.discard)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - reading is paused
-        raise RuntimeError("data before the TLS handshake started")
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - aborted before reading
+        raise RuntimeError("data on a connection handed over to its TLS handshake")
 
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
-        pending = _Pending()
         try:
-            tls = await loop.start_tls(
-                transport,
-                pending,
-                self._context,
-                server_side=True,
+            await loop.connect_accepted_socket(
+                lambda: self._handler,
+                sock=duplicate,
+                ssl=self._context,
                 ssl_handshake_timeout=self._timeout_s,
             )
         except ssl.SSLError as exc:
-            host, port = _peer(transport.get_extra_info("peername"))
+            duplicate.close()
             reason, detail = classify(exc)
             self._on_refused(HandshakeRefusal(host=host, port=port, reason=reason, detail=detail))
-            return
-        except (OSError, TimeoutError, asyncio.CancelledError) as exc:
-            # The peer left or was too slow; start_tls has closed the connection.
+        except (OSError, TimeoutError) as exc:
+            # The peer left or was too slow.
+            duplicate.close()
             log.debug("tls_handshake_abandoned", error=type(exc).__name__)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
-        if tls is None or pending.lost:
-            return
-        self._handler.connection_made(tls)
-        tls.set_protocol(self._handler)
-        for chunk in pending.chunks:
-            self._handler.data_received(chunk)
-        if pending.eof:
-            self._handler.eof_received()
 
 
 def _peer(peername: Any) -> tuple[str, int | None]:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -233,6 +234,54 @@ async def post(
         session.post(env.url, data=body, headers=all_headers) as response,
     ):
         return Answer(response.status, await response.read(), dict(response.headers))
+
+
+async def post_with_handshake_end(env: Env, body: bytes, *, party: str = MX) -> bytes:
+    """POST ``body`` over a TLS client driven by hand, its Finished and the whole request
+    in one TCP write; returns the raw HTTP answer."""
+    url = urlsplit(env.gateway.partner_url)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = env.client_ssl(party).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    writer.write(outgoing.read())
+                    incoming.write(await reader.read(65536))
+            head = (
+                f"POST /c2c/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"C2C-Signature: {sign_detached(body, env.keys[party])}\r\n\r\n"
+            )
+            tls.write(head.encode() + body)
+            writer.write(outgoing.read())
+            answer = b""
+            while not _complete(answer):
+                incoming.write(await reader.read(65536))
+                try:
+                    while data := tls.read(65536):
+                        answer += data
+                except ssl.SSLWantReadError:
+                    pass
+            return answer
+    finally:
+        writer.close()
+
+
+def _complete(answer: bytes) -> bool:
+    """Whether ``answer`` holds a whole HTTP response with a Content-Length body."""
+    head, sep, rest = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(rest) >= int(value)
+    return True
 
 
 def check_receipt(

@@ -36,6 +36,7 @@ from https_env import (
     check_receipt,
     make_message,
     post,
+    post_with_handshake_end,
     rejections,
     running_gateway,
     wait_delivered,
@@ -408,51 +409,11 @@ async def test_plain_http_to_the_tls_port_is_a_protocol_refusal(env: Env) -> Non
 
 
 async def test_a_request_sent_with_the_last_handshake_bytes_is_served(env: Env) -> None:
-    # The client's Finished and its first request leave in one TCP write, so the server
-    # reads application data before the handler has taken the connection over.
-    url = urlsplit(env.gateway.partner_url)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = env.client_ssl(MX).wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
-    reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    async with asyncio.timeout(10):
-        while True:
-            try:
-                tls.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                writer.write(outgoing.read())
-                incoming.write(await reader.read(65536))
-        message_id, body = make_message(env)
-        head = (
-            f"POST /c2c/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"C2C-Signature: {sign_detached(body, env.keys[MX])}\r\n\r\n"
-        )
-        tls.write(head.encode() + body)
-        writer.write(outgoing.read())
-        answer = b""
-        while not _complete(answer):
-            incoming.write(await reader.read(65536))
-            try:
-                while data := tls.read(65536):
-                    answer += data
-            except ssl.SSLWantReadError:
-                pass
-    writer.close()
+    # The server reads application data in the same read as the handshake's end.
+    message_id, body = make_message(env)
+    answer = await post_with_handshake_end(env, body)
     assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
     assert await env.gateway.store.get_inbound(MX, message_id) is not None
-
-
-def _complete(answer: bytes) -> bool:
-    """Whether ``answer`` holds a whole HTTP response with a Content-Length body."""
-    head, sep, rest = answer.partition(b"\r\n\r\n")
-    if not sep:
-        return False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return len(rest) >= int(value)
-    return True
 
 
 def _cert(
