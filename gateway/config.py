@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError
 from gateway.model import is_party_id
+from gateway.netpolicy import Network, is_ip_literal, parse_network, refusal
 from gateway.schemas.registry import SchemaRegistry
 
 Alg = Literal["EdDSA", "ES256"]
@@ -128,6 +129,9 @@ class PartnerHttps:
     client_cert_fingerprints: tuple[str, ...] = ()
     #: Accepted subject common names of client certificates.
     client_cert_subjects: tuple[str, ...] = ()
+    #: Non-public networks the URL may lead to (a VPN, loopback in development); any other
+    #: loopback, private or link-local address is refused (gateway/netpolicy.py, T63).
+    allowed_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -670,12 +674,28 @@ def _partner_https(table: _Table) -> PartnerHttps:
                 "expected a SHA-256 fingerprint (64 hex digits)",
             )
         fingerprints.append(normalised)
+    networks = []
+    for index, value in enumerate(table.str_list("allowed_networks")):
+        try:
+            networks.append(parse_network(value))
+        except ValueError as exc:
+            raise table.error(f"allowed_networks[{index}]", f"{exc}") from None
     https = PartnerHttps(
         url=_https_url(table, "url"),
         ca=table.opt_path("ca"),
         client_cert_fingerprints=tuple(fingerprints),
         client_cert_subjects=table.str_list("client_cert_subjects"),
+        allowed_networks=tuple(networks),
     )
+    host = urlsplit(https.url).hostname if https.url else None
+    if host is not None and is_ip_literal(host):
+        refused = refusal(host, https.allowed_networks)
+        if refused is not None:
+            raise table.error(
+                "url",
+                f"{refused}; a partner URL must lead to a public address unless"
+                " allowed_networks lists its network",
+            )
     uses_https = https.url or https.client_cert_fingerprints or https.client_cert_subjects
     if uses_https and https.ca is None:
         raise table.error("ca", "required when the partner uses HTTPS (url or client_cert_*)")

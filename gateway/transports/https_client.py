@@ -8,6 +8,7 @@ kept, and every aiohttp failure becomes a ``TransportError`` here, at this one s
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,14 +16,55 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from gateway.config import PartnerConfig, TlsConfig
+from gateway.netpolicy import Network, is_ip_literal, refusal
 from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
 from gateway.transports.tls import client_context
 
 MESSAGES_PATH = "/c2c/v1/messages"
 #: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024
+
+
+class AddressRefused(OSError):
+    """A partner host resolved only to addresses the gateway does not connect to (T63)."""
+
+
+class PolicyResolver(AbstractResolver):
+    """Resolves partner hosts and keeps only the addresses ``netpolicy`` allows for them.
+
+    aiohttp connects to exactly the addresses returned here, so a host name that resolves (or
+    is rebound) to a loopback, private or metadata address reaches nothing.
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
+        self._allowed: dict[str, frozenset[Network]] = {}
+
+    def allow(self, host: str, networks: tuple[Network, ...]) -> None:
+        key = host.lower()
+        self._allowed[key] = self._allowed.get(key, frozenset()) | frozenset(networks)
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        allowed = self._allowed.get(host.lower(), frozenset())
+        refused = {r["host"]: refusal(r["host"], allowed) for r in results}
+        kept = [r for r in results if refused[r["host"]] is None]
+        if not kept:
+            reasons = "; ".join(sorted(reason for reason in refused.values() if reason))
+            raise AddressRefused(
+                f"{host} resolves only to addresses the gateway does not connect to ({reasons});"
+                " list the network in the partner's [https] allowed_networks if it is meant"
+            )
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def message_endpoint(base_url: str) -> str:
@@ -69,6 +111,7 @@ class HttpsTransport:
         self._now = now
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: PolicyResolver | None = None
 
     def _context_for(self, partner: PartnerConfig) -> ssl.SSLContext:
         context = self._contexts.get(partner.id)
@@ -80,7 +123,10 @@ class HttpsTransport:
     def _session_now(self) -> aiohttp.ClientSession:
         # Created on first use so it belongs to the running event loop.
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit_per_host=self._limit_per_host)
+            self._resolver = PolicyResolver()
+            connector = aiohttp.TCPConnector(
+                limit_per_host=self._limit_per_host, resolver=self._resolver
+            )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 timeout=self._timeout,
@@ -98,13 +144,25 @@ class HttpsTransport:
                 may_have_arrived=False,
             )
         endpoint = message_endpoint(url)
+        session = self._session_now()
+        assert self._resolver is not None
+        host = urlsplit(url).hostname or ""
+        allowed = delivery.partner.https.allowed_networks
+        if is_ip_literal(host):
+            refused = refusal(host, allowed)
+            if refused is not None:
+                raise TransportError(
+                    f"not connecting to {endpoint}: {refused}", may_have_arrived=False
+                )
+        else:
+            self._resolver.allow(host, allowed)
         headers = {
             "Content-Type": delivery.content_type,
             "C2C-Signature": delivery.signature,
             "Accept": "application/json",
         }
         try:
-            async with self._session_now().post(
+            async with session.post(
                 endpoint,
                 data=delivery.body,
                 headers=headers,
@@ -127,6 +185,10 @@ class HttpsTransport:
                 may_have_arrived=False,
             ) from None
         except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, AddressRefused):
+                raise TransportError(
+                    f"not connecting to {endpoint}: {exc.os_error}", may_have_arrived=False
+                ) from None
             raise TransportError(
                 f"cannot connect to {endpoint}: {exc.os_error.strerror or exc.os_error}",
                 may_have_arrived=False,
@@ -163,3 +225,6 @@ class HttpsTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None

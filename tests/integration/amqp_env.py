@@ -75,7 +75,8 @@ origin = "test/{GATEWAY}"
         (AMQP_PARTNER, f'[amqp]\nenabled = true\nbroker_user = "{amqp_user}"\n'),
         (
             HTTPS_PARTNER,
-            '[https]\nurl = "https://127.0.0.1:9/c2c/v1/messages"\nca = "../../certs/ca.pem"\n',
+            '[https]\nurl = "https://127.0.0.1:9/c2c/v1/messages"\nca = "../../certs/ca.pem"\n'
+            'allowed_networks = ["127.0.0.1/32"]\n',
         ),
     ):
         folder = root / "partners" / partner

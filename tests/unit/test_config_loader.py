@@ -171,6 +171,22 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      MX, "outbound_types[14]", "duplicate entry 'receipt'"),
     (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"http://127.0.0.1:9444/"',
      MX, "https.url", "'http://127.0.0.1:9444/' is not an https:// URL"),
+    (MX, 'allowed_networks = ["127.0.0.1/32"]', "", MX, "https.url",
+     "127.0.0.1 is a loopback address; a partner URL must lead to a public address unless"
+     " allowed_networks lists its network"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https://169.254.169.254/latest/"',
+     MX, "https.url", "169.254.169.254 is a link-local address; a partner URL must lead to"
+     " a public address unless allowed_networks lists its network"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https://[::ffff:10.0.0.1]:9444/"',
+     MX, "https.url", "10.0.0.1 is a private address; a partner URL must lead to"
+     " a public address unless allowed_networks lists its network"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https://10.20.0.5/"',
+     MX, "https.url", "10.20.0.5 is a private address; a partner URL must lead to"
+     " a public address unless allowed_networks lists its network"),
+    (MX, '["127.0.0.1/32"]', '["127.0.0.1/8"]', MX, "https.allowed_networks[0]",
+     "127.0.0.1/8 has host bits set"),
+    (MX, '["127.0.0.1/32"]', '["loopback"]', MX, "https.allowed_networks[0]",
+     "'loopback' does not appear to be an IPv4 or IPv6 network"),
     (MX, 'alg = "EdDSA"', 'alg = "HS256"', MX, "keys[0].alg",
      "unsupported algorithm 'HS256': only EdDSA or ES256"),
     (MX, 'path = "../../certs/dev/MX-ANAM/sign.pub"',
