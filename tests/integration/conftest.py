@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pgdb
 import pytest
+from outbound_env import Running, gateway_config, start_gateway
 from rabbit import RabbitVhost, create_vhost, delete_vhost
 
 from gateway.clock import ManualClock
@@ -70,3 +71,15 @@ async def store(store_url: str, store_clock: ManualClock) -> AsyncIterator[Store
         yield opened
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def us(tmp_path: Path) -> AsyncIterator[Running]:
+    """US-CBP with its internal API; MX-ANAM's URL is a closed port, so messages stay queued."""
+    running = await start_gateway(
+        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    )
+    try:
+        yield running
+    finally:
+        await running.gateway.stop()

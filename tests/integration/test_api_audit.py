@@ -5,14 +5,13 @@ from __future__ import annotations
 import base64
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.api.audit import AUDIT_LOG
 from gateway.audit import merkle
@@ -21,18 +20,6 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.crypto.notes import load_note_verifier
 
 AUDITOR = ("audit:read",)
-
-
-@pytest.fixture
-async def us(tmp_path: Path) -> AsyncIterator[Running]:
-    # MX-ANAM's URL points at a closed port: messages stay queued.
-    running = await start_gateway(
-        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
-    )
-    try:
-        yield running
-    finally:
-        await running.gateway.stop()
 
 
 async def call(

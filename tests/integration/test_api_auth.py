@@ -6,27 +6,13 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
-from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.crypto.keys import jwk_thumbprint, read_public_key
-
-
-@pytest.fixture
-async def us(tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_gateway(
-        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
-    )
-    try:
-        yield running
-    finally:
-        await running.gateway.stop()
 
 
 def b64(data: bytes) -> str:

@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.audit.events import EventKind
 from gateway.store.base import AuditFilter
-
-
-@pytest.fixture
-async def us(tmp_path: Path) -> AsyncIterator[Running]:
-    # MX-ANAM's URL points at a closed port: messages stay queued.
-    running = await start_gateway(
-        gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
-    )
-    try:
-        yield running
-    finally:
-        await running.gateway.stop()
 
 
 async def post(
