@@ -25,7 +25,6 @@ from aiohttp.http_parser import HttpRequestParserPy
 
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.config import LimitsConfig
-from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, load_certificate
 from gateway.errors import GatewayError, SenderMismatch, TooLarge, Unavailable
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
@@ -90,19 +89,6 @@ def result_response(result: InboundResult) -> web.Response:
             headers=headers,
         )
     return web.Response(status=result.http_status, headers=headers)
-
-
-def _describe_certificate(der: bytes | None) -> str:
-    if not der:
-        return "no client certificate on the connection"
-    try:
-        cert = load_certificate(der)
-    except ValueError:
-        return "client certificate is not parseable"
-    return (
-        f"client certificate sha256 {cert_fingerprint(cert)} (CN {cert_subject_cn(cert)!r})"
-        " identifies no configured partner"
-    )
 
 
 class _Refuse(asyncio.Protocol):
@@ -215,6 +201,7 @@ class PartnerHttpsServer:
         self._pipeline = pipeline
         self._registry = registry
         self._jwks = dict(jwks)
+        self._identifier = identifier
         self._identify = functools.lru_cache(maxsize=256)(identifier.identify)
         # Partners identified per TLS connection (see _partner_of); entries go with the connection.
         self._peers: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
@@ -338,7 +325,7 @@ class PartnerHttpsServer:
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             log.warning("https_unknown_client_certificate", path=request.path)
             result = await self._pipeline.refuse_unread(
-                peer=None, transport="https", error=SenderMismatch(_describe_certificate(der))
+                peer=None, transport="https", error=SenderMismatch(self._identifier.explain(der))
             )
             return result_response(result)
         request[_PARTNER] = partner

@@ -139,3 +139,31 @@ class PartnerIdentifier:
         }
         # Two partners claiming one certificate is a configuration error: refuse both.
         return found.pop() if len(found) == 1 else None
+
+    def explain(self, der: bytes | None) -> str:
+        """Why this (chain-verified) certificate identifies no partner, for the audit log."""
+        if not der:
+            return "no client certificate on the connection"
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return "client certificate is not parseable"
+        fingerprint = cert_fingerprint(cert)
+        name = cert_subject_cn(cert)
+        described = f"client certificate sha256 {fingerprint} (CN {name!r})"
+        claimed = [
+            identity
+            for identity in self._identities
+            if fingerprint in identity.fingerprints or name in identity.subjects
+        ]
+        issued = sorted({i.partner for i in claimed if _issued_by(cert, i.anchors)})
+        if len(issued) > 1:
+            return f"{described} is claimed by partners {', '.join(issued)}: refused for all"
+        if claimed and not issued:
+            partners = ", ".join(sorted({i.partner for i in claimed}))
+            issuer = cert.issuer.rfc4514_string()
+            return (
+                f"{described} matches partner {partners}, but its issuer {issuer!r} is not in"
+                " that partner's https.ca file (list an issuing intermediate CA there)"
+            )
+        return f"{described} identifies no configured partner"
