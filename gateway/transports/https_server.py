@@ -109,6 +109,7 @@ class _GuardedSite(web.BaseSite):
         "_awaiting",
         "_bound_port",
         "_deadline_s",
+        "_handshakes",
         "_host",
         "_max_connections",
         "_on_refused",
@@ -135,6 +136,8 @@ class _GuardedSite(web.BaseSite):
         self._max_connections = max_connections
         self._awaiting = awaiting
         self._on_refused = on_refused
+        # Handshakes under way, ended when the site stops.
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     @property
     def name(self) -> str:
@@ -168,6 +171,7 @@ class _GuardedSite(web.BaseSite):
             context=self._ssl_context,
             handshake_timeout_s=self._deadline_s,
             on_refused=self._on_refused,
+            pending=self._handshakes,
         )
 
     async def start(self) -> None:
@@ -178,6 +182,13 @@ class _GuardedSite(web.BaseSite):
         )
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        await super().stop()
+        # A connection still in its handshake is not served: stopping accepts no new one.
+        for task in list(self._handshakes):
+            task.cancel()
+        await asyncio.gather(*self._handshakes, return_exceptions=True)
 
 
 class PartnerHttpsServer:

@@ -75,9 +75,6 @@ def classify(exc: ssl.SSLError) -> tuple[str, str]:
     return "protocol", (reason or str(exc))[:MAX_DETAIL]
 
 
-_HANDSHAKES: set[asyncio.Task[None]] = set()
-
-
 class TlsAcceptor(asyncio.Protocol):
     """Takes an accepted TCP connection over and runs its TLS handshake.
 
@@ -94,7 +91,9 @@ class TlsAcceptor(asyncio.Protocol):
         context: ssl.SSLContext,
         handshake_timeout_s: float,
         on_refused: Callable[[HandshakeRefusal], None],
+        pending: set[asyncio.Task[None]],
     ) -> None:
+        self._pending = pending
         self._handler = handler
         self._context = context
         self._timeout_s = handshake_timeout_s
@@ -115,8 +114,8 @@ class TlsAcceptor(asyncio.Protocol):
         # never starts reading.
         transport.abort()
         task = asyncio.get_running_loop().create_task(self._handshake(duplicate, host, port))
-        _HANDSHAKES.add(task)
-        task.add_done_callback(_HANDSHAKES.discard)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def data_received(self, data: bytes) -> None:  # pragma: no cover - aborted before reading
         raise RuntimeError("data on a connection handed over to its TLS handshake")

@@ -128,3 +128,17 @@ async def test_metrics_count_received_accepted_rejected(env: Env) -> None:
     assert 'c2c_inbound_duplicates_total{partner="MX-ANAM"} 1.0' in text
     assert 'c2c_inbound_rejected_total{code="SIGNATURE_INVALID",partner="MX-ANAM"} 1.0' in text
     assert 'c2c_inbound_latency_seconds_count{outcome="ack",transport="https"} 1.0' in text
+
+
+async def test_stopping_ends_handshakes_under_way(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as env:
+        url = urlsplit(env.gateway.partner_url)
+        # A TCP connection that never sends its ClientHello: its handshake is under way.
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await env.gateway.stop()
+        # Closed by the stop, long before the handshake deadline would have closed it.
+        assert await _closed_within(reader, 2.0) == b""
+        assert time.monotonic() - started < 2.0
+        writer.close()
