@@ -158,7 +158,9 @@ class _GuardedSite(web.BaseSite):
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        if len(server.connections) >= self._max_connections:
+        # Connections still in their handshake count too: slow handshakes cannot go round
+        # the cap.
+        if len(server.connections) + len(self._handshakes) >= self._max_connections:
             log.warning("https_connection_cap", cap=self._max_connections)
             return _Refuse()
         handler = server()

@@ -76,6 +76,21 @@ async def test_connections_over_the_cap_are_closed(env: Env) -> None:
         held_writer.close()
 
 
+async def test_connections_in_their_handshake_count_towards_the_cap(env: Env) -> None:
+    url = urlsplit(env.gateway.partner_url)
+    # Three connections that never send a ClientHello fill the cap of three.
+    silent = [await asyncio.open_connection(url.hostname, url.port) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        await _connect(env)
+    for _, writer in silent:
+        writer.close()
+    # Once they are gone, a partner gets in again.
+    await asyncio.sleep(0.1)
+    _, writer = await _connect(env)
+    writer.close()
+
+
 async def test_in_flight_request_finishes_during_graceful_stop(tmp_path: Path) -> None:
     async with running_gateway(tmp_path) as env:
         await _finish_during_stop(env)
