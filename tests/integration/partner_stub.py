@@ -105,7 +105,7 @@ class PartnerStub:
             return self._receipt(body)
         return actions[behaviour]()
 
-    async def start(self, port: int = 0) -> str:
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
         app = web.Application()
         app.router.add_post("/c2c/v1/messages", self._handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -115,11 +115,11 @@ class PartnerStub:
             key=self.pki / self.party / "tls.key",
             ca=self.pki / "ca.pem",
         )
-        site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_context(tls, []))
+        site = web.TCPSite(runner, host, port, ssl_context=server_context(tls, []))
         await site.start()
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{host}:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -1,6 +1,9 @@
-"""RELIABILITY-SECURITY T63: the gateway connects to a partner only at public addresses, or in
-networks the partner's ``[https] allowed_networks`` lists; checked on every connection, on the
-addresses a host name resolved to, against a real partner endpoint on loopback."""
+"""Where the gateway sends a partner's messages, against a real partner endpoint on loopback.
+
+RELIABILITY-SECURITY T63: only to public addresses, or in networks the partner's
+``[https] allowed_networks`` lists, checked on every connection on the addresses a host name
+resolved to. T09: only to a server whose certificate chains to that partner's CA and names
+the URL's host; otherwise not a byte of the message leaves."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from outbound_env import gateway_config
 from partner_stub import PartnerStub
 
 from gateway.config import PartnerConfig
+from gateway.crypto.pki import init_dev_pki
 from gateway.envelope import new_message_id
 from gateway.netpolicy import parse_network
 from gateway.outbound.transport import Delivery, PartnerReply, TransportError
@@ -100,6 +104,37 @@ async def test_a_name_resolving_to_loopback_is_not_connected_to(world: World) ->
     assert isinstance(reply, PartnerReply)
     assert reply.status == 202
     assert len(world.stub.seen) == 1
+
+
+async def test_a_server_certificate_of_another_ca_gets_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    init_dev_pki(tmp_path / "other", ["MX-ANAM"])
+    https = dataclasses.replace(world.partner.https, ca=tmp_path / "other" / "ca.pem")
+    with pytest.raises(TransportError) as refused:
+        await world.transport.send(delivery(dataclasses.replace(world.partner, https=https)))
+    assert refused.value.reason.startswith(f"TLS certificate of {world.partner.https.url}")
+    assert "certificate verify failed" in refused.value.reason
+    assert refused.value.may_have_arrived is False
+    assert world.stub.seen == []
+
+
+async def test_a_server_certificate_for_another_host_gets_nothing(tmp_path: Path) -> None:
+    # The partner's own CA, but its certificate names 127.0.0.1 and localhost, not 127.0.0.2.
+    stub = PartnerStub(pki=tmp_path / "pki")
+    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    base = await stub.start(host="127.0.0.2")
+    partner = to(config.partners["MX-ANAM"], base + "/c2c/v1/messages", LOOPBACK)
+    transport = HttpsTransport(config.tls, timeout_s=5.0)
+    try:
+        with pytest.raises(TransportError) as refused:
+            await transport.send(delivery(partner))
+    finally:
+        await transport.aclose()
+        await stub.stop()
+    assert "certificate verify failed: IP address mismatch" in refused.value.reason
+    assert refused.value.may_have_arrived is False
+    assert stub.seen == []
 
 
 class Answers(AbstractResolver):
