@@ -137,6 +137,10 @@ class TlsAcceptor(asyncio.Protocol):
             # The peer left or was too slow.
             duplicate.close()
             log.debug("tls_handshake_abandoned", error=type(exc).__name__)
+        except Exception:
+            # Not the peer's doing: say so, and keep serving the others.
+            duplicate.close()
+            log.exception("tls_handshake_failed", peer=host)
 
 
 def _peer(peername: Any) -> tuple[str, int | None]:
