@@ -109,9 +109,6 @@ class Gateway:
         self.signing_keys = load_own_signing_keys(config)
         self.registry = SchemaRegistry.load_builtin()
         self.metrics = Metrics(config.partners.keys())
-        self.limiters = RateLimiters(
-            {pid: partner.rate for pid, partner in config.partners.items()}, self.clock
-        )
         self.adapters: Mapping[str, Adapter] = {
             pid: adapter_for(partner) for pid, partner in config.partners.items()
         }
@@ -122,6 +119,11 @@ class Gateway:
             except InvalidStoreUrl as exc:
                 raise ConfigError(str(config.source), "store_url", str(exc)) from None
         self.store = store
+        self.limiters = RateLimiters(
+            {pid: partner.rate for pid, partner in config.partners.items()},
+            self.clock,
+            source=self._take_rate_tokens,
+        )
         #: the RabbitMQ side (partner queues, c2c.submit, c2c.inbound) when amqp.url is set
         self.broker: AmqpBroker | None = None
         if bus is None and config.amqp.url is not None:
@@ -198,6 +200,11 @@ class Gateway:
                 retention_days=config.retention.body_retention_days,
             )
             self.add_service(self.retention)
+
+    async def _take_rate_tokens(
+        self, partner: str, want: float, per_second: float, burst: float
+    ) -> float | None:
+        return await self.store.take_rate_tokens(partner, want, per_second=per_second, burst=burst)
 
     def _submitted(self) -> None:
         if self.on_submitted is not None:

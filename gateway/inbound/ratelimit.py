@@ -1,12 +1,33 @@
-"""Per-partner token buckets: one partner's flood never eats another's capacity."""
+"""Per-partner token buckets: one partner's flood never eats another's capacity.
+
+On a store shared by several gateway processes (PostgreSQL), a partner's rate holds across
+all of them: each process takes tokens from the partner's bucket in the store in small
+batches (``BATCH_S`` seconds of the rate) and spends them locally, so the store is asked about
+once a batch, not once a message. Tokens a process holds unspent are at most one batch. If
+the store cannot be asked, the process falls back to its own bucket (the partner is not
+refused for the gateway's outage; storing the message will answer that).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+
+import structlog
 
 from gateway.clock import Clock
 from gateway.config import RateLimit
+from gateway.errors import Unavailable
+
+log = structlog.get_logger(__name__)
+
+#: a batch of shared tokens is this many seconds of the partner's rate (at least one token)
+BATCH_S = 0.1
+
+#: take up to ``want`` tokens of a partner's shared bucket: (partner, want, per_second, burst)
+#: -> tokens granted, or None when the store keeps no shared buckets
+TokenSource = Callable[[str, float, float, float], Awaitable[float | None]]
 
 
 class TokenBucket:
@@ -27,21 +48,81 @@ class TokenBucket:
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return 0.0
-        if self._rate <= 0:
-            return math.inf
-        return (1.0 - self._tokens) / self._rate
+        return self.wait_for(1.0 - self._tokens)
+
+    def wait_for(self, missing: float) -> float:
+        return math.inf if self._rate <= 0 else missing / self._rate
+
+
+class SharedBucket:
+    """A partner's bucket in the store, spent locally a batch at a time."""
+
+    def __init__(self, partner: str, limit: RateLimit, clock: Clock, source: TokenSource) -> None:
+        self._partner = partner
+        self._limit = limit
+        self._source = source
+        self._batch = max(1.0, min(float(limit.burst), limit.per_second * BATCH_S))
+        self._held = 0.0
+        self._lock = asyncio.Lock()
+        self._outage = False
+        #: used while the store cannot be asked, and for ``wait_for``
+        self._fallback = TokenBucket(limit, clock)
+
+    async def take(self) -> float:
+        if self._held >= 1.0:
+            self._held -= 1.0
+            return 0.0
+        async with self._lock:
+            # Another request may have fetched a batch while this one waited for the lock.
+            if self._held < 1.0:
+                try:
+                    granted = await self._source(
+                        self._partner, self._batch, self._limit.per_second, self._limit.burst
+                    )
+                except Unavailable as exc:
+                    if not self._outage:  # once an outage, not once a message
+                        self._outage = True
+                        log.warning(
+                            "rate_bucket_unavailable", partner=self._partner, reason=exc.reason
+                        )
+                    return self._fallback.take()
+                if granted is None:
+                    return self._fallback.take()
+                self._outage = False
+                self._held += granted
+            if self._held >= 1.0:
+                self._held -= 1.0
+                return 0.0
+        return self._fallback.wait_for(1.0)
 
 
 class RateLimiters:
-    def __init__(self, limits: Mapping[str, RateLimit], clock: Clock) -> None:
-        self._buckets = {partner: TokenBucket(limit, clock) for partner, limit in limits.items()}
+    def __init__(
+        self,
+        limits: Mapping[str, RateLimit],
+        clock: Clock,
+        source: TokenSource | None = None,
+    ) -> None:
+        self._local = {partner: TokenBucket(limit, clock) for partner, limit in limits.items()}
+        self._shared = (
+            {
+                partner: SharedBucket(partner, limit, clock, source)
+                for partner, limit in limits.items()
+            }
+            if source is not None
+            else {}
+        )
 
-    def retry_after(self, partner: str) -> int | None:
+    async def retry_after(self, partner: str) -> int | None:
         """None when the partner may go ahead, else whole seconds to wait (at least 1)."""
-        bucket = self._buckets.get(partner)
-        if bucket is None:
-            return None
-        wait = bucket.take()
+        shared = self._shared.get(partner)
+        if shared is not None:
+            wait = await shared.take()
+        else:
+            bucket = self._local.get(partner)
+            if bucket is None:
+                return None
+            wait = bucket.take()
         if wait == 0.0:
             return None
         return 3600 if math.isinf(wait) else max(1, math.ceil(wait))

@@ -323,6 +323,14 @@ class Store(Protocol):
         ``request_digest`` is the same, else IdempotencyKeyReused is raised."""
         ...
 
+    async def take_rate_tokens(
+        self, partner: str, want: float, *, per_second: float, burst: float
+    ) -> float | None:
+        """Take up to ``want`` whole tokens from the partner's bucket shared by every process
+        on this store (refilled at ``per_second``, at most ``burst``); returns how many were
+        granted. None: this store serves one process, whose own buckets are exact."""
+        ...
+
     async def find_outbound_by_key(
         self, submitted_by: str, idempotency_key: str
     ) -> OutboundRecord | None:

@@ -671,6 +671,16 @@ class PostgresStore:
 
         return await self._write(unit)
 
+    async def take_rate_tokens(
+        self, partner: str, want: float, *, per_second: float, burst: float
+    ) -> float | None:
+        granted = await self._call(
+            lambda c: c.fetchval(
+                "SELECT c2c_take_tokens($1, $2, $3, $4)", partner, want, per_second, burst
+            )
+        )
+        return float(granted)
+
     async def find_outbound_by_key(
         self, submitted_by: str, idempotency_key: str
     ) -> OutboundRecord | None:

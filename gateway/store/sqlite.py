@@ -840,6 +840,12 @@ class SqliteStore:
 
         return await self._write(unit)
 
+    async def take_rate_tokens(
+        self, partner: str, want: float, *, per_second: float, burst: float
+    ) -> float | None:
+        # Replicas share a PostgreSQL store; a SQLite store's one process keeps its own buckets.
+        return None
+
     async def find_outbound_by_key(
         self, submitted_by: str, idempotency_key: str
     ) -> OutboundRecord | None:
