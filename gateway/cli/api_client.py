@@ -38,6 +38,7 @@ class ApiCallError(Exception):
 class ApiAnswer:
     status: int
     document: Any
+    #: names in lower case
     headers: Mapping[str, str]
 
 
@@ -77,16 +78,9 @@ class ApiClient:
         except (OSError, ssl.SSLError) as exc:
             raise ApiCallError(f"--ca: {self.ca}: cannot load: {exc}", refused=False) from None
 
-    def post(
-        self,
-        path: str,
-        document: dict[str, Any],
-        *,
-        timeout_s: float,
-        headers: Mapping[str, str] | None = None,
-    ) -> tuple[int, Any]:
+    def post(self, path: str, document: dict[str, Any], *, timeout_s: float) -> tuple[int, Any]:
         """POST JSON; returns (status, JSON answer) for 2xx, raises ApiCallError otherwise."""
-        answer = self.post_with_headers(path, document, timeout_s=timeout_s, headers=headers)
+        answer = self.post_with_headers(path, document, timeout_s=timeout_s)
         return answer.status, answer.document
 
     def post_with_headers(
@@ -117,7 +111,7 @@ class ApiClient:
                 return ApiAnswer(
                     status=int(response.status),
                     document=_json(response.read()),
-                    headers=dict(response.headers.items()),
+                    headers={k.lower(): v for k, v in response.headers.items()},
                 )
         except urllib.error.HTTPError as exc:
             raise _problem_error(exc.code, exc.read()) from None

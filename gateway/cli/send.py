@@ -139,7 +139,7 @@ def _submit_api(client: ApiClient, submission: Submission) -> tuple[str, str, bo
     answer = reply.document
     if not isinstance(answer, dict) or not {"message_id", "status"} <= answer.keys():
         fail("the internal API answered without message_id and status")
-    replayed = reply.headers.get(REPLAYED_HEADER, "").lower() == "true"
+    replayed = reply.headers.get(REPLAYED_HEADER.lower(), "").lower() == "true"
     return str(answer["message_id"]), str(answer["status"]), replayed
 
 
