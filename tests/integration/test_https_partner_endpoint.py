@@ -13,6 +13,7 @@ import datetime as dt
 import io
 import json
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,25 @@ async def test_a_request_sent_with_the_last_handshake_bytes_is_served(env: Env) 
     answer = await post_with_handshake_end(env, body)
     assert answer.startswith(b"HTTP/1.1 202 "), answer[:200]
     assert await env.gateway.store.get_inbound(MX, message_id) is not None
+
+
+async def test_a_tls_1_1_client_is_refused_by_the_server(env: Env) -> None:
+    # The client is allowed to offer TLS 1.1 (security level 0), so the refusal is the
+    # server's: its minimum version is TLS 1.2 (T10).
+    context = env.client_ssl(MX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    url = urlsplit(env.gateway.partner_url)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection(
+            url.hostname, url.port, ssl=context, server_hostname="127.0.0.1"
+        )
+    [entry] = await tls_refusals(env)
+    assert entry["outcome"] == "protocol"
+    assert entry["reason"].startswith("UNSUPPORTED_PROTOCOL; from 127.0.0.1:")
 
 
 def _cert(
