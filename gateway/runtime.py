@@ -151,12 +151,18 @@ class Gateway:
                 relay=self.relay,
             )
         )
-        partner_context = server_context(config.tls, config.partners.values())
+        partners = list(config.partners.values())
         self.crl_watcher: CrlWatcher | None = None
         if config.tls.crls:
-            self.crl_watcher = enable_revocation(
-                partner_context, config.tls, config.partners.values(), self.clock
+            partner_context, self.crl_watcher = enable_revocation(
+                lambda: server_context(config.tls, partners),
+                config.tls,
+                partners,
+                self.clock,
+                publish=lambda context: self.partner_server.set_ssl_context(context),
             )
+        else:
+            partner_context = server_context(config.tls, partners)
         self.partner_server = PartnerHttpsServer(
             pipeline=self.pipeline,
             registry=self.registry,

@@ -185,6 +185,9 @@ class _GuardedSite(web.BaseSite):
         if self._server.sockets:
             self._bound_port = self._server.sockets[0].getsockname()[1]
 
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        self._ssl_context = context
+
     async def stop(self) -> None:
         await super().stop()
         # A connection still in its handshake is not served: stopping accepts no new one.
@@ -240,6 +243,17 @@ class PartnerHttpsServer:
     @property
     def url(self) -> str:
         return f"https://{self._host}:{self.port}"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The context the next handshakes use."""
+        return self._ssl_context
+
+    def set_ssl_context(self, context: ssl.SSLContext) -> None:
+        """Use ``context`` for the handshakes from now on (connections made keep theirs)."""
+        self._ssl_context = context
+        if self._site is not None:
+            self._site.set_ssl_context(context)
 
     def make_app(self) -> web.Application:
         # One byte over the largest partner limit, so the pipeline's per-partner check is the

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import ssl
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -132,18 +132,25 @@ def _add(context: ssl.SSLContext, crl_file: CrlFile) -> None:
 
 
 class CrlWatcher:
-    """Re-reads changed CRL files into the live context; reports CRLs past nextUpdate."""
+    """Re-reads changed CRL files; reports CRLs past nextUpdate.
+
+    A newer CRL goes into a context built afresh with the CRLs in force (``make_context``),
+    handed to the endpoint (``publish``) for its next handshakes: superseded CRLs do not pile
+    up in a long-running process.
+    """
 
     def __init__(
         self,
         *,
-        context: ssl.SSLContext,
+        make_context: Callable[[], ssl.SSLContext],
+        publish: Callable[[ssl.SSLContext], None],
         files: Sequence[CrlFile],
         anchors: Sequence[x509.Certificate],
         clock: Clock,
         interval_s: float,
     ) -> None:
-        self._context = context
+        self._make_context = make_context
+        self._publish = publish
         self._files = list(files)
         self._anchors = list(anchors)
         self._clock = clock
@@ -196,12 +203,15 @@ class CrlWatcher:
                     f"than the CRL in force ({format_rfc3339(current.crl.last_update_utc)})",
                 )
                 continue
+            files = [*self._files[:index], fresh, *self._files[index + 1 :]]
             try:
-                _add(self._context, fresh)
+                context = self._make_context()
+                apply_crls(context, files)
             except ConfigError as exc:
                 self._refuse(current.path, fresh.mtime_ns, exc.reason)
                 continue
-            self._files[index] = fresh
+            self._publish(context)
+            self._files = files
             log.info(
                 "crl_reloaded",
                 path=str(fresh.path),
@@ -235,14 +245,22 @@ def _time(moment: datetime | None) -> str | None:
 
 
 def enable_revocation(
-    context: ssl.SSLContext, tls: TlsConfig, partners: Iterable[PartnerConfig], clock: Clock
-) -> CrlWatcher:
-    """Check partners' client certificates on ``context`` against ``tls.crls``; the watcher
-    (a gateway service) keeps them current."""
+    make_context: Callable[[], ssl.SSLContext],
+    tls: TlsConfig,
+    partners: Iterable[PartnerConfig],
+    clock: Clock,
+    publish: Callable[[ssl.SSLContext], None],
+) -> tuple[ssl.SSLContext, CrlWatcher]:
+    """A context from ``make_context`` that checks partners' client certificates against
+    ``tls.crls``, and the watcher (a gateway service) that keeps them current by publishing
+    a new context when a CRL changes."""
+    partners = list(partners)
     files, anchors = load_crls(tls.crls, partner_trust_anchors(tls, partners))
+    context = make_context()
     apply_crls(context, files)
-    return CrlWatcher(
-        context=context,
+    return context, CrlWatcher(
+        make_context=make_context,
+        publish=publish,
         files=files,
         anchors=anchors,
         clock=clock,

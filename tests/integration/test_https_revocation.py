@@ -121,6 +121,28 @@ async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
         assert await status_of(env, CA) == 202
 
 
+async def test_newer_crls_replace_the_ones_before(tmp_path: Path) -> None:
+    start = NOW - dt.timedelta(hours=10)
+    async with running_gateway(
+        tmp_path, tls=TLS, prepare=lambda root: write_crl(root, this_update=start)
+    ) as env:
+        watcher = env.gateway.crl_watcher
+        assert watcher is not None
+        for hours in (1, 2, 3):
+            write_crl(tmp_path, [MX], this_update=start + dt.timedelta(hours=hours))
+            watcher.check()
+        # The next handshakes use a context holding the CRL in force only: superseded CRLs
+        # do not pile up in a long-running process.
+        context = env.gateway.partner_server.ssl_context
+        assert context.cert_store_stats()["crl"] == 1
+        assert context.verify_flags & ssl.VERIFY_CRL_CHECK_LEAF
+        assert await status_of(env, MX) is None
+        write_crl(tmp_path, [], this_update=start + dt.timedelta(hours=4))
+        watcher.check()
+        assert env.gateway.partner_server.ssl_context.cert_store_stats()["crl"] == 1
+        assert await status_of(env, MX) == 202
+
+
 async def test_an_older_or_broken_crl_file_leaves_the_crl_in_force(revoked_mx: Env) -> None:
     watcher = revoked_mx.gateway.crl_watcher
     assert watcher is not None
