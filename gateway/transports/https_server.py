@@ -311,7 +311,7 @@ class PartnerHttpsServer:
 
     def _tls_refused(self, refusal: HandshakeRefusal) -> None:
         """Count every refused handshake; log and audit the first per address and reason
-        in a minute (RELIABILITY-SECURITY T01: one rate-limited audit event)."""
+        in a minute, at most 60 a minute per reason (T01: one rate-limited audit event)."""
         env = self._pipeline.env
         env.metrics.tls_refused.labels(refusal.reason).inc()
         unrecorded = self._refusals.admit((refusal.host, refusal.reason), time.monotonic())

@@ -151,7 +151,9 @@ def _peer(peername: Any) -> tuple[str, int | None]:
 
 class RefusalWindow:
     """Which refusals to record: the first per (address, reason) in each window, and at most
-    ``budget`` in all per window, so a flood cannot grow the audit log; the rest are counted.
+    ``budget`` per reason per window, so a flood cannot grow the audit log, nor a flood of
+    one kind (garbage from many addresses) hide another (a revoked certificate); the rest are
+    counted.
 
     ``admit`` returns None to stay quiet, else how many refusals of that key went unrecorded
     since the last one recorded.
@@ -162,22 +164,24 @@ class RefusalWindow:
         self._budget = budget
         self._max_keys = max_keys
         self._seen: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
-        self._budget_since = float("-inf")
-        self._spent = 0
+        #: per reason: when its window began, how many were recorded in it
+        self._spent: dict[str, tuple[float, int]] = {}
 
     def admit(self, key: tuple[str, str], now: float) -> int | None:
         since, quiet = self._seen.get(key, (float("-inf"), 0))
         if now - since < self._window_s:
             self._seen[key] = (since, quiet + 1)
             return None
-        if now - self._budget_since >= self._window_s:
-            self._budget_since, self._spent = now, 0
-        if self._spent >= self._budget:
+        reason = key[1]
+        began, spent = self._spent.get(reason, (float("-inf"), 0))
+        if now - began >= self._window_s:
+            began, spent = now, 0
+        if spent >= self._budget:
             self._seen[key] = (since, quiet + 1)
             self._seen.move_to_end(key)
             self._trim()
             return None
-        self._spent += 1
+        self._spent[reason] = (began, spent + 1)
         self._seen[key] = (now, 0)
         self._seen.move_to_end(key)
         self._trim()

@@ -60,6 +60,8 @@ def test_a_flood_from_many_addresses_is_bounded_by_the_budget() -> None:
     window = RefusalWindow(window_s=60.0, budget=3)
     admitted = [window.admit((f"2001:db8::{i}", "untrusted"), now=1.0) for i in range(10)]
     assert admitted == [0, 0, 0] + [None] * 7
+    # Another kind of refusal has its own budget: a flood of one cannot hide the other.
+    assert window.admit(("2001:db8::99", "revoked"), now=2.0) == 0
     # A new window, a new budget; an address that went unrecorded says so.
     assert window.admit(("2001:db8::5", "untrusted"), now=61.0) == 1
 
