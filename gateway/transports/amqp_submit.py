@@ -5,7 +5,9 @@ submission stages (resolve partner, authorize type, validate, sign, store with i
 event). The submitter is ``amqp:<user_id>`` (broker-validated) or else ``amqp:<app_id>``.
 The AMQP ``message_id`` property is the submission's idempotency key: a redelivery (the
 gateway stopped between storing and acking) or a publisher's resend with the same
-``message_id`` and body gets the message the first one created, never a second one.
+``message_id`` and body gets the message the first one created, never a second one. (aiormq,
+under aio-pika, gives every message a random ``message_id`` when the application sets none:
+broker redeliveries are covered, a resend by the application needs its own id.)
 
 Answers: with ``reply_to`` set, the outcome is published there (``submission.accepted`` with
 the message id, or an RFC 9457 ``problem`` naming the code and the exact reason). A refused
