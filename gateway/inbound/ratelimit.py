@@ -60,7 +60,7 @@ class SharedBucket:
     def __init__(self, partner: str, limit: RateLimit, clock: Clock, source: TokenSource) -> None:
         self._partner = partner
         self._limit = limit
-        self._source = source
+        self._source: TokenSource | None = source
         self._batch = max(1.0, min(float(limit.burst), limit.per_second * BATCH_S))
         self._held = 0.0
         self._lock = asyncio.Lock()
@@ -72,9 +72,13 @@ class SharedBucket:
         if self._held >= 1.0:
             self._held -= 1.0
             return 0.0
+        if self._source is None:
+            return self._fallback.take()
         async with self._lock:
             # Another request may have fetched a batch while this one waited for the lock.
             if self._held < 1.0:
+                if self._source is None:  # learnt while this request waited for the lock
+                    return self._fallback.take()
                 try:
                     granted = await self._source(
                         self._partner, self._batch, self._limit.per_second, self._limit.burst
@@ -86,7 +90,8 @@ class SharedBucket:
                             "rate_bucket_unavailable", partner=self._partner, reason=exc.reason
                         )
                     return self._fallback.take()
-                if granted is None:
+                if granted is None:  # the store keeps no shared buckets: never ask again
+                    self._source = None
                     return self._fallback.take()
                 self._outage = False
                 self._held += granted
@@ -103,7 +108,11 @@ class RateLimiters:
         clock: Clock,
         source: TokenSource | None = None,
     ) -> None:
-        self._local = {partner: TokenBucket(limit, clock) for partner, limit in limits.items()}
+        self._local = (
+            {partner: TokenBucket(limit, clock) for partner, limit in limits.items()}
+            if source is None
+            else {}
+        )
         self._shared = (
             {
                 partner: SharedBucket(partner, limit, clock, source)

@@ -9,7 +9,7 @@ The signature is made here, once: the dispatcher sends these exact bytes on ever
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -65,8 +65,9 @@ class Submitted:
     replayed: bool = False
 
 
-def check_idempotency_key(value: str) -> str:
-    """The key, if it is 1 to 255 printable ASCII characters other than ``"`` and ``\\``."""
+def check_idempotency_key(value: str) -> None:
+    """Malformed unless the key is 1 to 255 printable ASCII characters other than ``"`` and
+    ``\\``."""
     if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not all(
         " " <= ch <= "~" and ch not in '"\\' for ch in value
     ):
@@ -74,7 +75,6 @@ def check_idempotency_key(value: str) -> str:
             f"the idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
             ' other than " and \\'
         )
-    return value
 
 
 def request_digest(submission: Submission) -> str:
@@ -344,10 +344,7 @@ async def submit_request(services: SubmissionServices, submission: Submission) -
 
 def _replayed(ctx: SubmitContext, earlier: OutboundRecord) -> Submitted:
     """The answer to a retry: the earlier message, if the request is the same."""
-    record = same_request(
-        earlier,
-        replace(earlier, idempotency_key=ctx.submission.idempotency_key, request_digest=ctx.digest),
-    )
+    record = same_request(earlier, ctx.digest)
     log.info(
         "submission_replayed",
         actor=ctx.submission.actor,

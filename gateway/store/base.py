@@ -447,11 +447,12 @@ def empty_depth() -> dict[OutboundState, int]:
     return dict.fromkeys(OutboundState, 0)
 
 
-def same_request(earlier: OutboundRecord, record: OutboundRecord) -> OutboundRecord:
-    """``earlier`` when ``record`` repeats its request under the same Idempotency-Key."""
-    if earlier.request_digest != record.request_digest:
+def same_request(earlier: OutboundRecord, request_digest: str | None) -> OutboundRecord:
+    """``earlier`` (the row found by submitter and Idempotency-Key) when the request with
+    ``request_digest`` repeats its request."""
+    if earlier.request_digest != request_digest:
         raise IdempotencyKeyReused(
-            f"Idempotency-Key {record.idempotency_key!r} of {record.submitted_by} was used for"
+            f"Idempotency-Key {earlier.idempotency_key!r} of {earlier.submitted_by} was used for"
             f" message {earlier.message_id} with a different request"
         )
     return earlier

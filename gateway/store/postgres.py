@@ -662,7 +662,7 @@ class PostgresStore:
                 if record.idempotency_key is not None:
                     earlier = await _outbound_by_key(c, record.submitted_by, record.idempotency_key)
                     if earlier is not None:
-                        return same_request(earlier, record)
+                        return same_request(earlier, record.request_digest)
                 raise DuplicateConflict(
                     f"outbound message_id {record.message_id!r} is already in the outbox"
                 )

@@ -798,7 +798,7 @@ class SqliteStore:
                 # The writer runs units one at a time, so no other insert can come between.
                 earlier = _outbound_by_key(c, record.submitted_by, record.idempotency_key)
                 if earlier is not None:
-                    return same_request(earlier, record)
+                    return same_request(earlier, record.request_digest)
             cur = c.execute(
                 f"INSERT INTO outbound_messages ({_OUTBOUND_COLUMNS}, priority_rank) "
                 f"VALUES ({', '.join('?' * 25)}) "

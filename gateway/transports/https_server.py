@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -314,7 +313,7 @@ class PartnerHttpsServer:
         in a minute, at most 60 a minute per reason (T01: one rate-limited audit event)."""
         env = self._pipeline.env
         env.metrics.tls_refused.labels(refusal.reason).inc()
-        unrecorded = self._refusals.admit((refusal.host, refusal.reason), time.monotonic())
+        unrecorded = self._refusals.admit((refusal.host, refusal.reason), env.clock.monotonic())
         if unrecorded is None:
             return
         where = refusal.host if refusal.port is None else f"{refusal.host}:{refusal.port}"

@@ -129,16 +129,19 @@ class PartnerIdentifier:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return None
-        fingerprint = cert_fingerprint(cert)
-        name = cert_subject_cn(cert)
-        found = {
-            identity.partner
-            for identity in self._identities
-            if (fingerprint in identity.fingerprints or name in identity.subjects)
-            and _issued_by(cert, identity.anchors)
-        }
+        found = {i.partner for i in self._claiming(cert) if _issued_by(cert, i.anchors)}
         # Two partners claiming one certificate is a configuration error: refuse both.
         return found.pop() if len(found) == 1 else None
+
+    def _claiming(self, cert: x509.Certificate) -> list[_PartnerIdentity]:
+        """The partners whose configured fingerprints or subjects name this certificate."""
+        fingerprint = cert_fingerprint(cert)
+        name = cert_subject_cn(cert)
+        return [
+            identity
+            for identity in self._identities
+            if fingerprint in identity.fingerprints or name in identity.subjects
+        ]
 
     def explain(self, der: bytes | None) -> str:
         """Why this (chain-verified) certificate identifies no partner, for the audit log."""
@@ -148,14 +151,10 @@ class PartnerIdentifier:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return "client certificate is not parseable"
-        fingerprint = cert_fingerprint(cert)
-        name = cert_subject_cn(cert)
-        described = f"client certificate sha256 {fingerprint} (CN {name!r})"
-        claimed = [
-            identity
-            for identity in self._identities
-            if fingerprint in identity.fingerprints or name in identity.subjects
-        ]
+        described = (
+            f"client certificate sha256 {cert_fingerprint(cert)} (CN {cert_subject_cn(cert)!r})"
+        )
+        claimed = self._claiming(cert)
         issued = sorted({i.partner for i in claimed if _issued_by(cert, i.anchors)})
         if len(issued) > 1:
             return f"{described} is claimed by partners {', '.join(issued)}: refused for all"

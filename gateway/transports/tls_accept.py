@@ -117,9 +117,6 @@ class TlsAcceptor(asyncio.Protocol):
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    def data_received(self, data: bytes) -> None:  # pragma: no cover - aborted before reading
-        raise RuntimeError("data on a connection handed over to its TLS handshake")
-
     async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
         try:
