@@ -28,14 +28,22 @@ from gateway.transports.amqp_bus import RabbitBus
 pytestmark = pytest.mark.rabbitmq
 
 
+async def answers(
+    channel: aio_pika.abc.AbstractChannel,
+) -> tuple[aio_pika.abc.AbstractQueue, asyncio.Queue[AbstractIncomingMessage]]:
+    """An exclusive reply queue and what arrives on it."""
+    replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.consume(replies.put, no_ack=True)
+    return queue, replies
+
+
 async def test_submissions_are_stored_or_answered_with_the_reason(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
         channel = await env.peer.connection.channel()
-        replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        reply_queue = await channel.declare_queue(exclusive=True)
-        await reply_queue.consume(replies.put, no_ack=True)
+        reply_queue, replies = await answers(channel)
         dead: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         dead_queue = await channel.get_queue("c2c.submit.dead", ensure=False)
         await dead_queue.consume(dead.put, no_ack=True)
@@ -95,9 +103,7 @@ async def test_a_resent_submission_with_its_message_id_makes_one_message(
     # carries the same message_id: the outbox gets one row, and both answers name it.
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
         channel = await env.peer.connection.channel()
-        replies: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        reply_queue = await channel.declare_queue(exclusive=True)
-        await reply_queue.consume(replies.put, no_ack=True)
+        reply_queue, replies = await answers(channel)
         submit = await channel.get_exchange("c2c.submit", ensure=False)
         example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
         document = {
