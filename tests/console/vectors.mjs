@@ -1,0 +1,48 @@
+// Runs the console's verification code (gateway/api/console) on cases the Python side made.
+// Usage: node vectors.mjs CASES.json  ->  one JSON array of {ok, value?, error?} on stdout.
+import { readFile } from "node:fs/promises";
+
+import { EVENTS } from "../../gateway/api/console/client.js";
+import {
+  b64decode,
+  b64encode,
+  canonicalJson,
+  entryLeafHash,
+  importLogKey,
+  verifyCheckpoint,
+  verifyConsistency,
+  verifyInclusion,
+} from "../../gateway/api/console/verify.js";
+
+const bytes = (text) => b64decode(text);
+
+const RUN = {
+  canonical: async (c) => canonicalJson(c.value),
+  leaf: async (c) => b64encode(await entryLeafHash(c.entry)),
+  inclusion: async (c) =>
+    verifyInclusion({
+      index: c.index, size: c.size, leaf: bytes(c.leaf), proof: c.proof.map(bytes), root: bytes(c.root),
+    }),
+  consistency: async (c) =>
+    verifyConsistency({
+      oldSize: c.old_size, size: c.size, oldRoot: bytes(c.old_root), root: bytes(c.root), proof: c.proof.map(bytes),
+    }),
+  checkpoint: async (c) => {
+    const body = await verifyCheckpoint(c.note, await importLogKey(c.key, c.origin));
+    return { origin: body.origin, size: body.size, root: b64encode(body.root), time: body.time };
+  },
+  vkey: async (c) => (await importLogKey(c.key, c.origin)).vkey,
+  events: async () => EVENTS,
+};
+
+const cases = JSON.parse(await readFile(process.argv[2], "utf8"));
+const results = [];
+for (const c of cases) {
+  try {
+    const value = await RUN[c.kind](c);
+    results.push(value === undefined ? { ok: true } : { ok: true, value });
+  } catch (error) {
+    results.push({ ok: false, error: `${error.name}: ${error.message}` });
+  }
+}
+process.stdout.write(JSON.stringify(results));
