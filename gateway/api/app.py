@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from gateway.api import audit
+from gateway.api import audit, console
 from gateway.api.auth import (
     SCOPE_ADMIN,
     SCOPE_AUDIT,
@@ -103,6 +103,9 @@ ROUTES: tuple[Route, ...] = (
         access=Access(scopes=frozenset({SCOPE_AUDIT, SCOPE_ADMIN})),
     ),
     Route(method="GET", path="/api/v1/openapi.json", handler=openapi, access=PUBLIC),
+    Route(method="GET", path="/console", handler=console.redirect, access=PUBLIC),
+    Route(method="GET", path=console.PREFIX, handler=console.page, access=PUBLIC),
+    Route(method="GET", path=console.PREFIX + "{name}", handler=console.static, access=PUBLIC),
     Route(method="GET", path="/healthz", handler=healthz, access=PUBLIC),
     Route(method="GET", path="/readyz", handler=readyz, access=PUBLIC),
     Route(method="GET", path="/metrics", handler=metrics, access=PUBLIC),

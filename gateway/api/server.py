@@ -69,7 +69,7 @@ class ApiServer:
         # The port actually bound (port 0 asks the OS for a free one).
         self._bound_port = int(runner.addresses[0][1])
         self._runner = runner
-        log.info("internal_api_listening", url=self.url)
+        log.info("internal_api_listening", url=self.url, audit_console=f"{self.url}/console/")
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
