@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from gateway.api import audit, console
+from gateway.api import audit
+from gateway.api import console_routes as console
 from gateway.api.auth import (
     SCOPE_ADMIN,
     SCOPE_AUDIT,

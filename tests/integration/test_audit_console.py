@@ -17,7 +17,7 @@ from nodejs import run_script
 from outbound_env import Running, client_ssl, token
 from test_api_audit import submit
 
-from gateway.api import console
+from gateway.api import console_routes as console
 from gateway.api.audit import AUDIT_LOG
 from gateway.audit import merkle
 from gateway.audit.bundle import verify_bundle
