@@ -24,6 +24,8 @@ _TYPES = {
     "verify.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
 }
+#: the files under PREFIX besides the page itself
+ASSETS = tuple(name for name in _TYPES if name != "index.html")
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self';"
@@ -56,6 +58,6 @@ async def page(request: web.Request) -> web.Response:
 
 async def static(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    if name not in _TYPES or name == "index.html":
+    if name not in ASSETS:
         return problem(404, f"the console has no file {name[:80]!r}")
     return _file(name)

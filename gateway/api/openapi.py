@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
+from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
@@ -632,6 +633,56 @@ def openapi_document() -> dict[str, Any]:
                             "description": "Prometheus text exposition format",
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         }
+                    },
+                }
+            },
+            "/console": {
+                "get": {
+                    "operationId": "consoleRedirect",
+                    "summary": "The audit console (redirects to /console/)",
+                    "security": [],
+                    "responses": {"308": {"description": "Permanent redirect to /console/"}},
+                }
+            },
+            "/console/": {
+                "get": {
+                    "operationId": "consolePage",
+                    "summary": "The audit console: a web page for auditors (docs/audit-console.md);"
+                    " it calls the auditor API with the token the auditor enters",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "The page",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/console/{name}": {
+                "get": {
+                    "operationId": "consoleFile",
+                    "summary": "The console's scripts and style sheet",
+                    "security": [],
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {
+                                "type": "string",
+                                "enum": list(ASSETS),
+                            },
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The file",
+                            "content": {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "404": _problem("No such file"),
                     },
                 }
             },
