@@ -53,6 +53,8 @@ class TlsConfig:
     crls: tuple[Path, ...] = ()
     #: how often the CRL files are checked for a new version, and for staleness
     crl_check_interval_s: float = 60.0
+    #: how often our own certificate and key files are checked for a new version
+    cert_check_interval_s: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -632,6 +634,7 @@ def _tls(table: _Table) -> TlsConfig:
         ca=table.req_path("ca"),
         crls=table.path_list("crls"),
         crl_check_interval_s=table.float_or("crl_check_interval_s", 60.0),
+        cert_check_interval_s=table.float_or("cert_check_interval_s", 60.0),
     )
     table.finish()
     return tls

@@ -51,6 +51,18 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.tls_certificate_expiry = Gauge(
+            "c2c_tls_certificate_expiry_timestamp_seconds",
+            "When our own TLS certificate in force expires (Unix time).",
+            registry=self.registry,
+        )
+        self.tls_reloads = Counter(
+            "c2c_tls_reloads_total",
+            "Reloads of our own TLS certificate and key, by outcome (tls_reloaded, "
+            "tls_reload_refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.inbound_latency = Histogram(
             "c2c_inbound_latency_seconds",
             "Time from receiving a body to having the answer ready (after commit).",

@@ -44,6 +44,7 @@ from gateway.transports.bus import Bus, MemoryBus
 from gateway.transports.https_server import PartnerHttpsServer
 from gateway.transports.revocation import CrlWatcher, enable_revocation
 from gateway.transports.tls import PartnerIdentifier, server_context
+from gateway.transports.tls_identity import TlsIdentity
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +181,18 @@ class Gateway:
         self._services: list[Service] = []
         if self.crl_watcher is not None:
             self._services.append(self.crl_watcher)
+        #: our certificate and key; the API and outbound clients add their contexts
+        self.tls_identity = TlsIdentity(
+            config.tls,
+            clock=self.clock,
+            audit=lambda event: self.store.append_audit([event]),
+            on_identity=lambda identity: self.metrics.tls_certificate_expiry.set(
+                identity.not_after.timestamp()
+            ),
+            on_outcome=lambda outcome: self.metrics.tls_reloads.labels(outcome=outcome).inc(),
+        )
+        self.tls_identity.track(lambda: [self.partner_server.ssl_context])
+        self._services.append(self.tls_identity)
         self._started = False
         self.amqp: AmqpService | None = None
         if self.broker is not None:

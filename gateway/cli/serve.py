@@ -56,11 +56,21 @@ def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
 
 
 async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) -> None:
-    """Start, report readiness, wait for SIGTERM/SIGINT, stop gracefully."""
+    """Start, report readiness, wait for SIGTERM/SIGINT (SIGHUP reloads our TLS certificate),
+    stop gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def reload_tls() -> None:
+        # the certificate renewed on disk goes into every TLS context (transports/tls_identity)
+        task = asyncio.ensure_future(gateway.tls_identity.reload(actor="signal:SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     try:
         await gateway.start()
         freeze_startup_objects()
@@ -70,7 +80,7 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
         finally:
             await gateway.stop()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 

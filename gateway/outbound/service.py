@@ -55,11 +55,11 @@ def attach_outbound(
 ) -> tuple[DispatcherService, ApiServer | None]:
     """Add the outbound dispatcher and (unless ``with_api`` is False) the internal API."""
     config = gateway.config
-    transports: dict[str, OutboundTransport] = {
-        "https": HttpsTransport(
-            config.tls, timeout_s=config.outbox.send_timeout_s, now=gateway.clock.now
-        )
-    }
+    https = HttpsTransport(
+        config.tls, timeout_s=config.outbox.send_timeout_s, now=gateway.clock.now
+    )
+    gateway.tls_identity.track(https.contexts)
+    transports: dict[str, OutboundTransport] = {"https": https}
     transports.update(extra_transports or {})
     dispatcher = Dispatcher(
         store=gateway.store,
@@ -84,11 +84,13 @@ def attach_outbound(
             wake_dispatcher=dispatcher.wake,
             broker_ping=broker_ping,
         )
+        api_context = api_server_context(config.tls)
         api = ApiServer(
             build_api_app(services),
             host=config.api_listen.host,
             port=config.api_listen.port,
-            ssl_context=api_server_context(config.tls),
+            ssl_context=api_context,
         )
+        gateway.tls_identity.track(lambda: [api_context])
         gateway.add_service(api)
     return service, api

@@ -120,6 +120,10 @@ class HttpsTransport:
             self._contexts[partner.id] = context
         return context
 
+    def contexts(self) -> list[ssl.SSLContext]:
+        """The client contexts made so far (they present our certificate)."""
+        return list(self._contexts.values())
+
     def _session_now(self) -> aiohttp.ClientSession:
         # Created on first use so it belongs to the running event loop.
         if self._session is None:

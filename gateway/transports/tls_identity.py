@@ -1,0 +1,239 @@
+"""Our own TLS certificate and key, taken in again while serving (renewal without a restart).
+
+``serve`` reloads them on SIGHUP, and when the files change (checked every
+``tls.cert_check_interval_s``). The new pair is read once and checked on a context of its own:
+the key must match the certificate, and the certificate must be inside its validity period.
+Only then is it loaded into every live context that presents our identity (the partner
+endpoint, the internal API, the outbound clients). New handshakes use it; open connections
+keep the one they started with. A bad pair is refused with its reason, logged and audited,
+and the pair in force stays. Each outcome is an audited operator action.
+
+The expiry of the certificate in force is exported as
+``c2c_tls_certificate_expiry_timestamp_seconds``, so an alert can fire before it lapses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ssl
+import tempfile
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+from cryptography import x509
+
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.clock import Clock, format_rfc3339
+from gateway.config import TlsConfig
+from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
+from gateway.errors import ConfigError
+
+log = structlog.get_logger(__name__)
+
+ContextSource = Callable[[], Iterable[ssl.SSLContext]]
+#: a certificate this close to its end is reported at start
+EXPIRY_WARNING = timedelta(days=14)
+
+
+class IdentityError(ValueError):
+    """The certificate and key files cannot become our TLS identity; the message says why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    fingerprint: str
+    subject: str | None
+    not_after: datetime
+    #: SHA-256 over both files, to notice a change
+    digest: bytes
+
+    def describe(self) -> str:
+        return (
+            f"certificate sha256 {self.fingerprint} (CN {self.subject!r}),"
+            f" valid until {format_rfc3339(self.not_after)}"
+        )
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise IdentityError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
+def files_digest(tls: TlsConfig) -> bytes | None:
+    try:
+        return hashlib.sha256(tls.cert.read_bytes() + b"\0" + tls.key.read_bytes()).digest()
+    except OSError:
+        return None
+
+
+def _leaf(path: Path, pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificates(pem)[0]
+    except ValueError as exc:
+        raise IdentityError(f"{path} holds no PEM certificate: {exc}") from None
+
+
+def _identity(leaf: x509.Certificate, digest: bytes) -> Identity:
+    return Identity(
+        fingerprint=cert_fingerprint(leaf),
+        subject=cert_subject_cn(leaf),
+        not_after=leaf.not_valid_after_utc,
+        digest=digest,
+    )
+
+
+def read_identity(tls: TlsConfig) -> Identity:
+    """What the files hold now, unchecked (the contexts built at start loaded them)."""
+    cert_pem = _read(tls.cert, "certificate")
+    digest = hashlib.sha256(cert_pem + b"\0" + _read(tls.key, "key")).digest()
+    return _identity(_leaf(tls.cert, cert_pem), digest)
+
+
+class _Pair:
+    """The two files, read once, checked, and copied to a private folder for OpenSSL."""
+
+    def __init__(self, tls: TlsConfig, now: datetime) -> None:
+        cert_pem = _read(tls.cert, "certificate")
+        key_pem = _read(tls.key, "key")
+        leaf = _leaf(tls.cert, cert_pem)
+        if now < leaf.not_valid_before_utc:
+            raise IdentityError(
+                f"{tls.cert} is not valid before {format_rfc3339(leaf.not_valid_before_utc)}"
+            )
+        if now >= leaf.not_valid_after_utc:
+            raise IdentityError(f"{tls.cert} expired at {format_rfc3339(leaf.not_valid_after_utc)}")
+        self.identity = _identity(leaf, hashlib.sha256(cert_pem + b"\0" + key_pem).digest())
+        self._dir = tempfile.TemporaryDirectory(prefix="c2c-tls-")
+        self.cert = Path(self._dir.name) / "cert.pem"
+        self.key = Path(self._dir.name) / "key.pem"
+        self.cert.write_bytes(cert_pem)
+        self.key.touch(mode=0o600)
+        self.key.write_bytes(key_pem)
+        try:
+            self.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        except ssl.SSLError as exc:
+            self.close()
+            raise IdentityError(
+                f"{tls.cert} and {tls.key} are not a usable pair: {exc.reason or exc}"
+            ) from None
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        context.load_cert_chain(certfile=str(self.cert), keyfile=str(self.key))
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class TlsIdentity:
+    """Reloads our certificate into every context registered with ``track``."""
+
+    def __init__(
+        self,
+        tls: TlsConfig,
+        *,
+        clock: Clock,
+        audit: Callable[[AuditEvent], Awaitable[object]],
+        on_identity: Callable[[Identity], None] = lambda identity: None,
+        on_outcome: Callable[[str], None] = lambda outcome: None,
+    ) -> None:
+        self._tls = tls
+        self._clock = clock
+        self._audit = audit
+        self._on_identity = on_identity
+        self._on_outcome = on_outcome
+        self._sources: list[ContextSource] = []
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self.current: Identity | None = None
+        #: the files' digest last looked at, so a refused pair is reported once, not each check
+        self._seen: bytes | None = None
+
+    def track(self, source: ContextSource) -> None:
+        """``source()`` gives the live contexts that present our identity."""
+        self._sources.append(source)
+
+    async def start(self) -> None:
+        # The contexts loaded the files when they were built; this names what they hold.
+        try:
+            identity = read_identity(self._tls)
+        except IdentityError as exc:
+            raise ConfigError(str(self._tls.cert), "tls.cert", str(exc)) from None
+        self._take(identity)
+        self._seen = identity.digest
+        left = identity.not_after - self._clock.now()
+        if left <= EXPIRY_WARNING:
+            log.warning(
+                "tls_certificate_expiring",
+                fingerprint=identity.fingerprint,
+                not_after=format_rfc3339(identity.not_after),
+                days_left=round(left.total_seconds() / 86400, 1),
+            )
+        self._task = asyncio.create_task(self._watch(), name="tls-identity-watch")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._tls.cert_check_interval_s)
+            digest = files_digest(self._tls)
+            if digest is not None and digest != self._seen:
+                await self.reload(actor="watch:file-change")
+
+    def _take(self, identity: Identity) -> None:
+        self.current = identity
+        self._on_identity(identity)
+
+    async def reload(self, *, actor: str) -> Identity | None:
+        """Take in the files as they are now; the new identity, or None if refused."""
+        async with self._lock:
+            self._seen = files_digest(self._tls)
+            try:
+                pair = _Pair(self._tls, self._clock.now())
+            except IdentityError as exc:
+                await self._report("tls_reload_refused", actor, str(exc))
+                log.error("tls_reload_refused", reason=str(exc), actor=actor)
+                return None
+            try:
+                for source in self._sources:
+                    for context in source():
+                        pair.load_into(context)
+            finally:
+                pair.close()
+            before = self.current
+            self._take(pair.identity)
+            was = f"; was {before.fingerprint}" if before is not None else ""
+            await self._report("tls_reloaded", actor, pair.identity.describe() + was)
+            log.info(
+                "tls_reloaded",
+                fingerprint=pair.identity.fingerprint,
+                not_after=format_rfc3339(pair.identity.not_after),
+                actor=actor,
+            )
+            return pair.identity
+
+    async def _report(self, outcome: str, actor: str, reason: str) -> None:
+        self._on_outcome(outcome)
+        event = AuditEvent(
+            event=EventKind.OPERATOR_ACTION,
+            at=self._clock.now(),
+            outcome=outcome,
+            actor=actor,
+            reason=reason,
+        )
+        try:
+            await self._audit(event)
+        except Exception as exc:
+            # the reload itself stands; the log line carries what the entry would have
+            log.error("tls_reload_not_audited", outcome=outcome, reason=reason, error=repr(exc))
