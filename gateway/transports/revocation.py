@@ -16,8 +16,6 @@ per published CRL, so a CA that publishes large CRLs often wants a periodic rest
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ssl
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +30,7 @@ from gateway.clock import Clock, format_rfc3339
 from gateway.config import PartnerConfig, TlsConfig
 from gateway.crypto.x509 import cert_subject_cn, crl_pem, crl_signed_by
 from gateway.errors import ConfigError
+from gateway.periodic import Periodic
 from gateway.transports.tls import partner_trust_anchors, read_ca_certs
 
 log = structlog.get_logger(__name__)
@@ -154,27 +153,20 @@ class CrlWatcher:
         self._files = list(files)
         self._anchors = list(anchors)
         self._clock = clock
-        self._interval_s = interval_s
         # (path, mtime) of a version refused, and CRL versions reported stale: each said once
         self._refused: set[tuple[Path, int]] = set()
         self._stale: set[tuple[Path, datetime | None]] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("crl-watcher", interval_s, self._check_async)
 
     async def start(self) -> None:
         self.check()
-        self._task = asyncio.create_task(self._run(), name="crl-watcher")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._periodic.stop()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            self.check()
+    async def _check_async(self) -> None:
+        self.check()
 
     def check(self) -> None:
         """Take in every changed file that is a valid, not older CRL; report stale ones."""

@@ -15,7 +15,6 @@ The expiry of the certificate in force is exported as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import ssl
 import tempfile
@@ -32,6 +31,7 @@ from gateway.clock import Clock, format_rfc3339
 from gateway.config import TlsConfig
 from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
 from gateway.errors import ConfigError
+from gateway.periodic import Periodic
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +150,7 @@ class TlsIdentity:
         self._on_outcome = on_outcome
         self._sources: list[ContextSource] = []
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._watch = Periodic("tls-identity-watch", tls.cert_check_interval_s, self._check_files)
         self.current: Identity | None = None
         #: the files' digest last looked at, so a refused pair is reported once, not each check
         self._seen: bytes | None = None
@@ -175,21 +175,15 @@ class TlsIdentity:
                 not_after=format_rfc3339(identity.not_after),
                 days_left=round(left.total_seconds() / 86400, 1),
             )
-        self._task = asyncio.create_task(self._watch(), name="tls-identity-watch")
+        self._watch.start()
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._watch.stop()
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._tls.cert_check_interval_s)
-            digest = files_digest(self._tls)
-            if digest is not None and digest != self._seen:
-                await self.reload(actor="watch:file-change")
+    async def _check_files(self) -> None:
+        digest = files_digest(self._tls)
+        if digest is not None and digest != self._seen:
+            await self.reload(actor="watch:file-change")
 
     def _take(self, identity: Identity) -> None:
         self.current = identity
