@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
+from own_broker import OwnBroker
 from rabbit import RabbitVhost
 
 from gateway.config import load_config
@@ -39,7 +40,8 @@ class Peer:
 
     async def open(self) -> None:
         self._channel = await self.connection.channel()
-        queue = await self._channel.get_queue(OUT_QUEUE, ensure=False)
+        # declared (passively), so a robust channel consumes it again after a reconnect
+        queue = await self._channel.declare_queue(OUT_QUEUE, passive=True)
         await queue.consume(self._on_out)
 
     async def _on_out(self, message: AbstractIncomingMessage) -> None:
@@ -100,7 +102,7 @@ class Sink:
 @dataclass
 class AmqpEnv:
     root: Path
-    vhost: RabbitVhost
+    vhost: RabbitVhost | OwnBroker
     gateway: Gateway
     peer: Peer
     sink: Sink
@@ -154,7 +156,7 @@ class AmqpEnv:
         return receipt
 
 
-async def queue_depth(vhost: RabbitVhost, queue: str) -> int:
+async def queue_depth(vhost: RabbitVhost | OwnBroker, queue: str) -> int:
     connection = await aio_pika.connect(vhost.url())
     try:
         channel = await connection.channel()
@@ -167,11 +169,15 @@ async def queue_depth(vhost: RabbitVhost, queue: str) -> int:
 
 
 @asynccontextmanager
-async def amqp_gateway(root: Path, vhost: RabbitVhost, **config: Any) -> AsyncIterator[AmqpEnv]:
-    """The gateway on ``vhost`` with a peer (guest, publishing for MX-ANAM) and a sink."""
+async def amqp_gateway(
+    root: Path, vhost: RabbitVhost | OwnBroker, *, robust: bool = False, **config: Any
+) -> AsyncIterator[AmqpEnv]:
+    """The gateway on ``vhost`` with a peer (guest, publishing for MX-ANAM) and a sink; with
+    ``robust``, the peer's and the sink's connection reconnects like the gateway's."""
     path = write_config(root, amqp_url=vhost.url(), **config)
     gateway = Gateway(load_config(path))
-    connection = await aio_pika.connect(vhost.url())
+    connect = aio_pika.connect_robust if robust else aio_pika.connect
+    connection = await connect(vhost.url())
     try:
         # The CBP system binds its queue first: an unbound c2c.inbound confirms nothing.
         channel = await connection.channel()
