@@ -19,6 +19,7 @@ from gateway.cli.sandbox import sandbox
 from gateway.cli.send import send
 from gateway.cli.serve import serve
 from gateway.cli.sig import sig
+from gateway.cli.store import store
 from gateway.cli.token import token
 from gateway.logging import configure_logging
 
@@ -45,6 +46,7 @@ cli.add_command(demo)
 cli.add_command(keys)
 cli.add_command(send)
 cli.add_command(query)
+cli.add_command(store)
 
 
 def main() -> None:
