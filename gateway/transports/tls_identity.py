@@ -36,6 +36,9 @@ from gateway.periodic import Periodic
 log = structlog.get_logger(__name__)
 
 ContextSource = Callable[[], Iterable[ssl.SSLContext]]
+#: the outcomes of a reload (audit entries and ``c2c_tls_reloads_total{outcome}``)
+RELOADED = "tls_reloaded"
+REFUSED = "tls_reload_refused"
 #: a certificate this close to its end is reported at start
 EXPIRY_WARNING = timedelta(days=14)
 
@@ -196,7 +199,7 @@ class TlsIdentity:
             try:
                 pair = _Pair(self._tls, self._clock.now())
             except IdentityError as exc:
-                await self._report("tls_reload_refused", actor, str(exc))
+                await self._report(REFUSED, actor, str(exc))
                 log.error("tls_reload_refused", reason=str(exc), actor=actor)
                 return None
             try:
@@ -208,7 +211,7 @@ class TlsIdentity:
             before = self.current
             self._take(pair.identity)
             was = f"; was {before.fingerprint}" if before is not None else ""
-            await self._report("tls_reloaded", actor, pair.identity.describe() + was)
+            await self._report(RELOADED, actor, pair.identity.describe() + was)
             log.info(
                 "tls_reloaded",
                 fingerprint=pair.identity.fingerprint,

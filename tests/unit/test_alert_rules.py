@@ -1,0 +1,89 @@
+"""The shipped Prometheus alerting rules name only what the gateway exports.
+
+`promtool test rules deploy/prometheus/c2c-gateway-alerts.test.yml` tests what the rules do;
+this test keeps them from drifting from the code: every metric, label, label value and
+template label in the rules exists in `gateway.metrics.Metrics`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import Counter, Gauge, Histogram
+
+from gateway.metrics import Metrics
+from gateway.store.base import OutboundState
+from gateway.transports import tls_identity
+from gateway.transports.tls_accept import REASONS
+
+RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "c2c-gateway-alerts.yml"
+#: labels Prometheus adds to every scraped series
+TARGET_LABELS = frozenset({"instance", "job"})
+#: the values a label can take, where the code fixes them
+VALUES = {
+    "state": frozenset(state.value for state in OutboundState),
+    "reason": frozenset(REASONS),
+    "outcome": frozenset({tls_identity.RELOADED, tls_identity.REFUSED}),
+    "whose": frozenset({"ours", "partner"}),
+}
+SELECTOR = re.compile(r"\b(c2c_[a-z0-9_]+)(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def exported() -> dict[str, frozenset[str]]:
+    """Every series name /metrics can show, with its labels."""
+    names: dict[str, frozenset[str]] = {}
+    for metric in vars(Metrics()).values():
+        if not isinstance(metric, Counter | Gauge | Histogram):
+            continue
+        # prometheus_client keeps a metric's name and label names on these attributes
+        name, labels = metric._name, frozenset(metric._labelnames)
+        if isinstance(metric, Counter):
+            names[f"{name}_total"] = labels
+        elif isinstance(metric, Histogram):
+            for suffix in ("_sum", "_count"):
+                names[name + suffix] = labels
+            names[f"{name}_bucket"] = labels | {"le"}
+        else:
+            names[name] = labels
+    return names
+
+
+def rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(RULES.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"]]
+
+
+def test_the_rules_are_found() -> None:
+    assert len(rules()) >= 10
+    assert "c2c_tls_certificate_expiry_timestamp_seconds" in exported()
+
+
+@pytest.mark.parametrize("rule", rules(), ids=lambda rule: rule["alert"])
+def test_a_rule_names_only_what_the_gateway_exports(rule: dict[str, Any]) -> None:
+    series = exported()
+    expr = rule["expr"]
+    selectors = SELECTOR.findall(expr)
+    assert selectors, expr
+    labels: set[str] = set(TARGET_LABELS)
+    for name, matchers in selectors:
+        assert name in series, f"{rule['alert']}: {name} is not exported"
+        labels |= series[name]
+        for label, _, value in MATCHER.findall(matchers):
+            assert label in series[name], f"{rule['alert']}: {name} has no label {label}"
+            if label in VALUES:
+                for choice in value.split("|"):
+                    assert choice in VALUES[label], f"{rule['alert']}: {label}={choice!r}"
+    for grouped in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        for label in grouped.split(","):
+            assert label.strip() in labels, f"{rule['alert']}: by ({label.strip()})"
+    for text in rule["annotations"].values():
+        for label in re.findall(r"\$labels\.(\w+)", text):
+            assert label in labels, f"{rule['alert']}: $labels.{label}"
+    assert rule["labels"]["severity"] in {"warning", "critical"}
+    assert rule["annotations"]["summary"]
+    assert rule["annotations"]["description"]
