@@ -7,6 +7,7 @@ from pathlib import Path
 import pgdb
 import pytest
 from outbound_env import Running, gateway_config, start_gateway
+from own_broker import OwnBroker
 from rabbit import RabbitVhost, create_vhost, delete_vhost
 
 from gateway.clock import ManualClock
@@ -21,6 +22,17 @@ def rabbit_vhost() -> Iterator[RabbitVhost]:
         yield vhost
     finally:
         delete_vhost(vhost)
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
+    """A RabbitMQ node of this test's own (for a full restart or a resource alarm)."""
+    broker = OwnBroker(tmp_path / "rabbitmq")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="session")

@@ -98,8 +98,3 @@ class OwnBroker:
     def stop(self) -> None:
         """Halt the node and wait for its process to end (what it persisted stays)."""
         self.ctl("stop", str(self.root / "node.pid"))
-
-    def restart(self, down_s: float = 1.0) -> None:
-        self.stop()
-        time.sleep(down_s)
-        self.start()

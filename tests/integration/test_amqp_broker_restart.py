@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiormq
@@ -25,16 +24,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 TOTAL = 600
 #: messages confirmed when the node is halted
 RESTART_AT = 150
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[OwnBroker]:
-    broker = OwnBroker(tmp_path / "rabbitmq")
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+#: the partner's pace, so that the run lasts longer than the node takes to halt (seconds)
+PACE_S = 0.01
 
 
 async def send_until_confirmed(env: AmqpEnv, message_id: str, body: bytes, sig: str) -> int:
@@ -63,12 +54,16 @@ async def test_a_broker_restart_mid_run_loses_nothing(
                 tries.append(await send_until_confirmed(env, message_id, body, env.sign(body)))
                 if len(tries) == RESTART_AT:
                     restart_due.set()
+                await asyncio.sleep(PACE_S)
 
         async def restart_mid_run() -> int:
             await restart_due.wait()
             # the partner goes on publishing into the outage
-            await asyncio.to_thread(own_broker.restart)
-            return len(tries)
+            await asyncio.to_thread(own_broker.stop)
+            published_when_down = len(tries)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_broker.start)
+            return published_when_down
 
         publisher = asyncio.create_task(publish_all())
         restarter = asyncio.create_task(restart_mid_run())
@@ -83,11 +78,11 @@ async def test_a_broker_restart_mid_run_loses_nothing(
                 assert payload["status"] == "ACK", payload
                 acked[payload["ref_message_id"]] += 1
             await publisher
-            published_by_restart_end = await restarter
+            published_when_down = await restarter
             await env.sink.wait_for(TOTAL, timeout_s=90)
 
-        # the restart fell in the middle of the run, not after it
-        assert RESTART_AT <= published_by_restart_end < TOTAL
+        # the node went down in the middle of the run, not after it
+        assert RESTART_AT <= published_when_down < TOTAL
         assert set(acked) == sent
         routed = Counter(m.message_id for m in env.sink.messages)
         assert set(routed) == sent
