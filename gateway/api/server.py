@@ -49,10 +49,6 @@ class ApiServer:
         return self._app
 
     @property
-    def ssl_context(self) -> ssl.SSLContext | None:
-        return self._ssl_context
-
-    @property
     def url(self) -> str:
         if self._bound_port is None:
             raise RuntimeError("the internal API server is not started")

@@ -107,6 +107,27 @@ function showEntry(item, statusCell) {
     statusCell.className);
 }
 
+// A message id opens the message's whole trail: every entry that names it.
+function messageCell(messageId) {
+  const td = cell("", "id");
+  if (!messageId) return td;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link";
+  button.textContent = messageId;
+  button.title = "Show every entry of this message";
+  button.addEventListener("click", guard(async (event) => {
+    event.stopPropagation();
+    const form = $("filter-form");
+    form.reset();
+    form.elements.namedItem("message_id").value = messageId;
+    state.filters = { message_id: messageId };
+    await loadEntries(false);
+  }, "entries-status"));
+  td.append(button);
+  return td;
+}
+
 async function loadEntries(append) {
   if (!append) {
     $("entry-rows").replaceChildren();
@@ -121,7 +142,7 @@ async function loadEntries(append) {
     const status = cell("…");
     row.append(
       cell(String(item.seq)), cell(e.at), cell(e.event), cell(e.sender), cell(e.recipient),
-      cell(e.message_type), cell(e.message_id, "id"), cell(e.outcome), status,
+      cell(e.message_type), messageCell(e.message_id), cell(e.outcome), status,
     );
     row.tabIndex = 0;
     row.addEventListener("click", () => showEntry(item, status));
