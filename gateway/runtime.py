@@ -14,9 +14,11 @@ from typing import Any, Protocol
 
 import structlog
 
+from gateway import partner_keys
 from gateway.adapters.registry import Adapter, adapter_for
+from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, SystemClock
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import (
     KeyRing,
     SigningKey,
@@ -25,7 +27,7 @@ from gateway.crypto.keys import (
     load_verification_key,
     public_jwk,
 )
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.inbound.context import InboundEnv, OnReceipt, ReceivedReceipt
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.inbound.ratelimit import RateLimiters
@@ -228,6 +230,46 @@ class Gateway:
     def _submitted(self) -> None:
         if self.on_submitted is not None:
             self.on_submitted()
+
+    async def reload(self, *, actor: str) -> None:
+        """What SIGHUP takes in again: partners' signing keys, and our TLS certificate and key."""
+        await self.reload_partner_keys(actor=actor)
+        await self.tls_identity.reload(actor=actor)
+
+    async def reload_partner_keys(self, *, actor: str) -> bool:
+        """Swap in the partners' keys as configured now (gateway/partner_keys.py); False if
+        the configuration does not load, and the keys in force stay."""
+        try:
+            fresh = load_config(self.config.source)
+            keys = list(load_partner_keys(fresh))
+        except ConfigError as exc:
+            log.error("partner_keys_reload_refused", reason=str(exc), actor=actor)
+            await self._audit_key_change(partner_keys.REFUSED, actor, str(exc))
+            return False
+        waiting = partner_keys.other_changes(self.config, fresh)
+        if waiting:
+            log.warning("partner_changes_need_restart", partners=waiting)
+        changes = partner_keys.key_changes(self.keyring, keys)
+        if not changes:
+            log.info("partner_keys_unchanged", actor=actor)
+            return True
+        self.keyring.replace(keys)
+        log.info("partner_keys_reloaded", changes=changes, actor=actor)
+        await self._audit_key_change(partner_keys.RELOADED, actor, "; ".join(changes))
+        return True
+
+    async def _audit_key_change(self, outcome: str, actor: str, reason: str) -> None:
+        event = AuditEvent(
+            event=EventKind.KEY_CHANGE,
+            at=self.clock.now(),
+            outcome=outcome,
+            actor=actor,
+            reason=reason,
+        )
+        try:
+            await self.store.append_audit([event])
+        except GatewayError as exc:
+            log.error("key_change_not_audited", outcome=outcome, reason=reason, error=exc.reason)
 
     def set_receipt_handler(self, handler: OnReceipt) -> None:
         """Where partners' receipts for our messages go (the outbound dispatcher)."""

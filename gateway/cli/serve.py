@@ -56,21 +56,22 @@ def build_gateway(config_path: Path) -> tuple[Gateway, ApiServer]:
 
 
 async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) -> None:
-    """Start, report readiness, wait for SIGTERM/SIGINT (SIGHUP reloads our TLS certificate),
-    stop gracefully."""
+    """Start, report readiness, wait for SIGTERM/SIGINT, stop gracefully. SIGHUP takes in our
+    TLS certificate and partners' signing keys again."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     reloads: set[asyncio.Task[object]] = set()
 
-    def reload_tls() -> None:
-        # the certificate renewed on disk goes into every TLS context (transports/tls_identity)
-        task = asyncio.ensure_future(gateway.tls_identity.reload(actor="signal:SIGHUP"))
+    def reload() -> None:
+        # our TLS certificate and key (transports/tls_identity) and partners' signing keys
+        # (partner_keys), as they are on disk now
+        task = asyncio.ensure_future(gateway.reload(actor="signal:SIGHUP"))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await gateway.start()
         freeze_startup_objects()

@@ -370,6 +370,10 @@ class KeyRing:
     """Configured verification keys, looked up by exact ``kid`` (never by path or query)."""
 
     def __init__(self, keys: Iterable[VerificationKey]) -> None:
+        self.replace(keys)
+
+    def replace(self, keys: Iterable[VerificationKey]) -> None:
+        """Hold ``keys`` from now on (one assignment: a lookup sees the old or the new set)."""
         by_kid: dict[str, list[VerificationKey]] = {}
         for key in keys:
             by_kid.setdefault(key.kid, []).append(key)

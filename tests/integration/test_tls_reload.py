@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from outbound_env import Running, client_ssl, gateway_config, start_gateway
-from serve_proc import ServeProcess
+from serve_proc import ServeProcess, edit_toml
 from test_api_audit import submit
 
 from gateway.audit.events import EventKind
@@ -230,6 +230,13 @@ async def test_serve_reloads_on_sighup(tmp_path: Path) -> None:
         old = await presented(process.partner_url, config, as_partner=True)
         assert old == file_fingerprint(config.tls.cert)
         new = renew(config)
+        # the same signal takes in partners' signing keys (test_partner_keys_reload), before
+        # the certificate that the loop below waits for
+        edit_toml(
+            config.source.parent / "partners" / "MX-ANAM" / "partner.toml",
+            'alg = "EdDSA"\n',
+            'alg = "EdDSA"\nnot_after = 2020-01-01T00:00:00Z\n',
+        )
         assert process.proc is not None
         process.proc.send_signal(signal.SIGHUP)
 
@@ -243,3 +250,6 @@ async def test_serve_reloads_on_sighup(tmp_path: Path) -> None:
     lines = [json.loads(line) for line in process.stderr_log.splitlines() if line.startswith(b"{")]
     reloaded = [line for line in lines if line.get("event") == "tls_reloaded"]
     assert [(line["fingerprint"], line["actor"]) for line in reloaded] == [(new, "signal:SIGHUP")]
+    [keys] = [line for line in lines if line.get("event") == "partner_keys_reloaded"]
+    assert keys["actor"] == "signal:SIGHUP"
+    assert keys["changes"][0].endswith("now valid - to 2020-01-01T00:00:00.000Z (was valid - to -)")

@@ -1,0 +1,68 @@
+"""Partners' signing keys, taken in again while serving: revoke or rotate one without a restart.
+
+On SIGHUP, ``serve`` reads the configuration again and swaps the partners' verification keys
+(the ``[[keys]]`` of each ``partner.toml``) into the key ring that the inbound pipeline and the
+dispatcher share. A key removed, or given a ``not_after`` in the past, is refused from the next
+message on; a key added is accepted. Nothing else is taken in: other changes (partners added
+or removed, URLs, limits, message types) are named in a warning and wait for a restart.
+
+A configuration that does not load is refused with its exact error and the keys in force stay.
+Each change, and each refusal, is audited as a ``key_change``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from datetime import datetime
+
+from gateway.clock import format_rfc3339
+from gateway.config import GatewayConfig
+from gateway.crypto.keys import VerificationKey
+
+RELOADED = "partner_keys_reloaded"
+REFUSED = "partner_keys_reload_refused"
+
+_Window = tuple[datetime | None, datetime | None]
+
+
+def _window(window: _Window) -> str:
+    start, end = (format_rfc3339(t) if t is not None else "-" for t in window)
+    return f"valid {start} to {end}"
+
+
+def key_changes(before: Iterable[VerificationKey], after: Iterable[VerificationKey]) -> list[str]:
+    """What differs between two sets of partner keys, one line per key, stable order."""
+    old: dict[tuple[str, str], _Window] = {
+        (k.party, k.kid): (k.not_before, k.not_after) for k in before
+    }
+    new: dict[tuple[str, str], _Window] = {
+        (k.party, k.kid): (k.not_before, k.not_after) for k in after
+    }
+    changes = []
+    for party, kid in sorted(old.keys() | new.keys()):
+        was, now = old.get((party, kid)), new.get((party, kid))
+        if was == now:
+            continue
+        if was is None:
+            assert now is not None
+            changes.append(f"{party}: key {kid} added ({_window(now)})")
+        elif now is None:
+            changes.append(f"{party}: key {kid} removed")
+        else:
+            changes.append(f"{party}: key {kid} now {_window(now)} (was {_window(was)})")
+    return changes
+
+
+def other_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """Partner settings besides keys that differ: they need a restart."""
+    found = []
+    for pid in sorted(old.partners.keys() | new.partners.keys()):
+        was, now = old.partners.get(pid), new.partners.get(pid)
+        if was is None:
+            found.append(f"{pid} added")
+        elif now is None:
+            found.append(f"{pid} removed")
+        elif dataclasses.replace(was, keys=()) != dataclasses.replace(now, keys=()):
+            found.append(f"{pid} changed")
+    return found
