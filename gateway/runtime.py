@@ -16,7 +16,7 @@ import structlog
 
 from gateway import partner_keys
 from gateway.adapters.registry import Adapter, adapter_for
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import (
@@ -27,7 +27,7 @@ from gateway.crypto.keys import (
     load_verification_key,
     public_jwk,
 )
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError
 from gateway.inbound.context import InboundEnv, OnReceipt, ReceivedReceipt
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.inbound.ratelimit import RateLimiters
@@ -266,10 +266,7 @@ class Gateway:
             actor=actor,
             reason=reason,
         )
-        try:
-            await self.store.append_audit([event])
-        except GatewayError as exc:
-            log.error("key_change_not_audited", outcome=outcome, reason=reason, error=exc.reason)
+        await record_or_log(lambda entry: self.store.append_audit([entry]), event)
 
     def set_receipt_handler(self, handler: OnReceipt) -> None:
         """Where partners' receipts for our messages go (the outbound dispatcher)."""

@@ -7,6 +7,7 @@ digests only, never bodies, signatures, keys or tokens.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -14,8 +15,10 @@ from typing import Any
 
 import orjson
 import rfc8785
+import structlog
 
 from gateway.clock import format_rfc3339
+from gateway.errors import GatewayError
 
 
 class EventKind(StrEnum):
@@ -95,3 +98,16 @@ class AuditEvent:
             except orjson.JSONEncodeError:
                 pass  # a lone surrogate: the canonicalizer below reports it
         return bytes(rfc8785.dumps(entry))
+
+
+async def record_or_log(
+    append: Callable[[AuditEvent], Awaitable[object]], event: AuditEvent
+) -> None:
+    """Append ``event``; if the store cannot take it, the log carries the entry instead (the
+    action it records has happened either way)."""
+    try:
+        await append(event)
+    except GatewayError as exc:
+        structlog.get_logger(__name__).error(
+            "audit_entry_not_written", entry=event.to_entry(), error=exc.reason
+        )

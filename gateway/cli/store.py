@@ -21,13 +21,13 @@ import sqlite3
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from tqdm import tqdm
 
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditLog
+from gateway.cli.send import fail
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.crypto.notes import load_note_signer
@@ -36,11 +36,6 @@ from gateway.store import InvalidStoreUrl, open_store
 from gateway.store.sqlite import SqliteStore
 
 _SQLITE = "sqlite:///"
-
-
-def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,20 +135,20 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
     try:
         url = load_config(config_path).store_url
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not url.startswith(_SQLITE):
-        _fail(
+        fail(
             "store backup copies SQLite stores; back up a PostgreSQL store with pg_dump"
             " (for example pg_dump --format=custom), which takes a consistent snapshot while"
             " the gateway runs"
         )
     source = Path(url.removeprefix(_SQLITE))
     if not source.is_file():
-        _fail(f"the store {source} does not exist")
+        fail(f"the store {source} does not exist")
     if dest.exists():
-        _fail(f"{dest} already exists; a backup never overwrites a file")
+        fail(f"{dest} already exists; a backup never overwrites a file")
     if not dest.parent.is_dir():
-        _fail(f"the folder {dest.parent} does not exist")
+        fail(f"the folder {dest.parent} does not exist")
     partial = dest.with_name(dest.name + ".partial")
     partial.unlink(missing_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
@@ -163,7 +158,7 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
         _single_file(partial)
     except (sqlite3.Error, OSError, GatewayError, InvalidStoreUrl) as exc:
         partial.unlink(missing_ok=True)
-        _fail(f"backup failed: {exc}", code=1)
+        fail(f"backup failed: {exc}", status=1)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -171,10 +166,10 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
         click.echo(f"FAIL {line}", err=True)
     if not verified.ok:
         # kept under its .partial name: evidence of the damaged log, never taken for a backup
-        _fail(
+        fail(
             f"the copy's audit log does not verify ({verified.problem_count} problem(s));"
             f" it is kept as {partial} for inspection",
-            code=1,
+            status=1,
         )
     partial.rename(dest)
     fd = os.open(dest.parent, os.O_RDONLY)

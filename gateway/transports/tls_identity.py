@@ -26,7 +26,7 @@ from pathlib import Path
 import structlog
 from cryptography import x509
 
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import TlsConfig
 from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
@@ -229,8 +229,4 @@ class TlsIdentity:
             actor=actor,
             reason=reason,
         )
-        try:
-            await self._audit(event)
-        except Exception as exc:
-            # the reload itself stands; the log line carries what the entry would have
-            log.error("tls_reload_not_audited", outcome=outcome, reason=reason, error=repr(exc))
+        await record_or_log(self._audit, event)
