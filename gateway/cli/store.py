@@ -56,7 +56,7 @@ def _copy(source: Path, target: Path) -> None:
             src.backup(dst)  # all pages in one step: one read transaction, one snapshot
             (result,) = dst.execute("PRAGMA integrity_check").fetchone()
             if result != "ok":
-                raise click.ClickException(f"the copy fails PRAGMA integrity_check: {result}")
+                raise sqlite3.DatabaseError(f"the copy fails PRAGMA integrity_check: {result}")
         finally:
             dst.close()
     finally:
@@ -150,7 +150,11 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
     if not dest.parent.is_dir():
         fail(f"the folder {dest.parent} does not exist")
     partial = dest.with_name(dest.name + ".partial")
-    partial.unlink(missing_ok=True)
+    if partial.exists():
+        fail(
+            f"{partial} exists (an interrupted backup, or a copy kept because its log did not"
+            " verify); move it away first"
+        )
     show = sys.stderr.isatty() if progress is None else progress
     try:
         _copy(source, partial)

@@ -140,3 +140,8 @@ async def test_a_damaged_log_is_not_passed_off_as_a_backup(us: Running, tmp_path
     assert f"it is kept as {dest}.partial for inspection" in err
     assert not dest.exists()
     assert (tmp_path / "copy.db.partial").exists()
+    # the kept copy is evidence: a second try does not remove it
+    code, _, err = await backup(us.config.source, dest)
+    assert code == 2
+    assert err.startswith(f"error: {dest}.partial exists (an interrupted backup")
+    assert (tmp_path / "copy.db.partial").exists()
