@@ -29,7 +29,7 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditLog
 from gateway.cli.send import fail
 from gateway.clock import SystemClock
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.crypto.notes import load_note_signer
 from gateway.errors import ConfigError, GatewayError
 from gateway.store import InvalidStoreUrl, open_store
@@ -74,8 +74,7 @@ def _single_file(target: Path) -> None:
         os.fsync(fh.fileno())
 
 
-async def _verify(target: Path, config_path: Path, show: bool) -> Verified:
-    config = load_config(config_path)
+async def _verify(target: Path, config: GatewayConfig, show: bool) -> Verified:
     signer = load_note_signer(config.audit.key, config.audit.origin)
     copy = SqliteStore(target, clock=SystemClock())
     await copy.open()
@@ -95,8 +94,7 @@ async def _verify(target: Path, config_path: Path, show: bool) -> Verified:
     )
 
 
-async def _record(config_path: Path, reason: str) -> None:
-    config = load_config(config_path)
+async def _record(config: GatewayConfig, reason: str) -> None:
     live = open_store(config.store_url, clock=SystemClock())
     await live.open()
     try:
@@ -133,9 +131,10 @@ def store() -> None:
 def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None:
     """Copy the SQLite store to DEST while the gateway runs; the copy is checked first."""
     try:
-        url = load_config(config_path).store_url
+        config = load_config(config_path)
     except ConfigError as exc:
         fail(str(exc))
+    url = config.store_url
     if not url.startswith(_SQLITE):
         fail(
             "store backup copies SQLite stores; back up a PostgreSQL store with pg_dump"
@@ -158,7 +157,7 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
     show = sys.stderr.isatty() if progress is None else progress
     try:
         _copy(source, partial)
-        verified = asyncio.run(_verify(partial, config_path, show))
+        verified = asyncio.run(_verify(partial, config, show))
         _single_file(partial)
     except (sqlite3.Error, OSError, GatewayError, InvalidStoreUrl) as exc:
         partial.unlink(missing_ok=True)
@@ -188,7 +187,7 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
         f" (last checkpoint size {checkpoint if checkpoint is not None else 'none'})"
     )
     try:
-        asyncio.run(_record(config_path, reason))
+        asyncio.run(_record(config, reason))
     except (GatewayError, InvalidStoreUrl) as exc:
         click.echo(f"warning: the backup was not recorded in the log: {exc}", err=True)
     click.echo(f"OK {dest}: {reason.split(': ', 1)[1]}")

@@ -69,10 +69,26 @@ def _read(path: Path, what: str) -> bytes:
         raise IdentityError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
 
 
+@dataclass(frozen=True)
+class _Files:
+    """The certificate and key files' bytes, read once."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+    @property
+    def digest(self) -> bytes:
+        return hashlib.sha256(self.cert_pem + b"\0" + self.key_pem).digest()
+
+
+def _read_files(tls: TlsConfig) -> _Files:
+    return _Files(cert_pem=_read(tls.cert, "certificate"), key_pem=_read(tls.key, "key"))
+
+
 def files_digest(tls: TlsConfig) -> bytes | None:
     try:
-        return hashlib.sha256(tls.cert.read_bytes() + b"\0" + tls.key.read_bytes()).digest()
-    except OSError:
+        return _read_files(tls).digest
+    except IdentityError:
         return None
 
 
@@ -94,31 +110,28 @@ def _identity(leaf: x509.Certificate, digest: bytes) -> Identity:
 
 def read_identity(tls: TlsConfig) -> Identity:
     """What the files hold now, unchecked (the contexts built at start loaded them)."""
-    cert_pem = _read(tls.cert, "certificate")
-    digest = hashlib.sha256(cert_pem + b"\0" + _read(tls.key, "key")).digest()
-    return _identity(_leaf(tls.cert, cert_pem), digest)
+    files = _read_files(tls)
+    return _identity(_leaf(tls.cert, files.cert_pem), files.digest)
 
 
 class _Pair:
-    """The two files, read once, checked, and copied to a private folder for OpenSSL."""
+    """The two files' bytes, checked, and copied to a private folder for OpenSSL."""
 
-    def __init__(self, tls: TlsConfig, now: datetime) -> None:
-        cert_pem = _read(tls.cert, "certificate")
-        key_pem = _read(tls.key, "key")
-        leaf = _leaf(tls.cert, cert_pem)
+    def __init__(self, tls: TlsConfig, files: _Files, now: datetime) -> None:
+        leaf = _leaf(tls.cert, files.cert_pem)
         if now < leaf.not_valid_before_utc:
             raise IdentityError(
                 f"{tls.cert} is not valid before {format_rfc3339(leaf.not_valid_before_utc)}"
             )
         if now >= leaf.not_valid_after_utc:
             raise IdentityError(f"{tls.cert} expired at {format_rfc3339(leaf.not_valid_after_utc)}")
-        self.identity = _identity(leaf, hashlib.sha256(cert_pem + b"\0" + key_pem).digest())
+        self.identity = _identity(leaf, files.digest)
         self._dir = tempfile.TemporaryDirectory(prefix="c2c-tls-")
         self.cert = Path(self._dir.name) / "cert.pem"
         self.key = Path(self._dir.name) / "key.pem"
-        self.cert.write_bytes(cert_pem)
+        self.cert.write_bytes(files.cert_pem)
         self.key.touch(mode=0o600)
-        self.key.write_bytes(key_pem)
+        self.key.write_bytes(files.key_pem)
         try:
             self.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
         except ssl.SSLError as exc:
@@ -195,9 +208,11 @@ class TlsIdentity:
     async def reload(self, *, actor: str) -> Identity | None:
         """Take in the files as they are now; the new identity, or None if refused."""
         async with self._lock:
-            self._seen = files_digest(self._tls)
+            self._seen = None
             try:
-                pair = _Pair(self._tls, self._clock.now())
+                files = _read_files(self._tls)
+                self._seen = files.digest
+                pair = _Pair(self._tls, files, self._clock.now())
             except IdentityError as exc:
                 await self._report(REFUSED, actor, str(exc))
                 log.error("tls_reload_refused", reason=str(exc), actor=actor)

@@ -5,7 +5,6 @@
 import { readFile, writeFile } from "node:fs/promises";
 
 import { AuditClient } from "../../gateway/api/console/client.js";
-import { importLogKey } from "../../gateway/api/console/verify.js";
 
 const plan = JSON.parse(await readFile(process.argv[2], "utf8"));
 const client = new AuditClient({ baseUrl: plan.baseUrl, token: plan.token });
@@ -15,9 +14,8 @@ const failure = (error) => `${error.name}: ${error.message}`;
 let checkpoint = null;
 let logKey = null;
 try {
-  const answer = await client.get("/api/v1/audit/checkpoint");
-  logKey = await importLogKey(plan.key, answer.origin);
-  checkpoint = await client.checkpoint(logKey);
+  checkpoint = await client.checkpoint(plan.key);
+  logKey = checkpoint.logKey;
   out.checkpoint = { origin: checkpoint.origin, size: checkpoint.size, cosigners: checkpoint.cosignatures.length };
 } catch (error) {
   out.checkpoint = { error: failure(error) };

@@ -4,7 +4,7 @@
 // HTML; the page's Content-Security-Policy allows this origin's scripts alone.
 
 import { AuditClient, EVENTS, ENTRY_FILTERS } from "./client.js";
-import { b64encode, hex, importLogKey } from "./verify.js";
+import { b64encode, hex } from "./verify.js";
 
 const TOKEN = "c2c.audit.token";
 const LOG_KEY = "c2c.audit.logKey";
@@ -34,9 +34,9 @@ function formValues(form) {
 async function loadCheckpoint(keyMaterial) {
   const { client } = state;
   state.checkpoint = null;
-  let answer;
+  let cp;
   try {
-    answer = await client.get("/api/v1/audit/checkpoint");
+    cp = await client.checkpoint(keyMaterial);
   } catch (error) {
     if (error.status === 404) {
       show("checkpoint-status", "No checkpoint has been signed yet: entries can be read, not proven.", "warn");
@@ -44,8 +44,7 @@ async function loadCheckpoint(keyMaterial) {
     }
     throw error;
   }
-  state.logKey = await importLogKey(keyMaterial, answer.origin);
-  const cp = await client.checkpoint(state.logKey);
+  state.logKey = cp.logKey;
   state.checkpoint = cp;
   $("cp-origin").textContent = cp.origin;
   $("cp-size").textContent = `${cp.size} entries`;

@@ -10,6 +10,7 @@ import {
   b64decode,
   entryLeafHash,
   hex,
+  importLogKey,
   verifyCheckpoint,
   verifyConsistency,
   verifyInclusion,
@@ -89,12 +90,15 @@ export class AuditClient {
     return this.get(`/api/v1/audit/entries${queryString(params)}`);
   }
 
-  // The latest checkpoint, its signature verified with the auditor's copy of the log key.
-  async checkpoint(logKey) {
+  // The latest checkpoint, its signature verified with the auditor's copy of the log key
+  // (PEM, named by the log's origin, or a note verifier key); the key is returned with it.
+  async checkpoint(keyMaterial) {
     const answer = await this.get("/api/v1/audit/checkpoint");
+    const logKey = await importLogKey(keyMaterial, answer.origin);
     const body = await verifyCheckpoint(answer.note, logKey);
     return {
       ...body,
+      logKey,
       note: answer.note,
       cosignatures: answer.cosignatures.map((c) => ({ partner: c.partner, receivedAt: c.received_at })),
     };
