@@ -249,7 +249,7 @@ def verify_signature(parsed: ParsedJws, body: bytes, key: VerificationKey) -> No
 
 
 def _select_key(
-    keyring: KeyRing, kid: str, party: str | None, at: datetime | None
+    keyring: KeyRing, kid: str, party: str | None, at: datetime | None, *, any_party: bool
 ) -> VerificationKey:
     candidates = keyring.candidates(kid)
     if not candidates:
@@ -257,10 +257,11 @@ def _select_key(
         raise UnknownKey(f"kid {_quote(kid)} names no key configured{owner}")
     if party is not None:
         owned = [key for key in candidates if key.party == party]
-        if not owned:
+        if owned:
+            candidates = tuple(owned)
+        elif not any_party:
             owners = ", ".join(sorted({key.party for key in candidates}))
             raise UnknownKey(f"kid {kid} belongs to {owners}, not to the sender {party}")
-        candidates = tuple(owned)
     if at is None:
         return candidates[0]
     for key in candidates:
@@ -278,11 +279,15 @@ def verify_detached(
     party: str | None,
     at: datetime | None,
     accepted_typs: Collection[str] = (DEFAULT_TYP,),
+    any_party: bool = False,
 ) -> VerificationKey:
     """Verify a detached JWS over ``body``; return the key that verified it.
 
     ``party`` is the sender the key must belong to (None skips that check); ``at`` is the
     moment the key must be valid at (the message's created_at; None skips the window check).
+    With ``any_party``, a kid of another party's key is verified with that key and the key
+    returned: the caller tells what such a message is once it has read who it claims to be
+    from (another partner's genuine message replayed, or a message signed with the wrong key).
     """
     parsed = parse_detached(jws)
     if parsed.typ is not None:
@@ -296,7 +301,7 @@ def verify_detached(
         raise SignatureInvalid(
             "protected header has no kid: set it to the RFC 7638 thumbprint of the signing key"
         )
-    key = _select_key(keyring, parsed.kid, party, at)
+    key = _select_key(keyring, parsed.kid, party, at, any_party=any_party)
     verify_signature(parsed, body, key)
     return key
 

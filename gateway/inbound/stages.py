@@ -23,6 +23,7 @@ from gateway.errors import (
     SignatureInvalid,
     TooLarge,
     Unavailable,
+    UnknownKey,
 )
 from gateway.inbound.context import InboundContext, InboundResult, ReceivedReceipt
 from gateway.receipts import RECEIPT_TYPE
@@ -91,6 +92,7 @@ async def verify_signature(ctx: InboundContext) -> None:
         party=ctx.partner.id,
         at=None,
         accepted_typs=(ctx.partner.typ,),
+        any_party=True,
     )
 
 
@@ -101,7 +103,8 @@ async def adapt(ctx: InboundContext) -> None:
 
 
 async def parse_and_check_freshness(ctx: InboundContext) -> None:
-    """Strict envelope parse; the signing key valid at created_at; replay window and expiry."""
+    """Strict envelope parse; the signer is the peer, its key valid at created_at; replay
+    window and expiry."""
     assert ctx.partner is not None
     assert ctx.key is not None
     assert ctx.canonical is not None
@@ -110,6 +113,7 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
         ctx.canonical, max_bytes=ctx.partner.max_body_bytes, is_known_type=env.registry.is_known
     )
     header = ctx.envelope.header
+    check_signer(ctx)
     ensure_key_valid(ctx.key, header.created_at)
     check_freshness(
         header,
@@ -117,6 +121,24 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
         replay_window_s=env.config.limits.replay_window_s,
         max_skew_s=env.config.limits.max_skew_s,
     )
+
+
+def check_signer(ctx: InboundContext) -> None:
+    """A message signed with another party's key, whatever its age: that party's genuine
+    message replayed by this peer is ``SENDER_MISMATCH`` (the peer is not ``header.sender``);
+    one that names the peer as its sender is signed with a key not configured for it."""
+    assert ctx.partner is not None
+    assert ctx.key is not None
+    assert ctx.envelope is not None
+    key, partner, sender = ctx.key, ctx.partner, ctx.envelope.header.sender
+    if key.party == partner.id:
+        return
+    if sender != partner.id:
+        raise SenderMismatch(
+            f"a message of {sender}, signed with {key.party}'s key {key.kid}, sent with the"
+            f" {ctx.request.transport} identity {partner.id}"
+        )
+    raise UnknownKey(f"kid {key.kid} belongs to {key.party}, not to the sender {partner.id}")
 
 
 async def validate_schema(ctx: InboundContext) -> None:

@@ -153,6 +153,27 @@ async def test_unknown_key(env: Env) -> None:
     )
 
 
+async def test_another_partners_genuine_message_replayed_is_sender_mismatch(env: Env) -> None:
+    # T07: CA-CBSA's message, signed with its own key, sent again over MX-ANAM's connection
+    # (an hour later, so a check of its age would answer first if it came first)
+    message_id, body = make_message(
+        env,
+        sender=CA,
+        legal_basis=None,
+        created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+    )
+    answer = await post(env, body, cert=MX, signer=CA)
+    await assert_nack(
+        env,
+        answer,
+        NackCode.SENDER_MISMATCH,
+        403,
+        message_id=message_id,
+        body=body,
+        reason_contains=f"a message of CA-CBSA, signed with CA-CBSA's key {env.keys[CA].kid}",
+    )
+
+
 async def test_partner_a_certificate_claiming_sender_b(env: Env) -> None:
     message_id, body = make_message(env, sender=CA, legal_basis=None)
     answer = await post(env, body, cert=MX, signer=MX)
