@@ -61,6 +61,8 @@ class GatewayError(Exception):
     """Root of every refusal. ``code`` and ``http_status`` come from the subclass."""
 
     code: ClassVar[NackCode]
+    #: seconds for the ``Retry-After`` of the answer, where trying again later can succeed
+    retry_after_s: int | None = None
 
     def __init__(self, reason: str, *, detail: str | None = None) -> None:
         super().__init__(reason)
@@ -146,6 +148,9 @@ class RateLimited(GatewayError):
 
 class Unavailable(GatewayError):
     code = NackCode.UNAVAILABLE
+    # a store or broker outage is usually over in seconds; a client that waits this long
+    # before trying again does not add to the load of one that is recovering
+    retry_after_s = 5
 
 
 ERROR_FOR_CODE: dict[NackCode, type[GatewayError]] = {

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import GatewayError, RateLimited, SchemaInvalid, Unavailable
+from gateway.errors import GatewayError, SchemaInvalid
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -39,10 +39,8 @@ def problem_for(exc: GatewayError) -> web.Response:
     """The answer to an internal client for a refusal: the exact reason helps it fix its call."""
     headers: dict[str, str] = {}
     extra: dict[str, Any] = {}
-    if isinstance(exc, RateLimited):
+    if exc.retry_after_s is not None:
         headers["Retry-After"] = str(exc.retry_after_s)
-    elif isinstance(exc, Unavailable):
-        headers["Retry-After"] = "5"
     if isinstance(exc, SchemaInvalid):
         extra["pointer"] = exc.pointer
     return problem(exc.http_status, exc.reason, code=exc.code.value, headers=headers, **extra)

@@ -19,7 +19,7 @@ import structlog
 from gateway.adapters.registry import CANONICAL
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.envelope import body_digest, parse_json_strict
-from gateway.errors import GatewayError, RateLimited, TooLarge, Unavailable
+from gateway.errors import GatewayError, TooLarge, Unavailable
 from gateway.inbound.context import (
     InboundContext,
     InboundEnv,
@@ -186,7 +186,6 @@ class InboundPipeline:
             reason=exc.reason,
             transport=request.transport,
         )
-        retry_after = exc.retry_after_s if isinstance(exc, RateLimited) else None
         is_receipt = header is not None and header.message_type == RECEIPT_TYPE
         unsigned = InboundResult(
             http_status=exc.http_status,
@@ -194,7 +193,7 @@ class InboundPipeline:
             receipt_body=None,
             receipt_signature=None,
             problem=problem_document(exc),
-            retry_after_s=retry_after,
+            retry_after_s=exc.retry_after_s,
             record=None,
         )
         if peer is None or message_id is None or is_receipt or ctx.digest is None:
@@ -220,6 +219,6 @@ class InboundPipeline:
             receipt_body=receipt.body,
             receipt_signature=receipt.signature,
             problem=None,
-            retry_after_s=retry_after,
+            retry_after_s=exc.retry_after_s,
             record=None,
         )

@@ -7,7 +7,6 @@ The database sits behind a TCP relay the test cuts and restores; the server is n
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import orjson
 import pgdb
 import pytest
 from outbound_env import client_ssl, gateway_config
-from serve_proc import ServeProcess, edit_toml, signed_messages
+from serve_proc import ServeProcess, edit_toml, partner_client_ssl, signed_messages
 from tcp_proxy import TcpProxy
 
 from gateway.config import GatewayConfig
@@ -26,12 +25,6 @@ from gateway.config import GatewayConfig
 pytestmark = pytest.mark.postgres
 
 PATH = "/c2c/v1/messages"
-
-
-def mx_client_ssl(pki: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.load_cert_chain(str(pki / "MX-ANAM" / "tls.pem"), str(pki / "MX-ANAM" / "tls.key"))
-    return context
 
 
 @pytest.fixture
@@ -51,6 +44,9 @@ async def post(
     headers = {"Content-Type": "application/json", "C2C-Signature": signature}
     async with session.post(url + PATH, data=body, headers=headers) as response:
         assert "C2C-Signature" in response.headers
+        if response.status == 503:
+            # RFC 9110 10.2.3: when to try again, as the internal API's problems say too
+            assert response.headers["Retry-After"] == "5"
         return response.status, orjson.loads(await response.read())
 
 
@@ -84,7 +80,7 @@ async def test_store_outage_is_503_unavailable_and_the_gateway_recovers_by_itsel
     gateway = ServeProcess(config.source)
     await gateway.start()
     try:
-        connector = aiohttp.TCPConnector(ssl=mx_client_ssl(pki))
+        connector = aiohttp.TCPConnector(ssl=partner_client_ssl(pki))
         async with aiohttp.ClientSession(connector=connector) as session:
             url = gateway.partner_url
             status, receipt = await post(session, url, before)
