@@ -187,8 +187,11 @@ class SqliteStore:
         readers: int = 2,
         max_batch: int = 512,
         checkpoint_interval_s: float = 0.25,
+        wal_truncate_frames: int = 4096,
     ) -> None:
         self._path = path
+        #: past this many frames (16 MiB of 4 KiB pages), the writer checkpoints the WAL away
+        self._wal_truncate_frames = wal_truncate_frames
         self._clock = clock
         self._busy_timeout_ms = busy_timeout_ms
         self._readers = readers
@@ -211,6 +214,11 @@ class SqliteStore:
         self._checkpointed_commits = 0
         self._commits = 0
         self._units = 0
+        #: why write transactions fail (disk full, I/O error), until one commits again
+        self._write_failure: str | None = None
+        #: the WAL's length in frames, as the last checkpoint found it
+        self._wal_frames = 0
+        self._failed_batches = 0
         # (size, frontier hashes) after the last audit append of the open write transaction,
         # and as last committed. Only the writer thread touches them. The log is append-only,
         # so a committed tree of a given size is the only one there will ever be at that size:
@@ -364,6 +372,8 @@ class SqliteStore:
         results: list[Any] = []
         self._tx_frontier = self._committed_frontier
         try:
+            if self._write_failure is not None or self._wal_frames > self._wal_truncate_frames:
+                self._reclaim_wal(conn)
             conn.execute("BEGIN IMMEDIATE")
             for fn in fns:
                 conn.execute("SAVEPOINT unit")
@@ -382,6 +392,13 @@ class SqliteStore:
                     results.append(exc)
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
+            if self._write_failure is not None:
+                log.warning(
+                    "sqlite_writes_recovered",
+                    failed_transactions=self._failed_batches,
+                    error=self._write_failure,
+                )
+                self._write_failure = None
             self._committed_frontier = self._tx_frontier
             self._commits += 1
             self._units += len(fns)
@@ -391,10 +408,41 @@ class SqliteStore:
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            self._note_write_failure(exc)
             return [_unavailable(exc)] * len(fns)
         finally:
             self._tx_frontier = None
         return results
+
+    def _reclaim_wal(self, conn: Conn) -> None:
+        """Empty the WAL into the database file before the next write transaction.
+
+        The periodic PASSIVE checkpoint never resets a WAL that commits keep appending to, so
+        under steady load it only grows. On a full disk the checkpoint fails too, because the
+        database file cannot grow; once space is freed, new commits would take it for the WAL
+        faster than the checkpointer can use it, and the disk would fill up again for good.
+        So when the WAL has grown past a bound, or after a failed write, the writer itself
+        runs a TRUNCATE checkpoint first: every frame into the file, the WAL's space given
+        back. If even that fails (the disk is still full), the batch is refused unwritten.
+        """
+        busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        # busy: a reader still uses the WAL; what could be copied was, the write goes on
+        self._wal_frames = int(frames) if busy else 0
+
+    def _note_write_failure(self, exc: sqlite3.Error) -> None:
+        """One error log when writes start failing or fail for another reason, not one per
+        transaction: on a full disk every message fails alike until space is freed."""
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self._write_failure:
+            log.error(
+                "sqlite_write_failed",
+                path=str(self._path),
+                error=error,
+                hint="nothing was acknowledged; partners are answered 503 until a write commits",
+            )
+            self._failed_batches = 0
+        self._write_failure = error
+        self._failed_batches += 1
 
     # WAL checkpoints
 
@@ -406,7 +454,9 @@ class SqliteStore:
             if commits == self._checkpointed_commits or self._checkpoint_pool is None:
                 continue
             try:
-                await loop.run_in_executor(self._checkpoint_pool, self._checkpoint_wal)
+                _, self._wal_frames, _ = await loop.run_in_executor(
+                    self._checkpoint_pool, self._checkpoint_wal
+                )
             except sqlite3.Error as exc:
                 # not fatal: the WAL keeps every commit; the next round tries again
                 log.warning("sqlite_checkpoint_failed", error=f"{type(exc).__name__}: {exc}")

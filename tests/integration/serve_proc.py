@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import json
 import signal
+import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,13 @@ from gateway.crypto.keys import load_signing_key
 from gateway.envelope import encode_envelope, new_message_id
 from gateway.model import Header
 from gateway.schemas.registry import SchemaRegistry
+
+
+def partner_client_ssl(pki: Path, party: str = "MX-ANAM") -> ssl.SSLContext:
+    """A partner's mutual-TLS client context from the dev PKI."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.load_cert_chain(str(pki / party / "tls.pem"), str(pki / party / "tls.key"))
+    return context
 
 
 def edit_toml(path: Path, old: str, new: str) -> None:
@@ -43,6 +51,8 @@ class ServeProcess:
     """One ``c2c-gateway serve --config PATH``; ``start`` may be called again after a kill."""
 
     config_path: Path
+    #: a command that runs the rest of the command line, e.g. ``unshare`` with a mount
+    prefix: tuple[str, ...] = ()
     proc: asyncio.subprocess.Process | None = None
     partner_url: str = ""
     api_url: str = ""
@@ -52,6 +62,7 @@ class ServeProcess:
 
     async def start(self) -> None:
         proc = await asyncio.create_subprocess_exec(
+            *self.prefix,
             str(Path(sys.executable).parent / "c2c-gateway"),
             "serve",
             "--config",

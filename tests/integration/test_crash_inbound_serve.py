@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import ssl
 from pathlib import Path
 
 import aiohttp
 from outbound_env import free_port, gateway_config
-from serve_proc import ServeProcess, raise_rate_limit, signed_messages
+from serve_proc import ServeProcess, partner_client_ssl, raise_rate_limit, signed_messages
 
 from gateway.clock import SystemClock
 from gateway.store import open_store
@@ -27,12 +26,6 @@ MESSAGES = 2000
 CLIENTS = 24
 KILLS = 4
 PATH = "/c2c/v1/messages"
-
-
-def mx_client_ssl(pki: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.load_cert_chain(str(pki / "MX-ANAM" / "tls.pem"), str(pki / "MX-ANAM" / "tls.key"))
-    return context
 
 
 async def send_until_receipt(
@@ -71,7 +64,7 @@ async def test_sigkilled_serve_loses_no_acknowledged_message(tmp_path: Path) -> 
     queue: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue()
     for item in messages:
         queue.put_nowait(item)
-    connector = aiohttp.TCPConnector(ssl=mx_client_ssl(pki), limit=CLIENTS)
+    connector = aiohttp.TCPConnector(ssl=partner_client_ssl(pki), limit=CLIENTS)
     progressed = asyncio.Event()
 
     async def client(session: aiohttp.ClientSession) -> None:

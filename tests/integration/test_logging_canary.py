@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 from outbound_env import gateway_config, token
-from serve_proc import ServeProcess
+from serve_proc import ServeProcess, partner_client_ssl
 
 from gateway.clock import SystemClock
 from gateway.crypto.jws import sign_detached
@@ -39,12 +39,6 @@ def _pem_lines(path: Path) -> list[str]:
     """Two base64 lines from inside a private key PEM: enough to identify the key."""
     lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("-----")]
     return [ln[:40] for ln in lines[:2] if len(ln) >= 20]
-
-
-def _mx_ssl(pki: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.load_cert_chain(str(pki / "MX-ANAM" / "tls.pem"), str(pki / "MX-ANAM" / "tls.key"))
-    return context
 
 
 def _message(pki: Path, payload: dict[str, Any], message_type: str) -> tuple[bytes, str]:
@@ -87,7 +81,7 @@ async def test_canaries_never_leak(tmp_path: Path) -> None:
         # a string field of the example carries the canary (accepted), and bad ones (rejected)
         marked = example_with(payload, INJECTION)
         async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=_mx_ssl(pki))
+            connector=aiohttp.TCPConnector(ssl=partner_client_ssl(pki))
         ) as partner:
             for body_payload, tamper in (
                 (payload, False),

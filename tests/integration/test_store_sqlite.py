@@ -62,6 +62,42 @@ async def test_wal_and_full_sync_are_in_force(sqlite_store: SqliteStore) -> None
     assert await sqlite_store.integrity_check() == "ok"
 
 
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize(("bound", "peak_at_most"), [(256, 8 << 20), (None, None)])
+async def test_wal_stays_bounded_under_steady_writes(
+    tmp_path: Path, bound: int | None, peak_at_most: int | None
+) -> None:
+    """Commits that never pause leave PASSIVE checkpoints no moment to reset the WAL: without
+    the writer's own TRUNCATE checkpoint past the bound it only grows (the second case shows
+    that it would, so the first one means something)."""
+    path = tmp_path / "steady.db"
+    store = SqliteStore(
+        path, clock=ManualClock(T0), wal_truncate_frames=bound if bound else 1 << 30
+    )
+    await store.open()
+    wal = Path(f"{path}-wal")
+    peak = 0
+    try:
+        for start in range(0, 6_000, 50):
+            await asyncio.gather(
+                *(
+                    store.store_inbound(inbound(f"m{i}"), [event(EventKind.ACCEPTED)])
+                    for i in range(start, start + 50)
+                )
+            )
+            peak = max(peak, file_size(wal))
+        assert await store.audit_size() == 6_000
+    finally:
+        await store.close()
+    if peak_at_most is not None:
+        assert peak <= peak_at_most, f"WAL peaked at {peak / 2**20:.1f} MiB"
+    else:
+        assert peak > 2 * (8 << 20), f"WAL peaked at {peak / 2**20:.1f} MiB only"
+
+
 async def test_writer_keeps_savepoint_journals_in_memory(sqlite_store: SqliteStore) -> None:
     """Every unit runs in a SAVEPOINT; with temp_store=FILE each transaction would create,
     write and unlink a sub-journal file (four more syscalls and a copy of each page)."""
