@@ -40,6 +40,10 @@ class InboundRequest:
     #: HTTP ``Content-Encoding``; anything but identity is refused (the signature covers
     #: the exact bytes, and decompressing hostile input is a bomb waiting to go off)
     content_encoding: str | None = None
+    #: the message id the transport carries beside the body (AMQP ``message_id``, which
+    #: PROTOCOL section 5 sets to header.message_id): what a NACK of a body that names none,
+    #: or may not be read (unparseable, over the limit), refers to
+    transport_message_id: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -128,11 +128,24 @@ class InboundPipeline:
 
     def _tied_message_id(self, ctx: InboundContext, exc: GatewayError) -> str | None:
         """The message id a NACK can name: from the parsed envelope, else read best-effort
-        from the body (never from a body over the size limit)."""
+        from the body (never from a body over the size limit), else the one the transport
+        carried beside it. None for a receipt: receipts are never answered."""
         if ctx.envelope is not None:
             return ctx.envelope.header.message_id
-        if ctx.partner is None or isinstance(exc, TooLarge):
+        if ctx.partner is None:
             return None
+        header = None if isinstance(exc, TooLarge) else self._header_in_body(ctx)
+        if header is not None:
+            if header.get("message_type") == RECEIPT_TYPE:
+                return None
+            found = _canonical_uuid(header.get("message_id"))
+            if found is not None:
+                return found
+        return _canonical_uuid(ctx.request.transport_message_id)
+
+    @staticmethod
+    def _header_in_body(ctx: InboundContext) -> dict[str, Any] | None:
+        assert ctx.partner is not None
         body = ctx.canonical
         if body is None and ctx.adapter is not None and ctx.adapter.name == CANONICAL:
             body = ctx.request.body
@@ -143,9 +156,7 @@ class InboundPipeline:
         except GatewayError:
             return None
         header = document.get("header") if isinstance(document, dict) else None
-        if not isinstance(header, dict) or header.get("message_type") == RECEIPT_TYPE:
-            return None
-        return _canonical_uuid(header.get("message_id"))
+        return header if isinstance(header, dict) else None
 
     async def _reject(self, ctx: InboundContext, exc: GatewayError) -> InboundResult:
         env = ctx.env

@@ -95,6 +95,7 @@ class PartnerInbox:
             peer=partner.id,
             broker_user=delivery.user_id,
             content_type=delivery.content_type,
+            transport_message_id=delivery.message_id,
         )
         try:
             result = await self._handle_through_outages(request)
@@ -196,8 +197,8 @@ class PartnerInbox:
         if result.problem is None or delivery.message_type == RECEIPT_TYPE:
             # A handed-over receipt, or a refused one: receipts are never answered (no loops).
             return None
-        # Nothing tied the body to a message id, so no receipt can be signed: the partner gets
-        # the RFC 9457 problem document, as an HTTPS client would.
+        # Neither the body nor the delivery's message_id property named a message id, so no
+        # receipt can be signed: the partner gets the RFC 9457 problem document.
         return OutgoingMessage(
             body=orjson.dumps(result.problem),
             message_id=new_message_id(),

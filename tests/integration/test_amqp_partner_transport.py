@@ -24,7 +24,7 @@ from amqp_peer import IN_EXCHANGE, AmqpEnv, amqp_gateway, queue_depth
 from rabbit import HOST, PORT, RabbitVhost, rabbitmqctl
 
 from gateway.cli.amqp import partner_permissions
-from gateway.envelope import body_digest
+from gateway.envelope import body_digest, new_message_id
 from gateway.errors import NackCode
 from gateway.inbound.context import ReceivedReceipt
 from gateway.receipts import ReceiptSigner
@@ -242,11 +242,26 @@ async def test_every_nack_case_holds_over_amqp(tmp_path: Path, rabbit_vhost: Rab
             if code is not NackCode.DUPLICATE_CONFLICT:
                 assert await env.gateway.store.get_inbound(AMQP_PARTNER, message_id) is None, name
 
-        # Bodies no receipt can be tied to get the problem document (as over HTTPS).
-        for name, body, code in (
+        unreadable = (
             ("not JSON", b'{"header": {"message_id": 1,', NackCode.MALFORMED),
             ("over the size limit", b"x" * (1_048_576 + 1), NackCode.TOO_LARGE),
-        ):
+        )
+        # A body that names no message id, or may not be read, still gets a signed NACK
+        # receipt: it refers to the id the delivery's message_id property carries (PROTOCOL
+        # section 5 sets it to header.message_id), with the digest of the bytes received.
+        for name, body, code in unreadable:
+            property_id = new_message_id()
+            await env.peer.send(body, signature=env.sign(body), message_id=property_id)
+            out = await env.peer.next_out()
+            receipt = env.receipt(out, message_id=property_id, body=body)
+            assert (receipt.status, receipt.code) == ("NACK", code), name
+            entries = [e for e in await rejections(env, code) if e.get("message_id") == property_id]
+            assert len(entries) == 1, (name, entries)
+            assert entries[0]["body_digest"] == body_digest(body)
+
+        # Only when the property is no message id either is the answer the (unsigned)
+        # problem document, as over HTTPS.
+        for name, body, code in unreadable:
             await env.peer.send(body, signature=env.sign(body), message_id="not-an-id")
             out = await env.peer.next_out()
             assert out.type == "problem", name
