@@ -128,6 +128,42 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         del value
 
 
+class _NoMessageBodies(logging.Filter):
+    """aiormq logs a broker message it cannot place (a return it has no publish for) with
+    ``%r``, body included: a partner's payload in the log. Such an argument is replaced by
+    what identifies it, without its content."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(_has_body(arg) for arg in args):
+            record.args = tuple(_without_body(arg) for arg in args)
+        return True
+
+
+def _has_body(value: object) -> bool:
+    return isinstance(getattr(value, "body", None), bytes | bytearray | memoryview)
+
+
+def _without_body(value: object) -> object:
+    if not _has_body(value):
+        return value
+    header = getattr(value, "header", None)
+    properties = getattr(header, "properties", None)
+    message_id = getattr(properties, "message_id", None)
+    body = getattr(value, "body", b"")
+    return _Summary(
+        f"<{type(value).__name__} message_id={str(message_id)[:64]!r}, "
+        f"body of {len(body)} bytes not logged>"
+    )
+
+
+class _Summary(str):
+    """Logged as it reads, with ``%r`` as with ``%s``."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 def _stderr_logger(*args: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
@@ -152,6 +188,7 @@ def configure_logging(
         cache_logger_on_first_use=cache,
     )
     handler = _StderrHandler()
+    handler.addFilter(_NoMessageBodies())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,
