@@ -425,9 +425,15 @@ class SqliteStore:
         runs a TRUNCATE checkpoint first: every frame into the file, the WAL's space given
         back. If even that fails (the disk is still full), the batch is refused unwritten.
         """
-        busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        # busy: a reader still uses the WAL; what could be copied was, the write goes on
-        self._wal_frames = int(frames) if busy else 0
+        # Never wait for readers here: a long one (an audit export) would hold up every
+        # batch. Busy, it copies what it can, like PASSIVE, and the write goes on; the next
+        # attempt waits for the checkpointer's next report.
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+        self._wal_frames = 0
 
     def _note_write_failure(self, exc: sqlite3.Error) -> None:
         """One error log when writes start failing or fail for another reason, not one per

@@ -98,6 +98,39 @@ async def test_wal_stays_bounded_under_steady_writes(
         assert peak > 2 * (8 << 20), f"WAL peaked at {peak / 2**20:.1f} MiB only"
 
 
+async def test_a_long_reader_does_not_hold_up_writes_past_the_wal_bound(tmp_path: Path) -> None:
+    """A reader's snapshot (an audit export, say) keeps the WAL from being emptied; the
+    writer's checkpoint must then copy what it can and go on, not wait out busy_timeout."""
+    path = tmp_path / "reader.db"
+    store = SqliteStore(
+        path, clock=ManualClock(T0), wal_truncate_frames=64, checkpoint_interval_s=0.02
+    )
+    await store.open()
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        await store.store_inbound(inbound("first"), [event(EventKind.ACCEPTED)])
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM inbound_messages").fetchone() == (1,)
+        loop = asyncio.get_running_loop()
+        slowest = 0.0
+        for start in range(0, 1_000, 50):
+            began = loop.time()
+            await asyncio.gather(
+                *(
+                    store.store_inbound(inbound(f"m{i}"), [event(EventKind.ACCEPTED)])
+                    for i in range(start, start + 50)
+                )
+            )
+            slowest = max(slowest, loop.time() - began)
+        # the snapshot still reads as it was
+        assert reader.execute("SELECT count(*) FROM inbound_messages").fetchone() == (1,)
+    finally:
+        reader.close()
+        await store.close()
+    # busy_timeout is 5 s: one wait for the reader would show
+    assert slowest < 2.0, f"a batch of 50 took {slowest:.1f} s"
+
+
 async def test_writer_keeps_savepoint_journals_in_memory(sqlite_store: SqliteStore) -> None:
     """Every unit runs in a SAVEPOINT; with temp_store=FILE each transaction would create,
     write and unlink a sub-journal file (four more syscalls and a copy of each page)."""
