@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 NO_PARTNER = "-"
 
@@ -105,6 +112,29 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        # What holds memory while a backlog drains (RELIABILITY-SECURITY T55); read at scrape.
+        self.relay_handover_records = Gauge(
+            "c2c_relay_handover_records",
+            "Committed inbound records held in memory for the relay's next publish.",
+            registry=self.registry,
+        )
+        self.relay_handover_bytes = Gauge(
+            "c2c_relay_handover_bytes",
+            "Bytes (bodies and receipts) those records hold.",
+            registry=self.registry,
+        )
+        self.amqp_in_flight = Gauge(
+            "c2c_amqp_deliveries_in_flight",
+            "AMQP deliveries being handled and not yet settled, all consumed queues.",
+            registry=self.registry,
+        )
+        self.event_loop_tasks = Gauge(
+            "c2c_event_loop_tasks",
+            "asyncio tasks alive on the gateway's event loop.",
+            registry=self.registry,
+        )
+        # process_resident_memory_bytes, process_open_fds, CPU seconds (Linux /proc)
+        ProcessCollector(registry=self.registry)
 
     def partner_label(self, partner: str | None) -> str:
         return partner if partner is not None and partner in self._partners else NO_PARTNER

@@ -41,6 +41,10 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:relay:{random.getrandbits(32):08x}"
 
 
+def _held_bytes(record: InboundRecord) -> int:
+    return len(record.body or b"") + len(record.receipt_body)
+
+
 class InboxRelay:
     def __init__(
         self,
@@ -57,6 +61,7 @@ class InboxRelay:
         coalesce_s: float = 0.02,
         owner: str | None = None,
         max_handed: int = 5000,
+        max_handed_bytes: int = 32 << 20,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -78,10 +83,14 @@ class InboxRelay:
         # Rows handed over are leased under their own name, so that a claim (which re-takes
         # rows leased to ``owner``) never returns a row that is in, or on its way to, the queue.
         self._hand_owner = f"{self._owner}:handed"
-        # Committed records handed over by the pipeline, leased to us at insert. Bounded: when
-        # full, new rows are stored unleased and a later claim picks them up from the database.
+        # Committed records handed over by the pipeline, leased to us at insert. Bounded in
+        # records and in bytes (they hold the bodies, up to a partner's limit each, and pile up
+        # while the bus is down): when full, new rows are stored unleased and a later claim
+        # picks them up from the database.
         self._handed: deque[InboundRecord] = deque()
+        self._handed_bytes = 0
         self._max_handed = max_handed
+        self._max_handed_bytes = max_handed_bytes
         self._lease_delta = timedelta(seconds=lease_s)
         self._last_claim = float("-inf")
         self._wake = asyncio.Event()
@@ -96,17 +105,38 @@ class InboxRelay:
         """A commit happened: publish now instead of at the next poll."""
         self._wake.set()
 
-    def lease(self) -> RelayLease | None:
-        """The lease a new inbox row is stored under, or None (not running, queue full): the
-        row is then stored unleased and a claim round takes it."""
-        if self._task is None or self._stopping or len(self._handed) >= self._max_handed:
+    @property
+    def handed_records(self) -> int:
+        """Committed records waiting in memory for their publish."""
+        return len(self._handed)
+
+    @property
+    def handed_bytes(self) -> int:
+        """The bytes those records hold (bodies and receipts)."""
+        return self._handed_bytes
+
+    def lease(self, size: int = 0) -> RelayLease | None:
+        """The lease a new inbox row of ``size`` bytes is stored under, or None (not running,
+        hand-over queue full): the row is then stored unleased and a claim round takes it."""
+        if (
+            self._task is None
+            or self._stopping
+            or len(self._handed) >= self._max_handed
+            or self._handed_bytes + size > self._max_handed_bytes
+        ):
             return None
         return RelayLease(owner=self._hand_owner, until=self._clock.now() + self._lease_delta)
 
     def stored(self, record: InboundRecord) -> None:
         """A row stored under ``lease()`` was committed: publish it in the next round."""
         self._handed.append(record)
+        self._handed_bytes += _held_bytes(record)
         self._wake.set()
+
+    def _give_back(self, records: list[InboundRecord]) -> None:
+        """Put records taken from the hand-over queue back at its front, in order."""
+        self._handed.extendleft(reversed(records))
+        self._handed_bytes += sum(_held_bytes(record) for record in records)
 
     def start(self) -> None:
         if self._task is None:
@@ -130,6 +160,7 @@ class InboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._handed.clear()
+        self._handed_bytes = 0
         try:
             await self._store.release_relay(self._hand_owner)
         except GatewayError as exc:
@@ -150,7 +181,7 @@ class InboxRelay:
                     self._owner, self._clock.now(), self._batch, self._lease_s
                 )
             except BaseException:
-                self._handed.extendleft(reversed(handed))
+                self._give_back(handed)
                 raise
             # a handed row whose lease ran out while queued can come back in a claim
             keys = {record.key for record in handed}
@@ -163,7 +194,7 @@ class InboxRelay:
             # a bus outage midway does not make the good ones go out again. Handed records the
             # bus did not take go back to the front of the queue (still leased to us).
             done = {record.key for record in confirmed}
-            self._handed.extendleft(reversed([r for r in handed if r.key not in done]))
+            self._give_back([r for r in handed if r.key not in done])
             await self._mark([r for r in handed if r.key in done], self._hand_owner)
             await self._mark([r for r in claimed if r.key in done], self._owner)
         return len(confirmed)
@@ -182,7 +213,9 @@ class InboxRelay:
 
     def _take_handed(self) -> list[InboundRecord]:
         count = min(self._batch, len(self._handed))
-        return [self._handed.popleft() for _ in range(count)]
+        taken = [self._handed.popleft() for _ in range(count)]
+        self._handed_bytes -= sum(_held_bytes(record) for record in taken)
+        return taken
 
     async def _publish(self, records: list[InboundRecord], confirmed: list[InboundRecord]) -> None:
         """Publish the batch with the confirms in flight together; ``confirmed`` gets the

@@ -9,6 +9,7 @@ the store is open, stopped before it closes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -138,6 +139,11 @@ class Gateway:
         self.relay = InboxRelay(
             store=self.store, bus=self.bus, clock=self.clock, metrics=self.metrics
         )
+        self.metrics.relay_handover_records.set_function(lambda: self.relay.handed_records)
+        self.metrics.relay_handover_bytes.set_function(lambda: self.relay.handed_bytes)
+        if self.broker is not None:
+            broker = self.broker
+            self.metrics.amqp_in_flight.set_function(lambda: broker.in_flight)
         self._receipt_handler: OnReceipt | None = None
         self.pipeline = InboundPipeline(
             InboundEnv(
@@ -298,6 +304,8 @@ class Gateway:
         except RuntimeError as exc:
             raise ConfigError(str(self.config.source), "signing_keys", str(exc)) from None
         await self.store.open()
+        loop = asyncio.get_running_loop()
+        self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
         started: list[Service] = []
         try:
             for service in self._services:

@@ -204,6 +204,11 @@ class AmqpBroker:
     def config(self) -> AmqpConfig:
         return self._config
 
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being handled, not yet settled."""
+        return self._in_flight
+
     async def connect(self, *, timeout_s: float = 10.0) -> None:
         """Open the robust connection; raises ``Unavailable`` when the broker cannot be reached."""
         if self._connection is not None:

@@ -285,3 +285,49 @@ async def test_stopping_relay_releases_the_rows_it_could_not_publish(gateway: Ga
     # leased to the stopped relay until NOW + its lease, yet another relay may take them now
     taken = await gateway.store.claim_relay("next-relay", NOW, 10, 30)
     assert sorted(r.message_id for r in taken) == sorted(message_id for message_id, _ in ids)
+
+
+async def test_relay_hand_over_is_bounded_in_bytes_while_the_bus_is_down(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted records wait in memory for the relay only up to a byte bound (T55): past it,
+    rows are stored unleased and claimed from the database once the bus is back."""
+    down = True
+    tried = asyncio.Event()
+    seen: set[str] = set()
+
+    async def consumer(record: InboundRecord) -> None:
+        tried.set()
+        if down:
+            raise ConnectionError("bus down")
+        seen.add(record.message_id)
+
+    gateway.bus.subscribe(consumer)
+    messages = [message(gateway) for _ in range(30)]
+    one = len(messages[0][1])
+    # room for four records at most: each holds its body and its receipt
+    monkeypatch.setattr(gateway.relay, "_max_handed_bytes", 5 * one)
+    gateway.relay.start()
+    try:
+        peak = 0
+        for _, body in messages:
+            assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+            peak = max(peak, gateway.relay.handed_bytes)
+        await asyncio.wait_for(tried.wait(), 5)
+        assert 0 < peak <= 5 * one
+        assert 1 <= gateway.relay.handed_records <= 4
+        assert len(await gateway.store.pending_relay(100)) == 30
+        assert gateway.metrics.registry.get_sample_value("c2c_relay_handover_bytes") == (
+            gateway.relay.handed_bytes
+        )
+        down = False
+        gateway.relay.notify()
+        async with asyncio.timeout(15):
+            while len(seen) < 30:
+                await asyncio.sleep(0.05)
+                gateway.relay.notify()
+    finally:
+        await gateway.relay.stop()
+    assert seen == {message_id for message_id, _ in messages}
+    assert gateway.relay.handed_bytes == 0
+    assert await gateway.store.pending_relay(100) == []
