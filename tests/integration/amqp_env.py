@@ -16,7 +16,7 @@ HTTPS_PARTNER = "CA-CBSA"
 
 _TYPES = """[
     "shipment.advance_data", "shipment.status", "enforcement.risk_alert",
-    "query.shipment_lookup", "query.response", "receipt",
+    "query.shipment_lookup", "query.response", "receipt", "shipment.manifest",
 ]"""
 
 
