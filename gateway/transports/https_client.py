@@ -73,20 +73,25 @@ def message_endpoint(base_url: str) -> str:
     return trimmed if trimmed.endswith(MESSAGES_PATH) else trimmed + MESSAGES_PATH
 
 
+#: the longest wait a partner's ``Retry-After`` can impose on our retries
+RETRY_AFTER_MAX_S = 7 * 86_400
+
+
 def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """``Retry-After`` as seconds from ``now`` (RFC 9110 10.2.3: delta-seconds or HTTP-date)."""
+    """``Retry-After`` as seconds from ``now`` (RFC 9110 10.2.3: delta-seconds or HTTP-date),
+    at most a week in either form."""
     if value is None:
         return None
     text = value.strip()
     if text.isdigit():
-        return float(min(int(text), 7 * 86_400))
+        return float(min(int(text), RETRY_AFTER_MAX_S))
     try:
         moment = parsedate_to_datetime(text)
     except (TypeError, ValueError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - now).total_seconds())
+    return min(max(0.0, (moment - now).total_seconds()), RETRY_AFTER_MAX_S)
 
 
 class HttpsTransport:

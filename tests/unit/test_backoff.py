@@ -1,12 +1,14 @@
-"""Exponential backoff with full jitter, capped, with Retry-After as a floor."""
+"""Exponential backoff with full jitter, capped, with Retry-After as a floor (itself capped)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import random
 
 import pytest
 
 from gateway.outbound.backoff import BackoffPolicy
+from gateway.transports.https_client import parse_retry_after
 
 
 def test_ceiling_doubles_from_base_and_stops_at_cap() -> None:
@@ -47,3 +49,25 @@ def test_bad_policy_is_refused(base: float, cap: float) -> None:
 def test_attempts_are_one_based() -> None:
     with pytest.raises(ValueError, match="start at 1"):
         BackoffPolicy(base_s=1.0, cap_s=2.0).ceiling(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        (" 0 ", 0.0),
+        ("99999999999", 7 * 86_400),
+        ("Sat, 05 Dec 2026 12:02:00 GMT", 120.0),
+        ("Sat, 05 Dec 2026 11:00:00 GMT", 0.0),
+        # an HTTP-date far ahead holds our retries no longer than delta-seconds can
+        ("Fri, 05 Dec 2036 12:00:00 GMT", 7 * 86_400),
+        ("soon", None),
+        ("-5", None),
+        (None, None),
+    ],
+)
+def test_a_partners_retry_after_is_read_in_both_forms_and_capped(
+    value: str | None, seconds: float | None
+) -> None:
+    now = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.UTC)
+    assert parse_retry_after(value, now=now) == seconds
