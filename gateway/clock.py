@@ -44,6 +44,11 @@ class ManualClock:
         self._now += delta
         self._mono += delta.total_seconds()
 
+    def step(self, delta: timedelta) -> None:
+        """Set the wall clock ``delta`` away, as an operator or NTP would; monotonic time
+        does not move."""
+        self._now += delta
+
 
 def format_rfc3339(moment: datetime) -> str:
     """RFC 3339 UTC with millisecond precision and a ``Z`` suffix."""

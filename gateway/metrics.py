@@ -133,6 +133,12 @@ class Metrics:
             "asyncio tasks alive on the gateway's event loop.",
             registry=self.registry,
         )
+        self.clock_steps = Counter(
+            "c2c_clock_steps_total",
+            "Steps of the wall clock against the monotonic clock, by direction (forward, back).",
+            ["direction"],
+            registry=self.registry,
+        )
         # process_resident_memory_bytes, process_open_fds, CPU seconds (Linux /proc)
         ProcessCollector(registry=self.registry)
 

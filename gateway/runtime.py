@@ -19,6 +19,7 @@ from gateway import partner_keys
 from gateway.adapters.registry import Adapter, adapter_for
 from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, SystemClock
+from gateway.clockwatch import ClockWatch
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import (
     KeyRing,
@@ -201,6 +202,13 @@ class Gateway:
         )
         self.tls_identity.track(lambda: [self.partner_server.ssl_context])
         self._services.append(self.tls_identity)
+        self.clock_watch = ClockWatch(
+            clock=self.clock,
+            store=self.store,
+            metrics=self.metrics,
+            audit=lambda event: self.store.append_audit([event]),
+        )
+        self._services.append(self.clock_watch)
         self._started = False
         self.amqp: AmqpService | None = None
         if self.broker is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Literal, NamedTuple, Protocol
 
@@ -436,11 +436,25 @@ class Store(Protocol):
         events: Sequence[AuditEvent] = (),
     ) -> None: ...
 
+    # clock steps (RELIABILITY-SECURITY T71)
+    async def move_back_schedules(self, now: datetime, step: timedelta) -> tuple[int, int]:
+        """The wall clock went back by ``step`` and now reads ``now``: what was scheduled by
+        the clock before the step would otherwise wait ``step`` longer. Moves back by ``step``
+        the outbound schedules written before it (stamped after ``now``), and the outbound
+        and relay leases that end more than ``step`` less ``CLOCK_STEP_GRACE`` ahead; returns
+        how many outbound rows and leases were moved."""
+        ...
+
     # retention
     async def purge_bodies(self, older_than: datetime) -> int:
         """Null the bodies of inbound (already relayed) and finished outbound messages
         older than ``older_than``; digests, metadata and audit entries are kept."""
         ...
+
+
+#: how late a step of the clock may be noticed (the clock watch looks every second); a lease
+#: taken after the step ends at most this much less than ``step`` ahead of a lease taken before
+CLOCK_STEP_GRACE = timedelta(seconds=2)
 
 
 def empty_depth() -> dict[OutboundState, int]:

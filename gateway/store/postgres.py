@@ -31,6 +31,7 @@ from gateway.model import Direction, Priority
 from gateway.store.audit_rows import entry_rows
 from gateway.store.base import (
     ACTIVE_STATES,
+    CLOCK_STEP_GRACE,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -866,6 +867,39 @@ class PostgresStore:
                 message_id=last.message_id,
             ).encode()
         return MessagePage(items=items, next_cursor=next_cursor)
+
+    # clock steps
+
+    async def move_back_schedules(self, now: datetime, step: timedelta) -> tuple[int, int]:
+        lease_cutoff = _aware(now) + step - CLOCK_STEP_GRACE
+
+        async def unit(tx: _Tx) -> tuple[int, int]:
+            c = tx.conn
+            rows = await c.fetchval(
+                "WITH m AS (UPDATE outbound_messages "
+                "SET next_attempt_at = next_attempt_at - $1::interval, "
+                "updated_at = updated_at - $1::interval "
+                "WHERE state IN ('queued', 'sent') AND updated_at > $2 RETURNING 1) "
+                "SELECT count(*) FROM m",
+                step,
+                _aware(now),
+            )
+            leases = await c.fetchval(
+                "WITH m AS (UPDATE outbound_messages SET lease_until = lease_until - $1::interval "
+                "WHERE lease_until > $2 RETURNING 1) SELECT count(*) FROM m",
+                step,
+                lease_cutoff,
+            )
+            relay = await c.fetchval(
+                "WITH m AS (UPDATE inbound_messages "
+                "SET relay_lease_until = relay_lease_until - $1::interval "
+                "WHERE NOT relayed AND relay_lease_until > $2 RETURNING 1) SELECT count(*) FROM m",
+                step,
+                lease_cutoff,
+            )
+            return int(rows), int(leases) + int(relay)
+
+        return await self._write(unit)
 
     # retention
 

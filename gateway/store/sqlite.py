@@ -36,6 +36,7 @@ from gateway.model import Direction, Priority
 from gateway.store.audit_rows import plan_append
 from gateway.store.base import (
     ACTIVE_STATES,
+    CLOCK_STEP_GRACE,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -1058,6 +1059,32 @@ class SqliteStore:
             for r in rows
         ]
         return MessagePage(items=items, next_cursor=_next_cursor(items, limit))
+
+    # clock steps
+
+    async def move_back_schedules(self, now: datetime, step: timedelta) -> tuple[int, int]:
+        now_us, step_us = _us(now), step // _MICRO
+        lease_cutoff = _us(now + step - CLOCK_STEP_GRACE)
+
+        def unit(c: Conn) -> tuple[int, int]:
+            rows = c.execute(
+                "UPDATE outbound_messages SET next_attempt_at = next_attempt_at - ?1, "
+                "updated_at = updated_at - ?1 "
+                "WHERE state IN ('queued', 'sent') AND updated_at > ?2",
+                (step_us, now_us),
+            ).rowcount
+            leases = c.execute(
+                "UPDATE outbound_messages SET lease_until = lease_until - ? WHERE lease_until > ?",
+                (step_us, lease_cutoff),
+            ).rowcount
+            leases += c.execute(
+                "UPDATE inbound_messages SET relay_lease_until = relay_lease_until - ? "
+                "WHERE relayed = 0 AND relay_lease_until > ?",
+                (step_us, lease_cutoff),
+            ).rowcount
+            return int(rows), int(leases)
+
+        return await self._write(unit)
 
     # retention
 

@@ -833,3 +833,43 @@ async def test_reopen_applies_no_migration_twice(store: Store, store_url: str) -
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_clock_step_back_moves_back_what_the_clock_before_it_scheduled(
+    store: Store, store_clock: ManualClock
+) -> None:
+    """T71: rows written while the clock was an hour ahead, then the clock is set right."""
+    step, second = timedelta(hours=1), timedelta(seconds=1)
+    store_clock.step(step)
+    ahead = store_clock.now()
+    # a retry due 4 s later by the clock ahead
+    await store.enqueue_outbound(outbound("retry", at=ahead), [])
+    await store.claim_outbound("w1", ahead, 10, 30)
+    update = AttemptUpdate(state=OutboundState.SENT, attempts=1, next_attempt_at=ahead + 4 * second)
+    await store.finish_attempt("retry", "w1", update, [])
+    # a worker that died holding a row, and a relay that died holding one
+    await store.enqueue_outbound(outbound("held", at=ahead), [])
+    assert [r.message_id for r in await store.claim_outbound("w-dead", ahead, 10, 30)] == ["held"]
+    await store.store_inbound(
+        inbound("in-1"), [], relay_lease=RelayLease(owner="relay-dead", until=ahead + 10 * second)
+    )
+    store_clock.step(-step)
+    now = store_clock.now()
+    # written after the step: a new message and a relay lease
+    await store.enqueue_outbound(outbound("fresh", at=now), [])
+    await store.store_inbound(
+        inbound("in-2"), [], relay_lease=RelayLease(owner="relay-b", until=now + 10 * second)
+    )
+    assert [r.message_id for r in await store.claim_outbound("w2", now, 10, 60)] == ["fresh"]
+
+    assert await store.move_back_schedules(now, step) == (2, 2)
+
+    # each as due as it was before the step, by the clock set right; "fresh" untouched
+    assert [r.message_id for r in await store.claim_outbound("w3", now + 4 * second, 10, 30)] == [
+        "retry"
+    ]
+    assert [r.message_id for r in await store.claim_outbound("w4", now + 31 * second, 10, 30)] == [
+        "held"
+    ]
+    relay = await store.claim_relay("relay-c", now + 11 * second, 10, 30)
+    assert [r.message_id for r in relay] == ["in-1", "in-2"]
