@@ -247,13 +247,18 @@ def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | Non
     assert message_id is not None
     message_type = raw["message_type"]
     schema_version = raw["schema_version"]
-    if not isinstance(message_type, str) or _TYPE_RE.fullmatch(message_type) is None:
-        raise Malformed("header.message_type is not a message type name")
-    if not isinstance(schema_version, str) or _VERSION_RE.fullmatch(schema_version) is None:
-        raise Malformed("header.schema_version is not a version such as 1.0")
-    if is_known_type is not None and not is_known_type(message_type, schema_version):
+    if not isinstance(message_type, str):
+        raise Malformed("header.message_type must be a string")
+    if not isinstance(schema_version, str):
+        raise Malformed("header.schema_version must be a string")
+    # PROTOCOL section 2: any other pair, whatever its spelling, is an unknown one
+    if (
+        _TYPE_RE.fullmatch(message_type) is None
+        or _VERSION_RE.fullmatch(schema_version) is None
+        or (is_known_type is not None and not is_known_type(message_type, schema_version))
+    ):
         raise UnsupportedType(
-            f"unknown message_type/schema_version {message_type}/{schema_version}"
+            f"unknown message_type/schema_version {message_type[:64]}/{schema_version[:16]}"
         )
     priority_raw = raw.get("priority", Priority.ROUTINE.value)
     if priority_raw is None:

@@ -160,8 +160,8 @@ def test_numbers_inside_double_range_and_surrogate_pairs_are_fine() -> None:
         (envelope_bytes(header(priority="high")), "header.priority"),
         (envelope_bytes(header(legal_basis="")), "header.legal_basis"),
         (envelope_bytes(header(legal_basis="x" * 257)), "header.legal_basis"),
-        (envelope_bytes(header(message_type="Shipment Advance")), "header.message_type"),
-        (envelope_bytes(header(schema_version=1.0)), "header.schema_version"),
+        (envelope_bytes(header(message_type=7)), "header.message_type must be a string"),
+        (envelope_bytes(header(schema_version=1.0)), "header.schema_version must be a string"),
     ],
 )
 def test_malformed_envelope(body: bytes, reason: str) -> None:
@@ -179,6 +179,15 @@ def test_unknown_type_or_version_is_unsupported() -> None:
     assert code_of(body, is_known_type=known) is NackCode.UNSUPPORTED_TYPE
     body = envelope_bytes(header(message_type="shipment.unknown"))
     assert code_of(body, is_known_type=known) is NackCode.UNSUPPORTED_TYPE
+    # PROTOCOL section 2: a pair that is no known one, however it is spelt
+    for odd in ({"schema_version": "1"}, {"schema_version": "1.0.0"}, {"message_type": "X y"}):
+        body = envelope_bytes(header(**odd))
+        assert code_of(body, is_known_type=known) is NackCode.UNSUPPORTED_TYPE
+        assert code_of(body) is NackCode.UNSUPPORTED_TYPE
+    with pytest.raises(GatewayError, match=r"schema_version \S{64}/1$"):
+        parse_envelope(
+            envelope_bytes(header(message_type="x" * 200, schema_version="1")), max_bytes=LIMIT
+        )
     assert parse_envelope(envelope_bytes(), max_bytes=LIMIT, is_known_type=known)
 
 

@@ -177,16 +177,18 @@ def reference_parse_header(
     assert message_id is not None
     message_type = raw["message_type"]
     schema_version = raw["schema_version"]
-    if not isinstance(message_type, str) or envelope._TYPE_RE.fullmatch(message_type) is None:
-        raise Malformed("header.message_type is not a message type name")
+    # (since changed: a string type or version that is no known one is UNSUPPORTED_TYPE)
+    if not isinstance(message_type, str):
+        raise Malformed("header.message_type must be a string")
+    if not isinstance(schema_version, str):
+        raise Malformed("header.schema_version must be a string")
     if (
-        not isinstance(schema_version, str)
+        envelope._TYPE_RE.fullmatch(message_type) is None
         or envelope._VERSION_RE.fullmatch(schema_version) is None
+        or (is_known_type is not None and not is_known_type(message_type, schema_version))
     ):
-        raise Malformed("header.schema_version is not a version such as 1.0")
-    if is_known_type is not None and not is_known_type(message_type, schema_version):
         raise UnsupportedType(
-            f"unknown message_type/schema_version {message_type}/{schema_version}"
+            f"unknown message_type/schema_version {message_type[:64]}/{schema_version[:16]}"
         )
     priority_raw = raw.get("priority", Priority.ROUTINE.value)
     if priority_raw is None:
