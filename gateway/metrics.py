@@ -128,6 +128,20 @@ class Metrics:
             "AMQP deliveries being handled and not yet settled, all consumed queues.",
             registry=self.registry,
         )
+        self.amqp_processing_failures = Counter(
+            "c2c_amqp_processing_failures_total",
+            "Partner deliveries that failed in processing and went back to their queue "
+            "(counted toward the delivery limit).",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.amqp_dead_lettered = Counter(
+            "c2c_amqp_dead_lettered_total",
+            "Partner deliveries that failed on their last allowed attempt: dead-lettered to "
+            "the partner's .in.dead queue (audited as poison).",
+            ["partner"],
+            registry=self.registry,
+        )
         self.event_loop_tasks = Gauge(
             "c2c_event_loop_tasks",
             "asyncio tasks alive on the gateway's event loop.",

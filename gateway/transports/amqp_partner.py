@@ -157,8 +157,12 @@ class PartnerInbox:
             delivery_limit=limit,
             reason=reason,
         )
+        metrics = self._pipeline.env.metrics
+        label = metrics.partner_label(partner.id)
+        metrics.amqp_processing_failures.labels(partner=label).inc()
         if delivery.delivery_count < limit:
             return
+        metrics.amqp_dead_lettered.labels(partner=label).inc()
         event = AuditEvent(
             event=EventKind.POISON,
             at=self._clock.now(),

@@ -94,6 +94,11 @@ async def test_poison_message_is_dead_lettered_after_the_limit_and_audited(
     assert deaths[0]["reason"] == "delivery_limit"
     assert deaths[0]["queue"] == partner_in_queue(AMQP_PARTNER)
     assert len(attempts) == LIMIT + 1
+    # counted for the alerts: every failed attempt, and the dead-lettering
+    registry = gateway.metrics.registry
+    labels = {"partner": AMQP_PARTNER}
+    assert registry.get_sample_value("c2c_amqp_processing_failures_total", labels) == LIMIT + 1
+    assert registry.get_sample_value("c2c_amqp_dead_lettered_total", labels) == 1.0
 
     rows = await _audit(tmp_path)
     assert len(rows) == 1, rows
