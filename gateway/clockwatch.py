@@ -52,7 +52,7 @@ class ClockWatch:
         self._audit = audit
         self._threshold_s = threshold_s
         self._offset: float | None = None
-        self._periodic = Periodic("clock-watch", interval_s, self.check)
+        self._periodic = Periodic("clock-watch", interval_s, self._tick)
 
     def _read(self) -> float:
         return self._clock.now().timestamp() - self._clock.monotonic()
@@ -63,6 +63,12 @@ class ClockWatch:
 
     async def stop(self) -> None:
         await self._periodic.stop()
+
+    async def _tick(self) -> None:
+        try:
+            await self.check()
+        except Exception as exc:  # keep watching: one failed look must not end the watch
+            log.error("clock_watch_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def check(self) -> float | None:
         """Look once; returns the step in seconds (negative: back), or None."""
