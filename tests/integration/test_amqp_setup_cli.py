@@ -72,6 +72,9 @@ def test_setup_creates_least_privilege_partner_user(
 
 
 async def _check_partner_rights(vhost: RabbitVhost, user: str, password: str) -> None:
+    # T49: without the generated password the partner's user is refused at login
+    with pytest.raises(aiormq.exceptions.ProbableAuthenticationError):
+        await aio_pika.connect(f"amqp://{user}:not-{password}@{HOST}:{PORT}/{vhost.name}")
     url = f"amqp://{user}:{password}@{HOST}:{PORT}/{vhost.name}"
     connection = await aio_pika.connect(url)
     try:
