@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +24,42 @@ from pathlib import Path
 import structlog
 import uvloop
 
+import gateway
 from bench import amqp_inbound, audit, https_inbound, outbound
 from bench.common import QUICK, Table, prepare, sign_messages
 
 NAMES = ("https", "postgres", "amqp", "outbound", "memory", "audit")
+#: the checkout whose ``gateway`` package this process imported
+CHECKOUT = Path(gateway.__file__).resolve().parent.parent
+
+
+def same_code_in_children() -> None:
+    """Make ``serve`` and the helper processes import the ``gateway`` this process did.
+
+    The venv's editable install resolves ``gateway`` to the checkout it was made from, so a
+    benchmark run from another checkout (a worktree of an older commit, for a before/after
+    pair) would measure that checkout's code in every child process: PYTHONPATH wins over it.
+    """
+    paths = [str(CHECKOUT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+
+
+def code_version() -> str:
+    """The commit measured, and whether the checkout had changes on top of it."""
+    git = ["git", "-C", str(CHECKOUT)]
+    try:
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + (" with uncommitted changes" if dirty else "")
 
 
 def environment() -> str:
@@ -43,6 +76,7 @@ def environment() -> str:
     return "\n".join(
         [
             f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
+            f"- code: {code_version()}",
             f"- machine: {os.cpu_count()} vCPU {cpu}, {platform.system()} {platform.release()}",
             f"- Python {platform.python_version()}, {ssl.OPENSSL_VERSION}, uvloop "
             f"{metadata.version('uvloop')}",
@@ -102,6 +136,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="also write the report to this file")
     args = parser.parse_args()
     names = args.only or list(NAMES)
+    same_code_in_children()
     # gateway objects built in this process (AMQP topology) must not chat into the tables
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     started = time.monotonic()
