@@ -11,13 +11,16 @@ import pgdb
 
 class TcpProxy:
     """A loopback TCP relay to PostgreSQL that a test can cut (drop every connection and
-    refuse new ones) and restore, without touching the real server."""
+    refuse new ones), black-hole (keep every connection open and deliver nothing, as a
+    firewall dropping packets does) and restore, without touching the real server."""
 
     def __init__(self, target_port: int) -> None:
         self._target_port = target_port
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self.port = 0
+        #: bytes are read and dropped instead of passed on, both ways
+        self.black_hole = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -46,10 +49,11 @@ class TcpProxy:
         for task in tasks:
             task.add_done_callback(self._pipes.discard)
 
-    @staticmethod
-    async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                if self.black_hole:
+                    continue
                 dst.write(data)
                 await dst.drain()
         except (ConnectionError, OSError):

@@ -297,3 +297,65 @@ async def test_replicas_marking_overlapping_rows_mark_and_audit_each_once(pg_dsn
     finally:
         for replica in replicas:
             await replica.close()
+
+
+async def test_a_silent_drop_mid_run_is_unavailable_within_the_timeout_and_loses_nothing(
+    proxied: tuple[TcpProxy, str],
+) -> None:
+    """T72: the path to the database goes silent (no reset, nothing delivered) while writes
+    are under way. Each write fails as Unavailable within the command timeout, none hangs;
+    once the path is back, retrying each write stores it once (a commit the database made but
+    could not report is found as a duplicate with its receipt), and the log is one tree."""
+    proxy, dsn = proxied
+    timeout_s = 2.0
+    store = PostgresStore(dsn, clock=ManualClock(T0), max_size=4, command_timeout_s=timeout_s)
+    await store.open()
+    try:
+        await store.store_inbound(inbound("before"), [event(EventKind.ACCEPTED, "before")])
+        proxy.black_hole = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ids = [f"during-{n}" for n in range(8)]
+        async with asyncio.timeout(6 * timeout_s):  # a write that hangs fails the test here
+            results = await asyncio.gather(
+                *(store.store_inbound(inbound(i), [event(EventKind.ACCEPTED, i)]) for i in ids),
+                store.ping(),
+                return_exceptions=True,
+            )
+        elapsed = loop.time() - started
+        assert all(isinstance(r, Unavailable) for r in results), results
+        # the writer batches the eight: one timeout, then the ping's (a connection of its own)
+        assert elapsed < 4 * timeout_s, elapsed
+        print(f"silent path: every write Unavailable after {elapsed:.2f} s")
+
+        # the path comes back; connections open during the silence are gone
+        proxy.black_hole = False
+        await proxy.cut()
+        await proxy.start()
+        outcomes = []
+        async with asyncio.timeout(30):
+            for i in ids:
+                while True:
+                    try:
+                        outcome = await store.store_inbound(
+                            inbound(i), [event(EventKind.ACCEPTED, i)]
+                        )
+                    except Unavailable:
+                        await asyncio.sleep(0.2)
+                        continue
+                    outcomes.append(outcome.status)
+                    break
+        assert set(outcomes) <= {"stored", "duplicate"}
+        for i in ["before", *ids]:
+            stored = await store.get_inbound("MX-SAT", i)
+            assert stored is not None, i
+        # one entry per message, gap-free: a retry of a stored one appended nothing
+        size = await store.audit_size()
+        assert size == 1 + len(ids)
+        rows = await store.audit_entries(AuditFilter(), limit=size)
+        assert [r.seq for r in rows] == list(range(size))
+        leaves = await store.audit_leaf_hashes(0, size)
+        nodes = await store.audit_node_hashes(frontier(size))
+        assert root_from_nodes(size, nodes) == naive_root(leaves)
+    finally:
+        await store.close()
