@@ -86,7 +86,7 @@ class InboxRelay:
         # Committed records handed over by the pipeline, leased to us at insert. Bounded in
         # records and in bytes (they hold the bodies, up to a partner's limit each, and pile up
         # while the bus is down): when full, new rows are stored unleased and a later claim
-        # picks them up from the database.
+        # picks them up from the database, a batch of at most as many bytes at a time.
         self._handed: deque[InboundRecord] = deque()
         self._handed_bytes = 0
         self._max_handed = max_handed
@@ -178,7 +178,11 @@ class InboxRelay:
             self._last_claim = loop.time()
             try:
                 claimed = await self._store.claim_relay(
-                    self._owner, self._clock.now(), self._batch, self._lease_s
+                    self._owner,
+                    self._clock.now(),
+                    self._batch,
+                    self._lease_s,
+                    max_bytes=self._max_handed_bytes,
                 )
             except BaseException:
                 self._give_back(handed)

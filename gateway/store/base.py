@@ -289,11 +289,20 @@ class Store(Protocol):
         ...
 
     async def claim_relay(
-        self, owner: str, now: datetime, limit: int, lease_s: float
+        self,
+        owner: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        max_bytes: int | None = None,
     ) -> list[InboundRecord]:
         """Lease up to ``limit`` unrelayed rows (oldest first) to ``owner`` for ``lease_s``
         seconds. A row leased by another owner is skipped until that lease ends; rows already
-        leased to ``owner`` are returned again (and their lease renewed)."""
+        leased to ``owner`` are returned again (and their lease renewed). With ``max_bytes``,
+        the rows stop before the one whose body would take their bodies past it, so a backlog
+        of large messages is read a bounded amount at a time; the first row comes whatever
+        its size."""
         ...
 
     async def release_relay(self, owner: str) -> int:

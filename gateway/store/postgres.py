@@ -559,23 +559,35 @@ class PostgresStore:
         return [_inbound(r) for r in rows]
 
     async def claim_relay(
-        self, owner: str, now: datetime, limit: int, lease_s: float
+        self,
+        owner: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        max_bytes: int | None = None,
     ) -> list[InboundRecord]:
         until = _aware(now) + timedelta(seconds=lease_s)
         cols = ", ".join(f"m.{col.strip()}" for col in _INBOUND_COLUMNS.split(","))
         # SKIP LOCKED: a replica claiming at the same moment takes the next rows instead of
-        # waiting for these, and the lease keeps them out of its later claims
+        # waiting for these, and the lease keeps them out of its later claims. The running
+        # total of the bodies' sizes (octet_length reads no body) cuts the batch at max_bytes.
         rows = await self._transaction(
             lambda c: c.fetch(
-                "WITH due AS (SELECT seq FROM inbound_messages WHERE NOT relayed "
+                "WITH due AS (SELECT seq, coalesce(octet_length(body), 0) AS n "
+                "FROM inbound_messages WHERE NOT relayed "
                 "AND (relay_owner IS NULL OR relay_owner = $3 OR relay_lease_until <= $1) "
-                "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) "
+                "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED), "
+                "kept AS (SELECT seq FROM (SELECT seq, row_number() OVER w AS k, "
+                "sum(n) OVER w AS total FROM due WINDOW w AS (ORDER BY seq)) AS t "
+                "WHERE k = 1 OR $5::bigint IS NULL OR total <= $5::bigint) "
                 "UPDATE inbound_messages AS m SET relay_owner = $3, relay_lease_until = $4 "
-                f"FROM due WHERE m.seq = due.seq RETURNING {cols}",
+                f"FROM kept WHERE m.seq = kept.seq RETURNING {cols}",
                 _aware(now),
                 limit,
                 owner,
                 until,
+                max_bytes,
             )
         )
         records = [_inbound(r) for r in rows]

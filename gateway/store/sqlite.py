@@ -785,22 +785,41 @@ class SqliteStore:
         return [_inbound(r) for r in rows]
 
     async def claim_relay(
-        self, owner: str, now: datetime, limit: int, lease_s: float
+        self,
+        owner: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        max_bytes: int | None = None,
     ) -> list[InboundRecord]:
         now_us = _us(now)
         until_us = _us(now + timedelta(seconds=lease_s))
 
         # one write unit: the single writer makes select-and-lease atomic across callers
         def unit(c: Conn) -> list[InboundRecord]:
-            rows = c.execute(
-                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages WHERE relayed = 0 "
+            # the seqs first, with the bodies' running total: no body past the budget is read
+            due = c.execute(
+                "SELECT seq, sum(n) OVER (ORDER BY seq) FROM (SELECT seq, "
+                "coalesce(length(body), 0) AS n FROM inbound_messages WHERE relayed = 0 "
                 "AND (relay_owner IS NULL OR relay_owner = ? OR relay_lease_until <= ?) "
-                "ORDER BY seq LIMIT ?",
+                "ORDER BY seq LIMIT ?)",
                 (owner, now_us, limit),
+            ).fetchall()
+            seqs: list[int] = []
+            for seq, total in due:
+                if seqs and max_bytes is not None and total > max_bytes:
+                    break
+                seqs.append(seq)
+            marks = ", ".join("?" * len(seqs))
+            rows = c.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages WHERE seq IN ({marks}) "
+                "ORDER BY seq",
+                seqs,
             ).fetchall()
             c.executemany(
                 "UPDATE inbound_messages SET relay_owner = ?, relay_lease_until = ? WHERE seq = ?",
-                [(owner, until_us, r[15]) for r in rows],
+                [(owner, until_us, seq) for seq in seqs],
             )
             return [_inbound(r) for r in rows]
 

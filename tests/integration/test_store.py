@@ -873,3 +873,19 @@ async def test_a_clock_step_back_moves_back_what_the_clock_before_it_scheduled(
     ]
     relay = await store.claim_relay("relay-c", now + 11 * second, 10, 30)
     assert [r.message_id for r in relay] == ["in-1", "in-2"]
+
+
+async def test_a_relay_claim_stops_at_its_byte_budget(store: Store) -> None:
+    """A backlog of large messages is read a bounded amount at a time; a body larger than the
+    budget still comes, alone."""
+    sizes = [1000, 1000, 1000, 5000, 1000]
+    for n, size in enumerate(sizes):
+        await store.store_inbound(inbound(f"b-{n}", body=b"x" * size), [])
+    first = await store.claim_relay("r", T0, 10, 30, max_bytes=2500)
+    assert [r.message_id for r in first] == ["b-0", "b-1"]
+    # the rows past the budget were not leased: another relay takes them
+    second = await store.claim_relay("s", T0, 10, 30, max_bytes=2500)
+    assert [r.message_id for r in second] == ["b-2"]
+    alone = await store.claim_relay("t", T0, 10, 30, max_bytes=2500)
+    assert [(r.message_id, len(r.body or b"")) for r in alone] == [("b-3", 5000)]
+    assert [r.message_id for r in await store.claim_relay("u", T0, 10, 30)] == ["b-4"]
