@@ -115,14 +115,14 @@ class InboxRelay:
         """The bytes those records hold (bodies and receipts)."""
         return self._handed_bytes
 
-    def lease(self, size: int = 0) -> RelayLease | None:
-        """The lease a new inbox row of ``size`` bytes is stored under, or None (not running,
+    def lease(self, record: InboundRecord) -> RelayLease | None:
+        """The lease the new inbox row ``record`` is stored under, or None (not running,
         hand-over queue full): the row is then stored unleased and a claim round takes it."""
         if (
             self._task is None
             or self._stopping
             or len(self._handed) >= self._max_handed
-            or self._handed_bytes + size > self._max_handed_bytes
+            or self._handed_bytes + _held_bytes(record) > self._max_handed_bytes
         ):
             return None
         return RelayLease(owner=self._hand_owner, until=self._clock.now() + self._lease_delta)

@@ -84,9 +84,8 @@ OnReceipt = Callable[[ReceivedReceipt], Awaitable[None]]
 class RelayHandoff(Protocol):
     """Where accepted records go after their commit (``gateway.relay.InboxRelay``)."""
 
-    def lease(self, size: int = 0) -> RelayLease | None:
-        """The relay lease to store a new row of ``size`` bytes under (None: store it
-        unleased)."""
+    def lease(self, record: InboundRecord) -> RelayLease | None:
+        """The relay lease to store the new row ``record`` under (None: store it unleased)."""
         ...
 
     def stored(self, record: InboundRecord) -> None:

@@ -305,7 +305,7 @@ async def persist(ctx: InboundContext) -> None:
         receipt_signature=receipt.signature,
     )
     relay = env.relay
-    lease = None if relay is None else relay.lease(len(record.body or b"") + len(receipt.body))
+    lease = None if relay is None else relay.lease(record)
     outcome = await env.store.store_inbound(
         record, [_event(ctx, EventKind.ACCEPTED, "ACK")], relay_lease=lease
     )

@@ -11,6 +11,7 @@ import ssl
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.crypto.jws import sign_detached
@@ -108,11 +109,19 @@ class ServeProcess:
 
 
 def signed_messages(
-    pki: Path, *, sender: str, recipient: str, count: int, message_type: str
+    pki: Path,
+    *,
+    sender: str,
+    recipient: str,
+    count: int,
+    message_type: str,
+    payload: dict[str, Any] | None = None,
 ) -> list[tuple[str, bytes, str]]:
-    """``count`` distinct signed messages ``(message_id, body, signature)`` from ``sender``."""
+    """``count`` distinct signed messages ``(message_id, body, signature)`` from ``sender``,
+    each with ``payload`` (by default the message type's first example)."""
     key = load_signing_key(pki / sender / "sign.key", party=sender, alg="EdDSA")
-    payload = SchemaRegistry.load_builtin().examples(message_type, "1.0")[0]
+    if payload is None:
+        payload = SchemaRegistry.load_builtin().examples(message_type, "1.0")[0]
     out = []
     for _ in range(count):
         header = Header(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime as dt
 import json
 import ssl
 from pathlib import Path
@@ -26,12 +25,8 @@ from amqp_env import AMQP_PARTNER, GATEWAY, write_config
 from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, queue_depth
 from prometheus_client.parser import text_string_to_metric_families
 from rabbit import RabbitVhost
-from serve_proc import ServeProcess
+from serve_proc import ServeProcess, signed_messages
 
-from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import load_signing_key
-from gateway.envelope import encode_envelope, new_message_id
-from gateway.model import Header
 from gateway.schemas.registry import SchemaRegistry
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
@@ -78,47 +73,40 @@ async def scrape(
 
 async def preload(vhost: RabbitVhost, pki: Path, count: int) -> tuple[set[str], int]:
     """Publish ``count`` signed manifests to the partner's ``.in`` exchange, confirmed;
-    returns their ids and the size of one body."""
-    key = load_signing_key(pki / AMQP_PARTNER / "sign.key", party=AMQP_PARTNER, alg="EdDSA")
-    payload = large_manifest(HOUSES)
+    returns their ids and the size of the largest body."""
+    messages = signed_messages(
+        pki,
+        sender=AMQP_PARTNER,
+        recipient=GATEWAY,
+        count=count,
+        message_type="shipment.manifest",
+        payload=large_manifest(HOUSES),
+    )
     connection = await aio_pika.connect(vhost.url())
-    sent: set[str] = set()
-    size = 0
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
         for start in range(0, count, 100):
-            publishes = []
-            for _ in range(min(100, count - start)):
-                header = Header(
-                    message_id=new_message_id(),
-                    message_type="shipment.manifest",
-                    schema_version="1.0",
-                    sender=AMQP_PARTNER,
-                    recipient=GATEWAY,
-                    created_at=dt.datetime.now(dt.UTC),
-                )
-                body = encode_envelope(header, payload)
-                size = max(size, len(body))
-                sent.add(header.message_id)
-                publishes.append(
+            await asyncio.gather(
+                *(
                     exchange.publish(
                         aio_pika.Message(
                             body,
-                            message_id=header.message_id,
+                            message_id=message_id,
                             type="shipment.manifest",
                             app_id=AMQP_PARTNER,
                             content_type="application/json",
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            headers={"c2c-signature": sign_detached(body, key)},
+                            headers={"c2c-signature": signature},
                         ),
                         routing_key="",
                     )
+                    for message_id, body, signature in messages[start : start + 100]
                 )
-            await asyncio.gather(*publishes)
+            )
     finally:
         await connection.close()
-    return sent, size
+    return {message_id for message_id, _, _ in messages}, max(len(b) for _, b, _ in messages)
 
 
 async def test_a_preloaded_backlog_drains_with_bounded_memory_and_tasks(
