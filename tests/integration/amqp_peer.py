@@ -156,6 +156,40 @@ class AmqpEnv:
         return receipt
 
 
+async def preload(
+    vhost: RabbitVhost | OwnBroker,
+    messages: list[tuple[str, bytes, str]],
+    *,
+    message_type: str,
+) -> None:
+    """Publish signed ``(message_id, body, signature)`` messages to the partner's ``.in``
+    exchange with confirms, before any gateway consumes them (a backlog)."""
+    connection = await aio_pika.connect(vhost.url())
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
+        for start in range(0, len(messages), 100):
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            body,
+                            message_id=message_id,
+                            type=message_type,
+                            app_id=AMQP_PARTNER,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            headers={"c2c-signature": signature},
+                        ),
+                        routing_key="",
+                    )
+                    for message_id, body, signature in messages[start : start + 100]
+                )
+            )
+    finally:
+        await connection.close()
+
+
 async def queue_depth(vhost: RabbitVhost | OwnBroker, queue: str) -> int:
     connection = await aio_pika.connect(vhost.url())
     try:

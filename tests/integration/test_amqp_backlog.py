@@ -22,7 +22,7 @@ import aio_pika
 import aiohttp
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, queue_depth
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, preload, queue_depth
 from prometheus_client.parser import text_string_to_metric_families
 from rabbit import RabbitVhost
 from serve_proc import ServeProcess, signed_messages
@@ -71,44 +71,6 @@ async def scrape(
     return values
 
 
-async def preload(vhost: RabbitVhost, pki: Path, count: int) -> tuple[set[str], int]:
-    """Publish ``count`` signed manifests to the partner's ``.in`` exchange, confirmed;
-    returns their ids and the size of the largest body."""
-    messages = signed_messages(
-        pki,
-        sender=AMQP_PARTNER,
-        recipient=GATEWAY,
-        count=count,
-        message_type="shipment.manifest",
-        payload=large_manifest(HOUSES),
-    )
-    connection = await aio_pika.connect(vhost.url())
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
-        for start in range(0, count, 100):
-            await asyncio.gather(
-                *(
-                    exchange.publish(
-                        aio_pika.Message(
-                            body,
-                            message_id=message_id,
-                            type="shipment.manifest",
-                            app_id=AMQP_PARTNER,
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            headers={"c2c-signature": signature},
-                        ),
-                        routing_key="",
-                    )
-                    for message_id, body, signature in messages[start : start + 100]
-                )
-            )
-    finally:
-        await connection.close()
-    return {message_id for message_id, _, _ in messages}, max(len(b) for _, b, _ in messages)
-
-
 async def test_a_preloaded_backlog_drains_with_bounded_memory_and_tasks(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
@@ -133,7 +95,17 @@ async def test_a_preloaded_backlog_drains_with_bounded_memory_and_tasks(
             idle = await scrape(session, serve, ca)
             assert await serve.stop() == 0
 
-            sent, body_size = await preload(rabbit_vhost, pki, BACKLOG)
+            messages = signed_messages(
+                pki,
+                sender=AMQP_PARTNER,
+                recipient=GATEWAY,
+                count=BACKLOG,
+                message_type="shipment.manifest",
+                payload=large_manifest(HOUSES),
+            )
+            await preload(rabbit_vhost, messages, message_type="shipment.manifest")
+            sent = {message_id for message_id, _, _ in messages}
+            body_size = max(len(body) for _, body, _ in messages)
             assert await queue_depth(rabbit_vhost, IN_EXCHANGE) == BACKLOG
 
             await serve.start()
