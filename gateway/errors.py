@@ -152,6 +152,13 @@ class Unavailable(GatewayError):
     # before trying again does not add to the load of one that is recovering
     retry_after_s = 5
 
+    def __init__(self, reason: str, *, detail: str | None = None, outage: bool = False) -> None:
+        super().__init__(reason, detail=detail)
+        #: the cause fails every request alike until it is mended (a full disk, an I/O error,
+        #: a lost or closed store), rather than something in this request: a transport holds
+        #: the request and tries again instead of counting it as a failure of its own
+        self.outage = outage
+
 
 ERROR_FOR_CODE: dict[NackCode, type[GatewayError]] = {
     cls.code: cls

@@ -59,6 +59,8 @@ class InboundResult:
     retry_after_s: int | None
     #: the stored inbox row (new or, for an exact re-send, the original)
     record: InboundRecord | None
+    #: an UNAVAILABLE whose cause fails every message alike for now (``Unavailable.outage``)
+    outage: bool = False
 
     @property
     def accepted(self) -> bool:

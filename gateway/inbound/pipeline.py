@@ -198,6 +198,7 @@ class InboundPipeline:
             transport=request.transport,
         )
         is_receipt = header is not None and header.message_type == RECEIPT_TYPE
+        outage = isinstance(exc, Unavailable) and exc.outage
         unsigned = InboundResult(
             http_status=exc.http_status,
             code=exc.code,
@@ -206,6 +207,7 @@ class InboundPipeline:
             problem=problem_document(exc),
             retry_after_s=exc.retry_after_s,
             record=None,
+            outage=outage,
         )
         if peer is None or message_id is None or is_receipt or ctx.digest is None:
             return unsigned
@@ -232,4 +234,5 @@ class InboundPipeline:
             problem=None,
             retry_after_s=exc.retry_after_s,
             record=None,
+            outage=outage,
         )

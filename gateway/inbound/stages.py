@@ -286,7 +286,7 @@ async def persist(ctx: InboundContext) -> None:
         if original is not None:
             await _answer_duplicate(ctx, original)
             return
-        raise Unavailable(f"receipt signing key unavailable: {exc}") from None
+        raise Unavailable(f"receipt signing key unavailable: {exc}", outage=True) from None
     record = InboundRecord(
         sender=header.sender,
         message_id=header.message_id,

@@ -261,7 +261,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise Unavailable when the database cannot be reached."""
+        """Raise Unavailable when the database cannot be reached. SQLite: also when its last
+        write transaction failed and none has committed since (a full disk); a probe write is
+        tried then, so it reports ready again as soon as it can write, traffic or not."""
         ...
 
     # inbox

@@ -83,6 +83,19 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: errors of a database that cannot serve anyone now, as against an error of one statement:
+#: a lost connection or network (class 08), a full disk or no memory (53), a shutdown or a
+#: cancelled command (57), an I/O error (58), a command timeout
+_OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresSystemError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
 _INBOUND_COLUMNS = (
     "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "body, body_digest, signature, kid, transport, received_at, receipt_body, "
@@ -234,13 +247,13 @@ class PostgresStore:
 
     async def ping(self) -> None:
         if self._writer_task is None or self._writer_task.done():
-            raise Unavailable("postgresql: store is not open")
+            raise Unavailable("postgresql: store is not open", outage=True)
         await self._call(lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1"))
 
     async def _call(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         pool = self._pool
         if pool is None:
-            raise Unavailable("postgresql: store is not open")
+            raise Unavailable("postgresql: store is not open", outage=True)
         try:
             async with pool.acquire() as conn:
                 return await fn(conn)
@@ -262,7 +275,7 @@ class PostgresStore:
 
     def _future(self) -> asyncio.Future[Any]:
         if self._writer_task is None or self._writer_task.done():
-            raise Unavailable("postgresql: store is not open")
+            raise Unavailable("postgresql: store is not open", outage=True)
         return asyncio.get_running_loop().create_future()
 
     async def _enqueue(self, unit: _Unit) -> Any:
@@ -317,7 +330,7 @@ class PostgresStore:
         as before."""
         pool = self._pool
         if pool is None:
-            return [Unavailable("postgresql: store is not open")] * len(units)
+            return [Unavailable("postgresql: store is not open", outage=True)] * len(units)
         results: list[Any] = [None] * len(units)
         if all(unit.inbound is not None for unit in units):
             try:
@@ -938,7 +951,9 @@ class PostgresStore:
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"postgresql: {type(exc).__name__}: {exc}")
+    return Unavailable(
+        f"postgresql: {type(exc).__name__}: {exc}", outage=isinstance(exc, _OUTAGE_ERRORS)
+    )
 
 
 async def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord | None:

@@ -160,8 +160,23 @@ def _outbound(row: Sequence[Any]) -> OutboundRecord:
     )
 
 
+#: primary result codes of a database that cannot serve anyone now (busy or locked by another
+#: process, out of memory, read-only, an I/O error, corrupt, full, cannot be opened), as
+#: against an error of one statement (a constraint, a bug)
+_OUTAGE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15})
+
+
 def _unavailable(exc: sqlite3.Error) -> Unavailable:
-    return Unavailable(f"sqlite: {type(exc).__name__}: {exc}")
+    code = getattr(exc, "sqlite_errorcode", None)
+    outage = code is not None and code & 0xFF in _OUTAGE_CODES
+    return Unavailable(f"sqlite: {type(exc).__name__}: {exc}", outage=outage)
+
+
+def _probe_write(c: Conn) -> None:
+    """A write that changes nothing once committed, yet logs a page (an UPDATE to the same
+    value would be skipped and tell nothing)."""
+    c.execute("UPDATE audit_head SET size = size + 1 WHERE id = 1")
+    c.execute("UPDATE audit_head SET size = size - 1 WHERE id = 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -275,8 +290,12 @@ class SqliteStore:
     async def ping(self) -> None:
         task = self._writer_task
         if task is None or task.done():
-            raise Unavailable("sqlite: store is not open")
+            raise Unavailable("sqlite: store is not open", outage=True)
         await self._read(lambda c: c.execute("SELECT 1 FROM audit_head").fetchone())
+        if self._write_failure is not None:
+            # a read tells nothing of a full disk; the probe goes through the writer, which
+            # first empties the WAL (it fails while the disk is still full), then commits
+            await self._write(_probe_write)
 
     async def _shutdown_pools(self) -> None:
         for pool in (self._writer_pool, self._reader_pool, self._checkpoint_pool):
@@ -331,7 +350,7 @@ class SqliteStore:
 
     async def _write(self, fn: Callable[[Conn], T]) -> T:
         if self._writer_task is None or self._writer_task.done():
-            raise Unavailable("sqlite: store is not open")
+            raise Unavailable("sqlite: store is not open", outage=True)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Unit(fn=fn, future=future))
         return await future
@@ -358,7 +377,7 @@ class SqliteStore:
                 results = await loop.run_in_executor(self._writer_pool, self._commit_batch, fns)
             except RuntimeError as exc:
                 # the pool is gone (interpreter shutting down): nothing was committed
-                results = [Unavailable(f"sqlite: writer stopped: {exc}")] * len(batch)
+                results = [Unavailable(f"sqlite: writer stopped: {exc}", outage=True)] * len(batch)
             for unit, result in zip(batch, results, strict=True):
                 if unit.future.done():
                     continue
@@ -502,7 +521,7 @@ class SqliteStore:
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         pool = self._reader_pool
         if pool is None:
-            raise Unavailable("sqlite: store is not open")
+            raise Unavailable("sqlite: store is not open", outage=True)
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, self._run_read, fn)
         except sqlite3.Error as exc:

@@ -8,10 +8,11 @@ broker (PROTOCOL section 5):
   whose receipt could not be published is returned to the queue; its redelivery is an exact
   re-send answered with the original receipt). Deterministic refusals are never requeued.
 - a partner's own receipt is handed to the dispatcher by the pipeline and not answered.
-- ``UNAVAILABLE`` with the store unreachable is an outage: the delivery is held and retried
-  in process for a while (so a short outage does not burn the delivery limit, which RabbitMQ
-  3.x counts even for ``basic.nack``), then returned with ``basic.nack(requeue=True)``.
-- ``UNAVAILABLE`` with the store reachable, or an exception, is a processing failure: the
+- ``UNAVAILABLE`` from an outage (the store unreachable, or failing every write alike: a full
+  disk, an I/O error; ``Unavailable.outage``): the delivery is held and retried in process for
+  a while (so a short outage does not burn the delivery limit, which RabbitMQ 3.x counts even
+  for ``basic.nack``), then returned with ``basic.nack(requeue=True)``.
+- any other ``UNAVAILABLE`` with the store reachable, or an exception, is a processing failure: the
   delivery is returned with ``basic.reject(requeue=True)``, which the quorum queue counts; the
   last allowed attempt is audited as ``poison`` before the broker dead-letters it.
 """
@@ -131,7 +132,9 @@ class PartnerInbox:
         pause = 0.2
         while True:
             result = await self._pipeline.handle(request)
-            if result.code is not NackCode.UNAVAILABLE or await self._store_reachable():
+            if result.code is not NackCode.UNAVAILABLE:
+                return result
+            if not result.outage and await self._store_reachable():
                 return result
             if self._clock.monotonic() - started >= self._outage_hold_s:
                 raise _Outage

@@ -16,13 +16,18 @@ import json
 import os
 import shutil
 import sqlite3
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
+from amqp_env import AMQP_PARTNER, GATEWAY, write_config
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, preload, queue_depth
 from outbound_env import free_port, gateway_config
+from rabbit import RabbitVhost
 from serve_proc import (
     ServeProcess,
     edit_toml,
@@ -36,6 +41,9 @@ DISK_SIZE = "32m"
 BEFORE = 40
 DURING = 400
 CLIENTS = 8
+AMQP_BEFORE = 20
+AMQP_DURING = 400
+FULL = "unavailable: sqlite: OperationalError: database or disk is full"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("unshare") is None or shutil.which("nsenter") is None,
@@ -55,6 +63,23 @@ def enter_mounts_of(pid: int) -> tuple[str, ...]:
     """Run the command after it in the mount namespace of process ``pid``."""
     user = () if os.geteuid() == 0 else ("--user", "--preserve-credentials")
     return ("nsenter", f"--target={pid}", "--mount", *user)
+
+
+async def readiness(server: ServeProcess, pki: Path) -> tuple[int, dict[str, Any]]:
+    """``GET /readyz`` on the internal API: its status and JSON body."""
+    ca = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.api_url + "/readyz", ssl=ca) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def depth_at_least(vhost: RabbitVhost, queue: str, count: int) -> None:
+    while True:
+        if await queue_depth(vhost, queue) >= count:
+            return
+        await asyncio.sleep(0.1)
 
 
 def fill(folder: Path) -> Path:
@@ -133,8 +158,14 @@ async def test_full_disk_answers_503_acknowledges_only_what_is_stored_and_recove
 
             await asyncio.gather(*(client() for _ in range(CLIENTS)))
             assert refused, "the disk never filled up: nothing was refused"
+            # a full disk is not ready: the probe write fails
+            status, ready = await readiness(server, pki)
+            assert status == 503, ready
+            assert ready["checks"]["store"] == FULL, ready
 
             filler.unlink()
+            # ready again before any message is written: the probe write itself commits
+            assert (await readiness(server, pki))[0] == 200
             # the partner tries again; until the checkpointer catches up, the WAL of the
             # retries can fill the disk again, and those are refused the same way
             async with asyncio.timeout(120):
@@ -193,3 +224,68 @@ async def test_full_disk_answers_503_acknowledges_only_what_is_stored_and_recove
         assert failed["error"] == "OperationalError: database or disk is full"
         assert recovered["event"] == "sqlite_writes_recovered"
         assert recovered["failed_transactions"] >= 1
+
+
+@pytest.mark.rabbitmq
+async def test_full_disk_holds_amqp_deliveries_instead_of_dead_lettering_them(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """Over AMQP a full disk is an outage, not a poison message: the deliveries in hand are
+    held and tried again (none counted against the delivery limit and dead-lettered), and each
+    is stored and ACKed once space is freed."""
+    source = write_config(tmp_path, amqp_url=rabbit_vhost.url(), delivery_limit=3)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    edit_toml(source, 'store_url = "sqlite:///c2c.db"', 'store_url = "sqlite:///disk/c2c.db"')
+    messages = signed_messages(
+        tmp_path / "certs",
+        sender=AMQP_PARTNER,
+        recipient=GATEWAY,
+        count=AMQP_BEFORE + AMQP_DURING,
+        message_type="shipment.advance_data",
+    )
+    server = ServeProcess(source, prefix=(*private_tmpfs(disk, DISK_SIZE), str(disk)))
+    await server.start()
+    assert server.proc is not None
+    seen = Path(f"/proc/{server.proc.pid}/root") / disk.relative_to("/")
+    try:
+        await preload(rabbit_vhost, messages[:AMQP_BEFORE], message_type="shipment.advance_data")
+        await asyncio.wait_for(depth_at_least(rabbit_vhost, OUT_QUEUE, AMQP_BEFORE), 30)
+
+        filler = fill(seen)
+        await preload(rabbit_vhost, messages[AMQP_BEFORE:], message_type="shipment.advance_data")
+        # the WAL's space already taken takes some more; then a delivery refused as a
+        # processing failure would be tried delivery_limit + 1 times in well under a second,
+        # then dead-lettered; held, it waits for the disk
+        await asyncio.sleep(4)
+        assert await queue_depth(rabbit_vhost, f"{IN_EXCHANGE}.dead") == 0
+        assert await queue_depth(rabbit_vhost, OUT_QUEUE) < len(messages), "the disk never filled"
+        status, ready = await readiness(server, tmp_path / "certs")
+        assert (status, ready["checks"]["store"]) == (503, FULL), ready
+
+        filler.unlink()
+        await asyncio.wait_for(depth_at_least(rabbit_vhost, OUT_QUEUE, len(messages)), 60)
+        assert (await readiness(server, tmp_path / "certs"))[0] == 200
+        assert await queue_depth(rabbit_vhost, f"{IN_EXCHANGE}.dead") == 0
+        assert await queue_depth(rabbit_vhost, IN_EXCHANGE) == 0
+    finally:
+        code = await server.stop()
+    assert code == 0, server.stderr_log.decode()[-3000:]
+    connection = await aio_pika.connect(rabbit_vhost.url())
+    try:
+        channel = await connection.channel()
+        out = await channel.declare_queue(OUT_QUEUE, passive=True)
+        answered: list[str] = []
+        while (message := await out.get(no_ack=True, fail=False)) is not None:
+            receipt = json.loads(message.body)["payload"]
+            assert receipt["status"] == "ACK", receipt
+            answered.append(receipt["ref_message_id"])
+    finally:
+        await connection.close()
+    assert sorted(answered) == sorted(message_id for message_id, _, _ in messages)
+    logged = [
+        json.loads(line)["event"]
+        for line in server.stderr_log.splitlines()
+        if line.startswith(b"{") and b'"amqp_processing_failed"' in line
+    ]
+    assert not logged, f"{len(logged)} deliveries counted as processing failures"

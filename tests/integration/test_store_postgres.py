@@ -4,7 +4,13 @@ dedupe and claims hold across replicas (separate pools)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import os
+import pwd
+import shutil
+import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -352,6 +358,104 @@ async def test_a_silent_drop_mid_run_is_unavailable_within_the_timeout_and_loses
         # one entry per message, gap-free: a retry of a stored one appended nothing
         size = await store.audit_size()
         assert size == 1 + len(ids)
+        rows = await store.audit_entries(AuditFilter(), limit=size)
+        assert [r.seq for r in rows] == list(range(size))
+        leaves = await store.audit_leaf_hashes(0, size)
+        nodes = await store.audit_node_hashes(frontier(size))
+        assert root_from_nodes(size, nodes) == naive_root(leaves)
+    finally:
+        await store.close()
+
+
+async def run(*command: str) -> None:
+    proc = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    _, stderr = await proc.communicate()
+    assert proc.returncode == 0, (command, stderr)
+
+
+@pytest.fixture
+async def small_tablespace(pg_dsn: str) -> AsyncIterator[tuple[str, str]]:
+    """A tablespace on a tmpfs of 8 MiB (the DSN of a fresh schema whose tables are created
+    there, and the mount point); unmounted and dropped afterwards."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.fail("the tablespace-full test mounts a tmpfs: it needs root and mount(8)")
+    owner = pwd.getpwnam("postgres")
+    mountpoint = tempfile.mkdtemp(prefix="c2c-pg-full-")
+    name = f"c2c_full_{uuid.uuid4().hex[:12]}"
+    await run("mount", "-t", "tmpfs", "-o", "size=8m", "c2c-test", mountpoint)
+    try:
+        os.chown(mountpoint, owner.pw_uid, owner.pw_gid)
+        admin = await asyncpg.connect(pgdb.ADMIN_DSN)
+        try:
+            await admin.execute(f"CREATE TABLESPACE {name} LOCATION '{mountpoint}'")
+        finally:
+            await admin.close()
+        try:
+            yield f"{pg_dsn}&default_tablespace={name}", mountpoint
+        finally:
+            # the schema's tables go first (pg_dsn's teardown runs after this one)
+            schema = pg_dsn.rsplit("search_path=", 1)[1]
+            conn = await asyncpg.connect(pg_dsn.split("?", 1)[0])
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+            admin = await asyncpg.connect(pgdb.ADMIN_DSN)
+            try:
+                await admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
+            finally:
+                await admin.close()
+    finally:
+        await run("umount", "--lazy", mountpoint)
+        os.rmdir(mountpoint)
+
+
+async def test_a_full_tablespace_is_an_outage_that_writes_nothing_and_recovers(
+    small_tablespace: tuple[str, str],
+) -> None:
+    """T70 on PostgreSQL: the tablespace holding the store's tables fills up under writes of
+    incompressible bodies. Each failed write is an ``Unavailable`` outage (a full disk fails
+    every write alike, so the AMQP ingress holds the delivery rather than count it towards
+    dead-lettering) and keeps nothing; once the filesystem is grown, every refused write is
+    stored once, and the audit log is one gap-free tree of exactly the stored ones.
+
+    (``ping`` is not asked: on PostgreSQL a write that needs no new page still commits on a
+    full tablespace, so no probe write tells whether the next message fits.)"""
+    dsn, mountpoint = small_tablespace
+    store = PostgresStore(dsn, clock=ManualClock(T0), max_size=4)
+    await store.open()
+    try:
+        kept: list[str] = []
+        refused: list[Unavailable] = []
+        for n in range(2000):
+            message_id = f"full-{n}"
+            body = base64.b64encode(os.urandom(48 * 1024))  # 64 KiB no compression shrinks
+            try:
+                await store.store_inbound(
+                    inbound(message_id, body=body), [event(EventKind.ACCEPTED, message_id)]
+                )
+            except Unavailable as exc:
+                refused.append(exc)
+                if len(refused) == 5:
+                    break
+                continue
+            kept.append(message_id)
+        assert len(refused) == 5, "the tablespace never filled up"
+        assert all(exc.outage and "DiskFullError" in exc.reason for exc in refused), refused
+        refused_ids = [f"full-{n}" for n in range(len(kept), len(kept) + 5)]
+        # nothing of a refused write was kept: no row, no audit entry
+        for message_id in refused_ids:
+            assert await store.get_inbound("MX-SAT", message_id) is None
+        assert await store.audit_size() == len(kept)
+
+        await run("mount", "-o", "remount,size=64m", mountpoint)
+        for message_id in refused_ids:
+            outcome = await store.store_inbound(
+                inbound(message_id, body=b"{}"), [event(EventKind.ACCEPTED, message_id)]
+            )
+            assert outcome.status == "stored"
+        size = await store.audit_size()
+        assert size == len(kept) + len(refused_ids)
         rows = await store.audit_entries(AuditFilter(), limit=size)
         assert [r.seq for r in rows] == list(range(size))
         leaves = await store.audit_leaf_hashes(0, size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from gateway.model import Header
 from gateway.relay import InboxRelay
 from gateway.runtime import Gateway
 from gateway.store.base import AuditFilter, InboundRecord
+from gateway.store.sqlite import SqliteStore
 from gateway.transports.bus import MemoryBus
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -192,6 +194,44 @@ async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) 
     assert [json.loads(r.entry)["reason"] for r in rows] == [
         "internal error in the inbound pipeline: KeyError"
     ]
+    # a bug is about this message: over AMQP it counts towards dead-lettering
+    assert not result.outage
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), True),  # SQLITE_FULL
+        (sqlite3.OperationalError("disk I/O error"), True),  # SQLITE_IOERR_WRITE
+        (sqlite3.OperationalError("database is locked"), True),  # SQLITE_BUSY
+        (sqlite3.OperationalError("no such column: x"), False),  # SQLITE_ERROR: a bug
+    ],
+)
+async def test_a_store_outage_is_marked_so_transports_hold_the_message(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch, error: sqlite3.Error, outage: bool
+) -> None:
+    """The store's writes fail: the answer is 503 either way, and ``outage`` says whether the
+    cause fails every message alike (held and retried over AMQP) or is this message's own."""
+    error.sqlite_errorcode = {  # type: ignore[attr-defined]
+        "database or disk is full": 13,
+        "disk I/O error": 778,
+        "database is locked": 5,
+        "no such column: x": 1,
+    }[str(error)]
+
+    def failing(conn: sqlite3.Connection) -> None:
+        raise error
+
+    store = gateway.store
+    assert isinstance(store, SqliteStore)
+    original = store._commit_batch
+    monkeypatch.setattr(store, "_commit_batch", lambda fns: original([failing, *fns])[1:])
+    message_id, body = message(gateway)
+    result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (result.http_status, result.code) == (503, NackCode.UNAVAILABLE)
+    assert result.outage is outage
+    monkeypatch.undo()
+    assert await gateway.store.get_inbound(MX, message_id) is None
 
 
 def test_token_bucket_refills_at_its_rate() -> None:
