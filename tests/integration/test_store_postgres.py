@@ -30,6 +30,15 @@ from gateway.store.postgres import PostgresStore
 pytestmark = pytest.mark.postgres
 
 
+async def assert_one_gap_free_tree(store: PostgresStore, size: int) -> None:
+    """The log's entries are seqs 0..size-1 and its stored nodes give the root of its leaves."""
+    rows = await store.audit_entries(AuditFilter(), limit=size)
+    assert [r.seq for r in rows] == list(range(size))
+    leaves = await store.audit_leaf_hashes(0, size)
+    nodes = await store.audit_node_hashes(frontier(size))
+    assert root_from_nodes(size, nodes) == naive_root(leaves)
+
+
 @pytest.fixture
 async def proxied(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
     proxy = TcpProxy(pgdb.PORT)
@@ -358,11 +367,7 @@ async def test_a_silent_drop_mid_run_is_unavailable_within_the_timeout_and_loses
         # one entry per message, gap-free: a retry of a stored one appended nothing
         size = await store.audit_size()
         assert size == 1 + len(ids)
-        rows = await store.audit_entries(AuditFilter(), limit=size)
-        assert [r.seq for r in rows] == list(range(size))
-        leaves = await store.audit_leaf_hashes(0, size)
-        nodes = await store.audit_node_hashes(frontier(size))
-        assert root_from_nodes(size, nodes) == naive_root(leaves)
+        await assert_one_gap_free_tree(store, size)
     finally:
         await store.close()
 
@@ -456,10 +461,6 @@ async def test_a_full_tablespace_is_an_outage_that_writes_nothing_and_recovers(
             assert outcome.status == "stored"
         size = await store.audit_size()
         assert size == len(kept) + len(refused_ids)
-        rows = await store.audit_entries(AuditFilter(), limit=size)
-        assert [r.seq for r in rows] == list(range(size))
-        leaves = await store.audit_leaf_hashes(0, size)
-        nodes = await store.audit_node_hashes(frontier(size))
-        assert root_from_nodes(size, nodes) == naive_root(leaves)
+        await assert_one_gap_free_tree(store, size)
     finally:
         await store.close()
