@@ -156,6 +156,17 @@ class AmqpEnv:
         return receipt
 
 
+async def bind_sink(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+    """The CBP side's durable queue on ``c2c.inbound`` (every routing key), bound before the
+    gateway routes anything; read by the test at the end."""
+    inbound = await channel.declare_exchange(
+        "c2c.inbound", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    sink = await channel.declare_queue(SINK_QUEUE, durable=True)
+    await sink.bind(inbound, routing_key="#")
+    return sink
+
+
 async def preload(
     vhost: RabbitVhost | OwnBroker,
     messages: list[tuple[str, bytes, str]],

@@ -22,7 +22,7 @@ import aio_pika
 import aiohttp
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, preload, queue_depth
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, bind_sink, preload, queue_depth
 from prometheus_client.parser import text_string_to_metric_families
 from rabbit import RabbitVhost
 from serve_proc import ServeProcess, signed_messages
@@ -82,11 +82,7 @@ async def test_a_preloaded_backlog_drains_with_bounded_memory_and_tasks(
     try:
         # the CBP side's queue, bound before the gateway routes anything; read at the end
         channel = await connection.channel()
-        inbound = await channel.declare_exchange(
-            "c2c.inbound", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        sink = await channel.declare_queue(SINK_QUEUE, durable=True)
-        await sink.bind(inbound, routing_key="#")
+        await bind_sink(channel)
 
         # a first start declares the partner's queues; its idle figures are the baseline
         async with aiohttp.ClientSession() as session:

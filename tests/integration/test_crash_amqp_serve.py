@@ -21,7 +21,7 @@ import aio_pika
 import orjson
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, SINK_QUEUE, preload, queue_depth
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, bind_sink, preload, queue_depth
 from rabbit import RabbitVhost
 from serve_proc import ServeProcess, signed_messages
 
@@ -90,11 +90,7 @@ async def test_sigkilled_serve_loses_no_amqp_delivery(
     connection = await aio_pika.connect(rabbit_vhost.url())
     try:
         channel = await connection.channel()
-        inbound = await channel.declare_exchange(
-            "c2c.inbound", aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        sink = await channel.declare_queue(SINK_QUEUE, durable=True)
-        await sink.bind(inbound, routing_key="#")
+        sink = await bind_sink(channel)
         # a first start declares the partner's queues; the backlog waits there
         await serve.start()
         assert await serve.stop() == 0
