@@ -30,8 +30,10 @@ def write_config(
     prefetch: int = 50,
     rate_per_second: float = 10_000.0,
     burst: int = 20_000,
+    amqp_partner_https: bool = False,
 ) -> Path:
-    """Write the configuration under ``root``; returns the path of gateway.toml."""
+    """Write the configuration under ``root``; returns the path of gateway.toml. With
+    ``amqp_partner_https``, MX-ANAM may also send over HTTPS (its dev client certificate)."""
     init_dev_pki(root / "certs", [GATEWAY, AMQP_PARTNER, HTTPS_PARTNER], gateway_party=GATEWAY)
     amqp = f'url = "{amqp_url}"\n' if amqp_url else ""
     (root / "gateway.toml").write_text(
@@ -72,7 +74,15 @@ origin = "test/{GATEWAY}"
         "utf-8",
     )
     for partner, transport in (
-        (AMQP_PARTNER, f'[amqp]\nenabled = true\nbroker_user = "{amqp_user}"\n'),
+        (
+            AMQP_PARTNER,
+            f'[amqp]\nenabled = true\nbroker_user = "{amqp_user}"\n'
+            + (
+                f'\n[https]\nca = "../../certs/ca.pem"\nclient_cert_subjects = ["{AMQP_PARTNER}"]\n'
+                if amqp_partner_https
+                else ""
+            ),
+        ),
         (
             HTTPS_PARTNER,
             '[https]\nurl = "https://127.0.0.1:9/c2c/v1/messages"\nca = "../../certs/ca.pem"\n'
