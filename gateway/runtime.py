@@ -120,7 +120,9 @@ class Gateway:
         self.signer = ReceiptSigner(party=config.party, keys=self.signing_keys, clock=self.clock)
         if store is None:
             try:
-                store = open_store(config.store_url, clock=self.clock)
+                store = open_store(
+                    config.store_url, clock=self.clock, timeout_s=config.limits.store_timeout_s
+                )
             except InvalidStoreUrl as exc:
                 raise ConfigError(str(config.source), "store_url", str(exc)) from None
         self.store = store

@@ -77,7 +77,9 @@ class _Opened:
 async def _open(config_path: Path) -> AsyncIterator[_Opened]:
     config = load_config(config_path)
     signer = load_note_signer(config.audit.key, config.audit.origin)
-    store = open_store(config.store_url, clock=SystemClock())
+    store = open_store(
+        config.store_url, clock=SystemClock(), timeout_s=config.limits.store_timeout_s
+    )
     await store.open()
     try:
         yield _Opened(config, store, signer)

@@ -175,7 +175,9 @@ def _write_candidate(source: Path, text: str) -> Path:
 
 
 async def _audit(config: GatewayConfig, event: AuditEvent) -> None:
-    store = open_store(config.store_url, clock=SystemClock())
+    store = open_store(
+        config.store_url, clock=SystemClock(), timeout_s=config.limits.store_timeout_s
+    )
     await store.open()
     try:
         await store.append_audit([event])

@@ -53,7 +53,9 @@ def _with_store(config_path: Path, work: Callable[[GatewayConfig, Store], Awaita
         _fail(f"{exc.file}: {exc.key}: {exc.reason}")
 
     async def run() -> T:
-        store = open_store(config.store_url, clock=SystemClock())
+        store = open_store(
+            config.store_url, clock=SystemClock(), timeout_s=config.limits.store_timeout_s
+        )
         await store.open()
         try:
             return await work(config, store)

@@ -86,7 +86,7 @@ def _submit_direct(config_path: Path, submission: Submission) -> tuple[str, str,
         config = load_config(config_path)
         signing_keys = load_own_signing_keys(config)
         clock = SystemClock()
-        store = open_store(config.store_url, clock=clock)
+        store = open_store(config.store_url, clock=clock, timeout_s=config.limits.store_timeout_s)
     except ConfigError as exc:
         fail(f"{exc.file}: {exc.key}: {exc.reason}")
     except InvalidStoreUrl as exc:

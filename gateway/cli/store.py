@@ -95,7 +95,9 @@ async def _verify(target: Path, config: GatewayConfig, show: bool) -> Verified:
 
 
 async def _record(config: GatewayConfig, reason: str) -> None:
-    live = open_store(config.store_url, clock=SystemClock())
+    live = open_store(
+        config.store_url, clock=SystemClock(), timeout_s=config.limits.store_timeout_s
+    )
     await live.open()
     try:
         await live.append_audit(

@@ -16,7 +16,9 @@ class InvalidStoreUrl(ValueError):
     pass
 
 
-def open_store(url: str, *, clock: Clock) -> Store:
+def open_store(url: str, *, clock: Clock, timeout_s: float = 30.0) -> Store:
+    """``timeout_s``: PostgreSQL's connect and command timeout; past it an operation fails
+    ``Unavailable`` as an outage."""
     if url.startswith("sqlite:///"):
         from gateway.store.sqlite import SqliteStore
 
@@ -30,7 +32,7 @@ def open_store(url: str, *, clock: Clock) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from gateway.store.postgres import PostgresStore
 
-        return PostgresStore(url, clock=clock)
+        return PostgresStore(url, clock=clock, command_timeout_s=timeout_s)
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise InvalidStoreUrl(
         f"unsupported store URL scheme {scheme!r}: use sqlite:///path.db or postgresql://..."

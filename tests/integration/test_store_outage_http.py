@@ -7,6 +7,7 @@ The database sits behind a TCP relay the test cuts and restores; the server is n
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -116,4 +117,49 @@ async def test_store_outage_is_503_unavailable_and_the_gateway_recovers_by_itsel
     finally:
         assert await gateway.stop() == 0
     # only what was ACKed is kept: nothing from the outage, nothing twice
+    assert await stored(pg_dsn) == sorted(f"MX-ANAM/{m[0]}" for m in (before, during))
+
+
+async def test_a_silent_drop_is_answered_unavailable_within_the_configured_store_timeout(
+    tmp_path: Path, pg_dsn: str, proxy: TcpProxy
+) -> None:
+    """The path to PostgreSQL goes silent (packets dropped, no reset): with ``[limits]
+    store_timeout_s = 2`` the partner has its 503 within a few seconds, not the default 30."""
+    config = gateway_config(tmp_path, "US-CBP")
+    proxied = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
+    edit_toml(config.source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{proxied}"')
+    with config.source.open("a", encoding="utf-8") as toml:
+        toml.write("\n[limits]\nstore_timeout_s = 2\n")
+    pki = tmp_path / "pki"
+    before, during = signed_messages(
+        pki, sender="MX-ANAM", recipient="US-CBP", count=2, message_type="shipment.status"
+    )
+    gateway = ServeProcess(config.source)
+    await gateway.start()
+    try:
+        connector = aiohttp.TCPConnector(ssl=partner_client_ssl(pki))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = gateway.partner_url
+            status, receipt = await post(session, url, before)
+            assert (status, receipt["payload"]["status"]) == (202, "ACK")
+
+            proxy.black_hole = True
+            # a store that waited out the default 30 s would leave this unanswered
+            async with asyncio.timeout(15):
+                status, receipt = await post(session, url, during)
+            assert (status, receipt["payload"]["code"]) == (503, "UNAVAILABLE")
+
+            proxy.black_hole = False
+            await proxy.cut()  # the dropped connections are gone; new ones go through
+            await proxy.start()
+            # the pool may still hold connections into the black hole: each costs one timeout
+            async with asyncio.timeout(30):
+                for _ in range(60):
+                    status, _ = await post(session, url, during)
+                    if status != 503:
+                        break
+                    await asyncio.sleep(0.5)
+            assert status == 202
+    finally:
+        assert await gateway.stop() == 0
     assert await stored(pg_dsn) == sorted(f"MX-ANAM/{m[0]}" for m in (before, during))
