@@ -387,6 +387,11 @@ class AmqpBroker:
             raise Unavailable(f"cannot consume {queue}: {_describe(exc)}") from exc
         self._consumers.append((declared, tag))
 
+    @property
+    def consuming(self) -> bool:
+        """A consumer is registered (``consume``) and ``stop_consuming`` has not run."""
+        return bool(self._consumers)
+
     async def stop_consuming(self, *, timeout_s: float = 10.0) -> None:
         """Cancel every consumer, then wait (bounded) for the deliveries being handled.
 

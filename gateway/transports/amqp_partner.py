@@ -10,8 +10,12 @@ broker (PROTOCOL section 5):
 - a partner's own receipt is handed to the dispatcher by the pipeline and not answered.
 - ``UNAVAILABLE`` from an outage (the store unreachable, or failing every write alike: a full
   disk, an I/O error; ``Unavailable.outage``): the delivery is held and retried in process for
-  a while (so a short outage does not burn the delivery limit, which RabbitMQ 3.x counts even
-  for ``basic.nack``), then returned with ``basic.nack(requeue=True)``.
+  a while, then returned with ``basic.nack(requeue=True)`` so that another replica may take it.
+  RabbitMQ before 4.3 counts a ``basic.nack`` towards the delivery limit like a reject, so a
+  long outage would dead-letter every held delivery, unaudited: a delivery whose count leaves
+  no more than one return before the limit is held until the store answers instead (the one
+  return is kept for a crash or a shutdown, which returns it too). RabbitMQ 4.3 and later
+  count only rejects, so there the count stays low and deliveries keep going back.
 - any other ``UNAVAILABLE`` with the store reachable, or an exception, is a processing failure: the
   delivery is returned with ``basic.reject(requeue=True)``, which the quorum queue counts; the
   last allowed attempt is audited as ``poison`` before the broker dead-letters it.
@@ -99,7 +103,7 @@ class PartnerInbox:
             transport_message_id=delivery.message_id,
         )
         try:
-            result = await self._handle_through_outages(request)
+            result = await self._handle_through_outages(request, self._hold_for(partner, delivery))
         except _Outage:
             return Settlement.REQUEUE
         except Exception as exc:
@@ -126,8 +130,25 @@ class PartnerInbox:
                 return Settlement.REQUEUE
         return Settlement.ACK
 
-    async def _handle_through_outages(self, request: InboundRequest) -> InboundResult:
-        """Run the pipeline; while the store is down, hold the delivery and try again."""
+    def _hold_for(self, partner: PartnerConfig, delivery: Delivery) -> float | None:
+        """How long an outage may hold this delivery before it goes back to the queue; None:
+        until the store answers, because a return now would leave no margin before the
+        delivery limit on a broker that counts returns."""
+        if delivery.delivery_count + 2 <= self._broker.config.delivery_limit:
+            return self._outage_hold_s
+        log.debug(
+            "amqp_outage_hold_until_recovery",
+            partner=partner.id,
+            message_id=_safe_id(delivery.message_id),
+            delivery_count=delivery.delivery_count,
+        )
+        return None
+
+    async def _handle_through_outages(
+        self, request: InboundRequest, hold_s: float | None
+    ) -> InboundResult:
+        """Run the pipeline; while the store is down, hold the delivery and try again, for
+        ``hold_s`` (None: until the store answers or the consumers stop)."""
         started = self._clock.monotonic()
         pause = 0.2
         while True:
@@ -136,8 +157,10 @@ class PartnerInbox:
                 return result
             if not result.outage and await self._store_reachable():
                 return result
-            if self._clock.monotonic() - started >= self._outage_hold_s:
+            if hold_s is not None and self._clock.monotonic() - started >= hold_s:
                 raise _Outage
+            if not self._broker.consuming:
+                raise _Outage  # stopping: the delivery goes back when the connection closes
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
 
@@ -217,7 +240,7 @@ class PartnerInbox:
 
 
 class _Outage(Exception):
-    """The store stayed unreachable for the whole hold time."""
+    """The store stayed unreachable for the whole hold time, or the consumers stopped."""
 
 
 def _header_of(receipt_body: bytes) -> dict[str, Any]:
