@@ -54,12 +54,15 @@ class ServeProcess:
     config_path: Path
     #: a command that runs the rest of the command line, e.g. ``unshare`` with a mount
     prefix: tuple[str, ...] = ()
+    #: the process's whole environment; None: this process's own
+    env: dict[str, str] | None = None
     proc: asyncio.subprocess.Process | None = None
     partner_url: str = ""
     api_url: str = ""
-    #: everything the process wrote to stderr (its JSON log lines), kept after it ended
+    #: what the process wrote to stderr after its ready line (its JSON log lines), growing
+    #: while it runs and kept after it ended
     stderr_log: bytearray = field(default_factory=bytearray, repr=False)
-    _drain: asyncio.Task[bytes] | None = field(default=None, repr=False)
+    _drain: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def start(self) -> None:
         proc = await asyncio.create_subprocess_exec(
@@ -70,6 +73,7 @@ class ServeProcess:
             str(self.config_path),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=self.env,
         )
         self.proc = proc
         assert proc.stderr is not None
@@ -82,7 +86,11 @@ class ServeProcess:
                     self.partner_url, self.api_url = ready["partner_url"], ready["api_url"]
                     break
         # keep reading so a chatty log never blocks the process on a full pipe
-        self._drain = asyncio.create_task(proc.stderr.read())
+        self._drain = asyncio.create_task(self._collect(proc.stderr))
+
+    async def _collect(self, stderr: asyncio.StreamReader) -> None:
+        while chunk := await stderr.read(1 << 16):
+            self.stderr_log += chunk
 
     async def kill(self) -> None:
         """SIGKILL: no graceful anything, like a power cut of the process."""
@@ -105,7 +113,7 @@ class ServeProcess:
     async def _finish_drain(self) -> None:
         task, self._drain = self._drain, None
         if task is not None:
-            self.stderr_log += await task
+            await task
 
 
 def signed_messages(
