@@ -13,14 +13,15 @@ import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, write_config
-from amqp_peer import IN_EXCHANGE, AmqpEnv, amqp_gateway, preload, queue_depth
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, AmqpEnv, amqp_gateway, preload, queue_depth
 from rabbit import HOST, PORT, RabbitVhost, rabbitmqctl
 from serve_proc import signed_messages
 
@@ -360,62 +361,72 @@ async def test_partner_receipt_goes_to_the_receipt_hook_and_is_not_answered(
         assert env.receipt(first, message_id=message_id, body=body).status == "ACK"
 
 
-async def test_a_long_store_outage_holds_deliveries_without_dead_lettering_them(
-    tmp_path: Path, rabbit_vhost: RabbitVhost
-) -> None:
-    """RabbitMQ before 4.3 counts ``basic.nack(requeue)`` towards the delivery limit. An
-    outage longer than (limit + 1) hold periods used to dead-letter every held delivery, with
-    no audit entry. A delivery near the limit is now held until the store answers."""
-    gateway = Gateway(load_config(write_config(tmp_path, amqp_url=None)))
+@asynccontextmanager
+async def _inbox_in_an_outage(
+    root: Path, vhost: RabbitVhost, *, count: int, delivery_limit: int, outage_hold_s: float
+) -> AsyncIterator[tuple[Gateway, AmqpBroker, list[tuple[str, bytes, str]]]]:
+    """A partner inbox of its own (``outage_hold_s``, ``delivery_limit``) consuming while the
+    gateway's store is closed, with ``count`` signed messages waiting in ``.in``; the store is
+    open again when the block ends."""
+    gateway = Gateway(load_config(write_config(root, amqp_url=None)))
     await gateway.start()
-    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), delivery_limit=2))
+    broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
     await broker.connect()
-    connection = await aio_pika.connect(rabbit_vhost.url())
     try:
         await broker.declare_topology([AMQP_PARTNER])
         inbox = PartnerInbox(
             broker=broker,
             pipeline=gateway.pipeline,
             partners=gateway.config.partners.values(),
-            outage_hold_s=0.3,
+            outage_hold_s=outage_hold_s,
         )
         messages = signed_messages(
-            tmp_path / "certs",
+            root / "certs",
             sender=AMQP_PARTNER,
             recipient=GATEWAY,
-            count=3,
+            count=count,
             message_type="shipment.advance_data",
         )
         await gateway.store.close()
         await inbox.start()
-        channel = await connection.channel()
-        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
-        for message_id, body, signature in messages:
-            await exchange.publish(
-                aio_pika.Message(
-                    body,
-                    message_id=message_id,
-                    content_type="application/json",
-                    headers={"c2c-signature": signature},
-                ),
-                routing_key="",
-            )
+        await preload(vhost, messages, message_type="shipment.advance_data")
+        yield gateway, broker, messages
+    finally:
+        await broker.close()
+        await gateway.store.open()
+        await gateway.stop()
+
+
+async def test_a_long_store_outage_holds_deliveries_without_dead_lettering_them(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """RabbitMQ before 4.3 counts ``basic.nack(requeue)`` towards the delivery limit. An
+    outage longer than (limit + 1) hold periods used to dead-letter every held delivery, with
+    no audit entry. A delivery near the limit is now held until the store answers."""
+    dead = f"c2c.partner.{AMQP_PARTNER}.in.dead"
+    async with _inbox_in_an_outage(
+        tmp_path, rabbit_vhost, count=3, delivery_limit=2, outage_hold_s=0.3
+    ) as (gateway, _, messages):
         # ten hold periods and more: the old code had dead-lettered all three by now
         await asyncio.sleep(4)
-        dead = f"c2c.partner.{AMQP_PARTNER}.in.dead"
         assert await queue_depth(rabbit_vhost, dead) == 0
-        assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.out") == 0
+        assert await queue_depth(rabbit_vhost, OUT_QUEUE) == 0
 
         await gateway.store.open()
-        out = await channel.get_queue(f"c2c.partner.{AMQP_PARTNER}.out", ensure=False)
-        answered = []
-        async with asyncio.timeout(15):
-            while len(answered) < len(messages):
-                got = await out.get(fail=False, no_ack=True)
-                if got is None:
-                    await asyncio.sleep(0.05)
-                    continue
-                answered.append(json.loads(got.body)["payload"])
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel()
+            out = await channel.get_queue(OUT_QUEUE, ensure=False)
+            answered = []
+            async with asyncio.timeout(15):
+                while len(answered) < len(messages):
+                    got = await out.get(fail=False, no_ack=True)
+                    if got is None:
+                        await asyncio.sleep(0.05)
+                        continue
+                    answered.append(json.loads(got.body)["payload"])
+        finally:
+            await connection.close()
         assert sorted((a["status"], a["ref_message_id"]) for a in answered) == sorted(
             ("ACK", message_id) for message_id, _, _ in messages
         )
@@ -425,12 +436,7 @@ async def test_a_long_store_outage_holds_deliveries_without_dead_lettering_them(
             assert stored.body == body
         assert await queue_depth(rabbit_vhost, dead) == 0
         assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 0
-        poison = await gateway.store.audit_entries(AuditFilter(event="poison"))
-        assert poison == []
-    finally:
-        await connection.close()
-        await broker.close()
-        await gateway.stop()
+        assert await gateway.store.audit_entries(AuditFilter(event="poison")) == []
 
 
 async def test_stopping_ends_a_hold_that_waits_for_the_store(
@@ -438,34 +444,14 @@ async def test_stopping_ends_a_hold_that_waits_for_the_store(
 ) -> None:
     """A delivery held until the store answers does not keep a stopping gateway waiting: it
     goes back to the queue, whole, for the next consumer."""
-    gateway = Gateway(load_config(write_config(tmp_path, amqp_url=None)))
-    await gateway.start()
     # limit 1: even the first delivery is held until the store answers
-    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), delivery_limit=1))
-    await broker.connect()
-    try:
-        await broker.declare_topology([AMQP_PARTNER])
-        inbox = PartnerInbox(
-            broker=broker, pipeline=gateway.pipeline, partners=gateway.config.partners.values()
-        )
-        [(message_id, body, signature)] = signed_messages(
-            tmp_path / "certs",
-            sender=AMQP_PARTNER,
-            recipient=GATEWAY,
-            count=1,
-            message_type="shipment.advance_data",
-        )
-        await gateway.store.close()
-        await inbox.start()
-        await preload(rabbit_vhost, [(message_id, body, signature)], message_type="x")
+    async with _inbox_in_an_outage(
+        tmp_path, rabbit_vhost, count=1, delivery_limit=1, outage_hold_s=30.0
+    ) as (_, broker, _):
         await asyncio.sleep(1.0)  # delivered and held
         # the consumer is cancelled and the hold ends at its next try (within 5 s), well
         # before stop_consuming's own 30 s bound runs out
         async with asyncio.timeout(20):
             await broker.stop_consuming(timeout_s=30)
-    finally:
-        await broker.close()
-        await gateway.store.open()
-        await gateway.stop()
     assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 1
     assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in.dead") == 0

@@ -38,6 +38,13 @@ async def proxy() -> AsyncIterator[TcpProxy]:
         await relay.cut()
 
 
+def behind(proxy: TcpProxy, config: GatewayConfig, pg_dsn: str) -> GatewayConfig:
+    """``config`` with its store on PostgreSQL through ``proxy``."""
+    proxied = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
+    edit_toml(config.source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{proxied}"')
+    return config
+
+
 async def post(
     session: aiohttp.ClientSession, url: str, message: tuple[str, bytes, str]
 ) -> tuple[int, dict[str, Any]]:
@@ -71,9 +78,7 @@ async def stored(dsn: str) -> list[str]:
 async def test_store_outage_is_503_unavailable_and_the_gateway_recovers_by_itself(
     tmp_path: Path, pg_dsn: str, proxy: TcpProxy
 ) -> None:
-    config = gateway_config(tmp_path, "US-CBP")
-    proxied = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
-    edit_toml(config.source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{proxied}"')
+    config = behind(proxy, gateway_config(tmp_path, "US-CBP"), pg_dsn)
     pki = tmp_path / "pki"
     before, during, again = signed_messages(
         pki, sender="MX-ANAM", recipient="US-CBP", count=3, message_type="shipment.status"
@@ -125,9 +130,7 @@ async def test_a_silent_drop_is_answered_unavailable_within_the_configured_store
 ) -> None:
     """The path to PostgreSQL goes silent (packets dropped, no reset): with ``[limits]
     store_timeout_s = 2`` the partner has its 503 within a few seconds, not the default 30."""
-    config = gateway_config(tmp_path, "US-CBP")
-    proxied = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
-    edit_toml(config.source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{proxied}"')
+    config = behind(proxy, gateway_config(tmp_path, "US-CBP"), pg_dsn)
     with config.source.open("a", encoding="utf-8") as toml:
         toml.write("\n[limits]\nstore_timeout_s = 2\n")
     pki = tmp_path / "pki"
