@@ -5,7 +5,8 @@ library) with an offset read from a file on every wall-clock read; monotonic tim
 alone, as a real NTP step leaves it. The test steps the process's wall clock an hour forward,
 then back: the clock watch logs each step, counts it and audits it; while the clock is an hour
 ahead a partner's fresh message is refused STALE, after the step back the same message is
-accepted; the process keeps serving throughout.
+accepted; the process keeps serving throughout. A second test shows the step back moving back
+an outbound retry scheduled by the clock an hour ahead: it comes within seconds, not an hour.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import ssl
 import sys
 from pathlib import Path
@@ -23,12 +25,13 @@ from typing import Any
 import aiohttp
 import libfaketime
 import pytest
-from outbound_env import free_port, gateway_config
+from outbound_env import auth, free_port, gateway_config, token
 from prometheus_client.parser import text_string_to_metric_families
 from serve_proc import ServeProcess, partner_client_ssl, signed_messages
 
 from gateway.config import load_config
 from gateway.runtime import Gateway
+from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import AuditFilter
 
 # the wheel's preload library is built for x86-64 Linux (this project's CI machines)
@@ -40,6 +43,19 @@ pytestmark = pytest.mark.skipif(
 PATH = "/c2c/v1/messages"
 HOUR_S = 3600
 WAIT_S = 20
+#: every retry within MAX_DELAY_S of the failure before it (full jitter below the cap); the
+#: breaker never opens and the attempts never run out, so the partner being down only retries
+BASE_DELAY_S, MAX_DELAY_S = 2.0, 4.0
+#: the moved-back retry is due at most MAX_DELAY_S after the step; unmoved, in an hour
+RETRY_WAIT_S = MAX_DELAY_S + 6
+OUTBOX = f"""
+[outbox]
+max_attempts = 1000
+base_delay_s = {BASE_DELAY_S}
+max_delay_s = {MAX_DELAY_S}
+breaker_failures = 1000
+poll_interval_s = 0.1
+"""
 PRELOAD = Path(libfaketime.__file__).parent / "vendor" / "libfaketime" / "src" / "libfaketime.so.1"
 
 
@@ -172,3 +188,93 @@ async def test_wall_clock_steps_of_a_serving_process_are_logged_counted_and_audi
     at = [dt.datetime.fromisoformat(e["at"]) for e in audited]
     assert dt.timedelta(minutes=59) < at[0] - before < dt.timedelta(minutes=61), at
     assert abs(at[1] - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=WAIT_S), at
+
+
+def attempts_of(server: ServeProcess, message_id: str, *, after: int = 0) -> list[dict[str, Any]]:
+    """The ``outbound_attempt`` log lines of ``message_id`` from log line ``after`` on."""
+    return [
+        line
+        for line in log_lines(server)[after:]
+        if line["event"] == "outbound_attempt" and line.get("message_id") == message_id
+    ]
+
+
+async def attempted(
+    server: ServeProcess, message_id: str, *, after: int, within_s: float = WAIT_S
+) -> dict[str, Any]:
+    """The first attempt of ``message_id`` logged after log line ``after``, once there is one
+    (at most ``within_s`` seconds from now)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while asyncio.get_running_loop().time() < deadline:
+        if attempts := attempts_of(server, message_id, after=after):
+            return attempts[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(
+        f"no attempt of {message_id} within {within_s} s; log: {server.stderr_log.decode()}"
+    )
+
+
+async def test_an_outbound_retry_scheduled_an_hour_ahead_is_moved_back_with_the_clock(
+    tmp_path: Path,
+) -> None:
+    # MX-ANAM's endpoint is a closed port: every attempt is refused and retried later
+    down = free_port()
+    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{down}"})
+    with config.source.open("a", encoding="utf-8") as handle:
+        handle.write(OUTBOX)
+    offset_file = tmp_path / "faketime"
+    set_offset(offset_file, 0)
+    server = ServeProcess(config.source, env=faked_environment(offset_file))
+    await server.start()
+    # issued by the real clock and valid for longer than the hour ahead: good on either side
+    headers = auth(token(config, ttl_s=3 * HOUR_S))
+    payload = SchemaRegistry.load_builtin().examples("shipment.status", "1.0")[0]
+    submission = {"recipient": "MX-ANAM", "message_type": "shipment.status", "payload": payload}
+    api_ca = ssl.create_default_context(cafile=str(config.tls.ca))
+
+    async def view(api: aiohttp.ClientSession, message_id: str) -> dict[str, Any]:
+        async with api.get(f"{server.api_url}/api/v1/messages/{message_id}") as response:
+            assert response.status == 200, await response.text()
+            return dict(await response.json())
+
+    def ahead_of_real(at: str) -> float:
+        return (dt.datetime.fromisoformat(at) - dt.datetime.now(dt.UTC)).total_seconds()
+
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=api_ca), headers=headers
+        ) as api:
+            set_offset(offset_file, HOUR_S)
+            await stepped(server, 1)
+            async with api.post(server.api_url + "/api/v1/messages", json=submission) as response:
+                assert response.status == 202, await response.text()
+                message_id = str((await response.json())["message_id"])
+            first = await attempted(server, message_id, after=0)
+            assert (first["attempt"], first["result"], first["state"]) == (1, "retry", "queued")
+            # the retry is scheduled by the clock an hour ahead: an hour away in real time
+            ahead = await view(api, message_id)
+            assert ahead["state"] == "queued", ahead
+            assert HOUR_S - 60 < ahead_of_real(ahead["next_attempt_at"]) < HOUR_S + 60, ahead
+
+            set_offset(offset_file, 0)
+            back = await stepped(server, 2)
+            assert abs(back["step_s"] + HOUR_S) < 1, back
+            moved = re.search(
+                r"; (\d+) outbound schedules and \d+ leases moved back", back["reason"]
+            )
+            assert moved is not None, back
+            assert int(moved[1]) == 1, back
+            # Nothing is due in the hour after the step unless it was moved back with it:
+            # an attempt logged after the step's line, within seconds, is the moved-back retry.
+            step_line = log_lines(server).index(back)
+            retry = await attempted(server, message_id, after=step_line, within_s=RETRY_WAIT_S)
+            assert (retry["result"], retry["state"]) == ("retry", "queued"), retry
+            assert retry["attempt"] > ahead["attempts"], (retry, ahead)
+            after = await view(api, message_id)
+            assert after["state"] == "queued", after
+            assert after["attempts"] >= retry["attempt"], after
+            # and what the real clock schedules now is seconds away, not an hour
+            assert ahead_of_real(after["next_attempt_at"]) < 60, after
+    finally:
+        code = await server.stop()
+    assert code == 0, server.stderr_log.decode()[-3000:]
