@@ -55,6 +55,15 @@ class TlsConfig:
     crl_check_interval_s: float = 60.0
     #: how often our own certificate and key files are checked for a new version
     cert_check_interval_s: float = 60.0
+    #: check partners' client certificates by OCSP after the handshake (fail closed)
+    ocsp: bool = False
+    #: the responder asked for every partner CA; None: each certificate's AIA OCSP URL
+    ocsp_url: str | None = None
+    ocsp_timeout_s: float = 5.0
+    #: the longest an OCSP answer is kept (shorter when its nextUpdate comes first)
+    ocsp_max_age_s: float = 3600.0
+    #: non-public networks the responder may be on (as a partner's allowed_networks)
+    ocsp_allowed_networks: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -639,9 +648,27 @@ def _tls(table: _Table) -> TlsConfig:
         crls=table.path_list("crls"),
         crl_check_interval_s=table.float_or("crl_check_interval_s", 60.0),
         cert_check_interval_s=table.float_or("cert_check_interval_s", 60.0),
+        ocsp=table.bool_or("ocsp", False),
+        # OCSP is mostly plain HTTP: its answers are signed
+        ocsp_url=_https_url(table, "ocsp_url", ("http", "https")),
+        ocsp_timeout_s=table.float_or("ocsp_timeout_s", 5.0),
+        ocsp_max_age_s=table.float_or("ocsp_max_age_s", 3600.0),
+        ocsp_allowed_networks=_networks(table, "ocsp_allowed_networks"),
     )
+    if tls.ocsp_url is not None and not tls.ocsp:
+        raise table.error("ocsp_url", "set without ocsp = true")
     table.finish()
     return tls
+
+
+def _networks(table: _Table, name: str) -> tuple[Network, ...]:
+    networks = []
+    for index, value in enumerate(table.str_list(name)):
+        try:
+            networks.append(parse_network(value))
+        except ValueError as exc:
+            raise table.error(f"{name}[{index}]", f"{exc}") from None
+    return tuple(networks)
 
 
 def _message_types(table: _Table, name: str, known: frozenset[str]) -> frozenset[str]:
@@ -652,7 +679,7 @@ def _message_types(table: _Table, name: str, known: frozenset[str]) -> frozenset
     return frozenset(values)
 
 
-def _https_url(table: _Table, name: str) -> str | None:
+def _https_url(table: _Table, name: str, schemes: tuple[str, ...] = ("https",)) -> str | None:
     value = table.opt_str(name)
     if value is None:
         return None
@@ -661,8 +688,9 @@ def _https_url(table: _Table, name: str) -> str | None:
         parts.port  # noqa: B018 -- parsing the port is what detects a bad one
     except ValueError:
         raise table.error(name, f"{value!r} is not a valid URL") from None
-    if parts.scheme != "https" or not parts.hostname:
-        raise table.error(name, f"{value!r} is not an https:// URL")
+    if parts.scheme not in schemes or not parts.hostname:
+        named = " or ".join(f"{scheme}://" for scheme in schemes)
+        raise table.error(name, f"{value!r} is not an {named} URL")
     if parts.username is not None or parts.password is not None:
         raise table.error(name, "credentials in the URL are not allowed")
     if parts.query or parts.fragment:
@@ -681,18 +709,12 @@ def _partner_https(table: _Table) -> PartnerHttps:
                 "expected a SHA-256 fingerprint (64 hex digits)",
             )
         fingerprints.append(normalised)
-    networks = []
-    for index, value in enumerate(table.str_list("allowed_networks")):
-        try:
-            networks.append(parse_network(value))
-        except ValueError as exc:
-            raise table.error(f"allowed_networks[{index}]", f"{exc}") from None
     https = PartnerHttps(
         url=_https_url(table, "url"),
         ca=table.opt_path("ca"),
         client_cert_fingerprints=tuple(fingerprints),
         client_cert_subjects=table.str_list("client_cert_subjects"),
-        allowed_networks=tuple(networks),
+        allowed_networks=_networks(table, "allowed_networks"),
     )
     host = urlsplit(https.url).hostname if https.url else None
     if host is not None and is_ip_literal(host):

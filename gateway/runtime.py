@@ -46,8 +46,9 @@ from gateway.transports.amqp_bus import RabbitBus
 from gateway.transports.amqp_service import AmqpService
 from gateway.transports.bus import Bus, MemoryBus
 from gateway.transports.https_server import PartnerHttpsServer
-from gateway.transports.revocation import CrlWatcher, enable_revocation
-from gateway.transports.tls import PartnerIdentifier, server_context
+from gateway.transports.ocsp import OcspChecker
+from gateway.transports.revocation import CrlWatcher, enable_revocation, read_anchors
+from gateway.transports.tls import PartnerIdentifier, partner_trust_anchors, server_context
 from gateway.transports.tls_identity import TlsIdentity
 
 log = structlog.get_logger(__name__)
@@ -175,6 +176,13 @@ class Gateway:
             )
         else:
             partner_context = server_context(config.tls, partners)
+        self.ocsp: OcspChecker | None = None
+        if config.tls.ocsp:
+            self.ocsp = OcspChecker(
+                config.tls,
+                [cert for _, cert in read_anchors(partner_trust_anchors(config.tls, partners))],
+                clock=self.clock,
+            )
         self.partner_server = PartnerHttpsServer(
             pipeline=self.pipeline,
             registry=self.registry,
@@ -188,8 +196,11 @@ class Gateway:
             ),
             host=config.partner_listen.host,
             port=config.partner_listen.port,
+            check_peer=self.ocsp.check if self.ocsp is not None else None,
         )
         self._services: list[Service] = []
+        if self.ocsp is not None:
+            self._services.append(self.ocsp)
         if self.crl_watcher is not None:
             self._services.append(self.crl_watcher)
         #: our certificate and key; the API and outbound clients add their contexts

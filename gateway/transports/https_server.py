@@ -30,7 +30,7 @@ from gateway.inbound.pipeline import InboundPipeline
 from gateway.logging import quiet_bad_requests
 from gateway.schemas.registry import SchemaRegistry
 from gateway.transports.tls import PartnerIdentifier
-from gateway.transports.tls_accept import HandshakeRefusal, RefusalWindow, TlsAcceptor
+from gateway.transports.tls_accept import HandshakeRefusal, PeerCheck, RefusalWindow, TlsAcceptor
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +107,7 @@ class _GuardedSite(web.BaseSite):
     __slots__ = (
         "_awaiting",
         "_bound_port",
+        "_check_peer",
         "_deadline_s",
         "_handshakes",
         "_host",
@@ -126,8 +127,10 @@ class _GuardedSite(web.BaseSite):
         max_connections: int,
         awaiting: set[web_protocol.RequestHandler],
         on_refused: Callable[[HandshakeRefusal], None],
+        check_peer: PeerCheck | None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
+        self._check_peer = check_peer
         self._host = host
         self._port = port
         self._bound_port = port
@@ -173,6 +176,7 @@ class _GuardedSite(web.BaseSite):
             handshake_timeout_s=self._deadline_s,
             on_refused=self._on_refused,
             pending=self._handshakes,
+            check_peer=self._check_peer,
         )
 
     async def start(self) -> None:
@@ -211,8 +215,11 @@ class PartnerHttpsServer:
         host: str,
         port: int,
         shutdown_timeout_s: float = 30.0,
+        check_peer: PeerCheck | None = None,
     ) -> None:
+        """``check_peer``: a check of each client certificate after its handshake (OCSP)."""
         assert_c_parser()
+        self._check_peer = check_peer
         self._pipeline = pipeline
         self._registry = registry
         self._jwks = dict(jwks)
@@ -294,6 +301,7 @@ class PartnerHttpsServer:
             max_connections=self._limits.max_connections,
             awaiting=self._awaiting,
             on_refused=self._tls_refused,
+            check_peer=self._check_peer,
         )
         await site.start()
         self._runner, self._site = runner, site

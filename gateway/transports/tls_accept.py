@@ -16,7 +16,7 @@ import os
 import socket
 import ssl
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -63,6 +63,56 @@ class HandshakeRefusal:
     detail: str
 
 
+class PeerRefused(Exception):
+    """A check after the handshake refuses the peer's certificate (``reason`` one of
+    ``REASONS``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+#: a check of the peer's certificate (DER) after the handshake; raises ``PeerRefused``
+PeerCheck = Callable[[bytes], Awaitable[None]]
+
+
+class _Gate(asyncio.Protocol):
+    """Holds a handshaken connection, reading nothing, while its peer is checked."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.early.append(data)  # what was already decrypted when reading paused
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def hand_over(self, handler: asyncio.Protocol) -> None:
+        """Give the connection to ``handler`` as if it had been its own from the start."""
+        transport = self.transport
+        assert transport is not None
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        for chunk in self.early:
+            handler.data_received(chunk)
+        if self.eof and not handler.eof_received():
+            transport.close()
+        transport.resume_reading()
+
+
 def classify(exc: ssl.SSLError) -> tuple[str, str]:
     """(reason, detail) of a failed server-side handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -92,12 +142,14 @@ class TlsAcceptor(asyncio.Protocol):
         handshake_timeout_s: float,
         on_refused: Callable[[HandshakeRefusal], None],
         pending: set[asyncio.Task[None]],
+        check_peer: PeerCheck | None = None,
     ) -> None:
         self._pending = pending
         self._handler = handler
         self._context = context
         self._timeout_s = handshake_timeout_s
         self._on_refused = on_refused
+        self._check_peer = check_peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
@@ -119,13 +171,16 @@ class TlsAcceptor(asyncio.Protocol):
 
     async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
+        gate = _Gate() if self._check_peer is not None else None
         try:
-            await loop.connect_accepted_socket(
-                lambda: self._handler,
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: gate or self._handler,
                 sock=duplicate,
                 ssl=self._context,
                 ssl_handshake_timeout=self._timeout_s,
             )
+            if gate is not None:
+                await self._checked(gate, transport, host, port)
         except ssl.SSLError as exc:
             duplicate.close()
             reason, detail = classify(exc)
@@ -138,6 +193,31 @@ class TlsAcceptor(asyncio.Protocol):
             # Not the peer's doing: say so, and keep serving the others.
             duplicate.close()
             log.exception("tls_handshake_failed", peer=host)
+
+    async def _checked(
+        self, gate: _Gate, transport: asyncio.BaseTransport, host: str, port: int | None
+    ) -> None:
+        """Hand the connection to the handler once its peer passed ``check_peer``."""
+        assert self._check_peer is not None
+        tls = cast(asyncio.Transport, transport)
+        ssl_object = tls.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        try:
+            if not der:
+                raise PeerRefused("no_cert", "the client presented no certificate")
+            await self._check_peer(der)
+        except PeerRefused as exc:
+            tls.abort()
+            self._on_refused(
+                HandshakeRefusal(host=host, port=port, reason=exc.reason, detail=exc.detail)
+            )
+            return
+        except BaseException:
+            tls.abort()
+            raise
+        if gate.lost:
+            return
+        gate.hand_over(self._handler)
 
 
 def _peer(peername: Any) -> tuple[str, int | None]:
