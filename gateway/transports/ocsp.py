@@ -24,7 +24,6 @@ from datetime import datetime, timedelta
 from urllib.parse import urlsplit
 
 import aiohttp
-import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.x509 import ocsp
@@ -36,8 +35,6 @@ from gateway.crypto.ocsp import build_request, cert_key, request_der, signed_by
 from gateway.netpolicy import is_ip_literal, refusal
 from gateway.transports.https_client import AddressRefused, PolicyResolver
 from gateway.transports.tls_accept import PeerRefused
-
-log = structlog.get_logger(__name__)
 
 #: an OCSP answer is a few KiB; anything far larger is not one
 MAX_RESPONSE_BYTES = 64 * 1024
