@@ -25,10 +25,10 @@ import structlog
 import uvloop
 
 import gateway
-from bench import amqp_inbound, amqp_poison, audit, https_inbound, outbound
+from bench import amqp_inbound, amqp_poison, audit, fairness, https_inbound, outbound
 from bench.common import QUICK, Table, prepare, sign_messages
 
-NAMES = ("https", "postgres", "amqp", "outbound", "memory", "audit", "poison")
+NAMES = ("https", "postgres", "amqp", "outbound", "memory", "audit", "poison", "fairness")
 #: the checkout whose ``gateway`` package this process imported
 CHECKOUT = Path(gateway.__file__).resolve().parent.parent
 
@@ -119,6 +119,7 @@ async def run(names: list[str]) -> list[Table]:
     await step("memory", lambda root: _one(https_inbound.memory(root)))
     await step("audit", lambda root: _one(audit.audit(root)))
     await step("poison", lambda root: _one(amqp_poison.amqp_poison(root)))
+    await step("fairness", lambda root: _one(fairness.fairness(root)))
     return tables
 
 

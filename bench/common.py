@@ -293,7 +293,7 @@ class Process:
         return rest.decode()
 
 
-async def run_load(
+async def start_load(
     urls: Sequence[str],
     *,
     pki: Path,
@@ -304,12 +304,13 @@ async def run_load(
     skip: int = 0,
     limit: int | None = None,
     bearer: str | None = None,
-) -> LoadResult:
-    """Run ``bench.load_client`` against ``urls`` and return its measurements: as MX-ANAM
-    (its client certificate), or with ``bearer`` as an internal API client."""
+    partner: str = PARTNER,
+) -> asyncio.subprocess.Process:
+    """A ``bench.load_client`` process against ``urls``: as ``partner`` (its client
+    certificate), or with ``bearer`` as an internal API client; its JSON result on stdout."""
     args = ["-m", "bench.load_client", "--ca", str(pki / "ca.pem")]
     if bearer is None:
-        args += ["--cert", str(pki / PARTNER / "tls.pem"), "--key", str(pki / PARTNER / "tls.key")]
+        args += ["--cert", str(pki / partner / "tls.pem"), "--key", str(pki / partner / "tls.key")]
     else:
         args += ["--bearer", bearer]
     args += [
@@ -328,7 +329,33 @@ async def run_load(
         args += ["--limit", str(limit)]
     for url in urls:
         args += ["--url", url]
-    proc = await asyncio.create_subprocess_exec(python(), *args, stdout=asyncio.subprocess.PIPE)
+    return await asyncio.create_subprocess_exec(python(), *args, stdout=asyncio.subprocess.PIPE)
+
+
+async def run_load(
+    urls: Sequence[str],
+    *,
+    pki: Path,
+    payloads: Path,
+    concurrency: int,
+    duration_s: float,
+    warmup: int = 200,
+    skip: int = 0,
+    limit: int | None = None,
+    bearer: str | None = None,
+) -> LoadResult:
+    """``start_load`` as MX-ANAM or ``bearer``, to its end: its measurements."""
+    proc = await start_load(
+        urls,
+        pki=pki,
+        payloads=payloads,
+        concurrency=concurrency,
+        duration_s=duration_s,
+        warmup=warmup,
+        skip=skip,
+        limit=limit,
+        bearer=bearer,
+    )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"load client failed with exit code {proc.returncode}")
