@@ -8,6 +8,7 @@ partner sees only the code and a minimal detail. ``handle`` never raises.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import structlog
 from gateway.adapters.registry import CANONICAL
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.envelope import body_digest, parse_json_strict
-from gateway.errors import GatewayError, TooLarge, Unavailable
+from gateway.errors import GatewayError, NackCode, TooLarge, Unavailable
 from gateway.inbound.context import (
     InboundContext,
     InboundEnv,
@@ -58,6 +59,8 @@ class InboundPipeline:
     def __init__(self, env: InboundEnv, stages: Sequence[Stage] = STAGES) -> None:
         self._env = env
         self._stages = tuple(stages)
+        #: per partner: its rate-limited requests are answered one at a time (see handle)
+        self._over_rate: dict[str, asyncio.Lock] = {}
 
     @property
     def env(self) -> InboundEnv:
@@ -79,7 +82,10 @@ class InboundPipeline:
             result = await self._run(ctx)
             outcome = "ack" if result.http_status == 202 else "duplicate"
         except GatewayError as exc:
-            result = await self._reject(ctx, exc)
+            if exc.code is NackCode.RATE_LIMITED and ctx.partner is not None:
+                result = await self._refuse_in_turn(ctx, ctx.partner.id, exc)
+            else:
+                result = await self._reject(ctx, exc)
             outcome = "nack"
         except Exception as exc:
             # A bug must neither acknowledge nor leak: the partner is told to retry later and
@@ -92,6 +98,21 @@ class InboundPipeline:
         env.metrics.inbound_latency.labels(request.transport, outcome).observe(
             time.perf_counter() - started
         )
+        return result
+
+    async def _refuse_in_turn(
+        self, ctx: InboundContext, partner: str, exc: GatewayError
+    ) -> InboundResult:
+        """A partner over its rate gets its refusals one at a time, at most one per 1/rate
+        seconds (0.1 s at the most): each still costs an audit entry and a signed NACK, and a
+        flood of them on many connections would otherwise take every other partner's turn
+        (T40). A flooder that waits for its answers is slowed to about its own rate; the
+        wait is the flooder's alone."""
+        lock = self._over_rate.setdefault(partner, asyncio.Lock())
+        async with lock:
+            result = await self._reject(ctx, exc)
+            per_second = self._env.config.partners[partner].rate.per_second
+            await asyncio.sleep(min(1.0 / per_second, 0.1))
         return result
 
     async def refuse_unread(

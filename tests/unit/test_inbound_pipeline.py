@@ -7,7 +7,9 @@ Uses the real SQLite store and the sandbox environment (gateway.devenv) in a tmp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import itertools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -30,7 +32,7 @@ from gateway.inbound import (
     InboundRequest,
     ReceivedReceipt,
 )
-from gateway.inbound.ratelimit import TokenBucket
+from gateway.inbound.ratelimit import RateLimiters, TokenBucket
 from gateway.inbound.stages import Stage
 from gateway.model import Header
 from gateway.relay import InboxRelay
@@ -54,8 +56,10 @@ async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
         await gw.store.close()
 
 
-def mx_key(gateway: Gateway) -> SigningKey:
-    return load_signing_key(gateway.config.source.parent / MX / "sign.key", party=MX, alg="EdDSA")
+def mx_key(gateway: Gateway, party: str = MX) -> SigningKey:
+    return load_signing_key(
+        gateway.config.source.parent / party / "sign.key", party=party, alg="EdDSA"
+    )
 
 
 def message(
@@ -64,13 +68,14 @@ def message(
     message_type: str = "shipment.advance_data",
     payload: dict[str, object] | None = None,
     in_reply_to: str | None = None,
+    sender: str = MX,
 ) -> tuple[str, bytes]:
     message_id = new_message_id()
     header = Header(
         message_id=message_id,
         message_type=message_type,
         schema_version="1.0",
-        sender=MX,
+        sender=sender,
         recipient="US-CBP",
         created_at=NOW,
         in_reply_to=in_reply_to,
@@ -81,13 +86,18 @@ def message(
 
 
 def amqp_request(
-    gateway: Gateway, body: bytes, *, broker_user: str | None = None, sign: bool = True
+    gateway: Gateway,
+    body: bytes,
+    *,
+    broker_user: str | None = None,
+    sign: bool = True,
+    peer: str = MX,
 ) -> InboundRequest:
     return InboundRequest(
         body=body,
-        signature=sign_detached(body, mx_key(gateway)) if sign else None,
+        signature=sign_detached(body, mx_key(gateway, peer)) if sign else None,
         transport="amqp",
-        peer=MX,
+        peer=peer,
         broker_user=broker_user,
         content_type=None,
     )
@@ -371,3 +381,47 @@ async def test_relay_hand_over_is_bounded_in_bytes_while_the_bus_is_down(
     assert seen == {message_id for message_id, _ in messages}
     assert gateway.relay.handed_bytes == 0
     assert await gateway.store.pending_relay(100) == []
+
+
+async def test_a_partner_over_its_rate_is_answered_one_refusal_at_a_time(
+    gateway: Gateway,
+) -> None:
+    """T40: refusals of a flooding partner go one at a time, at most one per 1/rate seconds,
+    so its many connections cannot take every other partner's turn; another partner's
+    message is not held behind them."""
+    rate = gateway.config.partners[MX].rate.per_second  # 200/s in the sandbox
+    limits = RateLimiters({MX: RateLimit(per_second=rate, burst=1)}, gateway.clock)
+    pipeline = InboundPipeline(dataclasses.replace(gateway.pipeline.env, limiters=limits))
+    loop = asyncio.get_running_loop()
+    appending = 0
+    refusals: list[tuple[float, int]] = []
+    append_audit = gateway.store.append_audit
+
+    async def counted(events: Any) -> Any:
+        nonlocal appending
+        appending += 1
+        if any(e.outcome == NackCode.RATE_LIMITED.value for e in events):
+            refusals.append((loop.time(), appending))
+        try:
+            return await append_audit(events)
+        finally:
+            appending -= 1
+
+    gateway.store.append_audit = counted  # type: ignore[method-assign]
+    _, first = message(gateway)
+    assert (await pipeline.handle(amqp_request(gateway, first))).http_status == 202
+    flood = [
+        asyncio.create_task(pipeline.handle(amqp_request(gateway, message(gateway)[1])))
+        for _ in range(5)
+    ]
+    await asyncio.sleep(0)
+    _, ca_body = message(gateway, sender="CA-CBSA")
+    other = await pipeline.handle(amqp_request(gateway, ca_body, peer="CA-CBSA"))
+    assert other.http_status == 202
+    assert not all(task.done() for task in flood)  # not held behind the flooder's refusals
+    results = await asyncio.gather(*flood)
+    assert [r.code for r in results] == [NackCode.RATE_LIMITED] * 5
+    assert [r.receipt_body is not None for r in results] == [True] * 5
+    assert [concurrent for _, concurrent in refusals] == [1] * 5
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(refusals)]
+    assert min(gaps) >= 0.9 / rate, gaps  # 1/rate apart (the ManualClock refills nothing)
