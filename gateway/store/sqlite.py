@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
@@ -232,8 +233,10 @@ class SqliteStore:
         self._units = 0
         #: why write transactions fail (disk full, I/O error), until one commits again
         self._write_failure: str | None = None
-        #: the WAL's length in frames, as the last checkpoint found it
+        #: the WAL's length in frames, as the last checkpoint or the file's size says
         self._wal_frames = 0
+        self._wal_path = f"{path}-wal"
+        self._page_size = 4096
         self._failed_batches = 0
         # (size, frontier hashes) after the last audit append of the open write transaction,
         # and as last committed. Only the writer thread touches them. The log is append-only,
@@ -335,6 +338,7 @@ class SqliteStore:
             # each transaction would create, write and unlink
             conn.execute("PRAGMA temp_store = MEMORY")
             sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+            self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
             if str(mode).lower() != "wal" or sync != 2:
                 raise sqlite3.OperationalError(
                     f"{self._path}: needs journal_mode=wal and synchronous=FULL, "
@@ -412,6 +416,12 @@ class SqliteStore:
                     results.append(exc)
                 conn.execute("RELEASE unit")
             conn.execute("COMMIT")
+            # The checkpointer reports the WAL's frames every interval; commits faster than
+            # that would grow it far past the bound in between, so the writer also looks at
+            # the file's size (a WAL frame is a page and a 24-byte header).
+            with contextlib.suppress(OSError):
+                frames = os.stat(self._wal_path).st_size // (self._page_size + 24)
+                self._wal_frames = max(self._wal_frames, frames)
             if self._write_failure is not None:
                 log.warning(
                     "sqlite_writes_recovered",
