@@ -71,32 +71,6 @@ def limit_rate(root: Path, partner: str, per_second: float, burst: int) -> None:
     toml.write_text(text + f"\n[rate]\nper_second = {per_second}\nburst = {burst}\n")
 
 
-async def start_client(
-    pki: Path,
-    partner: str,
-    url: str,
-    payloads: Path,
-    *,
-    concurrency: int,
-    duration_s: float,
-    skip: int,
-    limit: int,
-    warmup: int,
-) -> asyncio.subprocess.Process:
-    """A ``bench.load_client`` process with ``partner``'s client certificate."""
-    return await start_load(
-        [url],
-        pki=pki,
-        payloads=payloads,
-        concurrency=concurrency,
-        duration_s=duration_s,
-        warmup=warmup,
-        skip=skip,
-        limit=limit,
-        partner=partner,
-    )
-
-
 async def client_result(proc: asyncio.subprocess.Process, who: str) -> LoadResult:
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -167,11 +141,11 @@ async def fairness(root: Path) -> Table:
         url = gw.partner_url + MESSAGES_PATH
         counts0 = await server_counts(session, gw.api_url)
         cpu0 = cpu_seconds(gw.pid)
-        alone_proc = await start_client(
-            root,
-            VICTIM,
-            url,
-            b_path,
+        alone_proc = await start_load(
+            [url],
+            pki=root,
+            payloads=b_path,
+            partner=VICTIM,
             concurrency=1,
             duration_s=alone_s,
             skip=0,
@@ -182,11 +156,11 @@ async def fairness(root: Path) -> Table:
         cpu1 = cpu_seconds(gw.pid)
         counts1 = await server_counts(session, gw.api_url)
         # the flood runs past B's start-up, warm-up and measured window
-        flood_proc = await start_client(
-            root,
-            FLOODER,
-            url,
-            a_path,
+        flood_proc = await start_load(
+            [url],
+            pki=root,
+            payloads=a_path,
+            partner=FLOODER,
             concurrency=FLOOD_CONCURRENCY,
             duration_s=flooded_s + scaled(6.0, 5.0),
             skip=0,
@@ -196,11 +170,11 @@ async def fairness(root: Path) -> Table:
         flood_task = asyncio.create_task(client_result(flood_proc, FLOODER))
         try:
             await wait_flooding(session, gw.api_url, counts1, flood_task)
-            victim_proc = await start_client(
-                root,
-                VICTIM,
-                url,
-                b_path,
+            victim_proc = await start_load(
+                [url],
+                pki=root,
+                payloads=b_path,
+                partner=VICTIM,
                 concurrency=1,
                 duration_s=flooded_s,
                 skip=b_budget,

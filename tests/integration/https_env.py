@@ -272,6 +272,17 @@ async def post_with_handshake_end(env: Env, body: bytes, *, party: str = MX) -> 
         writer.close()
 
 
+async def status_of(env: Env, party: str) -> int | None:
+    """The HTTP status of a valid message from ``party``, or None when its connection was
+    refused (at the TLS handshake, or closed after it before an answer)."""
+    _, body = make_message(env, sender=party)
+    try:
+        answer = await post(env, body, cert=party, signer=party)
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+        return None
+    return answer.status
+
+
 def _complete(answer: bytes) -> bool:
     """Whether ``answer`` holds a whole HTTP response with a Content-Length body."""
     head, sep, rest = answer.partition(b"\r\n\r\n")

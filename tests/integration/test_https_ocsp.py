@@ -13,14 +13,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import ssl
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
@@ -33,9 +31,8 @@ from https_env import (
     CA,
     MX,
     Env,
-    make_message,
-    post,
     running_gateway,
+    status_of,
     wait_delivered,
     write_environment,
 )
@@ -154,17 +151,6 @@ def ocsp_tls(responder: Responder, extra: str = "") -> str:
         f'ocsp = true\nocsp_url = "{responder.url}"\n'
         f'ocsp_allowed_networks = ["127.0.0.1/32"]\n{extra}'
     )
-
-
-async def status_of(env: Env, party: str) -> int | None:
-    """The HTTP status of a valid message from ``party``, or None when the connection was
-    refused (closed after the handshake, before an answer)."""
-    _, body = make_message(env, sender=party)
-    try:
-        answer = await post(env, body, cert=party, signer=party)
-    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
-        return None
-    return answer.status
 
 
 async def refusals(env: Env, count: int) -> list[dict[str, Any]]:

@@ -15,13 +15,12 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
-import aiohttp
 import pytest
 import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from https_env import CA, MX, Env, make_message, post, running_gateway, write_environment
+from https_env import CA, MX, Env, running_gateway, status_of, write_environment
 
 from gateway.config import load_config
 from gateway.crypto.pki import init_dev_pki
@@ -68,17 +67,6 @@ def write_crl(
     mtime = max(path.stat().st_mtime_ns, old_mtime + 1_000_000)
     os.utime(path, ns=(mtime, mtime))
     return path
-
-
-async def status_of(env: Env, party: str) -> int | None:
-    """The HTTP status of a valid message from ``party``, or None when the TLS handshake
-    was refused."""
-    _, body = make_message(env, sender=party)
-    try:
-        answer = await post(env, body, cert=party, signer=party)
-    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
-        return None
-    return answer.status
 
 
 @pytest.fixture

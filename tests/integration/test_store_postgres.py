@@ -372,6 +372,15 @@ async def test_a_silent_drop_mid_run_is_unavailable_within_the_timeout_and_loses
         await store.close()
 
 
+async def _execute(dsn: str, sql: str) -> None:
+    """One statement on its own connection."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 async def run(*command: str) -> None:
     proc = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
     _, stderr = await proc.communicate()
@@ -390,26 +399,14 @@ async def small_tablespace(pg_dsn: str) -> AsyncIterator[tuple[str, str]]:
     await run("mount", "-t", "tmpfs", "-o", "size=8m", "c2c-test", mountpoint)
     try:
         os.chown(mountpoint, owner.pw_uid, owner.pw_gid)
-        admin = await asyncpg.connect(pgdb.ADMIN_DSN)
-        try:
-            await admin.execute(f"CREATE TABLESPACE {name} LOCATION '{mountpoint}'")
-        finally:
-            await admin.close()
+        await _execute(pgdb.ADMIN_DSN, f"CREATE TABLESPACE {name} LOCATION '{mountpoint}'")
         try:
             yield f"{pg_dsn}&default_tablespace={name}", mountpoint
         finally:
             # the schema's tables go first (pg_dsn's teardown runs after this one)
             schema = pg_dsn.rsplit("search_path=", 1)[1]
-            conn = await asyncpg.connect(pg_dsn.split("?", 1)[0])
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
-            admin = await asyncpg.connect(pgdb.ADMIN_DSN)
-            try:
-                await admin.execute(f"DROP TABLESPACE IF EXISTS {name}")
-            finally:
-                await admin.close()
+            await _execute(pg_dsn.split("?", 1)[0], f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await _execute(pgdb.ADMIN_DSN, f"DROP TABLESPACE IF EXISTS {name}")
     finally:
         await run("umount", "--lazy", mountpoint)
         os.rmdir(mountpoint)
