@@ -13,7 +13,12 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, MutableMapping
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -106,11 +111,94 @@ def scrub_event(
     return event
 
 
+#: a traceback logged in full is not logged again in full for this long (per event and place)
+REPEAT_WINDOW_S = 60.0
+#: distinct tracebacks remembered (the oldest is forgotten first)
+REPEAT_KEYS = 256
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+
+def _exc_info_of(value: Any) -> _ExcInfo | None:
+    if isinstance(value, BaseException):
+        return (type(value), value, value.__traceback__)
+    if isinstance(value, tuple) and len(value) == 3 and isinstance(value[1], BaseException):
+        return value
+    if value:
+        found = sys.exc_info()
+        return None if found[1] is None else found
+    return None
+
+
+class RepeatedTracebacks:
+    """structlog processor: a traceback is logged in full once per ``window_s`` for the same
+    event raised from the same place (exception type and every frame's file and line); the
+    repeats in between are one line: the exception's type and message, where it was raised,
+    and when the full traceback was logged. The next full one says how many it stood for.
+
+    A bug that one input triggers on every delivery (a poison message tried up to the
+    delivery limit, a storm of them) would otherwise write kilobytes of the same trace per
+    attempt, and rendering them cost more than the attempt's own work (T53, T79)."""
+
+    def __init__(
+        self,
+        window_s: float = REPEAT_WINDOW_S,
+        *,
+        max_keys: int = REPEAT_KEYS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._window_s = window_s
+        self._max_keys = max_keys
+        self._monotonic = monotonic
+        #: key -> [monotonic time of the full traceback, wall time of it, repeats since]
+        self._seen: OrderedDict[tuple[object, ...], list[Any]] = OrderedDict()
+        self._lock = threading.Lock()  # stdlib loggers may log from other threads
+
+    def __call__(
+        self, logger: object, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        if "exc_info" not in event:
+            return event
+        exc_info = _exc_info_of(event["exc_info"])
+        if exc_info is None:
+            return event
+        exc_type, exc, tb = exc_info
+        # walked, not extracted: extracting reads every frame's source line
+        frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(tb)]
+        key = (str(event.get("event")), exc_type, tuple(frames))
+        now = self._monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None or now - seen[0] >= self._window_s:
+                repeats = seen[2] if seen is not None else 0
+                self._seen[key] = [now, time.time(), 0]
+                self._seen.move_to_end(key)
+                while len(self._seen) > self._max_keys:
+                    self._seen.popitem(last=False)
+                if repeats:
+                    event["repeats_since_last_traceback"] = repeats
+                return event
+            seen[2] += 1
+            logged_at = seen[1]
+        del event["exc_info"]
+        place = "{}:{}".format(*frames[-1]) if frames else "unknown"
+        text = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+        event["exception"] = (
+            f"{text} (raised at {place}; the same traceback was logged in full at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(logged_at))})"
+        )
+        return event
+
+
+_REPEATED_TRACEBACKS = RepeatedTracebacks()
+
+
 def _shared_processors() -> list[structlog.typing.Processor]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _REPEATED_TRACEBACKS,
         structlog.processors.format_exc_info,
         scrub_event,
     ]

@@ -44,6 +44,10 @@ class InboundRequest:
     #: PROTOCOL section 5 sets to header.message_id): what a NACK of a body that names none,
     #: or may not be read (unparseable, over the limit), refers to
     transport_message_id: str | None = None
+    #: whether a refusal as ``UNAVAILABLE`` is answered: over AMQP the delivery goes back to
+    #: its queue instead, so no NACK is signed for it (signing one per attempt of a poison
+    #: message or per retry of a held delivery was work thrown away)
+    unavailable_answered: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)

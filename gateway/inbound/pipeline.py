@@ -232,6 +232,8 @@ class InboundPipeline:
         )
         if peer is None or message_id is None or is_receipt or ctx.digest is None:
             return unsigned
+        if exc.code is NackCode.UNAVAILABLE and not request.unavailable_answered:
+            return unsigned
         try:
             receipt = env.signer.sign(
                 recipient=peer,

@@ -101,6 +101,8 @@ class PartnerInbox:
             broker_user=delivery.user_id,
             content_type=delivery.content_type,
             transport_message_id=delivery.message_id,
+            # an UNAVAILABLE delivery is requeued or rejected, never answered
+            unavailable_answered=False,
         )
         try:
             result = await self._handle_through_outages(request, self._hold_for(partner, delivery))

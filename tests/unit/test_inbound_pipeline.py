@@ -206,6 +206,32 @@ async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) 
     ]
     # a bug is about this message: over AMQP it counts towards dead-lettering
     assert not result.outage
+    # answered (HTTPS): a signed NACK
+    assert result.receipt_body is not None
+    assert result.receipt_signature is not None
+
+
+async def test_an_unavailable_refusal_no_one_answers_is_not_signed(gateway: Gateway) -> None:
+    """Over AMQP an UNAVAILABLE delivery is requeued or rejected, never answered: its NACK
+    would be signed for nothing (once per attempt of a poison message)."""
+
+    async def broken(ctx: InboundContext) -> None:
+        raise KeyError("a bug")
+
+    pipeline = InboundPipeline(gateway.pipeline.env, [*STAGES[:-1], broken])
+    _, body = message(gateway)
+    request = dataclasses.replace(amqp_request(gateway, body), unavailable_answered=False)
+    result = await pipeline.handle(request)
+    assert (result.http_status, result.code) == (503, NackCode.UNAVAILABLE)
+    assert result.receipt_body is None
+    assert result.receipt_signature is None
+    assert result.problem is not None
+    assert result.problem["code"] == "UNAVAILABLE"
+    # other refusals of such a request are still signed NACKs
+    stale = dataclasses.replace(request, body=body.replace(b"2026", b"2016", 1))
+    refused = await gateway.pipeline.handle(stale)
+    assert refused.code is not NackCode.UNAVAILABLE
+    assert refused.receipt_body is not None
 
 
 @pytest.mark.parametrize(
