@@ -19,6 +19,7 @@ from gateway.api.auth import (
     Handler,
     bearer_middleware,
 )
+from gateway.api.documents import get_document
 from gateway.api.messages import get_message, list_messages, post_message, retry_message
 from gateway.api.openapi import openapi_document
 from gateway.api.ops import healthz, metrics, readyz
@@ -63,6 +64,7 @@ ROUTES: tuple[Route, ...] = (
         handler=retry_message,
         access=Access(scopes=frozenset({SCOPE_ADMIN})),
     ),
+    Route(method="GET", path="/api/v1/documents", handler=get_document, access=READ),
     Route(
         method="POST",
         path="/api/v1/queries",

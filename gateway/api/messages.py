@@ -174,6 +174,10 @@ def inbound_view(record: InboundRecord) -> dict[str, Any]:
             "envelope": _json_or_none(record.receipt_body),
             "signature": record.receipt_signature,
         },
+        # a version of a document (gateway/documents.py): GET /api/v1/documents lists them
+        "document_ref": record.document_ref,
+        "document_version": record.document_version,
+        "message_function": record.message_function,
     }
 
 

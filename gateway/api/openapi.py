@@ -11,6 +11,7 @@ from gateway import __version__
 from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
+from gateway.documents import DOCUMENT_FIELDS
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
@@ -154,6 +155,52 @@ _SCHEMAS: dict[str, Any] = {
             "envelope": {},
             "signature": {"type": ["string", "null"]},
             "receipt": _ref("Signed"),
+            "document_ref": {
+                "type": ["string", "null"],
+                "description": "Inbound: the document this message is a version of",
+            },
+            "document_version": {
+                "type": ["string", "null"],
+                "description": "Its place among the document's versions; compare as strings,"
+                " the highest is current",
+            },
+            "message_function": {
+                "type": ["string", "null"],
+                "description": "UNTDID 1225: 9 original, 5 replace, 4 change, 1 cancellation,"
+                " 3 deletion, 6 confirmation",
+            },
+        },
+    },
+    "DocumentVersion": {
+        "type": "object",
+        "required": ["message_id", "version", "created_at", "received_at", "state"],
+        "properties": {
+            "message_id": _UUID,
+            "version": {
+                "type": "string",
+                "description": "created_at (UTC, microseconds), then the store's order:"
+                " compare as strings",
+            },
+            "message_function": {"type": ["string", "null"]},
+            "created_at": _TIME,
+            "received_at": _TIME,
+            "transport": {"type": "string"},
+            "state": {"type": "string", "enum": ["received", "delivered"]},
+        },
+    },
+    "Document": {
+        "type": "object",
+        "required": ["partner", "message_type", "document_ref", "current", "versions"],
+        "properties": {
+            "partner": _PARTY,
+            "message_type": {"type": "string"},
+            "document_ref": {"type": "string"},
+            "current": _ref("DocumentVersion"),
+            "cancelled": {
+                "type": "boolean",
+                "description": "The current version cancels or deletes the document",
+            },
+            "versions": {"type": "array", "items": _ref("DocumentVersion")},
         },
     },
     "MessagePage": {
@@ -553,6 +600,36 @@ def openapi_document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         "404": _problem("No such outbound message"),
                         "409": _problem("The message is not dead or rejected"),
+                        "503": _problem("The store is unavailable"),
+                    },
+                }
+            },
+            "/api/v1/documents": {
+                "get": {
+                    "operationId": "getDocument",
+                    "summary": "A partner's filing and its amendments in version order, and the"
+                    " current version (the highest, whatever order they arrived in)",
+                    "security": _security(_READ_SCOPES),
+                    "parameters": [
+                        _query("partner", _PARTY, "The sender", required=True),
+                        _query(
+                            "type",
+                            {"type": "string", "enum": sorted(DOCUMENT_FIELDS)},
+                            "A message type with versions",
+                            required=True,
+                        ),
+                        _query(
+                            "ref",
+                            {"type": "string", "minLength": 1, "maxLength": 200},
+                            "The document's reference (document_ref of its messages)",
+                            required=True,
+                        ),
+                    ],
+                    "responses": {
+                        "200": _json(_ref("Document"), "The document"),
+                        "400": _problem("Bad parameter (named in detail)"),
+                        **_AUTH_ERRORS,
+                        "404": _problem("No version of this document was received"),
                         "503": _problem("The store is unavailable"),
                     },
                 }

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.crypto.jws import verify_detached
 from gateway.crypto.keys import ensure_key_valid
+from gateway.documents import document_ref, message_function
 from gateway.envelope import check_freshness, parse_envelope
 from gateway.errors import (
     DuplicateConflict,
@@ -303,6 +304,9 @@ async def persist(ctx: InboundContext) -> None:
         received_at=ctx.received_at,
         receipt_body=receipt.body,
         receipt_signature=receipt.signature,
+        document_ref=document_ref(header.message_type, ctx.envelope.payload),
+        created_at=header.created_at,
+        message_function=message_function(ctx.envelope.payload),
     )
     relay = env.relay
     lease = None if relay is None else relay.lease(record)

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Literal, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
+from gateway.documents import document_version
 from gateway.errors import IdempotencyKeyReused
 from gateway.model import Direction, Priority
 
@@ -76,10 +77,37 @@ class InboundRecord:
     seq: int | None = None
     #: published to the internal bus (transactional-outbox relay)
     relayed: bool = False
+    #: the document this message is a version of (gateway/documents.py), None for a type
+    #: without versions and for rows stored before versions were kept
+    document_ref: str | None = None
+    #: the header's ``created_at`` (orders a document's versions)
+    created_at: datetime | None = None
+    #: the payload's ``message_function`` (UNTDID 1225), where it has one
+    message_function: str | None = None
 
     @property
     def key(self) -> InboundKey:
         return (self.sender, self.message_id)
+
+    @property
+    def document_version(self) -> str | None:
+        """Where this message sorts among its document's versions (gateway/documents.py)."""
+        if self.document_ref is None or self.created_at is None or self.seq is None:
+            return None
+        return document_version(self.created_at, self.seq)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DocumentVersion:
+    """One version of a document (gateway/documents.py): an inbox row, without its body."""
+
+    message_id: str
+    created_at: datetime
+    received_at: datetime
+    seq: int
+    message_function: str | None
+    transport: str
+    relayed: bool
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -283,6 +311,14 @@ class Store(Protocol):
 
     async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
         """The earliest inbound message answering our message ``in_reply_to``."""
+        ...
+
+    async def document_versions(
+        self, sender: str, message_type: str, document_ref: str, *, limit: int = 1000
+    ) -> list[DocumentVersion]:
+        """The stored versions of one document, oldest version first: by the header's
+        ``created_at``, then by ``seq`` (gateway/documents.py), at most ``limit`` (the
+        newest)."""
         ...
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:

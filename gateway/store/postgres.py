@@ -38,6 +38,7 @@ from gateway.store.base import (
     AuditRow,
     Checkpoint,
     Cosignature,
+    DocumentVersion,
     InboundKey,
     InboundOutcome,
     InboundRecord,
@@ -99,7 +100,7 @@ _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
 _INBOUND_COLUMNS = (
     "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "body, body_digest, signature, kid, transport, received_at, receipt_body, "
-    "receipt_signature, seq, relayed"
+    "receipt_signature, seq, relayed, document_ref, created_at, message_function"
 )
 _OUTBOUND_COLUMNS = (
     "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
@@ -129,6 +130,9 @@ def _inbound(row: asyncpg.Record) -> InboundRecord:
         receipt_signature=row[14],
         seq=row[15],
         relayed=row[16],
+        document_ref=row[17],
+        created_at=None if row[18] is None else row[18],
+        message_function=row[19],
     )
 
 
@@ -560,6 +564,33 @@ class PostgresStore:
             )
         )
         return None if row is None else _inbound(row)
+
+    async def document_versions(
+        self, sender: str, message_type: str, document_ref: str, *, limit: int = 1000
+    ) -> list[DocumentVersion]:
+        rows = await self._call(
+            lambda c: c.fetch(
+                "SELECT message_id, created_at, received_at, seq, message_function, transport, "
+                "relayed FROM inbound_messages WHERE sender = $1 AND message_type = $2 "
+                "AND document_ref = $3 ORDER BY created_at DESC, seq DESC LIMIT $4",
+                sender,
+                message_type,
+                document_ref,
+                limit,
+            )
+        )
+        return [
+            DocumentVersion(
+                message_id=r[0],
+                created_at=r[1],
+                received_at=r[2],
+                seq=r[3],
+                message_function=r[4],
+                transport=r[5],
+                relayed=r[6],
+            )
+            for r in reversed(rows)
+        ]
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:
         rows = await self._call(
@@ -1017,7 +1048,8 @@ async def _store_inbound_statement(
             "RETURNING sender, message_id, seq",
             "RETURNING sender, message_id, seq), "
             + _keyed_events_cte(
-                18, "JOIN ins ON ins.sender = e.k_sender AND ins.message_id = e.k_message_id"
+                _INBOUND_PARAMS + 1,
+                "JOIN ins ON ins.sender = e.k_sender AND ins.message_id = e.k_message_id",
             )
             + f" SELECT ins.sender, ins.message_id, ins.seq, {_APPEND_EV} FROM ins",
         ),
@@ -1175,13 +1207,18 @@ _INSERT_INBOUND_SQL = (
     "WITH ins AS (INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
     "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
     "transport, received_at, receipt_body, receipt_signature, relay_owner, "
-    "relay_lease_until) "
+    "relay_lease_until, document_ref, created_at, message_function) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], "
     "$6::text[], $7::text[], $8::bytea[], $9::text[], $10::text[], $11::text[], $12::text[], "
-    "$13::timestamptz[], $14::bytea[], $15::text[], $16::text[], $17::timestamptz[]) "
+    "$13::timestamptz[], $14::bytea[], $15::text[], $16::text[], $17::timestamptz[], "
+    "$18::text[], $19::timestamptz[], $20::text[]) "
     "ON CONFLICT ON CONSTRAINT inbound_sender_message_id DO NOTHING "
     "RETURNING sender, message_id, seq"
 )
+
+
+#: the parameters of ``_INSERT_INBOUND_SQL`` (``_inbound_args``' arrays)
+_INBOUND_PARAMS = 20
 
 
 def _inbound_args(items: list[tuple[InboundRecord, RelayLease | None]]) -> list[list[Any]]:
@@ -1204,6 +1241,9 @@ def _inbound_args(items: list[tuple[InboundRecord, RelayLease | None]]) -> list[
         [r.receipt_signature for r in records],
         [None if lease is None else lease.owner for _, lease in items],
         [None if lease is None else _aware(lease.until) for _, lease in items],
+        [r.document_ref for r in records],
+        [None if r.created_at is None else _aware(r.created_at) for r in records],
+        [r.message_function for r in records],
     ]
 
 

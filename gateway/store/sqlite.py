@@ -44,6 +44,7 @@ from gateway.store.base import (
     AuditRow,
     Checkpoint,
     Cosignature,
+    DocumentVersion,
     InboundKey,
     InboundOutcome,
     InboundRecord,
@@ -98,7 +99,7 @@ DIALECT = Dialect(placeholder=lambda n: f"?{n}", timestamp=_us, true="1", false=
 _INBOUND_COLUMNS = (
     "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "body, body_digest, signature, kid, transport, received_at, receipt_body, "
-    "receipt_signature, seq, relayed"
+    "receipt_signature, seq, relayed, document_ref, created_at, message_function"
 )
 _OUTBOUND_COLUMNS = (
     "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
@@ -129,6 +130,9 @@ def _inbound(row: Sequence[Any]) -> InboundRecord:
         receipt_signature=row[14],
         seq=row[15],
         relayed=bool(row[16]),
+        document_ref=row[17],
+        created_at=None if row[18] is None else _dt(row[18]),
+        message_function=row[19],
     )
 
 
@@ -755,8 +759,8 @@ class SqliteStore:
                 "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
                 "schema_version, correlation_id, in_reply_to, body, body_digest, signature, kid, "
                 "transport, received_at, receipt_body, receipt_signature, relayed, "
-                "relay_owner, relay_lease_until) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?) "
+                "relay_owner, relay_lease_until, document_ref, created_at, message_function) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (sender, message_id) DO NOTHING",
                 (
                     record.sender,
@@ -776,6 +780,9 @@ class SqliteStore:
                     record.receipt_signature,
                     owner,
                     until,
+                    record.document_ref,
+                    None if record.created_at is None else _us(record.created_at),
+                    record.message_function,
                 ),
             )
             if cur.rowcount == 1:
@@ -802,6 +809,30 @@ class SqliteStore:
             ).fetchone()
         )
         return None if row is None else _inbound(row)
+
+    async def document_versions(
+        self, sender: str, message_type: str, document_ref: str, *, limit: int = 1000
+    ) -> list[DocumentVersion]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT message_id, created_at, received_at, seq, message_function, transport, "
+                "relayed FROM inbound_messages WHERE sender = ? AND message_type = ? "
+                "AND document_ref = ? ORDER BY created_at DESC, seq DESC LIMIT ?",
+                (sender, message_type, document_ref, limit),
+            ).fetchall()
+        )
+        return [
+            DocumentVersion(
+                message_id=r[0],
+                created_at=_dt(r[1]),
+                received_at=_dt(r[2]),
+                seq=r[3],
+                message_function=r[4],
+                transport=r[5],
+                relayed=bool(r[6]),
+            )
+            for r in reversed(rows)
+        ]
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:
         rows = await self._read(

@@ -42,6 +42,13 @@ def bus_message(record: InboundRecord) -> OutgoingMessage:
     }
     if record.in_reply_to is not None:
         headers["c2c-in-reply-to"] = record.in_reply_to
+    version = record.document_version
+    if version is not None and record.document_ref is not None:
+        # highest version wins (gateway/documents.py): compare versions as strings
+        headers["c2c-document-ref"] = record.document_ref
+        headers["c2c-document-version"] = version
+        if record.message_function is not None:
+            headers["c2c-message-function"] = record.message_function
     return OutgoingMessage(
         body=record.body,
         message_id=record.message_id,

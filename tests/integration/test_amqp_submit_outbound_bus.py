@@ -6,6 +6,8 @@ confirm, and a ``c2c.inbound`` publish that nothing is bound to is an error, nev
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
 import json
 from pathlib import Path
 
@@ -209,5 +211,25 @@ async def test_inbound_publish_with_no_queue_bound_is_not_confirmed(
         assert message.message_id == record.message_id
         assert message.routing_key == f"{AMQP_PARTNER}.shipment.status"
         assert message.headers["c2c-body-digest"] == record.body_digest
+        assert "c2c-document-ref" not in message.headers  # a type without versions
+
+        # a version of a document carries what highest-version-wins needs (T47)
+        created = dt.datetime(2026, 11, 23, 7, 0, 0, 250_000, tzinfo=dt.UTC)
+        amendment = dataclasses.replace(
+            sample_record(1, sender=AMQP_PARTNER, recipient=GATEWAY),
+            message_type="shipment.advance_data",
+            document_ref="HAWB-7",
+            created_at=created,
+            message_function="4",
+            seq=42,
+        )
+        await bus.publish_inbound(amendment)
+        message = await sink.get(fail=False)
+        assert message is not None
+        assert message.headers["c2c-document-ref"] == "HAWB-7"
+        assert message.headers["c2c-document-version"] == (
+            "2026-11-23T07:00:00.250000Z/00000000000000000042"
+        )
+        assert message.headers["c2c-message-function"] == "4"
     finally:
         await broker.close()

@@ -44,8 +44,14 @@ def inbound(
     at: datetime = T0,
     in_reply_to: str | None = None,
     correlation_id: str | None = None,
+    document_ref: str | None = None,
+    created_at: datetime | None = None,
+    message_function: str | None = None,
 ) -> InboundRecord:
     return InboundRecord(
+        document_ref=document_ref,
+        created_at=created_at,
+        message_function=message_function,
         sender=sender,
         message_id=message_id,
         recipient="US-CBP",
@@ -115,6 +121,57 @@ def naive_root(leaves: list[bytes]) -> bytes:
 
 
 # inbox
+
+
+async def test_document_versions_sort_by_created_at_then_arrival(store: Store) -> None:
+    """T47: v2 stored before v1; v3 made at v2's instant and stored after it; the versions come
+    back v1, v2, v3 and each record's document_version sorts the same way."""
+
+    def version(mid: str, seconds: int, function: str, ref: str = "HAWB-1") -> InboundRecord:
+        return inbound(
+            mid,
+            body=mid.encode(),
+            document_ref=ref,
+            created_at=T0 + timedelta(seconds=seconds),
+            message_function=function,
+        )
+
+    v2 = version("00000000-0000-4000-8000-0000000000d2", 10, "4")
+    v1 = version("00000000-0000-4000-8000-0000000000d1", 0, "9")
+    v3 = version("00000000-0000-4000-8000-0000000000d3", 10, "1")
+    other = version("00000000-0000-4000-8000-0000000000e1", 5, "9", ref="HAWB-2")
+    plain = inbound("00000000-0000-4000-8000-0000000000f1", body=b"plain")
+    assert (await store.store_inbound(v2, [])).status == "stored"
+    # stored together (one batch where the backend batches)
+    outcomes = await asyncio.gather(
+        *(store.store_inbound(record, []) for record in (v1, other, plain))
+    )
+    assert [o.status for o in outcomes] == ["stored"] * 3
+    assert (await store.store_inbound(v3, [])).status == "stored"
+
+    versions = await store.document_versions("MX-SAT", "shipment.advance_data", "HAWB-1")
+    assert [v.message_id for v in versions] == [v1.message_id, v2.message_id, v3.message_id]
+    assert [v.message_function for v in versions] == ["9", "4", "1"]
+    later = T0 + timedelta(seconds=10)
+    assert [v.created_at for v in versions] == [T0, later, later]
+    newest = await store.document_versions("MX-SAT", "shipment.advance_data", "HAWB-1", limit=2)
+    assert [v.message_id for v in newest] == [v2.message_id, v3.message_id]
+    assert await store.document_versions("MX-SAT", "shipment.manifest", "HAWB-1") == []
+    assert await store.document_versions("CA-CBSA", "shipment.advance_data", "HAWB-1") == []
+
+    got = {r.message_id: r for r in await store.pending_relay(10)}
+    claimed = {r.message_id: r for r in await store.claim_relay("relay-a", T0, 10, 30.0)}
+    for records in (got, claimed):
+        assert records[v1.message_id].document_ref == "HAWB-1"
+        assert records[v1.message_id].created_at == T0
+        assert records[v1.message_id].message_function == "9"
+        ordered = sorted(
+            (records[r.message_id] for r in (v3, v1, v2)),
+            key=lambda r: r.document_version or "",
+        )
+        assert [r.message_id for r in ordered] == [v1.message_id, v2.message_id, v3.message_id]
+        assert records[plain.message_id].document_ref is None
+        assert records[plain.message_id].document_version is None
 
 
 async def test_inbound_stored_then_duplicate_returns_original_receipt(store: Store) -> None:
