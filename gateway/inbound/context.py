@@ -65,6 +65,8 @@ class InboundResult:
     record: InboundRecord | None
     #: an UNAVAILABLE whose cause fails every message alike for now (``Unavailable.outage``)
     outage: bool = False
+    #: a refusal whose audit entry was written: the store answered while it was refused
+    audited: bool = False
 
     @property
     def accepted(self) -> bool:

@@ -198,8 +198,10 @@ class InboundPipeline:
             reason=exc.reason,
             transport=request.transport,
         )
+        audited = False
         try:
             await env.store.append_audit([event])
+            audited = True
         except GatewayError as audit_exc:
             log.error(
                 "inbound_rejection_not_audited",
@@ -229,6 +231,7 @@ class InboundPipeline:
             retry_after_s=exc.retry_after_s,
             record=None,
             outage=outage,
+            audited=audited,
         )
         if peer is None or message_id is None or is_receipt or ctx.digest is None:
             return unsigned
@@ -258,4 +261,5 @@ class InboundPipeline:
             retry_after_s=exc.retry_after_s,
             record=None,
             outage=outage,
+            audited=audited,
         )

@@ -157,7 +157,9 @@ class PartnerInbox:
             result = await self._pipeline.handle(request)
             if result.code is not NackCode.UNAVAILABLE:
                 return result
-            if not result.outage and await self._store_reachable():
+            # not an outage, and the store answered: the refusal's audit entry was written
+            # (else it is asked, in case the cause was the store after all)
+            if not result.outage and (result.audited or await self._store_reachable()):
                 return result
             if hold_s is not None and self._clock.monotonic() - started >= hold_s:
                 raise _Outage

@@ -206,6 +206,8 @@ async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) 
     ]
     # a bug is about this message: over AMQP it counts towards dead-lettering
     assert not result.outage
+    # the refusal was audited, so the store answered: no need to ask it whether it is up
+    assert result.audited
     # answered (HTTPS): a signed NACK
     assert result.receipt_body is not None
     assert result.receipt_signature is not None
@@ -266,6 +268,7 @@ async def test_a_store_outage_is_marked_so_transports_hold_the_message(
     result = await gateway.pipeline.handle(amqp_request(gateway, body))
     assert (result.http_status, result.code) == (503, NackCode.UNAVAILABLE)
     assert result.outage is outage
+    assert not result.audited  # the refusal's audit entry failed too
     monkeypatch.undo()
     assert await gateway.store.get_inbound(MX, message_id) is None
 
