@@ -36,6 +36,9 @@ DOCUMENT_FIELDS: Mapping[str, tuple[str, ...]] = {
     "enforcement.seizure_report": ("case_ref", "event_type"),
 }
 
+#: longest reference kept (the schemas allow far less; the API takes up to this)
+MAX_REF = 200
+
 #: UNTDID 1225 codes that end a document
 CANCELLING_FUNCTIONS = frozenset({"1", "3"})
 
@@ -59,7 +62,8 @@ def document_ref(message_type: str, payload: Mapping[str, Any]) -> str | None:
     parts = [_part(payload.get(name)) for name in fields]
     if any(part is None for part in parts):
         return None
-    return "/".join(part for part in parts if part is not None)
+    ref = "/".join(part for part in parts if part is not None)
+    return ref if len(ref) <= MAX_REF else None
 
 
 def message_function(payload: Mapping[str, Any]) -> str | None:

@@ -16,7 +16,7 @@ from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields
 from gateway.api.services import SERVICES
 from gateway.clock import format_rfc3339
-from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS, document_version
+from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS, MAX_REF, document_version
 from gateway.errors import Malformed
 from gateway.model import is_party_id
 from gateway.store.base import INBOUND_DELIVERED, INBOUND_RECEIVED, DocumentVersion
@@ -59,7 +59,7 @@ async def get_document(request: web.Request) -> web.Response:
             f"type {message_type[:100]} has no versions; types with versions: "
             f"{', '.join(sorted(DOCUMENT_FIELDS))}"
         )
-    ref = fields.required_text("ref", limit=200)
+    ref = fields.required_text("ref", limit=MAX_REF)
     versions = await request.app[SERVICES].store.document_versions(
         partner, message_type, ref, limit=MAX_VERSIONS
     )
