@@ -15,7 +15,7 @@ from aiohttp import web
 
 from gateway.api.auth import claims_of
 from gateway.api.problems import json_response, problem
-from gateway.api.requests import Fields
+from gateway.api.requests import Fields, query_fields
 from gateway.api.services import SERVICES
 from gateway.audit import merkle
 from gateway.audit.bundle import export_bundle
@@ -51,20 +51,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _query(request: web.Request, allowed: frozenset[str]) -> Fields:
-    query = request.query
-    unknown = sorted(set(query) - allowed)
-    if unknown:
-        raise Malformed(
-            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
-            f" allowed: {', '.join(sorted(allowed))}"
-        )
-    for name in allowed:
-        if len(query.getall(name, [])) > 1:
-            raise Malformed(f"query parameter {name} given more than once")
-    return Fields(dict(query), allowed=allowed)
-
-
 def _int(fields: Fields, name: str, *, low: int, high: int = 2**62) -> int | None:
     text = fields.text(name, limit=20)
     if text is None:
@@ -97,7 +83,7 @@ async def _tree_size(request: web.Request, fields: Fields, name: str) -> int:
 
 
 async def list_entries(request: web.Request) -> web.Response:
-    fields = _query(request, ENTRY_PARAMS)
+    fields = query_fields(request, ENTRY_PARAMS)
     partner = fields.text("partner", limit=40)
     if partner is not None and not is_party_id(partner):
         raise Malformed("partner must be a party id (CC-AGENCY)")
@@ -129,7 +115,7 @@ async def list_entries(request: web.Request) -> web.Response:
 
 
 async def latest_checkpoint(request: web.Request) -> web.Response:
-    _query(request, frozenset())
+    query_fields(request, frozenset())
     store = request.app[SERVICES].store
     checkpoint = await store.latest_checkpoint()
     if checkpoint is None:
@@ -158,7 +144,7 @@ async def latest_checkpoint(request: web.Request) -> web.Response:
 
 
 async def inclusion_proof(request: web.Request) -> web.Response:
-    fields = _query(request, frozenset({"index", "size"}))
+    fields = query_fields(request, frozenset({"index", "size"}))
     index = _required_int(fields, "index", low=0)
     size = await _tree_size(request, fields, "size")
     if index >= size:
@@ -179,7 +165,7 @@ async def inclusion_proof(request: web.Request) -> web.Response:
 
 
 async def consistency_proof(request: web.Request) -> web.Response:
-    fields = _query(request, frozenset({"old_size", "size"}))
+    fields = query_fields(request, frozenset({"old_size", "size"}))
     old_size = _required_int(fields, "old_size", low=0)
     size = await _tree_size(request, fields, "size")
     if old_size > size:
@@ -203,7 +189,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
 
 
 async def export(request: web.Request) -> web.StreamResponse:
-    fields = _query(request, frozenset({"since", "until", "correlation_id"}))
+    fields = query_fields(request, frozenset({"since", "until", "correlation_id"}))
     since, until = fields.timestamp("since"), fields.timestamp("until")
     correlation_id = fields.uuid("correlation_id")
     services = request.app[SERVICES]
@@ -257,7 +243,7 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 
 async def verify(request: web.Request) -> web.Response:
-    _query(request, frozenset())
+    query_fields(request, frozenset())
     services = request.app[SERVICES]
     report = await _audit_log(request).verify_store()
     # recorded after the check, with its verdict, so the report describes the log as it was

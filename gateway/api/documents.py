@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.api.problems import json_response, problem
-from gateway.api.requests import Fields
+from gateway.api.requests import query_fields
 from gateway.api.services import SERVICES
 from gateway.clock import format_rfc3339
 from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS, MAX_REF, document_version
@@ -39,17 +39,7 @@ def version_view(version: DocumentVersion) -> dict[str, Any]:
 
 
 async def get_document(request: web.Request) -> web.Response:
-    query = request.query
-    unknown = sorted(set(query) - QUERY)
-    if unknown:
-        raise Malformed(
-            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
-            f" allowed: {', '.join(sorted(QUERY))}"
-        )
-    for name in QUERY:
-        if len(query.getall(name, [])) > 1:
-            raise Malformed(f"query parameter {name} given more than once")
-    fields = Fields(dict(query), allowed=QUERY)
+    fields = query_fields(request, QUERY)
     partner = fields.required_text("partner", limit=40)
     if not is_party_id(partner):
         raise Malformed("partner must be a party id (CC-AGENCY)")

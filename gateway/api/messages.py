@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.api.auth import claims_of
 from gateway.api.problems import json_response, problem
-from gateway.api.requests import Fields, json_object, path_uuid
+from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES, ApiServices
 from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
@@ -43,6 +43,9 @@ SUBMIT_MEMBERS = frozenset(
 MAX_TTL_S = 30 * 86_400
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
+LIST_QUERY = frozenset(
+    {"direction", "partner", "type", "state", "since", "until", "correlation_id", "limit", "after"}
+)
 #: draft-ietf-httpapi-idempotency-key-header; a replayed answer says so (as Stripe's API does)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -202,19 +205,7 @@ async def get_message(request: web.Request) -> web.Response:
 
 
 def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None]:
-    query = request.query
-    allowed = {"direction", "partner", "type", "state", "since", "until", "correlation_id"}
-    allowed |= {"limit", "after"}
-    unknown = sorted(set(query) - allowed)
-    if unknown:
-        raise Malformed(
-            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
-            f" allowed: {', '.join(sorted(allowed))}"
-        )
-    for name in allowed:
-        if len(query.getall(name, [])) > 1:
-            raise Malformed(f"query parameter {name} given more than once")
-    fields = Fields(dict(query), allowed=frozenset(allowed))
+    fields = query_fields(request, LIST_QUERY)
     direction = fields.choice("direction", frozenset(d.value for d in Direction))
     partner = fields.text("partner", limit=40)
     if partner is not None and not is_party_id(partner):

@@ -107,3 +107,18 @@ def path_uuid(request: web.Request, name: str) -> str:
     if not UUID_RE.fullmatch(value):
         raise Malformed(f"{name} must be a lowercase UUID")
     return value
+
+
+def query_fields(request: web.Request, allowed: frozenset[str]) -> Fields:
+    """The request's query parameters as ``Fields``: an unknown or repeated one is refused."""
+    query = request.query
+    unknown = sorted(set(query) - allowed)
+    if unknown:
+        raise Malformed(
+            f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
+            f" allowed: {', '.join(sorted(allowed))}"
+        )
+    for name in allowed:
+        if len(query.getall(name, [])) > 1:
+            raise Malformed(f"query parameter {name} given more than once")
+    return Fields(dict(query), allowed=allowed)

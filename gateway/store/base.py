@@ -7,11 +7,11 @@ the same transaction; every database failure surfaces as ``gateway.errors.Unavai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
 from gateway.documents import document_version
@@ -108,6 +108,31 @@ class DocumentVersion:
     message_function: str | None
     transport: str
     relayed: bool
+
+
+#: the columns ``DocumentVersion.from_row`` reads, in its order
+DOCUMENT_VERSION_COLUMNS = (
+    "message_id, created_at, received_at, seq, message_function, transport, relayed"
+)
+
+
+class IndexedRow(Protocol):
+    """A result row of either backend (an sqlite3 tuple, an asyncpg Record)."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
+def document_version_of(row: IndexedRow, when: Callable[[Any], datetime]) -> DocumentVersion:
+    """A row of ``DOCUMENT_VERSION_COLUMNS``; ``when`` turns the backend's time into a datetime."""
+    return DocumentVersion(
+        message_id=row[0],
+        created_at=when(row[1]),
+        received_at=when(row[2]),
+        seq=row[3],
+        message_function=row[4],
+        transport=row[5],
+        relayed=bool(row[6]),
+    )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -32,6 +32,7 @@ from gateway.store.audit_rows import entry_rows
 from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
+    DOCUMENT_VERSION_COLUMNS,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -54,6 +55,7 @@ from gateway.store.base import (
     RelayLease,
     StoreError,
     WitnessedState,
+    document_version_of,
     empty_depth,
     same_request,
 )
@@ -570,27 +572,16 @@ class PostgresStore:
     ) -> list[DocumentVersion]:
         rows = await self._call(
             lambda c: c.fetch(
-                "SELECT message_id, created_at, received_at, seq, message_function, transport, "
-                "relayed FROM inbound_messages WHERE sender = $1 AND message_type = $2 "
-                "AND document_ref = $3 ORDER BY created_at DESC, seq DESC LIMIT $4",
+                f"SELECT {DOCUMENT_VERSION_COLUMNS} FROM inbound_messages WHERE sender = $1 "
+                "AND message_type = $2 AND document_ref = $3 "
+                "ORDER BY created_at DESC, seq DESC LIMIT $4",
                 sender,
                 message_type,
                 document_ref,
                 limit,
             )
         )
-        return [
-            DocumentVersion(
-                message_id=r[0],
-                created_at=r[1],
-                received_at=r[2],
-                seq=r[3],
-                message_function=r[4],
-                transport=r[5],
-                relayed=r[6],
-            )
-            for r in reversed(rows)
-        ]
+        return [document_version_of(r, _aware) for r in reversed(rows)]
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:
         rows = await self._call(

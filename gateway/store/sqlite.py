@@ -38,6 +38,7 @@ from gateway.store.audit_rows import plan_append
 from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
+    DOCUMENT_VERSION_COLUMNS,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -60,6 +61,7 @@ from gateway.store.base import (
     RelayLease,
     StoreError,
     WitnessedState,
+    document_version_of,
     empty_depth,
     events_for_marked,
     same_request,
@@ -815,24 +817,13 @@ class SqliteStore:
     ) -> list[DocumentVersion]:
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT message_id, created_at, received_at, seq, message_function, transport, "
-                "relayed FROM inbound_messages WHERE sender = ? AND message_type = ? "
-                "AND document_ref = ? ORDER BY created_at DESC, seq DESC LIMIT ?",
+                f"SELECT {DOCUMENT_VERSION_COLUMNS} FROM inbound_messages WHERE sender = ? "
+                "AND message_type = ? AND document_ref = ? "
+                "ORDER BY created_at DESC, seq DESC LIMIT ?",
                 (sender, message_type, document_ref, limit),
             ).fetchall()
         )
-        return [
-            DocumentVersion(
-                message_id=r[0],
-                created_at=_dt(r[1]),
-                received_at=_dt(r[2]),
-                seq=r[3],
-                message_function=r[4],
-                transport=r[5],
-                relayed=bool(r[6]),
-            )
-            for r in reversed(rows)
-        ]
+        return [document_version_of(r, _dt) for r in reversed(rows)]
 
     async def pending_relay(self, limit: int) -> list[InboundRecord]:
         rows = await self._read(
