@@ -14,7 +14,7 @@ the order the store received them (its inbox ``seq``). Both go into one string,
 :func:`document_version`, that sorts as the versions do. Internal consumers apply
 highest-version-wins: a delivery whose version is lower than the one they hold is kept as
 history and changes nothing, so the state they derive never goes back from v2 to v1, whatever
-the order of arrival or of delivery. ``GET /api/v1/documents/...`` answers with the same order.
+the order of arrival or of delivery. ``GET /api/v1/documents`` answers with the same order.
 
 A document is named by its sender, its message type and its reference, read from the payload
 (:data:`DOCUMENT_FIELDS`).

@@ -11,7 +11,7 @@ from gateway import __version__
 from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
-from gateway.documents import DOCUMENT_FIELDS
+from gateway.documents import DOCUMENT_FIELDS, MAX_REF
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
@@ -620,7 +620,7 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         _query(
                             "ref",
-                            {"type": "string", "minLength": 1, "maxLength": 200},
+                            {"type": "string", "minLength": 1, "maxLength": MAX_REF},
                             "The document's reference (document_ref of its messages)",
                             required=True,
                         ),

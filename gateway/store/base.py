@@ -110,7 +110,7 @@ class DocumentVersion:
     relayed: bool
 
 
-#: the columns ``DocumentVersion.from_row`` reads, in its order
+#: the columns ``document_version_of`` reads, in its order
 DOCUMENT_VERSION_COLUMNS = (
     "message_id, created_at, received_at, seq, message_function, transport, relayed"
 )
