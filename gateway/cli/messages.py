@@ -1,4 +1,4 @@
-"""``c2c-gateway messages list|show|retry``: the outbox and inbox from the operator's seat.
+"""``c2c-gateway messages list|show|versions|retry``: the outbox and inbox from the operator's seat.
 
 ``retry`` puts a dead or rejected message back in the queue (same signed bytes), audited
 with the actor ``cli:<user>``; a running gateway's dispatcher picks it up at its next poll.
@@ -17,13 +17,15 @@ from typing import NoReturn, TypeVar
 import click
 import orjson
 
+from gateway.api.documents import version_view
 from gateway.api.messages import inbound_view, outbound_view
 from gateway.api.requests import UUID_RE
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, load_config
+from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS
 from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
-from gateway.model import Direction
+from gateway.model import Direction, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
 from gateway.store import open_store
 from gateway.store.base import MessageFilter, Store
@@ -151,6 +153,42 @@ def show_command(config_path: Path, message_id: str) -> None:
             else:
                 _fail(f"no message with message_id {wanted}")
         click.echo(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
+
+    _with_store(config_path, work)
+
+
+@messages.command("versions")
+@_CONFIG
+@click.option("--partner", required=True, help="The sender, a party id (CC-AGENCY).")
+@click.option(
+    "--type",
+    "message_type",
+    required=True,
+    type=click.Choice(sorted(DOCUMENT_FIELDS)),
+    help="A message type with versions.",
+)
+@click.option("--ref", required=True, help="The document's reference (its document_ref).")
+def versions_command(config_path: Path, partner: str, message_type: str, ref: str) -> None:
+    """A partner's filing and its amendments, oldest version first, and the current one
+    (the highest version, whatever order they arrived in)."""
+    if not is_party_id(partner):
+        _fail(f"--partner: {partner[:60]!r} is not a party id (CC-AGENCY)")
+
+    async def work(config: GatewayConfig, store: Store) -> None:
+        versions = await store.document_versions(partner, message_type, ref)
+        if not versions:
+            _fail(f"no {message_type} from {partner} with reference {ref[:200]}")
+        heading = ("VERSION", "FN", "RECEIVED_AT", "STATE")
+        click.echo("{:<49} {:<3} {:<24} {:<10} MESSAGE_ID".format(*heading))
+        for version in versions:
+            view = version_view(version)
+            click.echo(
+                f"{view['version']:<49} {view['message_function'] or '-':<3} "
+                f"{view['received_at']:<24} {view['state']:<10} {view['message_id']}"
+            )
+        current = versions[-1]
+        ended = " (cancelled)" if current.message_function in CANCELLING_FUNCTIONS else ""
+        click.echo(f"current: {current.message_id}{ended}")
 
     _with_store(config_path, work)
 

@@ -7,7 +7,9 @@ document view has v2 as current and lists v1 before it.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,6 +92,28 @@ async def get_document(running: Running, **query: str) -> tuple[int, Any]:
         return response.status, await response.json(content_type=None)
 
 
+async def cli_versions(running: Running, ref: str) -> tuple[int, str, str]:
+    """``c2c-gateway messages versions``, the real command, on the running gateway's store."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "c2c-gateway"),
+        "messages",
+        "versions",
+        "--config",
+        str(running.config.source),
+        "--partner",
+        MX,
+        "--type",
+        TYPE,
+        "--ref",
+        ref,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def test_a_late_original_never_replaces_the_amendment_that_came_first(
     us: tuple[Running, list[InboundRecord]], tmp_path: Path
 ) -> None:
@@ -141,6 +165,18 @@ async def test_a_late_original_never_replaces_the_amendment_that_came_first(
     assert document["current"]["message_id"] == v3_id
     assert document["cancelled"] is True
     assert [v["message_id"] for v in document["versions"]] == [v1_id, stale_id, v2_id, v3_id]
+
+    # the operator's view: the real CLI on the running gateway's store
+    code, out, err = await cli_versions(running, ref)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("VERSION")
+    assert [line.split()[-1] for line in lines[1:-1]] == [v1_id, stale_id, v2_id, v3_id]
+    assert [line.split()[1] for line in lines[1:-1]] == ["9", "4", "4", "1"]
+    assert lines[-1] == f"current: {v3_id} (cancelled)"
+    code, out, err = await cli_versions(running, "NO-SUCH-REF")
+    assert (code, out) == (2, "")
+    assert err == f"error: no {TYPE} from {MX} with reference NO-SUCH-REF\n"
 
 
 @pytest.mark.parametrize(
