@@ -47,6 +47,19 @@ def raise_rate_limit(config: GatewayConfig, partner: str) -> None:
     toml.write_text(text[:start] + rate + text[end:], encoding="utf-8")
 
 
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """One real ``c2c-gateway`` command to its end: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "c2c-gateway"),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 @dataclass
 class ServeProcess:
     """One ``c2c-gateway serve --config PATH``; ``start`` may be called again after a kill."""

@@ -6,9 +6,7 @@ timeouts are observed exactly without waiting for them.
 
 from __future__ import annotations
 
-import asyncio
 import random
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 from outbound_env import free_port, gateway_config
 from partner_stub import PartnerStub
+from serve_proc import run_cli
 
 from gateway.audit.events import EventKind
 from gateway.clock import ManualClock
@@ -179,19 +178,7 @@ async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> N
 
 
 async def cli_retry(env: Env, message_id: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "c2c-gateway"),
-        "messages",
-        "retry",
-        "--config",
-        str(env.config.source),
-        message_id,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_cli("messages", "retry", "--config", str(env.config.source), message_id)
 
 
 async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> None:

@@ -7,9 +7,7 @@ document view has v2 as current and lists v1 before it.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +17,7 @@ import aiohttp
 import pytest
 from https_env import URL_PATH, wait_relayed
 from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from serve_proc import run_cli
 
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import load_signing_key
@@ -48,9 +47,7 @@ async def us(tmp_path: Path) -> AsyncIterator[tuple[Running, list[InboundRecord]
         await running.gateway.stop()
 
 
-def version_of(
-    running: Running, payload: dict[str, Any], function: str, created_at: datetime
-) -> tuple[str, bytes]:
+def version_of(payload: dict[str, Any], function: str, created_at: datetime) -> tuple[str, bytes]:
     message_id = new_message_id()
     header = Header(
         message_id=message_id,
@@ -94,24 +91,10 @@ async def get_document(running: Running, **query: str) -> tuple[int, Any]:
 
 async def cli_versions(running: Running, ref: str) -> tuple[int, str, str]:
     """``c2c-gateway messages versions``, the real command, on the running gateway's store."""
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "c2c-gateway"),
-        "messages",
-        "versions",
-        "--config",
-        str(running.config.source),
-        "--partner",
-        MX,
-        "--type",
-        TYPE,
-        "--ref",
-        ref,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    config = str(running.config.source)
+    return await run_cli(
+        "messages", "versions", "--config", config, "--partner", MX, "--type", TYPE, "--ref", ref
     )
-    out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_a_late_original_never_replaces_the_amendment_that_came_first(
@@ -121,8 +104,8 @@ async def test_a_late_original_never_replaces_the_amendment_that_came_first(
     payload = example(running.gateway, TYPE)
     ref = payload["advance_data_ref"]
     now = datetime.now(UTC)
-    v1_id, v1 = version_of(running, payload, "9", now - timedelta(seconds=20))
-    v2_id, v2 = version_of(running, payload, "4", now - timedelta(seconds=10))
+    v1_id, v1 = version_of(payload, "9", now - timedelta(seconds=20))
+    v2_id, v2 = version_of(payload, "4", now - timedelta(seconds=10))
 
     assert await post_as_mx(running, tmp_path, v2) == 202
     assert await post_as_mx(running, tmp_path, v1) == 202  # the original, late
@@ -157,8 +140,8 @@ async def test_a_late_original_never_replaces_the_amendment_that_came_first(
     assert [v["state"] for v in document["versions"]] == ["delivered", "delivered"]
 
     # a cancellation created later ends the document; a stale amendment after it does not
-    v3_id, v3 = version_of(running, payload, "1", now - timedelta(seconds=5))
-    stale_id, stale = version_of(running, payload, "4", now - timedelta(seconds=15))
+    v3_id, v3 = version_of(payload, "1", now - timedelta(seconds=5))
+    stale_id, stale = version_of(payload, "4", now - timedelta(seconds=15))
     assert await post_as_mx(running, tmp_path, v3) == 202
     assert await post_as_mx(running, tmp_path, stale) == 202
     status, document = await get_document(running, partner=MX, type=TYPE, ref=ref)
