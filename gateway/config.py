@@ -74,6 +74,8 @@ class LimitsConfig:
     request_timeout_s: float = 30.0
     header_timeout_s: float = 10.0
     max_connections: int = 1024
+    #: connections one source address may hold at once (in their handshake or served)
+    max_connections_per_source: int = 64
     #: how long one store operation may take before it counts as an outage: PostgreSQL's
     #: connect and command timeout (SQLite's writer is local and has none)
     store_timeout_s: float = 30.0
@@ -536,6 +538,9 @@ def _limits(table: _Table) -> LimitsConfig:
         request_timeout_s=table.float_or("request_timeout_s", d.request_timeout_s),
         header_timeout_s=table.float_or("header_timeout_s", d.header_timeout_s),
         max_connections=table.int_or("max_connections", d.max_connections, minimum=1),
+        max_connections_per_source=table.int_or(
+            "max_connections_per_source", d.max_connections_per_source, minimum=1
+        ),
         store_timeout_s=table.float_or("store_timeout_s", d.store_timeout_s),
     )
     if limits.max_skew_s > limits.replay_window_s:

@@ -58,6 +58,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.https_connections_capped = Counter(
+            "c2c_https_connections_refused_total",
+            "Partner-endpoint connections closed at accept, before any TLS work, by the cap "
+            "they were over (total, per_source).",
+            ["limit"],
+            registry=self.registry,
+        )
         self.tls_certificate_expiry = Gauge(
             "c2c_tls_certificate_expiry_timestamp_seconds",
             "When our own TLS certificate in force expires (Unix time).",

@@ -15,7 +15,7 @@ import functools
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -93,8 +93,52 @@ def result_response(result: InboundResult) -> web.Response:
 class _Refuse(asyncio.Protocol):
     """Answers a connection over the cap by closing it."""
 
+    def __init__(self, on_refused: Callable[[str], None]) -> None:
+        self._on_refused = on_refused
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        cast(asyncio.Transport, transport).abort()
+        peer = transport.get_extra_info("peername")
+        self._on_refused(str(peer[0]) if isinstance(peer, tuple) and peer else "unknown")
+
+
+class SourceSlots:
+    """Connections held per source address, from accept until closed (T37: one address
+    cannot take every connection the endpoint allows).
+
+    Each connection is taken for its handler (``take``) and given back once (``release``,
+    idempotent): by the handler's end, or by the acceptor when the connection never reached
+    the handler.
+    """
+
+    __slots__ = ("_counts", "_owners", "per_source")
+
+    def __init__(self, per_source: int) -> None:
+        self.per_source = per_source
+        self._counts: dict[str, int] = {}
+        self._owners: dict[object, str] = {}
+
+    def take(self, owner: object, host: str) -> bool:
+        count = self._counts.get(host, 0)
+        if count >= self.per_source:
+            return False
+        self._counts[host] = count + 1
+        self._owners[owner] = host
+        return True
+
+    def release(self, owner: object) -> None:
+        host = self._owners.pop(owner, None)
+        if host is None:
+            return
+        count = self._counts[host] - 1
+        if count:
+            self._counts[host] = count
+        else:
+            del self._counts[host]
+
+    def held(self) -> dict[str, int]:
+        """Connections held now, per source address."""
+        return dict(self._counts)
 
 
 class _GuardedSite(web.BaseSite):
@@ -112,8 +156,10 @@ class _GuardedSite(web.BaseSite):
         "_handshakes",
         "_host",
         "_max_connections",
+        "_on_capped",
         "_on_refused",
         "_port",
+        "sources",
     )
 
     def __init__(
@@ -125,11 +171,17 @@ class _GuardedSite(web.BaseSite):
         ssl_context: ssl.SSLContext,
         deadline_s: float,
         max_connections: int,
+        max_connections_per_source: int,
         awaiting: set[web_protocol.RequestHandler],
         on_refused: Callable[[HandshakeRefusal], None],
+        on_capped: Callable[[str, int, str], None],
         check_peer: PeerCheck | None,
     ) -> None:
+        """``on_capped(limit, cap, host)``: a connection closed at accept, over the cap named
+        (``total`` or ``per_source``)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
+        self.sources = SourceSlots(max_connections_per_source)
+        self._on_capped = on_capped
         self._check_peer = check_peer
         self._host = host
         self._port = port
@@ -163,8 +215,7 @@ class _GuardedSite(web.BaseSite):
         # Connections still in their handshake count too: slow handshakes cannot go round
         # the cap.
         if len(server.connections) + len(self._handshakes) >= self._max_connections:
-            log.warning("https_connection_cap", cap=self._max_connections)
-            return _Refuse()
+            return _Refuse(functools.partial(self._on_capped, "total", self._max_connections))
         handler = server()
         self._awaiting.add(handler)
         asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
@@ -177,10 +228,33 @@ class _GuardedSite(web.BaseSite):
             on_refused=self._on_refused,
             pending=self._handshakes,
             check_peer=self._check_peer,
+            admit=functools.partial(self._admit, handler),
+            unserved=functools.partial(self.sources.release, handler),
         )
+
+    def _admit(self, handler: web_protocol.RequestHandler, host: str) -> bool:
+        if self.sources.take(handler, host):
+            return True
+        self._awaiting.discard(handler)
+        self._on_capped("per_source", self.sources.per_source, host)
+        return False
 
     async def start(self) -> None:
         await super().start()
+        server = self._runner.server
+        assert server is not None
+        # aiohttp's server hears of every served connection's end: its source slot goes back
+        # then (a connection that never reached its handler is given back by the acceptor).
+        handler_lost = server.connection_lost
+        sources = self.sources
+
+        def connection_lost(
+            handler: web_protocol.RequestHandler, exc: BaseException | None = None
+        ) -> None:
+            sources.release(handler)
+            handler_lost(handler, exc)
+
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol, self._host, self._port, backlog=self._backlog
@@ -238,6 +312,7 @@ class PartnerHttpsServer:
         self._runner: web.AppRunner | None = None
         self._site: _GuardedSite | None = None
         self._refusals = RefusalWindow()
+        self._capped_logs = RefusalWindow()
         self._audit_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -299,8 +374,10 @@ class PartnerHttpsServer:
             ssl_context=self._ssl_context,
             deadline_s=self._limits.header_timeout_s,
             max_connections=self._limits.max_connections,
+            max_connections_per_source=self._limits.max_connections_per_source,
             awaiting=self._awaiting,
             on_refused=self._tls_refused,
+            on_capped=self._capped,
             check_peer=self._check_peer,
         )
         await site.start()
@@ -315,6 +392,22 @@ class PartnerHttpsServer:
             log.info("partner_https_stopped")
         if self._audit_tasks:
             await asyncio.gather(*self._audit_tasks, return_exceptions=True)
+
+    def _capped(self, limit: str, cap: int, host: str) -> None:
+        """Count every connection closed at accept over a cap; log the first per address and
+        cap in a minute (a flood of connections is not a flood of log lines)."""
+        env = self._pipeline.env
+        env.metrics.https_connections_capped.labels(limit).inc()
+        unlogged = self._capped_logs.admit((host, limit), env.clock.monotonic())
+        if unlogged is not None:
+            log.warning(
+                "https_connection_cap", limit=limit, cap=cap, peer=host, unlogged_since=unlogged
+            )
+
+    @property
+    def held_per_source(self) -> dict[str, int]:
+        """Connections held now (in their handshake or served), per source address."""
+        return self._site.sources.held() if self._site is not None else {}
 
     def _tls_refused(self, refusal: HandshakeRefusal) -> None:
         """Count every refused handshake; log and audit the first per address and reason

@@ -143,8 +143,15 @@ class TlsAcceptor(asyncio.Protocol):
         on_refused: Callable[[HandshakeRefusal], None],
         pending: set[asyncio.Task[None]],
         check_peer: PeerCheck | None = None,
+        admit: Callable[[str], bool] | None = None,
+        unserved: Callable[[], None] | None = None,
     ) -> None:
+        """``admit``: asked with the peer's address before any TLS work; False closes the
+        connection at once. ``unserved``: called once when a connection ends without having
+        been handed to ``handler`` (refused, abandoned, cancelled)."""
         self._pending = pending
+        self._admit = admit
+        self._unserved = unserved
         self._handler = handler
         self._context = context
         self._timeout_s = handshake_timeout_s
@@ -155,12 +162,16 @@ class TlsAcceptor(asyncio.Protocol):
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
         transport = cast(asyncio.Transport, transport)
         host, port = _peer(transport.get_extra_info("peername"))
+        if self._admit is not None and not self._admit(host):
+            transport.abort()
+            return
         plain = transport.get_extra_info("socket")
         try:
             duplicate = socket.socket(fileno=os.dup(plain.fileno()))
         except (OSError, AttributeError) as exc:
             log.warning("tls_accept_failed", error=str(exc))
             transport.abort()
+            self._ended_unserved()
             return
         # Closing this descriptor leaves the connection open on the duplicate; the transport
         # never starts reading.
@@ -169,9 +180,14 @@ class TlsAcceptor(asyncio.Protocol):
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
+    def _ended_unserved(self) -> None:
+        if self._unserved is not None:
+            self._unserved()
+
     async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
         gate = _Gate() if self._check_peer is not None else None
+        served = False
         try:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: gate or self._handler,
@@ -179,8 +195,7 @@ class TlsAcceptor(asyncio.Protocol):
                 ssl=self._context,
                 ssl_handshake_timeout=self._timeout_s,
             )
-            if gate is not None:
-                await self._checked(gate, transport, host, port)
+            served = gate is None or await self._checked(gate, transport, host, port)
         except ssl.SSLError as exc:
             duplicate.close()
             reason, detail = classify(exc)
@@ -193,11 +208,16 @@ class TlsAcceptor(asyncio.Protocol):
             # Not the peer's doing: say so, and keep serving the others.
             duplicate.close()
             log.exception("tls_handshake_failed", peer=host)
+        finally:
+            # The handler, once it has the connection, reports its end itself.
+            if not served:
+                self._ended_unserved()
 
     async def _checked(
         self, gate: _Gate, transport: asyncio.BaseTransport, host: str, port: int | None
-    ) -> None:
-        """Hand the connection to the handler once its peer passed ``check_peer``."""
+    ) -> bool:
+        """Hand the connection to the handler once its peer passed ``check_peer``; whether it
+        was handed over."""
         assert self._check_peer is not None
         tls = cast(asyncio.Transport, transport)
         ssl_object = tls.get_extra_info("ssl_object")
@@ -211,13 +231,14 @@ class TlsAcceptor(asyncio.Protocol):
             self._on_refused(
                 HandshakeRefusal(host=host, port=port, reason=exc.reason, detail=exc.detail)
             )
-            return
+            return False
         except BaseException:
             tls.abort()
             raise
         if gate.lost:
-            return
+            return False
         gate.hand_over(self._handler)
+        return True
 
 
 def _peer(peername: Any) -> tuple[str, int | None]:

@@ -171,6 +171,16 @@ async def running_gateway(
         await gateway.stop()
 
 
+async def held_per_source_becomes(
+    env: Env, expected: dict[str, int], within_s: float = 5.0
+) -> None:
+    """Wait until the partner endpoint holds ``expected`` connections per source address."""
+    server = env.gateway.partner_server
+    async with asyncio.timeout(within_s):
+        while server.held_per_source != expected:  # noqa: ASYNC110 (polled state)
+            await asyncio.sleep(0.02)
+
+
 def make_message(
     env: Env,
     *,

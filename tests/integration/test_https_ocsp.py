@@ -31,6 +31,7 @@ from https_env import (
     CA,
     MX,
     Env,
+    held_per_source_becomes,
     running_gateway,
     status_of,
     wait_delivered,
@@ -201,6 +202,8 @@ async def test_a_revoked_certificate_is_refused_before_any_request_and_audited(
         # nothing of MX-ANAM's was taken in
         await wait_delivered(env, 1)
         assert [r.sender for r in env.delivered] == [CA]
+        # the connections held for the check, refused or served, gave their slots back
+        await held_per_source_becomes(env, {})
 
 
 @pytest.mark.parametrize(
