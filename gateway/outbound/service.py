@@ -55,9 +55,15 @@ def attach_outbound(
 ) -> tuple[DispatcherService, ApiServer | None]:
     """Add the outbound dispatcher and (unless ``with_api`` is False) the internal API."""
     config = gateway.config
+    crl_watcher = gateway.crl_watcher
     https = HttpsTransport(
-        config.tls, timeout_s=config.outbox.send_timeout_s, now=gateway.clock.now
+        config.tls,
+        timeout_s=config.outbox.send_timeout_s,
+        now=gateway.clock.now,
+        crls=(lambda: crl_watcher.files) if crl_watcher is not None else None,
     )
+    if crl_watcher is not None:
+        crl_watcher.subscribe(https.forget_contexts)
     gateway.tls_identity.track(https.contexts)
     transports: dict[str, OutboundTransport] = {"https": https}
     transports.update(extra_transports or {})

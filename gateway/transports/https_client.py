@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
@@ -22,6 +22,7 @@ from aiohttp.resolver import DefaultResolver
 from gateway.config import PartnerConfig, TlsConfig
 from gateway.netpolicy import Network, is_ip_literal, refusal
 from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
+from gateway.transports.revocation import CrlFile, apply_crls
 from gateway.transports.tls import client_context
 
 MESSAGES_PATH = "/c2c/v1/messages"
@@ -106,8 +107,12 @@ class HttpsTransport:
         limit_per_host: int = 8,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        crls: Callable[[], Sequence[CrlFile]] | None = None,
     ) -> None:
+        """``crls``: the CRLs in force (``[tls] crls``), checked against each partner's
+        server certificate; call ``forget_contexts`` when they change."""
         self._tls = tls
+        self._crls = crls
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s)
         )
@@ -122,8 +127,18 @@ class HttpsTransport:
         context = self._contexts.get(partner.id)
         if context is None:
             context = client_context(self._tls, partner.https.ca)
+            if self._crls is not None:
+                apply_crls(context, self._crls())
             self._contexts[partner.id] = context
         return context
+
+    def forget_contexts(self) -> None:
+        """Build each partner's client context afresh for the next connections (new CRLs).
+
+        A kept-alive connection belongs to the context it was made with, so none is reused:
+        the old ones are closed once idle (aiohttp's keep-alive timeout, 15 s).
+        """
+        self._contexts.clear()
 
     def contexts(self) -> list[ssl.SSLContext]:
         """The client contexts made so far (they present our certificate)."""

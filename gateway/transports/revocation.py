@@ -1,10 +1,12 @@
-"""Revocation of partners' client certificates, from CRLs (``[tls] crls``).
+"""Revocation of partners' certificates, from CRLs (``[tls] crls``).
 
 With CRLs configured, the partner endpoint checks every client certificate against the CRL
 of the CA that issued it during the TLS handshake (OpenSSL ``VERIFY_CRL_CHECK_LEAF``). A
 revoked certificate, a CA with no CRL, or a CRL past its nextUpdate all refuse the handshake:
 fail closed, like an expired certificate (no HTTP, no receipt). At start every partner CA
-must have a CRL it signed, or the configuration is refused.
+must have a CRL it signed, or the configuration is refused. Outbound connections check the
+partner's server certificate against the same CRLs (``HttpsTransport``, ``crls``): a revoked
+one fails the connection before a byte of the message is sent.
 
 The files are watched: a new version (signed by a partner CA, with a later thisUpdate than
 the one in force) is added to the live context's store, where OpenSSL uses the newest valid
@@ -111,7 +113,8 @@ def load_crls(
 
 
 def apply_crls(context: ssl.SSLContext, files: Sequence[CrlFile]) -> None:
-    """Load the CRLs into ``context`` and check client certificates against them."""
+    """Load the CRLs into ``context`` and check the peer's certificate against them (a
+    client's on a server context, the server's on a client context)."""
     for crl_file in files:
         _add(context, crl_file)
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -157,6 +160,16 @@ class CrlWatcher:
         self._refused: set[tuple[Path, int]] = set()
         self._stale: set[tuple[Path, datetime | None]] = set()
         self._periodic = Periodic("crl-watcher", interval_s, self._check_async)
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def files(self) -> list[CrlFile]:
+        """The CRLs in force."""
+        return list(self._files)
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each change of the CRLs in force."""
+        self._listeners.append(listener)
 
     async def start(self) -> None:
         self.check()
@@ -204,6 +217,8 @@ class CrlWatcher:
                 continue
             self._publish(context)
             self._files = files
+            for listener in self._listeners:
+                listener()
             log.info(
                 "crl_reloaded",
                 path=str(fresh.path),
@@ -221,8 +236,9 @@ class CrlWatcher:
                     path=str(crl_file.path),
                     crl=crl_file.describe(),
                     next_update=_time(next_update),
-                    effect=f"client certificates of {cert_subject_cn(crl_file.issuer)!r} are "
-                    "refused at the handshake until a fresh CRL is installed",
+                    effect=f"certificates of {cert_subject_cn(crl_file.issuer)!r} are refused "
+                    "at the handshake (partners' clients, and partners' servers we connect to) "
+                    "until a fresh CRL is installed",
                 )
 
     def _refuse(self, path: Path, mtime_ns: int, reason: str) -> None:
