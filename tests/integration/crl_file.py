@@ -11,6 +11,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+#: when the tests were collected: a test writing a CRL of thisUpdate NOW supersedes one
+#: written with the default, however long after collection it runs
+NOW = dt.datetime.now(dt.UTC)
+
 
 def write_crl(
     root: Path,
@@ -26,7 +30,7 @@ def write_crl(
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    this_update = this_update or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    this_update = this_update or NOW - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca_cert.subject)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import structlog
-from crl_file import write_crl
+from crl_file import NOW, write_crl
 from https_env import CA, MX, Env, running_gateway, status_of, write_environment
 
 from gateway.config import load_config
@@ -26,7 +26,6 @@ from gateway.runtime import Gateway
 from gateway.store.base import AuditFilter
 
 TLS = 'crls = ["pki/ca.crl"]\ncrl_check_interval_s = 3600\n'
-NOW = dt.datetime.now(dt.UTC)
 
 
 @pytest.fixture
