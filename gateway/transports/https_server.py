@@ -136,6 +136,9 @@ class SourceSlots:
         else:
             del self._counts[host]
 
+    def __len__(self) -> int:
+        return len(self._owners)
+
     def held(self) -> dict[str, int]:
         """Connections held now, per source address."""
         return dict(self._counts)
@@ -212,9 +215,9 @@ class _GuardedSite(web.BaseSite):
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        # Connections still in their handshake count too: slow handshakes cannot go round
-        # the cap.
-        if len(server.connections) + len(self._handshakes) >= self._max_connections:
+        # Every connection holds its source slot from accept until it ends, so connections
+        # still in their handshake count too: slow handshakes cannot go round the cap.
+        if len(self.sources) >= self._max_connections:
             return _Refuse(functools.partial(self._on_capped, "total", self._max_connections))
         handler = server()
         self._awaiting.add(handler)
