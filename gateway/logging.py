@@ -294,17 +294,50 @@ def configure_logging(
 class _OneLineBadRequests(logging.Filter):
     """aiohttp logs every request its parser refuses (a 400) as an error with a traceback: a
     few kilobytes that any connected peer can make the gateway write per request. The
-    refusal itself is expected; this keeps it as one warning line naming the parse error."""
+    refusal itself is expected; this keeps it as one warning line naming the parse error,
+    and at most one line per ``window_s`` for each kind of parse error (a flood of bad
+    requests is not a flood of log lines). The next line logged for that kind says how many
+    went unlogged since the last one (``unlogged_since``)."""
+
+    def __init__(
+        self,
+        window_s: float = REPEAT_WINDOW_S,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        max_kinds: int = 64,
+    ) -> None:
+        super().__init__()
+        self._window_s = window_s
+        self._monotonic = monotonic
+        self._max_kinds = max_kinds
+        self._lock = threading.Lock()
+        #: kind -> [monotonic time of the last line logged, refusals unlogged since]
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            reason = " ".join(str(exc.message).split())[:200]
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {reason}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        kind = type(exc).__name__
+        now = self._monotonic()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self._window_s:
+                seen[1] += 1
+                return False
+            unlogged = int(seen[1]) if seen is not None else 0
+            self._seen[kind] = [now, 0]
+            self._seen.move_to_end(kind)
+            while len(self._seen) > self._max_kinds:
+                self._seen.popitem(last=False)
+        reason = " ".join(str(exc.message).split())[:200]
+        record.msg = f"{record.getMessage()}: {kind}: {reason}"
+        if unlogged:
+            record.msg += f" (unlogged_since={unlogged})"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

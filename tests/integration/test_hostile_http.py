@@ -11,7 +11,7 @@ import gzip
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,6 +22,7 @@ from https_env import MX, Env, make_message, post, rejections, running_gateway
 from gateway.crypto.jws import sign_detached
 from gateway.envelope import body_digest
 from gateway.errors import NackCode
+from gateway.logging import _BAD_REQUESTS, _OneLineBadRequests
 
 _STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 
@@ -304,8 +305,26 @@ async def test_other_media_types_on_ingest_are_malformed(env: Env, content_type:
     assert await env.gateway.store.get_inbound(MX, message_id) is None
 
 
+@pytest.fixture
+def bad_request_log() -> Iterator[list[float]]:
+    """The aiohttp.server filter swapped for a fresh one on a clock the test moves (the
+    process-wide one remembers what earlier tests refused); yields that clock."""
+    server = logging.getLogger("aiohttp.server")
+    clock = [1_000.0]
+    fresh = _OneLineBadRequests(monotonic=lambda: clock[0])
+    had = _BAD_REQUESTS in server.filters
+    server.removeFilter(_BAD_REQUESTS)
+    server.addFilter(fresh)
+    try:
+        yield clock
+    finally:
+        server.removeFilter(fresh)
+        if had:
+            server.addFilter(_BAD_REQUESTS)
+
+
 async def test_a_refused_request_is_logged_as_one_line(
-    env: Env, caplog: pytest.LogCaptureFixture
+    env: Env, caplog: pytest.LogCaptureFixture, bad_request_log: list[float]
 ) -> None:
     """aiohttp would log each unparseable request with a traceback: kilobytes of log per
     request, for any connected peer to make."""
@@ -321,3 +340,29 @@ async def test_a_refused_request_is_logged_as_one_line(
     assert "Error handling request" in record.getMessage()
     assert "BadHttpMessage" in record.getMessage()
     assert "\n" not in record.getMessage()
+    assert "unlogged_since" not in record.getMessage()
+
+
+async def test_a_flood_of_refused_requests_is_one_line_per_kind_a_minute(
+    env: Env, caplog: pytest.LogCaptureFixture, bad_request_log: list[float]
+) -> None:
+    """T79: a peer sending bad requests in a loop cannot make the gateway write a line for
+    each; what went unlogged is counted on the next line of its kind."""
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        for _ in range(5):
+            assert (await exchange(env, SMUGGLING["two CL"]))[0] == [400]
+        for _ in range(3):
+            assert len((await exchange(env, FLOODS["one 100 KB header line"]))[0]) == 1
+        first = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+        bad_request_log[0] += 59.0
+        assert (await exchange(env, SMUGGLING["two CL"]))[0] == [400]
+        bad_request_log[0] += 1.0
+        assert (await exchange(env, SMUGGLING["two CL"]))[0] == [400]
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(first) == 2, first
+    assert "BadHttpMessage" in first[0], first
+    assert "LineTooLong" in first[1], first
+    assert len(lines) == 3, lines
+    assert "BadHttpMessage" in lines[2], lines
+    assert lines[2].endswith("(unlogged_since=5)"), lines
+    await assert_still_serving(env)
