@@ -500,6 +500,22 @@ class PartnerHttpsServer:
 
     async def _post_message(self, request: web.Request) -> web.StreamResponse:
         partner = request[_PARTNER]
+        declared = request.content_length
+        if declared is not None and declared > self._max_body_bytes + 1:
+            # Refused from its head: reading it would only be work (and bytes to decrypt) for
+            # a body that is refused whatever it holds. Its bytes are never read, so the
+            # connection cannot be reused.
+            result = await self._pipeline.refuse_unread(
+                peer=partner,
+                transport="https",
+                error=TooLarge(
+                    f"declared Content-Length {declared} over the endpoint limit of"
+                    f" {self._max_body_bytes} bytes (not read)"
+                ),
+            )
+            response = result_response(result)
+            response.force_close()
+            return response
         try:
             body = await self._read_body(request)
         except TimeoutError:

@@ -9,7 +9,7 @@ import datetime as dt
 import io
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,7 @@ class Answer:
 
 async def post(
     env: Env,
-    body: bytes | io.BytesIO,
+    body: bytes | io.BytesIO | AsyncIterable[bytes],
     *,
     cert: str | None = MX,
     signer: str | None = MX,

@@ -165,7 +165,13 @@ async def test_endpoint_limit_holds_for_a_body_that_arrived_whole(env: Env) -> N
         extra_server(env, max_body_bytes=64) as server,
         connection(server.url, env, MX) as (reader, writer),
     ):
-        status, _, answer = await send(reader, writer, env, b"x" * 200, MX)
+        # chunked, all in one write: no length declared, the body arrives whole
+        chunked = request_head(b"", None).replace(
+            b"Content-Length: 0", b"Transfer-Encoding: chunked"
+        )
+        writer.write(chunked + b"c8\r\n" + b"x" * 200 + b"\r\n0\r\n\r\n")
+        await writer.drain()
+        status, _, answer = await read_response(reader)
         assert status == 413
         assert json.loads(answer)["code"] == "TOO_LARGE"
         # One byte over the endpoint limit goes on to the pipeline (its own checks answer).
@@ -174,6 +180,31 @@ async def test_endpoint_limit_holds_for_a_body_that_arrived_whole(env: Env) -> N
     entries = await rejections(env, NackCode.TOO_LARGE)
     assert len(entries) == 1
     assert "over the endpoint limit of 64 bytes" in entries[0]["reason"]
+
+
+async def test_a_declared_length_over_the_endpoint_limit_is_refused_before_its_body(
+    env: Env,
+) -> None:
+    """T36: the head alone decides; the gateway neither waits for nor reads the body (here it
+    never comes: reading would end in the body deadline's 408, not a 413)."""
+    async with (
+        extra_server(env, max_body_bytes=64) as server,
+        connection(server.url, env, MX) as (reader, writer),
+    ):
+        head = request_head(b"x" * 100_000_000, None)
+        writer.write(head + b"x" * 1000)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status, headers, answer = await read_response(reader)
+            assert await reader.read() == b""
+    assert status == 413
+    assert headers["connection"] == "close"
+    assert json.loads(answer)["code"] == "TOO_LARGE"
+    entries = await rejections(env, NackCode.TOO_LARGE)
+    assert len(entries) == 1
+    assert entries[0]["reason"] == (
+        "declared Content-Length 100000000 over the endpoint limit of 64 bytes (not read)"
+    )
 
 
 async def _remembered_after_two_requests(env: Env, context: ssl.SSLContext | None) -> int:
