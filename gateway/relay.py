@@ -167,29 +167,26 @@ class InboxRelay:
             log.warning("relay_release_failed", code=exc.code.value, reason=exc.reason)
 
     async def relay_once(self) -> int:
-        """Publish one batch (handed-over records, else a claimed batch); returns how many
-        records the bus confirmed."""
-        handed = self._take_handed()
+        """Publish one batch of at most ``batch`` records (handed-over records, and a claimed
+        batch when one is due); returns how many records the bus confirmed."""
         claimed: list[InboundRecord] = []
         loop = asyncio.get_running_loop()
-        if not handed or loop.time() - self._last_claim >= self._poll_interval_s:
+        if not self._handed or loop.time() - self._last_claim >= self._poll_interval_s:
             # claims also run while records are being handed over, so that rows no one handed
-            # over (a crashed relay's, an overflow) are not starved
+            # over (a crashed relay's, an overflow) are not starved: they get at least half
+            # of the batch, the handed records the rest
             self._last_claim = loop.time()
-            try:
-                claimed = await self._store.claim_relay(
-                    self._owner,
-                    self._clock.now(),
-                    self._batch,
-                    self._lease_s,
-                    max_bytes=self._max_handed_bytes,
-                )
-            except BaseException:
-                self._give_back(handed)
-                raise
-            # a handed row whose lease ran out while queued can come back in a claim
-            keys = {record.key for record in handed}
-            claimed = [record for record in claimed if record.key not in keys]
+            claimed = await self._store.claim_relay(
+                self._owner,
+                self._clock.now(),
+                self._batch - min(len(self._handed), self._batch // 2),
+                self._lease_s,
+                max_bytes=self._max_handed_bytes,
+            )
+        handed = self._take_handed(self._batch - len(claimed))
+        # a handed row whose lease ran out while queued can come back in a claim
+        keys = {record.key for record in handed}
+        claimed = [record for record in claimed if record.key not in keys]
         confirmed: list[InboundRecord] = []
         try:
             await self._publish([*handed, *claimed], confirmed)
@@ -215,8 +212,8 @@ class InboxRelay:
         if len(marked) < len(records):
             log.warning("relay_lease_lost", published=len(records), marked=len(marked))
 
-    def _take_handed(self) -> list[InboundRecord]:
-        count = min(self._batch, len(self._handed))
+    def _take_handed(self, limit: int) -> list[InboundRecord]:
+        count = min(limit, len(self._handed))
         taken = [self._handed.popleft() for _ in range(count)]
         self._handed_bytes -= sum(_held_bytes(record) for record in taken)
         return taken
