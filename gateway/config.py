@@ -76,6 +76,9 @@ class LimitsConfig:
     max_connections: int = 1024
     #: connections one source address may hold at once (in their handshake or served)
     max_connections_per_source: int = 64
+    #: TLS handshakes the partner endpoint starts per second (a quarter second's worth at
+    #: once); new connections beyond that wait their turn, round robin by source address
+    handshakes_per_second: float = 50.0
     #: how long one store operation may take before it counts as an outage: PostgreSQL's
     #: connect and command timeout (SQLite's writer is local and has none)
     store_timeout_s: float = 30.0
@@ -541,6 +544,7 @@ def _limits(table: _Table) -> LimitsConfig:
         max_connections_per_source=table.int_or(
             "max_connections_per_source", d.max_connections_per_source, minimum=1
         ),
+        handshakes_per_second=table.float_or("handshakes_per_second", d.handshakes_per_second),
         store_timeout_s=table.float_or("store_timeout_s", d.store_timeout_s),
     )
     if limits.max_skew_s > limits.replay_window_s:

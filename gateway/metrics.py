@@ -65,6 +65,15 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self.https_connections_closed = Counter(
+            "c2c_https_connections_closed_total",
+            "Partner-endpoint connections closed before their first request: at "
+            "header_timeout_s from accept, by where they were (handshake_wait: waiting for a "
+            "turn to handshake; handshake; request_head: handshaken, no complete request head), "
+            "or to make room for another at the total cap (evicted).",
+            ["stage"],
+            registry=self.registry,
+        )
         self.tls_certificate_expiry = Gauge(
             "c2c_tls_certificate_expiry_timestamp_seconds",
             "When our own TLS certificate in force expires (Unix time).",

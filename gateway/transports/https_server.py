@@ -15,7 +15,7 @@ import functools
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import orjson
 import structlog
@@ -30,7 +30,14 @@ from gateway.inbound.pipeline import InboundPipeline
 from gateway.logging import quiet_bad_requests
 from gateway.schemas.registry import SchemaRegistry
 from gateway.transports.tls import PartnerIdentifier
-from gateway.transports.tls_accept import HandshakeRefusal, PeerCheck, RefusalWindow, TlsAcceptor
+from gateway.transports.tls_accept import (
+    HandshakeRefusal,
+    HandshakeTurns,
+    PeerCheck,
+    RefusalWindow,
+    TlsAcceptor,
+    peer_of,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -90,16 +97,9 @@ def result_response(result: InboundResult) -> web.Response:
     return web.Response(status=result.http_status, headers=headers)
 
 
-class _Refuse(asyncio.Protocol):
-    """Answers a connection over the cap by closing it."""
-
-    def __init__(self, on_refused: Callable[[str], None]) -> None:
-        self._on_refused = on_refused
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).abort()
-        peer = transport.get_extra_info("peername")
-        self._on_refused(str(peer[0]) if isinstance(peer, tuple) and peer else "unknown")
+#: at the total cap, a new connection takes the place of an unserved one from an address
+#: holding at least this many times what the new one's address would hold with it
+EVICT_FROM_SHARE = 2
 
 
 class SourceSlots:
@@ -139,6 +139,17 @@ class SourceSlots:
     def __len__(self) -> int:
         return len(self._owners)
 
+    def count(self, host: str) -> int:
+        return self._counts.get(host, 0)
+
+    def by_count(self) -> list[tuple[str, int]]:
+        """Source addresses, those holding the most connections first."""
+        return sorted(self._counts.items(), key=lambda item: -item[1])
+
+    def heaviest(self) -> tuple[str, int]:
+        """The address holding the most connections, and how many (``("", 0)``: none)."""
+        return max(self._counts.items(), key=lambda item: item[1], default=("", 0))
+
     def held(self) -> dict[str, int]:
         """Connections held now, per source address."""
         return dict(self._counts)
@@ -160,8 +171,11 @@ class _GuardedSite(web.BaseSite):
         "_host",
         "_max_connections",
         "_on_capped",
+        "_on_deadline",
         "_on_refused",
         "_port",
+        "_turns",
+        "_unserved",
         "sources",
     )
 
@@ -175,26 +189,33 @@ class _GuardedSite(web.BaseSite):
         deadline_s: float,
         max_connections: int,
         max_connections_per_source: int,
-        awaiting: set[web_protocol.RequestHandler],
+        handshakes_per_second: float,
         on_refused: Callable[[HandshakeRefusal], None],
         on_capped: Callable[[str, int, str], None],
+        on_deadline: Callable[[str, str], None],
         check_peer: PeerCheck | None,
     ) -> None:
         """``on_capped(limit, cap, host)``: a connection closed at accept, over the cap named
-        (``total`` or ``per_source``)."""
+        (``total`` or ``per_source``). ``on_deadline(host, stage)``: a connection closed at
+        its deadline (``handshake_wait``, ``handshake``, ``request_head``)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
         self.sources = SourceSlots(max_connections_per_source)
         self._on_capped = on_capped
+        self._on_deadline = on_deadline
         self._check_peer = check_peer
         self._host = host
         self._port = port
         self._bound_port = port
         self._deadline_s = deadline_s
         self._max_connections = max_connections
-        self._awaiting = awaiting
+        #: connections not yet past their first request head, in the order accepted
+        self._awaiting: dict[web_protocol.RequestHandler, TlsAcceptor] = {}
+        #: those holding a source slot, per source address, in the order accepted
+        self._unserved: dict[str, dict[web_protocol.RequestHandler, None]] = {}
         self._on_refused = on_refused
         # Handshakes under way, ended when the site stops.
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._turns = HandshakeTurns(handshakes_per_second)
 
     @property
     def name(self) -> str:
@@ -204,27 +225,37 @@ class _GuardedSite(web.BaseSite):
     def port(self) -> int:
         return self._bound_port
 
+    def request_started(self, handler: web_protocol.RequestHandler) -> None:
+        """A request head has come on this connection: it is served, no longer under the
+        deadline nor evictable."""
+        self._forget(handler)
+
+    def _forget(self, handler: web_protocol.RequestHandler) -> TlsAcceptor | None:
+        """Take ``handler`` off the unserved connections; its acceptor if it was one."""
+        acceptor = self._awaiting.pop(handler, None)
+        if acceptor is not None:
+            unserved = self._unserved.get(acceptor.host)
+            if unserved is not None:
+                unserved.pop(handler, None)
+                if not unserved:
+                    del self._unserved[acceptor.host]
+        return acceptor
+
     def _enforce_deadline(self, handler: web_protocol.RequestHandler) -> None:
-        if handler not in self._awaiting:
+        if self._forget(handler) is None:
             return
-        self._awaiting.discard(handler)
         if handler.transport is not None:
-            log.info("https_connection_deadline", deadline_s=self._deadline_s)
+            host, _ = peer_of(handler.transport.get_extra_info("peername"))
             handler.transport.close()
+            self._on_deadline(host, "request_head")
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
         assert server is not None
-        # Every connection holds its source slot from accept until it ends, so connections
-        # still in their handshake count too: slow handshakes cannot go round the cap.
-        if len(self.sources) >= self._max_connections:
-            return _Refuse(functools.partial(self._on_capped, "total", self._max_connections))
         handler = server()
-        self._awaiting.add(handler)
-        asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
         assert self._ssl_context is not None
         # The handshake runs in our hands, so a refused one is counted and audited.
-        return TlsAcceptor(
+        acceptor = TlsAcceptor(
             handler=handler,
             context=self._ssl_context,
             handshake_timeout_s=self._deadline_s,
@@ -232,15 +263,66 @@ class _GuardedSite(web.BaseSite):
             pending=self._handshakes,
             check_peer=self._check_peer,
             admit=functools.partial(self._admit, handler),
-            unserved=functools.partial(self.sources.release, handler),
+            unserved=functools.partial(self._ended, handler),
+            turns=self._turns,
+            on_deadline=self._on_deadline,
         )
+        self._awaiting[handler] = acceptor
+        return acceptor
+
+    def _make_room(self, host: str) -> bool:
+        """At the total cap, close one unserved connection (in its handshake or before its
+        first request head) of the address holding the most connections, its oldest, for a
+        new connection from ``host``; whether one was. Only if that address holds at least
+        ``EVICT_FROM_SHARE`` times what ``host`` would: else the new connection is the one
+        refused (addresses holding about as many do not take each other's places, which would
+        only churn).
+
+        The cap is filled most cheaply by connections that never finish their handshake or
+        request head (slowloris). Taking room from whoever holds the most (longest queue
+        drop) lets a partner's new connection in while an attack holds the cap, and leaves the
+        attacker's own new connections refused, not churning. Served connections are kept.
+        """
+        own = self.sources.count(host)
+        heaviest, _ = self.sources.heaviest()
+        candidates = (
+            [heaviest] if self._unserved.get(heaviest) else [h for h, _ in self.sources.by_count()]
+        )
+        for source in candidates:
+            if self.sources.count(source) < EVICT_FROM_SHARE * (own + 1):
+                return False
+            unserved = self._unserved.get(source)
+            if unserved:
+                self._evict(next(iter(unserved)), source)
+                return True
+        return False
+
+    def _evict(self, handler: web_protocol.RequestHandler, host: str) -> None:
+        acceptor = self._forget(handler)
+        if handler.transport is not None:
+            handler.transport.close()
+        elif acceptor is not None:
+            acceptor.abandon()
+        self._on_deadline(host, "evicted")
+
+    def _ended(self, handler: web_protocol.RequestHandler) -> None:
+        self.sources.release(handler)
+        self._forget(handler)
 
     def _admit(self, handler: web_protocol.RequestHandler, host: str) -> bool:
-        if self.sources.take(handler, host):
-            return True
-        self._awaiting.discard(handler)
-        self._on_capped("per_source", self.sources.per_source, host)
-        return False
+        # Every connection holds its source slot from accept until it ends, so connections
+        # still in their handshake count too: slow handshakes cannot go round the caps.
+        if len(self.sources) >= self._max_connections and not self._make_room(host):
+            self._awaiting.pop(handler, None)
+            self._on_capped("total", self._max_connections, host)
+            return False
+        if not self.sources.take(handler, host):
+            self._awaiting.pop(handler, None)
+            self._on_capped("per_source", self.sources.per_source, host)
+            return False
+        self._unserved.setdefault(host, {})[handler] = None
+        asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
+        return True
 
     async def start(self) -> None:
         await super().start()
@@ -249,12 +331,12 @@ class _GuardedSite(web.BaseSite):
         # aiohttp's server hears of every served connection's end: its source slot goes back
         # then (a connection that never reached its handler is given back by the acceptor).
         handler_lost = server.connection_lost
-        sources = self.sources
+        ended = self._ended
 
         def connection_lost(
             handler: web_protocol.RequestHandler, exc: BaseException | None = None
         ) -> None:
-            sources.release(handler)
+            ended(handler)
             handler_lost(handler, exc)
 
         server.connection_lost = connection_lost  # type: ignore[method-assign]
@@ -310,12 +392,11 @@ class PartnerHttpsServer:
         self._host = host
         self._port = port
         self._shutdown_timeout_s = shutdown_timeout_s
-        # Connections that have not yet started their first request (header deadline).
-        self._awaiting: set[web_protocol.RequestHandler] = set()
         self._runner: web.AppRunner | None = None
         self._site: _GuardedSite | None = None
         self._refusals = RefusalWindow()
         self._capped_logs = RefusalWindow()
+        self._deadline_logs = RefusalWindow()
         self._audit_tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -378,9 +459,10 @@ class PartnerHttpsServer:
             deadline_s=self._limits.header_timeout_s,
             max_connections=self._limits.max_connections,
             max_connections_per_source=self._limits.max_connections_per_source,
-            awaiting=self._awaiting,
+            handshakes_per_second=self._limits.handshakes_per_second,
             on_refused=self._tls_refused,
             on_capped=self._capped,
+            on_deadline=self._closed_early,
             check_peer=self._check_peer,
         )
         await site.start()
@@ -405,6 +487,22 @@ class PartnerHttpsServer:
         if unlogged is not None:
             log.warning(
                 "https_connection_cap", limit=limit, cap=cap, peer=host, unlogged_since=unlogged
+            )
+
+    def _closed_early(self, host: str, stage: str) -> None:
+        """Count every connection closed before its first request, at its deadline or to make
+        room (``evicted``); log the first per address and stage in a minute (slowloris
+        connections are not a flood of log lines)."""
+        env = self._pipeline.env
+        env.metrics.https_connections_closed.labels(stage).inc()
+        unlogged = self._deadline_logs.admit((host, stage), env.clock.monotonic())
+        if unlogged is not None:
+            log.info(
+                "https_connection_evicted" if stage == "evicted" else "https_connection_deadline",
+                stage=stage,
+                deadline_s=self._limits.header_timeout_s,
+                peer=host,
+                unlogged_since=unlogged,
             )
 
     @property
@@ -447,7 +545,8 @@ class PartnerHttpsServer:
     @web.middleware
     async def _require_partner(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # A request has started on this connection: its header deadline no longer applies.
-        self._awaiting.discard(request.protocol)
+        if self._site is not None:
+            self._site.request_started(request.protocol)
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         partner = self._partner_of(ssl_object) if ssl_object is not None else None

@@ -15,7 +15,7 @@ import asyncio
 import os
 import socket
 import ssl
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -125,6 +125,76 @@ def classify(exc: ssl.SSLError) -> tuple[str, str]:
     return "protocol", (reason or str(exc))[:MAX_DETAIL]
 
 
+class TurnExpired(TimeoutError):
+    """A connection's deadline came while it waited for its turn to handshake."""
+
+
+class HandshakeTurns:
+    """The pace at which one listener starts TLS handshakes: ``rate`` a second, after a burst
+    of a quarter second's worth; the connections kept waiting take their turns by source
+    address, round robin.
+
+    A handshake is the costly part of a new connection (key exchange, signatures, the client's
+    chain), and it runs on the event loop. Hundreds of connections arriving at once (a flood,
+    or every slowloris connection coming back after its deadline) would otherwise put
+    hundreds of handshakes ahead of the requests of connections already served. Round robin
+    keeps one address with many connections waiting from delaying another address's one.
+    A connection that runs out of time waiting is closed (``TurnExpired``).
+    """
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._burst = max(1.0, rate / 4)
+        self._tokens = self._burst
+        self._stamp: float | None = None
+        #: per source address, its connections waiting, oldest first
+        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _refill(self, now: float) -> None:
+        if self._stamp is not None:
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+
+    async def take(self, host: str, deadline: float) -> None:
+        """Return when this connection may start its handshake; ``TurnExpired`` at
+        ``deadline`` (loop time)."""
+        loop = asyncio.get_running_loop()
+        self._refill(loop.time())
+        if not self._waiting and self._tokens >= 1:
+            self._tokens -= 1
+            return
+        turn: asyncio.Future[None] = loop.create_future()
+        self._waiting.setdefault(host, deque()).append(turn)
+        self._schedule(loop)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await turn
+        except TimeoutError:
+            raise TurnExpired from None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is None and self._waiting:
+            delay = max(0.0, (1 - self._tokens) / self._rate)
+            self._timer = loop.call_later(delay, self._dispatch, loop)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._refill(loop.time())
+        while self._tokens >= 1 and self._waiting:
+            host, queue = next(iter(self._waiting.items()))
+            turn = queue.popleft()
+            if queue:
+                self._waiting.move_to_end(host)
+            else:
+                del self._waiting[host]
+            if turn.done():
+                continue  # ran out of time waiting, or its connection was cancelled
+            turn.set_result(None)
+            self._tokens -= 1
+        self._schedule(loop)
+
+
 class TlsAcceptor(asyncio.Protocol):
     """Takes an accepted TCP connection over and runs its TLS handshake.
 
@@ -145,11 +215,22 @@ class TlsAcceptor(asyncio.Protocol):
         check_peer: PeerCheck | None = None,
         admit: Callable[[str], bool] | None = None,
         unserved: Callable[[], None] | None = None,
+        turns: HandshakeTurns | None = None,
+        on_deadline: Callable[[str, str], None] | None = None,
     ) -> None:
         """``admit``: asked with the peer's address before any TLS work; False closes the
         connection at once. ``unserved``: called once when a connection ends without having
-        been handed to ``handler`` (refused, abandoned, cancelled)."""
+        been handed to ``handler`` (refused, abandoned, cancelled). ``turns``: the listener's
+        pace of handshake starts; a connection waiting for its turn is not read (its
+        ClientHello stays in the kernel), and ``handshake_timeout_s`` runs from accept, the
+        wait included. ``on_deadline(host, stage)``: a connection closed at that deadline,
+        still waiting for its turn (``handshake_wait``) or in its handshake (``handshake``)."""
         self._pending = pending
+        self._turns = turns
+        self._on_deadline = on_deadline
+        #: the peer's address, once accepted
+        self.host = "unknown"
+        self._task: asyncio.Task[None] | None = None
         self._admit = admit
         self._unserved = unserved
         self._handler = handler
@@ -161,7 +242,8 @@ class TlsAcceptor(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
         transport = cast(asyncio.Transport, transport)
-        host, port = _peer(transport.get_extra_info("peername"))
+        host, port = peer_of(transport.get_extra_info("peername"))
+        self.host = host
         if self._admit is not None and not self._admit(host):
             transport.abort()
             return
@@ -177,8 +259,19 @@ class TlsAcceptor(asyncio.Protocol):
         # never starts reading.
         transport.abort()
         task = asyncio.get_running_loop().create_task(self._handshake(duplicate, host, port))
+        self._task = task
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def abandon(self) -> None:
+        """End this connection if it has not been handed over yet (its handshake, its wait
+        for a turn, or its peer check is under way)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _deadline(self, host: str, stage: str) -> None:
+        if self._on_deadline is not None:
+            self._on_deadline(host, stage)
 
     def _ended_unserved(self) -> None:
         if self._unserved is not None:
@@ -186,14 +279,19 @@ class TlsAcceptor(asyncio.Protocol):
 
     async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         gate = _Gate() if self._check_peer is not None else None
         served = False
+        loop_owns_socket = False
         try:
+            if self._turns is not None:
+                await self._turns.take(host, deadline)
+            loop_owns_socket = True
             transport, _ = await loop.connect_accepted_socket(
                 lambda: gate or self._handler,
                 sock=duplicate,
                 ssl=self._context,
-                ssl_handshake_timeout=self._timeout_s,
+                ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
             served = gate is None or await self._checked(gate, transport, host, port)
         except ssl.SSLError as exc:
@@ -201,9 +299,20 @@ class TlsAcceptor(asyncio.Protocol):
             reason, detail = classify(exc)
             self._on_refused(HandshakeRefusal(host=host, port=port, reason=reason, detail=detail))
         except (OSError, TimeoutError) as exc:
-            # The peer left or was too slow.
+            # The peer left or was too slow (asyncio's and uvloop's handshake timeouts raise
+            # ConnectionAbortedError: the clock tells).
             duplicate.close()
             log.debug("tls_handshake_abandoned", error=type(exc).__name__)
+            if isinstance(exc, TurnExpired):
+                self._deadline(host, "handshake_wait")
+            elif loop.time() >= deadline - 0.05:
+                self._deadline(host, "handshake")
+        except asyncio.CancelledError:
+            # Abandoned (evicted, or the site stopping). Once the loop has the socket, the
+            # loop closes it with the transport it made.
+            if not loop_owns_socket:
+                duplicate.close()
+            raise
         except Exception:
             # Not the peer's doing: say so, and keep serving the others.
             duplicate.close()
@@ -241,7 +350,7 @@ class TlsAcceptor(asyncio.Protocol):
         return True
 
 
-def _peer(peername: Any) -> tuple[str, int | None]:
+def peer_of(peername: Any) -> tuple[str, int | None]:
     if isinstance(peername, tuple) and len(peername) >= 2:
         return str(peername[0]), int(peername[1])
     return "unknown", None
