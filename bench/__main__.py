@@ -25,10 +25,20 @@ import structlog
 import uvloop
 
 import gateway
-from bench import amqp_inbound, amqp_poison, audit, fairness, https_inbound, outbound
+from bench import amqp_inbound, amqp_poison, attack, audit, fairness, https_inbound, outbound
 from bench.common import QUICK, Table, prepare, sign_messages
 
-NAMES = ("https", "postgres", "amqp", "outbound", "memory", "audit", "poison", "fairness")
+NAMES = (
+    "https",
+    "postgres",
+    "amqp",
+    "outbound",
+    "memory",
+    "audit",
+    "poison",
+    "fairness",
+    "attack",
+)
 #: the checkout whose ``gateway`` package this process imported
 CHECKOUT = Path(gateway.__file__).resolve().parent.parent
 
@@ -120,6 +130,7 @@ async def run(names: list[str]) -> list[Table]:
     await step("audit", lambda root: _one(audit.audit(root)))
     await step("poison", lambda root: _one(amqp_poison.amqp_poison(root)))
     await step("fairness", lambda root: _one(fairness.fairness(root)))
+    await step("attack", lambda root: _one(attack.attack(root)))
     return tables
 
 

@@ -8,12 +8,14 @@ so that the server under test has its core to itself as far as two cores allow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,8 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     statuses: dict[str, int]
+    #: connections the client opened
+    connections: int = 0
 
     @property
     def rate(self) -> float:
@@ -68,6 +72,7 @@ class LoadResult:
             p50_ms=float(str(data["p50_ms"])),
             p99_ms=float(str(data["p99_ms"])),
             statuses={str(k): int(v) for k, v in statuses.items()},
+            connections=int(str(data.get("connections", 0))),
         )
 
 
@@ -206,7 +211,12 @@ class Serve:
     proc: asyncio.subprocess.Process | None = None
     partner_url: str = ""
     api_url: str = ""
-    _drain: asyncio.Task[bytes] | None = None
+    _drain: asyncio.Task[None] | None = None
+    #: what it has written to stderr (its log) so far: lines, bytes
+    log_lines: int = 0
+    log_bytes: int = 0
+    #: lines so far by their ``event``
+    log_events: Counter[str] = field(default_factory=Counter)
 
     async def start(self) -> Serve:
         self.proc = await asyncio.create_subprocess_exec(
@@ -228,7 +238,7 @@ class Serve:
                     ready = json.loads(line)
                     self.partner_url, self.api_url = ready["partner_url"], ready["api_url"]
                     break
-        self._drain = asyncio.create_task(_count_warnings(self.proc.stderr))
+        self._drain = asyncio.create_task(self._read_log(self.proc.stderr))
         return self
 
     @property
@@ -246,13 +256,17 @@ class Serve:
         if self._drain is not None:
             await self._drain
 
-
-async def _count_warnings(stream: asyncio.StreamReader) -> bytes:
-    """Keep the pipe drained; echo errors so a failing benchmark says why."""
-    while line := await stream.readline():
-        if b'"level": "error"' in line or b'"level":"error"' in line:
-            sys.stderr.write("gateway: " + line.decode(errors="replace"))
-    return b""
+    async def _read_log(self, stream: asyncio.StreamReader) -> None:
+        """Keep the pipe drained and count what comes; echo errors so a failing benchmark
+        says why."""
+        while line := await stream.readline():
+            self.log_lines += 1
+            self.log_bytes += len(line)
+            if line.startswith(b"{"):
+                with contextlib.suppress(ValueError):
+                    self.log_events[str(json.loads(line).get("event"))] += 1
+            if b'"level": "error"' in line or b'"level":"error"' in line:
+                sys.stderr.write("gateway: " + line.decode(errors="replace"))
 
 
 @dataclass
@@ -305,6 +319,7 @@ async def start_load(
     limit: int | None = None,
     bearer: str | None = None,
     partner: str = PARTNER,
+    rate: float | None = None,
 ) -> asyncio.subprocess.Process:
     """A ``bench.load_client`` process against ``urls``: as ``partner`` (its client
     certificate), or with ``bearer`` as an internal API client; its JSON result on stdout."""
@@ -327,6 +342,8 @@ async def start_load(
     ]
     if limit is not None:
         args += ["--limit", str(limit)]
+    if rate is not None:
+        args += ["--rate", str(rate)]
     for url in urls:
         args += ["--url", url]
     return await asyncio.create_subprocess_exec(python(), *args, stdout=asyncio.subprocess.PIPE)

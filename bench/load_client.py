@@ -3,8 +3,12 @@
 Reads ``{"b": body, "s": jws}`` lines (``s`` absent for internal API submissions, which carry
 ``--bearer`` instead), opens ``--concurrency`` kept-alive connections (spread
 over the ``--url`` targets), sends ``--warmup`` unmeasured requests, then measures until the
-payloads run out or ``--duration`` passes. Prints one JSON object: count, seconds, errors
-(answers other than 202), p50/p99 latency in ms, and the status counts.
+payloads run out or ``--duration`` passes. With ``--rate`` the requests are paced (open loop):
+request *i* is due at start + *i*/rate, and its latency counts from when it was due, so a
+stalled server shows in the latency of every request that waited behind it (no coordinated
+omission). Prints one JSON object: count, seconds, errors
+(answers other than 202), p50/p99 latency in ms, the status counts and the connections
+opened.
 """
 
 from __future__ import annotations
@@ -64,6 +68,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 warm_done.set()
             body, signature = payloads[index]
             started = time.perf_counter()
+            if args.rate:
+                due = paced_from + index / args.rate
+                if due > started:
+                    await asyncio.sleep(due - started)
+                started = due
             headers = base_headers if signature is None else {**base_headers, SIGNATURE: signature}
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
@@ -72,7 +81,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 latencies.append(time.perf_counter() - started)
                 statuses[response.status] += 1
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    opened = [0]
+
+    async def on_connection(*_: object) -> None:
+        opened[0] += 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(on_connection)
+    paced_from = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector, trace_configs=[trace]) as session:
         await asyncio.gather(
             *(worker(session, urls[i % len(urls)]) for i in range(args.concurrency))
         )
@@ -86,6 +103,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p50_ms": percentile(latencies, 0.50) * 1000,
         "p99_ms": percentile(latencies, 0.99) * 1000,
         "statuses": {str(k): v for k, v in statuses.items()},
+        "connections": opened[0],
     }
 
 
@@ -102,6 +120,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--skip", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=None, help="requests/s, paced (open loop)")
     args = parser.parse_args()
     print(orjson.dumps(uvloop.run(run(args))).decode())
 
