@@ -171,6 +171,27 @@ async def running_gateway(
         await gateway.stop()
 
 
+async def open_from(
+    env: Env, source: str, context: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the partner endpoint from the local address ``source`` (loopback has
+    all of 127.0.0.0/8), over TLS with ``context``, or plain TCP when it is None."""
+    url = urlsplit(env.gateway.partner_url)
+    return await asyncio.open_connection(
+        url.hostname,
+        url.port,
+        ssl=context,
+        server_hostname="127.0.0.1" if context is not None else None,
+        local_addr=(source, 0),
+    )
+
+
+def connection_count(env: Env, metric: str, label: str, value: str) -> float:
+    """A partner-endpoint connection counter's value (0 when never counted)."""
+    sample = env.gateway.metrics.registry.get_sample_value(metric, {label: value})
+    return sample or 0.0
+
+
 async def held_per_source_becomes(
     env: Env, expected: dict[str, int], within_s: float = 5.0
 ) -> None:

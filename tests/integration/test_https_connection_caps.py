@@ -12,11 +12,19 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from https_env import MX, Env, held_per_source_becomes, make_message, post, running_gateway
+from https_env import (
+    MX,
+    Env,
+    connection_count,
+    held_per_source_becomes,
+    make_message,
+    open_from,
+    post,
+    running_gateway,
+)
 
 PER_SOURCE = 2
 LIMITS = (
@@ -32,19 +40,6 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         yield running
 
 
-async def _open(
-    env: Env, source: str, context: ssl.SSLContext | None
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    url = urlsplit(env.gateway.partner_url)
-    return await asyncio.open_connection(
-        url.hostname,
-        url.port,
-        ssl=context,
-        server_hostname="127.0.0.1" if context is not None else None,
-        local_addr=(source, 0),
-    )
-
-
 async def _get_keys(env: Env, source: str) -> int:
     connector = aiohttp.TCPConnector(ssl=env.client_ssl(MX), local_addr=(source, 0))
     async with (
@@ -55,21 +50,19 @@ async def _get_keys(env: Env, source: str) -> int:
         return response.status
 
 
-def _refused_count(env: Env, limit: str) -> float:
-    registry = env.gateway.metrics.registry
-    value = registry.get_sample_value("c2c_https_connections_refused_total", {"limit": limit})
-    return value or 0.0
+def _refused(env: Env, limit: str) -> float:
+    return connection_count(env, "c2c_https_connections_refused_total", "limit", limit)
 
 
 async def test_one_source_cannot_keep_another_partner_out(env: Env) -> None:
     # Connections that never send a ClientHello fill the flooder's slots ...
-    silent = [await _open(env, FLOODER, None) for _ in range(PER_SOURCE)]
+    silent = [await open_from(env, FLOODER, None) for _ in range(PER_SOURCE)]
     await held_per_source_becomes(env, {FLOODER: PER_SOURCE})
     # ... its next one is closed before any TLS work, a partner's mTLS client included ...
     with pytest.raises((ConnectionError, ssl.SSLError)):
-        await _open(env, FLOODER, env.client_ssl(MX))
-    assert _refused_count(env, "per_source") == 1
-    assert _refused_count(env, "total") == 0
+        await open_from(env, FLOODER, env.client_ssl(MX))
+    assert _refused(env, "per_source") == 1
+    assert _refused(env, "total") == 0
     # ... while another address is served as usual, below the total cap.
     _, body = make_message(env)
     assert (await post(env, body)).status == 202
@@ -84,34 +77,34 @@ async def test_every_way_a_connection_ends_gives_its_slot_back(env: Env) -> None
     source = "127.0.0.3"
     # A handshake refused: no client certificate.
     with contextlib.suppress(ConnectionError, ssl.SSLError):
-        reader, writer = await _open(env, source, env.client_ssl(None))
+        reader, writer = await open_from(env, source, env.client_ssl(None))
         await reader.read()
         writer.close()
     # Not TLS at all.
-    reader, writer = await _open(env, source, None)
+    reader, writer = await open_from(env, source, None)
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert await reader.read() == b""
     writer.close()
     # A silent connection closed by the header deadline.
-    reader, writer = await _open(env, source, None)
+    reader, writer = await open_from(env, source, None)
     async with asyncio.timeout(5):
         assert await reader.read() == b""
     writer.close()
     # A peer that resets in the middle of its handshake.
-    _, writer = await _open(env, source, None)
+    _, writer = await open_from(env, source, None)
     writer.transport.abort()
     # A served connection that the client closes, and one the server closes (idle after the
     # header deadline of a handshaken connection).
     assert await _get_keys(env, source) == 200
-    reader, writer = await _open(env, source, env.client_ssl(MX))
+    reader, writer = await open_from(env, source, env.client_ssl(MX))
     async with asyncio.timeout(5):
         assert await reader.read() == b""
     writer.close()
     await held_per_source_becomes(env, {})
     # Nothing leaked: the address still has all its slots.
-    held = [await _open(env, source, env.client_ssl(MX)) for _ in range(PER_SOURCE)]
+    held = [await open_from(env, source, env.client_ssl(MX)) for _ in range(PER_SOURCE)]
     await held_per_source_becomes(env, {source: PER_SOURCE})
-    assert _refused_count(env, "per_source") == 0
+    assert _refused(env, "per_source") == 0
     for _, writer in held:
         writer.close()
     await held_per_source_becomes(env, {})

@@ -15,12 +15,20 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 import structlog
-from https_env import MX, Env, held_per_source_becomes, make_message, post, running_gateway
+from https_env import (
+    MX,
+    Env,
+    connection_count,
+    held_per_source_becomes,
+    make_message,
+    open_from,
+    post,
+    running_gateway,
+)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -31,27 +39,12 @@ async def gateway_with(tmp_path: Path, limits: str) -> AsyncIterator[Env]:
         yield env
 
 
-async def _open(env: Env, source: str, context: ssl.SSLContext | None) -> Stream:
-    url = urlsplit(env.gateway.partner_url)
-    return await asyncio.open_connection(
-        url.hostname,
-        url.port,
-        ssl=context,
-        server_hostname="127.0.0.1" if context is not None else None,
-        local_addr=(source, 0),
-    )
-
-
 def _closed(env: Env, stage: str) -> float:
-    registry = env.gateway.metrics.registry
-    value = registry.get_sample_value("c2c_https_connections_closed_total", {"stage": stage})
-    return value or 0.0
+    return connection_count(env, "c2c_https_connections_closed_total", "stage", stage)
 
 
 def _refused(env: Env, limit: str) -> float:
-    registry = env.gateway.metrics.registry
-    value = registry.get_sample_value("c2c_https_connections_refused_total", {"limit": limit})
-    return value or 0.0
+    return connection_count(env, "c2c_https_connections_refused_total", "limit", limit)
 
 
 async def _ended(reader: asyncio.StreamReader, within_s: float) -> bool:
@@ -74,7 +67,7 @@ async def test_at_the_cap_a_silent_connection_makes_room_for_a_partner(tmp_path:
     async with gateway_with(tmp_path, CAP_LIMITS) as env:
         source = "127.0.0.4"
         # Three connections that never send a ClientHello fill the cap ...
-        silent = [await _open(env, source, None) for _ in range(3)]
+        silent = [await open_from(env, source, None) for _ in range(3)]
         await held_per_source_becomes(env, {source: 3})
         # ... yet a partner is served: the oldest silent connection was closed for it ...
         _, body = make_message(env)
@@ -90,10 +83,10 @@ async def test_at_the_cap_a_silent_connection_makes_room_for_a_partner(tmp_path:
         # ... while the address holding the most, at the cap again, gets no more: its new
         # one is refused, not taking the place of another of its own.
         await held_per_source_becomes(env, {source: 2})
-        silent.append(await _open(env, source, None))
+        silent.append(await open_from(env, source, None))
         await held_per_source_becomes(env, {source: 3})
         with pytest.raises((ConnectionError, ssl.SSLError)):
-            await _open(env, source, env.client_ssl(MX))
+            await open_from(env, source, env.client_ssl(MX))
         assert _refused(env, "total") == 1
         assert _closed(env, "evicted") == 1
         for _, writer in silent:
@@ -106,12 +99,12 @@ async def test_at_the_cap_room_is_taken_from_the_address_holding_the_most(
     async with gateway_with(tmp_path, "header_timeout_s = 30.0\nmax_connections = 5\n") as env:
         many, few = "127.0.0.5", "127.0.0.10"
         # Handshaken, no request: four from one address and one from another.
-        first = [await _open(env, many, env.client_ssl(MX)) for _ in range(4)]
-        other = await _open(env, few, env.client_ssl(MX))
+        first = [await open_from(env, many, env.client_ssl(MX)) for _ in range(4)]
+        other = await open_from(env, few, env.client_ssl(MX))
         await held_per_source_becomes(env, {many: 4, few: 1})
         # The other address's second connection takes the first address's oldest place
         # (4 is twice the 2 it would hold) ...
-        second = await _open(env, few, env.client_ssl(MX))
+        second = await open_from(env, few, env.client_ssl(MX))
         assert await _ended(first[0][0], 2.0)
         assert not await _ended(other[0], 0.2)
         await held_per_source_becomes(env, {many: 3, few: 2})
@@ -119,7 +112,7 @@ async def test_at_the_cap_room_is_taken_from_the_address_holding_the_most(
         # ... but not its third (3 is not twice 3): addresses holding about as many do not
         # take each other's places.
         with pytest.raises((ConnectionError, ssl.SSLError)):
-            await _open(env, few, env.client_ssl(MX))
+            await open_from(env, few, env.client_ssl(MX))
         assert _refused(env, "total") == 1
         assert _closed(env, "evicted") == 1
         for _, writer in [*first, other, second]:
@@ -147,7 +140,7 @@ async def test_at_the_cap_served_connections_are_kept_and_the_new_one_refused(
             assert await asyncio.gather(*(get_and_keep() for _ in range(3))) == [200] * 3
             await held_per_source_becomes(env, {source: 3})
             with pytest.raises((ConnectionError, ssl.SSLError)):
-                await _open(env, "127.0.0.1", env.client_ssl(MX))
+                await open_from(env, "127.0.0.1", env.client_ssl(MX))
             assert _refused(env, "total") == 1
             assert _closed(env, "evicted") == 0
             # The served connections are still there and still serve.
@@ -167,7 +160,7 @@ async def test_handshakes_start_at_the_pace_and_take_turns_by_address(tmp_path: 
         started = time.monotonic()
 
         async def handshake(source: str) -> Stream:
-            stream = await _open(env, source, env.client_ssl(MX))
+            stream = await open_from(env, source, env.client_ssl(MX))
             done[source].append(time.monotonic() - started)
             return stream
 
@@ -194,7 +187,7 @@ async def test_a_connection_kept_waiting_past_its_deadline_is_closed_and_counted
         source = "127.0.0.8"
         with structlog.testing.capture_logs() as logs:
             results = await asyncio.gather(
-                *(_open(env, source, env.client_ssl(MX)) for _ in range(3)),
+                *(open_from(env, source, env.client_ssl(MX)) for _ in range(3)),
                 return_exceptions=True,
             )
             await held_per_source_becomes(env, {})
@@ -221,8 +214,8 @@ async def test_deadline_closes_are_counted_by_stage_and_logged_once_per_address(
     async with gateway_with(tmp_path, limits) as env:
         source = "127.0.0.9"
         with structlog.testing.capture_logs() as logs:
-            silent = [await _open(env, source, None) for _ in range(3)]
-            idle = [await _open(env, source, env.client_ssl(MX)) for _ in range(2)]
+            silent = [await open_from(env, source, None) for _ in range(3)]
+            idle = [await open_from(env, source, env.client_ssl(MX)) for _ in range(2)]
             for reader, _ in [*silent, *idle]:
                 assert await _ended(reader, 3.0)
             await held_per_source_becomes(env, {})
