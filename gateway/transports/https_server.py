@@ -142,14 +142,6 @@ class SourceSlots:
     def count(self, host: str) -> int:
         return self._counts.get(host, 0)
 
-    def by_count(self) -> list[tuple[str, int]]:
-        """Source addresses, those holding the most connections first."""
-        return sorted(self._counts.items(), key=lambda item: -item[1])
-
-    def heaviest(self) -> tuple[str, int]:
-        """The address holding the most connections, and how many (``("", 0)``: none)."""
-        return max(self._counts.items(), key=lambda item: item[1], default=("", 0))
-
     def held(self) -> dict[str, int]:
         """Connections held now, per source address."""
         return dict(self._counts)
@@ -272,30 +264,25 @@ class _GuardedSite(web.BaseSite):
 
     def _make_room(self, host: str) -> bool:
         """At the total cap, close one unserved connection (in its handshake or before its
-        first request head) of the address holding the most connections, its oldest, for a
-        new connection from ``host``; whether one was. Only if that address holds at least
-        ``EVICT_FROM_SHARE`` times what ``host`` would: else the new connection is the one
-        refused (addresses holding about as many do not take each other's places, which would
-        only churn).
+        first request head) for a new connection from ``host``: the oldest of the address
+        holding the most connections among those that have one. Only if that address holds
+        at least ``EVICT_FROM_SHARE`` times what ``host`` would; else the new connection is
+        the one refused (addresses holding about as many do not take each other's places,
+        which would only churn). Whether one was closed.
 
         The cap is filled most cheaply by connections that never finish their handshake or
         request head (slowloris). Taking room from whoever holds the most (longest queue
         drop) lets a partner's new connection in while an attack holds the cap, and leaves the
         attacker's own new connections refused, not churning. Served connections are kept.
         """
-        own = self.sources.count(host)
-        heaviest, _ = self.sources.heaviest()
-        candidates = (
-            [heaviest] if self._unserved.get(heaviest) else [h for h, _ in self.sources.by_count()]
-        )
-        for source in candidates:
-            if self.sources.count(source) < EVICT_FROM_SHARE * (own + 1):
-                return False
-            unserved = self._unserved.get(source)
-            if unserved:
-                self._evict(next(iter(unserved)), source)
-                return True
-        return False
+        if not self._unserved:
+            return False
+        # one pass over the addresses that have an unserved connection
+        source = max(self._unserved, key=self.sources.count)
+        if self.sources.count(source) < EVICT_FROM_SHARE * (self.sources.count(host) + 1):
+            return False
+        self._evict(next(iter(self._unserved[source])), source)
+        return True
 
     def _evict(self, handler: web_protocol.RequestHandler, host: str) -> None:
         acceptor = self._forget(handler)
