@@ -173,7 +173,9 @@ class Attacker:
 
     # --- one request per connection ------------------------------------------------------
 
-    async def one_shot(self, kind: str, data: bytes) -> None:
+    async def one_shot(self, kind: str, data: bytes, answers: int = 1) -> None:
+        """A new connection that writes ``data`` (``answers`` requests back to back) and
+        reads the answers until they are all in or the gateway closes it."""
         try:
             reader, writer = await self.connect()
         except OSError:
@@ -182,10 +184,11 @@ class Attacker:
         try:
             writer.write(data)
             await writer.drain()
-            answer = await read_answer(reader)
-            if answer is None:
-                counts[kind]["closed_without_answer"] += 1
-            else:
+            for _ in range(answers):
+                answer = await read_answer(reader)
+                if answer is None:
+                    counts[kind]["closed_without_answer"] += 1
+                    break
                 counts[kind][str(answer[0])] += 1
         except (ConnectionError, ssl.SSLError, RuntimeError):
             counts[kind]["closed_without_answer"] += 1
@@ -237,26 +240,9 @@ class Attacker:
         return post_head(len(body), f"{SIGNATURE}: {signature}") + body
 
     async def pipelined_burst(self) -> None:
-        kind = "pipelined"
         burst = self.args.pipeline_burst
-        try:
-            reader, writer = await self.connect()
-        except OSError:
-            counts[kind]["connect_failed"] += 1
-            return
-        try:
-            writer.write(b"".join(self.signed_request() for _ in range(burst)))
-            await writer.drain()
-            for _ in range(burst):
-                answer = await read_answer(reader)
-                if answer is None:
-                    counts[kind]["closed_without_answer"] += 1
-                    break
-                counts[kind][str(answer[0])] += 1
-        except (ConnectionError, ssl.SSLError, RuntimeError):
-            counts[kind]["closed_without_answer"] += 1
-        finally:
-            writer.close()
+        requests = b"".join(self.signed_request() for _ in range(burst))
+        await self.one_shot("pipelined", requests, answers=burst)
 
     async def over_quota(self, connections: int) -> None:
         kind = "over_quota"

@@ -212,9 +212,8 @@ class Serve:
     partner_url: str = ""
     api_url: str = ""
     _drain: asyncio.Task[None] | None = None
-    #: what it has written to stderr (its log) so far: lines, bytes
+    #: lines it has written to stderr (its log) so far
     log_lines: int = 0
-    log_bytes: int = 0
     #: lines so far by their ``event``
     log_events: Counter[str] = field(default_factory=Counter)
 
@@ -261,7 +260,6 @@ class Serve:
         says why."""
         while line := await stream.readline():
             self.log_lines += 1
-            self.log_bytes += len(line)
             if line.startswith(b"{"):
                 with contextlib.suppress(ValueError):
                     self.log_events[str(json.loads(line).get("event"))] += 1

@@ -36,7 +36,6 @@ from gateway.transports.tls_accept import (
     PeerCheck,
     RefusalWindow,
     TlsAcceptor,
-    peer_of,
 )
 
 log = structlog.get_logger(__name__)
@@ -234,12 +233,10 @@ class _GuardedSite(web.BaseSite):
         return acceptor
 
     def _enforce_deadline(self, handler: web_protocol.RequestHandler) -> None:
-        if self._forget(handler) is None:
-            return
-        if handler.transport is not None:
-            host, _ = peer_of(handler.transport.get_extra_info("peername"))
+        acceptor = self._forget(handler)
+        if acceptor is not None and handler.transport is not None:
             handler.transport.close()
-            self._on_deadline(host, "request_head")
+            self._on_deadline(acceptor.host, "request_head")
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
