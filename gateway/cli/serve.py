@@ -18,6 +18,7 @@ import click
 import structlog
 import uvloop
 
+from gateway import crashpoints
 from gateway.api.server import ApiServer
 from gateway.audit.witnessing import attach_witnessing
 from gateway.config import load_config
@@ -103,6 +104,13 @@ def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
         await run_until_signalled(gateway, on_ready)
 
     try:
+        point = crashpoints.arm_from_env()
+        if point is not None:
+            structlog.get_logger("gateway.serve").warning(
+                "crash_point_armed",
+                setting=point,
+                detail=f"this process kills itself at {point} ({crashpoints.ENV_VAR}: tests only)",
+            )
         uvloop.run(serve_it())
     except (ConfigError, SelfCheckError) as exc:
         fail(str(exc))
