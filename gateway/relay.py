@@ -29,6 +29,7 @@ import structlog
 
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock
+from gateway.crashpoints import crash_point
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store.base import InboundRecord, RelayLease, Store
@@ -190,6 +191,8 @@ class InboxRelay:
         confirmed: list[InboundRecord] = []
         try:
             await self._publish([*handed, *claimed], confirmed)
+            if confirmed:
+                crash_point("S8-after-confirm-before-mark")
         finally:
             # Mark what the bus confirmed even when a later publish failed, so a bad record or
             # a bus outage midway does not make the good ones go out again. Handed records the

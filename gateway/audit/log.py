@@ -27,6 +27,7 @@ from gateway.audit.checkpoint import (
 )
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock
+from gateway.crashpoints import crash_point
 from gateway.crypto.notes import NoteError, NoteSigner, NoteVerifier, parse_note
 from gateway.store.base import AuditFilter, Checkpoint, Store
 
@@ -158,6 +159,7 @@ class AuditLog:
                 await self._check_extends(latest, size, root)
             body = CheckpointBody(origin=self.origin, size=size, root_hash=root, signed_at=at)
             signed = sign_checkpoint(body, self._signer)
+            crash_point("checkpoint-sign")
             await self._store.save_checkpoint(size, root, signed.note, at)
             log.info("audit.checkpoint_signed", size=size, root=root.hex())
             saved = await self._store.checkpoint_for_size(size)

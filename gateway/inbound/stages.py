@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from gateway.audit.events import AuditEvent, EventKind
+from gateway.crashpoints import crash_point
 from gateway.crypto.jws import verify_detached
 from gateway.crypto.keys import ensure_key_valid
 from gateway.documents import document_ref, message_function
@@ -70,14 +71,13 @@ async def check_limits(ctx: InboundContext) -> None:
         # AMQP publishers may leave content_type unset; an HTTP request must say what it sends.
         if request.transport == "https":
             raise Malformed("no Content-Type", detail="Content-Type is required")
-        return
-    media_type = _media_type(request.content_type)
-    if media_type not in ctx.adapter.content_types:
+    elif _media_type(request.content_type) not in ctx.adapter.content_types:
         expected = ", ".join(sorted(ctx.adapter.content_types))
         raise Malformed(
             f"Content-Type {request.content_type[:64]!r} is not {partner.id}'s ({expected})",
             detail=f"Content-Type must be {expected}",
         )
+    crash_point("S2")
 
 
 async def verify_signature(ctx: InboundContext) -> None:
@@ -95,6 +95,7 @@ async def verify_signature(ctx: InboundContext) -> None:
         accepted_typs=(ctx.partner.typ,),
         any_party=True,
     )
+    crash_point("S3")
 
 
 async def adapt(ctx: InboundContext) -> None:
@@ -122,6 +123,7 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
         replay_window_s=env.config.limits.replay_window_s,
         max_skew_s=env.config.limits.max_skew_s,
     )
+    crash_point("S5")
 
 
 def check_signer(ctx: InboundContext) -> None:
@@ -146,6 +148,7 @@ async def validate_schema(ctx: InboundContext) -> None:
     assert ctx.envelope is not None
     header = ctx.envelope.header
     ctx.env.registry.validate(header.message_type, header.schema_version, ctx.envelope.payload)
+    crash_point("S4")
 
 
 async def authorize(ctx: InboundContext) -> None:
@@ -314,6 +317,7 @@ async def persist(ctx: InboundContext) -> None:
         record, [_event(ctx, EventKind.ACCEPTED, "ACK")], relay_lease=lease
     )
     if outcome.status == "stored":
+        crash_point("S6-after-commit", message_id=header.message_id)
         ctx.result = InboundResult(
             http_status=202,
             code=None,

@@ -34,6 +34,7 @@ from gateway.adapters.registry import adapter_for
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig
+from gateway.crashpoints import crash_point
 from gateway.crypto.keys import KeyRing
 from gateway.errors import GatewayError, NackCode, Unavailable
 from gateway.inbound.context import ReceivedReceipt
@@ -387,6 +388,7 @@ class Dispatcher:
         except TransportError as exc:
             verdict = Verdict(kind="retry", reason=exc.reason, reached_partner=exc.may_have_arrived)
         else:
+            crash_point("S9-after-send-before-mark", message_id=record.message_id)
             if isinstance(result, Handed):
                 breaker.release()
                 await self._finish_handed(record, sent_at=sent_at)

@@ -26,6 +26,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway.audit.events import AuditEvent
 from gateway.clock import Clock
+from gateway.crashpoints import armed, crash_point
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
 from gateway.store.audit_rows import entry_rows
@@ -341,6 +342,9 @@ class PostgresStore:
         if all(unit.inbound is not None for unit in units):
             try:
                 async with pool.acquire() as conn:
+                    if armed():
+                        # one autocommit statement: the server commits it once it has it
+                        crash_point("S6-before-commit", message_ids=_ids(units))
                     return await _store_inbound_statement(
                         conn, [unit.inbound for unit in units if unit.inbound is not None]
                     )
@@ -368,6 +372,9 @@ class PostgresStore:
                     first = await _append_audit(conn, tx.events)
                     if size is not None and first != size:
                         raise Unavailable(f"postgresql: audit head moved from {size} to {first}")
+                    crash_point("audit-append")
+                if inbound and armed():
+                    crash_point("S6-before-commit", message_ids=_ids(units))
         except _DB_ERRORS as exc:
             return [_unavailable(exc)] * len(units)
         except Unavailable as exc:
@@ -801,6 +808,7 @@ class PostgresStore:
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)
+            crash_point("S9-after-mark-before-commit", message_id=message_id)
             return _outbound(updated)
 
         return await self._write(unit)
@@ -996,6 +1004,11 @@ async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]
         [k[1] for k in keys],
     )
     return {(r[0], r[1]): r[2] for r in rows}
+
+
+def _ids(units: list[_Unit]) -> str:
+    """The message ids of a batch's inbox inserts (for a crash line)."""
+    return " ".join(u.inbound[0].message_id for u in units if u.inbound is not None)
 
 
 async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:

@@ -32,6 +32,7 @@ import structlog
 from gateway.audit.events import AuditEvent
 from gateway.audit.merkle import frontier
 from gateway.clock import Clock
+from gateway.crashpoints import crash_point
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
 from gateway.store.audit_rows import plan_append
@@ -589,6 +590,7 @@ class SqliteStore:
             "INSERT INTO audit_nodes (level, idx, hash) VALUES (?, ?, ?)",
             [(level, idx, h) for (level, idx), h in plan.nodes.items()],
         )
+        crash_point("audit-append")
         conn.execute("UPDATE audit_head SET size = ? WHERE id = 1", (plan.new_size,))
         merged = {**known, **plan.nodes}
         self._tx_frontier = (plan.new_size, {k: merged[k] for k in frontier(plan.new_size)})
@@ -789,6 +791,7 @@ class SqliteStore:
             )
             if cur.rowcount == 1:
                 self._append_audit(c, events)
+                crash_point("S6-before-commit", message_ids=record.message_id)
                 stored = replace(record, seq=cur.lastrowid, relayed=False)
                 return InboundOutcome(status="stored", record=stored)
             existing = _get_inbound(c, record.sender, record.message_id)
@@ -1039,6 +1042,7 @@ class SqliteStore:
                 raise LeaseLost(message_id, worker_id)
             self._apply_update(c, message_id, update)
             self._append_audit(c, events)
+            crash_point("S9-after-mark-before-commit", message_id=message_id)
             return _require_outbound(c, message_id)
 
         return await self._write(unit)

@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Sequence
 
 from gateway.clock import format_rfc3339
+from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
@@ -93,6 +94,7 @@ class RabbitBus:
             routing_key=routing_key(record),
             concern=BUS_CONCERN,
         )
+        crash_point("S8-before-confirm")
 
     async def close(self) -> None:
         # The broker connection is the runtime's; it closes it after the relay stopped.

@@ -24,6 +24,7 @@ from aiohttp.http_parser import HttpRequestParserPy
 
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.config import LimitsConfig
+from gateway.crashpoints import armed, crash_point
 from gateway.errors import GatewayError, SenderMismatch, TooLarge, Unavailable
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
@@ -407,10 +408,11 @@ class PartnerHttpsServer:
     def make_app(self) -> web.Application:
         # One byte over the largest partner limit, so the pipeline's per-partner check is the
         # one that answers; anything beyond is cut off by aiohttp while reading.
-        app = web.Application(
-            client_max_size=self._max_body_bytes + 1,
-            middlewares=[self._require_partner],
-        )
+        middlewares = [self._require_partner]
+        if armed() == "S7-after-response":
+            # outermost, so that the answer it writes is the final one
+            middlewares.insert(0, _answer_then_crash)
+        app = web.Application(client_max_size=self._max_body_bytes + 1, middlewares=middlewares)
         app.router.add_post(MESSAGES_PATH, self._post_message)
         app.router.add_get("/c2c/v1/schemas", self._schema_index, allow_head=False)
         app.router.add_get(
@@ -639,6 +641,28 @@ class PartnerHttpsServer:
 
     async def _keys(self, request: web.Request) -> web.StreamResponse:
         return _json(self._jwks)
+
+
+@web.middleware
+async def _answer_then_crash(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Only with ``GW_CRASH_AT=S7-after-response``: an ACK's answer is written to the
+    connection here rather than by aiohttp after the handler, and then the point is reached."""
+    response = await handler(request)
+    if request.path == MESSAGES_PATH and response.status == 202:
+        await response.prepare(request)
+        await response.write_eof()
+        crash_point("S7-after-response", message_id=_receipted_id(response))
+    return response
+
+
+def _receipted_id(response: web.StreamResponse) -> str:
+    """The message an ACK answers (for the crash line)."""
+    body = response.body if isinstance(response, web.Response) else None
+    if not isinstance(body, bytes):
+        return ""
+    return str(orjson.loads(body)["payload"]["ref_message_id"])
 
 
 def jwks_of(keys: Sequence[Mapping[str, str]]) -> dict[str, Any]:
