@@ -113,6 +113,14 @@ class ServeProcess:
         await proc.wait()
         await self._finish_drain()
 
+    async def wait(self) -> int:
+        """Wait for the process to end by itself (a crash); returns its exit status."""
+        proc, self.proc = self.proc, None
+        assert proc is not None
+        code = await proc.wait()
+        await self._finish_drain()
+        return code
+
     async def stop(self) -> int:
         proc, self.proc = self.proc, None
         if proc is None:

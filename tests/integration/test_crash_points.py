@@ -1,0 +1,403 @@
+"""The kill -9 matrix (RELIABILITY-SECURITY T68): ``c2c-gateway serve`` armed with
+``GW_CRASH_AT=<point>:<hit>`` kills itself at that named point, twice, while a partner sends
+messages over mutual TLS and retries each until it holds a receipt; a third start, unarmed,
+finishes the run.
+
+For each point: each crash came from that point (its stderr line, exit by SIGKILL), every
+message ends acknowledged, stored once with one ``accepted`` audit entry, re-sending it returns
+the byte-identical receipt, it reached the CBP side's queue on RabbitMQ (raw duplicates carry
+the partner's id and bytes), and ``c2c-gateway audit check`` passes on the log after the
+crashes. The outbound points (S9) run US-CBP's dispatcher against a partner endpoint: every
+message ends acknowledged, the partner holds each one, and a crash between the partner's answer
+and its record makes the message go out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import orjson
+import pgdb
+import pytest
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, write_config
+from amqp_peer import bind_sink
+from outbound_env import auth, client_ssl, free_port, token
+from partner_stub import PartnerStub
+from rabbit import RabbitVhost
+from serve_proc import ServeProcess, edit_toml, partner_client_ssl, run_cli, signed_messages
+
+from gateway.config import load_config
+from gateway.crashpoints import POINTS
+from gateway.schemas.registry import SchemaRegistry
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+CRASHES = 2
+MESSAGES = 60
+CLIENTS = 8
+PATH = "/c2c/v1/messages"
+TYPE = "shipment.advance_data"
+
+#: point -> the hit it crashes at: far enough in that some messages went through before it
+INBOUND_POINTS = {
+    "S2": 7,
+    "S3": 7,
+    "S5": 7,
+    "S4": 7,
+    "S6-before-commit": 7,
+    "S6-after-commit": 7,
+    "S7-after-response": 7,
+    "S8-before-confirm": 7,
+    "S8-after-confirm-before-mark": 1,
+    "audit-append": 7,
+    "checkpoint-sign": 1,
+}
+#: the answer the partner finally got for the message in hand at the crash: at S6-before-commit
+#: nothing of it was committed; at S6-after-commit it was; at S7-after-response the crashed
+#: process had answered it already
+IN_HAND_ANSWER = {"S6-before-commit": 202, "S6-after-commit": 200, "S7-after-response": 202}
+OUTBOUND_POINTS = {"S9-after-send-before-mark": 1, "S9-after-mark-before-commit": 1}
+#: run on PostgreSQL too: the inbox commit and the outbound record (``audit-append`` on
+#: PostgreSQL: test_store_crash_points, as the inbox and the relay append inside one statement)
+ON_POSTGRES = ("S6-before-commit", "S6-after-commit")
+ON_POSTGRES_OUT = ("S9-after-mark-before-commit",)
+#: quick retries; a crashed dispatcher's rows wait for their lease, send_timeout_s + 10 s
+OUTBOX = """
+[outbox]
+base_delay_s = 0.2
+max_delay_s = 0.5
+send_timeout_s = 2.0
+poll_interval_s = 0.05
+"""
+
+
+def test_the_matrix_covers_every_crash_point() -> None:
+    assert sorted([*INBOUND_POINTS, *OUTBOUND_POINTS]) == sorted(POINTS)
+
+
+class CrashingServe:
+    """``serve`` armed at ``point``; after each of its ``CRASHES`` crashes it is started again,
+    armed the same way, and after the last one unarmed."""
+
+    def __init__(self, source: Path, point: str, hit: int) -> None:
+        self.point = point
+        self.serve = ServeProcess(source, env={**os.environ, "GW_CRASH_AT": f"{point}:{hit}"})
+        self.exits: list[int] = []
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.serve.start()
+        self._watch = asyncio.create_task(self._restarts())
+
+    async def _restarts(self) -> None:
+        while len(self.exits) < CRASHES:
+            self.exits.append(await self.serve.wait())
+            if len(self.exits) == CRASHES:
+                self.serve.env = None
+            await self.serve.start()
+
+    async def crashed(self, timeout_s: float) -> None:
+        """Wait until the last crash's process was started again unarmed; fail saying how
+        many crashes there were if the point was not reached often enough."""
+        assert self._watch is not None
+        try:
+            await asyncio.wait_for(asyncio.shield(self._watch), timeout_s)
+        except TimeoutError:
+            self._watch.cancel()
+            pytest.fail(f"{self.point} crashed {len(self.exits)} time(s), not {CRASHES}")
+
+    async def stop(self) -> None:
+        if self._watch is not None and not self._watch.done():
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.serve.proc is not None:
+            assert await self.serve.stop() == 0
+
+    def crash_lines(self) -> list[dict[str, Any]]:
+        lines = []
+        for raw in bytes(self.serve.stderr_log).splitlines():
+            if raw.startswith(b"{") and b'"crash_point"' in raw:
+                lines.append(json.loads(raw))
+        return lines
+
+    def messages_in_hand(self) -> list[str]:
+        """The messages the crash lines name."""
+        named = []
+        for line in self.crash_lines():
+            named += line.get("message_ids", "").split()
+            if "message_id" in line:
+                named.append(line["message_id"])
+        return named
+
+    def assert_crashed_at_the_point(self) -> None:
+        assert self.exits == [-signal.SIGKILL] * CRASHES, self.exits
+        lines = self.crash_lines()
+        assert [line["point"] for line in lines] == [self.point] * CRASHES, lines
+
+
+async def send_until_receipt(
+    session: aiohttp.ClientSession, url: str, body: bytes, signature: str
+) -> tuple[int, bytes, str]:
+    headers = {"Content-Type": "application/json", "C2C-Signature": signature}
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.post(url, data=body, headers=headers) as response:
+                answer = await response.read()
+                if response.status in (200, 202):
+                    return response.status, answer, response.headers["C2C-Signature"]
+                # 503 while the process starts or stops: the partner tries again
+                assert response.status == 503, (response.status, answer)
+        await asyncio.sleep(0.05)
+
+
+class Database:
+    """Reads the gateway's store with plain SQL (the same on both backends), beside it."""
+
+    def __init__(self, store_url: str, pg: tuple[str, str] | None = None) -> None:
+        self.store_url = store_url
+        #: PostgreSQL: the test run's database and this test's schema, dropped by ``drop``
+        self._pg = pg
+
+    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        if self._pg is None:
+            path = self.store_url.removeprefix("sqlite:///")
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+                return [tuple(row) for row in db.execute(sql).fetchall()]
+        conn = await asyncpg.connect(self.store_url)
+        try:
+            return [tuple(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    async def until(self, sql: str, expected: list[tuple[Any, ...]], timeout_s: float) -> None:
+        """Wait until ``sql`` reads ``expected``."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if await self.rows(sql) == expected:
+                    return
+                await asyncio.sleep(0.05)
+
+    async def drop(self) -> None:
+        if self._pg is not None:
+            await pgdb.drop_schema(*self._pg)
+
+
+async def use_store(source: Path, backend: str, request: pytest.FixtureRequest) -> Database:
+    """SQLite (the file the configuration names) or a fresh PostgreSQL schema."""
+    if backend == "sqlite":
+        return Database(f"sqlite:///{source.parent / 'c2c.db'}")
+    database: str = request.getfixturevalue("pg_database")
+    schema = await pgdb.create_schema(database)
+    dsn = pgdb.dsn(database, schema=schema)
+    edit_toml(source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{dsn}"')
+    return Database(dsn, (database, schema))
+
+
+async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    got = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        got.append(message)
+    return got
+
+
+@pytest.mark.parametrize(
+    ("point", "backend"),
+    [(point, "sqlite") for point in INBOUND_POINTS]
+    + [pytest.param(point, "postgres", marks=pytest.mark.postgres) for point in ON_POSTGRES],
+)
+async def test_a_crash_at_the_point_loses_and_doubles_nothing(
+    point: str,
+    backend: str,
+    tmp_path: Path,
+    rabbit_vhost: RabbitVhost,
+    request: pytest.FixtureRequest,
+) -> None:
+    source = write_config(tmp_path, amqp_url=rabbit_vhost.url(), amqp_partner_https=True)
+    database = await use_store(source, backend, request)
+    # the partner keeps its URL across the restarts
+    edit_toml(source, "[partner_listen]\nport = 0", f"[partner_listen]\nport = {free_port()}")
+    if point == "checkpoint-sign":
+        # the audit table is the file's last: checkpoints are signed while messages come in
+        with source.open("a", encoding="utf-8") as handle:
+            handle.write("checkpoint_interval_s = 0.2\n")
+    messages = signed_messages(
+        tmp_path / "certs",
+        sender=AMQP_PARTNER,
+        recipient=GATEWAY,
+        count=MESSAGES,
+        message_type=TYPE,
+    )
+    sent = {message_id: body for message_id, body, _ in messages}
+    connection = await aio_pika.connect(rabbit_vhost.url())
+    crashing = CrashingServe(source, point, INBOUND_POINTS[point])
+    try:
+        sink = await bind_sink(await connection.channel())
+        await crashing.start()
+        url = crashing.serve.partner_url + PATH
+        receipts: dict[str, tuple[bytes, str]] = {}
+        answered: dict[str, int] = {}
+        queue: asyncio.Queue[tuple[str, bytes, str]] = asyncio.Queue()
+        for item in messages:
+            queue.put_nowait(item)
+        # one connection per client, closed by every crash: each retry connects again
+        connector = aiohttp.TCPConnector(ssl=partner_client_ssl(tmp_path / "certs"), limit=CLIENTS)
+
+        async def client(session: aiohttp.ClientSession) -> None:
+            while not queue.empty():
+                message_id, body, signature = queue.get_nowait()
+                status, receipt, receipt_sig = await send_until_receipt(
+                    session, url, body, signature
+                )
+                receipts[message_id] = (receipt, receipt_sig)
+                answered[message_id] = status
+
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with asyncio.timeout(120):
+                await asyncio.gather(*(client(session) for _ in range(CLIENTS)))
+            await crashing.crashed(15)
+            crashing.assert_crashed_at_the_point()
+            in_hand = crashing.messages_in_hand()
+            if point in IN_HAND_ANSWER:
+                # where the message in hand was when the process died, told by its answer:
+                # stored anew on its retry (202), or found stored by it (200)
+                assert in_hand
+                assert {answered[m] for m in in_hand} == {IN_HAND_ANSWER[point]}, in_hand
+            # acknowledged means committed: a re-send gets the very receipt given first
+            resent = await asyncio.gather(
+                *(send_until_receipt(session, url, body, sig) for _, body, sig in messages)
+            )
+        for (message_id, _, _), (status, receipt, receipt_sig) in zip(
+            messages, resent, strict=True
+        ):
+            assert status == 200, message_id
+            assert (receipt, receipt_sig) == receipts[message_id], message_id
+            assert orjson.loads(receipt)["payload"]["status"] == "ACK"
+        await database.until("SELECT count(*) FROM inbound_messages WHERE NOT relayed", [(0,)], 60)
+        if point == "checkpoint-sign":
+            # a checkpoint signed after the crashes covers the whole log (checked below)
+            (size,) = (await database.rows("SELECT size FROM audit_head"))[0]
+            await database.until("SELECT max(size) FROM audit_checkpoints", [(size,)], 30)
+        await crashing.stop()
+
+        stored = await database.rows("SELECT message_id, body FROM inbound_messages")
+        assert sorted(stored) == sorted(sent.items())
+        accepted = Counter(
+            message_id
+            for (message_id,) in await database.rows(
+                "SELECT message_id FROM audit_entries WHERE event = 'accepted'"
+            )
+        )
+        assert accepted == Counter(list(sent)), "one accepted entry per message, none of a rollback"
+        delivered = {
+            message_id
+            for (message_id,) in await database.rows(
+                "SELECT message_id FROM audit_entries WHERE event = 'delivered'"
+            )
+        }
+        assert delivered == set(sent)
+        on_the_bus = await drain(sink)
+        assert {m.message_id for m in on_the_bus} == set(sent)
+        for message in on_the_bus:
+            assert message.message_id is not None
+            assert message.body == sent[message.message_id]
+        if point == "S8-after-confirm-before-mark":
+            # the crashed batch was confirmed and not marked: it goes out again
+            assert len(on_the_bus) > MESSAGES
+        code, out, err = await run_cli("audit", "check", "--config", str(source))
+        assert code == 0, (out, err)
+        assert out.startswith("OK "), out
+    finally:
+        await crashing.stop()
+        await connection.close()
+        await database.drop()
+
+
+async def submit(config_path: Path, api_url: str, count: int) -> list[str]:
+    config = load_config(config_path)
+    payload = SchemaRegistry.load_builtin().examples("shipment.status", "1.0")[0]
+    submission = {"recipient": HTTPS_PARTNER, "message_type": "shipment.status", "payload": payload}
+    headers = auth(token(config))
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> str:
+            async with session.post(
+                api_url + "/api/v1/messages",
+                json=submission,
+                headers=headers,
+                ssl=client_ssl(config),
+            ) as response:
+                assert response.status == 202, await response.text()
+                return str((await response.json())["message_id"])
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+@pytest.mark.parametrize(
+    ("point", "backend"),
+    [(point, "sqlite") for point in OUTBOUND_POINTS]
+    + [pytest.param(point, "postgres", marks=pytest.mark.postgres) for point in ON_POSTGRES_OUT],
+)
+async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
+    point: str,
+    backend: str,
+    tmp_path: Path,
+    rabbit_vhost: RabbitVhost,
+    request: pytest.FixtureRequest,
+) -> None:
+    source = write_config(tmp_path, amqp_url=rabbit_vhost.url())
+    database = await use_store(source, backend, request)
+    pki = tmp_path / "certs"
+    partner = PartnerStub(pki, party=HTTPS_PARTNER)
+    partner_url = await partner.start()
+    edit_toml(
+        tmp_path / "partners" / HTTPS_PARTNER / "partner.toml",
+        "https://127.0.0.1:9/",
+        partner_url + "/",
+    )
+    edit_toml(
+        source,
+        'public_keys = ["certs/US-CBP/api-token.pub"]',
+        'public_keys = ["certs/US-CBP/api-token.pub"]\nsigning_key = "certs/US-CBP/api-token.key"',
+    )
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write(OUTBOX)
+    crashing = CrashingServe(source, point, OUTBOUND_POINTS[point])
+    try:
+        await crashing.start()
+        ids = await submit(source, crashing.serve.api_url, MESSAGES // 2)
+        await crashing.crashed(60)
+        await database.until(
+            "SELECT state, count(*) FROM outbound_messages GROUP BY 1",
+            [("acknowledged", len(ids))],
+            60,
+        )
+        crashing.assert_crashed_at_the_point()
+        await crashing.stop()
+        seen = Counter(orjson.loads(s.body)["header"]["message_id"] for s in partner.seen)
+        assert set(seen) == set(ids)
+        # the message in hand at each crash had reached the partner, was not recorded as
+        # answered, and went out again after the restart
+        in_hand = crashing.messages_in_hand()
+        assert len(in_hand) == CRASHES
+        assert all(seen[message_id] >= 2 for message_id in in_hand), (in_hand, seen)
+        assert await database.rows(
+            "SELECT count(*) FROM outbound_messages WHERE receipt_body IS NULL"
+        ) == [(0,)]
+        code, out, err = await run_cli("audit", "check", "--config", str(source))
+        assert code == 0, (out, err)
+    finally:
+        await crashing.stop()
+        await partner.stop()
+        await database.drop()
