@@ -17,7 +17,8 @@ The points carry the stage names of RELIABILITY-SECURITY section 0; where each o
 - ``S6-before-commit``: the inbound row, its receipt and its audit entry written inside the
   store transaction, which is not committed yet (both stores);
 - ``S6-after-commit``: that transaction committed, nothing answered yet (``stages.persist``);
-- ``S7-after-response``: an HTTPS answer written to the partner's connection;
+- ``S7-after-response``: an HTTPS ACK written to the partner's connection; over AMQP, a
+  delivery's ``basic.ack`` handed to the connection (it may not be on the wire yet);
 - ``S8-before-confirm``: the relay publishing a batch to the internal bus: reached as each
   record's confirm comes back, so the batch's other records may be published and unconfirmed,
   and none of it is marked relayed;

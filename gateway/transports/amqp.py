@@ -39,6 +39,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq import spec
 
 from gateway.config import AmqpConfig
+from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
 from gateway.model import is_party_id
 
@@ -454,6 +455,8 @@ class AmqpBroker:
                     await message.reject(requeue=True)
             elif settlement is Settlement.ACK:
                 await acks.ack(tag)
+                # its basic.ack is handed to the connection (it may not be on the wire yet)
+                crash_point("S7-after-response", message_id=delivery.message_id or "")
             else:
                 await acks.refuse(tag, reject=settlement is Settlement.REJECT)
         except _TRANSIENT as exc:

@@ -77,7 +77,10 @@ class ServeProcess:
     stderr_log: bytearray = field(default_factory=bytearray, repr=False)
     _drain: asyncio.Task[None] | None = field(default=None, repr=False)
 
-    async def start(self) -> None:
+    async def start(self, *, may_die: bool = False) -> bool:
+        """Start the process and wait for its ready line. With ``may_die``, a process that
+        ends before it is ready (a crash test) is no failure: False, its lines kept in
+        ``stderr_log`` and ``wait`` gives its exit status."""
         proc = await asyncio.create_subprocess_exec(
             *self.prefix,
             str(Path(sys.executable).parent / "c2c-gateway"),
@@ -90,16 +93,22 @@ class ServeProcess:
         )
         self.proc = proc
         assert proc.stderr is not None
+        before_ready = bytearray()
         async with asyncio.timeout(60):
             while True:
                 line = await proc.stderr.readline()
+                if not line and may_die:
+                    self.stderr_log += before_ready
+                    return False
                 assert line, "serve exited before it was ready"
+                before_ready += line
                 if line.startswith(b"{") and json.loads(line).get("event") == "serving":
                     ready = json.loads(line)
                     self.partner_url, self.api_url = ready["partner_url"], ready["api_url"]
                     break
         # keep reading so a chatty log never blocks the process on a full pipe
         self._drain = asyncio.create_task(self._collect(proc.stderr))
+        return True
 
     async def _collect(self, stderr: asyncio.StreamReader) -> None:
         while chunk := await stderr.read(1 << 16):

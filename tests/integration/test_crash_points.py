@@ -9,7 +9,12 @@ the byte-identical receipt, it reached the CBP side's queue on RabbitMQ (raw dup
 the partner's id and bytes), and ``c2c-gateway audit check`` passes on the log after the
 crashes. The outbound points (S9) run US-CBP's dispatcher against a partner endpoint: every
 message ends acknowledged, the partner holds each one, and a crash between the partner's answer
-and its record makes the message go out again.
+and its record makes the message go out again. Three points also run over AMQP, draining a
+backlog from the partner's queue.
+
+Where the message in hand was at the crash is checked from outside: its final answer over
+HTTPS (202: stored by its retry; 200: found stored), its audit entries over AMQP (a
+``duplicate`` on its redelivery only when it was committed before the crash).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import orjson
 import pgdb
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, write_config
-from amqp_peer import bind_sink
+from amqp_peer import IN_EXCHANGE, OUT_QUEUE, bind_sink, preload, queue_depth
 from outbound_env import auth, client_ssl, free_port, token
 from partner_stub import PartnerStub
 from rabbit import RabbitVhost
@@ -97,15 +102,16 @@ class CrashingServe:
         self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.serve.start()
+        await self.serve.start(may_die=True)
         self._watch = asyncio.create_task(self._restarts())
 
     async def _restarts(self) -> None:
+        # over AMQP a backlog is consumed while the process starts: it may die before ready
         while len(self.exits) < CRASHES:
             self.exits.append(await self.serve.wait())
             if len(self.exits) == CRASHES:
                 self.serve.env = None
-            await self.serve.start()
+            await self.serve.start(may_die=len(self.exits) < CRASHES)
 
     async def crashed(self, timeout_s: float) -> None:
         """Wait until the last crash's process was started again unarmed; fail saying how
@@ -401,3 +407,91 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
         await crashing.stop()
         await partner.stop()
         await database.drop()
+
+
+#: over AMQP: the delivery in hand is returned by the broker and comes again
+AMQP_POINTS = {"S6-before-commit": 7, "S6-after-commit": 7, "S7-after-response": 7}
+
+
+async def audit_events(database: Database, message_ids: list[str]) -> set[tuple[str, str]]:
+    listed = ", ".join(f"'{m}'" for m in message_ids)
+    found = await database.rows(
+        f"SELECT message_id, event FROM audit_entries WHERE message_id IN ({listed})"
+    )
+    return {(m, e) for m, e in found}
+
+
+@pytest.mark.parametrize("point", list(AMQP_POINTS))
+async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
+    point: str, tmp_path: Path, rabbit_vhost: RabbitVhost, request: pytest.FixtureRequest
+) -> None:
+    # every crash returns what was in hand: the delivery limit outlasts them
+    source = write_config(
+        tmp_path, amqp_url=rabbit_vhost.url(), prefetch=16, delivery_limit=CRASHES + 3
+    )
+    database = await use_store(source, "sqlite", request)
+    messages = signed_messages(
+        tmp_path / "certs",
+        sender=AMQP_PARTNER,
+        recipient=GATEWAY,
+        count=MESSAGES,
+        message_type=TYPE,
+    )
+    sent = {message_id: body for message_id, body, _ in messages}
+    connection = await aio_pika.connect(rabbit_vhost.url())
+    crashing = CrashingServe(source, point, AMQP_POINTS[point])
+    try:
+        channel = await connection.channel()
+        sink = await bind_sink(channel)
+        # a first start declares the partner's queues; the messages wait there
+        first = ServeProcess(source)
+        await first.start()
+        assert await first.stop() == 0
+        await preload(rabbit_vhost, messages, message_type=TYPE)
+        await crashing.start()
+        await crashing.crashed(60)
+        crashing.assert_crashed_at_the_point()
+        await database.until("SELECT count(*) FROM inbound_messages", [(MESSAGES,)], 60)
+        await database.until("SELECT count(*) FROM inbound_messages WHERE NOT relayed", [(0,)], 60)
+        async with asyncio.timeout(30):
+            while True:
+                if not await queue_depth(rabbit_vhost, IN_EXCHANGE):
+                    break
+                await asyncio.sleep(0.1)
+        await crashing.stop()
+        assert await queue_depth(rabbit_vhost, f"{IN_EXCHANGE}.dead") == 0
+
+        stored = await database.rows("SELECT message_id, body FROM inbound_messages")
+        assert sorted(stored) == sorted(sent.items())
+        accepted = Counter(
+            message_id
+            for (message_id,) in await database.rows(
+                "SELECT message_id FROM audit_entries WHERE event = 'accepted'"
+            )
+        )
+        assert accepted == Counter(list(sent))
+        # an ACK receipt for every message; one answered twice got the same bytes twice
+        receipts: dict[str, set[tuple[bytes, str]]] = {}
+        for message in await drain(await channel.declare_queue(OUT_QUEUE, passive=True)):
+            receipt = orjson.loads(message.body)["payload"]
+            assert receipt["status"] == "ACK", receipt
+            signature = message.headers["c2c-signature"]
+            assert isinstance(signature, str)
+            receipts.setdefault(receipt["ref_message_id"], set()).add((message.body, signature))
+        assert set(receipts) == set(sent)
+        assert all(len(answers) == 1 for answers in receipts.values())
+        assert {m.message_id for m in await drain(sink)} == set(sent)
+        # where the delivery in hand was: committed before the crash, its redelivery is a
+        # duplicate; not committed, it is stored by its redelivery
+        in_hand = crashing.messages_in_hand()
+        assert len(in_hand) == CRASHES
+        events = await audit_events(database, in_hand)
+        if point == "S6-after-commit":
+            assert {(m, "duplicate") for m in in_hand} <= events, events
+        if point == "S6-before-commit":
+            assert not {e for e in events if e[1] == "duplicate"}, events
+        code, out, err = await run_cli("audit", "check", "--config", str(source))
+        assert code == 0, (out, err)
+    finally:
+        await crashing.stop()
+        await connection.close()
