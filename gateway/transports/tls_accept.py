@@ -132,7 +132,7 @@ class TurnExpired(TimeoutError):
 class HandshakeTurns:
     """The pace at which one listener starts TLS handshakes: ``rate`` a second, after a burst
     of a quarter second's worth; the connections kept waiting take their turns by source
-    address, round robin.
+    address, round robin, those of vouched-for addresses first.
 
     A handshake is the costly part of a new connection (key exchange, signatures, the client's
     chain), and it runs on the event loop. Hundreds of connections arriving at once (a flood,
@@ -140,32 +140,63 @@ class HandshakeTurns:
     hundreds of handshakes ahead of the requests of connections already served. Round robin
     keeps one address with many connections waiting from delaying another address's one.
     A connection that runs out of time waiting is closed (``TurnExpired``).
+
+    An address is vouched for (``vouch``) for ``vouched_s`` after a connection from it
+    completed a handshake as a partner. Its waiting connections go before the others: a flood
+    of connections from many addresses that never complete one (the garbage of a connection
+    flood) cannot put a partner's new connection behind hundreds of turns. At most
+    ``max_vouched`` addresses are remembered, the least recently vouched for forgotten first.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, *, vouched_s: float = 600.0, max_vouched: int = 4096) -> None:
         self._rate = rate
         self._burst = max(1.0, rate / 4)
         self._tokens = self._burst
         self._stamp: float | None = None
-        #: per source address, its connections waiting, oldest first
-        self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()
+        #: per source address, its connections waiting, oldest first: vouched-for addresses'
+        #: lane, then everyone else's
+        self._lanes: tuple[
+            OrderedDict[str, deque[asyncio.Future[None]]],
+            OrderedDict[str, deque[asyncio.Future[None]]],
+        ] = (OrderedDict(), OrderedDict())
         self._timer: asyncio.TimerHandle | None = None
+        self._vouched_s = vouched_s
+        self._max_vouched = max_vouched
+        #: address -> loop time it was last vouched for, least recent first
+        self._vouched: OrderedDict[str, float] = OrderedDict()
+
+    def vouch(self, host: str) -> None:
+        """A connection from ``host`` completed its handshake as a partner."""
+        self._vouched[host] = asyncio.get_running_loop().time()
+        self._vouched.move_to_end(host)
+        while len(self._vouched) > self._max_vouched:
+            self._vouched.popitem(last=False)
+
+    def _lane(self, host: str, now: float) -> OrderedDict[str, deque[asyncio.Future[None]]]:
+        since = self._vouched.get(host)
+        if since is not None and now - since < self._vouched_s:
+            return self._lanes[0]
+        return self._lanes[1]
 
     def _refill(self, now: float) -> None:
         if self._stamp is not None:
             self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
 
+    def _any_waiting(self) -> bool:
+        return bool(self._lanes[0] or self._lanes[1])
+
     async def take(self, host: str, deadline: float) -> None:
         """Return when this connection may start its handshake; ``TurnExpired`` at
         ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
-        self._refill(loop.time())
-        if not self._waiting and self._tokens >= 1:
+        now = loop.time()
+        self._refill(now)
+        if not self._any_waiting() and self._tokens >= 1:
             self._tokens -= 1
             return
         turn: asyncio.Future[None] = loop.create_future()
-        self._waiting.setdefault(host, deque()).append(turn)
+        self._lane(host, now).setdefault(host, deque()).append(turn)
         self._schedule(loop)
         try:
             async with asyncio.timeout_at(deadline):
@@ -174,20 +205,20 @@ class HandshakeTurns:
             raise TurnExpired from None
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is None and self._waiting:
+        if self._timer is None and self._any_waiting():
             delay = max(0.0, (1 - self._tokens) / self._rate)
             self._timer = loop.call_later(delay, self._dispatch, loop)
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._refill(loop.time())
-        while self._tokens >= 1 and self._waiting:
-            host, queue = next(iter(self._waiting.items()))
+        while self._tokens >= 1 and (waiting := self._lanes[0] or self._lanes[1]):
+            host, queue = next(iter(waiting.items()))
             turn = queue.popleft()
             if queue:
-                self._waiting.move_to_end(host)
+                waiting.move_to_end(host)
             else:
-                del self._waiting[host]
+                del waiting[host]
             if turn.done():
                 continue  # ran out of time waiting, or its connection was cancelled
             turn.set_result(None)
@@ -294,6 +325,8 @@ class TlsAcceptor(asyncio.Protocol):
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
             served = gate is None or await self._checked(gate, transport, host, port)
+            if served and self._turns is not None:
+                self._turns.vouch(host)
         except ssl.SSLError as exc:
             duplicate.close()
             reason, detail = classify(exc)

@@ -179,6 +179,32 @@ async def test_handshakes_start_at_the_pace_and_take_turns_by_address(tmp_path: 
             writer.close()
 
 
+async def test_a_partner_address_goes_before_a_flood_from_many_addresses(tmp_path: Path) -> None:
+    async with gateway_with(tmp_path, PACE_LIMITS) as env:
+        partner = "127.0.0.1"
+        # a partner connection completed its handshake earlier: its address is vouched for
+        _, writer = await open_from(env, partner, env.client_ssl(MX))
+        writer.close()
+        # a connection flood: one silent connection from each of 12 more addresses, all
+        # waiting for a turn (6 s of turns at 2 a second)
+        flood = [await open_from(env, f"127.0.1.{i}", None) for i in range(1, 13)]
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        _, writer = await open_from(env, partner, env.client_ssl(MX))
+        waited = time.monotonic() - started
+        # the next turn or the one after, not the thirteenth
+        assert waited < 1.2, waited
+        writer.close()
+        # an address never vouched for takes its turn behind them
+        started = time.monotonic()
+        stranger = asyncio.create_task(open_from(env, "127.0.0.2", env.client_ssl(MX)))
+        await asyncio.sleep(1.5)
+        assert not stranger.done(), time.monotonic() - started
+        stranger.cancel()
+        for _, flooding in flood:
+            flooding.close()
+
+
 async def test_a_connection_kept_waiting_past_its_deadline_is_closed_and_counted(
     tmp_path: Path,
 ) -> None:

@@ -1,12 +1,14 @@
-"""Classifying refused TLS handshakes, and how many of them are recorded."""
+"""Classifying refused TLS handshakes, how many of them are recorded, and whose handshake
+starts first."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 
 import pytest
 
-from gateway.transports.tls_accept import REASONS, RefusalWindow, classify
+from gateway.transports.tls_accept import REASONS, HandshakeTurns, RefusalWindow, classify
 
 
 def verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
@@ -73,3 +75,44 @@ def test_the_table_of_addresses_is_bounded() -> None:
     # The oldest were forgotten: the first address is recorded again at once.
     assert window.admit(("198.51.100.0", "protocol"), now=1.0) == 0
     assert window.admit(("198.51.100.9", "protocol"), now=1.0) is None
+
+
+async def _order_of_turns(turns: HandshakeTurns, hosts: list[str]) -> list[str]:
+    """Queue one connection per host, in order, once the burst is spent; the order in which
+    they get their turns."""
+    loop = asyncio.get_running_loop()
+    for _ in range(2):  # the burst (2 at 8 a second)
+        await turns.take("spends-the-burst", loop.time() + 5)
+    order: list[str] = []
+
+    async def one(host: str) -> None:
+        await turns.take(host, loop.time() + 5)
+        order.append(host)
+
+    tasks = []
+    for host in hosts:
+        tasks.append(asyncio.create_task(one(host)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    return order
+
+
+async def test_vouched_for_addresses_take_their_turns_first() -> None:
+    turns = HandshakeTurns(8.0)
+    turns.vouch("10.0.0.9")
+    order = await _order_of_turns(turns, ["10.0.0.1", "10.0.0.2", "10.0.0.9", "10.0.0.3"])
+    assert order == ["10.0.0.9", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+async def test_a_vouch_runs_out() -> None:
+    turns = HandshakeTurns(8.0, vouched_s=0.05)
+    turns.vouch("10.0.0.9")
+    await asyncio.sleep(0.06)
+    assert await _order_of_turns(turns, ["10.0.0.1", "10.0.0.9"]) == ["10.0.0.1", "10.0.0.9"]
+
+
+async def test_the_least_recently_vouched_for_is_forgotten_first() -> None:
+    turns = HandshakeTurns(8.0, max_vouched=2)
+    for host in ("10.0.0.7", "10.0.0.8", "10.0.0.6"):
+        turns.vouch(host)
+    assert await _order_of_turns(turns, ["10.0.0.7", "10.0.0.8"]) == ["10.0.0.8", "10.0.0.7"]
