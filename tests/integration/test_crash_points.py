@@ -138,10 +138,10 @@ class CrashingServe:
                 lines.append(json.loads(raw))
         return lines
 
-    def messages_in_hand(self) -> list[str]:
-        """The messages the crash lines name."""
+    def messages_in_hand(self, *, last: bool = False) -> list[str]:
+        """The messages the crash lines name (only the last crash's with ``last``)."""
         named = []
-        for line in self.crash_lines():
+        for line in self.crash_lines()[-1:] if last else self.crash_lines():
             named += line.get("message_ids", "").split()
             if "message_id" in line:
                 named.append(line["message_id"])
@@ -194,6 +194,18 @@ class Database:
                 if await self.rows(sql) == expected:
                     return
                 await asyncio.sleep(0.05)
+
+    async def assert_stored_once(self, sent: dict[str, bytes]) -> None:
+        """Each message stored once with its bytes, with one ``accepted`` entry (none of a
+        rolled-back write) and one or more ``delivered`` ones."""
+        stored = await self.rows("SELECT message_id, body FROM inbound_messages")
+        assert sorted(stored) == sorted(sent.items())
+        events = await self.rows(
+            "SELECT message_id, event FROM audit_entries WHERE event IN ('accepted', 'delivered')"
+        )
+        accepted = Counter(m for m, event in events if event == "accepted")
+        assert accepted == Counter(list(sent)), "one accepted entry per message"
+        assert {m for m, event in events if event == "delivered"} == set(sent)
 
     async def drop(self) -> None:
         if self._pg is not None:
@@ -274,10 +286,12 @@ async def test_a_crash_at_the_point_loses_and_doubles_nothing(
                 await asyncio.gather(*(client(session) for _ in range(CLIENTS)))
             await crashing.crashed(15)
             crashing.assert_crashed_at_the_point()
-            in_hand = crashing.messages_in_hand()
             if point in IN_HAND_ANSWER:
                 # where the message in hand was when the process died, told by its answer:
-                # stored anew on its retry (202), or found stored by it (200)
+                # stored anew on its retry (202), or found stored by it (200). The last
+                # crash's: an earlier one's retry may be stored by a process that then
+                # crashes before answering it, and its answer is then 200 whatever the point.
+                in_hand = crashing.messages_in_hand(last=True)
                 assert in_hand
                 assert {answered[m] for m in in_hand} == {IN_HAND_ANSWER[point]}, in_hand
             # acknowledged means committed: a re-send gets the very receipt given first
@@ -297,22 +311,7 @@ async def test_a_crash_at_the_point_loses_and_doubles_nothing(
             await database.until("SELECT max(size) FROM audit_checkpoints", [(size,)], 30)
         await crashing.stop()
 
-        stored = await database.rows("SELECT message_id, body FROM inbound_messages")
-        assert sorted(stored) == sorted(sent.items())
-        accepted = Counter(
-            message_id
-            for (message_id,) in await database.rows(
-                "SELECT message_id FROM audit_entries WHERE event = 'accepted'"
-            )
-        )
-        assert accepted == Counter(list(sent)), "one accepted entry per message, none of a rollback"
-        delivered = {
-            message_id
-            for (message_id,) in await database.rows(
-                "SELECT message_id FROM audit_entries WHERE event = 'delivered'"
-            )
-        }
-        assert delivered == set(sent)
+        await database.assert_stored_once(sent)
         on_the_bus = await drain(sink)
         assert {m.message_id for m in on_the_bus} == set(sent)
         for message in on_the_bus:
@@ -461,15 +460,7 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
         await crashing.stop()
         assert await queue_depth(rabbit_vhost, f"{IN_EXCHANGE}.dead") == 0
 
-        stored = await database.rows("SELECT message_id, body FROM inbound_messages")
-        assert sorted(stored) == sorted(sent.items())
-        accepted = Counter(
-            message_id
-            for (message_id,) in await database.rows(
-                "SELECT message_id FROM audit_entries WHERE event = 'accepted'"
-            )
-        )
-        assert accepted == Counter(list(sent))
+        await database.assert_stored_once(sent)
         # an ACK receipt for every message; one answered twice got the same bytes twice
         receipts: dict[str, set[tuple[bytes, str]]] = {}
         for message in await drain(await channel.declare_queue(OUT_QUEUE, passive=True)):
@@ -483,8 +474,10 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
         assert {m.message_id for m in await drain(sink)} == set(sent)
         # where the delivery in hand was: committed before the crash, its redelivery is a
         # duplicate; not committed, it is stored by its redelivery
-        in_hand = crashing.messages_in_hand()
-        assert len(in_hand) == CRASHES
+        # (the last crash's: an earlier one's redelivery may be stored by a process that then
+        # crashes before its ack, and comes again as a duplicate whatever the point)
+        in_hand = crashing.messages_in_hand(last=True)
+        assert len(in_hand) == 1
         events = await audit_events(database, in_hand)
         if point == "S6-after-commit":
             assert {(m, "duplicate") for m in in_hand} <= events, events
