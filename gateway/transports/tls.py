@@ -50,6 +50,10 @@ def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSL
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # No session is resumed: a resumed one skips the client certificate's verification, and a
+    # certificate that expired since would get in for the ticket's lifetime (2 hours).
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
     _load_chain(context, tls)
     for anchor in partner_trust_anchors(tls, partners):
         _load_ca(context, anchor, "https.ca")

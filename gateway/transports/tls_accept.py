@@ -15,6 +15,7 @@ import asyncio
 import os
 import socket
 import ssl
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -311,7 +312,7 @@ class TlsAcceptor(asyncio.Protocol):
     async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
-        gate = _Gate() if self._check_peer is not None else None
+        gate = _Gate()
         served = False
         loop_owns_socket = False
         try:
@@ -319,12 +320,12 @@ class TlsAcceptor(asyncio.Protocol):
                 await self._turns.take(host, deadline)
             loop_owns_socket = True
             transport, _ = await loop.connect_accepted_socket(
-                lambda: gate or self._handler,
+                lambda: gate,
                 sock=duplicate,
                 ssl=self._context,
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
-            served = gate is None or await self._checked(gate, transport, host, port)
+            served = await self._checked(gate, transport, host, port)
             if served and self._turns is not None:
                 self._turns.vouch(host)
         except ssl.SSLError as exc:
@@ -358,16 +359,19 @@ class TlsAcceptor(asyncio.Protocol):
     async def _checked(
         self, gate: _Gate, transport: asyncio.BaseTransport, host: str, port: int | None
     ) -> bool:
-        """Hand the connection to the handler once its peer passed ``check_peer``; whether it
-        was handed over."""
-        assert self._check_peer is not None
+        """Hand the connection to the handler once its peer passed the checks after the
+        handshake (``check_peer``, and for a resumed session the certificate's validity);
+        whether it was handed over."""
         tls = cast(asyncio.Transport, transport)
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         try:
             if not der:
                 raise PeerRefused("no_cert", "the client presented no certificate")
-            await self._check_peer(der)
+            if ssl_object.session_reused:
+                check_still_valid(ssl_object.getpeercert(), time.time())
+            if self._check_peer is not None:
+                await self._check_peer(der)
         except PeerRefused as exc:
             tls.abort()
             self._on_refused(
@@ -381,6 +385,23 @@ class TlsAcceptor(asyncio.Protocol):
             return False
         gate.hand_over(self._handler)
         return True
+
+
+def check_still_valid(cert: dict[str, Any], now: float) -> None:
+    """A resumed TLS 1.2 session skips the client certificate's verification (the server
+    issues no tickets, but Python's ssl cannot turn off OpenSSL's session cache): its
+    certificate must still be within its validity period (``PeerRefused`` else)."""
+    not_before = ssl.cert_time_to_seconds(cert["notBefore"])
+    not_after = ssl.cert_time_to_seconds(cert["notAfter"])
+    if now > not_after:
+        raise PeerRefused(
+            "expired", f"certificate has expired ({cert['notAfter']}; a resumed session)"
+        )
+    if now < not_before:
+        raise PeerRefused(
+            "not_yet_valid",
+            f"certificate is not yet valid ({cert['notBefore']}; a resumed session)",
+        )
 
 
 def peer_of(peername: Any) -> tuple[str, int | None]:
