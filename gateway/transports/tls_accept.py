@@ -391,6 +391,8 @@ def check_still_valid(cert: dict[str, Any], now: float) -> None:
     """A resumed TLS 1.2 session skips the client certificate's verification (the server
     issues no tickets, but Python's ssl cannot turn off OpenSSL's session cache): its
     certificate must still be within its validity period (``PeerRefused`` else)."""
+    if "notBefore" not in cert or "notAfter" not in cert:
+        raise PeerRefused("bad_certificate", "a resumed session without a verified certificate")
     not_before = ssl.cert_time_to_seconds(cert["notBefore"])
     not_after = ssl.cert_time_to_seconds(cert["notAfter"])
     if now > not_after:

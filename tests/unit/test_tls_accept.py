@@ -8,7 +8,14 @@ import ssl
 
 import pytest
 
-from gateway.transports.tls_accept import REASONS, HandshakeTurns, RefusalWindow, classify
+from gateway.transports.tls_accept import (
+    REASONS,
+    HandshakeTurns,
+    PeerRefused,
+    RefusalWindow,
+    check_still_valid,
+    classify,
+)
 
 
 def verify_error(code: int, message: str) -> ssl.SSLCertVerificationError:
@@ -116,3 +123,18 @@ async def test_the_least_recently_vouched_for_is_forgotten_first() -> None:
     for host in ("10.0.0.7", "10.0.0.8", "10.0.0.6"):
         turns.vouch(host)
     assert await _order_of_turns(turns, ["10.0.0.7", "10.0.0.8"]) == ["10.0.0.8", "10.0.0.7"]
+
+
+def test_a_resumed_session_must_hold_a_certificate_still_valid() -> None:
+    cert = {"notBefore": "Jan  1 00:00:00 2026 GMT", "notAfter": "Jan  1 00:00:00 2027 GMT"}
+    check_still_valid(cert, ssl.cert_time_to_seconds("Jun  1 00:00:00 2026 GMT"))
+    for now, reason in (
+        ("Jan  1 00:00:01 2027 GMT", "expired"),
+        ("Dec 31 23:59:59 2025 GMT", "not_yet_valid"),
+    ):
+        with pytest.raises(PeerRefused) as refused:
+            check_still_valid(cert, ssl.cert_time_to_seconds(now))
+        assert refused.value.reason == reason
+    with pytest.raises(PeerRefused) as refused:
+        check_still_valid({}, 0.0)
+    assert refused.value.reason == "bad_certificate"
