@@ -130,6 +130,10 @@ class TurnExpired(TimeoutError):
     """A connection's deadline came while it waited for its turn to handshake."""
 
 
+#: per source address, its connections waiting for a handshake turn, oldest first
+_Waiting = OrderedDict[str, deque[asyncio.Future[None]]]
+
+
 class HandshakeTurns:
     """The pace at which one listener starts TLS handshakes: ``rate`` a second, after a burst
     of a quarter second's worth; the connections kept waiting take their turns by source
@@ -154,12 +158,8 @@ class HandshakeTurns:
         self._burst = max(1.0, rate / 4)
         self._tokens = self._burst
         self._stamp: float | None = None
-        #: per source address, its connections waiting, oldest first: vouched-for addresses'
-        #: lane, then everyone else's
-        self._lanes: tuple[
-            OrderedDict[str, deque[asyncio.Future[None]]],
-            OrderedDict[str, deque[asyncio.Future[None]]],
-        ] = (OrderedDict(), OrderedDict())
+        #: the waiting connections: vouched-for addresses' lane, then everyone else's
+        self._lanes: tuple[_Waiting, _Waiting] = (OrderedDict(), OrderedDict())
         self._timer: asyncio.TimerHandle | None = None
         self._vouched_s = vouched_s
         self._max_vouched = max_vouched
@@ -173,7 +173,7 @@ class HandshakeTurns:
         while len(self._vouched) > self._max_vouched:
             self._vouched.popitem(last=False)
 
-    def _lane(self, host: str, now: float) -> OrderedDict[str, deque[asyncio.Future[None]]]:
+    def _lane(self, host: str, now: float) -> _Waiting:
         since = self._vouched.get(host)
         if since is not None and now - since < self._vouched_s:
             return self._lanes[0]

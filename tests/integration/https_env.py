@@ -16,6 +16,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.config import load_config
 from gateway.crypto.jws import sign_detached
@@ -111,6 +115,59 @@ class Env:
                 str(self.root / "pki" / party / "tls.key"),
             )
         return context
+
+
+def issue_cert(
+    tmp: Path,
+    name: str,
+    *,
+    issuer_cert: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey | None,
+    not_after: dt.datetime,
+) -> tuple[Path, Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate with common name ``name`` valid until ``not_after``, issued by
+    ``issuer_cert``/``issuer_key`` (self-signed, a CA, when they are None), written to ``tmp``:
+    its path, its key's path, the certificate and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=30))
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=issuer_cert is None, path_length=None), True)
+    )
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    cert_path, key_path = tmp / f"{name}-{id(cert)}.pem", tmp / f"{name}-{id(cert)}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, cert, key
+
+
+def dev_ca(env: Env) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The dev PKI's CA, which partners' certificates chain to."""
+    pki = env.root / "pki"
+    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    return ca_cert, ca_key
+
+
+def client_with(env: Env, cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """A client context trusting the dev CA, presenting this certificate."""
+    context = env.client_ssl(None)
+    context.load_cert_chain(str(cert_path), str(key_path))
+    return context
 
 
 def write_environment(root: Path, limits: str = "", tls: str = "") -> None:

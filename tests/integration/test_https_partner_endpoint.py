@@ -20,10 +20,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from https_env import (
     CA,
     GB,
@@ -34,6 +30,9 @@ from https_env import (
     Env,
     assert_nack,
     check_receipt,
+    client_with,
+    dev_ca,
+    issue_cert,
     make_message,
     post,
     post_with_handshake_end,
@@ -461,67 +460,24 @@ async def test_a_tls_1_1_client_is_refused_by_the_server(env: Env) -> None:
     assert entry["reason"].startswith("UNSUPPORTED_PROTOCOL; from 127.0.0.1:")
 
 
-def _cert(
-    tmp: Path,
-    name: str,
-    *,
-    issuer_cert: x509.Certificate | None,
-    issuer_key: ec.EllipticCurvePrivateKey | None,
-    not_after: dt.datetime,
-) -> tuple[Path, Path, x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer_cert.subject if issuer_cert else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=30))
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=issuer_cert is None, path_length=None), True)
-    )
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    cert_path, key_path = tmp / f"{name}-{id(cert)}.pem", tmp / f"{name}-{id(cert)}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path, cert, key
-
-
-def _client_with(env: Env, cert_path: Path, key_path: Path) -> ssl.SSLContext:
-    context = env.client_ssl(None)
-    context.load_cert_chain(str(cert_path), str(key_path))
-    return context
-
-
 async def test_certificate_from_another_ca_refused(env: Env, tmp_path: Path) -> None:
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=30)
-    _, _, other_ca, other_key = _cert(
+    _, _, other_ca, other_key = issue_cert(
         tmp_path, "Other CA", issuer_cert=None, issuer_key=None, not_after=later
     )
-    cert_path, key_path, _, _ = _cert(
+    cert_path, key_path, _, _ = issue_cert(
         tmp_path, MX, issuer_cert=other_ca, issuer_key=other_key, not_after=later
     )
-    await _handshake_refused(env, _client_with(env, cert_path, key_path), "untrusted")
+    await _handshake_refused(env, client_with(env, cert_path, key_path), "untrusted")
 
 
 async def test_expired_certificate_refused(env: Env, tmp_path: Path) -> None:
-    pki = env.root / "pki"
-    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca_cert, ca_key = dev_ca(env)
     expired = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
-    cert_path, key_path, _, _ = _cert(
+    cert_path, key_path, _, _ = issue_cert(
         tmp_path, MX, issuer_cert=ca_cert, issuer_key=ca_key, not_after=expired
     )
-    await _handshake_refused(env, _client_with(env, cert_path, key_path), "expired")
+    await _handshake_refused(env, client_with(env, cert_path, key_path), "expired")
     [entry] = await tls_refusals(env)
     assert entry["reason"].startswith("certificate has expired (verify error 10); from ")
 

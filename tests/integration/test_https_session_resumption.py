@@ -18,11 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import structlog
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from https_env import MX, Env, running_gateway
+from https_env import MX, Env, client_with, dev_ca, issue_cert, running_gateway
 
 
 def get_keys(
@@ -46,38 +42,13 @@ def get_keys(
 
 def short_lived_partner_context(env: Env, seconds: float) -> ssl.SSLContext:
     """MX-ANAM's client context with a certificate of the dev CA that expires in
-    ``seconds`` (its subject is MX-ANAM's)."""
-    pki = env.root / "pki"
-    ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    partner = x509.load_pem_x509_certificate((pki / MX / "tls.pem").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(partner.subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(seconds=seconds))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    ``seconds``."""
+    ca_cert, ca_key = dev_ca(env)
+    not_after = datetime.now(UTC) + timedelta(seconds=seconds)
+    cert_path, key_path, _, _ = issue_cert(
+        env.root, MX, issuer_cert=ca_cert, issuer_key=ca_key, not_after=not_after
     )
-    cert_path, key_path = env.root / "short.pem", env.root / "short.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    context.load_cert_chain(str(cert_path), str(key_path))
-    return context
+    return client_with(env, cert_path, key_path)
 
 
 async def test_no_tls_1_3_session_is_resumed(tmp_path: Path) -> None:
