@@ -79,6 +79,11 @@ class LimitsConfig:
     #: TLS handshakes the partner endpoint starts per second (a quarter second's worth at
     #: once); new connections beyond that wait their turn, round robin by source address
     handshakes_per_second: float = 50.0
+    #: an IPv6 peer's connections count, for the two caps above and the handshake turns,
+    #: under its network of this many bits (an IPv4 peer's under its address): a /64 is what
+    #: one subscriber or one host is usually given, and each of its 2**64 addresses alone
+    #: would be no limit at all
+    ipv6_source_prefix: int = 64
     #: how long one store operation may take before it counts as an outage: PostgreSQL's
     #: connect and command timeout (SQLite's writer is local and has none)
     store_timeout_s: float = 30.0
@@ -545,6 +550,9 @@ def _limits(table: _Table) -> LimitsConfig:
             "max_connections_per_source", d.max_connections_per_source, minimum=1
         ),
         handshakes_per_second=table.float_or("handshakes_per_second", d.handshakes_per_second),
+        ipv6_source_prefix=table.int_or(
+            "ipv6_source_prefix", d.ipv6_source_prefix, minimum=32, maximum=128
+        ),
         store_timeout_s=table.float_or("store_timeout_s", d.store_timeout_s),
     )
     if limits.max_skew_s > limits.replay_window_s:

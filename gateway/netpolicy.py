@@ -29,6 +29,11 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+def origin(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 literal in brackets (``https://[::1]:8443``)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def refusal(address: str, allowed: Iterable[Network] = ()) -> str | None:
     """Why the gateway may not connect to ``address`` (an IP), or None when it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])

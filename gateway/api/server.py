@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.config import TlsConfig
 from gateway.errors import ConfigError
 from gateway.logging import quiet_bad_requests
+from gateway.netpolicy import origin
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +54,7 @@ class ApiServer:
         if self._bound_port is None:
             raise RuntimeError("the internal API server is not started")
         scheme = "https" if self._ssl_context is not None else "http"
-        return f"{scheme}://{self._host}:{self._bound_port}"
+        return origin(scheme, self._host, self._bound_port)
 
     async def start(self) -> None:
         quiet_bad_requests()

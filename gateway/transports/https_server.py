@@ -29,6 +29,7 @@ from gateway.errors import GatewayError, SenderMismatch, TooLarge, Unavailable
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.logging import quiet_bad_requests
+from gateway.netpolicy import origin
 from gateway.schemas.registry import SchemaRegistry
 from gateway.transports.tls import PartnerIdentifier
 from gateway.transports.tls_accept import (
@@ -103,8 +104,9 @@ EVICT_FROM_SHARE = 2
 
 
 class SourceSlots:
-    """Connections held per source address, from accept until closed (T37: one address
-    cannot take every connection the endpoint allows).
+    """Connections held per source (``tls_accept.source_of``: an IPv4 address, an IPv6
+    network), from accept until closed (T37: one source cannot take every connection the
+    endpoint allows).
 
     Each connection is taken for its handler (``take``) and given back once (``release``,
     idempotent): by the handler's end, or by the acceptor when the connection never reached
@@ -118,32 +120,32 @@ class SourceSlots:
         self._counts: dict[str, int] = {}
         self._owners: dict[object, str] = {}
 
-    def take(self, owner: object, host: str) -> bool:
-        count = self._counts.get(host, 0)
+    def take(self, owner: object, source: str) -> bool:
+        count = self._counts.get(source, 0)
         if count >= self.per_source:
             return False
-        self._counts[host] = count + 1
-        self._owners[owner] = host
+        self._counts[source] = count + 1
+        self._owners[owner] = source
         return True
 
     def release(self, owner: object) -> None:
-        host = self._owners.pop(owner, None)
-        if host is None:
+        source = self._owners.pop(owner, None)
+        if source is None:
             return
-        count = self._counts[host] - 1
+        count = self._counts[source] - 1
         if count:
-            self._counts[host] = count
+            self._counts[source] = count
         else:
-            del self._counts[host]
+            del self._counts[source]
 
     def __len__(self) -> int:
         return len(self._owners)
 
-    def count(self, host: str) -> int:
-        return self._counts.get(host, 0)
+    def count(self, source: str) -> int:
+        return self._counts.get(source, 0)
 
     def held(self) -> dict[str, int]:
-        """Connections held now, per source address."""
+        """Connections held now, per source."""
         return dict(self._counts)
 
 
@@ -161,6 +163,7 @@ class _GuardedSite(web.BaseSite):
         "_deadline_s",
         "_handshakes",
         "_host",
+        "_ipv6_prefix",
         "_max_connections",
         "_on_capped",
         "_on_deadline",
@@ -182,13 +185,14 @@ class _GuardedSite(web.BaseSite):
         max_connections: int,
         max_connections_per_source: int,
         handshakes_per_second: float,
+        ipv6_prefix: int,
         on_refused: Callable[[HandshakeRefusal], None],
         on_capped: Callable[[str, int, str], None],
         on_deadline: Callable[[str, str], None],
         check_peer: PeerCheck | None,
     ) -> None:
-        """``on_capped(limit, cap, host)``: a connection closed at accept, over the cap named
-        (``total`` or ``per_source``). ``on_deadline(host, stage)``: a connection closed at
+        """``on_capped(limit, cap, source)``: a connection closed at accept, over the cap named
+        (``total`` or ``per_source``). ``on_deadline(source, stage)``: a connection closed at
         its deadline (``handshake_wait``, ``handshake``, ``request_head``)."""
         super().__init__(runner, ssl_context=ssl_context, backlog=min(max_connections, 1024))
         self.sources = SourceSlots(max_connections_per_source)
@@ -208,10 +212,11 @@ class _GuardedSite(web.BaseSite):
         # Handshakes under way, ended when the site stops.
         self._handshakes: set[asyncio.Task[None]] = set()
         self._turns = HandshakeTurns(handshakes_per_second)
+        self._ipv6_prefix = ipv6_prefix
 
     @property
     def name(self) -> str:
-        return f"https://{self._host}:{self._bound_port}"
+        return origin("https", self._host, self._bound_port)
 
     @property
     def port(self) -> int:
@@ -226,18 +231,18 @@ class _GuardedSite(web.BaseSite):
         """Take ``handler`` off the unserved connections; its acceptor if it was one."""
         acceptor = self._awaiting.pop(handler, None)
         if acceptor is not None:
-            unserved = self._unserved.get(acceptor.host)
+            unserved = self._unserved.get(acceptor.source)
             if unserved is not None:
                 unserved.pop(handler, None)
                 if not unserved:
-                    del self._unserved[acceptor.host]
+                    del self._unserved[acceptor.source]
         return acceptor
 
     def _enforce_deadline(self, handler: web_protocol.RequestHandler) -> None:
         acceptor = self._forget(handler)
         if acceptor is not None and handler.transport is not None:
             handler.transport.close()
-            self._on_deadline(acceptor.host, "request_head")
+            self._on_deadline(acceptor.source, "request_head")
 
     def _protocol(self) -> asyncio.BaseProtocol:
         server = self._runner.server
@@ -256,16 +261,17 @@ class _GuardedSite(web.BaseSite):
             unserved=functools.partial(self._ended, handler),
             turns=self._turns,
             on_deadline=self._on_deadline,
+            ipv6_prefix=self._ipv6_prefix,
         )
         self._awaiting[handler] = acceptor
         return acceptor
 
-    def _make_room(self, host: str) -> bool:
+    def _make_room(self, source: str) -> bool:
         """At the total cap, close one unserved connection (in its handshake or before its
-        first request head) for a new connection from ``host``: the oldest of the address
-        holding the most connections among those that have one. Only if that address holds
-        at least ``EVICT_FROM_SHARE`` times what ``host`` would; else the new connection is
-        the one refused (addresses holding about as many do not take each other's places,
+        first request head) for a new connection from ``source``: the oldest of the source
+        holding the most connections among those that have one. Only if that source holds
+        at least ``EVICT_FROM_SHARE`` times what ``source`` would; else the new connection is
+        the one refused (sources holding about as many do not take each other's places,
         which would only churn). Whether one was closed.
 
         The cap is filled most cheaply by connections that never finish their handshake or
@@ -275,37 +281,37 @@ class _GuardedSite(web.BaseSite):
         """
         if not self._unserved:
             return False
-        # one pass over the addresses that have an unserved connection
-        source = max(self._unserved, key=self.sources.count)
-        if self.sources.count(source) < EVICT_FROM_SHARE * (self.sources.count(host) + 1):
+        # one pass over the sources that have an unserved connection
+        holder = max(self._unserved, key=self.sources.count)
+        if self.sources.count(holder) < EVICT_FROM_SHARE * (self.sources.count(source) + 1):
             return False
-        self._evict(next(iter(self._unserved[source])), source)
+        self._evict(next(iter(self._unserved[holder])), holder)
         return True
 
-    def _evict(self, handler: web_protocol.RequestHandler, host: str) -> None:
+    def _evict(self, handler: web_protocol.RequestHandler, source: str) -> None:
         acceptor = self._forget(handler)
         if handler.transport is not None:
             handler.transport.close()
         elif acceptor is not None:
             acceptor.abandon()
-        self._on_deadline(host, "evicted")
+        self._on_deadline(source, "evicted")
 
     def _ended(self, handler: web_protocol.RequestHandler) -> None:
         self.sources.release(handler)
         self._forget(handler)
 
-    def _admit(self, handler: web_protocol.RequestHandler, host: str) -> bool:
+    def _admit(self, handler: web_protocol.RequestHandler, source: str) -> bool:
         # Every connection holds its source slot from accept until it ends, so connections
         # still in their handshake count too: slow handshakes cannot go round the caps.
-        if len(self.sources) >= self._max_connections and not self._make_room(host):
+        if len(self.sources) >= self._max_connections and not self._make_room(source):
             self._awaiting.pop(handler, None)
-            self._on_capped("total", self._max_connections, host)
+            self._on_capped("total", self._max_connections, source)
             return False
-        if not self.sources.take(handler, host):
+        if not self.sources.take(handler, source):
             self._awaiting.pop(handler, None)
-            self._on_capped("per_source", self.sources.per_source, host)
+            self._on_capped("per_source", self.sources.per_source, source)
             return False
-        self._unserved.setdefault(host, {})[handler] = None
+        self._unserved.setdefault(source, {})[handler] = None
         asyncio.get_running_loop().call_later(self._deadline_s, self._enforce_deadline, handler)
         return True
 
@@ -392,7 +398,7 @@ class PartnerHttpsServer:
 
     @property
     def url(self) -> str:
-        return f"https://{self._host}:{self.port}"
+        return origin("https", self._host, self.port)
 
     @property
     def ssl_context(self) -> ssl.SSLContext:
@@ -446,6 +452,7 @@ class PartnerHttpsServer:
             max_connections=self._limits.max_connections,
             max_connections_per_source=self._limits.max_connections_per_source,
             handshakes_per_second=self._limits.handshakes_per_second,
+            ipv6_prefix=self._limits.ipv6_source_prefix,
             on_refused=self._tls_refused,
             on_capped=self._capped,
             on_deadline=self._closed_early,
@@ -464,30 +471,30 @@ class PartnerHttpsServer:
         if self._audit_tasks:
             await asyncio.gather(*self._audit_tasks, return_exceptions=True)
 
-    def _capped(self, limit: str, cap: int, host: str) -> None:
-        """Count every connection closed at accept over a cap; log the first per address and
+    def _capped(self, limit: str, cap: int, source: str) -> None:
+        """Count every connection closed at accept over a cap; log the first per source and
         cap in a minute (a flood of connections is not a flood of log lines)."""
         env = self._pipeline.env
         env.metrics.https_connections_capped.labels(limit).inc()
-        unlogged = self._capped_logs.admit((host, limit), env.clock.monotonic())
+        unlogged = self._capped_logs.admit((source, limit), env.clock.monotonic())
         if unlogged is not None:
             log.warning(
-                "https_connection_cap", limit=limit, cap=cap, peer=host, unlogged_since=unlogged
+                "https_connection_cap", limit=limit, cap=cap, peer=source, unlogged_since=unlogged
             )
 
-    def _closed_early(self, host: str, stage: str) -> None:
+    def _closed_early(self, source: str, stage: str) -> None:
         """Count every connection closed before its first request, at its deadline or to make
-        room (``evicted``); log the first per address and stage in a minute (slowloris
+        room (``evicted``); log the first per source and stage in a minute (slowloris
         connections are not a flood of log lines)."""
         env = self._pipeline.env
         env.metrics.https_connections_closed.labels(stage).inc()
-        unlogged = self._deadline_logs.admit((host, stage), env.clock.monotonic())
+        unlogged = self._deadline_logs.admit((source, stage), env.clock.monotonic())
         if unlogged is not None:
             log.info(
                 "https_connection_evicted" if stage == "evicted" else "https_connection_deadline",
                 stage=stage,
                 deadline_s=self._limits.header_timeout_s,
-                peer=host,
+                peer=source,
                 unlogged_since=unlogged,
             )
 
@@ -501,7 +508,7 @@ class PartnerHttpsServer:
         in a minute, at most 60 a minute per reason (T01: one rate-limited audit event)."""
         env = self._pipeline.env
         env.metrics.tls_refused.labels(refusal.reason).inc()
-        unrecorded = self._refusals.admit((refusal.host, refusal.reason), env.clock.monotonic())
+        unrecorded = self._refusals.admit((refusal.source, refusal.reason), env.clock.monotonic())
         if unrecorded is None:
             return
         where = refusal.host if refusal.port is None else f"{refusal.host}:{refusal.port}"

@@ -12,6 +12,7 @@ Here the listening socket is plain TCP; each accepted connection's handshake run
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import socket
 import ssl
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
+
+from gateway.config import LimitsConfig
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +61,8 @@ class HandshakeRefusal:
     #: the peer's IP address (no port), or "unknown"
     host: str
     port: int | None
+    #: what the peer's connections are counted under (``source_of``)
+    source: str
     #: one of ``REASONS``
     reason: str
     #: OpenSSL's words for it
@@ -126,31 +131,52 @@ def classify(exc: ssl.SSLError) -> tuple[str, str]:
     return "protocol", (reason or str(exc))[:MAX_DETAIL]
 
 
+IPV6_SOURCE_PREFIX = LimitsConfig.ipv6_source_prefix
+
+
+def source_of(host: str, ipv6_prefix: int = IPV6_SOURCE_PREFIX) -> str:
+    """What a peer's connections are counted under (caps, handshake turns, vouching, log and
+    audit throttles): an IPv4 address itself, an IPv6 address's network of ``ipv6_prefix``
+    bits (``2001:db8:1:2::/64``; the address itself at 128), an IPv4-mapped IPv6 address as
+    the IPv4 address. Anything else (``unknown``) as it is."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv4Address):
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    if ipv6_prefix >= 128:
+        return str(address)
+    return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+
+
 class TurnExpired(TimeoutError):
     """A connection's deadline came while it waited for its turn to handshake."""
 
 
-#: per source address, its connections waiting for a handshake turn, oldest first
+#: per source, its connections waiting for a handshake turn, oldest first
 _Waiting = OrderedDict[str, deque[asyncio.Future[None]]]
 
 
 class HandshakeTurns:
     """The pace at which one listener starts TLS handshakes: ``rate`` a second, after a burst
     of a quarter second's worth; the connections kept waiting take their turns by source
-    address, round robin, those of vouched-for addresses first.
+    (``source_of``), round robin, those of vouched-for sources first.
 
     A handshake is the costly part of a new connection (key exchange, signatures, the client's
     chain), and it runs on the event loop. Hundreds of connections arriving at once (a flood,
     or every slowloris connection coming back after its deadline) would otherwise put
     hundreds of handshakes ahead of the requests of connections already served. Round robin
-    keeps one address with many connections waiting from delaying another address's one.
+    keeps one source with many connections waiting from delaying another source's one.
     A connection that runs out of time waiting is closed (``TurnExpired``).
 
-    An address is vouched for (``vouch``) for ``vouched_s`` after a connection from it
+    A source is vouched for (``vouch``) for ``vouched_s`` after a connection from it
     completed a handshake as a partner. Its waiting connections go before the others: a flood
     of connections from many addresses that never complete one (the garbage of a connection
     flood) cannot put a partner's new connection behind hundreds of turns. At most
-    ``max_vouched`` addresses are remembered, the least recently vouched for forgotten first.
+    ``max_vouched`` sources are remembered, the least recently vouched for forgotten first.
     """
 
     def __init__(self, rate: float, *, vouched_s: float = 600.0, max_vouched: int = 4096) -> None:
@@ -163,18 +189,18 @@ class HandshakeTurns:
         self._timer: asyncio.TimerHandle | None = None
         self._vouched_s = vouched_s
         self._max_vouched = max_vouched
-        #: address -> loop time it was last vouched for, least recent first
+        #: source -> loop time it was last vouched for, least recent first
         self._vouched: OrderedDict[str, float] = OrderedDict()
 
-    def vouch(self, host: str) -> None:
-        """A connection from ``host`` completed its handshake as a partner."""
-        self._vouched[host] = asyncio.get_running_loop().time()
-        self._vouched.move_to_end(host)
+    def vouch(self, source: str) -> None:
+        """A connection from ``source`` completed its handshake as a partner."""
+        self._vouched[source] = asyncio.get_running_loop().time()
+        self._vouched.move_to_end(source)
         while len(self._vouched) > self._max_vouched:
             self._vouched.popitem(last=False)
 
-    def _lane(self, host: str, now: float) -> _Waiting:
-        since = self._vouched.get(host)
+    def _lane(self, source: str, now: float) -> _Waiting:
+        since = self._vouched.get(source)
         if since is not None and now - since < self._vouched_s:
             return self._lanes[0]
         return self._lanes[1]
@@ -187,7 +213,7 @@ class HandshakeTurns:
     def _any_waiting(self) -> bool:
         return bool(self._lanes[0] or self._lanes[1])
 
-    async def take(self, host: str, deadline: float) -> None:
+    async def take(self, source: str, deadline: float) -> None:
         """Return when this connection may start its handshake; ``TurnExpired`` at
         ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -197,7 +223,7 @@ class HandshakeTurns:
             self._tokens -= 1
             return
         turn: asyncio.Future[None] = loop.create_future()
-        self._lane(host, now).setdefault(host, deque()).append(turn)
+        self._lane(source, now).setdefault(source, deque()).append(turn)
         self._schedule(loop)
         try:
             async with asyncio.timeout_at(deadline):
@@ -214,12 +240,12 @@ class HandshakeTurns:
         self._timer = None
         self._refill(loop.time())
         while self._tokens >= 1 and (waiting := self._lanes[0] or self._lanes[1]):
-            host, queue = next(iter(waiting.items()))
+            source, queue = next(iter(waiting.items()))
             turn = queue.popleft()
             if queue:
-                waiting.move_to_end(host)
+                waiting.move_to_end(source)
             else:
-                del waiting[host]
+                del waiting[source]
             if turn.done():
                 continue  # ran out of time waiting, or its connection was cancelled
             turn.set_result(None)
@@ -249,19 +275,25 @@ class TlsAcceptor(asyncio.Protocol):
         unserved: Callable[[], None] | None = None,
         turns: HandshakeTurns | None = None,
         on_deadline: Callable[[str, str], None] | None = None,
+        ipv6_prefix: int = IPV6_SOURCE_PREFIX,
     ) -> None:
-        """``admit``: asked with the peer's address before any TLS work; False closes the
+        """``admit``: asked with the peer's source (``source_of`` its address, with
+        ``ipv6_prefix``) before any TLS work; False closes the
         connection at once. ``unserved``: called once when a connection ends without having
         been handed to ``handler`` (refused, abandoned, cancelled). ``turns``: the listener's
         pace of handshake starts; a connection waiting for its turn is not read (its
         ClientHello stays in the kernel), and ``handshake_timeout_s`` runs from accept, the
-        wait included. ``on_deadline(host, stage)``: a connection closed at that deadline,
+        wait included; turns are taken and vouched for by source. ``on_deadline(source,
+        stage)``: a connection closed at that deadline,
         still waiting for its turn (``handshake_wait``) or in its handshake (``handshake``)."""
         self._pending = pending
         self._turns = turns
         self._on_deadline = on_deadline
         #: the peer's address, once accepted
         self.host = "unknown"
+        #: what the peer's connection is counted under, once accepted
+        self.source = "unknown"
+        self._ipv6_prefix = ipv6_prefix
         self._task: asyncio.Task[None] | None = None
         self._admit = admit
         self._unserved = unserved
@@ -276,7 +308,8 @@ class TlsAcceptor(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         host, port = peer_of(transport.get_extra_info("peername"))
         self.host = host
-        if self._admit is not None and not self._admit(host):
+        self.source = source_of(host, self._ipv6_prefix)
+        if self._admit is not None and not self._admit(self.source):
             transport.abort()
             return
         plain = transport.get_extra_info("socket")
@@ -290,7 +323,7 @@ class TlsAcceptor(asyncio.Protocol):
         # Closing this descriptor leaves the connection open on the duplicate; the transport
         # never starts reading.
         transport.abort()
-        task = asyncio.get_running_loop().create_task(self._handshake(duplicate, host, port))
+        task = asyncio.get_running_loop().create_task(self._handshake(duplicate, port))
         self._task = task
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
@@ -301,15 +334,22 @@ class TlsAcceptor(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    def _deadline(self, host: str, stage: str) -> None:
+    def _deadline(self, stage: str) -> None:
         if self._on_deadline is not None:
-            self._on_deadline(host, stage)
+            self._on_deadline(self.source, stage)
+
+    def _refused(self, port: int | None, reason: str, detail: str) -> None:
+        self._on_refused(
+            HandshakeRefusal(
+                host=self.host, port=port, source=self.source, reason=reason, detail=detail
+            )
+        )
 
     def _ended_unserved(self) -> None:
         if self._unserved is not None:
             self._unserved()
 
-    async def _handshake(self, duplicate: socket.socket, host: str, port: int | None) -> None:
+    async def _handshake(self, duplicate: socket.socket, port: int | None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         gate = _Gate()
@@ -317,7 +357,7 @@ class TlsAcceptor(asyncio.Protocol):
         loop_owns_socket = False
         try:
             if self._turns is not None:
-                await self._turns.take(host, deadline)
+                await self._turns.take(self.source, deadline)
             loop_owns_socket = True
             transport, _ = await loop.connect_accepted_socket(
                 lambda: gate,
@@ -325,22 +365,22 @@ class TlsAcceptor(asyncio.Protocol):
                 ssl=self._context,
                 ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
             )
-            served = await self._checked(gate, transport, host, port)
+            served = await self._checked(gate, transport, port)
             if served and self._turns is not None:
-                self._turns.vouch(host)
+                self._turns.vouch(self.source)
         except ssl.SSLError as exc:
             duplicate.close()
             reason, detail = classify(exc)
-            self._on_refused(HandshakeRefusal(host=host, port=port, reason=reason, detail=detail))
+            self._refused(port, reason, detail)
         except (OSError, TimeoutError) as exc:
             # The peer left or was too slow (asyncio's and uvloop's handshake timeouts raise
             # ConnectionAbortedError: the clock tells).
             duplicate.close()
             log.debug("tls_handshake_abandoned", error=type(exc).__name__)
             if isinstance(exc, TurnExpired):
-                self._deadline(host, "handshake_wait")
+                self._deadline("handshake_wait")
             elif loop.time() >= deadline - 0.05:
-                self._deadline(host, "handshake")
+                self._deadline("handshake")
         except asyncio.CancelledError:
             # Abandoned (evicted, or the site stopping). Once the loop has the socket, the
             # loop closes it with the transport it made.
@@ -350,14 +390,14 @@ class TlsAcceptor(asyncio.Protocol):
         except Exception:
             # Not the peer's doing: say so, and keep serving the others.
             duplicate.close()
-            log.exception("tls_handshake_failed", peer=host)
+            log.exception("tls_handshake_failed", peer=self.host)
         finally:
             # The handler, once it has the connection, reports its end itself.
             if not served:
                 self._ended_unserved()
 
     async def _checked(
-        self, gate: _Gate, transport: asyncio.BaseTransport, host: str, port: int | None
+        self, gate: _Gate, transport: asyncio.BaseTransport, port: int | None
     ) -> bool:
         """Hand the connection to the handler once its peer passed the checks after the
         handshake (``check_peer``, and for a resumed session the certificate's validity);
@@ -374,9 +414,7 @@ class TlsAcceptor(asyncio.Protocol):
                 await self._check_peer(der)
         except PeerRefused as exc:
             tls.abort()
-            self._on_refused(
-                HandshakeRefusal(host=host, port=port, reason=exc.reason, detail=exc.detail)
-            )
+            self._refused(port, exc.reason, exc.detail)
             return False
         except BaseException:
             tls.abort()

@@ -63,6 +63,7 @@ def test_sample_config_round_trip(tree: Path) -> None:
     assert (config.limits.replay_window_s, config.limits.max_skew_s) == (900, 120)
     assert config.limits.store_timeout_s == 30.0
     assert config.limits.handshakes_per_second == 50.0
+    assert config.limits.ipv6_source_prefix == 64
     assert sorted(config.partners) == ["CA-CBSA", "MX-ANAM"]
 
     mx = config.partners["MX-ANAM"]
@@ -135,6 +136,10 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      "must be > 0, got 0"),
     (G, "max_skew_s = 120", "max_skew_s = 120\nhandshakes_per_second = 0", G,
      "limits.handshakes_per_second", "must be > 0, got 0"),
+    (G, "max_skew_s = 120", "max_skew_s = 120\nipv6_source_prefix = 16", G,
+     "limits.ipv6_source_prefix", "must be >= 32, got 16"),
+    (G, "max_skew_s = 120", "max_skew_s = 120\nipv6_source_prefix = 129", G,
+     "limits.ipv6_source_prefix", "must be <= 128, got 129"),
     (G, "replay_window_s = 900", "replay_window_s = 86400", G, "limits.replay_window_s",
      "replay_window_s + max_skew_s = 86520 s exceeds 86400 s (one day)"),
     (G, 'alg = "EdDSA"', 'alg = "RS256"', G, "signing_keys[0].alg",

@@ -15,6 +15,7 @@ from gateway.transports.tls_accept import (
     RefusalWindow,
     check_still_valid,
     classify,
+    source_of,
 )
 
 
@@ -138,3 +139,24 @@ def test_a_resumed_session_must_hold_a_certificate_still_valid() -> None:
     with pytest.raises(PeerRefused) as refused:
         check_still_valid({}, 0.0)
     assert refused.value.reason == "bad_certificate"
+
+
+@pytest.mark.parametrize(
+    ("host", "prefix", "source"),
+    [
+        ("192.0.2.7", 64, "192.0.2.7"),
+        # an IPv6 peer counts under its /64: its other addresses there are the same source
+        ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", 64, "2001:db8:1:3::/64"),
+        ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
+        ("2001:db8:1:2:aaaa::1", 128, "2001:db8:1:2:aaaa::1"),
+        # an IPv4 peer on a dual-stack socket is its IPv4 address
+        ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+        ("fe80::1:2%eth0", 64, "fe80::/64"),
+        ("::1", 64, "::/64"),
+        ("unknown", 64, "unknown"),
+    ],
+)
+def test_the_source_a_peer_counts_under(host: str, prefix: int, source: str) -> None:
+    assert source_of(host, prefix) == source
