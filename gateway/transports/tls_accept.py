@@ -156,6 +156,10 @@ class TurnExpired(TimeoutError):
     """A connection's deadline came while it waited for its turn to handshake."""
 
 
+#: while both lanes have connections waiting, the vouched-for lane's turns in a row before
+#: one goes to the other lane
+VOUCHED_RUN = 3
+
 #: per source, its connections waiting for a handshake turn, oldest first
 _Waiting = OrderedDict[str, deque[asyncio.Future[None]]]
 
@@ -175,8 +179,11 @@ class HandshakeTurns:
     A source is vouched for (``vouch``) for ``vouched_s`` after a connection from it
     completed a handshake as a partner. Its waiting connections go before the others: a flood
     of connections from many addresses that never complete one (the garbage of a connection
-    flood) cannot put a partner's new connection behind hundreds of turns. At most
-    ``max_vouched`` sources are remembered, the least recently vouched for forgotten first.
+    flood) cannot put a partner's new connection behind hundreds of turns. Not all the turns,
+    though: while both lanes wait, every ``VOUCHED_RUN + 1``-th turn goes to the others, so
+    vouched-for sources that keep connecting at the full pace (a partner's runaway client, or
+    a stolen partner certificate's) cannot keep everyone else out. At most ``max_vouched``
+    sources are remembered, the least recently vouched for forgotten first.
     """
 
     def __init__(self, rate: float, *, vouched_s: float = 600.0, max_vouched: int = 4096) -> None:
@@ -186,6 +193,8 @@ class HandshakeTurns:
         self._stamp: float | None = None
         #: the waiting connections: vouched-for addresses' lane, then everyone else's
         self._lanes: tuple[_Waiting, _Waiting] = (OrderedDict(), OrderedDict())
+        #: turns given to the vouched-for lane since the last one given to the other
+        self._vouched_run = 0
         self._timer: asyncio.TimerHandle | None = None
         self._vouched_s = vouched_s
         self._max_vouched = max_vouched
@@ -239,7 +248,7 @@ class HandshakeTurns:
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._refill(loop.time())
-        while self._tokens >= 1 and (waiting := self._lanes[0] or self._lanes[1]):
+        while self._tokens >= 1 and (waiting := self._next_lane()):
             source, queue = next(iter(waiting.items()))
             turn = queue.popleft()
             if queue:
@@ -250,7 +259,14 @@ class HandshakeTurns:
                 continue  # ran out of time waiting, or its connection was cancelled
             turn.set_result(None)
             self._tokens -= 1
+            self._vouched_run = self._vouched_run + 1 if waiting is self._lanes[0] else 0
         self._schedule(loop)
+
+    def _next_lane(self) -> _Waiting | None:
+        vouched, others = self._lanes
+        if vouched and (not others or self._vouched_run < VOUCHED_RUN):
+            return vouched
+        return others or None
 
 
 class TlsAcceptor(asyncio.Protocol):

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.transports.tls_accept import (
     REASONS,
+    VOUCHED_RUN,
     HandshakeTurns,
     PeerRefused,
     RefusalWindow,
@@ -110,6 +111,18 @@ async def test_vouched_for_addresses_take_their_turns_first() -> None:
     turns.vouch("10.0.0.9")
     order = await _order_of_turns(turns, ["10.0.0.1", "10.0.0.2", "10.0.0.9", "10.0.0.3"])
     assert order == ["10.0.0.9", "10.0.0.1", "10.0.0.2", "10.0.0.3"]
+
+
+async def test_vouched_for_sources_cannot_keep_the_others_out() -> None:
+    turns = HandshakeTurns(8.0)
+    turns.vouch("10.0.0.9")
+    strangers = ["10.0.0.1", "10.0.0.2"]
+    order = await _order_of_turns(turns, [*strangers, *["10.0.0.9"] * 7])
+    # While both lanes wait, one turn in VOUCHED_RUN + 1 goes to the strangers ...
+    assert VOUCHED_RUN == 3
+    assert order[:8] == ["10.0.0.9"] * 3 + ["10.0.0.1"] + ["10.0.0.9"] * 3 + ["10.0.0.2"]
+    # ... and the vouched-for lane has the rest once they are served.
+    assert order[8:] == ["10.0.0.9"]
 
 
 async def test_a_vouch_runs_out() -> None:
