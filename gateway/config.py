@@ -126,6 +126,16 @@ class OutboxConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RelayConfig:
+    """The inbox relay, which publishes stored inbound messages to the internal bus."""
+
+    #: how long the inbox rows a relay claimed are its own: the rows a crashed node held wait
+    #: this long for another relay (or its own restart); a publish outlasting it (a stalled
+    #: broker) only publishes again (at least once)
+    lease_s: float = 10.0
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuditConfig:
     key: Path
     origin: str
@@ -215,6 +225,7 @@ class GatewayConfig:
     audit: AuditConfig
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     partners_dir: Path = Path("partners")
     partners: Mapping[str, PartnerConfig] = field(default_factory=dict)
@@ -252,6 +263,8 @@ _ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 #: A replay window (plus skew) longer than a day would accept week-old captures as fresh.
 _MAX_FRESHNESS_S = 86_400
+#: Shorter, and a relay's own rows could run out between its claim and its publish.
+_MIN_RELAY_LEASE_S = 1.0
 
 _TOML_TYPE_NAMES: dict[type, str] = {
     str: "a string",
@@ -651,6 +664,14 @@ def _outbox(table: _Table) -> OutboxConfig:
     return outbox
 
 
+def _relay(table: _Table) -> RelayConfig:
+    relay = RelayConfig(lease_s=table.float_or("lease_s", RelayConfig.lease_s))
+    if relay.lease_s < _MIN_RELAY_LEASE_S:
+        raise table.error("lease_s", f"must be >= {_MIN_RELAY_LEASE_S:g}, got {relay.lease_s:g}")
+    table.finish()
+    return relay
+
+
 def _retention(table: _Table) -> RetentionConfig:
     retention = RetentionConfig(body_retention_days=table.opt_int("body_retention_days", minimum=1))
     table.finish()
@@ -893,6 +914,7 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         audit=audit,
         limits=limits,
         outbox=_outbox(table.table("outbox")),
+        relay=_relay(table.table("relay")),
         retention=_retention(table.table("retention")),
         partners_dir=partners_dir,
         partners=MappingProxyType(

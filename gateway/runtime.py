@@ -141,7 +141,11 @@ class Gateway:
         #: called when an internal system submitted over AMQP (the dispatcher's wake-up)
         self.on_submitted: Callable[[], None] | None = None
         self.relay = InboxRelay(
-            store=self.store, bus=self.bus, clock=self.clock, metrics=self.metrics
+            store=self.store,
+            bus=self.bus,
+            clock=self.clock,
+            metrics=self.metrics,
+            lease_s=config.relay.lease_s,
         )
         self.metrics.relay_handover_records.set_function(lambda: self.relay.handed_records)
         self.metrics.relay_handover_bytes.set_function(lambda: self.relay.handed_bytes)

@@ -77,6 +77,12 @@ OUTBOUND_POINTS = {"S9-after-send-before-mark": 1, "S9-after-mark-before-commit"
 #: PostgreSQL: test_store_crash_points, as the inbox and the relay append inside one statement)
 ON_POSTGRES = ("S6-before-commit", "S6-after-commit")
 ON_POSTGRES_OUT = ("S9-after-mark-before-commit",)
+#: a crashed relay's rows wait for its lease: a short one, for a quick run
+RELAY_LEASE_S = 2.0
+RELAY = f"""
+[relay]
+lease_s = {RELAY_LEASE_S}
+"""
 #: quick retries; a crashed dispatcher's rows wait for their lease, send_timeout_s + 10 s
 OUTBOX = """
 [outbox]
@@ -246,10 +252,11 @@ async def test_a_crash_at_the_point_loses_and_doubles_nothing(
     database = await use_store(source, backend, request)
     # the partner keeps its URL across the restarts
     edit_toml(source, "[partner_listen]\nport = 0", f"[partner_listen]\nport = {free_port()}")
-    if point == "checkpoint-sign":
-        # the audit table is the file's last: checkpoints are signed while messages come in
-        with source.open("a", encoding="utf-8") as handle:
+    with source.open("a", encoding="utf-8") as handle:
+        if point == "checkpoint-sign":
+            # the audit table is the file's last: checkpoints are signed while messages come in
             handle.write("checkpoint_interval_s = 0.2\n")
+        handle.write(RELAY)
     messages = signed_messages(
         tmp_path / "certs",
         sender=AMQP_PARTNER,
@@ -327,6 +334,53 @@ async def test_a_crash_at_the_point_loses_and_doubles_nothing(
         await crashing.stop()
         await connection.close()
         await database.drop()
+
+
+async def test_a_crashed_relays_rows_wait_for_its_lease_and_no_longer(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """``[relay] lease_s``: a message stored and handed to the relay, which died publishing it,
+    is published by the restarted process once the dead relay's lease has run out: not before
+    (the lease holds), and not the default 10 s after."""
+    lease_s = 3.0
+    source = write_config(tmp_path, amqp_url=rabbit_vhost.url(), amqp_partner_https=True)
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write(f"\n[relay]\nlease_s = {lease_s}\n")
+    database = Database(f"sqlite:///{tmp_path / 'c2c.db'}")
+    ((message_id, body, signature),) = signed_messages(
+        tmp_path / "certs", sender=AMQP_PARTNER, recipient=GATEWAY, count=1, message_type=TYPE
+    )
+    serve = ServeProcess(source, env={**os.environ, "GW_CRASH_AT": "S8-before-confirm:1"})
+    connection = await aio_pika.connect(rabbit_vhost.url())
+    try:
+        sink = await bind_sink(await connection.channel())
+        await serve.start()
+        connector = aiohttp.TCPConnector(ssl=partner_client_ssl(tmp_path / "certs"))
+        async with aiohttp.ClientSession(connector=connector) as session, asyncio.timeout(10):
+            # answered right after the commit, 20 ms before the relay's round
+            status, _, _ = await send_until_receipt(
+                session, serve.partner_url + PATH, body, signature
+            )
+        assert status == 202
+        # the relay published it, unconfirmed, and the process died
+        assert await serve.wait() == -signal.SIGKILL
+        loop = asyncio.get_running_loop()
+        crashed_at = loop.time()
+        serve.env = None
+        await serve.start()
+        relayed = "SELECT count(*) FROM inbound_messages WHERE relayed"
+        await database.until(relayed, [(1,)], 30)
+        waited = loop.time() - crashed_at
+        # stored leased at most a few ms before the crash, so its lease ran out lease_s
+        # after it, give or take a claim round (0.5 s) and the restart
+        assert lease_s - 0.5 <= waited <= lease_s + 4.0, waited
+        delivered = await drain(sink)
+        assert delivered
+        assert {m.message_id for m in delivered} == {message_id}
+    finally:
+        if serve.proc is not None and serve.proc.returncode is None:
+            await serve.stop()
+        await connection.close()
 
 
 async def submit(config_path: Path, api_url: str, count: int) -> list[str]:
@@ -428,6 +482,8 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
     source = write_config(
         tmp_path, amqp_url=rabbit_vhost.url(), prefetch=16, delivery_limit=CRASHES + 3
     )
+    with source.open("a", encoding="utf-8") as handle:
+        handle.write(RELAY)
     database = await use_store(source, "sqlite", request)
     messages = signed_messages(
         tmp_path / "certs",

@@ -64,6 +64,7 @@ def test_sample_config_round_trip(tree: Path) -> None:
     assert config.limits.store_timeout_s == 30.0
     assert config.limits.handshakes_per_second == 50.0
     assert config.limits.ipv6_source_prefix == 64
+    assert config.relay.lease_s == 10.0
     assert sorted(config.partners) == ["CA-CBSA", "MX-ANAM"]
 
     mx = config.partners["MX-ANAM"]
@@ -136,6 +137,8 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      "must be > 0, got 0"),
     (G, "max_skew_s = 120", "max_skew_s = 120\nhandshakes_per_second = 0", G,
      "limits.handshakes_per_second", "must be > 0, got 0"),
+    (G, "# lease_s = 10", "lease_s = 0.5", G, "relay.lease_s", "must be >= 1, got 0.5"),
+    (G, "# lease_s = 10", "lease = 10", G, "relay.lease", "unknown key"),
     (G, "max_skew_s = 120", "max_skew_s = 120\nipv6_source_prefix = 16", G,
      "limits.ipv6_source_prefix", "must be >= 32, got 16"),
     (G, "max_skew_s = 120", "max_skew_s = 120\nipv6_source_prefix = 129", G,
