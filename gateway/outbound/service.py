@@ -61,6 +61,7 @@ def attach_outbound(
         timeout_s=config.outbox.send_timeout_s,
         now=gateway.clock.now,
         crls=(lambda: crl_watcher.files) if crl_watcher is not None else None,
+        check_server=gateway.ocsp.check if gateway.ocsp is not None else None,
     )
     if crl_watcher is not None:
         crl_watcher.subscribe(https.forget_contexts)

@@ -1,7 +1,9 @@
 """Outbound HTTPS: POST the stored signed bytes to a partner over mutual TLS.
 
 The client verifies the partner's server certificate against that partner's trust anchor
-and presents our certificate. Redirects are never followed (the body and our certificate
+(and the CRLs in force) and presents our certificate; with a ``check_server`` (OCSP, ``[tls]
+ocsp``), each new connection's server certificate passes it after the handshake, before a byte
+of a request is written. Redirects are never followed (the body and our certificate
 must not go to another host), proxies from the environment are ignored, no cookies are
 kept, and every aiohttp failure becomes a ``TransportError`` here, at this one seam.
 """
@@ -10,20 +12,24 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
 from aiohttp.resolver import DefaultResolver
+from aiohttp.tracing import Trace
 
 from gateway.config import PartnerConfig, TlsConfig
 from gateway.netpolicy import Network, is_ip_literal, refusal
 from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
 from gateway.transports.revocation import CrlFile, apply_crls
 from gateway.transports.tls import client_context
+from gateway.transports.tls_accept import PeerRefused
 
 MESSAGES_PATH = "/c2c/v1/messages"
 #: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
@@ -32,6 +38,58 @@ DEFAULT_MAX_REPLY_BYTES = 64 * 1024
 
 class AddressRefused(OSError):
     """A partner host resolved only to addresses the gateway does not connect to (T63)."""
+
+
+#: a server certificate's DER -> None, or ``PeerRefused`` saying why it may not be used
+ServerCheck = Callable[[bytes], Awaitable[None]]
+
+
+class ServerRefused(aiohttp.ClientConnectionError):
+    """A new connection's server certificate failed ``check_server``; nothing was sent."""
+
+    def __init__(self, refused: PeerRefused) -> None:
+        super().__init__(f"{refused.reason}: {refused.detail}")
+        self.refused = refused
+
+
+class _CheckedConnector(aiohttp.TCPConnector):
+    """A connector whose new TLS connections are handed out only once their server
+    certificate passed ``check``.
+
+    aiohttp has no public hook between a connection's handshake and its first request, so this
+    wraps the connector's ``_create_connection`` (private, the same from aiohttp 3.8 through
+    the pinned version): a refused connection is closed before any request is written on it.
+    """
+
+    def __init__(
+        self, check: ServerCheck, *, limit_per_host: int, resolver: AbstractResolver
+    ) -> None:
+        super().__init__(limit_per_host=limit_per_host, resolver=resolver)
+        self._check = check
+
+    async def _create_connection(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's own signature)
+    ) -> ResponseHandler:
+        protocol = await super()._create_connection(req, traces, timeout)
+        transport = protocol.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        if ssl_object is None:
+            return protocol  # plain http:// is never used for partners (send refuses it)
+        try:
+            der = ssl_object.getpeercert(binary_form=True)
+            if not der:
+                raise PeerRefused("bad_certificate", "the server presented no certificate")
+            await self._check(der)
+        except PeerRefused as exc:
+            protocol.close()
+            raise ServerRefused(exc) from None
+        except BaseException:
+            protocol.close()
+            raise
+        return protocol
 
 
 class PolicyResolver(AbstractResolver):
@@ -108,11 +166,15 @@ class HttpsTransport:
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         crls: Callable[[], Sequence[CrlFile]] | None = None,
+        check_server: ServerCheck | None = None,
     ) -> None:
         """``crls``: the CRLs in force (``[tls] crls``), checked against each partner's
-        server certificate; call ``forget_contexts`` when they change."""
+        server certificate; call ``forget_contexts`` when they change. ``check_server``:
+        asked about each new connection's server certificate after the handshake (OCSP); a
+        refusal closes the connection before a request is written on it."""
         self._tls = tls
         self._crls = crls
+        self._check_server = check_server
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s)
         )
@@ -148,8 +210,14 @@ class HttpsTransport:
         # Created on first use so it belongs to the running event loop.
         if self._session is None:
             self._resolver = PolicyResolver()
-            connector = aiohttp.TCPConnector(
-                limit_per_host=self._limit_per_host, resolver=self._resolver
+            connector = (
+                aiohttp.TCPConnector(limit_per_host=self._limit_per_host, resolver=self._resolver)
+                if self._check_server is None
+                else _CheckedConnector(
+                    self._check_server,
+                    limit_per_host=self._limit_per_host,
+                    resolver=self._resolver,
+                )
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -203,6 +271,10 @@ class HttpsTransport:
                     ),
                     location=response.headers.get("Location"),
                 )
+        except ServerRefused as exc:
+            raise TransportError(
+                f"TLS certificate of {endpoint} refused: {exc}", may_have_arrived=False
+            ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise TransportError(
                 f"TLS certificate of {endpoint} refused: {exc.certificate_error}",

@@ -1,4 +1,4 @@
-"""Revocation of partners' client certificates by OCSP (RFC 6960), ``[tls] ocsp = true``.
+"""Revocation of partners' certificates by OCSP (RFC 6960), ``[tls] ocsp = true``.
 
 After a partner's TLS handshake, and before its connection reads a request, the client
 certificate's status is asked of the OCSP responder of the CA that issued it: the
@@ -7,7 +7,9 @@ a revoked certificate, a status the responder does not know, an answer that is n
 the issuing CA (or by a responder certificate that CA issued for OCSP signing), an answer past
 its nextUpdate, and a responder that cannot be reached all refuse the connection, like a
 revoked certificate in a CRL (T04/T05). No request is read, no receipt is given; the refusal is
-counted and audited as a refused handshake.
+counted and audited as a refused handshake. Outbound, the partner's server certificate is
+asked about the same way on each new connection, before a request is written on it
+(``https_client``): a refusal fails the attempt, and nothing is sent.
 
 An answer is kept until its nextUpdate (at most ``ocsp_max_age_s``), so a responder is asked
 about once per certificate per period, not per connection; concurrent handshakes of one
@@ -54,7 +56,7 @@ class _Answer:
 
 
 class OcspChecker:
-    """Asks, verifies and keeps OCSP answers for partners' client certificates."""
+    """Asks, verifies and keeps OCSP answers for partners' certificates (client and server)."""
 
     def __init__(
         self,

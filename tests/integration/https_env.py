@@ -154,13 +154,18 @@ def issue_cert(
     return cert_path, key_path, cert, key
 
 
-def dev_ca(env: Env) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The dev PKI's CA, which partners' certificates chain to."""
-    pki = env.root / "pki"
+def ca_at(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA of the dev PKI under ``root / "pki"``, which partners' certificates chain to."""
+    pki = root / "pki"
     ca_cert = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     return ca_cert, ca_key
+
+
+def dev_ca(env: Env) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The dev PKI's CA, which partners' certificates chain to."""
+    return ca_at(env.root)
 
 
 def client_with(env: Env, cert_path: Path, key_path: Path) -> ssl.SSLContext:

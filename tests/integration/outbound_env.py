@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,9 @@ from gateway.crypto.tokens import issue_token
 from gateway.devenv import prepare_dev_environment
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.service import attach_outbound
-from gateway.runtime import Gateway
+from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.runtime import Gateway, load_own_signing_keys
+from gateway.store.base import OutboundRecord, Store
 
 
 def free_port() -> int:
@@ -101,3 +104,49 @@ def client_ssl(config: GatewayConfig) -> ssl.SSLContext:
 
 def example(gateway: Gateway, message_type: str) -> dict[str, Any]:
     return gateway.registry.examples(message_type, "1.0")[0]
+
+
+#: retries every few tenths of a second, for long, the breaker never opening
+RETRYING_OUTBOX = OutboxConfig(
+    max_attempts=50,
+    base_delay_s=0.1,
+    max_delay_s=0.3,
+    default_ttl_s=3600,
+    send_timeout_s=2.0,
+    breaker_failures=1000,
+    breaker_reset_s=1.0,
+    poll_interval_s=0.05,
+)
+
+
+async def row_until(
+    store: Store, message_id: str, done: Callable[[OutboundRecord], bool], within_s: float = 15.0
+) -> OutboundRecord:
+    async with asyncio.timeout(within_s):
+        while True:
+            record = await store.get_outbound(message_id)
+            if record is not None and done(record):
+                return record
+            await asyncio.sleep(0.05)
+
+
+async def submit_to(running: Running, recipient: str) -> OutboundRecord:
+    """Submit a ``shipment.status`` to ``recipient`` and wake the dispatcher."""
+    gateway, config = running.gateway, running.config
+    record = await submit(
+        SubmissionServices(
+            config=config,
+            registry=gateway.registry,
+            signing_keys=load_own_signing_keys(config),
+            store=gateway.store,
+            clock=gateway.clock,
+        ),
+        Submission(
+            recipient=recipient,
+            message_type="shipment.status",
+            payload=gateway.registry.examples("shipment.status", "1.0")[0],
+            actor="test",
+        ),
+    )
+    running.dispatcher.wake()
+    return record

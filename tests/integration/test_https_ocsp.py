@@ -13,20 +13,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
-from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import ocsp
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from https_env import (
     CA,
     MX,
@@ -37,114 +30,17 @@ from https_env import (
     wait_delivered,
     write_environment,
 )
+from ocsp_responder import NOW, Responder, delegate, serving
 
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.store.base import AuditFilter
 
-NOW = dt.datetime.now(dt.UTC)
-
-
-def _ca(root: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert = x509.load_pem_x509_certificate((root / "pki" / "ca.pem").read_bytes())
-    key = serialization.load_pem_private_key((root / "pki" / "ca.key").read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    return cert, key
-
-
-def _delegate(
-    root: Path, *, ocsp_signing: bool = True, impostor: bool = False
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A responder certificate issued by the partner CA, for OCSP signing or not; or, with
-    ``impostor``, one that names the CA as its issuer but is signed by its own key."""
-    ca_cert, ca_key = _ca(root)
-    key = ec.generate_private_key(ec.SECP256R1())
-    if impostor:
-        ca_key = key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "OCSP responder")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1))
-        .not_valid_after(NOW + dt.timedelta(days=30))
-    )
-    if ocsp_signing:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False
-        )
-    return builder.sign(ca_key, hashes.SHA256()), key
-
-
-@dataclass
-class Responder:
-    """An OCSP responder of the dev CA: ``status`` by party (default good); ``asked``: how
-    often each party's certificate was asked about."""
-
-    root: Path
-    status: dict[str, ocsp.OCSPCertStatus] = field(default_factory=dict)
-    #: None: the CA signs; else (certificate, key) of the signer put in the answer
-    signer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
-    this_update: dt.datetime = NOW - dt.timedelta(minutes=1)
-    next_update: dt.datetime | None = NOW + dt.timedelta(hours=1)
-    #: answer HTTP 503 instead
-    down: bool = False
-    asked: Counter[str] = field(default_factory=Counter)
-    url: str = ""
-
-    def serial(self, party: str) -> int:
-        return self._cert(party).serial_number
-
-    async def answer(self, request: web.Request) -> web.Response:
-        asked = ocsp.load_der_ocsp_request(await request.read())
-        party = next(p for p in (MX, CA) if self.serial(p) == asked.serial_number)
-        self.asked[party] += 1
-        if self.down:
-            return web.Response(status=503)
-        ca_cert, ca_key = _ca(self.root)
-        subject = self._cert(party)
-        status = self.status.get(party, ocsp.OCSPCertStatus.GOOD)
-        revoked = status == ocsp.OCSPCertStatus.REVOKED
-        signer_cert, signer_key = self.signer or (ca_cert, ca_key)
-        builder = (
-            ocsp.OCSPResponseBuilder()
-            .add_response(
-                cert=subject,
-                issuer=ca_cert,
-                algorithm=hashes.SHA1(),
-                cert_status=status,
-                this_update=self.this_update,
-                next_update=self.next_update,
-                revocation_time=NOW - dt.timedelta(hours=2) if revoked else None,
-                revocation_reason=x509.ReasonFlags.key_compromise if revoked else None,
-            )
-            .responder_id(ocsp.OCSPResponderEncoding.HASH, signer_cert)
-        )
-        if self.signer is not None:
-            builder = builder.certificates([signer_cert])
-        der = builder.sign(signer_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
-        return web.Response(body=der, content_type="application/ocsp-response")
-
-    def _cert(self, party: str) -> x509.Certificate:
-        return x509.load_pem_x509_certificate((self.root / "pki" / party / "tls.pem").read_bytes())
-
 
 @pytest.fixture
 async def responder(tmp_path: Path) -> AsyncIterator[Responder]:
-    server = Responder(tmp_path)
-    app = web.Application()
-    app.router.add_post("/", server.answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    server.url = f"http://127.0.0.1:{port}/"
-    try:
+    async with serving(tmp_path, (MX, CA)) as server:
         yield server
-    finally:
-        await runner.cleanup()
 
 
 def ocsp_tls(responder: Responder, extra: str = "") -> str:
@@ -228,9 +124,9 @@ async def test_no_trustworthy_good_status_fails_closed(
             responder.this_update = NOW - dt.timedelta(days=2)
             responder.next_update = NOW - dt.timedelta(days=1)
         elif fault == "foreign signer":
-            responder.signer = _delegate(tmp_path, impostor=True)
+            responder.signer = delegate(tmp_path, impostor=True)
         else:
-            responder.signer = _delegate(tmp_path, ocsp_signing=False)
+            responder.signer = delegate(tmp_path, ocsp_signing=False)
         assert await status_of(env, MX) is None
         [entry] = await refusals(env, 1)
         assert entry["outcome"] == "revocation_unknown"
@@ -243,7 +139,7 @@ async def test_an_answer_from_the_ca_s_delegated_responder_is_accepted(
     tmp_path: Path, responder: Responder
 ) -> None:
     async with running_gateway(tmp_path, tls=ocsp_tls(responder)) as env:
-        responder.signer = _delegate(tmp_path)
+        responder.signer = delegate(tmp_path)
         assert await status_of(env, MX) == 202
         responder.status[CA] = ocsp.OCSPCertStatus.REVOKED
         assert await status_of(env, CA) is None
@@ -279,21 +175,12 @@ def test_served_and_refused_on_uvloop(tmp_path: Path) -> None:
     """``serve`` runs on uvloop: the held connection is handed over on its transports too."""
 
     async def scenario() -> None:
-        server = Responder(tmp_path)
-        app = web.Application()
-        app.router.add_post("/", server.answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        server.url = f"http://127.0.0.1:{runner.addresses[0][1]}/"
-        try:
+        async with serving(tmp_path, (MX, CA)) as server:
             server.status[CA] = ocsp.OCSPCertStatus.REVOKED
             async with running_gateway(tmp_path, tls=ocsp_tls(server)) as env:
                 assert "uvloop" in type(asyncio.get_running_loop()).__module__
                 assert await status_of(env, MX) == 202
                 assert await status_of(env, CA) is None
-        finally:
-            await runner.cleanup()
 
     uvloop.run(scenario())
 

@@ -4,50 +4,35 @@ mutual TLS on loopback, and sends again once a newer CRL lifts the revocation.""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 from crl_file import write_crl
-from outbound_env import Running, free_port, gateway_config, start_gateway
+from outbound_env import (
+    RETRYING_OUTBOX,
+    Running,
+    free_port,
+    gateway_config,
+    row_until,
+    start_gateway,
+    submit_to,
+)
 from partner_stub import PartnerStub
 
-from gateway.config import OutboxConfig
-from gateway.outbound.submission import Submission, SubmissionServices, submit
-from gateway.runtime import load_own_signing_keys
-from gateway.store.base import OutboundRecord, OutboundState, Store
+from gateway.store.base import OutboundState
 
 US, MX = "US-CBP", "MX-ANAM"
-OUTBOX = OutboxConfig(
-    max_attempts=50,
-    base_delay_s=0.1,
-    max_delay_s=0.3,
-    default_ttl_s=3600,
-    send_timeout_s=2.0,
-    breaker_failures=1000,
-    breaker_reset_s=1.0,
-    poll_interval_s=0.05,
-)
-
-
-async def _row_until(
-    store: Store, message_id: str, done: Callable[[OutboundRecord], bool], within_s: float = 15.0
-) -> OutboundRecord:
-    async with asyncio.timeout(within_s):
-        while True:
-            record = await store.get_outbound(message_id)
-            if record is not None and done(record):
-                return record
-            await asyncio.sleep(0.05)
 
 
 async def _running(tmp_path: Path, make_crl: Callable[[], Path]) -> tuple[PartnerStub, Running]:
     """A gateway with ``[tls] crls`` (the file ``make_crl`` writes once the PKI is made), and
     the partner it sends to."""
     port = free_port()
-    config = gateway_config(tmp_path, US, peers={MX: f"https://127.0.0.1:{port}"}, outbox=OUTBOX)
+    config = gateway_config(
+        tmp_path, US, peers={MX: f"https://127.0.0.1:{port}"}, outbox=RETRYING_OUTBOX
+    )
     crl = make_crl()
     config = dataclasses.replace(
         config, tls=dataclasses.replace(config.tls, crls=(crl,), crl_check_interval_s=3600)
@@ -57,34 +42,13 @@ async def _running(tmp_path: Path, make_crl: Callable[[], Path]) -> tuple[Partne
     return stub, await start_gateway(config)
 
 
-async def _submit(running: Running) -> OutboundRecord:
-    gateway, config = running.gateway, running.config
-    record = await submit(
-        SubmissionServices(
-            config=config,
-            registry=gateway.registry,
-            signing_keys=load_own_signing_keys(config),
-            store=gateway.store,
-            clock=gateway.clock,
-        ),
-        Submission(
-            recipient=MX,
-            message_type="shipment.status",
-            payload=gateway.registry.examples("shipment.status", "1.0")[0],
-            actor="test",
-        ),
-    )
-    running.dispatcher.wake()
-    return record
-
-
 async def test_a_revoked_partner_server_gets_nothing_until_a_newer_crl(tmp_path: Path) -> None:
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     stub, running = await _running(tmp_path, lambda: write_crl(tmp_path, [MX], this_update=start))
     gateway = running.gateway
     try:
-        record = await _submit(running)
-        refused = await _row_until(gateway.store, record.message_id, lambda r: r.attempts >= 2)
+        record = await submit_to(running, MX)
+        refused = await row_until(gateway.store, record.message_id, lambda r: r.attempts >= 2)
         assert refused.state is OutboundState.QUEUED
         assert refused.last_error is not None
         assert "TLS certificate" in refused.last_error
@@ -96,7 +60,7 @@ async def test_a_revoked_partner_server_gets_nothing_until_a_newer_crl(tmp_path:
         write_crl(tmp_path, [], this_update=start + dt.timedelta(minutes=1))
         assert gateway.crl_watcher is not None
         gateway.crl_watcher.check()
-        delivered = await _row_until(
+        delivered = await row_until(
             gateway.store, record.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED
         )
         assert len(stub.seen) == 1
@@ -118,8 +82,8 @@ async def test_a_crl_past_its_next_update_fails_closed_outbound(tmp_path: Path) 
         ),
     )
     try:
-        record = await _submit(running)
-        refused = await _row_until(
+        record = await submit_to(running, MX)
+        refused = await row_until(
             running.gateway.store, record.message_id, lambda r: r.attempts >= 1
         )
         assert refused.last_error is not None
