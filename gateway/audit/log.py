@@ -186,18 +186,6 @@ class AuditLog:
                 f"{latest.size}: {exc}"
             ) from None
 
-    async def checkpoint_loop(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Sign a checkpoint every ``interval_s`` until ``stop`` is set; failures are alerts."""
-        while not stop.is_set():
-            try:
-                await self.checkpoint()
-            except AuditIntegrityError as exc:
-                log.error("audit.checkpoint_refused", reason=str(exc))
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval_s)
-            except TimeoutError:
-                continue
-
     async def accept_cosignature(
         self, partner: str, cosigned_note: str, cosigner: NoteVerifier
     ) -> int:
