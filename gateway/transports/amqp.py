@@ -233,9 +233,13 @@ class AmqpBroker:
                 await connection.close()
 
     async def ping(self) -> None:
+        """Raise ``Unavailable`` unless the connection is up now: not while the robust
+        connection is reconnecting (a broker restart, a lost path found by the heartbeat)."""
         connection = self._connection
         if connection is None or connection.is_closed:
             raise Unavailable("RabbitMQ connection is not open")
+        if not connection.connected.is_set():
+            raise Unavailable("RabbitMQ connection lost, reconnecting")
 
     async def channel(self, concern: str, *, prefetch: int | None = None) -> AbstractRobustChannel:
         """The channel of one concern, opened once; publisher channels use confirms."""
@@ -245,6 +249,8 @@ class AmqpBroker:
                 return channel
             if self._connection is None:
                 raise Unavailable("RabbitMQ connection is not open")
+            if not self._connection.connected.is_set():
+                raise Unavailable("cannot open a channel: RabbitMQ connection lost, reconnecting")
             try:
                 channel = await self._connection.channel(
                     publisher_confirms=True, on_return_raises=True
@@ -253,6 +259,10 @@ class AmqpBroker:
                     await channel.set_qos(prefetch_count=prefetch)
             except _TRANSIENT as exc:
                 raise Unavailable(f"cannot open a channel: {_describe(exc)}") from exc
+            except RuntimeError as exc:
+                # aio-pika's "Connection was not opened": the connection was lost since the
+                # check above (a reconnect under way)
+                raise Unavailable(f"cannot open a channel: {exc}") from exc
             # aio-pika types channel() as the plain channel; on a robust connection it is robust.
             assert isinstance(channel, aio_pika.RobustChannel)
             self._channels[concern] = channel
