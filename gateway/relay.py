@@ -246,9 +246,15 @@ class InboxRelay:
         while not self._stopping:
             try:
                 count = await self.relay_once()
-            except GatewayError as exc:
+            except Exception as exc:
                 self._metrics.relay_failures.inc()
-                log.warning("relay_failed", code=exc.code.value, reason=exc.reason)
+                if isinstance(exc, GatewayError):
+                    log.warning("relay_failed", code=exc.code.value, reason=exc.reason)
+                else:
+                    # A bug, not an outage: the round's records are pending as after any
+                    # failure (given back, or left leased), so say so with the traceback and
+                    # keep relaying, rather than let internal delivery stop unseen.
+                    log.exception("relay_round_failed")
                 backoff = min(self._max_backoff_s, backoff * 2)
                 await self._sleep(backoff)
                 continue

@@ -255,12 +255,17 @@ class Dispatcher:
         log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
 
     async def run(self) -> None:
-        """Work until ``stop()``; store outages are waited out, never fatal."""
+        """Work until ``stop()``; store outages are waited out, and no failure is fatal."""
         while not self._stopping.is_set():
             try:
                 worked = await self.run_once()
             except Unavailable as exc:
                 log.warning("dispatcher_store_unavailable", reason=exc.reason)
+                worked = 0
+            except Exception:
+                # A bug, not an outage: the claimed rows keep their leases and come back when
+                # they end; say so with the traceback and keep sending, rather than stop unseen.
+                log.exception("dispatcher_round_failed")
                 worked = 0
             if worked:
                 continue
