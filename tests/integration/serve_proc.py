@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.config import GatewayConfig
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import load_signing_key
@@ -173,3 +175,13 @@ def signed_messages(
         body = encode_envelope(header, payload)
         out.append((header.message_id, body, sign_detached(body, key)))
     return out
+
+
+async def readiness(server: ServeProcess, pki: Path) -> tuple[int, dict[str, Any]]:
+    """``GET /readyz`` on the internal API: its status and JSON body."""
+    ca = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(server.api_url + "/readyz", ssl=ca) as response,
+    ):
+        return response.status, await response.json()

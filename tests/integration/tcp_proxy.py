@@ -1,20 +1,19 @@
-"""A loopback TCP relay for store-outage tests: cut and restore the path to a real server
-(PostgreSQL) without touching the server itself."""
+"""A loopback TCP relay for outage tests: cut and restore the path to a real server
+(PostgreSQL, RabbitMQ) without touching the server itself."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
-import pgdb
-
 
 class TcpProxy:
-    """A loopback TCP relay to PostgreSQL that a test can cut (drop every connection and
+    """A loopback TCP relay to a server that a test can cut (drop every connection and
     refuse new ones), black-hole (keep every connection open and deliver nothing, as a
     firewall dropping packets does) and restore, without touching the real server."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self._target_host = target_host
         self._target_port = target_port
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -37,7 +36,9 @@ class TcpProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.open_connection(pgdb.HOST, self._target_port)
+            up_reader, up_writer = await asyncio.open_connection(
+                self._target_host, self._target_port
+            )
         except OSError:
             writer.close()
             return

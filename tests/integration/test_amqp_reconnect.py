@@ -6,16 +6,21 @@ consumer; the only duplicates are redeliveries carrying the same message_id."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import rabbit
 from amqp_env import AMQP_PARTNER
 from amqp_peer import amqp_gateway, queue_depth
 from rabbit import RabbitVhost
+from tcp_proxy import TcpProxy
 
-from gateway.transports.amqp import CONNECTION_NAME
+from gateway.config import AmqpConfig
+from gateway.errors import Unavailable
+from gateway.transports.amqp import CONNECTION_NAME, AmqpBroker
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -69,3 +74,45 @@ async def test_connection_closed_by_the_broker_mid_run_loses_nothing(
             assert await env.gateway.store.get_inbound(AMQP_PARTNER, message_id) is not None
         assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 0
         assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in.dead") == 0
+
+
+async def _ping_until_it_fails(broker: AmqpBroker, within_s: float) -> None:
+    async with asyncio.timeout(within_s):
+        while True:
+            await broker.ping()
+            await asyncio.sleep(0.05)
+
+
+async def test_while_reconnecting_the_broker_is_unavailable_not_broken(
+    rabbit_vhost: RabbitVhost,
+) -> None:
+    """The path to the broker is cut (every connection dropped, new ones refused) and comes
+    back: meanwhile ``ping`` (``/readyz``) and a new channel say ``Unavailable``, which the
+    relay and the dispatcher wait out (aio-pika's own RuntimeError, "Connection was not
+    opened", escaped here before and ended the relay's task until the next restart); once
+    the connection is back, both work again by themselves."""
+    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
+    await proxy.start()
+    url = f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
+    broker = AmqpBroker(AmqpConfig(url=url))
+    await broker.connect()
+    try:
+        await broker.ping()
+        await broker.channel("before")
+        await proxy.cut()
+        with pytest.raises(Unavailable, match="reconnecting"):
+            await _ping_until_it_fails(broker, within_s=10)
+        with pytest.raises(Unavailable, match="cannot open a channel"):
+            await broker.channel("during")
+        await proxy.start()
+        async with asyncio.timeout(15):
+            while True:
+                with contextlib.suppress(Unavailable):
+                    await broker.ping()
+                    break
+                await asyncio.sleep(0.1)
+        channel = await broker.channel("after")
+        assert not channel.is_closed
+    finally:
+        await broker.close()
+        await proxy.cut()

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sqlite3
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from serve_proc import (
     edit_toml,
     partner_client_ssl,
     raise_rate_limit,
+    readiness,
     signed_messages,
 )
 
@@ -63,16 +63,6 @@ def enter_mounts_of(pid: int) -> tuple[str, ...]:
     """Run the command after it in the mount namespace of process ``pid``."""
     user = () if os.geteuid() == 0 else ("--user", "--preserve-credentials")
     return ("nsenter", f"--target={pid}", "--mount", *user)
-
-
-async def readiness(server: ServeProcess, pki: Path) -> tuple[int, dict[str, Any]]:
-    """``GET /readyz`` on the internal API: its status and JSON body."""
-    ca = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(server.api_url + "/readyz", ssl=ca) as response,
-    ):
-        return response.status, await response.json()
 
 
 async def depth_at_least(vhost: RabbitVhost, queue: str, count: int) -> None:

@@ -30,7 +30,7 @@ PATH = "/c2c/v1/messages"
 
 @pytest.fixture
 async def proxy() -> AsyncIterator[TcpProxy]:
-    relay = TcpProxy(pgdb.PORT)
+    relay = TcpProxy(pgdb.PORT, pgdb.HOST)
     await relay.start()
     try:
         yield relay

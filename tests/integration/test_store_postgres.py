@@ -41,7 +41,7 @@ async def assert_one_gap_free_tree(store: PostgresStore, size: int) -> None:
 
 @pytest.fixture
 async def proxied(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    proxy = TcpProxy(pgdb.PORT)
+    proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
     await proxy.start()
     try:
         yield proxy, pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
@@ -74,7 +74,7 @@ async def test_cut_connection_is_unavailable_and_store_recovers(
 
 
 async def test_unreachable_server_at_open_is_unavailable(pg_dsn: str) -> None:
-    proxy = TcpProxy(pgdb.PORT)
+    proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
     await proxy.start()
     await proxy.cut()
     dsn = pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)

@@ -1,0 +1,116 @@
+"""A network partition between the gateway and RabbitMQ (RELIABILITY-SECURITY T72): the path
+goes silent, as behind a firewall that drops packets both ways, while a partner keeps sending
+over HTTPS, and then heals.
+
+T72 asks for a 5-minute cut. What a long cut does that a short one does not is outlast the
+AMQP heartbeat, so the gateway must find the connection dead by itself, and then fail to
+reconnect again and again. Here the heartbeat is 5 s (the broker's default is 60 s) and the
+silence 40 s: eight heartbeat intervals, as a 5-minute silence is five of the default's.
+
+A real ``c2c-gateway serve`` talks to the local RabbitMQ through a loopback relay that the test
+silences. Ingest goes on: every message is answered 202 and stored. ``/readyz`` says the broker
+is down. After the heal, the gateway is connected again, and every message reaches the CBP
+side's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import pytest
+import rabbit
+from amqp_env import AMQP_PARTNER, GATEWAY, write_config
+from amqp_peer import bind_sink
+from rabbit import RabbitVhost
+from serve_proc import ServeProcess, partner_client_ssl, readiness, signed_messages
+from tcp_proxy import TcpProxy
+from test_crash_points import Database, drain, send_until_receipt
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+HEARTBEAT_S = 5
+SILENCE_S = 40.0
+TYPE = "shipment.advance_data"
+PATH = "/c2c/v1/messages"
+
+
+async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
+    await proxy.start()
+    through_proxy = (
+        f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
+        f"?heartbeat={HEARTBEAT_S}"
+    )
+    source = write_config(tmp_path, amqp_url=through_proxy, amqp_partner_https=True)
+    pki = tmp_path / "certs"
+    messages = signed_messages(
+        pki, sender=AMQP_PARTNER, recipient=GATEWAY, count=90, message_type=TYPE
+    )
+    before, during, after = messages[:30], messages[30:60], messages[60:]
+    database = Database(f"sqlite:///{tmp_path / 'c2c.db'}")
+    direct = await aio_pika.connect(rabbit_vhost.url())
+    serve = ServeProcess(source)
+    try:
+        sink = await bind_sink(await direct.channel())
+        await serve.start()
+        url = serve.partner_url + PATH
+        connector = aiohttp.TCPConnector(ssl=partner_client_ssl(pki))
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def send(batch: list[tuple[str, bytes, str]]) -> list[int]:
+                statuses = []
+                for _, body, signature in batch:
+                    async with asyncio.timeout(10):
+                        status, _, _ = await send_until_receipt(session, url, body, signature)
+                    statuses.append(status)
+                return statuses
+
+            assert await send(before) == [202] * len(before)
+            assert (await readiness(serve, pki))[0] == 200
+
+            proxy.black_hole = True
+            loop = asyncio.get_running_loop()
+            silenced_at = loop.time()
+            # ingest goes on through the silence: stored and answered, a message at a time
+            answered = []
+            broker_down_seen = False
+            for item in during:
+                answered += await send([item])
+                status, body = await readiness(serve, pki)
+                if status == 503:
+                    assert "amqp" in str(body).lower() or "rabbitmq" in str(body).lower(), body
+                    broker_down_seen = True
+                await asyncio.sleep(SILENCE_S / len(during))
+            assert answered == [202] * len(during)
+            assert loop.time() - silenced_at >= SILENCE_S
+            # the gateway found the silent connection dead by itself (heartbeats)
+            assert broker_down_seen
+            stranded = await database.rows(
+                "SELECT count(*) FROM inbound_messages WHERE NOT relayed"
+            )
+            assert stranded[0][0] > 0, "nothing waited for the broker"
+
+            proxy.black_hole = False
+            assert await send(after) == [202] * len(after)
+        # connected again by itself, and the backlog drains
+        await database.until("SELECT count(*) FROM inbound_messages WHERE NOT relayed", [(0,)], 60)
+        async with asyncio.timeout(30):
+            while (await readiness(serve, pki))[0] != 200:  # noqa: ASYNC110 (polled state)
+                await asyncio.sleep(0.2)
+        assert await serve.stop() == 0
+        on_the_bus = await drain(sink)
+        assert {m.message_id for m in on_the_bus} == {m for m, _, _ in messages}
+        stored = await database.rows("SELECT count(*) FROM inbound_messages")
+        assert stored == [(len(messages),)]
+    finally:
+        if serve.proc is not None and serve.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await serve.stop()
+        await direct.close()
+        await proxy.cut()
