@@ -58,6 +58,13 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.outbound_tls_refused = Counter(
+            "c2c_outbound_tls_refused_total",
+            "Connections to partners refused for the partner's server certificate, by reason "
+            "(revoked, revocation_unknown, expired, untrusted ...): nothing was sent on them.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.https_connections_capped = Counter(
             "c2c_https_connections_refused_total",
             "Partner-endpoint connections closed at accept, before any TLS work, by the cap "

@@ -56,12 +56,14 @@ def attach_outbound(
     """Add the outbound dispatcher and (unless ``with_api`` is False) the internal API."""
     config = gateway.config
     crl_watcher = gateway.crl_watcher
+    refused = gateway.metrics.outbound_tls_refused
     https = HttpsTransport(
         config.tls,
         timeout_s=config.outbox.send_timeout_s,
         now=gateway.clock.now,
         crls=(lambda: crl_watcher.files) if crl_watcher is not None else None,
         check_server=gateway.ocsp.check if gateway.ocsp is not None else None,
+        on_certificate_refused=lambda reason: refused.labels(reason).inc(),
     )
     if crl_watcher is not None:
         crl_watcher.subscribe(https.forget_contexts)

@@ -29,7 +29,7 @@ from gateway.netpolicy import Network, is_ip_literal, refusal
 from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
 from gateway.transports.revocation import CrlFile, apply_crls
 from gateway.transports.tls import client_context
-from gateway.transports.tls_accept import PeerRefused
+from gateway.transports.tls_accept import PeerRefused, classify
 
 MESSAGES_PATH = "/c2c/v1/messages"
 #: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
@@ -167,14 +167,18 @@ class HttpsTransport:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         crls: Callable[[], Sequence[CrlFile]] | None = None,
         check_server: ServerCheck | None = None,
+        on_certificate_refused: Callable[[str], None] | None = None,
     ) -> None:
         """``crls``: the CRLs in force (``[tls] crls``), checked against each partner's
         server certificate; call ``forget_contexts`` when they change. ``check_server``:
         asked about each new connection's server certificate after the handshake (OCSP); a
-        refusal closes the connection before a request is written on it."""
+        refusal closes the connection before a request is written on it.
+        ``on_certificate_refused(reason)``: a connection was refused for the server's
+        certificate (``tls_accept.REASONS``), in the handshake or by ``check_server``."""
         self._tls = tls
         self._crls = crls
         self._check_server = check_server
+        self._on_certificate_refused = on_certificate_refused
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s)
         )
@@ -272,10 +276,14 @@ class HttpsTransport:
                     location=response.headers.get("Location"),
                 )
         except ServerRefused as exc:
+            self._certificate_refused(exc.refused.reason)
             raise TransportError(
                 f"TLS certificate of {endpoint} refused: {exc}", may_have_arrived=False
             ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
+            error = exc.certificate_error
+            reason = classify(error)[0] if isinstance(error, ssl.SSLError) else "bad_certificate"
+            self._certificate_refused(reason)
             raise TransportError(
                 f"TLS certificate of {endpoint} refused: {exc.certificate_error}",
                 may_have_arrived=False,
@@ -303,6 +311,10 @@ class HttpsTransport:
                 f"HTTPS exchange with {endpoint} failed: {type(exc).__name__}: {exc}",
                 may_have_arrived=True,
             ) from None
+
+    def _certificate_refused(self, reason: str) -> None:
+        if self._on_certificate_refused is not None:
+            self._on_certificate_refused(reason)
 
     async def _read_limited(self, response: aiohttp.ClientResponse) -> bytes:
         chunks: list[bytes] = []

@@ -120,7 +120,8 @@ class _Gate(asyncio.Protocol):
 
 
 def classify(exc: ssl.SSLError) -> tuple[str, str]:
-    """(reason, detail) of a failed server-side handshake."""
+    """(reason, detail) of a failed handshake, by what was wrong with the peer's certificate
+    (our server's view of a client's, or our client's of a server's)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         code = int(exc.verify_code or 0)
         message = exc.verify_message or "certificate verify failed"

@@ -119,6 +119,15 @@ RETRYING_OUTBOX = OutboxConfig(
 )
 
 
+def outbound_refused(running: Running, reason: str) -> float:
+    """``c2c_outbound_tls_refused_total{reason}``: connections to partners refused for the
+    server's certificate (0 when never counted)."""
+    value = running.gateway.metrics.registry.get_sample_value(
+        "c2c_outbound_tls_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
 async def row_until(
     store: Store, message_id: str, done: Callable[[OutboundRecord], bool], within_s: float = 15.0
 ) -> OutboundRecord:

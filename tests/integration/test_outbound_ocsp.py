@@ -21,6 +21,7 @@ from outbound_env import (
     Running,
     free_port,
     gateway_config,
+    outbound_refused,
     row_until,
     start_gateway,
     submit_to,
@@ -103,6 +104,7 @@ async def test_a_revoked_server_certificate_gets_nothing(
     assert "TLS certificate of https://127.0.0.1:" in refused.last_error
     assert f"revoked: certificate serial {responder.serial(MX):x} revoked" in refused.last_error
     assert "(OCSP, http://127.0.0.1:" in refused.last_error
+    assert outbound_refused(running, "revoked") >= 2
     # refused after the handshake, before the request: not a byte of it reached the partner
     assert stub.seen == []
 
@@ -118,6 +120,7 @@ async def test_no_status_fails_closed_until_the_responder_answers(
     assert refused.last_error is not None
     assert "revocation_unknown" in refused.last_error
     assert "HTTP 503" in refused.last_error
+    assert outbound_refused(running, "revocation_unknown") >= 2
     assert stub.seen == []
     # the responder is back with a good status: the message goes
     responder.down = False

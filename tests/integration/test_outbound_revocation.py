@@ -15,6 +15,7 @@ from outbound_env import (
     Running,
     free_port,
     gateway_config,
+    outbound_refused,
     row_until,
     start_gateway,
     submit_to,
@@ -53,6 +54,7 @@ async def test_a_revoked_partner_server_gets_nothing_until_a_newer_crl(tmp_path:
         assert refused.last_error is not None
         assert "TLS certificate" in refused.last_error
         assert "revoked" in refused.last_error
+        assert outbound_refused(running, "revoked") >= 2
         # Refused in the handshake: not a byte of the message reached the partner.
         assert stub.seen == []
 
@@ -88,6 +90,7 @@ async def test_a_crl_past_its_next_update_fails_closed_outbound(tmp_path: Path) 
         )
         assert refused.last_error is not None
         assert "CRL has expired" in refused.last_error
+        assert outbound_refused(running, "revocation_unknown") >= 1
         assert stub.seen == []
     finally:
         await running.gateway.stop()
