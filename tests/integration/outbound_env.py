@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from partner_stub import PartnerStub
+
 from gateway.api.auth import ALL_SCOPES
 from gateway.api.server import ApiServer
 from gateway.clock import Clock
@@ -159,3 +161,19 @@ async def submit_to(running: Running, recipient: str) -> OutboundRecord:
     )
     running.dispatcher.wake()
     return record
+
+
+async def start_sending_to_stub(
+    tmp_path: Path, tls: Callable[[], Mapping[str, Any]] = dict
+) -> tuple[PartnerStub, Running]:
+    """US-CBP's gateway, retrying quickly (``RETRYING_OUTBOX``), and MX-ANAM's endpoint it
+    sends to, a ``PartnerStub``; both started. ``tls()``, called once the dev PKI is made,
+    gives fields of the gateway's ``[tls]`` to replace."""
+    port = free_port()
+    config = gateway_config(
+        tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"}, outbox=RETRYING_OUTBOX
+    )
+    config = dataclasses.replace(config, tls=dataclasses.replace(config.tls, **tls()))
+    stub = PartnerStub(pki=tmp_path / "pki")
+    await stub.start(port)
+    return stub, await start_gateway(config)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,13 +16,10 @@ import uvloop
 from cryptography.x509 import ocsp
 from ocsp_responder import Responder, serving
 from outbound_env import (
-    RETRYING_OUTBOX,
     Running,
-    free_port,
-    gateway_config,
     outbound_refused,
     row_until,
-    start_gateway,
+    start_sending_to_stub,
     submit_to,
 )
 from partner_stub import PartnerStub
@@ -31,7 +27,7 @@ from partner_stub import PartnerStub
 from gateway.netpolicy import parse_network
 from gateway.store.base import OutboundState
 
-US, MX = "US-CBP", "MX-ANAM"
+MX = "MX-ANAM"
 
 
 @pytest.fixture
@@ -53,22 +49,14 @@ async def _sending(
     tmp_path: Path, responder: Responder
 ) -> AsyncIterator[tuple[PartnerStub, Running]]:
     """US-CBP's gateway with ``[tls] ocsp`` asking ``responder``, and MX-ANAM's endpoint."""
-    port = free_port()
-    config = gateway_config(
-        tmp_path, US, peers={MX: f"https://127.0.0.1:{port}"}, outbox=RETRYING_OUTBOX
+    stub, running = await start_sending_to_stub(
+        tmp_path,
+        lambda: {
+            "ocsp": True,
+            "ocsp_url": responder.url,
+            "ocsp_allowed_networks": (parse_network("127.0.0.1/32"),),
+        },
     )
-    config = dataclasses.replace(
-        config,
-        tls=dataclasses.replace(
-            config.tls,
-            ocsp=True,
-            ocsp_url=responder.url,
-            ocsp_allowed_networks=(parse_network("127.0.0.1/32"),),
-        ),
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    await stub.start(port)
-    running = await start_gateway(config)
     try:
         yield stub, running
     finally:

@@ -4,43 +4,31 @@ mutual TLS on loopback, and sends again once a newer CRL lifts the revocation.""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 from crl_file import write_crl
 from outbound_env import (
-    RETRYING_OUTBOX,
     Running,
-    free_port,
-    gateway_config,
     outbound_refused,
     row_until,
-    start_gateway,
+    start_sending_to_stub,
     submit_to,
 )
 from partner_stub import PartnerStub
 
 from gateway.store.base import OutboundState
 
-US, MX = "US-CBP", "MX-ANAM"
+MX = "MX-ANAM"
 
 
 async def _running(tmp_path: Path, make_crl: Callable[[], Path]) -> tuple[PartnerStub, Running]:
     """A gateway with ``[tls] crls`` (the file ``make_crl`` writes once the PKI is made), and
     the partner it sends to."""
-    port = free_port()
-    config = gateway_config(
-        tmp_path, US, peers={MX: f"https://127.0.0.1:{port}"}, outbox=RETRYING_OUTBOX
+    return await start_sending_to_stub(
+        tmp_path, lambda: {"crls": (make_crl(),), "crl_check_interval_s": 3600}
     )
-    crl = make_crl()
-    config = dataclasses.replace(
-        config, tls=dataclasses.replace(config.tls, crls=(crl,), crl_check_interval_s=3600)
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    await stub.start(port)
-    return stub, await start_gateway(config)
 
 
 async def test_a_revoked_partner_server_gets_nothing_until_a_newer_crl(tmp_path: Path) -> None:

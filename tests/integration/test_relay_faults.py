@@ -12,18 +12,14 @@ from typing import Any
 
 from https_env import make_message, post, running_gateway, wait_delivered
 from outbound_env import (
-    RETRYING_OUTBOX,
-    free_port,
-    gateway_config,
     row_until,
-    start_gateway,
+    start_sending_to_stub,
     submit_to,
 )
-from partner_stub import PartnerStub
 
 from gateway.store.base import InboundRecord, OutboundRecord, OutboundState
 
-US, MX = "US-CBP", "MX-ANAM"
+MX = "MX-ANAM"
 
 
 async def test_a_round_that_raises_is_counted_and_the_relay_goes_on(tmp_path: Path) -> None:
@@ -54,13 +50,7 @@ async def test_a_round_that_raises_is_counted_and_the_relay_goes_on(tmp_path: Pa
 async def test_a_dispatcher_round_that_raises_does_not_stop_sending(tmp_path: Path) -> None:
     """The same for the outbound dispatcher: a claim that raises (not an outage) is logged
     and the next round sends the message."""
-    port = free_port()
-    config = gateway_config(
-        tmp_path, US, peers={MX: f"https://127.0.0.1:{port}"}, outbox=RETRYING_OUTBOX
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    await stub.start(port)
-    running = await start_gateway(config)
+    stub, running = await start_sending_to_stub(tmp_path)
     try:
         store = running.gateway.store
         claim = store.claim_outbound
