@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from serve_proc import signed_messages
+
 from gateway.crypto.pki import init_dev_pki
 
 GATEWAY = "US-CBP"
 AMQP_PARTNER = "MX-ANAM"
 AMQP_USER = "mx-anam"
 HTTPS_PARTNER = "CA-CBSA"
+
+#: the message type the backlog and crash tests send
+ADVANCE_DATA = "shipment.advance_data"
 
 _TYPES = """[
     "shipment.advance_data", "shipment.status", "enforcement.risk_alert",
@@ -110,3 +115,15 @@ burst = {burst}
             "utf-8",
         )
     return root / "gateway.toml"
+
+
+def partner_messages(root: Path, count: int) -> list[tuple[str, bytes, str]]:
+    """``count`` signed ``shipment.advance_data`` messages from the AMQP partner to the gateway
+    of ``write_config(root, ...)``, as ``(message_id, body, signature)``."""
+    return signed_messages(
+        root / "certs",
+        sender=AMQP_PARTNER,
+        recipient=GATEWAY,
+        count=count,
+        message_type=ADVANCE_DATA,
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
 from own_broker import OwnBroker
@@ -248,3 +249,24 @@ async def amqp_gateway(
             await gateway.stop()
     finally:
         await connection.close()
+
+
+async def drain(queue: aio_pika.abc.AbstractQueue) -> list[AbstractIncomingMessage]:
+    """Every message waiting on ``queue``, taken off it."""
+    got = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        got.append(message)
+    return got
+
+
+async def ack_receipts(channel: aio_pika.abc.AbstractChannel) -> dict[str, set[tuple[bytes, str]]]:
+    """The receipts waiting on the partner's ``.out`` queue, taken off it, per message they
+    answer: each one's bytes and signature. Every one must be an ACK."""
+    receipts: dict[str, set[tuple[bytes, str]]] = {}
+    for message in await drain(await channel.declare_queue(OUT_QUEUE, passive=True)):
+        receipt = orjson.loads(message.body)["payload"]
+        assert receipt["status"] == "ACK", receipt
+        signature = message.headers["c2c-signature"]
+        assert isinstance(signature, str)
+        receipts.setdefault(receipt["ref_message_id"], set()).add((message.body, signature))
+    return receipts

@@ -4,6 +4,7 @@ a dev environment, wait for its ready line, SIGKILL it, start it again on the sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
@@ -175,6 +176,29 @@ def signed_messages(
         body = encode_envelope(header, payload)
         out.append((header.message_id, body, sign_detached(body, key)))
     return out
+
+
+async def send_until_receipt(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    signature: str,
+    *,
+    retried: tuple[int, ...] = (503,),
+) -> tuple[int, bytes, str]:
+    """POST a signed message until it is receipted (200 or 202), as a partner does across a
+    gateway's restarts: a connection error, or an answer in ``retried`` (503 while the process
+    starts or stops), is tried again after 50 ms; any other answer fails the test. Returns
+    the status, the receipt and its signature."""
+    headers = {"Content-Type": "application/json", "C2C-Signature": signature}
+    while True:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.post(url, data=body, headers=headers) as response:
+                answer = await response.read()
+                if response.status in (200, 202):
+                    return response.status, answer, response.headers["C2C-Signature"]
+                assert response.status in retried, (response.status, answer)
+        await asyncio.sleep(0.05)
 
 
 async def readiness(server: ServeProcess, pki: Path) -> tuple[int, dict[str, Any]]:

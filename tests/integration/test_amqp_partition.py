@@ -23,18 +23,17 @@ import aio_pika
 import aiohttp
 import pytest
 import rabbit
-from amqp_env import AMQP_PARTNER, GATEWAY, write_config
-from amqp_peer import bind_sink
+from amqp_env import partner_messages, write_config
+from amqp_peer import bind_sink, drain
 from rabbit import RabbitVhost
-from serve_proc import ServeProcess, partner_client_ssl, readiness, signed_messages
+from serve_proc import ServeProcess, partner_client_ssl, readiness, send_until_receipt
+from store_rows import Database
 from tcp_proxy import TcpProxy
-from test_crash_points import Database, drain, send_until_receipt
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 HEARTBEAT_S = 5
 SILENCE_S = 30.0
-TYPE = "shipment.advance_data"
 PATH = "/c2c/v1/messages"
 
 
@@ -49,9 +48,7 @@ async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
     )
     source = write_config(tmp_path, amqp_url=through_proxy, amqp_partner_https=True)
     pki = tmp_path / "certs"
-    messages = signed_messages(
-        pki, sender=AMQP_PARTNER, recipient=GATEWAY, count=90, message_type=TYPE
-    )
+    messages = partner_messages(tmp_path, 90)
     before, during, after = messages[:30], messages[30:60], messages[60:]
     database = Database(f"sqlite:///{tmp_path / 'c2c.db'}")
     direct = await aio_pika.connect(rabbit_vhost.url())

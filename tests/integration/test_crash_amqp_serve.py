@@ -18,12 +18,11 @@ import sys
 from pathlib import Path
 
 import aio_pika
-import orjson
 import pytest
-from amqp_env import AMQP_PARTNER, GATEWAY, write_config
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, bind_sink, preload, queue_depth
+from amqp_env import ADVANCE_DATA, AMQP_PARTNER, partner_messages, write_config
+from amqp_peer import IN_EXCHANGE, ack_receipts, bind_sink, preload, queue_depth
 from rabbit import RabbitVhost
-from serve_proc import ServeProcess, signed_messages
+from serve_proc import ServeProcess
 
 from gateway.clock import SystemClock
 from gateway.config import load_config
@@ -35,7 +34,6 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 MESSAGES = 2400
 KILLS = 3
 PREFETCH = 32
-TYPE = "shipment.advance_data"
 
 
 def stored_rows(database: Path, *, unrelayed: bool = False) -> int:
@@ -78,13 +76,7 @@ async def test_sigkilled_serve_loses_no_amqp_delivery(
     )
     config = load_config(source)
     database = tmp_path / "c2c.db"
-    messages = signed_messages(
-        tmp_path / "certs",
-        sender=AMQP_PARTNER,
-        recipient=GATEWAY,
-        count=MESSAGES,
-        message_type=TYPE,
-    )
+    messages = partner_messages(tmp_path, MESSAGES)
     sent = {message_id: body for message_id, body, _ in messages}
     serve = ServeProcess(source)
     connection = await aio_pika.connect(rabbit_vhost.url())
@@ -94,7 +86,7 @@ async def test_sigkilled_serve_loses_no_amqp_delivery(
         # a first start declares the partner's queues; the backlog waits there
         await serve.start()
         assert await serve.stop() == 0
-        await preload(rabbit_vhost, messages, message_type=TYPE)
+        await preload(rabbit_vhost, messages, message_type=ADVANCE_DATA)
         assert await queue_depth(rabbit_vhost, IN_EXCHANGE) == MESSAGES
 
         await serve.start()
@@ -118,14 +110,7 @@ async def test_sigkilled_serve_loses_no_amqp_delivery(
 
         assert await queue_depth(rabbit_vhost, f"{IN_EXCHANGE}.dead") == 0
         # every message answered with an ACK; an answer given twice is the same bytes
-        receipts: dict[str, set[tuple[bytes, str]]] = {}
-        out = await channel.declare_queue(OUT_QUEUE, passive=True)
-        while (message := await out.get(no_ack=True, fail=False)) is not None:
-            receipt = orjson.loads(message.body)["payload"]
-            assert receipt["status"] == "ACK", receipt
-            signature = message.headers["c2c-signature"]
-            assert isinstance(signature, str)
-            receipts.setdefault(receipt["ref_message_id"], set()).add((message.body, signature))
+        receipts = await ack_receipts(channel)
         assert set(receipts) == set(sent)
         differing = {mid: len(answers) for mid, answers in receipts.items() if len(answers) > 1}
         assert not differing, differing

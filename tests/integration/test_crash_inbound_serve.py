@@ -16,7 +16,13 @@ from pathlib import Path
 
 import aiohttp
 from outbound_env import free_port, gateway_config
-from serve_proc import ServeProcess, partner_client_ssl, raise_rate_limit, signed_messages
+from serve_proc import (
+    ServeProcess,
+    partner_client_ssl,
+    raise_rate_limit,
+    send_until_receipt,
+    signed_messages,
+)
 
 from gateway.clock import SystemClock
 from gateway.store import open_store
@@ -26,23 +32,6 @@ MESSAGES = 2000
 CLIENTS = 24
 KILLS = 4
 PATH = "/c2c/v1/messages"
-
-
-async def send_until_receipt(
-    session: aiohttp.ClientSession, url: str, body: bytes, signature: str
-) -> tuple[int, bytes, str]:
-    headers = {"Content-Type": "application/json", "C2C-Signature": signature}
-    while True:
-        try:
-            async with session.post(url, data=body, headers=headers) as response:
-                answer = await response.read()
-                if response.status in (200, 202):
-                    return response.status, answer, response.headers["C2C-Signature"]
-                # 503 while stopping/starting, or a 429: the partner tries again
-                assert response.status in (429, 503), (response.status, answer)
-        except (aiohttp.ClientError, OSError):
-            pass
-        await asyncio.sleep(0.05)
 
 
 async def test_sigkilled_serve_loses_no_acknowledged_message(tmp_path: Path) -> None:
@@ -70,7 +59,9 @@ async def test_sigkilled_serve_loses_no_acknowledged_message(tmp_path: Path) -> 
     async def client(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
             message_id, body, signature = queue.get_nowait()
-            _, receipt, receipt_sig = await send_until_receipt(session, url, body, signature)
+            _, receipt, receipt_sig = await send_until_receipt(
+                session, url, body, signature, retried=(429, 503)
+            )
             receipts[message_id] = (receipt, receipt_sig)
             progressed.set()
 
@@ -89,7 +80,10 @@ async def test_sigkilled_serve_loses_no_acknowledged_message(tmp_path: Path) -> 
         assert len(receipts) == MESSAGES
         # every acknowledged message answers a re-send with its original receipt, byte for byte
         resent = await asyncio.gather(
-            *(send_until_receipt(session, url, body, sig) for _, body, sig in messages)
+            *(
+                send_until_receipt(session, url, body, sig, retried=(429, 503))
+                for _, body, sig in messages
+            )
         )
         for (message_id, _, _), (status, receipt, receipt_sig) in zip(
             messages, resent, strict=True

@@ -24,23 +24,21 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
-import asyncpg
 import orjson
-import pgdb
 import pytest
-from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, write_config
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, bind_sink, preload, queue_depth
+from amqp_env import ADVANCE_DATA, HTTPS_PARTNER, partner_messages, write_config
+from amqp_peer import IN_EXCHANGE, ack_receipts, bind_sink, drain, preload, queue_depth
 from outbound_env import auth, client_ssl, free_port, token
 from partner_stub import PartnerStub
 from rabbit import RabbitVhost
-from serve_proc import ServeProcess, edit_toml, partner_client_ssl, run_cli, signed_messages
+from serve_proc import ServeProcess, edit_toml, partner_client_ssl, run_cli, send_until_receipt
+from store_rows import Database, use_store
 
 from gateway.config import load_config
 from gateway.crashpoints import POINTS
@@ -52,7 +50,6 @@ CRASHES = 2
 MESSAGES = 60
 CLIENTS = 8
 PATH = "/c2c/v1/messages"
-TYPE = "shipment.advance_data"
 
 #: point -> the hit it crashes at: far enough in that some messages went through before it
 INBOUND_POINTS = {
@@ -159,83 +156,6 @@ class CrashingServe:
         assert [line["point"] for line in lines] == [self.point] * CRASHES, lines
 
 
-async def send_until_receipt(
-    session: aiohttp.ClientSession, url: str, body: bytes, signature: str
-) -> tuple[int, bytes, str]:
-    headers = {"Content-Type": "application/json", "C2C-Signature": signature}
-    while True:
-        with contextlib.suppress(aiohttp.ClientError, OSError):
-            async with session.post(url, data=body, headers=headers) as response:
-                answer = await response.read()
-                if response.status in (200, 202):
-                    return response.status, answer, response.headers["C2C-Signature"]
-                # 503 while the process starts or stops: the partner tries again
-                assert response.status == 503, (response.status, answer)
-        await asyncio.sleep(0.05)
-
-
-class Database:
-    """Reads the gateway's store with plain SQL (the same on both backends), beside it."""
-
-    def __init__(self, store_url: str, pg: tuple[str, str] | None = None) -> None:
-        self.store_url = store_url
-        #: PostgreSQL: the test run's database and this test's schema, dropped by ``drop``
-        self._pg = pg
-
-    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
-        if self._pg is None:
-            path = self.store_url.removeprefix("sqlite:///")
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-                return [tuple(row) for row in db.execute(sql).fetchall()]
-        conn = await asyncpg.connect(self.store_url)
-        try:
-            return [tuple(row) for row in await conn.fetch(sql)]
-        finally:
-            await conn.close()
-
-    async def until(self, sql: str, expected: list[tuple[Any, ...]], timeout_s: float) -> None:
-        """Wait until ``sql`` reads ``expected``."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                if await self.rows(sql) == expected:
-                    return
-                await asyncio.sleep(0.05)
-
-    async def assert_stored_once(self, sent: dict[str, bytes]) -> None:
-        """Each message stored once with its bytes, with one ``accepted`` entry (none of a
-        rolled-back write) and one or more ``delivered`` ones."""
-        stored = await self.rows("SELECT message_id, body FROM inbound_messages")
-        assert sorted(stored) == sorted(sent.items())
-        events = await self.rows(
-            "SELECT message_id, event FROM audit_entries WHERE event IN ('accepted', 'delivered')"
-        )
-        accepted = Counter(m for m, event in events if event == "accepted")
-        assert accepted == Counter(list(sent)), "one accepted entry per message"
-        assert {m for m, event in events if event == "delivered"} == set(sent)
-
-    async def drop(self) -> None:
-        if self._pg is not None:
-            await pgdb.drop_schema(*self._pg)
-
-
-async def use_store(source: Path, backend: str, request: pytest.FixtureRequest) -> Database:
-    """SQLite (the file the configuration names) or a fresh PostgreSQL schema."""
-    if backend == "sqlite":
-        return Database(f"sqlite:///{source.parent / 'c2c.db'}")
-    database: str = request.getfixturevalue("pg_database")
-    schema = await pgdb.create_schema(database)
-    dsn = pgdb.dsn(database, schema=schema)
-    edit_toml(source, 'store_url = "sqlite:///c2c.db"', f'store_url = "{dsn}"')
-    return Database(dsn, (database, schema))
-
-
-async def drain(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    got = []
-    while (message := await queue.get(no_ack=True, fail=False)) is not None:
-        got.append(message)
-    return got
-
-
 @pytest.mark.parametrize(
     ("point", "backend"),
     [(point, "sqlite") for point in INBOUND_POINTS]
@@ -257,13 +177,7 @@ async def test_a_crash_at_the_point_loses_and_doubles_nothing(
             # the audit table is the file's last: checkpoints are signed while messages come in
             handle.write("checkpoint_interval_s = 0.2\n")
         handle.write(RELAY)
-    messages = signed_messages(
-        tmp_path / "certs",
-        sender=AMQP_PARTNER,
-        recipient=GATEWAY,
-        count=MESSAGES,
-        message_type=TYPE,
-    )
+    messages = partner_messages(tmp_path, MESSAGES)
     sent = {message_id: body for message_id, body, _ in messages}
     connection = await aio_pika.connect(rabbit_vhost.url())
     crashing = CrashingServe(source, point, INBOUND_POINTS[point])
@@ -347,9 +261,7 @@ async def test_a_crashed_relays_rows_wait_for_its_lease_and_no_longer(
     with source.open("a", encoding="utf-8") as handle:
         handle.write(f"\n[relay]\nlease_s = {lease_s}\n")
     database = Database(f"sqlite:///{tmp_path / 'c2c.db'}")
-    ((message_id, body, signature),) = signed_messages(
-        tmp_path / "certs", sender=AMQP_PARTNER, recipient=GATEWAY, count=1, message_type=TYPE
-    )
+    ((message_id, body, signature),) = partner_messages(tmp_path, 1)
     serve = ServeProcess(source, env={**os.environ, "GW_CRASH_AT": "S8-before-confirm:1"})
     connection = await aio_pika.connect(rabbit_vhost.url())
     try:
@@ -486,13 +398,7 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
     with source.open("a", encoding="utf-8") as handle:
         handle.write(RELAY)
     database = await use_store(source, "sqlite", request)
-    messages = signed_messages(
-        tmp_path / "certs",
-        sender=AMQP_PARTNER,
-        recipient=GATEWAY,
-        count=MESSAGES,
-        message_type=TYPE,
-    )
+    messages = partner_messages(tmp_path, MESSAGES)
     sent = {message_id: body for message_id, body, _ in messages}
     connection = await aio_pika.connect(rabbit_vhost.url())
     crashing = CrashingServe(source, point, AMQP_POINTS[point])
@@ -503,7 +409,7 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
         first = ServeProcess(source)
         await first.start()
         assert await first.stop() == 0
-        await preload(rabbit_vhost, messages, message_type=TYPE)
+        await preload(rabbit_vhost, messages, message_type=ADVANCE_DATA)
         await crashing.start()
         await crashing.crashed(60)
         crashing.assert_crashed_at_the_point()
@@ -519,13 +425,7 @@ async def test_a_crash_at_the_point_over_amqp_loses_and_doubles_nothing(
 
         await database.assert_stored_once(sent)
         # an ACK receipt for every message; one answered twice got the same bytes twice
-        receipts: dict[str, set[tuple[bytes, str]]] = {}
-        for message in await drain(await channel.declare_queue(OUT_QUEUE, passive=True)):
-            receipt = orjson.loads(message.body)["payload"]
-            assert receipt["status"] == "ACK", receipt
-            signature = message.headers["c2c-signature"]
-            assert isinstance(signature, str)
-            receipts.setdefault(receipt["ref_message_id"], set()).add((message.body, signature))
+        receipts = await ack_receipts(channel)
         assert set(receipts) == set(sent)
         assert all(len(answers) == 1 for answers in receipts.values())
         on_the_bus = await drain(sink)
