@@ -59,6 +59,8 @@ CONNECTION_NAME = "c2c-gateway"
 _TRANSIENT = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
 #: ``delivery_mode`` of a message the broker writes to disk
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+#: how long ``AmqpBroker.ping`` (``/readyz``) waits for the broker's answer to its round trip
+PROBE_TIMEOUT_S = 2.0
 
 
 def partner_in_queue(partner_id: str) -> str:
@@ -200,6 +202,9 @@ class AmqpBroker:
         self._acks: weakref.WeakKeyDictionary[aiormq.abc.AbstractChannel, _ChannelAcks] = (
             weakref.WeakKeyDictionary()
         )
+        #: the readiness round trip in flight (``ping``) and when it was sent
+        self._probe: asyncio.Task[None] | None = None
+        self._probe_sent = 0.0
 
     @property
     def config(self) -> AmqpConfig:
@@ -223,9 +228,27 @@ class AmqpBroker:
                 )
         except (*_TRANSIENT, TimeoutError) as exc:
             raise Unavailable(f"cannot connect to RabbitMQ: {_describe(exc)}") from exc
+        self._connection.close_callbacks.add(self._on_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("amqp_connected", connection_name=self._connection_name)
 
+    def _on_lost(self, connection: object, exc: BaseException | None) -> None:
+        if self._connection is not connection:
+            return  # our own close
+        log.warning(
+            "amqp_connection_lost",
+            connection_name=self._connection_name,
+            reason=_describe(exc) if exc is not None else "closed",
+            detail="reconnecting every second; unsettled deliveries go back to their queues",
+        )
+
+    def _on_reconnected(self, connection: object) -> None:
+        log.info("amqp_reconnected", connection_name=self._connection_name)
+
     async def close(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
         connection, self._connection = self._connection, None
         self._channels.clear()
         if connection is not None:
@@ -233,13 +256,41 @@ class AmqpBroker:
                 await connection.close()
 
     async def ping(self) -> None:
-        """Raise ``Unavailable`` unless the connection is up now: not while the robust
-        connection is reconnecting (a broker restart, a lost path found by the heartbeat)."""
+        """Raise ``Unavailable`` unless the broker answers now: not while the robust
+        connection is reconnecting (a broker restart, a lost path found by the heartbeat),
+        and not while a round trip to it goes unanswered for ``PROBE_TIMEOUT_S`` (a silent
+        path, which the heartbeat finds only after two or three of its intervals).
+
+        One round trip is in flight at a time: callers while it is unanswered share it, so a
+        silent path never piles up requests behind it."""
         connection = self._connection
         if connection is None or connection.is_closed:
             raise Unavailable("RabbitMQ connection is not open")
         if not connection.connected.is_set():
             raise Unavailable("RabbitMQ connection lost, reconnecting")
+        loop = asyncio.get_running_loop()
+        probe = self._probe
+        if probe is None or probe.done():
+            probe = self._probe = asyncio.create_task(self._round_trip())
+            probe.add_done_callback(_retrieve)
+            self._probe_sent = loop.time()
+        done, _ = await asyncio.wait({probe}, timeout=PROBE_TIMEOUT_S)
+        if not done:
+            raise Unavailable(
+                f"RabbitMQ has not answered a round trip sent"
+                f" {loop.time() - self._probe_sent:.1f}s ago: a silent network path, or a"
+                " broker too busy to answer"
+            )
+        probe.result()
+
+    async def _round_trip(self) -> None:
+        """A passive declare of ``amq.direct``, which every vhost has: an RPC with no effect."""
+        try:
+            robust = await self.channel("probe")
+            channel = await robust.get_underlay_channel()
+            await channel.exchange_declare(exchange="amq.direct", passive=True)
+        except (*_TRANSIENT, RuntimeError) as exc:
+            raise Unavailable(f"RabbitMQ round trip failed: {_describe(exc)}") from exc
 
     async def channel(self, concern: str, *, prefetch: int | None = None) -> AbstractRobustChannel:
         """The channel of one concern, opened once; publisher channels use confirms."""
@@ -632,3 +683,9 @@ def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a finished probe's failure as seen: the next ``ping`` starts a new one."""
+    if not task.cancelled():
+        task.exception()

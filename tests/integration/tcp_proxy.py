@@ -10,7 +10,9 @@ import contextlib
 class TcpProxy:
     """A loopback TCP relay to a server that a test can cut (drop every connection and
     refuse new ones), black-hole (keep every connection open and deliver nothing, as a
-    firewall dropping packets does) and restore, without touching the real server."""
+    firewall dropping packets does), stall (hold every byte until ``flow``, as TCP does
+    across a short silence: nothing is lost) and restore, without touching the real
+    server."""
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self._target_host = target_host
@@ -20,6 +22,8 @@ class TcpProxy:
         self.port = 0
         #: bytes are read and dropped instead of passed on, both ways
         self.black_hole = False
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
@@ -50,9 +54,18 @@ class TcpProxy:
         for task in tasks:
             task.add_done_callback(self._pipes.discard)
 
+    def stall(self) -> None:
+        """Hold what either side sends, both ways, until ``flow``."""
+        self._flowing.clear()
+
+    def flow(self) -> None:
+        """Deliver what was held, and what comes, again."""
+        self._flowing.set()
+
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:
             while data := await src.read(65536):
+                await self._flowing.wait()
                 if self.black_hole:
                     continue
                 dst.write(data)

@@ -11,6 +11,10 @@ A real ``c2c-gateway serve`` talks to the local RabbitMQ through a loopback rela
 silences. Ingest goes on: every message is answered 202 and stored. ``/readyz`` says the broker
 is down. After the heal, the gateway is connected again, and every message reaches the CBP
 side's queue.
+
+``/readyz`` does not wait for the heartbeat: it sends RabbitMQ a round trip of its own, and a
+silence of a few seconds, far shorter than a heartbeat interval, is reported as the broker
+being unavailable until the path carries the answer.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 HEARTBEAT_S = 5
 SILENCE_S = 30.0
 PATH = "/c2c/v1/messages"
+#: the broker's default: no heartbeat is missed during the short stall of the readiness test
+DEFAULT_HEARTBEAT_S = 60
 
 
 async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
@@ -101,6 +107,8 @@ async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
             while (await readiness(serve, pki))[0] != 200:  # noqa: ASYNC110 (polled state)
                 await asyncio.sleep(0.2)
         assert await serve.stop() == 0
+        assert b'"amqp_connection_lost"' in serve.stderr_log
+        assert b'"amqp_reconnected"' in serve.stderr_log
         on_the_bus = await drain(sink)
         assert {m.message_id for m in on_the_bus} == {m for m, _, _ in messages}
         stored = await database.rows("SELECT count(*) FROM inbound_messages")
@@ -110,4 +118,54 @@ async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
             with contextlib.suppress(Exception):
                 await serve.stop()
         await direct.close()
+        await proxy.cut()
+
+
+async def test_readyz_finds_a_stalled_broker_path_within_seconds_not_heartbeats(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
+    await proxy.start()
+    through_proxy = (
+        f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
+        f"?heartbeat={DEFAULT_HEARTBEAT_S}"
+    )
+    source = write_config(tmp_path, amqp_url=through_proxy, amqp_partner_https=True)
+    pki = tmp_path / "certs"
+    serve = ServeProcess(source)
+    loop = asyncio.get_running_loop()
+    try:
+        await serve.start()
+        assert await readiness(serve, pki) == (
+            200,
+            {"status": "ready", "checks": {"store": "ok", "broker": "ok"}},
+        )
+
+        proxy.stall()
+        stalled_at = loop.time()
+        answers = []
+        for _ in range(3):
+            asked = loop.time()
+            status, body = await readiness(serve, pki)
+            answers.append((status, body["checks"]["broker"], loop.time() - asked))
+        assert loop.time() - stalled_at < 10, answers
+        for status, broker, took in answers:
+            assert status == 503, answers
+            assert broker.startswith("unavailable: RabbitMQ has not answered a round trip"), broker
+            # a caller waits at most the probe's timeout, whatever the probe before it did
+            assert took < 4, answers
+        assert body["checks"]["store"] == "ok"
+
+        proxy.flow()
+        async with asyncio.timeout(10):
+            while (await readiness(serve, pki))[0] != 200:  # noqa: ASYNC110 (polled state)
+                await asyncio.sleep(0.2)
+        # the same connection carried the answer: no reconnect was needed
+        assert b"amqp_connection_lost" not in serve.stderr_log
+        assert await serve.stop() == 0
+    finally:
+        proxy.flow()
+        if serve.proc is not None and serve.proc.returncode is None:
+            with contextlib.suppress(Exception):
+                await serve.stop()
         await proxy.cut()
