@@ -110,6 +110,21 @@ class Metrics:
             "Relay rounds that failed (store or bus unavailable).",
             registry=self.registry,
         )
+        self.outbound_attempts = Counter(
+            "c2c_outbound_attempts_total",
+            "Sends to partners by how they ended: acknowledged, rejected (a NACK that is"
+            " final), retry (a transport error or a NACK for later), dead (an answer that"
+            " allows no retry), handed (taken by an asynchronous transport).",
+            ["partner", "result"],
+            registry=self.registry,
+        )
+        self.dispatcher_failures = Counter(
+            "c2c_dispatcher_failures_total",
+            "Dispatcher rounds that failed: store_unavailable (an outage, waited out) or"
+            " internal_error (a bug, logged with its traceback).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.audit_witnessed = Counter(
             "c2c_audit_checkpoints_witnessed_total",
             "Partners' checkpoints we answered, by status (cosigned, stale, inconsistent).",

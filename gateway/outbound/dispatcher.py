@@ -38,6 +38,7 @@ from gateway.crashpoints import crash_point
 from gateway.crypto.keys import KeyRing
 from gateway.errors import GatewayError, NackCode, Unavailable
 from gateway.inbound.context import ReceivedReceipt
+from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
 from gateway.outbound.breaker import BreakerBoard, BreakerState
 from gateway.outbound.transport import (
@@ -155,6 +156,15 @@ def _judge_receipt(
     )
 
 
+#: ``c2c_outbound_attempts_total``'s result by the state an attempt left its row in; any other
+#: state is a retry (queued again, or sent and waiting for another attempt)
+_RESULTS = {
+    OutboundState.ACKNOWLEDGED: "acknowledged",
+    OutboundState.REJECTED: "rejected",
+    OutboundState.DEAD: "dead",
+}
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
@@ -173,9 +183,11 @@ class Dispatcher:
         worker_id: str | None = None,
         rng: random.Random | None = None,
         batch_size: int = 32,
+        metrics: Metrics | None = None,
     ) -> None:
         outbox = config.outbox
         self._store = store
+        self._metrics = metrics
         self._config = config
         self._transports = dict(transports)
         self._keyring = partner_keys
@@ -260,11 +272,13 @@ class Dispatcher:
             try:
                 worked = await self.run_once()
             except Unavailable as exc:
+                self._count_failure("store_unavailable")
                 log.warning("dispatcher_store_unavailable", reason=exc.reason)
                 worked = 0
             except Exception:
                 # A bug, not an outage: the claimed rows keep their leases and come back when
                 # they end; say so with the traceback and keep sending, rather than stop unseen.
+                self._count_failure("internal_error")
                 log.exception("dispatcher_round_failed")
                 worked = 0
             if worked:
@@ -272,6 +286,15 @@ class Dispatcher:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._config.outbox.poll_interval_s)
+
+    def _count_failure(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.dispatcher_failures.labels(reason).inc()
+
+    def _count_attempt(self, record: OutboundRecord, result: str) -> None:
+        if self._metrics is not None:
+            partner = self._metrics.partner_label(record.recipient)
+            self._metrics.outbound_attempts.labels(partner, result).inc()
 
     async def run_once(self) -> int:
         """Claim one batch of due rows and finish each; returns how many were claimed."""
@@ -417,6 +440,7 @@ class Dispatcher:
             AttemptUpdate(state=OutboundState.SENT, attempts=attempts, next_attempt_at=next_at),
             [self._event(EventKind.SENT, record, at=sent_at, outcome="sent")],
         )
+        self._count_attempt(record, "handed")
 
     def _next_attempt(
         self, record: OutboundRecord, attempts: int, *, retry_after_s: float | None, now: datetime
@@ -441,6 +465,7 @@ class Dispatcher:
             record, verdict, sent_at=sent_at, transport=transport, sent=True
         )
         await self._store.finish_attempt(record.message_id, self._worker_id, update, events)
+        self._count_attempt(record, _RESULTS.get(update.state, "retry"))
         log.info(
             "outbound_attempt",
             message_id=record.message_id,

@@ -76,6 +76,7 @@ def attach_outbound(
         transports=transports,
         partner_keys=gateway.keyring,
         clock=gateway.clock,
+        metrics=gateway.metrics,
     )
     service = DispatcherService(dispatcher, transports)
     gateway.add_service(service)

@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig, OutboxConfig
 from gateway.crypto.keys import load_signing_key
 from gateway.envelope import parse_envelope
 from gateway.inbound.context import ReceivedReceipt
+from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
 from gateway.outbound.breaker import BreakerState
 from gateway.outbound.dispatcher import Dispatcher
@@ -56,6 +57,7 @@ class Env:
     stub: PartnerStub
     port: int
     registry: SchemaRegistry
+    metrics: Metrics
 
     async def submit(self, ttl_s: int | None = None) -> OutboundRecord:
         services = SubmissionServices(
@@ -89,6 +91,13 @@ class Env:
         assert await self.dispatcher.run_once() == 1
         return await self.row(message_id)
 
+    def attempts(self, result: str) -> float:
+        """``c2c_outbound_attempts_total`` to MX-ANAM that ended in ``result``."""
+        value = self.metrics.registry.get_sample_value(
+            "c2c_outbound_attempts_total", {"partner": "MX-ANAM", "result": result}
+        )
+        return value or 0.0
+
     async def events(self, message_id: str) -> list[bytes]:
         rows = await self.store.audit_entries(AuditFilter(message_id=message_id))
         return [row.entry for row in rows]
@@ -106,6 +115,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     store = open_store(config.store_url, clock=clock)
     await store.open()
     transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
+    metrics = Metrics(partners=config.partners)
     dispatcher = Dispatcher(
         store=store,
         config=config,
@@ -113,10 +123,13 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         partner_keys=load_partner_keys(config),
         clock=clock,
         rng=random.Random(4),
+        metrics=metrics,
     )
     stub = PartnerStub(pki=tmp_path / "pki")
     try:
-        yield Env(config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin())
+        yield Env(
+            config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin(), metrics
+        )
     finally:
         await stub.stop()
         await transport.aclose()
@@ -135,6 +148,8 @@ async def test_ack_receipt_is_verified_and_archived(env: Env) -> None:
     assert env.stub.seen[0].signature == record.signature
     kinds = [e.split(b'"event":"')[1].split(b'"')[0] for e in await env.events(record.message_id)]
     assert kinds == [b"submitted", b"sent", b"receipt_received", b"acknowledged"]
+    assert env.attempts("acknowledged") == 1
+    assert env.attempts("retry") == 0
 
 
 async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> None:
@@ -234,6 +249,7 @@ async def test_5xx_then_429_honours_retry_after(env: Env) -> None:
     assert (row.next_attempt_at - before).total_seconds() >= 120
     row = await env.step(record.message_id)
     assert (row.state, row.attempts) == (OutboundState.ACKNOWLEDGED, 4)
+    assert (env.attempts("retry"), env.attempts("acknowledged")) == (3, 1)
 
 
 @pytest.mark.parametrize(
@@ -256,6 +272,7 @@ async def test_non_retryable_answers_are_dead_at_once(
     row = await env.step(record.message_id)
     assert (row.state, row.attempts, row.last_error) == (OutboundState.DEAD, 1, reason)
     assert len(env.stub.seen) == 1
+    assert env.attempts("dead") == 1
 
 
 @pytest.mark.parametrize("behaviour", ["200_empty", "ack_wrong_key", "ack_wrong_digest"])
@@ -284,6 +301,7 @@ async def test_signed_nack_is_rejected_and_an_operator_may_retry(env: Env) -> No
     assert row.receipt_body is not None
     entries = await env.events(record.message_id)
     assert any(f'"event":"{EventKind.PARTNER_REJECTED.value}"'.encode() in e for e in entries)
+    assert env.attempts("rejected") == 1
 
 
 async def test_max_attempts_makes_it_dead(env: Env) -> None:
@@ -297,6 +315,8 @@ async def test_max_attempts_makes_it_dead(env: Env) -> None:
             break
     assert (row.state, row.attempts) == (OutboundState.DEAD, OUTBOX.max_attempts)
     assert (row.last_error or "").startswith(f"gave up after {OUTBOX.max_attempts} attempts")
+    # the last attempt is counted by what it made of the row: dead, not one more retry
+    assert (env.attempts("retry"), env.attempts("dead")) == (OUTBOX.max_attempts - 1, 1)
 
 
 class HandingTransport:
@@ -323,11 +343,13 @@ async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Pa
         transports={"https": transport},
         partner_keys=load_partner_keys(env.config),
         clock=env.clock,
+        metrics=env.metrics,
     )
     env.dispatcher = dispatcher
     record = await env.submit()
     handed = await env.step(record.message_id)
     assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)
+    assert env.attempts("handed") == 1
     assert handed.body is not None
     mx_key = load_signing_key(
         tmp_path / "pki" / "MX-ANAM" / "sign.key", party="MX-ANAM", alg="EdDSA"

@@ -1,5 +1,5 @@
 """The relay and the outbound dispatcher outlive a failure that is nobody's outage (a bug in
-the bus, say): the round is logged with its traceback (the relay's also counted) and the
+the bus, say): the round is logged with its traceback and counted, and the
 loop goes on, and the message then delivered on a later round. Before, only a
 ``GatewayError`` (the relay) or ``Unavailable`` (the dispatcher) was caught, and anything else
 ended the loop's task: delivery stopped, unseen, until the next restart."""
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from https_env import make_message, post, running_gateway, wait_delivered
 from outbound_env import (
     row_until,
@@ -17,6 +18,7 @@ from outbound_env import (
     submit_to,
 )
 
+from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord, OutboundRecord, OutboundState
 
 MX = "MX-ANAM"
@@ -47,9 +49,18 @@ async def test_a_round_that_raises_is_counted_and_the_relay_goes_on(tmp_path: Pa
         assert not relay_task.done()
 
 
-async def test_a_dispatcher_round_that_raises_does_not_stop_sending(tmp_path: Path) -> None:
-    """The same for the outbound dispatcher: a claim that raises (not an outage) is logged
-    and the next round sends the message."""
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (RuntimeError("a bug in a claim"), "internal_error"),
+        (Unavailable("the store is down"), "store_unavailable"),
+    ],
+)
+async def test_a_dispatcher_round_that_raises_does_not_stop_sending(
+    tmp_path: Path, error: Exception, reason: str
+) -> None:
+    """The same for the outbound dispatcher: a claim that raises, a bug or an outage, is
+    logged and counted by its reason, and the next round sends the message."""
     stub, running = await start_sending_to_stub(tmp_path)
     try:
         store = running.gateway.store
@@ -59,7 +70,7 @@ async def test_a_dispatcher_round_that_raises_does_not_stop_sending(tmp_path: Pa
         async def broken_once(*args: Any, **kwargs: Any) -> list[OutboundRecord]:
             calls.append("claim")
             if len(calls) == 1:
-                raise RuntimeError("a bug in a claim")
+                raise error
             return await claim(*args, **kwargs)
 
         store.claim_outbound = broken_once  # type: ignore[method-assign]
@@ -67,6 +78,14 @@ async def test_a_dispatcher_round_that_raises_does_not_stop_sending(tmp_path: Pa
         await row_until(store, record.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED)
         assert len(stub.seen) == 1
         assert len(calls) >= 2
+        registry = running.gateway.metrics.registry
+        assert registry.get_sample_value("c2c_dispatcher_failures_total", {"reason": reason}) == 1
+        assert (
+            registry.get_sample_value(
+                "c2c_outbound_attempts_total", {"partner": MX, "result": "acknowledged"}
+            )
+            == 1
+        )
     finally:
         await running.gateway.stop()
         await stub.stop()
