@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -40,8 +41,9 @@ class AddressRefused(OSError):
     """A partner host resolved only to addresses the gateway does not connect to (T63)."""
 
 
-#: a server certificate's DER -> None, or ``PeerRefused`` saying why it may not be used
-ServerCheck = Callable[[bytes], Awaitable[None]]
+#: a server certificate's DER -> the seconds its good status holds (asked again for a request
+#: after that), or ``PeerRefused`` saying why it may not be used
+ServerCheck = Callable[[bytes], Awaitable[float]]
 
 
 class ServerRefused(aiohttp.ClientConnectionError):
@@ -54,15 +56,22 @@ class ServerRefused(aiohttp.ClientConnectionError):
 
 class _CheckedConnector(aiohttp.TCPConnector):
     """A connector whose new TLS connections are handed out only once their server
-    certificate passed ``check``.
+    certificate passed ``check``, and reused only while that answer holds.
 
     aiohttp has no public hook between a connection's handshake and its first request, so this
     wraps the connector's ``_create_connection`` (private, the same from aiohttp 3.8 through
     the pinned version): a refused connection is closed before any request is written on it.
+    When the answer ends, the connection takes no further request: an idle one is closed, a
+    busy one closes once its answer is read (``ResponseHandler.force_close``), and the next
+    request opens a new connection, checked anew.
     """
 
     def __init__(
-        self, check: ServerCheck, *, limit_per_host: int, resolver: AbstractResolver
+        self,
+        check: ServerCheck,
+        *,
+        limit_per_host: int,
+        resolver: AbstractResolver,
     ) -> None:
         super().__init__(limit_per_host=limit_per_host, resolver=resolver)
         self._check = check
@@ -82,14 +91,26 @@ class _CheckedConnector(aiohttp.TCPConnector):
             der = ssl_object.getpeercert(binary_form=True)
             if not der:
                 raise PeerRefused("bad_certificate", "the server presented no certificate")
-            await self._check(der)
+            holds_s = await self._check(der)
         except PeerRefused as exc:
             protocol.close()
             raise ServerRefused(exc) from None
         except BaseException:
             protocol.close()
             raise
+        # weakly: a connection closed meanwhile is not kept for the answer's lifetime
+        self._loop.call_later(holds_s, self._retire, weakref.ref(protocol))
         return protocol
+
+    def _retire(self, ref: weakref.ref[ResponseHandler]) -> None:
+        """The certificate status this connection was checked with has ended."""
+        protocol = ref()
+        if protocol is None:
+            return
+        protocol.force_close()
+        # ``_acquired``: the connector's own set of connections in use (private, as above)
+        if protocol not in self._acquired:
+            protocol.close()
 
 
 class PolicyResolver(AbstractResolver):
@@ -172,7 +193,8 @@ class HttpsTransport:
         """``crls``: the CRLs in force (``[tls] crls``), checked against each partner's
         server certificate; call ``forget_contexts`` when they change. ``check_server``:
         asked about each new connection's server certificate after the handshake (OCSP); a
-        refusal closes the connection before a request is written on it.
+        refusal closes the connection before a request is written on it, and a connection
+        takes no request after its answer ends.
         ``on_certificate_refused(reason)``: a connection was refused for the server's
         certificate (``tls_accept.REASONS``), in the handshake or by ``check_server``."""
         self._tls = tls

@@ -169,6 +169,8 @@ class _GuardedSite(web.BaseSite):
         "_on_deadline",
         "_on_refused",
         "_port",
+        "_retired",
+        "_retiring",
         "_turns",
         "_unserved",
         "sources",
@@ -213,6 +215,10 @@ class _GuardedSite(web.BaseSite):
         self._handshakes: set[asyncio.Task[None]] = set()
         self._turns = HandshakeTurns(handshakes_per_second)
         self._ipv6_prefix = ipv6_prefix
+        #: served connections' ends, when the peer status answer they were checked with ends
+        self._retiring: dict[web_protocol.RequestHandler, asyncio.TimerHandle] = {}
+        #: served connections whose answer ended during a request: they close after its answer
+        self._retired: set[web_protocol.RequestHandler] = set()
 
     @property
     def name(self) -> str:
@@ -262,6 +268,7 @@ class _GuardedSite(web.BaseSite):
             turns=self._turns,
             on_deadline=self._on_deadline,
             ipv6_prefix=self._ipv6_prefix,
+            serve_for=functools.partial(self._serve_for, handler),
         )
         self._awaiting[handler] = acceptor
         return acceptor
@@ -299,6 +306,30 @@ class _GuardedSite(web.BaseSite):
     def _ended(self, handler: web_protocol.RequestHandler) -> None:
         self.sources.release(handler)
         self._forget(handler)
+        self._retired.discard(handler)
+        timer = self._retiring.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _serve_for(self, handler: web_protocol.RequestHandler, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._retiring[handler] = loop.call_later(seconds, self._retire, handler)
+
+    def _retire(self, handler: web_protocol.RequestHandler) -> None:
+        """The peer's status answer has ended: its connection takes no further request. It
+        closes now when idle, or once the request under way is answered (``retired``); the
+        peer connects again and is checked anew. (aiohttp's private ``_request_in_progress``
+        tells which; its ``close`` would not do for either: it leaves an idle connection open
+        and deaf, and stops reading the body of the request under way.)"""
+        self._retiring.pop(handler, None)
+        if handler._request_in_progress:
+            self._retired.add(handler)
+        else:
+            handler.force_close()
+
+    def retired(self, handler: web_protocol.RequestHandler) -> bool:
+        """Whether the connection must close once the request under way is answered."""
+        return handler in self._retired
 
     def _admit(self, handler: web_protocol.RequestHandler, source: str) -> bool:
         # Every connection holds its source slot from accept until it ends, so connections
@@ -551,7 +582,10 @@ class PartnerHttpsServer:
             )
             return result_response(result)
         request[_PARTNER] = partner
-        return await handler(request)
+        response = await handler(request)
+        if self._site is not None and self._site.retired(request.protocol):
+            response.force_close()
+        return response
 
     def _partner_of(self, ssl_object: ssl.SSLObject) -> str | None:
         """The partner the connection's client certificate identifies, or None.

@@ -76,8 +76,10 @@ class OcspChecker:
         self._session: aiohttp.ClientSession | None = None
         self._resolver: PolicyResolver | None = None
 
-    async def check(self, der: bytes) -> None:
-        """Raise ``OcspRefusal`` unless the certificate's status is good."""
+    async def check(self, der: bytes) -> float:
+        """Raise ``OcspRefusal`` unless the certificate's status is good; return the seconds
+        that answer still holds (until its nextUpdate, at most ``ocsp_max_age_s`` after it was
+        had), after which the status must be asked again."""
         try:
             cert = x509.load_der_x509_certificate(der)
         except ValueError as exc:
@@ -108,6 +110,7 @@ class OcspChecker:
                 answer = await asyncio.shield(asking)
         if answer.refusal is not None:
             raise answer.refusal
+        return max(0.0, (answer.until - self._clock.now()).total_seconds())
 
     def _issuer_of(self, cert: x509.Certificate) -> x509.Certificate:
         for issuer in self._issuers:

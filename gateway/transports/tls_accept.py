@@ -79,8 +79,9 @@ class PeerRefused(Exception):
         self.detail = detail
 
 
-#: a check of the peer's certificate (DER) after the handshake; raises ``PeerRefused``
-PeerCheck = Callable[[bytes], Awaitable[None]]
+#: a check of the peer's certificate (DER) after the handshake: the seconds its good status
+#: holds (the connection takes no request after that), or ``PeerRefused``
+PeerCheck = Callable[[bytes], Awaitable[float]]
 
 
 class _Gate(asyncio.Protocol):
@@ -293,6 +294,7 @@ class TlsAcceptor(asyncio.Protocol):
         turns: HandshakeTurns | None = None,
         on_deadline: Callable[[str, str], None] | None = None,
         ipv6_prefix: int = IPV6_SOURCE_PREFIX,
+        serve_for: Callable[[float], None] | None = None,
     ) -> None:
         """``admit``: asked with the peer's source (``source_of`` its address, with
         ``ipv6_prefix``) before any TLS work; False closes the
@@ -302,7 +304,9 @@ class TlsAcceptor(asyncio.Protocol):
         ClientHello stays in the kernel), and ``handshake_timeout_s`` runs from accept, the
         wait included; turns are taken and vouched for by source. ``on_deadline(source,
         stage)``: a connection closed at that deadline,
-        still waiting for its turn (``handshake_wait``) or in its handshake (``handshake``)."""
+        still waiting for its turn (``handshake_wait``) or in its handshake (``handshake``).
+        ``serve_for(seconds)``: the connection, handed over, may take requests for that long
+        (the time ``check_peer``'s good answer holds)."""
         self._pending = pending
         self._turns = turns
         self._on_deadline = on_deadline
@@ -319,6 +323,7 @@ class TlsAcceptor(asyncio.Protocol):
         self._timeout_s = handshake_timeout_s
         self._on_refused = on_refused
         self._check_peer = check_peer
+        self._serve_for = serve_for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's is not an asyncio.Transport subclass).
@@ -422,13 +427,14 @@ class TlsAcceptor(asyncio.Protocol):
         tls = cast(asyncio.Transport, transport)
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        holds_s: float | None = None
         try:
             if not der:
                 raise PeerRefused("no_cert", "the client presented no certificate")
             if ssl_object.session_reused:
                 check_still_valid(ssl_object.getpeercert(), time.time())
             if self._check_peer is not None:
-                await self._check_peer(der)
+                holds_s = await self._check_peer(der)
         except PeerRefused as exc:
             tls.abort()
             self._refused(port, exc.reason, exc.detail)
@@ -439,6 +445,8 @@ class TlsAcceptor(asyncio.Protocol):
         if gate.lost:
             return False
         gate.hand_over(self._handler)
+        if holds_s is not None and self._serve_for is not None:
+            self._serve_for(holds_s)
         return True
 
 

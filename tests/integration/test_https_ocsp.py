@@ -11,12 +11,14 @@ counted and audited as a refused handshake (fail closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 from cryptography.x509 import ocsp
@@ -25,6 +27,7 @@ from https_env import (
     MX,
     Env,
     held_per_source_becomes,
+    make_message,
     running_gateway,
     status_of,
     wait_delivered,
@@ -33,6 +36,7 @@ from https_env import (
 from ocsp_responder import NOW, Responder, delegate, serving
 
 from gateway.config import load_config
+from gateway.crypto.jws import sign_detached
 from gateway.errors import ConfigError
 from gateway.store.base import AuditFilter
 
@@ -158,6 +162,82 @@ async def test_a_kept_answer_outlives_a_responder_outage_until_it_expires(
         responder.down = False
         assert await status_of(env, MX) == 202
         assert responder.asked[MX] == 3
+
+
+@contextlib.asynccontextmanager
+async def kept_alive(env: Env) -> AsyncIterator[Callable[[float], Awaitable[int]]]:
+    """``send(pause_s)``: a valid message from MX-ANAM over one kept-alive connection, its
+    body sent in two parts ``pause_s`` apart; its HTTP status."""
+    connector = aiohttp.TCPConnector(ssl=env.client_ssl(MX), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def send(pause_s: float = 0.0) -> int:
+            _, body = make_message(env, sender=MX)
+            headers = {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(body)),
+                "C2C-Signature": sign_detached(body, env.keys[MX]),
+            }
+
+            async def parts() -> AsyncIterator[bytes]:
+                yield body[:64]
+                await asyncio.sleep(pause_s)
+                yield body[64:]
+
+            async with (
+                asyncio.timeout(10),  # not left waiting on a connection kept open but deaf
+                session.post(env.url, data=parts(), headers=headers) as response,
+            ):
+                await response.read()
+                return response.status
+
+        yield send
+
+
+async def test_a_kept_alive_connection_takes_no_request_past_its_status_answer(
+    tmp_path: Path, responder: Responder
+) -> None:
+    """MX-ANAM's certificate is revoked while its connection is kept alive: the connection
+    takes requests while the good answer it was checked with holds, then is closed; the next
+    request needs a new connection, checked anew, and is refused."""
+    tls = ocsp_tls(responder, "ocsp_max_age_s = 2\n")
+    async with running_gateway(tmp_path, tls=tls) as env:
+        async with kept_alive(env) as send:
+            assert await send() == 202
+            responder.status[MX] = ocsp.OCSPCertStatus.REVOKED
+            assert await send() == 202  # the same connection, within its answer's 2 s
+            assert responder.asked[MX] == 1
+            await asyncio.sleep(2.5)  # past the answer, within aiohttp's 75 s keep-alive
+            with pytest.raises((aiohttp.ClientError, ConnectionError)):
+                await send()
+        assert responder.asked[MX] == 2
+        [entry] = await refusals(env, 1)
+        assert entry["outcome"] == "revoked"
+        await wait_delivered(env, 2)
+        assert [r.sender for r in env.delivered] == [MX, MX]
+        await held_per_source_becomes(env, {})
+
+
+async def test_a_request_under_way_when_its_answer_ends_is_answered_first(
+    tmp_path: Path, responder: Responder
+) -> None:
+    """The answer ends while a message is coming in on the connection: that message is
+    taken and answered, and the connection closes after it."""
+    tls = ocsp_tls(responder, "ocsp_max_age_s = 2\n")
+    async with running_gateway(tmp_path, tls=tls) as env:
+        async with kept_alive(env) as send:
+            sending = asyncio.create_task(send(pause_s=2.5))
+            for _ in range(100):  # its connection checked, half its body sent
+                if responder.asked[MX]:
+                    break
+                await asyncio.sleep(0.02)
+            responder.status[MX] = ocsp.OCSPCertStatus.REVOKED
+            assert await sending == 202
+            with pytest.raises((aiohttp.ClientError, ConnectionError)):
+                await send()
+        assert responder.asked[MX] == 2
+        await wait_delivered(env, 1)
+        assert [r.sender for r in env.delivered] == [MX]
 
 
 async def test_a_responder_on_a_private_address_needs_allowed_networks(

@@ -46,7 +46,7 @@ async def sending(
 
 @contextlib.asynccontextmanager
 async def _sending(
-    tmp_path: Path, responder: Responder
+    tmp_path: Path, responder: Responder, *, max_age_s: float = 3600.0
 ) -> AsyncIterator[tuple[PartnerStub, Running]]:
     """US-CBP's gateway with ``[tls] ocsp`` asking ``responder``, and MX-ANAM's endpoint."""
     stub, running = await start_sending_to_stub(
@@ -55,6 +55,7 @@ async def _sending(
             "ocsp": True,
             "ocsp_url": responder.url,
             "ocsp_allowed_networks": (parse_network("127.0.0.1/32"),),
+            "ocsp_max_age_s": max_age_s,
         },
     )
     try:
@@ -117,6 +118,35 @@ async def test_no_status_fails_closed_until_the_responder_answers(
     )
     assert delivered.attempts >= 3
     assert len(stub.seen) == 1
+
+
+async def test_a_kept_alive_connection_is_not_reused_past_its_status_answer(
+    tmp_path: Path, responder: Responder
+) -> None:
+    """The partner's server certificate is revoked while a connection to it is kept alive:
+    the connection carries messages while the good answer it was checked with holds, and
+    none after. The next message needs a new connection, checked anew, and gets nothing."""
+    async with _sending(tmp_path, responder, max_age_s=2.0) as (stub, running):
+        store = running.gateway.store
+        first = await submit_to(running, MX)
+        one = await row_until(
+            store, first.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED
+        )
+        assert responder.asked[MX] == 1
+        responder.status[MX] = ocsp.OCSPCertStatus.REVOKED
+        # within the answer's two seconds: the kept-alive connection still carries it
+        second = await submit_to(running, MX)
+        two = await row_until(
+            store, second.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED
+        )
+        assert responder.asked[MX] == 1
+        await asyncio.sleep(2.5)  # past the answer, well within aiohttp's 15 s keep-alive
+        third = await submit_to(running, MX)
+        refused = await row_until(store, third.message_id, lambda r: r.attempts >= 1)
+        assert refused.state is OutboundState.QUEUED
+        assert "revoked: certificate serial" in (refused.last_error or "")
+        assert responder.asked[MX] == 2
+        assert [seen.body for seen in stub.seen] == [one.body, two.body]
 
 
 def test_refused_on_uvloop(tmp_path: Path) -> None:
