@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
+from cryptography import x509
 
 from gateway import partner_keys
 from gateway.adapters.registry import Adapter, adapter_for
@@ -47,7 +48,12 @@ from gateway.transports.amqp_service import AmqpService
 from gateway.transports.bus import Bus, MemoryBus
 from gateway.transports.https_server import PartnerHttpsServer
 from gateway.transports.ocsp import OcspChecker
-from gateway.transports.revocation import CrlWatcher, enable_revocation, read_anchors
+from gateway.transports.revocation import (
+    CrlWatcher,
+    enable_revocation,
+    read_anchors,
+    revoked_in,
+)
 from gateway.transports.tls import PartnerIdentifier, partner_trust_anchors, server_context
 from gateway.transports.tls_identity import TlsIdentity
 
@@ -207,6 +213,7 @@ class Gateway:
             self._services.append(self.ocsp)
         if self.crl_watcher is not None:
             self._services.append(self.crl_watcher)
+            self.crl_watcher.subscribe(self._retire_revoked)
         #: our certificate and key; the API and outbound clients add their contexts
         self.tls_identity = TlsIdentity(
             config.tls,
@@ -321,6 +328,19 @@ class Gateway:
     @property
     def partner_url(self) -> str:
         return self.partner_server.url
+
+    def _retire_revoked(self) -> None:
+        """A newer CRL is in force: partners' connections made before it, with a certificate
+        it revokes, take no further request (their next handshake is refused)."""
+        assert self.crl_watcher is not None
+        files = self.crl_watcher.files
+
+        def revoked(der: bytes) -> bool:
+            return revoked_in(files, x509.load_der_x509_certificate(der)) is not None
+
+        count = self.partner_server.retire_where(revoked)
+        if count:
+            log.warning("partner_connections_revoked", connections=count, by="a newer CRL")
 
     async def start(self) -> None:
         """Open the store, start the services (broker first), the relay, then take messages."""

@@ -327,6 +327,20 @@ class _GuardedSite(web.BaseSite):
         else:
             handler.force_close()
 
+    def retire_where(self, refused: Callable[[bytes], bool]) -> int:
+        """Retire every served connection whose client certificate (DER) ``refused`` says
+        may no longer be used; how many."""
+        server = self._runner.server
+        count = 0
+        for handler in server.connections if server is not None else ():
+            transport = handler.transport
+            ssl_object = transport.get_extra_info("ssl_object") if transport else None
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der and refused(der):
+                self._retire(handler)
+                count += 1
+        return count
+
     def retired(self, handler: web_protocol.RequestHandler) -> bool:
         """Whether the connection must close once the request under way is answered."""
         return handler in self._retired
@@ -441,6 +455,12 @@ class PartnerHttpsServer:
         self._ssl_context = context
         if self._site is not None:
             self._site.set_ssl_context(context)
+
+    def retire_where(self, refused: Callable[[bytes], bool]) -> int:
+        """Connections whose client certificate (DER) ``refused`` says may no longer be used
+        take no further request (one under way is answered first) and close; the partner's
+        next connection is checked at its handshake. How many."""
+        return self._site.retire_where(refused) if self._site is not None else 0
 
     def make_app(self) -> web.Application:
         # One byte over the largest partner limit, so the pipeline's per-partner check is the

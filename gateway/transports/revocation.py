@@ -120,6 +120,16 @@ def apply_crls(context: ssl.SSLContext, files: Sequence[CrlFile]) -> None:
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
+def revoked_in(files: Sequence[CrlFile], cert: x509.Certificate) -> CrlFile | None:
+    """The CRL of ``files`` that lists ``cert`` as revoked, if one does."""
+    for crl_file in files:
+        if crl_file.crl.issuer == cert.issuer and (
+            crl_file.crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+        ):
+            return crl_file
+    return None
+
+
 def _add(context: ssl.SSLContext, crl_file: CrlFile) -> None:
     # From the bytes that were checked, not from the path again: the file may have changed
     # since (``load_verify_locations`` takes CRLs only from a file).

@@ -9,7 +9,7 @@ import datetime as dt
 import io
 import json
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -363,6 +363,36 @@ async def post_with_handshake_end(env: Env, body: bytes, *, party: str = MX) -> 
             return answer
     finally:
         writer.close()
+
+
+@contextlib.asynccontextmanager
+async def kept_alive(env: Env, party: str = MX) -> AsyncIterator[Callable[[float], Awaitable[int]]]:
+    """``send(pause_s)``: a valid message from ``party`` over one kept-alive connection, its
+    body sent in two parts ``pause_s`` apart; its HTTP status."""
+    connector = aiohttp.TCPConnector(ssl=env.client_ssl(party), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def send(pause_s: float = 0.0) -> int:
+            _, body = make_message(env, sender=party)
+            headers = {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(body)),
+                "C2C-Signature": sign_detached(body, env.keys[party]),
+            }
+
+            async def parts() -> AsyncIterator[bytes]:
+                yield body[:64]
+                await asyncio.sleep(pause_s)
+                yield body[64:]
+
+            async with (
+                asyncio.timeout(10),  # not left waiting on a connection kept open but deaf
+                session.post(env.url, data=parts(), headers=headers) as response,
+            ):
+                await response.read()
+                return response.status
+
+        yield send
 
 
 async def status_of(env: Env, party: str) -> int | None:

@@ -11,10 +11,9 @@ counted and audited as a refused handshake (fail closed).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from https_env import (
     MX,
     Env,
     held_per_source_becomes,
-    make_message,
+    kept_alive,
     running_gateway,
     status_of,
     wait_delivered,
@@ -36,7 +35,6 @@ from https_env import (
 from ocsp_responder import NOW, Responder, delegate, serving
 
 from gateway.config import load_config
-from gateway.crypto.jws import sign_detached
 from gateway.errors import ConfigError
 from gateway.store.base import AuditFilter
 
@@ -162,36 +160,6 @@ async def test_a_kept_answer_outlives_a_responder_outage_until_it_expires(
         responder.down = False
         assert await status_of(env, MX) == 202
         assert responder.asked[MX] == 3
-
-
-@contextlib.asynccontextmanager
-async def kept_alive(env: Env) -> AsyncIterator[Callable[[float], Awaitable[int]]]:
-    """``send(pause_s)``: a valid message from MX-ANAM over one kept-alive connection, its
-    body sent in two parts ``pause_s`` apart; its HTTP status."""
-    connector = aiohttp.TCPConnector(ssl=env.client_ssl(MX), limit=1)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def send(pause_s: float = 0.0) -> int:
-            _, body = make_message(env, sender=MX)
-            headers = {
-                "Content-Type": "application/json",
-                "Content-Length": str(len(body)),
-                "C2C-Signature": sign_detached(body, env.keys[MX]),
-            }
-
-            async def parts() -> AsyncIterator[bytes]:
-                yield body[:64]
-                await asyncio.sleep(pause_s)
-                yield body[64:]
-
-            async with (
-                asyncio.timeout(10),  # not left waiting on a connection kept open but deaf
-                session.post(env.url, data=parts(), headers=headers) as response,
-            ):
-                await response.read()
-                return response.status
-
-        yield send
 
 
 async def test_a_kept_alive_connection_takes_no_request_past_its_status_answer(

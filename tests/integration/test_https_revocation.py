@@ -14,10 +14,20 @@ import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 import structlog
 from crl_file import NOW, write_crl
-from https_env import CA, MX, Env, running_gateway, status_of, write_environment
+from https_env import (
+    CA,
+    MX,
+    Env,
+    kept_alive,
+    running_gateway,
+    status_of,
+    wait_delivered,
+    write_environment,
+)
 
 from gateway.config import load_config
 from gateway.crypto.pki import init_dev_pki
@@ -66,6 +76,35 @@ async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
         assert [e["event"] for e in logs] == ["crl_reloaded"]
         assert await status_of(env, MX) is None
         assert await status_of(env, CA) == 202
+
+
+async def test_a_connection_kept_alive_from_before_a_revoking_crl_is_closed(
+    tmp_path: Path,
+) -> None:
+    """MX-ANAM's certificate is revoked by a CRL taken in while its connection is kept
+    alive: that connection takes no further request, and the next one is refused at its
+    handshake. CA-CBSA's kept-alive connection carries on."""
+    async with (
+        running_gateway(tmp_path, tls=TLS, prepare=lambda root: write_crl(root)) as env,
+        kept_alive(env, MX) as send_mx,
+        kept_alive(env, CA) as send_ca,
+    ):
+        assert await send_mx() == 202
+        assert await send_ca() == 202
+        write_crl(tmp_path, [MX], this_update=NOW)
+        watcher = env.gateway.crl_watcher
+        assert watcher is not None
+        with structlog.testing.capture_logs() as logs:
+            watcher.check()
+        assert [(e["event"], e.get("connections")) for e in logs] == [
+            ("partner_connections_revoked", 1),
+            ("crl_reloaded", None),
+        ]
+        with pytest.raises((aiohttp.ClientError, ConnectionError)):
+            await send_mx()
+        assert await send_ca() == 202
+        await wait_delivered(env, 3)
+        assert sorted(r.sender for r in env.delivered) == [CA, CA, MX]
 
 
 async def test_newer_crls_replace_the_ones_before(tmp_path: Path) -> None:
