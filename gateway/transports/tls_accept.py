@@ -306,7 +306,7 @@ class TlsAcceptor(asyncio.Protocol):
         stage)``: a connection closed at that deadline,
         still waiting for its turn (``handshake_wait``) or in its handshake (``handshake``).
         ``serve_for(seconds)``: the connection, handed over, may take requests for that long
-        (the time ``check_peer``'s good answer holds)."""
+        (while the peer's certificate is valid and ``check_peer``'s good answer holds)."""
         self._pending = pending
         self._turns = turns
         self._on_deadline = on_deadline
@@ -422,19 +422,19 @@ class TlsAcceptor(asyncio.Protocol):
         self, gate: _Gate, transport: asyncio.BaseTransport, port: int | None
     ) -> bool:
         """Hand the connection to the handler once its peer passed the checks after the
-        handshake (``check_peer``, and for a resumed session the certificate's validity);
-        whether it was handed over."""
+        handshake (the certificate's validity, and ``check_peer``), to be served while both
+        hold; whether it was handed over."""
         tls = cast(asyncio.Transport, transport)
         ssl_object = tls.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        holds_s: float | None = None
         try:
             if not der:
                 raise PeerRefused("no_cert", "the client presented no certificate")
-            if ssl_object.session_reused:
-                check_still_valid(ssl_object.getpeercert(), time.time())
+            # Served no longer than its certificate is valid, nor than its status answer holds
+            # (and a resumed session, which skips OpenSSL's check, refused if it has expired).
+            holds_s = check_still_valid(ssl_object.getpeercert(), time.time())
             if self._check_peer is not None:
-                holds_s = await self._check_peer(der)
+                holds_s = min(holds_s, await self._check_peer(der))
         except PeerRefused as exc:
             tls.abort()
             self._refused(port, exc.reason, exc.detail)
@@ -445,15 +445,16 @@ class TlsAcceptor(asyncio.Protocol):
         if gate.lost:
             return False
         gate.hand_over(self._handler)
-        if holds_s is not None and self._serve_for is not None:
+        if self._serve_for is not None:
             self._serve_for(holds_s)
         return True
 
 
-def check_still_valid(cert: dict[str, Any], now: float) -> None:
-    """A resumed TLS 1.2 session skips the client certificate's verification (the server
-    issues no tickets, but Python's ssl cannot turn off OpenSSL's session cache): its
-    certificate must still be within its validity period (``PeerRefused`` else)."""
+def check_still_valid(cert: dict[str, Any], now: float) -> float:
+    """The seconds the client certificate remains valid. A resumed TLS 1.2 session skips
+    the certificate's verification (the server issues no tickets, but Python's ssl cannot
+    turn off OpenSSL's session cache): its certificate must still be within its validity
+    period (``PeerRefused`` else; a full handshake's was checked by OpenSSL)."""
     if "notBefore" not in cert or "notAfter" not in cert:
         raise PeerRefused("bad_certificate", "a resumed session without a verified certificate")
     not_before = ssl.cert_time_to_seconds(cert["notBefore"])
@@ -467,6 +468,7 @@ def check_still_valid(cert: dict[str, Any], now: float) -> None:
             "not_yet_valid",
             f"certificate is not yet valid ({cert['notBefore']}; a resumed session)",
         )
+    return not_after - now
 
 
 def peer_of(peername: Any) -> tuple[str, int | None]:

@@ -366,10 +366,13 @@ async def post_with_handshake_end(env: Env, body: bytes, *, party: str = MX) -> 
 
 
 @contextlib.asynccontextmanager
-async def kept_alive(env: Env, party: str = MX) -> AsyncIterator[Callable[[float], Awaitable[int]]]:
-    """``send(pause_s)``: a valid message from ``party`` over one kept-alive connection, its
-    body sent in two parts ``pause_s`` apart; its HTTP status."""
-    connector = aiohttp.TCPConnector(ssl=env.client_ssl(party), limit=1)
+async def kept_alive(
+    env: Env, party: str = MX, context: ssl.SSLContext | None = None
+) -> AsyncIterator[Callable[[float], Awaitable[int]]]:
+    """``send(pause_s)``: a valid message from ``party`` over one kept-alive connection
+    (with ``context``, else ``party``'s own), its body sent in two parts ``pause_s`` apart;
+    its HTTP status."""
+    connector = aiohttp.TCPConnector(ssl=context or env.client_ssl(party), limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def send(pause_s: float = 0.0) -> int:

@@ -16,9 +16,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import structlog
-from https_env import MX, Env, client_with, dev_ca, issue_cert, running_gateway
+from https_env import (
+    MX,
+    Env,
+    client_with,
+    dev_ca,
+    issue_cert,
+    kept_alive,
+    running_gateway,
+    wait_delivered,
+)
 
 
 def get_keys(
@@ -87,3 +97,19 @@ async def test_a_certificate_that_expired_since_cannot_get_in_with_an_old_sessio
         assert status == b"", f"an expired certificate got {status!r} (resumed: {reused})"
         refused = [e for e in logs if e["event"] == "tls_handshake_refused"]
         assert [e["reason"] for e in refused] == ["expired"], logs
+
+
+async def test_a_kept_alive_connection_takes_no_request_once_its_certificate_expires(
+    tmp_path: Path,
+) -> None:
+    """A partner's connection is served no longer than its client certificate is valid:
+    then it closes, and the next handshake is refused as expired."""
+    async with running_gateway(tmp_path) as env:
+        expires = time.monotonic() + 3
+        async with kept_alive(env, MX, short_lived_partner_context(env, seconds=3)) as send:
+            assert await send() == 202
+            assert await send() == 202  # the same connection
+            await asyncio.sleep(expires - time.monotonic() + 1.5)
+            with pytest.raises((aiohttp.ClientError, ConnectionError)):
+                await send()
+        await wait_delivered(env, 2)

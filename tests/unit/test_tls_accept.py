@@ -141,7 +141,8 @@ async def test_the_least_recently_vouched_for_is_forgotten_first() -> None:
 
 def test_a_resumed_session_must_hold_a_certificate_still_valid() -> None:
     cert = {"notBefore": "Jan  1 00:00:00 2026 GMT", "notAfter": "Jan  1 00:00:00 2027 GMT"}
-    check_still_valid(cert, ssl.cert_time_to_seconds("Jun  1 00:00:00 2026 GMT"))
+    # valid for the seconds left: the connection is served no longer
+    assert check_still_valid(cert, ssl.cert_time_to_seconds("Dec 31 23:59:00 2026 GMT")) == 60
     for now, reason in (
         ("Jan  1 00:00:01 2027 GMT", "expired"),
         ("Dec 31 23:59:59 2025 GMT", "not_yet_valid"),
