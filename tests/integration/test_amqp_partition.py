@@ -43,16 +43,24 @@ PATH = "/c2c/v1/messages"
 DEFAULT_HEARTBEAT_S = 60
 
 
+async def through_proxy(
+    tmp_path: Path, rabbit_vhost: RabbitVhost, heartbeat_s: int
+) -> tuple[TcpProxy, Path]:
+    """A proxy to the broker, started, and a gateway configuration reaching the broker
+    through it with ``heartbeat_s``."""
+    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
+    await proxy.start()
+    url = (
+        f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
+        f"?heartbeat={heartbeat_s}"
+    )
+    return proxy, write_config(tmp_path, amqp_url=url, amqp_partner_https=True)
+
+
 async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
-    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
-    await proxy.start()
-    through_proxy = (
-        f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
-        f"?heartbeat={HEARTBEAT_S}"
-    )
-    source = write_config(tmp_path, amqp_url=through_proxy, amqp_partner_https=True)
+    proxy, source = await through_proxy(tmp_path, rabbit_vhost, HEARTBEAT_S)
     pki = tmp_path / "certs"
     messages = partner_messages(tmp_path, 90)
     before, during, after = messages[:30], messages[30:60], messages[60:]
@@ -124,13 +132,7 @@ async def test_a_silent_broker_path_stops_nothing_and_drains_after_the_heal(
 async def test_readyz_finds_a_stalled_broker_path_within_seconds_not_heartbeats(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
-    proxy = TcpProxy(rabbit.PORT, rabbit.HOST)
-    await proxy.start()
-    through_proxy = (
-        f"amqp://{rabbit.USER}:{rabbit.PASSWORD}@127.0.0.1:{proxy.port}/{rabbit_vhost.name}"
-        f"?heartbeat={DEFAULT_HEARTBEAT_S}"
-    )
-    source = write_config(tmp_path, amqp_url=through_proxy, amqp_partner_https=True)
+    proxy, source = await through_proxy(tmp_path, rabbit_vhost, DEFAULT_HEARTBEAT_S)
     pki = tmp_path / "certs"
     serve = ServeProcess(source)
     loop = asyncio.get_running_loop()
