@@ -3,7 +3,8 @@
 The client verifies the partner's server certificate against that partner's trust anchor
 (and the CRLs in force) and presents our certificate; with a ``check_server`` (OCSP, ``[tls]
 ocsp``), each new connection's server certificate passes it after the handshake, before a byte
-of a request is written. Redirects are never followed (the body and our certificate
+of a request is written. A connection is reused only while its server certificate is valid
+(and its status answer holds). Redirects are never followed (the body and our certificate
 must not go to another host), proxies from the environment are ignored, no cookies are
 kept, and every aiohttp failure becomes a ``TransportError`` here, at this one seam.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -56,19 +58,21 @@ class ServerRefused(aiohttp.ClientConnectionError):
 
 class _CheckedConnector(aiohttp.TCPConnector):
     """A connector whose new TLS connections are handed out only once their server
-    certificate passed ``check``, and reused only while that answer holds.
+    certificate passed ``check`` (if any), and reused only while that certificate is valid
+    and that answer holds.
 
     aiohttp has no public hook between a connection's handshake and its first request, so this
     wraps the connector's ``_create_connection`` (private, the same from aiohttp 3.8 through
     the pinned version): a refused connection is closed before any request is written on it.
-    When the answer ends, the connection takes no further request: an idle one is closed, a
-    busy one closes once its answer is read (``ResponseHandler.force_close``), and the next
-    request opens a new connection, checked anew.
+    When the certificate's notAfter comes, or the answer ends, the connection takes no further
+    request: an idle one is closed, a busy one closes once its answer is read
+    (``ResponseHandler.force_close``), and the next request opens a new connection, verified
+    and checked anew.
     """
 
     def __init__(
         self,
-        check: ServerCheck,
+        check: ServerCheck | None,
         *,
         limit_per_host: int,
         resolver: AbstractResolver,
@@ -91,7 +95,10 @@ class _CheckedConnector(aiohttp.TCPConnector):
             der = ssl_object.getpeercert(binary_form=True)
             if not der:
                 raise PeerRefused("bad_certificate", "the server presented no certificate")
-            holds_s = await self._check(der)
+            # verified in the handshake, so its fields are there
+            holds_s = ssl.cert_time_to_seconds(ssl_object.getpeercert()["notAfter"]) - time.time()
+            if self._check is not None:
+                holds_s = min(holds_s, await self._check(der))
         except PeerRefused as exc:
             protocol.close()
             raise ServerRefused(exc) from None
@@ -103,7 +110,7 @@ class _CheckedConnector(aiohttp.TCPConnector):
         return protocol
 
     def _retire(self, ref: weakref.ref[ResponseHandler]) -> None:
-        """The certificate status this connection was checked with has ended."""
+        """The server certificate, or the status it was checked with, has ended."""
         protocol = ref()
         if protocol is None:
             return
@@ -236,14 +243,8 @@ class HttpsTransport:
         # Created on first use so it belongs to the running event loop.
         if self._session is None:
             self._resolver = PolicyResolver()
-            connector = (
-                aiohttp.TCPConnector(limit_per_host=self._limit_per_host, resolver=self._resolver)
-                if self._check_server is None
-                else _CheckedConnector(
-                    self._check_server,
-                    limit_per_host=self._limit_per_host,
-                    resolver=self._resolver,
-                )
+            connector = _CheckedConnector(
+                self._check_server, limit_per_host=self._limit_per_host, resolver=self._resolver
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -1,14 +1,19 @@
 """Outbound connections check the partner's server certificate against ``[tls] crls``: a
 gateway with CRLs sends nothing to a partner whose certificate its CA revoked, over real
-mutual TLS on loopback, and sends again once a newer CRL lifts the revocation."""
+mutual TLS on loopback, and sends again once a newer CRL lifts the revocation. A connection
+kept alive is not reused past its server certificate's notAfter."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
 from crl_file import write_crl
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from outbound_env import (
     Running,
     outbound_refused,
@@ -18,6 +23,7 @@ from outbound_env import (
 )
 from partner_stub import PartnerStub
 
+from gateway.crypto.pki import CA_KEY
 from gateway.store.base import OutboundState
 
 MX = "MX-ANAM"
@@ -80,6 +86,60 @@ async def test_a_crl_past_its_next_update_fails_closed_outbound(tmp_path: Path) 
         assert "CRL has expired" in refused.last_error
         assert outbound_refused(running, "revocation_unknown") >= 1
         assert stub.seen == []
+    finally:
+        await running.gateway.stop()
+        await stub.stop()
+
+
+def reissue_until(pki: Path, party: str, not_after: dt.datetime) -> None:
+    """``party``'s TLS certificate issued again by the dev CA, the same but valid only until
+    ``not_after``."""
+    path = pki / party / "tls.pem"
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / CA_KEY).read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.issuer)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(not_after)
+    )
+    for extension in cert.extensions:
+        builder = builder.add_extension(extension.value, extension.critical)
+    path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+async def test_a_kept_alive_connection_is_not_reused_past_the_server_certificate(
+    tmp_path: Path,
+) -> None:
+    """The partner's server certificate expires while a connection to it is kept alive: the
+    connection carries messages until then and none after; the next connection's handshake
+    fails on the expired certificate, and the message stays queued."""
+    stub, running = await start_sending_to_stub(tmp_path)
+    store = running.gateway.store
+    try:
+        await stub.stop()
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+        reissue_until(tmp_path / "pki", MX, expires)
+        await stub.start(stub.port)
+        sent = []
+        for _ in range(2):
+            record = await submit_to(running, MX)
+            sent.append(
+                await row_until(
+                    store, record.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED
+                )
+            )
+        await asyncio.sleep((expires - dt.datetime.now(dt.UTC)).total_seconds() + 1.5)
+        record = await submit_to(running, MX)
+        refused = await row_until(store, record.message_id, lambda r: r.attempts >= 1)
+        assert refused.state is OutboundState.QUEUED
+        assert "certificate has expired" in (refused.last_error or "")
+        assert outbound_refused(running, "expired") >= 1
+        assert [seen.body for seen in stub.seen] == [row.body for row in sent]
     finally:
         await running.gateway.stop()
         await stub.stop()
