@@ -11,10 +11,11 @@ kept, and every aiohttp failure becomes a ``TransportError`` here, at this one s
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import socket
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -105,19 +106,27 @@ class _CheckedConnector(aiohttp.TCPConnector):
         except BaseException:
             protocol.close()
             raise
-        # weakly: a connection closed meanwhile is not kept for the answer's lifetime
-        self._loop.call_later(holds_s, self._retire, weakref.ref(protocol))
+        timer = self._loop.call_later(holds_s, self._retire, protocol)
+        # a connection that closes before then is not kept, nor its timer, for that long
+        closed = protocol.closed
+        if closed is None:
+            timer.cancel()
+        else:
+            closed.add_done_callback(functools.partial(_cancel, timer))
         return protocol
 
-    def _retire(self, ref: weakref.ref[ResponseHandler]) -> None:
+    def _retire(self, protocol: ResponseHandler) -> None:
         """The server certificate, or the status it was checked with, has ended."""
-        protocol = ref()
-        if protocol is None:
-            return
         protocol.force_close()
         # ``_acquired``: the connector's own set of connections in use (private, as above)
         if protocol not in self._acquired:
             protocol.close()
+
+
+def _cancel(timer: asyncio.TimerHandle, closed: asyncio.Future[None]) -> None:
+    timer.cancel()
+    if not closed.cancelled():
+        closed.exception()  # how it closed is aiohttp's to report; seen here, not logged
 
 
 class PolicyResolver(AbstractResolver):

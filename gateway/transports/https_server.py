@@ -215,7 +215,8 @@ class _GuardedSite(web.BaseSite):
         self._handshakes: set[asyncio.Task[None]] = set()
         self._turns = HandshakeTurns(handshakes_per_second)
         self._ipv6_prefix = ipv6_prefix
-        #: served connections' ends, when the peer status answer they were checked with ends
+        #: when each served connection stops taking requests: its client certificate's
+        #: notAfter, or the end of the status answer it was checked with (OCSP)
         self._retiring: dict[web_protocol.RequestHandler, asyncio.TimerHandle] = {}
         #: served connections whose answer ended during a request: they close after its answer
         self._retired: set[web_protocol.RequestHandler] = set()
@@ -316,12 +317,15 @@ class _GuardedSite(web.BaseSite):
         self._retiring[handler] = loop.call_later(seconds, self._retire, handler)
 
     def _retire(self, handler: web_protocol.RequestHandler) -> None:
-        """The peer's status answer has ended: its connection takes no further request. It
-        closes now when idle, or once the request under way is answered (``retired``); the
-        peer connects again and is checked anew. (aiohttp's private ``_request_in_progress``
-        tells which; its ``close`` would not do for either: it leaves an idle connection open
-        and deaf, and stops reading the body of the request under way.)"""
-        self._retiring.pop(handler, None)
+        """The peer's certificate has expired, or been revoked, or the status answer it was
+        checked with has ended: its connection takes no further request. It closes now when
+        idle, or once the request under way is answered (``retired``); the peer connects again
+        and is checked anew. (aiohttp's private ``_request_in_progress`` tells which; its
+        ``close`` would not do for either: it leaves an idle connection open and deaf, and
+        stops reading the body of the request under way.)"""
+        timer = self._retiring.pop(handler, None)
+        if timer is not None:
+            timer.cancel()  # when retired before its time (``retire_where``)
         if handler._request_in_progress:
             self._retired.add(handler)
         else:

@@ -398,6 +398,17 @@ async def kept_alive(
         yield send
 
 
+def retirements() -> int:
+    """Connections' retirement timers still to come, inbound or outbound (asyncio's scheduled
+    handles)."""
+    scheduled = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    return sum(
+        1
+        for handle in scheduled
+        if not handle.cancelled() and getattr(handle._callback, "__name__", "") == "_retire"
+    )
+
+
 async def status_of(env: Env, party: str) -> int | None:
     """The HTTP status of a valid message from ``party``, or None when its connection was
     refused (at the TLS handshake, or closed after it before an answer)."""

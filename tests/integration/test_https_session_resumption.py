@@ -26,6 +26,7 @@ from https_env import (
     dev_ca,
     issue_cert,
     kept_alive,
+    retirements,
     running_gateway,
     wait_delivered,
 )
@@ -113,3 +114,18 @@ async def test_a_kept_alive_connection_takes_no_request_once_its_certificate_exp
             with pytest.raises((aiohttp.ClientError, ConnectionError)):
                 await send()
         await wait_delivered(env, 2)
+
+
+async def test_a_closed_connection_leaves_no_timer_behind(tmp_path: Path) -> None:
+    """A served connection's end of use is a timer as far off as its certificate's notAfter:
+    one that closes before then takes its timer with it."""
+    async with running_gateway(tmp_path) as env:
+        assert retirements() == 0
+        async with kept_alive(env, MX) as send:
+            assert await send() == 202
+            assert retirements() == 1
+        for _ in range(100):  # the client has closed the connection
+            if retirements() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert retirements() == 0

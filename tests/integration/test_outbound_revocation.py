@@ -14,6 +14,7 @@ from crl_file import write_crl
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from https_env import retirements
 from outbound_env import (
     Running,
     outbound_refused,
@@ -140,6 +141,28 @@ async def test_a_kept_alive_connection_is_not_reused_past_the_server_certificate
         assert "certificate has expired" in (refused.last_error or "")
         assert outbound_refused(running, "expired") >= 1
         assert [seen.body for seen in stub.seen] == [row.body for row in sent]
+    finally:
+        await running.gateway.stop()
+        await stub.stop()
+
+
+async def test_a_closed_connection_leaves_no_timer_behind(tmp_path: Path) -> None:
+    """Each connection's end of use is a timer, as far off as its certificate's notAfter (a
+    year for the dev PKI's): one that closes before then takes its timer with it, so
+    connections coming and going over months do not pile timers up."""
+    stub, running = await start_sending_to_stub(tmp_path)
+    store = running.gateway.store
+    try:
+        assert retirements() == 0
+        record = await submit_to(running, MX)
+        await row_until(store, record.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED)
+        assert retirements() == 1
+        await stub.stop()  # the partner closes the kept-alive connection
+        for _ in range(100):
+            if retirements() == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert retirements() == 0
     finally:
         await running.gateway.stop()
         await stub.stop()
