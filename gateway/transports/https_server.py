@@ -469,7 +469,7 @@ class PartnerHttpsServer:
     def make_app(self) -> web.Application:
         # One byte over the largest partner limit, so the pipeline's per-partner check is the
         # one that answers; anything beyond is cut off by aiohttp while reading.
-        middlewares = [self._require_partner]
+        middlewares = [self._close_retired, self._require_partner]
         if armed() == "S7-after-response":
             # outermost, so that the answer it writes is the final one
             middlewares.insert(0, _answer_then_crash)
@@ -606,6 +606,14 @@ class PartnerHttpsServer:
             )
             return result_response(result)
         request[_PARTNER] = partner
+        return await handler(request)
+
+    @web.middleware
+    async def _close_retired(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A connection retired while its request was under way closes once that request is
+        answered, whatever the answer. (The handlers raise no ``HTTPException``: the router's
+        404 and 405 come before any await, when no retirement can come between; aiohttp
+        closes the connection after an error of its own.)"""
         response = await handler(request)
         if self._site is not None and self._site.retired(request.protocol):
             response.force_close()
