@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import structlog
+import uvloop
 from https_env import (
     MX,
     Env,
@@ -114,6 +115,26 @@ async def test_a_kept_alive_connection_takes_no_request_once_its_certificate_exp
             with pytest.raises((aiohttp.ClientError, ConnectionError)):
                 await send()
         await wait_delivered(env, 2)
+
+
+def test_on_uvloop_a_request_under_way_at_expiry_is_answered_then_the_connection_closes(
+    tmp_path: Path,
+) -> None:
+    """``serve`` runs on uvloop: a message whose body is still coming when the certificate
+    expires is taken and answered, then the connection closes, and the next is refused."""
+
+    async def scenario() -> None:
+        assert "uvloop" in type(asyncio.get_running_loop()).__module__
+        async with running_gateway(tmp_path) as env:
+            context = short_lived_partner_context(env, seconds=2)
+            async with kept_alive(env, MX, context) as send:
+                assert await send() == 202
+                assert await send(pause_s=2.5) == 202  # expires half-way through its body
+                with pytest.raises((aiohttp.ClientError, ConnectionError)):
+                    await send()
+            await wait_delivered(env, 2)
+
+    uvloop.run(scenario())
 
 
 async def test_a_closed_connection_leaves_no_timer_behind(tmp_path: Path) -> None:
