@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,6 +164,38 @@ async def test_a_closed_connection_leaves_no_timer_behind(tmp_path: Path) -> Non
                 break
             await asyncio.sleep(0.02)
         assert retirements() == 0
+    finally:
+        await running.gateway.stop()
+        await stub.stop()
+
+
+async def test_an_answer_under_way_when_the_server_certificate_expires_is_read_first(
+    tmp_path: Path,
+) -> None:
+    """The partner's certificate expires while it is answering a message: that answer is
+    read and the message acknowledged on its first attempt; the next message needs a new
+    connection, whose handshake fails on the expired certificate."""
+    stub, running = await start_sending_to_stub(tmp_path)
+    store = running.gateway.store
+    try:
+        await stub.stop()
+        # a whole second, as X.509 times have no fraction
+        expires = dt.datetime.fromtimestamp(int(time.time()) + 3, dt.UTC)
+        reissue_until(tmp_path / "pki", MX, expires)
+        stub.behaviours, stub.slow_s = ["ack", "slow", "ack"], 1.5
+        await stub.start(stub.port)
+        first = await submit_to(running, MX)
+        await row_until(store, first.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED)
+        await asyncio.sleep(expires.timestamp() - time.time() - 0.75)
+        second = await submit_to(running, MX)  # answered 1.5 s later, across the expiry
+        answered = await row_until(
+            store, second.message_id, lambda r: r.state is not OutboundState.QUEUED
+        )
+        assert (answered.state, answered.attempts) == (OutboundState.ACKNOWLEDGED, 1)
+        third = await submit_to(running, MX)
+        refused = await row_until(store, third.message_id, lambda r: r.attempts >= 1)
+        assert "certificate has expired" in (refused.last_error or "")
+        assert len(stub.seen) == 2
     finally:
         await running.gateway.stop()
         await stub.stop()
