@@ -308,6 +308,9 @@ class _GuardedSite(web.BaseSite):
         self.sources.release(handler)
         self._forget(handler)
         self._retired.discard(handler)
+        self._unschedule(handler)
+
+    def _unschedule(self, handler: web_protocol.RequestHandler) -> None:
         timer = self._retiring.pop(handler, None)
         if timer is not None:
             timer.cancel()
@@ -323,9 +326,7 @@ class _GuardedSite(web.BaseSite):
         and is checked anew. (aiohttp's private ``_request_in_progress`` tells which; its
         ``close`` would not do for either: it leaves an idle connection open and deaf, and
         stops reading the body of the request under way.)"""
-        timer = self._retiring.pop(handler, None)
-        if timer is not None:
-            timer.cancel()  # when retired before its time (``retire_where``)
+        self._unschedule(handler)  # retired before its time too (``retire_where``)
         if handler._request_in_progress:
             self._retired.add(handler)
         else:
