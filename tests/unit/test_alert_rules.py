@@ -1,13 +1,18 @@
 """The shipped Prometheus alerting rules name only what the gateway exports.
 
-`promtool test rules deploy/prometheus/c2c-gateway-alerts.test.yml` tests what the rules do;
-this test keeps them from drifting from the code: every metric, label, label value and
-template label in the rules exists in `gateway.metrics.Metrics`.
+`promtool test rules deploy/prometheus/c2c-gateway-alerts.test.yml` tests what the rules do. It
+runs here when Prometheus's `promtool` is on PATH; `.ci/run` installs it and sets
+`C2C_REQUIRE_PROMTOOL=1`, which makes a missing one a failure. The rest keeps the rules from
+drifting from the code: every metric, label, label value and template label in the rules
+exists in `gateway.metrics.Metrics`.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +20,14 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.errors import NackCode
 from gateway.metrics import Metrics
 from gateway.store.base import OutboundState
 from gateway.transports import tls_identity
 from gateway.transports.tls_accept import REASONS
 
 RULES = Path(__file__).parents[2] / "deploy" / "prometheus" / "c2c-gateway-alerts.yml"
+RULE_TESTS = RULES.with_name("c2c-gateway-alerts.test.yml")
 #: labels Prometheus adds to every scraped series
 TARGET_LABELS = frozenset({"instance", "job"})
 #: the values a label can take, where the code fixes them
@@ -29,6 +36,7 @@ VALUES = {
     "reason": frozenset(REASONS),
     "outcome": frozenset({tls_identity.RELOADED, tls_identity.REFUSED}),
     "whose": frozenset({"ours", "partner"}),
+    "code": frozenset(code.value for code in NackCode),
 }
 SELECTOR = re.compile(r"\b(c2c_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -87,3 +95,16 @@ def test_a_rule_names_only_what_the_gateway_exports(rule: dict[str, Any]) -> Non
     assert rule["labels"]["severity"] in {"warning", "critical"}
     assert rule["annotations"]["summary"]
     assert rule["annotations"]["description"]
+
+
+def test_the_rules_pass_their_promtool_tests() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("C2C_REQUIRE_PROMTOOL") == "1":
+            pytest.fail("C2C_REQUIRE_PROMTOOL=1 but promtool is not on PATH")
+        pytest.skip("promtool (Debian package prometheus) is not on PATH")
+    for args in (["check", "rules", RULES.name], ["test", "rules", RULE_TESTS.name]):
+        done = subprocess.run(
+            [promtool, *args], cwd=RULES.parent, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
