@@ -16,12 +16,15 @@ is dropped by the pool and replaced on the next call, so the store recovers by i
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
+import structlog
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.audit.events import AuditEvent
@@ -76,6 +79,8 @@ def _aware(moment: datetime) -> datetime:
     return moment
 
 
+log = structlog.get_logger(__name__)
+
 DIALECT = Dialect(placeholder=lambda n: f"${n}", timestamp=_aware, true="TRUE", false="FALSE")
 
 #: what a database or network failure looks like from asyncpg; all become Unavailable
@@ -99,6 +104,16 @@ _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+
+#: failures of writes that reads do not see: a full disk or no memory (53), an I/O error (58)
+_WRITE_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.InsufficientResourcesError,
+    asyncpg.PostgresSystemError,
+)
+
+#: the readiness probe's body: incompressible, and larger than what is left of the pages a
+#: message that just failed may have found
+_PROBE_BODY_BYTES = 256 * 1024
 
 _INBOUND_COLUMNS = (
     "sender, message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
@@ -217,6 +232,9 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._queue: asyncio.Queue[_Unit | None] = asyncio.Queue()
         self._writer_task: asyncio.Task[None] | None = None
+        #: why writes fail while reads succeed (a full tablespace), until a write commits or
+        #: the readiness probe's write fits again
+        self._write_failure: str | None = None
 
     # lifecycle
 
@@ -256,6 +274,28 @@ class PostgresStore:
         if self._writer_task is None or self._writer_task.done():
             raise Unavailable("postgresql: store is not open", outage=True)
         await self._call(lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1"))
+        if self._write_failure is not None:
+            # a read tells nothing of a full tablespace: a message-like write, rolled back
+            await self._call(_probe_write)
+            self._writes_recovered("probe")
+
+    def _note_write_failure(self, exc: BaseException) -> None:
+        """One error log when writes start failing for a reason that reads do not see, not
+        one per batch: on a full tablespace every message fails alike until space is freed."""
+        if not isinstance(exc, _WRITE_FAILURES):
+            return
+        if self._write_failure is None:
+            log.error(
+                "postgres_write_failed",
+                error=f"{type(exc).__name__}: {exc}",
+                hint="nothing was acknowledged; partners are answered 503 until a write commits",
+            )
+        self._write_failure = type(exc).__name__
+
+    def _writes_recovered(self, seen_by: str) -> None:
+        if self._write_failure is not None:
+            log.warning("postgres_writes_recovered", error=self._write_failure, seen_by=seen_by)
+            self._write_failure = None
 
     async def _call(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         pool = self._pool
@@ -345,12 +385,15 @@ class PostgresStore:
                     if armed():
                         # one autocommit statement: the server commits it once it has it
                         crash_point("S6-before-commit", message_ids=_ids(units))
-                    return await _store_inbound_statement(
+                    outcomes = await _store_inbound_statement(
                         conn, [unit.inbound for unit in units if unit.inbound is not None]
                     )
+                self._writes_recovered("write")
+                return outcomes
             except asyncpg.IntegrityConstraintViolationError:
                 pass  # a row broke another constraint: the transaction below sorts them out
             except _DB_ERRORS as exc:
+                self._note_write_failure(exc)
                 return [_unavailable(exc)] * len(units)
         try:
             async with pool.acquire() as conn, conn.transaction():
@@ -376,9 +419,11 @@ class PostgresStore:
                 if inbound and armed():
                     crash_point("S6-before-commit", message_ids=_ids(units))
         except _DB_ERRORS as exc:
+            self._note_write_failure(exc)
             return [_unavailable(exc)] * len(units)
         except Unavailable as exc:
             return [exc] * len(units)
+        self._writes_recovered("write")
         return results
 
     # audit log
@@ -1009,6 +1054,32 @@ async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]
 def _ids(units: list[_Unit]) -> str:
     """The message ids of a batch's inbox inserts (for a crash line)."""
     return " ".join(u.inbound[0].message_id for u in units if u.inbound is not None)
+
+
+class _RolledBack(Exception):
+    """Raised to end the readiness probe's transaction with a rollback."""
+
+
+async def _probe_write(c: Conn) -> None:
+    """Insert a row like a message's, with an incompressible body, and roll it back.
+
+    PostgreSQL writes a relation's new pages when an insert needs them, so on a full
+    tablespace the insert fails as the next message's would; nothing of it is kept (an
+    identity value of ``inbound_messages.seq`` is used up, as by any failed insert)."""
+    try:
+        async with c.transaction():
+            await c.execute(
+                "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+                "schema_version, body, body_digest, signature, kid, transport, received_at, "
+                "receipt_body, receipt_signature, relayed) "
+                "VALUES ('~probe', $1, '~probe', '~probe', '0', $2, '~probe', '~probe', "
+                "'~probe', '~probe', now(), ''::bytea, '~probe', TRUE)",
+                f"readiness-{uuid.uuid4()}",
+                os.urandom(_PROBE_BODY_BYTES),
+            )
+            raise _RolledBack
+    except _RolledBack:
+        pass
 
 
 async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:

@@ -17,6 +17,7 @@ from datetime import timedelta
 import asyncpg
 import pgdb
 import pytest
+import structlog
 from tcp_proxy import TcpProxy
 from test_store import T0, event, inbound, naive_root, outbound
 
@@ -421,29 +422,37 @@ async def test_a_full_tablespace_is_an_outage_that_writes_nothing_and_recovers(
     dead-lettering) and keeps nothing; once the filesystem is grown, every refused write is
     stored once, and the audit log is one gap-free tree of exactly the stored ones.
 
-    (``ping`` is not asked: on PostgreSQL a write that needs no new page still commits on a
-    full tablespace, so no probe write tells whether the next message fits.)"""
+    ``ping`` (``/readyz``) is a read, which a full tablespace does not stop: after a write
+    failed, it also makes a message-like write and rolls it back, so it fails while the
+    tablespace is full and passes again once it is grown, before any message is retried."""
     dsn, mountpoint = small_tablespace
     store = PostgresStore(dsn, clock=ManualClock(T0), max_size=4)
     await store.open()
     try:
         kept: list[str] = []
         refused: list[Unavailable] = []
-        for n in range(2000):
-            message_id = f"full-{n}"
-            body = base64.b64encode(os.urandom(48 * 1024))  # 64 KiB no compression shrinks
-            try:
-                await store.store_inbound(
-                    inbound(message_id, body=body), [event(EventKind.ACCEPTED, message_id)]
-                )
-            except Unavailable as exc:
-                refused.append(exc)
-                if len(refused) == 5:
-                    break
-                continue
-            kept.append(message_id)
+        with structlog.testing.capture_logs() as logs:
+            for n in range(2000):
+                message_id = f"full-{n}"
+                body = base64.b64encode(os.urandom(48 * 1024))  # 64 KiB no compression shrinks
+                try:
+                    await store.store_inbound(
+                        inbound(message_id, body=body), [event(EventKind.ACCEPTED, message_id)]
+                    )
+                except Unavailable as exc:
+                    refused.append(exc)
+                    if len(refused) == 5:
+                        break
+                    continue
+                kept.append(message_id)
         assert len(refused) == 5, "the tablespace never filled up"
         assert all(exc.outage and "DiskFullError" in exc.reason for exc in refused), refused
+        # said once, not once per refused write
+        assert [e["event"] for e in logs] == ["postgres_write_failed"], logs
+        assert "DiskFullError" in logs[0]["error"]
+        for _ in range(2):  # each probe is rolled back, and fails again
+            with pytest.raises(Unavailable, match="DiskFullError"):
+                await store.ping()
         refused_ids = [f"full-{n}" for n in range(len(kept), len(kept) + 5)]
         # nothing of a refused write was kept: no row, no audit entry
         for message_id in refused_ids:
@@ -451,6 +460,19 @@ async def test_a_full_tablespace_is_an_outage_that_writes_nothing_and_recovers(
         assert await store.audit_size() == len(kept)
 
         await run("mount", "-o", "remount,size=64m", mountpoint)
+        with structlog.testing.capture_logs() as logs:
+            await store.ping()
+            await store.ping()
+        assert [(e["event"], e["seen_by"]) for e in logs] == [
+            ("postgres_writes_recovered", "probe")
+        ]
+        # the probes kept nothing
+        assert await store.audit_size() == len(kept)
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM inbound_messages") == len(kept)
+        finally:
+            await conn.close()
         for message_id in refused_ids:
             outcome = await store.store_inbound(
                 inbound(message_id, body=b"{}"), [event(EventKind.ACCEPTED, message_id)]
