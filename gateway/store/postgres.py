@@ -67,6 +67,7 @@ from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 Conn: TypeAlias = "PoolConnectionProxy[asyncpg.Record]"
 
 #: pg_advisory_xact_lock key serializing migrations across processes ("c2cmigr")
@@ -78,8 +79,6 @@ def _aware(moment: datetime) -> datetime:
         raise ValueError("naive datetime given to the store")
     return moment
 
-
-log = structlog.get_logger(__name__)
 
 DIALECT = Dialect(placeholder=lambda n: f"${n}", timestamp=_aware, true="TRUE", false="FALSE")
 
