@@ -1055,30 +1055,26 @@ def _ids(units: list[_Unit]) -> str:
     return " ".join(u.inbound[0].message_id for u in units if u.inbound is not None)
 
 
-class _RolledBack(Exception):
-    """Raised to end the readiness probe's transaction with a rollback."""
-
-
 async def _probe_write(c: Conn) -> None:
     """Insert a row like a message's, with an incompressible body, and roll it back.
 
     PostgreSQL writes a relation's new pages when an insert needs them, so on a full
     tablespace the insert fails as the next message's would; nothing of it is kept (an
     identity value of ``inbound_messages.seq`` is used up, as by any failed insert)."""
+    transaction = c.transaction()
+    await transaction.start()
     try:
-        async with c.transaction():
-            await c.execute(
-                "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
-                "schema_version, body, body_digest, signature, kid, transport, received_at, "
-                "receipt_body, receipt_signature, relayed) "
-                "VALUES ('~probe', $1, '~probe', '~probe', '0', $2, '~probe', '~probe', "
-                "'~probe', '~probe', now(), ''::bytea, '~probe', TRUE)",
-                f"readiness-{uuid.uuid4()}",
-                os.urandom(_PROBE_BODY_BYTES),
-            )
-            raise _RolledBack
-    except _RolledBack:
-        pass
+        await c.execute(
+            "INSERT INTO inbound_messages (sender, message_id, recipient, message_type, "
+            "schema_version, body, body_digest, signature, kid, transport, received_at, "
+            "receipt_body, receipt_signature, relayed) "
+            "VALUES ('~probe', $1, '~probe', '~probe', '0', $2, '~probe', '~probe', "
+            "'~probe', '~probe', now(), ''::bytea, '~probe', TRUE)",
+            f"readiness-{uuid.uuid4()}",
+            os.urandom(_PROBE_BODY_BYTES),
+        )
+    finally:
+        await transaction.rollback()
 
 
 async def _run_unit(tx: _Tx, fn: Callable[[_Tx], Awaitable[Any]]) -> Any:
