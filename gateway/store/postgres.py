@@ -351,7 +351,20 @@ class PostgresStore:
                 [u for u in batch if u.inbound is None],
             ):
                 if group:
-                    self._settle(group, await self._commit_batch(group))
+                    self._settle(group, await self._commit_guarded(group))
+
+    async def _commit_guarded(self, units: list[_Unit]) -> list[Any]:
+        try:
+            return await self._commit_batch(units)
+        except Exception as exc:
+            # Not the database and not a unit (their errors are answered in _commit_batch):
+            # a bug or MemoryError in the batch itself. Its transaction was rolled back on the
+            # way out; the batch is refused and the writer goes on. Left to the loop, it would
+            # end the writer with every caller of this batch waiting for an answer.
+            log.exception("postgres_batch_failed", units=len(units), error=type(exc).__name__)
+            return [Unavailable(f"postgresql: write batch failed: {type(exc).__name__}")] * len(
+                units
+            )
 
     @staticmethod
     def _settle(units: list[_Unit], results: list[Any]) -> None:

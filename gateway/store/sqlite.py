@@ -447,6 +447,16 @@ class SqliteStore:
                     conn.execute("ROLLBACK")
             self._note_write_failure(exc)
             return [_unavailable(exc)] * len(fns)
+        except Exception as exc:
+            # Not the database and not a unit (their errors are caught above): a bug or
+            # MemoryError in the batch itself. The batch is rolled back and refused, and the
+            # writer goes on; left to the loop, it would end the writer with every caller of
+            # this batch waiting for an answer that never comes.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            log.exception("sqlite_batch_failed", units=len(fns), error=type(exc).__name__)
+            return [Unavailable(f"sqlite: write batch failed: {type(exc).__name__}")] * len(fns)
         finally:
             self._tx_frontier = None
         return results

@@ -13,6 +13,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import pgdb
@@ -25,6 +26,7 @@ from gateway.audit.events import EventKind
 from gateway.audit.merkle import frontier, root_from_nodes
 from gateway.clock import ManualClock
 from gateway.errors import Unavailable
+from gateway.store import postgres as pg_module
 from gateway.store.base import AuditFilter, RelayLease
 from gateway.store.postgres import PostgresStore
 
@@ -253,6 +255,61 @@ async def test_a_row_breaking_another_constraint_fails_alone(pg_dsn: str) -> Non
         assert isinstance(refused, Unavailable)
         assert await store.get_inbound("MX-SAT", "bad") is None
         assert await store.audit_size() == 2
+    finally:
+        await store.close()
+
+
+async def test_a_batch_failing_outside_the_database_is_refused_and_the_writer_goes_on(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or MemoryError in the batch itself (injected: no real input causes one), on the
+    inbox statement and inside a transaction: the batch is refused, rolled back, logged once,
+    and the writer answers the next batch."""
+
+    def failing_once(real: Any, exc: Exception) -> Any:
+        calls = 0
+
+        async def fail_first(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise exc
+            return await real(*args)
+
+        return fail_first
+
+    monkeypatch.setattr(
+        pg_module,
+        "_store_inbound_statement",
+        failing_once(pg_module._store_inbound_statement, MemoryError()),
+    )
+    monkeypatch.setattr(
+        pg_module, "_append_audit", failing_once(pg_module._append_audit, RuntimeError("bug"))
+    )
+    store = PostgresStore(pg_dsn, clock=ManualClock(T0))
+    await store.open()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            refused = await asyncio.wait_for(
+                asyncio.gather(
+                    store.store_inbound(inbound("m-1"), [event(EventKind.ACCEPTED, "m-1")]),
+                    store.append_audit([event(EventKind.SUBMITTED, "o-1")]),
+                    return_exceptions=True,
+                ),
+                timeout=10,
+            )
+        assert [type(r) for r in refused] == [Unavailable, Unavailable]
+        assert "MemoryError" in str(refused[0])
+        assert "RuntimeError" in str(refused[1])
+        failed = [(e["units"], e["error"]) for e in logs if e["event"] == "postgres_batch_failed"]
+        assert failed == [(1, "MemoryError"), (1, "RuntimeError")]
+        assert await store.audit_size() == 0
+        assert await store.get_inbound("MX-SAT", "m-1") is None
+        await store.ping()
+        outcome = await store.store_inbound(inbound("m-1"), [event(EventKind.ACCEPTED, "m-1")])
+        assert outcome.status == "stored"
+        assert await store.append_audit([event(EventKind.SUBMITTED, "o-1")]) == [1]
+        await assert_one_gap_free_tree(store, 2)
     finally:
         await store.close()
 

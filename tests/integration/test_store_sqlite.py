@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog
 from test_store import T0, event, inbound, outbound
 
 from gateway.audit.events import EventKind
@@ -54,6 +55,54 @@ async def test_failing_unit_in_a_batch_rolls_back_alone(sqlite_store: SqliteStor
     assert isinstance(results[1], DuplicateConflict)
     assert await sqlite_store.audit_size() == 2
     assert await sqlite_store.get_inbound("MX-SAT", "b") is not None
+
+
+class _FailingCommit:
+    """The writer's connection, whose next COMMIT raises what no database error is: the
+    stand-in for a bug or MemoryError in the batch itself, which no real input causes."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.armed = True
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.armed:
+            self.armed = False
+            raise MemoryError
+        return self.conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+
+async def test_a_batch_failing_outside_the_database_is_refused_and_the_writer_goes_on(
+    sqlite_store: SqliteStore,
+) -> None:
+    real = sqlite_store._writer_conn
+    assert real is not None
+    sqlite_store._writer_conn = _FailingCommit(real)  # type: ignore[assignment]
+    with structlog.testing.capture_logs() as logs:
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    sqlite_store.store_inbound(inbound(f"m-{i}"), [event(EventKind.ACCEPTED)])
+                    for i in range(3)
+                ),
+                return_exceptions=True,
+            ),
+            timeout=10,
+        )
+    assert [type(r) for r in results] == [Unavailable] * 3
+    assert "MemoryError" in str(results[0])
+    failed = [e for e in logs if e["event"] == "sqlite_batch_failed"]
+    assert [(e["units"], e["error"]) for e in failed] == [(3, "MemoryError")]
+    # nothing of the refused batch was written, and the writer is still there
+    assert await sqlite_store.audit_size() == 0
+    assert await sqlite_store.get_inbound("MX-SAT", "m-0") is None
+    await sqlite_store.ping()
+    outcome = await sqlite_store.store_inbound(inbound("m-0"), [event(EventKind.ACCEPTED)])
+    assert outcome.status == "stored"
+    assert await sqlite_store.audit_size() == 1
 
 
 async def test_wal_and_full_sync_are_in_force(sqlite_store: SqliteStore) -> None:
