@@ -23,6 +23,7 @@ from gateway.errors import (
     RateLimited,
     SenderMismatch,
     SignatureInvalid,
+    Stale,
     TooLarge,
     Unavailable,
     UnknownKey,
@@ -117,13 +118,45 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
     header = ctx.envelope.header
     check_signer(ctx)
     ensure_key_valid(ctx.key, header.created_at)
-    check_freshness(
-        header,
-        now=env.clock.now(),
-        replay_window_s=env.config.limits.replay_window_s,
-        max_skew_s=env.config.limits.max_skew_s,
-    )
+    try:
+        check_freshness(
+            header,
+            now=env.clock.now(),
+            replay_window_s=env.config.limits.replay_window_s,
+            max_skew_s=env.config.limits.max_skew_s,
+        )
+    except Stale:
+        # An exact re-send of an accepted message is answered with its original receipt
+        # however late it comes (PROTOCOL.md section 4): a sender whose answer was lost, or
+        # an AMQP delivery redelivered after a crash, must not get a NACK for a message that
+        # was stored. The replay window guards against new messages only.
+        original = await _accepted_original(ctx)
+        if original is None:
+            raise
+        await _answer_duplicate(ctx, original)
+        return
     crash_point("S5")
+
+
+async def _accepted_original(ctx: InboundContext) -> InboundRecord | None:
+    """The stored message that this one repeats byte for byte, if any: only one sent by
+    the authenticated peer as itself (what ``authorize`` checks of identities), never a
+    receipt (receipts are not stored here)."""
+    assert ctx.partner is not None
+    assert ctx.envelope is not None
+    header, partner = ctx.envelope.header, ctx.partner
+    broker_user = ctx.request.broker_user
+    if (
+        header.sender != partner.id
+        or (broker_user is not None and broker_user != partner.amqp.broker_user)
+        or header.recipient != ctx.env.config.party
+        or header.message_type == RECEIPT_TYPE
+    ):
+        return None
+    original = await ctx.env.store.get_inbound(header.sender, header.message_id)
+    if original is None or original.body_digest != ctx.digest:
+        return None
+    return original
 
 
 def check_signer(ctx: InboundContext) -> None:

@@ -189,6 +189,57 @@ async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gatew
     assert [r.message_id for r in pending] == [message_id]
 
 
+@pytest.mark.parametrize(
+    ("expires_in", "later"),
+    [
+        (None, dt.timedelta(minutes=16)),  # past the 15-minute replay window
+        (dt.timedelta(minutes=5), dt.timedelta(minutes=6)),  # past its expires_at
+    ],
+)
+async def test_an_exact_re_send_after_its_freshness_gets_the_original_receipt(
+    gateway: Gateway, expires_in: dt.timedelta | None, later: dt.timedelta
+) -> None:
+    """PROTOCOL.md section 4: an exact re-send of an accepted message is answered 200 with the
+    original ACK, however late (a lost answer, an AMQP redelivery after a crash). The replay
+    window still refuses what was never accepted, and other bytes under the same id."""
+    header = Header(
+        message_id=new_message_id(),
+        message_type="shipment.advance_data",
+        schema_version="1.0",
+        sender=MX,
+        recipient="US-CBP",
+        created_at=NOW,
+        expires_at=None if expires_in is None else NOW + expires_in,
+    )
+    payload = gateway.registry.examples("shipment.advance_data", "1.0")[0]
+    body = encode_envelope(header, payload)
+    first = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert first.http_status == 202
+    assert isinstance(gateway.clock, ManualClock)
+    gateway.clock.advance(later)
+
+    again = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (again.http_status, again.code) == (200, None)
+    assert again.receipt_body == first.receipt_body
+    assert again.receipt_signature == first.receipt_signature
+    duplicates = await gateway.store.audit_entries(AuditFilter(event="duplicate"))
+    assert [json.loads(r.entry)["message_id"] for r in duplicates] == [header.message_id]
+
+    other_bytes = encode_envelope(header, {**payload, "declared_value": {"amount": 1}})
+    conflicting = await gateway.pipeline.handle(amqp_request(gateway, other_bytes))
+    assert conflicting.code is NackCode.STALE
+    never_accepted = encode_envelope(
+        dataclasses.replace(header, message_id=new_message_id()), payload
+    )
+    refused = await gateway.pipeline.handle(amqp_request(gateway, never_accepted))
+    assert refused.code is NackCode.STALE
+    # a copy sent by another broker user is not answered from the store
+    impostor = await gateway.pipeline.handle(
+        amqp_request(gateway, body, broker_user="someone-else")
+    )
+    assert impostor.code is NackCode.STALE
+
+
 async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) -> None:
     async def broken(ctx: InboundContext) -> None:
         raise KeyError("a bug")
