@@ -37,8 +37,11 @@ _MESSAGE_ID_RE = re.compile(
     r"^[0-9a-f]{8}-[0-9a-f]{4}-[47][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 )
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-_RFC3339_UTC_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?(Z|\+00:00)$"
+# RFC 3339 section 5.6 date-time: ASCII digits only, "T" and "Z" in either case (its note to
+# the ABNF), any number of fraction digits, a numeric offset or Z.
+_RFC3339_RE = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
 )
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _VERSION_RE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
@@ -200,21 +203,47 @@ def _parse_json_text_strict(text: str, body: bytes) -> Any:
     return document
 
 
-def parse_timestamp(value: object, field: str) -> datetime:
-    """Parse an RFC 3339 UTC timestamp (``Z`` or ``+00:00``) or raise Malformed."""
+def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime, or raise Malformed.
+
+    With ``utc`` (PROTOCOL.md's "RFC 3339 UTC") the offset must be ``Z``, ``+00:00`` or
+    ``-00:00`` (section 4.3: UTC, local offset unknown); otherwise any offset is converted.
+    Fractions beyond microseconds are truncated; a leap second (``23:59:60`` UTC) is read as
+    the instant after ``23:59:59``, since Python's datetime has no second 60.
+    """
+    kind = "an RFC 3339 UTC timestamp" if utc else "an RFC 3339 timestamp"
     if not isinstance(value, str):
-        raise Malformed(f"header.{field} must be an RFC 3339 UTC timestamp string")
-    match = _RFC3339_UTC_RE.fullmatch(value)
+        raise Malformed(f"header.{field} must be {kind} string")
+    match = _RFC3339_RE.fullmatch(value)
     if match is None:
-        raise Malformed(f"header.{field} is not an RFC 3339 UTC timestamp: {value[:40]!r}")
-    year, month, day, hour, minute, second, fraction, _ = match.groups()
+        raise Malformed(f"header.{field} is not {kind}: {value[:40]!r}")
+    year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
+    offset = 0 if sign is None else int(off_h) * 60 + int(off_m)
+    if utc and offset != 0:
+        raise Malformed(f"header.{field} is not {kind}: {value[:40]!r}")
     micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
+    leap = second == "60"
     try:
-        return datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=UTC
+        if off_h is not None and (int(off_h) > 23 or int(off_m) > 59):
+            raise ValueError("offset out of range")
+        local = datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour),
+            int(minute),
+            59 if leap else int(second),
+            micros,
+            tzinfo=UTC,
         )
-    except ValueError as exc:
+        at = local - timedelta(minutes=-offset if sign == "-" else offset)
+    except (ValueError, OverflowError) as exc:
         raise Malformed(f"header.{field} is not a valid date/time: {value[:40]!r}") from exc
+    if leap:
+        if (at.hour, at.minute) != (23, 59):
+            raise Malformed(f"header.{field} has a leap second away from 23:59 UTC: {value[:40]!r}")
+        at += timedelta(seconds=1)
+    return at
 
 
 def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> str | None:
@@ -284,7 +313,9 @@ def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | Non
         correlation_id=_uuid(raw, "correlation_id", _UUID_RE),
         in_reply_to=_uuid(raw, "in_reply_to", _UUID_RE),
         priority=priority,
-        respond_by=None if respond_raw is None else parse_timestamp(respond_raw, "respond_by"),
+        respond_by=(
+            None if respond_raw is None else parse_timestamp(respond_raw, "respond_by", utc=False)
+        ),
         legal_basis=legal_basis,
     )
 

@@ -155,6 +155,11 @@ def test_numbers_inside_double_range_and_surrogate_pairs_are_fine() -> None:
         (envelope_bytes(header(created_at="2026-11-23T07:00:00")), "header.created_at"),
         (envelope_bytes(header(created_at="2026-02-30T07:00:00Z")), "not a valid date"),
         (envelope_bytes(header(created_at=1700000000)), "header.created_at"),
+        # RFC 3339 digits are ASCII: not fullwidth, not Arabic-Indic
+        (envelope_bytes(header(created_at="２０２６-11-23T07:00:00Z")), "header.created_at"),
+        (envelope_bytes(header(expires_at="٢٠٢٦-11-30T07:00:00Z")), "header.expires_at"),
+        (envelope_bytes(header(created_at="2026-11-23T12:00:60Z")), "leap second"),
+        (envelope_bytes(header(respond_by="2026-11-23T07:00:00+24:00")), "not a valid date"),
         (envelope_bytes(header(expires_at="tomorrow")), "header.expires_at"),
         (envelope_bytes(header(respond_by="soon")), "header.respond_by"),
         (envelope_bytes(header(priority="high")), "header.priority"),
@@ -169,6 +174,25 @@ def test_malformed_envelope(body: bytes, reason: str) -> None:
         parse_envelope(body, max_bytes=LIMIT)
     assert info.value.code is NackCode.MALFORMED
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "expected"),
+    [
+        ("created_at", "2026-11-23t07:00:00z", NOW),
+        ("created_at", "2026-11-23T07:00:00-00:00", NOW),
+        ("created_at", "2026-11-23T07:00:00.1234567891Z", NOW + timedelta(microseconds=123456)),
+        ("expires_at", "2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),
+        # respond_by is RFC 3339 with any offset (PROTOCOL.md section 2), read as UTC
+        ("respond_by", "2026-11-23T09:00:00+02:00", NOW),
+        ("respond_by", "2026-11-23T01:30:00-05:30", NOW),
+    ],
+)
+def test_every_rfc_3339_form_of_a_timestamp_is_accepted(
+    field: str, text: str, expected: datetime
+) -> None:
+    env = parse_envelope(envelope_bytes(header(**{field: text})), max_bytes=LIMIT)
+    assert getattr(env.header, field) == expected
 
 
 def test_unknown_type_or_version_is_unsupported() -> None:
