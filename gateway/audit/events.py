@@ -36,6 +36,7 @@ class EventKind(StrEnum):
     RECEIPT_RECEIVED = "receipt_received"
     ACKNOWLEDGED = "acknowledged"
     PARTNER_REJECTED = "partner_rejected"
+    RESIGNED = "resigned"
     DEAD = "dead"
     QUERY = "query"
     OPERATOR_ACTION = "operator_action"

@@ -5,6 +5,12 @@ and is judged by the partner's signed receipt, verified against the partner's ke
 SHA-256 digest of exactly those bytes:
 
 - ACK -> acknowledged; NACK -> rejected (except RATE_LIMITED / UNAVAILABLE: retried);
+- NACK STALE for bytes signed more than a minute ago, before the message's ``expires_at``:
+  the partner was unreachable past its replay window (PROTOCOL.md section 2), and a partner
+  that had accepted these bytes would have answered their ACK (section 4). The same message
+  (same id, payload and ``expires_at``) is signed again with a new ``created_at`` and sent
+  at once; the new bytes replace the old in the outbox, audited as ``resigned``. A STALE for
+  bytes just signed is a clock disagreement: rejected, as signing again would not help;
 - retryable failure (connection, TLS, timeout, 408/429/5xx, a 2xx without a valid receipt)
   -> backoff with full jitter, floored by ``Retry-After``; after ``max_attempts`` or at
   ``expires_at`` -> dead;
@@ -23,8 +29,8 @@ import contextlib
 import os
 import random
 import socket
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Literal
 
@@ -35,12 +41,15 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig
 from gateway.crashpoints import crash_point
-from gateway.crypto.keys import KeyRing
+from gateway.crypto.jws import sign_detached
+from gateway.crypto.keys import KeyRing, SigningKey
+from gateway.envelope import body_digest, encode_envelope, parse_envelope
 from gateway.errors import GatewayError, NackCode, Unavailable
 from gateway.inbound.context import ReceivedReceipt
 from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
 from gateway.outbound.breaker import BreakerBoard, BreakerState
+from gateway.outbound.submission import current_signing_key
 from gateway.outbound.transport import (
     Delivery,
     Handed,
@@ -55,6 +64,7 @@ from gateway.store.base import (
     LeaseLost,
     OutboundRecord,
     OutboundState,
+    Resigned,
     Store,
 )
 
@@ -64,6 +74,8 @@ log = structlog.get_logger(__name__)
 RETRYABLE_NACKS = frozenset({NackCode.RATE_LIMITED, NackCode.UNAVAILABLE})
 #: HTTP statuses that, without a valid receipt, are worth another attempt.
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+#: A STALE answer to bytes signed less than this long ago is not about their age.
+RESIGN_AFTER = timedelta(minutes=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +191,7 @@ class Dispatcher:
         config: GatewayConfig,
         transports: Mapping[str, OutboundTransport],
         partner_keys: KeyRing,
+        signing_keys: Sequence[SigningKey],
         clock: Clock,
         worker_id: str | None = None,
         rng: random.Random | None = None,
@@ -191,6 +204,7 @@ class Dispatcher:
         self._config = config
         self._transports = dict(transports)
         self._keyring = partner_keys
+        self._signing_keys = tuple(signing_keys)
         self._clock = clock
         self._worker_id = worker_id or default_worker_id()
         # Jitter only spreads retries over time; it protects no secret.
@@ -475,6 +489,42 @@ class Dispatcher:
             state=update.state.value,
         )
 
+    def _resign(
+        self, record: OutboundRecord, receipt: Receipt | None, *, attempts: int, now: datetime
+    ) -> Resigned | None:
+        """The message signed again now, when a partner refused it as STALE only for the age
+        of its bytes (see the module docstring); None when that would not help."""
+        if (
+            receipt is None
+            or receipt.code is not NackCode.STALE
+            or record.body is None
+            or (record.expires_at is not None and record.expires_at <= now)
+            or attempts >= self._config.outbox.max_attempts
+        ):
+            return None
+        partner = self._config.partners.get(record.recipient)
+        if partner is None:
+            return None
+        adapter = adapter_for(partner)
+        try:
+            envelope = parse_envelope(
+                adapter.to_canonical(record.body), max_bytes=len(record.body) + (1 << 20)
+            )
+            if now - envelope.header.created_at < RESIGN_AFTER:
+                return None
+            header = replace(envelope.header, created_at=now)
+            body = adapter.from_canonical(encode_envelope(header, envelope.payload))
+            key = current_signing_key(self._signing_keys, now)
+        except GatewayError as exc:
+            log.warning("outbound_not_resigned", message_id=record.message_id, reason=exc.reason)
+            return None
+        return Resigned(
+            body=body,
+            body_digest=body_digest(body),
+            signature=sign_detached(body, key, typ=partner.typ),
+            kid=key.kid,
+        )
+
     def _outcome(
         self,
         record: OutboundRecord,
@@ -521,6 +571,32 @@ class Dispatcher:
                 next_attempt_at=now,
                 receipt_body=receipt_body,
                 receipt_signature=receipt_signature,
+            )
+        elif verdict.kind == "rejected" and (
+            resigned := self._resign(record, receipt, attempts=attempts, now=now)
+        ):
+            events.append(
+                AuditEvent(
+                    event=EventKind.RESIGNED,
+                    at=now,
+                    message_id=record.message_id,
+                    sender=self._config.party,
+                    recipient=record.recipient,
+                    message_type=record.message_type,
+                    correlation_id=record.correlation_id,
+                    body_digest=resigned.body_digest,
+                    outcome="queued",
+                    reason=f"{verdict.reason}; the bytes {record.body_digest} were signed"
+                    f" again at {format_rfc3339(now)} (key {resigned.kid})",
+                    transport=record.transport,
+                )
+            )
+            update = AttemptUpdate(
+                state=OutboundState.QUEUED,
+                attempts=attempts,
+                next_attempt_at=now,
+                last_error=f"{verdict.reason}; signed again",
+                resigned=resigned,
             )
         elif verdict.kind == "rejected":
             events.append(

@@ -75,6 +75,7 @@ def attach_outbound(
         config=config,
         transports=transports,
         partner_keys=gateway.keyring,
+        signing_keys=gateway.signing_keys,
         clock=gateway.clock,
         metrics=gateway.metrics,
     )

@@ -202,6 +202,16 @@ class OutboundRecord:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Resigned:
+    """New signed bytes of an outbound message (the same message, signed again later)."""
+
+    body: bytes
+    body_digest: str
+    signature: str
+    kid: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AttemptUpdate:
     """The result of one delivery attempt, written by ``finish_attempt``."""
 
@@ -211,6 +221,15 @@ class AttemptUpdate:
     last_error: str | None = None
     receipt_body: bytes | None = None
     receipt_signature: str | None = None
+    #: the bytes to send from now on, in place of the stored ones
+    resigned: Resigned | None = None
+
+    def resigned_columns(self) -> tuple[bytes | None, str | None, str | None, str | None]:
+        """``body``, ``body_digest``, ``signature``, ``kid`` to store (None: keep)."""
+        r = self.resigned
+        return (
+            (None, None, None, None) if r is None else (r.body, r.body_digest, r.signature, r.kid)
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -830,6 +830,8 @@ class PostgresStore:
             "UPDATE outbound_messages SET state = $1, attempts = $2, next_attempt_at = $3, "
             "last_error = $4, receipt_body = COALESCE($5, receipt_body), "
             "receipt_signature = COALESCE($6, receipt_signature), updated_at = $7, "
+            "body = COALESCE($9, body), body_digest = COALESCE($10, body_digest), "
+            "signature = COALESCE($11, signature), kid = COALESCE($12, kid), "
             "lease_owner = NULL, lease_until = NULL WHERE message_id = $8 "
             f"RETURNING {_OUTBOUND_COLUMNS}",
             update.state.value,
@@ -840,6 +842,7 @@ class PostgresStore:
             update.receipt_signature,
             self._clock.now(),
             message_id,
+            *update.resigned_columns(),
         )
 
     async def finish_attempt(

@@ -1020,6 +1020,8 @@ class SqliteStore:
             "UPDATE outbound_messages SET state = ?, attempts = ?, next_attempt_at = ?, "
             "last_error = ?, receipt_body = COALESCE(?, receipt_body), "
             "receipt_signature = COALESCE(?, receipt_signature), updated_at = ?, "
+            "body = COALESCE(?, body), body_digest = COALESCE(?, body_digest), "
+            "signature = COALESCE(?, signature), kid = COALESCE(?, kid), "
             "lease_owner = NULL, lease_until = NULL WHERE message_id = ?",
             (
                 update.state.value,
@@ -1029,6 +1031,7 @@ class SqliteStore:
                 update.receipt_body,
                 update.receipt_signature,
                 _us(self._clock.now()),
+                *update.resigned_columns(),
                 message_id,
             ),
         )

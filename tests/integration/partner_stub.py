@@ -90,6 +90,7 @@ class PartnerStub:
             "nack_unavailable": lambda: self._receipt(
                 body, status="NACK", code=NackCode.UNAVAILABLE, http=503
             ),
+            "nack_stale": lambda: self._receipt(body, status="NACK", code=NackCode.STALE, http=422),
             "ack_wrong_key": lambda: self._receipt(body, key_party="CA-CBSA"),
             "ack_wrong_digest": lambda: self._receipt(body, digest=body_digest(b"other bytes")),
             "503": lambda: web.Response(status=503, text="busy"),

@@ -6,6 +6,8 @@ timeouts are observed exactly without waiting for them.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,8 +22,10 @@ from serve_proc import run_cli
 from gateway.audit.events import EventKind
 from gateway.clock import ManualClock
 from gateway.config import GatewayConfig, OutboxConfig
+from gateway.crypto.jws import parse_detached, verify_signature
 from gateway.crypto.keys import load_signing_key
 from gateway.envelope import parse_envelope
+from gateway.errors import NackCode
 from gateway.inbound.context import ReceivedReceipt
 from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
@@ -121,6 +125,7 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         config=config,
         transports={"https": transport},
         partner_keys=load_partner_keys(config),
+        signing_keys=load_own_signing_keys(config),
         clock=clock,
         rng=random.Random(4),
         metrics=metrics,
@@ -134,6 +139,40 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await stub.stop()
         await transport.aclose()
         await store.close()
+
+
+async def test_a_stale_receipt_arriving_later_signs_the_message_again(
+    env: Env, tmp_path: Path
+) -> None:
+    """Over AMQP the STALE comes back as a receipt on the inbound side, long after the
+    hand-over: the message is signed again there and handed over as the new bytes."""
+    transport = HandingTransport()
+    dispatcher = Dispatcher(
+        store=env.store,
+        config=env.config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(env.config),
+        signing_keys=load_own_signing_keys(env.config),
+        clock=env.clock,
+        metrics=env.metrics,
+    )
+    env.dispatcher = dispatcher
+    record = await env.submit()
+    assert (await env.step(record.message_id)).state is OutboundState.SENT
+    expiring = await env.submit(ttl_s=600)
+    assert (await env.step(expiring.message_id)).state is OutboundState.SENT
+    env.clock.advance(timedelta(minutes=20))
+    await hand_back_receipt(env, dispatcher, record, code=NackCode.STALE)
+    queued = await env.row(record.message_id)
+    assert (queued.state, queued.attempts) == (OutboundState.QUEUED, 1)
+    assert queued.body_digest != record.body_digest
+    # past its expires_at, the partner is right: no signing again
+    await hand_back_receipt(env, dispatcher, expiring, code=NackCode.STALE)
+    rejected = await env.row(expiring.message_id)
+    assert rejected.state is OutboundState.REJECTED
+    assert rejected.body_digest == expiring.body_digest
+    assert (await env.step(record.message_id)).state is OutboundState.SENT
+    assert transport.handed == [record.body, expiring.body, queued.body]
 
 
 async def test_ack_receipt_is_verified_and_archived(env: Env) -> None:
@@ -150,6 +189,74 @@ async def test_ack_receipt_is_verified_and_archived(env: Env) -> None:
     assert kinds == [b"submitted", b"sent", b"receipt_received", b"acknowledged"]
     assert env.attempts("acknowledged") == 1
     assert env.attempts("retry") == 0
+
+
+def kinds_of(entries: list[bytes]) -> list[str]:
+    return [json.loads(e)["event"] for e in entries]
+
+
+async def test_a_message_refused_as_stale_for_its_age_is_signed_again_and_sent(
+    env: Env,
+) -> None:
+    """A partner that was down past its replay window refuses the queued bytes as STALE: the
+    same message, signed again with a new created_at, is sent at once and acknowledged."""
+    env.stub.behaviours = ["nack_stale", "ack"]
+    await env.stub.start(env.port)
+    record = await env.submit()
+    assert record.body is not None
+    env.clock.advance(timedelta(minutes=20))  # the partner's outage
+    resigned = await env.step(record.message_id)
+    assert (resigned.state, resigned.attempts) == (OutboundState.QUEUED, 1)
+    assert resigned.next_attempt_at == env.clock.now()
+    assert "NACK STALE" in (resigned.last_error or "")
+    assert resigned.body is not None
+    assert resigned.body_digest != record.body_digest
+    old = parse_envelope(record.body, max_bytes=1 << 20)
+    new = parse_envelope(resigned.body, max_bytes=1 << 20)
+    now = env.clock.now()
+    assert new.header == dataclasses.replace(old.header, created_at=new.header.created_at)
+    assert now - timedelta(milliseconds=1) < new.header.created_at <= now  # in milliseconds
+    assert new.payload == old.payload
+    done = await env.step(record.message_id)
+    assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 2)
+    assert [seen.body for seen in env.stub.seen] == [record.body, resigned.body]
+    assert env.stub.seen[1].signature == resigned.signature
+    (our_key,) = load_own_signing_keys(env.config)
+    assert resigned.kid == our_key.kid
+    verify_signature(parse_detached(resigned.signature), resigned.body, our_key.verification_key())
+    entries = await env.events(record.message_id)
+    assert kinds_of(entries) == [
+        "submitted",
+        "sent",
+        "receipt_received",
+        "resigned",
+        "sent",
+        "receipt_received",
+        "acknowledged",
+    ]
+    audited = json.loads(entries[3])
+    assert audited["body_digest"] == resigned.body_digest
+    assert record.body_digest in audited["reason"]
+    # each attempt's entries name the bytes that attempt sent
+    assert json.loads(entries[1])["body_digest"] == record.body_digest
+    assert json.loads(entries[4])["body_digest"] == resigned.body_digest
+
+
+async def test_a_stale_answer_to_bytes_just_signed_is_a_rejection(env: Env) -> None:
+    """A STALE for fresh bytes is the clocks disagreeing: signing again would not help. After
+    one signing again, a second STALE ends the message as rejected too (no loop)."""
+    env.stub.behaviours = ["nack_stale"]
+    await env.stub.start(env.port)
+    fresh = await env.submit()
+    rejected = await env.step(fresh.message_id)
+    assert rejected.state is OutboundState.REJECTED
+    assert rejected.body == fresh.body
+    old = await env.submit()
+    env.clock.advance(timedelta(minutes=20))
+    assert (await env.step(old.message_id)).state is OutboundState.QUEUED
+    again = await env.step(old.message_id)
+    assert again.state is OutboundState.REJECTED
+    assert kinds_of(await env.events(old.message_id)).count("resigned") == 1
 
 
 async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> None:
@@ -335,31 +442,26 @@ class HandingTransport:
         return None
 
 
-async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Path) -> None:
-    transport = HandingTransport()
-    dispatcher = Dispatcher(
-        store=env.store,
-        config=env.config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(env.config),
-        clock=env.clock,
-        metrics=env.metrics,
-    )
-    env.dispatcher = dispatcher
-    record = await env.submit()
-    handed = await env.step(record.message_id)
-    assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)
-    assert env.attempts("handed") == 1
-    assert handed.body is not None
+async def hand_back_receipt(
+    env: Env,
+    dispatcher: Dispatcher,
+    record: OutboundRecord,
+    *,
+    code: NackCode | None = None,
+) -> bytes:
+    """MX-ANAM's signed receipt for ``record``, arriving on the inbound side (as over AMQP)."""
     mx_key = load_signing_key(
-        tmp_path / "pki" / "MX-ANAM" / "sign.key", party="MX-ANAM", alg="EdDSA"
+        env.config.source.parent.parent / "pki" / "MX-ANAM" / "sign.key",
+        party="MX-ANAM",
+        alg="EdDSA",
     )
     signed = ReceiptSigner(party="MX-ANAM", keys=[mx_key], clock=env.clock).sign(
         recipient="US-CBP",
         ref_message_id=record.message_id,
         ref_digest=record.body_digest,
         received_at=env.clock.now(),
-        status="ACK",
+        status="ACK" if code is None else "NACK",
+        code=code,
     )
     await dispatcher.apply_partner_receipt(
         ReceivedReceipt(
@@ -372,10 +474,31 @@ async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Pa
             received_at=env.clock.now(),
         )
     )
+    return signed.body
+
+
+async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Path) -> None:
+    transport = HandingTransport()
+    dispatcher = Dispatcher(
+        store=env.store,
+        config=env.config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(env.config),
+        signing_keys=load_own_signing_keys(env.config),
+        clock=env.clock,
+        metrics=env.metrics,
+    )
+    env.dispatcher = dispatcher
+    record = await env.submit()
+    handed = await env.step(record.message_id)
+    assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)
+    assert env.attempts("handed") == 1
+    assert handed.body is not None
+    receipt = await hand_back_receipt(env, dispatcher, record)
     # recorded at once, durably: nothing is left for the dispatcher to send again
     done = await env.row(record.message_id)
     assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 1)
-    assert done.receipt_body == signed.body
+    assert done.receipt_body == receipt
     env.clock.advance(timedelta(days=1))
     assert await dispatcher.run_once() == 0
     assert transport.handed == [record.body]

@@ -31,6 +31,7 @@ from gateway.store.base import (
     OutboundRecord,
     OutboundState,
     RelayLease,
+    Resigned,
 )
 from gateway.store.migrations import load_migrations
 
@@ -740,6 +741,40 @@ async def test_outbox_finish_and_retry(store: Store, store_clock: ManualClock) -
     assert stored == acked
     assert stored.updated_at == store_clock.now()
     assert await store.audit_size() == 4
+
+
+async def test_an_attempt_can_replace_the_signed_bytes(store: Store) -> None:
+    """A message signed again (its partner refused the old bytes as STALE) is sent as the new
+    bytes from then on; an attempt without new bytes keeps what is stored."""
+    original = outbound("o-1")
+    await store.enqueue_outbound(original, [])
+    (_claimed,) = await store.claim_outbound("w1", T0, 10, 30)
+    body = b'{"out": "o-1", "again": true}'
+    resigned = Resigned(body=body, body_digest=digest(body), signature="e30..bmV3", kid="kid-2")
+    queued = await store.finish_attempt(
+        "o-1",
+        "w1",
+        AttemptUpdate(
+            state=OutboundState.QUEUED, attempts=1, next_attempt_at=T0, resigned=resigned
+        ),
+        [event(EventKind.RESIGNED, "o-1")],
+    )
+    assert (queued.body, queued.body_digest, queued.signature, queued.kid) == (
+        body,
+        digest(body),
+        "e30..bmV3",
+        "kid-2",
+    )
+    (claimed,) = await store.claim_outbound("w1", T0, 10, 30)
+    assert (claimed.body, claimed.signature) == (body, "e30..bmV3")
+    kept = await store.finish_attempt(
+        "o-1",
+        "w1",
+        AttemptUpdate(state=OutboundState.SENT, attempts=2, next_attempt_at=T0),
+        [],
+    )
+    assert (kept.body, kept.body_digest, kept.kid) == (body, digest(body), "kid-2")
+    assert await store.get_outbound("o-1") == kept
 
 
 async def test_record_receipt_without_a_lease_only_while_active(store: Store) -> None:

@@ -27,8 +27,8 @@ export class ApiError extends Error {
 // The audit event kinds (gateway/audit/events.py EventKind; a test compares the two lists).
 export const EVENTS = [
   "received", "rejected", "accepted", "duplicate", "delivered", "submitted", "submit_rejected",
-  "sent", "attempt_failed", "receipt_received", "acknowledged", "partner_rejected", "dead",
-  "query", "operator_action", "key_change", "poison", "tls_refused", "checkpoint_sent",
+  "sent", "attempt_failed", "receipt_received", "acknowledged", "partner_rejected", "resigned",
+  "dead", "query", "operator_action", "key_change", "poison", "tls_refused", "checkpoint_sent",
   "checkpoint_witnessed", "cosignature_received", "history_inconsistent",
 ];
 
