@@ -10,16 +10,32 @@ from typing import Any
 from aiohttp import web
 
 from gateway.envelope import parse_json_strict, parse_timestamp
-from gateway.errors import Malformed
+from gateway.errors import Malformed, TooLarge
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MAX_TEXT = 200
 
 
+async def read_body(request: web.Request, *, max_bytes: int) -> bytes:
+    """The whole body, however many reads it takes to arrive; TooLarge past ``max_bytes``
+    (from its Content-Length, before reading it, when it says so)."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise TooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def json_object(request: web.Request, *, max_bytes: int) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise Malformed(f"Content-Type must be application/json, not {request.content_type!r}")
-    body = await request.content.read(max_bytes + 1)
+    body = await read_body(request, max_bytes=max_bytes)
     document = parse_json_strict(body, max_bytes=max_bytes)
     if not isinstance(document, dict):
         raise Malformed("the request body must be a JSON object")

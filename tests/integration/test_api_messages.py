@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -9,7 +13,7 @@ import pytest
 from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.audit.events import EventKind
-from gateway.store.base import AuditFilter
+from gateway.store.base import AuditFilter, OutboundState
 
 
 async def api(
@@ -18,7 +22,7 @@ async def api(
     path: str,
     *,
     json: Any = None,
-    data: bytes | None = None,
+    data: bytes | io.BytesIO | AsyncIterator[bytes] | None = None,
     scopes: tuple[str, ...] = ("c2c:send", "c2c:query", "admin"),
 ) -> tuple[int, Any]:
     headers = auth(token(running.config, scopes))
@@ -123,6 +127,28 @@ async def test_not_json_is_a_clear_400(us: Running) -> None:
     status, body = await api(us, "POST", "/api/v1/messages", data=b"{not json")
     assert status == 400
     assert body["code"] == "MALFORMED"
+
+
+async def test_a_body_arriving_in_pieces_is_read_whole(us: Running) -> None:
+    """A body sent in several pieces (chunked, with pauses) is read to its end before it is
+    parsed; past the limit it is 413, whether its length is declared or not."""
+    compact = json.dumps(submission(us)).encode()
+    body = b"{" + b" " * 700_000 + compact[1:]  # valid JSON, mostly padding
+    assert 600_000 < len(body) < us.config.limits.max_body_bytes
+
+    async def pieces(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 50_000):
+            yield data[start : start + 50_000]
+            await asyncio.sleep(0.01)
+
+    status, answer = await api(us, "POST", "/api/v1/messages", data=pieces(body))
+    assert status == 202, answer
+    assert (await us.gateway.store.outbox_depth())[OutboundState.QUEUED] == 1
+    over = body + b" " * us.config.limits.max_body_bytes
+    status, answer = await api(us, "POST", "/api/v1/messages", data=pieces(over))
+    assert (status, answer["code"]) == (413, "TOO_LARGE")
+    status, answer = await api(us, "POST", "/api/v1/messages", data=io.BytesIO(over))
+    assert (status, answer["code"]) == (413, "TOO_LARGE")
 
 
 async def test_submission_refusals_are_audited(us: Running) -> None:
