@@ -22,7 +22,7 @@ from gateway import crashpoints
 from gateway.api.server import ApiServer
 from gateway.audit.witnessing import attach_witnessing
 from gateway.config import load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Unavailable
 from gateway.logging import configure_logging
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.transport import OutboundTransport
@@ -116,6 +116,10 @@ def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
         fail(str(exc))
     except OSError as exc:
         click.echo(f"error: cannot serve: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except Unavailable as exc:
+        # the store or the broker refused at start (unreachable, wrong credentials, no space)
+        click.echo(f"error: cannot serve: {exc.reason}", err=True)
         sys.exit(1)
 
 

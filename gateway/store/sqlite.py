@@ -272,10 +272,19 @@ class SqliteStore:
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
+            # a new store's directory (var/ of a fresh checkout), private to the gateway
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._writer_conn = await loop.run_in_executor(self._writer_pool, self._open_writer)
         except sqlite3.Error as exc:
             await self._shutdown_pools()
             raise _unavailable(exc) from exc
+        except OSError as exc:
+            await self._shutdown_pools()
+            raise Unavailable(
+                f"sqlite: cannot create the store's directory {self._path.parent}:"
+                f" {exc.strerror or exc}",
+                outage=True,
+            ) from exc
         self._queue = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._writer_loop(), name="sqlite-writer")
         self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")

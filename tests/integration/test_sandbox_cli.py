@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from jwcrypto import jwk, jws
+from outbound_env import free_port
 
 from gateway.cli.main import cli
 from gateway.schemas.registry import SchemaRegistry
@@ -213,4 +215,67 @@ def test_serve_bad_config_exits_2_with_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
     assert result.exit_code == 2
     assert result.output.startswith(f"error: {config}: party:")
+    assert "Traceback" not in result.output
+
+
+def _repository_setup(tmp_path: Path) -> Path:
+    """The repository's gateway.toml and partners/ in a fresh folder, after `pki init` (as
+    README says), on free ports."""
+    root = Path(__file__).resolve().parents[2]
+    work = tmp_path / "checkout"
+    shutil.copytree(root / "partners", work / "partners")
+    text = (root / "gateway.toml").read_text()
+    text = text.replace("port = 8443", f"port = {free_port()}").replace(
+        "port = 8080", f"port = {free_port()}"
+    )
+    (work / "gateway.toml").write_text(text)
+    made = subprocess.run(
+        [str(Path(sys.executable).parent / "c2c-gateway"), "pki", "init"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    return work
+
+
+def test_the_repositorys_configuration_serves_after_pki_init(tmp_path: Path) -> None:
+    """Nothing else to make: the store's directory (var/) is created on first start."""
+    work = _repository_setup(tmp_path)
+    assert not (work / "var").exists()
+    with subprocess.Popen(
+        [str(Path(sys.executable).parent / "c2c-gateway"), "serve", "--config", "gateway.toml"],
+        cwd=work,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            assert process.stderr is not None
+            lines = []
+            for line in process.stderr:
+                lines.append(line)
+                if '"event": "serving"' in line or "Traceback" in line:
+                    break
+            assert '"event": "serving"' in lines[-1], "".join(lines)
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert (work / "var" / "c2c.db").is_file()
+    assert (work / "var").stat().st_mode & 0o777 == 0o700
+
+
+def test_serve_with_an_unreachable_store_exits_1_with_clear_error(tmp_path: Path) -> None:
+    work = _repository_setup(tmp_path)
+    config = work / "gateway.toml"
+    text = config.read_text().replace(
+        'store_url = "sqlite:///var/c2c.db"',
+        f'store_url = "postgresql://127.0.0.1:{free_port()}/x"',
+    )
+    config.write_text(text)
+    result = CliRunner().invoke(cli, ["serve", "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "error: cannot serve: postgresql: ConnectionRefusedError" in result.output
     assert "Traceback" not in result.output
