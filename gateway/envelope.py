@@ -33,10 +33,12 @@ from gateway.model import Envelope, Header, Priority, is_party_id
 MAX_DEPTH = 32
 MAX_LEGAL_BASIS = 256
 _BOM = b"\xef\xbb\xbf"
+# RFC 9562 section 4: hex digits are case insensitive on input. Ids are kept lowercase (the
+# form the RFC says to output), so one message has one id whatever case its sender wrote.
 _MESSAGE_ID_RE = re.compile(
-    r"^[0-9a-f]{8}-[0-9a-f]{4}-[47][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[47][0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", re.IGNORECASE
 )
-_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
 # RFC 3339 section 5.6 date-time: ASCII digits only, "T" and "Z" in either case (its note to
 # the ABNF), any number of fraction digits, a numeric offset or Z.
 _RFC3339_RE = re.compile(
@@ -251,9 +253,9 @@ def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> st
     if value is None:
         return None
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        kind = "a lowercase UUID v4 or v7" if pattern is _MESSAGE_ID_RE else "a lowercase UUID"
-        raise Malformed(f"header.{field} must be {kind}")
-    return value
+        kind = "a UUID v4 or v7" if pattern is _MESSAGE_ID_RE else "a UUID"
+        raise Malformed(f"header.{field} must be {kind} (8-4-4-4-12 hex digits)")
+    return value.lower()
 
 
 def _party(header: Mapping[str, Any], field: str) -> str:

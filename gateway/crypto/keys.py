@@ -390,5 +390,16 @@ class KeyRing:
         """Every configured key with this kid (one key may be configured for two parties)."""
         return self._by_kid.get(kid, ())
 
+    def valid_entry(self, key: VerificationKey, at: datetime) -> VerificationKey:
+        """``key``, or another entry of the same key and party valid at ``at`` (one key may
+        be listed twice with different windows); ``UnknownKey`` when none is."""
+        if key.valid_at(at):
+            return key
+        for entry in self.candidates(key.kid):
+            if entry.party == key.party and entry.valid_at(at):
+                return entry
+        ensure_key_valid(key, at)
+        raise AssertionError("ensure_key_valid accepted a key valid_at refused")
+
     def kids(self, party: str | None = None) -> list[str]:
         return [key.kid for key in self if party is None or key.party == party]

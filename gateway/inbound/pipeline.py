@@ -46,13 +46,14 @@ def problem_document(exc: GatewayError) -> dict[str, Any]:
 
 
 def _canonical_uuid(value: object) -> str | None:
+    """A UUID in its 8-4-4-4-12 form, either case (RFC 9562), as lowercase; else None."""
     if not isinstance(value, str) or len(value) != 36:
         return None
     try:
-        parsed = uuid.UUID(value)
+        parsed = str(uuid.UUID(value))
     except ValueError:
         return None
-    return value if str(parsed) == value else None
+    return parsed if parsed == value.lower() else None
 
 
 class InboundPipeline:

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.crashpoints import crash_point
 from gateway.crypto.jws import verify_detached
-from gateway.crypto.keys import ensure_key_valid
 from gateway.documents import document_ref, message_function
 from gateway.envelope import check_freshness, parse_envelope
 from gateway.errors import (
@@ -117,7 +116,7 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
     )
     header = ctx.envelope.header
     check_signer(ctx)
-    ensure_key_valid(ctx.key, header.created_at)
+    ctx.key = env.keyring.valid_entry(ctx.key, header.created_at)
     try:
         check_freshness(
             header,

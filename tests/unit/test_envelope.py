@@ -136,10 +136,9 @@ def test_numbers_inside_double_range_and_surrogate_pairs_are_fine() -> None:
         (envelope_bytes(header(message_id=_DROP)), "header.message_id is required"),
         (envelope_bytes(header(sender=None)), "header.sender is required"),
         (envelope_bytes(header(message_id="not-a-uuid")), "header.message_id"),
-        (
-            envelope_bytes(header(message_id="0192F4D6-7C1E-7A3B-9D2E-5B8F1C3A9E10")),
-            "header.message_id",
-        ),
+        (envelope_bytes(header(message_id="{0192f4d6-7c1e-7a3b-9d2e-5b8f1c3a9e10}")), "UUID"),
+        (envelope_bytes(header(message_id="0192f4d67c1e7a3b9d2e5b8f1c3a9e10")), "UUID"),
+        (envelope_bytes(header(message_id="٠192f4d6-7c1e-7a3b-9d2e-5b8f1c3a9e10")), "UUID"),
         # version 1 UUIDs are not allowed as message ids (v4 or v7 only)
         (
             envelope_bytes(header(message_id="c232ab00-9414-11ec-b3c8-9e6bdeced846")),
@@ -193,6 +192,24 @@ def test_every_rfc_3339_form_of_a_timestamp_is_accepted(
 ) -> None:
     env = parse_envelope(envelope_bytes(header(**{field: text})), max_bytes=LIMIT)
     assert getattr(env.header, field) == expected
+
+
+def test_uuids_in_upper_case_are_read_as_lowercase() -> None:
+    """RFC 9562 section 4: hex digits are case insensitive on input (a .NET Guid's text is
+    upper case); ids are kept lowercase, so one message has one id."""
+    env = parse_envelope(
+        envelope_bytes(
+            header(
+                message_id="0192F4D6-7C1E-7A3B-9D2E-5B8F1C3A9E10",
+                correlation_id="0192F4D6-0000-7000-8000-00000000000A",
+                in_reply_to="0192f4d6-0000-7000-8000-00000000000B",
+            )
+        ),
+        max_bytes=LIMIT,
+    )
+    assert env.header.message_id == "0192f4d6-7c1e-7a3b-9d2e-5b8f1c3a9e10"
+    assert env.header.correlation_id == "0192f4d6-0000-7000-8000-00000000000a"
+    assert env.header.in_reply_to == "0192f4d6-0000-7000-8000-00000000000b"
 
 
 def test_unknown_type_or_version_is_unsupported() -> None:

@@ -9,6 +9,7 @@ import json
 import math
 import re
 import struct
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -161,18 +162,23 @@ def reference_parse_timestamp(value: object, field: str, *, utc: bool = True) ->
     return at
 
 
-def _ref_uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> str | None:
+def _ref_uuid(header: Mapping[str, Any], field: str, *, message_id: bool = False) -> str | None:
+    """RFC 9562's 8-4-4-4-12 form in either case, kept lowercase (changed since the fast
+    path, which took lowercase only); a message id is a version 4 or 7 UUID."""
     value = header.get(field)
     if value is None:
         return None
-    if not isinstance(value, str) or pattern.fullmatch(value) is None:
-        kind = (
-            "a lowercase UUID v4 or v7"
-            if pattern is envelope._MESSAGE_ID_RE
-            else "a lowercase UUID"
-        )
-        raise Malformed(f"header.{field} must be {kind}")
-    return value
+    kind = "a UUID v4 or v7" if message_id else "a UUID"
+    refused = Malformed(f"header.{field} must be {kind} (8-4-4-4-12 hex digits)")
+    if not isinstance(value, str) or len(value) != 36 or not value.isascii():
+        raise refused
+    try:
+        parsed = uuid.UUID(value)
+    except ValueError:
+        raise refused from None
+    if str(parsed) != value.lower() or (message_id and parsed.version not in (4, 7)):
+        raise refused
+    return str(parsed)
 
 
 def _ref_party(header: Mapping[str, Any], field: str) -> str:
@@ -193,7 +199,7 @@ def reference_parse_header(
     for field in envelope._HEADER_REQUIRED:
         if raw.get(field) is None:
             raise Malformed(f"header.{field} is required")
-    message_id = _ref_uuid(raw, "message_id", envelope._MESSAGE_ID_RE)
+    message_id = _ref_uuid(raw, "message_id", message_id=True)
     assert message_id is not None
     message_type = raw["message_type"]
     schema_version = raw["schema_version"]
@@ -234,8 +240,8 @@ def reference_parse_header(
         expires_at=(
             None if expires_raw is None else reference_parse_timestamp(expires_raw, "expires_at")
         ),
-        correlation_id=_ref_uuid(raw, "correlation_id", envelope._UUID_RE),
-        in_reply_to=_ref_uuid(raw, "in_reply_to", envelope._UUID_RE),
+        correlation_id=_ref_uuid(raw, "correlation_id"),
+        in_reply_to=_ref_uuid(raw, "in_reply_to"),
         priority=Priority(priority_raw),
         respond_by=(
             None

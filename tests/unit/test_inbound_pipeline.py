@@ -240,6 +240,49 @@ async def test_an_exact_re_send_after_its_freshness_gets_the_original_receipt(
     assert impostor.code is NackCode.STALE
 
 
+async def test_an_upper_case_message_id_is_one_message_in_lower_case(gateway: Gateway) -> None:
+    message_id, body = message(gateway)
+    upper = body.replace(message_id.encode(), message_id.upper().encode())
+    first = await gateway.pipeline.handle(amqp_request(gateway, upper))
+    assert first.http_status == 202
+    assert first.receipt_body is not None
+    assert json.loads(first.receipt_body)["payload"]["ref_message_id"] == message_id
+    stored = await gateway.store.get_inbound(MX, message_id)
+    assert stored is not None
+    assert stored.body == upper  # the signed bytes as they came
+    again = await gateway.pipeline.handle(amqp_request(gateway, upper))
+    assert (again.http_status, again.receipt_body) == (200, first.receipt_body)
+    # the same id in the other case with other bytes is the same message: a conflict
+    lower = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert lower.code is NackCode.DUPLICATE_CONFLICT
+    # a refusal of such a message, even before its envelope is read, is a signed NACK that
+    # names it
+    other_id, other = message(gateway)
+    unsigned = other.replace(other_id.encode(), other_id.upper().encode())
+    refused = await gateway.pipeline.handle(amqp_request(gateway, unsigned, sign=False))
+    assert refused.code is NackCode.SIGNATURE_INVALID
+    assert refused.receipt_body is not None
+    assert json.loads(refused.receipt_body)["payload"]["ref_message_id"] == other_id
+
+
+async def test_a_key_listed_twice_verifies_in_either_of_its_windows(gateway: Gateway) -> None:
+    """The same key configured twice for a partner, with an expired window and a current
+    one (a rotation back to an earlier key): a message signed now is checked against the
+    entry valid at its created_at, not against whichever entry comes first."""
+    (mx,) = [key for key in gateway.keyring if key.party == MX]
+    others = [key for key in gateway.keyring if key.party != MX]
+    expired = dataclasses.replace(mx, not_before=None, not_after=NOW - dt.timedelta(days=300))
+    current = dataclasses.replace(mx, not_before=NOW - dt.timedelta(days=30), not_after=None)
+    gateway.keyring.replace([*others, expired, current])
+    _, body = message(gateway)
+    accepted = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert accepted.http_status == 202
+    gateway.keyring.replace([*others, expired])
+    _, body = message(gateway)
+    refused = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert refused.code is NackCode.UNKNOWN_KEY
+
+
 async def test_bug_in_a_stage_is_503_and_nothing_acknowledged(gateway: Gateway) -> None:
     async def broken(ctx: InboundContext) -> None:
         raise KeyError("a bug")
