@@ -82,11 +82,15 @@ class Malformed(GatewayError):
 
 
 class SchemaInvalid(GatewayError):
+    """``pointer`` is an RFC 6901 pointer into the payload (``""``: the payload itself); the
+    detail names it in the document the sender wrote, where the payload is ``/payload``
+    (a partner's envelope, an internal API submission)."""
+
     code = NackCode.SCHEMA_INVALID
 
     def __init__(self, reason: str, *, pointer: str, detail: str | None = None) -> None:
         super().__init__(
-            reason, detail=detail if detail is not None else f"schema error at {pointer or '/'}"
+            reason, detail=detail if detail is not None else f"schema error at /payload{pointer}"
         )
         self.pointer = pointer
 
