@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from gateway.clock import Clock, format_rfc3339
@@ -21,6 +21,9 @@ from gateway.model import Envelope, Header
 
 RECEIPT_TYPE = "receipt"
 RECEIPT_VERSION = "1.0"
+#: A receipt's ``expires_at`` (PROTOCOL.md section 2 gives every envelope one): the time it
+#: has to reach the sender, a week as in PROTOCOL's example; its worth as evidence never ends.
+RECEIPT_TTL = timedelta(days=7)
 #: a receipt is small; anything near this is not one of ours or a partner's
 MAX_RECEIPT_BYTES = 64 * 1024
 
@@ -92,13 +95,15 @@ class ReceiptSigner:
     ) -> SignedReceipt:
         key = self.current_key()
         message_id = new_message_id()
+        now = self._clock.now()
         header = Header(
             message_id=message_id,
             message_type=RECEIPT_TYPE,
             schema_version=RECEIPT_VERSION,
             sender=self._party,
             recipient=recipient,
-            created_at=self._clock.now(),
+            created_at=now,
+            expires_at=now + RECEIPT_TTL,
             correlation_id=correlation_id,
             in_reply_to=ref_message_id,
         )

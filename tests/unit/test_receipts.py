@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -80,6 +81,20 @@ def test_ack_roundtrip_binds_message_and_digest(clock: ManualClock, key: Signing
         message_id,
     )
     assert header.correlation_id == message_id
+    # every header member PROTOCOL.md section 2 does not call optional, expires_at included
+    assert header.created_at == clock.now()
+    assert header.expires_at == clock.now() + dt.timedelta(days=7)
+    assert list(orjson.loads(receipt_body)["header"]) == [
+        "message_id",
+        "message_type",
+        "schema_version",
+        "sender",
+        "recipient",
+        "created_at",
+        "expires_at",
+        "correlation_id",
+        "in_reply_to",
+    ]
     assert receipt.received_at == "2026-11-23T07:00:00.000Z"
     SchemaRegistry.load_builtin().validate("receipt", "1.0", receipt.envelope.payload)
 
