@@ -185,8 +185,9 @@ def test_an_unreachable_store_leaves_config_and_key_files_untouched(
     config: GatewayConfig,
 ) -> None:
     text = config.source.read_text(encoding="utf-8")
+    (config.source.parent / "not-a-dir").write_text("")
     config.source.write_text(
-        text.replace('store_url = "sqlite:///c2c.db"', 'store_url = "sqlite:///no/such/dir/c2c.db"')
+        text.replace('store_url = "sqlite:///c2c.db"', 'store_url = "sqlite:///not-a-dir/c2c.db"')
     )
     before = config.source.read_bytes()
     files = sorted(config.signing_keys[0].path.parent.iterdir())

@@ -204,11 +204,26 @@ async def test_lock_timeout_is_unavailable_then_recovers(sqlite_store: SqliteSto
 
 
 async def test_unopenable_file_is_unavailable(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "missing-dir" / "gw.db", clock=ManualClock(T0))
+    (tmp_path / "gw.db").mkdir()  # a directory where the database file should be
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0))
     with pytest.raises(Unavailable, match="unable to open"):
         await store.open()
     with pytest.raises(Unavailable, match="not open"):
         await store.ping()
+    (tmp_path / "a-file").write_text("")
+    store = SqliteStore(tmp_path / "a-file" / "gw.db", clock=ManualClock(T0))
+    with pytest.raises(Unavailable, match=r"cannot create the store's directory .*a-file"):
+        await store.open()
+
+
+async def test_a_missing_folder_is_made_private(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "var" / "gw.db", clock=ManualClock(T0))
+    await store.open()
+    try:
+        await store.ping()
+    finally:
+        await store.close()
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
 
 
 async def test_closed_store_refuses_work(tmp_path: Path) -> None:
