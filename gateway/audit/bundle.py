@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,6 +68,38 @@ def _end_text(origin: str, lines: int, digest: bytes) -> str:
     return f"{_END_PREFIX}{origin}\n{lines}\n{digest.hex()}\n"
 
 
+class ExportTargetError(Exception):
+    """The bundle's path names something a bundle must not be renamed over."""
+
+
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse an ``out`` that exists and is not a regular file (followed through symlinks).
+
+    The bundle is written beside ``out`` and renamed over it: over a FIFO or a device
+    (``/dev/stdout``, ``/dev/full``) that would replace the special file itself and report
+    success while no reader ever got the bundle.
+    """
+    try:
+        mode = out.stat().st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+    raise ExportTargetError(
+        f"{out} is {kind}: a bundle is written only to a new path or over a regular file"
+    )
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ExportSummary:
     path: Path
@@ -105,7 +138,8 @@ async def export_bundle(
 ) -> ExportSummary:
     """Write a bundle of the entries matching the filter, proven against a fresh checkpoint.
 
-    Written to a temporary file and renamed, so a failed export leaves no partial bundle.
+    Written to a temporary file and renamed, so a failed export leaves no partial bundle;
+    ExportTargetError when ``out`` is a special file the rename would destroy.
     """
     checkpoint = await audit.checkpoint()
     size = checkpoint.size
@@ -138,6 +172,7 @@ async def export_bundle(
             lines = writer.lines
             end = sign_note(_end_text(audit.origin, lines, writer.digest()), [signer])
             writer.write({"type": "end", "signature": end})
+        check_export_target(out)
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -396,7 +431,9 @@ def verify_bundle(
                         raise _BadLine("the first line is not the bundle header")
                     state = _header(obj, public_key, report)
                 elif state is None:
-                    break
+                    # nothing can be checked against an unproven checkpoint; the lines are
+                    # only read to tell a complete bundle from a truncated one
+                    ended = kind == "end"
                 elif kind == "entry":
                     _entry(obj, state, report, number)
                     if progress is not None:
@@ -406,14 +443,14 @@ def verify_bundle(
                 elif kind == "cosignature":
                     _cosignature(obj, state, report, number)
                 elif kind == "end":
-                    _end(obj, state, running.digest(), number - 1, report, number)
+                    # an end line that fails its own check still ends the bundle
                     ended = True
+                    _end(obj, state, running.digest(), number - 1, report, number)
                 else:
                     raise _BadLine(f"unknown line type {kind!r}")
             except _BadLine as exc:
-                report.fail(number, str(exc))
-                if number == 1:
-                    break
+                if state is not None or number == 1:
+                    report.fail(number, str(exc))
             running.update(raw)
     if state is not None:
         for number, obj in state.messages:

@@ -22,19 +22,28 @@ import orjson
 from tqdm import tqdm
 
 from gateway.audit import merkle
-from gateway.audit.bundle import export_bundle, verify_bundle
+from gateway.audit.bundle import (
+    ExportTargetError,
+    check_export_target,
+    export_bundle,
+    verify_bundle,
+)
 from gateway.audit.checkpoint import CheckpointError
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.witnessing import offer_checkpoints
+from gateway.cli.send import uuid_option
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.notes import NoteSigner, NoteVerifier, load_note_signer, load_note_verifier
 from gateway.errors import ConfigError, GatewayError
+from gateway.model import is_party_id
 from gateway.store import InvalidStoreUrl, Store, open_store
 from gateway.store.base import AuditFilter
 
 T = TypeVar("T")
+#: the highest ``--after`` cursor: the API's bound for ``after``, within the stores' 64-bit seq
+MAX_SEQ = 2**62
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -87,6 +96,12 @@ async def _open(config_path: Path) -> AsyncIterator[_Opened]:
         await store.close()
 
 
+def _party_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not is_party_id(value):
+        raise click.BadParameter(f"{value[:60]!r} is not a party id (CC-AGENCY)")
+    return value
+
+
 def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--config",
@@ -110,13 +125,22 @@ def audit() -> None:
 @_config_option
 @click.option("--since", help="Entries at or after this RFC 3339 time.")
 @click.option("--until", help="Entries before this RFC 3339 time.")
-@click.option("--partner", help="Sender or recipient party id.")
+@click.option("--partner", callback=_party_option, help="Sender or recipient party id.")
 @click.option("--type", "message_type", help="Message type.")
-@click.option("--message-id", help="Message id.")
+@click.option("--message-id", callback=uuid_option, help="Message id (a lowercase UUID).")
 @click.option("--outcome", help="Outcome (ACK, a NACK code, a state word).")
-@click.option("--event", help="Event kind (received, rejected, ...).")
-@click.option("--correlation-id", help="Correlation id of a case or conversation.")
-@click.option("--after", "after_seq", type=int, default=-1, show_default=True, help="Seq cursor.")
+@click.option("--event", type=click.Choice([kind.value for kind in EventKind]), help="Event kind.")
+@click.option(
+    "--correlation-id", callback=uuid_option, help="Correlation id of a case or conversation."
+)
+@click.option(
+    "--after",
+    "after_seq",
+    type=click.IntRange(-1, MAX_SEQ),
+    default=-1,
+    show_default=True,
+    help="Seq cursor: entries after this seq.",
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 def query_command(
     config_path: Path,
@@ -283,7 +307,11 @@ def check_command(
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--since", help="Entries at or after this RFC 3339 time.")
 @click.option("--until", help="Entries before this RFC 3339 time.")
-@click.option("--correlation-id", help="A case: its entries, messages, signatures, receipts.")
+@click.option(
+    "--correlation-id",
+    callback=uuid_option,
+    help="A case (a lowercase UUID): its entries, messages, signatures, receipts.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
 def export_command(
     config_path: Path,
@@ -296,6 +324,13 @@ def export_command(
     """Write an evidence bundle that `audit verify` checks offline."""
     since_at, until_at = _parse_time(since, "--since"), _parse_time(until, "--until")
     show = sys.stderr.isatty() if progress is None else progress
+    # refused before the export is recorded; export_bundle checks again before its rename
+    try:
+        check_export_target(out)
+    except ExportTargetError as exc:
+        _fail(f"--out: {exc}")
+    except OSError as exc:
+        _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
 
     async def run() -> str:
         async with _open(config_path) as opened:
@@ -332,6 +367,8 @@ def export_command(
 
     try:
         click.echo(_run(run()))
+    except ExportTargetError as exc:
+        _fail(f"--out: {exc}")
     except OSError as exc:
         _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
 from gateway.documents import document_version
-from gateway.errors import IdempotencyKeyReused
+from gateway.errors import IdempotencyKeyReused, Unavailable
 from gateway.model import Direction, Priority
 
 #: ``(sender, message_id)``: the inbox key
@@ -26,6 +26,18 @@ NodeKey = tuple[int, int]
 
 class StoreError(Exception):
     """A request the store refuses on its merits (not a database failure: that is Unavailable)."""
+
+
+def audit_head_size(value: object) -> int:
+    """The audit log's size from its head row; the row is made with the schema and never
+    deleted by the gateway, so a missing one means the store was changed behind its back:
+    nothing can be appended or checked against it."""
+    if not isinstance(value, int):
+        raise Unavailable(
+            "the audit log's head row (audit_head) is missing: the store was changed outside"
+            " the gateway; restore it from a backup"
+        )
+    return value
 
 
 class MessageNotFound(StoreError):

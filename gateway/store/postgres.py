@@ -59,6 +59,7 @@ from gateway.store.base import (
     RelayLease,
     StoreError,
     WitnessedState,
+    audit_head_size,
     document_version_of,
     empty_depth,
     same_request,
@@ -449,10 +450,9 @@ class PostgresStore:
         return await self._write(unit)
 
     async def audit_size(self) -> int:
-        size: int = await self._call(
-            lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1")
+        return audit_head_size(
+            await self._call(lambda c: c.fetchval("SELECT size FROM audit_head WHERE id = 1"))
         )
-        return size
 
     async def audit_entries(
         self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100

@@ -62,6 +62,7 @@ from gateway.store.base import (
     RelayLease,
     StoreError,
     WitnessedState,
+    audit_head_size,
     document_version_of,
     empty_depth,
     events_for_marked,
@@ -77,6 +78,11 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICRO = timedelta(microseconds=1)
 
 log = structlog.get_logger(__name__)
+
+# A column declared BLOB reads as bytes whatever a raw UPDATE left in it: SQLite keeps the
+# type of the value written (replace() on a BLOB gives TEXT), and the audit check must see
+# such an entry or hash as changed bytes, not fail on a str (connections read declared types).
+sqlite3.register_converter("BLOB", lambda value: value)
 
 
 def _us(moment: datetime) -> int:
@@ -339,6 +345,7 @@ class SqliteStore:
             timeout=self._busy_timeout_ms / 1000,
             isolation_level=None,
             check_same_thread=False,
+            detect_types=sqlite3.PARSE_DECLTYPES,
         )
         conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         return conn
@@ -568,7 +575,8 @@ class SqliteStore:
     def _append_audit(self, conn: Conn, events: Sequence[AuditEvent]) -> list[int]:
         if not events:
             return []
-        size = conn.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]
+        row = conn.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()
+        size = audit_head_size(None if row is None else row[0])
         cached = self._tx_frontier
         # Nearly every unit appends: re-reading the frontier (log2 n rows) each time was most
         # of what the audit log cost on the inbound path.
@@ -620,10 +628,10 @@ class SqliteStore:
         return await self._write(lambda c: self._append_audit(c, events))
 
     async def audit_size(self) -> int:
-        size: int = await self._read(
-            lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()[0]
+        row = await self._read(
+            lambda c: c.execute("SELECT size FROM audit_head WHERE id = 1").fetchone()
         )
-        return size
+        return audit_head_size(None if row is None else row[0])
 
     async def audit_entries(
         self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100

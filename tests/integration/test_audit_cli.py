@@ -9,12 +9,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import random
+import shutil
+import sqlite3
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import rfc8785
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import merkle
 from gateway.audit.bundle import verify_bundle
@@ -22,7 +28,13 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.cli.main import cli
 from gateway.clock import SystemClock
 from gateway.config import load_config
-from gateway.crypto.notes import NoteVerifier, load_note_verifier
+from gateway.crypto.notes import (
+    NoteVerifier,
+    load_note_verifier,
+    note_signer,
+    parse_note,
+    sign_note,
+)
 from gateway.devenv import prepare_dev_environment
 from gateway.envelope import body_digest
 from gateway.model import Priority
@@ -30,7 +42,7 @@ from gateway.store import open_store
 from gateway.store.base import OutboundRecord
 
 T0 = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-CASE = "case-2026-0042"
+CASE = "5f0c1a2e-9b7d-4e3a-8c61-2d4b7e9f0a13"
 WIRE = b'{"header":{"message_id":"msg-case-1"},"payload":{"x":1}}'
 
 
@@ -270,3 +282,164 @@ def test_store_commands(env: Path, tmp_path: Path) -> None:
         2,
         "error: --since: 'yesterday' is not an RFC 3339 time (e.g. 2026-03-01T00:00:00Z)\n",
     )
+
+
+def _copy_env(env: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the dev environment (config, keys, store) to tamper with."""
+    root = tmp_path / "env"
+    shutil.copytree(env.parent, root)
+    return root / "gateway.toml", root / "c2c.db"
+
+
+def _sql(db: Path, statement: str) -> None:
+    """One raw statement behind the store's back, the way an insider would."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_entry_changed_to_text_is_a_failed_entry(env: Path, tmp_path: Path) -> None:
+    config, db = _copy_env(env, tmp_path)
+    # SQLite's replace() on a BLOB returns TEXT: the entry comes back as str, not bytes
+    _sql(db, "UPDATE audit_entries SET entry = replace(entry, 'queued', 'QUEUED') WHERE seq = 20")
+    code, _, stderr = _invoke("audit", "check", "--config", str(config), "--no-progress")
+    assert code == 1
+    assert stderr.startswith("FAIL entry 20: entry bytes do not match the stored leaf hash\n")
+    assert "Traceback" not in stderr
+
+    out = tmp_path / "tampered.jsonl"
+    code, _, stderr = _invoke("audit", "export", "--config", str(config), "--out", str(out))
+    assert code == 0, stderr
+    code, _, stderr = _invoke("audit", "verify", str(out), "--key", str(_pub(env)))
+    assert code == 1
+    assert ": entry 20 is not in the checkpoint's tree" in stderr
+
+    code, _, stderr = _invoke("store", "backup", "--config", str(config), str(tmp_path / "b.db"))
+    assert code == 1
+    assert "FAIL entry 20: entry bytes do not match the stored leaf hash" in stderr
+
+
+def test_hashes_changed_to_text_are_found(env: Path, tmp_path: Path) -> None:
+    config, db = _copy_env(env, tmp_path)
+    _sql(db, "UPDATE audit_nodes SET hash = 'not a hash' WHERE level = 5 AND idx = 0")
+    _sql(db, "UPDATE audit_entries SET leaf_hash = 'not a hash' WHERE seq = 3")
+    code, _, stderr = _invoke("audit", "check", "--config", str(config), "--no-progress")
+    assert code == 1
+    assert "FAIL entry 3: entry bytes do not match the stored leaf hash" in stderr
+    assert "FAIL entry 0: stored tree node over entries [0, 32) differs" in stderr
+    assert "Traceback" not in stderr
+    code, stdout, _ = _invoke(
+        "audit", "query", "--config", str(config), "--after", "2", "--limit", "1"
+    )
+    assert code == 0
+    assert json.loads(stdout)["leaf_hash"] == b"not a hash".hex()
+    # no checkpoint is signed over a log that contradicts the last one
+    code, _, stderr = _invoke(
+        "audit", "export", "--config", str(config), "--out", str(tmp_path / "b.jsonl")
+    )
+    assert code != 0
+    assert stderr.startswith("error: ")
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_a_deleted_audit_head_is_named(env: Path, tmp_path: Path) -> None:
+    config, db = _copy_env(env, tmp_path)
+    _sql(db, "DELETE FROM audit_head")
+    code, _, stderr = _invoke("audit", "check", "--config", str(config), "--no-progress")
+    assert (code, stderr) == (
+        2,
+        "error: store: the audit log's head row (audit_head) is missing: the store was changed"
+        " outside the gateway; restore it from a backup\n",
+    )
+
+
+def test_query_cursor_out_of_range_is_a_usage_error(env: Path) -> None:
+    code, stdout, stderr = _invoke(
+        "audit", "query", "--config", str(env), "--after", "99999999999999999999999"
+    )
+    assert (code, stdout) == (2, "")
+    assert "Invalid value for '--after': 99999999999999999999999 is not in the range" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("query", "--event", "bogus"),
+            "Invalid value for '--event': 'bogus' is not one of 'received', 'rejected',",
+        ),
+        (
+            ("query", "--message-id", "nope"),
+            "Invalid value for '--message-id': 'nope' is not a lowercase UUID",
+        ),
+        (
+            ("query", "--correlation-id", CASE.upper()),
+            f"Invalid value for '--correlation-id': '{CASE.upper()}' is not a lowercase UUID",
+        ),
+        (
+            ("query", "--partner", "mx-anam"),
+            "Invalid value for '--partner': 'mx-anam' is not a party id (CC-AGENCY)",
+        ),
+        (
+            ("export", "--correlation-id", "nope"),
+            "Invalid value for '--correlation-id': 'nope' is not a lowercase UUID",
+        ),
+    ],
+)
+def test_filters_are_refused_like_the_api(
+    env: Path, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    command, *options = args
+    out = tmp_path / "never-written.jsonl"
+    if command == "export":
+        options += ["--out", str(out)]
+    code, stdout, stderr = _invoke("audit", command, "--config", str(env), *options)
+    assert (code, stdout) == (2, "")
+    assert message in stderr
+    assert not out.exists()
+
+
+def test_export_refuses_to_replace_a_fifo(env: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "reader.fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        code, stdout, stderr = _invoke(
+            "audit", "export", "--config", str(env), "--out", str(target)
+        )
+        assert (code, stdout) == (2, "")
+        assert stderr == (
+            f"error: --out: {target} is a FIFO: "
+            "a bundle is written only to a new path or over a regular file\n"
+        )
+        assert stat.S_ISFIFO(target.stat().st_mode)
+        assert not target.with_name(target.name + ".partial").exists()
+    assert link.is_symlink()
+
+
+def test_a_failed_signature_is_no_truncation(env: Path, bundle: Path, tmp_path: Path) -> None:
+    other = env.parent / "MX-ANAM" / "sign.pub"
+    code, _, stderr = _invoke("audit", "verify", str(bundle), "--key", str(other))
+    assert code == 1
+    assert "truncated" not in stderr
+    assert stderr.endswith("verification failed (1 problem(s))\n")
+
+    # the end line is there, sealed by another key: one failure, on that line
+    lines = bundle.read_bytes().splitlines(keepends=True)
+    end = json.loads(lines[-1])
+    text = parse_note(end["signature"]).text
+    forger = note_signer("dev.c2c-gateway.invalid/US-CBP", Ed25519PrivateKey.generate())
+    end["signature"] = sign_note(text, [forger])
+    lines[-1] = bytes(rfc8785.dumps(end)) + b"\n"
+    target = tmp_path / "forged-end.jsonl"
+    target.write_bytes(b"".join(lines))
+    code, _, stderr = _invoke("audit", "verify", str(target), "--key", str(_pub(env)))
+    assert code == 1
+    assert f"FAIL {target}: line {len(lines)}: end signature: " in stderr
+    assert "truncated" not in stderr
+    assert stderr.endswith("verification failed (1 problem(s))\n")

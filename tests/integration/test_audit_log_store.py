@@ -6,8 +6,10 @@ Tampering is done the way an insider would: raw SQL on the database behind the s
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import merkle
-from gateway.audit.bundle import export_bundle, verify_bundle
+from gateway.audit.bundle import ExportTargetError, export_bundle, verify_bundle
 from gateway.audit.checkpoint import CheckpointError, open_checkpoint
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
@@ -216,6 +218,68 @@ async def test_truncation_is_found_and_not_signed_over(
     assert any("covers 40 entries but only 34 are stored" in p.what for p in report.problems)
     with pytest.raises(AuditIntegrityError, match="entries from 34 are missing"):
         await audit.checkpoint()
+
+
+async def test_values_changed_to_text_are_changed_bytes(
+    tmp_path: Path, log_signer: NoteSigner, store_clock: ManualClock
+) -> None:
+    """SQLite keeps the type a raw UPDATE gives: replace() on a BLOB stores TEXT, which may not
+    even be UTF-8. The store reads every BLOB column as bytes, so such a value is changed bytes
+    like any other: found by the check and by offline verification, never an exception."""
+    url = f"sqlite:///{tmp_path / 'text.db'}"
+    store = open_store(url, clock=store_clock)
+    await store.open()
+    try:
+        audit = AuditLog(store, signer=log_signer, clock=store_clock)
+        await _tampered(url, store, audit)
+        await _raw(
+            url, "UPDATE audit_entries SET entry = replace(entry, 'm-9', 'm-8') WHERE seq = 9"
+        )
+        await _raw(
+            url, "UPDATE audit_entries SET entry = CAST(x'ff' || entry AS TEXT) WHERE seq = 5"
+        )
+        report = await audit.verify_store()
+        assert report.first_bad_position == 5
+        assert [str(p) for p in report.problems[:2]] == [
+            "entry 5: entry bytes do not match the stored leaf hash",
+            "entry 9: entry bytes do not match the stored leaf hash",
+        ]
+        # the export carries the changed bytes; offline, those entries fail on their own
+        out = tmp_path / "bundle.jsonl"
+        await export_bundle(store, audit, log_signer, out)
+        failures = [str(f) for f in verify_bundle(out, lambda _o: log_signer.verifier).failures]
+        assert [f.split(": inclusion proof")[0] for f in failures] == [
+            "line 7: entry 5 is not in the checkpoint's tree",
+            "line 11: entry 9 is not in the checkpoint's tree",
+        ]
+        # hashes changed to text: found, and the log is not signed over
+        await _raw(url, "UPDATE audit_entries SET leaf_hash = 'no hash' WHERE seq = 12")
+        await _raw(url, "UPDATE audit_nodes SET hash = 'no hash' WHERE level = 3 AND idx = 4")
+        problems = [str(p) for p in (await audit.verify_store()).problems]
+        assert "entry 12: entry bytes do not match the stored leaf hash" in problems
+        node = "entry 32: stored tree node over entries [32, 40) differs from the recomputed one"
+        assert node in problems
+        await store.append_audit(_events(1, start=40))
+        with pytest.raises(AuditIntegrityError):
+            await audit.checkpoint()
+    finally:
+        await store.close()
+
+
+async def test_export_never_renames_over_a_special_file(
+    store: Store, audit: AuditLog, log_signer: NoteSigner, tmp_path: Path
+) -> None:
+    await store.append_audit(_events(3))
+    fifo = tmp_path / "reader.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ExportTargetError, match=r"reader\.fifo is a FIFO"):
+        await export_bundle(store, audit, log_signer, fifo)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not (tmp_path / "reader.fifo.partial").exists()
+    regular = tmp_path / "bundle.jsonl"
+    regular.write_bytes(b"an older bundle\n")
+    assert (await export_bundle(store, audit, log_signer, regular)).entries == 3
+    assert verify_bundle(regular, lambda _o: log_signer.verifier).ok
 
 
 async def test_rewrite_after_checkpoint_fails_consistency_and_the_witness(

@@ -1,0 +1,84 @@
+"""Auditor API over real TLS on a log changed behind the gateway's back into another SQLite type.
+
+SQLite keeps whatever type a raw UPDATE gives a column: ``replace()`` on a BLOB entry stores
+TEXT. The store check and the export must name that entry like any other changed one, never
+answer 500.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiohttp
+import orjson
+from outbound_env import Running, auth, client_ssl, token
+
+from gateway.api.audit import AUDIT_LOG
+from gateway.audit.bundle import verify_bundle
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.crypto.notes import load_note_verifier
+
+
+async def _get(running: Running, path: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            running.api_url + path,
+            headers=auth(token(running.config, ("audit:read",))),
+            ssl=client_ssl(running.config),
+        ) as response,
+    ):
+        return response.status, await response.read()
+
+
+async def test_entry_stored_as_text_is_reported_by_verify_and_export(
+    us: Running, tmp_path: Path
+) -> None:
+    events = [
+        AuditEvent(event=EventKind.QUERY, at=us.gateway.clock.now(), outcome=f"n{i}")
+        for i in range(40)
+    ]
+    await us.gateway.store.append_audit(events)
+    await us.api.app[AUDIT_LOG].checkpoint()
+    conn = sqlite3.connect(str(us.config.store_url).removeprefix("sqlite:///"))
+    try:
+        conn.execute("UPDATE audit_entries SET entry = replace(entry, 'n17', 'n71') WHERE seq = 17")
+        conn.commit()
+    finally:
+        conn.close()
+
+    status, body = await _get(us, "/api/v1/audit/verify")
+    assert status == 200, body
+    report = orjson.loads(body)
+    assert (report["ok"], report["first_bad_position"]) == (False, 17)
+    assert report["problems"][0] == {
+        "position": 17,
+        "what": "entry bytes do not match the stored leaf hash",
+    }
+
+    status, body = await _get(us, "/api/v1/audit/export")
+    assert status == 200, body
+    bundle = tmp_path / "bundle.jsonl"
+    bundle.write_bytes(body)
+    key = us.config.audit.key.with_name("audit.pub")
+    failures = [
+        str(f)
+        for f in verify_bundle(bundle, lambda origin: load_note_verifier(key, origin)).failures
+    ]
+    assert len(failures) == 1
+    assert failures[0].startswith("line 19: entry 17 is not in the checkpoint's tree")
+
+    # a leaf hash changed to text: found by the check, and listed as the bytes stored
+    conn = sqlite3.connect(str(us.config.store_url).removeprefix("sqlite:///"))
+    try:
+        conn.execute("UPDATE audit_entries SET leaf_hash = 'no hash' WHERE seq = 30")
+        conn.commit()
+    finally:
+        conn.close()
+    status, body = await _get(us, "/api/v1/audit/verify")
+    assert status == 200, body
+    problems = orjson.loads(body)["problems"]
+    assert {"position": 30, "what": "entry bytes do not match the stored leaf hash"} in problems
+    status, body = await _get(us, "/api/v1/audit/entries?after=29&limit=1")
+    assert status == 200, body
