@@ -21,6 +21,8 @@ from gateway.errors import ConfigError
 from gateway.model import is_party_id
 from gateway.netpolicy import Network, is_ip_literal, parse_network, refusal
 from gateway.schemas.registry import SchemaRegistry
+from gateway.store.url import SQLITE_PREFIX, InvalidStoreUrl, SqliteUrl, parse_store_url
+from gateway.urls import NO_HOST, UrlInvalid, split_server_url
 
 Alg = Literal["EdDSA", "ES256"]
 
@@ -466,7 +468,7 @@ def _read_toml(path: Path) -> _Table:
     return _Table(data, file=path)
 
 
-def _known_message_types() -> frozenset[str]:
+def known_message_types() -> frozenset[str]:
     """PROTOCOL section 6 names plus whatever the schema catalogue of this build adds."""
     catalogue = {message_type for message_type, _ in SchemaRegistry.load_builtin().types()}
     return PROTOCOL_MESSAGE_TYPES | catalogue
@@ -509,14 +511,16 @@ def _listen(table: _Table, default_port: int) -> ListenConfig:
     return listen
 
 
-def _url_with_scheme(
-    table: _Table, name: str, value: str, schemes: tuple[str, ...], what: str
-) -> str:
-    # The URL may carry a password: the reason never repeats it.
-    parts = urlsplit(value)
-    if parts.scheme not in schemes:
-        raise table.error(name, f"expected {what}")
-    return value
+def _check_amqp_url(table: _Table, name: str, value: str) -> None:
+    # The URL may carry a password: the reason never repeats it (gateway/urls.py).
+    try:
+        server = split_server_url(
+            value, schemes=("amqp", "amqps"), what="an amqp:// or amqps:// URL"
+        )
+    except UrlInvalid as exc:
+        raise table.error(name, exc.reason) from None
+    if not server.addresses:
+        raise table.error(name, NO_HOST)
 
 
 def _secret_url(table: _Table, name: str, environ: Mapping[str, str]) -> str | None:
@@ -539,15 +543,14 @@ def _secret_url(table: _Table, name: str, environ: Mapping[str, str]) -> str | N
 def _store_url(table: _Table, environ: Mapping[str, str]) -> str:
     url = _secret_url(table, "store_url", environ) or "sqlite:///var/c2c.db"
     name = "store_url_env" if table.has("store_url_env") else "store_url"
-    if url.startswith("sqlite:///"):
-        database = url.removeprefix("sqlite:///")
-        if not database:
-            raise table.error(name, "sqlite URL names no database file")
+    try:
+        parsed = parse_store_url(url)
+    except InvalidStoreUrl as exc:
+        raise table.error(name, str(exc)) from None
+    if isinstance(parsed, SqliteUrl):
         # A relative database path is relative to gateway.toml, like every other path.
-        return f"sqlite:///{table.file.parent.absolute() / database}"
-    return _url_with_scheme(
-        table, name, url, ("postgresql", "postgres"), "a sqlite:/// or postgresql:// URL"
-    )
+        return f"{SQLITE_PREFIX}{table.file.parent.absolute() / parsed.path}"
+    return url
 
 
 def _limits(table: _Table) -> LimitsConfig:
@@ -588,8 +591,7 @@ def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
     d = AmqpConfig()
     url = _secret_url(table, "url", environ)
     if url is not None:
-        name = "url_env" if table.has("url_env") else "url"
-        _url_with_scheme(table, name, url, ("amqp", "amqps"), "an amqp:// or amqps:// URL")
+        _check_amqp_url(table, "url_env" if table.has("url_env") else "url", url)
     amqp = AmqpConfig(
         url=url,
         prefetch=table.int_or("prefetch", d.prefetch, minimum=1),
@@ -828,7 +830,7 @@ def load_partner_config(
         raise table.error("id", f"{partner_id!r} differs from the folder name {directory.name!r}")
     if partner_id == own_party:
         raise table.error("id", f"{partner_id!r} is this gateway's own party")
-    known = _known_message_types() if known_types is None else known_types
+    known = known_message_types() if known_types is None else known_types
     typ = table.str_or("typ", "c2c+json")
     if not _TYP_RE.fullmatch(typ):
         raise table.error("typ", f"{typ!r} is not a c2c+<format> JWS type")
@@ -861,7 +863,7 @@ def load_partner_config(
 def _partners(
     directory: Path, *, own_party: str, default_max_body_bytes: int, own_origin: str
 ) -> dict[str, PartnerConfig]:
-    known = _known_message_types()
+    known = known_message_types()
     partners: dict[str, PartnerConfig] = {}
     for entry in sorted(directory.iterdir()):
         # Hidden and private folders (.git, __pycache__) and plain files (README) are not partners.

@@ -1,7 +1,8 @@
 """Durable store: inbox, outbox, audit log. ``open_store(url, clock=...)`` picks the backend.
 
-URLs: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``, ``postgresql://...``.
-The returned store is not yet open: call ``await store.open()`` (connects, migrates).
+URLs (gateway/store/url.py): ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+``postgresql://user@host/database``. The returned store is not yet open: call
+``await store.open()`` (connects, migrates).
 """
 
 from __future__ import annotations
@@ -10,33 +11,20 @@ from pathlib import Path
 
 from gateway.clock import Clock
 from gateway.store.base import Store
-
-
-class InvalidStoreUrl(ValueError):
-    pass
+from gateway.store.url import InvalidStoreUrl, SqliteUrl, parse_store_url
 
 
 def open_store(url: str, *, clock: Clock, timeout_s: float = 30.0) -> Store:
     """``timeout_s``: PostgreSQL's connect and command timeout; past it an operation fails
-    ``Unavailable`` as an outage."""
-    if url.startswith("sqlite:///"):
+    ``Unavailable`` as an outage. ``InvalidStoreUrl`` when the URL is malformed."""
+    parsed = parse_store_url(url)
+    if isinstance(parsed, SqliteUrl):
         from gateway.store.sqlite import SqliteStore
 
-        path = url.removeprefix("sqlite:///")
-        if not path or path == ":memory:":
-            raise InvalidStoreUrl(
-                "store URL sqlite:/// needs a file path (sqlite:///relative.db or "
-                "sqlite:////absolute.db); an in-memory database is not durable"
-            )
-        return SqliteStore(Path(path), clock=clock)
-    if url.startswith(("postgresql://", "postgres://")):
-        from gateway.store.postgres import PostgresStore
+        return SqliteStore(Path(parsed.path), clock=clock)
+    from gateway.store.postgres import PostgresStore
 
-        return PostgresStore(url, clock=clock, command_timeout_s=timeout_s)
-    scheme = url.split(":", 1)[0] if ":" in url else url
-    raise InvalidStoreUrl(
-        f"unsupported store URL scheme {scheme!r}: use sqlite:///path.db or postgresql://..."
-    )
+    return PostgresStore(parsed.dsn, clock=clock, command_timeout_s=timeout_s)
 
 
 __all__ = ["InvalidStoreUrl", "Store", "open_store"]

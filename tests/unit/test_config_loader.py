@@ -9,7 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from gateway.cli.main import cli
 from gateway.config import (
     PROTOCOL_MESSAGE_TYPES,
     GatewayConfig,
@@ -117,6 +119,16 @@ def test_secret_urls_come_from_the_environment_and_never_show_in_repr(tree: Path
 
 G = "gateway.toml"
 MX = "partners/MX-ANAM/partner.toml"
+BRACKETS = "not a valid URL: '[' and ']' must enclose an IPv6 address, e.g. [::1]"
+PORT = "not a valid URL: the port must be a number from 1 to 65535"
+NO_DATABASE = (
+    "the URL names no database (e.g. postgresql://user@host:5432/c2c); without one the"
+    " server's default, named after the user, would get the gateway's tables"
+)
+SQLITE_QUERY = (
+    "a sqlite:/// URL takes no query or fragment ('?', '#'): its path is the database file's"
+    " name, and SQLite options are not read from it"
+)
 
 # (file edited, old text, new text, file named in the error, dotted key, exact reason)
 # fmt: off
@@ -156,7 +168,35 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
     (G, "prefetch = 50", "prefetch = true", G, "amqp.prefetch",
      "expected an integer, got a boolean"),
     (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "mysql://u:pw@db/c2c"', G,
-     "store_url", "expected a sqlite:/// or postgresql:// URL"),
+     "store_url", "unsupported store URL scheme 'mysql': expected a sqlite:/// or postgresql://"
+     " URL"),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "postgresql://gw:hunter2@[::1/c2c"',
+     G, "store_url", BRACKETS),
+    (G, 'store_url = "sqlite:///var/c2c.db"',
+     'store_url = "postgresql://gw:hunter2@127.0.0.1:abc/c2c"', G, "store_url", PORT),
+    (G, 'store_url = "sqlite:///var/c2c.db"',
+     'store_url = "postgresql://gw:hunter2@127.0.0.1:99999/c2c"', G, "store_url", PORT),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "postgresql://"', G, "store_url",
+     NO_DATABASE),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "postgresql://gw:hunter2@db:5432/"',
+     G, "store_url", NO_DATABASE),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "postgresql://gw:hunter2@/c2c"', G,
+     "store_url", "not a valid URL: it names no host (a Unix socket's folder goes"
+     " percent-encoded in its place, e.g. postgresql://%2Frun%2Fpostgresql/c2c)"),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "sqlite:///var/c2c.db?mode=ro"', G,
+     "store_url", SQLITE_QUERY),
+    (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "sqlite:///var/c2c.db#frag"', G,
+     "store_url", SQLITE_QUERY),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://gw:hunter2@[::1/c2c"', G, "amqp.url",
+     BRACKETS),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://gw:hunter2@127.0.0.1:abc/"', G,
+     "amqp.url", PORT),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqps://gw:hunter2@127.0.0.1:0/"', G,
+     "amqp.url", PORT),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://gw:hunter2@/c2c"', G, "amqp.url",
+     "not a valid URL: it names no host"),
+    (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://gw:hunter2@127.0.0.1/c2c#x"', G,
+     "amqp.url", "not a valid URL: a server URL has no fragment ('#...')"),
     (G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_TEST_UNSET_URL"', G, "amqp.url_env",
      "environment variable C2C_TEST_UNSET_URL is not set"),
     (G, '# url_env = "C2C_AMQP_URL"', 'url = "amqp://x"\nurl_env = "C2C_AMQP_URL"', G,
@@ -322,3 +362,63 @@ def test_partner_without_any_transport_is_refused(tree: Path) -> None:
         "https",
         "the partner has no transport: configure [https] or [amqp]",
     )
+
+
+def test_a_bad_url_from_the_environment_names_the_env_key(tree: Path) -> None:
+    _edit(tree / G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
+    _edit(tree / G, 'store_url = "sqlite:///var/c2c.db"', 'store_url_env = "C2C_STORE_URL"')
+    good = {"C2C_AMQP_URL": "amqps://gw:pw@[::1]:5671/c2c?heartbeat=30"}
+    with pytest.raises(ConfigError) as caught:
+        load_config(tree / G, environ={**good, "C2C_STORE_URL": "postgresql://gw:hunter2@db"})
+    assert (caught.value.key, caught.value.reason) == ("store_url_env", NO_DATABASE)
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            tree / G,
+            environ={
+                "C2C_AMQP_URL": "amqp://gw:hunter2@127.0.0.1:5672x/",
+                "C2C_STORE_URL": "postgresql://gw:pw@db1,db2:5433/c2c?sslmode=require",
+            },
+        )
+    assert (caught.value.key, caught.value.reason) == ("amqp.url_env", PORT)
+    assert "hunter2" not in str(caught.value)
+    config = load_config(
+        tree / G, environ={**good, "C2C_STORE_URL": "postgresql://%2Frun%2Fpostgresql/c2c"}
+    )
+    assert config.store_url == "postgresql://%2Frun%2Fpostgresql/c2c"
+
+
+STORE = 'store_url = "sqlite:///var/c2c.db"'
+AMQP = '# url_env = "C2C_AMQP_URL"'
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "command", "key", "reason"),
+    [
+        (STORE, 'store_url = "postgresql://[::1/test"', "messages", "store_url", BRACKETS),
+        (STORE, 'store_url = "postgresql://127.0.0.1:abc/test"', "messages", "store_url", PORT),
+        (STORE, 'store_url = "postgresql://127.0.0.1:99999/test"', "messages", "store_url", PORT),
+        (STORE, 'store_url = "postgresql://"', "messages", "store_url", NO_DATABASE),
+        (
+            STORE,
+            'store_url = "sqlite:///var/c2c.db?mode=ro"',
+            "messages",
+            "store_url",
+            SQLITE_QUERY,
+        ),
+        (STORE, 'store_url = "sqlite:///var/c2c.db#frag"', "messages", "store_url", SQLITE_QUERY),
+        (AMQP, 'url = "amqp://[::1/x"', "partners", "amqp.url", BRACKETS),
+        (AMQP, 'url = "amqp://guest:guest@127.0.0.1:abc/"', "partners", "amqp.url", PORT),
+    ],
+)
+def test_the_cli_refuses_a_malformed_url_as_a_bad_config(
+    tree: Path, old: str, new: str, command: str, key: str, reason: str
+) -> None:
+    """The reviewer's cases: exit 2 and one line naming the file and setting, no traceback,
+    and no SQLite file named after the URL's query or fragment."""
+    (tree / "var").mkdir()
+    _edit(tree / G, old, new)
+    result = CliRunner().invoke(cli, [command, "list", "--config", str(tree / G)])
+    assert isinstance(result.exception, SystemExit)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"error: {tree / G}: {key}: {reason}\n"
+    assert list((tree / "var").iterdir()) == []
