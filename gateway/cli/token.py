@@ -16,13 +16,20 @@ from gateway.api.auth import ALL_SCOPES
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.crypto.keys import load_signing_key
-from gateway.crypto.tokens import issue_token
+from gateway.crypto.tokens import issue_token, subject_ok
 from gateway.errors import ConfigError
 
 
 def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
+
+
+def _subject(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if not subject_ok(value):
+        # the API would refuse the token: it names the caller in the audit log (api:<sub>)
+        raise click.BadParameter("must not be empty: it names the caller in the audit log")
+    return value
 
 
 @click.group()
@@ -38,7 +45,13 @@ def token() -> None:
     default=Path("gateway.toml"),
     show_default=True,
 )
-@click.option("--subject", default="dev", show_default=True, help="The token's sub claim.")
+@click.option(
+    "--subject",
+    default="dev",
+    show_default=True,
+    callback=_subject,
+    help="The token's sub claim: who calls (audited as api:<subject>).",
+)
 @click.option(
     "--scope",
     "scopes",

@@ -53,6 +53,10 @@ def issue_token(
     """A signed JWT with ``iss aud sub iat nbf exp jti`` and the space-separated ``scope``."""
     if ttl_s <= 0:
         raise ValueError("ttl_s must be positive")
+    if not subject_ok(subject):
+        raise ValueError(
+            "subject must be a non-empty string (it names the caller in the audit log)"
+        )
     scope_list = sorted(set(scopes))
     for scope in scope_list:
         if not scope or any(char.isspace() for char in scope):
@@ -71,6 +75,11 @@ def issue_token(
     return jwt.encode(
         claims, key.private_key, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"}
     )
+
+
+def subject_ok(subject: object) -> bool:
+    """A ``sub`` names the caller (the audit actor ``api:<sub>``): it must say something."""
+    return isinstance(subject, str) and bool(subject.strip())
 
 
 def _int_claim(claims: dict[str, Any], name: str) -> int:
@@ -156,6 +165,8 @@ def verify_token(
         raise TokenInvalid(f"token refused: {exc}") from None
     expires_at = _check_times(claims, now, leeway_s)
     subject = claims["sub"]
+    if not subject_ok(subject):
+        raise TokenInvalid("claim sub must be a non-empty string")
     scope = claims.get("scope", "")
     if not isinstance(scope, str):
         raise TokenInvalid("claim scope must be a space-separated string")
@@ -167,5 +178,6 @@ __all__ = [
     "TokenClaims",
     "TokenInvalid",
     "issue_token",
+    "subject_ok",
     "verify_token",
 ]

@@ -10,9 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
+import jwt
+import pytest
 from outbound_env import Running, auth, client_ssl, example, token
 
-from gateway.crypto.keys import jwk_thumbprint, read_public_key
+from gateway.crypto.keys import jwk_thumbprint, load_signing_key, read_public_key
 
 
 def b64(data: bytes) -> str:
@@ -101,6 +103,24 @@ async def test_hs256_keyed_with_the_public_key(us: Running) -> None:
     status, body, _ = await call(us, f"{signing_input}.{b64(mac)}")
     assert status == 401
     assert body == unauthorized("alg 'HS256' is not allowed (allowed: EdDSA)")
+
+
+@pytest.mark.parametrize("subject", ["", "  "])
+async def test_a_token_naming_no_subject_is_refused(us: Running, subject: str) -> None:
+    # Properly signed, but it would be audited as the actor "api:", naming nobody.
+    assert us.config.api_auth.signing_key is not None
+    key = load_signing_key(us.config.api_auth.signing_key, party="api", alg="EdDSA")
+    signed = jwt.encode(
+        claims(us, sub=subject),
+        key.private_key,
+        algorithm="EdDSA",
+        headers={"kid": api_kid(us), "typ": "JWT"},
+    )
+    status, body, challenge = await call(us, signed)
+    assert status == 401
+    assert body == unauthorized("claim sub must be a non-empty string")
+    assert challenge is not None
+    assert challenge.startswith('Bearer error="invalid_token"')
 
 
 async def test_missing_scope_is_403_naming_the_scope(us: Running) -> None:

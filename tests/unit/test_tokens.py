@@ -7,16 +7,19 @@ import hashlib
 import hmac
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.cli.main import cli
 from gateway.crypto import (
     KeyRing,
     SigningKey,
@@ -218,6 +221,34 @@ def test_issue_refuses_bad_arguments() -> None:
         issue(ttl_s=0)
     with pytest.raises(ValueError, match="without whitespace"):
         issue(scopes=["c2c:send admin"])
+    for subject in ("", " \t"):
+        with pytest.raises(ValueError, match="subject must be a non-empty string"):
+            issue(subject=subject)
+
+
+@pytest.mark.parametrize("subject", ["", "   ", "\t\n"])
+def test_an_empty_subject_is_refused(subject: str) -> None:
+    # it would be audited as the actor "api:", naming nobody
+    token = jwt.encode(
+        _claims(sub=subject), ED.private_key, algorithm="EdDSA", headers={"kid": ED.kid}
+    )
+    with pytest.raises(TokenInvalid) as caught:
+        check(token)
+    assert caught.value.reason == "claim sub must be a non-empty string"
+
+
+@pytest.mark.parametrize("subject", ["", "  "])
+def test_token_issue_refuses_an_empty_subject(subject: str, tmp_path: Path) -> None:
+    # refused as the options are read, before any configuration or key is
+    result = CliRunner().invoke(
+        cli,
+        ["token", "issue", "--config", str(tmp_path / "none.toml"), "--subject", subject],
+    )
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.endswith(
+        "Error: Invalid value for '--subject': must not be empty: it names the caller in the"
+        " audit log\n"
+    )
 
 
 TOKEN = issue()
