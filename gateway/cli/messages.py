@@ -18,10 +18,10 @@ import click
 import orjson
 
 from gateway.api.documents import version_view
-from gateway.api.messages import inbound_view, outbound_view
+from gateway.api.messages import LIST_STATES, inbound_view, outbound_view
 from gateway.api.requests import UUID_RE
 from gateway.clock import SystemClock, format_rfc3339
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, known_message_types, load_config
 from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS
 from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
@@ -76,6 +76,22 @@ def _message_id(value: str) -> str:
     return value
 
 
+def _party_filter(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # as the API's filter: anything else matches no message, and an empty table would say
+    # "none" where the truth is "mistyped"
+    if value is not None and not is_party_id(value):
+        raise click.BadParameter(f"{value[:60]!r} is not a party id (CC-AGENCY)")
+    return value
+
+
+def _type_filter(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and value not in known_message_types():
+        raise click.BadParameter(
+            f"{value[:100]!r} is not a message type this gateway knows (e.g. shipment.manifest)"
+        )
+    return value
+
+
 @click.group()
 def messages() -> None:
     """List, show and retry messages."""
@@ -84,9 +100,13 @@ def messages() -> None:
 @messages.command("list")
 @_CONFIG
 @click.option("--direction", type=click.Choice([d.value for d in Direction]))
-@click.option("--partner", help="Sender (inbound) or recipient (outbound).")
-@click.option("--type", "message_type", help="message_type.")
-@click.option("--state", help="queued, sent, acknowledged, rejected, dead, received, delivered.")
+@click.option("--partner", callback=_party_filter, help="Sender (inbound) or recipient (outbound).")
+@click.option("--type", "message_type", callback=_type_filter, help="message_type.")
+@click.option(
+    "--state",
+    type=click.Choice(sorted(LIST_STATES)),
+    help="An outbound message's state, or received/delivered for inbound ones.",
+)
 @click.option("--since", help="RFC 3339 UTC time, e.g. 2026-11-23T00:00:00Z.")
 @click.option("--limit", type=click.IntRange(1, 500), default=50, show_default=True)
 @click.option("--after", help="The cursor printed at the end of the previous page.")

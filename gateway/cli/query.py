@@ -20,6 +20,7 @@ import click
 
 from gateway.api.queries import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from gateway.cli.api_client import ApiCallError
+from gateway.cli.params import FiniteFloatRange
 from gateway.cli.send import OPERATOR_ERROR, REFUSED, api_client, fail, read_json_object
 from gateway.config import LimitsConfig
 
@@ -56,7 +57,7 @@ _HTTP_MARGIN_S = 30.0
 @click.option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(0, MAX_TIMEOUT_S),
+    type=FiniteFloatRange(0, MAX_TIMEOUT_S),
     default=DEFAULT_TIMEOUT_S,
     show_default=True,
     help="Seconds the gateway waits for the answer.",

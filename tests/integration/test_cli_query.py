@@ -151,3 +151,25 @@ async def test_a_refused_query_names_the_reason(
     )  # fmt: skip
     assert not_a_query.exit_code == 1
     assert "must be a query type" in not_a_query.stderr
+
+
+@pytest.mark.parametrize("not_a_number", ["nan", "NaN", "-nan"])
+async def test_a_timeout_that_is_not_a_number_is_a_usage_error(
+    tmp_path: Path, not_a_number: str
+) -> None:
+    # NaN passes click's FloatRange (it compares false with both bounds) and reached
+    # socket.settimeout, a traceback; it is refused as the options are read, before any call
+    token_file = tmp_path / "token"
+    token_file.write_text("a.b.c\n", encoding="utf-8")
+    params = tmp_path / "params.json"
+    params.write_text("{}", encoding="utf-8")
+    result = await run(
+        "query", "--api-url", "https://127.0.0.1:9", "--token", token_file,
+        "--partner", "MX-ANAM", "--type", "query.shipment_lookup", "--params", params,
+        "--timeout", not_a_number,
+    )  # fmt: skip
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr.endswith(
+        f"Error: Invalid value for '--timeout': {not_a_number!r} is not a finite number.\n"
+    )
+    assert "Traceback" not in result.stderr
