@@ -335,7 +335,9 @@ class Dispatcher:
         outcome: str | None = None,
         reason: str | None = None,
         transport: str | None = None,
+        body_digest: str | None = None,
     ) -> AuditEvent:
+        """An entry about ``record``; ``body_digest``: of other bytes than those stored."""
         return AuditEvent(
             event=kind,
             at=at,
@@ -344,7 +346,7 @@ class Dispatcher:
             recipient=record.recipient,
             message_type=record.message_type,
             correlation_id=record.correlation_id,
-            body_digest=record.body_digest,
+            body_digest=body_digest or record.body_digest,
             outcome=outcome,
             reason=reason,
             transport=transport or record.transport,
@@ -576,19 +578,14 @@ class Dispatcher:
             resigned := self._resign(record, receipt, attempts=attempts, now=now)
         ):
             events.append(
-                AuditEvent(
-                    event=EventKind.RESIGNED,
+                self._event(
+                    EventKind.RESIGNED,
+                    record,
                     at=now,
-                    message_id=record.message_id,
-                    sender=self._config.party,
-                    recipient=record.recipient,
-                    message_type=record.message_type,
-                    correlation_id=record.correlation_id,
-                    body_digest=resigned.body_digest,
                     outcome="queued",
                     reason=f"{verdict.reason}; the bytes {record.body_digest} were signed"
                     f" again at {format_rfc3339(now)} (key {resigned.kid})",
-                    transport=record.transport,
+                    body_digest=resigned.body_digest,
                 )
             )
             update = AttemptUpdate(

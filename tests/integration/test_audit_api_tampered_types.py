@@ -32,6 +32,15 @@ async def _get(running: Running, path: str) -> tuple[int, bytes]:
         return response.status, await response.read()
 
 
+def _behind_its_back(running: Running, statement: str) -> None:
+    conn = sqlite3.connect(str(running.config.store_url).removeprefix("sqlite:///"))
+    try:
+        conn.execute(statement)
+        conn.commit()
+    finally:
+        conn.close()
+
+
 async def test_entry_stored_as_text_is_reported_by_verify_and_export(
     us: Running, tmp_path: Path
 ) -> None:
@@ -41,12 +50,9 @@ async def test_entry_stored_as_text_is_reported_by_verify_and_export(
     ]
     await us.gateway.store.append_audit(events)
     await us.api.app[AUDIT_LOG].checkpoint()
-    conn = sqlite3.connect(str(us.config.store_url).removeprefix("sqlite:///"))
-    try:
-        conn.execute("UPDATE audit_entries SET entry = replace(entry, 'n17', 'n71') WHERE seq = 17")
-        conn.commit()
-    finally:
-        conn.close()
+    _behind_its_back(
+        us, "UPDATE audit_entries SET entry = replace(entry, 'n17', 'n71') WHERE seq = 17"
+    )
 
     status, body = await _get(us, "/api/v1/audit/verify")
     assert status == 200, body
@@ -70,12 +76,7 @@ async def test_entry_stored_as_text_is_reported_by_verify_and_export(
     assert failures[0].startswith("line 19: entry 17 is not in the checkpoint's tree")
 
     # a leaf hash changed to text: found by the check, and listed as the bytes stored
-    conn = sqlite3.connect(str(us.config.store_url).removeprefix("sqlite:///"))
-    try:
-        conn.execute("UPDATE audit_entries SET leaf_hash = 'no hash' WHERE seq = 30")
-        conn.commit()
-    finally:
-        conn.close()
+    _behind_its_back(us, "UPDATE audit_entries SET leaf_hash = 'no hash' WHERE seq = 30")
     status, body = await _get(us, "/api/v1/audit/verify")
     assert status == 200, body
     problems = orjson.loads(body)["problems"]

@@ -147,16 +147,7 @@ async def test_a_stale_receipt_arriving_later_signs_the_message_again(
     """Over AMQP the STALE comes back as a receipt on the inbound side, long after the
     hand-over: the message is signed again there and handed over as the new bytes."""
     transport = HandingTransport()
-    dispatcher = Dispatcher(
-        store=env.store,
-        config=env.config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(env.config),
-        signing_keys=load_own_signing_keys(env.config),
-        clock=env.clock,
-        metrics=env.metrics,
-    )
-    env.dispatcher = dispatcher
+    dispatcher = env.dispatcher = handing_dispatcher(env, transport)
     record = await env.submit()
     assert (await env.step(record.message_id)).state is OutboundState.SENT
     expiring = await env.submit(ttl_s=600)
@@ -442,6 +433,19 @@ class HandingTransport:
         return None
 
 
+def handing_dispatcher(env: Env, transport: HandingTransport) -> Dispatcher:
+    """A dispatcher whose transport hands messages over (as AMQP does): receipts come later."""
+    return Dispatcher(
+        store=env.store,
+        config=env.config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(env.config),
+        signing_keys=load_own_signing_keys(env.config),
+        clock=env.clock,
+        metrics=env.metrics,
+    )
+
+
 async def hand_back_receipt(
     env: Env,
     dispatcher: Dispatcher,
@@ -479,16 +483,7 @@ async def hand_back_receipt(
 
 async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Path) -> None:
     transport = HandingTransport()
-    dispatcher = Dispatcher(
-        store=env.store,
-        config=env.config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(env.config),
-        signing_keys=load_own_signing_keys(env.config),
-        clock=env.clock,
-        metrics=env.metrics,
-    )
-    env.dispatcher = dispatcher
+    dispatcher = env.dispatcher = handing_dispatcher(env, transport)
     record = await env.submit()
     handed = await env.step(record.message_id)
     assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)

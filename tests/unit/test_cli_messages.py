@@ -3,7 +3,6 @@ rather than listing an empty table for a mistyped filter."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,26 +10,14 @@ from click.testing import CliRunner
 
 from gateway.api.messages import LIST_STATES
 from gateway.cli.main import cli
-from gateway.crypto.pki import init_dev_pki
 
 REPO = Path(__file__).resolve().parents[2]
 HEADING = "AT                       DIR      PARTNER    TYPE"
 
 
-@pytest.fixture(scope="module")
-def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    init_dev_pki(root / "certs" / "dev", ["US-CBP", "MX-ANAM", "CA-CBSA"])
-    return root / "certs"
-
-
 @pytest.fixture
-def config(tmp_path: Path, pki_template: Path) -> Path:
-    shutil.copy(REPO / "gateway.toml", tmp_path / "gateway.toml")
-    shutil.copytree(REPO / "partners", tmp_path / "partners")
-    shutil.copytree(pki_template, tmp_path / "certs")
-    (tmp_path / "var").mkdir()
-    return tmp_path / "gateway.toml"
+def config(tree: Path) -> Path:
+    return tree / "gateway.toml"
 
 
 def _list(config: Path, *filters: str) -> tuple[int, str, str]:

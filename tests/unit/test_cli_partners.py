@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli.main import cli
-from gateway.crypto.pki import init_dev_pki
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    init_dev_pki(root / "certs" / "dev", ["US-CBP", "MX-ANAM", "CA-CBSA"])
-    return root / "certs"
-
-
-@pytest.fixture
-def tree(tmp_path: Path, pki_template: Path) -> Path:
-    shutil.copy(REPO / "gateway.toml", tmp_path / "gateway.toml")
-    shutil.copytree(REPO / "partners", tmp_path / "partners")
-    shutil.copytree(pki_template, tmp_path / "certs")
-    return tmp_path
 
 
 def _run(*args: str) -> tuple[int, str, str]:

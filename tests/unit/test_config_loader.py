@@ -18,26 +18,9 @@ from gateway.config import (
     load_config,
     load_partner_config,
 )
-from gateway.crypto.pki import init_dev_pki
 from gateway.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def pki_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("pki")
-    init_dev_pki(root / "certs" / "dev", ["US-CBP", "MX-ANAM", "CA-CBSA"])
-    return root / "certs"
-
-
-@pytest.fixture
-def tree(tmp_path: Path, pki_template: Path) -> Path:
-    """A copy of the repository's gateway.toml and partners/ with a dev PKI beside them."""
-    shutil.copy(REPO / "gateway.toml", tmp_path / "gateway.toml")
-    shutil.copytree(REPO / "partners", tmp_path / "partners")
-    shutil.copytree(pki_template, tmp_path / "certs")
-    return tmp_path
 
 
 def _edit(path: Path, old: str, new: str) -> None:
