@@ -10,7 +10,6 @@ import base64
 import tempfile
 from pathlib import Path
 
-import orjson
 from aiohttp import web
 
 from gateway.api.auth import claims_of
@@ -19,7 +18,7 @@ from gateway.api.requests import Fields, query_fields
 from gateway.api.services import SERVICES
 from gateway.audit import merkle
 from gateway.audit.bundle import export_bundle
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
@@ -105,7 +104,7 @@ async def list_entries(request: web.Request) -> web.Response:
     return json_response(
         {
             "items": [
-                {"seq": r.seq, "leaf_hash": _b64(r.leaf_hash), "entry": orjson.loads(r.entry)}
+                {"seq": r.seq, "leaf_hash": _b64(r.leaf_hash), "entry": entry_view(r.entry)}
                 for r in rows
             ],
             # a full page may have more after it; the cursor is the last seq seen

@@ -270,7 +270,8 @@ _SCHEMAS: dict[str, Any] = {
                             "type": "object",
                             "description": "The leaf data (RFC 8785 JSON): event, at, "
                             "message_id, sender, recipient, message_type, body_digest, "
-                            "outcome, reason, actor ...",
+                            'outcome, reason, actor ...; {"unreadable": <base64>} when the '
+                            "stored bytes hold no JSON object (changed outside the gateway)",
                         },
                     },
                 },

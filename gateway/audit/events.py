@@ -7,6 +7,7 @@ digests only, never bodies, signatures, keys or tokens.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,6 +100,19 @@ class AuditEvent:
             except orjson.JSONEncodeError:
                 pass  # a lone surrogate: the canonicalizer below reports it
         return bytes(rfc8785.dumps(entry))
+
+
+def entry_view(entry: bytes) -> dict[str, Any]:
+    """A stored entry as the JSON object it holds, for listings. Bytes that hold no JSON
+    object were changed behind the gateway's back (``audit check`` names them): they are shown
+    as ``{"unreadable": <base64>}`` rather than failing the whole listing."""
+    try:
+        value = orjson.loads(entry)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        return value
+    return {"unreadable": base64.b64encode(entry).decode("ascii")}
 
 
 async def record_or_log(

@@ -29,7 +29,7 @@ from gateway.audit.bundle import (
     verify_bundle,
 )
 from gateway.audit.checkpoint import CheckpointError
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.witnessing import offer_checkpoints
 from gateway.cli.send import uuid_option
@@ -174,7 +174,7 @@ def query_command(
             line = {
                 "seq": row.seq,
                 "leaf_hash": row.leaf_hash.hex(),
-                "entry": orjson.loads(row.entry),
+                "entry": entry_view(row.entry),
             }
             click.echo(orjson.dumps(line).decode())
 

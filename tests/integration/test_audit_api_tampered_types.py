@@ -83,3 +83,13 @@ async def test_entry_stored_as_text_is_reported_by_verify_and_export(
     assert {"position": 30, "what": "entry bytes do not match the stored leaf hash"} in problems
     status, body = await _get(us, "/api/v1/audit/entries?after=29&limit=1")
     assert status == 200, body
+    # an entry that holds no JSON any more is listed as its bytes, and the check names it
+    _behind_its_back(us, "UPDATE audit_entries SET entry = x'ff7b' WHERE seq = 33")
+    status, body = await _get(us, "/api/v1/audit/entries?after=32&limit=2")
+    assert status == 200, body
+    items = orjson.loads(body)["items"]
+    assert items[0]["entry"] == {"unreadable": "/3s="}
+    assert items[1]["entry"]["outcome"] == "n34"
+    status, body = await _get(us, "/api/v1/audit/verify")
+    problems = orjson.loads(body)["problems"]
+    assert {"position": 33, "what": "entry bytes do not match the stored leaf hash"} in problems

@@ -336,6 +336,12 @@ def test_hashes_changed_to_text_are_found(env: Path, tmp_path: Path) -> None:
     )
     assert code == 0
     assert json.loads(stdout)["leaf_hash"] == b"not a hash".hex()
+    _sql(db, "UPDATE audit_entries SET entry = 'not json' WHERE seq = 4")
+    code, stdout, _ = _invoke(
+        "audit", "query", "--config", str(config), "--after", "3", "--limit", "1"
+    )
+    assert code == 0
+    assert json.loads(stdout)["entry"] == {"unreadable": "bm90IGpzb24="}
     # no checkpoint is signed over a log that contradicts the last one
     code, _, stderr = _invoke(
         "audit", "export", "--config", str(config), "--out", str(tmp_path / "b.jsonl")
