@@ -250,10 +250,12 @@ async def _tally(node: Node, recipient: str, ids: Sequence[str], report: Report)
             tally.rejected += 1
 
 
-async def _wait_reply(node: Node, message_id: str, *, timeout_s: float) -> InboundRecord | None:
+async def _wait_reply(
+    node: Node, message_id: str, *, partner: str, timeout_s: float
+) -> InboundRecord | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        reply = await node.gateway.store.find_inbound_reply(message_id)
+        reply = await node.gateway.store.find_inbound_reply(message_id, sender=partner)
         if reply is not None:
             return reply
         await asyncio.sleep(0.05)
@@ -290,7 +292,7 @@ async def _exchange(sender: Node, recipient: Node, report: Report) -> None:
         ids.append(str(body["query_id"]))
     await _wait_final(sender, ids, timeout_s=20)
     await _tally(sender, recipient.party, ids, report)
-    reply = await _wait_reply(sender, request_id, timeout_s=20)
+    reply = await _wait_reply(sender, request_id, partner=recipient.party, timeout_s=20)
     report.check(
         f"{sender.party} assistance_request: answered",
         reply.message_type.split(".")[1] if reply else "no answer",

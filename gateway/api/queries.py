@@ -54,10 +54,16 @@ def query_submission(
 
 
 async def _answer(services: ApiServices, query: OutboundRecord) -> dict[str, Any] | None:
-    reply = await services.store.find_inbound_reply(query.message_id)
-    if reply is None or reply.message_type != RESPONSE_TYPE:
-        return None
-    return inbound_view(reply)
+    """The asked partner's ``query.response`` to the query: nobody else's, and not another
+    message of the partner's that happens to name the query."""
+    reply = await services.store.find_inbound_reply(
+        query.message_id, sender=query.recipient, message_type=RESPONSE_TYPE
+    )
+    return None if reply is None else inbound_view(reply)
+
+
+def is_query(record: OutboundRecord) -> bool:
+    return record.message_type.startswith("query.") and record.message_type != RESPONSE_TYPE
 
 
 def _view(query: OutboundRecord, answer: dict[str, Any] | None) -> dict[str, Any]:
@@ -103,6 +109,6 @@ async def get_query(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     query_id = path_uuid(request, "query_id")
     query = await services.store.get_outbound(query_id)
-    if query is None or not query.message_type.startswith("query."):
+    if query is None or not is_query(query):
         return problem(404, f"no query with query_id {query_id}")
     return json_response(_view(query, await _answer(services, query)))

@@ -365,8 +365,12 @@ class Store(Protocol):
 
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None: ...
 
-    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
-        """The earliest inbound message answering our message ``in_reply_to``."""
+    async def find_inbound_reply(
+        self, in_reply_to: str, *, sender: str, message_type: str | None = None
+    ) -> InboundRecord | None:
+        """The earliest inbound message from ``sender`` (the party we sent ours to) answering
+        our message ``in_reply_to``; of ``message_type`` when given. Another party naming our
+        message, or another kind of reply from the same party, is not its answer."""
         ...
 
     async def document_versions(

@@ -621,12 +621,17 @@ class PostgresStore:
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
         return await self._call(lambda c: _get_inbound(c, sender, message_id))
 
-    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
+    async def find_inbound_reply(
+        self, in_reply_to: str, *, sender: str, message_type: str | None = None
+    ) -> InboundRecord | None:
         row = await self._call(
             lambda c: c.fetchrow(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
-                "WHERE in_reply_to = $1 ORDER BY seq LIMIT 1",
+                "WHERE in_reply_to = $1 AND sender = $2 "
+                "AND ($3::text IS NULL OR message_type = $3) ORDER BY seq LIMIT 1",
                 in_reply_to,
+                sender,
+                message_type,
             )
         )
         return None if row is None else _inbound(row)

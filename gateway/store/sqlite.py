@@ -832,12 +832,15 @@ class SqliteStore:
     async def get_inbound(self, sender: str, message_id: str) -> InboundRecord | None:
         return await self._read(lambda c: _get_inbound(c, sender, message_id))
 
-    async def find_inbound_reply(self, in_reply_to: str) -> InboundRecord | None:
+    async def find_inbound_reply(
+        self, in_reply_to: str, *, sender: str, message_type: str | None = None
+    ) -> InboundRecord | None:
         row = await self._read(
             lambda c: c.execute(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_messages "
-                "WHERE in_reply_to = ? ORDER BY seq LIMIT 1",
-                (in_reply_to,),
+                "WHERE in_reply_to = ? AND sender = ? AND (? IS NULL OR message_type = ?) "
+                "ORDER BY seq LIMIT 1",
+                (in_reply_to, sender, message_type, message_type),
             ).fetchone()
         )
         return None if row is None else _inbound(row)

@@ -141,7 +141,9 @@ async def test_checkpoint_cosigned_then_rewritten_history_is_caught(
         witnessed = await mx.store.get_witnessed(us_config.audit.origin)
         assert witnessed is not None
         assert (witnessed.size, witnessed.root_hash) == (checkpoint.size, checkpoint.root_hash)
-        answer = await us.store.find_inbound_reply(offered[0].message_id)
+        answer = await us.store.find_inbound_reply(
+            offered[0].message_id, sender=offered[0].recipient
+        )
         assert answer is not None
         assert answer.message_type == COSIGNATURE_TYPE
         assert answer.body is not None

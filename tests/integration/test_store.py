@@ -437,11 +437,24 @@ async def test_relay_mark_keeps_events_of_keys_it_was_not_asked_to_mark(store: S
 
 
 async def test_find_inbound_reply(store: Store) -> None:
-    assert await store.find_inbound_reply("q-1") is None
+    """Only the asked party's reply, of the type asked for, earliest first."""
+    assert await store.find_inbound_reply("q-1", sender="MX-SAT") is None
+    await store.store_inbound(inbound("other-1", sender="CA-CBSA", in_reply_to="q-1"), [])
+    assert await store.find_inbound_reply("q-1", sender="MX-SAT") is None
+    status = replace(inbound("status-1", in_reply_to="q-1"), message_type="shipment.status")
+    await store.store_inbound(status, [])
     await store.store_inbound(inbound("resp-1", in_reply_to="q-1"), [])
-    reply = await store.find_inbound_reply("q-1")
-    assert reply is not None
-    assert reply.message_id == "resp-1"
+    first = await store.find_inbound_reply("q-1", sender="MX-SAT")
+    assert first is not None
+    assert first.message_id == "status-1"
+    typed = await store.find_inbound_reply(
+        "q-1", sender="MX-SAT", message_type="shipment.advance_data"
+    )
+    assert typed is not None
+    assert typed.message_id == "resp-1"
+    theirs = await store.find_inbound_reply("q-1", sender="CA-CBSA")
+    assert theirs is not None
+    assert theirs.message_id == "other-1"
 
 
 # idempotency keys

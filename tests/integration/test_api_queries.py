@@ -1,0 +1,76 @@
+"""A query's answer over the internal API: only the asked partner's query.response."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import aiohttp
+from inbound_records import sample_record
+from outbound_env import Running, auth, client_ssl, example, token
+
+
+async def call(running: Running, method: str, path: str, json: Any = None) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            running.api_url + path,
+            json=json,
+            headers=auth(token(running.config, ("c2c:send", "c2c:query"))),
+            ssl=client_ssl(running.config),
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+async def reply(running: Running, query_id: str, sender: str, message_type: str) -> str:
+    """A partner's message naming the query, as the inbound pipeline stores it."""
+    record = dataclasses.replace(
+        sample_record(sender=sender), in_reply_to=query_id, message_type=message_type
+    )
+    await running.gateway.store.store_inbound(record, [])
+    return record.message_id
+
+
+async def test_only_the_asked_partners_response_answers_a_query(us: Running) -> None:
+    status, asked = await call(
+        us,
+        "POST",
+        "/api/v1/queries",
+        {
+            "partner": "MX-ANAM",
+            "message_type": "query.shipment_lookup",
+            "params": example(us.gateway, "query.shipment_lookup"),
+            "timeout_s": 0,
+        },
+    )
+    assert status == 202, asked
+    query_id = asked["query_id"]
+    path = f"/api/v1/queries/{query_id}"
+    # another partner's response naming the query, and the asked partner's other messages
+    await reply(us, query_id, "CA-CBSA", "query.response")
+    await reply(us, query_id, "MX-ANAM", "shipment.status")
+    status, body = await call(us, "GET", path)
+    assert (status, body["state"], body["response"]) == (200, "queued", None)
+    answer_id = await reply(us, query_id, "MX-ANAM", "query.response")
+    status, body = await call(us, "GET", path)
+    assert (status, body["state"]) == (200, "answered")
+    assert (body["response"]["partner"], body["response"]["message_id"]) == ("MX-ANAM", answer_id)
+
+
+async def test_an_outbound_response_is_no_query(us: Running) -> None:
+    status, sent = await call(
+        us,
+        "POST",
+        "/api/v1/messages",
+        {
+            "recipient": "MX-ANAM",
+            "message_type": "query.response",
+            "payload": example(us.gateway, "query.response"),
+            "in_reply_to": "0192f4d6-0000-7000-8000-000000000001",
+        },
+    )
+    assert status == 202, sent
+    status, body = await call(us, "GET", f"/api/v1/queries/{sent['message_id']}")
+    assert status == 404, body
