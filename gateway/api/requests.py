@@ -18,7 +18,13 @@ MAX_TEXT = 200
 
 async def read_body(request: web.Request, *, max_bytes: int) -> bytes:
     """The whole body, however many reads it takes to arrive; TooLarge past ``max_bytes``
-    (from its Content-Length, before reading it, when it says so)."""
+    (from its Content-Length, before reading it, when it says so). Sent as it is: a
+    Content-Encoding is refused, as on the partner endpoint."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Malformed(
+            f"Content-Encoding {encoding[:32]!r} is not accepted: send the JSON as it is"
+        )
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise TooLarge(f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")

@@ -62,6 +62,9 @@ class ApiServer:
             self._app,
             handle_signals=False,
             access_log=None,
+            # bodies are read as sent: a Content-Encoding is refused (requests.read_body), not
+            # inflated (a small gzip body could otherwise stand for a very large one)
+            auto_decompress=False,
             shutdown_timeout=self._shutdown_timeout_s,
         )
         await runner.setup()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import json
 from collections.abc import AsyncIterator
@@ -149,6 +150,33 @@ async def test_a_body_arriving_in_pieces_is_read_whole(us: Running) -> None:
     assert (status, answer["code"]) == (413, "TOO_LARGE")
     status, answer = await api(us, "POST", "/api/v1/messages", data=io.BytesIO(over))
     assert (status, answer["code"]) == (413, "TOO_LARGE")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "deflate"])
+async def test_an_encoded_body_is_refused_as_the_partner_endpoint_does(
+    us: Running, encoding: str
+) -> None:
+    body = gzip.compress(json.dumps(submission(us)).encode())
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(
+            us.api_url + "/api/v1/messages",
+            data=body,
+            headers={
+                **auth(token(us.config, ("c2c:send",))),
+                "Content-Type": "application/json",
+                "Content-Encoding": encoding,
+            },
+            ssl=client_ssl(us.config),
+        ) as response,
+    ):
+        problem = await response.json(content_type=None)
+    assert (response.status, problem["code"]) == (400, "MALFORMED")
+    assert (
+        problem["detail"]
+        == f"Content-Encoding '{encoding}' is not accepted: send the JSON as it is"
+    )
+    assert sum((await us.gateway.store.outbox_depth()).values()) == 0
 
 
 async def test_submission_refusals_are_audited(us: Running) -> None:
