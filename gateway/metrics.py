@@ -107,7 +107,7 @@ class Metrics:
         )
         self.relay_failures = Counter(
             "c2c_relay_failures_total",
-            "Relay rounds that failed (store or bus unavailable).",
+            "Relay rounds that failed (store or bus unavailable, or a bug).",
             registry=self.registry,
         )
         self.outbound_attempts = Counter(

@@ -44,6 +44,8 @@ class EventKind(StrEnum):
     KEY_CHANGE = "key_change"
     POISON = "poison"
     TLS_REFUSED = "tls_refused"
+    #: not written: a checkpoint offer is audited as the outbound message it is (submitted);
+    #: kept so entries of that kind still parse
     CHECKPOINT_SENT = "checkpoint_sent"
     CHECKPOINT_WITNESSED = "checkpoint_witnessed"
     COSIGNATURE_RECEIVED = "cosignature_received"

@@ -18,7 +18,7 @@ from typing import NoReturn
 import click
 
 from gateway.adapters.registry import Adapter, adapter_for
-from gateway.clock import format_rfc3339
+from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, load_config
 from gateway.crypto.keys import load_verification_key
 from gateway.crypto.x509 import cert_subject_cn, load_certificate
@@ -131,7 +131,8 @@ class _Result:
     detail: str
 
 
-def _check_keys(partner: PartnerConfig) -> Iterator[_Result]:
+def _check_keys(partner: PartnerConfig, now: datetime) -> Iterator[_Result]:
+    valid_now = 0
     for key in partner.keys:
         try:
             loaded = load_verification_key(
@@ -146,6 +147,10 @@ def _check_keys(partner: PartnerConfig) -> Iterator[_Result]:
             continue
         window = f"valid {_when(key.not_before)} .. {_when(key.not_after)}"
         yield _Result(ok=True, what="key", detail=f"{loaded.kid} {loaded.alg} {window}")
+        valid_now += loaded.valid_at(now)
+    if not valid_now:
+        # every message the partner signs now would be refused UNKNOWN_KEY
+        yield _Result(ok=False, what="key", detail=f"no key is valid now ({format_rfc3339(now)})")
 
 
 def _check_tls(partner: PartnerConfig) -> Iterator[_Result]:
@@ -258,7 +263,7 @@ def _check_fixtures(
 
 def _checks(config: GatewayConfig, partner: PartnerConfig) -> Iterator[_Result]:
     yield _Result(ok=True, what="config", detail=str(partner.directory / "partner.toml"))
-    yield from _check_keys(partner)
+    yield from _check_keys(partner, SystemClock().now())
     yield from _check_tls(partner)
     try:
         adapter = adapter_for(partner)

@@ -113,6 +113,23 @@ def test_unreadable_key_shows_in_list_and_fails_check(tree: Path) -> None:
     assert "  FAIL  key         " in out
 
 
+def test_check_fails_when_no_key_is_valid_now(tree: Path) -> None:
+    toml = tree / "partners" / "MX-ANAM" / "partner.toml"
+    text = toml.read_text(encoding="utf-8")
+    assert text.count("not_before = 2025-01-01T00:00:00Z") == 1
+    toml.write_text(
+        text.replace(
+            "not_before = 2025-01-01T00:00:00Z",
+            "not_before = 2025-01-01T00:00:00Z\nnot_after = 2025-06-01T00:00:00Z",
+        ),
+        encoding="utf-8",
+    )
+    code, out, _ = _run("partners", "check", "MX-ANAM", "--config", str(tree / "gateway.toml"))
+    assert code == 1
+    assert "  ok    key         " in out  # the key itself loads
+    assert "  FAIL  key         no key is valid now (" in out
+
+
 def test_check_of_an_unknown_partner(tree: Path) -> None:
     code, out, err = _run("partners", "check", "GB-HMRC", "--config", str(tree / "gateway.toml"))
     assert (code, out) == (2, "")
