@@ -46,6 +46,14 @@ _AUTH_ERRORS = {
     "401": _problem("Missing, invalid or expired bearer token"),
     "403": _problem("The token lacks the scope this operation needs"),
 }
+#: submitting: also a recipient that is no partner, or a type it may not be sent
+_SUBMIT_AUTH_ERRORS = {
+    **_AUTH_ERRORS,
+    "403": _problem(
+        "The token lacks the scope this operation needs, or NOT_AUTHORIZED: the recipient is"
+        " not a configured partner or may not be sent this message type"
+    ),
+}
 
 _MESSAGE_ID_PARAM = {
     "name": "message_id",
@@ -555,7 +563,7 @@ def openapi_document() -> dict[str, Any]:
                             _json(_ref("Accepted"), "Stored in the outbox; delivery follows")
                         ),
                         "400": _problem("Malformed request, unknown type or schema error"),
-                        **_AUTH_ERRORS,
+                        **_SUBMIT_AUTH_ERRORS,
                         "413": _problem("Body too large"),
                         "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable; nothing was kept"),
@@ -648,8 +656,8 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": _replayable(_json(_ref("QueryState"), "Answered in time")),
                         "202": _replayable(_json(_ref("QueryState"), "Sent; no answer yet")),
-                        "400": _problem("Malformed request or schema error"),
-                        **_AUTH_ERRORS,
+                        "400": _problem("Malformed request, unknown type or schema error"),
+                        **_SUBMIT_AUTH_ERRORS,
                         "413": _problem("Body too large"),
                         "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable"),

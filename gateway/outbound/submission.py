@@ -23,7 +23,7 @@ from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import SigningKey
 from gateway.envelope import body_digest, encode_envelope, new_message_id
-from gateway.errors import GatewayError, Malformed, NotAuthorized, Unavailable
+from gateway.errors import GatewayError, Malformed, NotAuthorized, Unavailable, UnsupportedType
 from gateway.model import Header, Priority, is_party_id
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import OutboundRecord, Store, same_request
@@ -170,6 +170,12 @@ async def authorize_type(ctx: SubmitContext) -> None:
         raise NotAuthorized(
             "receipts are made by the gateway, not submitted",
             detail="receipts are made by the gateway, not submitted",
+        )
+    schema_version = ctx.submission.schema_version
+    if not ctx.services.registry.is_known(message_type, schema_version):
+        # PROTOCOL.md section 4: unknown pairs are UNSUPPORTED_TYPE, whoever they are for
+        raise UnsupportedType(
+            f"unknown message_type/schema_version {message_type[:60]!r}/{schema_version[:20]!r}"
         )
     if message_type not in ctx.partner.outbound_types:
         allowed = ", ".join(sorted(ctx.partner.outbound_types)) or "none"

@@ -80,7 +80,8 @@ async def test_submit_stores_signed_message_and_audits_the_actor(us: Running) ->
         ({"recipient": "ZZ-NOBODY"}, 403, "NOT_AUTHORIZED", "not a configured partner"),
         ({"recipient": "mx"}, 400, "MALFORMED", "not a party id"),
         ({"message_type": "receipt"}, 403, "NOT_AUTHORIZED", "receipts are made by the gateway"),
-        ({"message_type": "shipment.nope"}, 403, "NOT_AUTHORIZED", "may not be sent to MX-ANAM"),
+        # PROTOCOL.md section 4: an unknown type is UNSUPPORTED_TYPE, whoever it is for
+        ({"message_type": "shipment.nope"}, 400, "UNSUPPORTED_TYPE", "unknown message_type"),
         ({"schema_version": "9.9"}, 400, "UNSUPPORTED_TYPE", "unknown message_type/schema_version"),
         ({"payload": {}}, 400, "SCHEMA_INVALID", ""),
         ({"payload": None}, 400, "MALFORMED", "payload is required and must be a JSON object"),
