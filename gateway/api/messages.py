@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -10,7 +11,7 @@ from aiohttp import web
 from gateway.api.auth import claims_of
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
-from gateway.api.services import SERVICES, ApiServices
+from gateway.api.services import SERVICES
 from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
 from gateway.model import Direction, Priority, is_party_id
@@ -23,6 +24,7 @@ from gateway.store.base import (
     MessageFilter,
     OutboundRecord,
     OutboundState,
+    Store,
 )
 from gateway.store.queries import InvalidCursor
 
@@ -43,6 +45,8 @@ SUBMIT_MEMBERS = frozenset(
 MAX_TTL_S = 30 * 86_400
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
+#: narrowing GET /api/v1/messages/{id} when the id names several messages
+ONE_QUERY = frozenset({"direction", "partner"})
 LIST_QUERY = frozenset(
     {"direction", "partner", "type", "state", "since", "until", "correlation_id", "limit", "after"}
 )
@@ -184,24 +188,60 @@ def inbound_view(record: InboundRecord) -> dict[str, Any]:
     }
 
 
-async def find_message(services: ApiServices, message_id: str) -> dict[str, Any] | None:
-    outbound = await services.store.get_outbound(message_id)
-    if outbound is not None:
-        return outbound_view(outbound)
-    # Inbound ids are unique per sender only; partners are few, so each is asked.
-    for partner in sorted(services.config.partners):
-        inbound = await services.store.get_inbound(partner, message_id)
-        if inbound is not None:
-            return inbound_view(inbound)
-    return None
+async def find_messages(
+    store: Store,
+    partners: Iterable[str],
+    message_id: str,
+    *,
+    direction: Direction | None = None,
+    partner: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every message with this id, narrowed by direction and partner. Our ids are unique, but
+    a partner's are unique per sender only (PROTOCOL.md section 2), and may equal ours."""
+    views: list[dict[str, Any]] = []
+    if direction in (None, Direction.OUTBOUND):
+        outbound = await store.get_outbound(message_id)
+        if outbound is not None and partner in (None, outbound.recipient):
+            views.append(outbound_view(outbound))
+    if direction in (None, Direction.INBOUND):
+        # partners are few, so each is asked
+        for sender in sorted(partners) if partner is None else [partner]:
+            inbound = await store.get_inbound(sender, message_id)
+            if inbound is not None:
+                views.append(inbound_view(inbound))
+    return views
+
+
+def several_messages(
+    message_id: str, views: list[dict[str, Any]], *, narrow: str = "direction and partner"
+) -> str:
+    named = ", ".join(
+        f"{'outbound to' if view['direction'] == 'outbound' else 'inbound from'} {view['partner']}"
+        for view in views
+    )
+    return f"message_id {message_id} names {len(views)} messages ({named}): give {narrow}"
 
 
 async def get_message(request: web.Request) -> web.Response:
     message_id = path_uuid(request, "message_id")
-    view = await find_message(request.app[SERVICES], message_id)
-    if view is None:
+    fields = query_fields(request, ONE_QUERY)
+    direction = fields.choice("direction", frozenset(d.value for d in Direction))
+    partner = fields.text("partner", limit=40)
+    if partner is not None and not is_party_id(partner):
+        raise Malformed("partner must be a party id (CC-AGENCY)")
+    services = request.app[SERVICES]
+    views = await find_messages(
+        services.store,
+        services.config.partners,
+        message_id,
+        direction=Direction(direction) if direction else None,
+        partner=partner,
+    )
+    if not views:
         return problem(404, f"no message with message_id {message_id}")
-    return json_response(view)
+    if len(views) > 1:
+        return problem(409, several_messages(message_id, views))
+    return json_response(views[0])
 
 
 def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None]:

@@ -587,12 +587,28 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getMessage",
                     "summary": "A message's state, attempts and receipt",
                     "security": _security(_READ_SCOPES),
-                    "parameters": [_MESSAGE_ID_PARAM],
+                    "parameters": [
+                        _MESSAGE_ID_PARAM,
+                        _query(
+                            "direction",
+                            {"type": "string", "enum": ["inbound", "outbound"]},
+                            "When the id names several messages",
+                        ),
+                        _query(
+                            "partner",
+                            _PARTY,
+                            "When the id names several messages: the sender or recipient",
+                        ),
+                    ],
                     "responses": {
                         "200": _json(_ref("Message"), "The message"),
-                        "400": _problem("message_id is not a UUID"),
+                        "400": _problem("message_id is not a UUID, or a bad parameter"),
                         **_AUTH_ERRORS,
                         "404": _problem("No such message"),
+                        "409": _problem(
+                            "The id names several messages (a partner's ids are unique per"
+                            " sender only): the detail lists them; give direction and partner"
+                        ),
                         "503": _problem("The store is unavailable"),
                     },
                 }

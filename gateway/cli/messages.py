@@ -18,7 +18,7 @@ import click
 import orjson
 
 from gateway.api.documents import version_view
-from gateway.api.messages import LIST_STATES, inbound_view, outbound_view
+from gateway.api.messages import LIST_STATES, find_messages, several_messages
 from gateway.api.requests import UUID_RE
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, known_message_types, load_config
@@ -155,24 +155,36 @@ def list_command(
 
 @messages.command("show")
 @_CONFIG
+@click.option(
+    "--direction",
+    type=click.Choice([d.value for d in Direction]),
+    help="When the id names several messages.",
+)
+@click.option(
+    "--partner",
+    callback=_party_filter,
+    help="When the id names several messages: the sender or recipient.",
+)
 @click.argument("message_id")
-def show_command(config_path: Path, message_id: str) -> None:
+def show_command(
+    config_path: Path, direction: str | None, partner: str | None, message_id: str
+) -> None:
     """Show one message (state, attempts, last error, receipt) as JSON."""
     wanted = _message_id(message_id)
 
     async def work(config: GatewayConfig, store: Store) -> None:
-        outbound = await store.get_outbound(wanted)
-        if outbound is not None:
-            view = outbound_view(outbound)
-        else:
-            for partner in sorted(config.partners):
-                inbound = await store.get_inbound(partner, wanted)
-                if inbound is not None:
-                    view = inbound_view(inbound)
-                    break
-            else:
-                _fail(f"no message with message_id {wanted}")
-        click.echo(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode())
+        views = await find_messages(
+            store,
+            config.partners,
+            wanted,
+            direction=Direction(direction) if direction else None,
+            partner=partner,
+        )
+        if not views:
+            _fail(f"no message with message_id {wanted}")
+        if len(views) > 1:
+            _fail(several_messages(wanted, views, narrow="--direction and --partner"))
+        click.echo(orjson.dumps(views[0], option=orjson.OPT_INDENT_2).decode())
 
     _with_store(config_path, work)
 

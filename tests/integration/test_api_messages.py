@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import io
 import json
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from inbound_records import sample_record
 from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.audit.events import EventKind
@@ -178,6 +180,34 @@ async def test_an_encoded_body_is_refused_as_the_partner_endpoint_does(
         == f"Content-Encoding '{encoding}' is not accepted: send the JSON as it is"
     )
     assert sum((await us.gateway.store.outbox_depth()).values()) == 0
+
+
+async def test_an_id_of_several_messages_is_named_not_guessed(us: Running) -> None:
+    """A partner's ids are unique per sender only: one id may name our outbound message and
+    other partners' inbound ones. The API lists them (409) instead of picking one."""
+    status, sent = await api(us, "POST", "/api/v1/messages", json=submission(us))
+    assert status == 202, sent
+    message_id = sent["message_id"]
+    for sender in ("MX-ANAM", "CA-CBSA"):
+        twin = dataclasses.replace(sample_record(sender=sender), message_id=message_id)
+        await us.gateway.store.store_inbound(twin, [])
+    path = f"/api/v1/messages/{message_id}"
+    status, body = await api(us, "GET", path)
+    assert status == 409, body
+    assert body["detail"] == (
+        f"message_id {message_id} names 3 messages (outbound to MX-ANAM, inbound from CA-CBSA,"
+        " inbound from MX-ANAM): give direction and partner"
+    )
+    status, body = await api(us, "GET", path + "?direction=outbound")
+    assert (status, body["direction"], body["partner"]) == (200, "outbound", "MX-ANAM")
+    status, body = await api(us, "GET", path + "?direction=inbound&partner=CA-CBSA")
+    assert (status, body["direction"], body["partner"]) == (200, "inbound", "CA-CBSA")
+    status, body = await api(us, "GET", path + "?partner=MX-ANAM")
+    assert status == 409, body
+    status, body = await api(us, "GET", path + "?partner=GB-HMRC")
+    assert status == 404, body
+    status, body = await api(us, "GET", path + "?partner=mx")
+    assert (status, body["detail"]) == (400, "partner must be a party id (CC-AGENCY)")
 
 
 async def test_submission_refusals_are_audited(us: Running) -> None:
