@@ -7,7 +7,9 @@ see every accepted message at least once, always with its ``message_id``.
 Replicas on one database share the inbox: each round claims a batch with a lease
 (``claim_relay``), so two healthy relays never publish the same row; a crashed relay's rows go
 to another one when its lease ends. The mark names the lease holder, so a relay whose lease ran
-out (and was taken over) does not audit ``delivered`` a second time.
+out (and was taken over) does not audit ``delivered`` a second time. A relay marks each record
+under the lease it holds at the time: a handed-over row whose lease ran out in the queue (the
+bus down for longer than the lease) and that its own claim took again is marked as claimed.
 
 The hot path needs no claim: the inbound pipeline stores each new row already leased to this
 relay (``lease()``) and hands the committed record over (``stored()``), so a round is the
@@ -32,7 +34,7 @@ from gateway.clock import Clock
 from gateway.crashpoints import crash_point
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.store.base import InboundRecord, RelayLease, Store
+from gateway.store.base import InboundKey, InboundRecord, RelayLease, Store
 from gateway.transports.bus import Bus
 
 log = structlog.get_logger(__name__)
@@ -163,7 +165,10 @@ class InboxRelay:
         self._handed.clear()
         self._handed_bytes = 0
         try:
-            await self._store.release_relay(self._hand_owner)
+            # the hand-over leases, and those of claimed rows the bus refused (waiting for
+            # their lease to run out before they are tried again)
+            for owner in (self._hand_owner, self._owner):
+                await self._store.release_relay(owner)
         except GatewayError as exc:
             log.warning("relay_release_failed", code=exc.code.value, reason=exc.reason)
 
@@ -184,21 +189,28 @@ class InboxRelay:
                 self._lease_s,
                 max_bytes=self._max_handed_bytes,
             )
+            self._drop_handed({record.key for record in claimed})
         handed = self._take_handed(self._batch - len(claimed))
-        # a handed row whose lease ran out while queued can come back in a claim
-        keys = {record.key for record in handed}
-        claimed = [record for record in claimed if record.key not in keys]
         confirmed: list[InboundRecord] = []
         try:
             await self._publish([*handed, *claimed], confirmed)
             if confirmed:
                 crash_point("S8-after-confirm-before-mark")
         finally:
-            # Mark what the bus confirmed even when a later publish failed, so a bad record or
-            # a bus outage midway does not make the good ones go out again. Handed records the
-            # bus did not take go back to the front of the queue (still leased to us).
+            # Mark what the bus confirmed even when others of the batch failed, so a bad record
+            # or a bus outage midway does not make the good ones go out again.
             done = {record.key for record in confirmed}
-            self._give_back([r for r in handed if r.key not in done])
+            refused = [r for r in handed if r.key not in done]
+            if not confirmed:
+                # the bus took nothing (an outage): the handed records go back to the front
+                # of the queue (still leased to us), retried after the round's backoff
+                self._give_back(refused)
+            elif len(done) < len(handed) + len(claimed):
+                # the bus refused some while it took others (an unroutable routing key: no
+                # queue bound for that sender and type). Those stay pending, leased, and are
+                # claimed again when the lease runs out: retried every lease_s, not in every
+                # round of the traffic behind them. Counted as a failure: it is one.
+                self._metrics.relay_failures.inc()
             await self._mark([r for r in handed if r.key in done], self._hand_owner)
             await self._mark([r for r in claimed if r.key in done], self._owner)
         return len(confirmed)
@@ -215,6 +227,22 @@ class InboxRelay:
         if len(marked) < len(records):
             log.warning("relay_lease_lost", published=len(records), marked=len(marked))
 
+    def _drop_handed(self, claimed: set[InboundKey]) -> None:
+        """Take the rows a claim returned out of the hand-over queue: a handed row whose lease
+        ran out while it waited there (the bus down for longer than the lease) comes back in
+        our claim, leased to ``owner`` now. Published and marked as claimed, it goes out once
+        and is marked under the lease it holds; left queued too, it went out twice, its mark
+        under the hand-over lease matching nothing."""
+        if not claimed or not self._handed:
+            return
+        kept: deque[InboundRecord] = deque()
+        for record in self._handed:
+            if record.key in claimed:
+                self._handed_bytes -= _held_bytes(record)
+            else:
+                kept.append(record)
+        self._handed = kept
+
     def _take_handed(self, limit: int) -> list[InboundRecord]:
         count = min(limit, len(self._handed))
         taken = [self._handed.popleft() for _ in range(count)]
@@ -223,10 +251,9 @@ class InboxRelay:
 
     async def _publish(self, records: list[InboundRecord], confirmed: list[InboundRecord]) -> None:
         """Publish the batch with the confirms in flight together; ``confirmed`` gets the
-        leading records the bus took. Raises when the bus took none of them."""
+        records the bus took, whichever others failed. Raises when the bus took none of them."""
         if records:
-            taken = await self._bus.publish_inbound_many(records)
-            confirmed.extend(records[:taken])
+            confirmed.extend(await self._bus.publish_inbound_many(records))
 
     def _delivered(self, record: InboundRecord) -> AuditEvent:
         return AuditEvent(

@@ -3,9 +3,10 @@
 Called by the inbox relay only after the store commit; ``publish_inbound`` returns only after
 the broker's confirm (``mandatory``: with no queue bound, nothing is confirmed and the record
 stays pending); ``publish_inbound_many`` publishes a batch with the confirms in flight
-together. Routing key ``<sender>.<message_type>``; the properties are those of PROTOCOL section
-5, so a consumer deduplicates by ``(app_id, message_id)`` and can re-verify the partner's
-signature from the ``c2c-signature`` header over the exact body.
+together, and a record that is not confirmed leaves the others of the batch taken. Routing key
+``<sender>.<message_type>``; the properties are those of PROTOCOL section 5, so a consumer
+deduplicates by ``(app_id, message_id)`` and can re-verify the partner's signature from the
+``c2c-signature`` header over the exact body.
 
 In-process subscribers are called after the confirm, for the records this process relays;
 systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
@@ -76,7 +77,7 @@ class RabbitBus:
         await self._publish(record)
         await notify_subscribers(self._handlers, record)
 
-    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> list[InboundRecord]:
         if self._closed:
             raise Unavailable("RabbitMQ bus is closed")
         failures: list[BaseException | None] = list(
@@ -84,7 +85,8 @@ class RabbitBus:
                 *(self._publish(record) for record in records), return_exceptions=True
             )
         )
-        # in-process subscribers see the confirmed records in order, up to the first failure
+        # every confirmed record is routed already, whichever failed beside it: all of them
+        # count, and in-process subscribers see them in order
         return await notify_in_order(self._handlers, records, failures)
 
     async def _publish(self, record: InboundRecord) -> None:

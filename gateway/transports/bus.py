@@ -4,7 +4,14 @@
 RabbitMQ: a publisher confirm; in process: every subscriber has handled it). The relay marks a
 record relayed only after that, so delivery is at least once and each delivery carries the
 record's ``message_id``. ``publish_inbound_many`` does the same for a batch with the confirms
-in flight together, and says how many leading records were taken.
+in flight together, and says which records were taken.
+
+A record that fails does not hold back the others of its batch: on RabbitMQ the records behind
+it are routed and confirmed whatever happens to it, so counting only those in front of it would
+make the relay publish them again, round after round while it keeps failing (an unroutable
+routing key, a purged body). The taken records keep their order; a record retried later comes
+after them, as any at-least-once redelivery may, and consumers order the versions of a document
+by ``c2c-document-version`` (highest version wins), not by arrival.
 """
 
 from __future__ import annotations
@@ -27,12 +34,12 @@ class Bus(Protocol):
         """Hand one accepted record over; raises ``Unavailable`` when not confirmed."""
         ...
 
-    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
-        """Hand records over, confirms awaited together; returns how many leading records were
-        taken (``len(records)`` when all were): record ``i`` counts only if every record before
-        it was taken too, and in-process subscribers see the taken records in order. Raises the
-        ``Unavailable`` of the first record when even that one was not taken; a later failure
-        ends the count and is logged (``bus_publish_failed``)."""
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> list[InboundRecord]:
+        """Hand records over, confirms awaited together; returns the records taken, in their
+        order (all of them when nothing failed), and in-process subscribers see them in that
+        order. A record that was not taken is left out and logged (``bus_publish_failed``);
+        the others are taken all the same. Raises the first record's failure when none was
+        taken."""
         ...
 
     def subscribe(self, handler: InboundHandler) -> None:
@@ -46,39 +53,42 @@ async def notify_in_order(
     handlers: list[InboundHandler],
     records: Sequence[InboundRecord],
     failures: list[BaseException | None],
-) -> int:
-    """Hand in-process subscribers the records the bus took (``failures[i] is None``), in
-    order, up to the first that failed or that a subscriber refused; returns the taken
-    prefix as ``taken_prefix`` does."""
+) -> list[InboundRecord]:
+    """Hand in-process subscribers, in order, every record the bus took (``failures[i] is
+    None``); one a subscriber refused counts as failed. Returns the taken records as
+    ``taken_records`` does."""
     for index, record in enumerate(records):
         if failures[index] is not None:
-            break
+            continue
         try:
             await notify_subscribers(handlers, record)
         except Unavailable as exc:
             failures[index] = exc
-            break
-    return taken_prefix(records, failures)
+    return taken_records(records, failures)
 
 
-def taken_prefix(records: Sequence[InboundRecord], failures: Sequence[BaseException | None]) -> int:
-    """How many leading records have no failure; raises the first record's own failure, logs
-    the one that ends a non-empty prefix (the caller learns only the count)."""
-    for index, (record, failure) in enumerate(zip(records, failures, strict=True)):
-        if failure is None:
-            continue
-        if index == 0:
-            raise failure
-        log.warning(
-            "bus_publish_failed",
-            sender=record.sender,
-            message_id=record.message_id,
-            taken=index,
-            of=len(records),
-            error=failure.reason if isinstance(failure, Unavailable) else type(failure).__name__,
-        )
-        return index
-    return len(records)
+def taken_records(
+    records: Sequence[InboundRecord], failures: Sequence[BaseException | None]
+) -> list[InboundRecord]:
+    """The records with no failure, in order. Raises the first failure when no record was
+    taken (an outage, or a batch of one bad record); else logs each failure, as the caller
+    learns only what was taken."""
+    taken = [record for record, failure in zip(records, failures, strict=True) if failure is None]
+    if records and not taken:
+        raise next(failure for failure in failures if failure is not None)
+    for record, failure in zip(records, failures, strict=True):
+        if failure is not None:
+            log.warning(
+                "bus_publish_failed",
+                sender=record.sender,
+                message_id=record.message_id,
+                taken=len(taken),
+                of=len(records),
+                error=failure.reason
+                if isinstance(failure, Unavailable)
+                else type(failure).__name__,
+            )
+    return taken
 
 
 async def notify_subscribers(handlers: list[InboundHandler], record: InboundRecord) -> None:
@@ -121,7 +131,7 @@ class MemoryBus:
             raise Unavailable("in-process bus is closed")
         await notify_subscribers(self._handlers, record)
 
-    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> int:
+    async def publish_inbound_many(self, records: Sequence[InboundRecord]) -> list[InboundRecord]:
         if self._closed:
             raise Unavailable("in-process bus is closed")
         return await notify_in_order(self._handlers, records, [None] * len(records))

@@ -30,7 +30,7 @@ async def test_a_round_that_raises_is_counted_and_the_relay_goes_on(tmp_path: Pa
         publish = bus.publish_inbound_many
         calls: list[int] = []
 
-        async def broken_once(records: Sequence[InboundRecord]) -> int:
+        async def broken_once(records: Sequence[InboundRecord]) -> list[InboundRecord]:
             calls.append(len(records))
             if len(calls) == 1:
                 raise RuntimeError("a bug in the bus")

@@ -12,6 +12,7 @@ import datetime as dt
 import itertools
 import json
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -378,31 +379,42 @@ def test_token_bucket_refills_at_its_rate() -> None:
     assert bucket.take() == pytest.approx(0.5)
 
 
-async def test_relay_republishes_what_the_bus_did_not_confirm(gateway: Gateway) -> None:
+async def test_relay_republishes_what_the_bus_did_not_confirm_and_only_that(
+    gateway: Gateway,
+) -> None:
+    """A record the bus did not take stays pending and goes out again; the records the bus took
+    behind it in the batch are marked and audited at once, never published again."""
     bus = MemoryBus()
     seen: list[str] = []
-    fail_once = {True}
+    refused: set[str] = set()
 
     async def consumer(record: InboundRecord) -> None:
         seen.append(record.message_id)
-        if fail_once:
-            fail_once.clear()
+        if record.message_id in refused:
             raise ConnectionError("consumer crashed after taking it")
 
     bus.subscribe(consumer)
 
     relay = InboxRelay(store=gateway.store, bus=bus, clock=SystemClock(), metrics=gateway.metrics)
-    ids = [message(gateway) for _ in range(2)]
-    for _, body in ids:
+    messages = [message(gateway) for _ in range(3)]
+    for _, body in messages:
         assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+    first, second, third = (message_id for message_id, _ in messages)
+    refused.add(first)
+    assert await relay.relay_once() == 2
+    # alone in its batch, the refused record fails the round (logged, backed off)
     with pytest.raises(Unavailable, match="subscriber failed"):
         await relay.relay_once()
-    assert await relay.relay_once() == 2
+    refused.clear()
+    assert await relay.relay_once() == 1
     assert await relay.relay_once() == 0
-    # At least once: the first one twice, each time with its message_id; nothing lost.
-    assert seen == [ids[0][0], ids[0][0], ids[1][0]]
+    # At least once: the first one three times, each time with its message_id; nothing lost,
+    # and nothing taken published again.
+    assert seen == [first, second, third, first, first]
     delivered = await gateway.store.audit_entries(AuditFilter(event="delivered"))
-    assert len(delivered) == 2
+    assert Counter(json.loads(row.entry)["message_id"] for row in delivered) == Counter(
+        {first: 1, second: 1, third: 1}
+    )
 
 
 async def test_running_relay_publishes_handed_records_without_claiming_them(
@@ -458,6 +470,58 @@ async def test_stopping_relay_releases_the_rows_it_could_not_publish(gateway: Ga
     # leased to the stopped relay until NOW + its lease, yet another relay may take them now
     taken = await gateway.store.claim_relay("next-relay", NOW, 10, 30)
     assert sorted(r.message_id for r in taken) == sorted(message_id for message_id, _ in ids)
+
+
+async def test_a_handed_record_whose_lease_ran_out_is_delivered_once(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bus down for longer than the relay's lease: the row handed over at insert is
+    leased again by the relay's own claim. Once the bus is back it goes out once, marked
+    under the lease the claim holds; before, its mark under the hand-over lease matched
+    nothing (``relay_lease_lost``) and the next claim published it a second time."""
+    assert isinstance(gateway.clock, ManualClock)
+    down = True
+    tried = asyncio.Event()
+    delivered: list[str] = []
+
+    async def consumer(record: InboundRecord) -> None:
+        tried.set()
+        if down:
+            raise ConnectionError("bus down")
+        delivered.append(record.message_id)
+
+    gateway.bus.subscribe(consumer)
+    claimed: list[str] = []
+    claim = gateway.store.claim_relay
+
+    async def recording_claim(*args: Any, **kwargs: Any) -> list[InboundRecord]:
+        rows = await claim(*args, **kwargs)
+        claimed.extend(r.message_id for r in rows)
+        return rows
+
+    monkeypatch.setattr(gateway.store, "claim_relay", recording_claim)
+    gateway.relay.start()
+    try:
+        message_id, body = message(gateway)
+        assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
+        await asyncio.wait_for(tried.wait(), 5)
+        assert claimed == []  # handed over, not claimed
+        gateway.clock.advance(dt.timedelta(seconds=gateway.config.relay.lease_s + 1))
+        async with asyncio.timeout(10):
+            while message_id not in claimed:
+                gateway.relay.notify()
+                await asyncio.sleep(0.05)
+        down = False
+        async with asyncio.timeout(10):
+            while await gateway.store.pending_relay(10):
+                gateway.relay.notify()
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # three more poll rounds: a second publish would show here
+    finally:
+        await gateway.relay.stop()
+    assert delivered == [message_id]
+    entries = await gateway.store.audit_entries(AuditFilter(event="delivered"))
+    assert [json.loads(row.entry)["message_id"] for row in entries] == [message_id]
 
 
 async def test_relay_hand_over_is_bounded_in_bytes_while_the_bus_is_down(
