@@ -172,6 +172,13 @@ async def test_partner_receipt_goes_to_hook_and_is_not_answered(gateway: Gateway
     assert result.receipt_body is None
     assert result.problem is None
     assert seen == [ours]
+    # A receipt read late (our AMQP consumer behind, the original ACK sent again for a
+    # re-send) settles its message all the same: receipts are not held to the replay window.
+    assert isinstance(gateway.clock, ManualClock)
+    gateway.clock.advance(dt.timedelta(hours=3))
+    late = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (late.http_status, late.code) == (202, None)
+    assert seen == [ours, ours]
     # A bad receipt is refused, but never with a receipt of our own (no loops).
     bad = await gateway.pipeline.handle(amqp_request(gateway, body, sign=False))
     assert bad.code == NackCode.SIGNATURE_INVALID
