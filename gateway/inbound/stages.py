@@ -147,18 +147,12 @@ async def parse_and_check_freshness(ctx: InboundContext) -> None:
 
 async def _accepted_original(ctx: InboundContext) -> InboundRecord | None:
     """The stored message that this one repeats byte for byte, if any: only one sent by
-    the authenticated peer as itself (what ``authorize`` checks of identities), never a
-    receipt (receipts are not stored here)."""
-    assert ctx.partner is not None
+    the authenticated peer as itself (``check_identities``)."""
     assert ctx.envelope is not None
-    header, partner = ctx.envelope.header, ctx.partner
-    broker_user = ctx.request.broker_user
-    if (
-        header.sender != partner.id
-        or (broker_user is not None and broker_user != partner.amqp.broker_user)
-        or header.recipient != ctx.env.config.party
-        or header.message_type == RECEIPT_TYPE
-    ):
+    header = ctx.envelope.header
+    try:
+        check_identities(ctx)
+    except SenderMismatch:
         return None
     original = await ctx.env.store.get_inbound(header.sender, header.message_id)
     if original is None or original.body_digest != ctx.digest:
@@ -191,8 +185,9 @@ async def validate_schema(ctx: InboundContext) -> None:
     crash_point("S4")
 
 
-async def authorize(ctx: InboundContext) -> None:
-    """The signed sender is the authenticated peer, we are the recipient, the type is allowed."""
+def check_identities(ctx: InboundContext) -> None:
+    """The signed sender is the authenticated peer (and its broker user), and we are the
+    recipient; ``SenderMismatch`` otherwise."""
     assert ctx.partner is not None
     assert ctx.envelope is not None
     header = ctx.envelope.header
@@ -214,6 +209,15 @@ async def authorize(ctx: InboundContext) -> None:
             f"header.recipient {header.recipient} is not this gateway ({our_party})",
             detail="recipient is not this gateway",
         )
+
+
+async def authorize(ctx: InboundContext) -> None:
+    """The signed sender is the authenticated peer, we are the recipient, the type is allowed."""
+    check_identities(ctx)
+    assert ctx.partner is not None
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    partner = ctx.partner
     if header.message_type == RECEIPT_TYPE:
         # Every partner may answer our messages with receipts; nothing else to authorize.
         return

@@ -3,25 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import aiohttp
 from inbound_records import sample_record
-from outbound_env import Running, auth, client_ssl, example, token
-
-
-async def call(running: Running, method: str, path: str, json: Any = None) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method,
-            running.api_url + path,
-            json=json,
-            headers=auth(token(running.config, ("c2c:send", "c2c:query"))),
-            ssl=client_ssl(running.config),
-        ) as response,
-    ):
-        return response.status, await response.json(content_type=None)
+from outbound_env import Running, example
+from test_api_messages import api
 
 
 async def reply(running: Running, query_id: str, sender: str, message_type: str) -> str:
@@ -34,11 +19,11 @@ async def reply(running: Running, query_id: str, sender: str, message_type: str)
 
 
 async def test_only_the_asked_partners_response_answers_a_query(us: Running) -> None:
-    status, asked = await call(
+    status, asked = await api(
         us,
         "POST",
         "/api/v1/queries",
-        {
+        json={
             "partner": "MX-ANAM",
             "message_type": "query.shipment_lookup",
             "params": example(us.gateway, "query.shipment_lookup"),
@@ -51,20 +36,20 @@ async def test_only_the_asked_partners_response_answers_a_query(us: Running) -> 
     # another partner's response naming the query, and the asked partner's other messages
     await reply(us, query_id, "CA-CBSA", "query.response")
     await reply(us, query_id, "MX-ANAM", "shipment.status")
-    status, body = await call(us, "GET", path)
+    status, body = await api(us, "GET", path)
     assert (status, body["state"], body["response"]) == (200, "queued", None)
     answer_id = await reply(us, query_id, "MX-ANAM", "query.response")
-    status, body = await call(us, "GET", path)
+    status, body = await api(us, "GET", path)
     assert (status, body["state"]) == (200, "answered")
     assert (body["response"]["partner"], body["response"]["message_id"]) == ("MX-ANAM", answer_id)
 
 
 async def test_an_outbound_response_is_no_query(us: Running) -> None:
-    status, sent = await call(
+    status, sent = await api(
         us,
         "POST",
         "/api/v1/messages",
-        {
+        json={
             "recipient": "MX-ANAM",
             "message_type": "query.response",
             "payload": example(us.gateway, "query.response"),
@@ -72,5 +57,5 @@ async def test_an_outbound_response_is_no_query(us: Running) -> None:
         },
     )
     assert status == 202, sent
-    status, body = await call(us, "GET", f"/api/v1/queries/{sent['message_id']}")
+    status, body = await api(us, "GET", f"/api/v1/queries/{sent['message_id']}")
     assert status == 404, body

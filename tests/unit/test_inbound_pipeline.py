@@ -104,6 +104,20 @@ def amqp_request(
     )
 
 
+def record_claims(gateway: Gateway, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The message ids of every row the relay's claims return, as they are claimed."""
+    claimed: list[str] = []
+    claim = gateway.store.claim_relay
+
+    async def recording_claim(*args: Any, **kwargs: Any) -> list[InboundRecord]:
+        rows = await claim(*args, **kwargs)
+        claimed.extend(r.message_id for r in rows)
+        return rows
+
+    monkeypatch.setattr(gateway.store, "claim_relay", recording_claim)
+    return claimed
+
+
 def test_stages_run_in_the_documented_order() -> None:
     assert [stage.__name__ for stage in STAGES] == [
         "check_limits",
@@ -436,15 +450,7 @@ async def test_running_relay_publishes_handed_records_without_claiming_them(
             all_seen.set()
 
     gateway.bus.subscribe(consumer)
-    claimed: list[str] = []
-    claim = gateway.store.claim_relay
-
-    async def counting_claim(*args: Any, **kwargs: Any) -> list[InboundRecord]:
-        rows = await claim(*args, **kwargs)
-        claimed.extend(r.message_id for r in rows)
-        return rows
-
-    monkeypatch.setattr(gateway.store, "claim_relay", counting_claim)
+    claimed = record_claims(gateway, monkeypatch)
     gateway.relay.start()
     try:
         ids = [message(gateway) for _ in range(3)]
@@ -498,15 +504,7 @@ async def test_a_handed_record_whose_lease_ran_out_is_delivered_once(
         delivered.append(record.message_id)
 
     gateway.bus.subscribe(consumer)
-    claimed: list[str] = []
-    claim = gateway.store.claim_relay
-
-    async def recording_claim(*args: Any, **kwargs: Any) -> list[InboundRecord]:
-        rows = await claim(*args, **kwargs)
-        claimed.extend(r.message_id for r in rows)
-        return rows
-
-    monkeypatch.setattr(gateway.store, "claim_relay", recording_claim)
+    claimed = record_claims(gateway, monkeypatch)
     gateway.relay.start()
     try:
         message_id, body = message(gateway)
