@@ -181,7 +181,14 @@ def check_signer(ctx: InboundContext) -> None:
 async def validate_schema(ctx: InboundContext) -> None:
     assert ctx.envelope is not None
     header = ctx.envelope.header
-    ctx.env.registry.validate(header.message_type, header.schema_version, ctx.envelope.payload)
+    registry = ctx.env.registry
+    registry.validate(header.message_type, header.schema_version, ctx.envelope.payload)
+    if header.in_reply_to is None and registry.requires_in_reply_to(
+        header.message_type, header.schema_version
+    ):
+        # PROTOCOL section 6: an answer names what it answers; unnamed, nobody can pair it.
+        missing = f"{header.message_type} answers another message: in_reply_to is required"
+        raise Malformed(missing, detail=missing)
     crash_point("S4")
 
 

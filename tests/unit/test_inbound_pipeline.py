@@ -200,6 +200,39 @@ async def test_partner_receipt_goes_to_hook_and_is_not_answered(gateway: Gateway
     assert bad.problem is not None
 
 
+@pytest.mark.parametrize(
+    "message_type",
+    ["query.response", "enforcement.assistance_response", "audit.cosignature", "receipt"],
+)
+async def test_an_answer_that_names_nothing_it_answers_is_malformed(
+    gateway: Gateway, message_type: str
+) -> None:
+    # PROTOCOL section 6: these types answer another message; without in_reply_to no one can
+    # pair the answer with its question, so the sender is told, not silently accepted.
+    message_id, body = message(gateway, message_type=message_type)
+    result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (result.http_status, result.code) == (400, NackCode.MALFORMED)
+    detail = f"{message_type} answers another message: in_reply_to is required"
+    if message_type == "receipt":
+        assert result.receipt_body is None  # no receipt answers a receipt
+        assert result.problem is not None
+        assert result.problem["detail"] == detail
+    else:
+        assert result.receipt_body is not None
+        receipt = json.loads(result.receipt_body)["payload"]
+        assert (receipt["status"], receipt["code"], receipt["detail"]) == (
+            "NACK",
+            "MALFORMED",
+            detail,
+        )
+    assert await gateway.store.get_inbound(MX, message_id) is None
+    # The same answer naming its question is accepted.
+    if message_type != "receipt":
+        _, named = message(gateway, message_type=message_type, in_reply_to=new_message_id())
+        accepted = await gateway.pipeline.handle(amqp_request(gateway, named))
+        assert (accepted.http_status, accepted.code) == (202, None)
+
+
 async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gateway) -> None:
     message_id, body = message(gateway)
     results = await asyncio.gather(
