@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import orjson
@@ -173,6 +174,28 @@ def test_receipt_signed_by_another_party_is_refused(clock: ManualClock, key: Sig
     ring = KeyRing([key.verification_key(), impostor.verification_key()])
     with pytest.raises(UnknownKey):
         verify_receipt(receipt_body, signature, ring, "US-CBP", message_id, body_digest(b"body"))
+
+
+def test_receipt_signed_with_a_key_listed_twice_verifies_in_its_second_window(
+    clock: ManualClock, key: SigningKey
+) -> None:
+    # A partner's key listed again with a new window (an operator re-admitting it) verifies
+    # receipts in either window, as it verifies the partner's messages; the first entry
+    # listed is the one whose window has passed.
+    signer = ReceiptSigner(party="US-CBP", keys=[key], clock=clock)
+    message_id, body = new_message_id(), b"{}"
+    receipt_body, signature = _sign(signer, message_id, body)
+    verification = key.verification_key()
+    past = dataclasses.replace(verification, not_after=NOW - dt.timedelta(days=300))
+    current = dataclasses.replace(verification, not_before=NOW - dt.timedelta(days=299))
+    receipt = verify_receipt(
+        receipt_body, signature, KeyRing([past, current]), "US-CBP", message_id, body_digest(body)
+    )
+    assert receipt.status == "ACK"
+    with pytest.raises(UnknownKey):
+        verify_receipt(
+            receipt_body, signature, KeyRing([past]), "US-CBP", message_id, body_digest(body)
+        )
 
 
 def test_receipt_naming_another_sender_is_refused(clock: ManualClock, key: SigningKey) -> None:
