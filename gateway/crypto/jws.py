@@ -191,7 +191,7 @@ def parse_detached(jws: str) -> ParsedJws:
     if kid is not None and (not isinstance(kid, str) or not kid):
         raise SignatureInvalid("protected header kid must be a non-empty string")
     typ = header.get("typ")
-    if typ is not None and not isinstance(typ, str):
+    if "typ" in header and not isinstance(typ, str):
         raise SignatureInvalid("protected header typ must be a string")
     if not signature_b64:
         raise SignatureInvalid("signature segment is empty")

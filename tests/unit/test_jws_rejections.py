@@ -226,6 +226,13 @@ CASES: list[tuple[str, Callable[[], str], NackCode, str]] = [
         "typ must be a string",
     ),
     (
+        # RFC 7515 section 4.1.9: typ is a string; null is not "absent"
+        "typ null",
+        lambda: forge(std(typ=None)),
+        NackCode.SIGNATURE_INVALID,
+        "typ must be a string",
+    ),
+    (
         "kid missing",
         lambda: forge({"alg": "EdDSA", "typ": "c2c+json"}),
         NackCode.SIGNATURE_INVALID,
