@@ -2,8 +2,9 @@
 
 On SIGHUP, ``serve`` reads the configuration again and swaps the partners' verification keys
 (the ``[[keys]]`` of each ``partner.toml``) into the key ring that the inbound pipeline and the
-dispatcher share. A key removed, or given a ``not_after`` in the past, is refused from the next
-message on; a key added is accepted. Nothing else is taken in: other changes (partners added
+dispatcher share. A key removed is refused from the next message on; a key added is accepted.
+A ``not_after`` set in the past is not a revocation: PROTOCOL checks a key at the message's
+``created_at``, so a message signed before it is still accepted within the replay window. Nothing else is taken in: other changes (partners added
 or removed, URLs, limits, message types) are named in a warning and wait for a restart.
 
 A configuration that does not load is refused with its exact error and the keys in force stay.
