@@ -149,8 +149,8 @@ def reference_parse_timestamp(value: object, field: str, *, utc: bool = True) ->
         raise Malformed(f"header.{field} is not {kind}: {value[:40]!r}")
     micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
     try:
-        if hours > 23 or minutes > 59:
-            raise ValueError(hours, minutes)
+        if hours > 23 or minutes > 59 or second > 60:
+            raise ValueError(hours, minutes, second)
         at = datetime(year, month, day, hour, minute, min(second, 59), micros, tzinfo=UTC)
         at += (-1 if sign == "+" else 1) * timedelta(hours=hours, minutes=minutes)
     except (ValueError, OverflowError) as exc:
