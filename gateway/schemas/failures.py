@@ -1,4 +1,4 @@
-"""The SchemaInvalid raised by the catalogue: reason names the pointer, stays short."""
+"""The SchemaInvalid raised by the catalogue: reason and detail name the pointer, stay short."""
 
 from __future__ import annotations
 
@@ -22,7 +22,12 @@ class PayloadInvalid(SchemaInvalid):
 
     def __init__(self, pointer: str, what: str) -> None:
         reason = clip(f"{clip(pointer or '/', _POINTER_SHOWN_MAX)}: {what}", REASON_MAX)
-        super().__init__(reason, pointer=pointer)
+        # The partner's detail: where, in the document it wrote, and what is wrong there.
+        # ``what`` quotes the schema and member names only, never a value (PROTOCOL section 4).
+        detail = clip(
+            f"schema error at {clip('/payload' + pointer, _POINTER_SHOWN_MAX)}: {what}", REASON_MAX
+        )
+        super().__init__(reason, pointer=pointer, detail=detail)
         self.what = what
 
     def rebased(self, prefix: str) -> PayloadInvalid:

@@ -59,16 +59,34 @@ def _clip(text: str, limit: int = _NAME_MAX) -> str:
     return clip(text, limit)
 
 
+def _unexpected(names: list[str]) -> str:
+    more = len(names) - 1
+    return "is not an allowed property" + (f" ({more} more besides)" if more > 0 else "")
+
+
+def _failure(error: jsonschema_rs.ValidationError) -> tuple[str, str]:
+    """The RFC 6901 pointer of what to fix, and a short description of what is wrong.
+
+    A missing member is pointed at itself, not at the object that lacks it, and an unexpected
+    one at itself, so the pointer alone tells a partner where to look. Only the schema and the
+    names of members are quoted, never a value.
+    """
+    path = list(error.instance_path)
+    match error.kind:
+        case jsonschema_rs.ValidationErrorKind.Required(property=prop):
+            return json_pointer([*path, prop]), "is required but missing"
+        case (
+            jsonschema_rs.ValidationErrorKind.AdditionalProperties(unexpected=names)
+            | jsonschema_rs.ValidationErrorKind.UnevaluatedProperties(unexpected=names)
+        ) if names:
+            return json_pointer([*path, names[0]]), _unexpected(names)
+    return json_pointer(path), _describe(error)
+
+
 def _describe(error: jsonschema_rs.ValidationError) -> str:
     """Short, value-free description of a validation failure (never echoes the instance)."""
     kind = error.kind
     match kind:
-        case jsonschema_rs.ValidationErrorKind.Required(property=prop):
-            return f"required property {_clip(prop)!r} is missing"
-        case jsonschema_rs.ValidationErrorKind.AdditionalProperties(unexpected=names):
-            return "unexpected property " + ", ".join(repr(_clip(n)) for n in names[:3])
-        case jsonschema_rs.ValidationErrorKind.UnevaluatedProperties(unexpected=names):
-            return "unexpected property " + ", ".join(repr(_clip(n)) for n in names[:3])
         case jsonschema_rs.ValidationErrorKind.Type(types=types):
             return "must be of type " + " or ".join(types)
         case jsonschema_rs.ValidationErrorKind.Enum():
@@ -215,7 +233,7 @@ class SchemaRegistry:
         try:
             entry.validator.validate(payload)
         except jsonschema_rs.ValidationError as exc:
-            raise PayloadInvalid(json_pointer(exc.instance_path), _describe(exc)) from None
+            raise PayloadInvalid(*_failure(exc)) from None
         except ValueError:
             raise PayloadInvalid("", "payload is not a JSON value") from None
         if entry.rule is not None:

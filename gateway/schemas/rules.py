@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -24,6 +24,18 @@ _ROUNDING_PER_LINE = Decimal("0.01")
 _MASS_EPSILON = 1e-9
 # Masses carry 3 decimals; sums of floats may drift by less than a gram.
 _MASS_TOLERANCE_KG = 0.001
+# A total gross mass may differ from its lines' sum by 1 % or 10 g, whichever is larger (10.3).
+_MASS_TOTAL_SHARE = Decimal("0.01")
+_MASS_TOTAL_FLOOR_KG = Decimal("0.01")
+# query.response: the view that shows each embeddable message type (the view and record enums).
+_VIEW_OF_RECORD = {
+    "shipment.advance_data": "advance_data",
+    "shipment.manifest": "manifest",
+    "shipment.export_declaration": "export_declaration",
+    "shipment.status": "status_history",
+    "enforcement.seizure_report": "seizures",
+}
+_STATUSES_WITHOUT_RESULTS = frozenset({"not_found", "refused", "error"})
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -65,6 +77,21 @@ def _instant(value: str, pointer: str) -> datetime:
         raise _fail(pointer, "is not a valid date-time") from None
 
 
+def _day(value: str, pointer: str) -> date:
+    """Parse an RFC 3339 full-date the schema accepted."""
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise _fail(pointer, "is not a valid date") from None
+
+
+def _check_day_not_before(node: Any, base: str, earlier: str, later: str) -> None:
+    if earlier not in node or later not in node:
+        return
+    if _day(node[later], f"{base}/{later}") < _day(node[earlier], f"{base}/{earlier}"):
+        raise _fail(f"{base}/{later}", f"is before {earlier}")
+
+
 def _check_not_before(payload: Any, earlier: str, later: str) -> None:
     if earlier not in payload or later not in payload:
         return
@@ -104,6 +131,66 @@ def _check_lines_total(
         raise _fail(f"{total_pointer}/amount", "does not equal the sum of the goods items")
 
 
+def _kg(mass: float) -> Decimal:
+    """The mass as its JSON text reads (shortest repr), so 0.664 - 0.654 is exactly 0.01."""
+    return Decimal(str(mass))
+
+
+def _check_total_mass(total: float, total_pointer: str, masses: Iterable[float], of: str) -> None:
+    line_sum = sum((_kg(m) for m in masses), Decimal(0))
+    tolerance = max(line_sum * _MASS_TOTAL_SHARE, _MASS_TOTAL_FLOOR_KG)
+    if abs(_kg(total) - line_sum) > tolerance:
+        raise _fail(total_pointer, f"does not equal the sum of the {of} gross masses")
+
+
+def _check_total_packages(payload: Any, items: list[Any]) -> None:
+    """total_packages = sum of package counts; 0 marks a later item sharing packages (10.4)."""
+    if any("packages" not in item for item in items):
+        return  # an export item may leave its packages out: the sum is then unknown
+    counts = sum(package["count"] for item in items for package in item["packages"])
+    if payload["total_packages"] != counts:
+        raise _fail("/total_packages", "does not equal the sum of the goods items' package counts")
+
+
+def _check_routing(payload: Any) -> None:
+    """Countries of routing run from the country of departure to that of destination (10.5)."""
+    routing = payload.get("countries_of_routing")
+    if not routing:
+        return
+    if routing[0] != payload["country_of_departure"]:
+        raise _fail("/countries_of_routing/0", "is not the country of departure")
+    if routing[-1] != payload["country_of_destination"]:
+        raise _fail(
+            f"/countries_of_routing/{len(routing) - 1}", "is not the country of destination"
+        )
+
+
+def _check_itinerary_times(itinerary: list[Any]) -> None:
+    """In sequence order, every stop's ETA and ETD are at or after every earlier time (10.5)."""
+    latest: datetime | None = None
+    for i, stop in sorted(enumerate(itinerary), key=lambda indexed: indexed[1]["sequence"]):
+        for key in ("eta", "etd"):
+            if key not in stop:
+                continue
+            pointer = f"/itinerary/{i}/{key}"
+            instant = _instant(stop[key], pointer)
+            if latest is not None and instant < latest:
+                raise _fail(pointer, "is before an earlier time of the itinerary")
+            latest = instant
+
+
+def _check_arrival_after_loading(payload: Any) -> None:
+    """The arrival is not before the conveyance leaves the port of loading (10.5)."""
+    loading = payload["port_of_loading"].get("unlocode")
+    departures = [
+        _instant(stop["etd"], f"/itinerary/{i}/etd")
+        for i, stop in enumerate(payload["itinerary"])
+        if stop["location"] == loading and "etd" in stop
+    ]
+    if departures and _instant(payload["arrival_datetime"], "/arrival_datetime") < min(departures):
+        raise _fail("/arrival_datetime", "is before the departure from the port of loading")
+
+
 def _check_unique(values: Iterable[tuple[str, Any]], what: str) -> None:
     seen: set[Any] = set()
     for pointer, value in values:
@@ -120,6 +207,14 @@ def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
         payload["total_declared_value"], "/total_declared_value", items, "/goods_items", "value"
     )
     _check_not_before(payload, "estimated_departure", "estimated_arrival")
+    _check_total_packages(payload, items)
+    _check_total_mass(
+        payload["total_gross_mass_kg"],
+        "/total_gross_mass_kg",
+        (item["gross_mass_kg"] for item in items),
+        "goods items'",
+    )
+    _check_routing(payload)
 
 
 def manifest(payload: Any, _embedded: EmbeddedValidator) -> None:
@@ -141,17 +236,30 @@ def manifest(payload: Any, _embedded: EmbeddedValidator) -> None:
         house_mass = sum(house["gross_mass_kg"] for house in master["houses"])
         if house_mass > master["gross_mass_kg"] + _MASS_TOLERANCE_KG:
             raise _fail(f"/masters/{m}/gross_mass_kg", "is less than the sum of its houses")
+        if sum(house["pieces"] for house in master["houses"]) != master["pieces"]:
+            raise _fail(f"/masters/{m}/pieces", "does not equal the sum of its houses' pieces")
     totals = payload["totals"]
     if totals["bills"] != len(houses):
         raise _fail("/totals/bills", "does not equal the number of house consignments")
     if totals["pieces"] != sum(master["pieces"] for master in masters):
         raise _fail("/totals/pieces", "does not equal the sum of the masters' pieces")
+    _check_total_mass(
+        totals["gross_mass_kg"],
+        "/totals/gross_mass_kg",
+        (master["gross_mass_kg"] for master in masters),
+        "masters'",
+    )
+    _check_itinerary_times(payload["itinerary"])
+    _check_arrival_after_loading(payload)
 
 
 def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
     _check_net_within_gross(items, "/goods_items")
+    # One currency, but no sum: the statistical value is the value at the border (FOB-based),
+    # which differs from the invoice whenever its terms are not (CUSTOMS-DOMAIN 10.1 infers
+    # the sum rule for exports; real declarations break it).
     currency = payload["invoice_amount"]["currency"]
     for i, item in enumerate(items):
         if item["statistical_value"]["currency"] != currency:
@@ -160,6 +268,13 @@ def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
                 "differs from /invoice_amount currency",
             )
     _check_not_before(payload, "acceptance_datetime", "exit_datetime")
+    _check_total_packages(payload, items)
+    _check_total_mass(
+        payload["total_gross_mass_kg"],
+        "/total_gross_mass_kg",
+        (item["gross_mass_kg"] for item in items),
+        "goods items'",
+    )
 
 
 def seizure_report(payload: Any, _embedded: EmbeddedValidator) -> None:
@@ -181,13 +296,27 @@ def assistance_request(payload: Any, _embedded: EmbeddedValidator) -> None:
         )
 
 
+def shipment_lookup(payload: Any, _embedded: EmbeddedValidator) -> None:
+    if "date_range" in payload:
+        _check_day_not_before(payload["date_range"], "/date_range", "from", "to")
+
+
 def query_response(payload: Any, embedded: EmbeddedValidator) -> None:
     results = payload.get("results", [])
+    status = payload["result_status"]
+    if results and status in _STATUSES_WITHOUT_RESULTS:
+        raise _fail("/results", "must be empty for this result_status")
+    if status == "found" and "refusal_reason" in payload:
+        raise _fail("/refusal_reason", "is not allowed when result_status is found")
     if payload["result_count"] != len(results):
         raise _fail("/result_count", "does not equal the number of results")
     for i, result in enumerate(results):
+        if "aeo" in result:
+            _check_day_not_before(result["aeo"], f"/results/{i}/aeo", "valid_from", "valid_until")
         record = result.get("record")
         if record is not None:
+            if _VIEW_OF_RECORD[record["message_type"]] != result["view"]:
+                raise _fail(f"/results/{i}/view", "does not match the record's message_type")
             embedded(
                 record["message_type"],
                 record["schema_version"],
@@ -203,5 +332,6 @@ RULES: dict[tuple[str, str], CrossFieldRule] = {
     ("enforcement.seizure_report", "1.0"): seizure_report,
     ("enforcement.risk_alert", "1.0"): risk_alert,
     ("enforcement.assistance_request", "1.0"): assistance_request,
+    ("query.shipment_lookup", "1.0"): shipment_lookup,
     ("query.response", "1.0"): query_response,
 }
