@@ -117,8 +117,15 @@ class Node:
         ) as response:
             return response.status, await response.json(content_type=None)
 
-    async def send(self, recipient: str, message_type: str, **extra: Any) -> str:
-        payload = self.gateway.registry.examples(message_type, "1.0")[0]
+    async def send(
+        self,
+        recipient: str,
+        message_type: str,
+        payload: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> str:
+        if payload is None:
+            payload = self.gateway.registry.examples(message_type, "1.0")[0]
         status, body = await self.call(
             "POST",
             "/api/v1/messages",
@@ -204,9 +211,12 @@ def _responder(node: Node, tasks: set[asyncio.Task[None]]) -> Callable[[InboundR
 
     async def answer(record: InboundRecord) -> None:
         reply_type = RESPONSE_TYPE if record.message_type == REQUEST_TYPE else QUERY_RESPONSE
+        assert record.body is not None  # just received: retention purges only old bodies
+        request = orjson.loads(record.body)["payload"]
         message_id = await node.send(
             record.sender,
             reply_type,
+            node.gateway.registry.answer_example(reply_type, "1.0", request),
             in_reply_to=record.message_id,
             correlation_id=record.correlation_id,
         )

@@ -8,6 +8,7 @@ Nothing here knows HTTP or AMQP.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 
 from gateway.audit.events import AuditEvent, EventKind
@@ -29,6 +30,8 @@ from gateway.errors import (
 )
 from gateway.inbound.context import InboundContext, InboundResult, ReceivedReceipt
 from gateway.receipts import RECEIPT_TYPE
+from gateway.schemas.failures import PayloadInvalid
+from gateway.schemas.registry import ANSWERS
 from gateway.store.base import InboundRecord
 
 Stage = Callable[[InboundContext], Awaitable[None]]
@@ -238,6 +241,40 @@ async def authorize(ctx: InboundContext) -> None:
         )
 
 
+async def pair_answer(ctx: InboundContext) -> None:
+    """An answer to one of our requests to this partner answers that kind of request and
+    echoes its reference (CUSTOMS-DOMAIN 10.11); a mismatch is refused, so the partner learns
+    at once that its answer would pair with nothing.
+
+    An ``in_reply_to`` that names none of our messages to this partner is let through: the
+    request may have been purged by retention or sent by another system, and telling one
+    partner which ids we used with another is not ours to do.
+    """
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    pairing = ANSWERS.get(header.message_type)
+    if pairing is None or header.in_reply_to is None:
+        return
+    asked = await ctx.env.store.get_outbound(header.in_reply_to)
+    if asked is None or asked.recipient != header.sender:
+        return
+    request_types, member = pairing
+    if asked.message_type not in request_types:
+        answered = " or ".join(sorted(request_types))
+        wrong = (
+            f"in_reply_to names our {asked.message_type}; {header.message_type} answers {answered}"
+        )
+        raise Malformed(wrong, detail=wrong)
+    if asked.body is None:
+        return  # purged by retention: nothing left to compare with
+    assert ctx.adapter is not None  # the partner's: the request went to this very partner
+    expected = json.loads(ctx.adapter.to_canonical(asked.body))["payload"].get(member)
+    if ctx.envelope.payload.get(member) != expected:
+        raise PayloadInvalid(
+            f"/{member}", f"does not echo the {member} of the request named in in_reply_to"
+        )
+
+
 async def hand_over_receipts(ctx: InboundContext) -> None:
     """A partner's receipt updates our outbound state; it is never receipted back (no loops)."""
     assert ctx.envelope is not None
@@ -392,6 +429,7 @@ STAGES: tuple[Stage, ...] = (
     parse_and_check_freshness,
     validate_schema,
     authorize,
+    pair_answer,
     hand_over_receipts,
     persist,
 )

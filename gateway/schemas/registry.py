@@ -31,6 +31,16 @@ URL_PREFIX = "/c2c/v1/schemas"
 # Annotation keyword naming the types that answer another message (envelope in_reply_to).
 IN_REPLY_TO_KEYWORD = "x-c2c-in-reply-to"
 
+#: An answer type -> the request types it answers and the payload member it echoes from its
+#: request (the schemas' descriptions: "the payload echoes query_ref / request_ref").
+ANSWERS: dict[str, tuple[frozenset[str], str]] = {
+    "query.response": (frozenset({"query.shipment_lookup", "query.trader_lookup"}), "query_ref"),
+    "enforcement.assistance_response": (
+        frozenset({"enforcement.assistance_request"}),
+        "request_ref",
+    ),
+}
+
 _MESSAGE_TYPE_RE = re.compile(r"^[a-z]+(\.[a-z_]+)?$")
 _VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+$")
 _LOCAL_DEF_REF = "#/$defs/"
@@ -256,6 +266,16 @@ class SchemaRegistry:
 
     def examples(self, message_type: str, version: str) -> list[dict[str, Any]]:
         return copy.deepcopy(list(self._entry(message_type, version).document["examples"]))
+
+    def answer_example(
+        self, answer_type: str, version: str, request_payload: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """``answer_type``'s first example, echoing the request's reference (``ANSWERS``):
+        what a partner's back office answers in the demo and the tests."""
+        answer = self.examples(answer_type, version)[0]
+        _, member = ANSWERS[answer_type]
+        answer[member] = request_payload[member]
+        return answer
 
     def index(self) -> list[dict[str, str]]:
         return [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +26,7 @@ from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.runtime import Gateway, load_own_signing_keys
-from gateway.store.base import OutboundRecord, Store
+from gateway.store.base import InboundRecord, OutboundRecord, Store
 
 
 def free_port() -> int:
@@ -106,6 +107,38 @@ def client_ssl(config: GatewayConfig) -> ssl.SSLContext:
 
 def example(gateway: Gateway, message_type: str) -> dict[str, Any]:
     return gateway.registry.examples(message_type, "1.0")[0]
+
+
+def answer_shipment_lookups(mx: Running) -> None:
+    """MX-ANAM's back office: answers shipment lookups (and nothing else) with a
+    ``query.response`` that names the query and echoes its ``query_ref``."""
+    gateway = mx.gateway
+    services = SubmissionServices(
+        config=gateway.config,
+        registry=gateway.registry,
+        signing_keys=gateway.signing_keys,
+        store=gateway.store,
+        clock=gateway.clock,
+    )
+
+    async def on_inbound(record: InboundRecord) -> None:
+        if record.message_type != "query.shipment_lookup":
+            return
+        assert record.body is not None
+        query = json.loads(record.body)["payload"]
+        await submit(
+            services,
+            Submission(
+                recipient=record.sender,
+                message_type="query.response",
+                payload=gateway.registry.answer_example("query.response", "1.0", query),
+                in_reply_to=record.message_id,
+                actor="test:mx-back-office",
+            ),
+        )
+        mx.dispatcher.wake()
+
+    gateway.bus.subscribe(on_inbound)
 
 
 #: retries every few tenths of a second, for long, the breaker never opening

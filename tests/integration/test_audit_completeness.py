@@ -23,7 +23,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from outbound_env import Running, auth, client_ssl, free_port, gateway_config, start_gateway, token
+from outbound_env import (
+    Running,
+    answer_shipment_lookups,
+    auth,
+    client_ssl,
+    free_port,
+    gateway_config,
+    start_gateway,
+    token,
+)
 from partner_stub import PartnerStub
 
 from gateway.config import GatewayConfig, OutboxConfig, RateLimit
@@ -32,9 +41,8 @@ from gateway.crypto.keys import KeyRing, SigningKey, load_signing_key
 from gateway.envelope import body_digest, encode_envelope, new_message_id
 from gateway.errors import NackCode
 from gateway.model import Header
-from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.receipts import verify_receipt
-from gateway.store.base import AuditFilter, InboundRecord
+from gateway.store.base import AuditFilter
 
 US, MX, CA = "US-CBP", "MX-ANAM", "CA-CBSA"
 FAST = OutboxConfig(base_delay_s=0.1, max_delay_s=0.5, poll_interval_s=0.05, send_timeout_s=5.0)
@@ -117,35 +125,6 @@ def _us_config(root: Path, peers: dict[str, str], partner_port: int) -> GatewayC
     return dataclasses.replace(config, partners=partners)
 
 
-def _answer_lookups(mx: Running) -> None:
-    """MX-ANAM's back office answers shipment lookups with a query.response."""
-    gateway = mx.gateway
-    services = SubmissionServices(
-        config=gateway.config,
-        registry=gateway.registry,
-        signing_keys=gateway.signing_keys,
-        store=gateway.store,
-        clock=gateway.clock,
-    )
-    answer = gateway.registry.examples("query.response", "1.0")[0]
-
-    async def on_inbound(record: InboundRecord) -> None:
-        if record.message_type == "query.shipment_lookup":
-            await submit(
-                services,
-                Submission(
-                    recipient=record.sender,
-                    message_type="query.response",
-                    payload=answer,
-                    in_reply_to=record.message_id,
-                    actor="test:mx-back-office",
-                ),
-            )
-            mx.dispatcher.wake()
-
-    gateway.bus.subscribe(on_inbound)
-
-
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     ports = {US: free_port(), MX: free_port(), CA: free_port()}
@@ -163,7 +142,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         nodes.append(us)
         mx = await start_gateway(mx_config)
         nodes.append(mx)
-        _answer_lookups(mx)
+        answer_shipment_lookups(mx)
         keys = {
             party: load_signing_key(tmp_path / "pki" / party / "sign.key", party=party, alg="EdDSA")
             for party in (MX, CA)

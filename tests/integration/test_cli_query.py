@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from outbound_env import Running, free_port, gateway_config, start_gateway, token
+from outbound_env import (
+    Running,
+    answer_shipment_lookups,
+    free_port,
+    gateway_config,
+    start_gateway,
+    token,
+)
 
 from gateway.config import OutboxConfig
-from gateway.outbound.submission import Submission, SubmissionServices, submit
-from gateway.store.base import InboundRecord
 
 FAST = OutboxConfig(base_delay_s=0.1, max_delay_s=0.5, poll_interval_s=0.05, send_timeout_s=5.0)
 
@@ -39,36 +44,6 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Running, Running]]:
     finally:
         for node in reversed(nodes):
             await node.gateway.stop()
-
-
-def answer_shipment_lookups(mx: Running) -> None:
-    """MX-ANAM's back office: answers shipment lookups (and nothing else) with query.response."""
-    gateway = mx.gateway
-    services = SubmissionServices(
-        config=gateway.config,
-        registry=gateway.registry,
-        signing_keys=gateway.signing_keys,
-        store=gateway.store,
-        clock=gateway.clock,
-    )
-    answer = gateway.registry.examples("query.response", "1.0")[0]
-
-    async def on_inbound(record: InboundRecord) -> None:
-        if record.message_type != "query.shipment_lookup":
-            return
-        await submit(
-            services,
-            Submission(
-                recipient=record.sender,
-                message_type="query.response",
-                payload=answer,
-                in_reply_to=record.message_id,
-                actor="test:mx-back-office",
-            ),
-        )
-        mx.dispatcher.wake()
-
-    gateway.bus.subscribe(on_inbound)
 
 
 @dataclass(frozen=True)

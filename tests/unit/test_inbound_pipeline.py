@@ -36,6 +36,7 @@ from gateway.inbound import (
 from gateway.inbound.ratelimit import RateLimiters, TokenBucket
 from gateway.inbound.stages import Stage
 from gateway.model import Header
+from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.relay import InboxRelay
 from gateway.runtime import Gateway
 from gateway.store.base import AuditFilter, InboundRecord
@@ -126,6 +127,7 @@ def test_stages_run_in_the_documented_order() -> None:
         "parse_and_check_freshness",
         "validate_schema",
         "authorize",
+        "pair_answer",
         "hand_over_receipts",
         "persist",
     ]
@@ -231,6 +233,86 @@ async def test_an_answer_that_names_nothing_it_answers_is_malformed(
         _, named = message(gateway, message_type=message_type, in_reply_to=new_message_id())
         accepted = await gateway.pipeline.handle(amqp_request(gateway, named))
         assert (accepted.http_status, accepted.code) == (202, None)
+
+
+async def ask(gateway: Gateway, message_type: str, *, recipient: str = MX) -> tuple[str, Any]:
+    """Send ``message_type``'s first example to ``recipient`` as US-CBP; its id and payload."""
+    payload = gateway.registry.examples(message_type, "1.0")[0]
+    services = SubmissionServices(
+        config=gateway.config,
+        registry=gateway.registry,
+        signing_keys=gateway.signing_keys,
+        store=gateway.store,
+        clock=gateway.clock,
+    )
+    sent = await submit(
+        services,
+        Submission(recipient=recipient, message_type=message_type, payload=payload, actor="test"),
+    )
+    return sent.message_id, payload
+
+
+def answer_to(
+    gateway: Gateway, message_type: str, request_id: str, **echo: str
+) -> tuple[str, bytes]:
+    payload = {**gateway.registry.examples(message_type, "1.0")[0], **echo}
+    return message(gateway, message_type=message_type, payload=payload, in_reply_to=request_id)
+
+
+@pytest.mark.parametrize(
+    ("request_type", "answer_type", "member"),
+    [
+        ("query.trader_lookup", "query.response", "query_ref"),
+        ("query.shipment_lookup", "query.response", "query_ref"),
+        ("enforcement.assistance_request", "enforcement.assistance_response", "request_ref"),
+    ],
+)
+async def test_an_answer_must_echo_the_reference_of_the_request_it_names(
+    gateway: Gateway, request_type: str, answer_type: str, member: str
+) -> None:
+    # CUSTOMS-DOMAIN 10.11: a response echoes its request's reference. One that does not
+    # would be stored as the answer to a question it does not answer.
+    request_id, asked = await ask(gateway, request_type)
+    wrong_id, wrong = answer_to(gateway, answer_type, request_id, **{member: "SOMETHING-ELSE-1"})
+    refused = await gateway.pipeline.handle(amqp_request(gateway, wrong))
+    assert (refused.http_status, refused.code) == (400, NackCode.SCHEMA_INVALID)
+    assert refused.receipt_body is not None
+    detail = json.loads(refused.receipt_body)["payload"]["detail"]
+    assert detail == (
+        f"schema error at /payload/{member}: does not echo the {member} of the request named"
+        " in in_reply_to"
+    )
+    assert await gateway.store.get_inbound(MX, wrong_id) is None
+    right_id, right = answer_to(gateway, answer_type, request_id, **{member: asked[member]})
+    accepted = await gateway.pipeline.handle(amqp_request(gateway, right))
+    assert (accepted.http_status, accepted.code) == (202, None)
+    assert await gateway.store.get_inbound(MX, right_id) is not None
+
+
+async def test_an_answer_to_another_kind_of_request_is_malformed(gateway: Gateway) -> None:
+    request_id, asked = await ask(gateway, "query.trader_lookup")
+    _, body = answer_to(
+        gateway, "enforcement.assistance_response", request_id, request_ref=asked["query_ref"]
+    )
+    result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (result.http_status, result.code) == (400, NackCode.MALFORMED)
+    assert result.receipt_body is not None
+    assert json.loads(result.receipt_body)["payload"]["detail"] == (
+        "in_reply_to names our query.trader_lookup; enforcement.assistance_response answers"
+        " enforcement.assistance_request"
+    )
+
+
+async def test_an_answer_naming_no_request_of_ours_to_the_sender_is_let_through(
+    gateway: Gateway,
+) -> None:
+    # Nothing to compare with: a request purged by retention, sent by another system, or
+    # sent to another partner (whose ids this sender is not told about).
+    to_ca, _ = await ask(gateway, "query.trader_lookup", recipient="CA-CBSA")
+    for request_id in (new_message_id(), to_ca):
+        _, body = answer_to(gateway, "query.response", request_id, query_ref="SOMETHING-ELSE-1")
+        result = await gateway.pipeline.handle(amqp_request(gateway, body))
+        assert (result.http_status, result.code) == (202, None)
 
 
 async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gateway) -> None:
