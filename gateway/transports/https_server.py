@@ -11,6 +11,7 @@ body deadline, and a connection cap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 import weakref
@@ -439,6 +440,11 @@ class PartnerHttpsServer:
         self._capped_logs = RefusalWindow()
         self._deadline_logs = RefusalWindow()
         self._audit_tasks: set[asyncio.Task[None]] = set()
+        # Requests whose handler runs (a body may still be arriving); set when none does.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
 
     @property
     def port(self) -> int:
@@ -518,10 +524,28 @@ class PartnerHttpsServer:
         self._runner, self._site = runner, site
         log.info("partner_https_listening", url=self.url)
 
+    @property
+    def requests_in_flight(self) -> int:
+        return self._in_flight
+
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (their commits and answers), close."""
+        """Stop accepting, let in-flight requests finish (their commits and answers), close.
+
+        aiohttp's own shutdown marks every connection closing first, and a connection marked
+        so drops the bytes that still arrive: a body on its way would never be read and its
+        request would end at its deadline. So the listener closes first, each request under
+        way (body included) is waited for, up to the shutdown timeout, and only then are the
+        connections closed. Requests that start meanwhile are answered with
+        ``Connection: close``.
+        """
         runner, self._runner = self._runner, None
         if runner is not None:
+            self._draining = True
+            if self._site is not None:
+                await self._site.stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._shutdown_timeout_s):
+                    await self._idle.wait()
             await runner.cleanup()
             log.info("partner_https_stopped")
         if self._audit_tasks:
@@ -611,12 +635,20 @@ class PartnerHttpsServer:
 
     @web.middleware
     async def _close_retired(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """A connection retired while its request was under way closes once that request is
-        answered, whatever the answer. (The handlers raise no ``HTTPException``: the router's
-        404 and 405 come before any await, when no retirement can come between; aiohttp
-        closes the connection after an error of its own.)"""
-        response = await handler(request)
-        if self._site is not None and self._site.retired(request.protocol):
+        """A connection retired while its request was under way, or any connection once the
+        server is stopping, closes once that request is answered, whatever the answer; the
+        requests under way are counted for ``stop``. (The handlers raise no
+        ``HTTPException``: the router's 404 and 405 come before any await, when no retirement
+        can come between; aiohttp closes the connection after an error of its own.)"""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            response = await handler(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+        if self._draining or (self._site is not None and self._site.retired(request.protocol)):
             response.force_close()
         return response
 
