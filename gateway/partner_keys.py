@@ -4,8 +4,9 @@ On SIGHUP, ``serve`` reads the configuration again and swaps the partners' verif
 (the ``[[keys]]`` of each ``partner.toml``) into the key ring that the inbound pipeline and the
 dispatcher share. A key removed is refused from the next message on; a key added is accepted.
 A ``not_after`` set in the past is not a revocation: PROTOCOL checks a key at the message's
-``created_at``, so a message signed before it is still accepted within the replay window. Nothing else is taken in: other changes (partners added
-or removed, URLs, limits, message types) are named in a warning and wait for a restart.
+``created_at``, so a message signed before it is still accepted within the replay window.
+Nothing else is taken in: other changes (partners added or removed, URLs, limits, message
+types) are named in a warning and wait for a restart.
 
 A configuration that does not load is refused with its exact error and the keys in force stay.
 Each change, and each refusal, is audited as a ``key_change``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 
 from gateway.clock import format_rfc3339
 from gateway.config import GatewayConfig
@@ -25,21 +26,32 @@ RELOADED = "partner_keys_reloaded"
 REFUSED = "partner_keys_reload_refused"
 
 _Window = tuple[datetime | None, datetime | None]
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
 
 
-def _window(window: _Window) -> str:
-    start, end = (format_rfc3339(t) if t is not None else "-" for t in window)
-    return f"valid {start} to {end}"
+def _window(windows: tuple[_Window, ...]) -> str:
+    def one(window: _Window) -> str:
+        start, end = (format_rfc3339(t) if t is not None else "-" for t in window)
+        return f"valid {start} to {end}"
+
+    return " and ".join(one(window) for window in windows)
+
+
+def _windows(keys: Iterable[VerificationKey]) -> dict[tuple[str, str], tuple[_Window, ...]]:
+    """Each (party, kid) with all its windows: one key may be listed twice."""
+    found: dict[tuple[str, str], list[_Window]] = {}
+    for k in keys:
+        found.setdefault((k.party, k.kid), []).append((k.not_before, k.not_after))
+    return {
+        ident: tuple(sorted(windows, key=lambda w: (w[0] or _EARLIEST, w[1] or _LATEST)))
+        for ident, windows in found.items()
+    }
 
 
 def key_changes(before: Iterable[VerificationKey], after: Iterable[VerificationKey]) -> list[str]:
     """What differs between two sets of partner keys, one line per key, stable order."""
-    old: dict[tuple[str, str], _Window] = {
-        (k.party, k.kid): (k.not_before, k.not_after) for k in before
-    }
-    new: dict[tuple[str, str], _Window] = {
-        (k.party, k.kid): (k.not_before, k.not_after) for k in after
-    }
+    old, new = _windows(before), _windows(after)
     changes = []
     for party, kid in sorted(old.keys() | new.keys()):
         was, now = old.get((party, kid)), new.get((party, kid))

@@ -64,6 +64,27 @@ async def test_a_revoked_key_is_refused_after_reload(tmp_path: Path) -> None:
         )
 
 
+async def test_a_key_listed_again_with_a_second_window_is_audited_with_both(
+    tmp_path: Path,
+) -> None:
+    async with running_gateway(tmp_path) as env:
+        kid = kid_of(env)
+        edit(
+            env,
+            'alg = "EdDSA"\n',
+            'alg = "EdDSA"\nnot_after = 2020-12-31T00:00:00Z\n\n[[keys]]\n'
+            f'path = "../../pki/{MX}/sign.pub"\nalg = "EdDSA"\n'
+            "not_before = 2021-01-01T00:00:00Z\n",
+        )
+        assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
+        assert await status_of(env) == (202, "ACK")  # valid now through its second entry
+        [entry] = await key_changes(env)
+        assert entry["reason"] == (
+            f"{MX}: key {kid} now valid - to 2020-12-31T00:00:00.000Z and valid"
+            " 2021-01-01T00:00:00.000Z to - (was valid - to -)"
+        )
+
+
 async def test_a_partner_key_rotated_without_a_restart(tmp_path: Path) -> None:
     async with running_gateway(tmp_path) as env:
         old_key = env.keys[MX]
