@@ -267,6 +267,20 @@ _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 _MAX_FRESHNESS_S = 86_400
 #: Shorter, and a relay's own rows could run out between its claim and its publish.
 _MIN_RELAY_LEASE_S = 1.0
+#: The longest a message may live (30 days): the internal API's bound on a request's
+#: ``ttl_s``, and so on ``[outbox] default_ttl_s``, which stands in for it.
+MAX_TTL_S = 30 * 86_400
+#: A hundred years; longer is keeping bodies for good, which leaving the setting out says
+#: (and the purge's cutoff, now minus this, must still be a date).
+MAX_BODY_RETENTION_DAYS = 36_500
+#: Durations added to the current time (leases, retry delays, answer lifetimes): a date past
+#: year 9999 is no date, and no such setting is sensible beyond a message's longest life.
+_MAX_DURATION_S = MAX_TTL_S
+#: ``basic.qos`` prefetch_count is an AMQP short (16-bit unsigned) field.
+_MAX_AMQP_SHORT = 65_535
+#: TOML integers are 64-bit signed; tomllib reads longer ones, which nothing here can use
+#: (an AMQP table takes at most 64 bits, a float at most about 1.8e308).
+_MAX_TOML_INT = 2**63 - 1
 
 _TOML_TYPE_NAMES: dict[type, str] = {
     str: "a string",
@@ -340,21 +354,23 @@ class _Table:
         value = self.opt_str(name)
         return default if value is None else value
 
-    def opt_int(self, name: str, *, minimum: int) -> int | None:
+    def opt_int(self, name: str, *, minimum: int, maximum: int = _MAX_TOML_INT) -> int | None:
         value: int | None = self._get(name, (int,), "an integer")
-        if value is not None and value < minimum:
-            raise self.error(name, f"must be >= {minimum}, got {value}")
-        return value
-
-    def int_or(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
-        value = self.opt_int(name, minimum=minimum)
         if value is None:
-            return default
-        if maximum is not None and value > maximum:
+            return None
+        if value < minimum:
+            raise self.error(name, f"must be >= {minimum}, got {value}")
+        if value > maximum:
             raise self.error(name, f"must be <= {maximum}, got {value}")
         return value
 
-    def float_or(self, name: str, default: float, *, positive: bool = True) -> float:
+    def int_or(self, name: str, default: int, *, minimum: int, maximum: int = _MAX_TOML_INT) -> int:
+        value = self.opt_int(name, minimum=minimum, maximum=maximum)
+        return default if value is None else value
+
+    def float_or(
+        self, name: str, default: float, *, positive: bool = True, maximum: int | None = None
+    ) -> float:
         value: int | float | None = self._get(name, (int, float), "a number")
         if value is None:
             return default
@@ -365,6 +381,8 @@ class _Table:
             raise self.error(name, f"must be > 0, got {value}")
         if not positive and number < 0:
             raise self.error(name, f"must be >= 0, got {value}")
+        if maximum is not None and number > maximum:
+            raise self.error(name, f"must be <= {maximum}, got {value}")
         return number
 
     def bool_or(self, name: str, default: bool) -> bool:
@@ -594,7 +612,7 @@ def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
         _check_amqp_url(table, "url_env" if table.has("url_env") else "url", url)
     amqp = AmqpConfig(
         url=url,
-        prefetch=table.int_or("prefetch", d.prefetch, minimum=1),
+        prefetch=table.int_or("prefetch", d.prefetch, minimum=1, maximum=_MAX_AMQP_SHORT),
         delivery_limit=table.int_or("delivery_limit", d.delivery_limit, minimum=1),
         publish_timeout_s=table.float_or("publish_timeout_s", d.publish_timeout_s),
     )
@@ -653,9 +671,9 @@ def _outbox(table: _Table) -> OutboxConfig:
     outbox = OutboxConfig(
         max_attempts=table.int_or("max_attempts", d.max_attempts, minimum=1),
         base_delay_s=table.float_or("base_delay_s", d.base_delay_s),
-        max_delay_s=table.float_or("max_delay_s", d.max_delay_s),
-        default_ttl_s=table.int_or("default_ttl_s", d.default_ttl_s, minimum=1),
-        send_timeout_s=table.float_or("send_timeout_s", d.send_timeout_s),
+        max_delay_s=table.float_or("max_delay_s", d.max_delay_s, maximum=_MAX_DURATION_S),
+        default_ttl_s=table.int_or("default_ttl_s", d.default_ttl_s, minimum=1, maximum=MAX_TTL_S),
+        send_timeout_s=table.float_or("send_timeout_s", d.send_timeout_s, maximum=_MAX_DURATION_S),
         breaker_failures=table.int_or("breaker_failures", d.breaker_failures, minimum=1),
         breaker_reset_s=table.float_or("breaker_reset_s", d.breaker_reset_s),
         poll_interval_s=table.float_or("poll_interval_s", d.poll_interval_s),
@@ -667,7 +685,9 @@ def _outbox(table: _Table) -> OutboxConfig:
 
 
 def _relay(table: _Table) -> RelayConfig:
-    relay = RelayConfig(lease_s=table.float_or("lease_s", RelayConfig.lease_s))
+    relay = RelayConfig(
+        lease_s=table.float_or("lease_s", RelayConfig.lease_s, maximum=_MAX_DURATION_S)
+    )
     if relay.lease_s < _MIN_RELAY_LEASE_S:
         raise table.error("lease_s", f"must be >= {_MIN_RELAY_LEASE_S:g}, got {relay.lease_s:g}")
     table.finish()
@@ -675,7 +695,11 @@ def _relay(table: _Table) -> RelayConfig:
 
 
 def _retention(table: _Table) -> RetentionConfig:
-    retention = RetentionConfig(body_retention_days=table.opt_int("body_retention_days", minimum=1))
+    retention = RetentionConfig(
+        body_retention_days=table.opt_int(
+            "body_retention_days", minimum=1, maximum=MAX_BODY_RETENTION_DAYS
+        )
+    )
     table.finish()
     return retention
 
@@ -692,7 +716,7 @@ def _tls(table: _Table) -> TlsConfig:
         # OCSP is mostly plain HTTP: its answers are signed
         ocsp_url=_https_url(table, "ocsp_url", ("http", "https")),
         ocsp_timeout_s=table.float_or("ocsp_timeout_s", 5.0),
-        ocsp_max_age_s=table.float_or("ocsp_max_age_s", 3600.0),
+        ocsp_max_age_s=table.float_or("ocsp_max_age_s", 3600.0, maximum=_MAX_DURATION_S),
         ocsp_allowed_networks=_networks(table, "ocsp_allowed_networks"),
     )
     if tls.ocsp_url is not None and not tls.ocsp:

@@ -56,5 +56,9 @@ class RetentionService:
                 await self.purge_once()
             except GatewayError as exc:
                 log.warning("retention_purge_failed", code=exc.code.value, reason=exc.reason)
+            except Exception as exc:
+                # A bug, not an outage: say so with the traceback and try again next round,
+                # rather than end the task unseen (and fail the gateway's stop with it).
+                log.exception("retention_purge_failed", error=type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._interval_s)

@@ -376,7 +376,11 @@ class Gateway:
         await self.partner_server.stop()
         await self.relay.stop()
         for service in reversed(self._services):
-            await service.stop()
+            try:
+                await service.stop()
+            except Exception:
+                # one service's fault must not leave the others, the bus and the store open
+                log.exception("service_stop_failed", service=type(service).__name__)
         await self.bus.close()
         await self.store.close()
         log.info("gateway_stopped", party=self.config.party)

@@ -13,6 +13,7 @@ from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
 from gateway.clock import format_rfc3339
+from gateway.config import MAX_TTL_S
 from gateway.errors import Malformed
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
@@ -42,7 +43,6 @@ SUBMIT_MEMBERS = frozenset(
         "legal_basis",
     }
 )
-MAX_TTL_S = 30 * 86_400
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
 #: narrowing GET /api/v1/messages/{id} when the id names several messages

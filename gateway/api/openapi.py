@@ -11,6 +11,7 @@ from gateway import __version__
 from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
+from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
@@ -115,7 +116,7 @@ _SCHEMAS: dict[str, Any] = {
             "correlation_id": _UUID,
             "in_reply_to": _UUID,
             "priority": {"type": "string", "enum": ["routine", "urgent"]},
-            "ttl_s": {"type": "integer", "minimum": 1, "maximum": 30 * 86_400},
+            "ttl_s": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S},
             "respond_by": _TIME,
             "legal_basis": {"type": "string", "maxLength": 200},
         },

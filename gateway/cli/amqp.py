@@ -27,6 +27,7 @@ import click
 
 from gateway.config import GatewayConfig, PartnerConfig, load_config
 from gateway.errors import ConfigError, Unavailable
+from gateway.store.sqlite import make_private_folder
 from gateway.transports.amqp import AmqpBroker, partner_in_queue, partner_out_queue
 
 #: RabbitMQ user names we create: plain, so they are safe in a file name and a log line
@@ -215,7 +216,7 @@ def _password_file(secrets_dir: Path, user: str) -> Path:
     """The user's password file; made with a fresh random password unless it exists."""
     path = secrets_dir / f"{user}.password"
     try:
-        secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_folder(secrets_dir)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         # An earlier run made the file but not the user (it failed in between): reuse it.

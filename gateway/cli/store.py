@@ -48,7 +48,7 @@ class Verified:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """One consistent snapshot of ``source`` into the new file ``target``."""
+    """One consistent snapshot of ``source`` into ``target``, a new empty file."""
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
     try:
         dst = sqlite3.connect(target)
@@ -157,6 +157,11 @@ def backup_command(config_path: Path, dest: Path, progress: bool | None) -> None
             " verify); move it away first"
         )
     show = sys.stderr.isatty() if progress is None else progress
+    try:
+        # owner only whatever the umask: the copy holds message bodies (its rename keeps that)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        fail(f"backup failed: cannot create {partial}: {exc.strerror or exc}", status=1)
     try:
         _copy(source, partial)
         verified = asyncio.run(_verify(partial, config, show))

@@ -85,6 +85,19 @@ log = structlog.get_logger(__name__)
 sqlite3.register_converter("BLOB", lambda value: value)
 
 
+def make_private_folder(folder: Path) -> None:
+    """Make ``folder`` and each missing parent readable by its owner only, whatever the umask
+    (``mkdir(parents=True)`` gives the mode to the last folder only). A folder already there is
+    the operator's and keeps its mode."""
+    missing: list[Path] = []
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
+
+
 def _us(moment: datetime) -> int:
     if moment.tzinfo is None:
         raise ValueError("naive datetime given to the store")
@@ -278,8 +291,15 @@ class SqliteStore:
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
-            # a new store's directory (var/ of a fresh checkout), private to the gateway
-            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # a new store's directory (var/ of a fresh checkout) and file, private to the
+            # gateway: SQLite gives the -wal and -shm files the database file's mode
+            make_private_folder(self._path.parent)
+            try:
+                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                if self._path.is_file() and self._path.stat().st_mode & 0o077:
+                    # the operator's (or an older version's) file: theirs to change, but said
+                    log.warning("store_file_open_to_others", file=str(self._path))
             self._writer_conn = await loop.run_in_executor(self._writer_pool, self._open_writer)
         except sqlite3.Error as exc:
             await self._shutdown_pools()

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+import structlog
 from outbound_env import gateway_config
 from test_store import T0, event, inbound, outbound
 
 from gateway.audit.events import EventKind
 from gateway.clock import ManualClock
 from gateway.config import RetentionConfig
+from gateway.errors import Unavailable
+from gateway.retention import RetentionService
 from gateway.runtime import Gateway
 from gateway.store import open_store
 from gateway.store.base import AttemptUpdate, AuditFilter, OutboundState
+from gateway.store.sqlite import SqliteStore
 
 NOW = T0 + timedelta(days=40)
 
@@ -91,3 +96,61 @@ async def test_started_gateway_purges_old_bodies_and_keeps_the_record(tmp_path: 
         assert await gateway.retention.purge_once() == 0
     finally:
         await gateway.stop()
+
+
+async def test_an_unexpected_purge_failure_is_logged_and_retried(tmp_path: Path) -> None:
+    """A bug in the purge (here a cutoff before year 1: the injected clock stands at the
+    earliest date) is logged each round with its traceback; the task neither dies unseen nor
+    makes its stop fail."""
+    store = SqliteStore(tmp_path / "gw.db", clock=ManualClock(T0))
+    await store.open()
+    early = ManualClock(datetime(1, 1, 2, tzinfo=UTC))
+    service = RetentionService(store=store, clock=early, retention_days=30, interval_s=0.01)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            await service.start()
+            for _ in range(500):
+                if len([e for e in logs if e["event"] == "retention_purge_failed"]) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            await service.stop()
+    finally:
+        await store.close()
+    failures = [e for e in logs if e["event"] == "retention_purge_failed"]
+    assert len(failures) >= 2
+    assert failures[0]["log_level"] == "error"
+    assert failures[0]["error"] == "OverflowError"
+    assert failures[0]["exc_info"] is True
+
+
+class _Recorded:
+    def __init__(self, stopped: list[str], name: str, *, fails: bool = False) -> None:
+        self._stopped, self._name, self._fails = stopped, name, fails
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        self._stopped.append(self._name)
+        if self._fails:
+            raise RuntimeError(f"{self._name} failed to stop")
+
+
+async def test_gateway_stop_goes_on_past_a_service_whose_stop_raises(tmp_path: Path) -> None:
+    """One service's fault (a stand-in: no real service fails to stop once the purge above
+    cannot) must not leave the services started before it, the bus and the store open."""
+    gateway = Gateway(gateway_config(tmp_path, "US-CBP"), clock=ManualClock(NOW))
+    stopped: list[str] = []
+    gateway.add_service(_Recorded(stopped, "first"))
+    gateway.add_service(_Recorded(stopped, "broken", fails=True))
+    await gateway.start()
+    with structlog.testing.capture_logs() as logs:
+        await gateway.stop()
+    assert stopped == ["broken", "first"]
+    with pytest.raises(Unavailable, match="not open"):
+        await gateway.store.ping()
+    events = [e["event"] for e in logs]
+    assert "service_stop_failed" in events
+    assert events[-1] == "gateway_stopped"
+    [failed] = [e for e in logs if e["event"] == "service_stop_failed"]
+    assert (failed["service"], failed["log_level"]) == ("_Recorded", "error")

@@ -150,6 +150,25 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      "date-time needs a UTC offset, e.g. 2026-01-01T00:00:00Z (got a local time)"),
     (G, "prefetch = 50", "prefetch = true", G, "amqp.prefetch",
      "expected an integer, got a boolean"),
+    # out-of-range numbers that loaded and then failed at run time with a traceback
+    (G, "prefetch = 50", "prefetch = 65536", G, "amqp.prefetch", "must be <= 65535, got 65536"),
+    (G, "delivery_limit = 5", "delivery_limit = 9223372036854775808", G, "amqp.delivery_limit",
+     "must be <= 9223372036854775807, got 9223372036854775808"),
+    (G, "default_ttl_s = 86400", "default_ttl_s = 1000000000000", G, "outbox.default_ttl_s",
+     "must be <= 2592000, got 1000000000000"),
+    (G, "max_delay_s = 900", "max_delay_s = 1e12", G, "outbox.max_delay_s",
+     "must be <= 2592000, got 1000000000000.0"),
+    (G, "# send_timeout_s = 30", "send_timeout_s = 1e12", G, "outbox.send_timeout_s",
+     "must be <= 2592000, got 1000000000000.0"),
+    (G, "# lease_s = 10", "lease_s = 1e12", G, "relay.lease_s",
+     "must be <= 2592000, got 1000000000000.0"),
+    (G, "# ocsp_max_age_s = 3600", "ocsp_max_age_s = 1e12", G, "tls.ocsp_max_age_s",
+     "must be <= 2592000, got 1000000000000.0"),
+    (G, "# [retention]\n# body_retention_days = 365",
+     "[retention]\nbody_retention_days = 1000000", G, "retention.body_retention_days",
+     "must be <= 36500, got 1000000"),
+    (G, "# [retention]\n# body_retention_days = 365", "[retention]\nbody_retention_days = 0",
+     G, "retention.body_retention_days", "must be >= 1, got 0"),
     (G, 'store_url = "sqlite:///var/c2c.db"', 'store_url = "mysql://u:pw@db/c2c"', G,
      "store_url", "unsupported store URL scheme 'mysql': expected a sqlite:/// or postgresql://"
      " URL"),
@@ -232,6 +251,8 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
     (MX, "max_body_bytes = 2097152", "max_body_bytes = 0", MX, "max_body_bytes",
      "must be >= 1, got 0"),
     (MX, "per_second = 200.0", "per_second = 0", MX, "rate.per_second", "must be > 0, got 0"),
+    (MX, "burst = 400", "burst = 1" + "0" * 400, MX, "rate.burst",
+     "must be <= 9223372036854775807, got 1" + "0" * 400),
     (MX, "client_cert_fingerprints = []", 'client_cert_fingerprints = ["AB:CD"]', MX,
      "https.client_cert_fingerprints[0]", "expected a SHA-256 fingerprint (64 hex digits)"),
     (MX, 'broker_user = "mx-anam"', 'broker_user = "mx-anam"\nvhost = "/"', MX, "amqp.vhost",
@@ -405,3 +426,31 @@ def test_the_cli_refuses_a_malformed_url_as_a_bad_config(
     assert (result.exit_code, result.stdout) == (2, "")
     assert result.stderr == f"error: {tree / G}: {key}: {reason}\n"
     assert list((tree / "var").iterdir()) == []
+
+
+def test_send_refuses_an_out_of_range_default_ttl_as_a_bad_config(tree: Path) -> None:
+    """The reviewer's case: the default TTL loaded, then every submission crashed computing
+    its expiry (OverflowError). Now the same one line as any bad setting, exit 2."""
+    _edit(tree / G, "default_ttl_s = 86400", "default_ttl_s = 1000000000000")
+    payload = tree / "payload.json"
+    payload.write_text('{"reference": "R-1"}')
+    result = CliRunner().invoke(
+        cli,
+        [
+            "send",
+            "--config",
+            str(tree / G),
+            "--to",
+            "MX-ANAM",
+            "--type",
+            "query.shipment_lookup",
+            "--payload",
+            str(payload),
+        ],
+    )
+    assert isinstance(result.exception, SystemExit)
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"error: {tree / G}: outbox.default_ttl_s: must be <= 2592000, got 1000000000000\n"
+    )
+    assert not (tree / "var").exists()
