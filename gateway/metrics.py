@@ -2,11 +2,17 @@
 
 Label values are bounded: partner labels are configured partner ids or ``-`` (no partner could
 be tied), codes are PROTOCOL.md NACK codes, so an attacker cannot grow the series count.
+
+Every labelled counter an alert rule (deploy/prometheus) reads is exported at 0 for each label
+value known in advance, from the start: a series that first appears at 1 has no earlier sample,
+so ``increase()`` sees no rise and the first clock step, refused reload or revoked certificate
+would never alert (Prometheus's instrumentation practices: "avoid missing metrics").
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import itertools
+from collections.abc import Collection, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +23,15 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway.errors import NackCode
+from gateway.transports import tls_accept, tls_identity
+
 NO_PARTNER = "-"
+#: the label values the code uses, where it writes them as literals
+TRANSPORTS = ("https", "amqp")
+CLOCK_DIRECTIONS = ("forward", "back")
+HISTORY_WHOSE = ("ours", "partner")
+DISPATCHER_FAILURES = ("store_unavailable", "internal_error")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -193,9 +207,32 @@ class Metrics:
         )
         # process_resident_memory_bytes, process_open_fds, CPU seconds (Linux /proc)
         ProcessCollector(registry=self.registry)
+        self._export_zeros()
+
+    def _export_zeros(self) -> None:
+        """The counters the alert rules read, at 0 for every label value known in advance."""
+        partners = sorted(self._partners)
+        codes = [code.value for code in NackCode]
+        _zero(self.inbound_received, partner=[*partners, NO_PARTNER], transport=TRANSPORTS)
+        _zero(self.inbound_rejected, partner=[*partners, NO_PARTNER], code=codes)
+        _zero(self.tls_refused, reason=tls_accept.REASONS)
+        _zero(self.outbound_tls_refused, reason=tls_accept.REASONS)
+        _zero(self.tls_reloads, outcome=(tls_identity.RELOADED, tls_identity.REFUSED))
+        _zero(self.dispatcher_failures, reason=DISPATCHER_FAILURES)
+        _zero(self.audit_history_inconsistent, partner=partners, whose=HISTORY_WHOSE)
+        _zero(self.amqp_dead_lettered, partner=partners)
+        _zero(self.clock_steps, direction=CLOCK_DIRECTIONS)
 
     def partner_label(self, partner: str | None) -> str:
         return partner if partner is not None and partner in self._partners else NO_PARTNER
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _zero(counter: Counter, **values: Iterable[str]) -> None:
+    """Create ``counter``'s series for every combination of ``values`` (a label's values by
+    its name); a new series starts at 0."""
+    names = list(values)
+    for combination in itertools.product(*values.values()):
+        counter.labels(**dict(zip(names, combination, strict=True)))

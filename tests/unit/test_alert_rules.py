@@ -4,7 +4,8 @@
 runs here when Prometheus's `promtool` is on PATH; `.ci/run` installs it and sets
 `C2C_REQUIRE_PROMTOOL=1`, which makes a missing one a failure. The rest keeps the rules from
 drifting from the code: every metric, label, label value and template label in the rules
-exists in `gateway.metrics.Metrics`.
+exists in `gateway.metrics.Metrics`; and every rule that alerts on one event also fires when the
+event's counter series first appears, already above 0.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ VALUES = {
 }
 SELECTOR = re.compile(r"\b(c2c_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+#: ``increase(x[w]) > 0``: the selector and the window
+INCREASE = re.compile(r"increase\((c2c_[a-z0-9_]+(?:\{[^}]*\})?)\[(\w+)\]\) > 0")
 
 
 def exported() -> dict[str, frozenset[str]]:
@@ -95,6 +98,29 @@ def test_a_rule_names_only_what_the_gateway_exports(rule: dict[str, Any]) -> Non
     assert rule["labels"]["severity"] in {"warning", "critical"}
     assert rule["annotations"]["summary"]
     assert rule["annotations"]["description"]
+
+
+def one_event_rules() -> list[dict[str, Any]]:
+    """The rules that alert on any rise of a counter, at once (no ``for``)."""
+    return [rule for rule in rules() if "for" not in rule and INCREASE.search(rule["expr"])]
+
+
+def test_the_one_event_rules_are_found() -> None:
+    assert {rule["alert"] for rule in one_event_rules()} >= {
+        "C2CClockStepped",
+        "C2CTlsCertificateReloadRefused",
+        "C2CPartnerRevocationUnknown",
+    }
+
+
+@pytest.mark.parametrize("rule", one_event_rules(), ids=lambda rule: rule["alert"])
+def test_a_one_event_rule_fires_when_its_series_first_appears(rule: dict[str, Any]) -> None:
+    """``increase()`` needs two samples: a series first scraped at 1 shows no rise. Each
+    ``increase(x[w]) > 0`` also has ``(x > 0 unless x offset w)``, as the rules file says."""
+    expr = " ".join(rule["expr"].split())
+    for selector, window in INCREASE.findall(expr):
+        branch = f"({selector} > 0 unless {selector} offset {window})"
+        assert branch in expr, f"{rule['alert']}: no {branch}"
 
 
 def test_the_rules_pass_their_promtool_tests() -> None:
