@@ -7,13 +7,14 @@ A bundle is one JSON Lines file, every line RFC 8785 canonical JSON:
    inclusion proof in the checkpoint's tree);
 3. ``{"type": "message", ...}`` per archived message of a case export (wire bytes,
    signature, receipt);
-4. ``{"type": "cosignature", ...}`` per partner cosignature, with a consistency proof from
-   the cosigned tree to the bundle's tree;
+4. ``{"type": "cosignature", ...}`` per partner, its latest cosignature within the bundle's
+   tree, with a consistency proof from the cosigned tree to the bundle's tree;
 5. ``{"type": "end", "signature"}``: a signed note over the SHA-256 of every line before it.
 
-Verification needs only the bundle and the log's audit public key. Each entry is checked on
-its own against the checkpoint, so a changed entry is named by its seq; the end signature
-makes every other byte (and truncation) fail too.
+Verification needs only the bundle and the log's audit public key (partners' keys, when
+given, verify their cosignatures). Each entry is checked on its own against the checkpoint,
+so a changed entry is named by its seq; the end signature makes every other byte (and
+truncation) fail too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import base64
 import binascii
 import hashlib
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -36,15 +37,19 @@ from gateway.audit.checkpoint import CheckpointError, open_checkpoint
 from gateway.audit.log import AuditLog
 from gateway.clock import format_rfc3339
 from gateway.crypto.notes import (
+    SIG_COSIGNATURE_V1,
+    SIG_ED25519,
     NoteError,
+    NoteSignature,
     NoteSigner,
     NoteVerifier,
+    key_id,
     parse_note,
     sign_note,
     verify_note,
 )
 from gateway.envelope import body_digest
-from gateway.store.base import AuditFilter, MessageFilter, Store
+from gateway.store.base import AuditFilter, Cosignature, MessageFilter, Store
 
 FORMAT = "c2c-audit-bundle"
 VERSION = 1
@@ -323,10 +328,15 @@ def _message_obj(
 
 
 async def _write_cosignatures(store: Store, audit: AuditLog, writer: _Writer, size: int) -> int:
-    count = 0
+    """Per partner, its latest cosignature of a tree within the bundle's: it covers every
+    entry below its size, so older ones (one per witnessing round) would add nothing."""
+    latest: dict[str, Cosignature] = {}
     for cosig in await store.cosignatures():
-        if cosig.size > size:
-            continue
+        kept = latest.get(cosig.partner)
+        if cosig.size <= size and (kept is None or cosig.size >= kept.size):
+            latest[cosig.partner] = cosig
+    for partner in sorted(latest):
+        cosig = latest[partner]
         proof = await audit.consistency_proof(cosig.size, size)
         writer.write(
             {
@@ -336,8 +346,7 @@ async def _write_cosignatures(store: Store, audit: AuditLog, writer: _Writer, si
                 "consistency_proof": [_b64(h) for h in proof],
             }
         )
-        count += 1
-    return count
+    return len(latest)
 
 
 # ---------------------------------------------------------------- offline verification
@@ -359,7 +368,10 @@ class BundleReport:
     size: int | None = None
     entries: int = 0
     messages: int = 0
+    #: cosignature lines whose partner signature was verified with that partner's witness key
     cosignatures: int = 0
+    #: partners of cosignature lines not checked: no witness key was given for them
+    unchecked_cosignatures: list[str] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 
     @property
@@ -396,9 +408,14 @@ def _hashes(value: Any, what: str) -> list[bytes]:
     return [_unb64(h, f"{what}[{i}]") for i, h in enumerate(value)]
 
 
+#: a partner's cosignature verifier for the key name its signature line carries
+WitnessKey = Callable[[str], NoteVerifier]
+
+
 @dataclass(kw_only=True, slots=True)
 class _State:
     key: NoteVerifier
+    witness_keys: Mapping[str, WitnessKey]
     origin: str = ""
     size: int = 0
     root: bytes = b""
@@ -411,9 +428,15 @@ def verify_bundle(
     path: Path,
     public_key: Callable[[str], NoteVerifier],
     *,
+    witness_keys: Mapping[str, WitnessKey] | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> BundleReport:
-    """Check a bundle offline; ``public_key(origin)`` gives the log's verifier for its origin."""
+    """Check a bundle offline, reading it once (it may be a pipe).
+
+    ``public_key(origin)`` gives the log's verifier for its origin (NoteError when the origin
+    cannot name a log). ``witness_keys`` maps a partner to its cosignature verifier; a
+    cosignature line of a partner without one is counted as not checked.
+    """
     report = BundleReport()
     running = hashlib.sha256()
     state: _State | None = None
@@ -429,7 +452,7 @@ def verify_bundle(
                 if number == 1:
                     if kind != "header":
                         raise _BadLine("the first line is not the bundle header")
-                    state = _header(obj, public_key, report)
+                    state = _header(obj, public_key, witness_keys or {}, report)
                 elif state is None:
                     # nothing can be checked against an unproven checkpoint; the lines are
                     # only read to tell a complete bundle from a truncated one
@@ -475,7 +498,10 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
 
 
 def _header(
-    obj: dict[str, Any], public_key: Callable[[str], NoteVerifier], report: BundleReport
+    obj: dict[str, Any],
+    public_key: Callable[[str], NoteVerifier],
+    witness_keys: Mapping[str, WitnessKey],
+    report: BundleReport,
 ) -> _State:
     if obj.get("format") != FORMAT or obj.get("version") != VERSION:
         raise _BadLine(f"not a {FORMAT} version {VERSION} header")
@@ -487,7 +513,9 @@ def _header(
     except (CheckpointError, NoteError) as exc:
         raise _BadLine(f"checkpoint: {exc}") from None
     report.origin, report.size = origin, body.size
-    return _State(key=key, origin=origin, size=body.size, root=body.root_hash)
+    return _State(
+        key=key, witness_keys=witness_keys, origin=origin, size=body.size, root=body.root_hash
+    )
 
 
 def _entry(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
@@ -535,14 +563,40 @@ def _cosignature(obj: dict[str, Any], state: _State, report: BundleReport, numbe
     partner = _field(obj, "partner", str)
     note = _field(obj, "note", str)
     proof = _hashes(obj.get("consistency_proof"), f"cosignature of {partner} proof")
-    report.cosignatures += 1
     try:
         body = open_checkpoint(note, state.key, origin=state.origin).body
-        if len(parse_note(note).signatures) < 2:
+        # a line of the log's own key, however often repeated or renamed, is nobody's
+        # cosignature
+        others = [s for s in parse_note(note).signatures if not _is_log_key(s, state.key)]
+        if not others:
             raise _BadLine(f"checkpoint of size {body.size} carries no cosignature of {partner}")
         merkle.verify_consistency(body.size, state.size, body.root_hash, state.root, proof)
     except (CheckpointError, NoteError, merkle.ProofError) as exc:
         report.fail(number, f"cosignature of {partner}: {exc}")
+        return
+    witness_key = state.witness_keys.get(partner)
+    if witness_key is None:
+        report.unchecked_cosignatures.append(partner)
+        return
+    for sig in others:
+        try:
+            verify_note(note, [witness_key(sig.name)])
+        except NoteError:
+            continue
+        report.cosignatures += 1
+        return
+    report.fail(
+        number,
+        f"cosignature of {partner} (size {body.size}): no signature line verifies with "
+        f"{partner}'s witness key",
+    )
+
+
+def _is_log_key(sig: NoteSignature, log_key: NoteVerifier) -> bool:
+    return sig.name == log_key.name or any(
+        sig.key_id == key_id(sig.name, sig_type, log_key.public_raw)
+        for sig_type in (SIG_ED25519, SIG_COSIGNATURE_V1)
+    )
 
 
 def _end(

@@ -29,7 +29,7 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock
 from gateway.crashpoints import crash_point
 from gateway.crypto.notes import NoteError, NoteSigner, NoteVerifier, parse_note
-from gateway.store.base import AuditFilter, Checkpoint, Store
+from gateway.store.base import AuditFilter, Checkpoint, Cosignature, Store
 
 log = structlog.get_logger(__name__)
 
@@ -227,15 +227,32 @@ class AuditLog:
         """
         size = await self._store.audit_size()
         report = VerifyReport(size=size)
-        latest = await self._store.latest_checkpoint()
+        #: checkpoints the tree must extend (root and consistency proof) and, below, notes
+        #: that need only hold their size's root: the tree check covers the stored nodes
         checkpoints: dict[int, list[tuple[str, bytes]]] = {}
+        held: dict[int, list[tuple[str, bytes]]] = {}
+        latest = await self._store.latest_checkpoint()
         if latest is not None:
             report.checkpoint_size = latest.size
-            try:
-                open_checkpoint(latest.note, self.verifier, origin=self.origin)
-            except CheckpointError as exc:
-                report.add(None, f"latest checkpoint (size {latest.size}): {exc}")
-            checkpoints.setdefault(latest.size, []).append(("signed checkpoint", latest.root_hash))
+            body = self._stored_note(report, "latest checkpoint", latest.note, latest)
+            if body is not None:
+                checkpoints.setdefault(body.size, []).append(("signed checkpoint", body.root_hash))
+        # every note a partner cosigned is one we signed: it must hold against the tree too,
+        # even when the checkpoint rows themselves are gone
+        cosigned_sizes: set[int] = set()
+        for cosig in await self._store.cosignatures():
+            label = f"checkpoint cosigned by {cosig.partner}"
+            body = self._stored_note(report, label, cosig.note, cosig)
+            if body is not None:
+                held.setdefault(body.size, []).append((label, body.root_hash))
+            cosigned_sizes.add(cosig.size)
+        for cp_size in sorted(cosigned_sizes):
+            row = await self._store.checkpoint_for_size(cp_size)
+            if row is not None and row != latest:
+                label = f"checkpoint of size {cp_size}"
+                body = self._stored_note(report, label, row.note, row)
+                if body is not None:
+                    held.setdefault(body.size, []).append((label, body.root_hash))
         for number, note in enumerate(trusted, start=1):
             try:
                 body = open_checkpoint(note, self.verifier, origin=self.origin).body
@@ -244,12 +261,31 @@ class AuditLog:
                 continue
             label = f"trusted checkpoint {number}"
             checkpoints.setdefault(body.size, []).append((label, body.root_hash))
-        roots = await self._recompute(report, set(checkpoints), batch, progress)
-        for cp_size in sorted(checkpoints):
-            for label, root in checkpoints[cp_size]:
-                self._check_root(report, label, cp_size, root, roots)
+        roots = await self._recompute(report, set(checkpoints) | set(held), batch, progress)
+        for notes in (checkpoints, held):
+            for cp_size in sorted(notes):
+                for label, root in notes[cp_size]:
+                    self._check_root(report, label, cp_size, root, roots)
         await self._check_trusted_consistency(report, checkpoints, roots)
         return report
+
+    def _stored_note(
+        self, report: VerifyReport, label: str, note: str, row: Checkpoint | Cosignature
+    ) -> CheckpointBody | None:
+        """The body of a stored note of ours; its row's size and root are not signed, so a row
+        that says otherwise than its note is a problem too."""
+        try:
+            body = open_checkpoint(note, self.verifier, origin=self.origin).body
+        except CheckpointError as exc:
+            report.add(None, f"{label} (size {row.size}): {exc}")
+            return None
+        if body.size != row.size:
+            report.add(
+                None, f"{label}: its row says size {row.size} but its note is of size {body.size}"
+            )
+        elif body.root_hash != row.root_hash:
+            report.add(None, f"{label}: its row's root differs from its note's")
+        return body
 
     def _check_root(
         self,

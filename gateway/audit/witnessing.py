@@ -2,10 +2,11 @@
 
 Each gateway sends its latest signed checkpoint to every partner configured with an
 ``[audit]`` key as an ``audit.checkpoint`` message through the normal outbox (every
-``audit.checkpoint_interval_s`` when the tree grew, and on demand), with the consistency proof
-from the size that partner last cosigned. The partner's gateway verifies it with ``Witness``
-and answers ``audit.cosignature`` (``in_reply_to`` the checkpoint): cosigned, stale (with the
-size it witnessed, so we prove from there), or inconsistent (history rewritten: its alert).
+``audit.checkpoint_interval_s`` when entries other than this exchange's own were logged, and
+on demand), with the consistency proof from the size that partner last cosigned. The
+partner's gateway verifies it with ``Witness`` and answers ``audit.cosignature``
+(``in_reply_to`` the checkpoint): cosigned, stale (with the size it witnessed, so we prove
+from there), or inconsistent (history rewritten: its alert).
 A cosignature we receive is verified with the partner's key and stored
 (``AuditLog.accept_cosignature``), so auditors and export bundles show it.
 
@@ -29,7 +30,7 @@ import structlog
 
 from gateway.adapters.registry import adapter_for
 from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.merkle import HASH_SIZE
 from gateway.audit.witness import HistoryRewritten, StaleCheckpoint, Witness
@@ -43,7 +44,13 @@ from gateway.metrics import Metrics
 from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.runtime import Gateway, load_own_signing_keys
 from gateway.schemas.registry import SchemaRegistry
-from gateway.store.base import ACTIVE_STATES, InboundRecord, OutboundRecord, Store
+from gateway.store.base import (
+    ACTIVE_STATES,
+    AuditFilter,
+    InboundRecord,
+    OutboundRecord,
+    Store,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +62,8 @@ ACTOR = "gateway:witnessing"
 _DETAIL_MAX = 512
 #: inbound messages remembered as handled, so a relay re-delivery is not answered twice
 _HANDLED_MEMORY = 4096
+#: entries read per page when looking for growth other than witnessing's own
+_SCAN_PAGE = 256
 
 Status = Literal["cosigned", "stale", "inconsistent"]
 
@@ -219,6 +228,21 @@ async def answer_checkpoint(
     )
 
 
+#: entries only witnessing writes; a ``history_inconsistent`` alert is not among them
+_WITNESSING_EVENTS = frozenset({EventKind.CHECKPOINT_WITNESSED, EventKind.COSIGNATURE_RECEIVED})
+
+
+def is_witnessing_entry(entry: bytes) -> bool:
+    """Whether an audit entry records witnessing's own exchange: the life of an
+    ``audit.checkpoint`` or ``audit.cosignature`` message, a checkpoint witnessed, a
+    cosignature received. Unreadable bytes are not: they are for the witnesses to see."""
+    view = entry_view(entry)
+    event = view.get("event")
+    if event in _WITNESSING_EVENTS:
+        return True
+    return event != EventKind.HISTORY_INCONSISTENT and view.get("message_type") in WITNESSING_TYPES
+
+
 def _payload_of(record: InboundRecord, partner: PartnerConfig) -> Mapping[str, Any]:
     """The payload of an accepted (so already verified and schema-valid) inbound message."""
     if record.body is None:
@@ -323,17 +347,21 @@ class WitnessingService:
         """Sign a checkpoint of the current tree and offer it to every witnessing partner.
 
         Without ``force``, a partner is skipped while our previous checkpoint to it is still
-        being delivered, or when the tree did not grow past what it last saw or cosigned.
+        being delivered, or when nothing but witnessing's own exchange was logged since the
+        size it last saw or cosigned; when every partner is skipped, nothing is signed either,
+        so the latest checkpoint stays the cosigned one rather than one over that exchange.
         """
+        size = await self._store.audit_size()
+        due = [p for p in sorted(self.peers) if force or await self._due(p, size)]
+        if self.peers and not due:
+            return []
         try:
             checkpoint = await self.audit.checkpoint()
         except AuditIntegrityError as exc:
             log.error("audit.checkpoint_refused", reason=str(exc))
             return []
         sent = []
-        for partner in sorted(self.peers):
-            if not force and not await self._due(partner, checkpoint.size):
-                continue
+        for partner in due:
             record = await self._offer(partner, checkpoint.note, checkpoint.size, None)
             if record is not None:
                 sent.append(record)
@@ -348,7 +376,24 @@ class WitnessingService:
             if record is not None and record.state in ACTIVE_STATES:
                 return False
         seen = max(last[1] if last is not None else 0, await self._last_cosigned(partner))
-        return size > seen
+        return await self._other_entries_between(seen, size)
+
+    async def _other_entries_between(self, start: int, end: int) -> bool:
+        """Whether entries ``[start, end)`` hold one that witnessing's own exchange did not
+        write. The exchange of a checkpoint writes entries after it on both sides; counting
+        them as growth would make every round call for the next, forever, on idle logs."""
+        after = start - 1
+        while after + 1 < end:
+            rows = await self._store.audit_entries(AuditFilter(), after_seq=after, limit=_SCAN_PAGE)
+            for row in rows:
+                if row.seq >= end:
+                    return False
+                if not is_witnessing_entry(row.entry):
+                    return True
+            if not rows:
+                return False
+            after = rows[-1].seq
+        return False
 
     async def _offer(
         self, partner: str, note: str, size: int, old_size: int | None

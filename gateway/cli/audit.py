@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import getpass
+import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -35,7 +36,13 @@ from gateway.audit.witnessing import offer_checkpoints
 from gateway.cli.send import uuid_option
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, load_config
-from gateway.crypto.notes import NoteSigner, NoteVerifier, load_note_signer, load_note_verifier
+from gateway.crypto.notes import (
+    NoteError,
+    NoteSigner,
+    NoteVerifier,
+    load_note_signer,
+    load_note_verifier,
+)
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import is_party_id
 from gateway.store import InvalidStoreUrl, Store, open_store
@@ -373,6 +380,44 @@ def export_command(
         _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
 
 
+def _witness_key_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, Path]:
+    keys: dict[str, Path] = {}
+    for value in values:
+        party, sep, path = value.partition("=")
+        if not sep or not is_party_id(party) or not path:
+            raise click.BadParameter(f"{value[:80]!r} is not PARTY=PATH (e.g. MX-ANAM=mx.pub)")
+        if party in keys:
+            raise click.BadParameter(f"{party} is given twice")
+        keys[party] = Path(path)
+    return keys
+
+
+def _key_loader(path: Path, *, cosignature: bool = False) -> Callable[[str], NoteVerifier]:
+    """Verifiers of the key in ``path`` under any key name; the file is read (and refused,
+    exit 2) once, here. A name that cannot name a key is the bundle's fault: NoteError."""
+    try:
+        load_note_verifier(path, "key-check", cosignature=cosignature)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+    def for_name(name: str) -> NoteVerifier:
+        try:
+            return load_note_verifier(path, name, cosignature=cosignature)
+        except ConfigError as exc:
+            raise NoteError(f"{name!r} cannot name a key: {exc.reason}") from None
+
+    return for_name
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 @audit.command("verify")
 @click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
@@ -382,30 +427,49 @@ def export_command(
     type=click.Path(path_type=Path, dir_okay=False),
     help="The gateway's audit public key (PEM), e.g. DIR/US-CBP/audit.pub.",
 )
+@click.option(
+    "--witness-key",
+    "witness_keys",
+    multiple=True,
+    callback=_witness_key_option,
+    metavar="PARTY=PATH",
+    help="A partner's audit public key (PEM): its cosignatures are verified with it "
+    "(repeatable). Without one, a partner's cosignature lines are not checked.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
-def verify_command(bundle: Path, key_path: Path, progress: bool | None) -> None:
+def verify_command(
+    bundle: Path, key_path: Path, witness_keys: dict[str, Path], progress: bool | None
+) -> None:
     """Verify a bundle offline: checkpoint, every inclusion proof, order, wire bytes, end seal."""
     show = sys.stderr.isatty() if progress is None else progress
-
-    def key_for(origin: str) -> NoteVerifier:
-        return load_note_verifier(key_path, origin)
-
-    try:
-        with bundle.open("rb") as fh:
-            total = sum(1 for _ in fh)
-    except OSError as exc:
-        _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
+    key_for = _key_loader(key_path)
+    witnesses = {p: _key_loader(path, cosignature=True) for p, path in witness_keys.items()}
+    total: int | None = None
+    # a pipe (/dev/stdin, <(...)) can be read only once: no line count for the progress bar
+    if show and _is_regular_file(bundle):
+        try:
+            with bundle.open("rb") as fh:
+                total = sum(1 for _ in fh)
+        except OSError as exc:
+            _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
     try:
         with _progress_bar(total, show, "verifying") as bar:
-            report = verify_bundle(bundle, key_for, progress=bar.update)
-    except ConfigError as exc:
-        _fail(str(exc))
+            report = verify_bundle(bundle, key_for, witness_keys=witnesses, progress=bar.update)
+    except OSError as exc:
+        _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
     for failure in report.failures:
         click.echo(f"FAIL {bundle}: {failure}", err=True)
     if not report.ok:
         _fail(f"{bundle}: verification failed ({len(report.failures)} problem(s))", code=1)
+    unchecked = report.unchecked_cosignatures
+    cosigned = f"{report.cosignatures} cosignatures verified with witness keys"
+    if unchecked:
+        partners = ", ".join(sorted(set(unchecked)))
+        cosigned += (
+            f", {len(unchecked)} cosignature lines not checked: no witness key for {partners}"
+        )
     click.echo(
-        f"OK {bundle}: {report.entries} entries, {report.messages} messages and "
-        f"{report.cosignatures} cosignatures proven in checkpoint {report.origin} "
-        f"size {report.size} (verified {format_rfc3339(datetime.now(UTC))})"
+        f"OK {bundle}: {report.entries} entries, {report.messages} messages proven in "
+        f"checkpoint {report.origin} size {report.size}; {cosigned} "
+        f"(verified {format_rfc3339(datetime.now(UTC))})"
     )

@@ -262,3 +262,60 @@ def _idle(*services: WitnessingService) -> Callable[[], Awaitable[bool]]:
         return True
 
     return check
+
+
+async def _settled(gateways: tuple[Gateway, ...], services: tuple[WitnessingService, ...]) -> None:
+    """Wait until no witnessing task runs and neither log grew for a while: the deliveries
+    and receipts of the last exchange are all written."""
+    sizes: list[int] = []
+    deadline = time.monotonic() + 15
+    while True:
+        for service in services:
+            await service.idle()
+        now = [await g.store.audit_size() for g in gateways]
+        sizes = [*sizes[-4:], sum(now)]
+        if len(sizes) == 5 and len(set(sizes)) == 1:
+            return
+        assert time.monotonic() < deadline, "the logs never stopped growing"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_idle_pair_settles_and_a_real_entry_is_still_witnessed(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    """Witnessing's own exchange writes entries on both sides after the checkpoint it
+    cosigns; they must not call for the next round, or two idle gateways offer forever."""
+    async with (
+        running(configs[MX]) as (mx, mx_witnessing),
+        running(configs[US]) as (us, us_witnessing),
+    ):
+        services, gateways = (us_witnessing, mx_witnessing), (us, mx)
+        await us.store.append_audit(
+            [AuditEvent(event=EventKind.OPERATOR_ACTION, at=us.clock.now(), actor="test")]
+        )
+        assert [r.recipient for r in await us_witnessing.send_checkpoints()] == [MX]
+        await _settled(gateways, services)
+        (cosigned,) = await us.store.cosignatures()
+        grown = await us.store.audit_size()
+        assert grown > cosigned.size  # the exchange itself was logged after the checkpoint
+
+        for _ in range(3):  # rounds with nothing new: nobody offers, nothing is logged
+            assert await us_witnessing.send_checkpoints() == []
+            assert await mx_witnessing.send_checkpoints() == []
+            await _settled(gateways, services)
+        assert await us.store.audit_size() == grown
+        assert len(await us.store.cosignatures()) == 1
+        # nor is anything signed: the latest checkpoint stays the one MX-ANAM cosigned
+        latest_checkpoint = await us.store.latest_checkpoint()
+        assert latest_checkpoint is not None
+        assert latest_checkpoint.size == cosigned.size
+
+        # one real entry after all that: the next round offers it, and it gets cosigned
+        (real,) = await us.store.append_audit(
+            [AuditEvent(event=EventKind.OPERATOR_ACTION, at=us.clock.now(), actor="test")]
+        )
+        assert [r.recipient for r in await us_witnessing.send_checkpoints()] == [MX]
+        await _settled(gateways, services)
+        latest = max(c.size for c in await us.store.cosignatures())
+        assert latest > real
+        assert await mx_witnessing.send_checkpoints() == []
