@@ -15,8 +15,10 @@ from gateway.store.url import InvalidStoreUrl, SqliteUrl, parse_store_url
 
 
 def open_store(url: str, *, clock: Clock, timeout_s: float = 30.0) -> Store:
-    """``timeout_s``: PostgreSQL's connect and command timeout; past it an operation fails
-    ``Unavailable`` as an outage. ``InvalidStoreUrl`` when the URL is malformed."""
+    """``timeout_s``: PostgreSQL's connect and command timeout, past which an operation fails
+    ``Unavailable`` as an outage, and the bounds of its sessions' ``lock_timeout`` (3/4 of
+    it) and ``idle_in_transaction_session_timeout`` (1/2). ``InvalidStoreUrl`` when the URL
+    is malformed."""
     parsed = parse_store_url(url)
     if isinstance(parsed, SqliteUrl):
         from gateway.store.sqlite import SqliteStore

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -94,13 +96,19 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
 
 #: errors of a database that cannot serve anyone now, as against an error of one statement:
 #: a lost connection or network (class 08), a full disk or no memory (53), a shutdown or a
-#: cancelled command (57), an I/O error (58), a command timeout
+#: cancelled command (57), an I/O error (58), a command timeout, a lock not had within
+#: ``lock_timeout`` (55P03), a session ended for idling in a transaction (25P03), and
+#: asyncpg's own state errors, which a connection cut in the middle of an operation raises
+#: ("cannot switch to state 12; another operation (2) is in progress")
 _OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.InsufficientResourcesError,
     asyncpg.OperatorInterventionError,
     asyncpg.PostgresSystemError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.IdleInTransactionSessionTimeoutError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -110,6 +118,11 @@ _WRITE_FAILURES: tuple[type[BaseException], ...] = (
     asyncpg.InsufficientResourcesError,
     asyncpg.PostgresSystemError,
 )
+
+#: rows one retention statement looks at (in primary key order), and the body bytes it may
+#: drop at most: each statement is its own short transaction, far below any store timeout
+_PURGE_ROWS = 1000
+_PURGE_BYTES = 32 * 1024 * 1024
 
 #: the readiness probe's body: incompressible, and larger than what is left of the pages a
 #: message that just failed may have found
@@ -248,9 +261,10 @@ class PostgresStore:
                 max_size=self._max_size,
                 command_timeout=self._command_timeout_s,
                 timeout=self._command_timeout_s,
+                server_settings=session_settings(self._command_timeout_s),
             )
         except _DB_ERRORS as exc:
-            raise _unavailable(exc) from exc
+            raise self._unavailable(exc, "connect") from exc
         self._pool = pool
         try:
             await self._transaction(_migrate)
@@ -297,7 +311,7 @@ class PostgresStore:
             log.warning("postgres_writes_recovered", error=self._write_failure, seen_by=seen_by)
             self._write_failure = None
 
-    async def _call(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[Conn], Awaitable[T]], what: str | None = None) -> T:
         pool = self._pool
         if pool is None:
             raise Unavailable("postgresql: store is not open", outage=True)
@@ -305,14 +319,17 @@ class PostgresStore:
             async with pool.acquire() as conn:
                 return await fn(conn)
         except _DB_ERRORS as exc:
-            raise _unavailable(exc) from exc
+            raise self._unavailable(exc, what or _operation(fn)) from exc
 
     async def _transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         async def in_transaction(conn: Conn) -> T:
             async with conn.transaction():
                 return await fn(conn)
 
-        return await self._call(in_transaction)
+        return await self._call(in_transaction, _operation(fn))
+
+    def _unavailable(self, exc: BaseException, what: str) -> Unavailable:
+        return _unavailable(exc, what=what, timeout_s=self._command_timeout_s)
 
     # batched writes
 
@@ -407,7 +424,7 @@ class PostgresStore:
                 pass  # a row broke another constraint: the transaction below sorts them out
             except _DB_ERRORS as exc:
                 self._note_write_failure(exc)
-                return [_unavailable(exc)] * len(units)
+                return [self._unavailable(exc, _batch_operations(units))] * len(units)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 size: int | None = None
@@ -433,7 +450,7 @@ class PostgresStore:
                     crash_point("S6-before-commit", message_ids=_ids(units))
         except _DB_ERRORS as exc:
             self._note_write_failure(exc)
-            return [_unavailable(exc)] * len(units)
+            return [self._unavailable(exc, _batch_operations(units))] * len(units)
         except Unavailable as exc:
             return [exc] * len(units)
         self._writes_recovered("write")
@@ -1024,31 +1041,122 @@ class PostgresStore:
     # retention
 
     async def purge_bodies(self, older_than: datetime) -> int:
+        """Drop old bodies a few rows at a time, each statement its own transaction outside
+        the writer: a purge of months of rows neither runs into the store timeout as one
+        statement nor holds the audit head (it appends nothing), so other writes go on."""
         cutoff = _aware(older_than)
+        purged = 0
+        start: tuple[tuple[str, object], ...] = ((_PURGE_INBOUND_SQL, 0), (_PURGE_OUTBOUND_SQL, ""))
+        for sql, after in start:
+            while True:
+                try:
+                    row = await self._call(partial(_purge_step, sql, cutoff, after), "purge_bodies")
+                except Unavailable as exc:
+                    if not purged:
+                        raise
+                    raise Unavailable(
+                        f"{exc.reason} (after purging {purged} bodies, which stay purged)",
+                        outage=exc.outage,
+                    ) from exc
+                if row is None or row[1] is None:  # no row past ``after``: the table is done
+                    break
+                purged += int(row[0])
+                after = row[1]
+        return purged
 
-        async def unit(tx: _Tx) -> int:
-            c = tx.conn
-            inbound = await c.fetchval(
-                "WITH p AS (UPDATE inbound_messages SET body = NULL "
-                "WHERE received_at < $1 AND relayed AND body IS NOT NULL RETURNING 1) "
-                "SELECT count(*) FROM p",
-                cutoff,
-            )
-            outbound = await c.fetchval(
-                "WITH p AS (UPDATE outbound_messages SET body = NULL WHERE created_at < $1 "
-                "AND state IN ('acknowledged', 'rejected', 'dead') AND body IS NOT NULL "
-                "RETURNING 1) SELECT count(*) FROM p",
-                cutoff,
-            )
-            return int(inbound) + int(outbound)
 
-        return await self._write(unit)
+def session_settings(timeout_s: float) -> dict[str, str]:
+    """What PostgreSQL itself enforces on each of the gateway's sessions (``server_settings``),
+    from ``timeout_s`` (``[limits] store_timeout_s``).
+
+    A replica that stops between two statements of a transaction (SIGSTOP, a paused VM, a
+    partition) would hold its row locks, the audit head among them, for as long as it stays
+    stopped, and every other replica's writes would queue behind it. PostgreSQL ends such a
+    session after half the timeout (``idle_in_transaction_session_timeout``), which rolls its
+    transaction back. A lock wait gives up after three quarters of it (``lock_timeout``):
+    before the command timeout, so the reason says a lock was not had, and after a stopped
+    holder was ended, so that its waiters get the lock rather than an error."""
+    return {
+        "idle_in_transaction_session_timeout": str(max(1, round(timeout_s * 500))),
+        "lock_timeout": str(max(1, round(timeout_s * 750))),
+    }
 
 
-def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(
-        f"postgresql: {type(exc).__name__}: {exc}", outage=isinstance(exc, _OUTAGE_ERRORS)
+def _unavailable(
+    exc: BaseException, *, what: str = "", timeout_s: float | None = None
+) -> Unavailable:
+    outage = isinstance(exc, _OUTAGE_ERRORS)
+    if isinstance(exc, TimeoutError) and timeout_s is not None:
+        # asyncpg's timeouts say nothing (str() is empty): name what waited, and how long
+        return Unavailable(
+            f"postgresql: {what or 'a store command'}: no answer within {timeout_s:g} s "
+            "([limits] store_timeout_s)",
+            outage=True,
+        )
+    if isinstance(exc, asyncpg.LockNotAvailableError) and timeout_s is not None:
+        settings = session_settings(timeout_s)
+        return Unavailable(
+            f"postgresql: {what or 'a store command'}: {type(exc).__name__}: {exc} (a lock "
+            f"another session held for over {int(settings['lock_timeout']) / 1000:g} s; a "
+            "session idle in a transaction is ended after "
+            f"{int(settings['idle_in_transaction_session_timeout']) / 1000:g} s)",
+            outage=True,
+        )
+    return Unavailable(f"postgresql: {type(exc).__name__}: {exc}", outage=outage)
+
+
+def _operation(fn: Callable[..., object]) -> str:
+    """The store method ``fn`` was written in (``audit_size`` for the lambda in it), to name
+    it in a timeout's reason."""
+    qualname: str = getattr(fn, "__qualname__", "")
+    return qualname.split(".<locals>", 1)[0].rsplit(".", 1)[-1].lstrip("_") or "a store command"
+
+
+def _batch_operations(units: Sequence[_Unit]) -> str:
+    """A write batch's operations, for a reason: ``write batch (store_inbound x3, ...)``."""
+    names = Counter("store_inbound" if u.fn is None else _operation(u.fn) for u in units)
+    return (
+        "write batch ("
+        + ", ".join(name if n == 1 else f"{name} x{n}" for name, n in names.items())
+        + ")"
     )
+
+
+async def _purge_step(sql: str, cutoff: datetime, after: object, c: Conn) -> asyncpg.Record | None:
+    return await c.fetchrow(sql, cutoff, after, _PURGE_ROWS, _PURGE_BYTES)
+
+
+# Retention: one statement looks at the next $3 rows after key $2 (0 or '': from the first)
+# in primary key order (a range of the key's index, whatever the plan), cut where the bodies
+# it drops pass $4 bytes, and drops the bodies of those due; it returns how many it dropped
+# and the last key it looked at (NULL once past the last row). The conditions are checked
+# again on the row updated, so a row changed meanwhile (an outbound message retried) keeps
+# its body.
+_PURGE_INBOUND_SQL = (
+    "WITH scan AS (SELECT seq, received_at < $1 AND relayed AND body IS NOT NULL AS due, "
+    "octet_length(body) AS n FROM inbound_messages "
+    "WHERE seq > $2 ORDER BY seq LIMIT $3), "
+    "kept AS (SELECT seq, due FROM (SELECT seq, due, row_number() OVER w AS k, "
+    "sum(CASE WHEN due THEN n ELSE 0 END) OVER w AS total FROM scan "
+    "WINDOW w AS (ORDER BY seq)) AS t WHERE k = 1 OR total <= $4), "
+    "p AS (UPDATE inbound_messages AS m SET body = NULL FROM kept "
+    "WHERE m.seq = kept.seq AND kept.due AND m.received_at < $1 AND m.relayed "
+    "AND m.body IS NOT NULL RETURNING 1) "
+    "SELECT (SELECT count(*) FROM p), (SELECT max(seq) FROM kept)"
+)
+_PURGE_OUTBOUND_SQL = (
+    "WITH scan AS (SELECT message_id, created_at < $1 "
+    "AND state IN ('acknowledged', 'rejected', 'dead') AND body IS NOT NULL AS due, "
+    "octet_length(body) AS n FROM outbound_messages "
+    "WHERE message_id > $2 ORDER BY message_id LIMIT $3), "
+    "kept AS (SELECT message_id, due FROM (SELECT message_id, due, row_number() OVER w AS k, "
+    "sum(CASE WHEN due THEN n ELSE 0 END) OVER w AS total FROM scan "
+    "WINDOW w AS (ORDER BY message_id)) AS t WHERE k = 1 OR total <= $4), "
+    "p AS (UPDATE outbound_messages AS o SET body = NULL FROM kept "
+    "WHERE o.message_id = kept.message_id AND kept.due AND o.created_at < $1 "
+    "AND o.state IN ('acknowledged', 'rejected', 'dead') AND o.body IS NOT NULL RETURNING 1) "
+    "SELECT (SELECT count(*) FROM p), (SELECT max(message_id) FROM kept)"
+)
 
 
 async def _get_inbound(c: Conn, sender: str, message_id: str) -> InboundRecord | None:
