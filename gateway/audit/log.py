@@ -25,11 +25,11 @@ from gateway.audit.checkpoint import (
     sign_checkpoint,
     verify_cosignature,
 )
-from gateway.audit.events import AuditEvent, EventKind
-from gateway.clock import Clock
+from gateway.audit.events import AuditEvent, EventKind, entry_view
+from gateway.clock import Clock, format_rfc3339
 from gateway.crashpoints import crash_point
 from gateway.crypto.notes import NoteError, NoteSigner, NoteVerifier, parse_note
-from gateway.store.base import AuditFilter, Checkpoint, Cosignature, Store
+from gateway.store.base import AuditFilter, AuditIndex, Checkpoint, Cosignature, Store
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +73,33 @@ class VerifyReport:
         self.problem_count += 1
         if len(self.problems) < MAX_LISTED_PROBLEMS:
             self.problems.append(Problem(position=position, what=what))
+
+
+#: the filter columns beside an entry, each with the entry member it copies
+_INDEX_MEMBERS = (
+    "event",
+    "message_id",
+    "sender",
+    "recipient",
+    "message_type",
+    "outcome",
+    "correlation_id",
+)
+
+
+def _check_index(report: VerifyReport, seq: int, entry: bytes, index: AuditIndex) -> None:
+    """The columns the filters read say what the entry says: one changed behind the
+    gateway's back would hide the entry from every filtered view (audit query, the console's
+    message trail, a case export), though its bytes are intact."""
+    view = entry_view(entry)
+    if "unreadable" in view:
+        return  # changed bytes: the leaf hash check names the entry already
+    at = None if index.at is None else format_rfc3339(index.at)
+    if at != view.get("at"):
+        report.add(seq, "column at differs from the entry's at")
+    for name in _INDEX_MEMBERS:
+        if getattr(index, name) != view.get(name):
+            report.add(seq, f"column {name} differs from the entry's {name}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -346,7 +373,9 @@ class AuditLog:
         tree_ok = True
         after = -1
         while True:
-            rows = await self._store.audit_entries(AuditFilter(), after_seq=after, limit=batch)
+            rows = await self._store.audit_entries(
+                AuditFilter(), after_seq=after, limit=batch, with_index=True
+            )
             if not rows:
                 break
             leaf_hashes: list[bytes] = []
@@ -357,6 +386,8 @@ class AuditLog:
                 computed = merkle.leaf_hash(row.entry)
                 if computed != row.leaf_hash:
                     report.add(row.seq, "entry bytes do not match the stored leaf hash")
+                if row.index is not None:
+                    _check_index(report, row.seq, row.entry, row.index)
                 leaf_hashes.append(computed)
                 count += 1
             if tree_ok:

@@ -308,6 +308,25 @@ class AuditRow:
     #: the leaf data: RFC 8785 JSON from ``AuditEvent.entry_bytes()``
     entry: bytes
     leaf_hash: bytes
+    #: the columns the filters read, when asked for (``audit_entries(with_index=True)``)
+    index: AuditIndex | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuditIndex:
+    """The columns stored beside an entry, copied from its event, that the audit filters
+    read. They are not hashed into the tree: ``audit check`` compares them with the entry, so
+    one changed behind the gateway's back cannot hide an entry from a filtered view."""
+
+    #: None when the stored value is not a time at all
+    at: datetime | None
+    event: object
+    message_id: object
+    sender: object
+    recipient: object
+    message_type: object
+    outcome: object
+    correlation_id: object
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -492,9 +511,15 @@ class Store(Protocol):
     async def audit_size(self) -> int: ...
 
     async def audit_entries(
-        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+        self,
+        filter: AuditFilter,
+        *,
+        after_seq: int = -1,
+        limit: int = 100,
+        with_index: bool = False,
     ) -> list[AuditRow]:
-        """Entries with seq > after_seq matching ``filter``, in seq order."""
+        """Entries with seq > after_seq matching ``filter``, in seq order; ``with_index``:
+        with the filter columns stored beside each (``AuditRow.index``)."""
         ...
 
     async def audit_entry(self, seq: int) -> AuditRow | None: ...

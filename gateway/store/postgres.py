@@ -42,6 +42,7 @@ from gateway.store.base import (
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
+    AuditIndex,
     AuditRow,
     Checkpoint,
     Cosignature,
@@ -67,7 +68,7 @@ from gateway.store.base import (
     same_request,
 )
 from gateway.store.migrations import load_migrations
-from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
+from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -472,11 +473,28 @@ class PostgresStore:
         )
 
     async def audit_entries(
-        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+        self,
+        filter: AuditFilter,
+        *,
+        after_seq: int = -1,
+        limit: int = 100,
+        with_index: bool = False,
     ) -> list[AuditRow]:
-        sql, params = audit_query(DIALECT, filter, after_seq=after_seq, limit=limit)
+        sql, params = audit_query(
+            DIALECT, filter, after_seq=after_seq, limit=limit, with_index=with_index
+        )
         rows = await self._call(lambda c: c.fetch(sql, *params))
-        return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+        if not with_index:
+            return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+        return [
+            AuditRow(
+                seq=r[0],
+                entry=r[1],
+                leaf_hash=r[2],
+                index=AuditIndex(at=r[3], **index_fields(tuple(r))),
+            )
+            for r in rows
+        ]
 
     async def audit_entry(self, seq: int) -> AuditRow | None:
         row = await self._call(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -55,10 +55,26 @@ class _Params:
 
 
 AUDIT_COLUMNS = "seq, entry, leaf_hash"
+#: the filter columns, in ``AuditIndex`` order, after AUDIT_COLUMNS
+AUDIT_INDEX_COLUMNS = (
+    "at, event, message_id, sender, recipient, message_type, outcome, correlation_id"
+)
+
+
+def index_fields(row: Sequence[object]) -> dict[str, object]:
+    """``AuditIndex``'s fields but ``at``, from a row selected with AUDIT_INDEX_COLUMNS."""
+    return dict(
+        zip(
+            ("event", "message_id", "sender", "recipient", "message_type", "outcome"),
+            row[4:10],
+            strict=True,
+        ),
+        correlation_id=row[10],
+    )
 
 
 def audit_query(
-    dialect: Dialect, filt: AuditFilter, *, after_seq: int, limit: int
+    dialect: Dialect, filt: AuditFilter, *, after_seq: int, limit: int, with_index: bool = False
 ) -> tuple[str, list[object]]:
     p = _Params(dialect=dialect)
     where = [f"seq > {p.add(after_seq)}"]
@@ -78,7 +94,8 @@ def audit_query(
         if value is not None:
             where.append(f"{column} = {p.add(value)}")
     sql = (
-        f"SELECT {AUDIT_COLUMNS} FROM audit_entries WHERE {' AND '.join(where)} "
+        f"SELECT {AUDIT_COLUMNS}{', ' + AUDIT_INDEX_COLUMNS if with_index else ''}"
+        f" FROM audit_entries WHERE {' AND '.join(where)} "
         f"ORDER BY seq LIMIT {p.add(limit)}"
     )
     return sql, p.values

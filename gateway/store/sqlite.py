@@ -43,6 +43,7 @@ from gateway.store.base import (
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
+    AuditIndex,
     AuditRow,
     Checkpoint,
     Cosignature,
@@ -69,7 +70,7 @@ from gateway.store.base import (
     same_request,
 )
 from gateway.store.migrations import load_migrations
-from gateway.store.queries import Cursor, Dialect, audit_query, messages_query
+from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
 
 T = TypeVar("T")
 Conn = sqlite3.Connection
@@ -654,11 +655,29 @@ class SqliteStore:
         return audit_head_size(None if row is None else row[0])
 
     async def audit_entries(
-        self, filter: AuditFilter, *, after_seq: int = -1, limit: int = 100
+        self,
+        filter: AuditFilter,
+        *,
+        after_seq: int = -1,
+        limit: int = 100,
+        with_index: bool = False,
     ) -> list[AuditRow]:
-        sql, params = audit_query(DIALECT, filter, after_seq=after_seq, limit=limit)
+        sql, params = audit_query(
+            DIALECT, filter, after_seq=after_seq, limit=limit, with_index=with_index
+        )
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+        if not with_index:
+            return [AuditRow(seq=r[0], entry=r[1], leaf_hash=r[2]) for r in rows]
+        return [
+            AuditRow(
+                seq=r[0],
+                entry=r[1],
+                leaf_hash=r[2],
+                # SQLite keeps whatever type a raw UPDATE wrote: a non-integer is no time
+                index=AuditIndex(at=_dt(r[3]) if type(r[3]) is int else None, **index_fields(r)),
+            )
+            for r in rows
+        ]
 
     async def audit_entry(self, seq: int) -> AuditRow | None:
         row = await self._read(

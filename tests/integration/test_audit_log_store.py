@@ -177,7 +177,38 @@ async def test_rewritten_entry_and_leaf_hash_still_found(
     )
     report = await audit.verify_store()
     assert report.first_bad_position == 23
-    assert "leaf hash differs" in str(report.problems[0])
+    problems = [str(p) for p in report.problems]
+    assert any("leaf hash differs" in p for p in problems), problems
+    # and the outcome column beside it still says what the entry said
+    assert "entry 23: column outcome differs from the entry's outcome" in problems
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("message_id", "m-0"),
+        ("event", "submitted"),
+        ("sender", None),
+        ("outcome", "NACK"),
+        ("at", "a day later"),
+    ],
+)
+async def test_a_changed_filter_column_is_found(
+    store_url: str, store: Store, audit: AuditLog, column: str, value: object
+) -> None:
+    # The columns the audit filters read are not hashed: one changed behind the gateway's
+    # back would hide the entry from every filtered view (audit query, the console's message
+    # trail, a case export) while every hash still held.
+    await _tampered(store_url, store, audit)
+    if value == "a day later":
+        later = 86_400_000_000 if store_url.startswith("sqlite:") else timedelta(days=1)
+        await _raw(store_url, "UPDATE audit_entries SET at = at + ? WHERE seq = ?", later, 5)
+    else:
+        await _raw(store_url, f"UPDATE audit_entries SET {column} = ? WHERE seq = ?", value, 5)
+    report = await audit.verify_store()
+    assert [str(p) for p in report.problems] == [
+        f"entry 5: column {column} differs from the entry's {column}"
+    ]
 
 
 async def test_deleted_entry_is_found(store_url: str, store: Store, audit: AuditLog) -> None:
