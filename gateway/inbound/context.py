@@ -48,6 +48,9 @@ class InboundRequest:
     #: its queue instead, so no NACK is signed for it (signing one per attempt of a poison
     #: message or per retry of a held delivery was work thrown away)
     unavailable_answered: bool = True
+    #: the transport already took this message's token from the partner's rate limiter
+    #: (AMQP paces deliveries to the rate, the queue being the buffer): not taken again
+    rate_taken: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

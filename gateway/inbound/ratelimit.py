@@ -122,16 +122,18 @@ class RateLimiters:
             else {}
         )
 
-    async def retry_after(self, partner: str) -> int | None:
-        """None when the partner may go ahead, else whole seconds to wait (at least 1)."""
+    async def wait_s(self, partner: str) -> float:
+        """Take one of the partner's tokens: 0.0 when it may go ahead (the token is taken),
+        else the seconds until one is due (nothing taken; infinite for a rate of 0)."""
         shared = self._shared.get(partner)
         if shared is not None:
-            wait = await shared.take()
-        else:
-            bucket = self._local.get(partner)
-            if bucket is None:
-                return None
-            wait = bucket.take()
+            return await shared.take()
+        bucket = self._local.get(partner)
+        return 0.0 if bucket is None else bucket.take()
+
+    async def retry_after(self, partner: str) -> int | None:
+        """None when the partner may go ahead, else whole seconds to wait (at least 1)."""
+        wait = await self.wait_s(partner)
         if wait == 0.0:
             return None
         return 3600 if math.isinf(wait) else max(1, math.ceil(wait))

@@ -52,7 +52,7 @@ async def check_limits(ctx: InboundContext) -> None:
     partner = partners[request.peer]
     ctx.partner = partner
     ctx.adapter = ctx.env.adapters[partner.id]
-    retry_after = await ctx.env.limiters.retry_after(partner.id)
+    retry_after = None if request.rate_taken else await ctx.env.limiters.retry_after(partner.id)
     if retry_after is not None:
         raise RateLimited(
             f"{partner.id} is over its rate of {partner.rate.per_second:g}/s"

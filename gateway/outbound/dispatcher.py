@@ -37,7 +37,7 @@ from typing import Literal
 import structlog
 
 from gateway.adapters.registry import adapter_for
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig
 from gateway.crashpoints import crash_point
@@ -246,6 +246,11 @@ class Dispatcher:
         record = await self._store.get_outbound(message_id) if message_id else None
         if record is None or record.recipient != received.peer:
             log.warning("receipt_for_unknown_message", peer=received.peer, in_reply_to=message_id)
+            await self._refuse_receipt(
+                received,
+                NackCode.NOT_AUTHORIZED,
+                f"receipt answers {message_id}, which is no message of ours to {received.peer}",
+            )
             return
         try:
             receipt = verify_receipt(
@@ -259,6 +264,9 @@ class Dispatcher:
         except GatewayError as exc:
             log.warning(
                 "receipt_refused", message_id=record.message_id, code=exc.code, reason=exc.reason
+            )
+            await self._refuse_receipt(
+                received, exc.code, f"receipt for {record.message_id} refused: {exc.reason}"
             )
             return
         verdict = _judge_receipt(
@@ -279,6 +287,25 @@ class Dispatcher:
             log.info("receipt_for_finished_message", message_id=record.message_id, state=exc.state)
             return
         log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
+
+    async def _refuse_receipt(self, received: ReceivedReceipt, code: NackCode, reason: str) -> None:
+        """Audit a partner's receipt that settles nothing (``rejected``). It is not answered:
+        receipts are never answered with receipts, which would loop."""
+        header = received.envelope.header
+        event = AuditEvent(
+            event=EventKind.REJECTED,
+            at=received.received_at,
+            message_id=header.message_id,
+            sender=received.peer,
+            recipient=header.recipient,
+            message_type=header.message_type,
+            correlation_id=header.correlation_id,
+            body_digest=body_digest(received.body),
+            outcome=code.value,
+            reason=reason,
+            transport=received.transport,
+        )
+        await record_or_log(lambda entry: self._store.append_audit([entry]), event)
 
     async def run(self) -> None:
         """Work until ``stop()``; store outages are waited out, and no failure is fatal."""

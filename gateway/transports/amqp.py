@@ -14,12 +14,19 @@ already settled (``_ChannelAcks``); NACKs and rejects go out one by one.
 Every consumed queue is a durable quorum queue with an explicit ``x-delivery-limit`` and the
 dead-letter exchange ``c2c.dlx`` (at-least-once dead-lettering to ``<queue>.dead``): nothing
 relies on the broker's defaults, which differ between RabbitMQ 3.x and 4.x.
+
+Message properties are decoded leniently (``decode_leniently``): RabbitMQ passes a short string
+that is not UTF-8, a timestamp past year 9999 or a header name that is not UTF-8 on as it
+was published, and pamqp's strict decoding of one such frame would close the whole connection,
+every consumer and publisher on it, again on each redelivery, until the broker dead-lettered
+that message and every other one unacked at the time, none of them seen by a handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +44,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq import spec
+from pamqp import decode as pamqp_decode
 
 from gateway.config import AmqpConfig
 from gateway.crashpoints import crash_point
@@ -156,6 +164,7 @@ class Delivery:
     #: the broker-validated ``user_id`` property, where the publisher set it
     user_id: str | None
     content_type: str | None
+    content_encoding: str | None
     correlation_id: str | None
     reply_to: str | None
     headers: Mapping[str, Any]
@@ -164,10 +173,18 @@ class Delivery:
     delivery_count: int
 
     def header_str(self, name: str) -> str | None:
+        """A header as text: a long string, or a byte array (AMQP field type ``x``, which
+        pika, the Java and the Go clients send for bytes); None when absent or of another
+        type (``header_type`` says which)."""
         value = self.headers.get(name)
-        if isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
+        if isinstance(value, bytes | bytearray):
+            return bytes(value).decode("utf-8", "replace")
         return value if isinstance(value, str) else None
+
+    def header_type(self, name: str) -> str | None:
+        """The Python type a present header decoded to, for a refusal that names it."""
+        value = self.headers.get(name)
+        return None if value is None else type(value).__name__
 
 
 class Settlement(StrEnum):
@@ -188,6 +205,7 @@ class AmqpBroker:
     def __init__(self, config: AmqpConfig, *, connection_name: str = CONNECTION_NAME) -> None:
         if config.url is None:
             raise ValueError("AmqpBroker needs an AMQP URL")
+        decode_leniently()
         self._config = config
         self._url = config.url
         self._connection_name = connection_name
@@ -672,6 +690,7 @@ def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:
         app_id=message.app_id,
         user_id=message.user_id,
         content_type=message.content_type,
+        content_encoding=message.content_encoding,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         headers=headers,
@@ -689,3 +708,78 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     """Mark a finished probe's failure as seen: the next ``ping`` starts a new one."""
     if not task.cancelled():
         task.exception()
+
+
+_strict_short_str = pamqp_decode.short_str
+_strict_timestamp = pamqp_decode.timestamp
+_strict_field_table = pamqp_decode.field_table
+
+
+def decode_leniently() -> None:
+    """Make pamqp decode what RabbitMQ forwards unchecked instead of failing the frame:
+
+    - a short string (``message_id``, ``correlation_id``, ``reply_to``, ``type``, ``app_id``,
+      a routing key ...) that is not UTF-8: with U+FFFD for each bad byte (AMQP short strings
+      are octets; no id the gateway uses can hold U+FFFD, so such a value names nothing);
+    - a ``timestamp`` (property or header) past what ``datetime`` holds, such as microseconds
+      since the epoch: None (the gateway reads no timestamp);
+    - a header name that is not UTF-8: with U+FFFD, as a short string.
+
+    pamqp decodes content headers through its ``METHODS`` and ``TABLE_MAPPING`` tables (it
+    offers no option for this; aiormq issue 186): their entries are replaced, once, for the
+    process. A frame whose structure is broken still fails as before.
+    """
+    if pamqp_decode.METHODS.get("shortstr") is _lenient_short_str:
+        return
+    pamqp_decode.METHODS["shortstr"] = _lenient_short_str
+    pamqp_decode.METHODS["timestamp"] = _lenient_timestamp
+    pamqp_decode.METHODS["table"] = _lenient_field_table
+    pamqp_decode.TABLE_MAPPING[b"T"] = _lenient_timestamp
+    pamqp_decode.TABLE_MAPPING[b"F"] = _lenient_field_table
+
+
+def _lenient_short_str(value: bytes) -> tuple[int, str]:
+    try:
+        return _strict_short_str(value)
+    except UnicodeDecodeError:
+        length = value[0]
+        log.warning("amqp_short_string_not_utf8", length=length)
+        return length + 1, value[1 : length + 1].decode("utf-8", "replace")
+
+
+def _lenient_timestamp(value: bytes) -> tuple[int, Any]:
+    try:
+        return _strict_timestamp(value)
+    except (ValueError, OverflowError, OSError):
+        if len(value) < 8:
+            raise  # truncated: the frame is broken, not just the value
+        (seconds,) = struct.unpack(">Q", value[:8])
+        log.warning("amqp_timestamp_out_of_range", value=seconds)
+        return 8, None
+
+
+def _lenient_field_table(value: bytes) -> tuple[int, Any]:
+    try:
+        return _strict_field_table(value)
+    except UnicodeDecodeError:
+        pass
+    # pamqp's field_table with the name decoded leniently; its values come from
+    # TABLE_MAPPING, so nested tables and timestamps are lenient too.
+    (length,) = struct.unpack_from(">I", value, 0)
+    end = 4 + length
+    if end > len(value):
+        raise ValueError("Field table length exceeds available data")
+    offset = 4
+    table: dict[str, Any] = {}
+    while offset < end:
+        key_length = value[offset]
+        offset += 1
+        if offset + key_length > end:
+            raise ValueError("Field table key length exceeds data")
+        key = value[offset : offset + key_length].decode("utf-8", "replace")
+        offset += key_length
+        consumed, item = pamqp_decode.embedded_value(value[offset:])
+        offset += consumed
+        table[key] = item
+    log.warning("amqp_header_name_not_utf8")
+    return end, table

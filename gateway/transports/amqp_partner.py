@@ -8,6 +8,11 @@ broker (PROTOCOL section 5):
   whose receipt could not be published is returned to the queue; its redelivery is an exact
   re-send answered with the original receipt). Deterministic refusals are never requeued.
 - a partner's own receipt is handed to the dispatcher by the pipeline and not answered.
+- over the partner's rate: the queue is the buffer. Each delivery waits for a token of the
+  partner's rate limiter (the one its HTTPS traffic and, on PostgreSQL, other replicas share)
+  before the pipeline, so a backlog is taken in at that rate, not refused for the speed it
+  drains at. Only a delivery that waited ``RATE_HOLD_S`` in vain is left to the pipeline's own
+  check, and answered ``RATE_LIMITED`` (with ``c2c-retry-after``).
 - ``UNAVAILABLE`` from an outage (the store unreachable, or failing every write alike: a full
   disk, an I/O error; ``Unavailable.outage``): the delivery is held and retried in process for
   a while, then returned with ``basic.nack(requeue=True)`` so that another replica may take it.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -53,6 +59,14 @@ PROBLEM_TYPE = "problem"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 #: publisher channel for everything the gateway sends to partners' ``.out`` queues
 OUT_CONCERN = "partner-out"
+#: seconds a RATE_LIMITED NACK waits before it may be retried (PROTOCOL section 4's Retry-After)
+RETRY_AFTER_HEADER = "c2c-retry-after"
+#: how long a delivery over its partner's rate is held for a token before it is refused
+#: RATE_LIMITED: well within RabbitMQ's ``consumer_timeout`` (30 minutes by default), past
+#: which the broker closes the channel and returns every delivery on it, counted
+RATE_HOLD_S = 600.0
+#: the longest single sleep while waiting (the consumers' stop is noticed within it)
+_WAIT_STEP_S = 1.0
 
 
 class PartnerInbox:
@@ -65,16 +79,21 @@ class PartnerInbox:
         pipeline: InboundPipeline,
         partners: Iterable[PartnerConfig],
         outage_hold_s: float = 30.0,
+        rate_hold_s: float = RATE_HOLD_S,
     ) -> None:
         self._broker = broker
         self._pipeline = pipeline
         self._partners = tuple(p for p in partners if p.amqp.enabled)
         self._out_queues = {p.id: partner_out_queue(p.id) for p in self._partners}
         self._outage_hold_s = outage_hold_s
+        self._rate_hold_s = rate_hold_s
         env = pipeline.env
         self._party = env.config.party
         self._store = env.store
         self._clock = env.clock
+        self._limiters = env.limiters
+        # one delivery of a partner waits for its token at a time, in the order they came
+        self._pacing = {p.id: asyncio.Lock() for p in self._partners}
 
     @property
     def partner_ids(self) -> list[str]:
@@ -93,17 +112,35 @@ class PartnerInbox:
             )
 
     async def on_delivery(self, partner: PartnerConfig, delivery: Delivery) -> Settlement:
+        signature = delivery.header_str(SIGNATURE_HEADER)
+        if signature is None and (kind := delivery.header_type(SIGNATURE_HEADER)) is not None:
+            # refused by the pipeline as a missing signature: say here what was there instead
+            log.warning(
+                "amqp_signature_header_unusable",
+                partner=partner.id,
+                message_id=_safe_id(delivery.message_id),
+                header=SIGNATURE_HEADER,
+                header_type=kind,
+                detail="expected a long string or a byte array holding the detached JWS",
+            )
         request = InboundRequest(
             body=delivery.body,
-            signature=delivery.header_str(SIGNATURE_HEADER),
+            signature=signature,
             transport="amqp",
             peer=partner.id,
             broker_user=delivery.user_id,
             content_type=delivery.content_type,
+            content_encoding=delivery.content_encoding,
             transport_message_id=delivery.message_id,
             # an UNAVAILABLE delivery is requeued or rejected, never answered
             unavailable_answered=False,
         )
+        paced = await self._pace(partner)
+        if paced is None:
+            return Settlement.REQUEUE  # stopping: the delivery goes back
+        # Paced: its token is taken. Not paced (held RATE_HOLD_S in vain): the pipeline's own
+        # check answers it RATE_LIMITED, with the retry-after.
+        request = replace(request, rate_taken=paced)
         try:
             result = await self._handle_through_outages(request, self._hold_for(partner, delivery))
         except _Outage:
@@ -131,6 +168,22 @@ class PartnerInbox:
                 )
                 return Settlement.REQUEUE
         return Settlement.ACK
+
+    async def _pace(self, partner: PartnerConfig) -> bool | None:
+        """Wait for one of the partner's tokens, one delivery of the partner at a time: True
+        once taken, False after ``rate_hold_s`` without one, None when the consumers stop
+        meanwhile."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._rate_hold_s
+        async with self._pacing[partner.id]:
+            while (wait_s := await self._limiters.wait_s(partner.id)) > 0:
+                if not self._broker.consuming:
+                    return None
+                remaining = until - loop.time()
+                if remaining <= 0:
+                    return False
+                await asyncio.sleep(min(wait_s, remaining, _WAIT_STEP_S))
+        return True
 
     def _hold_for(self, partner: PartnerConfig, delivery: Delivery) -> float | None:
         """How long an outage may hold this delivery before it goes back to the queue; None:
@@ -227,6 +280,7 @@ class PartnerInbox:
                 app_id=self._party,
                 signature=result.receipt_signature,
                 correlation_id=_opt_str(header.get("correlation_id")),
+                headers=_retry_after(result),
             )
         if result.problem is None or delivery.message_type == RECEIPT_TYPE:
             # A handed-over receipt, or a refused one: receipts are never answered (no loops).
@@ -240,6 +294,7 @@ class PartnerInbox:
             app_id=self._party,
             content_type=PROBLEM_CONTENT_TYPE,
             correlation_id=_safe_id(delivery.message_id),
+            headers=_retry_after(result),
         )
 
 
@@ -252,6 +307,12 @@ def _header_of(receipt_body: bytes) -> dict[str, Any]:
     header = orjson.loads(receipt_body)["header"]
     assert isinstance(header, dict)
     return header
+
+
+def _retry_after(result: InboundResult) -> dict[str, str]:
+    if result.retry_after_s is None:
+        return {}
+    return {RETRY_AFTER_HEADER: str(result.retry_after_s)}
 
 
 def _opt_str(value: object) -> str | None:

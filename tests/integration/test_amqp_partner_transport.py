@@ -287,25 +287,6 @@ async def test_every_nack_case_holds_over_amqp(tmp_path: Path, rabbit_vhost: Rab
         assert {m.message_id for m in env.sink.messages} == {accepted_id}
 
 
-async def test_rate_limited_over_amqp(tmp_path: Path, rabbit_vhost: RabbitVhost) -> None:
-    async with amqp_gateway(tmp_path, rabbit_vhost, rate_per_second=0.01, burst=2) as env:
-        sent = [env.message() for _ in range(3)]
-        answers = []
-        for message_id, body in sent:
-            await env.peer.send(body, signature=env.sign(body), message_id=message_id)
-            answers.append(await env.peer.next_out())
-        receipts = [
-            env.receipt(out, message_id=message_id, body=body)
-            for out, (message_id, body) in zip(answers, sent, strict=True)
-        ]
-        assert [(r.status, r.code) for r in receipts] == [
-            ("ACK", None),
-            ("ACK", None),
-            ("NACK", NackCode.RATE_LIMITED),
-        ]
-        assert await env.gateway.store.get_inbound(AMQP_PARTNER, sent[2][0]) is None
-
-
 async def test_store_outage_holds_the_delivery_and_acks_after_recovery(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
