@@ -302,7 +302,17 @@ def verify_detached(
             "protected header has no kid: set it to the RFC 7638 thumbprint of the signing key"
         )
     key = _select_key(keyring, parsed.kid, party, at, any_party=any_party)
-    verify_signature(parsed, body, key)
+    try:
+        verify_signature(parsed, body, key)
+    except SignatureInvalid:
+        if party is not None and key.party != party:
+            # Not that party's genuine message either: the sender named a kid that is not one
+            # of its own keys (PROTOCOL section 4: UNKNOWN_KEY, not a signature problem).
+            raise UnknownKey(
+                f"kid {parsed.kid} belongs to {key.party}, not to the sender {party}, and the"
+                " signature does not verify with that key"
+            ) from None
+        raise
     return key
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import RateLimit, load_config
-from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import SigningKey, load_signing_key
+from gateway.crypto.jws import raw_sign, sign_detached, signing_input
+from gateway.crypto.keys import SigningKey, b64url, load_signing_key
 from gateway.devenv import prepare_dev_environment
 from gateway.envelope import body_digest, encode_envelope, new_message_id
 from gateway.errors import NackCode, Unavailable
@@ -313,6 +313,22 @@ async def test_an_answer_naming_no_request_of_ours_to_the_sender_is_let_through(
         _, body = answer_to(gateway, "query.response", request_id, query_ref="SOMETHING-ELSE-1")
         result = await gateway.pipeline.handle(amqp_request(gateway, body))
         assert (result.http_status, result.code) == (202, None)
+
+
+async def test_a_kid_of_another_party_on_the_senders_signature_is_unknown_key(
+    gateway: Gateway,
+) -> None:
+    # MX-ANAM signs with its own key but names CA-CBSA's kid (a copied sign.kid): the kid is
+    # not configured for the sender, PROTOCOL's UNKNOWN_KEY, not a bad signature.
+    _, body = message(gateway)
+    ca_kid = mx_key(gateway, "CA-CBSA").kid
+    protected = b64url(json.dumps({"alg": "EdDSA", "kid": ca_kid}).encode())
+    signature = raw_sign(mx_key(gateway), signing_input(protected, body))
+    request = dataclasses.replace(
+        amqp_request(gateway, body), signature=f"{protected}..{b64url(signature)}"
+    )
+    result = await gateway.pipeline.handle(request)
+    assert (result.http_status, result.code) == (401, NackCode.UNKNOWN_KEY)
 
 
 async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gateway) -> None:
