@@ -196,3 +196,163 @@ async def test_a_checkpoint_under_another_key_is_refused(us: Running, tmp_path: 
     )
     # without a verified checkpoint nothing is shown as proven; hashes are still checked
     assert {e["result"] for e in result["entries"]} == {"after checkpoint"}
+
+
+async def visit(running: Running, tmp_path: Path, **plan: Any) -> dict[str, Any]:
+    """The page itself (app.js) opened on ``running``; local storage lasts across visits."""
+    path = tmp_path / "page.json"
+    document = {
+        "baseUrl": running.api_url,
+        "token": token(running.config, ("audit:read",), subject="auditor-1"),
+        "key": public_key_file(running).read_text(),
+        "storage": str(tmp_path / "local-storage.json"),
+        **plan,
+    }
+    path.write_text(json.dumps(document))
+    result: dict[str, Any] = await run_script(
+        "page.mjs", str(path), extra_env={"NODE_EXTRA_CA_CERTS": str(running.config.tls.ca)}
+    )
+    return result
+
+
+async def queries(running: Running, count: int, event: EventKind = EventKind.QUERY) -> None:
+    await running.gateway.store.append_audit(
+        [
+            AuditEvent(event=event, at=running.gateway.clock.now(), outcome=f"q{i}")
+            for i in range(count)
+        ]
+    )
+
+
+PROVEN = {"proof": "✓ included in the checkpoint", "kind": "ok"}
+AFTER = {"proof": "not proven: after the checkpoint", "kind": "warn"}
+NO_CHECKPOINT = {"proof": "not proven: no verified checkpoint", "kind": "warn"}
+
+
+def verdict(row: dict[str, Any]) -> dict[str, Any]:
+    return {"proof": row["proof"], "kind": row["kind"]}
+
+
+async def test_the_page_counts_proven_entries_apart_from_unproven_ones(
+    us: Running, tmp_path: Path
+) -> None:
+    await queries(us, 5)
+    size = await us.gateway.store.audit_size()
+    page = await visit(us, tmp_path)
+    # no checkpoint signed yet: nothing is proven, and the page does not say otherwise
+    assert page["checkpoint-status"]["kind"] == "status warn"
+    assert [verdict(r) for r in page["rows"]] == [NO_CHECKPOINT] * size
+    assert page["entries-status"] == {
+        "text": f"{size} entries shown: {size} not proven (no verified checkpoint).",
+        "kind": "status warn",
+    }
+
+    checkpoint = await us.api.app[AUDIT_LOG].checkpoint()
+    await queries(us, 2)
+    page = await visit(us, tmp_path)
+    assert [r["seq"] for r in page["rows"]] == list(range(checkpoint.size + 2))
+    assert [verdict(r) for r in page["rows"]] == [PROVEN] * checkpoint.size + [AFTER] * 2
+    assert page["entries-status"] == {
+        "text": f"{checkpoint.size + 2} entries shown: {checkpoint.size} proven against the"
+        " signed checkpoint, 2 after it (not yet provable).",
+        "kind": "status warn",
+    }
+
+    await us.api.app[AUDIT_LOG].checkpoint()
+    page = await visit(us, tmp_path)
+    assert page["monitor-status"]["kind"] == "status ok"
+    assert page["entries-status"] == {
+        "text": f"{checkpoint.size + 2} entries shown: {checkpoint.size + 2} proven against"
+        " the signed checkpoint.",
+        "kind": "status ok",
+    }
+
+
+async def test_an_old_entry_moved_past_the_checkpoint_is_not_shown_as_checked(
+    us: Running, tmp_path: Path
+) -> None:
+    """A dishonest gateway rewrites entry 1 and gives it the checkpoint's size as position,
+    where no inclusion proof can be asked for."""
+    await queries(us, 10)
+    size = (await us.api.app[AUDIT_LOG].checkpoint()).size
+    await queries(us, 1, EventKind.OPERATOR_ACTION)
+
+    # in its place in the full listing: after the checkpoint, yet before entries it covers
+    page = await visit(us, tmp_path, tamper="shift")
+    rows = page["rows"]
+    assert [r["seq"] for r in rows] == [0, size, *range(2, size + 1)]
+    assert (rows[1]["outcome"], verdict(rows[1])) == (
+        "REWRITTEN",
+        {
+            "proof": f"✗ out of order: placed after the checkpoint (size {size}), yet listed"
+            " before entry 2, which it covers",
+            "kind": "bad",
+        },
+    )
+    assert verdict(rows[2]) == {
+        "proof": "✗ entry 1 is missing from the listing with no filter",
+        "kind": "bad",
+    }
+    assert [verdict(r) for r in rows[3:]] == [PROVEN] * (size - 3) + [AFTER]
+    assert page["entries-status"] == {
+        "text": f"{size + 1} entries shown: 2 FAILED verification, {size - 2} proven against"
+        " the signed checkpoint, 1 after it (not yet provable).",
+        "kind": "status bad",
+    }
+
+    # moved to the end of the full listing: the gap it leaves shows
+    page = await visit(us, tmp_path, tamper="shift_last")
+    rows = page["rows"]
+    assert [r["seq"] for r in rows] == [0, *range(2, size + 1), size]
+    assert verdict(rows[1]) == {
+        "proof": "✗ entry 1 is missing from the listing with no filter",
+        "kind": "bad",
+    }
+    assert page["entries-status"]["kind"] == "status bad"
+
+    # moved to the end of a filtered listing, where gaps are expected: shown as unproven, and
+    # counted apart from the proven entries
+    page = await visit(us, tmp_path, tamper="shift_last", filters={"event": "query"})
+    rows = page["rows"]
+    assert [r["seq"] for r in rows] == [0, *range(2, size), size]
+    assert rows[-1]["outcome"] == "REWRITTEN"
+    assert [verdict(r) for r in rows] == [PROVEN] * (size - 1) + [AFTER]
+    assert page["entries-status"] == {
+        "text": f"{size} entries shown: {size - 1} proven against the signed checkpoint,"
+        " 1 after it (not yet provable).",
+        "kind": "status warn",
+    }
+
+
+async def test_a_checkpoint_hidden_since_the_last_visit_shows_in_red(
+    us: Running, tmp_path: Path
+) -> None:
+    await queries(us, 3)
+    size = (await us.api.app[AUDIT_LOG].checkpoint()).size
+    page = await visit(us, tmp_path)
+    assert page["checkpoint-status"]["kind"] == "status ok"
+    assert page["kept"] == [size]
+
+    page = await visit(us, tmp_path, tamper="no_checkpoint")
+    assert page["checkpoint-status"] == {
+        "text": f"The gateway shows no checkpoint, yet this browser verified a checkpoint of"
+        f" size {size} on an earlier visit: the log's history is hidden or lost. No entry can"
+        " be proven.",
+        "kind": "status bad",
+    }
+    assert page["monitor-status"]["kind"] == "status bad"
+    assert page["monitor-status"]["text"].startswith(
+        f"NOT consistent with your last visit: the checkpoint of size {size} signed at "
+    )
+    assert page["kept"] == [size]  # the evidence stays
+    assert {verdict(r)["proof"] for r in page["rows"]} == {NO_CHECKPOINT["proof"]}
+    shown = len(page["rows"])
+    assert page["entries-status"] == {
+        "text": f"{shown} entries shown: {shown} not proven (no verified checkpoint), and the"
+        " log's history does not match your earlier visit (see the checkpoint).",
+        "kind": "status bad",
+    }
+
+    # the gateway shows its checkpoint again: consistent with the one kept
+    page = await visit(us, tmp_path)
+    assert page["monitor-status"]["kind"] == "status ok"

@@ -3,8 +3,8 @@
 // Text from the log (partner ids, reasons) is only ever set as textContent, never parsed as
 // HTML; the page's Content-Security-Policy allows this origin's scripts alone.
 
-import { AuditClient, EVENTS, ENTRY_FILTERS } from "./client.js";
-import { b64encode, hex } from "./verify.js";
+import { AuditClient, EVENTS, ENTRY_FILTERS, ListingCheck } from "./client.js";
+import { b64encode, hex, importLogKey, verifyCheckpoint } from "./verify.js";
 
 const TOKEN = "c2c.audit.token";
 const LOG_KEY = "c2c.audit.logKey";
@@ -12,7 +12,11 @@ const SEEN = "c2c.audit.checkpoint:";
 
 const $ = (id) => document.getElementById(id);
 
-const state = { client: null, checkpoint: null, logKey: null, filters: {}, after: null };
+// `historyLost`: the log's history does not match what this browser verified before;
+// `listing`: the rows shown ({ item, status, kind }) and the order check across their pages.
+const state = {
+  client: null, checkpoint: null, logKey: null, historyLost: false, filters: {}, after: null, listing: null,
+};
 
 function show(id, text, kind = "") {
   const node = $(id);
@@ -31,18 +35,58 @@ function formValues(form) {
   return Object.fromEntries(new FormData(form).entries());
 }
 
+// The checkpoint this browser verified with this key on an earlier visit, if any. Its slot is
+// named by the verifier key, which for a PEM key depends on the log's origin: the first line
+// of the kept note names it, and the note must still verify with the key given now.
+async function earlierCheckpoint(keyMaterial) {
+  for (let i = 0; i < localStorage.length; i++) {
+    const slot = localStorage.key(i);
+    if (!slot?.startsWith(SEEN)) continue;
+    const note = localStorage.getItem(slot);
+    try {
+      const logKey = await importLogKey(keyMaterial, note.split("\n", 1)[0]);
+      if (SEEN + logKey.vkey !== slot) continue;
+      return { note, ...(await verifyCheckpoint(note, logKey)) };
+    } catch {
+      // another log's slot, or a note that no longer parses: not this key's evidence
+    }
+  }
+  return null;
+}
+
 async function loadCheckpoint(keyMaterial) {
   const { client } = state;
   state.checkpoint = null;
+  state.historyLost = false;
+  for (const id of ["cp-origin", "cp-size", "cp-root", "cp-time", "cp-key", "cp-cosigners", "cp-note"]) {
+    $(id).textContent = "";
+  }
+  show("monitor-status", "");
   let cp;
   try {
     cp = await client.checkpoint(keyMaterial);
   } catch (error) {
-    if (error.status === 404) {
+    if (error.status !== 404) throw error;
+    const earlier = await earlierCheckpoint(keyMaterial);
+    if (!earlier) {
       show("checkpoint-status", "No checkpoint has been signed yet: entries can be read, not proven.", "warn");
       return;
     }
-    throw error;
+    // the earlier note is kept: it is the evidence
+    state.historyLost = true;
+    show(
+      "checkpoint-status",
+      `The gateway shows no checkpoint, yet this browser verified a checkpoint of size ${earlier.size} ` +
+        "on an earlier visit: the log's history is hidden or lost. No entry can be proven.",
+      "bad",
+    );
+    show(
+      "monitor-status",
+      `NOT consistent with your last visit: the checkpoint of size ${earlier.size}` +
+        `${earlier.time ? ` signed at ${earlier.time}` : ""} is kept in this browser as evidence.`,
+      "bad",
+    );
+    return;
   }
   state.logKey = cp.logKey;
   state.checkpoint = cp;
@@ -79,23 +123,51 @@ async function monitor(cp) {
     );
   } catch (error) {
     // the earlier note is kept: it is the evidence
+    state.historyLost = true;
     show("monitor-status", `NOT consistent with the checkpoint of your last visit: ${error.message}`, "bad");
   }
 }
 
-async function verifyRow(item, statusCell) {
-  if (!state.checkpoint) {
-    statusCell.textContent = "no checkpoint";
-    return;
-  }
+// A row's verdict: "proven" (included in the signed checkpoint), "after" (past the
+// checkpoint), "unproven" (no verified checkpoint) or "bad".
+const VERDICTS = {
+  proven: ["✓ included in the checkpoint", "ok"],
+  after: ["not proven: after the checkpoint", "warn"],
+  unproven: ["not proven: no verified checkpoint", "warn"],
+};
+
+function mark(row, kind, problem = "") {
+  row.kind = kind;
+  [row.status.textContent, row.status.className] = kind === "bad" ? [`✗ ${problem}`, "bad"] : VERDICTS[kind];
+}
+
+async function verifyRow(row, problem) {
   try {
-    const result = await state.client.verifyEntry(item, state.checkpoint);
-    statusCell.textContent = result.covered ? "✓ included" : "hash ✓, after checkpoint";
-    statusCell.className = result.covered ? "ok" : "warn";
+    const result = await state.client.verifyEntry(row.item, state.checkpoint);
+    if (problem) mark(row, "bad", problem);
+    else if (result.covered) mark(row, "proven");
+    else mark(row, state.checkpoint ? "after" : "unproven");
   } catch (error) {
-    statusCell.textContent = `✗ ${error.message}`;
-    statusCell.className = "bad";
+    mark(row, "bad", problem ? `${error.message}; ${problem}` : error.message);
   }
+}
+
+// Proven entries are counted apart from those the page cannot prove.
+function summary(rows) {
+  const count = (kind) => rows.filter((r) => r.kind === kind).length;
+  const [proven, after, unproven, bad] = ["proven", "after", "unproven", "bad"].map(count);
+  const shown = `${rows.length} entr${rows.length === 1 ? "y" : "ies"} shown`;
+  const parts = [];
+  if (bad) parts.push(`${bad} FAILED verification`);
+  if (state.checkpoint) {
+    parts.push(`${proven} proven against the signed checkpoint`);
+    if (after) parts.push(`${after} after it (not yet provable)`);
+  } else if (unproven) {
+    parts.push(`${unproven} not proven (no verified checkpoint)`);
+  }
+  if (state.historyLost) parts.push("and the log's history does not match your earlier visit (see the checkpoint)");
+  const kind = bad || state.historyLost ? "bad" : after || unproven ? "warn" : "ok";
+  return [rows.length ? `${shown}: ${parts.join(", ")}.` : "No entries shown.", rows.length ? kind : ""];
 }
 
 function showEntry(item, statusCell) {
@@ -131,7 +203,15 @@ async function loadEntries(append) {
   if (!append) {
     $("entry-rows").replaceChildren();
     state.after = null;
+    state.listing = {
+      rows: [],
+      order: new ListingCheck({
+        filtered: Object.values(state.filters).some((v) => v !== undefined && v !== null && String(v).trim() !== ""),
+        size: state.checkpoint?.size ?? null,
+      }),
+    };
   }
+  const { listing } = state;
   show("entries-status", "Loading…");
   const page = await state.client.entries(state.filters, state.after);
   const pending = [];
@@ -149,19 +229,19 @@ async function loadEntries(append) {
       if (event.key === "Enter") showEntry(item, status);
     });
     $("entry-rows").append(row);
-    pending.push([item, status]);
+    const shown = { item, status, kind: "pending" };
+    listing.rows.push(shown);
+    pending.push(shown);
   }
   state.after = page.next_after;
   $("more").hidden = page.next_after === null;
-  const shown = $("entry-rows").children.length;
-  show("entries-status", `${shown} entr${shown === 1 ? "y" : "ies"} shown; checking proofs…`);
-  for (const [item, status] of pending) await verifyRow(item, status);
-  const bad = $("entry-rows").querySelectorAll("td.bad").length;
-  show(
-    "entries-status",
-    bad ? `${shown} entries shown; ${bad} FAILED verification` : `${shown} entries shown, each checked`,
-    bad ? "bad" : "",
-  );
+  show("entries-status", `${listing.rows.length} entr${listing.rows.length === 1 ? "y" : "ies"} shown; checking proofs…`);
+  for (const row of pending) {
+    const { problem, earlier } = listing.order.next(row.item.seq);
+    for (const misplaced of earlier) mark(listing.rows[misplaced.row], "bad", misplaced.problem);
+    await verifyRow(row, problem);
+  }
+  show("entries-status", ...summary(listing.rows));
 }
 
 async function open(event) {

@@ -47,6 +47,60 @@ function queryString(params) {
   return text ? `?${text}` : "";
 }
 
+// What the page can check of a listing by itself, beyond each entry's proof. Positions come
+// in strictly increasing order, as the API is asked for them (`after` is a position cursor).
+// With no filter every entry is listed, and as a position is a leaf index and the log never
+// deletes an entry, positions run 0, 1, 2, ... with no gap. An entry the checkpoint does not
+// cover cannot be listed before one it covers: positions at or past the checkpoint's size
+// come last, so such an entry claims a place it does not hold. The covered entry after it
+// keeps its place (its inclusion proof is checked at that position) and is compared with the
+// row before the misplaced ones.
+export class ListingCheck {
+  constructor({ filtered, size = null }) {
+    this.filtered = filtered;
+    this.size = size;
+    this.rows = 0;
+    this.previous = null;
+    // rows (by index) the checkpoint does not cover, and the position before the first of them
+    this.uncovered = [];
+    this.beforeUncovered = null;
+  }
+
+  // The next row's position -> { problem: text or null, earlier: [{ row, problem }] }, where
+  // `earlier` are rows shown before that this one proves misplaced.
+  next(seq) {
+    const row = this.rows++;
+    const result = { problem: null, earlier: [] };
+    // no position at all: verifyEntry refuses the row, and it is not compared with others
+    if (!Number.isSafeInteger(seq) || seq < 0) return result;
+    const covered = this.size !== null && seq < this.size;
+    if (covered && this.uncovered.length) {
+      result.earlier = this.uncovered.map((index) => ({
+        row: index,
+        problem: `out of order: placed after the checkpoint (size ${this.size}), yet listed before entry ${seq}, which it covers`,
+      }));
+      this.uncovered = [];
+      this.previous = this.beforeUncovered;
+    }
+    const previous = this.previous;
+    if (previous !== null && seq <= previous) {
+      result.problem = `out of order: listed after entry ${previous}`;
+      return result;
+    }
+    const first = (previous ?? -1) + 1;
+    if (!this.filtered && seq !== first) {
+      const missing = seq - first === 1 ? `entry ${first} is` : `entries ${first} to ${seq - 1} are`;
+      result.problem = `${missing} missing from the listing with no filter`;
+    }
+    if (this.size !== null && !covered) {
+      if (!this.uncovered.length) this.beforeUncovered = previous;
+      this.uncovered.push(row);
+    }
+    this.previous = seq;
+    return result;
+  }
+}
+
 export class AuditClient {
   constructor({ baseUrl = "", token, fetchImpl = globalThis.fetch.bind(globalThis) }) {
     if (!token) throw new ApiError(401, "no API token given (it needs the audit:read scope)");
@@ -104,13 +158,18 @@ export class AuditClient {
     };
   }
 
-  // The entry's own hash, then its inclusion in the verified checkpoint's tree.
+  // The entry's own hash, then its inclusion in the verified checkpoint's tree. An entry the
+  // checkpoint does not cover (or with no checkpoint) is not proven: its position and its
+  // leaf hash are the gateway's word alone.
   async verifyEntry(item, checkpoint) {
+    if (!Number.isSafeInteger(item.seq) || item.seq < 0) {
+      throw new VerifyError(`entry position ${JSON.stringify(item.seq)} is not a whole number`);
+    }
     const leaf = await entryLeafHash(item.entry);
     if (hex(leaf) !== hex(b64decode(item.leaf_hash, "leaf hash"))) {
       throw new VerifyError(`entry ${item.seq} does not hash to the leaf hash stored with it`);
     }
-    if (item.seq >= checkpoint.size) {
+    if (!checkpoint || item.seq >= checkpoint.size) {
       return { covered: false, leaf };
     }
     const proof = await this.get(
