@@ -1,6 +1,7 @@
 """``c2c-gateway sandbox``: the conformance sandbox of PROTOCOL.md section 8.
 
-It prepares DIR (dev PKI, partner folders, gateway.toml; kept across runs), writes
+It prepares DIR (dev PKI, partner folders, gateway.toml; kept across runs, and a
+configuration file someone else wrote or changed is served as it is: gateway.devenv), writes
 ``DIR/api.token`` (a JWT with every internal-API scope), serves the US-CBP gateway, prints
 exactly one JSON ready line to stdout with the resolved URLs, logs to stderr, and stops
 cleanly on SIGTERM or SIGINT.
@@ -25,7 +26,7 @@ from gateway.config import GatewayConfig, load_config
 from gateway.crypto.keys import load_signing_key
 from gateway.crypto.pki import PkiError
 from gateway.crypto.tokens import issue_token
-from gateway.devenv import prepare_dev_environment
+from gateway.devenv import DEFAULT_HOST, KEPT_HINT, make_dev_environment
 from gateway.errors import ConfigError
 from gateway.logging import configure_logging
 from gateway.runtime import Gateway
@@ -39,7 +40,10 @@ def write_api_token(config: GatewayConfig, path: Path) -> None:
     """A JWT for the internal API with every scope, signed with the dev token key."""
     auth = config.api_auth
     if auth.signing_key is None:
-        fail(f"{config.source}: api_auth.signing_key: the sandbox needs the dev token key")
+        fail(
+            f"{config.source}: api_auth.signing_key: the sandbox needs the key that signs "
+            f"{BEARER_FILE}: add it, or remove the file to let the sandbox write its own"
+        )
     key = load_signing_key(auth.signing_key, party=config.party, alg=auth.algorithms[0])
     token = issue_token(
         key,
@@ -55,8 +59,8 @@ def write_api_token(config: GatewayConfig, path: Path) -> None:
         handle.write(token + "\n")
 
 
-def _port(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    if not 0 <= value <= 65_535:
+def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= 65_535:
         raise click.BadParameter(f"{value} is not a TCP port (0 picks a free one)")
     return value
 
@@ -69,22 +73,33 @@ def _port(ctx: click.Context, param: click.Parameter, value: int) -> int:
     required=True,
     help="Where the PKI, configuration, token and database live (created if absent).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=0, callback=_port, show_default=True, help="Partner endpoint port.")
-@click.option("--api-port", default=0, callback=_port, show_default=True, help="Internal API port.")
+@click.option("--host", help=f"Address to listen on.  [default: {DEFAULT_HOST}]")
+@click.option("--port", type=int, callback=_port, help="Partner endpoint port.  [default: 0]")
+@click.option("--api-port", type=int, callback=_port, help="Internal API port.  [default: 0]")
 @click.option("--amqp-url", default=None, help="RabbitMQ URL (and vhost) for the AMQP queues.")
-def sandbox(directory: Path, host: str, port: int, api_port: int, amqp_url: str | None) -> None:
-    """Serve a US-CBP gateway for conformance tests (PROTOCOL.md section 8)."""
+def sandbox(
+    directory: Path, host: str | None, port: int | None, api_port: int | None, amqp_url: str | None
+) -> None:
+    """Serve a US-CBP gateway for conformance tests (PROTOCOL.md section 8).
+
+    A DIR/gateway.toml or partner file the sandbox did not write, or that was changed since
+    (by `keys rotate`, say), is served as it is: the options given must then agree with it.
+    """
     configure_logging()
     log = structlog.get_logger("gateway.sandbox")
     directory = directory.absolute()
     try:
-        config_path = prepare_dev_environment(
+        env = make_dev_environment(
             directory, host=host, partner_port=port, api_port=api_port, amqp_url=amqp_url
         )
+        config_path = env.config_path
+        for path in env.kept:
+            log.warning("sandbox_file_kept", file=str(path), detail=KEPT_HINT)
         write_api_token(load_config(config_path), directory / BEARER_FILE)
     except (ConfigError, PkiError, ValueError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or directory}: {exc.strerror or exc}")
     audit_pub = directory / DEFAULT_PARTY / "audit.pub"
     if not audit_pub.is_file():
         fail(f"{audit_pub}: the audit public key is missing")

@@ -13,7 +13,11 @@ come from each administration's own PKI. The layout is PROTOCOL.md section 8::
     DIR/G/api-token.key  DIR/G/api-token.pub     the gateway party's internal-API token key
 
 Generation is idempotent: a file that exists is kept (and checked against its partner file),
-only missing files are made, each written atomically; private keys are mode 0600.
+only missing files are made, each written atomically; private keys are mode 0600. One
+exception: a TLS certificate made by a development CA is re-issued (for its existing key) when
+its subject alternative names do not cover the hosts asked, or when it does not chain to
+``ca.pem`` (a new CA was made): kept, it would fail every handshake. A certificate from any
+other CA is never replaced: that is an error.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -48,6 +53,7 @@ API_TOKEN_KEY = "api-token.key"  # noqa: S105 -- a file name, not a secret
 API_TOKEN_PUB = "api-token.pub"  # noqa: S105 -- a file name, not a secret
 
 _ORGANIZATION = "c2c-gateway development PKI (not for production)"
+_CA_NAME = "C2C Development CA"
 _CA_LIFETIME = timedelta(days=3650)
 _LEAF_LIFETIME = timedelta(days=1095)
 # Tolerates clocks of the machines in a demo being slightly behind.
@@ -178,8 +184,8 @@ def _ensure_ca(root: Path, created: _Created) -> _Ca:
     public = key.public_key()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("C2C Development CA"))
-        .issuer_name(_name("C2C Development CA"))
+        .subject_name(_name(_CA_NAME))
+        .issuer_name(_name(_CA_NAME))
         .public_key(public)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
@@ -263,6 +269,33 @@ def _issue_tls_cert(
     )
 
 
+def _uncovered(cert: x509.Certificate, hosts: Sequence[str]) -> list[str]:
+    """The hosts that ``cert``'s subject alternative names do not name."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return list(hosts)
+    ips = set(san.get_values_for_type(x509.IPAddress))
+    dns = {name.lower() for name in san.get_values_for_type(x509.DNSName)}
+    missing = []
+    for host in hosts:
+        try:
+            covered = ipaddress.ip_address(host) in ips
+        except ValueError:
+            covered = host.lower() in dns
+        if not covered:
+            missing.append(host)
+    return missing
+
+
+def _issued_by(cert: x509.Certificate, ca: _Ca) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _ensure_tls(
     ca: _Ca, party_dir: Path, party: str, hosts: Sequence[str], created: _Created
 ) -> None:
@@ -270,6 +303,30 @@ def _ensure_tls(
     if cert_path.exists():
         if not key_path.exists():
             raise PkiError(f"{cert_path} exists without {TLS_KEY}; remove it to regenerate both")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        except ValueError:
+            raise PkiError(f"{cert_path}: not a PEM certificate") from None
+        problems = []
+        if not _issued_by(cert, ca):
+            problems.append(f"is not issued by {CA_CERT}")
+        missing = _uncovered(cert, hosts)
+        if missing:
+            problems.append(f"does not cover {', '.join(missing)}")
+        if not problems:
+            return
+        why = f"{cert_path} {' and '.join(problems)}"
+        if cert.issuer != _name(_CA_NAME):
+            raise PkiError(
+                f"{why}, and no development CA issued it: replace it, or remove it and "
+                f"{TLS_KEY} to have the development PKI issue both"
+            )
+        if ca.key is None:
+            raise PkiError(f"{why}, and {CA_CERT} exists without {CA_KEY}: cannot re-issue it")
+        key = _load_ec_key(key_path)
+        cert = _issue_tls_cert(ca, party, key, hosts)
+        _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False)
+        created.add(cert_path)
         return
     key = _ensure_ec_key(key_path, created)
     cert = _issue_tls_cert(ca, party, key, hosts)
@@ -298,8 +355,10 @@ def init_dev_pki(
     """Create what is missing of the development PKI for ``parties`` in ``dir``.
 
     Every party gets an audit checkpoint key; ``gateway_party`` (default: the first of
-    ``parties``) also gets its API-token key. Returns the files created, relative to ``dir``
-    (empty when nothing was missing).
+    ``parties``) also gets its API-token key. A development TLS certificate that does not
+    cover ``hosts`` or does not chain to the CA is re-issued for its key. Returns the files
+    written (made, or certificates re-issued), relative to ``dir``; empty when nothing was
+    missing.
     Raises ValueError for a bad party id or host, PkiError for an inconsistent directory.
     """
     for party in parties:

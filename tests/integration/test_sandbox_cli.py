@@ -12,12 +12,17 @@ import json
 import os
 import shutil
 import signal
+import socket
+import ssl
+import stat
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from click.testing import CliRunner
@@ -279,3 +284,140 @@ def test_serve_with_an_unreachable_store_exits_1_with_clear_error(tmp_path: Path
     assert result.exit_code == 1, result.output
     assert "error: cannot serve: postgresql: ConnectionRefusedError" in result.output
     assert "Traceback" not in result.output
+
+
+# ------------------------------------------------- a DIR used again (PROTOCOL.md section 8)
+
+
+@contextmanager
+def _running(directory: Path, *args: str) -> Iterator[tuple[dict[str, Any], str]]:
+    """A sandbox on DIR until the block ends; its ready line and, after, its stderr."""
+    log_path = directory.parent / f"{directory.name}-stderr.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [C2C_GATEWAY, "sandbox", "--dir", str(directory), *args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line:
+            pytest.fail(f"sandbox did not start: {log_path.read_text()[-2000:]}")
+        yield json.loads(line), log_path.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert process.returncode == 0, log_path.read_text()[-2000:]
+
+
+def _refused(directory: Path, *args: str) -> str:
+    done = subprocess.run(
+        [C2C_GATEWAY, "sandbox", "--dir", str(directory), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    return done.stderr
+
+
+def _kids(ready: dict[str, Any], directory: Path, tmp: Path) -> list[str]:
+    """GET /c2c/v1/keys with curl, checking the server certificate against the URL's host."""
+    status, _, raw = _curl(
+        ready["partner_url"] + "/c2c/v1/keys", directory, "MX-ANAM", tmp, body=None, signature=None
+    )
+    assert status == 200
+    return [key["kid"] for key in json.loads(raw)["keys"]]
+
+
+def _handshake(url: str, directory: Path) -> None:
+    """A TLS handshake to the URL's host, its name checked against the certificate."""
+    parts = urlsplit(url)
+    context = ssl.create_default_context(cafile=directory / "ca.pem")
+    context.load_cert_chain(directory / "MX-ANAM" / "tls.pem", directory / "MX-ANAM" / "tls.key")
+    assert parts.hostname is not None
+    assert parts.port is not None
+    with (
+        socket.create_connection((parts.hostname, parts.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=parts.hostname) as tls,
+    ):
+        assert tls.version() is not None
+
+
+def test_restarted_on_another_host_it_serves_a_certificate_for_it(tmp_path: Path) -> None:
+    directory = tmp_path / "dir"
+    with _running(directory) as (ready, _):
+        _kids(ready, directory, tmp_path)
+    with _running(directory, "--host", "127.0.0.2") as (ready, _):
+        assert ready["partner_url"].startswith("https://127.0.0.2:")
+        _kids(ready, directory, tmp_path)
+        _handshake(ready["partner_url"], directory)
+        _handshake(ready["api_url"], directory)
+
+
+def test_a_new_ca_gets_new_certificates(tmp_path: Path) -> None:
+    directory = tmp_path / "dir"
+    with _running(directory):
+        pass
+    (directory / "ca.pem").unlink()
+    (directory / "ca.key").unlink()
+    with _running(directory) as (ready, _):
+        _kids(ready, directory, tmp_path)
+        _handshake(ready["api_url"], directory)
+
+
+def test_a_rotated_key_and_an_edited_partner_survive_a_restart(tmp_path: Path) -> None:
+    directory = tmp_path / "dir"
+    with _running(directory) as (ready, _):
+        assert len(_kids(ready, directory, tmp_path)) == 1
+    config = directory / "gateway.toml"
+    rotated = subprocess.run(
+        [C2C_GATEWAY, "keys", "rotate", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    partner = directory / "partners" / "CA-CBSA" / "partner.toml"
+    with partner.open("a", encoding="utf-8") as handle:
+        handle.write("# edited by hand\n")
+    kept = {path: path.read_bytes() for path in (config, partner)}
+
+    with _running(directory, "--port", "0") as (ready, log):
+        assert len(_kids(ready, directory, tmp_path)) == 2
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert "sandbox_file_kept" in log
+    for path in kept:
+        assert f'"file": "{path}"' in log
+
+    # What the kept file does not say cannot be applied: said, and nothing is changed.
+    port = free_port()
+    error = _refused(directory, "--port", str(port))
+    assert error == (
+        f"error: {config}: partner_listen.port: the file says 0, {port} was asked; kept as it "
+        "is (it was not written by the sandbox, or was changed since): edit it, or remove it "
+        "to let the sandbox write its own\n"
+    )
+    assert {path: path.read_bytes() for path in kept} == kept
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
+def test_a_hand_written_configuration_is_never_replaced(tmp_path: Path) -> None:
+    """DIR holding the repository's own gateway.toml and partners/ (``--dir .`` in a checkout)."""
+    root = Path(__file__).resolve().parents[2]
+    directory = tmp_path / "dir"
+    shutil.copytree(root / "partners", directory / "partners")
+    shutil.copy(root / "gateway.toml", directory / "gateway.toml")
+    partner = directory / "partners" / "MX-ANAM" / "partner.toml"
+    with partner.open("a", encoding="utf-8") as handle:
+        handle.write("# my own edit\n")
+    mine = {path: path.read_bytes() for path in (directory / "gateway.toml", partner)}
+    error = _refused(directory)
+    assert error.startswith(f"error: {directory / 'gateway.toml'}: ")
+    assert error.endswith("edit it, or remove it to let the sandbox write its own\n")
+    assert {path: path.read_bytes() for path in mine} == mine

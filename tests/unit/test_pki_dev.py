@@ -4,6 +4,8 @@ keys and thumbprints that other code (and jwcrypto) agree on, and idempotence.""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import ipaddress
 import ssl
 import stat
 from pathlib import Path
@@ -11,9 +13,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from cryptography.x509.verification import PolicyBuilder, Store
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 from jwcrypto import jwk  # type: ignore[import-untyped]
 
 from gateway.cli.main import cli
@@ -260,3 +264,74 @@ def test_cli_pki_init_reports_an_inconsistent_directory(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: ")
     assert "tls.pem exists without tls.key" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _verifies_for(root: Path, party: str, host: str) -> bool:
+    ca = load_certificate(root / "ca.pem")
+    leaf = load_certificate(root / party / "tls.pem")
+    policy = PolicyBuilder().store(Store([ca]))
+    name = x509.IPAddress(ipaddress.ip_address(host))
+    try:
+        policy.build_server_verifier(name).verify(leaf, [])
+    except VerificationError:
+        return False
+    return True
+
+
+def test_a_certificate_is_reissued_for_hosts_it_does_not_cover(tmp_path: Path) -> None:
+    init_dev_pki(tmp_path, ["US-CBP", "MX-ANAM"])
+    keys = {p: p.read_bytes() for p in tmp_path.rglob("*.key")}
+    assert not _verifies_for(tmp_path, "US-CBP", "127.0.0.2")
+    hosts = ["127.0.0.1", "localhost", "127.0.0.2"]
+    assert init_dev_pki(tmp_path, ["US-CBP", "MX-ANAM"], hosts=hosts) == [
+        "US-CBP/tls.pem",
+        "MX-ANAM/tls.pem",
+    ]
+    assert _verifies_for(tmp_path, "US-CBP", "127.0.0.2")
+    assert _verifies_for(tmp_path, "MX-ANAM", "127.0.0.1")
+    # Same keys; a certificate covering more than asked is kept.
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.key")} == keys
+    assert init_dev_pki(tmp_path, ["US-CBP", "MX-ANAM"]) == []
+
+
+def test_certificates_of_a_former_ca_are_reissued(tmp_path: Path) -> None:
+    init_dev_pki(tmp_path, ["US-CBP", "MX-ANAM"])
+    (tmp_path / "ca.pem").unlink()
+    (tmp_path / "ca.key").unlink()
+    assert init_dev_pki(tmp_path, ["US-CBP", "MX-ANAM"]) == [
+        "ca.key",
+        "ca.pem",
+        "US-CBP/tls.pem",
+        "MX-ANAM/tls.pem",
+    ]
+    assert _verifies_for(tmp_path, "US-CBP", "127.0.0.1")
+    assert _verifies_for(tmp_path, "MX-ANAM", "127.0.0.1")
+
+
+def test_a_certificate_from_another_ca_is_never_replaced(tmp_path: Path) -> None:
+    init_dev_pki(tmp_path, ["US-CBP"])
+    # Another administration's CA: same key type, another issuer name.
+    foreign = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "US-CBP")]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Some Agency CA")]))
+        .public_key(load_certificate(tmp_path / "US-CBP" / "tls.pem").public_key())
+        .serial_number(1)
+        .not_valid_before(dt.datetime(2020, 1, 1, tzinfo=dt.UTC))
+        .not_valid_after(dt.datetime(2040, 1, 1, tzinfo=dt.UTC))
+        .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    )
+    pem = foreign.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "US-CBP" / "tls.pem").write_bytes(pem)
+    with pytest.raises(PkiError, match=r"not issued by ca\.pem and .*no development CA"):
+        init_dev_pki(tmp_path, ["US-CBP"])
+    assert (tmp_path / "US-CBP" / "tls.pem").read_bytes() == pem
+
+
+def test_no_reissue_without_the_ca_key(tmp_path: Path) -> None:
+    init_dev_pki(tmp_path, ["US-CBP"])
+    (tmp_path / "ca.key").unlink()
+    before = (tmp_path / "US-CBP" / "tls.pem").read_bytes()
+    with pytest.raises(PkiError, match=r"does not cover 127.0.0.2, and ca.pem exists without ca"):
+        init_dev_pki(tmp_path, ["US-CBP"], hosts=["127.0.0.2"])
+    assert (tmp_path / "US-CBP" / "tls.pem").read_bytes() == before
