@@ -9,6 +9,7 @@ import pytest
 from outbound_env import Running, gateway_config, start_gateway
 from own_broker import OwnBroker
 from rabbit import RabbitVhost, create_vhost, delete_vhost
+from tcp_proxy import TcpProxy
 
 from gateway.clock import ManualClock
 from gateway.store import Store, open_store
@@ -95,3 +96,14 @@ async def us(tmp_path: Path) -> AsyncIterator[Running]:
         yield running
     finally:
         await running.gateway.stop()
+
+
+@pytest.fixture
+async def proxied(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """PostgreSQL through a TCP proxy the test can make silent or cut (a network fault)."""
+    proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
+    await proxy.start()
+    try:
+        yield proxy, pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
+    finally:
+        await proxy.cut()

@@ -42,16 +42,6 @@ async def assert_one_gap_free_tree(store: PostgresStore, size: int) -> None:
     assert root_from_nodes(size, nodes) == naive_root(leaves)
 
 
-@pytest.fixture
-async def proxied(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
-    await proxy.start()
-    try:
-        yield proxy, pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
-    finally:
-        await proxy.cut()
-
-
 async def test_cut_connection_is_unavailable_and_store_recovers(
     proxied: tuple[TcpProxy, str],
 ) -> None:

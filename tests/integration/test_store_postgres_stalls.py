@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
-import pgdb
 import pytest
 from tcp_proxy import TcpProxy
 from test_store import T0, event, inbound
@@ -238,20 +237,10 @@ async def test_a_lock_held_by_a_busy_session_fails_a_write_before_the_timeout_sa
         await store.close()
 
 
-@pytest.fixture
-async def silent(pg_dsn: str) -> AsyncIterator[tuple[TcpProxy, str]]:
-    proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
-    await proxy.start()
-    try:
-        yield proxy, pg_dsn.replace(f":{pgdb.PORT}/", f":{proxy.port}/", 1)
-    finally:
-        await proxy.cut()
-
-
-async def test_a_timeout_says_what_waited_and_how_long(silent: tuple[TcpProxy, str]) -> None:
+async def test_a_timeout_says_what_waited_and_how_long(proxied: tuple[TcpProxy, str]) -> None:
     """asyncpg's TimeoutError has no message: the reason names the store operation (or the
     write batch's) and the timeout instead of ``TimeoutError:`` and nothing."""
-    proxy, dsn = silent
+    proxy, dsn = proxied
     store = PostgresStore(dsn, clock=ManualClock(T0), max_size=2, command_timeout_s=1)
     await store.open()
     try:
