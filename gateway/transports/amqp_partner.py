@@ -67,6 +67,9 @@ RETRY_AFTER_HEADER = "c2c-retry-after"
 RATE_HOLD_S = 600.0
 #: the longest single sleep while waiting (the consumers' stop is noticed within it)
 _WAIT_STEP_S = 1.0
+#: the shortest: a bucket shared through PostgreSQL is asked at most this often per waiting
+#: partner, however high its rate (one token is 1/rate away)
+_MIN_WAIT_S = 0.05
 
 
 class PartnerInbox:
@@ -171,19 +174,26 @@ class PartnerInbox:
 
     async def _pace(self, partner: PartnerConfig) -> bool | None:
         """Wait for one of the partner's tokens, one delivery of the partner at a time: True
-        once taken, False after ``rate_hold_s`` without one, None when the consumers stop
-        meanwhile."""
+        once taken; False after ``rate_hold_s`` (counted from the delivery's arrival, its wait
+        for its turn included: RabbitMQ's ``consumer_timeout`` counts so too) without one, or
+        when the limiter's store cannot answer (the pipeline's own check then meets that
+        outage and holds the delivery as for any other); None when the consumers stop."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self._rate_hold_s
         async with self._pacing[partner.id]:
-            while (wait_s := await self._limiters.wait_s(partner.id)) > 0:
+            while True:
+                try:
+                    wait_s = await self._limiters.wait_s(partner.id)
+                except Unavailable:
+                    return False
+                if wait_s <= 0:
+                    return True
                 if not self._broker.consuming:
                     return None
                 remaining = until - loop.time()
                 if remaining <= 0:
                     return False
-                await asyncio.sleep(min(wait_s, remaining, _WAIT_STEP_S))
-        return True
+                await asyncio.sleep(min(max(wait_s, _MIN_WAIT_S), remaining, _WAIT_STEP_S))
 
     def _hold_for(self, partner: PartnerConfig, delivery: Delivery) -> float | None:
         """How long an outage may hold this delivery before it goes back to the queue; None:

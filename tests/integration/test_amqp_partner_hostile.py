@@ -25,6 +25,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+import structlog
 from amqp_env import AMQP_PARTNER, GATEWAY, write_config
 from amqp_peer import IN_EXCHANGE, AmqpEnv, Peer, amqp_gateway, queue_depth
 from pamqp import commands
@@ -34,7 +35,7 @@ from serve_proc import signed_messages
 
 from gateway.config import AmqpConfig, load_config
 from gateway.envelope import body_digest
-from gateway.errors import NackCode
+from gateway.errors import NackCode, Unavailable
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.receipts import ReceiptSigner
 from gateway.runtime import Gateway
@@ -206,6 +207,34 @@ async def test_traffic_from_elsewhere_holds_a_delivery_until_the_rate_allows_it(
         assert [(e["event"], e["outcome"]) for e in entries] == [("accepted", "ACK")]
         # and its token came out of the shared bucket: none is left for the next message
         assert await env.gateway.limiters.retry_after(AMQP_PARTNER) is not None
+
+
+async def test_a_limiter_that_cannot_answer_leaves_the_delivery_to_the_pipeline(
+    tmp_path: Path, rabbit_vhost: RabbitVhost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On PostgreSQL the partner's bucket is in the store: a store that cannot answer while a
+    # delivery waits for its turn is an outage like any other (the pipeline's own check meets
+    # it and holds the delivery), not a bug that rejects it towards the dead-letter queue.
+    async with amqp_gateway(tmp_path, rabbit_vhost, rate_per_second=10.0, burst=5) as env:
+        limiters = env.gateway.limiters
+        wait_s = limiters.wait_s
+        failures = [Unavailable("postgresql: c2c_take_tokens: no answer", outage=True)]
+
+        async def flaky(partner: str) -> float:
+            if failures:
+                raise failures.pop()
+            return await wait_s(partner)
+
+        monkeypatch.setattr(limiters, "wait_s", flaky)
+        message_id, body = env.message()
+        with structlog.testing.capture_logs() as logs:
+            await env.peer.send(body, signature=env.sign(body), message_id=message_id)
+            receipt = env.receipt(await env.peer.next_out(), message_id=message_id, body=body)
+        assert (receipt.status, receipt.code) == ("ACK", None)
+        assert failures == []
+        # taken in on its first delivery: not given back to the queue as a handler's failure
+        assert [e for e in logs if e["event"] == "amqp_handler_failed"] == []
+        assert await audit(env, event="poison") == []
 
 
 async def test_held_past_the_rate_hold_it_is_refused_with_a_retry_after(
