@@ -192,11 +192,23 @@ def test_export_total_packages_unchecked_when_an_item_states_none(
     registry.validate(EXPORT, "1.0", payload)
 
 
-def test_manifest_master_pieces_equal_its_houses_pieces(registry: SchemaRegistry) -> None:
+def test_manifest_master_pieces_hold_its_houses_pieces(registry: SchemaRegistry) -> None:
     payload = _example(registry, MANIFEST)
-    payload["masters"][0]["pieces"] = 9
+    payload["masters"][0]["pieces"] = 9  # pieces outside the houses: allowed
     payload["totals"]["pieces"] = 9
+    registry.validate(MANIFEST, "1.0", payload)
+    payload["masters"][0]["pieces"] = 1  # fewer than its houses' 1 + 1
+    payload["totals"]["pieces"] = 1
     assert _refused_at(registry, MANIFEST, payload) == "/masters/0/pieces"
+
+
+def test_bulk_goods_without_packages_counted_pass(registry: SchemaRegistry) -> None:
+    payload = _advance(registry)
+    for item in payload["goods_items"]:
+        for package in item["packages"]:
+            package["count"] = 0
+    payload["total_packages"] = 1
+    registry.validate(ADVANCE, "1.0", payload)
 
 
 @pytest.mark.parametrize(
