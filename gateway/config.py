@@ -276,6 +276,9 @@ MAX_BODY_RETENTION_DAYS = 36_500
 #: Durations added to the current time (leases, retry delays, answer lifetimes): a date past
 #: year 9999 is no date, and no such setting is sensible beyond a message's longest life.
 _MAX_DURATION_S = MAX_TTL_S
+#: A request's or a store command's deadline: a day is already no deadline, and PostgreSQL's
+#: lock_timeout (3/4 of the store's, in ms) must stay within its 32-bit range.
+_MAX_WAIT_S = 86_400
 #: ``basic.qos`` prefetch_count is an AMQP short (16-bit unsigned) field.
 _MAX_AMQP_SHORT = 65_535
 #: TOML integers are 64-bit signed; tomllib reads longer ones, which nothing here can use
@@ -374,7 +377,10 @@ class _Table:
         value: int | float | None = self._get(name, (int, float), "a number")
         if value is None:
             return default
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise self.error(name, "must be a finite number") from None
         if number != number or number in (float("inf"), float("-inf")):
             raise self.error(name, "must be a finite number")
         if positive and number <= 0:
@@ -577,7 +583,9 @@ def _limits(table: _Table) -> LimitsConfig:
         max_body_bytes=table.int_or("max_body_bytes", d.max_body_bytes, minimum=1),
         replay_window_s=table.int_or("replay_window_s", d.replay_window_s, minimum=1),
         max_skew_s=table.int_or("max_skew_s", d.max_skew_s, minimum=0),
-        request_timeout_s=table.float_or("request_timeout_s", d.request_timeout_s),
+        request_timeout_s=table.float_or(
+            "request_timeout_s", d.request_timeout_s, maximum=_MAX_WAIT_S
+        ),
         header_timeout_s=table.float_or("header_timeout_s", d.header_timeout_s),
         max_connections=table.int_or("max_connections", d.max_connections, minimum=1),
         max_connections_per_source=table.int_or(
@@ -587,7 +595,7 @@ def _limits(table: _Table) -> LimitsConfig:
         ipv6_source_prefix=table.int_or(
             "ipv6_source_prefix", d.ipv6_source_prefix, minimum=32, maximum=128
         ),
-        store_timeout_s=table.float_or("store_timeout_s", d.store_timeout_s),
+        store_timeout_s=table.float_or("store_timeout_s", d.store_timeout_s, maximum=_MAX_WAIT_S),
     )
     if limits.max_skew_s > limits.replay_window_s:
         raise table.error(

@@ -164,6 +164,14 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      "must be <= 2592000, got 1000000000000.0"),
     (G, "# ocsp_max_age_s = 3600", "ocsp_max_age_s = 1e12", G, "tls.ocsp_max_age_s",
      "must be <= 2592000, got 1000000000000.0"),
+    # beyond PostgreSQL's lock_timeout range (3/4 of it, in ms, is sent to each session)
+    (G, "# store_timeout_s = 30", "store_timeout_s = 1e7", G, "limits.store_timeout_s",
+     "must be <= 86400, got 10000000.0"),
+    (G, "# store_timeout_s = 30", "request_timeout_s = 100000", G, "limits.request_timeout_s",
+     "must be <= 86400, got 100000"),
+    # an integer float() cannot hold
+    (G, "# store_timeout_s = 30", "store_timeout_s = " + "9" * 400, G, "limits.store_timeout_s",
+     "must be a finite number"),
     (G, "# [retention]\n# body_retention_days = 365",
      "[retention]\nbody_retention_days = 1000000", G, "retention.body_retention_days",
      "must be <= 36500, got 1000000"),
