@@ -230,17 +230,32 @@ async def answer_checkpoint(
 
 #: entries only witnessing writes; a ``history_inconsistent`` alert is not among them
 _WITNESSING_EVENTS = frozenset({EventKind.CHECKPOINT_WITNESSED, EventKind.COSIGNATURE_RECEIVED})
+#: the ordinary life of a checkpoint or cosignature message, ours or the partner's; a refusal,
+#: a poison message, a failed attempt or a dead message (which a partner, or a forger, can
+#: cause) is not the exchange's own: it is for the witnesses to see
+_EXCHANGE_LIFE = frozenset(
+    {
+        EventKind.SUBMITTED,
+        EventKind.SENT,
+        EventKind.RECEIPT_RECEIVED,
+        EventKind.ACKNOWLEDGED,
+        EventKind.ACCEPTED,
+        EventKind.DUPLICATE,
+        EventKind.DELIVERED,
+    }
+)
 
 
 def is_witnessing_entry(entry: bytes) -> bool:
-    """Whether an audit entry records witnessing's own exchange: the life of an
+    """Whether an audit entry records witnessing's own exchange: the ordinary life of an
     ``audit.checkpoint`` or ``audit.cosignature`` message, a checkpoint witnessed, a
-    cosignature received. Unreadable bytes are not: they are for the witnesses to see."""
+    cosignature received. Refusals and unreadable bytes are not: they are for the witnesses
+    to see."""
     view = entry_view(entry)
     event = view.get("event")
     if event in _WITNESSING_EVENTS:
         return True
-    return event != EventKind.HISTORY_INCONSISTENT and view.get("message_type") in WITNESSING_TYPES
+    return event in _EXCHANGE_LIFE and view.get("message_type") in WITNESSING_TYPES
 
 
 def _payload_of(record: InboundRecord, partner: PartnerConfig) -> Mapping[str, Any]:

@@ -25,6 +25,11 @@ AT = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
         (EventKind.HISTORY_INCONSISTENT, COSIGNATURE_TYPE, False),
         (EventKind.HISTORY_INCONSISTENT, None, False),
         (EventKind.ACCEPTED, "shipment.manifest", False),
+        # what a partner or a forger can cause with such a message is witnessed at once
+        (EventKind.REJECTED, CHECKPOINT_TYPE, False),
+        (EventKind.POISON, COSIGNATURE_TYPE, False),
+        (EventKind.DEAD, CHECKPOINT_TYPE, False),
+        (EventKind.PARTNER_REJECTED, CHECKPOINT_TYPE, False),
         (EventKind.OPERATOR_ACTION, None, False),
     ],
 )
