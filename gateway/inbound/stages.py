@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 
+import structlog
+
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.crashpoints import crash_point
 from gateway.crypto.jws import verify_detached
@@ -18,6 +20,7 @@ from gateway.documents import document_ref, message_function
 from gateway.envelope import check_freshness, parse_envelope
 from gateway.errors import (
     DuplicateConflict,
+    GatewayError,
     Malformed,
     NotAuthorized,
     RateLimited,
@@ -35,6 +38,8 @@ from gateway.schemas.registry import ANSWERS
 from gateway.store.base import InboundRecord
 
 Stage = Callable[[InboundContext], Awaitable[None]]
+
+log = structlog.get_logger(__name__)
 
 _IDENTITY_ENCODINGS = frozenset({"", "identity"})
 
@@ -268,7 +273,18 @@ async def pair_answer(ctx: InboundContext) -> None:
     if asked.body is None:
         return  # purged by retention: nothing left to compare with
     assert ctx.adapter is not None  # the partner's: the request went to this very partner
-    expected = json.loads(ctx.adapter.to_canonical(asked.body))["payload"].get(member)
+    try:
+        expected = json.loads(ctx.adapter.to_canonical(asked.body))["payload"][member]
+    except (GatewayError, ValueError, LookupError, TypeError) as exc:
+        # our own stored request no longer reads (the partner's adapter changed since): not
+        # the partner's fault, and nothing to compare with
+        log.warning(
+            "answer_request_unreadable",
+            message_id=header.message_id,
+            request=asked.message_id,
+            error=type(exc).__name__,
+        )
+        return
     if ctx.envelope.payload.get(member) != expected:
         raise PayloadInvalid(
             f"/{member}", f"does not echo the {member} of the request named in in_reply_to"

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import RateLimit, load_config
@@ -313,6 +314,24 @@ async def test_an_answer_naming_no_request_of_ours_to_the_sender_is_let_through(
         _, body = answer_to(gateway, "query.response", request_id, query_ref="SOMETHING-ELSE-1")
         result = await gateway.pipeline.handle(amqp_request(gateway, body))
         assert (result.http_status, result.code) == (202, None)
+
+
+async def test_a_request_of_ours_that_no_longer_reads_is_not_the_partners_fault(
+    gateway: Gateway,
+) -> None:
+    # Our stored request no longer reads (say the partner's adapter changed since we sent
+    # it): the answer cannot be compared with it, and the partner is not blamed for that.
+    request_id, _ = await ask(gateway, "query.trader_lookup")
+    path = gateway.config.store_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "UPDATE outbound_messages SET body = ? WHERE message_id = ?", (b"<native/>", request_id)
+        )
+    _, body = answer_to(gateway, "query.response", request_id, query_ref="SOMETHING-ELSE-1")
+    with structlog.testing.capture_logs() as logs:
+        result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert (result.http_status, result.code) == (202, None)
+    assert [e["request"] for e in logs if e["event"] == "answer_request_unreadable"] == [request_id]
 
 
 async def test_a_kid_of_another_party_on_the_senders_signature_is_unknown_key(
