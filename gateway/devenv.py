@@ -198,6 +198,9 @@ class _Files:
         self.record_path = root / GENERATED_RECORD
         self.kept: list[Path] = []
         self.record = self._load_record()
+        #: a DIR made before the record existed: its files that carry GENERATED_MARK are taken
+        #: for this module's own (as they were then), so an upgrade rewrites them as before
+        self.legacy = not self.record_path.exists()
 
     def _load_record(self) -> dict[str, str]:
         try:
@@ -232,7 +235,10 @@ class _Files:
         """``path`` is a regular file holding exactly what was last written here."""
         if path.is_symlink() or not path.is_file():
             return False
-        return self.record.get(self._rel(path)) == _digest(path.read_bytes())
+        data = path.read_bytes()
+        if self.legacy and data.startswith(GENERATED_MARK.encode()):
+            return True
+        return self.record.get(self._rel(path)) == _digest(data)
 
     def put(self, path: Path, data: bytes) -> None:
         """Write ``data`` at ``path`` unless someone else's file is there (then keep it)."""

@@ -16,6 +16,7 @@ from gateway.config import load_config
 from gateway.crypto.keys import load_signing_key, load_verification_key
 from gateway.crypto.x509 import load_certificate
 from gateway.devenv import (
+    GENERATED_MARK,
     GENERATED_RECORD,
     default_partners_src,
     dump_toml,
@@ -213,7 +214,7 @@ def test_edited_files_are_kept_and_the_others_follow_the_arguments(tmp_path: Pat
 def test_a_hand_written_gateway_toml_is_served_as_it_is(tmp_path: Path) -> None:
     prepare_dev_environment(tmp_path / "model")
     own = (tmp_path / "model" / "gateway.toml").read_text(encoding="utf-8")
-    own = own.replace("port = 0", "port = 0 # mine", 1)
+    own = own.replace("port = 0", "port = 0 # mine", 1).replace(GENERATED_MARK, "# mine", 1)
     (tmp_path / "env").mkdir()
     (tmp_path / "env" / "gateway.toml").write_text(own, encoding="utf-8")
     env = make_dev_environment(tmp_path / "env", host="127.0.0.1", partner_port=0)
@@ -266,19 +267,19 @@ def test_an_unchanged_file_is_rewritten_and_written_owner_only(tmp_path: Path) -
         assert stat.S_IMODE(written.stat().st_mode) == 0o600, written
 
 
-def test_a_directory_without_record_keeps_what_differs(tmp_path: Path) -> None:
-    """A directory made by an older version, or by hand: identical files are adopted."""
+def test_a_directory_without_record_rewrites_only_its_generated_files(tmp_path: Path) -> None:
+    """A directory made before the record existed: the files that carry the generated mark
+    are the sandbox's, rewritten from the options as the older version did; others are kept."""
     path = prepare_dev_environment(tmp_path)
     (tmp_path / GENERATED_RECORD).unlink()
-    assert make_dev_environment(tmp_path).kept == ()
+    assert make_dev_environment(tmp_path, partner_port=9000).kept == ()
+    assert load_config(path, environ={}).partner_listen.port == 9000
     (tmp_path / GENERATED_RECORD).unlink()
-    partners = sorted(tmp_path.rglob("partner.toml"))
-    old = {p: p.read_bytes() for p in [path, *partners]}
-    assert sorted(make_dev_environment(tmp_path, require_legal_basis=True).kept) == partners
-    (tmp_path / GENERATED_RECORD).unlink()
-    with pytest.raises(ConfigError, match=r"partner_listen\.port: the file says 0, 9000 was"):
-        make_dev_environment(tmp_path, partner_port=9000)
-    assert {p: p.read_bytes() for p in old} == old
+    partner = tmp_path / "partners" / "MX-ANAM" / "partner.toml"
+    text = partner.read_text()
+    partner.write_text(text.replace(GENERATED_MARK, "# written by hand"))
+    assert make_dev_environment(tmp_path).kept == (partner,)
+    assert not partner.read_text().startswith(GENERATED_MARK)
 
 
 def test_a_damaged_record_is_refused(tmp_path: Path) -> None:
