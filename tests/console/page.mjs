@@ -3,7 +3,11 @@
 // page shows. `tamper` makes the gateway dishonest between the page and the real answers.
 // Usage: node page.mjs PLAN.json
 //   PLAN: baseUrl, token, key, storage (a JSON file holding local storage across visits),
-//   tamper? ("shift" | "shift_last" | "no_checkpoint"), filters? (searched after opening)
+//   tamper? ("shift" | "shift_last" | "no_checkpoint"), filters? (searched after opening),
+//   proofDelay? (ms the gateway takes to answer each inclusion proof),
+//   steps? (what the auditor does while the page is still at work, in turn: each waits until
+//   rows are shown and `checked` of them have their proof checked, then clicks "more" once,
+//   "more_twice" (a double click) or searches `filters` ("filter"))
 import { readFile, writeFile } from "node:fs/promises";
 
 import { b64encode, entryLeafHash } from "../../gateway/api/console/verify.js";
@@ -32,7 +36,9 @@ localStorage.setItem("c2c.audit.logKey", plan.key);
 let formFields = {};
 class Element {
   constructor(tag, id = "") {
-    Object.assign(this, { tag, id, textContent: "", className: "", hidden: false, value: "", children: [], listeners: {} });
+    Object.assign(this, {
+      tag, id, textContent: "", className: "", hidden: false, disabled: false, value: "", children: [], listeners: {},
+    });
   }
   addEventListener(type, listener) { this.listeners[type] = listener; }
   append(...nodes) { this.children.push(...nodes); }
@@ -51,9 +57,20 @@ globalThis.FormData = class {
 
 const realFetch = globalThis.fetch.bind(globalThis);
 const json = (status, body) => new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+let inFlight = 0;
 globalThis.fetch = async (url, init) => {
+  inFlight += 1;
+  try {
+    return await gateway(url, init);
+  } finally {
+    inFlight -= 1;
+  }
+};
+async function gateway(url, init) {
   const full = plan.baseUrl + url;
   const path = new URL(full).pathname;
+  if (plan.proofDelay && path === "/api/v1/audit/proofs/inclusion") await sleep(plan.proofDelay);
   if (plan.tamper === "no_checkpoint" && path === "/api/v1/audit/checkpoint") {
     return json(404, { title: "Not Found", status: 404, detail: "no checkpoint has been signed yet" });
   }
@@ -71,25 +88,56 @@ globalThis.fetch = async (url, init) => {
     return json(200, page);
   }
   return realFetch(full, init);
-};
+}
 
 const status = (id) => ({ text: elements[id]?.textContent ?? "", kind: elements[id]?.className ?? "" });
 const settled = () => {
   const entries = status("entries-status").text;
   return status("access-status").kind.includes("bad") || (entries !== "" && !entries.endsWith("…"));
 };
+const until = async (done, what) => {
+  for (let waited = 0; !done(); waited += 5) {
+    if (waited > 60_000) throw new Error(`${what}: ${JSON.stringify(status("entries-status"))}`);
+    await sleep(5);
+  }
+};
+const tableRows = () => elements["entry-rows"]?.children ?? [];
+// A click as a browser gives it: none on a hidden or disabled button.
+const click = (id) => (elements[id].hidden || elements[id].disabled ? null : elements[id].listeners.click({ preventDefault() {} }));
+const search = (filters) => {
+  formFields = filters;
+  return elements["filter-form"].listeners.submit({ preventDefault() {} });
+};
+
 await import("../../gateway/api/console/app.js");
-for (let waited = 0; !settled(); waited += 20) {
-  if (waited > 60_000) throw new Error(`the page did not settle: ${JSON.stringify(status("entries-status"))}`);
-  await new Promise((resolve) => setTimeout(resolve, 20));
-}
-if (plan.filters) {
-  formFields = plan.filters;
-  await elements["filter-form"].listeners.submit({ preventDefault() {} });
+if (plan.steps) {
+  const actions = [];
+  for (const step of plan.steps) {
+    await until(
+      () => tableRows().length > 0 && tableRows().filter((tr) => tr.children.at(-1).textContent !== "…").length >= step.checked,
+      `no ${step.checked} rows checked`,
+    );
+    if (step.do === "more") actions.push(click("more"));
+    else if (step.do === "more_twice") actions.push(click("more"), click("more"));
+    else if (step.do === "filter") actions.push(search(step.filters));
+    else throw new Error(`unknown step ${JSON.stringify(step)}`);
+  }
+  await Promise.all(actions);
+  // and whatever the page still does by itself (a listing replaced by a search may still be
+  // at work): done once it has settled and asked the gateway nothing for 300 ms
+  let quietSince = Date.now();
+  await until(() => {
+    if (!settled() || inFlight > 0) quietSince = Date.now();
+    return Date.now() - quietSince >= 300;
+  }, "the page did not settle");
+} else {
+  await until(settled, "the page did not settle");
+  if (plan.filters) await search(plan.filters);
 }
 
 const out = {};
 for (const id of ["access-status", "checkpoint-status", "monitor-status", "entries-status"]) out[id] = status(id);
+out.more = { hidden: elements.more?.hidden ?? null, disabled: elements.more?.disabled ?? null };
 out.rows = (elements["entry-rows"]?.children ?? []).map((tr) => {
   const cells = tr.children;
   const proof = cells.at(-1);

@@ -324,6 +324,51 @@ async def test_an_old_entry_moved_past_the_checkpoint_is_not_shown_as_checked(
     }
 
 
+async def test_pages_loaded_while_proofs_are_checked_keep_the_listing_in_order(
+    us: Running, tmp_path: Path
+) -> None:
+    """The gateway answers each inclusion proof slowly, so the auditor acts while the page is
+    still checking: "Load more" once, then double-clicked, then a search."""
+    await queries(us, 60)
+    size = (await us.api.app[AUDIT_LOG].checkpoint()).size
+    await queries(us, 2, EventKind.OPERATOR_ACTION)
+    total = size + 2
+    assert 50 < total < 100  # two pages of 50
+    everything = {
+        "text": f"{total} entries shown: {size} proven against the signed checkpoint, 2 after"
+        " it (not yet provable).",
+        "kind": "status warn",
+    }
+
+    # page 2 comes while page 1 is checked: its rows are still listed after page 1's
+    page = await visit(us, tmp_path, proofDelay=40, steps=[{"checked": 10, "do": "more"}])
+    assert [r["seq"] for r in page["rows"]] == list(range(total))
+    assert [verdict(r) for r in page["rows"]] == [PROVEN] * size + [AFTER] * 2
+    assert page["entries-status"] == everything
+    assert page["more"] == {"hidden": True, "disabled": False}
+
+    # a double click asks for page 2 once
+    page = await visit(us, tmp_path, proofDelay=40, steps=[{"checked": 0, "do": "more_twice"}])
+    assert [r["seq"] for r in page["rows"]] == list(range(total))
+    assert [verdict(r) for r in page["rows"]] == [PROVEN] * size + [AFTER] * 2
+    assert page["entries-status"] == everything
+
+    # a search while the full listing is checked, or while its page 2 loads: the listing it
+    # replaced keeps quiet, and its page 2 is not added to the search's rows
+    search = {"checked": 0, "do": "filter", "filters": {"event": "operator_action"}}
+    searched = {
+        "text": "2 entries shown: 0 proven against the signed checkpoint, 2 after it"
+        " (not yet provable).",
+        "kind": "status warn",
+    }
+    for steps in ([{**search, "checked": 10}], [{"checked": 10, "do": "more"}, search]):
+        page = await visit(us, tmp_path, proofDelay=40, steps=steps)
+        assert [r["seq"] for r in page["rows"]] == [size, size + 1], steps
+        assert [verdict(r) for r in page["rows"]] == [AFTER] * 2
+        assert page["entries-status"] == searched
+        assert page["more"] == {"hidden": True, "disabled": False}
+
+
 async def test_a_checkpoint_hidden_since_the_last_visit_shows_in_red(
     us: Running, tmp_path: Path
 ) -> None:

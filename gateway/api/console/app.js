@@ -13,7 +13,8 @@ const SEEN = "c2c.audit.checkpoint:";
 const $ = (id) => document.getElementById(id);
 
 // `historyLost`: the log's history does not match what this browser verified before;
-// `listing`: the rows shown ({ item, status, kind }) and the order check across their pages.
+// `listing`: the rows shown ({ item, status, kind, checked, problem }), the checkpoint they are
+// proven against and the order check across their pages.
 const state = {
   client: null, checkpoint: null, logKey: null, historyLost: false, filters: {}, after: null, listing: null,
 };
@@ -141,25 +142,33 @@ function mark(row, kind, problem = "") {
   [row.status.textContent, row.status.className] = kind === "bad" ? [`✗ ${problem}`, "bad"] : VERDICTS[kind];
 }
 
-async function verifyRow(row, problem) {
+// A row's verdict joins its own check (`checked`: { covered } or { error }, once its proof is
+// in) with its place in the listing (`problem`), which a later row may still find wrong.
+function render(listing, row) {
+  const { checked, problem } = row;
+  if (!checked) return;
+  const failures = [checked.error, problem].filter(Boolean);
+  if (failures.length) mark(row, "bad", failures.join("; "));
+  else mark(row, checked.covered ? "proven" : listing.checkpoint ? "after" : "unproven");
+}
+
+async function verifyRow(listing, row) {
   try {
-    const result = await state.client.verifyEntry(row.item, state.checkpoint);
-    if (problem) mark(row, "bad", problem);
-    else if (result.covered) mark(row, "proven");
-    else mark(row, state.checkpoint ? "after" : "unproven");
+    row.checked = { covered: (await state.client.verifyEntry(row.item, listing.checkpoint)).covered };
   } catch (error) {
-    mark(row, "bad", problem ? `${error.message}; ${problem}` : error.message);
+    row.checked = { error: error.message };
   }
+  render(listing, row);
 }
 
 // Proven entries are counted apart from those the page cannot prove.
-function summary(rows) {
+function summary({ rows, checkpoint }) {
   const count = (kind) => rows.filter((r) => r.kind === kind).length;
   const [proven, after, unproven, bad] = ["proven", "after", "unproven", "bad"].map(count);
   const shown = `${rows.length} entr${rows.length === 1 ? "y" : "ies"} shown`;
   const parts = [];
   if (bad) parts.push(`${bad} FAILED verification`);
-  if (state.checkpoint) {
+  if (checkpoint) {
     parts.push(`${proven} proven against the signed checkpoint`);
     if (after) parts.push(`${after} after it (not yet provable)`);
   } else if (unproven) {
@@ -168,6 +177,18 @@ function summary(rows) {
   if (state.historyLost) parts.push("and the log's history does not match your earlier visit (see the checkpoint)");
   const kind = bad || state.historyLost ? "bad" : after || unproven ? "warn" : "ok";
   return [rows.length ? `${shown}: ${parts.join(", ")}.` : "No entries shown.", rows.length ? kind : ""];
+}
+
+// The line above the table, for the listing shown only: a listing a newer one replaced keeps
+// quiet. Its summary waits until every row shown, of any of its pages, is checked.
+function progress(listing) {
+  if (state.listing !== listing) return;
+  const { rows } = listing;
+  if (rows.some((r) => r.kind === "pending")) {
+    show("entries-status", `${rows.length} entr${rows.length === 1 ? "y" : "ies"} shown; checking proofs…`);
+  } else {
+    show("entries-status", ...summary(listing));
+  }
 }
 
 function showEntry(item, statusCell) {
@@ -199,12 +220,17 @@ function messageCell(messageId) {
   return td;
 }
 
+// Rows are fed to the order check as they are added, before any proof is awaited: a page
+// loaded while an earlier one's proofs are still being checked comes after it. "More" is
+// disabled while a page loads, as a second click would ask for the same page again.
 async function loadEntries(append) {
+  const more = $("more");
   if (!append) {
     $("entry-rows").replaceChildren();
     state.after = null;
     state.listing = {
       rows: [],
+      checkpoint: state.checkpoint,
       order: new ListingCheck({
         filtered: Object.values(state.filters).some((v) => v !== undefined && v !== null && String(v).trim() !== ""),
         size: state.checkpoint?.size ?? null,
@@ -212,36 +238,52 @@ async function loadEntries(append) {
     };
   }
   const { listing } = state;
+  more.disabled = true;
   show("entries-status", "Loading…");
-  const page = await state.client.entries(state.filters, state.after);
-  const pending = [];
+  let page;
+  try {
+    page = await state.client.entries(state.filters, state.after);
+  } catch (error) {
+    if (state.listing !== listing) return;
+    throw error;
+  } finally {
+    if (state.listing === listing) more.disabled = false;
+  }
+  // a newer listing replaced this one while the page loaded: its table is not this one's
+  if (state.listing !== listing) return;
+  const added = [];
   for (const item of page.items) {
     const e = item.entry;
-    const row = document.createElement("tr");
+    const tr = document.createElement("tr");
     const status = cell("…");
-    row.append(
+    tr.append(
       cell(String(item.seq)), cell(e.at), cell(e.event), cell(e.sender), cell(e.recipient),
       cell(e.message_type), messageCell(e.message_id), cell(e.outcome), status,
     );
-    row.tabIndex = 0;
-    row.addEventListener("click", () => showEntry(item, status));
-    row.addEventListener("keydown", (event) => {
+    tr.tabIndex = 0;
+    tr.addEventListener("click", () => showEntry(item, status));
+    tr.addEventListener("keydown", (event) => {
       if (event.key === "Enter") showEntry(item, status);
     });
-    $("entry-rows").append(row);
-    const shown = { item, status, kind: "pending" };
-    listing.rows.push(shown);
-    pending.push(shown);
+    $("entry-rows").append(tr);
+    const { problem, earlier } = listing.order.next(item.seq);
+    const row = { item, status, kind: "pending", checked: null, problem };
+    listing.rows.push(row);
+    added.push(row);
+    for (const misplaced of earlier) {
+      const shown = listing.rows[misplaced.row];
+      shown.problem = misplaced.problem;
+      render(listing, shown);
+    }
   }
   state.after = page.next_after;
-  $("more").hidden = page.next_after === null;
-  show("entries-status", `${listing.rows.length} entr${listing.rows.length === 1 ? "y" : "ies"} shown; checking proofs…`);
-  for (const row of pending) {
-    const { problem, earlier } = listing.order.next(row.item.seq);
-    for (const misplaced of earlier) mark(listing.rows[misplaced.row], "bad", misplaced.problem);
-    await verifyRow(row, problem);
+  more.hidden = page.next_after === null;
+  progress(listing);
+  for (const row of added) {
+    if (state.listing !== listing) return;
+    await verifyRow(listing, row);
   }
-  show("entries-status", ...summary(listing.rows));
+  progress(listing);
 }
 
 async function open(event) {
