@@ -51,6 +51,9 @@ class InboundRequest:
     #: the transport already took this message's token from the partner's rate limiter
     #: (AMQP paces deliveries to the rate, the queue being the buffer): not taken again
     rate_taken: bool = False
+    #: why the transport passes no signature though the message carried something in its
+    #: place (an AMQP ``c2c-signature`` header of another type): the partner's detail
+    signature_problem: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -93,6 +93,9 @@ async def verify_signature(ctx: InboundContext) -> None:
     assert ctx.partner is not None
     signature = ctx.request.signature
     if not signature:
+        problem = ctx.request.signature_problem
+        if problem is not None:
+            raise SignatureInvalid(problem, detail=problem)
         raise SignatureInvalid("no detached JWS sent with the message")
     ctx.key = verify_detached(
         signature,

@@ -116,15 +116,19 @@ class PartnerInbox:
 
     async def on_delivery(self, partner: PartnerConfig, delivery: Delivery) -> Settlement:
         signature = delivery.header_str(SIGNATURE_HEADER)
+        problem = None
         if signature is None and (kind := delivery.header_type(SIGNATURE_HEADER)) is not None:
-            # refused by the pipeline as a missing signature: say here what was there instead
+            # refused SIGNATURE_INVALID all the same, but the partner is told what was wrong
+            problem = (
+                f"header {SIGNATURE_HEADER} holds a value of type {kind}: send the detached JWS"
+                " as a long string or a byte array"
+            )
             log.warning(
                 "amqp_signature_header_unusable",
                 partner=partner.id,
                 message_id=_safe_id(delivery.message_id),
                 header=SIGNATURE_HEADER,
                 header_type=kind,
-                detail="expected a long string or a byte array holding the detached JWS",
             )
         request = InboundRequest(
             body=delivery.body,
@@ -137,6 +141,7 @@ class PartnerInbox:
             transport_message_id=delivery.message_id,
             # an UNAVAILABLE delivery is requeued or rejected, never answered
             unavailable_answered=False,
+            signature_problem=problem,
         )
         paced = await self._pace(partner)
         if paced is None:

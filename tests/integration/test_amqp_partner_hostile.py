@@ -142,6 +142,30 @@ async def test_signature_sent_as_a_byte_array_is_verified(
         assert (receipt.status, receipt.code) == ("ACK", None)
 
 
+async def test_a_signature_header_of_another_type_is_refused_saying_so(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        message_id, body = env.message()
+        channel = await env.peer.connection.channel()
+        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                message_id=message_id,
+                content_type="application/json",
+                headers={"c2c-signature": 42},  # a client library's wrong type
+            ),
+            routing_key="",
+        )
+        receipt = env.receipt(await env.peer.next_out(), message_id=message_id, body=body)
+        assert (receipt.status, receipt.code) == ("NACK", NackCode.SIGNATURE_INVALID)
+        assert receipt.detail == (
+            "header c2c-signature holds a value of type int: send the detached JWS as a long"
+            " string or a byte array"
+        )
+
+
 async def test_a_content_encoding_is_refused_as_over_https(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
