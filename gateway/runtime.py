@@ -239,13 +239,7 @@ class Gateway:
             self.amqp = AmqpService(
                 broker=self.broker,
                 pipeline=self.pipeline,
-                submission=SubmissionServices(
-                    config=config,
-                    registry=self.registry,
-                    signing_keys=self.signing_keys,
-                    store=self.store,
-                    clock=self.clock,
-                ),
+                submission=self.submission_services(),
                 on_submitted=self._submitted,
             )
             # First service: the broker is connected before anything publishes to it.
@@ -305,6 +299,16 @@ class Gateway:
             reason=reason,
         )
         await record_or_log(lambda entry: self.store.append_audit([entry]), event)
+
+    def submission_services(self) -> SubmissionServices:
+        """What submitting an outbound message as this gateway needs (``outbound.submit``)."""
+        return SubmissionServices(
+            config=self.config,
+            registry=self.registry,
+            signing_keys=self.signing_keys,
+            store=self.store,
+            clock=self.clock,
+        )
 
     def set_receipt_handler(self, handler: OnReceipt) -> None:
         """Where partners' receipts for our messages go (the outbound dispatcher)."""

@@ -201,6 +201,17 @@ def _check_unique(values: Iterable[tuple[str, Any]], what: str) -> None:
         seen.add(value)
 
 
+def _check_goods_totals(payload: Any, items: list[Any]) -> None:
+    """The package and gross mass totals of advance data and export declarations."""
+    _check_total_packages(payload, items)
+    _check_total_mass(
+        payload["total_gross_mass_kg"],
+        "/total_gross_mass_kg",
+        (item["gross_mass_kg"] for item in items),
+        "goods items'",
+    )
+
+
 def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
@@ -209,13 +220,7 @@ def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
         payload["total_declared_value"], "/total_declared_value", items, "/goods_items", "value"
     )
     _check_not_before(payload, "estimated_departure", "estimated_arrival")
-    _check_total_packages(payload, items)
-    _check_total_mass(
-        payload["total_gross_mass_kg"],
-        "/total_gross_mass_kg",
-        (item["gross_mass_kg"] for item in items),
-        "goods items'",
-    )
+    _check_goods_totals(payload, items)
     _check_routing(payload)
 
 
@@ -271,13 +276,7 @@ def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
                 "differs from /invoice_amount currency",
             )
     _check_not_before(payload, "acceptance_datetime", "exit_datetime")
-    _check_total_packages(payload, items)
-    _check_total_mass(
-        payload["total_gross_mass_kg"],
-        "/total_gross_mass_kg",
-        (item["gross_mass_kg"] for item in items),
-        "goods items'",
-    )
+    _check_goods_totals(payload, items)
 
 
 def seizure_report(payload: Any, _embedded: EmbeddedValidator) -> None:

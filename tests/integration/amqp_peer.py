@@ -53,7 +53,8 @@ class Peer:
         self,
         body: bytes,
         *,
-        signature: str | None,
+        # the c2c-signature header: a string, or what another client library puts there
+        signature: str | bytes | bytearray | int | None,
         message_id: str | None = None,
         message_type: str | None = "shipment.advance_data",
         user_id: str | None = None,

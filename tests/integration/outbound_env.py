@@ -113,13 +113,7 @@ def answer_shipment_lookups(mx: Running) -> None:
     """MX-ANAM's back office: answers shipment lookups (and nothing else) with a
     ``query.response`` that names the query and echoes its ``query_ref``."""
     gateway = mx.gateway
-    services = SubmissionServices(
-        config=gateway.config,
-        registry=gateway.registry,
-        signing_keys=gateway.signing_keys,
-        store=gateway.store,
-        clock=gateway.clock,
-    )
+    services = gateway.submission_services()
 
     async def on_inbound(record: InboundRecord) -> None:
         if record.message_type != "query.shipment_lookup":

@@ -126,18 +126,9 @@ async def test_signature_sent_as_a_byte_array_is_verified(
 ) -> None:
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
         message_id, body = env.message()
-        channel = await env.peer.connection.channel()
-        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body,
-                message_id=message_id,
-                content_type="application/json",
-                # AMQP field type 'x', as pika sends bytes, Java byte[] and Go []byte
-                headers={"c2c-signature": bytearray(env.sign(body).encode("ascii"))},
-            ),
-            routing_key="",
-        )
+        # AMQP field type 'x', as pika sends bytes, Java byte[] and Go []byte
+        signature = bytearray(env.sign(body).encode("ascii"))
+        await env.peer.send(body, signature=signature, message_id=message_id)
         receipt = env.receipt(await env.peer.next_out(), message_id=message_id, body=body)
         assert (receipt.status, receipt.code) == ("ACK", None)
 
@@ -147,17 +138,8 @@ async def test_a_signature_header_of_another_type_is_refused_saying_so(
 ) -> None:
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
         message_id, body = env.message()
-        channel = await env.peer.connection.channel()
-        exchange = await channel.get_exchange(IN_EXCHANGE, ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                body,
-                message_id=message_id,
-                content_type="application/json",
-                headers={"c2c-signature": 42},  # a client library's wrong type
-            ),
-            routing_key="",
-        )
+        # a client library's wrong type
+        await env.peer.send(body, signature=42, message_id=message_id)
         receipt = env.receipt(await env.peer.next_out(), message_id=message_id, body=body)
         assert (receipt.status, receipt.code) == ("NACK", NackCode.SIGNATURE_INVALID)
         assert receipt.detail == (

@@ -37,7 +37,7 @@ from gateway.inbound import (
 from gateway.inbound.ratelimit import RateLimiters, TokenBucket
 from gateway.inbound.stages import Stage
 from gateway.model import Header
-from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.outbound.submission import Submission, submit
 from gateway.relay import InboxRelay
 from gateway.runtime import Gateway
 from gateway.store.base import AuditFilter, InboundRecord
@@ -239,15 +239,8 @@ async def test_an_answer_that_names_nothing_it_answers_is_malformed(
 async def ask(gateway: Gateway, message_type: str, *, recipient: str = MX) -> tuple[str, Any]:
     """Send ``message_type``'s first example to ``recipient`` as US-CBP; its id and payload."""
     payload = gateway.registry.examples(message_type, "1.0")[0]
-    services = SubmissionServices(
-        config=gateway.config,
-        registry=gateway.registry,
-        signing_keys=gateway.signing_keys,
-        store=gateway.store,
-        clock=gateway.clock,
-    )
     sent = await submit(
-        services,
+        gateway.submission_services(),
         Submission(recipient=recipient, message_type=message_type, payload=payload, actor="test"),
     )
     return sent.message_id, payload
