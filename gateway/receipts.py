@@ -157,8 +157,11 @@ def verify_receipt(
     status = _text(payload, "status")
     if status not in ("ACK", "NACK"):
         raise Malformed(f"receipt status {status!r} is neither ACK nor NACK")
-    ref_message_id = _text(payload, "ref_message_id")
+    # UUIDs are case-insensitive on input (RFC 9562 section 4); the header's are lower-cased
+    # by the envelope parser, and this one likewise.
+    ref_message_id = _text(payload, "ref_message_id").lower()
     ref_digest = _text(payload, "ref_digest")
+    expected_ref_message_id = expected_ref_message_id.lower()
     if ref_message_id != expected_ref_message_id or header.in_reply_to != expected_ref_message_id:
         raise Malformed(
             f"receipt answers message {ref_message_id} (in_reply_to {header.in_reply_to}), "

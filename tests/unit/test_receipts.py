@@ -150,6 +150,24 @@ def test_receipt_for_another_message_or_body_is_refused(
         )
 
 
+def test_receipt_naming_our_id_in_upper_case_is_ours(clock: ManualClock, key: SigningKey) -> None:
+    """RFC 9562 section 4: UUIDs are case-insensitive on input. A partner that echoes our
+    message id in upper case answers our message, not another one."""
+    signer = ReceiptSigner(party="US-CBP", keys=[key], clock=clock)
+    message_id, body = new_message_id(), b"body"
+    receipt_body, signature = _sign(signer, message_id.upper(), body)
+    receipt = verify_receipt(
+        receipt_body,
+        signature,
+        KeyRing([key.verification_key()]),
+        "US-CBP",
+        message_id,
+        body_digest(body),
+    )
+    assert receipt.status == "ACK"
+    assert receipt.ref_message_id == message_id
+
+
 def test_tampered_receipt_is_refused(clock: ManualClock, key: SigningKey) -> None:
     signer = ReceiptSigner(party="US-CBP", keys=[key], clock=clock)
     message_id = new_message_id()
