@@ -23,7 +23,14 @@ from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import SigningKey
 from gateway.envelope import body_digest, encode_envelope, new_message_id
-from gateway.errors import GatewayError, Malformed, NotAuthorized, Unavailable, UnsupportedType
+from gateway.errors import (
+    GatewayError,
+    Malformed,
+    NotAuthorized,
+    TooLarge,
+    Unavailable,
+    UnsupportedType,
+)
 from gateway.model import Header, Priority, is_party_id
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import OutboundRecord, Store, same_request
@@ -230,6 +237,14 @@ async def build_envelope(ctx: SubmitContext) -> None:
     )
     canonical = encode_envelope(ctx.header, submission.payload)
     ctx.body = adapter_for(ctx.partner).from_canonical(canonical)
+    # The partner refuses a larger message unread (PROTOCOL.md section 2); queued, it would
+    # only die at its first attempt.
+    if len(ctx.body) > ctx.partner.max_body_bytes:
+        raise TooLarge(
+            f"the signed message to {ctx.partner.id} would be {len(ctx.body)} bytes, over the"
+            f" {ctx.partner.max_body_bytes} bytes {ctx.partner.id} takes (max_body_bytes in its"
+            " partner.toml)"
+        )
 
 
 async def sign_message(ctx: SubmitContext) -> None:

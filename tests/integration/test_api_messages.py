@@ -8,14 +8,17 @@ import gzip
 import io
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from inbound_records import sample_record
-from outbound_env import Running, auth, client_ssl, example, token
+from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
 
 from gateway.audit.events import EventKind
+from gateway.config import GatewayConfig
+from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import AuditFilter, OutboundState
 
 
@@ -48,10 +51,14 @@ async def api(
 def submission(
     running: Running, message_type: str = "shipment.status", **extra: Any
 ) -> dict[str, Any]:
+    return submission_for(running.config, message_type, **extra)
+
+
+def submission_for(config: GatewayConfig, message_type: str, **extra: Any) -> dict[str, Any]:
     return {
         "recipient": "MX-ANAM",
         "message_type": message_type,
-        "payload": example(running.gateway, message_type),
+        "payload": SchemaRegistry.load_builtin().examples(message_type, "1.0")[0],
         **extra,
     }
 
@@ -105,6 +112,40 @@ async def test_bad_submissions_are_refused_and_nothing_is_stored(
     assert (got_status, body["code"]) == (status, code), body
     assert detail_part in body["detail"]
     assert sum((await us.gateway.store.outbox_depth()).values()) == 0
+
+
+async def test_a_message_over_the_partners_size_limit_is_refused_at_submission(
+    tmp_path: Path,
+) -> None:
+    """The API limits the request's bytes; the envelope built from it is larger (its header),
+    and the partner takes at most its ``max_body_bytes``. A message it would refuse unread is
+    refused here, with nothing stored and the refusal audited, not queued to die."""
+    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    draft = submission_for(config, "shipment.status")
+    request_bytes = len(json.dumps(draft).encode())
+    partner = config.partners["MX-ANAM"]
+    config = dataclasses.replace(
+        config,
+        partners={
+            **config.partners,
+            "MX-ANAM": dataclasses.replace(partner, max_body_bytes=request_bytes + 16),
+        },
+    )
+    running = await start_gateway(config)
+    try:
+        status, body = await api(running, "POST", "/api/v1/messages", json=draft)
+        assert (status, body["code"]) == (413, "TOO_LARGE"), body
+        assert body["detail"].startswith("the signed message to MX-ANAM would be ")
+        assert body["detail"].endswith(
+            f" bytes, over the {request_bytes + 16} bytes MX-ANAM takes (max_body_bytes in its partner.toml)"
+        )
+        assert sum((await running.gateway.store.outbox_depth()).values()) == 0
+        rows = await running.gateway.store.audit_entries(
+            AuditFilter(event=EventKind.SUBMIT_REJECTED.value)
+        )
+        assert [b'"outcome":"TOO_LARGE"' in row.entry for row in rows] == [True]
+    finally:
+        await running.gateway.stop()
 
 
 async def test_schema_error_names_the_pointer(us: Running) -> None:
