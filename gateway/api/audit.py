@@ -50,17 +50,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _int(fields: Fields, name: str, *, low: int, high: int = 2**62) -> int | None:
-    text = fields.text(name, limit=20)
-    if text is None:
-        return None
-    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
-        raise Malformed(f"{name} must be an integer from {low} to {high}")
-    return int(text)
-
-
 def _required_int(fields: Fields, name: str, *, low: int) -> int:
-    value = _int(fields, name, low=low)
+    value = fields.decimal(name, low=low)
     if value is None:
         raise Malformed(f"query parameter {name} is required")
     return value
@@ -73,7 +64,7 @@ def _audit_log(request: web.Request) -> AuditLog:
 async def _tree_size(request: web.Request, fields: Fields, name: str) -> int:
     """``name`` (default: the current size), refused when larger than the tree."""
     current = await request.app[SERVICES].store.audit_size()
-    size = _int(fields, name, low=0)
+    size = fields.decimal(name, low=0)
     if size is None:
         return current
     if size > current:
@@ -96,8 +87,8 @@ async def list_entries(request: web.Request) -> web.Response:
         outcome=fields.text("outcome", limit=100),
         event=fields.choice("event", EVENTS),
     )
-    after = _int(fields, "after", low=0)
-    limit = _int(fields, "limit", low=1, high=MAX_PAGE) or 100
+    after = fields.decimal("after", low=0)
+    limit = fields.decimal("limit", low=1, high=MAX_PAGE) or 100
     rows = await request.app[SERVICES].store.audit_entries(
         filt, after_seq=-1 if after is None else after, limit=limit
     )

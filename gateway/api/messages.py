@@ -250,9 +250,7 @@ def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None
     partner = fields.text("partner", limit=40)
     if partner is not None and not is_party_id(partner):
         raise Malformed("partner must be a party id (CC-AGENCY)")
-    limit_text = fields.text("limit", limit=4)
-    if limit_text is not None and not (limit_text.isdigit() and 1 <= int(limit_text) <= MAX_PAGE):
-        raise Malformed(f"limit must be an integer from 1 to {MAX_PAGE}")
+    limit = fields.decimal("limit", low=1, high=MAX_PAGE)
     filt = MessageFilter(
         direction=Direction(direction) if direction else None,
         partner=partner,
@@ -262,7 +260,7 @@ def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None
         until=fields.timestamp("until"),
         correlation_id=fields.uuid("correlation_id"),
     )
-    return filt, int(limit_text) if limit_text else 50, fields.text("after", limit=400)
+    return filt, limit or 50, fields.text("after", limit=400)
 
 
 async def list_messages(request: web.Request) -> web.Response:

@@ -93,6 +93,16 @@ class Fields:
             raise Malformed(f"{name} must be an integer from {low} to {high}")
         return value
 
+    def decimal(self, name: str, *, low: int, high: int = 2**62) -> int | None:
+        """An integer written in ASCII decimal digits (a query parameter's): ``str.isdigit``
+        alone also takes superscripts, which ``int`` refuses, and other scripts' digits."""
+        text = self.text(name, limit=20)
+        if text is None:
+            return None
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise Malformed(f"{name} must be an integer from {low} to {high}")
+        return int(text)
+
     def number(self, name: str, *, low: float, high: float) -> float | None:
         value = self._doc.get(name)
         if value is None:

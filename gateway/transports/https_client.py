@@ -179,7 +179,7 @@ def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(min(int(text), RETRY_AFTER_MAX_S))
     try:
         moment = parsedate_to_datetime(text)

@@ -274,6 +274,10 @@ async def test_list_filters_and_pages(us: Running) -> None:
     assert second["next_cursor"] is None
     for bad in (
         "limit=0",
+        # digits to str.isdigit(), not to int() (a superscript), or not ASCII
+        "limit=%C2%B2",
+        "limit=%D9%A1",
+        "limit=%EF%BC%91",
         "state=lost",
         "since=yesterday",
         "partner=mx",

@@ -63,6 +63,9 @@ def test_attempts_are_one_based() -> None:
         ("Fri, 05 Dec 2036 12:00:00 GMT", 7 * 86_400),
         ("soon", None),
         ("-5", None),
+        # digits to str.isdigit() but not delta-seconds (RFC 9110: 1*DIGIT, ASCII)
+        ("\u00b2", None),
+        ("\u0661", None),
         (None, None),
     ],
 )
