@@ -565,7 +565,9 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "400": _problem("Malformed request, unknown type or schema error"),
                         **_SUBMIT_AUTH_ERRORS,
-                        "413": _problem("Body too large"),
+                        "413": _problem(
+                            "Body too large, or the signed message larger than the partner takes"
+                        ),
                         "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable; nothing was kept"),
                     },
@@ -675,7 +677,9 @@ def openapi_document() -> dict[str, Any]:
                         "202": _replayable(_json(_ref("QueryState"), "Sent; no answer yet")),
                         "400": _problem("Malformed request, unknown type or schema error"),
                         **_SUBMIT_AUTH_ERRORS,
-                        "413": _problem("Body too large"),
+                        "413": _problem(
+                            "Body too large, or the signed message larger than the partner takes"
+                        ),
                         "422": _KEY_REUSED,
                         "503": _problem("The store is unavailable"),
                     },
