@@ -177,6 +177,15 @@ _RESULTS = {
 }
 
 
+def _not_after_expiry(record: OutboundRecord, next_at: datetime) -> datetime:
+    """``next_at``, or the row's ``expires_at`` when that comes first: a row waiting (for a
+    backoff, or an open breaker's next probe) comes back at expiry to be closed as dead rather
+    than stay queued past it."""
+    if record.expires_at is not None and next_at > record.expires_at:
+        return record.expires_at
+    return next_at
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
@@ -426,7 +435,8 @@ class Dispatcher:
             breaker.try_acquire()
             or (await breaker.probe_settled(self._probe_wait_s) and breaker.try_acquire())
         ):
-            # Still probing (a slow partner): look again soon; open: at the next probe.
+            # Still probing (a slow partner): look again soon; open: at the next probe. Either
+            # way no later than the message's expiry, to close it as dead then.
             until_probe = (
                 breaker.seconds_until_probe() if breaker.state is BreakerState.OPEN else 0.0
             )
@@ -437,7 +447,7 @@ class Dispatcher:
                 AttemptUpdate(
                     state=record.state,
                     attempts=record.attempts,
-                    next_attempt_at=now + timedelta(seconds=wait_s),
+                    next_attempt_at=_not_after_expiry(record, now + timedelta(seconds=wait_s)),
                     last_error=record.last_error,
                 ),
                 [],
@@ -489,11 +499,7 @@ class Dispatcher:
         self, record: OutboundRecord, attempts: int, *, retry_after_s: float | None, now: datetime
     ) -> datetime:
         delay = self._backoff.delay(attempts, rng=self._rng, retry_after_s=retry_after_s)
-        next_at = now + timedelta(seconds=delay)
-        if record.expires_at is not None and next_at > record.expires_at:
-            # Come back at expiry to close it as dead rather than keep it waiting past it.
-            return record.expires_at
-        return next_at
+        return _not_after_expiry(record, now + timedelta(seconds=delay))
 
     async def _finish(
         self,

@@ -290,6 +290,32 @@ async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> N
     assert "would be refused as STALE" in err
 
 
+async def test_a_message_held_by_an_open_breaker_is_dead_at_its_expiry(env: Env) -> None:
+    # The partner refuses connections: three failed attempts open its breaker.
+    tripping = await env.submit(ttl_s=3600)
+    for _ in range(OUTBOX.breaker_failures):
+        await env.step(tripping.message_id)
+    breaker = env.dispatcher.breakers.for_partner("MX-ANAM")
+    assert breaker.state is BreakerState.OPEN
+    # A message that expires long before the breaker's next probe (30 s) is held no longer
+    # than its expiry: a client polling it never sees it queued past its expires_at.
+    record = await env.submit(ttl_s=5)
+    assert record.expires_at is not None
+    assert breaker.seconds_until_probe() > 20
+    await env.dispatcher.run_once()
+    held = await env.row(record.message_id)
+    assert (held.state, held.attempts) == (OutboundState.QUEUED, 0)
+    assert held.next_attempt_at == record.expires_at
+    env.clock.advance(record.expires_at - env.clock.now())
+    assert breaker.state is BreakerState.OPEN
+    await env.dispatcher.run_once()
+    dead = await env.row(record.message_id)
+    assert dead.state is OutboundState.DEAD
+    assert (dead.last_error or "").startswith("expired at ")
+    assert "after 0 attempt(s)" in (dead.last_error or "")
+    assert b'"event":"dead"' in (await env.events(record.message_id))[-1]
+
+
 async def cli_retry(env: Env, message_id: str) -> tuple[int, str, str]:
     return await run_cli("messages", "retry", "--config", str(env.config.source), message_id)
 
