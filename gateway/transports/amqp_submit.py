@@ -10,8 +10,12 @@ under aio-pika, gives every message a random ``message_id`` when the application
 broker redeliveries are covered, a resend by the application needs its own id.)
 
 Answers: with ``reply_to`` set, the outcome is published there (``submission.accepted`` with
-the message id, or an RFC 9457 ``problem`` naming the code and the exact reason). A refused
-submission without ``reply_to`` is dead-lettered to ``c2c.submit.dead`` with the reason in the
+the message id, or an RFC 9457 ``problem`` naming the code, with what is wrong with the
+submission in its ``detail`` and the exact reason in ``reason``). The answer to a resend
+carries the header ``c2c-idempotent-replayed: "true"`` (the internal API's
+``Idempotent-Replayed: true``); a different submission under a ``message_id`` already used is
+refused (``DUPLICATE_CONFLICT``, the detail naming the ``message_id``). A refused submission
+without ``reply_to`` is dead-lettered to ``c2c.submit.dead`` with the reason in the
 ``c2c-reason`` header. The delivery is acked only once the row is stored or the refusal was
 published with a confirm; while the store is down it goes back to the queue.
 """
@@ -27,7 +31,7 @@ import structlog
 
 from gateway.api.messages import submission_from
 from gateway.envelope import new_message_id, parse_json_strict
-from gateway.errors import GatewayError, Malformed, Unavailable
+from gateway.errors import GatewayError, IdempotencyKeyReused, Malformed, Unavailable
 from gateway.inbound.pipeline import problem_document
 from gateway.outbound.submission import SubmissionServices, submit_request
 from gateway.transports.amqp import (
@@ -45,6 +49,9 @@ log = structlog.get_logger(__name__)
 ACCEPTED_TYPE = "submission.accepted"
 PROBLEM_TYPE = "problem"
 REPLY_CONCERN = "submit-reply"
+#: on the answer to a resend (same ``message_id`` and submission, same submitter): nothing new
+#: was stored, the message named is the one the first created
+REPLAYED_HEADER = "c2c-idempotent-replayed"
 
 
 class SubmitConsumer:
@@ -98,6 +105,7 @@ class SubmitConsumer:
                 delivery,
                 ACCEPTED_TYPE,
                 {"message_id": record.message_id, "status": record.state.value},
+                headers={REPLAYED_HEADER: "true"} if submitted.replayed else {},
             )
             try:
                 await self._broker.publish(
@@ -111,8 +119,14 @@ class SubmitConsumer:
     async def _refuse(self, delivery: Delivery, actor: str, exc: GatewayError) -> Settlement:
         log.info("amqp_submit_refused", actor=actor, code=exc.code.value, reason=exc.reason)
         if delivery.reply_to:
-            document = {**problem_document(exc), "reason": exc.reason}
-            reply = self._reply(delivery, PROBLEM_TYPE, document, "application/problem+json")
+            document = {
+                **problem_document(exc),
+                "detail": _detail(exc, delivery),
+                "reason": exc.reason,
+            }
+            reply = self._reply(
+                delivery, PROBLEM_TYPE, document, content_type="application/problem+json"
+            )
             try:
                 await self._broker.publish(
                     reply, routing_key=delivery.reply_to, concern=REPLY_CONCERN
@@ -146,7 +160,9 @@ class SubmitConsumer:
         delivery: Delivery,
         message_type: str,
         document: dict[str, Any],
+        *,
         content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
     ) -> OutgoingMessage:
         return OutgoingMessage(
             body=orjson.dumps(document),
@@ -155,7 +171,19 @@ class SubmitConsumer:
             app_id=self._party,
             content_type=content_type,
             correlation_id=delivery.correlation_id or delivery.message_id,
+            headers=headers or {},
         )
+
+
+def _detail(exc: GatewayError, delivery: Delivery) -> str:
+    """The problem's ``detail`` for a submitter over AMQP. The refusals' usual details are
+    worded for a partner's envelope or the internal API's ``Idempotency-Key``; a malformed
+    submission is told exactly what is wrong with it."""
+    if isinstance(exc, IdempotencyKeyReused):
+        return f"message_id {delivery.message_id!r} was already used for a different submission"
+    if isinstance(exc, Malformed):
+        return exc.reason
+    return exc.detail
 
 
 def _actor(delivery: Delivery) -> str:

@@ -146,6 +146,104 @@ async def test_a_resent_submission_with_its_message_id_makes_one_message(
         assert record.idempotency_key == "sub-1"
 
 
+async def test_a_replayed_submission_is_marked_and_a_conflict_names_the_message_id(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    # As the internal API's Idempotent-Replayed: true, the answer to a resend says it is one;
+    # a different submission under the same message_id is refused naming the message_id (an
+    # AMQP submitter sends no Idempotency-Key header).
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        channel = await env.peer.connection.channel()
+        reply_queue, replies = await answers(channel)
+        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
+        document = {
+            "recipient": AMQP_PARTNER,
+            "message_type": "shipment.advance_data",
+            "payload": example,
+        }
+
+        async def publish(document: dict[str, object]) -> AbstractIncomingMessage:
+            await submit.publish(
+                aio_pika.Message(
+                    json.dumps(document).encode(),
+                    app_id="cbp-targeting",
+                    message_id="sub-7",
+                    reply_to=reply_queue.name,
+                    content_type="application/json",
+                ),
+                routing_key="",
+            )
+            async with asyncio.timeout(15):
+                return await replies.get()
+
+        first = await publish(document)
+        assert first.type == "submission.accepted"
+        assert "c2c-idempotent-replayed" not in (first.headers or {})
+        again = await publish(document)
+        assert again.type == "submission.accepted"
+        assert again.headers["c2c-idempotent-replayed"] == "true"
+        assert json.loads(again.body) == json.loads(first.body)
+        assert sum((await env.gateway.store.outbox_depth()).values()) == 1
+
+        changed = await publish({**document, "priority": "urgent"})
+        assert changed.type == "problem"
+        assert "c2c-idempotent-replayed" not in (changed.headers or {})
+        problem = json.loads(changed.body)
+        assert problem["code"] == "DUPLICATE_CONFLICT"
+        assert problem["detail"] == (
+            "message_id 'sub-7' was already used for a different submission"
+        )
+        assert json.loads(first.body)["message_id"] in problem["reason"]
+
+
+async def test_a_malformed_submission_is_answered_with_what_is_wrong_with_it(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    # A submission is not an envelope: the problem's detail says what is wrong with it.
+    async with amqp_gateway(tmp_path, rabbit_vhost) as env:
+        channel = await env.peer.connection.channel()
+        reply_queue, replies = await answers(channel)
+        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
+        good = {"recipient": AMQP_PARTNER, "message_type": "shipment.advance_data"}
+
+        async def refusal(body: bytes, message_id: str | None = None) -> dict[str, str]:
+            await submit.publish(
+                aio_pika.Message(
+                    body,
+                    app_id="cbp-targeting",
+                    message_id=message_id,
+                    reply_to=reply_queue.name,
+                    content_type="application/json",
+                ),
+                routing_key="",
+            )
+            async with asyncio.timeout(15):
+                reply = await replies.get()
+            assert reply.type == "problem"
+            problem: dict[str, str] = json.loads(reply.body)
+            assert problem["code"] == "MALFORMED"
+            assert problem["status"] == 400
+            assert "envelope" not in problem["detail"]
+            return problem
+
+        not_json = await refusal(b"{recipient")
+        assert not_json["detail"] == not_json["reason"]
+        assert "JSON" in not_json["detail"]
+        assert (await refusal(b"[1, 2]"))["detail"] == "the submission must be a JSON object"
+        assert (await refusal(b"\xef\xbb\xbf{}"))["detail"] == (
+            "body starts with a UTF-8 byte-order mark"
+        )
+        unknown = await refusal(json.dumps({**good, "payload": example, "colour": "blue"}).encode())
+        assert unknown["detail"].startswith("unknown member(s): colour")
+        missing = await refusal(json.dumps({"message_type": "shipment.advance_data"}).encode())
+        assert missing["detail"] == "recipient is required"
+        bad_id = await refusal(json.dumps({**good, "payload": example}).encode(), 'sub"1')
+        assert bad_id["detail"].startswith("the idempotency key must be 1 to 255 printable ASCII")
+        assert sum((await env.gateway.store.outbox_depth()).values()) == 0
+
+
 async def test_outbound_message_goes_to_the_partners_out_queue(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
