@@ -18,13 +18,26 @@ the order of arrival or of delivery. ``GET /api/v1/documents`` answers with the 
 
 A document is named by its sender, its message type and its reference, read from the payload
 (:data:`DOCUMENT_FIELDS`).
+
+Inbox rows stored before the store kept these (migration ``documents``) get them when the
+store is opened, read from their stored bodies (:func:`stored_document_columns`) with the same
+rules as at receipt; a row whose body retention purged has nothing to read them from and
+belongs to no document.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import structlog
+
+from gateway.envelope import parse_envelope
+from gateway.errors import GatewayError
+
+log = structlog.get_logger(__name__)
 
 #: per message type, the payload fields that name one document (its versions share them)
 DOCUMENT_FIELDS: Mapping[str, tuple[str, ...]] = {
@@ -76,3 +89,68 @@ def document_version(created_at: datetime, seq: int) -> str:
     versions sort by ``created_at``, then by the order the store received them."""
     utc = created_at.astimezone(UTC)
     return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ") + f"/{seq:020d}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DocumentColumns:
+    """What the inbox keeps of a message for its document's versions."""
+
+    #: :func:`document_ref`: None for a type without versions
+    document_ref: str | None
+    #: the header's ``created_at``
+    created_at: datetime
+    #: :func:`message_function`
+    message_function: str | None
+
+
+def stored_document_columns(body: bytes) -> DocumentColumns | None:
+    """The columns of an inbox row stored before they were kept, read from its stored body
+    (the exact bytes received, parsed as at receipt), or None for a body that does not parse
+    as an envelope."""
+    try:
+        envelope = parse_envelope(body, max_bytes=len(body))
+    except GatewayError:
+        return None
+    header = envelope.header
+    return DocumentColumns(
+        document_ref=document_ref(header.message_type, envelope.payload),
+        created_at=header.created_at,
+        message_function=message_function(envelope.payload),
+    )
+
+
+#: inbox rows, and bytes of their bodies, read at a time when filling older rows' columns
+FILL_ROWS = 500
+FILL_BYTES = 4 * 1024 * 1024
+
+
+def fill_batch(sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """Of the next rows to fill, ``(seq, length of the body)`` in seq order, the seqs to read
+    now: the first, then each next one while their bodies total at most FILL_BYTES."""
+    seqs: list[int] = []
+    total = 0
+    for seq, size in sizes:
+        total += size
+        if seqs and total > FILL_BYTES:
+            break
+        seqs.append(seq)
+    return seqs
+
+
+def fill_columns(rows: Iterable[tuple[int, bytes]]) -> list[tuple[int, DocumentColumns | None]]:
+    """``(seq, stored body)`` of inbox rows stored without their document columns: each seq
+    with its columns, or None where the body does not parse."""
+    return [(seq, stored_document_columns(body)) for seq, body in rows]
+
+
+def log_filled(filled: int, unreadable: int) -> None:
+    """Tell the operator what an open of the store filled (nothing when nothing was to do)."""
+    if filled:
+        log.info("inbound_document_columns_filled", rows=filled)
+    if unreadable:
+        log.warning(
+            "inbound_bodies_unreadable",
+            rows=unreadable,
+            hint="stored bodies that do not parse as an envelope: these messages are listed "
+            "in no document's versions",
+        )

@@ -90,7 +90,8 @@ class InboundRecord:
     #: published to the internal bus (transactional-outbox relay)
     relayed: bool = False
     #: the document this message is a version of (gateway/documents.py), None for a type
-    #: without versions and for rows stored before versions were kept
+    #: without versions, and for a row stored before versions were kept whose body was purged
+    #: before the store filled its columns in (or does not parse)
     document_ref: str | None = None
     #: the header's ``created_at`` (orders a document's versions)
     created_at: datetime | None = None
@@ -482,11 +483,18 @@ class Store(Protocol):
         ...
 
     async def record_receipt(
-        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+        *,
+        dead_too: bool = False,
     ) -> OutboundRecord:
         """Apply a partner receipt that came in on its own (over AMQP), without a lease: only
-        while the message is queued or sent (else InvalidTransition; MessageNotFound). Any
-        lease is dropped, so a worker still sending it gets LeaseLost and its result yields."""
+        while the message is queued or sent, or with ``dead_too`` also dead (a late receipt
+        settling a message given up on; ``update`` is then its final answer); else
+        InvalidTransition; MessageNotFound. Any lease is dropped, so a worker still sending it
+        gets LeaseLost and its result yields."""
         ...
 
     async def get_outbound(self, message_id: str) -> OutboundRecord | None: ...

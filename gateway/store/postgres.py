@@ -32,6 +32,7 @@ from asyncpg.pool import PoolConnectionProxy
 from gateway.audit.events import AuditEvent
 from gateway.clock import Clock
 from gateway.crashpoints import armed, crash_point
+from gateway.documents import FILL_ROWS, DocumentColumns, fill_batch, fill_columns, log_filled
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
 from gateway.store.audit_rows import entry_rows
@@ -269,12 +270,32 @@ class PostgresStore:
         self._pool = pool
         try:
             await self._transaction(_migrate)
+            await self._fill_document_columns()
         except BaseException:
             self._pool = None
             await pool.close()
             raise
         self._queue = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._writer_loop(), name="postgres-writer")
+
+    async def _fill_document_columns(self) -> None:
+        """Give inbox rows stored without document columns (before migration 0006, or by an
+        older replica since) the columns their stored bodies say (gateway/documents.py), a
+        batch at a time, each committed on its own: a crash keeps the batches done, no lock is
+        held while the bodies are parsed, and a replica waits for another's batch at most. The
+        values depend on the body alone, so replicas filling at once write the same. A body
+        that does not parse is left, and tried again at the next open."""
+        after = filled = unreadable = 0
+        while True:
+            seqs = fill_batch(await self._call(partial(_fill_sizes, after), "open"))
+            if not seqs:
+                break
+            rows = await self._call(partial(_fill_bodies, seqs), "open")
+            found = await asyncio.to_thread(fill_columns, rows)
+            filled += await self._call(partial(_fill_update, found), "open")
+            unreadable += sum(columns is None for _, columns in found)
+            after = seqs[-1]
+        log_filled(filled, unreadable)
 
     async def close(self) -> None:
         task, self._writer_task = self._writer_task, None
@@ -914,7 +935,12 @@ class PostgresStore:
         return await self._write(unit)
 
     async def record_receipt(
-        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+        *,
+        dead_too: bool = False,
     ) -> OutboundRecord:
         events = list(events)
 
@@ -926,7 +952,9 @@ class PostgresStore:
             )
             if state is None:
                 raise MessageNotFound(message_id)
-            if OutboundState(state) not in ACTIVE_STATES:
+            if OutboundState(state) not in ACTIVE_STATES and not (
+                dead_too and OutboundState(state) is OutboundState.DEAD
+            ):
                 raise InvalidTransition(message_id, state, "record a receipt")
             updated = await self._apply_update(c, message_id, update)
             if updated is None:
@@ -1514,6 +1542,49 @@ async def _migrate(c: Conn) -> None:
             migration.version,
             migration.name,
         )
+
+
+async def _fill_sizes(after: int, c: Conn) -> list[tuple[int, int]]:
+    rows = await c.fetch(
+        "SELECT seq, octet_length(body) FROM inbound_messages WHERE created_at IS NULL "
+        "AND body IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+        after,
+        FILL_ROWS,
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def _fill_bodies(seqs: list[int], c: Conn) -> list[tuple[int, bytes]]:
+    rows = await c.fetch(
+        "SELECT seq, body FROM inbound_messages WHERE seq = ANY($1::bigint[]) "
+        "AND created_at IS NULL AND body IS NOT NULL",
+        seqs,
+    )
+    return [(r[0], r[1]) for r in rows]
+
+
+async def _fill_update(found: list[tuple[int, DocumentColumns | None]], c: Conn) -> int:
+    """How many rows it filled. The rows are locked in seq order first, so replicas filling
+    the same batch at once queue one behind the other instead of deadlocking; the one behind
+    finds them filled."""
+    filled = [(seq, columns) for seq, columns in found if columns is not None]
+    seqs = [seq for seq, _ in filled]
+    async with c.transaction():
+        await c.execute(
+            "SELECT seq FROM inbound_messages WHERE seq = ANY($1::bigint[]) "
+            "AND created_at IS NULL ORDER BY seq FOR UPDATE",
+            seqs,
+        )
+        status = await c.execute(
+            "UPDATE inbound_messages AS m SET document_ref = f.ref, created_at = f.at, "
+            "message_function = f.fn FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], "
+            "$4::text[]) AS f(seq, ref, at, fn) WHERE m.seq = f.seq AND m.created_at IS NULL",
+            seqs,
+            [columns.document_ref for _, columns in filled],
+            [columns.created_at for _, columns in filled],
+            [columns.message_function for _, columns in filled],
+        )
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def _outbound_by_key(

@@ -33,6 +33,7 @@ from gateway.audit.events import AuditEvent
 from gateway.audit.merkle import frontier
 from gateway.clock import Clock
 from gateway.crashpoints import crash_point
+from gateway.documents import FILL_ROWS, fill_batch, fill_columns, log_filled
 from gateway.errors import DuplicateConflict, Unavailable
 from gateway.model import Direction, Priority
 from gateway.store.audit_rows import plan_append
@@ -192,12 +193,15 @@ def _outbound(row: Sequence[Any]) -> OutboundRecord:
 #: process, out of memory, read-only, an I/O error, corrupt, full, cannot be opened), as
 #: against an error of one statement (a constraint, a bug)
 _OUTAGE_CODES = frozenset({5, 6, 7, 8, 10, 11, 13, 14, 15})
+#: SQLITE_READONLY_DIRECTORY: the database's directory is not writable, so SQLite cannot
+#: create the files beside it that it needs (the -wal and -shm of WAL mode)
+_READONLY_DIRECTORY = 8 | 6 << 8
 
 
-def _unavailable(exc: sqlite3.Error) -> Unavailable:
+def _unavailable(exc: sqlite3.Error, where: str = "") -> Unavailable:
     code = getattr(exc, "sqlite_errorcode", None)
     outage = code is not None and code & 0xFF in _OUTAGE_CODES
-    return Unavailable(f"sqlite: {type(exc).__name__}: {exc}", outage=outage)
+    return Unavailable(f"sqlite: {where}{type(exc).__name__}: {exc}", outage=outage)
 
 
 def _probe_write(c: Conn) -> None:
@@ -292,32 +296,61 @@ class SqliteStore:
         self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
         self._reader_pool = ThreadPoolExecutor(self._readers, thread_name_prefix="sqlite-reader")
         try:
-            # a new store's directory (var/ of a fresh checkout) and file, private to the
-            # gateway: SQLite gives the -wal and -shm files the database file's mode
-            make_private_folder(self._path.parent)
-            try:
-                os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except FileExistsError:
-                if self._path.is_file() and self._path.stat().st_mode & 0o077:
-                    # the operator's (or an older version's) file: theirs to change, but said
-                    log.warning("store_file_open_to_others", file=str(self._path))
+            self._make_file()
             self._writer_conn = await loop.run_in_executor(self._writer_pool, self._open_writer)
         except sqlite3.Error as exc:
             await self._shutdown_pools()
-            raise _unavailable(exc) from exc
-        except OSError as exc:
+            raise self._open_error(exc) from exc
+        except Unavailable:
             await self._shutdown_pools()
-            raise Unavailable(
-                f"sqlite: cannot create the store's directory {self._path.parent}:"
-                f" {exc.strerror or exc}",
-                outage=True,
-            ) from exc
+            raise
         self._queue = asyncio.Queue()
         self._writer_task = asyncio.create_task(self._writer_loop(), name="sqlite-writer")
         self._checkpoint_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-checkpoint")
         self._checkpoint_task = asyncio.create_task(
             self._checkpoint_loop(), name="sqlite-checkpoint"
         )
+
+    def _make_file(self) -> None:
+        """A new store's directory (var/ of a fresh checkout) and file, private to the
+        gateway: SQLite gives the -wal and -shm files the database file's mode. What cannot be
+        made is named, with its path."""
+        folder = self._path.parent
+        try:
+            make_private_folder(folder)
+        except OSError as exc:
+            # a folder above it, where that is what could not be made
+            above = exc.filename is not None and Path(exc.filename) != folder
+            where = f" ({exc.filename})" if above else ""
+            raise Unavailable(
+                f"sqlite: cannot create the store's directory {folder}{where}: "
+                f"{exc.strerror or exc}",
+                outage=True,
+            ) from exc
+        try:
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            # an unreadable one is for SQLite to report, with the path
+            with contextlib.suppress(OSError):
+                if self._path.is_file() and self._path.stat().st_mode & 0o077:
+                    # the operator's (or an older version's) file: theirs to change, but said
+                    log.warning("store_file_open_to_others", file=str(self._path))
+        except OSError as exc:
+            raise Unavailable(
+                f"sqlite: cannot create the database file {self._path}: {exc.strerror or exc}",
+                outage=True,
+            ) from exc
+
+    def _open_error(self, exc: sqlite3.Error) -> Unavailable:
+        """An error opening the database, with its path: SQLite's own messages name none."""
+        if getattr(exc, "sqlite_errorcode", None) == _READONLY_DIRECTORY:
+            # the file is there and writable, but WAL mode needs two files beside it
+            return Unavailable(
+                f"sqlite: the store's directory {self._path.parent} is not writable: SQLite "
+                f"needs to create {self._path}-wal and {self._path}-shm there",
+                outage=True,
+            )
+        return _unavailable(exc, f"{self._path}: ")
 
     async def close(self) -> None:
         task = self._writer_task
@@ -389,6 +422,7 @@ class SqliteStore:
                     f"got journal_mode={mode} synchronous={sync}"
                 )
             _migrate(conn)
+            _fill_document_columns(conn)
         except BaseException:
             conn.close()
             raise
@@ -1120,7 +1154,12 @@ class SqliteStore:
         return await self._write(unit)
 
     async def record_receipt(
-        self, message_id: str, update: AttemptUpdate, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        update: AttemptUpdate,
+        events: Sequence[AuditEvent],
+        *,
+        dead_too: bool = False,
     ) -> OutboundRecord:
         events = list(events)
 
@@ -1131,7 +1170,7 @@ class SqliteStore:
             if row is None:
                 raise MessageNotFound(message_id)
             state = OutboundState(row[0])
-            if state not in ACTIVE_STATES:
+            if state not in ACTIVE_STATES and not (dead_too and state is OutboundState.DEAD):
                 raise InvalidTransition(message_id, state.value, "record a receipt")
             self._apply_update(c, message_id, update)
             self._append_audit(c, events)
@@ -1345,6 +1384,53 @@ def _migrate(conn: Conn) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _fill_document_columns(conn: Conn) -> None:
+    """Give inbox rows stored without document columns (before migration 0004, or by an older
+    gateway since) the columns their stored bodies say (gateway/documents.py), a batch per
+    transaction: a crash keeps the batches done, and another process on the file waits for
+    one batch at most. The values depend on the body alone, so two processes filling at once
+    write the same. A body that does not parse is left, and tried again at the next open."""
+    after = filled = unreadable = 0
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            seqs = fill_batch(
+                conn.execute(
+                    "SELECT seq, length(body) FROM inbound_messages WHERE created_at IS NULL "
+                    "AND body IS NOT NULL AND seq > ? ORDER BY seq LIMIT ?",
+                    (after, FILL_ROWS),
+                ).fetchall()
+            )
+            if not seqs:
+                conn.execute("COMMIT")
+                break
+            marks = ", ".join("?" * len(seqs))
+            rows = conn.execute(
+                f"SELECT seq, body FROM inbound_messages WHERE seq IN ({marks}) "
+                "AND created_at IS NULL AND body IS NOT NULL",
+                seqs,
+            ).fetchall()
+            found = fill_columns(rows)
+            cur = conn.executemany(
+                "UPDATE inbound_messages SET document_ref = ?, created_at = ?, "
+                "message_function = ? WHERE seq = ? AND created_at IS NULL",
+                [
+                    (columns.document_ref, _us(columns.created_at), columns.message_function, seq)
+                    for seq, columns in found
+                    if columns is not None
+                ],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        filled += cur.rowcount
+        unreadable += sum(columns is None for _, columns in found)
+        after = seqs[-1]
+    log_filled(filled, unreadable)
 
 
 def _statements(script: str) -> list[str]:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import sqlite3
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-import asyncpg
 import pytest
 
 from gateway.audit.events import AuditEvent, EventKind
@@ -18,8 +16,6 @@ from gateway.clock import ManualClock
 from gateway.errors import DuplicateConflict, IdempotencyKeyReused
 from gateway.model import Direction, Priority
 from gateway.store import Store, open_store
-from gateway.store import postgres as pg_module
-from gateway.store import sqlite as sqlite_module
 from gateway.store.base import (
     AttemptUpdate,
     AuditFilter,
@@ -33,7 +29,6 @@ from gateway.store.base import (
     RelayLease,
     Resigned,
 )
-from gateway.store.migrations import load_migrations
 
 T0 = datetime.fromisoformat("2026-11-24T12:00:00+00:00")
 
@@ -930,67 +925,6 @@ async def test_purge_bodies_keeps_digests_and_metadata(store: Store) -> None:
     assert active.body is not None
     assert await store.audit_size() == 1
     assert await store.purge_bodies(T0 + timedelta(days=30)) == 0
-
-
-async def test_the_documents_migration_upgrades_a_populated_store(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A store written before migration ``documents``: its rows survive the upgrade, belong to
-    no document, and new versions are kept beside them."""
-    for module, dialect in ((sqlite_module, "sqlite"), (pg_module, "postgres")):
-        before = [m for m in load_migrations(dialect) if m.name != "documents"]
-        monkeypatch.setattr(module, "load_migrations", lambda _d, before=before: before)
-    old = open_store(store_url, clock=ManualClock(T0))
-    await old.open()
-    await old.close()
-    columns = (
-        "sender, message_id, recipient, message_type, schema_version, body, body_digest, "
-        "signature, kid, transport, received_at, receipt_body, receipt_signature"
-    )
-    values = ["MX-SAT", "old-row", "US-CBP", "shipment.advance_data", "1.0", b"old"]
-    values += [digest(b"old"), "sig", "kid-1", "https"]
-    if store_url.startswith("sqlite"):
-        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-            names = [r[1] for r in conn.execute("PRAGMA table_info(inbound_messages)")]
-            assert "document_ref" not in names  # the store as it was before
-            conn.execute(
-                f"INSERT INTO inbound_messages ({columns}) VALUES ({', '.join('?' * 13)})",
-                (*values, int(T0.timestamp() * 1e6), b"{}", "rsig"),
-            )
-    else:
-        conn = await asyncpg.connect(store_url)
-        try:
-            names = await conn.fetch(
-                "SELECT column_name FROM information_schema.columns WHERE "
-                "table_name = 'inbound_messages' AND table_schema = current_schema()"
-            )
-            assert names
-            assert "document_ref" not in {r[0] for r in names}  # the store as it was before
-            await conn.execute(
-                f"INSERT INTO inbound_messages ({columns}) "
-                f"VALUES ({', '.join(f'${n}' for n in range(1, 14))})",
-                *values,
-                T0,
-                b"{}",
-                "rsig",
-            )
-        finally:
-            await conn.close()
-    monkeypatch.undo()
-
-    upgraded = open_store(store_url, clock=ManualClock(T0))
-    await upgraded.open()
-    try:
-        kept = await upgraded.get_inbound("MX-SAT", "old-row")
-        assert kept is not None
-        assert kept.body == b"old"
-        assert (kept.document_ref, kept.created_at, kept.message_function) == (None, None, None)
-        new = inbound("new-row", document_ref="LRN-1", created_at=T0, message_function="9")
-        assert (await upgraded.store_inbound(new, [])).status == "stored"
-        versions = await upgraded.document_versions("MX-SAT", "shipment.advance_data", "LRN-1")
-        assert [v.message_id for v in versions] == ["new-row"]
-    finally:
-        await upgraded.close()
 
 
 async def test_reopen_applies_no_migration_twice(store: Store, store_url: str) -> None:
