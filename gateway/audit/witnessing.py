@@ -7,8 +7,10 @@ on demand), with the consistency proof from the size that partner last cosigned.
 partner's gateway verifies it with ``Witness`` and answers ``audit.cosignature``
 (``in_reply_to`` the checkpoint): cosigned, stale (with the size it witnessed, so we prove
 from there), or inconsistent (history rewritten: its alert).
-A cosignature we receive is verified with the partner's key and stored
-(``AuditLog.accept_cosignature``), so auditors and export bundles show it.
+A cosignature we receive is taken only as the answer to a checkpoint we offered that partner
+(``in_reply_to`` and the echoed origin/size/root), verified with the partner's key and stored
+(``AuditLog.accept_cosignature``), so auditors and export bundles show it. A witnessing
+message refused here was already ACKed: the refusal is an audit entry (outcome ``refused``).
 
 Inbound messages reach this module through the internal bus after the inbox commit; handling
 runs in its own task, so a slow or failing witness never holds up or breaks the relay.
@@ -30,7 +32,7 @@ import structlog
 
 from gateway.adapters.registry import adapter_for
 from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
-from gateway.audit.events import AuditEvent, EventKind, entry_view
+from gateway.audit.events import AuditEvent, EventKind, entry_view, record_or_log
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.merkle import HASH_SIZE
 from gateway.audit.witness import HistoryRewritten, StaleCheckpoint, Witness
@@ -249,7 +251,9 @@ _EXCHANGE_LIFE = frozenset(
 def is_witnessing_entry(entry: bytes) -> bool:
     """Whether an audit entry records witnessing's own exchange: the ordinary life of an
     ``audit.checkpoint`` or ``audit.cosignature`` message, a checkpoint witnessed, a
-    cosignature received. Refusals and unreadable bytes are not: they are for the witnesses
+    cosignature received (or a partner's witnessing message refused: in the next checkpoint,
+    but not calling for one, or a partner answering with a wrong key would be offered one
+    every interval). Other refusals and unreadable bytes are not: they are for the witnesses
     to see."""
     view = entry_view(entry)
     event = view.get("event")
@@ -489,6 +493,7 @@ class WitnessingService:
                 message_type=record.message_type,
                 reason=str(exc),
             )
+            await self._refused(record, str(exc))
         except GatewayError as exc:
             log.warning(
                 "audit.witnessing_failed",
@@ -529,11 +534,74 @@ class WitnessingService:
         if self.wake is not None:
             self.wake()
 
+    async def _refused(self, record: InboundRecord, reason: str) -> None:
+        """Audit a partner's witnessing message we refused after it was accepted (and ACKed):
+        the receipt said nothing of it, so the log is where a failing witness shows."""
+        kind = (
+            EventKind.CHECKPOINT_WITNESSED
+            if record.message_type == CHECKPOINT_TYPE
+            else EventKind.COSIGNATURE_RECEIVED
+        )
+        event = AuditEvent(
+            event=kind,
+            at=self._clock.now(),
+            message_id=record.message_id,
+            sender=record.sender,
+            message_type=record.message_type,
+            correlation_id=record.correlation_id,
+            outcome="refused",
+            reason=reason,
+        )
+        await record_or_log(lambda e: self._store.append_audit([e]), event)
+
+    async def _check_offered(
+        self, record: InboundRecord, partner: PartnerConfig, answer: CosignatureAnswer
+    ) -> None:
+        """PayloadError unless ``record`` answers an ``audit.checkpoint`` we sent ``partner``
+        and echoes the checkpoint that message offered: an answer to anything else says
+        nothing about our log (no alarm, no new offer)."""
+        asked_id = record.in_reply_to
+        if asked_id is None:  # the schema requires it
+            raise PayloadError("no in_reply_to: answers none of our audit.checkpoint messages")
+        asked = await self._store.get_outbound(asked_id)
+        if asked is None:
+            raise PayloadError(f"in_reply_to {asked_id} names no message of ours")
+        if asked.recipient != partner.id or asked.message_type != CHECKPOINT_TYPE:
+            raise PayloadError(
+                f"in_reply_to {asked_id} names our {asked.message_type} to {asked.recipient},"
+                f" not an {CHECKPOINT_TYPE} to {partner.id}"
+            )
+        if asked.body is None:
+            raise PayloadError(
+                f"the {CHECKPOINT_TYPE} {asked_id} it answers was purged by retention:"
+                " nothing to hold the answer against"
+            )
+        try:
+            envelope = orjson.loads(adapter_for(partner).to_canonical(asked.body))
+            offered = parse_body(parse_signed_note(envelope["payload"]["checkpoint"]).text)
+        except (GatewayError, ValueError, LookupError, TypeError, NoteError, CheckpointError):
+            raise PayloadError(
+                f"our {CHECKPOINT_TYPE} {asked_id} no longer reads: nothing to hold the answer"
+                " against"
+            ) from None
+        if (answer.origin, answer.size, answer.root_hash) != (
+            offered.origin,
+            offered.size,
+            offered.root_hash,
+        ):
+            raise PayloadError(
+                f"answers a checkpoint ({answer.origin} size {answer.size} root"
+                f" {_b64(answer.root_hash)}) other than the one our {CHECKPOINT_TYPE}"
+                f" {asked_id} offered ({offered.origin} size {offered.size} root"
+                f" {_b64(offered.root_hash)})"
+            )
+
     async def _cosigned_by(
         self, record: InboundRecord, peer: PeerKeys, answer: CosignatureAnswer
     ) -> None:
         if answer.origin != self.audit.origin:
             raise PayloadError(f"answers a checkpoint of {answer.origin!r}, not of our log")
+        await self._check_offered(record, self._config.partners[peer.partner], answer)
         if answer.status == "cosigned":
             assert answer.cosignature is not None
             await self.audit.accept_cosignature(peer.partner, answer.cosignature, peer.cosigner_key)

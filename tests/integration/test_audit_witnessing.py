@@ -10,30 +10,36 @@ notes in its own audit log, raises the alert, and cosigns nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import re
+import secrets
 import shutil
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 import structlog
 from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.audit.checkpoint import open_checkpoint, parse_body, verify_cosignature
+from gateway.audit.checkpoint import cosign, open_checkpoint, parse_body, verify_cosignature
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.witnessing import COSIGNATURE_TYPE, WitnessingService, attach_witnessing
 from gateway.cli.main import cli
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
-from gateway.crypto.notes import load_note_verifier, parse_note
+from gateway.crypto.notes import load_note_verifier, note_signer, parse_note
 from gateway.devenv import default_partners_src, prepare_dev_environment
 from gateway.outbound.service import attach_outbound
+from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.runtime import Gateway
 from gateway.store import open_store
 from gateway.store.base import AuditFilter, OutboundState
@@ -319,3 +325,182 @@ async def test_an_idle_pair_settles_and_a_real_entry_is_still_witnessed(
         latest = max(c.size for c in await us.store.cosignatures())
         assert latest > real
         assert await mx_witnessing.send_checkpoints() == []
+
+
+# ----------------------------------------------------------------------------- partners' answers
+
+
+@asynccontextmanager
+async def running_without_witnessing(
+    config: GatewayConfig,
+) -> AsyncIterator[tuple[Gateway, Callable[[], None]]]:
+    """A gateway that takes checkpoints in but does not answer them: the test answers in its
+    place, as a partner's own (foreign) witnessing code would."""
+    gateway = Gateway(config)
+    dispatcher, _ = attach_outbound(gateway, with_api=False)
+    await gateway.start()
+    try:
+        yield gateway, dispatcher.dispatcher.wake
+    finally:
+        await gateway.stop()
+
+
+async def _answer(
+    sender: Gateway, wake: Callable[[], None], payload: dict[str, Any], in_reply_to: str
+) -> str:
+    """Send ``payload`` as an ``audit.cosignature`` from ``sender`` (signed, over mutual TLS)."""
+    services = SubmissionServices(
+        config=sender.config,
+        registry=sender.registry,
+        signing_keys=sender.signing_keys,
+        store=sender.store,
+        clock=sender.clock,
+    )
+    record = await submit(
+        services,
+        Submission(
+            recipient=US,
+            message_type=COSIGNATURE_TYPE,
+            payload=payload,
+            actor="test",
+            in_reply_to=in_reply_to,
+        ),
+    )
+    wake()
+    return record.message_id
+
+
+async def _handled(us: Gateway, witnessing: WitnessingService, message_id: str) -> None:
+    """Wait until US-CBP handed ``message_id`` to its bus and witnessing handled it."""
+
+    async def delivered() -> bool:
+        rows = await us.store.audit_entries(
+            AuditFilter(event=EventKind.DELIVERED.value, message_id=message_id)
+        )
+        return bool(rows)
+
+    await _until(f"US-CBP to deliver {message_id}", delivered)
+    await witnessing.idle()
+
+
+async def _entries(gateway: Gateway, **where: str) -> list[dict[str, Any]]:
+    rows = await gateway.store.audit_entries(AuditFilter(**where))
+    return [orjson.loads(row.entry) for row in rows]
+
+
+async def _offer_to_mx(us: Gateway, witnessing: WitnessingService) -> tuple[str, str]:
+    """US-CBP offers MX-ANAM a checkpoint; returns the message id and the note, once MX-ANAM
+    has it."""
+    await us.store.append_audit(
+        [AuditEvent(event=EventKind.OPERATOR_ACTION, at=us.clock.now(), actor="test")] * 3
+    )
+    (offered,) = await witnessing.send_checkpoints()
+    latest = await us.store.latest_checkpoint()
+    assert latest is not None
+
+    async def acknowledged() -> bool:
+        record = await us.store.get_outbound(offered.message_id)
+        return record is not None and record.state == OutboundState.ACKNOWLEDGED
+
+    await _until("MX-ANAM to acknowledge the checkpoint", acknowledged)
+    return offered.message_id, latest.note
+
+
+async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offer(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    """nodepeer finding 6: ``inconsistent`` or ``stale`` naming a message we never sent, or
+    another checkpoint than the one our message offered, is refused and audited as such."""
+    async with (
+        running_without_witnessing(configs[MX]) as (mx, mx_wake),
+        running(configs[US]) as (us, us_witnessing),
+    ):
+        offer_id, note = await _offer_to_mx(us, us_witnessing)
+        body = parse_body(parse_note(note).text)
+        random_root = base64.b64encode(secrets.token_bytes(32)).decode("ascii")
+        origin = configs[US].audit.origin
+        unknown_id = str(uuid.uuid4())
+        cases = [
+            # the nodepeer's: a size never signed, a random root, a random in_reply_to
+            (
+                {"status": "inconsistent", "origin": origin, "size": 999999,
+                 "root_hash": random_root, "witnessed_size": 5},
+                unknown_id,
+                f"in_reply_to {unknown_id} names no message of ours",
+            ),
+            (
+                {"status": "stale", "origin": origin, "size": body.size,
+                 "root_hash": base64.b64encode(body.root_hash).decode("ascii"),
+                 "witnessed_size": 1},
+                unknown_id,
+                f"in_reply_to {unknown_id} names no message of ours",
+            ),
+            # our real offer named, but not the checkpoint it offered
+            (
+                {"status": "inconsistent", "origin": origin, "size": 999999,
+                 "root_hash": random_root, "witnessed_size": 5},
+                offer_id,
+                f"answers a checkpoint ({origin} size 999999 root {random_root}) other than"
+                f" the one our audit.checkpoint {offer_id} offered ({origin} size {body.size}",
+            ),
+        ]  # fmt: skip
+        for payload, in_reply_to, reason in cases:
+            message_id = await _answer(mx, mx_wake, payload, in_reply_to)
+            await _handled(us, us_witnessing, message_id)
+            (refusal,) = await _entries(us, message_id=message_id, outcome="refused")
+            assert refusal["event"] == EventKind.COSIGNATURE_RECEIVED.value
+            assert refusal["sender"] == MX
+            assert refusal["message_type"] == COSIGNATURE_TYPE
+            assert refusal["reason"].startswith(reason), refusal["reason"]
+
+        # no alarm: no entry, no counter
+        assert await _entries(us, event=EventKind.HISTORY_INCONSISTENT.value) == []
+        counter = us.metrics.registry.get_sample_value(
+            "c2c_audit_history_inconsistent_total", {"partner": MX, "whose": "ours"}
+        )
+        assert counter in (None, 0.0)
+        # no new offer: the stale answer to nothing did not make us prove again
+        offers = await _entries(
+            us, event=EventKind.SUBMITTED.value, message_type="audit.checkpoint"
+        )
+        assert [o["message_id"] for o in offers] == [offer_id]
+        assert await us.store.cosignatures() == []
+
+
+async def test_a_cosignature_by_another_key_is_refused_in_the_audit_log(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    """nodepeer finding 4: a cosignature of our real offer, by a key that is not MX-ANAM's
+    audit key, is ACKed (witnessing runs after the inbox commit) and then refused: the
+    refusal, with its exact reason, is in the audit log, not only on stderr."""
+    async with (
+        running_without_witnessing(configs[MX]) as (mx, mx_wake),
+        running(configs[US]) as (us, us_witnessing),
+    ):
+        offer_id, note = await _offer_to_mx(us, us_witnessing)
+        body = parse_body(parse_note(note).text)
+        # MX-ANAM's name, another key: what a peer that picked the wrong key file sends
+        wrong = note_signer(
+            configs[MX].audit.origin, Ed25519PrivateKey.generate(), cosignature=True
+        )
+        payload = {
+            "status": "cosigned",
+            "origin": body.origin,
+            "size": body.size,
+            "root_hash": base64.b64encode(body.root_hash).decode("ascii"),
+            "cosignature": cosign(note, wrong, timestamp=int(time.time())),
+            "witnessed_size": body.size,
+        }
+        message_id = await _answer(mx, mx_wake, payload, offer_id)
+        await _handled(us, us_witnessing, message_id)
+
+        # the wire said ACK (the message was accepted) ...
+        (accepted,) = await _entries(us, message_id=message_id, event=EventKind.ACCEPTED.value)
+        assert accepted["outcome"] == "ACK"
+        # ... and the refusal is in the log, with the partner, the message and the reason
+        (refusal,) = await _entries(us, message_id=message_id, outcome="refused")
+        assert refusal["event"] == EventKind.COSIGNATURE_RECEIVED.value
+        assert refusal["sender"] == MX
+        assert refusal["message_type"] == COSIGNATURE_TYPE
+        assert "note carries no signature by a known key" in refusal["reason"]
+        assert await us.store.cosignatures() == []
