@@ -175,6 +175,7 @@ def sign_messages(
                 sender=sender,
                 recipient=recipient,
                 created_at=now,
+                expires_at=now + dt.timedelta(days=7),
             )
             body = encode_envelope(header, payload)
             line = {"b": body.decode(), "s": sign_detached(body, key)}

@@ -51,6 +51,8 @@ class ManualClock:
 
 
 def format_rfc3339(moment: datetime) -> str:
-    """RFC 3339 UTC with millisecond precision and a ``Z`` suffix."""
+    """RFC 3339 UTC with millisecond precision (truncated) and a ``Z`` suffix. The year has
+    4 digits whatever it is (RFC 3339's date-fullyear; strftime's ``%Y`` does not pad it
+    below 1000 on glibc)."""
     utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"

@@ -49,6 +49,8 @@ _TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _VERSION_RE = re.compile(r"^[0-9]{1,3}\.[0-9]{1,3}$")
 # A surrogate escape (\uD800-\uDFFF) may form a valid pair; only then is the decoded text checked.
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+# PROTOCOL.md section 2 names the optional members; every other one is required, expires_at
+# included (a message without one would never expire). A required member may not be null.
 _HEADER_REQUIRED = (
     "message_id",
     "message_type",
@@ -56,9 +58,9 @@ _HEADER_REQUIRED = (
     "sender",
     "recipient",
     "created_at",
+    "expires_at",
 )
 _HEADER_OPTIONAL = (
-    "expires_at",
     "correlation_id",
     "in_reply_to",
     "priority",
@@ -205,24 +207,40 @@ def _parse_json_text_strict(text: str, body: bytes) -> Any:
     return document
 
 
-def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
-    """Parse an RFC 3339 timestamp into an aware UTC datetime, or raise Malformed.
+class TimestampError(ValueError):
+    """Why a value is not an RFC 3339 timestamp the gateway can use. Its text names no field
+    or value (``"is not a valid date/time"``): each caller says which input it was."""
+
+
+class TimestampOutOfRange(TimestampError):
+    """An RFC 3339 timestamp whose instant is outside the years 0001 to 9999 UTC: the leap
+    second after the last second of 9999, or an offset that takes a time across either end."""
+
+
+#: the text of TimestampOutOfRange
+OUT_OF_RANGE = "is out of range (years 0001 to 9999 UTC)"
+
+
+def parse_rfc3339(value: object, *, utc: bool = True) -> datetime:
+    """Parse an RFC 3339 date-time into an aware UTC datetime, or raise TimestampError.
 
     With ``utc`` (PROTOCOL.md's "RFC 3339 UTC") the offset must be ``Z``, ``+00:00`` or
     ``-00:00`` (section 4.3: UTC, local offset unknown); otherwise any offset is converted.
     Fractions beyond microseconds are truncated; a leap second (``23:59:60`` UTC) is read as
-    the instant after ``23:59:59``, since Python's datetime has no second 60.
+    the instant after ``23:59:59``, since Python's datetime has no second 60. The one parser
+    of RFC 3339 times: envelope headers, payload date-times (the cross-field rules), the
+    internal API's parameters and the CLI's options.
     """
     kind = "an RFC 3339 UTC timestamp" if utc else "an RFC 3339 timestamp"
     if not isinstance(value, str):
-        raise Malformed(f"header.{field} must be {kind} string")
+        raise TimestampError(f"must be {kind} string")
     match = _RFC3339_RE.fullmatch(value)
     if match is None:
-        raise Malformed(f"header.{field} is not {kind}: {value[:40]!r}")
+        raise TimestampError(f"is not {kind}")
     year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
     offset = 0 if sign is None else int(off_h) * 60 + int(off_m)
     if utc and offset != 0:
-        raise Malformed(f"header.{field} is not {kind}: {value[:40]!r}")
+        raise TimestampError(f"is not {kind}")
     micros = int((fraction[1:] + "000000")[:6]) if fraction else 0
     leap = second == "60"
     try:
@@ -238,14 +256,26 @@ def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
             micros,
             tzinfo=UTC,
         )
+    except ValueError as exc:
+        raise TimestampError("is not a valid date/time") from exc
+    try:
         at = local - timedelta(minutes=-offset if sign == "-" else offset)
-    except (ValueError, OverflowError) as exc:
-        raise Malformed(f"header.{field} is not a valid date/time: {value[:40]!r}") from exc
-    if leap:
-        if (at.hour, at.minute) != (23, 59):
-            raise Malformed(f"header.{field} has a leap second away from 23:59 UTC: {value[:40]!r}")
-        at += timedelta(seconds=1)
+        if leap:
+            if (at.hour, at.minute) != (23, 59):
+                raise TimestampError("has a leap second away from 23:59 UTC")
+            at += timedelta(seconds=1)
+    except OverflowError as exc:
+        raise TimestampOutOfRange(OUT_OF_RANGE) from exc
     return at
+
+
+def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
+    """:func:`parse_rfc3339` of the header member ``field``; Malformed naming it otherwise."""
+    try:
+        return parse_rfc3339(value, utc=utc)
+    except TimestampError as exc:
+        shown = f": {value[:40]!r}" if isinstance(value, str) else ""
+        raise Malformed(f"header.{field} {exc}{shown}") from exc
 
 
 def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> str | None:
@@ -265,14 +295,20 @@ def _party(header: Mapping[str, Any], field: str) -> str:
     return str(value)
 
 
-def parse_header(raw: object, *, is_known_type: Callable[[str, str], bool] | None = None) -> Header:
+def parse_header(
+    raw: object,
+    *,
+    is_known_type: Callable[[str, str], bool] | None = None,
+    expires_at_required: bool = True,
+) -> Header:
+    """See :func:`parse_envelope`."""
     if not isinstance(raw, dict):
         raise Malformed("header must be a JSON object")
     if not raw.keys() <= _HEADER_FIELDS:
         unknown = sorted(set(raw) - _HEADER_FIELDS)
         raise Malformed(f"header has unknown member {unknown[0][:64]!r}")
     for field in _HEADER_REQUIRED:
-        if raw.get(field) is None:
+        if raw.get(field) is None and (expires_at_required or field != "expires_at"):
             raise Malformed(f"header.{field} is required")
     message_id = _uuid(raw, "message_id", _MESSAGE_ID_RE)
     assert message_id is not None
@@ -327,8 +363,14 @@ def parse_envelope(
     *,
     max_bytes: int,
     is_known_type: Callable[[str, str], bool] | None = None,
+    expires_at_required: bool = True,
 ) -> Envelope:
-    """Parse and check a canonical envelope; raises TooLarge, Malformed or UnsupportedType."""
+    """Parse and check a canonical envelope; raises TooLarge, Malformed or UnsupportedType.
+
+    ``expires_at_required=False`` is only for re-reading bodies stored before ``expires_at``
+    was required (a message without one was accepted then, and its header's ``expires_at``
+    is None); a message or receipt arriving is always parsed with it required.
+    """
     document = parse_json_strict(body, max_bytes=max_bytes)
     if not isinstance(document, dict):
         raise Malformed("envelope must be a JSON object")
@@ -338,7 +380,11 @@ def parse_envelope(
             raise Malformed(f"envelope has unknown member {extra[0][:64]!r}")
         missing = sorted({"header", "payload"} - set(document))
         raise Malformed(f"envelope lacks member {missing[0]!r}")
-    header = parse_header(document["header"], is_known_type=is_known_type)
+    header = parse_header(
+        document["header"],
+        is_known_type=is_known_type,
+        expires_at_required=expires_at_required,
+    )
     payload = document["payload"]
     if not isinstance(payload, dict):
         raise Malformed("payload must be a JSON object")

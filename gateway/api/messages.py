@@ -89,7 +89,7 @@ def submission_from(
         in_reply_to=fields.uuid("in_reply_to"),
         priority=Priority(priority) if priority else Priority.ROUTINE,
         ttl_s=fields.integer("ttl_s", low=1, high=MAX_TTL_S),
-        respond_by=fields.timestamp("respond_by"),
+        respond_by=fields.timestamp("respond_by", utc=False),
         legal_basis=fields.text("legal_basis"),
         actor=actor,
         idempotency_key=idempotency_key,

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.envelope import parse_json_strict, parse_timestamp
+from gateway.envelope import TimestampError, TimestampOutOfRange, parse_json_strict, parse_rfc3339
 from gateway.errors import Malformed, TooLarge
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -115,14 +115,20 @@ class Fields:
             raise Malformed(f"{name} must be a number from {low} to {high}")
         return float(value)
 
-    def timestamp(self, name: str) -> datetime | None:
+    def timestamp(self, name: str, *, utc: bool = True) -> datetime | None:
+        """An RFC 3339 time, as an aware UTC datetime. With ``utc`` (the query parameters'
+        "RFC 3339 UTC") only a UTC offset is taken; without it (``respond_by``: PROTOCOL.md
+        section 2 "RFC 3339", OpenAPI ``date-time``) any offset, converted to UTC."""
         value = self._doc.get(name)
         if value is None:
             return None
         try:
-            return parse_timestamp(value, name)
-        except Malformed:
-            raise Malformed(f"{name} must be an RFC 3339 UTC timestamp") from None
+            return parse_rfc3339(value, utc=utc)
+        except TimestampOutOfRange as exc:
+            raise Malformed(f"{name} {exc}: {str(value)[:40]!r}") from None
+        except TimestampError:
+            kind = "an RFC 3339 UTC timestamp" if utc else "an RFC 3339 timestamp"
+            raise Malformed(f"{name} must be {kind}") from None
 
     def choice(self, name: str, options: frozenset[str]) -> str | None:
         value = self._doc.get(name)

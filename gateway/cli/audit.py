@@ -43,6 +43,7 @@ from gateway.crypto.notes import (
     load_note_signer,
     load_note_verifier,
 )
+from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import is_party_id
 from gateway.store import InvalidStoreUrl, Store, open_store
@@ -70,15 +71,15 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
+    """An RFC 3339 UTC time, read as the API's ``since``/``until`` and ``messages list``."""
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        _fail(f"{option}: {value!r} is not an RFC 3339 time (e.g. 2026-03-01T00:00:00Z)")
-    if moment.tzinfo is None:
-        _fail(f"{option}: {value!r} needs a time zone (e.g. a trailing Z)")
-    return moment.astimezone(UTC)
+        return parse_rfc3339(value)
+    except TimestampOutOfRange as exc:
+        _fail(f"{option}: {value!r} {exc}")
+    except TimestampError:
+        _fail(f"{option}: {value!r} is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)")
 
 
 class _Opened:
@@ -130,8 +131,8 @@ def audit() -> None:
 
 @audit.command("query")
 @_config_option
-@click.option("--since", help="Entries at or after this RFC 3339 time.")
-@click.option("--until", help="Entries before this RFC 3339 time.")
+@click.option("--since", help="Entries at or after this RFC 3339 UTC time.")
+@click.option("--until", help="Entries before this RFC 3339 UTC time.")
 @click.option("--partner", callback=_party_option, help="Sender or recipient party id.")
 @click.option("--type", "message_type", help="Message type.")
 @click.option("--message-id", callback=uuid_option, help="Message id (a lowercase UUID).")
@@ -312,8 +313,8 @@ def check_command(
 @audit.command("export")
 @_config_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--since", help="Entries at or after this RFC 3339 time.")
-@click.option("--until", help="Entries before this RFC 3339 time.")
+@click.option("--since", help="Entries at or after this RFC 3339 UTC time.")
+@click.option("--until", help="Entries before this RFC 3339 UTC time.")
 @click.option(
     "--correlation-id",
     callback=uuid_option,

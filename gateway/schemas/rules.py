@@ -7,12 +7,12 @@ value. Rules stay small loops over the payload: they run on every inbound messag
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339
 from gateway.schemas.failures import PayloadInvalid
 
 # Validates a payload of another type embedded at a JSON pointer (type, version, payload, pointer).
@@ -36,10 +36,6 @@ _VIEW_OF_RECORD = {
     "enforcement.seizure_report": "seizures",
 }
 _STATUSES_WITHOUT_RESULTS = frozenset({"not_found", "refused", "error"})
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
-    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
-)
 
 
 def _fail(pointer: str, what: str) -> PayloadInvalid:
@@ -47,33 +43,13 @@ def _fail(pointer: str, what: str) -> PayloadInvalid:
 
 
 def _instant(value: str, pointer: str) -> datetime:
-    """Parse an RFC 3339 date-time the schema accepted (leap second 60 counts as 59)."""
+    """The instant of an RFC 3339 date-time the schema accepted, read as header times are
+    (a leap second is the instant after 23:59:59)."""
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        parsed = None
-    if parsed is not None and parsed.tzinfo is not None:
-        return parsed
-    match = _RFC3339.fullmatch(value)
-    if match is None:
-        raise _fail(pointer, "is not a valid date-time")
-    year, month, day, hour, minute, second, fraction, zone = match.groups()
-    offset = timedelta(0)
-    if zone not in ("Z", "z"):
-        sign = -1 if zone[0] == "-" else 1
-        offset = sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
-    try:
-        return datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour),
-            int(minute),
-            min(int(second), 59),
-            int((fraction or "0")[:6].ljust(6, "0")),
-            tzinfo=timezone(offset),
-        )
-    except ValueError:
+        return parse_rfc3339(value, utc=False)
+    except TimestampOutOfRange as exc:
+        raise _fail(pointer, str(exc)) from None
+    except TimestampError:
         raise _fail(pointer, "is not a valid date-time") from None
 
 

@@ -126,13 +126,15 @@ class AmqpEnv:
         if payload is None:
             payload = registry.examples(message_type, "1.0")[0]
         message_id = message_id or new_message_id()
+        created_at = created_at or dt.datetime.now(dt.UTC)
         header = Header(
             message_id=message_id,
             message_type=message_type,
             schema_version=schema_version,
             sender=sender,
             recipient=recipient,
-            created_at=created_at or dt.datetime.now(dt.UTC),
+            created_at=created_at,
+            expires_at=created_at + dt.timedelta(days=7),
             in_reply_to=new_message_id()
             if registry.requires_in_reply_to(message_type, "1.0")
             else None,

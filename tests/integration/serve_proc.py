@@ -172,6 +172,7 @@ def signed_messages(
             sender=sender,
             recipient=recipient,
             created_at=dt.datetime.now(dt.UTC),
+            expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=7),
         )
         body = encode_envelope(header, payload)
         out.append((header.message_id, body, sign_detached(body, key)))

@@ -112,6 +112,18 @@ async def test_bad_entry_filters_are_400(us: Running, query: str, detail: str) -
     assert detail in body["detail"]
 
 
+@pytest.mark.parametrize("route", ["/api/v1/audit/entries", "/api/v1/audit/export"])
+@pytest.mark.parametrize("name", ["since", "until"])
+async def test_a_time_beyond_9999_is_a_clear_400(us: Running, route: str, name: str) -> None:
+    """RFC 3339 takes the leap second after the last second of 9999; its instant is out of
+    range: a 400 that says so, not a 500."""
+    status, _, body = await call(us, "GET", f"{route}?{name}=9999-12-31T23:59:60Z")
+    assert status == 400, body
+    assert orjson.loads(body)["detail"] == (
+        f"{name} is out of range (years 0001 to 9999 UTC): '9999-12-31T23:59:60Z'"
+    )
+
+
 async def test_every_audit_route_needs_audit_read(us: Running) -> None:
     for path in (
         "/api/v1/audit/entries",

@@ -18,6 +18,7 @@ from outbound_env import Running, auth, client_ssl, example, gateway_config, sta
 
 from gateway.audit.events import EventKind
 from gateway.config import GatewayConfig
+from gateway.envelope import parse_envelope
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import AuditFilter, OutboundState
 
@@ -287,6 +288,57 @@ async def test_list_filters_and_pages(us: Running) -> None:
         status, body = await api(us, "GET", f"/api/v1/messages?{bad}")
         assert status == 400, bad
         assert body["status"] == 400
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+async def test_a_list_time_beyond_9999_is_a_clear_400(us: Running, name: str) -> None:
+    status, body = await api(us, "GET", f"/api/v1/messages?{name}=9999-12-31T23:59:60Z")
+    assert (status, body["code"]) == (400, "MALFORMED"), body
+    assert body["detail"] == (
+        f"{name} is out of range (years 0001 to 9999 UTC): '9999-12-31T23:59:60Z'"
+    )
+
+
+@pytest.mark.parametrize("respond_by", ["9999-12-31T23:59:60Z", "9999-12-31T18:59:60-05:00"])
+async def test_a_respond_by_beyond_9999_is_a_clear_400(us: Running, respond_by: str) -> None:
+    status, body = await api(
+        us, "POST", "/api/v1/messages", json=submission(us, respond_by=respond_by)
+    )
+    assert (status, body["code"]) == (400, "MALFORMED"), body
+    assert body["detail"] == f"respond_by is out of range (years 0001 to 9999 UTC): {respond_by!r}"
+    assert sum((await us.gateway.store.outbox_depth()).values()) == 0
+
+
+async def signed_header(us: Running, message_id: str) -> dict[str, Any]:
+    """The header of the envelope the gateway signed and queued, parsed as a partner would."""
+    record = await us.gateway.store.get_outbound(message_id)
+    assert record is not None
+    assert record.body is not None
+    header: dict[str, Any] = json.loads(record.body)["header"]
+    parse_envelope(record.body, max_bytes=len(record.body))
+    return header
+
+
+@pytest.mark.parametrize(
+    ("respond_by", "signed"),
+    [
+        # RFC 3339 section 5.6: date-fullyear is 4 digits, whatever the year
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z"),
+        ("0999-12-31T23:59:59Z", "0999-12-31T23:59:59.000Z"),
+        # PROTOCOL.md section 2: respond_by is RFC 3339 with any offset; it is signed in UTC
+        ("2026-12-07T09:30:00+05:30", "2026-12-07T04:00:00.000Z"),
+        ("2026-12-06T23:00:00-05:00", "2026-12-07T04:00:00.000Z"),
+        ("2026-12-07t04:00:00.25z", "2026-12-07T04:00:00.250Z"),
+    ],
+)
+async def test_respond_by_is_signed_as_rfc_3339_utc(
+    us: Running, respond_by: str, signed: str
+) -> None:
+    status, body = await api(
+        us, "POST", "/api/v1/messages", json=submission(us, respond_by=respond_by)
+    )
+    assert status == 202, body
+    assert (await signed_header(us, body["message_id"]))["respond_by"] == signed
 
 
 async def test_lookup_and_retry_refusals(us: Running) -> None:

@@ -280,8 +280,66 @@ def test_store_commands(env: Path, tmp_path: Path) -> None:
     code, _, stderr = _invoke("audit", "query", "--config", str(env), "--since", "yesterday")
     assert (code, stderr) == (
         2,
-        "error: --since: 'yesterday' is not an RFC 3339 time (e.g. 2026-03-01T00:00:00Z)\n",
+        "error: --since: 'yesterday' is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)\n",
     )
+
+
+def _query_seqs(env: Path, *times: str) -> list[int]:
+    code, stdout, stderr = _invoke("audit", "query", "--config", str(env), *times)
+    assert (code, stderr) == (0, "")
+    return [json.loads(line)["seq"] for line in stdout.splitlines()]
+
+
+def test_times_are_read_as_the_api_and_messages_list_read_them(env: Path, tmp_path: Path) -> None:
+    """RFC 3339 section 5.6: "T" and "Z" may be lower case; the same parser as the API's."""
+    upper = _query_seqs(env, "--since", "2026-11-24T12:40:00Z", "--until", "2026-11-24T12:42:00Z")
+    assert len(upper) == 2
+    lower = _query_seqs(env, "--since", "2026-11-24t12:40:00z", "--until", "2026-11-24t12:42:00z")
+    assert lower == upper
+    assert (
+        _query_seqs(
+            env, "--since", "2026-11-24T12:40:00-00:00", "--until", "2026-11-24T12:42:00+00:00"
+        )
+        == upper
+    )
+    out = tmp_path / "lower.jsonl"
+    code, stdout, stderr = _invoke(
+        "audit",
+        "export",
+        "--config",
+        str(env),
+        "--out",
+        str(out),
+        "--since",
+        "2026-11-24t12:40:00z",
+        "--until",
+        "2026-11-24t12:42:00.000z",
+    )
+    assert code == 0, stderr
+    assert ": 2 entries," in stdout
+
+
+@pytest.mark.parametrize("command", ["query", "export"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        # ISO 8601's basic form, an offset other than UTC (the API's since/until are UTC), a
+        # space for the T, no zone: not RFC 3339 UTC
+        ("20261124T124000Z", "is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)"),
+        ("2026-11-24T12:40:00+01:00", "is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)"),
+        ("2026-11-24 12:40:00Z", "is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)"),
+        ("2026-11-24T12:40:00", "is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)"),
+        ("9999-12-31T23:59:60Z", "is out of range (years 0001 to 9999 UTC)"),
+    ],
+)
+@pytest.mark.parametrize("option", ["--since", "--until"])
+def test_a_time_that_is_not_rfc_3339_utc_is_refused_saying_why(
+    env: Path, tmp_path: Path, command: str, option: str, value: str, error: str
+) -> None:
+    extra = ["--out", str(tmp_path / "x.jsonl")] if command == "export" else []
+    code, stdout, stderr = _invoke("audit", command, "--config", str(env), *extra, option, value)
+    assert (code, stdout, stderr) == (2, "", f"error: {option}: {value!r} {error}\n")
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def _copy_env(env: Path, tmp_path: Path) -> tuple[Path, Path]:

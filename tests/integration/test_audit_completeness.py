@@ -168,13 +168,15 @@ def envelope(
     payload: dict[str, Any] | None = None,
 ) -> tuple[str, bytes]:
     message_id = message_id or new_message_id()
+    created_at = created_at or dt.datetime.now(dt.UTC)
     header = Header(
         message_id=message_id,
         message_type=message_type,
         schema_version=schema_version,
         sender=sender,
         recipient=US,
-        created_at=created_at or dt.datetime.now(dt.UTC),
+        created_at=created_at,
+        expires_at=created_at + dt.timedelta(days=7),
     )
     if payload is None:
         payload = world.us.gateway.registry.examples(message_type, "1.0")[0]

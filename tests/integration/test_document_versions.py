@@ -56,6 +56,7 @@ def version_of(payload: dict[str, Any], function: str, created_at: datetime) -> 
         sender=MX,
         recipient="US-CBP",
         created_at=created_at,
+        expires_at=created_at + timedelta(days=7),
     )
     return message_id, encode_envelope(header, {**payload, "message_function": function})
 

@@ -50,6 +50,7 @@ def _message(pki: Path, payload: dict[str, Any], message_type: str) -> tuple[byt
         sender="MX-ANAM",
         recipient="US-CBP",
         created_at=dt.datetime.now(dt.UTC),
+        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=7),
         legal_basis="CMAA US-MX art. 3",
     )
     body = encode_envelope(header, payload)

@@ -68,6 +68,7 @@ class RelayEnv:
             sender=sender,
             recipient=GATEWAY,
             created_at=self.clock.now(),
+            expires_at=self.clock.now() + dt.timedelta(days=7),
             in_reply_to=None,
         )
         body = encode_envelope(header, self.gateway.registry.examples(ADVANCE_DATA, "1.0")[0])

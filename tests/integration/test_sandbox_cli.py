@@ -88,6 +88,7 @@ def _message(sender: str, *, created_at: dt.datetime | None = None) -> tuple[str
             "sender": sender,
             "recipient": "US-CBP",
             "created_at": created,
+            "expires_at": "2999-01-01T00:00:00Z",
             "correlation_id": None,
             "in_reply_to": None,
         },

@@ -175,6 +175,86 @@ def test_malformed_envelope(body: bytes, reason: str) -> None:
     assert reason in info.value.reason
 
 
+#: what a timestamp beyond the instants a datetime holds is refused with, after its field name
+OUT_OF_RANGE = "is out of range (years 0001 to 9999 UTC)"
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        # RFC 3339's grammar and jsonschema's date-time take the leap second after the last
+        # second of 9999; the instant it names (10000-01-01T00:00:00Z) cannot be held
+        ("created_at", "9999-12-31T23:59:60Z"),
+        ("expires_at", "9999-12-31T23:59:60Z"),
+        ("respond_by", "9999-12-31T23:59:60Z"),
+        ("respond_by", "9999-12-31t23:59:60.5z"),
+        ("respond_by", "9999-12-31T18:59:60-05:00"),
+        # an offset that takes a valid local time out of range
+        ("respond_by", "9999-12-31T23:30:00-01:00"),
+        ("respond_by", "0001-01-01T00:30:00+01:00"),
+    ],
+)
+def test_a_timestamp_beyond_the_years_a_datetime_holds_is_malformed(field: str, text: str) -> None:
+    """MALFORMED naming the field, as for any other bad time: never an internal error (a
+    partner would be told UNAVAILABLE, retry, and every retry would fail the same way)."""
+    with pytest.raises(GatewayError) as info:
+        parse_envelope(envelope_bytes(header(**{field: text})), max_bytes=LIMIT)
+    assert info.value.code is NackCode.MALFORMED
+    assert info.value.reason == f"header.{field} {OUT_OF_RANGE}: {text!r}"
+
+
+def test_the_last_instants_of_the_range_are_accepted() -> None:
+    env = parse_envelope(
+        envelope_bytes(
+            header(
+                expires_at="9999-12-31T23:59:59.999999Z",
+                respond_by="0001-01-01T01:00:00+01:00",
+            )
+        ),
+        max_bytes=LIMIT,
+    )
+    assert env.header.expires_at == datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+    assert env.header.respond_by == datetime(1, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "hdr",
+    [header(expires_at=_DROP), header(expires_at=None)],
+    ids=["absent", "null"],
+)
+def test_expires_at_is_required(hdr: dict[str, Any]) -> None:
+    """PROTOCOL.md section 2 names the optional members (correlation_id, in_reply_to,
+    priority, respond_by, legal_basis); expires_at is not one: a message without it would
+    never expire."""
+    with pytest.raises(GatewayError) as info:
+        parse_envelope(envelope_bytes(hdr), max_bytes=LIMIT)
+    assert info.value.code is NackCode.MALFORMED
+    assert info.value.reason == "header.expires_at is required"
+
+
+def test_a_body_stored_before_expires_at_was_required_can_still_be_read() -> None:
+    """Messages without one were accepted before; a stored body is read again as it was."""
+    for hdr in (header(expires_at=_DROP), header(expires_at=None)):
+        env = parse_envelope(envelope_bytes(hdr), max_bytes=LIMIT, expires_at_required=False)
+        assert env.header.expires_at is None
+    env = parse_envelope(envelope_bytes(), max_bytes=LIMIT, expires_at_required=False)
+    assert env.header.expires_at == datetime(2026, 11, 30, 7, 0, tzinfo=UTC)
+    # every other required member still is
+    with pytest.raises(GatewayError, match=r"^header\.created_at is required$"):
+        parse_envelope(
+            envelope_bytes(header(created_at=None)), max_bytes=LIMIT, expires_at_required=False
+        )
+
+
+def test_a_header_with_a_year_before_1000_round_trips() -> None:
+    """RFC 3339's date-fullyear is 4 digits: a respond_by in year 1 is written 0001-..., so
+    the signed envelope is one our own parser (and any partner's) accepts."""
+    env = parse_envelope(envelope_bytes(header(respond_by="0001-01-01T00:00:00Z")), max_bytes=LIMIT)
+    body = encode_envelope(env.header, env.payload)
+    assert json.loads(body)["header"]["respond_by"] == "0001-01-01T00:00:00.000Z"
+    assert parse_envelope(body, max_bytes=LIMIT) == env
+
+
 @pytest.mark.parametrize(
     ("field", "text", "expected"),
     [
@@ -239,7 +319,6 @@ def test_optional_members_parse() -> None:
                 priority="urgent",
                 respond_by="2026-11-24T07:00:00.123456789Z",
                 legal_basis="US-MX CMAA 1976",
-                expires_at=None,
                 created_at="2026-11-23T07:00:00+00:00",
             )
         ),
@@ -247,7 +326,6 @@ def test_optional_members_parse() -> None:
     )
     assert env.header.priority is Priority.URGENT
     assert env.header.respond_by == datetime(2026, 11, 24, 7, 0, 0, 123456, tzinfo=UTC)
-    assert env.header.expires_at is None
     assert env.header.legal_basis == "US-MX CMAA 1976"
 
 

@@ -11,7 +11,7 @@ import re
 import struct
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -135,7 +135,8 @@ _REF_TIMESTAMP_RE = re.compile(
 
 def reference_parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
     """RFC 3339 section 5.6 as PROTOCOL.md uses it (changed since the fast path: ASCII digits
-    only, t/z in either case, any fraction, -00:00, leap seconds; offsets for respond_by)."""
+    only, t/z in either case, any fraction, -00:00, leap seconds; offsets for respond_by; an
+    instant outside the years 0001 to 9999 UTC is out of range, not an internal error)."""
     kind = "an RFC 3339 UTC timestamp" if utc else "an RFC 3339 timestamp"
     if not isinstance(value, str):
         raise Malformed(f"header.{field} must be {kind} string")
@@ -152,12 +153,20 @@ def reference_parse_timestamp(value: object, field: str, *, utc: bool = True) ->
         if hours > 23 or minutes > 59 or second > 60:
             raise ValueError(hours, minutes, second)
         at = datetime(year, month, day, hour, minute, min(second, 59), micros, tzinfo=UTC)
-        at += (-1 if sign == "+" else 1) * timedelta(hours=hours, minutes=minutes)
-    except (ValueError, OverflowError) as exc:
+    except ValueError as exc:
         raise Malformed(f"header.{field} is not a valid date/time: {value[:40]!r}") from exc
+    out_of_range = Malformed(
+        f"header.{field} is out of range (years 0001 to 9999 UTC): {value[:40]!r}"
+    )
+    try:
+        at += (-1 if sign == "+" else 1) * timedelta(hours=hours, minutes=minutes)
+    except OverflowError:
+        raise out_of_range from None
     if second == 60:
         if (at.hour, at.minute) != (23, 59):
             raise Malformed(f"header.{field} has a leap second away from 23:59 UTC: {value[:40]!r}")
+        if at.date() == date.max:
+            raise out_of_range
         at += timedelta(seconds=1)
     return at
 
@@ -615,6 +624,11 @@ TIMESTAMP = st.one_of(
             "２０２６-11-23T07:00:00Z",
             "2026-11-23T07:00:00+24:00",
             "9999-12-31T23:59:59-01:00",
+            "9999-12-31T23:59:60Z",
+            "9999-12-31T18:59:60-05:00",
+            "9999-12-31T23:59:59.999999Z",
+            "0001-01-01T00:30:00+01:00",
+            "0001-01-01T01:00:00+01:00",
         ]
     ),
     st.integers(),

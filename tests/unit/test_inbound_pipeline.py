@@ -81,6 +81,7 @@ def message(
         sender=sender,
         recipient="US-CBP",
         created_at=NOW,
+        expires_at=NOW + dt.timedelta(days=7),
         in_reply_to=in_reply_to,
     )
     if payload is None:
@@ -357,12 +358,12 @@ async def test_concurrent_copies_store_once_and_share_the_receipt(gateway: Gatew
 @pytest.mark.parametrize(
     ("expires_in", "later"),
     [
-        (None, dt.timedelta(minutes=16)),  # past the 15-minute replay window
+        (dt.timedelta(days=7), dt.timedelta(minutes=16)),  # past the 15-minute replay window
         (dt.timedelta(minutes=5), dt.timedelta(minutes=6)),  # past its expires_at
     ],
 )
 async def test_an_exact_re_send_after_its_freshness_gets_the_original_receipt(
-    gateway: Gateway, expires_in: dt.timedelta | None, later: dt.timedelta
+    gateway: Gateway, expires_in: dt.timedelta, later: dt.timedelta
 ) -> None:
     """PROTOCOL.md section 4: an exact re-send of an accepted message is answered 200 with the
     original ACK, however late (a lost answer, an AMQP redelivery after a crash). The replay
@@ -374,7 +375,7 @@ async def test_an_exact_re_send_after_its_freshness_gets_the_original_receipt(
         sender=MX,
         recipient="US-CBP",
         created_at=NOW,
-        expires_at=None if expires_in is None else NOW + expires_in,
+        expires_at=NOW + expires_in,
     )
     payload = gateway.registry.examples("shipment.advance_data", "1.0")[0]
     body = encode_envelope(header, payload)

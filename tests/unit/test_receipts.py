@@ -226,6 +226,7 @@ def test_receipt_naming_another_sender_is_refused(clock: ManualClock, key: Signi
         sender="CA-CBSA",
         recipient="MX-ANAM",
         created_at=NOW,
+        expires_at=NOW + dt.timedelta(days=7),
         in_reply_to=message_id,
     )
     body = encode_envelope(

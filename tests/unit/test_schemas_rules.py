@@ -48,6 +48,57 @@ def test_arrival_one_second_before_departure_fails(registry: SchemaRegistry) -> 
     assert info.value.pointer == "/estimated_arrival"
 
 
+@pytest.mark.parametrize(
+    ("departure", "arrival"),
+    [
+        # a leap second (RFC 3339 second 60) comes after every instant of 23:59:59
+        ("2026-12-31T23:59:59.9Z", "2026-12-31T23:59:60Z"),
+        ("2026-12-31T18:59:59.9-05:00", "2026-12-31T18:59:60-05:00"),
+        ("2026-12-31T23:59:60Z", "2027-01-01T00:00:00Z"),
+    ],
+)
+def test_a_leap_second_is_after_the_second_before_it(
+    registry: SchemaRegistry, departure: str, arrival: str
+) -> None:
+    payload = _advance(registry)
+    payload["estimated_departure"] = departure
+    payload["estimated_arrival"] = arrival
+    registry.validate(ADVANCE, "1.0", payload)
+
+
+@pytest.mark.parametrize(
+    ("message_type", "earlier", "later"),
+    [
+        (ADVANCE, "estimated_departure", "estimated_arrival"),
+        ("enforcement.risk_alert", "issued_at", "valid_until"),
+    ],
+)
+def test_a_time_before_a_leap_second_is_before_it(
+    registry: SchemaRegistry, message_type: str, earlier: str, later: str
+) -> None:
+    """Read as the header parser reads it: 23:59:60 is not 23:59:59.000, so 23:59:59.5 is
+    before it."""
+    payload = copy.deepcopy(registry.examples(message_type, "1.0")[0])
+    payload[earlier] = "2026-12-31T23:59:60Z"
+    payload[later] = "2026-12-31T23:59:59.5Z"
+    with pytest.raises(SchemaInvalid) as info:
+        registry.validate(message_type, "1.0", payload)
+    assert info.value.pointer == f"/{later}"
+
+
+def test_a_date_time_beyond_the_years_a_datetime_holds_is_refused_where_it_is(
+    registry: SchemaRegistry,
+) -> None:
+    """The format takes the leap second after the last second of 9999; the rule cannot compare
+    its instant and says so at its pointer."""
+    payload = _advance(registry)
+    payload["estimated_departure"] = "9999-12-31T23:59:60Z"
+    with pytest.raises(SchemaInvalid) as info:
+        registry.validate(ADVANCE, "1.0", payload)
+    assert info.value.pointer == "/estimated_departure"
+    assert info.value.reason == "/estimated_departure: is out of range (years 0001 to 9999 UTC)"
+
+
 def test_net_mass_equal_to_gross_and_rounding_tolerance_pass(registry: SchemaRegistry) -> None:
     payload = _advance(registry)
     item = payload["goods_items"][0]
