@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from gateway.adapters.registry import Adapter
 from gateway.clock import Clock, format_rfc3339
-from gateway.crypto.jws import sign_detached, verify_detached
+from gateway.crypto.jws import DEFAULT_TYP, sign_detached, verify_detached
 from gateway.crypto.keys import KeyRing, SigningKey
 from gateway.envelope import encode_envelope, new_message_id, parse_envelope
 from gateway.errors import Malformed, NackCode, SenderMismatch
@@ -92,7 +93,12 @@ class ReceiptSigner:
         code: NackCode | None = None,
         detail: str | None = None,
         correlation_id: str | None = None,
+        typ: str = DEFAULT_TYP,
+        adapter: Adapter | None = None,
     ) -> SignedReceipt:
+        """``adapter`` (a native-format partner's) maps the receipt to the partner's format,
+        and the signature with ``typ`` covers those bytes, as for every message to it; its
+        failure raises ``Malformed``."""
         key = self.current_key()
         message_id = new_message_id()
         now = self._clock.now()
@@ -116,7 +122,11 @@ class ReceiptSigner:
             "detail": detail,
         }
         body = encode_envelope(header, payload)
-        return SignedReceipt(message_id=message_id, body=body, signature=sign_detached(body, key))
+        if adapter is not None:
+            body = adapter.from_canonical(body)
+        return SignedReceipt(
+            message_id=message_id, body=body, signature=sign_detached(body, key, typ=typ)
+        )
 
 
 def _text(payload: dict[str, Any], name: str) -> str:
@@ -133,16 +143,23 @@ def verify_receipt(
     party: str,
     expected_ref_message_id: str,
     expected_digest: str,
+    *,
+    typ: str = DEFAULT_TYP,
+    adapter: Adapter | None = None,
 ) -> Receipt:
     """Verify ``party``'s receipt for our message; raises ``GatewayError`` with the exact reason.
 
     Checks, in order: the detached JWS with one of ``party``'s keys, the envelope, the key's
     validity at the receipt's ``created_at``, that it is a receipt from ``party``, and that it
     binds exactly our message id and body digest (a receipt for another message is refused).
+    A native-format partner's receipt is signed with its ``typ`` over its native bytes and read
+    through its ``adapter`` once the signature verified.
     """
-    key = verify_detached(signature, body, keyring=keyring, party=party, at=None)
+    key = verify_detached(
+        signature, body, keyring=keyring, party=party, at=None, accepted_typs=(typ,)
+    )
     envelope = parse_envelope(
-        body,
+        body if adapter is None else adapter.to_canonical(body),
         max_bytes=MAX_RECEIPT_BYTES,
         is_known_type=lambda message_type, version: (
             (message_type, version) == (RECEIPT_TYPE, RECEIPT_VERSION)

@@ -28,7 +28,7 @@ from gateway.inbound.context import (
     InboundResult,
     Transport,
 )
-from gateway.inbound.stages import STAGES, Stage
+from gateway.inbound.stages import STAGES, Stage, sign_receipt
 from gateway.receipts import RECEIPT_TYPE
 
 log = structlog.get_logger(__name__)
@@ -239,7 +239,8 @@ class InboundPipeline:
         if exc.code is NackCode.UNAVAILABLE and not request.unavailable_answered:
             return unsigned
         try:
-            receipt = env.signer.sign(
+            receipt = await sign_receipt(
+                env,
                 recipient=peer,
                 ref_message_id=message_id,
                 ref_digest=ctx.digest,
@@ -249,7 +250,7 @@ class InboundPipeline:
                 detail=exc.detail,
                 correlation_id=header.correlation_id if header is not None else None,
             )
-        except RuntimeError as sign_exc:
+        except (RuntimeError, GatewayError) as sign_exc:
             # The refusal still reaches the partner, unsigned, rather than as a bare 500.
             log.error("nack_not_signed", peer=peer, message_id=message_id, error=str(sign_exc))
             return unsigned

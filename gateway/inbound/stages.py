@@ -8,11 +8,15 @@ Nothing here knows HTTP or AMQP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import partial
 
 import structlog
 
+from gateway.adapters.registry import is_canonical, to_canonical_off_loop
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.crashpoints import crash_point
 from gateway.crypto.jws import verify_detached
@@ -22,6 +26,7 @@ from gateway.errors import (
     DuplicateConflict,
     GatewayError,
     Malformed,
+    NackCode,
     NotAuthorized,
     RateLimited,
     SenderMismatch,
@@ -31,8 +36,8 @@ from gateway.errors import (
     Unavailable,
     UnknownKey,
 )
-from gateway.inbound.context import InboundContext, InboundResult, ReceivedReceipt
-from gateway.receipts import RECEIPT_TYPE
+from gateway.inbound.context import InboundContext, InboundEnv, InboundResult, ReceivedReceipt
+from gateway.receipts import RECEIPT_TYPE, SignedReceipt, Status
 from gateway.schemas.failures import PayloadInvalid
 from gateway.schemas.registry import ANSWERS
 from gateway.store.base import InboundRecord
@@ -110,9 +115,12 @@ async def verify_signature(ctx: InboundContext) -> None:
 
 
 async def adapt(ctx: InboundContext) -> None:
-    """Native format -> canonical envelope bytes (pass-through for canonical partners)."""
+    """Native format -> canonical envelope bytes (pass-through for canonical partners).
+
+    A native adapter runs in a worker thread: a slow one holds its own message only, not
+    every partner, the API and the probes. Its failure is ``MALFORMED`` naming the adapter."""
     assert ctx.adapter is not None
-    ctx.canonical = ctx.adapter.to_canonical(ctx.request.body)
+    ctx.canonical = await to_canonical_off_loop(ctx.adapter, ctx.request.body)
 
 
 async def parse_and_check_freshness(ctx: InboundContext) -> None:
@@ -277,7 +285,8 @@ async def pair_answer(ctx: InboundContext) -> None:
         return  # purged by retention: nothing left to compare with
     assert ctx.adapter is not None  # the partner's: the request went to this very partner
     try:
-        expected = json.loads(ctx.adapter.to_canonical(asked.body))["payload"][member]
+        canonical = await to_canonical_off_loop(ctx.adapter, asked.body)
+        expected = json.loads(canonical)["payload"][member]
     except (GatewayError, ValueError, LookupError, TypeError) as exc:
         # our own stored request no longer reads (the partner's adapter changed since): not
         # the partner's fault, and nothing to compare with
@@ -367,6 +376,40 @@ async def _answer_duplicate(ctx: InboundContext, original: InboundRecord) -> Non
     await ctx.env.store.append_audit([_event(ctx, EventKind.DUPLICATE, "ACK")])
 
 
+async def sign_receipt(
+    env: InboundEnv,
+    *,
+    recipient: str,
+    ref_message_id: str,
+    ref_digest: str,
+    received_at: datetime,
+    status: Status,
+    code: NackCode | None = None,
+    detail: str | None = None,
+    correlation_id: str | None = None,
+) -> SignedReceipt:
+    """Our receipt to ``recipient``, in its format: a native-format partner's is mapped by its
+    adapter (in a worker thread) and signed with its ``typ`` over the native bytes
+    (docs/adapters.md). Raises ``RuntimeError`` (no valid signing key) or ``Malformed`` (the
+    adapter failed)."""
+    sign = partial(
+        env.signer.sign,
+        recipient=recipient,
+        ref_message_id=ref_message_id,
+        ref_digest=ref_digest,
+        received_at=received_at,
+        status=status,
+        code=code,
+        detail=detail,
+        correlation_id=correlation_id,
+    )
+    adapter = env.adapters.get(recipient)
+    partner = env.config.partners.get(recipient)
+    if adapter is None or partner is None or is_canonical(adapter):
+        return sign()
+    return await asyncio.to_thread(sign, typ=partner.typ, adapter=adapter)
+
+
 async def persist(ctx: InboundContext) -> None:
     """Sign the ACK, then commit row + receipt + audit event in one transaction.
 
@@ -382,7 +425,8 @@ async def persist(ctx: InboundContext) -> None:
     header = ctx.envelope.header
     env = ctx.env
     try:
-        receipt = env.signer.sign(
+        receipt = await sign_receipt(
+            env,
             recipient=header.sender,
             ref_message_id=header.message_id,
             ref_digest=ctx.digest,
@@ -390,6 +434,10 @@ async def persist(ctx: InboundContext) -> None:
             status="ACK",
             correlation_id=header.correlation_id,
         )
+    except Malformed as exc:
+        # our own adapter cannot write the ACK: nothing is stored as accepted unanswered
+        unmapped = f"the ACK cannot be mapped to {header.sender}'s format: {exc.reason}"
+        raise Unavailable(unmapped) from None
     except RuntimeError as exc:
         # No ACK can be signed, so nothing may be stored as accepted (T73: fail closed). An
         # exact re-send still gets the receipt signed when the original was accepted.

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from gateway.adapters.registry import adapter_for
+from gateway.adapters.registry import adapter_for, from_canonical_off_loop
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig
@@ -236,7 +236,9 @@ async def build_envelope(ctx: SubmitContext) -> None:
         legal_basis=submission.legal_basis or ctx.partner.legal_basis,
     )
     canonical = encode_envelope(ctx.header, submission.payload)
-    ctx.body = adapter_for(ctx.partner).from_canonical(canonical)
+    # a native adapter runs in a worker thread; its failure (an exception, or a result that is
+    # not bytes) refuses the submission as MALFORMED naming the adapter (docs/adapters.md)
+    ctx.body = await from_canonical_off_loop(adapter_for(ctx.partner), canonical)
     # The partner refuses a larger message unread (PROTOCOL.md section 2); queued, it would
     # only die at its first attempt.
     if len(ctx.body) > ctx.partner.max_body_bytes:

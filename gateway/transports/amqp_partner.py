@@ -36,10 +36,16 @@ from typing import Any
 import orjson
 import structlog
 
+from gateway.adapters.registry import (
+    Adapter,
+    content_type_of,
+    is_canonical,
+    to_canonical_off_loop,
+)
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.config import PartnerConfig
 from gateway.envelope import body_digest, new_message_id
-from gateway.errors import NackCode, Unavailable
+from gateway.errors import Malformed, NackCode, Unavailable
 from gateway.inbound.context import InboundRequest, InboundResult
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.receipts import RECEIPT_TYPE
@@ -57,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 PROBLEM_TYPE = "problem"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+#: the media type of our receipts to a canonical partner
+RECEIPT_CONTENT_TYPE = "application/json"
 #: publisher channel for everything the gateway sends to partners' ``.out`` queues
 OUT_CONCERN = "partner-out"
 #: seconds a RATE_LIMITED NACK waits before it may be retried (PROTOCOL section 4's Retry-After)
@@ -91,6 +99,13 @@ class PartnerInbox:
         self._outage_hold_s = outage_hold_s
         self._rate_hold_s = rate_hold_s
         env = pipeline.env
+        # Our receipts to a native-format partner are in its format (docs/adapters.md): read
+        # back through its adapter for their AMQP properties, published with its media type.
+        self._native: dict[str, tuple[Adapter, str]] = {
+            p.id: (adapter, content_type_of(adapter))
+            for p in self._partners
+            if (adapter := env.adapters.get(p.id)) is not None and not is_canonical(adapter)
+        }
         self._party = env.config.party
         self._store = env.store
         self._clock = env.clock
@@ -159,7 +174,13 @@ class PartnerInbox:
         if result.code is NackCode.UNAVAILABLE:
             await self._failed(partner, delivery, "processing failed while the store was reachable")
             return Settlement.REJECT
-        answer = self._answer(delivery, result)
+        try:
+            answer = await self._answer(partner, delivery, result)
+        except Malformed as exc:
+            # its adapter cannot read the receipt it wrote: a bug in the adapter, counted as a
+            # failure (an accepted message's redelivery meets the same receipt again)
+            await self._failed(partner, delivery, f"our receipt cannot be read back: {exc.reason}")
+            return Settlement.REJECT
         if answer is not None:
             try:
                 await self._broker.publish(
@@ -285,14 +306,27 @@ class PartnerInbox:
                 audit_error=exc.reason,
             )
 
-    def _answer(self, delivery: Delivery, result: InboundResult) -> OutgoingMessage | None:
+    async def _answer(
+        self, partner: PartnerConfig, delivery: Delivery, result: InboundResult
+    ) -> OutgoingMessage | None:
+        """What ``partner`` is answered on its ``.out`` queue, if anything; raises
+        ``Malformed`` when its adapter cannot read back our receipt."""
         if result.receipt_body is not None and result.receipt_signature is not None:
-            header = _header_of(result.receipt_body)
+            # Our receipt always answers the peer, in its format.
+            native = self._native.get(partner.id)
+            if native is None:
+                header = _header_of(result.receipt_body)
+                content_type = RECEIPT_CONTENT_TYPE
+            else:
+                adapter, content_type = native
+                canonical = await to_canonical_off_loop(adapter, result.receipt_body)
+                header = _header_of(canonical)
             return OutgoingMessage(
                 body=result.receipt_body,
                 message_id=str(header["message_id"]),
                 message_type=RECEIPT_TYPE,
                 app_id=self._party,
+                content_type=content_type,
                 signature=result.receipt_signature,
                 correlation_id=_opt_str(header.get("correlation_id")),
                 headers=_retry_after(result),
@@ -317,9 +351,10 @@ class _Outage(Exception):
     """The store stayed unreachable for the whole hold time, or the consumers stopped."""
 
 
-def _header_of(receipt_body: bytes) -> dict[str, Any]:
-    # Our own signed receipt: its shape is ours, not a partner's.
-    header = orjson.loads(receipt_body)["header"]
+def _header_of(canonical: bytes) -> dict[str, Any]:
+    # Our own signed receipt (canonical, or read back from a partner's format): its shape is
+    # ours, not a partner's.
+    header = orjson.loads(canonical)["header"]
     assert isinstance(header, dict)
     return header
 

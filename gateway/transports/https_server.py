@@ -23,6 +23,7 @@ import structlog
 from aiohttp import http, web, web_protocol
 from aiohttp.http_parser import HttpRequestParserPy
 
+from gateway.adapters.registry import content_type_of, is_canonical
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.config import LimitsConfig
 from gateway.crashpoints import armed, crash_point
@@ -46,6 +47,8 @@ log = structlog.get_logger(__name__)
 MESSAGES_PATH = "/c2c/v1/messages"
 SIGNATURE_HEADER = "C2C-Signature"
 PROBLEM_JSON = "application/problem+json"
+#: the media type of our receipts to a canonical partner
+RECEIPT_JSON = "application/json"
 
 _PARTNER = web.RequestKey("partner", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,8 +79,10 @@ def _json(document: Any) -> web.Response:
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
 
-def result_response(result: InboundResult) -> web.Response:
-    """The wire form of a pipeline result: the signed receipt, or a problem document."""
+def result_response(result: InboundResult, receipt_type: str = RECEIPT_JSON) -> web.Response:
+    """The wire form of a pipeline result: the signed receipt, sent as ``receipt_type`` (the
+    media type of the partner it answers: our receipts are in its format), or a problem
+    document."""
     headers: dict[str, str] = {}
     if result.retry_after_s is not None:
         headers["Retry-After"] = str(result.retry_after_s)
@@ -86,7 +91,7 @@ def result_response(result: InboundResult) -> web.Response:
         return web.Response(
             status=result.http_status,
             body=result.receipt_body,
-            content_type="application/json",
+            content_type=receipt_type,
             headers=headers,
         )
     if result.problem is not None:
@@ -422,6 +427,13 @@ class PartnerHttpsServer:
         assert_c_parser()
         self._check_peer = check_peer
         self._pipeline = pipeline
+        # Our receipt always answers the authenticated peer, in its format: the media type of
+        # each native-format partner's (docs/adapters.md); every other partner's is JSON.
+        self._receipt_types = {
+            partner: content_type_of(adapter)
+            for partner, adapter in pipeline.env.adapters.items()
+            if not is_canonical(adapter)
+        }
         self._registry = registry
         self._jwks = dict(jwks)
         self._identifier = identifier
@@ -684,6 +696,10 @@ class PartnerHttpsServer:
         except web.HTTPRequestEntityTooLarge:
             raise self._too_large() from None
 
+    def _answer(self, result: InboundResult, partner: str) -> web.Response:
+        """``result`` as answered to ``partner``, the authenticated peer."""
+        return result_response(result, self._receipt_types.get(partner, RECEIPT_JSON))
+
     def _too_large(self) -> TooLarge:
         return TooLarge(
             f"body over the endpoint limit of {self._max_body_bytes} bytes (cut off while reading)"
@@ -704,7 +720,7 @@ class PartnerHttpsServer:
                     f" {self._max_body_bytes} bytes (not read)"
                 ),
             )
-            response = result_response(result)
+            response = self._answer(result, partner)
             response.force_close()
             return response
         try:
@@ -719,7 +735,7 @@ class PartnerHttpsServer:
             return response
         except GatewayError as exc:
             result = await self._pipeline.refuse_unread(peer=partner, transport="https", error=exc)
-            return result_response(result)
+            return self._answer(result, partner)
         result = await self._pipeline.handle(
             InboundRequest(
                 body=body,
@@ -730,7 +746,7 @@ class PartnerHttpsServer:
                 content_encoding=request.headers.get("Content-Encoding"),
             )
         )
-        return result_response(result)
+        return self._answer(result, partner)
 
     async def _schema_index(self, request: web.Request) -> web.StreamResponse:
         return _json({"schemas": self._registry.index()})
@@ -764,9 +780,9 @@ async def _answer_then_crash(
 
 
 def _receipted_id(response: web.StreamResponse) -> str:
-    """The message an ACK answers (for the crash line)."""
+    """The message an ACK answers (for the crash line; empty for a native partner's ACK)."""
     body = response.body if isinstance(response, web.Response) else None
-    if not isinstance(body, bytes):
+    if not isinstance(body, bytes) or response.content_type != RECEIPT_JSON:
         return ""
     return str(orjson.loads(body)["payload"]["ref_message_id"])
 
