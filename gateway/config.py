@@ -117,7 +117,9 @@ class AmqpConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OutboxConfig:
-    max_attempts: int = 20
+    #: a cap on attempts, after which a message is dead before its expiry; None (the default):
+    #: no cap, a message is sent until the partner ACKs or NACKs it or it expires
+    max_attempts: int | None = None
     base_delay_s: float = 2.0
     max_delay_s: float = 900.0
     default_ttl_s: int = 86_400
@@ -677,7 +679,7 @@ def _audit(table: _Table) -> AuditConfig:
 def _outbox(table: _Table) -> OutboxConfig:
     d = OutboxConfig()
     outbox = OutboxConfig(
-        max_attempts=table.int_or("max_attempts", d.max_attempts, minimum=1),
+        max_attempts=table.opt_int("max_attempts", minimum=1),
         base_delay_s=table.float_or("base_delay_s", d.base_delay_s),
         max_delay_s=table.float_or("max_delay_s", d.max_delay_s, maximum=_MAX_DURATION_S),
         default_ttl_s=table.int_or("default_ttl_s", d.default_ttl_s, minimum=1, maximum=MAX_TTL_S),

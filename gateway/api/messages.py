@@ -301,6 +301,8 @@ async def retry_message(request: web.Request) -> web.Response:
             message_id=message_id,
             actor=actor_of(request),
             now=services.clock.now(),
+            config=services.config,
+            signing_keys=services.signing_keys,
         )
     except RetryRefused as exc:
         return problem(404 if exc.kind == "not_found" else 409, exc.reason)

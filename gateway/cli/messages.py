@@ -27,6 +27,7 @@ from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
 from gateway.model import Direction, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
+from gateway.runtime import load_own_signing_keys
 from gateway.store import open_store
 from gateway.store.base import MessageFilter, Store
 from gateway.store.queries import InvalidCursor
@@ -229,7 +230,9 @@ def versions_command(config_path: Path, partner: str, message_type: str, ref: st
 @_CONFIG
 @click.argument("message_id")
 def retry_command(config_path: Path, message_id: str) -> None:
-    """Queue a dead or rejected outbound message again (audited as cli:<user>)."""
+    """Queue a dead or rejected outbound message again (audited as cli:<user>); an expired
+    one is signed again (same message_id and payload, created_at now, expires_at its TTL from
+    now)."""
     wanted = _message_id(message_id)
     actor = f"cli:{getpass.getuser()}"
 
@@ -241,6 +244,8 @@ def retry_command(config_path: Path, message_id: str) -> None:
                 message_id=wanted,
                 actor=actor,
                 now=SystemClock().now(),
+                config=config,
+                signing_keys=load_own_signing_keys(config),
             )
         except RetryRefused as exc:
             _fail(exc.reason)

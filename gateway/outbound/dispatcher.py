@@ -12,8 +12,8 @@ SHA-256 digest of exactly those bytes:
   at once; the new bytes replace the old in the outbox, audited as ``resigned``. A STALE for
   bytes just signed is a clock disagreement: rejected, as signing again would not help;
 - retryable failure (connection, TLS, timeout, 408/429/5xx, a 2xx without a valid receipt)
-  -> backoff with full jitter, floored by ``Retry-After``; after ``max_attempts`` or at
-  ``expires_at`` -> dead;
+  -> backoff with full jitter, floored by ``Retry-After``; at ``expires_at`` (or after
+  ``[outbox] max_attempts`` when set, AMQP publishes unanswered included) -> dead;
 - non-retryable (a redirect, or another 4xx without a valid receipt) -> dead with the reason.
 
 A per-partner circuit breaker keeps a failing partner from being hammered. Each result and
@@ -32,16 +32,17 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Literal
 
 import structlog
 
-from gateway.adapters.registry import adapter_for
+from gateway.adapters.registry import Adapter, adapter_for, content_type_of, is_canonical
 from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, format_rfc3339
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crashpoints import crash_point
-from gateway.crypto.jws import sign_detached
+from gateway.crypto.jws import DEFAULT_TYP, sign_detached
 from gateway.crypto.keys import KeyRing, SigningKey
 from gateway.envelope import body_digest, encode_envelope, parse_envelope
 from gateway.errors import GatewayError, NackCode, Unavailable
@@ -76,6 +77,11 @@ RETRYABLE_NACKS = frozenset({NackCode.RATE_LIMITED, NackCode.UNAVAILABLE})
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
 #: A STALE answer to bytes signed less than this long ago is not about their age.
 RESIGN_AFTER = timedelta(minutes=1)
+#: Attempts one dispatcher has in flight at once (``batch_size``), to all partners together.
+#: The HTTPS client's pool takes as many connections per partner
+#: (``https_client.CONNECTIONS_PER_PARTNER``), so no attempt waits for a connection of ours
+#: inside its send deadline.
+MAX_IN_FLIGHT = 32
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,9 +102,16 @@ class Verdict:
 
 
 def judge_reply(
-    reply: PartnerReply, *, keyring: KeyRing, partner: str, record: OutboundRecord
+    reply: PartnerReply,
+    *,
+    keyring: KeyRing,
+    partner: str,
+    record: OutboundRecord,
+    typ: str = DEFAULT_TYP,
+    adapter: Adapter | None = None,
 ) -> Verdict:
-    """Classify a synchronous answer; its receipt decides whenever it verifies."""
+    """Classify a synchronous answer; its receipt decides whenever it verifies. A native-format
+    partner's receipt is signed with its ``typ`` and read through its ``adapter``."""
     receipt_error: str
     if reply.signature is not None and reply.body:
         try:
@@ -109,6 +122,8 @@ def judge_reply(
                 partner,
                 record.message_id,
                 record.body_digest,
+                typ=typ,
+                adapter=adapter,
             )
         except GatewayError as exc:
             receipt_error = f"invalid receipt ({exc.code}): {exc.reason}"
@@ -186,6 +201,39 @@ def _not_after_expiry(record: OutboundRecord, next_at: datetime) -> datetime:
     return next_at
 
 
+def sign_again(
+    body: bytes,
+    *,
+    partner: PartnerConfig,
+    signing_keys: Sequence[SigningKey],
+    now: datetime,
+    signed_before: datetime | None = None,
+    renew_expiry: bool = False,
+) -> Resigned | None:
+    """The same message (id, payload) signed again now with the newest valid key:
+    ``created_at`` now; with ``renew_expiry``, ``expires_at`` as far from now as it was from
+    the ``created_at`` it replaces (else kept). None when its bytes were signed after
+    ``signed_before``; GatewayError when they cannot be read or signed."""
+    adapter = adapter_for(partner)
+    envelope = parse_envelope(adapter.to_canonical(body), max_bytes=len(body) + (1 << 20))
+    if signed_before is not None and envelope.header.created_at > signed_before:
+        return None
+    old = envelope.header
+    expires_at = old.expires_at
+    if renew_expiry and expires_at is not None:
+        expires_at = now + (expires_at - old.created_at)
+    header = replace(old, created_at=now, expires_at=expires_at)
+    new_body = adapter.from_canonical(encode_envelope(header, envelope.payload))
+    key = current_signing_key(signing_keys, now)
+    return Resigned(
+        body=new_body,
+        body_digest=body_digest(new_body),
+        signature=sign_detached(new_body, key, typ=partner.typ),
+        kid=key.kid,
+        expires_at=expires_at if renew_expiry else None,
+    )
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
 
@@ -204,7 +252,7 @@ class Dispatcher:
         clock: Clock,
         worker_id: str | None = None,
         rng: random.Random | None = None,
-        batch_size: int = 32,
+        batch_size: int = MAX_IN_FLIGHT,
         metrics: Metrics | None = None,
     ) -> None:
         outbox = config.outbox
@@ -261,15 +309,23 @@ class Dispatcher:
                 f"receipt answers {message_id}, which is no message of ours to {received.peer}",
             )
             return
+        partner = self._config.partners.get(received.peer)
+        adapter = None if partner is None else adapter_for(partner)
+        verify = partial(
+            verify_receipt,
+            received.body,
+            received.signature,
+            self._keyring,
+            received.peer,
+            record.message_id,
+            record.body_digest,
+        )
         try:
-            receipt = verify_receipt(
-                received.body,
-                received.signature,
-                self._keyring,
-                received.peer,
-                record.message_id,
-                record.body_digest,
-            )
+            if partner is None or adapter is None or is_canonical(adapter):
+                receipt = verify()
+            else:
+                # a native adapter runs in a worker thread, as inbound (docs/adapters.md)
+                receipt = await asyncio.to_thread(verify, typ=partner.typ, adapter=adapter)
         except GatewayError as exc:
             log.warning(
                 "receipt_refused", message_id=record.message_id, code=exc.code, reason=exc.reason
@@ -285,17 +341,32 @@ class Dispatcher:
             status=None,
             retry_after_s=None,
         )
-        # Written at once, durably and without a lease: a worker still sending the message
-        # loses its lease and its own result yields to this one.
-        update, events = self._outcome(
-            record, verdict, sent_at=self._clock.now(), transport=received.transport, sent=False
+        # A message given up on (dead) is settled by the partner's signed answer all the same:
+        # its ACK says the partner holds it. Only a final answer settles it: no STALE re-sign,
+        # and a NACK for later (RATE_LIMITED, UNAVAILABLE) leaves it dead.
+        dead = record.state is OutboundState.DEAD
+        state = record.state.value
+        if not dead or verdict.kind != "retry":
+            # Written at once, durably and without a lease: a worker still sending the message
+            # loses its lease and its own result yields to this one.
+            update, events = self._outcome(
+                record, verdict, sent_at=self._clock.now(), transport=received.transport, sent=False
+            )
+            try:
+                await self._store.record_receipt(record.message_id, update, events, dead_too=dead)
+            except InvalidTransition as exc:
+                state = exc.state
+            else:
+                log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
+                return
+        log.info("receipt_for_finished_message", message_id=record.message_id, state=state)
+        answer = receipt.code.value if receipt.code else receipt.status
+        await self._refuse_receipt(
+            received,
+            NackCode.DUPLICATE_CONFLICT,
+            f"receipt ({answer}) for {record.message_id}, which is already {state}:"
+            " it settles nothing",
         )
-        try:
-            await self._store.record_receipt(record.message_id, update, events)
-        except InvalidTransition as exc:
-            log.info("receipt_for_finished_message", message_id=record.message_id, state=exc.state)
-            return
-        log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
 
     async def _refuse_receipt(self, received: ReceivedReceipt, code: NackCode, reason: str) -> None:
         """Audit a partner's receipt that settles nothing (``rejected``). It is not answered:
@@ -317,25 +388,69 @@ class Dispatcher:
         await record_or_log(lambda entry: self._store.append_audit([entry]), event)
 
     async def run(self) -> None:
-        """Work until ``stop()``; store outages are waited out, and no failure is fatal."""
-        while not self._stopping.is_set():
-            try:
-                worked = await self.run_once()
-            except Unavailable as exc:
-                self._count_failure("store_unavailable")
-                log.warning("dispatcher_store_unavailable", reason=exc.reason)
-                worked = 0
-            except Exception:
-                # A bug, not an outage: the claimed rows keep their leases and come back when
-                # they end; say so with the traceback and keep sending, rather than stop unseen.
-                self._count_failure("internal_error")
-                log.exception("dispatcher_round_failed")
-                worked = 0
-            if worked:
-                continue
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.outbox.poll_interval_s)
+        """Work until ``stop()``; store outages are waited out, and no failure is fatal.
+
+        Up to ``batch_size`` attempts are in flight at once, each a task of its own. Rows are
+        claimed only for free slots, and again as soon as an attempt ends, on ``wake()`` and
+        every ``poll_interval_s``: so a slow partner's attempts (up to ``send_timeout_s``
+        each) hold up only their own slots, and a row due for another partner starts within
+        about ``poll_interval_s`` (urgent rows first, as ``claim_outbound`` orders them).
+        A claimed row's attempt starts at once, never waiting in this process for a slot:
+        its lease (``send_timeout_s`` + 10 s) covers only the attempt itself. On ``stop()``
+        nothing more is claimed and the attempts in flight finish, as before.
+        """
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while not self._stopping.is_set():
+                # Cleared before the claim: a wake-up (or an attempt ending) during it is not
+                # lost, it makes the loop look again at once.
+                self._wake.clear()
+                free = self._batch_size - len(in_flight)
+                if free > 0:
+                    try:
+                        records = await self._store.claim_outbound(
+                            self._worker_id, self._clock.now(), free, self._lease_s
+                        )
+                    except Unavailable as exc:
+                        self._count_failure("store_unavailable")
+                        log.warning("dispatcher_store_unavailable", reason=exc.reason)
+                        records = []
+                    except Exception:
+                        self._count_failure("internal_error")
+                        log.exception("dispatcher_round_failed")
+                        records = []
+                    for record in records:
+                        task = asyncio.create_task(
+                            self._attempt_in_flight(record), name=f"c2c-send-{record.message_id}"
+                        )
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                        # a freed slot is filled at once
+                        task.add_done_callback(lambda _: self._wake.set())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._config.outbox.poll_interval_s)
+        except asyncio.CancelledError:
+            for task in in_flight:
+                task.cancel()
+            raise
+        finally:
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _attempt_in_flight(self, record: OutboundRecord) -> None:
+        """One claimed row's attempt as a task of ``run``; no failure escapes it."""
+        try:
+            await self._process(record)
+        except Unavailable as exc:
+            self._count_failure("store_unavailable")
+            log.warning(
+                "dispatcher_store_unavailable", message_id=record.message_id, reason=exc.reason
+            )
+        except Exception:
+            # A bug, not an outage: the row keeps its lease and comes back when it ends; say
+            # so with the traceback and keep sending, rather than stop unseen.
+            self._count_failure("internal_error")
+            log.exception("dispatcher_round_failed", message_id=record.message_id)
 
     def _count_failure(self, reason: str) -> None:
         if self._metrics is not None:
@@ -347,7 +462,9 @@ class Dispatcher:
             self._metrics.outbound_attempts.labels(partner, result).inc()
 
     async def run_once(self) -> int:
-        """Claim one batch of due rows and finish each; returns how many were claimed."""
+        """Claim one batch of due rows and finish each; returns how many were claimed.
+
+        A step for tests and tools: ``run`` does not wait for a whole batch like this."""
         records = await self._store.claim_outbound(
             self._worker_id, self._clock.now(), self._batch_size, self._lease_s
         )
@@ -413,6 +530,9 @@ class Dispatcher:
                 now,
             )
             return
+        if not self._attempts_left(record.attempts):
+            await self._give_up(record, now)
+            return
         partner = self._config.partners.get(record.recipient)
         if partner is None:
             await self._finish_dead(
@@ -460,7 +580,7 @@ class Dispatcher:
             message_type=record.message_type,
             body=record.body,
             signature=record.signature,
-            content_type=min(adapter_for(partner).content_types),
+            content_type=content_type_of(adapter_for(partner)),
         )
         sent_at = self._clock.now()
         verdict: Verdict
@@ -474,7 +594,14 @@ class Dispatcher:
                 breaker.release()
                 await self._finish_handed(record, sent_at=sent_at)
                 return
-            verdict = judge_reply(result, keyring=self._keyring, partner=partner.id, record=record)
+            adapter = adapter_for(partner)
+            judge = partial(
+                judge_reply, result, keyring=self._keyring, partner=partner.id, record=record
+            )
+            if is_canonical(adapter):
+                verdict = judge()
+            else:
+                verdict = await asyncio.to_thread(judge, typ=partner.typ, adapter=adapter)
         if verdict.kind == "retry":
             breaker.record_failure()
         elif verdict.partner_healthy:
@@ -494,6 +621,40 @@ class Dispatcher:
             [self._event(EventKind.SENT, record, at=sent_at, outcome="sent")],
         )
         self._count_attempt(record, "handed")
+
+    def _attempts_left(self, attempts: int) -> bool:
+        """Whether another attempt may follow ``attempts``: always, unless ``[outbox]
+        max_attempts`` caps them (then the message is dead before its expiry)."""
+        cap = self._config.outbox.max_attempts
+        return cap is None or attempts < cap
+
+    async def _give_up(self, record: OutboundRecord, now: datetime) -> None:
+        """A row due again with no attempt left: an asynchronous transport's last attempt got
+        no receipt in its wait (or ``max_attempts`` was lowered since). It ends as a synchronous
+        transport's last failed attempt does: ``attempt_failed`` then ``dead``, same reason."""
+        failure = record.last_error or (
+            f"no receipt for attempt {record.attempts}"
+            f", handed over at {format_rfc3339(record.updated_at)}"
+        )
+        reason = f"gave up after {record.attempts} attempts; last error: {failure}"
+        await self._store.finish_attempt(
+            record.message_id,
+            self._worker_id,
+            AttemptUpdate(
+                state=OutboundState.DEAD,
+                attempts=record.attempts,
+                next_attempt_at=now,
+                last_error=reason,
+            ),
+            [
+                self._event(
+                    EventKind.ATTEMPT_FAILED, record, at=now, outcome="failed", reason=failure
+                ),
+                self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason),
+            ],
+        )
+        self._count_attempt(record, "dead")
+        log.warning("outbound_dead", message_id=record.message_id, reason=reason)
 
     def _next_attempt(
         self, record: OutboundRecord, attempts: int, *, retry_after_s: float | None, now: datetime
@@ -532,33 +693,27 @@ class Dispatcher:
         if (
             receipt is None
             or receipt.code is not NackCode.STALE
+            # a late receipt for a message given up on settles it as it is
+            or record.state is OutboundState.DEAD
             or record.body is None
             or (record.expires_at is not None and record.expires_at <= now)
-            or attempts >= self._config.outbox.max_attempts
+            or not self._attempts_left(attempts)
         ):
             return None
         partner = self._config.partners.get(record.recipient)
         if partner is None:
             return None
-        adapter = adapter_for(partner)
         try:
-            envelope = parse_envelope(
-                adapter.to_canonical(record.body), max_bytes=len(record.body) + (1 << 20)
+            return sign_again(
+                record.body,
+                partner=partner,
+                signing_keys=self._signing_keys,
+                now=now,
+                signed_before=now - RESIGN_AFTER,
             )
-            if now - envelope.header.created_at < RESIGN_AFTER:
-                return None
-            header = replace(envelope.header, created_at=now)
-            body = adapter.from_canonical(encode_envelope(header, envelope.payload))
-            key = current_signing_key(self._signing_keys, now)
         except GatewayError as exc:
             log.warning("outbound_not_resigned", message_id=record.message_id, reason=exc.reason)
             return None
-        return Resigned(
-            body=body,
-            body_digest=body_digest(body),
-            signature=sign_detached(body, key, typ=partner.typ),
-            kid=key.kid,
-        )
 
     def _outcome(
         self,
@@ -646,7 +801,7 @@ class Dispatcher:
                 receipt_body=receipt_body,
                 receipt_signature=receipt_signature,
             )
-        elif verdict.kind == "dead" or attempts >= self._config.outbox.max_attempts:
+        elif verdict.kind == "dead" or not self._attempts_left(attempts):
             events.append(
                 self._event(
                     EventKind.ATTEMPT_FAILED,

@@ -222,6 +222,9 @@ class Resigned:
     body_digest: str
     signature: str
     kid: str
+    #: the new ``expires_at`` when the signing changed it (an operator retry of an expired
+    #: message); None: unchanged
+    expires_at: datetime | None = None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -239,10 +242,14 @@ class AttemptUpdate:
 
     def resigned_columns(self) -> tuple[bytes | None, str | None, str | None, str | None]:
         """``body``, ``body_digest``, ``signature``, ``kid`` to store (None: keep)."""
-        r = self.resigned
-        return (
-            (None, None, None, None) if r is None else (r.body, r.body_digest, r.signature, r.kid)
-        )
+        return resigned_columns(self.resigned)
+
+
+def resigned_columns(
+    r: Resigned | None,
+) -> tuple[bytes | None, str | None, str | None, str | None]:
+    """``body``, ``body_digest``, ``signature``, ``kid`` to store (None: keep)."""
+    return (None, None, None, None) if r is None else (r.body, r.body_digest, r.signature, r.kid)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -500,9 +507,17 @@ class Store(Protocol):
     async def get_outbound(self, message_id: str) -> OutboundRecord | None: ...
 
     async def retry_outbound(
-        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        *,
+        now: datetime,
+        actor: str,
+        events: Sequence[AuditEvent],
+        resigned: Resigned | None = None,
     ) -> OutboundRecord:
-        """dead/rejected -> queued with attempts reset; MessageNotFound / InvalidTransition."""
+        """dead/rejected -> queued with attempts reset; MessageNotFound / InvalidTransition.
+        With ``resigned`` (an expired message signed again), its bytes and ``expires_at``
+        replace the stored ones."""
         ...
 
     async def outbox_depth(self) -> dict[OutboundState, int]: ...

@@ -61,11 +61,13 @@ from gateway.store.base import (
     OutboundRecord,
     OutboundState,
     RelayLease,
+    Resigned,
     StoreError,
     WitnessedState,
     audit_head_size,
     document_version_of,
     empty_depth,
+    resigned_columns,
     same_request,
 )
 from gateway.store.migrations import load_migrations
@@ -974,7 +976,13 @@ class PostgresStore:
         return None if row is None else _outbound(row)
 
     async def retry_outbound(
-        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        *,
+        now: datetime,
+        actor: str,
+        events: Sequence[AuditEvent],
+        resigned: Resigned | None = None,
     ) -> OutboundRecord:
         events = list(events)
 
@@ -995,11 +1003,17 @@ class PostgresStore:
             updated = await c.fetchrow(
                 "UPDATE outbound_messages SET state = 'queued', attempts = 0, "
                 "next_attempt_at = $1, last_error = NULL, updated_at = $1, lease_owner = NULL, "
-                f"lease_until = NULL, retried_by = $2 WHERE message_id = $3 "
-                f"RETURNING {_OUTBOUND_COLUMNS}",
+                "lease_until = NULL, retried_by = $2, body = COALESCE($4, body), "
+                "body_digest = COALESCE($5, body_digest), signature = COALESCE($6, signature), "
+                "kid = COALESCE($7, kid), expires_at = COALESCE($8, expires_at) "
+                f"WHERE message_id = $3 RETURNING {_OUTBOUND_COLUMNS}",
                 _aware(now),
                 actor,
                 message_id,
+                *resigned_columns(resigned),
+                None
+                if resigned is None or resigned.expires_at is None
+                else _aware(resigned.expires_at),
             )
             if updated is None:
                 raise MessageNotFound(message_id)

@@ -62,12 +62,14 @@ from gateway.store.base import (
     OutboundRecord,
     OutboundState,
     RelayLease,
+    Resigned,
     StoreError,
     WitnessedState,
     audit_head_size,
     document_version_of,
     empty_depth,
     events_for_marked,
+    resigned_columns,
     same_request,
 )
 from gateway.store.migrations import load_migrations
@@ -1182,7 +1184,13 @@ class SqliteStore:
         return await self._read(lambda c: _get_outbound(c, message_id))
 
     async def retry_outbound(
-        self, message_id: str, *, now: datetime, actor: str, events: Sequence[AuditEvent]
+        self,
+        message_id: str,
+        *,
+        now: datetime,
+        actor: str,
+        events: Sequence[AuditEvent],
+        resigned: Resigned | None = None,
     ) -> OutboundRecord:
         events = list(events)
 
@@ -1201,8 +1209,18 @@ class SqliteStore:
             c.execute(
                 "UPDATE outbound_messages SET state = 'queued', attempts = 0, "
                 "next_attempt_at = ?, last_error = NULL, updated_at = ?, lease_owner = NULL, "
-                "lease_until = NULL, retried_by = ? WHERE message_id = ?",
-                (_us(now), _us(now), actor, message_id),
+                "lease_until = NULL, retried_by = ?, body = COALESCE(?, body), "
+                "body_digest = COALESCE(?, body_digest), signature = COALESCE(?, signature), "
+                "kid = COALESCE(?, kid), expires_at = COALESCE(?, expires_at) "
+                "WHERE message_id = ?",
+                (
+                    _us(now),
+                    _us(now),
+                    actor,
+                    *resigned_columns(resigned),
+                    _us_opt(None if resigned is None else resigned.expires_at),
+                    message_id,
+                ),
             )
             self._append_audit(c, events)
             return _require_outbound(c, message_id)

@@ -38,6 +38,13 @@ from gateway.transports.tls_accept import PeerRefused, classify
 MESSAGES_PATH = "/c2c/v1/messages"
 #: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024
+#: Connections open to one partner at once (its host and port), at most. As many as the
+#: dispatcher has attempts in flight (``dispatcher.MAX_IN_FLIGHT``), so a request never waits
+#: for one of our own pooled connections: ``send_timeout_s`` runs from the request's start and
+#: would count that wait against the partner (a partner answering within it "timed out",
+#: was sent the message twice and had its breaker opened). The pool still bounds the
+#: connections; the dispatcher's bound is what keeps them from queueing.
+CONNECTIONS_PER_PARTNER = 32
 
 
 class AddressRefused(OSError):
@@ -199,7 +206,7 @@ class HttpsTransport:
         *,
         timeout_s: float,
         connect_timeout_s: float = 10.0,
-        limit_per_host: int = 8,
+        limit_per_host: int = CONNECTIONS_PER_PARTNER,
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         crls: Callable[[], Sequence[CrlFile]] | None = None,
@@ -212,7 +219,9 @@ class HttpsTransport:
         refusal closes the connection before a request is written on it, and a connection
         takes no request after its answer ends.
         ``on_certificate_refused(reason)``: a connection was refused for the server's
-        certificate (``tls_accept.REASONS``), in the handshake or by ``check_server``."""
+        certificate (``tls_accept.REASONS``), in the handshake or by ``check_server``.
+        ``limit_per_host``: at least as many as the caller has sends in flight, or a send
+        waits for a connection inside ``timeout_s`` (see ``CONNECTIONS_PER_PARTNER``)."""
         self._tls = tls
         self._crls = crls
         self._check_server = check_server

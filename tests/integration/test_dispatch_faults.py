@@ -284,10 +284,14 @@ async def test_partner_down_backoff_breaker_expiry_then_cli_retry(env: Env) -> N
     assert dead.state is OutboundState.DEAD
     assert (dead.last_error or "").startswith("expired at ")
     assert b'"event":"dead"' in (await env.events(record.message_id))[-1]
-    # Its signed header says it expired, so an operator retry is refused with the reason.
-    code, _, err = await cli_retry(env, record.message_id)
-    assert code == 2
-    assert "would be refused as STALE" in err
+    # PROTOCOL.md section 7: retryable by an operator. Its signed header says it expired, so
+    # the retry signs it again (same id and payload, new created_at and expires_at).
+    code, out, err = await cli_retry(env, record.message_id)
+    assert (code, err) == (0, "")
+    assert "queued again" in out
+    retried = await env.row(record.message_id)
+    assert retried.state is OutboundState.QUEUED
+    assert retried.body_digest != record.body_digest
 
 
 async def test_a_message_held_by_an_open_breaker_is_dead_at_its_expiry(env: Env) -> None:
