@@ -138,7 +138,8 @@ async def test_a_message_over_the_partners_size_limit_is_refused_at_submission(
         assert (status, body["code"]) == (413, "TOO_LARGE"), body
         assert body["detail"].startswith("the signed message to MX-ANAM would be ")
         assert body["detail"].endswith(
-            f" bytes, over the {request_bytes + 16} bytes MX-ANAM takes (max_body_bytes in its partner.toml)"
+            f" bytes, over the {request_bytes + 16} bytes MX-ANAM takes"
+            " (max_body_bytes in its partner.toml)"
         )
         assert sum((await running.gateway.store.outbox_depth()).values()) == 0
         rows = await running.gateway.store.audit_entries(
