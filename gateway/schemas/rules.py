@@ -23,6 +23,7 @@ CrossFieldRule = Callable[[Any, EmbeddedValidator], None]
 _ROUNDING_PER_LINE = Decimal("0.01")
 _MASS_EPSILON = 1e-9
 # Masses carry 3 decimals; sums of floats may drift by less than a gram.
+_MASS_DECIMALS = 3
 _MASS_TOLERANCE_KG = 0.001
 # A total gross mass may differ from its lines' sum by 1 % or 10 g, whichever is larger (10.3).
 _MASS_TOTAL_SHARE = Decimal("0.01")
@@ -112,6 +113,24 @@ def _kg(mass: float) -> Decimal:
     return Decimal(str(mass))
 
 
+def _check_mass_decimals(node: Any, pointer: str = "") -> None:
+    """Every ``*mass_kg`` member has 3 decimals at most (``$defs/mass_kg``), read as its JSON
+    text reads (the shortest repr): a schema's ``multipleOf: 0.001`` would divide in binary
+    floating point, and validators disagree on 0.41."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(value, float) and key.endswith("mass_kg"):
+                exponent = _kg(value).as_tuple().exponent
+                if isinstance(exponent, int) and exponent < -_MASS_DECIMALS:
+                    raise _fail(f"{pointer}/{key}", f"has more than {_MASS_DECIMALS} decimals")
+            elif isinstance(value, dict | list):
+                _check_mass_decimals(value, f"{pointer}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            if isinstance(value, dict | list):
+                _check_mass_decimals(value, f"{pointer}/{i}")
+
+
 def _check_total_mass(total: float, total_pointer: str, masses: Iterable[float], of: str) -> None:
     line_sum = sum((_kg(m) for m in masses), Decimal(0))
     tolerance = max(line_sum * _MASS_TOTAL_SHARE, _MASS_TOTAL_FLOOR_KG)
@@ -189,6 +208,7 @@ def _check_goods_totals(payload: Any, items: list[Any]) -> None:
 
 
 def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
+    _check_mass_decimals(payload)
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
     _check_net_within_gross(items, "/goods_items")
@@ -201,6 +221,7 @@ def advance_data(payload: Any, _embedded: EmbeddedValidator) -> None:
 
 
 def manifest(payload: Any, _embedded: EmbeddedValidator) -> None:
+    _check_mass_decimals(payload)
     masters = payload["masters"]
     houses = [
         (f"/masters/{m}/houses/{h}/house_document", (d["type"], d["reference"]))
@@ -238,6 +259,7 @@ def manifest(payload: Any, _embedded: EmbeddedValidator) -> None:
 
 
 def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
+    _check_mass_decimals(payload)
     items = payload["goods_items"]
     _check_unique_sequences(items, "/goods_items")
     _check_net_within_gross(items, "/goods_items")
@@ -256,6 +278,7 @@ def export_declaration(payload: Any, _embedded: EmbeddedValidator) -> None:
 
 
 def seizure_report(payload: Any, _embedded: EmbeddedValidator) -> None:
+    _check_mass_decimals(payload)
     _check_unique(
         ((f"/goods/{i}/sequence", g["sequence"]) for i, g in enumerate(payload["goods"])),
         "sequence number",
