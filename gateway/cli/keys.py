@@ -73,7 +73,12 @@ class RotationPlan:
 def plan_rotation(
     config: GatewayConfig, *, not_before: datetime, overlap: timedelta
 ) -> RotationPlan:
-    cutoff = not_before + overlap
+    try:
+        cutoff = not_before + overlap
+    except OverflowError:
+        raise RotationRefused(
+            f"--not-before {toml_time(not_before)} plus the overlap is after the year 9999"
+        ) from None
     for index, key in enumerate(config.signing_keys):
         if key.not_before is not None and key.not_before >= not_before:
             raise RotationRefused(

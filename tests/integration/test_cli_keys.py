@@ -162,6 +162,17 @@ def test_a_pending_rotation_or_past_time_is_refused_and_nothing_changes(
     assert sorted(config.signing_keys[0].path.parent.iterdir()) == files
 
 
+def test_a_rotation_whose_overlap_ends_after_9999_is_refused(config: GatewayConfig) -> None:
+    before = config.source.read_bytes()
+    done = run("keys", "rotate", "--config", config.source, "--not-before", "9999-12-30T00:00:00Z")
+    assert (done.exit_code, done.stderr) == (
+        2,
+        f"error: {config.source}: signing_keys: --not-before 9999-12-30T00:00:00Z plus the"
+        " overlap is after the year 9999\n",
+    )
+    assert config.source.read_bytes() == before
+
+
 def test_an_inline_key_array_is_refused_with_the_lines_to_add(config: GatewayConfig) -> None:
     text = config.source.read_text(encoding="utf-8")
     key_path = str(config.signing_keys[0].path)
