@@ -27,7 +27,7 @@ log = structlog.get_logger(__name__)
 
 
 class DispatcherService:
-    """Runs ``Dispatcher.run`` as a task; stopping lets the current batch finish."""
+    """Runs ``Dispatcher.run`` as a task; stopping lets the attempts in flight finish."""
 
     def __init__(self, dispatcher: Dispatcher, transports: Mapping[str, OutboundTransport]) -> None:
         self.dispatcher = dispatcher
