@@ -35,7 +35,7 @@ async def main(path: str, start: int) -> None:
             sender="MX-SAT", message_id=mid, recipient="US-CBP",
             message_type="t", schema_version="1.0", correlation_id=None, in_reply_to=None,
             body=body, body_digest="sha-256:" + mid, signature="s", kid="k",
-            transport="https", received_at=datetime.now(UTC),
+            transport="https", received_at=datetime.now(UTC), created_at=datetime.now(UTC),
             receipt_body=b"r", receipt_signature="rs",
         )
         event = AuditEvent(event=EventKind.ACCEPTED, at=datetime.now(UTC), message_id=mid)
@@ -68,7 +68,8 @@ async def _run_and_kill(path: Path, start: int, acks_before_kill: int) -> set[st
     while len(acked) < acks_before_kill:
         line = await asyncio.wait_for(proc.stdout.readline(), timeout=60)
         assert line, (await proc.stderr.read()).decode() if proc.stderr else "writer exited"
-        acked.add(line.decode().strip())
+        if line.startswith(b"m-"):  # an ack; the store may log on stdout too
+            acked.add(line.decode().strip())
     os.kill(proc.pid, signal.SIGKILL)
     rest, _ = await proc.communicate()
     acked |= {ln for ln in rest.decode().splitlines() if ln.startswith("m-")}
