@@ -15,6 +15,13 @@ The hot path needs no claim: the inbound pipeline stores each new row already le
 relay (``lease()``) and hands the committed record over (``stored()``), so a round is the
 publishes (confirms pipelined) plus one mark. Claims remain for what no one handed over: rows
 of a crashed or stopped relay, and records dropped from a full hand-over queue.
+
+A record the bus refuses (RabbitMQ returned or nacked it) leaves the hand-over queue and waits
+out its lease in the database, whoever holds it: the claim skips leased rows, the relay's own
+too, so however many refused records wait, the rows behind them are published meanwhile, and
+each refused one is tried again once per lease. Only an outage (the bus took nothing, and not
+because it refused) puts the handed records back at the front of the queue and lets the
+claimed rows go, so that all of them are retried in order after the round's backoff.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from gateway.crashpoints import crash_point
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.store.base import InboundKey, InboundRecord, RelayLease, Store
+from gateway.transports.amqp import Refused
 from gateway.transports.bus import Bus
 
 log = structlog.get_logger(__name__)
@@ -192,28 +200,46 @@ class InboxRelay:
             self._drop_handed({record.key for record in claimed})
         handed = self._take_handed(self._batch - len(claimed))
         confirmed: list[InboundRecord] = []
+        outage = False
         try:
-            await self._publish([*handed, *claimed], confirmed)
+            try:
+                await self._publish([*handed, *claimed], confirmed)
+            except Refused as exc:
+                # the bus took none, and refused (not failed) the first: the round went as one
+                # in which the bus refused some and took others, with none taken
+                log.warning("relay_refused", records=len(handed) + len(claimed), reason=exc.reason)
+            except BaseException:
+                outage = True
+                raise
             if confirmed:
                 crash_point("S8-after-confirm-before-mark")
         finally:
             # Mark what the bus confirmed even when others of the batch failed, so a bad record
             # or a bus outage midway does not make the good ones go out again.
             done = {record.key for record in confirmed}
-            refused = [r for r in handed if r.key not in done]
-            if not confirmed:
+            if outage:
                 # the bus took nothing (an outage): the handed records go back to the front
-                # of the queue (still leased to us), retried after the round's backoff
-                self._give_back(refused)
+                # of the queue (still leased to us), and the claimed rows are let go, so that
+                # both are retried after the round's backoff, in order
+                self._give_back([r for r in handed if r.key not in done])
+                if claimed:
+                    await self._release()
             elif len(done) < len(handed) + len(claimed):
-                # the bus refused some while it took others (an unroutable routing key: no
-                # queue bound for that sender and type). Those stay pending, leased, and are
-                # claimed again when the lease runs out: retried every lease_s, not in every
-                # round of the traffic behind them. Counted as a failure: it is one.
+                # the bus refused some (an unroutable routing key: no queue bound for that
+                # sender and type; a queue that is full nacked it), whether or not it took
+                # others. Those stay pending, leased (handed over or claimed: they leave the
+                # queue), and are claimed again when the lease runs out: retried every lease_s,
+                # never in front of the records behind them. Counted as a failure: it is one.
                 self._metrics.relay_failures.inc()
             await self._mark([r for r in handed if r.key in done], self._hand_owner)
             await self._mark([r for r in claimed if r.key in done], self._owner)
         return len(confirmed)
+
+    async def _release(self) -> None:
+        try:
+            await self._store.release_relay(self._owner)
+        except GatewayError as exc:
+            log.warning("relay_release_failed", code=exc.code.value, reason=exc.reason)
 
     async def _mark(self, records: list[InboundRecord], owner: str) -> None:
         if not records:

@@ -423,11 +423,12 @@ class Store(Protocol):
         max_bytes: int | None = None,
     ) -> list[InboundRecord]:
         """Lease up to ``limit`` unrelayed rows (oldest first) to ``owner`` for ``lease_s``
-        seconds. A row leased by another owner is skipped until that lease ends; rows already
-        leased to ``owner`` are returned again (and their lease renewed). With ``max_bytes``,
-        the rows stop before the one whose body would take their bodies past it, so a backlog
-        of large messages is read a bounded amount at a time; the first row comes whatever
-        its size."""
+        seconds. A leased row is skipped until its lease ends, whoever holds it, ``owner``
+        too: a row the bus refused waits out its lease while the rows behind it are claimed,
+        instead of being claimed again in front of them every time (``release_relay`` lets
+        rows go at once). With ``max_bytes``, the rows stop before the one whose body would
+        take their bodies past it, so a backlog of large messages is read a bounded amount at
+        a time; the first row comes whatever its size."""
         ...
 
     async def release_relay(self, owner: str) -> int:

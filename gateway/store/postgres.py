@@ -738,7 +738,7 @@ class PostgresStore:
             lambda c: c.fetch(
                 "WITH due AS (SELECT seq, coalesce(octet_length(body), 0) AS n "
                 "FROM inbound_messages WHERE NOT relayed "
-                "AND (relay_owner IS NULL OR relay_owner = $3 OR relay_lease_until <= $1) "
+                "AND (relay_owner IS NULL OR relay_lease_until <= $1) "
                 "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED), "
                 "kept AS (SELECT seq FROM (SELECT seq, row_number() OVER w AS k, "
                 "sum(n) OVER w AS total FROM due WINDOW w AS (ORDER BY seq)) AS t "

@@ -961,9 +961,9 @@ class SqliteStore:
             due = c.execute(
                 "SELECT seq, sum(n) OVER (ORDER BY seq) FROM (SELECT seq, "
                 "coalesce(length(body), 0) AS n FROM inbound_messages WHERE relayed = 0 "
-                "AND (relay_owner IS NULL OR relay_owner = ? OR relay_lease_until <= ?) "
+                "AND (relay_owner IS NULL OR relay_lease_until <= ?) "
                 "ORDER BY seq LIMIT ?)",
-                (owner, now_us, limit),
+                (now_us, limit),
             ).fetchall()
             seqs: list[int] = []
             for seq, total in due:

@@ -5,11 +5,14 @@ channel error in one concern does not take the others down. Every publish waits 
 broker's confirm, is ``mandatory`` (an unroutable message is an error, never silently dropped)
 and is bounded by a deadline: RobustConnection can leave a publish waiting during a reconnect,
 so each attempt runs under a timeout and is retried until the deadline, then raises
-``Unavailable``. Consumers get a plain ``Delivery`` and answer with a ``Settlement``; settling a
-delivery whose channel died with a reconnect is skipped (its tag is meaningless on the new
-channel, and the broker redelivers it anyway). The acks of deliveries handled together go out
-as one ``basic.ack(multiple=True)`` where that covers only deliveries already answered ACK or
-already settled (``_ChannelAcks``); NACKs and rejects go out one by one.
+``Unavailable``. A refusal raises ``Refused`` at once: a message returned as unroutable, or
+nacked when published through an exchange (a bound queue full with ``reject-publish``), where a
+re-publish would copy it again into every other queue bound to its key. Consumers get a plain
+``Delivery`` and answer with a ``Settlement``; settling a delivery whose channel died with a
+reconnect is skipped (its tag is meaningless on the new channel, and the broker redelivers it
+anyway). The acks of deliveries handled together go out as one ``basic.ack(multiple=True)``
+where that covers only deliveries already answered ACK or already settled (``_ChannelAcks``);
+NACKs and rejects go out one by one.
 
 Every consumed queue is a durable quorum queue with an explicit ``x-delivery-limit`` and the
 dead-letter exchange ``c2c.dlx`` (at-least-once dead-lettering to ``<queue>.dead``): nothing
@@ -69,6 +72,12 @@ _TRANSIENT = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, ConnectionE
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 #: how long ``AmqpBroker.ping`` (``/readyz``) waits for the broker's answer to its round trip
 PROBE_TIMEOUT_S = 2.0
+
+
+class Refused(Unavailable):
+    """The broker answered no for this one message (returned it as unroutable, or nacked a
+    publish through an exchange): sending it again at once cannot help, and through a topic
+    exchange would copy it again into every queue that took it."""
 
 
 def partner_in_queue(partner_id: str) -> str:
@@ -387,7 +396,8 @@ class AmqpBroker:
         routing_key: str,
         concern: str = "publish",
     ) -> None:
-        """Publish and wait for the broker's confirm; raises ``Unavailable`` past the deadline.
+        """Publish and wait for the broker's confirm; raises ``Unavailable`` past the deadline,
+        ``Refused`` (at once) when the broker returns it, or nacks it through an exchange.
 
         A publish whose confirm was lost is sent again: receivers deduplicate by message_id.
         """
@@ -422,10 +432,23 @@ class AmqpBroker:
             except aiormq.exceptions.PublishError as exc:
                 # Returned as unroutable: no queue is bound. Retrying cannot help until an
                 # operator (or a consumer) binds one; the caller keeps the record pending.
-                raise Unavailable(
+                raise Refused(
                     f"RabbitMQ returned {message.message_id} as unroutable "
                     f"({exchange or '(default)'}/{routing_key}): no queue bound"
                 ) from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                if not exchange:
+                    # one queue (the default exchange): a re-publish can reach no other queue,
+                    # and may find room once its consumer took some
+                    last = _describe(exc)
+                else:
+                    # Nacked (a bound queue full with reject-publish, say): every other queue
+                    # bound to the key has the message already, and a re-publish would put it
+                    # there again, each time; the caller keeps the record pending instead.
+                    raise Refused(
+                        f"RabbitMQ refused {message.message_id} "
+                        f"({exchange}/{routing_key}): {_describe(exc)}"
+                    ) from exc
             except (*_TRANSIENT, TimeoutError) as exc:
                 last = _describe(exc)
             attempt += 1

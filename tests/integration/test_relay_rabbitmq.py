@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import orjson
@@ -84,14 +85,16 @@ class RelayEnv:
         assert result.http_status == 202, result
         return message_id
 
-    async def bind(self, queue_name: str, routing_key: str) -> None:
+    async def bind(
+        self, queue_name: str, routing_key: str, *, arguments: dict[str, Any] | None = None
+    ) -> None:
         """A CBP system's queue on ``c2c.inbound`` for ``routing_key`` only, consumed."""
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             assert message.message_id is not None
             self.received.append(message.message_id)
 
-        queue = await self.channel.declare_queue(queue_name, exclusive=True)
+        queue = await self.channel.declare_queue(queue_name, exclusive=True, arguments=arguments)
         await queue.bind("c2c.inbound", routing_key=routing_key)
         await queue.consume(on_message, no_ack=True)
 
@@ -132,10 +135,14 @@ class RelayEnv:
 
 
 @asynccontextmanager
-async def relay_env(root: Path, vhost: RabbitVhost) -> AsyncIterator[RelayEnv]:
+async def relay_env(
+    root: Path, vhost: RabbitVhost, *, publish_timeout_s: float = 5.0
+) -> AsyncIterator[RelayEnv]:
     """A started gateway on ``vhost`` (the RabbitMQ bus, SQLite, a manual clock) with no queue
     bound to ``c2c.inbound`` yet: the test binds what its CBP systems consume."""
-    config = load_config(write_config(root, amqp_url=vhost.url()))
+    config = load_config(
+        write_config(root, amqp_url=vhost.url(), publish_timeout_s=publish_timeout_s)
+    )
     clock = ManualClock(dt.datetime.now(dt.UTC))
     gateway = Gateway(config, clock=clock)
     connection = await aio_pika.connect(vhost.url())
@@ -210,6 +217,8 @@ async def test_an_outage_longer_than_the_lease_does_not_make_the_relay_deliver_t
         # the hand-over lease ran out: the relay's own next claim takes the row
         await env.until(claimed_by_the_relay)
         await env.bind("cbp.all", "#")
+        # refused again under the claim, it waits out that lease too
+        env.clock.advance(dt.timedelta(seconds=env.gateway.config.relay.lease_s + 1))
         await env.until(env.nothing_pending)
         await asyncio.sleep(1.5)  # three more poll rounds: a second publish would show here
         assert env.received == [mx_id]
@@ -226,13 +235,130 @@ async def test_a_stopping_relay_gives_back_every_lease_it_holds(
         relay = env.gateway.relay
         await env.accept(MX)
         await env.failed_rounds(1)
+        failures = env.failures()
         env.clock.advance(dt.timedelta(seconds=env.gateway.config.relay.lease_s + 1))
 
-        async def claimed_by_the_relay() -> bool:
+        async def claimed_and_refused() -> bool:
             owners = await env.database.rows("SELECT relay_owner FROM inbound_messages")
-            return owners == [(relay.owner,)]
+            # its claimed copy is refused too, and waits out the claim's lease
+            return owners == [(relay.owner,)] and env.failures() > failures
 
-        await env.until(claimed_by_the_relay)
-        await env.failed_rounds(1)  # its claimed copy is refused too
+        await env.until(claimed_and_refused)
         await relay.stop()
         assert await env.database.rows("SELECT relay_owner FROM inbound_messages") == [(None,)]
+
+
+#: a relay batch far smaller than the default, so that a backlog larger than a batch is quick
+SMALL_BATCH = 4
+
+
+async def test_a_backlog_of_unroutable_messages_larger_than_a_batch_holds_nothing_up(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """More unroutable messages than a relay batch, then a routable one: it arrives at once,
+    and the unroutable ones are tried again only when their lease runs out. Before, a batch
+    the bus refused entirely went back to the front of the hand-over queue, and the claim
+    re-took the rows the relay held whatever their lease: the same refused batch was published
+    in every round, and nothing behind it ever reached ``c2c.inbound``."""
+    async with relay_env(tmp_path, rabbit_vhost) as env:
+        env.gateway.relay._batch = SMALL_BATCH
+        await env.bind("cbp.ship", f"{CA}.#")  # no queue binds MX-ANAM's messages
+        unroutable = [await env.accept(MX) for _ in range(3 * SMALL_BATCH)]
+        await env.failed_rounds(1)
+        ca_id = await env.accept(CA)
+
+        async def ca_received() -> bool:
+            return ca_id in env.received
+
+        await env.until(ca_received)
+        assert sorted(await env.pending()) == sorted(unroutable)
+
+        # not tried again in every round: the lease has not run out (a manual clock)
+        failures = env.failures()
+        for _ in range(6):
+            env.gateway.relay.notify()
+            await asyncio.sleep(0.25)
+        assert env.failures() == failures
+
+        # once the lease ran out they are tried again, and go out once a queue is bound
+        await env.bind("cbp.mx", f"{MX}.#")
+        env.clock.advance(dt.timedelta(seconds=env.gateway.config.relay.lease_s + 1))
+        await env.until(env.nothing_pending)
+        await asyncio.sleep(0.3)
+        assert Counter(env.received) == Counter({m: 1 for m in [ca_id, *unroutable]})
+
+
+async def test_an_unroutable_backlog_on_the_claim_path_holds_nothing_up(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """The same backlog with no hand-over (rows stored while the relay was stopped, as after a
+    restart): claims take the rows behind the refused ones while those wait for their lease.
+    Before, every claim took the relay's own refused rows again, oldest first."""
+    async with relay_env(tmp_path, rabbit_vhost) as env:
+        relay = env.gateway.relay
+        relay._batch = SMALL_BATCH
+        await env.bind("cbp.ship", f"{CA}.#")
+        await relay.stop()
+        unroutable = [await env.accept(MX) for _ in range(3 * SMALL_BATCH)]
+        ca_id = await env.accept(CA)
+        relay.start()
+
+        async def ca_received() -> bool:
+            return ca_id in env.received
+
+        await env.until(ca_received)
+        assert sorted(await env.pending()) == sorted(unroutable)
+
+
+async def test_a_full_queue_that_nacks_is_a_refusal_not_a_republish_loop(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """A CBP queue bounded with ``reject-publish`` is full: the broker nacks the publish. The
+    row waits for its lease like an unroutable one, counted; each relay attempt puts the
+    message once in the other queue bound to its key, and another partner's messages are not
+    held up. Before, a nack was re-published until the publish deadline: copy after copy into
+    the other queue, and the whole batch waited for it."""
+    async with relay_env(tmp_path, rabbit_vhost, publish_timeout_s=30.0) as env:
+        await env.bind("cbp.all", "#")
+        full = await env.channel.declare_queue(
+            "cbp.full",
+            exclusive=True,
+            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await full.bind("c2c.inbound", routing_key=f"{MX}.#")  # not consumed: it stays full
+        first = await env.accept(MX)
+
+        async def first_received() -> bool:
+            return first in env.received
+
+        await env.until(first_received)
+        nacked = [await env.accept(MX) for _ in range(2)]
+        await env.failed_rounds(1)
+        ca_id = await env.accept(CA)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def ca_received() -> bool:
+            return ca_id in env.received
+
+        await env.until(ca_received)
+        # well under the 30 s publish deadline a nack was re-published for
+        assert loop.time() - started < 10
+        for _ in range(6):
+            env.gateway.relay.notify()
+            await asyncio.sleep(0.25)
+        counts = Counter(env.received)
+        assert all(counts[m] == 1 for m in [first, ca_id, *nacked]), counts
+        assert sorted(await env.pending()) == sorted(nacked)
+
+        # the lease ran out: tried once more each, nacked again, one more copy each
+        failures = env.failures()
+        env.clock.advance(dt.timedelta(seconds=env.gateway.config.relay.lease_s + 1))
+        await env.failed_rounds(1)
+        for _ in range(6):
+            env.gateway.relay.notify()
+            await asyncio.sleep(0.25)
+        counts = Counter(env.received)
+        assert all(counts[m] == 2 for m in nacked), counts
+        assert env.failures() == failures + 1
+        assert sorted(await env.pending()) == sorted(nacked)

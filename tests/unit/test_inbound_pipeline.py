@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.clock import ManualClock, SystemClock
+from gateway.clock import ManualClock
 from gateway.config import RateLimit, load_config
 from gateway.crypto.jws import raw_sign, sign_detached, signing_input
 from gateway.crypto.keys import SigningKey, b64url, load_signing_key
@@ -560,17 +560,23 @@ async def test_relay_republishes_what_the_bus_did_not_confirm_and_only_that(
 
     bus.subscribe(consumer)
 
-    relay = InboxRelay(store=gateway.store, bus=bus, clock=SystemClock(), metrics=gateway.metrics)
+    clock = gateway.clock
+    assert isinstance(clock, ManualClock)
+    relay = InboxRelay(store=gateway.store, bus=bus, clock=clock, metrics=gateway.metrics)
+    past_the_lease = dt.timedelta(seconds=11)
     messages = [message(gateway) for _ in range(3)]
     for _, body in messages:
         assert (await gateway.pipeline.handle(amqp_request(gateway, body))).http_status == 202
     first, second, third = (message_id for message_id, _ in messages)
     refused.add(first)
     assert await relay.relay_once() == 2
-    # alone in its batch, the refused record fails the round (logged, backed off)
+    # the refused record waits for its lease, then, alone in its batch, fails the round
+    assert await relay.relay_once() == 0
+    clock.advance(past_the_lease)
     with pytest.raises(Unavailable, match="subscriber failed"):
         await relay.relay_once()
     refused.clear()
+    clock.advance(past_the_lease)
     assert await relay.relay_once() == 1
     assert await relay.relay_once() == 0
     # At least once: the first one three times, each time with its message_id; nothing lost,
