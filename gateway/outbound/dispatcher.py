@@ -505,7 +505,19 @@ class Dispatcher:
             transport=transport or record.transport,
         )
 
-    async def _finish_dead(self, record: OutboundRecord, reason: str, now: datetime) -> None:
+    async def _finish_dead(
+        self, record: OutboundRecord, reason: str, now: datetime, *, failure: str | None = None
+    ) -> None:
+        """The row ends dead with ``reason``; with ``failure``, after an ``attempt_failed``
+        saying what became of its last attempt."""
+        events = [self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason)]
+        if failure is not None:
+            events.insert(
+                0,
+                self._event(
+                    EventKind.ATTEMPT_FAILED, record, at=now, outcome="failed", reason=failure
+                ),
+            )
         await self._store.finish_attempt(
             record.message_id,
             self._worker_id,
@@ -515,7 +527,7 @@ class Dispatcher:
                 next_attempt_at=now,
                 last_error=reason,
             ),
-            [self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason)],
+            events,
         )
         log.warning("outbound_dead", message_id=record.message_id, reason=reason)
 
@@ -637,24 +649,8 @@ class Dispatcher:
             f", handed over at {format_rfc3339(record.updated_at)}"
         )
         reason = f"gave up after {record.attempts} attempts; last error: {failure}"
-        await self._store.finish_attempt(
-            record.message_id,
-            self._worker_id,
-            AttemptUpdate(
-                state=OutboundState.DEAD,
-                attempts=record.attempts,
-                next_attempt_at=now,
-                last_error=reason,
-            ),
-            [
-                self._event(
-                    EventKind.ATTEMPT_FAILED, record, at=now, outcome="failed", reason=failure
-                ),
-                self._event(EventKind.DEAD, record, at=now, outcome="dead", reason=reason),
-            ],
-        )
+        await self._finish_dead(record, reason, now, failure=failure)
         self._count_attempt(record, "dead")
-        log.warning("outbound_dead", message_id=record.message_id, reason=reason)
 
     def _next_attempt(
         self, record: OutboundRecord, attempts: int, *, retry_after_s: float | None, now: datetime
