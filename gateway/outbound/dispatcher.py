@@ -352,8 +352,11 @@ class Dispatcher:
             update, events = self._outcome(
                 record, verdict, sent_at=self._clock.now(), transport=received.transport, sent=False
             )
+            # A final answer settles the row even if it died since it was read above (its
+            # expiry, say); a re-sign after STALE only a row still at work.
+            final = update.state in (OutboundState.ACKNOWLEDGED, OutboundState.REJECTED)
             try:
-                await self._store.record_receipt(record.message_id, update, events, dead_too=dead)
+                await self._store.record_receipt(record.message_id, update, events, dead_too=final)
             except InvalidTransition as exc:
                 state = exc.state
             else:

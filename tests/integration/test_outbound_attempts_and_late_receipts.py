@@ -13,6 +13,7 @@ import json
 import random
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from amqp_env import AMQP_PARTNER
@@ -202,6 +203,32 @@ async def test_a_late_ack_settles_a_dead_message(env: Env) -> None:
     assert message_id in refused[0]["reason"]
     assert "already acknowledged" in refused[0]["reason"]
     assert "settles nothing" in refused[0]["reason"]
+
+
+async def test_an_ack_arriving_while_the_message_dies_settles_it(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receipt handler reads the row (still sent), then the dispatcher ends it dead at its
+    expiry before the receipt is written: the partner's ACK still settles it."""
+    env.stub.behaviours = ["503"]
+    await env.stub.start(env.port)
+    record = await env.submit(ttl_s=30)
+    assert (await env.step(record.message_id)).state is OutboundState.SENT
+    env.clock.advance(timedelta(seconds=31))
+    sent = await env.row(record.message_id)
+    read = env.store.get_outbound
+
+    async def read_then_expire(message_id: str) -> Any:
+        row = await read(message_id)
+        monkeypatch.setattr(env.store, "get_outbound", read)
+        assert (await env.step(message_id)).state is OutboundState.DEAD
+        return row
+
+    monkeypatch.setattr(env.store, "get_outbound", read_then_expire)
+    receipt = await hand_back_receipt(env, env.dispatcher, sent)
+    row = await env.row(record.message_id)
+    assert (row.state, row.receipt_body) == (OutboundState.ACKNOWLEDGED, receipt)
+    assert await env.store.audit_entries(AuditFilter(event=EventKind.REJECTED)) == []
 
 
 async def test_a_late_nack_for_a_dead_message_rejects_it_with_its_code(env: Env) -> None:
