@@ -29,7 +29,8 @@ import contextlib
 import os
 import random
 import socket
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -82,6 +83,10 @@ RESIGN_AFTER = timedelta(minutes=1)
 #: (``https_client.CONNECTIONS_PER_PARTNER``), so no attempt waits for a connection of ours
 #: inside its send deadline.
 MAX_IN_FLIGHT = 32
+#: Of those, at most this many to one partner: the rest stay for the others, so a partner that
+#: holds its requests (up to ``send_timeout_s`` each) with a backlog behind them cannot take
+#: every slot.
+MAX_IN_FLIGHT_PER_PARTNER = MAX_IN_FLIGHT // 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +258,7 @@ class Dispatcher:
         worker_id: str | None = None,
         rng: random.Random | None = None,
         batch_size: int = MAX_IN_FLIGHT,
+        per_partner: int = MAX_IN_FLIGHT_PER_PARTNER,
         metrics: Metrics | None = None,
     ) -> None:
         outbox = config.outbox
@@ -267,6 +273,7 @@ class Dispatcher:
         # Jitter only spreads retries over time; it protects no secret.
         self._rng = rng or random.Random()  # noqa: S311
         self._batch_size = batch_size
+        self._per_partner = max(1, min(per_partner, batch_size))
         self._backoff = BackoffPolicy(base_s=outbox.base_delay_s, cap_s=outbox.max_delay_s)
         self.breakers = BreakerBoard(
             failure_threshold=outbox.breaker_failures,
@@ -393,16 +400,30 @@ class Dispatcher:
     async def run(self) -> None:
         """Work until ``stop()``; store outages are waited out, and no failure is fatal.
 
-        Up to ``batch_size`` attempts are in flight at once, each a task of its own. Rows are
-        claimed only for free slots, and again as soon as an attempt ends, on ``wake()`` and
-        every ``poll_interval_s``: so a slow partner's attempts (up to ``send_timeout_s``
-        each) hold up only their own slots, and a row due for another partner starts within
-        about ``poll_interval_s`` (urgent rows first, as ``claim_outbound`` orders them).
-        A claimed row's attempt starts at once, never waiting in this process for a slot:
-        its lease (``send_timeout_s`` + 10 s) covers only the attempt itself. On ``stop()``
-        nothing more is claimed and the attempts in flight finish, as before.
+        Up to ``batch_size`` attempts are in flight at once, each a task of its own, and at
+        most ``per_partner`` of them to one partner. Rows are claimed only for free slots, and
+        again as soon as an attempt ends, on ``wake()`` and every ``poll_interval_s``: so a
+        slow partner's attempts (up to ``send_timeout_s`` each) hold up only their own slots,
+        never all of them, and a row due for another partner starts within about
+        ``poll_interval_s`` (urgent rows first, as ``claim_outbound`` orders them). A claimed
+        row's attempt starts at once, never waiting in this process for a slot: its lease
+        (``send_timeout_s`` + 10 s) covers only the attempt itself; a row claimed past its
+        partner's share is given back at once, and its partner is left out of the claims
+        until one of its attempts ends. On ``stop()`` nothing more is claimed and the
+        attempts in flight finish, as before.
         """
         in_flight: set[asyncio.Task[None]] = set()
+        per_partner: Counter[str] = Counter()
+
+        def ended(recipient: str) -> Callable[[asyncio.Task[None]], None]:
+            def done(task: asyncio.Task[None]) -> None:
+                in_flight.discard(task)
+                per_partner[recipient] -= 1
+                # a freed slot is filled at once
+                self._wake.set()
+
+            return done
+
         try:
             while not self._stopping.is_set():
                 # Cleared before the claim: a wake-up (or an attempt ending) during it is not
@@ -410,9 +431,10 @@ class Dispatcher:
                 self._wake.clear()
                 free = self._batch_size - len(in_flight)
                 if free > 0:
+                    full = {p for p, n in per_partner.items() if n >= self._per_partner}
                     try:
                         records = await self._store.claim_outbound(
-                            self._worker_id, self._clock.now(), free, self._lease_s
+                            self._worker_id, self._clock.now(), free, self._lease_s, exclude=full
                         )
                     except Unavailable as exc:
                         self._count_failure("store_unavailable")
@@ -422,14 +444,21 @@ class Dispatcher:
                         self._count_failure("internal_error")
                         log.exception("dispatcher_round_failed")
                         records = []
+                    over: list[str] = []
                     for record in records:
+                        if per_partner[record.recipient] >= self._per_partner:
+                            over.append(record.message_id)
+                            continue
+                        per_partner[record.recipient] += 1
                         task = asyncio.create_task(
                             self._attempt_in_flight(record), name=f"c2c-send-{record.message_id}"
                         )
                         in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
-                        # a freed slot is filled at once
-                        task.add_done_callback(lambda _: self._wake.set())
+                        task.add_done_callback(ended(record.recipient))
+                    if over:
+                        await self._give_back(over)
+                        # claim again at once, that partner left out, for the slots still free
+                        self._wake.set()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._config.outbox.poll_interval_s)
         except asyncio.CancelledError:
@@ -439,6 +468,15 @@ class Dispatcher:
         finally:
             if in_flight:
                 await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _give_back(self, message_ids: list[str]) -> None:
+        """Leases on rows claimed past their partner's share; a failure only leaves them to
+        their lease."""
+        try:
+            await self._store.release_outbound(self._worker_id, message_ids)
+        except Unavailable as exc:
+            self._count_failure("store_unavailable")
+            log.warning("dispatcher_store_unavailable", reason=exc.reason)
 
     async def _attempt_in_flight(self, record: OutboundRecord) -> None:
         """One claimed row's attempt as a task of ``run``; no failure escapes it."""

@@ -7,7 +7,7 @@ the same transaction; every database failure surfaces as ``gateway.errors.Unavai
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -473,11 +473,23 @@ class Store(Protocol):
         ...
 
     async def claim_outbound(
-        self, worker_id: str, now: datetime, limit: int, lease_s: float
+        self,
+        worker_id: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[OutboundRecord]:
         """Lease up to ``limit`` queued/sent rows due at ``now`` (urgent first) to ``worker_id``
-        for ``lease_s`` seconds. Expired rows are returned too: the caller finishes them as dead.
-        A row leased by another worker is skipped until that lease ends."""
+        for ``lease_s`` seconds, none for a recipient in ``exclude``. Expired rows are returned
+        too: the caller finishes them as dead. A row leased by another worker is skipped until
+        that lease ends."""
+        ...
+
+    async def release_outbound(self, worker_id: str, message_ids: Collection[str]) -> None:
+        """Give back ``worker_id``'s leases on these rows, unchanged otherwise: claimed but not
+        to be attempted now, they are due again at once for any worker."""
         ...
 
     async def finish_attempt(

@@ -19,7 +19,7 @@ import asyncio
 import os
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
@@ -862,7 +862,13 @@ class PostgresStore:
         return await self._call(lambda c: _outbound_by_key(c, submitted_by, idempotency_key))
 
     async def claim_outbound(
-        self, worker_id: str, now: datetime, limit: int, lease_s: float
+        self,
+        worker_id: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[OutboundRecord]:
         until = _aware(now) + timedelta(seconds=lease_s)
         cols = ", ".join(f"o.{c.strip()}" for c in _OUTBOUND_COLUMNS.split(","))
@@ -871,6 +877,7 @@ class PostgresStore:
                 "WITH due AS (SELECT message_id FROM outbound_messages "
                 "WHERE state IN ('queued', 'sent') AND next_attempt_at <= $1 "
                 "AND (lease_owner IS NULL OR lease_until <= $1) "
+                "AND NOT (recipient = ANY($5::text[])) "
                 "ORDER BY priority_rank, next_attempt_at, created_at LIMIT $2 "
                 "FOR UPDATE SKIP LOCKED) "
                 "UPDATE outbound_messages AS o SET lease_owner = $3, lease_until = $4 "
@@ -879,11 +886,24 @@ class PostgresStore:
                 limit,
                 worker_id,
                 until,
+                sorted(exclude),
             )
         )
         records = [_outbound(r) for r in rows]
         records.sort(key=lambda r: (_PRIORITY_RANK[r.priority], r.next_attempt_at, r.created_at))
         return records
+
+    async def release_outbound(self, worker_id: str, message_ids: Collection[str]) -> None:
+        if not message_ids:
+            return
+        await self._call(
+            lambda c: c.execute(
+                "UPDATE outbound_messages SET lease_owner = NULL, lease_until = NULL "
+                "WHERE lease_owner = $1 AND message_id = ANY($2::text[])",
+                worker_id,
+                sorted(message_ids),
+            )
+        )
 
     async def _apply_update(
         self, c: Conn, message_id: str, update: AttemptUpdate

@@ -20,7 +20,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -1087,18 +1087,26 @@ class SqliteStore:
         return await self._read(lambda c: _outbound_by_key(c, submitted_by, idempotency_key))
 
     async def claim_outbound(
-        self, worker_id: str, now: datetime, limit: int, lease_s: float
+        self,
+        worker_id: str,
+        now: datetime,
+        limit: int,
+        lease_s: float,
+        *,
+        exclude: Collection[str] = (),
     ) -> list[OutboundRecord]:
         now_us = _us(now)
         until_us = _us(now + timedelta(seconds=lease_s))
+        excluded = sorted(exclude)
+        not_for = f"AND recipient NOT IN ({', '.join('?' * len(excluded))}) " if excluded else ""
 
         def unit(c: Conn) -> list[OutboundRecord]:
             rows = c.execute(
                 f"SELECT {_OUTBOUND_COLUMNS} FROM outbound_messages "
                 "WHERE state IN ('queued', 'sent') AND next_attempt_at <= ? "
-                "AND (lease_owner IS NULL OR lease_until <= ?) "
+                f"AND (lease_owner IS NULL OR lease_until <= ?) {not_for}"
                 "ORDER BY priority_rank, next_attempt_at, created_at LIMIT ?",
-                (now_us, now_us, limit),
+                (now_us, now_us, *excluded, limit),
             ).fetchall()
             c.executemany(
                 "UPDATE outbound_messages SET lease_owner = ?, lease_until = ? "
@@ -1108,6 +1116,19 @@ class SqliteStore:
             return [_outbound(r) for r in rows]
 
         return await self._write(unit)
+
+    async def release_outbound(self, worker_id: str, message_ids: Collection[str]) -> None:
+        ids = sorted(message_ids)
+        if not ids:
+            return
+        marks = ", ".join("?" * len(ids))
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE outbound_messages SET lease_owner = NULL, lease_until = NULL "
+                f"WHERE lease_owner = ? AND message_id IN ({marks})",
+                (worker_id, *ids),
+            )
+        )
 
     def _apply_update(self, c: Conn, message_id: str, update: AttemptUpdate) -> None:
         """Record an attempt's or a late receipt's outcome and release any lease."""

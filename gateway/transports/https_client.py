@@ -38,8 +38,9 @@ from gateway.transports.tls_accept import PeerRefused, classify
 MESSAGES_PATH = "/c2c/v1/messages"
 #: A receipt is well under 2 KiB; anything far bigger is not one and is not read further.
 DEFAULT_MAX_REPLY_BYTES = 64 * 1024
-#: Connections open to one partner at once (its host and port), at most. As many as the
-#: dispatcher has attempts in flight (``dispatcher.MAX_IN_FLIGHT``), so a request never waits
+#: Connections open to one partner at once (its host and port), at most. At least as many as
+#: the dispatcher has attempts in flight to one partner (``dispatcher.MAX_IN_FLIGHT_PER_PARTNER``;
+#: as many as it has to all, ``MAX_IN_FLIGHT``, for the other senders), so a request never waits
 #: for one of our own pooled connections: ``send_timeout_s`` runs from the request's start and
 #: would count that wait against the partner (a partner answering within it "timed out",
 #: was sent the message twice and had its breaker opened). The pool still bounds the

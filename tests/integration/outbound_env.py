@@ -22,6 +22,7 @@ from gateway.config import GatewayConfig, OutboxConfig, load_config
 from gateway.crypto.keys import load_signing_key
 from gateway.crypto.tokens import issue_token
 from gateway.devenv import prepare_dev_environment
+from gateway.model import Priority
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.submission import Submission, SubmissionServices, submit
@@ -168,7 +169,9 @@ async def row_until(
             await asyncio.sleep(0.05)
 
 
-async def submit_to(running: Running, recipient: str) -> OutboundRecord:
+async def submit_to(
+    running: Running, recipient: str, *, priority: Priority = Priority.ROUTINE
+) -> OutboundRecord:
     """Submit a ``shipment.status`` to ``recipient`` and wake the dispatcher."""
     gateway, config = running.gateway, running.config
     record = await submit(
@@ -184,6 +187,7 @@ async def submit_to(running: Running, recipient: str) -> OutboundRecord:
             message_type="shipment.status",
             payload=gateway.registry.examples("shipment.status", "1.0")[0],
             actor="test",
+            priority=priority,
         ),
     )
     running.dispatcher.wake()

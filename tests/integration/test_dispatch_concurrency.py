@@ -25,6 +25,8 @@ from outbound_env import Running, free_port, gateway_config, row_until, start_ga
 from partner_stub import PartnerStub
 
 from gateway.config import OutboxConfig
+from gateway.model import Priority
+from gateway.outbound.dispatcher import MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_PARTNER
 from gateway.store.base import OutboundState
 
 
@@ -119,8 +121,39 @@ async def test_a_partner_holding_its_requests_does_not_hold_up_another_partners(
     assert message_ids(mx) == {record.message_id: 1 for record in held}
 
 
-#: more messages than the HTTPS client's old pool of 8 connections per partner, all due at once
-BACKLOG = 24
+async def test_a_partner_holding_a_backlog_leaves_slots_for_the_others(
+    two_partners: TwoPartners,
+) -> None:
+    """More messages to the holding partner than there are slots in all: it gets its share
+    (MAX_IN_FLIGHT_PER_PARTNER), and another partner's message, urgent or not, still goes."""
+    running, mx, ca = two_partners.running, two_partners.mx, two_partners.ca
+    store = running.gateway.store
+    held = [await submit_to(running, "MX-ANAM") for _ in range(MAX_IN_FLIGHT + 4)]
+    async with asyncio.timeout(30):
+        await mx.until_arrived(MAX_IN_FLIGHT_PER_PARTNER)
+    others = [
+        await submit_to(running, "CA-CBSA"),
+        await submit_to(running, "CA-CBSA", priority=Priority.URGENT),
+    ]
+    for other in others:
+        done = await row_until(
+            store, other.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED, 30.0
+        )
+        assert done.attempts == 1
+    assert message_ids(ca) == {other.message_id: 1 for other in others}
+    # MX-ANAM never had more than its share in hand; none of its messages was sent twice
+    assert mx.arrived == MAX_IN_FLIGHT_PER_PARTNER
+    mx.release.set()
+    for record in held:
+        await row_until(
+            store, record.message_id, lambda r: r.state is OutboundState.ACKNOWLEDGED, 60.0
+        )
+    assert message_ids(mx) == {record.message_id: 1 for record in held}
+
+
+#: more messages than the HTTPS client's old pool of 8 connections per partner, all due at
+#: once, and no more than a partner's share of the dispatcher's slots
+BACKLOG = 12
 
 
 async def test_a_backlog_for_one_partner_does_not_wait_for_connections_inside_its_deadline(

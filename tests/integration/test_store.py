@@ -675,6 +675,30 @@ async def test_checkpoints_cosignatures_witness_state(store: Store) -> None:
 # outbox
 
 
+async def test_outbox_claim_leaves_out_recipients_and_gives_back_leases(store: Store) -> None:
+    await store.enqueue_outbound(outbound("mx-0"), [])
+    await store.enqueue_outbound(outbound("ca-0", recipient="CA-CBSA"), [])
+    await store.enqueue_outbound(outbound("mx-1", at=T0 + timedelta(seconds=1)), [])
+    now = T0 + timedelta(seconds=2)
+    claimed = await store.claim_outbound("w1", now, 10, 30, exclude={"MX-SAT"})
+    assert [r.message_id for r in claimed] == ["ca-0"]
+    claimed = await store.claim_outbound("w1", now, 10, 30)
+    assert [r.message_id for r in claimed] == ["mx-0", "mx-1"]
+    # given back: due again at once, for any worker; another worker's lease is not touched
+    await store.release_outbound("w2", ["mx-0"])
+    assert await store.claim_outbound("w2", now, 10, 30) == []
+    await store.release_outbound("w1", ["mx-1"])
+    again = await store.claim_outbound("w2", now, 10, 30)
+    assert [r.message_id for r in again] == ["mx-1"]
+    row = await store.get_outbound("mx-1")
+    assert row is not None
+    assert (row.state, row.attempts, row.next_attempt_at) == (
+        OutboundState.QUEUED,
+        0,
+        T0 + timedelta(seconds=1),
+    )
+
+
 async def test_outbox_claim_urgent_first_and_lease(store: Store) -> None:
     await store.enqueue_outbound(outbound("routine"), [event(EventKind.SUBMITTED, "routine")])
     await store.enqueue_outbound(
