@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import signal
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -295,22 +296,31 @@ async def test_a_crashed_relays_rows_wait_for_its_lease_and_no_longer(
         await connection.close()
 
 
-async def submit(config_path: Path, api_url: str, count: int) -> list[str]:
+async def submit(config_path: Path, serve: ServeProcess, count: int) -> list[str]:
+    """``count`` submissions at once, each retried under its Idempotency-Key, as a client of
+    the API does, when the crash under test cuts its request off (the dispatcher sends the
+    first ones while the others are still being submitted): the retry reaches the restarted
+    process, and gets the message its first try stored, or stores it."""
     config = load_config(config_path)
     payload = SchemaRegistry.load_builtin().examples("shipment.status", "1.0")[0]
     submission = {"recipient": HTTPS_PARTNER, "message_type": "shipment.status", "payload": payload}
-    headers = auth(token(config))
     async with aiohttp.ClientSession() as session:
 
         async def one() -> str:
-            async with session.post(
-                api_url + "/api/v1/messages",
-                json=submission,
-                headers=headers,
-                ssl=client_ssl(config),
-            ) as response:
-                assert response.status == 202, await response.text()
-                return str((await response.json())["message_id"])
+            headers = {**auth(token(config)), "Idempotency-Key": str(uuid.uuid4())}
+            async with asyncio.timeout(60):
+                while True:
+                    try:
+                        async with session.post(
+                            serve.api_url + "/api/v1/messages",
+                            json=submission,
+                            headers=headers,
+                            ssl=client_ssl(config),
+                        ) as response:
+                            assert response.status == 202, await response.text()
+                            return str((await response.json())["message_id"])
+                    except aiohttp.ClientConnectionError:
+                        await asyncio.sleep(0.2)
 
         return list(await asyncio.gather(*(one() for _ in range(count))))
 
@@ -347,7 +357,7 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
     crashing = CrashingServe(source, point, OUTBOUND_POINTS[point])
     try:
         await crashing.start()
-        ids = await submit(source, crashing.serve.api_url, MESSAGES // 2)
+        ids = await submit(source, crashing.serve, MESSAGES // 2)
         await crashing.crashed(60)
         await database.until(
             "SELECT state, count(*) FROM outbound_messages GROUP BY 1",
