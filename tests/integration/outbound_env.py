@@ -25,8 +25,8 @@ from gateway.devenv import prepare_dev_environment
 from gateway.model import Priority
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.service import attach_outbound
-from gateway.outbound.submission import Submission, SubmissionServices, submit
-from gateway.runtime import Gateway, load_own_signing_keys
+from gateway.outbound.submission import Submission, submit
+from gateway.runtime import Gateway
 from gateway.store.base import InboundRecord, OutboundRecord, Store
 
 
@@ -173,15 +173,9 @@ async def submit_to(
     running: Running, recipient: str, *, priority: Priority = Priority.ROUTINE
 ) -> OutboundRecord:
     """Submit a ``shipment.status`` to ``recipient`` and wake the dispatcher."""
-    gateway, config = running.gateway, running.config
+    gateway = running.gateway
     record = await submit(
-        SubmissionServices(
-            config=config,
-            registry=gateway.registry,
-            signing_keys=load_own_signing_keys(config),
-            store=gateway.store,
-            clock=gateway.clock,
-        ),
+        gateway.submission_services(),
         Submission(
             recipient=recipient,
             message_type="shipment.status",

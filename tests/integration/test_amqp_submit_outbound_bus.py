@@ -9,13 +9,14 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
-from amqp_peer import amqp_gateway
+from amqp_peer import AmqpEnv, amqp_gateway
 from inbound_records import sample_record
 from rabbit import RabbitVhost
 
@@ -38,6 +39,37 @@ async def answers(
     queue = await channel.declare_queue(exclusive=True)
     await queue.consume(replies.put, no_ack=True)
     return queue, replies
+
+
+@dataclass
+class Submitter:
+    """Publishes to ``c2c.submit`` as ``cbp-targeting`` and waits for the answer on its own
+    reply queue."""
+
+    exchange: aio_pika.abc.AbstractExchange
+    reply_queue: aio_pika.abc.AbstractQueue
+    replies: asyncio.Queue[AbstractIncomingMessage]
+
+    async def ask(self, body: bytes, message_id: str | None = None) -> AbstractIncomingMessage:
+        await self.exchange.publish(
+            aio_pika.Message(
+                body,
+                app_id="cbp-targeting",
+                message_id=message_id,
+                reply_to=self.reply_queue.name,
+                content_type="application/json",
+            ),
+            routing_key="",
+        )
+        async with asyncio.timeout(15):
+            return await self.replies.get()
+
+
+async def submitter(env: AmqpEnv) -> Submitter:
+    channel = await env.peer.connection.channel()
+    reply_queue, replies = await answers(channel)
+    exchange = await channel.get_exchange("c2c.submit", ensure=False)
+    return Submitter(exchange, reply_queue, replies)
 
 
 async def test_submissions_are_stored_or_answered_with_the_reason(
@@ -104,9 +136,7 @@ async def test_a_resent_submission_with_its_message_id_makes_one_message(
     # A redelivery (the gateway stopped between storing and acking) or a publisher's resend
     # carries the same message_id: the outbox gets one row, and both answers name it.
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
-        channel = await env.peer.connection.channel()
-        reply_queue, replies = await answers(channel)
-        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        submit = await submitter(env)
         example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
         document = {
             "recipient": AMQP_PARTNER,
@@ -115,18 +145,7 @@ async def test_a_resent_submission_with_its_message_id_makes_one_message(
         }
 
         async def publish(document: dict[str, object], message_id: str) -> dict[str, str]:
-            await submit.publish(
-                aio_pika.Message(
-                    json.dumps(document).encode(),
-                    app_id="cbp-targeting",
-                    message_id=message_id,
-                    reply_to=reply_queue.name,
-                    content_type="application/json",
-                ),
-                routing_key="",
-            )
-            async with asyncio.timeout(15):
-                reply = await replies.get()
+            reply = await submit.ask(json.dumps(document).encode(), message_id)
             answer: dict[str, str] = json.loads(reply.body)
             return answer
 
@@ -153,9 +172,7 @@ async def test_a_replayed_submission_is_marked_and_a_conflict_names_the_message_
     # a different submission under the same message_id is refused naming the message_id (an
     # AMQP submitter sends no Idempotency-Key header).
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
-        channel = await env.peer.connection.channel()
-        reply_queue, replies = await answers(channel)
-        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        submit = await submitter(env)
         example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
         document = {
             "recipient": AMQP_PARTNER,
@@ -164,18 +181,7 @@ async def test_a_replayed_submission_is_marked_and_a_conflict_names_the_message_
         }
 
         async def publish(document: dict[str, object]) -> AbstractIncomingMessage:
-            await submit.publish(
-                aio_pika.Message(
-                    json.dumps(document).encode(),
-                    app_id="cbp-targeting",
-                    message_id="sub-7",
-                    reply_to=reply_queue.name,
-                    content_type="application/json",
-                ),
-                routing_key="",
-            )
-            async with asyncio.timeout(15):
-                return await replies.get()
+            return await submit.ask(json.dumps(document).encode(), "sub-7")
 
         first = await publish(document)
         assert first.type == "submission.accepted"
@@ -202,25 +208,12 @@ async def test_a_malformed_submission_is_answered_with_what_is_wrong_with_it(
 ) -> None:
     # A submission is not an envelope: the problem's detail says what is wrong with it.
     async with amqp_gateway(tmp_path, rabbit_vhost) as env:
-        channel = await env.peer.connection.channel()
-        reply_queue, replies = await answers(channel)
-        submit = await channel.get_exchange("c2c.submit", ensure=False)
+        submit = await submitter(env)
         example = env.gateway.registry.examples("shipment.advance_data", "1.0")[0]
         good = {"recipient": AMQP_PARTNER, "message_type": "shipment.advance_data"}
 
         async def refusal(body: bytes, message_id: str | None = None) -> dict[str, str]:
-            await submit.publish(
-                aio_pika.Message(
-                    body,
-                    app_id="cbp-targeting",
-                    message_id=message_id,
-                    reply_to=reply_queue.name,
-                    content_type="application/json",
-                ),
-                routing_key="",
-            )
-            async with asyncio.timeout(15):
-                reply = await replies.get()
+            reply = await submit.ask(body, message_id)
             assert reply.type == "problem"
             problem: dict[str, str] = json.loads(reply.body)
             assert problem["code"] == "MALFORMED"

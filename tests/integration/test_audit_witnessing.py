@@ -39,7 +39,7 @@ from gateway.config import GatewayConfig, OutboxConfig, load_config
 from gateway.crypto.notes import load_note_verifier, note_signer, parse_note
 from gateway.devenv import default_partners_src, prepare_dev_environment
 from gateway.outbound.service import attach_outbound
-from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.outbound.submission import Submission, submit
 from gateway.runtime import Gateway
 from gateway.store import open_store
 from gateway.store.base import AuditFilter, OutboundState
@@ -349,15 +349,8 @@ async def _answer(
     sender: Gateway, wake: Callable[[], None], payload: dict[str, Any], in_reply_to: str
 ) -> str:
     """Send ``payload`` as an ``audit.cosignature`` from ``sender`` (signed, over mutual TLS)."""
-    services = SubmissionServices(
-        config=sender.config,
-        registry=sender.registry,
-        signing_keys=sender.signing_keys,
-        store=sender.store,
-        clock=sender.clock,
-    )
     record = await submit(
-        services,
+        sender.submission_services(),
         Submission(
             recipient=US,
             message_type=COSIGNATURE_TYPE,

@@ -28,7 +28,7 @@ from gateway.envelope import parse_envelope
 from gateway.errors import NackCode
 from gateway.outbound.dispatcher import Dispatcher
 from gateway.outbound.operator import operator_retry
-from gateway.outbound.submission import Submission, SubmissionServices, submit
+from gateway.outbound.submission import Submission, submit
 from gateway.runtime import load_own_signing_keys, load_partner_keys
 from gateway.store.base import AuditFilter, OutboundState, Store
 
@@ -117,13 +117,7 @@ async def test_amqp_handed_attempts_count_toward_max_attempts(
             clock=gateway.clock,
         )
         record = await submit(
-            SubmissionServices(
-                config=config,
-                registry=gateway.registry,
-                signing_keys=load_own_signing_keys(config),
-                store=gateway.store,
-                clock=gateway.clock,
-            ),
+            gateway.submission_services(),
             Submission(
                 recipient=AMQP_PARTNER,
                 message_type="shipment.status",
