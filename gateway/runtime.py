@@ -10,7 +10,7 @@ the store is open, stopped before it closes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import structlog
@@ -31,7 +31,7 @@ from gateway.crypto.keys import (
     public_jwk,
 )
 from gateway.errors import ConfigError
-from gateway.inbound.context import InboundEnv, OnReceipt, ReceivedReceipt
+from gateway.inbound.context import InboundCheck, InboundEnv, OnReceipt, ReceivedReceipt
 from gateway.inbound.pipeline import InboundPipeline
 from gateway.inbound.ratelimit import RateLimiters
 from gateway.metrics import Metrics
@@ -159,6 +159,7 @@ class Gateway:
             broker = self.broker
             self.metrics.amqp_in_flight.set_function(lambda: broker.in_flight)
         self._receipt_handler: OnReceipt | None = None
+        self._inbound_checks: dict[str, InboundCheck] = {}
         self.pipeline = InboundPipeline(
             InboundEnv(
                 config=config,
@@ -171,6 +172,7 @@ class Gateway:
                 adapters=self.adapters,
                 metrics=self.metrics,
                 on_receipt=self._on_receipt,
+                checks=self._inbound_checks,
                 relay=self.relay,
             )
         )
@@ -313,6 +315,16 @@ class Gateway:
     def set_receipt_handler(self, handler: OnReceipt) -> None:
         """Where partners' receipts for our messages go (the outbound dispatcher)."""
         self._receipt_handler = handler
+
+    def add_inbound_check(self, message_types: Iterable[str], check: InboundCheck) -> None:
+        """Have ``check`` pass each inbound message of these types before its commit: what
+        it refuses is NACKed, not ACKed (a service's own rules, such as witnessing's)."""
+        if self._started:
+            raise RuntimeError("add inbound checks before start()")
+        for message_type in message_types:
+            if message_type in self._inbound_checks:
+                raise RuntimeError(f"{message_type} already has an inbound check")
+            self._inbound_checks[message_type] = check
 
     def add_service(self, service: Service) -> None:
         if self._started:

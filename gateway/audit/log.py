@@ -213,10 +213,12 @@ class AuditLog:
                 f"{latest.size}: {exc}"
             ) from None
 
-    async def accept_cosignature(
+    async def check_cosignature(
         self, partner: str, cosigned_note: str, cosigner: NoteVerifier
-    ) -> int:
-        """Store a partner's cosignature of one of our checkpoints; returns its timestamp."""
+    ) -> tuple[CheckpointBody, int]:
+        """The checkpoint ``cosigned_note`` cosigns and the cosignature's timestamp, once the
+        note is known to be one this log signed, cosigned with ``cosigner``; CheckpointError
+        saying why not otherwise."""
         try:
             body = parse_body(parse_note(cosigned_note).text)
         except (NoteError, CheckpointError) as exc:
@@ -227,7 +229,13 @@ class AuditLog:
                 f"{partner} cosigned a checkpoint (size {body.size}) this log never signed"
             )
         open_checkpoint(cosigned_note, self.verifier, origin=self.origin)
-        timestamp = verify_cosignature(cosigned_note, cosigner)
+        return body, verify_cosignature(cosigned_note, cosigner)
+
+    async def accept_cosignature(
+        self, partner: str, cosigned_note: str, cosigner: NoteVerifier
+    ) -> int:
+        """Store a partner's cosignature of one of our checkpoints; returns its timestamp."""
+        body, timestamp = await self.check_cosignature(partner, cosigned_note, cosigner)
         at = self._clock.now()
         event = AuditEvent(
             event=EventKind.COSIGNATURE_RECEIVED,

@@ -9,8 +9,14 @@ partner's gateway verifies it with ``Witness`` and answers ``audit.cosignature``
 from there), or inconsistent (history rewritten: its alert).
 A cosignature we receive is taken only as the answer to a checkpoint we offered that partner
 (``in_reply_to`` and the echoed origin/size/root), verified with the partner's key and stored
-(``AuditLog.accept_cosignature``), so auditors and export bundles show it. A witnessing
-message refused here was already ACKed: the refusal is an audit entry (outcome ``refused``).
+(``AuditLog.accept_cosignature``), so auditors and export bundles show it.
+
+A partner's witnessing message that cannot be taken (a checkpoint not signed by its
+configured audit key, a cosignature by another key, an answer to no checkpoint we offered) is
+refused before the inbox commit (``check_inbound``, an inbound stage): the partner gets a
+NACK naming what is wrong. ``handle`` checks again after the commit, where a message that
+passed may still be refused (its checkpoint purged meanwhile): that message was ACKed, and the
+refusal is an audit entry (outcome ``refused``).
 
 Inbound messages reach this module through the internal bus after the inbox commit; handling
 runs in its own task, so a slow or failing witness never holds up or breaks the relay.
@@ -30,7 +36,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
-from gateway.adapters.registry import adapter_for
+from gateway.adapters.registry import adapter_for, to_canonical_off_loop
 from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
 from gateway.audit.events import AuditEvent, EventKind, entry_view, record_or_log
 from gateway.audit.log import AuditIntegrityError, AuditLog
@@ -41,10 +47,12 @@ from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.keys import SigningKey
 from gateway.crypto.notes import NoteError, NoteVerifier, load_note_signer, load_note_verifier
 from gateway.crypto.notes import parse_note as parse_signed_note
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, Malformed, SchemaInvalid
 from gateway.metrics import Metrics
+from gateway.model import Envelope
 from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.runtime import Gateway, load_own_signing_keys
+from gateway.schemas.failures import REASON_MAX, clip
 from gateway.schemas.registry import SchemaRegistry
 from gateway.store.base import (
     ACTIVE_STATES,
@@ -71,7 +79,26 @@ Status = Literal["cosigned", "stale", "inconsistent"]
 
 
 class PayloadError(ValueError):
-    """A witnessing payload that passed its schema but does not hold together."""
+    """A witnessing payload that passed its schema but does not hold together.
+
+    ``str()`` is the exact reason (audit log, operator). The partner is told ``what``, at
+    ``pointer`` into the payload (``SCHEMA_INVALID``), or, with ``pointer`` None, about its
+    ``in_reply_to`` (``MALFORMED``, as an answer to the wrong kind of request is)."""
+
+    def __init__(self, reason: str, *, pointer: str | None, what: str) -> None:
+        super().__init__(reason)
+        self.pointer = pointer
+        self.what = what
+
+    def refusal(self) -> GatewayError:
+        if self.pointer is None:
+            return Malformed(str(self), detail=self.what)
+        detail = clip(f"schema error at /payload{self.pointer}: {self.what}", REASON_MAX)
+        return SchemaInvalid(str(self), pointer=self.pointer, detail=detail)
+
+
+#: what a partner is told of an answer that names no checkpoint we offered it
+_NOT_OUR_OFFER = "in_reply_to names no audit.checkpoint sent to this sender"
 
 
 def _b64(value: bytes) -> str:
@@ -82,9 +109,10 @@ def _hash(text: str, where: str) -> bytes:
     try:
         value = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):
-        raise PayloadError(f"{where}: not base64") from None
+        raise PayloadError(f"{where}: not base64", pointer=where, what="not base64") from None
     if len(value) != HASH_SIZE:
-        raise PayloadError(f"{where}: not a {HASH_SIZE}-byte hash")
+        what = f"not a {HASH_SIZE}-byte hash"
+        raise PayloadError(f"{where}: {what}", pointer=where, what=what)
     return value
 
 
@@ -160,13 +188,16 @@ class CosignatureAnswer:
             try:
                 body = parse_body(parse_signed_note(answer.cosignature).text)
             except (NoteError, CheckpointError) as exc:
-                raise PayloadError(f"/cosignature: {exc}") from None
+                raise PayloadError(
+                    f"/cosignature: {exc}", pointer="/cosignature", what="not a checkpoint note"
+                ) from None
             if (body.origin, body.size, body.root_hash) != (
                 answer.origin,
                 answer.size,
                 answer.root_hash,
             ):
-                raise PayloadError("/cosignature: names another checkpoint than origin/size")
+                what = "names another checkpoint than origin, size and root_hash"
+                raise PayloadError(f"/cosignature: {what}", pointer="/cosignature", what=what)
         return answer
 
 
@@ -265,10 +296,23 @@ def is_witnessing_entry(entry: bytes) -> bool:
 def _payload_of(record: InboundRecord, partner: PartnerConfig) -> Mapping[str, Any]:
     """The payload of an accepted (so already verified and schema-valid) inbound message."""
     if record.body is None:
-        raise PayloadError("body already purged by retention")
+        raise PayloadError("body already purged by retention", pointer="", what="purged")
     envelope = orjson.loads(adapter_for(partner).to_canonical(record.body))
     payload: Mapping[str, Any] = envelope["payload"]
     return payload
+
+
+def _authentic(offer: CheckpointOffer, peer: PeerKeys) -> None:
+    """PayloadError unless ``offer``'s note is a checkpoint of ``peer``'s log signed with its
+    audit key: nothing can be said about a log we cannot authenticate."""
+    try:
+        open_checkpoint(offer.note, peer.log_key, origin=peer.origin)
+    except CheckpointError as exc:
+        raise PayloadError(
+            f"/checkpoint: {exc}",
+            pointer="/checkpoint",
+            what="not a checkpoint of the sender's log signed with its audit key",
+        ) from None
 
 
 # ----------------------------------------------------------------------------- service
@@ -467,6 +511,25 @@ class WitnessingService:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def check_inbound(self, sender: str, envelope: Envelope) -> None:
+        """Inbound stage, before the commit: refuse (SchemaInvalid or Malformed, saying what
+        is wrong) a witnessing message that ``handle`` would refuse after it, so the partner
+        gets a NACK instead of an ACK and silence. The witness's verdict on an authentic
+        checkpoint (cosigned, stale, inconsistent) is an answer, not a refusal: it is made
+        after the commit, from the witnessed state."""
+        partner = self._config.partners.get(sender)
+        peer = self.peers.get(sender)
+        if partner is None or peer is None:
+            return  # not a witnessing partner: ``handle`` logs it
+        try:
+            if envelope.header.message_type == CHECKPOINT_TYPE:
+                _authentic(CheckpointOffer.from_payload(envelope.payload), peer)
+            else:
+                answer = CosignatureAnswer.from_payload(envelope.payload)
+                await self._check_answer(envelope.header.in_reply_to, partner, peer, answer)
+        except PayloadError as exc:
+            raise exc.refusal() from None
+
     async def handle(self, record: InboundRecord) -> None:
         """Handle one accepted witnessing message; every failure is logged, none raised."""
         partner = self._config.partners.get(record.sender)
@@ -555,34 +618,50 @@ class WitnessingService:
         await record_or_log(lambda e: self._store.append_audit([e]), event)
 
     async def _check_offered(
-        self, record: InboundRecord, partner: PartnerConfig, answer: CosignatureAnswer
+        self, asked_id: str | None, partner: PartnerConfig, answer: CosignatureAnswer
     ) -> None:
-        """PayloadError unless ``record`` answers an ``audit.checkpoint`` we sent ``partner``
-        and echoes the checkpoint that message offered: an answer to anything else says
-        nothing about our log (no alarm, no new offer)."""
-        asked_id = record.in_reply_to
+        """PayloadError unless the answer (``in_reply_to`` ``asked_id``) answers an
+        ``audit.checkpoint`` we sent ``partner`` and echoes the checkpoint that message
+        offered: an answer to anything else says nothing about our log (no alarm, no new
+        offer). The partner is not told which of these it is: whether an id is one of ours,
+        sent to another partner, is not its business."""
         if asked_id is None:  # the schema requires it
-            raise PayloadError("no in_reply_to: answers none of our audit.checkpoint messages")
+            raise PayloadError(
+                "no in_reply_to: answers none of our audit.checkpoint messages",
+                pointer=None,
+                what=_NOT_OUR_OFFER,
+            )
         asked = await self._store.get_outbound(asked_id)
         if asked is None:
-            raise PayloadError(f"in_reply_to {asked_id} names no message of ours")
+            raise PayloadError(
+                f"in_reply_to {asked_id} names no message of ours",
+                pointer=None,
+                what=_NOT_OUR_OFFER,
+            )
         if asked.recipient != partner.id or asked.message_type != CHECKPOINT_TYPE:
             raise PayloadError(
                 f"in_reply_to {asked_id} names our {asked.message_type} to {asked.recipient},"
-                f" not an {CHECKPOINT_TYPE} to {partner.id}"
+                f" not an {CHECKPOINT_TYPE} to {partner.id}",
+                pointer=None,
+                what=_NOT_OUR_OFFER,
             )
         if asked.body is None:
             raise PayloadError(
                 f"the {CHECKPOINT_TYPE} {asked_id} it answers was purged by retention:"
-                " nothing to hold the answer against"
+                " nothing to hold the answer against",
+                pointer=None,
+                what=f"the {CHECKPOINT_TYPE} named in in_reply_to is no longer kept",
             )
         try:
-            envelope = orjson.loads(adapter_for(partner).to_canonical(asked.body))
+            canonical = await to_canonical_off_loop(adapter_for(partner), asked.body)
+            envelope = orjson.loads(canonical)
             offered = parse_body(parse_signed_note(envelope["payload"]["checkpoint"]).text)
         except (GatewayError, ValueError, LookupError, TypeError, NoteError, CheckpointError):
             raise PayloadError(
                 f"our {CHECKPOINT_TYPE} {asked_id} no longer reads: nothing to hold the answer"
-                " against"
+                " against",
+                pointer=None,
+                what=f"the {CHECKPOINT_TYPE} named in in_reply_to can no longer be read",
             ) from None
         if (answer.origin, answer.size, answer.root_hash) != (
             offered.origin,
@@ -593,15 +672,44 @@ class WitnessingService:
                 f"answers a checkpoint ({answer.origin} size {answer.size} root"
                 f" {_b64(answer.root_hash)}) other than the one our {CHECKPOINT_TYPE}"
                 f" {asked_id} offered ({offered.origin} size {offered.size} root"
-                f" {_b64(offered.root_hash)})"
+                f" {_b64(offered.root_hash)})",
+                pointer="",
+                what=f"does not echo the checkpoint of the {CHECKPOINT_TYPE} named in in_reply_to",
             )
+
+    async def _check_answer(
+        self,
+        asked_id: str | None,
+        partner: PartnerConfig,
+        peer: PeerKeys,
+        answer: CosignatureAnswer,
+    ) -> None:
+        """PayloadError unless ``answer`` can be taken: it answers a checkpoint of ours we
+        offered ``partner`` and, when cosigned, its cosignature verifies with its key."""
+        if answer.origin != self.audit.origin:
+            raise PayloadError(
+                f"answers a checkpoint of {answer.origin!r}, not of our log",
+                pointer="/origin",
+                what="names another log than the recipient's",
+            )
+        await self._check_offered(asked_id, partner, answer)
+        if answer.status != "cosigned":
+            return
+        assert answer.cosignature is not None  # the schema requires it
+        try:
+            await self.audit.check_cosignature(peer.partner, answer.cosignature, peer.cosigner_key)
+        except CheckpointError as exc:
+            raise PayloadError(
+                str(exc),
+                pointer="/cosignature",
+                what="not the recipient's checkpoint cosigned with the sender's audit key",
+            ) from None
 
     async def _cosigned_by(
         self, record: InboundRecord, peer: PeerKeys, answer: CosignatureAnswer
     ) -> None:
-        if answer.origin != self.audit.origin:
-            raise PayloadError(f"answers a checkpoint of {answer.origin!r}, not of our log")
-        await self._check_offered(record, self._config.partners[peer.partner], answer)
+        partner = self._config.partners[peer.partner]
+        await self._check_answer(record.in_reply_to, partner, peer, answer)
         if answer.status == "cosigned":
             assert answer.cosignature is not None
             await self.audit.accept_cosignature(peer.partner, answer.cosignature, peer.cosigner_key)
@@ -690,5 +798,6 @@ def attach_witnessing(
         wake=wake,
     )
     gateway.bus.subscribe(service.on_inbound)
+    gateway.add_inbound_check(WITNESSING_TYPES, service.check_inbound)
     gateway.add_service(service)
     return service

@@ -7,7 +7,7 @@ schemas) and turn the ``InboundResult`` into their own response.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
@@ -93,6 +93,9 @@ class ReceivedReceipt:
 
 
 OnReceipt = Callable[[ReceivedReceipt], Awaitable[None]]
+#: a service's own check of one message type before the commit: ``(sender, envelope)``,
+#: raising the GatewayError that refuses it (witnessing's on its messages)
+InboundCheck = Callable[[str, Envelope], Awaitable[None]]
 
 
 class RelayHandoff(Protocol):
@@ -121,6 +124,8 @@ class InboundEnv:
     adapters: Mapping[str, Adapter]
     metrics: Metrics
     on_receipt: OnReceipt | None = None
+    #: by message type: checks attached services make before the commit (``check_with_service``)
+    checks: Mapping[str, InboundCheck] = field(default_factory=dict)
     #: takes each committed record, so the relay publishes it without a claim or a re-read
     relay: RelayHandoff | None = None
 

@@ -303,6 +303,25 @@ async def pair_answer(ctx: InboundContext) -> None:
         )
 
 
+async def check_with_service(ctx: InboundContext) -> None:
+    """The check an attached service makes on its own message types (witnessing's on
+    checkpoints and cosignatures): what it would refuse after the commit is NACKed now, with
+    the code and detail it gives. An exact re-send of an accepted message still gets its
+    original receipt, whatever changed since (a partner key, a purge)."""
+    assert ctx.envelope is not None
+    header = ctx.envelope.header
+    check = ctx.env.checks.get(header.message_type)
+    if check is None:
+        return
+    try:
+        await check(header.sender, ctx.envelope)
+    except GatewayError:
+        original = await _accepted_original(ctx)
+        if original is None:
+            raise
+        await _answer_duplicate(ctx, original)
+
+
 async def hand_over_receipts(ctx: InboundContext) -> None:
     """A partner's receipt updates our outbound state; it is never receipted back (no loops)."""
     assert ctx.envelope is not None
@@ -497,6 +516,7 @@ STAGES: tuple[Stage, ...] = (
     validate_schema,
     authorize,
     pair_answer,
+    check_with_service,
     hand_over_receipts,
     persist,
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import re
 import secrets
 import shutil
@@ -32,11 +33,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.checkpoint import cosign, open_checkpoint, parse_body, verify_cosignature
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.audit.witnessing import COSIGNATURE_TYPE, WitnessingService, attach_witnessing
+from gateway.audit.witnessing import (
+    CHECKPOINT_TYPE,
+    COSIGNATURE_TYPE,
+    WitnessingService,
+    attach_witnessing,
+)
 from gateway.cli.main import cli
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
-from gateway.crypto.notes import load_note_verifier, note_signer, parse_note
+from gateway.crypto.notes import (
+    load_note_signer,
+    load_note_verifier,
+    note_signer,
+    parse_note,
+    sign_note,
+)
 from gateway.devenv import default_partners_src, prepare_dev_environment
 from gateway.outbound.service import attach_outbound
 from gateway.outbound.submission import Submission, submit
@@ -399,11 +411,41 @@ async def _offer_to_mx(us: Gateway, witnessing: WitnessingService) -> tuple[str,
     return offered.message_id, latest.note
 
 
+async def _nacked(mx: Gateway, message_id: str) -> str:
+    """Wait until US-CBP's NACK of MX-ANAM's ``message_id`` settled it; its last error."""
+
+    async def rejected() -> bool:
+        record = await mx.store.get_outbound(message_id)
+        return record is not None and record.state == OutboundState.REJECTED
+
+    await _until(f"US-CBP to NACK {message_id}", rejected)
+    record = await mx.store.get_outbound(message_id)
+    assert record is not None
+    assert record.last_error is not None
+    return record.last_error
+
+
+async def _refused_before_commit(
+    us: Gateway, mx: Gateway, message_id: str, code: str, detail: str
+) -> dict[str, Any]:
+    """MX-ANAM's message was NACKed ``code`` with ``detail``: nothing stored or handed on at
+    US-CBP, one ``rejected`` entry there. Returns that entry."""
+    last_error = await _nacked(mx, message_id)
+    assert code in last_error, last_error
+    assert detail in last_error, last_error
+    assert await us.store.get_inbound(MX, message_id) is None
+    (refusal,) = await _entries(us, message_id=message_id)
+    assert refusal["event"] == EventKind.REJECTED.value
+    assert (refusal["sender"], refusal["outcome"]) == (MX, code)
+    return refusal
+
+
 async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offer(
     configs: dict[str, GatewayConfig],
 ) -> None:
     """nodepeer finding 6: ``inconsistent`` or ``stale`` naming a message we never sent, or
-    another checkpoint than the one our message offered, is refused and audited as such."""
+    another checkpoint than the one our message offered, is NACKed before the commit (the
+    partner learns its answer pairs with nothing) and audited with the exact reason."""
     async with (
         running_without_witnessing(configs[MX]) as (mx, mx_wake),
         running(configs[US]) as (us, us_witnessing),
@@ -419,6 +461,8 @@ async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offe
                 {"status": "inconsistent", "origin": origin, "size": 999999,
                  "root_hash": random_root, "witnessed_size": 5},
                 unknown_id,
+                "MALFORMED",
+                "in_reply_to names no audit.checkpoint sent to this sender",
                 f"in_reply_to {unknown_id} names no message of ours",
             ),
             (
@@ -426,6 +470,8 @@ async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offe
                  "root_hash": base64.b64encode(body.root_hash).decode("ascii"),
                  "witnessed_size": 1},
                 unknown_id,
+                "MALFORMED",
+                "in_reply_to names no audit.checkpoint sent to this sender",
                 f"in_reply_to {unknown_id} names no message of ours",
             ),
             # our real offer named, but not the checkpoint it offered
@@ -433,16 +479,16 @@ async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offe
                 {"status": "inconsistent", "origin": origin, "size": 999999,
                  "root_hash": random_root, "witnessed_size": 5},
                 offer_id,
+                "SCHEMA_INVALID",
+                "schema error at /payload: does not echo the checkpoint of the"
+                " audit.checkpoint named in in_reply_to",
                 f"answers a checkpoint ({origin} size 999999 root {random_root}) other than"
                 f" the one our audit.checkpoint {offer_id} offered ({origin} size {body.size}",
             ),
         ]  # fmt: skip
-        for payload, in_reply_to, reason in cases:
+        for payload, in_reply_to, code, detail, reason in cases:
             message_id = await _answer(mx, mx_wake, payload, in_reply_to)
-            await _handled(us, us_witnessing, message_id)
-            (refusal,) = await _entries(us, message_id=message_id, outcome="refused")
-            assert refusal["event"] == EventKind.COSIGNATURE_RECEIVED.value
-            assert refusal["sender"] == MX
+            refusal = await _refused_before_commit(us, mx, message_id, code, detail)
             assert refusal["message_type"] == COSIGNATURE_TYPE
             assert refusal["reason"].startswith(reason), refusal["reason"]
 
@@ -460,12 +506,13 @@ async def test_an_answer_to_no_checkpoint_we_offered_raises_no_alarm_and_no_offe
         assert await us.store.cosignatures() == []
 
 
-async def test_a_cosignature_by_another_key_is_refused_in_the_audit_log(
+async def test_a_cosignature_by_another_key_is_nacked_and_audited(
     configs: dict[str, GatewayConfig],
 ) -> None:
     """nodepeer finding 4: a cosignature of our real offer, by a key that is not MX-ANAM's
-    audit key, is ACKed (witnessing runs after the inbox commit) and then refused: the
-    refusal, with its exact reason, is in the audit log, not only on stderr."""
+    audit key, is NACKed ``SCHEMA_INVALID`` at ``/payload/cosignature`` (it used to be ACKed
+    and then refused after the commit, so MX-ANAM never learnt of it); the exact reason is in
+    US-CBP's audit log."""
     async with (
         running_without_witnessing(configs[MX]) as (mx, mx_wake),
         running(configs[US]) as (us, us_witnessing),
@@ -485,15 +532,73 @@ async def test_a_cosignature_by_another_key_is_refused_in_the_audit_log(
             "witnessed_size": body.size,
         }
         message_id = await _answer(mx, mx_wake, payload, offer_id)
-        await _handled(us, us_witnessing, message_id)
-
-        # the wire said ACK (the message was accepted) ...
-        (accepted,) = await _entries(us, message_id=message_id, event=EventKind.ACCEPTED.value)
-        assert accepted["outcome"] == "ACK"
-        # ... and the refusal is in the log, with the partner, the message and the reason
-        (refusal,) = await _entries(us, message_id=message_id, outcome="refused")
-        assert refusal["event"] == EventKind.COSIGNATURE_RECEIVED.value
-        assert refusal["sender"] == MX
+        refusal = await _refused_before_commit(
+            us,
+            mx,
+            message_id,
+            "SCHEMA_INVALID",
+            "schema error at /payload/cosignature: not the recipient's checkpoint cosigned"
+            " with the sender's audit key",
+        )
         assert refusal["message_type"] == COSIGNATURE_TYPE
         assert "note carries no signature by a known key" in refusal["reason"]
         assert await us.store.cosignatures() == []
+
+        # the same answer with MX-ANAM's real audit key is taken
+        real = load_note_signer(configs[MX].audit.key, configs[MX].audit.origin, cosignature=True)
+        payload["cosignature"] = cosign(note, real, timestamp=int(time.time()))
+        taken = await _answer(mx, mx_wake, payload, offer_id)
+        await _handled(us, us_witnessing, taken)
+        assert [c.partner for c in await us.store.cosignatures()] == [MX]
+
+        # what changed between the check and witnessing (here: the offer it names) is
+        # refused after the commit: the message was ACKed, so the refusal is an audit entry
+        record = await us.store.get_inbound(MX, taken)
+        assert record is not None
+        gone = str(uuid.uuid4())
+        await us_witnessing.handle(dataclasses.replace(record, in_reply_to=gone))
+        (late,) = await _entries(us, message_id=taken, outcome="refused")
+        assert late["event"] == EventKind.COSIGNATURE_RECEIVED.value
+        assert late["reason"] == f"in_reply_to {gone} names no message of ours"
+
+
+async def test_a_checkpoint_not_signed_with_the_partners_audit_key_is_nacked(
+    configs: dict[str, GatewayConfig],
+) -> None:
+    """An ``audit.checkpoint`` whose note does not verify with the sender's configured audit
+    key (or origin) is NACKed ``SCHEMA_INVALID`` at ``/payload/checkpoint``: nothing can be
+    said about a log we cannot authenticate, and the partner now learns it at once."""
+    async with (
+        running_without_witnessing(configs[MX]) as (mx, mx_wake),
+        running(configs[US]) as (us, us_witnessing),
+    ):
+        leaf = b"an entry"
+        root = base64.b64encode(hashlib.sha256(b"\x00" + leaf).digest()).decode("ascii")
+        text = f"{configs[MX].audit.origin}\n1\n{root}\n"
+        for signer, reason in [
+            # another key under MX-ANAM's name, then MX-ANAM's key under another origin
+            (note_signer(configs[MX].audit.origin, Ed25519PrivateKey.generate()), "signature"),
+            (load_note_signer(configs[MX].audit.key, configs[MX].audit.origin), None),
+        ]:
+            note = sign_note(text if reason else text.replace("MX-ANAM", "MX-OTHER"), [signer])
+            record = await submit(
+                mx.submission_services(),
+                Submission(
+                    recipient=US,
+                    message_type=CHECKPOINT_TYPE,
+                    payload={"checkpoint": note, "old_size": 0, "consistency_proof": []},
+                    actor="test",
+                ),
+            )
+            mx_wake()
+            refusal = await _refused_before_commit(
+                us,
+                mx,
+                record.message_id,
+                "SCHEMA_INVALID",
+                "schema error at /payload/checkpoint: not a checkpoint of the sender's log"
+                " signed with its audit key",
+            )
+            assert refusal["reason"].startswith("/checkpoint: checkpoint ")
+        await us_witnessing.idle()
+        assert await _entries(us, event=EventKind.CHECKPOINT_WITNESSED.value) == []

@@ -26,7 +26,7 @@ from gateway.crypto.jws import raw_sign, sign_detached, signing_input
 from gateway.crypto.keys import SigningKey, b64url, load_signing_key
 from gateway.devenv import prepare_dev_environment
 from gateway.envelope import body_digest, encode_envelope, new_message_id
-from gateway.errors import NackCode, Unavailable
+from gateway.errors import GatewayError, NackCode, SchemaInvalid, Unavailable
 from gateway.inbound import (
     STAGES,
     InboundContext,
@@ -36,7 +36,7 @@ from gateway.inbound import (
 )
 from gateway.inbound.ratelimit import RateLimiters, TokenBucket
 from gateway.inbound.stages import Stage
-from gateway.model import Header
+from gateway.model import Envelope, Header
 from gateway.outbound.submission import Submission, submit
 from gateway.relay import InboxRelay
 from gateway.runtime import Gateway
@@ -130,6 +130,7 @@ def test_stages_run_in_the_documented_order() -> None:
         "validate_schema",
         "authorize",
         "pair_answer",
+        "check_with_service",
         "hand_over_receipts",
         "persist",
     ]
@@ -404,6 +405,47 @@ async def test_an_exact_re_send_after_its_freshness_gets_the_original_receipt(
         amqp_request(gateway, body, broker_user="someone-else")
     )
     assert impostor.code is NackCode.STALE
+
+
+async def test_an_inbound_check_refuses_before_the_commit_but_not_an_exact_re_send(
+    gateway: Gateway,
+) -> None:
+    """A service's inbound check (witnessing's) NACKs what it refuses, with its code and
+    detail, stores nothing and audits the exact reason; an exact re-send of a message accepted
+    before the check changed its mind still gets the original receipt."""
+    verdict: list[GatewayError] = []
+    seen: list[tuple[str, str]] = []
+
+    async def check(sender: str, envelope: Envelope) -> None:
+        seen.append((sender, envelope.header.message_id))
+        if verdict:
+            raise verdict[0]
+
+    gateway.add_inbound_check(["shipment.advance_data"], check)
+    first_id, first_body = message(gateway)
+    first = await gateway.pipeline.handle(amqp_request(gateway, first_body))
+    assert first.http_status == 202
+    assert seen == [(MX, first_id)]
+
+    verdict.append(SchemaInvalid("the exact reason", pointer="/x", detail="what is wrong at x"))
+    again = await gateway.pipeline.handle(amqp_request(gateway, first_body))
+    assert (again.http_status, again.receipt_body) == (200, first.receipt_body)
+
+    refused_id, refused_body = message(gateway)
+    refused = await gateway.pipeline.handle(amqp_request(gateway, refused_body))
+    assert (refused.http_status, refused.code) == (400, NackCode.SCHEMA_INVALID)
+    assert refused.receipt_body is not None
+    receipt = json.loads(refused.receipt_body)["payload"]
+    assert (receipt["status"], receipt["detail"]) == ("NACK", "what is wrong at x")
+    assert await gateway.store.get_inbound(MX, refused_id) is None
+    (entry,) = await gateway.store.audit_entries(AuditFilter(message_id=refused_id))
+    assert json.loads(entry.entry)["reason"] == "the exact reason"
+    # a type without a check is not held up
+    other_id, other_body = message(gateway, message_type="shipment.manifest")
+    assert (await gateway.pipeline.handle(amqp_request(gateway, other_body))).http_status == 202
+    assert (MX, other_id) not in seen
+    with pytest.raises(RuntimeError, match="already has an inbound check"):
+        gateway.add_inbound_check(["shipment.advance_data"], check)
 
 
 async def test_an_upper_case_message_id_is_one_message_in_lower_case(gateway: Gateway) -> None:
