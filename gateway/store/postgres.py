@@ -433,51 +433,68 @@ class PostgresStore:
         if pool is None:
             return [Unavailable("postgresql: store is not open", outage=True)] * len(units)
         results: list[Any] = [None] * len(units)
+        # Set once the server has committed: a connection lost after that (the pool's reset
+        # on release fails) loses nothing, and the batch is answered as written. Answered
+        # Unavailable, a partner would hold a signed 503 for a message that was stored.
+        committed: list[Any] | None = None
         if all(unit.inbound is not None for unit in units):
             try:
                 async with pool.acquire() as conn:
                     if armed():
                         # one autocommit statement: the server commits it once it has it
                         crash_point("S6-before-commit", message_ids=_ids(units))
-                    outcomes = await _store_inbound_statement(
+                    committed = await _store_inbound_statement(
                         conn, [unit.inbound for unit in units if unit.inbound is not None]
                     )
-                self._writes_recovered("write")
-                return outcomes
             except asyncpg.IntegrityConstraintViolationError:
                 pass  # a row broke another constraint: the transaction below sorts them out
             except _DB_ERRORS as exc:
+                if committed is None:
+                    self._note_write_failure(exc)
+                    return [self._unavailable(exc, _batch_operations(units))] * len(units)
+                _lost_after_commit(exc)
+            if committed is not None:
+                self._writes_recovered("write")
+                return committed
+        try:
+            async with pool.acquire() as conn:
+                async with conn.transaction():
+                    written = await self._transaction_batch(conn, units, results)
+                committed = written
+        except _DB_ERRORS as exc:
+            if committed is None:
                 self._note_write_failure(exc)
                 return [self._unavailable(exc, _batch_operations(units))] * len(units)
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                size: int | None = None
-                if any(unit.fn is not None for unit in units):
-                    size = await conn.fetchval(
-                        "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE"
-                    )
-                tx = _Tx(conn, size)
-                inbound = [(i, u.inbound) for i, u in enumerate(units) if u.inbound is not None]
-                if inbound:
-                    outcomes = await _store_inbound_batch(tx, [item for _, item in inbound])
-                    for (index, _), outcome in zip(inbound, outcomes, strict=True):
-                        results[index] = outcome
-                for index, unit in enumerate(units):
-                    if unit.fn is not None:
-                        results[index] = await _run_unit(tx, unit.fn)
-                if tx.events:
-                    first = await _append_audit(conn, tx.events)
-                    if size is not None and first != size:
-                        raise Unavailable(f"postgresql: audit head moved from {size} to {first}")
-                    crash_point("audit-append")
-                if inbound and armed():
-                    crash_point("S6-before-commit", message_ids=_ids(units))
-        except _DB_ERRORS as exc:
-            self._note_write_failure(exc)
-            return [self._unavailable(exc, _batch_operations(units))] * len(units)
+            _lost_after_commit(exc)
         except Unavailable as exc:
             return [exc] * len(units)
+        assert committed is not None
         self._writes_recovered("write")
+        return committed
+
+    async def _transaction_batch(
+        self, conn: Conn, units: list[_Unit], results: list[Any]
+    ) -> list[Any]:
+        """The units of ``_commit_batch`` in its transaction; ``results`` filled in order."""
+        size: int | None = None
+        if any(unit.fn is not None for unit in units):
+            size = await conn.fetchval("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE")
+        tx = _Tx(conn, size)
+        inbound = [(i, u.inbound) for i, u in enumerate(units) if u.inbound is not None]
+        if inbound:
+            outcomes = await _store_inbound_batch(tx, [item for _, item in inbound])
+            for (index, _), outcome in zip(inbound, outcomes, strict=True):
+                results[index] = outcome
+        for index, unit in enumerate(units):
+            if unit.fn is not None:
+                results[index] = await _run_unit(tx, unit.fn)
+        if tx.events:
+            first = await _append_audit(conn, tx.events)
+            if size is not None and first != size:
+                raise Unavailable(f"postgresql: audit head moved from {size} to {first}")
+            crash_point("audit-append")
+        if inbound and armed():
+            crash_point("S6-before-commit", message_ids=_ids(units))
         return results
 
     # audit log
@@ -1257,6 +1274,12 @@ async def _fetch_nodes(c: Conn, keys: Sequence[NodeKey]) -> dict[NodeKey, bytes]
         [k[1] for k in keys],
     )
     return {(r[0], r[1]): r[2] for r in rows}
+
+
+def _lost_after_commit(exc: BaseException) -> None:
+    """The server committed the write, then the connection died before the pool took it back
+    (its reset failed): nothing of the write is lost; the pool replaces the connection."""
+    log.warning("postgres_connection_lost_after_commit", error=f"{type(exc).__name__}: {exc}")
 
 
 def _ids(units: list[_Unit]) -> str:

@@ -66,6 +66,60 @@ async def test_cut_connection_is_unavailable_and_store_recovers(
         await store.close()
 
 
+@pytest.mark.parametrize("path", ["statement", "transaction"])
+async def test_a_write_committed_before_its_connection_dies_is_answered_stored(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """pgcrash finding: the server committed the write, then its connection was cut before
+    the pool took it back (``pg_terminate_backend`` under load). The release fails, yet the
+    write is done: answered as stored, not ``Unavailable`` ("nothing was kept"), which gave
+    partners a signed 503 for a message that was accepted and relayed."""
+    store = PostgresStore(pg_dsn, clock=ManualClock(T0), min_size=1, max_size=2)
+    await store.open()
+    admin = await asyncpg.connect(pg_dsn)
+
+    async def cut(conn: Any) -> None:
+        await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+
+    if path == "statement":
+        original_statement = pg_module._store_inbound_statement
+
+        async def statement_then_cut(conn: Any, items: Any) -> Any:
+            outcomes = await original_statement(conn, items)  # committed: one statement
+            await cut(conn)
+            return outcomes
+
+        monkeypatch.setattr(pg_module, "_store_inbound_statement", statement_then_cut)
+    else:
+        # a unit that is not an inbox insert runs in a transaction; cut after its COMMIT
+        original_commit = asyncpg.transaction.Transaction.__aexit__
+
+        async def commit_then_cut(self: Any, *exc: Any) -> Any:
+            result = await original_commit(self, *exc)
+            if exc[0] is None and not self._nested:  # the outermost: its COMMIT went through
+                await cut(self._connection)
+            return result
+
+        monkeypatch.setattr(asyncpg.transaction.Transaction, "__aexit__", commit_then_cut)
+    try:
+        if path == "statement":
+            outcome = await store.store_inbound(inbound("cut"), [event(EventKind.ACCEPTED, "cut")])
+            assert outcome.status == "stored"
+        else:
+            (seq,) = await store.append_audit([event(EventKind.OPERATOR_ACTION)])
+            assert seq == 0
+        monkeypatch.undo()
+        # the pool replaced the dead connection by itself; the write is there exactly once
+        assert await store.audit_size() == 1
+        if path == "statement":
+            again = await store.store_inbound(inbound("cut"), [event(EventKind.ACCEPTED, "cut")])
+            assert again.status == "duplicate"
+    finally:
+        monkeypatch.undo()
+        await admin.close()
+        await store.close()
+
+
 async def test_unreachable_server_at_open_is_unavailable(pg_dsn: str) -> None:
     proxy = TcpProxy(pgdb.PORT, pgdb.HOST)
     await proxy.start()
