@@ -71,6 +71,12 @@ _HEADER_FIELDS = frozenset(_HEADER_REQUIRED + _HEADER_OPTIONAL)
 _PRIORITIES = {p.value: p for p in Priority}
 # In orjson's 2-space indented output, what starts an element nested deeper than MAX_DEPTH.
 _DEEP_INDENT = b"\n" + b" " * (2 * MAX_DEPTH)
+#: a nonzero digit (in a number's mantissa)
+_NONZERO_DIGIT_RE = re.compile(r"[1-9]")
+#: what a number below the smallest double (4.9e-324) needs, see _may_underflow
+_ZEROS = b"0" * 300
+_DIGIT_OR_POINT = frozenset(b"0123456789.")
+_LONG_EXPONENT = re.compile(rb"0*[1-9][0-9]{2}")
 # Longest decimal integer that can still be within double range (DBL_MAX has 309 digits).
 _MAX_INT_DIGITS = 309
 
@@ -83,6 +89,9 @@ def _parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise Malformed(f"number {text[:40]} is outside IEEE-754 double range")
+    if value == 0.0 and _NONZERO_DIGIT_RE.search(text.partition("e")[0].partition("E")[0]):
+        # below the smallest subnormal: the reader would see 0 where the signed bytes do not
+        raise Malformed(f"number {text[:40]} is outside IEEE-754 double range (underflow)")
     return value
 
 
@@ -179,7 +188,9 @@ def _same_as_strict(body: bytes, indented: bytes) -> bool:
       indented by 2*d spaces, so a container deeper than MAX_DEPTH starts after a newline and
       2*MAX_DEPTH spaces (raw newlines never occur inside encoded strings);
     - integers beyond 64 bits, which orjson turns into floats: those are at least 9.2e18 and
-      are encoded in exponent form ``e+NN``.
+      are encoded in exponent form ``e+NN``;
+    - numbers below the smallest double, which orjson reads as 0: the body holds a negative
+      exponent of three digits or a run of 300 zeros (a false "no" is again only slower).
 
     orjson refuses lone surrogate escapes too; bodies with any surrogate escape still take the
     strict path so that this never depends on it.
@@ -190,7 +201,23 @@ def _same_as_strict(body: bytes, indented: bytes) -> bool:
         body.count(b":") == indented.count(b":")
         and _DEEP_INDENT not in indented
         and (b"+" not in indented or b"e+" not in indented)  # "+" is rare, "e" is not
+        and not _may_underflow(body)
     )
+
+
+def _may_underflow(body: bytes) -> bool:
+    """Whether ``body`` may hold a number below the smallest double (4.9e-324): a negative
+    exponent of three digits after a digit or a point, or a run of 300 zeros. Substring
+    searches and anchored matches only: a regex search over the body costs ~10 us."""
+    if _ZEROS in body:
+        return True
+    for marker in (b"e-", b"E-"):
+        at = body.find(marker)
+        while at != -1:
+            if at > 0 and body[at - 1] in _DIGIT_OR_POINT and _LONG_EXPONENT.match(body, at + 2):
+                return True
+            at = body.find(marker, at + 2)
+    return False
 
 
 def _parse_json_text_strict(text: str, body: bytes) -> Any:

@@ -87,6 +87,11 @@ def test_size_limit_is_checked_before_parsing() -> None:
         (b"[-Infinity]", "-Infinity"),
         (b"[1e400]", "double range"),
         (b"[-1e309]", "double range"),
+        # below the smallest double: read as 0 while the signed bytes say otherwise (claims)
+        (b"[1e-400]", "double range (underflow)"),
+        (b"[-2.4e-324]", "double range (underflow)"),
+        (b'{"a": [1E-0400]}', "double range (underflow)"),
+        (b"[0." + b"0" * 400 + b"1]", "double range (underflow)"),
         (b"[" + b"9" * 400 + b"]", "double range"),
         (b"[" + b"9" * 309 + b"]", "double range"),
         (b"[-" + b"9" * 309 + b"]", "double range"),
@@ -107,6 +112,22 @@ def test_malformed_json(body: bytes, reason: str) -> None:
         parse_json_strict(body, max_bytes=LIMIT)
     assert info.value.code is NackCode.MALFORMED
     assert reason in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("body", "value"),
+    [
+        (b"[0.0]", 0.0),
+        (b"[0e-400]", 0.0),
+        (b"[-0.000e-999]", -0.0),
+        (b"[4.9e-324]", 5e-324),  # the smallest subnormal
+        (b"[2.5e-324]", 5e-324),  # rounds up to it
+        (b"[1e-320]", 1e-320),
+        (b'["note-123", "e-commerce 1e-400"]', "e-commerce 1e-400"),  # in strings: text
+    ],
+)
+def test_zero_and_subnormal_numbers_are_not_underflow(body: bytes, value: object) -> None:
+    assert parse_json_strict(body, max_bytes=LIMIT)[-1] == value
 
 
 def test_nesting_of_exactly_32_is_allowed() -> None:

@@ -41,6 +41,9 @@ def _ref_parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise Malformed(f"number {text[:40]} is outside IEEE-754 double range")
+    # Fixed later in both paths: a nonzero number below the smallest double was read as 0.
+    if value == 0.0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):
+        raise Malformed(f"number {text[:40]} is outside IEEE-754 double range (underflow)")
     return value
 
 
