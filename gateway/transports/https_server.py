@@ -254,7 +254,7 @@ class _GuardedSite(web.BaseSite):
     def _enforce_deadline(self, handler: web_protocol.RequestHandler) -> None:
         acceptor = self._forget(handler)
         if acceptor is not None and handler.transport is not None:
-            handler.transport.close()
+            handler.transport.abort()
             self._on_deadline(acceptor.source, "request_head")
 
     def _protocol(self) -> asyncio.BaseProtocol:
@@ -305,7 +305,10 @@ class _GuardedSite(web.BaseSite):
     def _evict(self, handler: web_protocol.RequestHandler, source: str) -> None:
         acceptor = self._forget(handler)
         if handler.transport is not None:
-            handler.transport.close()
+            # Aborted, not closed: a polite TLS close waits up to 30 s for the peer's answer,
+            # which a client that never reads never sends, and its slot stays taken meanwhile.
+            # It has sent no request, so no answer of ours is cut short.
+            handler.transport.abort()
         elif acceptor is not None:
             acceptor.abandon()
         self._on_deadline(source, "evicted")

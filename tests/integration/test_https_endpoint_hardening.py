@@ -52,6 +52,27 @@ async def test_trickled_headers_are_cut_off(env: Env) -> None:
     writer.close()
 
 
+async def test_clients_that_never_read_give_their_slots_back_at_the_deadline(env: Env) -> None:
+    """claims finding (T37): a slowloris client that never reads never answers the TLS
+    close at the header deadline. Closed politely, its connection held its slot for the
+    30 s of the TLS shutdown and could not be evicted either: three of them kept a partner out
+    of a cap of three. Aborted, the slots come back at the deadline."""
+    held = []
+    for _ in range(3):
+        _, writer = await _connect(env)
+        writer.write(b"POST /c2c/v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: ")
+        await writer.drain()
+        writer.transport.pause_reading()  # never reads: the server's close_notify is unread
+        held.append(writer)
+    await asyncio.sleep(2.5)  # past the 1 s header deadline
+    _, message = make_message(env)
+    async with asyncio.timeout(10):
+        answer = await post(env, message)
+    assert answer.status == 202
+    for writer in held:
+        writer.transport.abort()
+
+
 async def test_slow_body_gets_408(env: Env) -> None:
     reader, writer = await _connect(env)
     writer.write(
