@@ -23,7 +23,7 @@ from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
 from gateway.model import is_party_id
-from gateway.store.base import AuditFilter
+from gateway.store.base import AuditFilter, Cosignature
 
 AUDIT_LOG = web.AppKey("c2c_audit_log", AuditLog)
 MAX_PAGE = 1000
@@ -104,31 +104,48 @@ async def list_entries(request: web.Request) -> web.Response:
     )
 
 
+def _latest_per_partner(cosignatures: list[Cosignature], size: int) -> list[Cosignature]:
+    """Per partner, its latest cosignature of a tree up to ``size``: it covers every entry
+    below its own size, so older ones (one per witnessing round) would add nothing."""
+    latest: dict[str, Cosignature] = {}
+    for cosig in cosignatures:
+        kept = latest.get(cosig.partner)
+        if cosig.size <= size and (kept is None or cosig.size >= kept.size):
+            latest[cosig.partner] = cosig
+    return [latest[partner] for partner in sorted(latest)]
+
+
 async def latest_checkpoint(request: web.Request) -> web.Response:
+    """The latest checkpoint and, per partner, its latest cosigned note with the consistency
+    proof from the cosigned size to the checkpoint's: all an auditor's browser needs to check
+    each cosignature against the checkpoint with the partner's key."""
     query_fields(request, frozenset())
     store = request.app[SERVICES].store
     checkpoint = await store.latest_checkpoint()
     if checkpoint is None:
         return problem(404, "no checkpoint has been signed yet")
-    cosignatures = await store.cosignatures(checkpoint.size)
+    audit = _audit_log(request)
+    cosignatures = []
+    for c in _latest_per_partner(await store.cosignatures(), checkpoint.size):
+        proof = await audit.consistency_proof(c.size, checkpoint.size)
+        cosignatures.append(
+            {
+                "partner": c.partner,
+                "size": c.size,
+                "root_hash": _b64(c.root_hash),
+                "received_at": format_rfc3339(c.received_at),
+                "note": c.note,
+                "consistency_proof": [_b64(h) for h in proof],
+            }
+        )
     return json_response(
         {
-            "origin": _audit_log(request).origin,
+            "origin": audit.origin,
             "size": checkpoint.size,
             "root_hash": _b64(checkpoint.root_hash),
             "created_at": format_rfc3339(checkpoint.created_at),
             "note": checkpoint.note,
-            "cosignatures": [
-                {
-                    "partner": c.partner,
-                    "size": c.size,
-                    "root_hash": _b64(c.root_hash),
-                    "received_at": format_rfc3339(c.received_at),
-                    "note": c.note,
-                }
-                for c in cosignatures
-                if c.root_hash == checkpoint.root_hash
-            ],
+            "cosignatures": cosignatures,
         }
     )
 

@@ -304,13 +304,25 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "required": ["partner", "size", "root_hash", "received_at", "note"],
+                    "required": [
+                        "partner",
+                        "size",
+                        "root_hash",
+                        "received_at",
+                        "note",
+                        "consistency_proof",
+                    ],
                     "properties": {
                         "partner": _PARTY,
                         "size": _SEQ,
                         "root_hash": _B64,
                         "received_at": _TIME,
                         "note": {"type": "string", "description": "The cosigned note"},
+                        "consistency_proof": {
+                            **_HASHES,
+                            "description": "RFC 9162 consistency proof from the cosigned size"
+                            " to the checkpoint's size (empty when they are equal)",
+                        },
                     },
                 },
             },
@@ -481,7 +493,8 @@ def _audit_paths() -> dict[str, Any]:
         ),
         "/api/v1/audit/checkpoint": _audit_get(
             "latestAuditCheckpoint",
-            "The latest signed checkpoint and the partners' cosignatures of it",
+            "The latest signed checkpoint and, per partner, its latest cosigned checkpoint "
+            "note with the consistency proof from that size to the checkpoint's",
             _json(_ref("AuditCheckpoint"), "The checkpoint"),
             scopes=audit,
             extra={"404": _problem("No checkpoint signed yet")},

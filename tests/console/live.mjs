@@ -1,10 +1,12 @@
 // Drives the console's API client (gateway/api/console/client.js) against a running gateway,
 // as the page does: verify the latest checkpoint, walk and prove every entry, check earlier
 // checkpoints for consistency, export a bundle, run the store check.
-// Usage: node live.mjs PLAN.json  (baseUrl, token, key, origin?, old_notes, bundle_path)
+// Usage: node live.mjs PLAN.json
+//   (baseUrl, token, key, origin?, witness_keys?, old_notes, bundle_path)
 import { readFile, writeFile } from "node:fs/promises";
 
 import { AuditClient } from "../../gateway/api/console/client.js";
+import { importWitnessKeys } from "../../gateway/api/console/verify.js";
 
 const plan = JSON.parse(await readFile(process.argv[2], "utf8"));
 const client = new AuditClient({ baseUrl: plan.baseUrl, token: plan.token });
@@ -14,9 +16,11 @@ const failure = (error) => `${error.name}: ${error.message}`;
 let checkpoint = null;
 let logKey = null;
 try {
-  checkpoint = await client.checkpoint(plan.key);
+  const witnesses = await importWitnessKeys(plan.witness_keys ?? "");
+  checkpoint = await client.checkpoint(plan.key, { origin: plan.origin, witnesses });
   logKey = checkpoint.logKey;
   out.checkpoint = { origin: checkpoint.origin, size: checkpoint.size, cosigners: checkpoint.cosignatures.length };
+  out.cosignatures = checkpoint.cosignatures.map((c) => ({ partner: c.partner, status: c.status, problem: c.problem }));
 } catch (error) {
   out.checkpoint = { error: failure(error) };
 }

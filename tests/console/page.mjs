@@ -2,8 +2,10 @@
 // gateway, with a small stand-in for the DOM and the browser's storage, and prints what the
 // page shows. `tamper` makes the gateway dishonest between the page and the real answers.
 // Usage: node page.mjs PLAN.json
-//   PLAN: baseUrl, token, key, storage (a JSON file holding local storage across visits),
-//   tamper? ("shift" | "shift_last" | "no_checkpoint"), filters? (searched after opening),
+//   PLAN: baseUrl, token, key, origin? (the log's, given with a PEM key), witnessKeys? (the
+//   partners' keys field), storage (a JSON file holding local storage across visits),
+//   tamper? ("shift" | "shift_last" | "no_checkpoint"), checkpointAnswer? (served in place of
+//   the gateway's checkpoint answer), filters? (searched after opening),
 //   proofDelay? (ms the gateway takes to answer each inclusion proof),
 //   steps? (what the auditor does while the page is still at work, in turn: each waits until
 //   rows are shown and `checked` of them have their proof checked, then clicks "more" once,
@@ -32,6 +34,8 @@ globalThis.localStorage = new Storage(kept);
 globalThis.sessionStorage = new Storage({});
 sessionStorage.setItem("c2c.audit.token", plan.token);
 localStorage.setItem("c2c.audit.logKey", plan.key);
+if (plan.origin !== undefined) localStorage.setItem("c2c.audit.logOrigin", plan.origin);
+if (plan.witnessKeys !== undefined) localStorage.setItem("c2c.audit.witnessKeys", plan.witnessKeys);
 
 let formFields = {};
 class Element {
@@ -42,7 +46,7 @@ class Element {
   }
   addEventListener(type, listener) { this.listeners[type] = listener; }
   append(...nodes) { this.children.push(...nodes); }
-  replaceChildren() { this.children = []; }
+  replaceChildren(...nodes) { this.children = nodes; }
   reset() {}
   get elements() { return { namedItem: () => ({ value: "" }) }; }
 }
@@ -71,6 +75,7 @@ async function gateway(url, init) {
   const full = plan.baseUrl + url;
   const path = new URL(full).pathname;
   if (plan.proofDelay && path === "/api/v1/audit/proofs/inclusion") await sleep(plan.proofDelay);
+  if (plan.checkpointAnswer && path === "/api/v1/audit/checkpoint") return json(200, plan.checkpointAnswer);
   if (plan.tamper === "no_checkpoint" && path === "/api/v1/audit/checkpoint") {
     return json(404, { title: "Not Found", status: 404, detail: "no checkpoint has been signed yet" });
   }
@@ -136,7 +141,10 @@ if (plan.steps) {
 }
 
 const out = {};
-for (const id of ["access-status", "checkpoint-status", "monitor-status", "entries-status"]) out[id] = status(id);
+for (const id of ["access-status", "checkpoint-status", "cosign-status", "monitor-status", "entries-status"]) {
+  out[id] = status(id);
+}
+out.cosigners = (elements["cp-cosigners"]?.children ?? []).map((li) => ({ text: li.textContent, kind: li.className }));
 out.more = { hidden: elements.more?.hidden ?? null, disabled: elements.more?.disabled ?? null };
 out.rows = (elements["entry-rows"]?.children ?? []).map((tr) => {
   const cells = tr.children;

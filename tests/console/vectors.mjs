@@ -9,7 +9,10 @@ import {
   canonicalJson,
   entryLeafHash,
   importLogKey,
+  importWitnessKey,
+  importWitnessKeys,
   verifyCheckpoint,
+  verifyCosignature,
   verifyConsistency,
   verifyInclusion,
 } from "../../gateway/api/console/verify.js";
@@ -31,6 +34,9 @@ const RUN = {
     const body = await verifyCheckpoint(c.note, await importLogKey(c.key, c.origin));
     return { origin: body.origin, size: body.size, root: b64encode(body.root), time: body.time };
   },
+  cosignature: async (c) =>
+    verifyCosignature(c.note, await importWitnessKey(c.key), await importLogKey(c.log_key)),
+  witness_keys: async (c) => [...(await importWitnessKeys(c.text))].map(([partner, key]) => [partner, key.name]),
   vkey: async (c) => (await importLogKey(c.key, c.origin)).vkey,
   events: async () => EVENTS,
 };

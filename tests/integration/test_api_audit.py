@@ -11,13 +11,16 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.api.audit import AUDIT_LOG
 from gateway.audit import merkle
 from gateway.audit.bundle import verify_bundle
+from gateway.audit.checkpoint import cosign, verify_cosignature
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.crypto.notes import load_note_verifier
+from gateway.crypto.notes import NoteSigner, load_note_verifier, note_signer
+from gateway.store.base import Checkpoint
 
 AUDITOR = ("audit:read",)
 
@@ -61,6 +64,22 @@ async def submit(running: Running, correlation_id: str | None = None) -> str:
 
 def unb64(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def partner_audit_key(partner: str) -> NoteSigner:
+    """A partner gateway's audit key, as it cosigns our checkpoints (cosignature/v1)."""
+    return note_signer(
+        f"dev.c2c-gateway.invalid/{partner}", Ed25519PrivateKey.generate(), cosignature=True
+    )
+
+
+async def cosigned_by(
+    running: Running, partner: str, key: NoteSigner, checkpoint: Checkpoint
+) -> str:
+    """``partner``'s cosignature of ``checkpoint``, taken by the gateway as witnessing does."""
+    note = cosign(checkpoint.note, key, timestamp=1_800_000_000)
+    await running.api.app[AUDIT_LOG].accept_cosignature(partner, note, key.verifier)
+    return note
 
 
 async def test_entries_are_filtered_and_keyset_paged(us: Running) -> None:
@@ -180,6 +199,52 @@ async def test_checkpoint_with_cosignatures_and_proofs(us: Running) -> None:
     merkle.verify_consistency(
         old.size, size, old.root_hash, signed.root_hash, [unb64(h) for h in proof["proof"]]
     )
+
+
+async def test_the_checkpoint_carries_each_partners_latest_cosignature_with_its_proof(
+    us: Running,
+) -> None:
+    """Each partner's latest cosigned note, and the consistency proof from its size to the
+    checkpoint's: what an auditor's browser needs to check the cosignature itself."""
+    mx, ca = partner_audit_key("MX-ANAM"), partner_audit_key("CA-CBSA")
+    audit_log = us.api.app[AUDIT_LOG]
+    await submit(us)
+    first = await audit_log.checkpoint()
+    await cosigned_by(us, "MX-ANAM", mx, first)
+    await cosigned_by(us, "CA-CBSA", ca, first)
+    await submit(us)
+    second = await audit_log.checkpoint()
+    mx_note = await cosigned_by(us, "MX-ANAM", mx, second)
+    await submit(us)
+    latest = await audit_log.checkpoint()
+    assert first.size < second.size < latest.size
+
+    status, body = await get(us, "/api/v1/audit/checkpoint")
+    assert status == 200
+    assert body["size"] == latest.size
+    cosignatures = body["cosignatures"]
+    assert [(c["partner"], c["size"]) for c in cosignatures] == [
+        ("CA-CBSA", first.size),
+        ("MX-ANAM", second.size),
+    ]
+    assert cosignatures[1]["note"] == mx_note
+    for cosig, key, cosigned in ((cosignatures[0], ca, first), (cosignatures[1], mx, second)):
+        assert unb64(cosig["root_hash"]) == cosigned.root_hash
+        assert verify_cosignature(cosig["note"], key.verifier) == 1_800_000_000
+        merkle.verify_consistency(
+            cosigned.size,
+            latest.size,
+            cosigned.root_hash,
+            latest.root_hash,
+            [unb64(h) for h in cosig["consistency_proof"]],
+        )
+    # cosigned at the checkpoint's own size: nothing to prove
+    await cosigned_by(us, "CA-CBSA", ca, latest)
+    status, body = await get(us, "/api/v1/audit/checkpoint")
+    assert [(c["partner"], c["size"], c["consistency_proof"]) for c in body["cosignatures"]] == [
+        ("CA-CBSA", latest.size, []),
+        ("MX-ANAM", second.size, body["cosignatures"][1]["consistency_proof"]),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ a tampered entry, a forged earlier checkpoint and the wrong log key."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sqlite3
@@ -15,7 +16,7 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nodejs import run_script
 from outbound_env import Running, client_ssl, token
-from test_api_audit import submit
+from test_api_audit import cosigned_by, get, partner_audit_key, submit
 
 from gateway.api import console_routes as console
 from gateway.api.audit import AUDIT_LOG
@@ -23,7 +24,13 @@ from gateway.audit import merkle
 from gateway.audit.bundle import verify_bundle
 from gateway.audit.checkpoint import CheckpointBody, sign_checkpoint
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.crypto.notes import load_note_signer, load_note_verifier, note_signer
+from gateway.crypto.notes import (
+    NoteSigner,
+    load_note_signer,
+    load_note_verifier,
+    note_signer,
+    public_key_pem,
+)
 from gateway.store.base import AuditFilter
 
 CSP = "default-src 'none'; script-src 'self'"
@@ -86,6 +93,7 @@ async def drive(running: Running, tmp_path: Path, **plan: Any) -> dict[str, Any]
         "baseUrl": running.api_url,
         "token": token(running.config, ("audit:read",), subject="auditor-1"),
         "key": public_key_file(running).read_text(),
+        "origin": running.config.audit.origin,
         **plan,
     }
     path.write_text(json.dumps(document))
@@ -205,6 +213,7 @@ async def visit(running: Running, tmp_path: Path, **plan: Any) -> dict[str, Any]
         "baseUrl": running.api_url,
         "token": token(running.config, ("audit:read",), subject="auditor-1"),
         "key": public_key_file(running).read_text(),
+        "origin": running.config.audit.origin,
         "storage": str(tmp_path / "local-storage.json"),
         **plan,
     }
@@ -401,3 +410,174 @@ async def test_a_checkpoint_hidden_since_the_last_visit_shows_in_red(
     # the gateway shows its checkpoint again: consistent with the one kept
     page = await visit(us, tmp_path)
     assert page["monitor-status"]["kind"] == "status ok"
+
+
+def forge(note: str, name: str) -> str:
+    """``note`` with one bit of ``name``'s signature flipped (its key id kept)."""
+    text, block = note.split("\n\n")
+    lines = []
+    for line in block.rstrip("\n").split("\n"):
+        _, line_name, blob = line.split(" ")
+        if line_name == name:
+            raw = base64.b64decode(blob)
+            forged = base64.b64encode(raw[:-1] + bytes([raw[-1] ^ 1])).decode()
+            line = f"\u2014 {line_name} {forged}"
+        lines.append(line)
+    return text + "\n\n" + "\n".join(lines) + "\n"
+
+
+def witness_keys(keys: dict[str, NoteSigner]) -> str:
+    """The page's partners' keys field: MX-ANAM's as its PEM file, others as verifier keys."""
+    return "\n".join(
+        f"{partner}\n{public_key_pem(key).decode()}"
+        if partner == "MX-ANAM"
+        else f"{partner} {key.verifier.vkey()}"
+        for partner, key in keys.items()
+    )
+
+
+async def test_partners_cosignatures_are_verified_in_the_browser(
+    us: Running, tmp_path: Path
+) -> None:
+    mx, ca = partner_audit_key("MX-ANAM"), partner_audit_key("CA-CBSA")
+    audit_log = us.api.app[AUDIT_LOG]
+    await queries(us, 3)
+    first = await audit_log.checkpoint()
+    await cosigned_by(us, "MX-ANAM", mx, first)
+    await queries(us, 2)
+    latest = await audit_log.checkpoint()
+    await cosigned_by(us, "CA-CBSA", ca, latest)
+    mx_ok = {
+        "text": f"\u2713 MX-ANAM cosigned size {first.size} (at 2027-01-15T08:00:00Z): signature"
+        " verified with its key, consistent with this checkpoint",
+        "kind": "ok",
+    }
+    ca_ok = {
+        "text": f"\u2713 CA-CBSA cosigned size {latest.size} (at 2027-01-15T08:00:00Z): signature"
+        " verified with its key, consistent with this checkpoint",
+        "kind": "ok",
+    }
+
+    # no key given for CA-CBSA: its cosignature is the gateway's word, and labelled so
+    page = await visit(us, tmp_path, witnessKeys=witness_keys({"MX-ANAM": mx}))
+    assert page["checkpoint-status"]["kind"] == "status ok"
+    assert page["cosigners"] == [
+        {
+            "text": f"CA-CBSA cosigned size {latest.size}: reported by the gateway, not verified"
+            " (no audit key given for CA-CBSA)",
+            "kind": "warn",
+        },
+        mx_ok,
+    ]
+    assert page["cosign-status"] == {
+        "text": "Partners' cosignatures: 1 verified in this browser, 1 reported by the gateway,"
+        " not verified.",
+        "kind": "status warn",
+    }
+    page = await visit(us, tmp_path, witnessKeys=witness_keys({"MX-ANAM": mx, "CA-CBSA": ca}))
+    assert page["cosigners"] == [ca_ok, mx_ok]
+    assert page["cosign-status"] == {
+        "text": "Partners' cosignatures: 2 verified in this browser.",
+        "kind": "status ok",
+    }
+
+    # a dishonest gateway: MX-ANAM's signature forged, CA-CBSA's tree not a prefix of this
+    # checkpoint's, and with a key given for a partner it does not list
+    status, answer = await get(us, "/api/v1/audit/checkpoint")
+    assert status == 200
+    by_partner = {c["partner"]: c for c in answer["cosignatures"]}
+    mx_cosig, ca_cosig = by_partner["MX-ANAM"], by_partner["CA-CBSA"]
+    forged = {**mx_cosig, "note": forge(mx_cosig["note"], mx.name)}
+    assert forged["note"] != mx_cosig["note"]
+    bad_proof = {
+        **mx_cosig,
+        "consistency_proof": [
+            base64.b64encode(merkle.leaf_hash(b"x")).decode(),
+            *mx_cosig["consistency_proof"][1:],
+        ],
+    }
+    answer["cosignatures"] = [forged, bad_proof]
+    page = await visit(
+        us,
+        tmp_path,
+        witnessKeys=witness_keys({"MX-ANAM": mx, "CA-CBSA": ca}),
+        checkpointAnswer=answer,
+    )
+    assert page["checkpoint-status"]["kind"] == "status ok"
+    assert page["cosigners"] == [
+        {
+            "text": "\u2717 MX-ANAM: cosignature FAILED verification: the cosignature by"
+            f" {mx.name} (key {mx.key_id:08x}) does not verify",
+            "kind": "bad",
+        },
+        {
+            "text": "\u2717 MX-ANAM: cosignature FAILED verification: consistency proof does not"
+            f" lead to the old root of size {first.size}",
+            "kind": "bad",
+        },
+        {
+            "text": "CA-CBSA: no cosignature reported by the gateway (its key is given)",
+            "kind": "warn",
+        },
+    ]
+    assert page["cosign-status"] == {
+        "text": "Partners' cosignatures: 2 FAILED verification, none reported for CA-CBSA.",
+        "kind": "status bad",
+    }
+    # a cosignature of another partner relabelled as MX-ANAM's fails with MX-ANAM's key
+    answer["cosignatures"] = [{**ca_cosig, "partner": "MX-ANAM"}]
+    page = await visit(
+        us, tmp_path, witnessKeys=witness_keys({"MX-ANAM": mx}), checkpointAnswer=answer
+    )
+    assert page["cosigners"] == [
+        {
+            "text": "\u2717 MX-ANAM: cosignature FAILED verification: the note carries no"
+            " cosignature by this key",
+            "kind": "bad",
+        }
+    ]
+
+
+async def test_a_pem_log_key_is_pinned_to_the_origin_the_auditor_gives(
+    us: Running, tmp_path: Path
+) -> None:
+    """The gateway signs a checkpoint of a "shadow" log, under another origin, with its log
+    key: with the PEM key and the origin the auditor gave, the page refuses it."""
+    await queries(us, 3)
+    checkpoint = await us.api.app[AUDIT_LOG].checkpoint()
+    shadow = "evil.invalid/shadow-log"
+    note = sign_checkpoint(
+        CheckpointBody(origin=shadow, size=checkpoint.size, root_hash=checkpoint.root_hash),
+        load_note_signer(us.config.audit.key, shadow),
+    ).note
+    status, answer = await get(us, "/api/v1/audit/checkpoint")
+    assert status == 200
+    page = await visit(us, tmp_path, checkpointAnswer={**answer, "origin": shadow, "note": note})
+    assert page["access-status"] == {
+        "text": f'checkpoint is from log "{shadow}", the key is for "{us.config.audit.origin}"',
+        "kind": "status bad",
+    }
+    assert page["rows"] == []
+    # a PEM key alone does not name the log: the page asks for the origin, it does not take
+    # the gateway's
+    page = await visit(us, tmp_path, origin="")
+    assert page["access-status"] == {
+        "text": "a PEM key does not name the log: give the log's origin with it, or give its"
+        " note verifier key, which names it",
+        "kind": "status bad",
+    }
+    # and so does the API client, which the page drives
+    result = await drive(us, tmp_path, origin=None)
+    assert result["checkpoint"]["error"] == (
+        "VerifyError: a PEM key does not name the log: give the log's origin with it, or give"
+        " its note verifier key, which names it"
+    )
+    # a verifier key names the log itself; an origin given with it must be that name
+    vkey = load_note_verifier(public_key_file(us), us.config.audit.origin).vkey()
+    result = await drive(us, tmp_path, key=vkey, origin=None)
+    assert result["checkpoint"]["origin"] == us.config.audit.origin
+    result = await drive(us, tmp_path, key=vkey, origin=shadow)
+    assert result["checkpoint"]["error"] == (
+        f'VerifyError: the verifier key names the log "{us.config.audit.origin}",'
+        f' not the origin given, "{shadow}"'
+    )

@@ -14,14 +14,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nodejs import run_script
 
 from gateway.audit import merkle
-from gateway.audit.checkpoint import CheckpointBody, cosign, sign_checkpoint
+from gateway.audit.checkpoint import (
+    CheckpointBody,
+    CheckpointError,
+    cosign,
+    sign_checkpoint,
+    verify_cosignature,
+)
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.crypto.notes import note_signer, public_key_pem
+from gateway.crypto.notes import NoteSigner, note_signer, public_key_pem
 
 ORIGIN = "dev.c2c-gateway.invalid/US-CBP"
 LEAVES = [merkle.leaf_hash(b"entry %d" % i) for i in range(34)]
@@ -274,3 +281,126 @@ async def test_checkpoint_signatures(tmp_path: Path) -> None:
 async def test_event_list_matches_the_gateway(tmp_path: Path) -> None:
     results = await run(tmp_path, [{"kind": "events"}])
     assert results[0]["value"] == [kind.value for kind in EventKind]
+
+
+MX_ORIGIN = "dev.c2c-gateway.invalid/MX-ANAM"
+SIGNED_AT = datetime(2026, 12, 4, 17, 0, tzinfo=UTC)
+
+
+def cosigned_note() -> tuple[str, NoteSigner, NoteSigner, NoteSigner, str]:
+    """A checkpoint note signed by the log and cosigned by MX-ANAM, with the keys involved."""
+    log = note_signer(ORIGIN, Ed25519PrivateKey.generate())
+    mx = note_signer(MX_ORIGIN, Ed25519PrivateKey.generate(), cosignature=True)
+    ca = note_signer(
+        "dev.c2c-gateway.invalid/CA-CBSA", Ed25519PrivateKey.generate(), cosignature=True
+    )
+    body = CheckpointBody(origin=ORIGIN, size=12, root_hash=LEAVES[3], signed_at=SIGNED_AT)
+    note = cosign(sign_checkpoint(body, log).note, mx, timestamp=1_800_000_000)
+    return note, log, mx, ca, log.verifier.vkey()
+
+
+def with_line(note: str, name: str, change: Any) -> str:
+    """``note`` with the blob of ``name``'s signature line passed through ``change``."""
+    text, block = note.split("\n\n")
+    lines = []
+    for line in block.rstrip("\n").split("\n"):
+        _, line_name, blob = line.split(" ")
+        if line_name == name:
+            line = f"\u2014 {line_name} {b64(change(base64.b64decode(blob)))}"
+        lines.append(line)
+    return text + "\n\n" + "\n".join(lines) + "\n"
+
+
+async def test_cosignatures_verify_as_the_gateway_does(tmp_path: Path) -> None:
+    note, log, mx, ca, log_vkey = cosigned_note()
+    mx_pem = public_key_pem(mx).decode()
+    forged = with_line(note, MX_ORIGIN, lambda raw: raw[:12] + flipped(raw[12:]))
+    restamped = with_line(note, MX_ORIGIN, lambda raw: raw[:11] + flipped(raw[11:]))
+    short = with_line(note, MX_ORIGIN, lambda raw: raw[:4] + raw[12:])
+    # the log's own key, cosigning under the partner's name: no partner's cosignature
+    self_cosigned = cosign(
+        sign_checkpoint(
+            CheckpointBody(origin=ORIGIN, size=12, root_hash=LEAVES[3], signed_at=SIGNED_AT), log
+        ).note,
+        note_signer(MX_ORIGIN, log.private_key, cosignature=True),
+        timestamp=1_800_000_000,
+    )
+    renamed = note_signer("dev.c2c-gateway.invalid/XX-OTHER", mx.private_key, cosignature=True)
+
+    def case(note_text: str, key: str) -> dict[str, Any]:
+        return {"kind": "cosignature", "note": note_text, "key": key, "log_key": log_vkey}
+
+    cases = [
+        case(note, mx.verifier.vkey()),
+        case(note, mx_pem),
+        # the key as the partner signs its own log's checkpoints with it (type 0x01)
+        case(note, note_signer(MX_ORIGIN, mx.private_key).verifier.vkey()),
+        case(forged, mx.verifier.vkey()),
+        case(forged, mx_pem),
+        case(restamped, mx.verifier.vkey()),
+        case(short, mx.verifier.vkey()),
+        case(note, ca.verifier.vkey()),
+        case(note, public_key_pem(ca).decode()),
+        case(note, renamed.verifier.vkey()),
+        case(self_cosigned, public_key_pem(log).decode()),
+        case(note, log_vkey),
+    ]
+    results = await run(tmp_path, cases)
+    good = {"name": MX_ORIGIN, "keyId": f"{mx.key_id:08x}", "timestamp": 1_800_000_000}
+    assert results[:3] == [{"ok": True, "value": good}] * 3
+    does_not_verify = (
+        f"VerifyError: the cosignature by {MX_ORIGIN} (key {mx.key_id:08x}) does not verify"
+    )
+    assert [r.get("error") for r in results[3:]] == [
+        does_not_verify,
+        does_not_verify,
+        does_not_verify,
+        f"VerifyError: the cosignature by {MX_ORIGIN} (key {mx.key_id:08x}) is not"
+        " 8 + 64 bytes (timestamp and signature)",
+        "VerifyError: the note carries no cosignature by this key"
+        " (dev.c2c-gateway.invalid/CA-CBSA)",
+        "VerifyError: the note carries no cosignature by this key",
+        "VerifyError: the note carries no cosignature by this key"
+        " (dev.c2c-gateway.invalid/XX-OTHER)",
+        "VerifyError: the partner's key is the log's own key, which cannot witness the log",
+        "VerifyError: the partner's key is the log's own key, which cannot witness the log",
+    ]
+    # the gateway's verifier reaches the same verdicts on the notes it can be given
+    assert verify_cosignature(note, mx.verifier) == 1_800_000_000
+    for bad in (forged, restamped, short):
+        with pytest.raises(CheckpointError):
+            verify_cosignature(bad, mx.verifier)
+
+
+async def test_partners_keys_are_read_from_one_text(tmp_path: Path) -> None:
+    mx = note_signer(MX_ORIGIN, Ed25519PrivateKey.generate(), cosignature=True)
+    ca = note_signer(
+        "dev.c2c-gateway.invalid/CA-CBSA", Ed25519PrivateKey.generate(), cosignature=True
+    )
+    ca_pem = public_key_pem(ca).decode()
+    text = f"MX-ANAM {mx.verifier.vkey()}\n\nCA-CBSA\n{ca_pem}"
+    results = await run(
+        tmp_path,
+        [
+            {"kind": "witness_keys", "text": text},
+            {"kind": "witness_keys", "text": f"MX-ANAM={mx.verifier.vkey()}"},
+            {"kind": "witness_keys", "text": "  \n"},
+            {"kind": "witness_keys", "text": "MX-ANAM"},
+            {"kind": "witness_keys", "text": f"{mx.verifier.vkey()}"},
+            {"kind": "witness_keys", "text": f"MX-ANAM {ca_pem}\nMX-ANAM {mx.verifier.vkey()}"},
+            {"kind": "witness_keys", "text": "MX-ANAM MX-ANAM+00000000+AAAA"},
+        ],
+    )
+    assert results[0] == {
+        "ok": True,
+        "value": [["MX-ANAM", MX_ORIGIN], ["CA-CBSA", None]],
+    }
+    assert results[1] == {"ok": True, "value": [["MX-ANAM", MX_ORIGIN]]}
+    assert results[2] == {"ok": True, "value": []}
+    assert [r.get("error") for r in results[3:]] == [
+        "VerifyError: partners' keys: 'MX-ANAM' is not '<partner id> <key>'",
+        f"VerifyError: partners' keys: {mx.verifier.vkey()[:40]!r} is not '<partner id> <key>'",
+        "VerifyError: partners' keys: MX-ANAM is given twice",
+        "VerifyError: partners' keys: MX-ANAM: the verifier key is not an Ed25519 key of type"
+        " 0x01 or 0x04",
+    ]

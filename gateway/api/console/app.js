@@ -3,11 +3,13 @@
 // Text from the log (partner ids, reasons) is only ever set as textContent, never parsed as
 // HTML; the page's Content-Security-Policy allows this origin's scripts alone.
 
-import { AuditClient, EVENTS, ENTRY_FILTERS, ListingCheck } from "./client.js";
-import { b64encode, hex, importLogKey, verifyCheckpoint } from "./verify.js";
+import { AuditClient, EVENTS, ENTRY_FILTERS, ListingCheck, auditorLogKey } from "./client.js";
+import { b64encode, hex, importWitnessKeys, verifyCheckpoint } from "./verify.js";
 
 const TOKEN = "c2c.audit.token";
 const LOG_KEY = "c2c.audit.logKey";
+const LOG_ORIGIN = "c2c.audit.logOrigin";
+const WITNESS_KEYS = "c2c.audit.witnessKeys";
 const SEEN = "c2c.audit.checkpoint:";
 
 const $ = (id) => document.getElementById(id);
@@ -36,39 +38,73 @@ function formValues(form) {
   return Object.fromEntries(new FormData(form).entries());
 }
 
-// The checkpoint this browser verified with this key on an earlier visit, if any. Its slot is
-// named by the verifier key, which for a PEM key depends on the log's origin: the first line
-// of the kept note names it, and the note must still verify with the key given now.
-async function earlierCheckpoint(keyMaterial) {
-  for (let i = 0; i < localStorage.length; i++) {
-    const slot = localStorage.key(i);
-    if (!slot?.startsWith(SEEN)) continue;
-    const note = localStorage.getItem(slot);
-    try {
-      const logKey = await importLogKey(keyMaterial, note.split("\n", 1)[0]);
-      if (SEEN + logKey.vkey !== slot) continue;
-      return { note, ...(await verifyCheckpoint(note, logKey)) };
-    } catch {
-      // another log's slot, or a note that no longer parses: not this key's evidence
-    }
+// The checkpoint this browser verified with this key on an earlier visit, if any: its slot is
+// named by the verifier key (the log's origin and key), and the note must still verify.
+async function earlierCheckpoint(keyMaterial, origin) {
+  const logKey = await auditorLogKey(keyMaterial, origin);
+  const note = localStorage.getItem(SEEN + logKey.vkey);
+  if (note === null) return null;
+  try {
+    return { note, ...(await verifyCheckpoint(note, logKey)) };
+  } catch {
+    // a note that no longer parses: not this key's evidence
+    return null;
   }
-  return null;
 }
 
-async function loadCheckpoint(keyMaterial) {
+// A cosignature's line: its verdict first, in words; the class colours it.
+function cosignatureItem(c) {
+  const li = document.createElement("li");
+  if (c.status === "verified") {
+    li.textContent = `✓ ${c.partner} cosigned size ${c.size} (at ${c.cosignedAt}): signature verified with its key, consistent with this checkpoint`;
+    li.className = "ok";
+  } else if (c.status === "unverified") {
+    li.textContent = `${c.partner} cosigned size ${c.size}: reported by the gateway, not verified (no audit key given for ${c.partner})`;
+    li.className = "warn";
+  } else if (c.status === "missing") {
+    li.textContent = `${c.partner}: no cosignature reported by the gateway (its key is given)`;
+    li.className = "warn";
+  } else {
+    li.textContent = `✗ ${c.partner}: cosignature FAILED verification: ${c.problem}`;
+    li.className = "bad";
+  }
+  return li;
+}
+
+function showCosignatures(cosignatures) {
+  $("cp-cosigners").replaceChildren(...cosignatures.map(cosignatureItem));
+  const count = (status) => cosignatures.filter((c) => c.status === status).length;
+  const [verified, unverified, failed] = ["verified", "unverified", "failed"].map(count);
+  const missing = cosignatures.filter((c) => c.status === "missing").map((c) => c.partner);
+  if (!cosignatures.length) {
+    show("cosign-status", "No partner's cosignature is reported by the gateway.");
+    return;
+  }
+  const parts = [];
+  if (failed) parts.push(`${failed} FAILED verification`);
+  if (verified) parts.push(`${verified} verified in this browser`);
+  if (unverified) parts.push(`${unverified} reported by the gateway, not verified`);
+  if (missing.length) parts.push(`none reported for ${missing.join(", ")}`);
+  const kind = failed ? "bad" : unverified || missing.length ? "warn" : "ok";
+  show("cosign-status", `Partners' cosignatures: ${parts.join(", ")}.`, kind);
+}
+
+async function loadCheckpoint(keyMaterial, origin, witnesses) {
   const { client } = state;
   state.checkpoint = null;
   state.historyLost = false;
-  for (const id of ["cp-origin", "cp-size", "cp-root", "cp-time", "cp-key", "cp-cosigners", "cp-note"]) {
+  for (const id of ["cp-origin", "cp-size", "cp-root", "cp-time", "cp-key", "cp-note"]) {
     $(id).textContent = "";
   }
+  $("cp-cosigners").replaceChildren();
+  show("cosign-status", "");
   show("monitor-status", "");
   let cp;
   try {
-    cp = await client.checkpoint(keyMaterial);
+    cp = await client.checkpoint(keyMaterial, { origin, witnesses });
   } catch (error) {
     if (error.status !== 404) throw error;
-    const earlier = await earlierCheckpoint(keyMaterial);
+    const earlier = await earlierCheckpoint(keyMaterial, origin);
     if (!earlier) {
       show("checkpoint-status", "No checkpoint has been signed yet: entries can be read, not proven.", "warn");
       return;
@@ -96,9 +132,7 @@ async function loadCheckpoint(keyMaterial) {
   $("cp-root").textContent = b64encode(cp.root);
   $("cp-time").textContent = cp.time ?? "(no time line)";
   $("cp-key").textContent = state.logKey.vkey;
-  $("cp-cosigners").textContent = cp.cosignatures.length
-    ? cp.cosignatures.map((c) => `${c.partner} (received ${c.receivedAt})`).join(", ")
-    : "none yet";
+  showCosignatures(cp.cosignatures);
   $("cp-note").textContent = cp.note;
   show("checkpoint-status", "Signature verified in this browser with your log key.", "ok");
   await monitor(cp);
@@ -290,12 +324,16 @@ async function open(event) {
   event?.preventDefault();
   const token = $("token").value.trim();
   const keyMaterial = $("log-key").value.trim();
+  const origin = $("log-origin").value.trim();
+  const witnessKeys = $("witness-keys").value.trim();
   sessionStorage.setItem(TOKEN, token);
   localStorage.setItem(LOG_KEY, keyMaterial);
+  localStorage.setItem(LOG_ORIGIN, origin);
+  localStorage.setItem(WITNESS_KEYS, witnessKeys);
   try {
     state.client = new AuditClient({ token });
     show("access-status", "Opening…");
-    await loadCheckpoint(keyMaterial);
+    await loadCheckpoint(keyMaterial, origin, await importWitnessKeys(witnessKeys));
     for (const id of ["checkpoint", "entries", "tools"]) $(id).hidden = false;
     show("access-status", "");
     await loadEntries(false);
@@ -323,13 +361,14 @@ function init() {
   }
   $("token").value = sessionStorage.getItem(TOKEN) ?? "";
   $("log-key").value = localStorage.getItem(LOG_KEY) ?? "";
+  $("log-origin").value = localStorage.getItem(LOG_ORIGIN) ?? "";
+  $("witness-keys").value = localStorage.getItem(WITNESS_KEYS) ?? "";
   $("access-form").addEventListener("submit", open);
   $("forget").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN);
-    localStorage.removeItem(LOG_KEY);
-    $("token").value = "";
-    $("log-key").value = "";
-    show("access-status", "Token and key forgotten.");
+    for (const slot of [LOG_KEY, LOG_ORIGIN, WITNESS_KEYS]) localStorage.removeItem(slot);
+    for (const id of ["token", "log-key", "log-origin", "witness-keys"]) $(id).value = "";
+    show("access-status", "Token and keys forgotten.");
   });
   $("filter-form").addEventListener("submit", guard(async () => {
     const values = formValues($("filter-form"));

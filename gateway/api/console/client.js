@@ -2,8 +2,10 @@
 //
 // No DOM here, so tests/console drives this very module under Node.js against a running
 // gateway. The server's word is never taken for a root: roots come from checkpoints whose
-// signature verified with the key the auditor gave, leaf hashes are recomputed from the
-// entries, and proofs are checked here (verify.js).
+// signature verified with the key (and, for a PEM key, the origin) the auditor gave, leaf
+// hashes are recomputed from the entries, and proofs and partners' cosignatures are checked
+// here (verify.js). A cosignature of a partner whose key the auditor did not give is the
+// gateway's word, and is returned as such.
 
 import {
   VerifyError,
@@ -13,6 +15,7 @@ import {
   importLogKey,
   verifyCheckpoint,
   verifyConsistency,
+  verifyCosignature,
   verifyInclusion,
 } from "./verify.js";
 
@@ -101,6 +104,24 @@ export class ListingCheck {
   }
 }
 
+// The log key the auditor gave: a PEM key named by the origin they gave with it, or a note
+// verifier key, which names the log itself (an origin given with it must be that name).
+export async function auditorLogKey(keyMaterial, origin = null) {
+  const logKey = await importLogKey(keyMaterial, origin);
+  if (origin && logKey.name !== origin) {
+    throw new VerifyError(
+      `the verifier key names the log ${JSON.stringify(logKey.name)}, not the origin given, ${JSON.stringify(origin)}`,
+    );
+  }
+  return logKey;
+}
+
+// POSIX seconds as RFC 3339 UTC, or as the number when no date can hold it.
+function cosignedAt(seconds) {
+  const date = new Date(seconds * 1000);
+  return Number.isNaN(date.getTime()) ? `time ${seconds}` : date.toISOString().replace(".000Z", "Z");
+}
+
 export class AuditClient {
   constructor({ baseUrl = "", token, fetchImpl = globalThis.fetch.bind(globalThis) }) {
     if (!token) throw new ApiError(401, "no API token given (it needs the audit:read scope)");
@@ -145,17 +166,67 @@ export class AuditClient {
   }
 
   // The latest checkpoint, its signature verified with the auditor's copy of the log key
-  // (PEM, named by the log's origin, or a note verifier key); the key is returned with it.
-  async checkpoint(keyMaterial) {
+  // (auditorLogKey: the gateway's answer never names the log), the key returned with it, and
+  // each cosignature the gateway reports checked (checkCosignatures) with `witnesses`, the
+  // partners' keys the auditor gave (verify.js importWitnessKeys).
+  async checkpoint(keyMaterial, { origin = null, witnesses = new Map() } = {}) {
+    const logKey = await auditorLogKey(keyMaterial, origin);
     const answer = await this.get("/api/v1/audit/checkpoint");
-    const logKey = await importLogKey(keyMaterial, answer.origin);
     const body = await verifyCheckpoint(answer.note, logKey);
-    return {
-      ...body,
-      logKey,
-      note: answer.note,
-      cosignatures: answer.cosignatures.map((c) => ({ partner: c.partner, receivedAt: c.received_at })),
-    };
+    const checkpoint = { ...body, logKey, note: answer.note };
+    checkpoint.cosignatures = await this.checkCosignatures(answer.cosignatures, checkpoint, witnesses);
+    return checkpoint;
+  }
+
+  // Each cosignature reported with the checkpoint -> { partner, receivedAt, size, status,
+  // problem, cosignedAt }. Whatever the key, the cosigned note must be a checkpoint of this log
+  // signed by its key, and its tree a prefix of the current checkpoint's (the consistency proof
+  // the gateway gives with it). Then status is "verified" when the partner's cosignature/v1
+  // verifies with the key the auditor gave for it, "unverified" when none was given (the
+  // gateway's word: it checked the cosignature when it came in), "failed" when any check
+  // fails (`problem` says which). Last, a "missing" row for each partner whose key was given
+  // and whose cosignature is not reported.
+  async checkCosignatures(reported, checkpoint, witnesses) {
+    if (!Array.isArray(reported)) throw new VerifyError("the checkpoint answer has no list of cosignatures");
+    const results = [];
+    for (const cosig of reported) {
+      const partner = typeof cosig?.partner === "string" ? cosig.partner : "(no partner named)";
+      const result = {
+        partner, receivedAt: cosig?.received_at ?? null, size: null, status: "failed", problem: null, cosignedAt: null,
+      };
+      try {
+        if (typeof cosig?.note !== "string") throw new VerifyError("the gateway gives no cosigned note");
+        const body = await verifyCheckpoint(cosig.note, checkpoint.logKey);
+        result.size = body.size;
+        if (body.size > checkpoint.size) {
+          throw new VerifyError(`it cosigns size ${body.size}, larger than the current checkpoint's ${checkpoint.size}`);
+        }
+        if (!Array.isArray(cosig.consistency_proof)) throw new VerifyError("no consistency proof to the current checkpoint");
+        await verifyConsistency({
+          oldSize: body.size,
+          size: checkpoint.size,
+          oldRoot: body.root,
+          root: checkpoint.root,
+          proof: cosig.consistency_proof.map((h, i) => b64decode(h, `consistency proof element ${i}`)),
+        });
+        const key = witnesses.get(partner);
+        if (key) {
+          result.cosignedAt = cosignedAt((await verifyCosignature(cosig.note, key, checkpoint.logKey)).timestamp);
+          result.status = "verified";
+        } else {
+          result.status = "unverified";
+        }
+      } catch (error) {
+        result.problem = error.message;
+      }
+      results.push(result);
+    }
+    for (const partner of witnesses.keys()) {
+      if (!results.some((r) => r.partner === partner)) {
+        results.push({ partner, receivedAt: null, size: null, status: "missing", problem: null, cosignedAt: null });
+      }
+    }
+    return results;
   }
 
   // The entry's own hash, then its inclusion in the verified checkpoint's tree. An entry the

@@ -17,6 +17,8 @@ export class VerifyError extends Error {
 
 const HASH_SIZE = 32;
 const SIG_ED25519 = 0x01;
+const SIG_COSIGNATURE_V1 = 0x04;
+const MAX_TIMESTAMP = 2n ** 63n - 1n;
 const DASH = "\u2014 ";
 const encoder = new TextEncoder();
 
@@ -244,8 +246,8 @@ export function parseCheckpoint(text) {
   return { origin, size: Number(sizeText), root, time: time ? time.slice(5) : null };
 }
 
-async function keyIdOf(name, raw) {
-  const digest = await sha256(concat(encoder.encode(`${name}\n`), Uint8Array.of(SIG_ED25519), raw));
+async function keyIdOf(name, raw, type = SIG_ED25519) {
+  const digest = await sha256(concat(encoder.encode(`${name}\n`), Uint8Array.of(type), raw));
   return hex(digest.slice(0, 4));
 }
 
@@ -257,46 +259,103 @@ function pemBody(pem) {
   return b64decode(match[1].replace(/\s+/g, ""), "PEM public key");
 }
 
-// The log's key, from the PEM file operators hold (audit.pub: the key name is the log's
-// origin) or from a note verifier key string "<name>+<hex id>+<base64(0x01 || key)>".
-export async function importLogKey(material, origin) {
+// An Ed25519 public key given as a PEM file (no name: { name: null, type: null }) or as a
+// note verifier key "<name>+<hex id>+<base64(type || key)>", whose id must match its name,
+// type and key.
+async function readKey(material) {
   const text = String(material).trim();
-  let name;
-  let raw;
-  let key;
   const der = pemBody(text);
   if (der) {
-    if (!origin) throw new VerifyError("a PEM key needs the log's origin as its name");
+    let key;
     try {
       key = await crypto.subtle.importKey("spki", der, { name: "Ed25519" }, true, ["verify"]);
     } catch (error) {
       throw new VerifyError(error.name === "NotSupportedError" ? NO_ED25519 : "the PEM public key is not an Ed25519 key");
     }
-    name = origin;
-    raw = new Uint8Array(await crypto.subtle.exportKey("raw", key));
-  } else {
-    // name+id+key, split at the first two '+' only: base64 has '+' of its own
-    const match = /^([^+\s]+)\+([0-9a-f]{8})\+(\S+)$/.exec(text);
+    return { name: null, type: null, key, raw: new Uint8Array(await crypto.subtle.exportKey("raw", key)) };
+  }
+  // name+id+key, split at the first two '+' only: base64 has '+' of its own
+  const match = /^([^+\s]+)\+([0-9a-f]{8})\+(\S+)$/.exec(text);
+  if (!match) {
+    throw new VerifyError("the key is neither a PEM public key nor '<name>+<hex id>+<base64 key>'");
+  }
+  const [name, id, material64] = match.slice(1);
+  const blob = b64decode(material64, "verifier key");
+  if (blob.length !== 33 || ![SIG_ED25519, SIG_COSIGNATURE_V1].includes(blob[0])) {
+    return { name, type: null };
+  }
+  const [type, raw] = [blob[0], blob.slice(1)];
+  if ((await keyIdOf(name, raw, type)) !== id) {
+    throw new VerifyError("the verifier key's id does not match its name and key");
+  }
+  let key;
+  try {
+    key = await crypto.subtle.importKey("raw", raw, { name: "Ed25519" }, false, ["verify"]);
+  } catch (error) {
+    throw new VerifyError(error.name === "NotSupportedError" ? NO_ED25519 : "the verifier key is not an Ed25519 key");
+  }
+  return { name, type, key, raw };
+}
+
+// The log's key, from the PEM file operators hold (audit.pub) or from a note verifier key
+// string "<name>+<hex id>+<base64(0x01 || key)>". The key's name is the log's origin: a PEM
+// file does not hold it, so it must come with it from the auditor, never from the gateway
+// (a log key signs under any name it is given, a "shadow" log's checkpoints too).
+export async function importLogKey(material, origin) {
+  const read = await readKey(material);
+  if (read.name === null) {
+    if (!origin) {
+      throw new VerifyError(
+        "a PEM key does not name the log: give the log's origin with it, or give its note verifier key, which names it",
+      );
+    }
+    read.name = origin;
+  } else if (read.type !== SIG_ED25519) {
+    throw new VerifyError("the verifier key is not an Ed25519 note key (type 0x01)");
+  }
+  const { name, key, raw } = read;
+  const keyId = await keyIdOf(name, raw);
+  return { name, keyId, key, raw, vkey: `${name}+${keyId}+${b64encode(concat(Uint8Array.of(SIG_ED25519), raw))}` };
+}
+
+// A partner's audit key, to check its cosignatures with: its PEM file (audit.pub) or a note
+// verifier key of type 0x04 (cosignature/v1) or 0x01 (the same key, as the partner signs its
+// own log's checkpoints with it). A verifier key pins the cosigner name; with a PEM file the
+// name on the signature line is taken, as `audit verify --witness-key` does: the signature is
+// the key's whatever the line's name.
+export async function importWitnessKey(material) {
+  const read = await readKey(material);
+  if (read.name !== null && read.type === null) {
+    throw new VerifyError("the verifier key is not an Ed25519 key of type 0x01 or 0x04");
+  }
+  return { name: read.name, key: read.key, raw: read.raw };
+}
+
+const PARTY = /\s*([A-Z]{2}-[A-Z0-9]{2,16})(?:\s*=\s*|\s+)(-----BEGIN PUBLIC KEY-----[\s\S]*?-----END PUBLIC KEY-----|\S+)/;
+
+// The partners' keys field: "<partner id> <key>" entries (or "<partner id>=<key>"), the key a
+// verifier key or a PEM block on the lines after the partner id -> Map(partner id -> key).
+export async function importWitnessKeys(text) {
+  const keys = new Map();
+  const source = String(text);
+  // sticky, and one per call: its position must not be shared across awaits
+  const entry = new RegExp(PARTY.source, "y");
+  while (source.slice(entry.lastIndex).trim()) {
+    const at = entry.lastIndex;
+    const match = entry.exec(source);
     if (!match) {
-      throw new VerifyError("the key is neither a PEM public key nor '<name>+<hex id>+<base64 key>'");
+      const rest = source.slice(at).trim().slice(0, 40).replace(/\s+/g, " ");
+      throw new VerifyError(`partners' keys: '${rest}' is not '<partner id> <key>'`);
     }
-    const parts = match.slice(1);
-    const blob = b64decode(parts[2], "verifier key");
-    if (blob.length !== 33 || blob[0] !== SIG_ED25519) {
-      throw new VerifyError("the verifier key is not an Ed25519 note key (type 0x01)");
-    }
-    [name, raw] = [parts[0], blob.slice(1)];
-    if ((await keyIdOf(name, raw)) !== parts[1]) {
-      throw new VerifyError("the verifier key's id does not match its name and key");
-    }
+    const [, partner, material] = match;
+    if (keys.has(partner)) throw new VerifyError(`partners' keys: ${partner} is given twice`);
     try {
-      key = await crypto.subtle.importKey("raw", raw, { name: "Ed25519" }, false, ["verify"]);
+      keys.set(partner, await importWitnessKey(material));
     } catch (error) {
-      throw new VerifyError(error.name === "NotSupportedError" ? NO_ED25519 : "the verifier key is not an Ed25519 key");
+      throw new VerifyError(`partners' keys: ${partner}: ${error.message}`);
     }
   }
-  const keyId = await keyIdOf(name, raw);
-  return { name, keyId, key, vkey: `${name}+${keyId}+${b64encode(concat(Uint8Array.of(SIG_ED25519), raw))}` };
+  return keys;
 }
 
 // The checkpoint body, once the log key's signature on it verifies.
@@ -316,4 +375,39 @@ export async function verifyCheckpoint(note, logKey) {
     if (!ok) throw new VerifyError(`the log's signature (key ${logKey.keyId}) on the checkpoint does not verify`);
   }
   return body;
+}
+
+// The partner's cosignature/v1 (c2sp.org/tlog-cosignature, type 0x04) on a note, by
+// `witness` (importWitnessKey): key id || 8-byte big-endian timestamp || Ed25519 signature
+// over "cosignature/v1\ntime <timestamp>\n" and the note text, as the gateway's
+// gateway/audit/checkpoint.py verify_cosignature checks it. A line of the log's own key is
+// no witness's.
+export async function verifyCosignature(note, witness, logKey) {
+  if (equal(witness.raw, logKey.raw)) {
+    throw new VerifyError("the partner's key is the log's own key, which cannot witness the log");
+  }
+  const { text, signatures } = parseNote(note);
+  const lines = [];
+  for (const sig of signatures) {
+    if (witness.name !== null && sig.name !== witness.name) continue;
+    if (sig.keyId === (await keyIdOf(sig.name, witness.raw, SIG_COSIGNATURE_V1))) lines.push(sig);
+  }
+  if (!lines.length) {
+    const named = witness.name === null ? "" : ` (${witness.name})`;
+    throw new VerifyError(`the note carries no cosignature by this key${named}`);
+  }
+  let verified = null;
+  for (const sig of lines) {
+    const who = `the cosignature by ${sig.name} (key ${sig.keyId})`;
+    if (sig.signature.length !== 72) throw new VerifyError(`${who} is not 8 + 64 bytes (timestamp and signature)`);
+    const stamp = sig.signature.slice(0, 8);
+    const timestamp = stamp.reduce((n, byte) => (n << 8n) | BigInt(byte), 0n);
+    if (timestamp > MAX_TIMESTAMP) throw new VerifyError(`${who} has a timestamp beyond 2^63-1`);
+    const message = concat(encoder.encode(`cosignature/v1\ntime ${timestamp}\n`), encoder.encode(text));
+    if (!(await crypto.subtle.verify({ name: "Ed25519" }, witness.key, sig.signature.slice(8), message))) {
+      throw new VerifyError(`${who} does not verify`);
+    }
+    verified ??= { name: sig.name, keyId: sig.keyId, timestamp: Number(timestamp) };
+  }
+  return verified;
 }
