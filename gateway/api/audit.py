@@ -23,7 +23,7 @@ from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.clock import format_rfc3339
 from gateway.errors import Malformed
 from gateway.model import is_party_id
-from gateway.store.base import AuditFilter, Cosignature
+from gateway.store.base import AuditFilter
 
 AUDIT_LOG = web.AppKey("c2c_audit_log", AuditLog)
 MAX_PAGE = 1000
@@ -104,17 +104,6 @@ async def list_entries(request: web.Request) -> web.Response:
     )
 
 
-def _latest_per_partner(cosignatures: list[Cosignature], size: int) -> list[Cosignature]:
-    """Per partner, its latest cosignature of a tree up to ``size``: it covers every entry
-    below its own size, so older ones (one per witnessing round) would add nothing."""
-    latest: dict[str, Cosignature] = {}
-    for cosig in cosignatures:
-        kept = latest.get(cosig.partner)
-        if cosig.size <= size and (kept is None or cosig.size >= kept.size):
-            latest[cosig.partner] = cosig
-    return [latest[partner] for partner in sorted(latest)]
-
-
 async def latest_checkpoint(request: web.Request) -> web.Response:
     """The latest checkpoint and, per partner, its latest cosigned note with the consistency
     proof from the cosigned size to the checkpoint's: all an auditor's browser needs to check
@@ -126,7 +115,9 @@ async def latest_checkpoint(request: web.Request) -> web.Response:
         return problem(404, "no checkpoint has been signed yet")
     audit = _audit_log(request)
     cosignatures = []
-    for c in _latest_per_partner(await store.cosignatures(), checkpoint.size):
+    # per partner the latest: it covers every entry below its own size, so older ones (one
+    # per witnessing round) would add nothing
+    for c in await store.latest_cosignatures(checkpoint.size):
         proof = await audit.consistency_proof(c.size, checkpoint.size)
         cosignatures.append(
             {

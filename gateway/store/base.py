@@ -593,6 +593,12 @@ class Store(Protocol):
 
     async def cosignatures(self, size: int | None = None) -> list[Cosignature]: ...
 
+    async def latest_cosignatures(self, max_size: int) -> list[Cosignature]:
+        """Per partner, its cosignature of the largest tree up to ``max_size``, by partner:
+        what the auditor API and an export show (one row per witnessing round is kept, so
+        reading them all to pick these grows without bound)."""
+        ...
+
     async def get_witnessed(self, origin: str) -> WitnessedState | None: ...
 
     async def set_witnessed(

@@ -647,6 +647,19 @@ class PostgresStore:
             for r in rows
         ]
 
+    async def latest_cosignatures(self, max_size: int) -> list[Cosignature]:
+        sql = (
+            "SELECT c.partner, c.size, c.root_hash, c.note, c.received_at FROM audit_cosignatures c"
+            " JOIN (SELECT partner, max(size) AS size FROM audit_cosignatures WHERE size <= $1"
+            " GROUP BY partner) m ON m.partner = c.partner AND m.size = c.size"
+            " ORDER BY c.partner"
+        )
+        rows = await self._call(lambda c: c.fetch(sql, max_size))
+        return [
+            Cosignature(partner=r[0], size=r[1], root_hash=r[2], note=r[3], received_at=r[4])
+            for r in rows
+        ]
+
     async def get_witnessed(self, origin: str) -> WitnessedState | None:
         row = await self._call(
             lambda c: c.fetchrow(

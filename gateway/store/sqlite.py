@@ -818,6 +818,19 @@ class SqliteStore:
             for r in rows
         ]
 
+    async def latest_cosignatures(self, max_size: int) -> list[Cosignature]:
+        sql = (
+            "SELECT c.partner, c.size, c.root_hash, c.note, c.received_at FROM audit_cosignatures c"
+            " JOIN (SELECT partner, max(size) AS size FROM audit_cosignatures WHERE size <= ?"
+            " GROUP BY partner) m ON m.partner = c.partner AND m.size = c.size"
+            " ORDER BY c.partner"
+        )
+        rows = await self._read(lambda c: c.execute(sql, (max_size,)).fetchall())
+        return [
+            Cosignature(partner=r[0], size=r[1], root_hash=r[2], note=r[3], received_at=_dt(r[4]))
+            for r in rows
+        ]
+
     async def get_witnessed(self, origin: str) -> WitnessedState | None:
         row = await self._read(
             lambda c: c.execute(

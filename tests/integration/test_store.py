@@ -666,6 +666,14 @@ async def test_checkpoints_cosignatures_witness_state(store: Store) -> None:
     await store.save_cosignature("CA-CBSA", 5, b"\x02" * 32, "cosig5", T0)
     assert [c.partner for c in await store.cosignatures()] == ["MX-SAT", "CA-CBSA"]
     assert [c.note for c in await store.cosignatures(size=5)] == ["cosig5"]
+    await store.save_cosignature("MX-SAT", 7, b"\x03" * 32, "cosig7", T0)
+    latest = [(c.partner, c.size, c.note) for c in await store.latest_cosignatures(6)]
+    assert latest == [("CA-CBSA", 5, "cosig5"), ("MX-SAT", 3, "cosig")]
+    assert [(c.partner, c.size) for c in await store.latest_cosignatures(7)] == [
+        ("CA-CBSA", 5),
+        ("MX-SAT", 7),
+    ]
+    assert await store.latest_cosignatures(2) == []
     assert await store.get_witnessed("mx.example/log") is None
     await store.set_witnessed("mx.example/log", 10, b"\x03" * 32, "their note")
     await store.set_witnessed("mx.example/log", 12, b"\x04" * 32, "newer note")
