@@ -200,8 +200,9 @@ class InboundPipeline:
             transport=request.transport,
         )
         audited = False
+        audit_seq: int | None = None
         try:
-            await env.store.append_audit([event])
+            (audit_seq,) = await env.store.append_audit([event])
             audited = True
         except GatewayError as audit_exc:
             log.error(
@@ -213,6 +214,8 @@ class InboundPipeline:
                 audit_error=audit_exc.reason,
             )
         env.metrics.inbound_rejected.labels(env.metrics.partner_label(peer), exc.code.value).inc()
+        # body_digest and audit_seq tie the line to its audit entry, also when no message id
+        # could be read (an unparseable body, a flood of one reason)
         log.info(
             "inbound_rejected",
             peer=peer,
@@ -220,6 +223,8 @@ class InboundPipeline:
             code=exc.code.value,
             reason=exc.reason,
             transport=request.transport,
+            body_digest=ctx.digest,
+            audit_seq=audit_seq,
         )
         is_receipt = header is not None and header.message_type == RECEIPT_TYPE
         outage = isinstance(exc, Unavailable) and exc.outage

@@ -448,6 +448,22 @@ async def test_an_inbound_check_refuses_before_the_commit_but_not_an_exact_re_se
         gateway.add_inbound_check(["shipment.advance_data"], check)
 
 
+async def test_a_rejection_log_line_names_its_audit_entry(gateway: Gateway) -> None:
+    """sre finding L3: a refusal that names no message id (an unparseable body) is found in
+    the audit log from its log line: the line carries the entry's seq and body digest."""
+    body = b"not json at all"
+    with structlog.testing.capture_logs() as logs:
+        result = await gateway.pipeline.handle(amqp_request(gateway, body))
+    assert result.code is NackCode.MALFORMED
+    (line,) = [entry for entry in logs if entry["event"] == "inbound_rejected"]
+    assert line["message_id"] is None
+    entry = await gateway.store.audit_entry(line["audit_seq"])
+    assert entry is not None
+    audited = json.loads(entry.entry)
+    assert audited["event"] == "rejected"
+    assert audited["body_digest"] == line["body_digest"] == body_digest(body)
+
+
 async def test_an_upper_case_message_id_is_one_message_in_lower_case(gateway: Gateway) -> None:
     message_id, body = message(gateway)
     upper = body.replace(message_id.encode(), message_id.upper().encode())
