@@ -9,12 +9,16 @@ A bundle is one JSON Lines file, every line RFC 8785 canonical JSON:
    signature, receipt);
 4. ``{"type": "cosignature", ...}`` per partner, its latest cosignature within the bundle's
    tree, with a consistency proof from the cosigned tree to the bundle's tree;
-5. ``{"type": "end", "signature"}``: a signed note over the SHA-256 of every line before it.
+5. ``{"type": "consistency", "old_size", "proof"}`` per ``prove_from`` size: a consistency
+   proof from that earlier tree size to the bundle's tree, for an auditor's kept checkpoint;
+6. ``{"type": "end", "signature"}``: a signed note over the SHA-256 of every line before it.
 
 Verification needs only the bundle and the log's audit public key (partners' keys, when
-given, verify their cosignatures). Each entry is checked on its own against the checkpoint,
-so a changed entry is named by its seq; the end signature makes every other byte (and
-truncation) fail too.
+given, verify their cosignatures and must each have one; checkpoint notes the auditor kept
+from earlier bundles must be prefixes of the bundle's tree). Each entry is checked on its own
+against the checkpoint and against the header's filter (an unfiltered bundle must hold every
+entry), so a changed, withheld or foreign entry is named by its seq; the end signature makes
+every other byte (and truncation) fail too.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ import base64
 import binascii
 import hashlib
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -33,8 +37,8 @@ import orjson
 import rfc8785
 
 from gateway.audit import merkle
-from gateway.audit.checkpoint import CheckpointError, open_checkpoint
-from gateway.audit.log import AuditLog
+from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
+from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.clock import format_rfc3339
 from gateway.crypto.notes import (
     SIG_COSIGNATURE_V1,
@@ -48,7 +52,7 @@ from gateway.crypto.notes import (
     sign_note,
     verify_note,
 )
-from gateway.envelope import body_digest
+from gateway.envelope import TimestampError, body_digest, parse_rfc3339
 from gateway.store.base import AuditFilter, Cosignature, MessageFilter, Store
 
 FORMAT = "c2c-audit-bundle"
@@ -71,6 +75,20 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 def _end_text(origin: str, lines: int, digest: bytes) -> str:
     return f"{_END_PREFIX}{origin}\n{lines}\n{digest.hex()}\n"
+
+
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def ceil_millisecond(moment: datetime) -> datetime:
+    """``moment`` rounded up to the next millisecond boundary (unchanged when it is on one).
+
+    Entries say their time in milliseconds: a ``since`` or ``until`` bound between two
+    milliseconds is moved to the next one, so "at or after since" and "before until" hold for
+    the times the entries show. OverflowError past year 9999.
+    """
+    floor = moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
+    return floor if floor == moment else floor + _MILLISECOND
 
 
 class ExportTargetError(Exception):
@@ -139,15 +157,30 @@ async def export_bundle(
     since: datetime | None = None,
     until: datetime | None = None,
     correlation_id: str | None = None,
+    prove_from: Sequence[int] = (),
     progress: Callable[[int], object] | None = None,
 ) -> ExportSummary:
     """Write a bundle of the entries matching the filter, proven against a fresh checkpoint.
 
-    Written to a temporary file and renamed, so a failed export leaves no partial bundle;
-    ExportTargetError when ``out`` is a special file the rename would destroy.
+    ``since`` and ``until`` are rounded up to the millisecond (``ceil_millisecond``) and the
+    header's filter records the bounds applied. ``prove_from`` adds a consistency proof from
+    each of those tree sizes (merkle.ProofError when one is beyond the checkpoint).
+
+    Every proof written is checked against the checkpoint first: a log whose entries do not
+    match its tree fails the export (AuditIntegrityError naming the first bad seq) instead of
+    writing a bundle that cannot verify. Written to a temporary file and renamed, so a failed
+    export leaves no partial bundle; ExportTargetError when ``out`` is a special file the
+    rename would destroy.
     """
+    since = None if since is None else ceil_millisecond(since)
+    until = None if until is None else ceil_millisecond(until)
     checkpoint = await audit.checkpoint()
     size = checkpoint.size
+    for old_size in prove_from:
+        if not 0 <= old_size <= size:
+            raise merkle.ProofError(
+                f"no consistency proof from size {old_size}: the log's checkpoint has size {size}"
+            )
     filt = AuditFilter(since=since, until=until, correlation_id=correlation_id)
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -171,9 +204,18 @@ async def export_bundle(
                     },
                 }
             )
-            entries = await _write_entries(store, writer, filt, size, progress)
+            root = checkpoint.root_hash
+            entries = await _write_entries(store, writer, filt, size, root, progress)
             messages = await _write_messages(store, writer, correlation_id)
-            cosigs = await _write_cosignatures(store, audit, writer, size)
+            cosigs = await _write_cosignatures(store, audit, writer, size, root)
+            for old_size in dict.fromkeys(prove_from):
+                writer.write(
+                    {
+                        "type": "consistency",
+                        "old_size": old_size,
+                        "proof": [_b64(h) for h in await audit.consistency_proof(old_size, size)],
+                    }
+                )
             lines = writer.lines
             end = sign_note(_end_text(audit.origin, lines, writer.digest()), [signer])
             writer.write({"type": "end", "signature": end})
@@ -191,6 +233,7 @@ async def _write_entries(
     writer: _Writer,
     filt: AuditFilter,
     size: int,
+    root: bytes,
     progress: Callable[[int], object] | None,
 ) -> int:
     count = 0
@@ -203,12 +246,21 @@ async def _write_entries(
         plans = [merkle.inclusion_plan(r.seq, size) for r in rows]
         nodes = await _proof_nodes(store, [r.seq for r in rows], plans, size)
         for row, plan in zip(rows, plans, strict=True):
+            proof = plan.assemble(nodes)
+            try:
+                merkle.verify_inclusion(row.seq, size, merkle.leaf_hash(row.entry), proof, root)
+            except merkle.ProofError as exc:
+                raise AuditIntegrityError(
+                    f"entry {row.seq} is not in the tree of the checkpoint of size {size} "
+                    f"({exc}): the log does not check; no bundle written, run `c2c-gateway "
+                    f"audit check` to see what differs"
+                ) from None
             writer.write(
                 {
                     "type": "entry",
                     "seq": row.seq,
                     "entry": _b64(row.entry),
-                    "proof": [_b64(h) for h in plan.assemble(nodes)],
+                    "proof": [_b64(h) for h in proof],
                 }
             )
         count += len(rows)
@@ -327,9 +379,12 @@ def _message_obj(
     return obj
 
 
-async def _write_cosignatures(store: Store, audit: AuditLog, writer: _Writer, size: int) -> int:
+async def _write_cosignatures(
+    store: Store, audit: AuditLog, writer: _Writer, size: int, root: bytes
+) -> int:
     """Per partner, its latest cosignature of a tree within the bundle's: it covers every
-    entry below its size, so older ones (one per witnessing round) would add nothing."""
+    entry below its size, so older ones (one per witnessing round) would add nothing. Each
+    consistency proof is checked from the cosigned note's root before it is written."""
     latest: dict[str, Cosignature] = {}
     for cosig in await store.cosignatures():
         kept = latest.get(cosig.partner)
@@ -338,6 +393,15 @@ async def _write_cosignatures(store: Store, audit: AuditLog, writer: _Writer, si
     for partner in sorted(latest):
         cosig = latest[partner]
         proof = await audit.consistency_proof(cosig.size, size)
+        try:
+            cosigned = parse_body(parse_note(cosig.note).text)
+            merkle.verify_consistency(cosigned.size, size, cosigned.root_hash, root, proof)
+        except (CheckpointError, NoteError, merkle.ProofError) as exc:
+            raise AuditIntegrityError(
+                f"the checkpoint of size {cosig.size} cosigned by {partner} is not a prefix of "
+                f"the tree of size {size} ({exc}): the log does not check; no bundle written, "
+                f"run `c2c-gateway audit check` to see what differs"
+            ) from None
         writer.write(
             {
                 "type": "cosignature",
@@ -372,6 +436,8 @@ class BundleReport:
     cosignatures: int = 0
     #: partners of cosignature lines not checked: no witness key was given for them
     unchecked_cosignatures: list[str] = field(default_factory=list)
+    #: sizes of the kept checkpoints the bundle's tree was shown to extend
+    kept_sizes: list[int] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 
     @property
@@ -412,6 +478,32 @@ def _hashes(value: Any, what: str) -> list[bytes]:
 WitnessKey = Callable[[str], NoteVerifier]
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeptCheckpoint:
+    """A checkpoint note an auditor kept from an earlier bundle; ``label`` names it (a path)."""
+
+    label: str
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Filter:
+    since: datetime | None = None
+    until: datetime | None = None
+    correlation_id: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.since is None and self.until is None and self.correlation_id is None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Kept:
+    label: str
+    size: int
+    root: bytes
+
+
 @dataclass(kw_only=True, slots=True)
 class _State:
     key: NoteVerifier
@@ -419,9 +511,22 @@ class _State:
     origin: str = ""
     size: int = 0
     root: bytes = b""
+    filter: _Filter = field(default_factory=_Filter)
     last_seq: int = -1
     digests: set[tuple[str, str]] = field(default_factory=set)
     messages: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    #: partners named by cosignature lines
+    cosigned: set[str] = field(default_factory=set)
+    #: kept checkpoints smaller than the bundle's, checked once the bundle is read
+    kept: list[_Kept] = field(default_factory=list)
+    #: consistency lines: old size -> proof
+    consistency: dict[int, list[bytes]] = field(default_factory=dict)
+    #: the first ``prefix`` leaves (seqs 0..prefix-1 without a gap), as a compact range; only
+    #: kept while a kept checkpoint's size is still ahead
+    prefix: int = 0
+    frontier: dict[merkle.NodeKey, bytes] = field(default_factory=dict)
+    #: root of the first n leaves, for each kept size n the prefix reached
+    prefix_roots: dict[int, bytes] = field(default_factory=lambda: {0: merkle.EMPTY_ROOT})
 
 
 def verify_bundle(
@@ -429,13 +534,16 @@ def verify_bundle(
     public_key: Callable[[str], NoteVerifier],
     *,
     witness_keys: Mapping[str, WitnessKey] | None = None,
+    kept: Sequence[KeptCheckpoint] = (),
     progress: Callable[[int], object] | None = None,
 ) -> BundleReport:
     """Check a bundle offline, reading it once (it may be a pipe).
 
     ``public_key(origin)`` gives the log's verifier for its origin (NoteError when the origin
-    cannot name a log). ``witness_keys`` maps a partner to its cosignature verifier; a
-    cosignature line of a partner without one is counted as not checked.
+    cannot name a log). ``witness_keys`` maps a partner to its cosignature verifier: each
+    such partner must have a cosignature line that verifies with it; a cosignature line of a
+    partner without one is counted as not checked. ``kept`` are checkpoint notes of the same
+    log the auditor kept from earlier bundles: the bundle's tree must extend each of them.
     """
     report = BundleReport()
     running = hashlib.sha256()
@@ -452,7 +560,7 @@ def verify_bundle(
                 if number == 1:
                     if kind != "header":
                         raise _BadLine("the first line is not the bundle header")
-                    state = _header(obj, public_key, witness_keys or {}, report)
+                    state = _header(obj, public_key, witness_keys or {}, kept, report)
                 elif state is None:
                     # nothing can be checked against an unproven checkpoint; the lines are
                     # only read to tell a complete bundle from a truncated one
@@ -465,6 +573,8 @@ def verify_bundle(
                     state.messages.append((number, obj))
                 elif kind == "cosignature":
                     _cosignature(obj, state, report, number)
+                elif kind == "consistency":
+                    _consistency(obj, state, number)
                 elif kind == "end":
                     # an end line that fails its own check still ends the bundle
                     ended = True
@@ -478,6 +588,7 @@ def verify_bundle(
     if state is not None:
         for number, obj in state.messages:
             _message(obj, state, report, number)
+        _finish(state, report)
     if not ended:
         report.fail(None, "bundle is truncated: it has no end line")
     return report
@@ -501,6 +612,7 @@ def _header(
     obj: dict[str, Any],
     public_key: Callable[[str], NoteVerifier],
     witness_keys: Mapping[str, WitnessKey],
+    kept: Sequence[KeptCheckpoint],
     report: BundleReport,
 ) -> _State:
     if obj.get("format") != FORMAT or obj.get("version") != VERSION:
@@ -513,32 +625,182 @@ def _header(
     except (CheckpointError, NoteError) as exc:
         raise _BadLine(f"checkpoint: {exc}") from None
     report.origin, report.size = origin, body.size
-    return _State(
-        key=key, witness_keys=witness_keys, origin=origin, size=body.size, root=body.root_hash
+    state = _State(
+        key=key,
+        witness_keys=witness_keys,
+        origin=origin,
+        size=body.size,
+        root=body.root_hash,
+        filter=_read_filter(obj.get("filter")),
     )
+    for item in kept:
+        _kept(item, state, report)
+    return state
+
+
+_FILTER_KEYS = ("since", "until", "correlation_id")
+
+
+def _read_filter(value: Any) -> _Filter:
+    """The header's filter: an object of ``since``/``until`` (RFC 3339 UTC) and
+    ``correlation_id`` (a string), each absent when unused."""
+    if not isinstance(value, dict):
+        raise _BadLine("filter is missing or not an object")
+    unknown = sorted(set(value) - set(_FILTER_KEYS))
+    if unknown:
+        raise _BadLine(f"filter has keys verify cannot check: {', '.join(unknown)}")
+    for name in _FILTER_KEYS:
+        if name in value and not isinstance(value[name], str):
+            raise _BadLine(f"filter {name} is not a string")
+    times: dict[str, datetime | None] = {}
+    for name in ("since", "until"):
+        try:
+            times[name] = parse_rfc3339(value[name]) if name in value else None
+        except TimestampError:
+            raise _BadLine(f"filter {name} {value[name]!r} is not an RFC 3339 UTC time") from None
+    return _Filter(
+        since=times["since"], until=times["until"], correlation_id=value.get("correlation_id")
+    )
+
+
+def _kept(item: KeptCheckpoint, state: _State, report: BundleReport) -> None:
+    where = f"kept checkpoint {item.label}"
+    try:
+        body = open_checkpoint(item.note, state.key, origin=state.origin).body
+    except (CheckpointError, NoteError) as exc:
+        report.fail(None, f"{where}: not a checkpoint of this log ({state.origin}): {exc}")
+        return
+    where += f" (size {body.size})"
+    if body.size > state.size:
+        report.fail(
+            None,
+            f"{where} is larger than the bundle's checkpoint (size {state.size}): the log shrank",
+        )
+    elif body.size == state.size:
+        if body.root_hash != state.root:
+            report.fail(
+                None, f"{where}: fork: the bundle's checkpoint has the same size and another root"
+            )
+        else:
+            report.kept_sizes.append(body.size)
+    else:
+        state.kept.append(_Kept(label=where, size=body.size, root=body.root_hash))
 
 
 def _entry(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
     seq = _field(obj, "seq", int)
     if seq <= state.last_seq:
         report.fail(number, f"entry {seq} is out of order (after entry {state.last_seq})")
+    elif state.filter.empty and seq > state.last_seq + 1:
+        report.fail(number, _missing(state.last_seq + 1, state.size))
     state.last_seq = max(state.last_seq, seq)
     data = _unb64(obj.get("entry"), f"entry {seq}")
     proof = _hashes(obj.get("proof"), f"entry {seq} proof")
     report.entries += 1
+    leaf = merkle.leaf_hash(data)
     try:
-        merkle.verify_inclusion(seq, state.size, merkle.leaf_hash(data), proof, state.root)
+        merkle.verify_inclusion(seq, state.size, leaf, proof, state.root)
     except merkle.ProofError as exc:
         report.fail(number, f"entry {seq} is not in the checkpoint's tree: {exc}")
         return
+    _extend_prefix(state, seq, leaf)
     try:
         entry = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return
+        entry = None
+    outside = _outside_filter(entry, state.filter)
+    if outside is not None:
+        report.fail(number, f"entry {seq} is outside the bundle's filter: {outside}")
     if isinstance(entry, dict):
         message_id, digest = entry.get("message_id"), entry.get("body_digest")
         if isinstance(message_id, str) and isinstance(digest, str):
             state.digests.add((message_id, digest))
+
+
+def _missing(seq: int, size: int) -> str:
+    return f"entry {seq} is missing: an unfiltered bundle holds every entry from 0 to {size - 1}"
+
+
+def _outside_filter(entry: Any, filt: _Filter) -> str | None:
+    """Why a proven entry does not match the header's filter (None when it does)."""
+    if filt.empty:
+        return None
+    if not isinstance(entry, dict):
+        return "it is not a JSON object"
+    if filt.correlation_id is not None and entry.get("correlation_id") != filt.correlation_id:
+        return f"its correlation_id is not {filt.correlation_id}"
+    if filt.since is None and filt.until is None:
+        return None
+    text = entry.get("at")
+    try:
+        at = parse_rfc3339(text)
+    except TimestampError:
+        return f"its time {str(text)[:40]!r} is not an RFC 3339 UTC time"
+    if filt.since is not None and at < filt.since:
+        return f"its time {text} is before {format_rfc3339(filt.since)}"
+    if filt.until is not None and at >= filt.until:
+        return f"its time {text} is not before {format_rfc3339(filt.until)}"
+    return None
+
+
+def _extend_prefix(state: _State, seq: int, leaf: bytes) -> None:
+    """Fold a proven leaf into the compact range of the bundle's first leaves, while it
+    continues them and a kept checkpoint's size is still ahead."""
+    if seq != state.prefix or not any(k.size > seq for k in state.kept):
+        return
+    known = {**state.frontier, **merkle.append_nodes(seq, state.frontier, [leaf])}
+    state.prefix = seq + 1
+    state.frontier = {key: known[key] for key in merkle.frontier(state.prefix)}
+    if any(k.size == state.prefix for k in state.kept):
+        state.prefix_roots[state.prefix] = merkle.root_from_nodes(state.prefix, state.frontier)
+
+
+def _consistency(obj: dict[str, Any], state: _State, number: int) -> None:
+    old_size = _field(obj, "old_size", int)
+    if not 0 <= old_size <= state.size:
+        raise _BadLine(
+            f"consistency proof from size {old_size}: not a size of the bundle's tree "
+            f"(size {state.size})"
+        )
+    if old_size in state.consistency:
+        raise _BadLine(f"second consistency proof from size {old_size}")
+    state.consistency[old_size] = _hashes(
+        obj.get("proof"), f"consistency proof from size {old_size}"
+    )
+
+
+def _finish(state: _State, report: BundleReport) -> None:
+    """The checks that need the whole bundle read: completeness, witnesses, kept notes."""
+    if state.filter.empty and state.last_seq < state.size - 1:
+        report.fail(None, _missing(state.last_seq + 1, state.size))
+    for partner in sorted(set(state.witness_keys) - state.cosigned):
+        report.fail(None, f"no cosignature of {partner} in the bundle")
+    for kept in state.kept:
+        proof = state.consistency.get(kept.size)
+        prefix_root = state.prefix_roots.get(kept.size)
+        if proof is not None:
+            try:
+                merkle.verify_consistency(kept.size, state.size, kept.root, state.root, proof)
+            except merkle.ProofError as exc:
+                report.fail(None, f"{kept.label}: fork: {exc}")
+                continue
+        if prefix_root is not None and prefix_root != kept.root:
+            report.fail(
+                None,
+                f"{kept.label}: fork: the root of the bundle's first {kept.size} entries "
+                f"is not the kept root",
+            )
+        elif proof is None and prefix_root is None:
+            # an unfiltered bundle gets here only when its own entries failed (named above)
+            which = "this filtered bundle" if not state.filter.empty else "this bundle"
+            report.fail(
+                None,
+                f"{kept.label} cannot be checked against {which}: it holds not every proven "
+                f"entry below {kept.size} and no consistency proof from {kept.size}; export "
+                f"it unfiltered or with --prove-from {kept.size}",
+            )
+        else:
+            report.kept_sizes.append(kept.size)
 
 
 def _message(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
@@ -561,13 +823,16 @@ def _message(obj: dict[str, Any], state: _State, report: BundleReport, number: i
 
 def _cosignature(obj: dict[str, Any], state: _State, report: BundleReport, number: int) -> None:
     partner = _field(obj, "partner", str)
+    state.cosigned.add(partner)
     note = _field(obj, "note", str)
     proof = _hashes(obj.get("consistency_proof"), f"cosignature of {partner} proof")
     try:
         body = open_checkpoint(note, state.key, origin=state.origin).body
         # a line of the log's own key, however often repeated or renamed, is nobody's
         # cosignature
-        others = [s for s in parse_note(note).signatures if not _is_log_key(s, state.key)]
+        others = [
+            s for s in parse_note(note).signatures if not _is_log_key(s, state.key, state.origin)
+        ]
         if not others:
             raise _BadLine(f"checkpoint of size {body.size} carries no cosignature of {partner}")
         merkle.verify_consistency(body.size, state.size, body.root_hash, state.root, proof)
@@ -592,10 +857,17 @@ def _cosignature(obj: dict[str, Any], state: _State, report: BundleReport, numbe
     )
 
 
-def _is_log_key(sig: NoteSignature, log_key: NoteVerifier) -> bool:
-    return sig.name == log_key.name or any(
-        sig.key_id == key_id(sig.name, sig_type, log_key.public_raw)
-        for sig_type in (SIG_ED25519, SIG_COSIGNATURE_V1)
+def _is_log_key(sig: NoteSignature, log_key: NoteVerifier, origin: str) -> bool:
+    """A signature line of the log key: named by the log's origin, or with the log's own key
+    id (the key under its origin), or with the log key's id under the line's name (as a
+    note signature or a cosignature)."""
+    return (
+        sig.name in (origin, log_key.name)
+        or sig.key_id == key_id(origin, SIG_ED25519, log_key.public_raw)
+        or any(
+            sig.key_id == key_id(sig.name, sig_type, log_key.public_raw)
+            for sig_type in (SIG_ED25519, SIG_COSIGNATURE_V1)
+        )
     )
 
 

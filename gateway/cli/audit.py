@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import getpass
+import re
 import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -25,11 +26,13 @@ from tqdm import tqdm
 from gateway.audit import merkle
 from gateway.audit.bundle import (
     ExportTargetError,
+    KeptCheckpoint,
+    ceil_millisecond,
     check_export_target,
     export_bundle,
     verify_bundle,
 )
-from gateway.audit.checkpoint import CheckpointError
+from gateway.audit.checkpoint import CheckpointError, open_checkpoint
 from gateway.audit.events import AuditEvent, EventKind, entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.witnessing import offer_checkpoints
@@ -42,6 +45,7 @@ from gateway.crypto.notes import (
     NoteVerifier,
     load_note_signer,
     load_note_verifier,
+    parse_note,
 )
 from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339
 from gateway.errors import ConfigError, GatewayError
@@ -70,16 +74,35 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         _fail(str(exc))
 
 
+_FRACTION = re.compile(r"[0-9]*")
+#: the option help's note on ``--since``/``--until`` finer than entries' times
+_ROUNDED = (
+    "Entries carry milliseconds: a time with sub-millisecond digits is rounded up to the "
+    "next millisecond."
+)
+
+
 def _parse_time(value: str | None, option: str) -> datetime | None:
-    """An RFC 3339 UTC time, read as the API's ``since``/``until`` and ``messages list``."""
+    """An RFC 3339 UTC time, read as the API's ``since``/``until`` and ``messages list``,
+    then rounded up to the next millisecond when it has sub-millisecond digits (any of them,
+    beyond the microseconds the parser keeps too): entries' times are milliseconds, so
+    "at or after --since" and "before --until" hold for the times the entries show."""
     if value is None:
         return None
     try:
-        return parse_rfc3339(value)
+        moment = parse_rfc3339(value)
     except TimestampOutOfRange as exc:
         _fail(f"{option}: {value!r} {exc}")
     except TimestampError:
         _fail(f"{option}: {value!r} is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)")
+    fraction = _FRACTION.match(value.partition(".")[2])
+    if fraction is None or not fraction.group()[3:].strip("0"):
+        return moment
+    floor = moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
+    try:
+        return ceil_millisecond(floor + timedelta(microseconds=1))
+    except OverflowError:
+        _fail(f"{option}: {value!r} is out of range (years 0001 to 9999 UTC)")
 
 
 class _Opened:
@@ -131,8 +154,8 @@ def audit() -> None:
 
 @audit.command("query")
 @_config_option
-@click.option("--since", help="Entries at or after this RFC 3339 UTC time.")
-@click.option("--until", help="Entries before this RFC 3339 UTC time.")
+@click.option("--since", help=f"Entries at or after this RFC 3339 UTC time. {_ROUNDED}")
+@click.option("--until", help=f"Entries before this RFC 3339 UTC time. {_ROUNDED}")
 @click.option("--partner", callback=_party_option, help="Sender or recipient party id.")
 @click.option("--type", "message_type", help="Message type.")
 @click.option("--message-id", callback=uuid_option, help="Message id (a lowercase UUID).")
@@ -313,12 +336,30 @@ def check_command(
 @audit.command("export")
 @_config_option
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--since", help="Entries at or after this RFC 3339 UTC time.")
-@click.option("--until", help="Entries before this RFC 3339 UTC time.")
+@click.option(
+    "--since",
+    help=f"Entries at or after this RFC 3339 UTC time. {_ROUNDED} The bundle's filter "
+    "records the time applied.",
+)
+@click.option(
+    "--until",
+    help=f"Entries before this RFC 3339 UTC time. {_ROUNDED} The bundle's filter records "
+    "the time applied.",
+)
 @click.option(
     "--correlation-id",
     callback=uuid_option,
     help="A case (a lowercase UUID): its entries, messages, signatures, receipts.",
+)
+@click.option(
+    "--prove-from",
+    "prove_from",
+    multiple=True,
+    type=click.IntRange(0, MAX_SEQ),
+    metavar="SIZE",
+    help="Add a consistency proof from this earlier tree size (the size of a checkpoint an "
+    "auditor kept) to the bundle's checkpoint, so `audit verify --checkpoint` can check a "
+    "filtered bundle against it (repeatable).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
 def export_command(
@@ -327,9 +368,13 @@ def export_command(
     since: str | None,
     until: str | None,
     correlation_id: str | None,
+    prove_from: tuple[int, ...],
     progress: bool | None,
 ) -> None:
-    """Write an evidence bundle that `audit verify` checks offline."""
+    """Write an evidence bundle that `audit verify` checks offline.
+
+    Every entry's proof is checked against the fresh checkpoint before the bundle is
+    renamed into place: a log that does not check gets no bundle (exit 2)."""
     since_at, until_at = _parse_time(since, "--since"), _parse_time(until, "--until")
     show = sys.stderr.isatty() if progress is None else progress
     # refused before the export is recorded; export_bundle checks again before its rename
@@ -366,6 +411,7 @@ def export_command(
                     since=since_at,
                     until=until_at,
                     correlation_id=correlation_id,
+                    prove_from=prove_from,
                     progress=bar.update,
                 )
         return (
@@ -412,6 +458,23 @@ def _key_loader(path: Path, *, cosignature: bool = False) -> Callable[[str], Not
     return for_name
 
 
+def _kept_checkpoint(path: Path, key_for: Callable[[str], NoteVerifier]) -> KeptCheckpoint:
+    """A kept note, read and checked against ``--key`` under its own origin (exit 2 when it
+    is unreadable or not signed by that key): the auditor's own file, not the bundle's fault.
+    Whether its origin is the bundle's is the bundle's check."""
+    where = f"--checkpoint {path}"
+    try:
+        note = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"{where}: cannot read the checkpoint note: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        origin = parse_note(note).text.split("\n", 1)[0]
+        open_checkpoint(note, key_for(origin), origin=origin)
+    except (CheckpointError, NoteError) as exc:
+        _fail(f"{where}: not a checkpoint note signed by --key: {exc}")
+    return KeptCheckpoint(label=str(path), note=note)
+
+
 def _is_regular_file(path: Path) -> bool:
     try:
         return stat.S_ISREG(path.stat().st_mode)
@@ -434,17 +497,33 @@ def _is_regular_file(path: Path) -> bool:
     multiple=True,
     callback=_witness_key_option,
     metavar="PARTY=PATH",
-    help="A partner's audit public key (PEM): its cosignatures are verified with it "
-    "(repeatable). Without one, a partner's cosignature lines are not checked.",
+    help="A partner's audit public key (PEM) (repeatable): the bundle must hold a cosignature "
+    "of that partner that verifies with it. Without one, a partner's cosignature lines are "
+    "not checked.",
+)
+@click.option(
+    "--checkpoint",
+    "kept_paths",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="NOTE",
+    help="A checkpoint note of this log kept from an earlier bundle (its header's "
+    "checkpoint): the bundle's tree must extend it (repeatable).",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
 def verify_command(
-    bundle: Path, key_path: Path, witness_keys: dict[str, Path], progress: bool | None
+    bundle: Path,
+    key_path: Path,
+    witness_keys: dict[str, Path],
+    kept_paths: tuple[Path, ...],
+    progress: bool | None,
 ) -> None:
-    """Verify a bundle offline: checkpoint, every inclusion proof, order, wire bytes, end seal."""
+    """Verify a bundle offline: checkpoint, every inclusion proof, order, completeness and
+    filter, wire bytes, cosignatures, kept checkpoints, end seal."""
     show = sys.stderr.isatty() if progress is None else progress
     key_for = _key_loader(key_path)
     witnesses = {p: _key_loader(path, cosignature=True) for p, path in witness_keys.items()}
+    kept = [_kept_checkpoint(path, key_for) for path in kept_paths]
     total: int | None = None
     # a pipe (/dev/stdin, <(...)) can be read only once: no line count for the progress bar
     if show and _is_regular_file(bundle):
@@ -455,7 +534,9 @@ def verify_command(
             _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
     try:
         with _progress_bar(total, show, "verifying") as bar:
-            report = verify_bundle(bundle, key_for, witness_keys=witnesses, progress=bar.update)
+            report = verify_bundle(
+                bundle, key_for, witness_keys=witnesses, kept=kept, progress=bar.update
+            )
     except OSError as exc:
         _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
     for failure in report.failures:
@@ -469,6 +550,10 @@ def verify_command(
         cosigned += (
             f", {len(unchecked)} cosignature lines not checked: no witness key for {partners}"
         )
+    if report.kept_sizes:
+        sizes = ", ".join(str(n) for n in report.kept_sizes)
+        plural = "s" if len(report.kept_sizes) > 1 else ""
+        cosigned += f"; consistent with the kept checkpoint{plural} of size {sizes}"
     click.echo(
         f"OK {bundle}: {report.entries} entries, {report.messages} messages proven in "
         f"checkpoint {report.origin} size {report.size}; {cosigned} "

@@ -368,12 +368,14 @@ def test_entry_changed_to_text_is_a_failed_entry(env: Path, tmp_path: Path) -> N
     assert stderr.startswith("FAIL entry 20: entry bytes do not match the stored leaf hash\n")
     assert "Traceback" not in stderr
 
+    # no bundle that could not verify is written: the export names the first bad seq
     out = tmp_path / "tampered.jsonl"
-    code, _, stderr = _invoke("audit", "export", "--config", str(config), "--out", str(out))
-    assert code == 0, stderr
-    code, _, stderr = _invoke("audit", "verify", str(out), "--key", str(_pub(env)))
-    assert code == 1
-    assert ": entry 20 is not in the checkpoint's tree" in stderr
+    code, stdout, stderr = _invoke("audit", "export", "--config", str(config), "--out", str(out))
+    assert (code, stdout) == (2, "")
+    assert stderr.startswith("error: entry 20 is not in the tree of the checkpoint of size ")
+    assert "run `c2c-gateway audit check`" in stderr
+    assert not out.exists()
+    assert not out.with_name("tampered.jsonl.partial").exists()
 
     code, _, stderr = _invoke("store", "backup", "--config", str(config), str(tmp_path / "b.db"))
     assert code == 1
