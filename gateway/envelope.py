@@ -296,6 +296,26 @@ def parse_rfc3339(value: object, *, utc: bool = True) -> datetime:
     return at
 
 
+def parse_rfc3339_bound(value: object) -> datetime:
+    """:func:`parse_rfc3339` (UTC) of a ``since``/``until`` bound on millisecond times (audit
+    entries): rounded up to the next millisecond when it has sub-millisecond digits, any of
+    them (those beyond the microseconds a datetime keeps too), so "at or after since" and
+    "before until" hold for the times the entries show. TimestampError as the parser."""
+    moment = parse_rfc3339(value)
+    assert isinstance(value, str)  # parse_rfc3339 took it
+    fraction = _FRACTION_DIGITS.match(value.partition(".")[2])
+    if fraction is None or not fraction.group()[3:].strip("0"):
+        return moment
+    floor = moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
+    try:
+        return floor + timedelta(milliseconds=1)
+    except OverflowError as exc:
+        raise TimestampOutOfRange(OUT_OF_RANGE) from exc
+
+
+_FRACTION_DIGITS = re.compile(r"[0-9]*")
+
+
 def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
     """:func:`parse_rfc3339` of the header member ``field``; Malformed naming it otherwise."""
     try:

@@ -78,8 +78,8 @@ async def list_entries(request: web.Request) -> web.Response:
     if partner is not None and not is_party_id(partner):
         raise Malformed("partner must be a party id (CC-AGENCY)")
     filt = AuditFilter(
-        since=fields.timestamp("since"),
-        until=fields.timestamp("until"),
+        since=fields.timestamp("since", bound=True),
+        until=fields.timestamp("until", bound=True),
         partner=partner,
         message_type=fields.text("type", limit=100),
         message_id=fields.uuid("message_id"),
@@ -188,7 +188,7 @@ async def consistency_proof(request: web.Request) -> web.Response:
 
 async def export(request: web.Request) -> web.StreamResponse:
     fields = query_fields(request, frozenset({"since", "until", "correlation_id"}))
-    since, until = fields.timestamp("since"), fields.timestamp("until")
+    since, until = fields.timestamp("since", bound=True), fields.timestamp("until", bound=True)
     correlation_id = fields.uuid("correlation_id")
     services = request.app[SERVICES]
     audit = _audit_log(request)
@@ -222,7 +222,7 @@ async def export(request: web.Request) -> web.StreamResponse:
                 correlation_id=correlation_id,
             )
         except AuditIntegrityError as exc:
-            return problem(409, f"the log cannot be checkpointed for export: {exc}")
+            return problem(409, f"no bundle exported: {exc}")
         name = f"audit-{audit.origin.replace('/', '_')}-{scope}-{summary.size}.jsonl"
         response = web.StreamResponse(
             headers={

@@ -437,13 +437,15 @@ def _query(
 
 
 _EVENTS = [kind.value for kind in EventKind]
+#: audit entries' times are milliseconds (``parse_rfc3339_bound``)
+_ROUNDED = "Sub-millisecond digits round it up to the next millisecond."
 _INT = {"type": "integer", "minimum": 0, "maximum": 2**62}
 
 
 def _audit_entry_parameters() -> list[dict[str, Any]]:
     return [
-        _query("since", _TIME, "At or after this time (RFC 3339 UTC)"),
-        _query("until", _TIME, "Before this time (RFC 3339 UTC)"),
+        _query("since", _TIME, f"At or after this time (RFC 3339 UTC). {_ROUNDED}"),
+        _query("until", _TIME, f"Before this time (RFC 3339 UTC). {_ROUNDED}"),
         _query("partner", _PARTY, "Sender or recipient"),
         _query("type", {"type": "string", "maxLength": 100}, "message_type"),
         _query("message_id", _UUID, "Message id"),
@@ -530,11 +532,11 @@ def _audit_paths() -> dict[str, Any]:
             },
             scopes=audit,
             parameters=[
-                _query("since", _TIME, "Entries at or after this time"),
-                _query("until", _TIME, "Entries before this time"),
+                _query("since", _TIME, f"Entries at or after this time. {_ROUNDED}"),
+                _query("until", _TIME, f"Entries before this time. {_ROUNDED}"),
                 _query("correlation_id", _UUID, "A case: its entries and messages"),
             ],
-            extra={"409": _problem("The log contradicts its last checkpoint")},
+            extra={"409": _problem("The log does not check: no bundle that would not verify")},
         ),
         "/api/v1/audit/verify": _audit_get(
             "auditStoreCheck",

@@ -9,7 +9,13 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.envelope import TimestampError, TimestampOutOfRange, parse_json_strict, parse_rfc3339
+from gateway.envelope import (
+    TimestampError,
+    TimestampOutOfRange,
+    parse_json_strict,
+    parse_rfc3339,
+    parse_rfc3339_bound,
+)
 from gateway.errors import Malformed, TooLarge
 
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -115,15 +121,17 @@ class Fields:
             raise Malformed(f"{name} must be a number from {low} to {high}")
         return float(value)
 
-    def timestamp(self, name: str, *, utc: bool = True) -> datetime | None:
+    def timestamp(self, name: str, *, utc: bool = True, bound: bool = False) -> datetime | None:
         """An RFC 3339 time, as an aware UTC datetime. With ``utc`` (the query parameters'
         "RFC 3339 UTC") only a UTC offset is taken; without it (``respond_by``: PROTOCOL.md
-        section 2 "RFC 3339", OpenAPI ``date-time``) any offset, converted to UTC."""
+        section 2 "RFC 3339", OpenAPI ``date-time``) any offset, converted to UTC. A ``bound``
+        on audit entries' millisecond times is rounded up to the millisecond
+        (``parse_rfc3339_bound``, UTC)."""
         value = self._doc.get(name)
         if value is None:
             return None
         try:
-            return parse_rfc3339(value, utc=utc)
+            return parse_rfc3339_bound(value) if bound else parse_rfc3339(value, utc=utc)
         except TimestampOutOfRange as exc:
             raise Malformed(f"{name} {exc}: {str(value)[:40]!r}") from None
         except TimestampError:

@@ -53,7 +53,7 @@ from gateway.crypto.notes import (
     verify_note,
 )
 from gateway.envelope import TimestampError, body_digest, parse_rfc3339
-from gateway.store.base import AuditFilter, Cosignature, MessageFilter, Store
+from gateway.store.base import AuditFilter, MessageFilter, Store
 
 FORMAT = "c2c-audit-bundle"
 VERSION = 1
@@ -385,13 +385,9 @@ async def _write_cosignatures(
     """Per partner, its latest cosignature of a tree within the bundle's: it covers every
     entry below its size, so older ones (one per witnessing round) would add nothing. Each
     consistency proof is checked from the cosigned note's root before it is written."""
-    latest: dict[str, Cosignature] = {}
-    for cosig in await store.cosignatures():
-        kept = latest.get(cosig.partner)
-        if cosig.size <= size and (kept is None or cosig.size >= kept.size):
-            latest[cosig.partner] = cosig
-    for partner in sorted(latest):
-        cosig = latest[partner]
+    latest = await store.latest_cosignatures(size)
+    for cosig in latest:
+        partner = cosig.partner
         proof = await audit.consistency_proof(cosig.size, size)
         try:
             cosigned = parse_body(parse_note(cosig.note).text)

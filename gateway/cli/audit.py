@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import getpass
-import re
 import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -27,7 +26,6 @@ from gateway.audit import merkle
 from gateway.audit.bundle import (
     ExportTargetError,
     KeptCheckpoint,
-    ceil_millisecond,
     check_export_target,
     export_bundle,
     verify_bundle,
@@ -47,7 +45,7 @@ from gateway.crypto.notes import (
     load_note_verifier,
     parse_note,
 )
-from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339
+from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339_bound
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import is_party_id
 from gateway.store import InvalidStoreUrl, Store, open_store
@@ -74,7 +72,6 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         _fail(str(exc))
 
 
-_FRACTION = re.compile(r"[0-9]*")
 #: the option help's note on ``--since``/``--until`` finer than entries' times
 _ROUNDED = (
     "Entries carry milliseconds: a time with sub-millisecond digits is rounded up to the "
@@ -83,26 +80,16 @@ _ROUNDED = (
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
-    """An RFC 3339 UTC time, read as the API's ``since``/``until`` and ``messages list``,
-    then rounded up to the next millisecond when it has sub-millisecond digits (any of them,
-    beyond the microseconds the parser keeps too): entries' times are milliseconds, so
-    "at or after --since" and "before --until" hold for the times the entries show."""
+    """An RFC 3339 UTC time, read as the API's ``since``/``until``: rounded up to the next
+    millisecond when it has sub-millisecond digits (``parse_rfc3339_bound``)."""
     if value is None:
         return None
     try:
-        moment = parse_rfc3339(value)
+        return parse_rfc3339_bound(value)
     except TimestampOutOfRange as exc:
         _fail(f"{option}: {value!r} {exc}")
     except TimestampError:
         _fail(f"{option}: {value!r} is not an RFC 3339 UTC time (e.g. 2026-03-01T00:00:00Z)")
-    fraction = _FRACTION.match(value.partition(".")[2])
-    if fraction is None or not fraction.group()[3:].strip("0"):
-        return moment
-    floor = moment.replace(microsecond=moment.microsecond - moment.microsecond % 1000)
-    try:
-        return ceil_millisecond(floor + timedelta(microseconds=1))
-    except OverflowError:
-        _fail(f"{option}: {value!r} is out of range (years 0001 to 9999 UTC)")
 
 
 class _Opened:

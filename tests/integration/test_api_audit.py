@@ -131,6 +131,32 @@ async def test_bad_entry_filters_are_400(us: Running, query: str, detail: str) -
     assert detail in body["detail"]
 
 
+async def test_sub_millisecond_bounds_are_rounded_up_to_the_entries_milliseconds(
+    us: Running,
+) -> None:
+    """auditor finding F7, on the API: entries carry milliseconds, so a bound between two
+    milliseconds keeps "at or after since" and "before until" true for the time an entry
+    shows (it used to be truncated: an entry at .247 was returned for since .247001)."""
+    message_id = await submit(us)
+    status, page = await get(us, f"/api/v1/audit/entries?message_id={message_id}")
+    (item,) = [i for i in page["items"] if i["entry"]["event"] == "submitted"]
+    at = item["entry"]["at"]  # e.g. 2026-12-07T06:18:50.247Z
+    just_after = at[:-1] + "001Z"
+    status, page = await get(
+        us, f"/api/v1/audit/entries?message_id={message_id}&since={just_after}"
+    )
+    assert status == 200
+    assert item["seq"] not in [i["seq"] for i in page["items"]]
+    status, page = await get(
+        us, f"/api/v1/audit/entries?message_id={message_id}&until={just_after}"
+    )
+    assert item["seq"] in [i["seq"] for i in page["items"]]
+    # rounding up the last instant of 9999 is out of range: a 400, as past it
+    status, body = await get(us, "/api/v1/audit/entries?until=9999-12-31T23:59:59.9995Z")
+    assert status == 400
+    assert "is out of range (years 0001 to 9999 UTC)" in body["detail"]
+
+
 @pytest.mark.parametrize("route", ["/api/v1/audit/entries", "/api/v1/audit/export"])
 @pytest.mark.parametrize("name", ["since", "until"])
 async def test_a_time_beyond_9999_is_a_clear_400(us: Running, route: str, name: str) -> None:
