@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,37 @@ def test_wrong_kid_prints_unknown_key_and_the_expected_kid(
         "hint: the kid must be the RFC 7638 thumbprint of the signing key; "
         f"for {pub_path} it is {jws_kid(pub_path)}\n"
     )
+
+
+def test_a_jws_without_kid_says_its_signature_holds(tmp_path: Path) -> None:
+    """josepeer finding F3: RFC 8037's Ed25519 example has no kid. The tool still refuses it
+    as a gateway would, and says the signature itself holds, so a vector or a library's
+    output is not taken for a wrong signature."""
+    vector = json.loads(
+        (Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "jose-vectors"
+         / "rfc8037_ed25519.json").read_text()
+    )  # fmt: skip
+    x = base64.urlsafe_b64decode(vector["public_jwk"]["x"] + "=")
+    pub_path = tmp_path / "rfc8037.pub"
+    pub_path.write_bytes(
+        Ed25519PublicKey.from_public_bytes(x).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    body = tmp_path / "body"
+    body.write_bytes(bytes.fromhex(vector["jws"]["payload_hex"]))
+    jws = vector["jws"]["compact_detached"]
+    result = run("sig", "verify", "--key", str(pub_path), "--body", str(body), "--jws", jws)
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "SIGNATURE_INVALID: protected header has no kid: set it to the RFC 7638 thumbprint of"
+        " the signing key\n"
+        f"hint: the signature itself verifies with {pub_path}; a gateway still refuses it"
+        f" without a kid: set kid to {jws_kid(pub_path)}\n"
+    )
+    body.write_bytes(b"another body")
+    changed = run("sig", "verify", "--key", str(pub_path), "--body", str(body), "--jws", jws)
+    assert "hint" not in changed.stderr
 
 
 def test_typ_options(pair: tuple[str, Path, Path, Path]) -> None:
