@@ -289,6 +289,46 @@ def configure_logging(
     root.addHandler(handler)
     # third-party libraries speak only when something is wrong
     root.setLevel(max(level, logging.WARNING))
+    for name in _RECONNECT_LOGGERS:
+        library = logging.getLogger(name)
+        if _RECONNECT_NOISE not in library.filters:
+            library.addFilter(_RECONNECT_NOISE)
+
+
+#: the RabbitMQ client's loggers that report a lost connection and its reconnects as errors
+_RECONNECT_LOGGERS = ("aiormq.connection", "aio_pika.tools")
+
+
+class _ReconnectNoise(logging.Filter):
+    """A lost RabbitMQ connection and each failed reconnect attempt are expected and heal by
+    themselves; the gateway reports them as ``amqp_connection_lost`` (warning, with the
+    reason) and ``amqp_reconnected``. aiormq and aio-pika log the same events as errors, 5 to
+    7 lines per reconnect and one a second while the broker stays away, which would page any
+    "errors > 0" alert: the broker's own close (its reply code and text) is kept as a
+    warning; a failed reconnect attempt, and the robust channels' close callbacks failing on
+    the dead connection, are dropped. Any other error of these loggers passes unchanged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        template = str(record.msg)
+        if template.startswith("Unexpected connection close from remote"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        if template.startswith("error when creating transport"):
+            return False
+        return not (
+            template.startswith("Callback %r error")
+            and bool(record.args)
+            and "RobustChannel._on_close" in repr(_first(record.args))
+        )
+
+
+def _first(args: Any) -> Any:
+    return args[0] if isinstance(args, tuple) and args else None
+
+
+_RECONNECT_NOISE = _ReconnectNoise()
 
 
 class _OneLineBadRequests(logging.Filter):

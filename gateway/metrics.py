@@ -12,7 +12,8 @@ would never alert (Prometheus's instrumentation practices: "avoid missing metric
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -32,8 +33,19 @@ TRANSPORTS = ("https", "amqp")
 CLOCK_DIRECTIONS = ("forward", "back")
 HISTORY_WHOSE = ("ours", "partner")
 DISPATCHER_FAILURES = ("store_unavailable", "internal_error")
+#: ``c2c_outbound_attempts_total``'s results (gateway/outbound/dispatcher.py)
+OUTBOUND_RESULTS = ("acknowledged", "rejected", "retry", "dead", "handed")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class WatchedBroker(Protocol):
+    """What ``Metrics.watch_broker`` reads of the RabbitMQ connection (``AmqpBroker``)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def on_connection_lost(self, callback: Callable[[], None]) -> None: ...
 
 
 class Metrics:
@@ -158,6 +170,13 @@ class Metrics:
             ["partner", "whose"],
             registry=self.registry,
         )
+        self.outbound_breaker_open = Gauge(
+            "c2c_outbound_breaker_open",
+            "1 while this gateway's circuit breaker for the partner is not closed (open, or"
+            " half-open until a probe succeeds): its last attempts failed. 0 once one succeeds.",
+            ["partner"],
+            registry=self.registry,
+        )
         self.outbox_depth = Gauge(
             "c2c_outbox_depth",
             "Outbound messages by state.",
@@ -194,6 +213,20 @@ class Metrics:
             ["partner"],
             registry=self.registry,
         )
+        # Registered by watch_broker, so a gateway without RabbitMQ exports neither.
+        self.amqp_connected = Gauge(
+            "c2c_amqp_connected",
+            "1 while the RabbitMQ connection is open and answering; 0 while it is lost and"
+            " reconnecting, or a readiness round trip goes unanswered (a silent path).",
+            registry=None,
+        )
+        self.amqp_connection_losses = Counter(
+            "c2c_amqp_connection_losses",
+            "Times the open RabbitMQ connection was lost (one per outage, however many"
+            " reconnect attempts fail).",
+            registry=None,
+        )
+        self._broker: WatchedBroker | None = None
         self.event_loop_tasks = Gauge(
             "c2c_event_loop_tasks",
             "asyncio tasks alive on the gateway's event loop.",
@@ -222,6 +255,20 @@ class Metrics:
         _zero(self.audit_history_inconsistent, partner=partners, whose=HISTORY_WHOSE)
         _zero(self.amqp_dead_lettered, partner=partners)
         _zero(self.clock_steps, direction=CLOCK_DIRECTIONS)
+        _zero(self.outbound_attempts, partner=partners, result=OUTBOUND_RESULTS)
+        for partner in partners:
+            self.outbound_breaker_open.labels(partner).set(0)
+
+    def watch_broker(self, broker: WatchedBroker) -> None:
+        """Export the state of the RabbitMQ connection: ``c2c_amqp_connected``, read at
+        scrape time, and ``c2c_amqp_connection_losses_total``. Once per registry."""
+        if self._broker is not None:
+            return
+        self._broker = broker
+        self.amqp_connected.set_function(lambda: 1.0 if broker.connected else 0.0)
+        self.registry.register(self.amqp_connected)
+        self.registry.register(self.amqp_connection_losses)
+        broker.on_connection_lost(self.amqp_connection_losses.inc)
 
     def partner_label(self, partner: str | None) -> str:
         return partner if partner is not None and partner in self._partners else NO_PARTNER

@@ -158,6 +158,7 @@ class Gateway:
         if self.broker is not None:
             broker = self.broker
             self.metrics.amqp_in_flight.set_function(lambda: broker.in_flight)
+            self.metrics.watch_broker(broker)
         self._receipt_handler: OnReceipt | None = None
         self._inbound_checks: dict[str, InboundCheck] = {}
         self.pipeline = InboundPipeline(

@@ -50,7 +50,7 @@ from gateway.errors import GatewayError, NackCode, Unavailable
 from gateway.inbound.context import ReceivedReceipt
 from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
-from gateway.outbound.breaker import BreakerBoard, BreakerState
+from gateway.outbound.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from gateway.outbound.submission import current_signing_key
 from gateway.outbound.transport import (
     Delivery,
@@ -497,6 +497,15 @@ class Dispatcher:
         if self._metrics is not None:
             self._metrics.dispatcher_failures.labels(reason).inc()
 
+    def _show_breaker(self, partner: str, breaker: CircuitBreaker) -> None:
+        """``c2c_outbound_breaker_open``: set on each verdict, the only time the breaker
+        closes or opens (open and half-open alike are 1: the last attempts failed)."""
+        if self._metrics is not None:
+            closed = breaker.state is BreakerState.CLOSED
+            self._metrics.outbound_breaker_open.labels(self._metrics.partner_label(partner)).set(
+                0 if closed else 1
+            )
+
     def _count_attempt(self, record: OutboundRecord, result: str) -> None:
         if self._metrics is not None:
             partner = self._metrics.partner_label(record.recipient)
@@ -645,6 +654,7 @@ class Dispatcher:
             crash_point("S9-after-send-before-mark", message_id=record.message_id)
             if isinstance(result, Handed):
                 breaker.release()
+                self._show_breaker(partner.id, breaker)
                 await self._finish_handed(record, sent_at=sent_at)
                 return
             adapter = adapter_for(partner)
@@ -661,6 +671,7 @@ class Dispatcher:
             breaker.record_success()
         else:
             breaker.release()
+        self._show_breaker(partner.id, breaker)
         await self._finish(record, verdict, sent_at=sent_at, transport=transport.name)
 
     async def _finish_handed(self, record: OutboundRecord, *, sent_at: datetime) -> None:

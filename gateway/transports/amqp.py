@@ -72,6 +72,8 @@ _TRANSIENT = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, ConnectionE
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 #: how long ``AmqpBroker.ping`` (``/readyz``) waits for the broker's answer to its round trip
 PROBE_TIMEOUT_S = 2.0
+#: how long ``AmqpBroker.stop_consuming`` waits for the broker to answer its consumer cancels
+CANCEL_TIMEOUT_S = 3.0
 
 
 class Refused(Unavailable):
@@ -232,6 +234,10 @@ class AmqpBroker:
         #: the readiness round trip in flight (``ping``) and when it was sent
         self._probe: asyncio.Task[None] | None = None
         self._probe_sent = 0.0
+        #: connected, and not lost since (the robust connection calls ``_on_lost`` again on
+        #: each failed reconnect attempt: one outage is one loss)
+        self._up = False
+        self._loss_callbacks: list[Callable[[], None]] = []
 
     @property
     def config(self) -> AmqpConfig:
@@ -241,6 +247,26 @@ class AmqpBroker:
     def in_flight(self) -> int:
         """Deliveries being handled, not yet settled."""
         return self._in_flight
+
+    @property
+    def connected(self) -> bool:
+        """The connection is open and not reconnecting, and no readiness round trip
+        (``ping``) has gone unanswered for ``PROBE_TIMEOUT_S`` (a silent path, which the
+        heartbeat finds only later): ``c2c_amqp_connected``."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        probe = self._probe
+        return (
+            probe is None
+            or probe.done()
+            or probe.get_loop().time() - self._probe_sent < PROBE_TIMEOUT_S
+        )
+
+    def on_connection_lost(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` each time the open connection is lost (once per outage, however
+        many reconnect attempts fail): ``c2c_amqp_connection_losses_total``."""
+        self._loss_callbacks.append(callback)
 
     async def connect(self, *, timeout_s: float = 10.0) -> None:
         """Open the robust connection; raises ``Unavailable`` when the broker cannot be reached."""
@@ -257,11 +283,16 @@ class AmqpBroker:
             raise Unavailable(f"cannot connect to RabbitMQ: {_describe(exc)}") from exc
         self._connection.close_callbacks.add(self._on_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._up = True
         log.info("amqp_connected", connection_name=self._connection_name)
 
     def _on_lost(self, connection: object, exc: BaseException | None) -> None:
         if self._connection is not connection:
             return  # our own close
+        if self._up:
+            self._up = False
+            for callback in self._loss_callbacks:
+                callback()
         log.warning(
             "amqp_connection_lost",
             connection_name=self._connection_name,
@@ -270,6 +301,7 @@ class AmqpBroker:
         )
 
     def _on_reconnected(self, connection: object) -> None:
+        self._up = True
         log.info("amqp_reconnected", connection_name=self._connection_name)
 
     async def close(self) -> None:
@@ -277,6 +309,7 @@ class AmqpBroker:
         if probe is not None:
             probe.cancel()
         connection, self._connection = self._connection, None
+        self._up = False
         self._channels.clear()
         if connection is not None:
             with contextlib.suppress(*_TRANSIENT, TimeoutError):
@@ -496,16 +529,43 @@ class AmqpBroker:
         return bool(self._consumers)
 
     async def stop_consuming(self, *, timeout_s: float = 10.0) -> None:
-        """Cancel every consumer, then wait (bounded) for the deliveries being handled.
+        """Cancel every consumer, then wait for the deliveries being handled: all of it
+        within ``timeout_s``, whatever the broker does.
 
-        Whatever is still unacked when the connection closes goes back to its queue.
+        The cancels go out together and are given ``CANCEL_TIMEOUT_S`` at most: on a silent
+        path (the connection still looks open) none is answered. While the robust connection
+        is reconnecting (the broker refuses) they are not sent at all: aio-pika's own
+        ``timeout`` does not bound its wait for the connection to come back, and a lost
+        connection has no consumer left to cancel. Whatever is still unacked when the
+        connection closes goes back to its queue.
         """
         consumers, self._consumers = self._consumers, []
-        for queue, tag in consumers:
-            with contextlib.suppress(*_TRANSIENT, TimeoutError):
-                await queue.cancel(tag, timeout=timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        connection = self._connection
+        if (
+            consumers
+            and connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+        ):
+            cancels = [
+                asyncio.ensure_future(queue.cancel(tag, timeout=CANCEL_TIMEOUT_S))
+                for queue, tag in consumers
+            ]
+            _, pending = await asyncio.wait(cancels, timeout=min(CANCEL_TIMEOUT_S, timeout_s))
+            for cancel in pending:
+                cancel.cancel()
+            for cancel in cancels:
+                cancel.add_done_callback(_retrieve)
+            if pending:
+                log.warning(
+                    "amqp_cancel_unanswered",
+                    consumers=len(pending),
+                    detail="stopping without the broker's answer; the connection closes next",
+                )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            await asyncio.wait_for(self._idle.wait(), max(deadline - loop.time(), 0.0))
 
     async def _handle(
         self, queue: str, message: AbstractIncomingMessage, handler: DeliveryHandler
@@ -727,8 +787,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _retrieve(task: asyncio.Task[None]) -> None:
-    """Mark a finished probe's failure as seen: the next ``ping`` starts a new one."""
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a finished task's failure as seen (a probe: the next ``ping`` starts a new one;
+    a consumer cancel given up on at stop)."""
     if not task.cancelled():
         task.exception()
 

@@ -44,6 +44,7 @@ def known_values(name: str, partners: list[str]) -> dict[str, list[str]]:
         "whose": ["ours", "partner"],
         "code": [code.value for code in NackCode],
         "transport": ["https", "amqp"],
+        "result": ["acknowledged", "rejected", "retry", "dead", "handed"],
     }
 
 

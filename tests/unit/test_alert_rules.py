@@ -22,7 +22,7 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.errors import NackCode
-from gateway.metrics import Metrics
+from gateway.metrics import OUTBOUND_RESULTS, Metrics
 from gateway.store.base import OutboundState
 from gateway.transports import tls_identity
 from gateway.transports.tls_accept import REASONS
@@ -43,6 +43,7 @@ VALUES = {
     "outcome": frozenset({tls_identity.RELOADED, tls_identity.REFUSED}),
     "whose": frozenset({"ours", "partner"}),
     "code": frozenset(code.value for code in NackCode),
+    "result": frozenset(OUTBOUND_RESULTS),
 }
 SELECTOR = re.compile(r"\b(c2c_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')

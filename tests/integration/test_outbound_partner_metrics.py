@@ -1,0 +1,102 @@
+"""A partner that stays down shows on /metrics by name (SRE review M3): its circuit breaker
+in ``c2c_outbound_breaker_open{partner}`` and its failed attempts in
+``c2c_outbound_attempts_total{partner,result="retry"}``, both exported at 0 for every
+configured partner from the start, which ``C2CPartnerUnreachable`` reads.
+
+The dispatcher against a real mutual-TLS partner stub that first refuses connections (nothing
+listens), then answers; time is a ManualClock moved to each row's next attempt.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from outbound_env import free_port, gateway_config
+from partner_stub import PartnerStub
+from test_dispatch_faults import OUTBOX, Env
+
+from gateway.clock import ManualClock
+from gateway.metrics import Metrics
+from gateway.outbound.breaker import BreakerState
+from gateway.outbound.dispatcher import Dispatcher
+from gateway.runtime import load_own_signing_keys, load_partner_keys
+from gateway.schemas.registry import SchemaRegistry
+from gateway.store import open_store
+from gateway.store.base import OutboundState
+from gateway.transports.https_client import HttpsTransport
+
+
+@pytest.fixture
+async def down(tmp_path: Path) -> AsyncIterator[Env]:
+    port = free_port()
+    config = gateway_config(
+        tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"}, outbox=OUTBOX
+    )
+    clock = ManualClock(datetime.now(UTC))
+    store = open_store(config.store_url, clock=clock)
+    await store.open()
+    transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
+    metrics = Metrics(partners=config.partners)
+    dispatcher = Dispatcher(
+        store=store,
+        config=config,
+        transports={"https": transport},
+        partner_keys=load_partner_keys(config),
+        signing_keys=load_own_signing_keys(config),
+        clock=clock,
+        rng=random.Random(4),
+        metrics=metrics,
+    )
+    stub = PartnerStub(pki=tmp_path / "pki")
+    try:
+        yield Env(
+            config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin(), metrics
+        )
+    finally:
+        await stub.stop()
+        await transport.aclose()
+        await store.close()
+
+
+def breaker_open(env: Env, partner: str) -> float | None:
+    return env.metrics.registry.get_sample_value("c2c_outbound_breaker_open", {"partner": partner})
+
+
+async def test_a_partner_down_opens_its_breaker_gauge_until_a_send_succeeds(down: Env) -> None:
+    partners = sorted(down.config.partners)
+    assert "MX-ANAM" in partners
+    # every configured partner from the start, at 0; nothing else
+    for partner in partners:
+        assert breaker_open(down, partner) == 0.0
+        for result in ("acknowledged", "rejected", "retry", "dead", "handed"):
+            assert (
+                down.metrics.registry.get_sample_value(
+                    "c2c_outbound_attempts_total", {"partner": partner, "result": result}
+                )
+                == 0.0
+            )
+    assert breaker_open(down, "-") is None
+
+    record = await down.submit()
+    for _ in range(OUTBOX.breaker_failures):
+        assert (await down.step(record.message_id)).state is OutboundState.QUEUED
+    assert down.dispatcher.breakers.for_partner("MX-ANAM").state is BreakerState.OPEN
+    assert breaker_open(down, "MX-ANAM") == 1.0
+    assert down.attempts("retry") == OUTBOX.breaker_failures
+    assert down.attempts("acknowledged") == 0.0
+
+    # half-open after the timeout: still shown open until a probe succeeds
+    await down.stub.start(down.port)
+    row = await down.row(record.message_id)
+    down.clock.advance(row.next_attempt_at - down.clock.now())
+    if down.dispatcher.breakers.for_partner("MX-ANAM").state is BreakerState.OPEN:
+        assert await down.dispatcher.run_once() == 1
+        assert breaker_open(down, "MX-ANAM") == 1.0
+    acked = await down.step(record.message_id)
+    assert acked.state is OutboundState.ACKNOWLEDGED
+    assert breaker_open(down, "MX-ANAM") == 0.0
+    assert down.attempts("acknowledged") == 1.0
