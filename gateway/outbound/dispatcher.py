@@ -731,6 +731,9 @@ class Dispatcher:
             attempt=update.attempts,
             result=verdict.kind,
             state=update.state.value,
+            # why it did not end acknowledged (refused, timed out, TLS, a 500 ...): on-call
+            # reads it here, not only in the message's last_error and the audit log
+            error=None if verdict.kind == "acknowledged" else update.last_error,
         )
 
     def _resign(

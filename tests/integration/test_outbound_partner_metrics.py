@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import structlog
 from outbound_env import free_port, gateway_config
 from partner_stub import PartnerStub
 from test_dispatch_faults import OUTBOX, Env
@@ -82,8 +83,15 @@ async def test_a_partner_down_opens_its_breaker_gauge_until_a_send_succeeds(down
     assert breaker_open(down, "-") is None
 
     record = await down.submit()
-    for _ in range(OUTBOX.breaker_failures):
-        assert (await down.step(record.message_id)).state is OutboundState.QUEUED
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(OUTBOX.breaker_failures):
+            assert (await down.step(record.message_id)).state is OutboundState.QUEUED
+    # SRE review L2: each failed attempt's log line says why, as its last_error does
+    lines = [line for line in logs if line["event"] == "outbound_attempt"]
+    assert lines
+    row = await down.row(record.message_id)
+    assert lines[-1]["error"] == row.last_error
+    assert "connect" in lines[-1]["error"], lines[-1]
     assert down.dispatcher.breakers.for_partner("MX-ANAM").state is BreakerState.OPEN
     assert breaker_open(down, "MX-ANAM") == 1.0
     assert down.attempts("retry") == OUTBOX.breaker_failures
@@ -96,7 +104,10 @@ async def test_a_partner_down_opens_its_breaker_gauge_until_a_send_succeeds(down
     if down.dispatcher.breakers.for_partner("MX-ANAM").state is BreakerState.OPEN:
         assert await down.dispatcher.run_once() == 1
         assert breaker_open(down, "MX-ANAM") == 1.0
-    acked = await down.step(record.message_id)
+    with structlog.testing.capture_logs() as logs:
+        acked = await down.step(record.message_id)
     assert acked.state is OutboundState.ACKNOWLEDGED
+    (line,) = [line for line in logs if line["event"] == "outbound_attempt"]
+    assert (line["result"], line["error"]) == ("acknowledged", None)
     assert breaker_open(down, "MX-ANAM") == 0.0
     assert down.attempts("acknowledged") == 1.0
