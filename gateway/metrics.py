@@ -48,6 +48,10 @@ class WatchedBroker(Protocol):
     def on_connection_lost(self, callback: Callable[[], None]) -> None: ...
 
 
+#: why an internal API request was refused for its token (``gateway.api.auth``)
+API_AUTH_REASONS = ("missing", "malformed", "expired", "not_yet_valid", "invalid", "scope")
+
+
 class Metrics:
     """The gateway's metrics; ``render()`` is the ``/metrics`` body."""
 
@@ -81,6 +85,13 @@ class Metrics:
         self.tls_refused = Counter(
             "c2c_tls_handshakes_refused_total",
             "Partner-endpoint TLS handshakes refused, by reason (no_cert, expired, revoked ...).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.api_auth_refused = Counter(
+            "c2c_api_auth_refused_total",
+            "Internal API requests refused for their bearer token (401) or its scope (403), by"
+            " reason (missing, malformed, expired, not_yet_valid, invalid, scope).",
             ["reason"],
             registry=self.registry,
         )
@@ -249,6 +260,7 @@ class Metrics:
         _zero(self.inbound_received, partner=[*partners, NO_PARTNER], transport=TRANSPORTS)
         _zero(self.inbound_rejected, partner=[*partners, NO_PARTNER], code=codes)
         _zero(self.tls_refused, reason=tls_accept.REASONS)
+        _zero(self.api_auth_refused, reason=API_AUTH_REASONS)
         _zero(self.outbound_tls_refused, reason=tls_accept.REASONS)
         _zero(self.tls_reloads, outcome=(tls_identity.RELOADED, tls_identity.REFUSED))
         _zero(self.dispatcher_failures, reason=DISPATCHER_FAILURES)

@@ -153,6 +153,7 @@ def build_api_app(services: ApiServices) -> web.Application:
                 keys=services.token_keys,
                 clock=services.clock,
                 access_for=_access_for,
+                metrics=services.metrics,
             ),
         ],
         client_max_size=services.config.limits.max_body_bytes + 1,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
@@ -27,6 +28,8 @@ from gateway.crypto.keys import (
 )
 from gateway.crypto.tokens import TokenClaims, TokenInvalid, verify_token
 from gateway.errors import ConfigError
+from gateway.metrics import Metrics
+from gateway.transports.tls_accept import RefusalWindow
 
 SCOPE_SEND = "c2c:send"
 SCOPE_QUERY = "c2c:query"
@@ -38,6 +41,8 @@ KEY_OWNER = "internal-api"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CLAIMS_KEY = web.RequestKey("c2c_claims", TokenClaims)
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,14 +101,48 @@ def claims_of(request: web.Request) -> TokenClaims:
     return request[CLAIMS_KEY]
 
 
+def _kind(reason: str) -> str:
+    """The ``c2c_api_auth_refused_total`` reason of a refused token's exact reason."""
+    if reason.startswith("token expired"):
+        return "expired"
+    if reason.startswith(("token not valid before", "token issued in the future")):
+        return "not_yet_valid"
+    return "invalid"
+
+
 def bearer_middleware(
     *,
     auth: ApiAuthConfig,
     keys: KeyRing,
     clock: Clock,
     access_for: Callable[[web.Request], Access | None],
+    metrics: Metrics | None = None,
 ) -> Middleware:
-    """Authenticate every routed request; ``access_for`` gives the route's rule."""
+    """Authenticate every routed request; ``access_for`` gives the route's rule.
+
+    Every refusal is counted (``c2c_api_auth_refused_total{reason}``) and logged
+    (``api_auth_refused``: the first per client address and reason in a minute, so a client
+    guessing tokens is not a flood of log lines): a CBP system whose token expired shows on
+    the gateway's side too, not only in its own errors."""
+    logged = RefusalWindow()
+
+    def refused(
+        request: web.Request, kind: str, reason: str, response: web.Response
+    ) -> web.Response:
+        if metrics is not None:
+            metrics.api_auth_refused.labels(kind).inc()
+        source = request.remote or "unknown"
+        unlogged = logged.admit((source, kind), clock.monotonic())
+        if unlogged is not None:
+            log.warning(
+                "api_auth_refused",
+                peer=source,
+                path=request.path[:200],
+                status=response.status,
+                reason=reason,
+                unlogged_since=unlogged,
+            )
+        return response
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -113,10 +152,12 @@ def bearer_middleware(
             return await handler(request)
         header = request.headers.get("Authorization")
         if header is None:
-            return _unauthorized("missing Authorization header (expected: Bearer <JWT>)")
+            reason = "missing Authorization header (expected: Bearer <JWT>)"
+            return refused(request, "missing", reason, _unauthorized(reason))
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return _unauthorized("Authorization header must be 'Bearer <JWT>'")
+            reason = "Authorization header must be 'Bearer <JWT>'"
+            return refused(request, "malformed", reason, _unauthorized(reason))
         try:
             claims = verify_token(
                 token.strip(),
@@ -128,9 +169,10 @@ def bearer_middleware(
                 leeway_s=auth.leeway_s,
             )
         except TokenInvalid as exc:
-            return _unauthorized(exc.reason)
+            return refused(request, _kind(exc.reason), exc.reason, _unauthorized(exc.reason))
         if not (claims.scopes & access.scopes):
-            return _forbidden(access.scopes)
+            reason = f"{claims.subject} lacks the scope {' or '.join(sorted(access.scopes))}"
+            return refused(request, "scope", reason, _forbidden(access.scopes))
         request[CLAIMS_KEY] = claims
         return await handler(request)
 

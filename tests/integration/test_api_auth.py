@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import structlog
 from outbound_env import Running, auth, client_ssl, example, token
 
 from gateway.crypto.keys import jwk_thumbprint, load_signing_key, read_public_key
@@ -167,3 +168,39 @@ async def test_token_is_checked_before_the_body(us: Running) -> None:
         ) as response,
     ):
         assert response.status == 401
+
+
+async def test_every_refusal_is_counted_and_logged_once_a_minute(us: Running) -> None:
+    """SRE review L4: a CBP system whose token expired, or someone guessing tokens, got 401
+    and left nothing on the gateway's side. Every refusal is counted by reason; the first per
+    client address and reason in a minute is logged with the exact reason."""
+
+    def refused(reason: str) -> float | None:
+        return us.gateway.metrics.registry.get_sample_value(
+            "c2c_api_auth_refused_total", {"reason": reason}
+        )
+
+    assert refused("expired") == 0.0
+    issued = datetime(2026, 1, 1, tzinfo=UTC)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            assert (await call(us, token(us.config, now=issued, ttl_s=60)))[0] == 401
+        assert (await call(us, None))[0] == 401
+        assert (await call(us, "not.a.jwt"))[0] == 401
+        scoped = token(us.config, scopes=["audit:read"])
+        assert (await call(us, scoped, method="POST", path="/api/v1/messages"))[0] == 403
+    assert [refused(r) for r in ("expired", "missing", "invalid", "scope")] == [3, 1, 1, 1]
+    lines = [line for line in logs if line["event"] == "api_auth_refused"]
+    assert [(line["status"], line["reason"][:13]) for line in lines] == [
+        (401, "token expired"),
+        (401, "missing Autho"),
+        (401, "token header "),
+        (403, "test-client l"),
+    ], lines
+    assert all(line["peer"] == "127.0.0.1" for line in lines)
+    assert (
+        us.gateway.metrics.registry.get_sample_value(
+            "c2c_api_auth_refused_total", {"reason": "bogus"}
+        )
+        is None
+    )
