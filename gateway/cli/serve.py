@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -61,8 +62,20 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
     TLS certificate and partners' signing keys again."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stop_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            return
+        # asked again while stopping gracefully (a request in flight waited for, a host going
+        # down): now. Nothing acknowledged is lost: every answer follows its commit.
+        structlog.get_logger("gateway.serve").warning(
+            "stop_forced", reason="second SIGTERM or SIGINT while stopping"
+        )
+        os._exit(1)
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stop_signal)
     reloads: set[asyncio.Task[object]] = set()
 
     def reload() -> None:
