@@ -11,7 +11,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -208,6 +208,9 @@ class PartnerConfig:
     adapter: str = "canonical"
     #: JWS typ this partner uses
     typ: str = "c2c+json"
+    #: the algorithm of our key that signs everything we send this partner (receipts and
+    #: messages); None: our current key, whatever its algorithm
+    sign_with: Alg | None = None
     #: reference of the agreement messages must name in header.legal_basis (None: optional)
     legal_basis: str | None = None
     #: the partner's audit log (None: no mutual witnessing with this partner)
@@ -421,14 +424,18 @@ class _Table:
             )
         return value
 
-    def alg_or(self, name: str, default: Alg) -> Alg:
+    def opt_alg(self, name: str) -> Alg | None:
         value = self.opt_str(name)
         if value is None:
-            return default
+            return None
         for alg in _ALGS:
             if value == alg:
                 return alg
         raise self.error(name, f"unsupported algorithm {value!r}: only EdDSA or ES256")
+
+    def alg_or(self, name: str, default: Alg) -> Alg:
+        value = self.opt_alg(name)
+        return default if value is None else value
 
     def opt_path(self, name: str, *, must_exist: bool = True) -> Path | None:
         value = self.opt_str(name)
@@ -881,6 +888,7 @@ def load_partner_config(
         amqp=_partner_amqp(table.table("amqp")),
         adapter=_adapter(table, directory),
         typ=typ,
+        sign_with=table.opt_alg("sign_with"),
         legal_basis=table.opt_str("legal_basis"),
         audit=(
             _partner_audit(table.table("audit"), own_origin=own_origin)
@@ -922,10 +930,60 @@ def _partners(
     return partners
 
 
-def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+def _toml_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _window_missed(key: KeyConfig, now: datetime) -> str:
+    """Which end of a key's window ``now`` lies outside of."""
+    if key.not_before is not None and now < key.not_before:
+        return f"from {_toml_time(key.not_before)}"
+    assert key.not_after is not None
+    return f"until {_toml_time(key.not_after)}"
+
+
+def _check_sign_with(config: GatewayConfig, now: datetime) -> None:
+    """Every partner's ``sign_with`` names an algorithm of which we hold a key valid now."""
+    for partner in config.partners.values():
+        alg = partner.sign_with
+        if alg is None:
+            continue
+        held = [(i, key) for i, key in enumerate(config.signing_keys) if key.alg == alg]
+        if any(
+            (key.not_before is None or key.not_before <= now)
+            and (key.not_after is None or now <= key.not_after)
+            for _, key in held
+        ):
+            continue
+        where = f"{alg}: {config.source} [[signing_keys]]"
+        if not held:
+            kind = "a P-256 private key" if alg == "ES256" else "an Ed25519 private key"
+            reason = (
+                f'{where} holds no {alg} key; add one ({kind}, alg = "{alg}") or remove'
+                " sign_with to sign with our current key"
+            )
+        else:
+            windows = ", ".join(
+                f"signing_keys[{i}] is valid {_window_missed(key, now)}" for i, key in held
+            )
+            reason = (
+                f"{where} holds no {alg} key valid at {_toml_time(now)} ({windows}); add one"
+                " valid now, or remove sign_with to sign with our current key"
+            )
+        raise ConfigError(str(partner.directory / PARTNER_FILE), "sign_with", reason)
+
+
+def load_config(
+    path: Path | str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> GatewayConfig:
     """Load ``gateway.toml`` and every ``partners/<id>/partner.toml`` it points at.
 
-    ``environ`` (default ``os.environ``) supplies secrets named by ``*_env`` keys.
+    ``environ`` (default ``os.environ``) supplies secrets named by ``*_env`` keys. A
+    partner's ``sign_with`` needs one of our signing keys of that algorithm valid at ``now``
+    (default: the current time).
     Raises ConfigError(file, key, reason) on the first problem found.
     """
     source = Path(path).absolute()
@@ -963,4 +1021,5 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
         ),
     )
     table.finish()
+    _check_sign_with(config, datetime.now(UTC) if now is None else now)
     return config

@@ -18,6 +18,10 @@ database (``DIR/c2c.db``) is never touched here.
 
 Differences from the sample partner files, all for a local sandbox:
 - keys point at the generated ``DIR/<id>/sign.pub`` and carry no validity window;
+- ``sign_with`` is the algorithm asked (``alg``, default EdDSA). With ``alg="ES256"`` every
+  party also gets a P-256 signing key (``DIR/<id>/sign-es256.{key,pub,kid}``), the partners'
+  files list that key only (they sign with ES256, as an ES256-only peer does), and the
+  gateway signs with its own one toward them, its Ed25519 key staying beside it;
 - ``[audit]`` (for mutual witnessing) points at ``DIR/<id>/audit.pub`` with the origin
   ``dev.c2c-gateway.invalid/<id>``, the origin that party's own dev gateway.toml uses;
 - ``https.ca`` is ``DIR/ca.pem``; ``https.url`` comes from ``peers`` when the peer is named
@@ -55,6 +59,7 @@ from gateway.config import (
     GatewayConfig,
     load_config,
 )
+from gateway.crypto.keys import SIGNING_KEY_FILES, Alg, ensure_signing_key_files
 from gateway.crypto.pki import (
     API_TOKEN_KEY,
     API_TOKEN_PUB,
@@ -62,8 +67,6 @@ from gateway.crypto.pki import (
     AUDIT_PUB,
     CA_CERT,
     DEFAULT_HOSTS,
-    SIGN_KEY,
-    SIGN_PUB,
     TLS_CERT,
     TLS_KEY,
     init_dev_pki,
@@ -322,9 +325,11 @@ def _partner_document(
     peers: Mapping[str, str],
     amqp_user: str | None,
     require_legal_basis: bool,
+    alg: Alg,
 ) -> dict[str, Any]:
     doc = dict(source)
-    doc["keys"] = [{"path": _rel(pki_dir / peer / SIGN_PUB, folder), "alg": "EdDSA"}]
+    doc["sign_with"] = alg
+    doc["keys"] = [{"path": _rel(pki_dir / peer / SIGNING_KEY_FILES[alg][1], folder), "alg": alg}]
     doc["audit"] = {
         "public_key": _rel(pki_dir / peer / AUDIT_PUB, folder),
         "origin": dev_origin(peer),
@@ -371,8 +376,11 @@ def _gateway_document(
     partner_port: int,
     api_port: int,
     amqp_url: str | None,
+    alg: Alg,
 ) -> dict[str, Any]:
     own = pki_dir / party
+    # Ed25519 always (what partners not naming sign_with get), and the key of ``alg``
+    signing = dict.fromkeys(["EdDSA", alg])
     doc: dict[str, Any] = {
         "party": party,
         "partners_dir": "partners",
@@ -384,7 +392,10 @@ def _gateway_document(
             "key": _rel(own / TLS_KEY, dir),
             "ca": _rel(pki_dir / CA_CERT, dir),
         },
-        "signing_keys": [{"path": _rel(own / SIGN_KEY, dir), "alg": "EdDSA"}],
+        "signing_keys": [
+            {"path": _rel(own / SIGNING_KEY_FILES[key_alg][0], dir), "alg": key_alg}
+            for key_alg in signing
+        ],
         "api_auth": {
             "issuer": f"urn:c2c:{party}:dev",
             "audience": f"urn:c2c:{party}:api",
@@ -441,6 +452,23 @@ def _peek(config_path: Path) -> tuple[list[str], str | None]:
     return hosts, url if isinstance(url, str) else None
 
 
+def _refuse_keyless_gateway(config_path: Path, alg: Alg) -> None:
+    """A kept gateway.toml must hold a signing key of the ``--alg`` asked (its validity is
+    checked when it loads): the generated partners' ``sign_with`` names it."""
+    try:
+        with config_path.open("rb") as handle:
+            keys = tomllib.load(handle).get("signing_keys")
+    except (OSError, ValueError):
+        return  # loading it reports what is wrong with it
+    entries = keys if isinstance(keys, list) else []
+    if not any(isinstance(key, dict) and key.get("alg", "EdDSA") == alg for key in entries):
+        raise ConfigError(
+            str(config_path),
+            "signing_keys",
+            f"the file holds no {alg} key, --alg {alg} was asked; {KEPT_HINT}",
+        )
+
+
 def _refuse_contradictions(
     config: GatewayConfig,
     *,
@@ -476,6 +504,17 @@ def _refuse_contradictions(
         raise ConfigError(str(config.source), "amqp.url", f"{what}; {KEPT_HINT}")
 
 
+def _refuse_kept_partners(config: GatewayConfig, kept: Iterable[Path], alg: Alg) -> None:
+    """A kept partner file must sign with the ``--alg`` asked."""
+    for partner in config.partners.values():
+        path = partner.directory / PARTNER_FILE
+        if path in kept and partner.sign_with != alg:
+            says = "nothing" if partner.sign_with is None else repr(partner.sign_with)
+            raise ConfigError(
+                str(path), "sign_with", f"the file says {says}, {alg!r} was asked; {KEPT_HINT}"
+            )
+
+
 def prepare_dev_environment(
     dir: Path,
     *,
@@ -488,6 +527,7 @@ def prepare_dev_environment(
     peers: Mapping[str, str] | None = None,
     pki_dir: Path | None = None,
     require_legal_basis: bool = False,
+    alg: Alg | None = None,
 ) -> Path:
     """Make ``dir`` a ready environment for the gateway of ``party``; return its gateway.toml.
 
@@ -504,6 +544,7 @@ def prepare_dev_environment(
         peers=peers,
         pki_dir=pki_dir,
         require_legal_basis=require_legal_basis,
+        alg=alg,
     ).config_path
 
 
@@ -519,6 +560,7 @@ def make_dev_environment(
     peers: Mapping[str, str] | None = None,
     pki_dir: Path | None = None,
     require_legal_basis: bool = False,
+    alg: Alg | None = None,
 ) -> DevEnvironment:
     """Make ``dir`` a ready environment for the gateway of ``party``.
 
@@ -531,7 +573,9 @@ def make_dev_environment(
     ``host``, ``partner_port``, ``api_port`` (defaults 127.0.0.1, 0, 0) and ``amqp_url``
     (default: no AMQP) go into a generated gateway.toml. A kept gateway.toml (one not
     written here, or changed since) is left as it is; those of them given (not None) must
-    then agree with it.
+    then agree with it. ``alg`` (default EdDSA) is the algorithm the partners sign with and
+    we sign with toward them (their ``sign_with``); given, a kept gateway.toml must hold a
+    key of it and a kept partner file must name it.
 
     Raises ValueError for a bad party id, peer or port, ConfigError if the result does not
     load or a kept gateway.toml contradicts the arguments, PkiError for an inconsistent PKI
@@ -561,6 +605,7 @@ def make_dev_environment(
         partner_port=partner_port or 0,
         api_port=api_port or 0,
         amqp_url=amqp_url,
+        alg=alg or "EdDSA",
     )
     config_text = dump_toml(gateway_doc, comment=f"development gateway {party}").encode()
     # The certificates cover the hosts served (those asked, and those of a kept gateway.toml);
@@ -573,6 +618,10 @@ def make_dev_environment(
         broker = amqp_url or kept_url
     hosts = tuple(dict.fromkeys([*DEFAULT_HOSTS, *served]))
     init_dev_pki(pki_root, [party, *partners], hosts=hosts, gateway_party=party)
+    signing_alg: Alg = alg or "EdDSA"
+    if signing_alg != "EdDSA":
+        for each in [party, *partners]:
+            ensure_signing_key_files(pki_root / each, signing_alg)
 
     amqp_user = None
     if broker is not None:
@@ -600,6 +649,7 @@ def make_dev_environment(
             peers=peers,
             amqp_user=amqp_user,
             require_legal_basis=require_legal_basis,
+            alg=signing_alg,
         )
         files.put(folder / PARTNER_FILE, dump_toml(doc, comment=origin).encode())
     _remove_stale_partners(partners_dir, partners, files)
@@ -607,6 +657,8 @@ def make_dev_environment(
     files.save()
 
     kept = tuple(files.kept)
+    if alg is not None and config_path in kept:
+        _refuse_keyless_gateway(config_path, alg)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -617,4 +669,6 @@ def make_dev_environment(
         _refuse_contradictions(
             config, host=host, partner_port=partner_port, api_port=api_port, amqp_url=amqp_url
         )
+    if alg is not None:
+        _refuse_kept_partners(config, kept, alg)
     return DevEnvironment(config_path=config_path, kept=kept)

@@ -1,6 +1,7 @@
 """Signed receipts (PROTOCOL.md section 4): non-repudiation of receipt, both ways.
 
-A receipt is itself an envelope of type ``receipt`` 1.0, signed with our current signing key,
+A receipt is itself an envelope of type ``receipt`` 1.0, signed with our current signing key
+(of the algorithm the partner's ``sign_with`` names, when it names one),
 ``in_reply_to`` the message it answers and binding that message's id and the SHA-256 digest of
 the exact bytes received. ``verify_receipt`` is the dispatcher's check of a partner's receipt.
 """
@@ -15,7 +16,7 @@ from typing import Any, Literal
 from gateway.adapters.registry import Adapter
 from gateway.clock import Clock, format_rfc3339
 from gateway.crypto.jws import DEFAULT_TYP, sign_detached, verify_detached
-from gateway.crypto.keys import KeyRing, SigningKey
+from gateway.crypto.keys import Alg, KeyRing, SigningKey, current_key
 from gateway.envelope import encode_envelope, new_message_id, parse_envelope
 from gateway.errors import Malformed, NackCode, SenderMismatch
 from gateway.model import Envelope, Header
@@ -68,19 +69,16 @@ class ReceiptSigner:
     def party(self) -> str:
         return self._party
 
-    def current_key(self) -> SigningKey:
+    def current_key(self, alg: Alg | None = None) -> SigningKey:
+        """The key valid now (of ``alg``, when given); RuntimeError when there is none."""
         now = self._clock.now()
-        valid = [
-            key
-            for key in self._keys
-            if (key.not_before is None or key.not_before <= now)
-            and (key.not_after is None or now <= key.not_after)
-        ]
-        if not valid:
+        key = current_key(self._keys, now, alg)
+        if key is None:
             # Signing with an expired key would produce receipts nobody can verify; the
             # operator must rotate. Falling back silently would hide that.
-            raise RuntimeError(f"no signing key of {self._party} is valid at {now.isoformat()}")
-        return max(valid, key=lambda key: key.not_before or datetime.min.replace(tzinfo=now.tzinfo))
+            of = "" if alg is None else f"{alg} "
+            raise RuntimeError(f"no {of}signing key of {self._party} is valid at {now.isoformat()}")
+        return key
 
     def sign(
         self,
@@ -95,11 +93,13 @@ class ReceiptSigner:
         correlation_id: str | None = None,
         typ: str = DEFAULT_TYP,
         adapter: Adapter | None = None,
+        alg: Alg | None = None,
     ) -> SignedReceipt:
         """``adapter`` (a native-format partner's) maps the receipt to the partner's format,
         and the signature with ``typ`` covers those bytes, as for every message to it; its
-        failure raises ``Malformed``."""
-        key = self.current_key()
+        failure raises ``Malformed``. ``alg`` (the partner's ``sign_with``) picks our key of
+        that algorithm."""
+        key = self.current_key(alg)
         message_id = new_message_id()
         now = self._clock.now()
         header = Header(

@@ -21,7 +21,7 @@ from gateway.adapters.registry import Adapter, adapter_for
 from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, SystemClock
 from gateway.clockwatch import ClockWatch
-from gateway.config import GatewayConfig, load_config
+from gateway.config import PARTNER_FILE, GatewayConfig, load_config
 from gateway.crypto.keys import (
     KeyRing,
     SigningKey,
@@ -365,6 +365,13 @@ class Gateway:
             self.signer.current_key()
         except RuntimeError as exc:
             raise ConfigError(str(self.config.source), "signing_keys", str(exc)) from None
+        for partner in self.config.partners.values():
+            try:
+                self.signer.current_key(partner.sign_with)
+            except RuntimeError as exc:
+                raise ConfigError(
+                    str(partner.directory / PARTNER_FILE), "sign_with", str(exc)
+                ) from None
         await self.store.open()
         loop = asyncio.get_running_loop()
         self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))

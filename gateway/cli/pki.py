@@ -9,6 +9,7 @@ from typing import NoReturn
 import click
 
 from gateway import DEFAULT_PARTY
+from gateway.crypto.keys import ALGORITHMS, Alg, ensure_signing_key_files
 from gateway.crypto.pki import DEFAULT_HOSTS, PkiError, init_dev_pki
 from gateway.model import is_party_id
 
@@ -62,8 +63,19 @@ def pki() -> None:
     show_default=True,
     help="Subject alternative names of the TLS certificates (repeat for several).",
 )
-def init_command(pki_dir: Path, party: str, partners_dir: Path, hosts: tuple[str, ...]) -> None:
-    """Create the dev CA, TLS certificates (client and server) and Ed25519 signing keys.
+@click.option(
+    "--alg",
+    type=click.Choice(ALGORITHMS),
+    default="EdDSA",
+    show_default=True,
+    help="ES256 also makes a P-256 signing key for every party (P/sign-es256.key, .pub, "
+    ".kid), for partners whose sign_with is ES256.",
+)
+def init_command(
+    pki_dir: Path, party: str, partners_dir: Path, hosts: tuple[str, ...], alg: Alg
+) -> None:
+    """Create the dev CA, TLS certificates (client and server) and Ed25519 signing keys
+    (and P-256 ones with --alg ES256).
 
     Idempotent: existing files are kept, only missing ones are made. Prints what it made.
     """
@@ -72,6 +84,10 @@ def init_command(pki_dir: Path, party: str, partners_dir: Path, hosts: tuple[str
     parties = [party, *(p for p in partner_folders(partners_dir) if p != party)]
     try:
         created = init_dev_pki(pki_dir, parties, hosts=hosts, gateway_party=party)
+        if alg != "EdDSA":
+            for each in parties:
+                made = ensure_signing_key_files(pki_dir / each, alg)
+                created += [path.relative_to(pki_dir).as_posix() for path in made]
     except (PkiError, ValueError) as exc:
         _fail(str(exc))
     except OSError as exc:

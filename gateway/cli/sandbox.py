@@ -23,7 +23,7 @@ from gateway import DEFAULT_PARTY
 from gateway.api.auth import ALL_SCOPES
 from gateway.cli.serve import build_gateway, fail, run
 from gateway.config import GatewayConfig, load_config
-from gateway.crypto.keys import load_signing_key
+from gateway.crypto.keys import ALGORITHMS, Alg, load_signing_key
 from gateway.crypto.pki import PkiError
 from gateway.crypto.tokens import issue_token
 from gateway.devenv import DEFAULT_HOST, KEPT_HINT, make_dev_environment
@@ -77,8 +77,20 @@ def _port(ctx: click.Context, param: click.Parameter, value: int | None) -> int 
 @click.option("--port", type=int, callback=_port, help="Partner endpoint port.  [default: 0]")
 @click.option("--api-port", type=int, callback=_port, help="Internal API port.  [default: 0]")
 @click.option("--amqp-url", default=None, help="RabbitMQ URL (and vhost) for the AMQP queues.")
+@click.option(
+    "--alg",
+    type=click.Choice(ALGORITHMS),
+    default=None,
+    help="Algorithm the partners sign with and the gateway signs toward them: ES256 adds "
+    "P-256 keys (DIR/P/sign-es256.key, .pub, .kid) for every party.  [default: EdDSA]",
+)
 def sandbox(
-    directory: Path, host: str | None, port: int | None, api_port: int | None, amqp_url: str | None
+    directory: Path,
+    host: str | None,
+    port: int | None,
+    api_port: int | None,
+    amqp_url: str | None,
+    alg: Alg | None,
 ) -> None:
     """Serve a US-CBP gateway for conformance tests (PROTOCOL.md section 8).
 
@@ -90,7 +102,12 @@ def sandbox(
     directory = directory.absolute()
     try:
         env = make_dev_environment(
-            directory, host=host, partner_port=port, api_port=api_port, amqp_url=amqp_url
+            directory,
+            host=host,
+            partner_port=port,
+            api_port=api_port,
+            amqp_url=amqp_url,
+            alg=alg,
         )
         config_path = env.config_path
         for path in env.kept:

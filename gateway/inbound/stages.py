@@ -409,8 +409,9 @@ async def sign_receipt(
 ) -> SignedReceipt:
     """Our receipt to ``recipient``, in its format: a native-format partner's is mapped by its
     adapter (in a worker thread) and signed with its ``typ`` over the native bytes
-    (docs/adapters.md). Raises ``RuntimeError`` (no valid signing key) or ``Malformed`` (the
-    adapter failed)."""
+    (docs/adapters.md), and with our key of its ``sign_with`` algorithm. Raises
+    ``RuntimeError`` (no valid signing key) or ``Malformed`` (the adapter failed)."""
+    partner = env.config.partners.get(recipient)
     sign = partial(
         env.signer.sign,
         recipient=recipient,
@@ -421,9 +422,9 @@ async def sign_receipt(
         code=code,
         detail=detail,
         correlation_id=correlation_id,
+        alg=None if partner is None else partner.sign_with,
     )
     adapter = env.adapters.get(recipient)
-    partner = env.config.partners.get(recipient)
     if adapter is None or partner is None or is_canonical(adapter):
         return sign()
     return await asyncio.to_thread(sign, typ=partner.typ, adapter=adapter)

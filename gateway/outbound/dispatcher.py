@@ -229,7 +229,7 @@ def sign_again(
         expires_at = now + (expires_at - old.created_at)
     header = replace(old, created_at=now, expires_at=expires_at)
     new_body = adapter.from_canonical(encode_envelope(header, envelope.payload))
-    key = current_signing_key(signing_keys, now)
+    key = current_signing_key(signing_keys, now, partner.sign_with)
     return Resigned(
         body=new_body,
         body_digest=body_digest(new_body),

@@ -21,7 +21,7 @@ from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig
 from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import SigningKey
+from gateway.crypto.keys import Alg, SigningKey, current_key
 from gateway.envelope import body_digest, encode_envelope, new_message_id
 from gateway.errors import (
     GatewayError,
@@ -135,17 +135,16 @@ class SubmitContext:
 Stage = Callable[[SubmitContext], Awaitable[None]]
 
 
-def current_signing_key(keys: Sequence[SigningKey], now: datetime) -> SigningKey:
-    """The key to sign with now: valid now, the newest one during a rotation overlap."""
-    valid = [
-        key
-        for key in keys
-        if (key.not_before is None or key.not_before <= now)
-        and (key.not_after is None or now <= key.not_after)
-    ]
-    if not valid:
-        raise Unavailable(f"no own signing key is valid at {now.isoformat()}; rotate keys")
-    return max(valid, key=lambda key: key.not_before or datetime.min.replace(tzinfo=now.tzinfo))
+def current_signing_key(
+    keys: Sequence[SigningKey], now: datetime, alg: Alg | None = None
+) -> SigningKey:
+    """The key to sign with now: valid now (of ``alg``, a partner's ``sign_with``, when
+    given), the newest one during a rotation overlap."""
+    key = current_key(keys, now, alg)
+    if key is None:
+        of = "" if alg is None else f"{alg} "
+        raise Unavailable(f"no own {of}signing key is valid at {now.isoformat()}; rotate keys")
+    return key
 
 
 async def resolve_partner(ctx: SubmitContext) -> None:
@@ -252,7 +251,7 @@ async def build_envelope(ctx: SubmitContext) -> None:
 async def sign_message(ctx: SubmitContext) -> None:
     assert ctx.partner is not None
     assert ctx.body is not None
-    key = current_signing_key(ctx.services.signing_keys, ctx.now)
+    key = current_signing_key(ctx.services.signing_keys, ctx.now, ctx.partner.sign_with)
     ctx.signature = sign_detached(ctx.body, key, typ=ctx.partner.typ)
     ctx.kid = key.kid
 

@@ -422,3 +422,149 @@ def test_a_hand_written_configuration_is_never_replaced(tmp_path: Path) -> None:
     assert error.startswith(f"error: {directory / 'gateway.toml'}: ")
     assert error.endswith("edit it, or remove it to let the sandbox write its own\n")
     assert {path: path.read_bytes() for path in mine} == mine
+
+
+# ------------------------------------------------------------- --alg ES256 (sign_with)
+
+
+def _es256_jws(body: bytes, directory: Path, party: str) -> str:
+    """A partner's ES256 detached JWS, by jwcrypto, with its sandbox P-256 key."""
+    key = jwk.JWK.from_pem((directory / party / "sign-es256.key").read_bytes())
+    kid = (directory / party / "sign-es256.kid").read_text().strip()
+    token = jws.JWS(body)
+    token.add_signature(
+        key, alg="ES256", protected=json.dumps({"alg": "ES256", "kid": kid, "typ": "c2c+json"})
+    )
+    header, _, signature = token.serialize(compact=True).split(".")
+    return f"{header}..{signature}"
+
+
+def _verify_es256_receipt(receipt: bytes, signature: str, directory: Path) -> dict[str, Any]:
+    key = jwk.JWK.from_pem((directory / "US-CBP" / "sign-es256.pub").read_bytes())
+    token = jws.JWS()
+    token.deserialize(signature)
+    token.verify(key, alg="ES256", detached_payload=receipt)
+    assert token.jose_header["kid"] == (directory / "US-CBP" / "sign-es256.kid").read_text().strip()
+    document: dict[str, Any] = json.loads(receipt)
+    return document
+
+
+def test_alg_es256_serves_an_es256_only_peer(tmp_path: Path) -> None:
+    directory = tmp_path / "dir"
+    # made first with the default (Ed25519), then asked for ES256: its files are rewritten
+    with _running(directory) as (ready, _):
+        assert len(_kids(ready, directory, tmp_path)) == 1
+    with _running(directory, "--alg", "ES256") as (ready, log):
+        assert "sandbox_file_kept" not in log
+        for party in ("US-CBP", "MX-ANAM", "CA-CBSA"):
+            for name in ("sign-es256.key", "sign-es256.pub", "sign-es256.kid"):
+                assert (directory / party / name).is_file(), (party, name)
+        assert stat.S_IMODE((directory / "MX-ANAM" / "sign-es256.key").stat().st_mode) == 0o600
+        # the JWKS: the gateway's Ed25519 key and its P-256 one
+        assert _kids(ready, directory, tmp_path) == [
+            (directory / "US-CBP" / name).read_text().strip()
+            for name in ("sign.kid", "sign-es256.kid")
+        ]
+        url = ready["partner_url"] + "/c2c/v1/messages"
+        message_id, body = _message("MX-ANAM")
+        signature = _es256_jws(body, directory, "MX-ANAM")
+        status, headers, receipt = _curl(
+            url, directory, "MX-ANAM", tmp_path, body=body, signature=signature
+        )
+        assert status == 202, receipt
+        document = _verify_es256_receipt(receipt, headers["c2c-signature"], directory)
+        assert document["header"]["in_reply_to"] == message_id
+        assert document["payload"]["status"] == "ACK"
+        # the partner's Ed25519 key is not configured: its EdDSA signature is refused, and
+        # the NACK is ES256 too
+        _, eddsa_body = _message("MX-ANAM")
+        status, headers, nack = _curl(
+            url,
+            directory,
+            "MX-ANAM",
+            tmp_path,
+            body=eddsa_body,
+            signature=_independent_jws(eddsa_body, directory, "MX-ANAM"),
+        )
+        assert status == 401
+        nack_doc = _verify_es256_receipt(nack, headers["c2c-signature"], directory)
+        assert nack_doc["payload"]["code"] == "UNKNOWN_KEY"
+    partner = (directory / "partners" / "CA-CBSA" / "partner.toml").read_text()
+    assert 'sign_with = "ES256"' in partner
+    assert "sign-es256.pub" in partner
+
+    # and back to the default: Ed25519 again, the P-256 files kept
+    with _running(directory) as (ready, _):
+        assert len(_kids(ready, directory, tmp_path)) == 1
+        _, body = _message("MX-ANAM")
+        status, headers, receipt = _curl(
+            ready["partner_url"] + "/c2c/v1/messages",
+            directory,
+            "MX-ANAM",
+            tmp_path,
+            body=body,
+            signature=_independent_jws(body, directory, "MX-ANAM"),
+        )
+        assert status == 202, receipt
+        _verify_receipt(receipt, headers["c2c-signature"], directory)
+    assert (directory / "US-CBP" / "sign-es256.key").is_file()
+
+
+def test_alg_es256_against_kept_files_is_refused_when_they_do_not_say_it(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "partner-kept"
+    with _running(directory):
+        pass
+    partner = directory / "partners" / "CA-CBSA" / "partner.toml"
+    with partner.open("a", encoding="utf-8") as handle:
+        handle.write("# edited by hand\n")
+    kept = partner.read_bytes()
+    error = _refused(directory, "--alg", "ES256")
+    assert error == (
+        f"error: {partner}: sign_with: the file says 'EdDSA', 'ES256' was asked; kept as it is"
+        " (it was not written by the sandbox, or was changed since): edit it, or remove it to"
+        " let the sandbox write its own\n"
+    )
+    assert partner.read_bytes() == kept
+
+    directory = tmp_path / "gateway-kept"
+    with _running(directory):
+        pass
+    config = directory / "gateway.toml"
+    with config.open("a", encoding="utf-8") as handle:
+        handle.write("# edited by hand\n")
+    kept = config.read_bytes()
+    error = _refused(directory, "--alg", "ES256")
+    assert error == (
+        f"error: {config}: signing_keys: the file holds no ES256 key, --alg ES256 was asked;"
+        " kept as it is (it was not written by the sandbox, or was changed since): edit it, or"
+        " remove it to let the sandbox write its own\n"
+    )
+    assert config.read_bytes() == kept
+
+
+def test_pki_init_alg_es256_makes_p256_signing_keys(tmp_path: Path) -> None:
+    partners = tmp_path / "partners"
+    for party in ("MX-ANAM", "CA-CBSA"):
+        (partners / party).mkdir(parents=True)
+    pki_dir = tmp_path / "pki"
+    args = ["pki", "init", "--dir", str(pki_dir), "--partners-dir", str(partners)]
+    made = CliRunner().invoke(cli, [*args, "--alg", "ES256"])
+    assert made.exit_code == 0, made.output
+    for party in ("US-CBP", "MX-ANAM", "CA-CBSA"):
+        assert f"created {pki_dir / party / 'sign-es256.key'}" in made.output
+        assert f"created {pki_dir / party / 'sign.key'}" in made.output
+        key = jwk.JWK.from_pem((pki_dir / party / "sign-es256.key").read_bytes())
+        assert key.get("crv") == "P-256"
+        assert key.thumbprint() == (pki_dir / party / "sign-es256.kid").read_text().strip()
+    again = CliRunner().invoke(cli, [*args, "--alg", "ES256"])
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith("nothing to do")
+    (pki_dir / "MX-ANAM" / "sign-es256.kid").write_text("not-it\n")
+    bad = CliRunner().invoke(cli, [*args, "--alg", "ES256"])
+    assert bad.exit_code == 2
+    assert (
+        bad.output
+        == f"error: {pki_dir / 'MX-ANAM' / 'sign-es256.kid'} does not match sign-es256.key\n"
+    )
