@@ -33,6 +33,7 @@ import click
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
+from gateway.crypto.keys import Alg
 from gateway.crypto.pki import PkiError, generate_signing_key
 from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
@@ -71,8 +72,11 @@ class RotationPlan:
 
 
 def plan_rotation(
-    config: GatewayConfig, *, not_before: datetime, overlap: timedelta
+    config: GatewayConfig, *, not_before: datetime, overlap: timedelta, alg: Alg = "EdDSA"
 ) -> RotationPlan:
+    """Rotate our keys of ``alg``: a new one from ``not_before``, and the current ones of that
+    algorithm valid until the overlap ends. Keys of the other algorithm are left alone: the
+    partners signed with them (``sign_with``) keep theirs."""
     try:
         cutoff = not_before + overlap
     except OverflowError:
@@ -80,7 +84,7 @@ def plan_rotation(
             f"--not-before {toml_time(not_before)} plus the overlap is after the year 9999"
         ) from None
     for index, key in enumerate(config.signing_keys):
-        if key.not_before is not None and key.not_before >= not_before:
+        if key.alg == alg and key.not_before is not None and key.not_before >= not_before:
             raise RotationRefused(
                 f"signing_keys[{index}] ({key.path.name}) only becomes valid at "
                 f"{toml_time(key.not_before)}: a rotation is already pending"
@@ -88,15 +92,16 @@ def plan_rotation(
     shortened = tuple(
         index
         for index, key in enumerate(config.signing_keys)
-        if key.not_after is None or key.not_after > cutoff
+        if key.alg == alg and (key.not_after is None or key.not_after > cutoff)
     )
     folder = config.signing_keys[-1].path.parent
-    new_key = folder / f"sign-{not_before.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}.key"
+    prefix = "sign-es256" if alg == "ES256" else "sign"
+    new_key = folder / f"{prefix}-{not_before.astimezone(UTC).strftime('%Y%m%dT%H%M%SZ')}.key"
     for path in (new_key, new_key.with_suffix(".pub")):
         if path.exists():
             raise RotationRefused(f"{path} already exists")
     relative = Path(os.path.relpath(new_key, config.source.parent)).as_posix()
-    entry = {"path": relative, "alg": "EdDSA", "not_before": not_before}
+    entry = {"path": relative, "alg": alg, "not_before": not_before}
     return RotationPlan(
         not_before=not_before,
         old_not_after=cutoff,
@@ -216,9 +221,17 @@ def keys() -> None:
     show_default=True,
     help="Days the old key stays valid after --not-before (messages in flight).",
 )
-def rotate(config_path: Path, not_before_text: str | None, overlap_days: int) -> None:
-    """Create a new signing key and add it to gateway.toml; the old key expires after the
-    overlap. Prints the new kid and what partners must be given."""
+@click.option(
+    "--alg",
+    type=click.Choice(["EdDSA", "ES256"]),
+    default="EdDSA",
+    show_default=True,
+    help="Which of our keys to rotate: a new key of this algorithm; only the current keys of "
+    "it expire (partners signed with the other, sign_with, keep theirs).",
+)
+def rotate(config_path: Path, not_before_text: str | None, overlap_days: int, alg: Alg) -> None:
+    """Create a new signing key and add it to gateway.toml; the old key of its algorithm
+    expires after the overlap. Prints the new kid and what partners must be given."""
     now = SystemClock().now().replace(microsecond=0)
     not_before = now
     if not_before_text is not None:
@@ -232,7 +245,9 @@ def rotate(config_path: Path, not_before_text: str | None, overlap_days: int) ->
         config = load_config(config_path)
         old_kids_all = [key.kid for key in load_own_signing_keys(config)]
         text = config.source.read_text(encoding="utf-8")
-        plan = plan_rotation(config, not_before=not_before, overlap=timedelta(days=overlap_days))
+        plan = plan_rotation(
+            config, not_before=not_before, overlap=timedelta(days=overlap_days), alg=alg
+        )
         new_text = edit_config_text(text, plan, len(config.signing_keys))
         check_edit(text, new_text, plan)
     except ConfigError as exc:
@@ -247,7 +262,7 @@ def rotate(config_path: Path, not_before_text: str | None, overlap_days: int) ->
     candidate: Path | None = None
     committed = False
     try:
-        pub_path, kid = generate_signing_key(plan.new_key)
+        pub_path, kid = generate_signing_key(plan.new_key, alg)
     except (PkiError, OSError) as exc:
         _fail(f"cannot create the new key: {exc}")
     try:
@@ -255,7 +270,7 @@ def rotate(config_path: Path, not_before_text: str | None, overlap_days: int) ->
         new_config = load_config(candidate)
         if load_own_signing_keys(new_config)[-1].kid != kid:
             _fail(f"{plan.new_key}: the configured key is not the one just created")
-        reason = f"new signing key {kid} (EdDSA) valid from {toml_time(not_before)}"
+        reason = f"new signing key {kid} ({alg}) valid from {toml_time(not_before)}"
         if shortened_kids:
             reason += (
                 f"; key(s) {', '.join(shortened_kids)} valid until {toml_time(plan.old_not_after)}"
@@ -299,7 +314,7 @@ def rotate(config_path: Path, not_before_text: str | None, overlap_days: int) ->
     click.echo(f"  the public key {pub_path} and its kid {kid}, for {party} e.g.:")
     click.echo("    [[keys]]")
     click.echo(f'    path = "{party}-{pub_path.name}"')
-    click.echo('    alg = "EdDSA"')
+    click.echo(f'    alg = "{alg}"')
     click.echo(f"    not_before = {toml_time(not_before)}")
     if shortened_kids:
         click.echo(

@@ -401,9 +401,10 @@ def _write_new(path: Path, data: bytes, *, private: bool) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def generate_signing_key(path: Path) -> tuple[Path, str]:
-    """A new Ed25519 message-signing key: private PEM at ``path`` (mode 0600), public PEM next
-    to it with the suffix ``.pub``. Returns (public key path, kid = RFC 7638 thumbprint).
+def generate_signing_key(path: Path, alg: str = "EdDSA") -> tuple[Path, str]:
+    """A new message-signing key of ``alg`` (Ed25519, or P-256 for ES256): private PEM at
+    ``path`` (mode 0600), public PEM next to it with the suffix ``.pub``. Returns (public key
+    path, kid = RFC 7638 thumbprint).
 
     Never overwrites: if either file exists, raises PkiError and writes nothing.
     """
@@ -411,7 +412,9 @@ def generate_signing_key(path: Path) -> tuple[Path, str]:
     for existing in (path, pub_path):
         if existing.exists():
             raise PkiError(f"{existing} already exists; a new key never replaces a file")
-    private = Ed25519PrivateKey.generate()
+    private: ec.EllipticCurvePrivateKey | Ed25519PrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if alg == "ES256" else Ed25519PrivateKey.generate()
+    )
     _write_new(path, _private_pem(private), private=True)
     try:
         _write_new(pub_path, _public_pem(private.public_key()), private=False)

@@ -18,6 +18,7 @@ from gateway.clock import SystemClock
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.jws import sign_detached, verify_detached
 from gateway.crypto.keys import KeyRing, load_verification_key
+from gateway.devenv import prepare_dev_environment
 from gateway.errors import UnknownKey
 from gateway.outbound.submission import current_signing_key
 from gateway.runtime import load_own_signing_keys
@@ -139,6 +140,49 @@ async def test_a_second_rotation_shortens_only_the_current_key(config: GatewayCo
         (second, None),
     ]
     assert len(await key_changes(config)) == 2
+
+
+async def test_rotating_one_algorithm_leaves_the_other_alone(tmp_path: Path) -> None:
+    """fix-alg's gap: with an Ed25519 and a P-256 key held (partners on ``sign_with``), a
+    rotation used to make an Ed25519 key and expire both, so after the overlap no ES256 key
+    was valid and every ES256 partner was cut off. ``--alg`` rotates the keys of one."""
+    path = prepare_dev_environment(tmp_path / "US-CBP", pki_dir=tmp_path / "pki", alg="ES256")
+    config = load_config(path)
+    assert [k.alg for k in config.signing_keys] == ["EdDSA", "ES256"]
+    not_before = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=0)
+    result = await asyncio.to_thread(
+        run, "keys", "rotate", "--config", config.source, "--alg", "ES256",
+        "--not-before", toml_time(not_before), "--overlap-days", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert 'alg = "ES256"' in result.stdout
+    rotated = load_config(config.source)
+    eddsa, old_es, new_es = rotated.signing_keys
+    assert (eddsa.alg, eddsa.not_after) == ("EdDSA", None)  # left alone
+    assert (old_es.alg, old_es.not_after) == ("ES256", not_before + timedelta(days=2))
+    assert (new_es.alg, new_es.not_before) == ("ES256", not_before)
+    keys = load_own_signing_keys(rotated)
+    assert keys[2].private_key.curve.name == "secp256r1"  # type: ignore[union-attr]
+    later = not_before + timedelta(days=3)
+    assert current_signing_key(keys, later, "ES256").kid == keys[2].kid
+    assert current_signing_key(keys, later, "EdDSA").kid == keys[0].kid
+    [event] = await key_changes(config)
+    assert f"new signing key {keys[2].kid} (ES256)" in event["reason"]
+    assert keys[0].kid not in event["reason"]
+
+    # the default rotates the Ed25519 key only
+    result = await asyncio.to_thread(
+        run, "keys", "rotate", "--config", config.source,
+        "--not-before", toml_time(not_before), "--overlap-days", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    after = load_config(config.source).signing_keys
+    assert [(k.alg, k.not_after is None) for k in after] == [
+        ("EdDSA", False),
+        ("ES256", False),
+        ("ES256", True),
+        ("EdDSA", True),
+    ]
 
 
 def test_a_pending_rotation_or_past_time_is_refused_and_nothing_changes(
