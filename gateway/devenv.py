@@ -59,7 +59,7 @@ from gateway.config import (
     GatewayConfig,
     load_config,
 )
-from gateway.crypto.keys import SIGNING_KEY_FILES, Alg, ensure_signing_key_files
+from gateway.crypto.keys import Alg
 from gateway.crypto.pki import (
     API_TOKEN_KEY,
     API_TOKEN_PUB,
@@ -67,8 +67,10 @@ from gateway.crypto.pki import (
     AUDIT_PUB,
     CA_CERT,
     DEFAULT_HOSTS,
+    SIGNING_KEY_FILES,
     TLS_CERT,
     TLS_KEY,
+    ensure_signing_key_files,
     init_dev_pki,
 )
 from gateway.errors import ConfigError

@@ -9,8 +9,8 @@ from typing import NoReturn
 import click
 
 from gateway import DEFAULT_PARTY
-from gateway.crypto.keys import ALGORITHMS, Alg, ensure_signing_key_files
-from gateway.crypto.pki import DEFAULT_HOSTS, PkiError, init_dev_pki
+from gateway.crypto.keys import ALGORITHMS, Alg
+from gateway.crypto.pki import DEFAULT_HOSTS, PkiError, ensure_signing_key_files, init_dev_pki
 from gateway.model import is_party_id
 
 

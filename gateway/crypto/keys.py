@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -422,72 +421,3 @@ class KeyRing:
 
     def kids(self, party: str | None = None) -> list[str]:
         return [key.kid for key in self if party is None or key.party == party]
-
-
-#: The development key files of a party's signing key of each algorithm, in its PKI folder:
-#: the Ed25519 ones are PROTOCOL section 8's (made by ``gateway.crypto.pki``).
-SIGNING_KEY_FILES: dict[Alg, tuple[str, str, str]] = {
-    "EdDSA": ("sign.key", "sign.pub", "sign.kid"),
-    "ES256": ("sign-es256.key", "sign-es256.pub", "sign-es256.kid"),
-}
-
-
-def _write_file(path: Path, data: bytes, *, private: bool) -> None:
-    # Complete before it appears (a crash leaves no half-written key), owner-only if private.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def ensure_signing_key_files(party_dir: Path, alg: Alg) -> list[Path]:
-    """A development signing key of ``alg`` in ``party_dir`` (``SIGNING_KEY_FILES``): made if
-    absent, else checked (the private key of ``alg``, the public key and kid its own).
-    Returns the files written. ValueError names a file that does not fit."""
-    key_name, pub_name, kid_name = SIGNING_KEY_FILES[alg]
-    key_path, pub_path, kid_path = party_dir / key_name, party_dir / pub_name, party_dir / kid_name
-    written: list[Path] = []
-    private: PrivateKey
-    if key_path.exists():
-        try:
-            private = read_private_key(key_path)
-        except ConfigError as exc:
-            raise ValueError(f"{key_path}: {exc.reason}") from None
-        if alg_for_key(private) != alg:
-            raise ValueError(f"{key_path}: {_describe(private)}, expected an {alg} key")
-    elif pub_path.exists() or kid_path.exists():
-        raise ValueError(
-            f"{key_path} is missing beside {pub_name}; remove {pub_name} and {kid_name}"
-        )
-    else:
-        if alg == "ES256":
-            private = ec.generate_private_key(ec.SECP256R1())
-        else:
-            private = Ed25519PrivateKey.generate()
-        pem = private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        party_dir.mkdir(parents=True, exist_ok=True)
-        _write_file(key_path, pem, private=True)
-        written.append(key_path)
-    public = private.public_key()
-    expected = public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    kid = jwk_thumbprint(public)
-    for path, data in ((pub_path, expected), (kid_path, f"{kid}\n".encode("ascii"))):
-        if not path.exists():
-            _write_file(path, data, private=False)
-            written.append(path)
-        elif path.read_bytes().strip() != data.strip():
-            raise ValueError(f"{path} does not match {key_name}")
-    return written

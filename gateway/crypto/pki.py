@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.crypto.keys import jwk_thumbprint
+from gateway.crypto.keys import Alg, PrivateKey, alg_for_key, jwk_thumbprint, read_private_key
+from gateway.errors import ConfigError
 from gateway.model import is_party_id
 
 DEFAULT_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -422,3 +423,51 @@ def generate_signing_key(path: Path, alg: str = "EdDSA") -> tuple[Path, str]:
         path.unlink(missing_ok=True)
         raise
     return pub_path, jwk_thumbprint(private.public_key())
+
+
+#: The development key files of a party's signing key of each algorithm, in its PKI folder:
+#: the Ed25519 ones are PROTOCOL section 8's.
+SIGNING_KEY_FILES: dict[Alg, tuple[str, str, str]] = {
+    "EdDSA": ("sign.key", "sign.pub", "sign.kid"),
+    "ES256": ("sign-es256.key", "sign-es256.pub", "sign-es256.kid"),
+}
+
+
+def ensure_signing_key_files(party_dir: Path, alg: Alg) -> list[Path]:
+    """A development signing key of ``alg`` in ``party_dir`` (``SIGNING_KEY_FILES``): made if
+    absent, else checked (the private key of ``alg``, the public key and kid its own).
+    Returns the files written. ValueError names a file that does not fit."""
+    key_name, pub_name, kid_name = SIGNING_KEY_FILES[alg]
+    key_path, pub_path, kid_path = party_dir / key_name, party_dir / pub_name, party_dir / kid_name
+    written: list[Path] = []
+    private: PrivateKey
+    if key_path.exists():
+        try:
+            private = read_private_key(key_path)
+        except ConfigError as exc:
+            raise ValueError(f"{key_path}: {exc.reason}") from None
+        actual = alg_for_key(private)
+        if actual != alg:
+            raise ValueError(f"{key_path}: an {actual} key, expected an {alg} key")
+    elif pub_path.exists() or kid_path.exists():
+        raise ValueError(
+            f"{key_path} is missing beside {pub_name}; remove {pub_name} and {kid_name}"
+        )
+    else:
+        private = (
+            ec.generate_private_key(ec.SECP256R1())
+            if alg == "ES256"
+            else Ed25519PrivateKey.generate()
+        )
+        party_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(key_path, _private_pem(private), private=True)
+        written.append(key_path)
+    public = private.public_key()
+    kid = jwk_thumbprint(public)
+    for path, data in ((pub_path, _public_pem(public)), (kid_path, f"{kid}\n".encode("ascii"))):
+        if not path.exists():
+            _write_atomic(path, data, private=False)
+            written.append(path)
+        elif path.read_bytes().strip() != data.strip():
+            raise ValueError(f"{path} does not match {key_name}")
+    return written

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config
-from gateway.crypto.keys import ensure_signing_key_files
+from gateway.crypto.pki import ensure_signing_key_files
 from gateway.errors import ConfigError
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
