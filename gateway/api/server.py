@@ -8,9 +8,9 @@ import structlog
 from aiohttp import web
 
 from gateway.config import TlsConfig
-from gateway.errors import ConfigError
 from gateway.logging import quiet_bad_requests
 from gateway.netpolicy import origin
+from gateway.transports.tls_identity import load_own_pair
 
 log = structlog.get_logger(__name__)
 
@@ -20,10 +20,7 @@ def api_server_context(tls: TlsConfig) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    try:
-        context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(str(tls.cert), "tls.cert/tls.key", f"cannot load: {exc}") from None
+    load_own_pair(context, tls)
     return context
 
 

@@ -7,9 +7,11 @@ acknowledged message is always committed), services stop, then the store closes.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +24,7 @@ import uvloop
 from gateway import crashpoints
 from gateway.api.server import ApiServer
 from gateway.audit.witnessing import attach_witnessing
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, Unavailable
 from gateway.logging import configure_logging
 from gateway.outbound.service import attach_outbound
@@ -108,13 +110,55 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+#: what opening a listener fails with when its address is wrong, taken or forbidden
+_LISTEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
+
+
+def _listen_refused(config: GatewayConfig) -> ConfigError | None:
+    """The first listener whose address cannot be opened now, named by its gateway.toml key;
+    asked after a start failed on an address, which the error itself does not say."""
+    for name, listen in (
+        ("partner_listen", config.partner_listen),
+        ("api_listen", config.api_listen),
+    ):
+        where = f"cannot listen on {listen.host!r} port {listen.port}"
+        try:
+            addresses = socket.getaddrinfo(
+                listen.host, listen.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        except socket.gaierror as exc:
+            return ConfigError(str(config.source), f"{name}.host", f"{where}: {exc.strerror}")
+        for family, kind, proto, _, address in addresses:
+            try:
+                # as asyncio opens a listener
+                with socket.socket(family, kind, proto) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
+            except OSError as exc:
+                key = "host" if exc.errno == errno.EADDRNOTAVAIL else "port"
+                return ConfigError(
+                    str(config.source), f"{name}.{key}", f"{where}: {exc.strerror or exc}"
+                )
+    return None
+
+
 def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
     """Build the gateway (and its readiness report) and serve it on uvloop until signalled;
     operator errors exit 2 with one clear line, never a traceback."""
 
     async def serve_it() -> None:
         gateway, on_ready = build()
-        await run_until_signalled(gateway, on_ready)
+        try:
+            await run_until_signalled(gateway, on_ready)
+        except OSError as exc:
+            if not isinstance(exc, socket.gaierror) and exc.errno not in _LISTEN_ERRNOS:
+                raise
+            refused = _listen_refused(gateway.config)
+            if refused is None:
+                raise
+            raise refused from None
 
     try:
         point = crashpoints.arm_from_env()

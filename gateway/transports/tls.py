@@ -19,13 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from gateway.config import PartnerConfig, TlsConfig
 from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
 from gateway.errors import ConfigError
-
-
-def _load_chain(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    try:
-        context.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(str(tls.cert), "tls.cert/tls.key", f"cannot load: {exc}") from None
+from gateway.transports.tls_identity import load_own_pair
 
 
 def _load_ca(context: ssl.SSLContext, ca: Path, key: str) -> None:
@@ -35,13 +29,19 @@ def _load_ca(context: ssl.SSLContext, ca: Path, key: str) -> None:
         raise ConfigError(str(ca), key, f"cannot load trust anchor: {exc}") from None
 
 
-def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> list[Path]:
-    """Every CA file a partner's client certificate may chain to (no duplicates, stable order)."""
-    anchors: dict[Path, None] = {tls.ca: None}
+def _named_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> dict[Path, str]:
+    """Every CA file a partner's client certificate may chain to, with the key that names it
+    first (no duplicates, stable order)."""
+    anchors = {tls.ca: "tls.ca"}
     for partner in partners:
         if partner.https.ca is not None:
-            anchors[partner.https.ca] = None
-    return list(anchors)
+            anchors.setdefault(partner.https.ca, f"{partner.id}: https.ca")
+    return anchors
+
+
+def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> list[Path]:
+    """Every CA file a partner's client certificate may chain to (no duplicates, stable order)."""
+    return list(_named_trust_anchors(tls, partners))
 
 
 def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSLContext:
@@ -54,9 +54,9 @@ def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSL
     # certificate that expired since would get in for the ticket's lifetime (2 hours).
     context.options |= ssl.OP_NO_TICKET
     context.num_tickets = 0
-    _load_chain(context, tls)
-    for anchor in partner_trust_anchors(tls, partners):
-        _load_ca(context, anchor, "https.ca")
+    load_own_pair(context, tls)
+    for anchor, key in _named_trust_anchors(tls, partners).items():
+        _load_ca(context, anchor, key)
     return context
 
 
@@ -67,16 +67,19 @@ def client_context(tls: TlsConfig, ca: Path | None = None) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_REQUIRED
     context.check_hostname = True
     context.options |= ssl.OP_NO_COMPRESSION
-    _load_ca(context, ca if ca is not None else tls.ca, "https.ca")
-    _load_chain(context, tls)
+    if ca is None:
+        _load_ca(context, tls.ca, "tls.ca")
+    else:
+        _load_ca(context, ca, "https.ca")
+    load_own_pair(context, tls)
     return context
 
 
-def read_ca_certs(path: Path) -> tuple[x509.Certificate, ...]:
+def read_ca_certs(path: Path, key: str = "https.ca") -> tuple[x509.Certificate, ...]:
     try:
         return tuple(x509.load_pem_x509_certificates(path.read_bytes()))
     except (OSError, ValueError) as exc:
-        raise ConfigError(str(path), "https.ca", f"cannot read CA certificates: {exc}") from None
+        raise ConfigError(str(path), key, f"cannot read CA certificates: {exc}") from None
 
 
 def _issued_by(cert: x509.Certificate, anchors: tuple[x509.Certificate, ...]) -> bool:
@@ -114,9 +117,13 @@ class PartnerIdentifier:
             subjects = frozenset(partner.https.client_cert_subjects)
             if not fingerprints and not subjects:
                 continue
-            ca = partner.https.ca if partner.https.ca is not None else tls.ca
+            ca, key = (
+                (tls.ca, "tls.ca")
+                if partner.https.ca is None
+                else (partner.https.ca, f"{partner.id}: https.ca")
+            )
             if ca not in by_file:
-                by_file[ca] = read_ca_certs(ca)
+                by_file[ca] = read_ca_certs(ca, key)
             identities.append(
                 _PartnerIdentity(
                     partner=partner.id,

@@ -8,6 +8,10 @@ endpoint, the internal API, the outbound clients). New handshakes use it; open c
 keep the one they started with. A bad pair is refused with its reason, logged and audited,
 and the pair in force stays. Each outcome is an audited operator action.
 
+A key is never decrypted: OpenSSL would ask for its passphrase on the terminal, inside the
+event loop, and the gateway would stop answering. A passphrase-protected key is refused, at
+start (``load_own_pair``, exit 2) as on reload.
+
 The expiry of the certificate in force is exported as
 ``c2c_tls_certificate_expiry_timestamp_seconds``, so an alert can fire before it lapses.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable
@@ -43,8 +48,37 @@ REFUSED = "tls_reload_refused"
 EXPIRY_WARNING = timedelta(days=14)
 
 
+#: why a key that needs a passphrase is refused, and what to do
+ENCRYPTED_KEY = (
+    "is encrypted; the gateway takes an unencrypted PKCS#8 or traditional PEM key and never"
+    " asks for a passphrase (decrypt it into a file only the gateway's user can read:"
+    " openssl pkey -in <encrypted> -out <key>)"
+)
+#: OpenSSL's reasons for a key that is not the certificate's (another value, another type)
+_MISMATCH = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
+
+
 class IdentityError(ValueError):
-    """The certificate and key files cannot become our TLS identity; the message says why."""
+    """The certificate and key files cannot become our TLS identity: the file at fault, its
+    gateway.toml key, and why."""
+
+    def __init__(self, file: Path, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file = file
+        self.key = key
+        self.reason = reason
+
+    def config_error(self) -> ConfigError:
+        return ConfigError(str(self.file), self.key, self.reason)
+
+
+class _PassphraseAsked(Exception):
+    """OpenSSL asked for the key's passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    # Without a callback OpenSSL asks on the terminal, or fails with EINVAL where there is none.
+    raise _PassphraseAsked
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,11 +96,11 @@ class Identity:
         )
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, key: str) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise IdentityError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+        raise IdentityError(path, key, f"cannot read file: {exc.strerror or exc}") from None
 
 
 @dataclass(frozen=True)
@@ -82,7 +116,7 @@ class _Files:
 
 
 def _read_files(tls: TlsConfig) -> _Files:
-    return _Files(cert_pem=_read(tls.cert, "certificate"), key_pem=_read(tls.key, "key"))
+    return _Files(cert_pem=_read(tls.cert, "tls.cert"), key_pem=_read(tls.key, "tls.key"))
 
 
 def files_digest(tls: TlsConfig) -> bytes | None:
@@ -92,11 +126,22 @@ def files_digest(tls: TlsConfig) -> bytes | None:
         return None
 
 
-def _leaf(path: Path, pem: bytes) -> x509.Certificate:
+def _leaf(tls: TlsConfig, pem: bytes) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificates(pem)[0]
     except ValueError as exc:
-        raise IdentityError(f"{path} holds no PEM certificate: {exc}") from None
+        raise IdentityError(tls.cert, "tls.cert", f"holds no PEM certificate: {exc}") from None
+
+
+def _check_validity(tls: TlsConfig, leaf: x509.Certificate, now: datetime) -> None:
+    if now < leaf.not_valid_before_utc:
+        raise IdentityError(
+            tls.cert, "tls.cert", f"is not valid before {format_rfc3339(leaf.not_valid_before_utc)}"
+        )
+    if now >= leaf.not_valid_after_utc:
+        raise IdentityError(
+            tls.cert, "tls.cert", f"expired at {format_rfc3339(leaf.not_valid_after_utc)}"
+        )
 
 
 def _identity(leaf: x509.Certificate, digest: bytes) -> Identity:
@@ -108,43 +153,75 @@ def _identity(leaf: x509.Certificate, digest: bytes) -> Identity:
     )
 
 
-def read_identity(tls: TlsConfig) -> Identity:
-    """What the files hold now, unchecked (the contexts built at start loaded them)."""
-    files = _read_files(tls)
-    return _identity(_leaf(tls.cert, files.cert_pem), files.digest)
+def _openssl_reason(exc: ssl.SSLError) -> str:
+    return exc.reason or re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
 
 
 class _Pair:
     """The two files' bytes, checked, and copied to a private folder for OpenSSL."""
 
-    def __init__(self, tls: TlsConfig, files: _Files, now: datetime) -> None:
-        leaf = _leaf(tls.cert, files.cert_pem)
-        if now < leaf.not_valid_before_utc:
-            raise IdentityError(
-                f"{tls.cert} is not valid before {format_rfc3339(leaf.not_valid_before_utc)}"
-            )
-        if now >= leaf.not_valid_after_utc:
-            raise IdentityError(f"{tls.cert} expired at {format_rfc3339(leaf.not_valid_after_utc)}")
+    def __init__(self, tls: TlsConfig, files: _Files, leaf: x509.Certificate) -> None:
+        self._tls = tls
         self.identity = _identity(leaf, files.digest)
         self._dir = tempfile.TemporaryDirectory(prefix="c2c-tls-")
-        self.cert = Path(self._dir.name) / "cert.pem"
-        self.key = Path(self._dir.name) / "key.pem"
-        self.cert.write_bytes(files.cert_pem)
-        self.key.touch(mode=0o600)
-        self.key.write_bytes(files.key_pem)
         try:
+            self.cert = Path(self._dir.name) / "cert.pem"
+            self.key = Path(self._dir.name) / "key.pem"
+            self.cert.write_bytes(files.cert_pem)
+            self.key.touch(mode=0o600)
+            self.key.write_bytes(files.key_pem)
             self.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
-        except ssl.SSLError as exc:
+        except BaseException:
             self.close()
-            raise IdentityError(
-                f"{tls.cert} and {tls.key} are not a usable pair: {exc.reason or exc}"
-            ) from None
+            raise
 
     def load_into(self, context: ssl.SSLContext) -> None:
-        context.load_cert_chain(certfile=str(self.cert), keyfile=str(self.key))
+        tls = self._tls
+        try:
+            context.load_cert_chain(
+                certfile=str(self.cert), keyfile=str(self.key), password=_no_passphrase
+            )
+        except _PassphraseAsked:
+            raise IdentityError(tls.key, "tls.key", ENCRYPTED_KEY) from None
+        except ssl.SSLError as exc:
+            reason = _openssl_reason(exc)
+            if reason in _MISMATCH:
+                raise IdentityError(
+                    tls.cert,
+                    "tls.cert",
+                    f"is not the certificate of the key in {tls.key} (tls.key): the two are not"
+                    f" a usable pair ({reason})",
+                ) from None
+            # the certificate parsed already: what OpenSSL cannot use is the key
+            raise IdentityError(
+                tls.key, "tls.key", f"holds no usable PEM private key ({reason})"
+            ) from None
+        except OSError as exc:
+            raise IdentityError(
+                tls.cert,
+                "tls.cert",
+                f"cannot be loaded with the key in {tls.key} (tls.key): {exc.strerror or exc}",
+            ) from None
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+def load_own_pair(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Load our certificate and key, as they are on disk now, into a context being built;
+    the same checks as a reload's but the validity period (``TlsIdentity.start`` checks it).
+    A fault is a ``ConfigError`` naming the file and the key at fault."""
+    try:
+        files = _read_files(tls)
+        pair = _Pair(tls, files, _leaf(tls, files.cert_pem))
+    except IdentityError as exc:
+        raise exc.config_error() from None
+    try:
+        pair.load_into(context)
+    except IdentityError as exc:
+        raise exc.config_error() from None
+    finally:
+        pair.close()
 
 
 class TlsIdentity:
@@ -176,11 +253,15 @@ class TlsIdentity:
         self._sources.append(source)
 
     async def start(self) -> None:
-        # The contexts loaded the files when they were built; this names what they hold.
+        # The contexts loaded the files when they were built (load_own_pair); what they hold
+        # must be in its validity period now, as a reload requires.
         try:
-            identity = read_identity(self._tls)
+            files = _read_files(self._tls)
+            leaf = _leaf(self._tls, files.cert_pem)
+            _check_validity(self._tls, leaf, self._clock.now())
         except IdentityError as exc:
-            raise ConfigError(str(self._tls.cert), "tls.cert", str(exc)) from None
+            raise exc.config_error() from None
+        identity = _identity(leaf, files.digest)
         self._take(identity)
         self._seen = identity.digest
         left = identity.not_after - self._clock.now()
@@ -206,21 +287,33 @@ class TlsIdentity:
         self._on_identity(identity)
 
     async def reload(self, *, actor: str) -> Identity | None:
-        """Take in the files as they are now; the new identity, or None if refused."""
+        """Take in the files as they are now; the new identity, or None if refused. Never
+        raises: whatever goes wrong refuses the pair (the watcher calling it goes on)."""
         async with self._lock:
             self._seen = None
             try:
                 files = _read_files(self._tls)
                 self._seen = files.digest
-                pair = _Pair(self._tls, files, self._clock.now())
-            except IdentityError as exc:
-                await self._report(REFUSED, actor, str(exc))
-                log.error("tls_reload_refused", reason=str(exc), actor=actor)
+                leaf = _leaf(self._tls, files.cert_pem)
+                _check_validity(self._tls, leaf, self._clock.now())
+                pair = _Pair(self._tls, files, leaf)
+            except Exception as exc:
+                # nothing in force is touched yet: any fault (OpenSSL's, the file system's, a
+                # file no check foresaw) refuses the pair, as a bad pair is refused
+                await self._refuse(actor, self._reason(exc))
                 return None
             try:
                 for source in self._sources:
                     for context in source():
                         pair.load_into(context)
+            except Exception as exc:
+                # the same files loaded into a context of their own just now: not expected
+                await self._refuse(
+                    actor,
+                    f"{self._reason(exc)}; contexts loaded before this one present the new"
+                    " certificate until a reload succeeds",
+                )
+                return None
             finally:
                 pair.close()
             before = self.current
@@ -234,6 +327,16 @@ class TlsIdentity:
                 actor=actor,
             )
             return pair.identity
+
+    def _reason(self, exc: Exception) -> str:
+        if isinstance(exc, IdentityError):
+            return str(exc)
+        tls = self._tls
+        return f"{tls.cert} and {tls.key}: cannot be taken in: {type(exc).__name__}: {exc}"
+
+    async def _refuse(self, actor: str, reason: str) -> None:
+        log.error("tls_reload_refused", reason=reason, actor=actor)
+        await self._report(REFUSED, actor, reason)
 
     async def _report(self, outcome: str, actor: str, reason: str) -> None:
         self._on_outcome(outcome)
