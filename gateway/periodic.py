@@ -6,9 +6,15 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
+import structlog
+
+log = structlog.get_logger(__name__)
+
 
 class Periodic:
-    """Calls ``tick`` every ``interval_s`` seconds, the first time one interval after start."""
+    """Calls ``tick`` every ``interval_s`` seconds, the first time one interval after start.
+    A round that raises is logged (``periodic_round_failed``) and the next one still comes: a
+    watcher that stopped on one unforeseen fault would leave a CRL or certificate unchecked."""
 
     def __init__(self, name: str, interval_s: float, tick: Callable[[], Awaitable[object]]) -> None:
         self._name = name
@@ -29,4 +35,7 @@ class Periodic:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self._tick()
+            try:
+                await self._tick()
+            except Exception:
+                log.exception("periodic_round_failed", task=self._name)
