@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -17,6 +17,9 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from cryptography import x509
+
+from gateway.crypto.x509 import cert_fingerprint
 from gateway.errors import ConfigError
 from gateway.model import is_party_id
 from gateway.netpolicy import Network, is_ip_literal, parse_network, refusal
@@ -286,6 +289,25 @@ _MAX_DURATION_S = MAX_TTL_S
 _MAX_WAIT_S = 86_400
 #: ``basic.qos`` prefetch_count is an AMQP short (16-bit unsigned) field.
 _MAX_AMQP_SHORT = 65_535
+#: Bounds (both included) of settings a typo could turn into a fault: below the floor a loop
+#: wakes so often it spins a core, or a deadline cuts off every client; past the ceiling a
+#: deadline is none (``header_timeout_s`` is the endpoint's guard against slow clients) or a
+#: check never comes.
+#: The wait between two rounds of the audit checkpoint and of the outbox dispatcher.
+_CHECKPOINT_INTERVAL_S = (0.1, 86_400)
+_POLL_INTERVAL_S = (0.05, 60)
+#: How often files (our certificate and key, the CRLs) are looked at for a new version.
+_FILE_CHECK_INTERVAL_S = (1, 86_400)
+#: Waits on a peer: a client's request head, an OCSP responder, the broker's confirm.
+_PEER_TIMEOUT_S = (0.5, 300)
+_REQUEST_TIMEOUT_S = (0.5, _MAX_WAIT_S)
+_BREAKER_RESET_S = (0.1, 86_400)
+_HANDSHAKES_PER_SECOND = (0.1, 1_000_000)
+#: A partner's messages per second: one in about 17 minutes up to no limit at all.
+_RATE_PER_SECOND = (0.001, 1_000_000)
+#: A message body's cap. PROTOCOL.md's default is 1 MiB, and a body is held in memory whole
+#: (read, parsed, stored, relayed): 64 MiB is far more than any message needs.
+MAX_BODY_BYTES = 64 * 1_048_576
 #: TOML integers are 64-bit signed; tomllib reads longer ones, which nothing here can use
 #: (an AMQP table takes at most 64 bits, a float at most about 1.8e308).
 _MAX_TOML_INT = 2**63 - 1
@@ -376,24 +398,43 @@ class _Table:
         value = self.opt_int(name, minimum=minimum, maximum=maximum)
         return default if value is None else value
 
-    def float_or(
-        self, name: str, default: float, *, positive: bool = True, maximum: int | None = None
-    ) -> float:
+    def _finite(self, name: str) -> tuple[int | float, float] | None:
+        """The number as written and as a float; None when the key is absent."""
         value: int | float | None = self._get(name, (int, float), "a number")
         if value is None:
-            return default
+            return None
         try:
             number = float(value)
         except OverflowError:  # an integer of hundreds of digits
             raise self.error(name, "must be a finite number") from None
         if number != number or number in (float("inf"), float("-inf")):
             raise self.error(name, "must be a finite number")
+        return value, number
+
+    def float_or(
+        self, name: str, default: float, *, positive: bool = True, maximum: int | None = None
+    ) -> float:
+        found = self._finite(name)
+        if found is None:
+            return default
+        value, number = found
         if positive and number <= 0:
             raise self.error(name, f"must be > 0, got {value}")
         if not positive and number < 0:
             raise self.error(name, f"must be >= 0, got {value}")
         if maximum is not None and number > maximum:
             raise self.error(name, f"must be <= {maximum}, got {value}")
+        return number
+
+    def bounded_float(self, name: str, default: float, bounds: tuple[float, float]) -> float:
+        """A number from ``bounds[0]`` to ``bounds[1]``, both included."""
+        found = self._finite(name)
+        if found is None:
+            return default
+        value, number = found
+        low, high = bounds
+        if not low <= number <= high:
+            raise self.error(name, f"must be from {low} to {high}, got {value}")
         return number
 
     def bool_or(self, name: str, default: bool) -> bool:
@@ -589,18 +630,24 @@ def _store_url(table: _Table, environ: Mapping[str, str]) -> str:
 def _limits(table: _Table) -> LimitsConfig:
     d = LimitsConfig()
     limits = LimitsConfig(
-        max_body_bytes=table.int_or("max_body_bytes", d.max_body_bytes, minimum=1),
+        max_body_bytes=table.int_or(
+            "max_body_bytes", d.max_body_bytes, minimum=1, maximum=MAX_BODY_BYTES
+        ),
         replay_window_s=table.int_or("replay_window_s", d.replay_window_s, minimum=1),
         max_skew_s=table.int_or("max_skew_s", d.max_skew_s, minimum=0),
-        request_timeout_s=table.float_or(
-            "request_timeout_s", d.request_timeout_s, maximum=_MAX_WAIT_S
+        request_timeout_s=table.bounded_float(
+            "request_timeout_s", d.request_timeout_s, _REQUEST_TIMEOUT_S
         ),
-        header_timeout_s=table.float_or("header_timeout_s", d.header_timeout_s),
+        header_timeout_s=table.bounded_float(
+            "header_timeout_s", d.header_timeout_s, _PEER_TIMEOUT_S
+        ),
         max_connections=table.int_or("max_connections", d.max_connections, minimum=1),
         max_connections_per_source=table.int_or(
             "max_connections_per_source", d.max_connections_per_source, minimum=1
         ),
-        handshakes_per_second=table.float_or("handshakes_per_second", d.handshakes_per_second),
+        handshakes_per_second=table.bounded_float(
+            "handshakes_per_second", d.handshakes_per_second, _HANDSHAKES_PER_SECOND
+        ),
         ipv6_source_prefix=table.int_or(
             "ipv6_source_prefix", d.ipv6_source_prefix, minimum=32, maximum=128
         ),
@@ -631,7 +678,9 @@ def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
         url=url,
         prefetch=table.int_or("prefetch", d.prefetch, minimum=1, maximum=_MAX_AMQP_SHORT),
         delivery_limit=table.int_or("delivery_limit", d.delivery_limit, minimum=1),
-        publish_timeout_s=table.float_or("publish_timeout_s", d.publish_timeout_s),
+        publish_timeout_s=table.bounded_float(
+            "publish_timeout_s", d.publish_timeout_s, _PEER_TIMEOUT_S
+        ),
     )
     table.finish()
     return amqp
@@ -675,8 +724,8 @@ def _audit(table: _Table) -> AuditConfig:
     audit = AuditConfig(
         key=table.req_path("key"),
         origin=origin,
-        checkpoint_interval_s=table.float_or(
-            "checkpoint_interval_s", AuditConfig.checkpoint_interval_s
+        checkpoint_interval_s=table.bounded_float(
+            "checkpoint_interval_s", AuditConfig.checkpoint_interval_s, _CHECKPOINT_INTERVAL_S
         ),
     )
     table.finish()
@@ -692,8 +741,8 @@ def _outbox(table: _Table) -> OutboxConfig:
         default_ttl_s=table.int_or("default_ttl_s", d.default_ttl_s, minimum=1, maximum=MAX_TTL_S),
         send_timeout_s=table.float_or("send_timeout_s", d.send_timeout_s, maximum=_MAX_DURATION_S),
         breaker_failures=table.int_or("breaker_failures", d.breaker_failures, minimum=1),
-        breaker_reset_s=table.float_or("breaker_reset_s", d.breaker_reset_s),
-        poll_interval_s=table.float_or("poll_interval_s", d.poll_interval_s),
+        breaker_reset_s=table.bounded_float("breaker_reset_s", d.breaker_reset_s, _BREAKER_RESET_S),
+        poll_interval_s=table.bounded_float("poll_interval_s", d.poll_interval_s, _POLL_INTERVAL_S),
     )
     if outbox.max_delay_s < outbox.base_delay_s:
         raise table.error("max_delay_s", "must be >= base_delay_s")
@@ -727,12 +776,18 @@ def _tls(table: _Table) -> TlsConfig:
         key=table.req_path("key"),
         ca=table.req_path("ca"),
         crls=table.path_list("crls"),
-        crl_check_interval_s=table.float_or("crl_check_interval_s", 60.0),
-        cert_check_interval_s=table.float_or("cert_check_interval_s", 60.0),
+        crl_check_interval_s=table.bounded_float(
+            "crl_check_interval_s", TlsConfig.crl_check_interval_s, _FILE_CHECK_INTERVAL_S
+        ),
+        cert_check_interval_s=table.bounded_float(
+            "cert_check_interval_s", TlsConfig.cert_check_interval_s, _FILE_CHECK_INTERVAL_S
+        ),
         ocsp=table.bool_or("ocsp", False),
         # OCSP is mostly plain HTTP: its answers are signed
         ocsp_url=_https_url(table, "ocsp_url", ("http", "https")),
-        ocsp_timeout_s=table.float_or("ocsp_timeout_s", 5.0),
+        ocsp_timeout_s=table.bounded_float(
+            "ocsp_timeout_s", TlsConfig.ocsp_timeout_s, _PEER_TIMEOUT_S
+        ),
         ocsp_max_age_s=table.float_or("ocsp_max_age_s", 3600.0, maximum=_MAX_DURATION_S),
         ocsp_allowed_networks=_networks(table, "ocsp_allowed_networks"),
     )
@@ -832,7 +887,7 @@ def _partner_amqp(table: _Table) -> PartnerAmqp:
 def _rate(table: _Table) -> RateLimit:
     d = RateLimit()
     rate = RateLimit(
-        per_second=table.float_or("per_second", d.per_second),
+        per_second=table.bounded_float("per_second", d.per_second, _RATE_PER_SECOND),
         burst=table.int_or("burst", d.burst, minimum=1),
     )
     table.finish()
@@ -882,7 +937,9 @@ def load_partner_config(
         keys=_keys(table, "keys"),
         inbound_types=_message_types(table, "inbound_types", known),
         outbound_types=_message_types(table, "outbound_types", known),
-        max_body_bytes=table.int_or("max_body_bytes", default_max_body_bytes, minimum=1),
+        max_body_bytes=table.int_or(
+            "max_body_bytes", default_max_body_bytes, minimum=1, maximum=MAX_BODY_BYTES
+        ),
         rate=_rate(table.table("rate")),
         https=_partner_https(table.table("https")),
         amqp=_partner_amqp(table.table("amqp")),
@@ -927,7 +984,53 @@ def _partners(
                         f"{partner.audit.origin!r} is also the audit origin of {other.id}",
                     )
         partners[partner.id] = partner
+    _check_client_identities(partners.values())
     return partners
+
+
+def _anchors(ca: Path) -> dict[str, str]:
+    """The CA certificates of a trust-anchor file, each by its fingerprint, with its subject;
+    a file that does not read is itself one anchor (its loader names what is wrong with it)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(ca.read_bytes())
+    except (OSError, ValueError):
+        return {f"file:{ca}": str(ca)}
+    return {cert_fingerprint(cert): repr(cert.subject.rfc4514_string()) for cert in certificates}
+
+
+def _check_client_identities(partners: Iterable[PartnerConfig]) -> None:
+    """No client certificate subject or fingerprint is accepted for two partners that trust
+    one CA: such a certificate would identify neither, and the handshake refuses it for both
+    (gateway/transports/tls.py). The same name under two unrelated CAs is two certificates."""
+    anchors: dict[Path, dict[str, str]] = {}
+    # (key, value) -> the partners accepting it: partner, index in its list, its CA file
+    claims: dict[tuple[str, str], list[tuple[PartnerConfig, int, Path]]] = {}
+    for partner in partners:
+        ca = partner.https.ca
+        if ca is None:
+            continue
+        if ca not in anchors:
+            anchors[ca] = _anchors(ca)
+        for key, values, what in (
+            ("client_cert_subjects", partner.https.client_cert_subjects, "subject"),
+            ("client_cert_fingerprints", partner.https.client_cert_fingerprints, "fingerprint"),
+        ):
+            for index, value in enumerate(values):
+                for other, other_index, other_ca in claims.get((key, value), []):
+                    shared = anchors[ca].keys() & anchors[other_ca].keys()
+                    if not shared:
+                        continue
+                    files = str(other_ca) if other_ca == ca else f"{other_ca} and {ca}"
+                    raise ConfigError(
+                        str(partner.directory / PARTNER_FILE),
+                        f"https.{key}[{index}]",
+                        f"{value!r} is also accepted for {other.id}"
+                        f" ({other.directory / PARTNER_FILE}: https.{key}[{other_index}]),"
+                        f" and both trust the CA {anchors[ca][min(shared)]} ({files}): a client"
+                        f" certificate it issues with that {what} would identify neither"
+                        " partner and be refused for both; accept it for one partner only",
+                    )
+                claims.setdefault((key, value), []).append((partner, index, ca))
 
 
 def _toml_time(at: datetime) -> str:
@@ -971,6 +1074,37 @@ def _check_sign_with(config: GatewayConfig, now: datetime) -> None:
                 " valid now, or remove sign_with to sign with our current key"
             )
         raise ConfigError(str(partner.directory / PARTNER_FILE), "sign_with", reason)
+
+
+def _check_amqp_partners(config: GatewayConfig) -> None:
+    """A partner on AMQP needs the broker: without one, nothing serves its queues."""
+    if config.amqp.url is not None:
+        return
+    for partner in config.partners.values():
+        if not partner.amqp.enabled:
+            continue
+        lost = (
+            "what it sends over AMQP would never be read"
+            if partner.https.url is not None
+            else "a message to it would be dead at once, and what it sends never read"
+        )
+        raise ConfigError(
+            str(partner.directory / PARTNER_FILE),
+            "amqp.enabled",
+            f"true, but {config.source} has no [amqp] url or url_env: without the broker"
+            f" nothing serves this partner's queues ({lost}); set the broker's URL there, or"
+            " enabled = false",
+        )
+
+
+def private_key_files(config: GatewayConfig) -> list[tuple[str, Path]]:
+    """Our private key files, each with the key naming it in gateway.toml: whoever reads one
+    can sign, or take TLS connections, as this gateway."""
+    files = [(f"signing_keys[{i}].path", key.path) for i, key in enumerate(config.signing_keys)]
+    files += [("tls.key", config.tls.key), ("audit.key", config.audit.key)]
+    if config.api_auth.signing_key is not None:
+        files.append(("api_auth.signing_key", config.api_auth.signing_key))
+    return files
 
 
 def load_config(
@@ -1021,5 +1155,6 @@ def load_config(
         ),
     )
     table.finish()
+    _check_amqp_partners(config)
     _check_sign_with(config, datetime.now(UTC) if now is None else now)
     return config

@@ -617,7 +617,8 @@ def make_dev_environment(
     if config_path.exists() and not files.unchanged(config_path):
         kept_hosts, kept_url = _peek(config_path)
         served += kept_hosts
-        broker = amqp_url or kept_url
+        # the kept file's broker, or none: an amqp_url it does not name is refused below
+        broker = kept_url
     hosts = tuple(dict.fromkeys([*DEFAULT_HOSTS, *served]))
     init_dev_pki(pki_root, [party, *partners], hosts=hosts, gateway_party=party)
     signing_alg: Alg = alg or "EdDSA"

@@ -1,8 +1,10 @@
 """``c2c-gateway partners list|check``: what partners are configured, and whether one works.
 
-``check`` loads the configuration, the partner's keys, its TLS trust anchor and adapter, then
-runs every fixture message in ``partners/<id>/fixtures/{inbound,outbound}/`` through the same
-steps the gateway applies (adapter, strict envelope, direction, authorisation, schema).
+``check`` loads the configuration (which refuses what ``serve`` refuses across partners: a
+client certificate two partners accept, a partner on AMQP with no broker), the partner's keys,
+its TLS trust anchor, audit key and adapter, then runs every fixture message in
+``partners/<id>/fixtures/{inbound,outbound}/`` through the same steps the gateway applies
+(adapter, strict envelope, direction, authorisation, schema).
 Exit codes: 0 all good, 1 a check failed, 2 the configuration does not load or no such partner.
 """
 
@@ -21,6 +23,7 @@ from gateway.adapters.registry import Adapter, adapter_for
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, load_config
 from gateway.crypto.keys import load_verification_key
+from gateway.crypto.notes import load_note_verifier
 from gateway.crypto.x509 import cert_subject_cn, load_certificate
 from gateway.envelope import parse_envelope
 from gateway.errors import ConfigError, GatewayError
@@ -180,6 +183,20 @@ def _check_tls(partner: PartnerConfig) -> Iterator[_Result]:
         )
 
 
+def _check_audit(partner: PartnerConfig) -> Iterator[_Result]:
+    """The partner's audit key, loaded as witnessing loads it when ``serve`` starts."""
+    if partner.audit is None:
+        return
+    path, origin = partner.audit.public_key, partner.audit.origin
+    try:
+        load_note_verifier(path, origin)
+        load_note_verifier(path, origin, cosignature=True)
+    except ConfigError as exc:
+        yield _Result(ok=False, what="audit key", detail=str(exc))
+        return
+    yield _Result(ok=True, what="audit key", detail=f"{path} (Ed25519, origin {origin})")
+
+
 def _check_fixture(
     path: Path,
     direction: Direction,
@@ -265,6 +282,7 @@ def _checks(config: GatewayConfig, partner: PartnerConfig) -> Iterator[_Result]:
     yield _Result(ok=True, what="config", detail=str(partner.directory / "partner.toml"))
     yield from _check_keys(partner, SystemClock().now())
     yield from _check_tls(partner)
+    yield from _check_audit(partner)
     try:
         adapter = adapter_for(partner)
     except ConfigError as exc:
@@ -278,7 +296,7 @@ def _checks(config: GatewayConfig, partner: PartnerConfig) -> Iterator[_Result]:
 @click.argument("partner_id", metavar="ID")
 @_config_option
 def check_command(partner_id: str, config_path: Path) -> None:
-    """Check one partner: config, keys, TLS trust, adapter and its fixture messages."""
+    """Check one partner: config, keys, TLS trust, audit key, adapter and its fixtures."""
     config = _load(config_path)
     partner = config.partners.get(partner_id)
     if partner is None:

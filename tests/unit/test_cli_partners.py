@@ -50,10 +50,10 @@ def test_check_passes_for_the_samples(tree: Path, partner: str) -> None:
     lines = out.splitlines()
     assert lines[0].startswith(f"partner {partner} (")
     checks = [line.split()[1] for line in lines[1:-1]]
-    assert checks == ["config", "key", "tls", "tls", "adapter", "fixture", "fixture"]
+    assert checks == ["config", "key", "tls", "tls", "audit", "adapter", "fixture", "fixture"]
     assert all(line.split()[0] == "ok" for line in lines[1:-1])
     assert f"  ok    key         {_kid(tree, partner)} EdDSA" in out
-    assert lines[-1] == f"{partner}: 7 ok, 0 failed"
+    assert lines[-1] == f"{partner}: 8 ok, 0 failed"
 
 
 def _fixture(tree: Path, direction: str) -> Path:
@@ -73,7 +73,7 @@ def test_check_fails_on_a_fixture_that_breaks_its_schema(tree: Path) -> None:
         "  FAIL  fixture     fixtures/inbound/shipment.advance_data.json: SCHEMA_INVALID: "
     )
     assert "/goods_items/0/hs_code" in failure
-    assert out.splitlines()[-1] == "MX-ANAM: 6 ok, 1 failed"
+    assert out.splitlines()[-1] == "MX-ANAM: 7 ok, 1 failed"
 
 
 @pytest.mark.parametrize(

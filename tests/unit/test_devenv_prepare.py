@@ -201,14 +201,24 @@ def test_edited_files_are_kept_and_the_others_follow_the_arguments(tmp_path: Pat
         partner: _append(partner, "# revoked by hand\n"),
         fixture: _append(fixture, "\n"),
     }
-    env = make_dev_environment(tmp_path)
+    # The kept partner file is on AMQP; the rewritten gateway.toml follows the new arguments
+    # (no broker): the two disagree, and the kept file is named with what to do.
+    with pytest.raises(ConfigError) as caught:
+        make_dev_environment(tmp_path)
+    assert caught.value.file == str(partner)
+    assert caught.value.key == "amqp.enabled"
+    assert "remove it to let the sandbox write its own" in caught.value.reason
+    assert {path: path.read_bytes() for path in edited} == edited
+    with (tmp_path / "gateway.toml").open("rb") as handle:
+        assert "amqp" not in tomllib.load(handle)
+    assert b"enabled = false" in (tmp_path / "partners" / "CA-CBSA" / "partner.toml").read_bytes()
+    # With the broker asked again, the kept file and the others agree.
+    env = make_dev_environment(tmp_path, amqp_url="amqp://u:pw@127.0.0.1:5672/a")
     assert {path: path.read_bytes() for path in edited} == edited
     assert set(env.kept) == set(edited)
-    # The untouched files are still the sandbox's: they follow the new arguments (no AMQP).
     config = load_config(env.config_path, environ={})
-    assert config.amqp.url is None
-    assert config.partners["CA-CBSA"].amqp.enabled is False
-    assert config.partners["MX-ANAM"].amqp.enabled is True  # as the kept file says
+    assert config.amqp.url is not None
+    assert config.partners["MX-ANAM"].amqp.enabled is True
 
 
 def test_a_hand_written_gateway_toml_is_served_as_it_is(tmp_path: Path) -> None:
