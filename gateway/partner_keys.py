@@ -6,7 +6,9 @@ dispatcher share. A key removed is refused from the next message on; a key added
 A ``not_after`` set in the past is not a revocation: PROTOCOL checks a key at the message's
 ``created_at``, so a message signed before it is still accepted within the replay window.
 Nothing else is taken in: other changes (partners added or removed, URLs, limits, message
-types) are named in a warning and wait for a restart.
+types, anything in gateway.toml) are named in a warning and wait for a restart. A partner
+added is served from the restart on, its keys with it; a partner removed has its keys
+removed at once (fail closed), the rest of it at the restart.
 
 A configuration that does not load is refused with its exact error and the keys in force stay.
 Each change, and each refusal, is audited as a ``key_change``.
@@ -67,15 +69,48 @@ def key_changes(before: Iterable[VerificationKey], after: Iterable[VerificationK
     return changes
 
 
+def served_keys(served: GatewayConfig, keys: Iterable[VerificationKey]) -> list[VerificationKey]:
+    """The keys of partners the running gateway serves: a partner added since its start is
+    not identified, authorised or routed until a restart, nor are its keys taken in before."""
+    return [key for key in keys if key.party in served.partners]
+
+
 def other_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
     """Partner settings besides keys that differ: they need a restart."""
     found = []
     for pid in sorted(old.partners.keys() | new.partners.keys()):
         was, now = old.partners.get(pid), new.partners.get(pid)
         if was is None:
-            found.append(f"{pid} added")
+            found.append(f"{pid} added: served, its keys with it, after a restart")
         elif now is None:
-            found.append(f"{pid} removed")
+            found.append(f"{pid} removed: its keys no longer accepted, the rest after a restart")
         elif dataclasses.replace(was, keys=()) != dataclasses.replace(now, keys=()):
             found.append(f"{pid} changed")
+    return found
+
+
+#: gateway.toml's settings a SIGHUP does not compare: the file itself, and the partners
+#: (``other_changes`` names theirs)
+_NOT_SETTINGS = frozenset({"source", "partners"})
+
+
+def gateway_changes(old: GatewayConfig, new: GatewayConfig) -> list[str]:
+    """gateway.toml settings that differ, by name (``limits.max_body_bytes``; a section added
+    or removed whole by its own), never by value (a URL may hold a password): they need a
+    restart. The TLS files' contents are not settings: a SIGHUP takes a renewed pair in."""
+    found = []
+    for item in dataclasses.fields(old):
+        if item.name in _NOT_SETTINGS:
+            continue
+        was, now = getattr(old, item.name), getattr(new, item.name)
+        if was == now:
+            continue
+        if dataclasses.is_dataclass(was) and dataclasses.is_dataclass(now):
+            found += [
+                f"{item.name}.{sub.name}"
+                for sub in dataclasses.fields(was)
+                if getattr(was, sub.name) != getattr(now, sub.name)
+            ]
+        else:
+            found.append(item.name)
     return found

@@ -292,14 +292,22 @@ class Gateway:
         the configuration does not load, and the keys in force stay."""
         try:
             fresh = load_config(self.config.source)
-            keys = list(load_partner_keys(fresh))
+            keys = partner_keys.served_keys(self.config, load_partner_keys(fresh))
         except ConfigError as exc:
             log.error("partner_keys_reload_refused", reason=str(exc), actor=actor)
             await self._audit_key_change(partner_keys.REFUSED, actor, str(exc))
             return False
         waiting = partner_keys.other_changes(self.config, fresh)
         if waiting:
-            log.warning("partner_changes_need_restart", partners=waiting)
+            log.warning("partner_changes_need_restart", partners=waiting, actor=actor)
+        settings = partner_keys.gateway_changes(self.config, fresh)
+        if settings:
+            log.warning(
+                "gateway_changes_need_restart",
+                file=str(self.config.source),
+                settings=settings,
+                actor=actor,
+            )
         changes = partner_keys.key_changes(self.keyring, keys)
         if not changes:
             log.info("partner_keys_unchanged", actor=actor)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from https_env import MX, Env, make_message, post, running_gateway
+from https_env import CA, GB, MX, Env, make_message, post, running_gateway
+from structlog.testing import capture_logs
 
 from gateway.crypto.keys import SigningKey, jwk_thumbprint, load_signing_key
 from gateway.store.base import AuditFilter
@@ -129,3 +130,72 @@ async def test_a_configuration_that_does_not_load_changes_nothing(tmp_path: Path
         edit(env, 'not_after = "tomorrow"\n', "")
         assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
         assert len(await key_changes(env)) == 1
+
+
+async def test_gateway_toml_changes_are_named_and_wait_for_a_restart(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, "max_body_bytes = 1048576\n") as env:
+        path = env.root / "gateway.toml"
+        with capture_logs() as logs:
+            assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
+        assert not [e for e in logs if e["event"].endswith("_need_restart")]  # nothing changed
+        text = path.read_text()
+        path.write_text(
+            text.replace("max_body_bytes = 1048576", "max_body_bytes = 2048").replace(
+                'origin = "test.invalid/US-CBP"', 'origin = "test.invalid/US-CBP-2"'
+            )
+            + "\n[outbox]\nbreaker_failures = 9\n"
+        )
+        with capture_logs() as logs:
+            assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
+        [warning] = [e for e in logs if e["event"] == "gateway_changes_need_restart"]
+        assert warning["log_level"] == "warning"
+        assert warning["file"] == str(path)
+        assert warning["settings"] == [  # GatewayConfig's order
+            "audit.origin",
+            "limits.max_body_bytes",
+            "outbox.breaker_failures",
+        ]
+        # not taken in
+        assert env.gateway.config.limits.max_body_bytes == 1048576
+        assert env.gateway.config.outbox.breaker_failures == 5
+
+
+async def test_a_store_url_change_is_named_without_its_value(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path) as env:
+        path = env.root / "gateway.toml"
+        text = path.read_text()
+        path.write_text(text.replace("gw.db", "other.db"))
+        with capture_logs() as logs:
+            assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
+        [warning] = [e for e in logs if e["event"] == "gateway_changes_need_restart"]
+        assert warning["settings"] == ["store_url"]
+        assert "other.db" not in repr(warning)
+
+
+async def test_a_partner_removed_loses_its_keys_at_once_and_one_added_waits(
+    tmp_path: Path,
+) -> None:
+    aside = tmp_path / "aside"
+
+    def hold_back_ca(root: Path) -> None:
+        aside.mkdir()
+        (root / "partners" / CA).rename(aside / CA)
+
+    async with running_gateway(tmp_path, prepare=hold_back_ca) as env:
+        assert CA not in env.gateway.config.partners
+        # CA-CBSA comes, GB-HMRC goes
+        (aside / CA).rename(env.root / "partners" / CA)
+        (env.root / "partners" / GB).rename(aside / GB)
+        with capture_logs() as logs:
+            assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
+        [warning] = [e for e in logs if e["event"] == "partner_changes_need_restart"]
+        assert warning["partners"] == [
+            f"{CA} added: served, its keys with it, after a restart",
+            f"{GB} removed: its keys no longer accepted, the rest after a restart",
+        ]
+        parties = {key.party for key in env.gateway.keyring}
+        assert parties == {MX}
+        [entry] = await key_changes(env)
+        assert entry["reason"] == f"{GB}: key {env.keys[GB].kid} removed"
+        assert CA not in entry["reason"]
+        assert await status_of(env) == (202, "ACK")  # the others are served as before
