@@ -12,7 +12,8 @@ would never alert (Prometheus's instrumentation practices: "avoid missing metric
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Protocol
 
 from prometheus_client import (
@@ -25,6 +26,7 @@ from prometheus_client import (
 )
 
 from gateway.errors import NackCode
+from gateway.store.base import PartnerBacklog
 from gateway.transports import tls_accept, tls_identity
 
 NO_PARTNER = "-"
@@ -36,6 +38,25 @@ DISPATCHER_FAILURES = ("store_unavailable", "internal_error")
 #: ``c2c_outbound_attempts_total``'s results (gateway/outbound/dispatcher.py)
 OUTBOUND_RESULTS = ("acknowledged", "rejected", "retry", "dead", "handed")
 
+#: from an outbound message's creation to the partner's ACK: a second on a good day, hours
+#: while a partner is down (its messages live 24 h by default)
+_DELIVERY_BUCKETS = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    14400.0,
+    86400.0,
+)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -194,6 +215,29 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        # Per partner, read from the store at scrape (``show_backlog``).
+        self.outbound_pending = Gauge(
+            "c2c_outbound_pending",
+            "Outbound messages to the partner still at work: queued, or sent and waiting for"
+            " its receipt.",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.outbound_oldest_pending_age = Gauge(
+            "c2c_outbound_oldest_pending_age_seconds",
+            "Seconds since the creation of the oldest outbound message to the partner still"
+            " at work; 0 when none is.",
+            ["partner"],
+            registry=self.registry,
+        )
+        self.outbound_delivery = Histogram(
+            "c2c_outbound_delivery_seconds",
+            "From an outbound message's creation to the partner's ACK receipt for it, retries"
+            " and waits included.",
+            ["partner"],
+            buckets=_DELIVERY_BUCKETS,
+            registry=self.registry,
+        )
         # What holds memory while a backlog drains (RELIABILITY-SECURITY T55); read at scrape.
         self.relay_handover_records = Gauge(
             "c2c_relay_handover_records",
@@ -270,6 +314,29 @@ class Metrics:
         _zero(self.outbound_attempts, partner=partners, result=OUTBOUND_RESULTS)
         for partner in partners:
             self.outbound_breaker_open.labels(partner).set(0)
+            self.outbound_delivery.labels(partner)
+        self.show_backlog({}, datetime.now(UTC))
+
+    def show_backlog(self, backlog: Mapping[str, PartnerBacklog], now: datetime) -> None:
+        """Set the per-partner backlog gauges from ``Store.outbox_backlog``: every configured
+        partner has its series (0 when nothing waits); a recipient no longer configured counts
+        under ``-``."""
+        pending = dict.fromkeys([*self._partners, NO_PARTNER], 0)
+        oldest: dict[str, datetime] = {}
+        for recipient, each in backlog.items():
+            label = self.partner_label(recipient)
+            pending[label] += each.pending
+            if label not in oldest or each.oldest_created_at < oldest[label]:
+                oldest[label] = each.oldest_created_at
+        for label, count in pending.items():
+            self.outbound_pending.labels(label).set(count)
+            age = (now - oldest[label]).total_seconds() if label in oldest else 0.0
+            self.outbound_oldest_pending_age.labels(label).set(max(age, 0.0))
+
+    def observe_delivery(self, partner: str, created_at: datetime, now: datetime) -> None:
+        """``c2c_outbound_delivery_seconds``: a message to ``partner`` acknowledged ``now``."""
+        seconds = max((now - created_at).total_seconds(), 0.0)
+        self.outbound_delivery.labels(self.partner_label(partner)).observe(seconds)
 
     def watch_broker(self, broker: WatchedBroker) -> None:
         """Export the state of the RabbitMQ connection: ``c2c_amqp_connected``, read at

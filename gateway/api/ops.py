@@ -48,4 +48,10 @@ async def metrics(request: web.Request) -> web.Response:
     if depth is not None:
         for state in OutboundState:
             services.metrics.outbox_depth.labels(state.value).set(depth.get(state, 0))
+    try:
+        backlog = await services.store.outbox_backlog()
+    except Unavailable:
+        backlog = None
+    if backlog is not None:
+        services.metrics.show_backlog(backlog, services.clock.now())
     return web.Response(body=services.metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})

@@ -368,6 +368,7 @@ class Dispatcher:
                 state = exc.state
             else:
                 log.info("outbound_receipt", message_id=record.message_id, state=update.state.value)
+                self._observe_delivery(record, update)
                 return
         log.info("receipt_for_finished_message", message_id=record.message_id, state=state)
         answer = receipt.code.value if receipt.code else receipt.status
@@ -505,6 +506,10 @@ class Dispatcher:
             self._metrics.outbound_breaker_open.labels(self._metrics.partner_label(partner)).set(
                 0 if closed else 1
             )
+
+    def _observe_delivery(self, record: OutboundRecord, update: AttemptUpdate) -> None:
+        if self._metrics is not None and update.state is OutboundState.ACKNOWLEDGED:
+            self._metrics.observe_delivery(record.recipient, record.created_at, self._clock.now())
 
     def _count_attempt(self, record: OutboundRecord, result: str) -> None:
         if self._metrics is not None:
@@ -724,6 +729,7 @@ class Dispatcher:
         )
         await self._store.finish_attempt(record.message_id, self._worker_id, update, events)
         self._count_attempt(record, _RESULTS.get(update.state, "retry"))
+        self._observe_delivery(record, update)
         log.info(
             "outbound_attempt",
             message_id=record.message_id,

@@ -535,6 +535,11 @@ class Store(Protocol):
 
     async def outbox_depth(self) -> dict[OutboundState, int]: ...
 
+    async def outbox_backlog(self) -> dict[str, PartnerBacklog]:
+        """Per recipient with outbound messages still at work (queued, or sent and waiting
+        for a receipt): how many, and the creation time of the oldest."""
+        ...
+
     async def list_messages(
         self, filter: MessageFilter, *, limit: int = 50, after: str | None = None
     ) -> MessagePage: ...
@@ -633,6 +638,21 @@ CLOCK_STEP_GRACE = timedelta(seconds=2)
 
 def empty_depth() -> dict[OutboundState, int]:
     return dict.fromkeys(OutboundState, 0)
+
+
+@dataclass(frozen=True)
+class PartnerBacklog:
+    """A partner's outbound messages still at work (``Store.outbox_backlog``)."""
+
+    pending: int
+    oldest_created_at: datetime
+
+
+#: ``Store.outbox_backlog`` on both backends (``outbound_state`` is the index it reads)
+OUTBOX_BACKLOG_SQL = (
+    "SELECT recipient, count(*), min(created_at) FROM outbound_messages"
+    " WHERE state IN ('queued', 'sent') GROUP BY recipient"
+)
 
 
 def same_request(earlier: OutboundRecord, request_digest: str | None) -> OutboundRecord:

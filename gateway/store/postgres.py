@@ -40,6 +40,7 @@ from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
     DOCUMENT_VERSION_COLUMNS,
+    OUTBOX_BACKLOG_SQL,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -60,6 +61,7 @@ from gateway.store.base import (
     NodeKey,
     OutboundRecord,
     OutboundState,
+    PartnerBacklog,
     RelayLease,
     Resigned,
     StoreError,
@@ -1080,6 +1082,10 @@ class PostgresStore:
         for state, count in rows:
             depth[OutboundState(state)] = count
         return depth
+
+    async def outbox_backlog(self) -> dict[str, PartnerBacklog]:
+        rows = await self._call(lambda c: c.fetch(OUTBOX_BACKLOG_SQL))
+        return {partner: PartnerBacklog(count, oldest) for partner, count, oldest in rows}
 
     async def list_messages(
         self, filter: MessageFilter, *, limit: int = 50, after: str | None = None

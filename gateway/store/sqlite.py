@@ -41,6 +41,7 @@ from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
     DOCUMENT_VERSION_COLUMNS,
+    OUTBOX_BACKLOG_SQL,
     RETRYABLE_STATES,
     AttemptUpdate,
     AuditFilter,
@@ -61,6 +62,7 @@ from gateway.store.base import (
     NodeKey,
     OutboundRecord,
     OutboundState,
+    PartnerBacklog,
     RelayLease,
     Resigned,
     StoreError,
@@ -1271,6 +1273,10 @@ class SqliteStore:
         for state, count in rows:
             depth[OutboundState(state)] = count
         return depth
+
+    async def outbox_backlog(self) -> dict[str, PartnerBacklog]:
+        rows = await self._read(lambda c: c.execute(OUTBOX_BACKLOG_SQL).fetchall())
+        return {partner: PartnerBacklog(count, _dt(oldest)) for partner, count, oldest in rows}
 
     async def list_messages(
         self, filter: MessageFilter, *, limit: int = 50, after: str | None = None

@@ -376,6 +376,16 @@ async def test_metrics_and_readiness(us: Running) -> None:
         'c2c_outbox_depth{state="queued"} 1.0' in text
         or 'c2c_outbox_depth{state="sent"} 1.0' in text
     )
+    # per partner, read from the store at the scrape
+    assert 'c2c_outbound_pending{partner="MX-ANAM"} 1.0' in text
+    assert 'c2c_outbound_pending{partner="CA-CBSA"} 0.0' in text
+    assert 'c2c_outbound_oldest_pending_age_seconds{partner="CA-CBSA"} 0.0' in text
+    [age] = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('c2c_outbound_oldest_pending_age_seconds{partner="MX-ANAM"}')
+    ]
+    assert 0.0 < age < 60.0
     status, ready = await api(us, "GET", "/readyz")
     assert (status, ready) == (200, {"status": "ready", "checks": {"store": "ok"}})
 

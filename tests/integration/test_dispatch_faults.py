@@ -519,10 +519,22 @@ async def test_receipt_arriving_later_on_the_inbound_side(env: Env, tmp_path: Pa
     assert (handed.state, handed.attempts) == (OutboundState.SENT, 1)
     assert env.attempts("handed") == 1
     assert handed.body is not None
+    assert (
+        env.metrics.registry.get_sample_value(
+            "c2c_outbound_delivery_seconds_count", {"partner": "MX-ANAM"}
+        )
+        == 0.0
+    )
     receipt = await hand_back_receipt(env, dispatcher, record)
     # recorded at once, durably: nothing is left for the dispatcher to send again
     done = await env.row(record.message_id)
     assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 1)
+    assert (
+        env.metrics.registry.get_sample_value(
+            "c2c_outbound_delivery_seconds_count", {"partner": "MX-ANAM"}
+        )
+        == 1.0
+    )
     assert done.receipt_body == receipt
     env.clock.advance(timedelta(days=1))
     assert await dispatcher.run_once() == 0

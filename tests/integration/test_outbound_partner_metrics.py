@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -111,3 +111,36 @@ async def test_a_partner_down_opens_its_breaker_gauge_until_a_send_succeeds(down
     assert (line["result"], line["error"]) == ("acknowledged", None)
     assert breaker_open(down, "MX-ANAM") == 0.0
     assert down.attempts("acknowledged") == 1.0
+
+
+def sample(env: Env, name: str, partner: str = "MX-ANAM") -> float | None:
+    return env.metrics.registry.get_sample_value(name, {"partner": partner})
+
+
+async def test_a_partners_backlog_and_delivery_time_are_shown(down: Env) -> None:
+    """c2c_outbound_pending and c2c_outbound_oldest_pending_age_seconds from the store (as
+    /metrics reads them at each scrape), c2c_outbound_delivery_seconds at the ACK."""
+    for partner in down.config.partners:
+        assert sample(down, "c2c_outbound_pending", partner) == 0.0
+        assert sample(down, "c2c_outbound_oldest_pending_age_seconds", partner) == 0.0
+        assert sample(down, "c2c_outbound_delivery_seconds_count", partner) == 0.0
+    record = await down.submit()
+    for _ in range(3):
+        assert (await down.step(record.message_id)).state is OutboundState.QUEUED
+    down.clock.advance(timedelta(seconds=90))
+    waited = (down.clock.now() - record.created_at).total_seconds()
+    assert waited > 90
+    down.metrics.show_backlog(await down.store.outbox_backlog(), down.clock.now())
+    assert sample(down, "c2c_outbound_pending") == 1.0
+    assert sample(down, "c2c_outbound_oldest_pending_age_seconds") == waited
+    assert sample(down, "c2c_outbound_pending", "CA-CBSA") == 0.0
+
+    await down.stub.start(down.port)
+    acked = await down.step(record.message_id)
+    assert acked.state is OutboundState.ACKNOWLEDGED
+    delivered = (down.clock.now() - record.created_at).total_seconds()
+    assert sample(down, "c2c_outbound_delivery_seconds_count") == 1.0
+    assert sample(down, "c2c_outbound_delivery_seconds_sum") == delivered
+    down.metrics.show_backlog(await down.store.outbox_backlog(), down.clock.now())
+    assert sample(down, "c2c_outbound_pending") == 0.0
+    assert sample(down, "c2c_outbound_oldest_pending_age_seconds") == 0.0

@@ -848,6 +848,49 @@ async def test_record_receipt_without_a_lease_only_while_active(store: Store) ->
     assert await store.audit_size() == 1
 
 
+async def test_outbox_backlog_counts_what_is_at_work_per_recipient(store: Store) -> None:
+    """What /metrics shows as c2c_outbound_pending and its oldest age: queued and sent rows
+    only, per recipient, with the creation time of the oldest."""
+    assert await store.outbox_backlog() == {}
+    rows = [
+        outbound("mx-1", at=T0 + timedelta(minutes=5)),
+        outbound("mx-2", at=T0 + timedelta(minutes=1)),
+        outbound("mx-3", at=T0),  # acknowledged below: not at work
+        outbound("ca-1", at=T0 + timedelta(minutes=9), recipient="CA-CBSA"),
+        outbound("gb-1", at=T0 - timedelta(hours=1), recipient="GB-HMRC"),  # dead below
+    ]
+    for record in rows:
+        await store.enqueue_outbound(record, [event(EventKind.SUBMITTED, record.message_id)])
+    claimed = {r.message_id for r in await store.claim_outbound("w1", T0, 10, 30)}
+    assert claimed == {"mx-3", "gb-1"}  # the others are not due yet
+    await store.finish_attempt(
+        "mx-3",
+        "w1",
+        AttemptUpdate(state=OutboundState.ACKNOWLEDGED, attempts=1, next_attempt_at=T0),
+        [event(EventKind.ACKNOWLEDGED, "mx-3")],
+    )
+    await store.finish_attempt(
+        "gb-1",
+        "w1",
+        AttemptUpdate(state=OutboundState.DEAD, attempts=1, next_attempt_at=T0, last_error="x"),
+        [event(EventKind.DEAD, "gb-1")],
+    )
+    (sent,) = await store.claim_outbound("w1", T0 + timedelta(minutes=1), 10, 30)
+    await store.finish_attempt(
+        sent.message_id,
+        "w1",
+        AttemptUpdate(
+            state=OutboundState.SENT, attempts=1, next_attempt_at=T0 + timedelta(hours=1)
+        ),
+        [event(EventKind.ATTEMPT_FAILED, sent.message_id)],
+    )
+    backlog = await store.outbox_backlog()
+    assert {p: (b.pending, b.oldest_created_at) for p, b in backlog.items()} == {
+        "MX-SAT": (2, T0 + timedelta(minutes=1)),
+        "CA-CBSA": (1, T0 + timedelta(minutes=9)),
+    }
+
+
 async def test_outbox_duplicate_message_id_is_refused(store: Store) -> None:
     await store.enqueue_outbound(outbound("o-1"), [])
     with pytest.raises(DuplicateConflict, match="o-1"):
