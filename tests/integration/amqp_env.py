@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from serve_proc import signed_messages
 
+from gateway.config import GatewayConfig, load_config
 from gateway.crypto.pki import init_dev_pki
 
 GATEWAY = "US-CBP"
@@ -127,3 +130,11 @@ def partner_messages(root: Path, count: int) -> list[tuple[str, bytes, str]]:
         count=count,
         message_type=ADVANCE_DATA,
     )
+
+
+def config_without_broker(root: Path, **options: Any) -> GatewayConfig:
+    """The configuration of ``write_config``, with MX-ANAM on AMQP, but no broker for the
+    gateway itself (a gateway.toml without one is refused for that partner): the test runs
+    the partner's inbox on a broker connection of its own."""
+    config = load_config(write_config(root, amqp_url="amqp://127.0.0.1:5672/unused", **options))
+    return dataclasses.replace(config, amqp=dataclasses.replace(config.amqp, url=None))

@@ -26,14 +26,14 @@ import aio_pika
 import orjson
 import pytest
 import structlog
-from amqp_env import AMQP_PARTNER, GATEWAY, write_config
+from amqp_env import AMQP_PARTNER, GATEWAY, config_without_broker
 from amqp_peer import IN_EXCHANGE, AmqpEnv, Peer, amqp_gateway, queue_depth
 from pamqp import commands
 from rabbit import HOST, PASSWORD, PORT, USER, RabbitVhost, rabbitmqctl
 from raw_amqp import RawPublisher
 from serve_proc import signed_messages
 
-from gateway.config import AmqpConfig, load_config
+from gateway.config import AmqpConfig
 from gateway.envelope import body_digest
 from gateway.errors import NackCode, Unavailable
 from gateway.outbound.dispatcher import Dispatcher
@@ -246,9 +246,7 @@ async def test_a_limiter_that_cannot_answer_leaves_the_delivery_to_the_pipeline(
 async def test_held_past_the_rate_hold_it_is_refused_with_a_retry_after(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
-    gateway = Gateway(
-        load_config(write_config(tmp_path, amqp_url=None, rate_per_second=0.01, burst=2))
-    )
+    gateway = Gateway(config_without_broker(tmp_path, rate_per_second=0.01, burst=2))
     await gateway.start()
     broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), delivery_limit=3))
     await broker.connect()

@@ -20,13 +20,13 @@ from typing import Any
 
 import aio_pika
 import pytest
-from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, write_config
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, config_without_broker
 from amqp_peer import IN_EXCHANGE, OUT_QUEUE, AmqpEnv, amqp_gateway, preload, queue_depth
 from rabbit import HOST, PORT, RabbitVhost, rabbitmqctl
 from serve_proc import signed_messages
 
 from gateway.cli.amqp import partner_permissions
-from gateway.config import AmqpConfig, load_config
+from gateway.config import AmqpConfig
 from gateway.envelope import body_digest, new_message_id
 from gateway.errors import NackCode
 from gateway.inbound.context import ReceivedReceipt
@@ -349,7 +349,7 @@ async def _inbox_in_an_outage(
     """A partner inbox of its own (``outage_hold_s``, ``delivery_limit``) consuming while the
     gateway's store is closed, with ``count`` signed messages waiting in ``.in``; the store is
     open again when the block ends."""
-    gateway = Gateway(load_config(write_config(root, amqp_url=None)))
+    gateway = Gateway(config_without_broker(root))
     await gateway.start()
     broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
     await broker.connect()

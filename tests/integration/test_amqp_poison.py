@@ -11,7 +11,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from amqp_env import AMQP_PARTNER, write_config
+from amqp_env import AMQP_PARTNER, config_without_broker
 from amqp_peer import IN_EXCHANGE, OUT_QUEUE
 from rabbit import RabbitVhost
 
@@ -35,7 +35,7 @@ LIMIT = 2
 async def test_poison_message_is_dead_lettered_after_the_limit_and_audited(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
-    gateway = Gateway(load_config(write_config(tmp_path, amqp_url=None)))
+    gateway = Gateway(config_without_broker(tmp_path))
     await gateway.start()
     attempts: list[bytes] = []
     poison = b'{"poison": true}'

@@ -128,7 +128,14 @@ async def _check_partner_rights(vhost: RabbitVhost, user: str, password: str) ->
 
 
 def test_setup_needs_an_amqp_url(tmp_path: Path) -> None:
-    config = write_config(tmp_path, amqp_url=None)
+    config = write_config(tmp_path, amqp_url=None, amqp_partner_https=True)
+    # a partner on AMQP without a broker: the configuration itself is refused
+    partner_file = tmp_path / "partners" / AMQP_PARTNER / "partner.toml"
+    code, _, err = _setup(config, tmp_path / "secrets")
+    assert code == 2
+    assert err.startswith(f"error: {partner_file}: amqp.enabled: true, but {config} has no")
+    # no partner on AMQP (MX-ANAM on HTTPS only): setup still needs the broker's URL
+    partner_file.write_text(partner_file.read_text().replace("enabled = true", "enabled = false"))
     code, _, err = _setup(config, tmp_path / "secrets")
     assert code == 2
     assert (
