@@ -64,6 +64,7 @@ def attach_outbound(
         crls=(lambda: crl_watcher.files) if crl_watcher is not None else None,
         check_server=gateway.ocsp.check if gateway.ocsp is not None else None,
         on_certificate_refused=lambda reason: refused.labels(reason).inc(),
+        load_pair=gateway.tls_identity.load_into,
     )
     if crl_watcher is not None:
         crl_watcher.subscribe(https.forget_contexts)

@@ -32,7 +32,7 @@ from gateway.config import PartnerConfig, TlsConfig
 from gateway.netpolicy import Network, is_ip_literal, refusal
 from gateway.outbound.transport import Delivery, Handed, PartnerReply, TransportError
 from gateway.transports.revocation import CrlFile, apply_crls
-from gateway.transports.tls import client_context
+from gateway.transports.tls import LoadPair, client_context
 from gateway.transports.tls_accept import PeerRefused, classify
 
 MESSAGES_PATH = "/c2c/v1/messages"
@@ -213,17 +213,21 @@ class HttpsTransport:
         crls: Callable[[], Sequence[CrlFile]] | None = None,
         check_server: ServerCheck | None = None,
         on_certificate_refused: Callable[[str], None] | None = None,
+        load_pair: LoadPair | None = None,
     ) -> None:
-        """``crls``: the CRLs in force (``[tls] crls``), checked against each partner's
-        server certificate; call ``forget_contexts`` when they change. ``check_server``:
-        asked about each new connection's server certificate after the handshake (OCSP); a
-        refusal closes the connection before a request is written on it, and a connection
-        takes no request after its answer ends.
+        """``load_pair``: loads our certificate and key into each partner's client context,
+        made at its first send (``TlsIdentity.load_into``, the pair in force); without it,
+        the files as they are. ``crls``: the CRLs in force (``[tls] crls``), checked against
+        each partner's server certificate; call ``forget_contexts`` when they change.
+        ``check_server``: asked about each new connection's server certificate after the
+        handshake (OCSP); a refusal closes the connection before a request is written on it,
+        and a connection takes no request after its answer ends.
         ``on_certificate_refused(reason)``: a connection was refused for the server's
         certificate (``tls_accept.REASONS``), in the handshake or by ``check_server``.
         ``limit_per_host``: at least as many as the caller has sends in flight, or a send
         waits for a connection inside ``timeout_s`` (see ``CONNECTIONS_PER_PARTNER``)."""
         self._tls = tls
+        self._load_pair = load_pair
         self._crls = crls
         self._check_server = check_server
         self._on_certificate_refused = on_certificate_refused
@@ -240,7 +244,7 @@ class HttpsTransport:
     def _context_for(self, partner: PartnerConfig) -> ssl.SSLContext:
         context = self._contexts.get(partner.id)
         if context is None:
-            context = client_context(self._tls, partner.https.ca)
+            context = client_context(self._tls, partner.https.ca, load_pair=self._load_pair)
             if self._crls is not None:
                 apply_crls(context, self._crls())
             self._contexts[partner.id] = context

@@ -9,7 +9,7 @@ Client (outbound): verifies the partner's server certificate and hostname, prese
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +60,15 @@ def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSL
     return context
 
 
-def client_context(tls: TlsConfig, ca: Path | None = None) -> ssl.SSLContext:
-    """Outbound client: verifies the server against ``ca`` (default: ours), presents our cert."""
+#: loads our certificate and key into a context (``TlsIdentity.load_into``: the pair in force)
+LoadPair = Callable[[ssl.SSLContext], None]
+
+
+def client_context(
+    tls: TlsConfig, ca: Path | None = None, *, load_pair: LoadPair | None = None
+) -> ssl.SSLContext:
+    """Outbound client: verifies the server against ``ca`` (default: ours), presents our cert:
+    the one ``load_pair`` loads, or the files as they are (``load_own_pair``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
@@ -71,7 +78,10 @@ def client_context(tls: TlsConfig, ca: Path | None = None) -> ssl.SSLContext:
         _load_ca(context, tls.ca, "tls.ca")
     else:
         _load_ca(context, ca, "https.ca")
-    load_own_pair(context, tls)
+    if load_pair is None:
+        load_own_pair(context, tls)
+    else:
+        load_pair(context)
     return context
 
 

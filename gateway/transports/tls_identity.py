@@ -247,10 +247,31 @@ class TlsIdentity:
         self.current: Identity | None = None
         #: the files' digest last looked at, so a refused pair is reported once, not each check
         self._seen: bytes | None = None
+        #: the bytes of the pair in force, for contexts made after it was taken in
+        self._in_force: _Files | None = None
 
     def track(self, source: ContextSource) -> None:
         """``source()`` gives the live contexts that present our identity."""
         self._sources.append(source)
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Load the pair in force into a context made while serving (an outbound partner's,
+        made at its first send): the pair last taken in, not the files as they are now, which
+        may hold a pair a reload refused. Before ``start``, the files (``load_own_pair``)."""
+        files = self._in_force
+        if files is None:
+            load_own_pair(context, self._tls)
+            return
+        try:
+            pair = _Pair(self._tls, files, _leaf(self._tls, files.cert_pem))
+        except IdentityError as exc:  # it loaded when it was taken in
+            raise exc.config_error() from None
+        try:
+            pair.load_into(context)
+        except IdentityError as exc:
+            raise exc.config_error() from None
+        finally:
+            pair.close()
 
     async def start(self) -> None:
         # The contexts loaded the files when they were built (load_own_pair); what they hold
@@ -263,6 +284,7 @@ class TlsIdentity:
             raise exc.config_error() from None
         identity = _identity(leaf, files.digest)
         self._take(identity)
+        self._in_force = files
         self._seen = identity.digest
         left = identity.not_after - self._clock.now()
         if left <= EXPIRY_WARNING:
@@ -318,6 +340,7 @@ class TlsIdentity:
                 pair.close()
             before = self.current
             self._take(pair.identity)
+            self._in_force = files
             was = f"; was {before.fingerprint}" if before is not None else ""
             await self._report(RELOADED, actor, pair.identity.describe() + was)
             log.info(
