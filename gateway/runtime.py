@@ -193,11 +193,22 @@ class Gateway:
                 relay=self.relay,
             )
         )
+        #: our certificate and key; the API and outbound clients add their contexts
+        self.tls_identity = TlsIdentity(
+            config.tls,
+            clock=self.clock,
+            audit=lambda event: self.store.append_audit([event]),
+            on_identity=lambda identity: self.metrics.tls_certificate_expiry.set(
+                identity.not_after.timestamp()
+            ),
+            on_outcome=lambda outcome: self.metrics.tls_reloads.labels(outcome=outcome).inc(),
+        )
         partners = list(config.partners.values())
         self.crl_watcher: CrlWatcher | None = None
         if config.tls.crls:
+            # a new CRL makes a new context: with the pair in force, not the files as they are
             partner_context, self.crl_watcher = enable_revocation(
-                lambda: server_context(config.tls, partners),
+                lambda: server_context(config.tls, partners, load_pair=self.tls_identity.load_into),
                 config.tls,
                 partners,
                 self.clock,
@@ -233,16 +244,6 @@ class Gateway:
         if self.crl_watcher is not None:
             self._services.append(self.crl_watcher)
             self.crl_watcher.subscribe(self._retire_revoked)
-        #: our certificate and key; the API and outbound clients add their contexts
-        self.tls_identity = TlsIdentity(
-            config.tls,
-            clock=self.clock,
-            audit=lambda event: self.store.append_audit([event]),
-            on_identity=lambda identity: self.metrics.tls_certificate_expiry.set(
-                identity.not_after.timestamp()
-            ),
-            on_outcome=lambda outcome: self.metrics.tls_reloads.labels(outcome=outcome).inc(),
-        )
         self.tls_identity.track(lambda: [self.partner_server.ssl_context])
         self._services.append(self.tls_identity)
         self.clock_watch = ClockWatch(

@@ -21,6 +21,16 @@ from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
 from gateway.errors import ConfigError
 from gateway.transports.tls_identity import load_own_pair
 
+#: loads our certificate and key into a context (``TlsIdentity.load_into``: the pair in force)
+LoadPair = Callable[[ssl.SSLContext], None]
+
+
+def _load_pair(context: ssl.SSLContext, tls: TlsConfig, load_pair: LoadPair | None) -> None:
+    if load_pair is None:
+        load_own_pair(context, tls)
+    else:
+        load_pair(context)
+
 
 def _load_ca(context: ssl.SSLContext, ca: Path, key: str) -> None:
     try:
@@ -44,8 +54,11 @@ def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> 
     return list(_named_trust_anchors(tls, partners))
 
 
-def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSLContext:
-    """Partner-facing server: TLS 1.2+, client certificate required and chain-verified."""
+def server_context(
+    tls: TlsConfig, partners: Iterable[PartnerConfig], *, load_pair: LoadPair | None = None
+) -> ssl.SSLContext:
+    """Partner-facing server: TLS 1.2+, client certificate required and chain-verified; our
+    certificate is the one ``load_pair`` loads, or the files as they are (``load_own_pair``)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
@@ -54,14 +67,10 @@ def server_context(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> ssl.SSL
     # certificate that expired since would get in for the ticket's lifetime (2 hours).
     context.options |= ssl.OP_NO_TICKET
     context.num_tickets = 0
-    load_own_pair(context, tls)
+    _load_pair(context, tls, load_pair)
     for anchor, key in _named_trust_anchors(tls, partners).items():
         _load_ca(context, anchor, key)
     return context
-
-
-#: loads our certificate and key into a context (``TlsIdentity.load_into``: the pair in force)
-LoadPair = Callable[[ssl.SSLContext], None]
 
 
 def client_context(
@@ -78,10 +87,7 @@ def client_context(
         _load_ca(context, tls.ca, "tls.ca")
     else:
         _load_ca(context, ca, "https.ca")
-    if load_pair is None:
-        load_own_pair(context, tls)
-    else:
-        load_pair(context)
+    _load_pair(context, tls, load_pair)
     return context
 
 

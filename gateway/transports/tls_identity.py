@@ -56,6 +56,8 @@ ENCRYPTED_KEY = (
 )
 #: OpenSSL's reasons for a key that is not the certificate's (another value, another type)
 _MISMATCH = frozenset({"KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"})
+#: OpenSSL's reasons for a certificate its security level refuses (a key or digest too weak)
+_WEAK_CERTIFICATE = frozenset({"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK"})
 
 
 class IdentityError(ValueError):
@@ -192,6 +194,14 @@ class _Pair:
                     f"is not the certificate of the key in {tls.key} (tls.key): the two are not"
                     f" a usable pair ({reason})",
                 ) from None
+            if reason in _WEAK_CERTIFICATE:
+                raise IdentityError(
+                    tls.cert,
+                    "tls.cert",
+                    f"is refused by OpenSSL's security level ({reason}): its key or signature"
+                    " is too weak; have one issued with a stronger key (RSA 2048 bits or more,"
+                    " P-256, Ed25519) and SHA-256 or better",
+                ) from None
             # the certificate parsed already: what OpenSSL cannot use is the key
             raise IdentityError(
                 tls.key, "tls.key", f"holds no usable PEM private key ({reason})"
@@ -274,15 +284,24 @@ class TlsIdentity:
             pair.close()
 
     async def start(self) -> None:
-        # The contexts loaded the files when they were built (load_own_pair); what they hold
-        # must be in its validity period now, as a reload requires.
+        # The contexts loaded the files when they were built (load_own_pair), maybe a while
+        # ago (the store opens in between): the files are read once more and checked as a
+        # reload checks them (in their validity period, key and certificate a pair), and that
+        # pair is loaded into every context, so what they present is what is in force.
         try:
             files = _read_files(self._tls)
             leaf = _leaf(self._tls, files.cert_pem)
             _check_validity(self._tls, leaf, self._clock.now())
+            pair = _Pair(self._tls, files, leaf)
+            try:
+                for source in self._sources:
+                    for context in source():
+                        pair.load_into(context)
+            finally:
+                pair.close()
         except IdentityError as exc:
             raise exc.config_error() from None
-        identity = _identity(leaf, files.digest)
+        identity = pair.identity
         self._take(identity)
         self._in_force = files
         self._seen = identity.digest

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import structlog
 from crl_file import NOW, write_crl
+from cryptography.hazmat.primitives import serialization
 from https_env import (
     CA,
     MX,
@@ -76,6 +77,35 @@ async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
         assert [e["event"] for e in logs] == ["crl_reloaded"]
         assert await status_of(env, MX) is None
         assert await status_of(env, CA) == 202
+
+
+async def test_a_crl_after_a_refused_pair_is_taken_in_with_the_pair_in_force(
+    tmp_path: Path,
+) -> None:
+    """A new CRL makes a new endpoint context: with our pair in force, not the files as they
+    are, which hold a pair a reload refused (here an encrypted key). Before, the CRL itself was
+    refused (the context could not be made) and the revoked certificate kept getting in."""
+    async with running_gateway(tmp_path, tls=TLS, prepare=lambda root: write_crl(root)) as env:
+        tls = env.gateway.config.tls
+        key = serialization.load_pem_private_key(tls.key.read_bytes(), None)
+        in_force = tls.key.read_bytes()
+        tls.key.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        assert await env.gateway.tls_identity.reload(actor="signal:SIGHUP") is None
+        write_crl(tmp_path, [MX], this_update=NOW)
+        watcher = env.gateway.crl_watcher
+        assert watcher is not None
+        with structlog.testing.capture_logs() as logs:
+            watcher.check()
+        assert [e["event"] for e in logs] == ["crl_reloaded"]
+        assert await status_of(env, MX) is None
+        assert await status_of(env, CA) == 202
+        tls.key.write_bytes(in_force)
 
 
 async def test_a_connection_kept_alive_from_before_a_revoking_crl_is_closed(

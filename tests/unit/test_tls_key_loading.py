@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.audit.events import AuditEvent
 from gateway.clock import Clock, ManualClock, SystemClock
@@ -239,3 +240,49 @@ def test_a_refused_key_leaves_no_copy_behind(config: GatewayConfig) -> None:
     with pytest.raises(ConfigError):
         contexts(config)
     assert set(copies.glob("c2c-tls-*")) == before
+
+
+async def test_start_checks_the_pair_as_a_reload_does(config: GatewayConfig) -> None:
+    """The contexts were made from the files earlier (the store opens in between); at start
+    the files must still be a pair, and that pair is what the contexts present."""
+    tls = config.tls
+    context = server_context(tls, config.partners.values())
+    identity = Recorder().identity(tls, SystemClock())
+    identity.track(lambda: [context])
+    tls.key.write_bytes((tls.key.parent.parent / "MX-ANAM" / "tls.key").read_bytes())
+    with pytest.raises(ConfigError) as caught:
+        await identity.start()
+    assert (caught.value.file, caught.value.key) == (str(tls.cert), "tls.cert")
+    assert "is not the certificate of the key in" in caught.value.reason
+    assert identity.current is None
+
+
+def test_a_certificate_too_weak_for_openssl_is_named_not_its_key(config: GatewayConfig) -> None:
+    tls = config.tls
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, config.party)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(weak.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(weak, hashes.SHA256())
+    )
+    tls.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    tls.key.write_bytes(
+        weak.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ConfigError) as caught:
+        server_context(tls, config.partners.values())
+    assert (caught.value.file, caught.value.key) == (str(tls.cert), "tls.cert")
+    assert caught.value.reason.startswith(
+        "is refused by OpenSSL's security level (EE_KEY_TOO_SMALL)"
+    )
