@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 
-from gateway.crypto.x509 import cert_fingerprint
+from gateway.crypto.x509 import ca_identity, directly_issued
 from gateway.errors import ConfigError
 from gateway.model import is_party_id
 from gateway.netpolicy import Network, is_ip_literal, parse_network, refusal
@@ -988,21 +988,41 @@ def _partners(
     return partners
 
 
-def _anchors(ca: Path) -> dict[str, str]:
-    """The CA certificates of a trust-anchor file, each by its fingerprint, with its subject;
-    a file that does not read is itself one anchor (its loader names what is wrong with it)."""
+@dataclass(frozen=True)
+class _Anchors:
+    """A trust-anchor file's CA certificates, each as the CA it stands for (its subject and
+    public key: a CA certificate re-issued with both is the same CA), with a name to show."""
+
+    #: every CA of the file: a client certificate one of them issued is this partner's
+    every: Mapping[tuple[bytes, bytes], str]
+    #: those that issue client certificates: the ones that issued no other certificate of
+    #: the file (an intermediate beside its root: the intermediate)
+    issuing: frozenset[tuple[bytes, bytes]]
+
+
+def _anchors(ca: Path) -> _Anchors:
+    """A file that does not read is itself one CA (its loader names what is wrong with it)."""
     try:
         certificates = x509.load_pem_x509_certificates(ca.read_bytes())
     except (OSError, ValueError):
-        return {f"file:{ca}": str(ca)}
-    return {cert_fingerprint(cert): repr(cert.subject.rfc4514_string()) for cert in certificates}
+        own = (f"file:{ca}".encode(), b"")
+        return _Anchors(every={own: str(ca)}, issuing=frozenset({own}))
+    every = {ca_identity(c): repr(c.subject.rfc4514_string()) for c in certificates}
+    issuing = frozenset(
+        ca_identity(c)
+        for c in certificates
+        if not any(directly_issued(other, [c]) for other in certificates)
+    )
+    return _Anchors(every=every, issuing=issuing)
 
 
 def _check_client_identities(partners: Iterable[PartnerConfig]) -> None:
-    """No client certificate subject or fingerprint is accepted for two partners that trust
-    one CA: such a certificate would identify neither, and the handshake refuses it for both
-    (gateway/transports/tls.py). The same name under two unrelated CAs is two certificates."""
-    anchors: dict[Path, dict[str, str]] = {}
+    """No client certificate subject or fingerprint is accepted for two partners when a CA
+    that issues one partner's client certificates is a trust anchor of the other: such a
+    certificate would identify neither, and the handshake refuses it for both
+    (gateway/transports/tls.py). The same name under two unrelated CAs, or under two
+    intermediates of one root, is two certificates."""
+    anchors: dict[Path, _Anchors] = {}
     # (key, value) -> the partners accepting it: partner, index in its list, its CA file
     claims: dict[tuple[str, str], list[tuple[PartnerConfig, int, Path]]] = {}
     for partner in partners:
@@ -1017,16 +1037,20 @@ def _check_client_identities(partners: Iterable[PartnerConfig]) -> None:
         ):
             for index, value in enumerate(values):
                 for other, other_index, other_ca in claims.get((key, value), []):
-                    shared = anchors[ca].keys() & anchors[other_ca].keys()
+                    mine, theirs = anchors[ca], anchors[other_ca]
+                    shared = (mine.issuing & theirs.every.keys()) | (
+                        theirs.issuing & mine.every.keys()
+                    )
                     if not shared:
                         continue
                     files = str(other_ca) if other_ca == ca else f"{other_ca} and {ca}"
+                    name = {**mine.every, **theirs.every}[min(shared)]
                     raise ConfigError(
                         str(partner.directory / PARTNER_FILE),
                         f"https.{key}[{index}]",
                         f"{value!r} is also accepted for {other.id}"
                         f" ({other.directory / PARTNER_FILE}: https.{key}[{other_index}]),"
-                        f" and both trust the CA {anchors[ca][min(shared)]} ({files}): a client"
+                        f" and both trust the CA {name} ({files}): a client"
                         f" certificate it issues with that {what} would identify neither"
                         " partner and be refused for both; accept it for one partner only",
                     )

@@ -6,9 +6,11 @@ no colons: what ``partner.toml`` holds) or by subject common name.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
@@ -66,6 +68,29 @@ def cert_subject_cn(cert: x509.Certificate) -> str | None:
         return None
     value = names[0].value
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def ca_identity(cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """The CA a certificate stands for: its subject and public key (DER). A CA certificate
+    re-issued with both (a renewal) is the same CA, with another fingerprint."""
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return cert.subject.public_bytes(), spki
+
+
+def directly_issued(cert: x509.Certificate, by: Iterable[x509.Certificate]) -> bool:
+    """Whether one of ``by`` issued ``cert`` (its subject is the issuer, its key verifies the
+    signature); ``cert`` itself does not count."""
+    for issuer in by:
+        if issuer is cert or cert.issuer != issuer.subject:
+            continue
+        try:
+            cert.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+        return True
+    return False
 
 
 def crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

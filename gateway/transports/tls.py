@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
 from gateway.config import PartnerConfig, TlsConfig
-from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn
+from gateway.crypto.x509 import cert_fingerprint, cert_subject_cn, directly_issued
 from gateway.errors import ConfigError
 from gateway.transports.tls_identity import load_own_pair
 
@@ -98,16 +97,6 @@ def read_ca_certs(path: Path, key: str = "https.ca") -> tuple[x509.Certificate, 
         raise ConfigError(str(path), key, f"cannot read CA certificates: {exc}") from None
 
 
-def _issued_by(cert: x509.Certificate, anchors: tuple[x509.Certificate, ...]) -> bool:
-    for anchor in anchors:
-        try:
-            cert.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
-
-
 @dataclass(frozen=True, kw_only=True)
 class _PartnerIdentity:
     partner: str
@@ -156,7 +145,7 @@ class PartnerIdentifier:
             cert = x509.load_der_x509_certificate(der)
         except ValueError:
             return None
-        found = {i.partner for i in self._claiming(cert) if _issued_by(cert, i.anchors)}
+        found = {i.partner for i in self._claiming(cert) if directly_issued(cert, i.anchors)}
         # Two partners claiming one certificate is a configuration error: refuse both.
         return found.pop() if len(found) == 1 else None
 
@@ -182,7 +171,7 @@ class PartnerIdentifier:
             f"client certificate sha256 {cert_fingerprint(cert)} (CN {cert_subject_cn(cert)!r})"
         )
         claimed = self._claiming(cert)
-        issued = sorted({i.partner for i in claimed if _issued_by(cert, i.anchors)})
+        issued = sorted({i.partner for i in claimed if directly_issued(cert, i.anchors)})
         if len(issued) > 1:
             return f"{described} is claimed by partners {', '.join(issued)}: refused for all"
         if claimed and not issued:

@@ -4,12 +4,16 @@ a private key file others may read."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.config import load_config
 from gateway.crypto.pki import init_dev_pki
@@ -92,6 +96,75 @@ def test_one_subject_under_two_unrelated_cas_is_no_conflict(tree: Path, tmp_path
     _edit(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
     config = load_config(tree / G, environ={})
     assert config.partners["CA-CBSA"].https.client_cert_subjects == ("MX-ANAM",)
+
+
+def _ca(
+    name: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+) -> x509.Certificate:
+    """A CA certificate for ``key``: self-signed, or issued by ``issuer``."""
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, name)])
+    issuer_name, signer = (subject, key) if issuer is None else (issuer[0].subject, issuer[1])
+    now = dt.datetime.now(dt.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(signer, hashes.SHA256())
+    )
+
+
+def _ca_files(tree: Path, mx: list[x509.Certificate], ca: list[x509.Certificate]) -> None:
+    """MX-ANAM and CA-CBSA trust these CA certificates, and accept the same subject."""
+    for partner, certificates in ((MX, mx), (CA, ca)):
+        path = tree / "certs" / f"{partner.split('/')[1]}-ca.pem"
+        path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
+        _edit(tree / partner, 'ca = "../../certs/dev/ca.pem"', f'ca = "{path}"')
+    _edit(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
+
+
+def test_one_subject_under_two_intermediates_of_one_root_is_no_conflict(tree: Path) -> None:
+    """Each file holds its partner's intermediate and the common root (as docs/operations.md
+    asks): a client certificate is tied to a partner by the intermediate that issued it."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("Customs Union Root", root_key)
+    first, second = (ec.generate_private_key(ec.SECP256R1()) for _ in range(2))
+    _ca_files(
+        tree,
+        [_ca("MX issuing CA", first, (root, root_key)), root],
+        [_ca("CA issuing CA", second, (root, root_key)), root],
+    )
+    config = load_config(tree / G, environ={})
+    assert config.partners["CA-CBSA"].https.client_cert_subjects == ("MX-ANAM",)
+
+
+def test_a_root_one_partner_issues_from_is_an_anchor_of_the_other(tree: Path) -> None:
+    """MX-ANAM's certificates come from the root itself, which CA-CBSA's file also holds
+    (beside its intermediate): such a certificate would be CA-CBSA's too."""
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = _ca("Customs Union Root", root_key)
+    issuing = _ca("CA issuing CA", ec.generate_private_key(ec.SECP256R1()), (root, root_key))
+    _ca_files(tree, [root], [issuing, root])
+    error = _refusal(tree)
+    assert (error.file, error.key) == (str(tree / MX), "https.client_cert_subjects[0]")
+    assert "both trust the CA 'CN=Customs Union Root'" in error.reason
+
+
+def test_a_ca_certificate_issued_again_is_the_same_ca(tree: Path) -> None:
+    """The same CA (subject and key) in a renewed certificate, with another fingerprint: a
+    client certificate it issues verifies under both files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    before, renewed = _ca("Customs CA", key), _ca("Customs CA", key)
+    assert before.fingerprint(hashes.SHA256()) != renewed.fingerprint(hashes.SHA256())
+    _ca_files(tree, [before], [renewed])
+    error = _refusal(tree)
+    assert "both trust the CA 'CN=Customs CA'" in error.reason
 
 
 # -- a partner on AMQP without a broker
