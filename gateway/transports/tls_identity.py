@@ -223,6 +223,14 @@ def load_own_pair(context: ssl.SSLContext, tls: TlsConfig) -> None:
     A fault is a ``ConfigError`` naming the file and the key at fault."""
     try:
         files = _read_files(tls)
+    except IdentityError as exc:
+        raise exc.config_error() from None
+    _load_files(context, tls, files)
+
+
+def _load_files(context: ssl.SSLContext, tls: TlsConfig, files: _Files) -> None:
+    """Check the pair's bytes and load them into ``context``; a fault is a ``ConfigError``."""
+    try:
         pair = _Pair(tls, files, _leaf(tls, files.cert_pem))
     except IdentityError as exc:
         raise exc.config_error() from None
@@ -271,17 +279,8 @@ class TlsIdentity:
         files = self._in_force
         if files is None:
             load_own_pair(context, self._tls)
-            return
-        try:
-            pair = _Pair(self._tls, files, _leaf(self._tls, files.cert_pem))
-        except IdentityError as exc:  # it loaded when it was taken in
-            raise exc.config_error() from None
-        try:
-            pair.load_into(context)
-        except IdentityError as exc:
-            raise exc.config_error() from None
-        finally:
-            pair.close()
+        else:
+            _load_files(context, self._tls, files)
 
     async def start(self) -> None:
         # The contexts loaded the files when they were built (load_own_pair), maybe a while
