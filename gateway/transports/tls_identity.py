@@ -289,20 +289,15 @@ class TlsIdentity:
         # pair is loaded into every context, so what they present is what is in force.
         try:
             files = _read_files(self._tls)
-            leaf = _leaf(self._tls, files.cert_pem)
-            _check_validity(self._tls, leaf, self._clock.now())
-            pair = _Pair(self._tls, files, leaf)
+            pair = self._checked_pair(files)
             try:
-                for source in self._sources:
-                    for context in source():
-                        pair.load_into(context)
+                self._load_everywhere(pair)
             finally:
                 pair.close()
         except IdentityError as exc:
             raise exc.config_error() from None
         identity = pair.identity
-        self._take(identity)
-        self._in_force = files
+        self._take(identity, files)
         self._seen = identity.digest
         left = identity.not_after - self._clock.now()
         if left <= EXPIRY_WARNING:
@@ -322,8 +317,20 @@ class TlsIdentity:
         if digest is not None and digest != self._seen:
             await self.reload(actor="watch:file-change")
 
-    def _take(self, identity: Identity) -> None:
+    def _checked_pair(self, files: _Files) -> _Pair:
+        """The pair, checked as one (and its certificate in its validity period now)."""
+        leaf = _leaf(self._tls, files.cert_pem)
+        _check_validity(self._tls, leaf, self._clock.now())
+        return _Pair(self._tls, files, leaf)
+
+    def _load_everywhere(self, pair: _Pair) -> None:
+        for source in self._sources:
+            for context in source():
+                pair.load_into(context)
+
+    def _take(self, identity: Identity, files: _Files) -> None:
         self.current = identity
+        self._in_force = files
         self._on_identity(identity)
 
     async def reload(self, *, actor: str) -> Identity | None:
@@ -334,18 +341,14 @@ class TlsIdentity:
             try:
                 files = _read_files(self._tls)
                 self._seen = files.digest
-                leaf = _leaf(self._tls, files.cert_pem)
-                _check_validity(self._tls, leaf, self._clock.now())
-                pair = _Pair(self._tls, files, leaf)
+                pair = self._checked_pair(files)
             except Exception as exc:
                 # nothing in force is touched yet: any fault (OpenSSL's, the file system's, a
                 # file no check foresaw) refuses the pair, as a bad pair is refused
                 await self._refuse(actor, self._reason(exc))
                 return None
             try:
-                for source in self._sources:
-                    for context in source():
-                        pair.load_into(context)
+                self._load_everywhere(pair)
             except Exception as exc:
                 # the same files loaded into a context of their own just now: not expected
                 await self._refuse(
@@ -357,8 +360,7 @@ class TlsIdentity:
             finally:
                 pair.close()
             before = self.current
-            self._take(pair.identity)
-            self._in_force = files
+            self._take(pair.identity, files)
             was = f"; was {before.fingerprint}" if before is not None else ""
             await self._report(RELOADED, actor, pair.identity.describe() + was)
             log.info(
