@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from config_files import edit_once
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -16,12 +17,6 @@ G = "gateway.toml"
 MX = "partners/MX-ANAM/partner.toml"
 CA = "partners/CA-CBSA/partner.toml"
 AUDIT_PUB = 'public_key = "../../certs/dev/MX-ANAM/audit.pub"'
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -74,7 +69,7 @@ def test_an_audit_key_serve_refuses_fails_the_check(tree: Path, kind: str, reaso
         bad.write_bytes(_public_pem(ec.generate_private_key(ec.SECP256R1())))
     else:
         bad.write_bytes((tree / "certs" / "dev" / "MX-ANAM" / "audit.key").read_bytes())
-    _edit(tree / MX, AUDIT_PUB, f'public_key = "../../certs/audit-{kind}.pem"')
+    edit_once(tree / MX, AUDIT_PUB, f'public_key = "../../certs/audit-{kind}.pem"')
     code, out, err = _check(tree)
     assert (code, err) == (1, ""), out
     assert f"  FAIL  audit key   {bad.resolve()}: {reason}" in out.splitlines()
@@ -82,7 +77,7 @@ def test_an_audit_key_serve_refuses_fails_the_check(tree: Path, kind: str, reaso
 
 
 def test_a_client_certificate_claimed_by_two_partners_fails_the_check(tree: Path) -> None:
-    _edit(
+    edit_once(
         tree / CA,
         'client_cert_subjects = ["CA-CBSA"]',
         'client_cert_subjects = ["CA-CBSA", "MX-ANAM"]',
@@ -97,7 +92,7 @@ def test_a_client_certificate_claimed_by_two_partners_fails_the_check(tree: Path
 
 
 def test_a_partner_on_amqp_without_a_broker_fails_the_check(tree: Path) -> None:
-    _edit(tree / MX, "enabled = false", "enabled = true")
+    edit_once(tree / MX, "enabled = false", "enabled = true")
     code, out, err = _check(tree)
     assert (code, out) == (2, "")
     assert err == (

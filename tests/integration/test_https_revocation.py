@@ -66,17 +66,23 @@ async def test_revoked_certificate_is_refused_at_the_handshake(revoked_mx: Env) 
     assert refusal["reason"].startswith("certificate revoked (verify error 23); from 127.0.0.1:")
 
 
+async def revoke_mx_by_a_new_crl(env: Env) -> None:
+    """A newer CRL revoking MX-ANAM put in place and taken in: MX-ANAM is refused from then
+    on, CA-CBSA is not."""
+    write_crl(env.root, [MX], this_update=NOW)
+    watcher = env.gateway.crl_watcher
+    assert watcher is not None
+    with structlog.testing.capture_logs() as logs:
+        watcher.check()
+    assert [e["event"] for e in logs] == ["crl_reloaded"]
+    assert await status_of(env, MX) is None
+    assert await status_of(env, CA) == 202
+
+
 async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, tls=TLS, prepare=lambda root: write_crl(root)) as env:
         assert await status_of(env, MX) == 202
-        write_crl(tmp_path, [MX], this_update=NOW)
-        watcher = env.gateway.crl_watcher
-        assert watcher is not None
-        with structlog.testing.capture_logs() as logs:
-            watcher.check()
-        assert [e["event"] for e in logs] == ["crl_reloaded"]
-        assert await status_of(env, MX) is None
-        assert await status_of(env, CA) == 202
+        await revoke_mx_by_a_new_crl(env)
 
 
 async def test_a_crl_after_a_refused_pair_is_taken_in_with_the_pair_in_force(
@@ -97,14 +103,7 @@ async def test_a_crl_after_a_refused_pair_is_taken_in_with_the_pair_in_force(
             )
         )
         assert await env.gateway.tls_identity.reload(actor="signal:SIGHUP") is None
-        write_crl(tmp_path, [MX], this_update=NOW)
-        watcher = env.gateway.crl_watcher
-        assert watcher is not None
-        with structlog.testing.capture_logs() as logs:
-            watcher.check()
-        assert [e["event"] for e in logs] == ["crl_reloaded"]
-        assert await status_of(env, MX) is None
-        assert await status_of(env, CA) == 202
+        await revoke_mx_by_a_new_crl(env)
         tls.key.write_bytes(in_force)
 
 

@@ -191,9 +191,14 @@ async def test_a_changed_file_is_taken_in_without_a_signal(tmp_path: Path) -> No
 
 
 @contextlib.asynccontextmanager
-async def partner_recording_handshakes(pki: Path) -> AsyncIterator[tuple[int, list[str]]]:
-    """A partner endpoint (MX-ANAM's certificate) that takes each TLS handshake and notes the
-    fingerprint of the client certificate it was shown; its port and the list."""
+async def sending_to_a_recording_partner(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Running, GatewayConfig, list[str]]]:
+    """A started gateway whose partner MX-ANAM is an endpoint (MX-ANAM's certificate) that
+    takes each TLS handshake and notes the fingerprint of the client certificate it was
+    shown; the gateway, its configuration and that list."""
+    pki = tmp_path / "pki"
+    gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})  # the PKI
     seen: list[str] = []
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
     server_ctx.verify_mode = ssl.CERT_REQUIRED
@@ -206,30 +211,28 @@ async def partner_recording_handshakes(pki: Path) -> AsyncIterator[tuple[int, li
 
     server = await asyncio.start_server(handshake_only, "127.0.0.1", 0, ssl=server_ctx)
     try:
-        yield server.sockets[0].getsockname()[1], seen
+        port = server.sockets[0].getsockname()[1]
+        config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"})
+        running = await start_gateway(config)
+        try:
+            yield running, config, seen
+        finally:
+            await running.gateway.stop()
     finally:
         server.close()
         await server.wait_closed()
 
 
 async def test_outbound_connections_present_the_renewed_certificate(tmp_path: Path) -> None:
-    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
-    async with partner_recording_handshakes(tmp_path / "pki") as (port, seen):
-        config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"})
-        running = await start_gateway(config)
-        try:
-            old = file_fingerprint(config.tls.cert)
-            await submit(running)
-            await until(lambda: asyncio.sleep(0, bool(seen)), "a first handshake")
-            assert set(seen) == {old}
-            new = renew(config)
-            assert await running.gateway.tls_identity.reload(actor="cli:operator") is not None
-            await submit(running)
-            await until(
-                lambda: asyncio.sleep(0, new in seen), "a handshake with the new certificate"
-            )
-        finally:
-            await running.gateway.stop()
+    async with sending_to_a_recording_partner(tmp_path) as (running, config, seen):
+        old = file_fingerprint(config.tls.cert)
+        await submit(running)
+        await until(lambda: asyncio.sleep(0, bool(seen)), "a first handshake")
+        assert set(seen) == {old}
+        new = renew(config)
+        assert await running.gateway.tls_identity.reload(actor="cli:operator") is not None
+        await submit(running)
+        await until(lambda: asyncio.sleep(0, new in seen), "a handshake with the new certificate")
 
 
 async def test_an_outbound_connection_made_after_a_refused_pair_presents_the_pair_in_force(
@@ -237,19 +240,13 @@ async def test_an_outbound_connection_made_after_a_refused_pair_presents_the_pai
 ) -> None:
     """A partner's client context is made at its first send (and again after a CRL change):
     from the pair in force, not from the files as they are, which may be a pair refused."""
-    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
-    async with partner_recording_handshakes(tmp_path / "pki") as (port, seen):
-        config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"})
-        running = await start_gateway(config)
-        try:
-            in_force = file_fingerprint(config.tls.cert)
-            config.tls.cert.write_bytes(expired_certificate(config))
-            assert await running.gateway.tls_identity.reload(actor="signal:SIGHUP") is None
-            await submit(running)  # the first message to MX-ANAM: its context is made now
-            await until(lambda: asyncio.sleep(0, bool(seen)), "a first handshake")
-            assert set(seen) == {in_force}
-        finally:
-            await running.gateway.stop()
+    async with sending_to_a_recording_partner(tmp_path) as (running, config, seen):
+        in_force = file_fingerprint(config.tls.cert)
+        config.tls.cert.write_bytes(expired_certificate(config))
+        assert await running.gateway.tls_identity.reload(actor="signal:SIGHUP") is None
+        await submit(running)  # the first message to MX-ANAM: its context is made now
+        await until(lambda: asyncio.sleep(0, bool(seen)), "a first handshake")
+        assert set(seen) == {in_force}
 
 
 @pytest.mark.slow

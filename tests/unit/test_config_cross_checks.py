@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from config_files import edit_once
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -26,12 +27,6 @@ MX = "partners/MX-ANAM/partner.toml"
 CA = "partners/CA-CBSA/partner.toml"
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-
-
 def _refusal(tree: Path) -> ConfigError:
     with pytest.raises(ConfigError) as caught:
         load_config(tree / G, environ={})
@@ -42,7 +37,7 @@ def _refusal(tree: Path) -> ConfigError:
 
 
 def test_a_subject_claimed_by_two_partners_under_one_ca_is_refused(tree: Path) -> None:
-    _edit(
+    edit_once(
         tree / CA,
         'client_cert_subjects = ["CA-CBSA"]',
         'client_cert_subjects = ["CA-CBSA", "MX-ANAM"]',
@@ -62,7 +57,7 @@ def test_a_fingerprint_claimed_by_two_partners_under_one_ca_is_refused(tree: Pat
     pinned = "AB:" * 31 + "CD"
     normalised = pinned.replace(":", "").lower()
     for partner in (MX, CA):
-        _edit(
+        edit_once(
             tree / partner,
             "client_cert_fingerprints = []",
             f'client_cert_fingerprints = ["{pinned}"]',
@@ -79,8 +74,8 @@ def test_a_fingerprint_claimed_by_two_partners_under_one_ca_is_refused(tree: Pat
 def test_the_same_ca_certificate_in_two_files_is_one_ca(tree: Path) -> None:
     bundle = tree / "certs" / "ca-cbsa-bundle.pem"
     shutil.copy(tree / "certs" / "dev" / "ca.pem", bundle)
-    _edit(tree / CA, 'ca = "../../certs/dev/ca.pem"', 'ca = "../../certs/ca-cbsa-bundle.pem"')
-    _edit(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
+    edit_once(tree / CA, 'ca = "../../certs/dev/ca.pem"', 'ca = "../../certs/ca-cbsa-bundle.pem"')
+    edit_once(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
     error = _refusal(tree)
     assert error.key == "https.client_cert_subjects[0]"
     ca = (tree / "certs" / "dev" / "ca.pem").resolve()
@@ -92,8 +87,8 @@ def test_one_subject_under_two_unrelated_cas_is_no_conflict(tree: Path, tmp_path
     is two certificates, each tied to its own partner at the handshake."""
     other = tmp_path / "other-pki"
     init_dev_pki(other, ["CA-CBSA"])
-    _edit(tree / CA, 'ca = "../../certs/dev/ca.pem"', f'ca = "{other / "ca.pem"}"')
-    _edit(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
+    edit_once(tree / CA, 'ca = "../../certs/dev/ca.pem"', f'ca = "{other / "ca.pem"}"')
+    edit_once(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
     config = load_config(tree / G, environ={})
     assert config.partners["CA-CBSA"].https.client_cert_subjects == ("MX-ANAM",)
 
@@ -125,8 +120,8 @@ def _ca_files(tree: Path, mx: list[x509.Certificate], ca: list[x509.Certificate]
     for partner, certificates in ((MX, mx), (CA, ca)):
         path = tree / "certs" / f"{partner.split('/')[1]}-ca.pem"
         path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certificates))
-        _edit(tree / partner, 'ca = "../../certs/dev/ca.pem"', f'ca = "{path}"')
-    _edit(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
+        edit_once(tree / partner, 'ca = "../../certs/dev/ca.pem"', f'ca = "{path}"')
+    edit_once(tree / CA, 'client_cert_subjects = ["CA-CBSA"]', 'client_cert_subjects = ["MX-ANAM"]')
 
 
 def test_one_subject_under_two_intermediates_of_one_root_is_no_conflict(tree: Path) -> None:
@@ -171,8 +166,8 @@ def test_a_ca_certificate_issued_again_is_the_same_ca(tree: Path) -> None:
 
 
 def test_a_partner_on_amqp_only_without_a_broker_url_is_refused(tree: Path) -> None:
-    _edit(tree / MX, "enabled = false", "enabled = true")
-    _edit(tree / MX, 'url = "https://127.0.0.1:9444/c2c/v1/messages"\n', "")
+    edit_once(tree / MX, "enabled = false", "enabled = true")
+    edit_once(tree / MX, 'url = "https://127.0.0.1:9444/c2c/v1/messages"\n', "")
     error = _refusal(tree)
     assert (error.file, error.key) == (str(tree / MX), "amqp.enabled")
     assert error.reason == (
@@ -183,7 +178,7 @@ def test_a_partner_on_amqp_only_without_a_broker_url_is_refused(tree: Path) -> N
 
 
 def test_a_partner_on_amqp_and_https_without_a_broker_url_is_refused(tree: Path) -> None:
-    _edit(tree / MX, "enabled = false", "enabled = true")
+    edit_once(tree / MX, "enabled = false", "enabled = true")
     error = _refusal(tree)
     assert (error.file, error.key) == (str(tree / MX), "amqp.enabled")
     assert error.reason == (
@@ -194,8 +189,8 @@ def test_a_partner_on_amqp_and_https_without_a_broker_url_is_refused(tree: Path)
 
 
 def test_a_partner_on_amqp_with_a_broker_url_loads(tree: Path) -> None:
-    _edit(tree / MX, "enabled = false", "enabled = true")
-    _edit(tree / G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
+    edit_once(tree / MX, "enabled = false", "enabled = true")
+    edit_once(tree / G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
     config = load_config(tree / G, environ={"C2C_AMQP_URL": "amqp://gw@127.0.0.1/c2c"})
     assert config.partners["MX-ANAM"].amqp.enabled
 
@@ -251,18 +246,18 @@ OUT_OF_BOUNDS: list[tuple[str, str, str, str, str]] = [
 def test_a_value_out_of_its_bounds_is_refused(
     tree: Path, file: str, old: str, new: str, key: str, reason: str
 ) -> None:
-    _edit(tree / file, old, new)
+    edit_once(tree / file, old, new)
     error = _refusal(tree)
     assert (error.file, error.key, error.reason) == (str(tree / file), key, reason)
 
 
 def test_the_bounds_themselves_load(tree: Path) -> None:
-    _edit(tree / G, "checkpoint_interval_s = 60", "checkpoint_interval_s = 0.1")
-    _edit(tree / G, "# poll_interval_s = 0.5", "poll_interval_s = 0.05")
-    _edit(tree / G, "# cert_check_interval_s = 60", "cert_check_interval_s = 86400")
-    _edit(tree / G, "max_body_bytes = 1048576", "max_body_bytes = 67108864")
-    _edit(tree / G, "max_skew_s = 120", "max_skew_s = 120\nheader_timeout_s = 300")
-    _edit(tree / MX, "per_second = 200.0", "per_second = 0.001")
+    edit_once(tree / G, "checkpoint_interval_s = 60", "checkpoint_interval_s = 0.1")
+    edit_once(tree / G, "# poll_interval_s = 0.5", "poll_interval_s = 0.05")
+    edit_once(tree / G, "# cert_check_interval_s = 60", "cert_check_interval_s = 86400")
+    edit_once(tree / G, "max_body_bytes = 1048576", "max_body_bytes = 67108864")
+    edit_once(tree / G, "max_skew_s = 120", "max_skew_s = 120\nheader_timeout_s = 300")
+    edit_once(tree / MX, "per_second = 200.0", "per_second = 0.001")
     config = load_config(tree / G, environ={})
     assert config.audit.checkpoint_interval_s == 0.1
     assert config.outbox.poll_interval_s == 0.05

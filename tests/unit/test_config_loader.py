@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from config_files import edit_once
 
 from gateway.cli.main import cli
 from gateway.config import (
@@ -21,12 +22,6 @@ from gateway.config import (
 from gateway.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
 
 
 def test_sample_config_round_trip(tree: Path) -> None:
@@ -84,8 +79,8 @@ def test_config_objects_are_frozen(tree: Path) -> None:
 
 
 def test_secret_urls_come_from_the_environment_and_never_show_in_repr(tree: Path) -> None:
-    _edit(tree / "gateway.toml", '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
-    _edit(
+    edit_once(tree / "gateway.toml", '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
+    edit_once(
         tree / "gateway.toml",
         'store_url = "sqlite:///var/c2c.db"',
         'store_url_env = "C2C_STORE_URL"',
@@ -295,7 +290,7 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
 def test_bad_file_names_file_key_and_reason(
     tree: Path, edited: str, old: str, new: str, file: str, key: str, reason: str
 ) -> None:
-    _edit(tree / edited, old, new)
+    edit_once(tree / edited, old, new)
     with pytest.raises(ConfigError) as caught:
         load_config(tree / "gateway.toml", environ={"C2C_AMQP_URL": "amqp://127.0.0.1/"})
     error = caught.value
@@ -356,7 +351,7 @@ def test_partner_cannot_be_the_gateway_itself(tree: Path) -> None:
 
 def test_fingerprints_are_normalised(tree: Path) -> None:
     fingerprint = "AB:" * 31 + "CD"
-    _edit(
+    edit_once(
         tree / MX,
         "client_cert_fingerprints = []",
         f'client_cert_fingerprints = ["{fingerprint}"]',
@@ -378,8 +373,8 @@ def test_partner_without_any_transport_is_refused(tree: Path) -> None:
 
 
 def test_a_bad_url_from_the_environment_names_the_env_key(tree: Path) -> None:
-    _edit(tree / G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
-    _edit(tree / G, 'store_url = "sqlite:///var/c2c.db"', 'store_url_env = "C2C_STORE_URL"')
+    edit_once(tree / G, '# url_env = "C2C_AMQP_URL"', 'url_env = "C2C_AMQP_URL"')
+    edit_once(tree / G, 'store_url = "sqlite:///var/c2c.db"', 'store_url_env = "C2C_STORE_URL"')
     good = {"C2C_AMQP_URL": "amqps://gw:pw@[::1]:5671/c2c?heartbeat=30"}
     with pytest.raises(ConfigError) as caught:
         load_config(tree / G, environ={**good, "C2C_STORE_URL": "postgresql://gw:hunter2@db"})
@@ -429,7 +424,7 @@ def test_the_cli_refuses_a_malformed_url_as_a_bad_config(
     """The reviewer's cases: exit 2 and one line naming the file and setting, no traceback,
     and no SQLite file named after the URL's query or fragment."""
     (tree / "var").mkdir()
-    _edit(tree / G, old, new)
+    edit_once(tree / G, old, new)
     result = CliRunner().invoke(cli, [command, "list", "--config", str(tree / G)])
     assert isinstance(result.exception, SystemExit)
     assert (result.exit_code, result.stdout) == (2, "")
@@ -440,7 +435,7 @@ def test_the_cli_refuses_a_malformed_url_as_a_bad_config(
 def test_send_refuses_an_out_of_range_default_ttl_as_a_bad_config(tree: Path) -> None:
     """The reviewer's case: the default TTL loaded, then every submission crashed computing
     its expiry (OverflowError). Now the same one line as any bad setting, exit 2."""
-    _edit(tree / G, "default_ttl_s = 86400", "default_ttl_s = 1000000000000")
+    edit_once(tree / G, "default_ttl_s = 86400", "default_ttl_s = 1000000000000")
     payload = tree / "payload.json"
     payload.write_text('{"reference": "R-1"}')
     result = CliRunner().invoke(

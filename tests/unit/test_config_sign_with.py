@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from config_files import edit_once
 
 from gateway.config import load_config
 from gateway.crypto.pki import ensure_signing_key_files
@@ -18,20 +19,14 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 MX_FILE = "partners/MX-ANAM/partner.toml"
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert text.count(old) == 1, f"{old!r} not found exactly once in {path}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-
-
 def _sign_with(tree: Path, value: str) -> None:
-    _edit(tree / MX_FILE, 'typ = "c2c+json"\n', f'typ = "c2c+json"\nsign_with = {value}\n')
+    edit_once(tree / MX_FILE, 'typ = "c2c+json"\n', f'typ = "c2c+json"\nsign_with = {value}\n')
 
 
 def _add_es256_key(tree: Path, window: str = "") -> Path:
     """A P-256 signing key of US-CBP next to its Ed25519 one, listed in gateway.toml."""
     ensure_signing_key_files(tree / "certs" / "dev" / "US-CBP", "ES256")
-    _edit(
+    edit_once(
         tree / "gateway.toml",
         "# RabbitMQ. Without url",
         '[[signing_keys]]\npath = "certs/dev/US-CBP/sign-es256.key"\nalg = "ES256"\n'
@@ -51,7 +46,7 @@ def test_sign_with_a_held_algorithm_loads(tree: Path) -> None:
     config = load_config(tree / "gateway.toml", environ={}, now=NOW)
     assert config.partners["MX-ANAM"].sign_with == "ES256"
     assert config.partners["CA-CBSA"].sign_with is None
-    _edit(tree / MX_FILE, '\nsign_with = "ES256"', '\nsign_with = "EdDSA"')
+    edit_once(tree / MX_FILE, '\nsign_with = "ES256"', '\nsign_with = "EdDSA"')
     config = load_config(tree / "gateway.toml", environ={}, now=NOW)
     assert config.partners["MX-ANAM"].sign_with == "EdDSA"
 
