@@ -25,7 +25,16 @@ import structlog
 import uvloop
 
 import gateway
-from bench import amqp_inbound, amqp_poison, attack, audit, fairness, https_inbound, outbound
+from bench import (
+    amqp_inbound,
+    amqp_poison,
+    attack,
+    audit,
+    fairness,
+    https_inbound,
+    outbound,
+    stages,
+)
 from bench.common import QUICK, Table, prepare, sign_messages
 
 NAMES = (
@@ -38,6 +47,7 @@ NAMES = (
     "poison",
     "fairness",
     "attack",
+    "stages",
 )
 #: the checkout whose ``gateway`` package this process imported
 CHECKOUT = Path(gateway.__file__).resolve().parent.parent
@@ -131,6 +141,7 @@ async def run(names: list[str]) -> list[Table]:
     await step("poison", lambda root: _one(amqp_poison.amqp_poison(root)))
     await step("fairness", lambda root: _one(fairness.fairness(root)))
     await step("attack", lambda root: _one(attack.attack(root)))
+    await step("stages", lambda root: _one(stages.stages(root)))
     return tables
 
 
