@@ -113,22 +113,56 @@ def _kg(mass: float) -> Decimal:
     return Decimal(str(mass))
 
 
-def _check_mass_decimals(node: Any, pointer: str = "") -> None:
+def _check_mass_decimals(payload: Any) -> None:
     """Every ``*mass_kg`` member has 3 decimals at most (``$defs/mass_kg``), read as its JSON
     text reads (the shortest repr): a schema's ``multipleOf: 0.001`` would divide in binary
-    floating point, and validators disagree on 0.41."""
+    floating point, and validators disagree on 0.41.
+
+    One walk without pointers finds whether any mass has too many; only then a second walk
+    names the first one in document order (every payload is walked, few ever fail)."""
+    stack: list[Any] = [payload]
+    push = stack.append
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, float):
+                    if key.endswith("mass_kg") and _too_precise(value):
+                        _raise_first_precise_mass(payload)
+                elif isinstance(value, _CONTAINERS):
+                    push(value)
+        elif isinstance(node, list):
+            for value in node:
+                if isinstance(value, _CONTAINERS):
+                    push(value)
+
+
+#: a tuple: isinstance with it costs half what it does with the union ``dict | list``
+_CONTAINERS = (dict, list)
+
+
+def _too_precise(mass: float) -> bool:
+    """More than 3 decimals in the shortest repr. ``round(mass, 3) == mass`` holds exactly when
+    the repr has 3 at most (the double nearest a 3-decimal number reads back as that number or
+    a shorter one), so the exact Decimal reading runs only for the masses that fail it."""
+    if round(mass, _MASS_DECIMALS) == mass:
+        return False
+    exponent = _kg(mass).as_tuple().exponent
+    return isinstance(exponent, int) and exponent < -_MASS_DECIMALS
+
+
+def _raise_first_precise_mass(node: Any, pointer: str = "") -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if isinstance(value, float) and key.endswith("mass_kg"):
-                exponent = _kg(value).as_tuple().exponent
-                if isinstance(exponent, int) and exponent < -_MASS_DECIMALS:
+                if _too_precise(value):
                     raise _fail(f"{pointer}/{key}", f"has more than {_MASS_DECIMALS} decimals")
             elif isinstance(value, dict | list):
-                _check_mass_decimals(value, f"{pointer}/{key}")
+                _raise_first_precise_mass(value, f"{pointer}/{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
             if isinstance(value, dict | list):
-                _check_mass_decimals(value, f"{pointer}/{i}")
+                _raise_first_precise_mass(value, f"{pointer}/{i}")
 
 
 def _check_total_mass(total: float, total_pointer: str, masses: Iterable[float], of: str) -> None:

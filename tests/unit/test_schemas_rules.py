@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.errors import SchemaInvalid
 from gateway.schemas import SchemaRegistry
+from gateway.schemas.rules import _too_precise
 
 ADVANCE = "shipment.advance_data"
 
@@ -499,3 +503,33 @@ def test_a_mass_has_three_decimals_at_most(
             pointer,
             f"{pointer}: has more than 3 decimals",
         )
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.decimals(min_value=-1e9, max_value=1e9, places=3).map(float),
+        st.decimals(min_value=-1e9, max_value=1e9, places=4).map(float),
+        st.integers(min_value=-(10**15), max_value=10**15).map(lambda n: n / 1000),
+    )
+)
+def test_the_quick_decimals_check_agrees_with_the_json_text(mass: float) -> None:
+    # _too_precise skips the Decimal reading when round(mass, 3) == mass: that must hold
+    # exactly for the floats whose shortest repr has 3 decimals at most
+    exponent = Decimal(repr(mass)).as_tuple().exponent
+    assert isinstance(exponent, int)
+    assert _too_precise(mass) is (exponent < -3)
+
+
+def test_the_first_mass_with_too_many_decimals_in_document_order_is_named(
+    registry: SchemaRegistry,
+) -> None:
+    payload = _advance(registry)
+    payload["goods_items"].append(copy.deepcopy(payload["goods_items"][0]))
+    payload["goods_items"][-1]["sequence"] = len(payload["goods_items"])
+    payload["goods_items"][0]["net_mass_kg"] = 0.0001
+    payload["goods_items"][-1]["gross_mass_kg"] = 1.0001
+    with pytest.raises(SchemaInvalid) as refused:
+        registry.validate(ADVANCE, "1.0", payload)
+    assert refused.value.pointer == "/goods_items/0/net_mass_kg"
