@@ -14,6 +14,7 @@ its reason come from one place.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -76,7 +77,9 @@ _NONZERO_DIGIT_RE = re.compile(r"[1-9]")
 #: what a number below the smallest double (4.9e-324) needs, see _may_underflow
 _ZEROS = b"0" * 300
 _DIGIT_OR_POINT = frozenset(b"0123456789.")
-_LONG_EXPONENT = re.compile(rb"0*[1-9][0-9]{2}")
+# The digits of a valid JSON number end at whitespace, ",", "]", "}" or the end: a letter,
+# digit or "-" after three digits is a UUID's "...0e-890a..." or "...7e-4567-...", not one.
+_LONG_EXPONENT = re.compile(rb"0*[1-9][0-9]{2,}(?![0-9A-Za-z-])")
 # Longest decimal integer that can still be within double range (DBL_MAX has 309 digits).
 _MAX_INT_DIGITS = 309
 
@@ -207,7 +210,8 @@ def _same_as_strict(body: bytes, indented: bytes) -> bool:
 
 def _may_underflow(body: bytes) -> bool:
     """Whether ``body`` may hold a number below the smallest double (4.9e-324): a negative
-    exponent of three digits after a digit or a point, or a run of 300 zeros. Substring
+    exponent of three digits or more after a digit or a point, ending where a number ends, or
+    a run of 300 zeros. Substring
     searches and anchored matches only: a regex search over the body costs ~10 us."""
     if _ZEROS in body:
         return True
@@ -264,6 +268,18 @@ def parse_rfc3339(value: object, *, utc: bool = True) -> datetime:
     match = _RFC3339_RE.fullmatch(value)
     if match is None:
         raise TimestampError(f"is not {kind}")
+    if match.group(8) is None and match.group(4) < "24":
+        # "Z" (nearly every timestamp): the C parser reads what the pattern let through as
+        # _from_fields does, 40 times faster; what it refuses (a leap second, 30 February,
+        # year 0, a lowercase "z") _from_fields reads or names. Hour 24, which newer
+        # Pythons read as the next midnight, is _from_fields' to refuse.
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value)
+    return _from_fields(match, utc=utc, kind=kind)
+
+
+def _from_fields(match: re.Match[str], *, utc: bool, kind: str) -> datetime:
+    """:func:`parse_rfc3339` of a value its pattern matched, read field by field."""
     year, month, day, hour, minute, second, fraction, sign, off_h, off_m = match.groups()
     offset = 0 if sign is None else int(off_h) * 60 + int(off_m)
     if utc and offset != 0:
