@@ -148,32 +148,13 @@ def parse_detached(jws: str) -> ParsedJws:
         raise _told(exc.reason) from None
 
 
-def _parse_detached(jws: str) -> ParsedJws:
-    if not isinstance(jws, str):
-        raise SignatureInvalid(f"JWS must be text, got {type(jws).__name__}")
-    if len(jws) > _MAX_JWS_CHARS:
-        raise SignatureInvalid(
-            f"JWS is {len(jws)} characters, over the {_MAX_JWS_CHARS}-character limit "
-            f"(protected header at most {MAX_HEADER_BYTES} bytes, signature {SIGNATURE_BYTES})"
-        )
-    dots = jws.count(".")
-    if dots != 2:
-        raise SignatureInvalid(
-            f"compact JWS must have exactly 3 segments separated by '.', found {dots + 1}"
-        )
-    protected_b64, payload_b64, signature_b64 = jws.split(".")
-    if payload_b64:
-        raise SignatureInvalid(
-            "payload segment must be empty (detached JWS, RFC 7515 Appendix F), "
-            f"found {len(payload_b64)} characters: remove the middle part, keep the two dots"
-        )
-    if not protected_b64:
-        raise SignatureInvalid("protected header segment is empty")
-    if len(protected_b64) > _MAX_HEADER_B64:
-        raise SignatureInvalid(
-            f"protected header segment is {len(protected_b64)} characters, "
-            f"over the {_MAX_HEADER_B64}-character limit ({MAX_HEADER_BYTES} bytes decoded)"
-        )
+@lru_cache(maxsize=256)
+def _protected_header(protected_b64: str) -> tuple[Alg, str | None, str | None]:
+    """``alg``, ``kid`` and ``typ`` of a protected header segment, or SignatureInvalid.
+
+    A function of the segment's text alone, so its answers are kept: a peer sends the same
+    few segments (one per key) with every message. Refusals are not kept (they raise).
+    """
     header_bytes = b64url_decode_strict(protected_b64, "protected header")
     try:
         header_text = header_bytes.decode("utf-8")
@@ -209,6 +190,36 @@ def _parse_detached(jws: str) -> ParsedJws:
     typ = header.get("typ")
     if "typ" in header and not isinstance(typ, str):
         raise SignatureInvalid("protected header typ must be a string")
+    return alg, kid, typ
+
+
+def _parse_detached(jws: str) -> ParsedJws:
+    if not isinstance(jws, str):
+        raise SignatureInvalid(f"JWS must be text, got {type(jws).__name__}")
+    if len(jws) > _MAX_JWS_CHARS:
+        raise SignatureInvalid(
+            f"JWS is {len(jws)} characters, over the {_MAX_JWS_CHARS}-character limit "
+            f"(protected header at most {MAX_HEADER_BYTES} bytes, signature {SIGNATURE_BYTES})"
+        )
+    dots = jws.count(".")
+    if dots != 2:
+        raise SignatureInvalid(
+            f"compact JWS must have exactly 3 segments separated by '.', found {dots + 1}"
+        )
+    protected_b64, payload_b64, signature_b64 = jws.split(".")
+    if payload_b64:
+        raise SignatureInvalid(
+            "payload segment must be empty (detached JWS, RFC 7515 Appendix F), "
+            f"found {len(payload_b64)} characters: remove the middle part, keep the two dots"
+        )
+    if not protected_b64:
+        raise SignatureInvalid("protected header segment is empty")
+    if len(protected_b64) > _MAX_HEADER_B64:
+        raise SignatureInvalid(
+            f"protected header segment is {len(protected_b64)} characters, "
+            f"over the {_MAX_HEADER_B64}-character limit ({MAX_HEADER_BYTES} bytes decoded)"
+        )
+    alg, kid, typ = _protected_header(protected_b64)
     if not signature_b64:
         raise SignatureInvalid("signature segment is empty")
     signature = b64url_decode_strict(signature_b64, "signature")
