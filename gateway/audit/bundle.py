@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import os
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -184,7 +185,11 @@ async def export_bundle(
     filt = AuditFilter(since=since, until=until, correlation_id=correlation_id)
     tmp = out.with_name(out.name + ".partial")
     try:
-        with tmp.open("wb") as fh:
+        # owner-only, as the store it copies message bodies from (a left-over temporary file
+        # keeps its mode through O_CREAT: set it again)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
             writer = _Writer(fh)
             writer.write(
                 {

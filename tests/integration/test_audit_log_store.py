@@ -311,6 +311,26 @@ async def test_export_never_renames_over_a_special_file(
     assert verify_bundle(regular, lambda _o: log_signer.verifier).ok
 
 
+async def test_a_bundle_is_readable_by_its_owner_alone(
+    store: Store, audit: AuditLog, log_signer: NoteSigner, tmp_path: Path
+) -> None:
+    # it holds message bodies (the store's are owner-only), whatever the umask, an older
+    # bundle's mode or a left-over temporary file's
+    await store.append_audit(_events(3))
+    out = tmp_path / "bundle.jsonl"
+    out.write_bytes(b"an older bundle\n")
+    out.chmod(0o644)
+    partial = tmp_path / "bundle.jsonl.partial"
+    partial.write_bytes(b"")
+    partial.chmod(0o666)
+    old_umask = os.umask(0o022)
+    try:
+        await export_bundle(store, audit, log_signer, out)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
 async def test_rewrite_after_checkpoint_fails_consistency_and_the_witness(
     store: Store,
     audit: AuditLog,
