@@ -167,4 +167,11 @@ def build_api_app(services: ApiServices) -> web.Application:
     )
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    app.on_response_prepare.append(_not_kept)
     return app
+
+
+async def _not_kept(_request: web.Request, response: web.StreamResponse) -> None:
+    """Messages, audit entries and bundles are enforcement data: no browser or proxy keeps a
+    copy (``no-store``); the console's own files say otherwise (``no-cache``)."""
+    response.headers.setdefault("Cache-Control", "no-store")

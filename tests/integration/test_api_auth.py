@@ -65,6 +65,32 @@ async def test_valid_token_is_accepted(us: Running) -> None:
     assert body == {"items": [], "next_cursor": None}
 
 
+@pytest.mark.parametrize(
+    ("path", "cache_control"),
+    [
+        ("/api/v1/messages?direction=inbound", "no-store"),
+        ("/api/v1/audit/entries", "no-store"),
+        ("/api/v1/messages/0192f4d6-7c1e-7a3b-9d2e-5b8f1c3a9e10", "no-store"),  # a 404
+        ("/console/", "no-cache"),
+    ],
+)
+async def test_no_answer_is_kept_by_a_cache(us: Running, path: str, cache_control: str) -> None:
+    # enforcement data (messages, audit entries, refusals naming them) is never stored by a
+    # browser or a proxy; the console's page and scripts are revalidated
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            us.api_url + path, headers=auth(token(us.config)), ssl=client_ssl(us.config)
+        ) as response,
+    ):
+        assert response.headers["Cache-Control"] == cache_control
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(us.api_url + path, ssl=client_ssl(us.config)) as response,
+    ):
+        assert response.headers["Cache-Control"] == cache_control
+
+
 async def test_missing_token(us: Running) -> None:
     status, body, challenge = await call(us, None)
     assert status == 401
