@@ -114,10 +114,21 @@ def _checked(name: str, method: str, call: Callable[[bytes], Any], body: bytes) 
         if not isinstance(exc, ValueError | GatewayError):
             # not a parser's ordinary refusal: likely a bug in the adapter, for its author
             log.error("adapter_failed", adapter=name, method=method, exc_info=exc)
+        else:
+            # a parser's text quotes what it could not read: a value of the payload, which
+            # belongs in neither the audit log (kept for good, hashed into its tree) nor the
+            # answer; the operator's log gets it, cut short
+            log.warning(
+                "adapter_refused",
+                adapter=name,
+                method=method,
+                error=f"{type(exc).__name__}: {_quoted(exc)}",
+            )
         raise Malformed(
-            f"adapter {name} {method} raised {type(exc).__name__}: {_quoted(exc)}",
+            f"adapter {name} {method} raised {type(exc).__name__} (its text is in the log,"
+            " adapter_refused or adapter_failed)",
             detail=NATIVE_UNPARSEABLE,
-        ) from None
+        ) from exc  # for `partners check`, which shows a fixture's own text
     if not isinstance(result, bytes):
         raise Malformed(
             f"adapter {name} {method} returned {type(result).__name__}, not bytes",

@@ -219,7 +219,10 @@ def _check_fixture(
     except OSError as exc:
         return _Result(ok=False, what="fixture", detail=f"{name}: {exc.strerror or exc}")
     except GatewayError as exc:
-        return _Result(ok=False, what="fixture", detail=f"{name}: {exc.code}: {exc.reason}")
+        # an adapter's exception: its text (kept out of the audit log, where it could quote a
+        # partner's payload) is the point here, on the operator's own fixture
+        cause = "" if exc.__cause__ is None else f" [{_quoted_cause(exc.__cause__)}]"
+        return _Result(ok=False, what="fixture", detail=f"{name}: {exc.code}: {exc.reason}{cause}")
     if direction is Direction.INBOUND:
         expected = (partner.id, config.party)
         allowed = partner.inbound_types
@@ -313,3 +316,8 @@ def check_command(partner_id: str, config_path: Path) -> None:
     click.echo(f"{partner.id}: {passed} ok, {failed} failed")
     if failed:
         sys.exit(1)
+
+
+def _quoted_cause(cause: BaseException) -> str:
+    text = str(cause)
+    return f"{type(cause).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from outbound_env import (
     RETRYING_OUTBOX,
     Running,
@@ -217,15 +218,28 @@ async def test_an_asynchronous_xml_receipt_settles_our_message(us: Running, tmp_
 
 
 @pytest.mark.parametrize(
-    ("mode", "cause"),
-    [("raise", "raised KeyError: \"'no such thing'\""), ("str", "returned str, not bytes")],
+    ("mode", "cause", "logged"),
+    [
+        ("raise", "raised KeyError", ("adapter_failed", None)),
+        ("value", "raised ValueError", ("adapter_refused", "ValueError: ")),
+        ("str", "returned str, not bytes", None),
+    ],
 )
 async def test_an_adapter_failure_is_malformed_and_audited(
-    us: Running, tmp_path: Path, mode: str, cause: str
+    us: Running,
+    tmp_path: Path,
+    mode: str,
+    cause: str,
+    logged: tuple[str, str | None] | None,
 ) -> None:
     module = xml_module(us, MX)
     _, canonical = mx_message(us)
-    status, answer, headers = await post_as_mx(us, tmp_path, module.wrap(canonical, mode))
+    body = module.wrap(canonical, mode)
+    # what the ValueError quotes: the start of the body's content, a stand-in for a payload
+    # value the adapter could not read (a trader's name where a date belongs)
+    quoted = body.split(b"<envelope>")[1][:24].decode()
+    with structlog.testing.capture_logs() as logs:
+        status, answer, headers = await post_as_mx(us, tmp_path, body)
     assert status == 400, answer
     # nothing in the native body could be read, so no message id: the problem document
     assert headers["Content-Type"].startswith("application/problem+json")
@@ -234,7 +248,24 @@ async def test_an_adapter_failure_is_malformed_and_audited(
     assert problem["detail"] == "native format unparseable"
     entries = await malformed_entries(us)
     assert len(entries) == 1, entries
-    assert entries[0]["reason"] == f"adapter {MX}/adapter.py to_canonical {cause}"
+    if logged is None:
+        assert entries[0]["reason"] == f"adapter {MX}/adapter.py to_canonical {cause}"
+        return
+    # the exception's text, which may quote payload values, is in the operator's log alone
+    assert entries[0]["reason"] == (
+        f"adapter {MX}/adapter.py to_canonical {cause} (its text is in the log,"
+        " adapter_refused or adapter_failed)"
+    )
+    assert quoted not in json.dumps(entries[0])
+    assert quoted.encode() not in answer
+    event, error = logged
+    lines = [line for line in logs if line["event"] == event]
+    assert len(lines) == 1, logs
+    if error is not None:
+        assert lines[0]["error"] == f"{error}{f'Invalid isoformat string: {quoted!r}'!r}"
+    for line in logs:
+        if line["event"] != event:
+            assert quoted not in repr(line), line
 
 
 async def test_a_slow_adapter_does_not_stall_the_gateway(us: Running, tmp_path: Path) -> None:

@@ -69,3 +69,5 @@ def test_check_reports_a_fixture_the_adapter_cannot_read(tree: Path) -> None:
     (line,) = [line for line in out.splitlines() if "broken.xml" in line]
     assert line.startswith("  FAIL  fixture")
     assert "MALFORMED: adapter MX-ANAM/adapter.py to_canonical raised ParseError" in line
+    # the parser's own text, left out of the audit log, is shown for the operator's fixture
+    assert line.endswith("[ParseError: no element found: line 1, column 15]"), line
