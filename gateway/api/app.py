@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.api import audit
 from gateway.api import console_routes as console
 from gateway.api.auth import (
+    READERS,
     SCOPE_ADMIN,
     SCOPE_AUDIT,
     SCOPE_QUERY,
@@ -29,11 +30,15 @@ from gateway.api.services import SERVICES, ApiServices
 from gateway.audit.log import AuditLog
 from gateway.crypto.notes import load_note_signer
 from gateway.errors import GatewayError
+from gateway.model import Direction
 
 log = structlog.get_logger(__name__)
 
 PUBLIC = Access(public=True)
-READ = Access(scopes=frozenset({SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN}))
+#: messages of either direction; a request naming its ``direction`` needs that direction's
+#: readers, and one that does not is answered with the directions its token may read alone
+READ = Access(scopes=frozenset().union(*READERS.values()))
+_READ_DIRECTION = {direction.value: Access(scopes=r) for direction, r in READERS.items()}
 AUDIT_READ = Access(scopes=frozenset({SCOPE_AUDIT}))
 
 
@@ -64,7 +69,12 @@ ROUTES: tuple[Route, ...] = (
         handler=retry_message,
         access=Access(scopes=frozenset({SCOPE_ADMIN})),
     ),
-    Route(method="GET", path="/api/v1/documents", handler=get_document, access=READ),
+    Route(
+        method="GET",
+        path="/api/v1/documents",
+        handler=get_document,
+        access=Access(scopes=READERS[Direction.INBOUND]),
+    ),
     Route(
         method="POST",
         path="/api/v1/queries",
@@ -124,7 +134,10 @@ def _access_for(request: web.Request) -> Access | None:
     resource = info.route.resource
     if resource is None:
         return None
-    return _ACCESS.get((request.method, resource.canonical))
+    access = _ACCESS.get((request.method, resource.canonical))
+    if access is READ:
+        return _READ_DIRECTION.get(request.query.get("direction", ""), READ)
+    return access
 
 
 @web.middleware

@@ -9,7 +9,7 @@ RFC 6750 ``WWW-Authenticate`` header.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -29,13 +29,23 @@ from gateway.crypto.keys import (
 from gateway.crypto.tokens import TokenClaims, TokenInvalid, verify_token
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
+from gateway.model import Direction
 from gateway.transports.tls_accept import RefusalWindow
 
 SCOPE_SEND = "c2c:send"
 SCOPE_QUERY = "c2c:query"
+#: reading what partners sent (inbound messages and their documents): enforcement data of
+#: every partner, so not part of sending or querying
+SCOPE_RECEIVE = "c2c:receive"
 SCOPE_AUDIT = "audit:read"
 SCOPE_ADMIN = "admin"
-ALL_SCOPES = (SCOPE_SEND, SCOPE_QUERY, SCOPE_AUDIT, SCOPE_ADMIN)
+ALL_SCOPES = (SCOPE_SEND, SCOPE_QUERY, SCOPE_RECEIVE, SCOPE_AUDIT, SCOPE_ADMIN)
+#: who may read the messages of each direction: ours (their state, attempts and receipts) to
+#: whoever sends or queries, what partners sent to c2c:receive
+READERS: Mapping[Direction, frozenset[str]] = {
+    Direction.OUTBOUND: frozenset({SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN}),
+    Direction.INBOUND: frozenset({SCOPE_RECEIVE, SCOPE_ADMIN}),
+}
 #: the party name token keys are filed under in their key ring
 KEY_OWNER = "internal-api"
 
@@ -177,3 +187,9 @@ def bearer_middleware(
         return await handler(request)
 
     return middleware
+
+
+def readable(request: web.Request) -> frozenset[Direction]:
+    """The directions whose messages the request's token may read (``READERS``)."""
+    scopes = claims_of(request).scopes
+    return frozenset(direction for direction, readers in READERS.items() if scopes & readers)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.api.auth import claims_of
+from gateway.api.auth import claims_of, readable
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
@@ -234,7 +235,7 @@ async def get_message(request: web.Request) -> web.Response:
         services.store,
         services.config.partners,
         message_id,
-        direction=Direction(direction) if direction else None,
+        direction=Direction(direction) if direction else _only_readable(request),
         partner=partner,
     )
     if not views:
@@ -263,8 +264,17 @@ def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None
     return filt, limit or 50, fields.text("after", limit=400)
 
 
+def _only_readable(request: web.Request) -> Direction | None:
+    """The direction a request that names none is limited to: the one its token may read
+    when it may not read both (a message of the other is then "no such message")."""
+    directions = readable(request)
+    return next(iter(directions)) if len(directions) == 1 else None
+
+
 async def list_messages(request: web.Request) -> web.Response:
     filt, limit, after = message_filter(request)
+    if filt.direction is None:
+        filt = dataclasses.replace(filt, direction=_only_readable(request))
     try:
         page = await request.app[SERVICES].store.list_messages(filt, limit=limit, after=after)
     except InvalidCursor:

@@ -8,16 +8,23 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.api.auth import SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
+from gateway.api.auth import READERS, SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
 from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
+from gateway.model import Direction
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
 _TIME = {"type": "string", "format": "date-time"}
-_READ_SCOPES = [SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN]
+_READ_SCOPES = sorted(frozenset().union(*READERS.values()))
+_INBOUND_READ_SCOPES = sorted(READERS[Direction.INBOUND])
+_READ_NOTE = (
+    "Outbound messages need c2c:send, c2c:query or admin, inbound ones c2c:receive or admin:"
+    " a request naming its direction needs that direction's scope (else 403), one that names"
+    " none sees the directions its token may read."
+)
 _B64 = {"type": "string", "contentEncoding": "base64"}
 _HASHES = {"type": "array", "items": _B64}
 _SEQ = {"type": "integer", "minimum": 0}
@@ -555,7 +562,8 @@ def openapi_document() -> dict[str, Any]:
             "title": "C2C gateway internal API",
             "version": __version__,
             "description": "Send messages and queries to partner administrations and follow"
-            " their delivery. Bearer JWTs with scopes c2c:send, c2c:query, audit:read, admin.",
+            " their delivery, and read what partners sent. Bearer JWTs with scopes c2c:send,"
+            " c2c:query, c2c:receive (what partners sent), audit:read, admin.",
         },
         "components": {
             "securitySchemes": {
@@ -590,6 +598,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "listMessages",
                     "summary": "List messages, newest first, keyset-paged",
+                    "description": _READ_NOTE,
                     "security": _security(_READ_SCOPES),
                     "parameters": _list_parameters(),
                     "responses": {
@@ -604,6 +613,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "operationId": "getMessage",
                     "summary": "A message's state, attempts and receipt",
+                    "description": _READ_NOTE,
                     "security": _security(_READ_SCOPES),
                     "parameters": [
                         _MESSAGE_ID_PARAM,
@@ -652,7 +662,7 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getDocument",
                     "summary": "A partner's filing and its amendments in version order, and the"
                     " current version (the highest, whatever order they arrived in)",
-                    "security": _security(_READ_SCOPES),
+                    "security": _security(_INBOUND_READ_SCOPES),
                     "parameters": [
                         _query("partner", _PARTY, "The sender", required=True),
                         _query(

@@ -405,3 +405,43 @@ async def test_openapi_document_matches_the_router(us: Running) -> None:
         if route.resource is not None
     }
     assert documented == routed
+
+
+async def test_what_partners_sent_is_read_with_c2c_receive(us: Running) -> None:
+    """Inbound messages are every partner's enforcement data: a token that may send or query
+    reads our messages (their state and receipts), not theirs; c2c:receive reads theirs."""
+    status, sent = await api(us, "POST", "/api/v1/messages", json=submission(us))
+    assert status == 202, sent
+    ours = sent["message_id"]
+    record = sample_record(sender="MX-ANAM")
+    await us.gateway.store.store_inbound(record, [])
+    theirs = record.message_id
+    needs_receive = "this operation needs one of the scopes admin c2c:receive"
+    needs_outbound = "this operation needs one of the scopes admin c2c:query c2c:send"
+    for scopes, sees in (
+        (("c2c:send",), "outbound"),
+        (("c2c:query",), "outbound"),
+        (("c2c:receive",), "inbound"),
+    ):
+        mine, other = (ours, theirs) if sees == "outbound" else (theirs, ours)
+        status, body = await api(us, "GET", f"/api/v1/messages/{mine}", scopes=scopes)
+        assert (status, body["direction"]) == (200, sees), (scopes, body)
+        # the other direction's message is not there for this token, as an unknown id
+        status, body = await api(us, "GET", f"/api/v1/messages/{other}", scopes=scopes)
+        assert (status, body["detail"]) == (404, f"no message with message_id {other}"), scopes
+        status, body = await api(us, "GET", "/api/v1/messages", scopes=scopes)
+        assert status == 200, body
+        assert [item["message_id"] for item in body["items"]] == [mine], (scopes, body)
+        refused = "outbound" if sees == "inbound" else "inbound"
+        for path in (
+            f"/api/v1/messages?direction={refused}",
+            f"/api/v1/messages/{other}?direction={refused}",
+        ):
+            status, body = await api(us, "GET", path, scopes=scopes)
+            assert status == 403, (scopes, path, body)
+            assert body["detail"] == (needs_outbound if refused == "outbound" else needs_receive)
+        documents = "/api/v1/documents?partner=MX-ANAM&type=shipment.advance_data&ref=X1"
+        status, body = await api(us, "GET", documents, scopes=scopes)
+        assert status == (404 if sees == "inbound" else 403), (scopes, body)
+    status, body = await api(us, "GET", "/api/v1/messages", scopes=("admin",))
+    assert {item["message_id"] for item in body["items"]} == {ours, theirs}
