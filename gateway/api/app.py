@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.api import audit
 from gateway.api import console_routes as console
 from gateway.api.auth import (
+    CLAIMS_KEY,
     READERS,
     SCOPE_ADMIN,
     SCOPE_AUDIT,
@@ -184,7 +185,19 @@ def build_api_app(services: ApiServices) -> web.Application:
     return app
 
 
-async def _not_kept(_request: web.Request, response: web.StreamResponse) -> None:
+async def _not_kept(request: web.Request, response: web.StreamResponse) -> None:
     """Messages, audit entries and bundles are enforcement data: no browser or proxy keeps a
-    copy (``no-store``); the console's own files say otherwise (``no-cache``)."""
+    copy (``no-store``); the console's own files say otherwise (``no-cache``). Who was
+    answered what is logged (``api_access``: the token's subject, the request, the status),
+    so that a data-protection officer can tell who read which message."""
     response.headers.setdefault("Cache-Control", "no-store")
+    claims = request.get(CLAIMS_KEY)
+    if claims is not None:
+        log.info(
+            "api_access",
+            subject=claims.subject,
+            method=request.method,
+            path=request.path[:200],
+            query=request.query_string[:200] or None,
+            status=response.status,
+        )

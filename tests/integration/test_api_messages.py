@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from inbound_records import sample_record
 from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
 
@@ -445,3 +446,19 @@ async def test_what_partners_sent_is_read_with_c2c_receive(us: Running) -> None:
         assert status == (404 if sees == "inbound" else 403), (scopes, body)
     status, body = await api(us, "GET", "/api/v1/messages", scopes=("admin",))
     assert {item["message_id"] for item in body["items"]} == {ours, theirs}
+
+
+async def test_who_read_which_message_is_logged(us: Running) -> None:
+    record = sample_record(sender="MX-ANAM")
+    await us.gateway.store.store_inbound(record, [])
+    path = f"/api/v1/messages/{record.message_id}"
+    with structlog.testing.capture_logs() as logs:
+        status, _ = await api(us, "GET", path, scopes=("c2c:receive",))
+        assert status == 200
+        status, _ = await api(us, "GET", path + "?direction=inbound", scopes=("c2c:send",))
+        assert status == 403
+        status, _ = await api(us, "GET", "/healthz")
+    lines = [line for line in logs if line["event"] == "api_access"]
+    assert [(line["subject"], line["path"], line["query"], line["status"]) for line in lines] == [
+        ("test-client", path, None, 200)
+    ], lines
