@@ -210,8 +210,8 @@ def _same_as_strict(body: bytes, indented: bytes) -> bool:
 def _may_underflow(body: bytes) -> bool:
     """Whether ``body`` may hold a number below the smallest double (4.9e-324): a negative
     exponent of three digits or more after a digit or a point, ending where a number ends, or
-    a run of 300 zeros. Substring
-    searches and anchored matches only: a regex search over the body costs ~10 us."""
+    a run of 300 zeros. Substring searches and anchored matches only: a regex search over the
+    body costs ~10 us."""
     if _ZEROS in body:
         return True
     for marker in (b"e-", b"E-"):
