@@ -6,10 +6,12 @@ example database), sent over TLS with a token holding every scope.
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayCo
         stderr=subprocess.PIPE,
     )
     assert proc.stderr is not None
+    drain: threading.Thread | None = None
     try:
         api_url = None
         for line in proc.stderr:
@@ -46,11 +49,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GatewayCo
                 api_url = json.loads(line)["api_url"]
                 break
         assert api_url is not None, "serve exited before it was ready"
+        # read the log on: a pipe nobody reads fills (one api_access line per request), and
+        # serve then blocks on its next log line, every answer with it
+        drain = threading.Thread(target=collections.deque, args=(proc.stderr, 0), daemon=True)
+        drain.start()
         yield config, api_url
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
+        assert proc.wait(timeout=30) == 0
+        if drain is not None:
+            drain.join(timeout=10)  # the pipe's end: serve has exited
+        proc.stderr.close()
 
 
 def test_no_operation_answers_5xx(served: tuple[GatewayConfig, str]) -> None:

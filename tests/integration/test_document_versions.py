@@ -83,7 +83,7 @@ async def get_document(running: Running, **query: str) -> tuple[int, Any]:
         session.get(
             running.api_url + "/api/v1/documents",
             params=query,
-            headers=auth(token(running.config, ("c2c:query",))),
+            headers=auth(token(running.config, ("c2c:receive",))),
             ssl=client_ssl(running.config),
         ) as response,
     ):
