@@ -1016,6 +1016,15 @@ def _anchors(ca: Path) -> _Anchors:
     return _Anchors(every=every, issuing=issuing)
 
 
+def _shared_ca(mine: _Anchors, theirs: _Anchors) -> str | None:
+    """The name of a CA that issues one file's client certificates and is an anchor of the
+    other (the first such, by identity), or None."""
+    shared = (mine.issuing & theirs.every.keys()) | (theirs.issuing & mine.every.keys())
+    if not shared:
+        return None
+    return {**mine.every, **theirs.every}[min(shared)]
+
+
 def _check_client_identities(partners: Iterable[PartnerConfig]) -> None:
     """No client certificate subject or fingerprint is accepted for two partners when a CA
     that issues one partner's client certificates is a trust anchor of the other: such a
@@ -1037,14 +1046,10 @@ def _check_client_identities(partners: Iterable[PartnerConfig]) -> None:
         ):
             for index, value in enumerate(values):
                 for other, other_index, other_ca in claims.get((key, value), []):
-                    mine, theirs = anchors[ca], anchors[other_ca]
-                    shared = (mine.issuing & theirs.every.keys()) | (
-                        theirs.issuing & mine.every.keys()
-                    )
-                    if not shared:
+                    name = _shared_ca(anchors[ca], anchors[other_ca])
+                    if name is None:
                         continue
                     files = str(other_ca) if other_ca == ca else f"{other_ca} and {ca}"
-                    name = {**mine.every, **theirs.every}[min(shared)]
                     raise ConfigError(
                         str(partner.directory / PARTNER_FILE),
                         f"https.{key}[{index}]",

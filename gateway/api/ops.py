@@ -41,17 +41,18 @@ async def metrics(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if services.metrics is None:
         return web.Response(body=b"", headers={"Content-Type": PROMETHEUS_TYPE})
+    # the store unavailable, these gauges keep the values of the last scrape that read it
     try:
         depth = await services.store.outbox_depth()
     except Unavailable:
-        depth = None
-    if depth is not None:
+        pass
+    else:
         for state in OutboundState:
             services.metrics.outbox_depth.labels(state.value).set(depth.get(state, 0))
     try:
         backlog = await services.store.outbox_backlog()
     except Unavailable:
-        backlog = None
-    if backlog is not None:
+        pass
+    else:
         services.metrics.show_backlog(backlog, services.clock.now())
     return web.Response(body=services.metrics.render(), headers={"Content-Type": PROMETHEUS_TYPE})
