@@ -82,6 +82,13 @@ async def reload_entries(running: Running) -> list[dict[str, str]]:
     return [e for e in entries if e["outcome"].startswith("tls_reload")]
 
 
+def entries_are(running: Running, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return len(await reload_entries(running)) >= count
+
+    return check
+
+
 async def test_a_renewed_certificate_is_presented_after_reload(us: Running) -> None:
     config = us.config
     old = file_fingerprint(config.tls.cert)
@@ -178,11 +185,14 @@ async def test_a_changed_file_is_taken_in_without_a_signal(tmp_path: Path) -> No
             return await presented(running.gateway.partner_url, config, as_partner=True) == new
 
         await until(renewed, "the endpoint presents the renewed certificate")
+        # the new pair is in force before its audit entry is committed: wait for the entry
+        await until(entries_are(running, 1), "the reload is audited")
         [entry] = await reload_entries(running)
         assert (entry["outcome"], entry["actor"]) == ("tls_reloaded", "watch:file-change")
         # a bad version is reported once, not at every check
         config.tls.cert.write_bytes(b"garbage\n")
-        await asyncio.sleep(0.5)
+        await until(entries_are(running, 2), "the bad version is audited")
+        await asyncio.sleep(0.5)  # ten more checks of the file, none of them reported
         entries = await reload_entries(running)
         assert [e["outcome"] for e in entries] == ["tls_reloaded", "tls_reload_refused"]
         assert await presented(running.gateway.partner_url, config, as_partner=True) == new
