@@ -22,8 +22,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# pytest-xdist workers (the tests are isolated: each has its own vhost, schema, ports, files);
+# TEST_WORKERS=0 runs them all in one process
+TEST_WORKERS ?= 2
+
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 test: lint typecheck unit
 
