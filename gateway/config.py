@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -1134,6 +1135,19 @@ def private_key_files(config: GatewayConfig) -> list[tuple[str, Path]]:
     if config.api_auth.signing_key is not None:
         files.append(("api_auth.signing_key", config.api_auth.signing_key))
     return files
+
+
+def open_private_key_files(config: GatewayConfig) -> Iterator[tuple[str, Path, int]]:
+    """Our private key files that their group or others may read (or write), each with its
+    key in gateway.toml and its permission bits. A file that cannot be read is left to its
+    loader, which names it."""
+    for key, path in private_key_files(config):
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            yield key, path, mode
 
 
 def load_config(

@@ -10,7 +10,6 @@ the store is open, stopped before it closes.
 from __future__ import annotations
 
 import asyncio
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -22,7 +21,7 @@ from gateway.adapters.registry import Adapter, adapter_for
 from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, SystemClock
 from gateway.clockwatch import ClockWatch
-from gateway.config import PARTNER_FILE, GatewayConfig, load_config, private_key_files
+from gateway.config import PARTNER_FILE, GatewayConfig, load_config, open_private_key_files
 from gateway.crypto.keys import (
     KeyRing,
     SigningKey,
@@ -103,15 +102,8 @@ def load_own_signing_keys(config: GatewayConfig) -> tuple[SigningKey, ...]:
 def warn_open_key_files(config: GatewayConfig) -> None:
     """Say which of our private key files its group or others may read (or write): the
     operator's files, theirs to change, as the store file (``store_file_open_to_others``)."""
-    for key, path in private_key_files(config):
-        try:
-            mode = path.stat().st_mode
-        except OSError:
-            continue  # its loader names a file it cannot read
-        if mode & 0o077:
-            log.warning(
-                "key_file_open_to_others", key=key, file=str(path), mode=f"{stat.S_IMODE(mode):04o}"
-            )
+    for key, path, mode in open_private_key_files(config):
+        log.warning("key_file_open_to_others", key=key, file=str(path), mode=f"{mode:04o}")
 
 
 def jwks(keys: tuple[SigningKey, ...]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import click
 from gateway import __version__
 from gateway.cli.amqp import amqp
 from gateway.cli.audit import audit
+from gateway.cli.check import check
 from gateway.cli.demo import demo
 from gateway.cli.keys import keys
 from gateway.cli.messages import messages
@@ -47,6 +48,7 @@ cli.add_command(keys)
 cli.add_command(send)
 cli.add_command(query)
 cli.add_command(store)
+cli.add_command(check)
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ AUDIT_PUB = "audit.pub"
 API_TOKEN_KEY = "api-token.key"  # noqa: S105 -- a file name, not a secret
 API_TOKEN_PUB = "api-token.pub"  # noqa: S105 -- a file name, not a secret
 
-_ORGANIZATION = "c2c-gateway development PKI (not for production)"
+DEV_ORGANIZATION = "c2c-gateway development PKI (not for production)"
 _CA_NAME = "C2C Development CA"
 _CA_LIFETIME = timedelta(days=3650)
 _LEAF_LIFETIME = timedelta(days=1095)
@@ -157,7 +157,7 @@ def _ensure_ed25519_pair(key_path: Path, pub_path: Path, created: _Created) -> E
 def _name(common_name: str) -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, _ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, DEV_ORGANIZATION),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
     )
