@@ -272,6 +272,8 @@ _ALGS: tuple[Alg, ...] = ("EdDSA", "ES256")
 _TYP_RE = re.compile(r"^c2c\+[a-z0-9][a-z0-9.-]{0,31}$")
 _ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+#: the user-information part of a URL's authority (up to its last "@")
+_CREDENTIALS_RE = re.compile(r"//[^/?#]*@")
 #: A replay window (plus skew) longer than a day would accept week-old captures as fresh.
 _MAX_FRESHNESS_S = 86_400
 #: Shorter, and a relay's own rows could run out between its claim and its publish.
@@ -816,6 +818,11 @@ def _message_types(table: _Table, name: str, known: frozenset[str]) -> frozenset
     return frozenset(values)
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` as an error message may show it: user and password replaced by ``***``."""
+    return _CREDENTIALS_RE.sub("//***@", url, count=1)
+
+
 def _https_url(table: _Table, name: str, schemes: tuple[str, ...] = ("https",)) -> str | None:
     value = table.opt_str(name)
     if value is None:
@@ -824,10 +831,10 @@ def _https_url(table: _Table, name: str, schemes: tuple[str, ...] = ("https",)) 
         parts = urlsplit(value)
         parts.port  # noqa: B018 -- parsing the port is what detects a bad one
     except ValueError:
-        raise table.error(name, f"{value!r} is not a valid URL") from None
+        raise table.error(name, f"{_without_credentials(value)!r} is not a valid URL") from None
     if parts.scheme not in schemes or not parts.hostname:
         named = " or ".join(f"{scheme}://" for scheme in schemes)
-        raise table.error(name, f"{value!r} is not an {named} URL")
+        raise table.error(name, f"{_without_credentials(value)!r} is not an {named} URL")
     if parts.username is not None or parts.password is not None:
         raise table.error(name, "credentials in the URL are not allowed")
     if parts.query or parts.fragment:
@@ -1002,18 +1009,19 @@ class _Anchors:
 
 
 def _anchors(ca: Path) -> _Anchors:
-    """A file that does not read is itself one CA (its loader names what is wrong with it)."""
+    """A file that does not read is itself one CA (its loader names what is wrong with it),
+    as is one holding a name cryptography cannot parse (which OpenSSL may take)."""
     try:
         certificates = x509.load_pem_x509_certificates(ca.read_bytes())
+        every = {ca_identity(c): repr(c.subject.rfc4514_string()) for c in certificates}
+        issuing = frozenset(
+            ca_identity(c)
+            for c in certificates
+            if not any(directly_issued(other, [c]) for other in certificates)
+        )
     except (OSError, ValueError):
         own = (f"file:{ca}".encode(), b"")
         return _Anchors(every={own: str(ca)}, issuing=frozenset({own}))
-    every = {ca_identity(c): repr(c.subject.rfc4514_string()) for c in certificates}
-    issuing = frozenset(
-        ca_identity(c)
-        for c in certificates
-        if not any(directly_issued(other, [c]) for other in certificates)
-    )
     return _Anchors(every=every, issuing=issuing)
 
 

@@ -4,7 +4,7 @@
 are, so that ``demo`` and ``sandbox`` run with no more than ``pki init``. These checks name
 the development settings left in a configuration meant for production, and the settings that
 weaken it there: certificates of the development PKI, no revocation check, the API token
-signing key on the gateway host, a reserved-name audit origin, passwords written into
+signing key on the gateway host, reserved-name audit origins, passwords written into
 gateway.toml, and private key files others may read. ``c2c-gateway check`` prints them.
 """
 
@@ -15,21 +15,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from gateway.config import GatewayConfig, open_private_key_files
+from gateway.crypto.keys import jwk_thumbprint, read_private_key, read_public_key
 from gateway.crypto.pki import DEV_ORGANIZATION
+from gateway.errors import ConfigError
 
 #: RFC 2606 and RFC 6761 names: never a real origin
 _RESERVED_SUFFIXES = (".invalid", ".example", ".test", ".localhost")
+_RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
+#: the URL query parameters asyncpg reads a password from
+_PASSWORD_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
 @dataclass(frozen=True)
 class Finding:
-    """One setting unfit for production: where it is (``[table] key``) and why."""
+    """One setting unfit for production: where it is (its key, as configuration errors name
+    it) and why."""
 
     where: str
     what: str
@@ -44,8 +50,8 @@ def deployment_findings(config: GatewayConfig) -> list[Finding]:
     return [
         *_revocation(config),
         *_development_pki(config),
-        *_token_signing_key(config),
-        *_audit_origin(config),
+        *_token_keys(config),
+        *_audit_origins(config),
         *_inline_passwords(raw),
         *_open_key_files(config),
     ]
@@ -54,45 +60,57 @@ def deployment_findings(config: GatewayConfig) -> list[Finding]:
 def _revocation(config: GatewayConfig) -> Iterator[Finding]:
     if not config.tls.crls and not config.tls.ocsp:
         yield Finding(
-            "[tls] crls, ocsp",
+            "tls.crls, tls.ocsp",
             "no revocation check: a partner certificate its CA revoked is accepted until it"
             " expires (give the partner CAs' CRLs, or ocsp = true)",
         )
 
 
-def _is_development(name: x509.Name) -> bool:
-    return any(
-        attribute.value == DEV_ORGANIZATION
-        for attribute in name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    )
-
-
-def _certificates(path: Path) -> list[x509.Certificate]:
+def _is_development(cert: x509.Certificate, *, issuer: bool) -> bool:
+    """Whether the certificate's issuer (or subject) is the development PKI's CA."""
     try:
-        return x509.load_pem_x509_certificates(path.read_bytes())
-    except (OSError, ValueError):
-        return []  # serve names a file it cannot read or parse
+        name = cert.issuer if issuer else cert.subject
+    except ValueError:  # a name cryptography cannot parse is not one pki init wrote
+        return False
+    attributes = name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return any(attribute.value == DEV_ORGANIZATION for attribute in attributes)
+
+
+def _certificates(where: str, path: Path) -> tuple[list[x509.Certificate], list[Finding]]:
+    """The certificates in ``path``, or a finding that it could not be read to check."""
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes()), []
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except ValueError as exc:
+        reason = str(exc)
+    return [], [Finding(where, f"{path} could not be read to check it: {reason}")]
 
 
 def _development_pki(config: GatewayConfig) -> Iterator[Finding]:
-    if any(_is_development(cert.issuer) for cert in _certificates(config.tls.cert)):
+    own, unread = _certificates("tls.cert", config.tls.cert)
+    yield from unread
+    if any(_is_development(cert, issuer=True) for cert in own):
         yield Finding(
-            "[tls] cert",
+            "tls.cert",
             f"{config.tls.cert} is issued by the development PKI (c2c-gateway pki init),"
             " whose CA key pki init left on disk, unencrypted",
         )
-    anchors = [("[tls] ca", config.tls.ca)]
+    anchors = [("tls.ca", config.tls.ca)]
     anchors += [
-        (f"{_shown(config, partner.directory / 'partner.toml')} [https] ca", partner.https.ca)
+        (f"{_shown(config, partner.directory / 'partner.toml')}: https.ca", partner.https.ca)
         for partner in config.partners.values()
         if partner.https.ca is not None
     ]
     for where, path in anchors:
-        if any(_is_development(cert.subject) for cert in _certificates(path)):
+        certificates, unread = _certificates(where, path)
+        yield from unread
+        if any(_is_development(cert, issuer=False) for cert in certificates):
             yield Finding(
                 where,
                 f"{path} holds the development CA: whoever has its key (left on disk,"
-                " unencrypted, by pki init) can make a certificate this gateway trusts",
+                " unencrypted, by pki init) can make a certificate that passes this"
+                " gateway's TLS handshake",
             )
 
 
@@ -104,29 +122,71 @@ def _shown(config: GatewayConfig, path: Path) -> Path:
         return path
 
 
-def _token_signing_key(config: GatewayConfig) -> Iterator[Finding]:
+def _token_keys(config: GatewayConfig) -> Iterator[Finding]:
     if config.api_auth.signing_key is not None:
         yield Finding(
-            "[api_auth] signing_key",
+            "api_auth.signing_key",
             "the key that signs internal API tokens is on the gateway host (for"
             " c2c-gateway token issue, development only): whoever reads it can issue"
             " tokens of any scope; tokens should come from the identity provider, and"
             " public_keys alone verify them",
         )
+    for index, public in enumerate(config.api_auth.public_keys):
+        private = public.with_suffix(".key")
+        if private != config.api_auth.signing_key and _is_private_of(private, public):
+            yield Finding(
+                f"api_auth.public_keys[{index}]",
+                f"the private key of {public} lies beside it ({private}, as pki init"
+                " leaves it): whoever reads it can issue tokens of any scope",
+            )
 
 
-def _audit_origin(config: GatewayConfig) -> Iterator[Finding]:
-    host = config.audit.origin.split("/", 1)[0].lower()
-    if host.endswith(_RESERVED_SUFFIXES) or f".{host}" in _RESERVED_SUFFIXES:
+def _is_private_of(private: Path, public: Path) -> bool:
+    """Whether ``private`` holds an unencrypted private key whose public key is
+    ``public``'s."""
+    try:
+        return jwk_thumbprint(read_private_key(private)) == jwk_thumbprint(read_public_key(public))
+    except ConfigError:  # no such file, not such a key: serve names what it needs
+        return False
+
+
+def _reserved_host(origin: str) -> bool:
+    """Whether the host an origin (``host/path``, maybe with a scheme or a port) names is a
+    reserved one, which no real log has."""
+    host = origin.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    host = host.split(":", 1)[0].rstrip(".").lower()
+    dotted = f".{host}"
+    return dotted.endswith(_RESERVED_SUFFIXES) or any(
+        host == domain or host.endswith(f".{domain}") for domain in _RESERVED_DOMAINS
+    )
+
+
+def _audit_origins(config: GatewayConfig) -> Iterator[Finding]:
+    if _reserved_host(config.audit.origin):
         yield Finding(
-            "[audit] origin",
-            f"{config.audit.origin!r} is a reserved name (the development origin): the"
-            " checkpoints our partners witness name our log by it",
+            "audit.origin",
+            f"{config.audit.origin!r} names a reserved host (RFC 2606, RFC 6761), as the"
+            " development origin does: the checkpoints our partners witness name our log"
+            " by it",
         )
+    for partner in config.partners.values():
+        if partner.audit is not None and _reserved_host(partner.audit.origin):
+            yield Finding(
+                f"{_shown(config, partner.directory / 'partner.toml')}: audit.origin",
+                f"{partner.audit.origin!r} names a reserved host (RFC 2606, RFC 6761), as"
+                " the development origins do: no real partner log has it",
+            )
 
 
 def _password(url: Any) -> bool:
-    return isinstance(url, str) and bool(urlsplit(url).password)
+    if not isinstance(url, str):
+        return False
+    try:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        return bool(parts.password) or any(n.lower() in _PASSWORD_PARAMETERS for n in query)
+    except ValueError:
+        return False  # load_config refused it already, or it is not a URL
 
 
 def _inline_passwords(raw: dict[str, Any]) -> Iterator[Finding]:
@@ -139,7 +199,7 @@ def _inline_passwords(raw: dict[str, Any]) -> Iterator[Finding]:
     amqp = raw.get("amqp")
     if isinstance(amqp, dict) and _password(amqp.get("url")):
         yield Finding(
-            "[amqp] url",
+            "amqp.url",
             "holds a password: give url_env, the name of an environment variable holding"
             " the URL, so the password is not in gateway.toml",
         )
@@ -147,6 +207,10 @@ def _inline_passwords(raw: dict[str, Any]) -> Iterator[Finding]:
 
 def _open_key_files(config: GatewayConfig) -> Iterator[Finding]:
     for key, path, mode in open_private_key_files(config):
+        may = " and ".join(
+            verb for verb, bits in (("read", 0o044), ("write", 0o022)) if mode & bits
+        )
         yield Finding(
-            key, f"{path} is mode {mode:04o}: its group or others may read it (chmod 600)"
+            key,
+            f"{path} is mode {mode:04o}: its group or others may {may or 'execute'} it (chmod 600)",
         )

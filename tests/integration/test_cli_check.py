@@ -3,15 +3,26 @@
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import trustme
 from config_files import edit_once
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.crypto.pki import init_dev_pki
 
 G = "gateway.toml"
+MX = "partners/MX-ANAM/partner.toml"
+CA = "partners/CA-CBSA/partner.toml"
 DEV = "certs/dev"
 
 
@@ -29,14 +40,19 @@ def _check(tree: Path, env: dict[str, str] | None = None) -> tuple[int, list[str
 
 
 def _where(lines: list[str]) -> list[str]:
-    """The setting each finding names (the lines before the summary)."""
-    return [line.strip().split(": ", 1)[0] for line in lines[:-1]]
+    """The setting each finding names (the lines before the summary): its key, after the
+    partner file that holds it, if any."""
+    names = []
+    for line in lines[:-1]:
+        head, _, rest = line.strip().partition(": ")
+        names.append(f"{head}: {rest.partition(': ')[0]}" if head.endswith(".toml") else head)
+    return names
 
 
 def _production(tree: Path) -> None:
     """The copy made fit for production: a CA of the administration's own (not the
-    development PKI's) for our certificate and the partners', OCSP, no token signing key,
-    a real audit origin."""
+    development PKI's) for our certificate and the partners', OCSP, no token signing key
+    (nor its private key beside the public one), real audit origins."""
     ca = trustme.CA(organization_name="U.S. Customs and Border Protection")
     leaf = ca.issue_cert("US-CBP", "127.0.0.1")
     ca.cert_pem.write_to_path(str(tree / DEV / "ca.pem"))
@@ -45,26 +61,33 @@ def _production(tree: Path) -> None:
     (tree / DEV / "US-CBP" / "tls.key").chmod(0o600)
     edit_once(tree / G, "[tls]\n", "[tls]\nocsp = true\n")
     edit_once(tree / G, 'signing_key = "certs/dev/US-CBP/api-token.key"\n', "")
-    edit_once(tree / G, '"dev.c2c-gateway.invalid/US-CBP"', '"c2c.cbp.example.gov/US-CBP"')
+    (tree / DEV / "US-CBP" / "api-token.key").unlink()
+    edit_once(tree / G, '"dev.c2c-gateway.invalid/US-CBP"', '"c2c.cbp.dhs.gov/US-CBP"')
+    for partner, origin in ((MX, "c2c.anam.gob.mx/MX-ANAM"), (CA, "c2c.cbsa-asfc.gc.ca/CA-CBSA")):
+        edit_once(
+            tree / partner, f'"dev.c2c-gateway.invalid/{origin.rsplit("/")[-1]}"', f'"{origin}"'
+        )
 
 
 def test_the_development_configuration_is_not_fit_for_production(tree: Path) -> None:
     code, out, err = _check(tree)
     assert (code, err) == (1, ""), out
     assert _where(out) == [
-        "[tls] crls, ocsp",
-        "[tls] cert",
-        "[tls] ca",
-        "partners/CA-CBSA/partner.toml [https] ca",
-        "partners/MX-ANAM/partner.toml [https] ca",
-        "[api_auth] signing_key",
-        "[audit] origin",
+        "tls.crls, tls.ocsp",
+        "tls.cert",
+        "tls.ca",
+        f"{CA}: https.ca",
+        f"{MX}: https.ca",
+        "api_auth.signing_key",
+        "audit.origin",
+        f"{CA}: audit.origin",
+        f"{MX}: audit.origin",
     ]
     assert out[0] == (
-        "  [tls] crls, ocsp: no revocation check: a partner certificate its CA revoked is"
+        "  tls.crls, tls.ocsp: no revocation check: a partner certificate its CA revoked is"
         " accepted until it expires (give the partner CAs' CRLs, or ocsp = true)"
     )
-    assert out[-1] == f"{tree / G}: 7 setting(s) not fit for production"
+    assert out[-1] == f"{tree / G}: 9 setting(s) not fit for production"
 
 
 def test_a_production_configuration_has_nothing_to_say(tree: Path) -> None:
@@ -82,7 +105,7 @@ def test_passwords_written_into_gateway_toml_are_named_and_not_shown(tree: Path)
     edit_once(tree / G, "[amqp]\n", '[amqp]\nurl = "amqp://gw:s3cret@127.0.0.1:5672/c2c"\n')
     code, out, err = _check(tree)
     assert (code, err) == (1, "")
-    assert _where(out) == ["store_url", "[amqp] url"]
+    assert _where(out) == ["store_url", "amqp.url"]
     assert "hunter2" not in "\n".join(out)
     assert "s3cret" not in "\n".join(out)
     # from the environment, as the comments in gateway.toml advise: nothing to say
@@ -108,3 +131,108 @@ def test_a_configuration_that_does_not_load_is_the_error_serve_gives(tree: Path)
     code, out, err = _check(tree)
     assert (code, out) == (2, [])
     assert err.startswith(f"error: {tree / G}: party: "), err
+
+
+def test_a_password_in_the_query_string_is_a_password(tree: Path) -> None:
+    _production(tree)
+    sqlite = 'store_url = "sqlite:///var/c2c.db"'
+    for url in (
+        "postgresql://gw@127.0.0.1:5432/c2c?password=hunter2",
+        "postgresql://gw@127.0.0.1:5432/c2c?sslmode=verify-full&sslpassword=hunter2",
+    ):
+        edit_once(tree / G, sqlite, f'store_url = "{url}"')
+        code, out, _ = _check(tree)
+        assert (code, _where(out)) == (1, ["store_url"]), url
+        assert "hunter2" not in "\n".join(out)
+        edit_once(tree / G, f'store_url = "{url}"', sqlite)
+
+
+def test_reserved_origins_are_found_however_they_are_spelt(tree: Path) -> None:
+    _production(tree)
+    now = '"c2c.cbp.dhs.gov/US-CBP"'
+    for origin in (
+        "DEV.C2C-gateway.INVALID/US-CBP",
+        "dev.c2c-gateway.invalid:443/US-CBP",
+        "dev.c2c-gateway.invalid./US-CBP",
+        "https://dev.c2c-gateway.invalid/US-CBP",
+        "c2c.example.org/US-CBP",
+        "example.com/US-CBP",
+        "localhost/US-CBP",
+    ):
+        edit_once(tree / G, now, f'"{origin}"')
+        code, out, _ = _check(tree)
+        assert (code, _where(out)) == (1, ["audit.origin"]), origin
+        now = f'"{origin}"'
+    edit_once(tree / G, now, '"c2c.cbp.dhs.gov:8443/US-CBP"')
+    assert _check(tree)[0] == 0
+
+
+def test_a_token_key_whose_private_half_lies_beside_it(tree: Path) -> None:
+    """pki init leaves api-token.key beside api-token.pub: with signing_key removed, whoever
+    reads it still issues tokens the gateway takes."""
+    _production(tree)
+    made = tree / "made"
+    init_dev_pki(made, ["US-CBP"])
+    for name in ("api-token.key", "api-token.pub"):
+        shutil.copy(made / "US-CBP" / name, tree / DEV / "US-CBP" / name)
+    code, out, _ = _check(tree)
+    public = (tree / DEV / "US-CBP" / "api-token.pub").resolve()
+    assert (code, out[:-1]) == (
+        1,
+        [
+            f"  api_auth.public_keys[0]: the private key of {public} lies beside it"
+            f" ({public.with_suffix('.key')}, as pki init leaves it): whoever reads it can"
+            " issue tokens of any scope"
+        ],
+    )
+
+
+def _name_cryptography_cannot_parse() -> bytes:
+    """A CA certificate whose organisation is a T61String of bytes no decoder takes (its
+    signature no longer matches: only its parsing matters here)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "QQQQ"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "Odd CA"),
+        ]
+    )
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=100))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    der = cert.public_bytes(serialization.Encoding.DER)
+    odd = der.replace(b"\x0c\x04QQQQ", b"\x14\x04\xff\xfe\xfd\xfc")
+    assert odd != der
+    body = base64.encodebytes(odd).decode().replace("\n", "")
+    lines = [body[i : i + 64] for i in range(0, len(body), 64)]
+    return "\n".join(
+        ["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----", ""]
+    ).encode()
+
+
+def test_a_ca_file_holding_a_name_cryptography_cannot_parse(tree: Path) -> None:
+    """OpenSSL takes such a file; the check and the configuration's cross-checks go on."""
+    _production(tree)
+    ca = tree / DEV / "ca.pem"
+    ca.write_bytes(ca.read_bytes() + _name_cryptography_cannot_parse())
+    assert _check(tree) == (0, [f"{tree / G}: nothing found unfit for production"], "")
+
+
+def test_a_certificate_file_that_cannot_be_read_is_said_so(tree: Path) -> None:
+    _production(tree)
+    (tree / DEV / "US-CBP" / "tls.pem").write_text("not a certificate\n")
+    code, out, _ = _check(tree)
+    assert code == 1
+    assert out[0].startswith(
+        f"  tls.cert: {(tree / DEV / 'US-CBP' / 'tls.pem').resolve()}"
+        " could not be read to check it: "
+    ), out

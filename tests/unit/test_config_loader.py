@@ -230,6 +230,11 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      MX, "outbound_types[14]", "duplicate entry 'receipt'"),
     (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"http://127.0.0.1:9444/"',
      MX, "https.url", "'http://127.0.0.1:9444/' is not an https:// URL"),
+    # the user and password of a URL refused are not shown
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https://svc:hunter2@127.0.0.1:94444/"',
+     MX, "https.url", "'https://***@127.0.0.1:94444/' is not a valid URL"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"http://svc:hunter2@127.0.0.1/"',
+     MX, "https.url", "'http://***@127.0.0.1/' is not an https:// URL"),
     (MX, 'allowed_networks = ["127.0.0.1/32"]', "", MX, "https.url",
      "127.0.0.1 is a loopback address; a partner URL must lead to a public address unless"
      " allowed_networks lists its network"),
