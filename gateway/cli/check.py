@@ -11,20 +11,14 @@ from pathlib import Path
 
 import click
 
+from gateway.cli.params import config_option
 from gateway.config import load_config
 from gateway.deploycheck import deployment_findings
 from gateway.errors import ConfigError
 
 
 @click.command("check")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("gateway.toml"),
-    show_default=True,
-    help="gateway.toml (partners are read from its partners_dir).",
-)
+@config_option
 def check(config_path: Path) -> None:
     """Check gateway.toml for production: the development PKI, no revocation check, the
     API token signing key, a reserved audit origin, passwords inline, open key files."""

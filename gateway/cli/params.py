@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
 
@@ -25,4 +26,14 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-__all__ = ["FiniteFloatRange"]
+#: ``--config``, for the commands that read gateway.toml and its partners
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("gateway.toml"),
+    show_default=True,
+    help="gateway.toml (partners are read from its partners_dir).",
+)
+
+__all__ = ["FiniteFloatRange", "config_option"]

@@ -20,6 +20,7 @@ from typing import NoReturn
 import click
 
 from gateway.adapters.registry import Adapter, adapter_for
+from gateway.cli.params import config_option
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, load_config
 from gateway.crypto.keys import load_verification_key
@@ -74,23 +75,13 @@ def _kid(partner: PartnerConfig, index: int) -> str:
     return loaded.kid
 
 
-_config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("gateway.toml"),
-    show_default=True,
-    help="gateway.toml (partners are read from its partners_dir).",
-)
-
-
 @click.group()
 def partners() -> None:
     """Configured partner administrations."""
 
 
 @partners.command("list")
-@_config_option
+@config_option
 def list_command(config_path: Path) -> None:
     """Table of partners: transports, message types, signing keys and their validity."""
     config = _load(config_path)
@@ -297,7 +288,7 @@ def _checks(config: GatewayConfig, partner: PartnerConfig) -> Iterator[_Result]:
 
 @partners.command("check")
 @click.argument("partner_id", metavar="ID")
-@_config_option
+@config_option
 def check_command(partner_id: str, config_path: Path) -> None:
     """Check one partner: config, keys, TLS trust, audit key, adapter and its fixtures."""
     config = _load(config_path)

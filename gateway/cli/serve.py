@@ -24,6 +24,7 @@ import uvloop
 from gateway import crashpoints
 from gateway.api.server import ApiServer
 from gateway.audit.witnessing import attach_witnessing
+from gateway.cli.params import config_option
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError, Unavailable
 from gateway.logging import configure_logging
@@ -181,14 +182,7 @@ def run(build: Callable[[], tuple[Gateway, Callable[[], None]]]) -> None:
 
 
 @click.command("serve")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("gateway.toml"),
-    show_default=True,
-    help="gateway.toml (partners are read from its partners_dir).",
-)
+@config_option
 def serve(config_path: Path) -> None:
     """Serve the partner endpoint, the internal API and the dispatcher until SIGTERM."""
     configure_logging()
