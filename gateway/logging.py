@@ -252,8 +252,8 @@ class _Summary(str):
         return str(self)
 
 
-def _stderr_logger(*args: Any) -> structlog.PrintLogger:
-    return structlog.PrintLogger(sys.stderr)
+def _stderr_logger(*args: Any) -> structlog.WriteLogger:
+    return structlog.WriteLogger(sys.stderr)
 
 
 def configure_logging(
@@ -272,7 +272,9 @@ def configure_logging(
     structlog.configure(
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr) if cache else _stderr_logger,
+        # WriteLogger: a line and its newline in one write (PrintLogger's print makes two, and
+        # a line written between them, by another thread or process, joins the two lines)
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr) if cache else _stderr_logger,
         cache_logger_on_first_use=cache,
     )
     handler = _StderrHandler()
