@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 
 from gateway.crypto.x509 import ca_identity, directly_issued
 from gateway.errors import ConfigError
@@ -272,8 +273,6 @@ _ALGS: tuple[Alg, ...] = ("EdDSA", "ES256")
 _TYP_RE = re.compile(r"^c2c\+[a-z0-9][a-z0-9.-]{0,31}$")
 _ENV_NAME_RE = re.compile(r"^[A-Z_][A-Z0-9_]{0,127}$")
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
-#: the user-information part of a URL's authority (up to its last "@")
-_CREDENTIALS_RE = re.compile(r"//[^/?#]*@")
 #: A replay window (plus skew) longer than a day would accept week-old captures as fresh.
 _MAX_FRESHNESS_S = 86_400
 #: Shorter, and a relay's own rows could run out between its claim and its publish.
@@ -819,8 +818,15 @@ def _message_types(table: _Table, name: str, known: frozenset[str]) -> frozenset
 
 
 def _without_credentials(url: str) -> str:
-    """``url`` as an error message may show it: user and password replaced by ``***``."""
-    return _CREDENTIALS_RE.sub("//***@", url, count=1)
+    """``url`` as an error message may show it: everything between its scheme and its last
+    ``@`` replaced by ``***`` (a mistyped URL's password may hold ``/``, ``?`` or ``#``)."""
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, colon, rest = head.partition(":")
+    if not colon:
+        return f"***@{tail}"
+    return f"{scheme}:{'//' if rest.startswith('//') else ''}***@{tail}"
 
 
 def _https_url(table: _Table, name: str, schemes: tuple[str, ...] = ("https",)) -> str | None:
@@ -1010,7 +1016,7 @@ class _Anchors:
 
 def _anchors(ca: Path) -> _Anchors:
     """A file that does not read is itself one CA (its loader names what is wrong with it),
-    as is one holding a name cryptography cannot parse (which OpenSSL may take)."""
+    as is one holding a name or a key cryptography cannot parse (which OpenSSL may take)."""
     try:
         certificates = x509.load_pem_x509_certificates(ca.read_bytes())
         every = {ca_identity(c): repr(c.subject.rfc4514_string()) for c in certificates}
@@ -1019,7 +1025,7 @@ def _anchors(ca: Path) -> _Anchors:
             for c in certificates
             if not any(directly_issued(other, [c]) for other in certificates)
         )
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsupportedAlgorithm):
         own = (f"file:{ca}".encode(), b"")
         return _Anchors(every={own: str(ca)}, issuing=frozenset({own}))
     return _Anchors(every=every, issuing=issuing)
@@ -1146,15 +1152,15 @@ def private_key_files(config: GatewayConfig) -> list[tuple[str, Path]]:
 
 
 def open_private_key_files(config: GatewayConfig) -> Iterator[tuple[str, Path, int]]:
-    """Our private key files that their group or others may read (or write), each with its
-    key in gateway.toml and its permission bits. A file that cannot be read is left to its
+    """Our private key files that their group or others may read or write, each with its key
+    in gateway.toml and its permission bits. A file that cannot be read is left to its
     loader, which names it."""
     for key, path in private_key_files(config):
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except OSError:
             continue
-        if mode & 0o077:
+        if mode & 0o066:
             yield key, path, mode
 
 

@@ -28,7 +28,7 @@ from gateway.errors import ConfigError
 #: RFC 2606 and RFC 6761 names: never a real origin
 _RESERVED_SUFFIXES = (".invalid", ".example", ".test", ".localhost")
 _RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
-#: the URL query parameters asyncpg reads a password from
+#: URL query parameters that carry a password (asyncpg reads both from a store URL)
 _PASSWORD_PARAMETERS = frozenset({"password", "sslpassword"})
 
 
@@ -178,7 +178,7 @@ def _audit_origins(config: GatewayConfig) -> Iterator[Finding]:
             )
 
 
-def _password(url: Any) -> bool:
+def _has_password(url: Any) -> bool:
     if not isinstance(url, str):
         return False
     try:
@@ -190,14 +190,14 @@ def _password(url: Any) -> bool:
 
 
 def _inline_passwords(raw: dict[str, Any]) -> Iterator[Finding]:
-    if _password(raw.get("store_url")):
+    if _has_password(raw.get("store_url")):
         yield Finding(
             "store_url",
             "holds a password: give store_url_env, the name of an environment variable"
             " holding the URL, so the password is not in gateway.toml",
         )
     amqp = raw.get("amqp")
-    if isinstance(amqp, dict) and _password(amqp.get("url")):
+    if isinstance(amqp, dict) and _has_password(amqp.get("url")):
         yield Finding(
             "amqp.url",
             "holds a password: give url_env, the name of an environment variable holding"
@@ -211,6 +211,5 @@ def _open_key_files(config: GatewayConfig) -> Iterator[Finding]:
             verb for verb, bits in (("read", 0o044), ("write", 0o022)) if mode & bits
         )
         yield Finding(
-            key,
-            f"{path} is mode {mode:04o}: its group or others may {may or 'execute'} it (chmod 600)",
+            key, f"{path} is mode {mode:04o}: its group or others may {may} it (chmod 600)"
         )

@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import trustme
 from config_files import edit_once
 from cryptography import x509
@@ -124,6 +125,8 @@ def test_a_private_key_file_others_may_read_is_named_with_its_mode(tree: Path) -
     assert out[:-1] == [
         f"  tls.key: {key.resolve()} is mode 0640: its group or others may read it (chmod 600)"
     ]
+    key.chmod(0o710)  # its group may run it, which reads nothing
+    assert _check(tree)[0] == 0
 
 
 def test_a_configuration_that_does_not_load_is_the_error_serve_gives(tree: Path) -> None:
@@ -187,9 +190,20 @@ def test_a_token_key_whose_private_half_lies_beside_it(tree: Path) -> None:
     )
 
 
-def _name_cryptography_cannot_parse() -> bytes:
-    """A CA certificate whose organisation is a T61String of bytes no decoder takes (its
-    signature no longer matches: only its parsing matters here)."""
+#: DER of the organisation "QQQQ" (a UTF8String) and of the P-256 curve's OID
+_ORGANISATION = b"\x0c\x04QQQQ"
+_P256 = b"\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x07"
+#: what cryptography cannot parse in their place, though OpenSSL may take it: a T61String of
+#: bytes no decoder takes; the prime192v2 curve, which it does not support
+_ODD = {
+    "name": (_ORGANISATION, b"\x14\x04\xff\xfe\xfd\xfc"),
+    "curve": (_P256, b"\x06\x08\x2a\x86\x48\xce\x3d\x03\x01\x02"),
+}
+
+
+def _ca_cryptography_cannot_parse(odd: str) -> bytes:
+    """A P-256 CA certificate (PEM) with one part replaced by what cryptography cannot
+    parse (its signature no longer matches: only its parsing matters here)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name(
         [
@@ -210,20 +224,23 @@ def _name_cryptography_cannot_parse() -> bytes:
         .sign(key, hashes.SHA256())
     )
     der = cert.public_bytes(serialization.Encoding.DER)
-    odd = der.replace(b"\x0c\x04QQQQ", b"\x14\x04\xff\xfe\xfd\xfc")
-    assert odd != der
-    body = base64.encodebytes(odd).decode().replace("\n", "")
+    part, replacement = _ODD[odd]
+    assert len(part) == len(replacement)
+    odd_der = der.replace(part, replacement)
+    assert odd_der != der
+    body = base64.encodebytes(odd_der).decode().replace("\n", "")
     lines = [body[i : i + 64] for i in range(0, len(body), 64)]
-    return "\n".join(
-        ["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----", ""]
-    ).encode()
+    pem = ["-----BEGIN CERTIFICATE-----", *lines, "-----END CERTIFICATE-----", ""]
+    return "\n".join(pem).encode()
 
 
-def test_a_ca_file_holding_a_name_cryptography_cannot_parse(tree: Path) -> None:
-    """OpenSSL takes such a file; the check and the configuration's cross-checks go on."""
+@pytest.mark.parametrize("odd", sorted(_ODD))
+def test_a_ca_file_holding_what_cryptography_cannot_parse(tree: Path, odd: str) -> None:
+    """OpenSSL takes such a file; the check and the configuration's cross-checks (the CA
+    file is ours and the partners') go on."""
     _production(tree)
     ca = tree / DEV / "ca.pem"
-    ca.write_bytes(ca.read_bytes() + _name_cryptography_cannot_parse())
+    ca.write_bytes(ca.read_bytes() + _ca_cryptography_cannot_parse(odd))
     assert _check(tree) == (0, [f"{tree / G}: nothing found unfit for production"], "")
 
 

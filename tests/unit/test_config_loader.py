@@ -235,6 +235,10 @@ BAD_FILES: list[tuple[str, str, str, str, str, str]] = [
      MX, "https.url", "'https://***@127.0.0.1:94444/' is not a valid URL"),
     (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"http://svc:hunter2@127.0.0.1/"',
      MX, "https.url", "'http://***@127.0.0.1/' is not an https:// URL"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https://mx:hun/ter#2@127.0.0.1/x"',
+     MX, "https.url", "'https://***@127.0.0.1/x' is not a valid URL"),
+    (MX, '"https://127.0.0.1:9444/c2c/v1/messages"', '"https:mx:hunter2@127.0.0.1/x"',
+     MX, "https.url", "'https:***@127.0.0.1/x' is not an https:// URL"),
     (MX, 'allowed_networks = ["127.0.0.1/32"]', "", MX, "https.url",
      "127.0.0.1 is a loopback address; a partner URL must lead to a public address unless"
      " allowed_networks lists its network"),
