@@ -95,11 +95,14 @@ _LOADED: dict[Path, ModuleAdapter] = {}
 _LOADING = threading.Lock()
 
 
-def _quoted(exc: BaseException) -> str:
+def cut_text(exc: BaseException) -> str:
+    """An exception's text, cut to ``_MAX_QUOTED`` characters (``...`` when cut)."""
     text = str(exc)
-    if len(text) > _MAX_QUOTED:
-        text = text[:_MAX_QUOTED] + "..."
-    return repr(text)
+    return text[:_MAX_QUOTED] + "..." if len(text) > _MAX_QUOTED else text
+
+
+def _quoted(exc: BaseException) -> str:
+    return repr(cut_text(exc))
 
 
 def _checked(name: str, method: str, call: Callable[[bytes], Any], body: bytes) -> bytes:

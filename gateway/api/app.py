@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.api import audit
 from gateway.api import console_routes as console
 from gateway.api.auth import (
+    ANY_READER,
     CLAIMS_KEY,
     READERS,
     SCOPE_ADMIN,
@@ -38,7 +39,7 @@ log = structlog.get_logger(__name__)
 PUBLIC = Access(public=True)
 #: messages of either direction; a request naming its ``direction`` needs that direction's
 #: readers, and one that does not is answered with the directions its token may read alone
-READ = Access(scopes=frozenset().union(*READERS.values()))
+READ = Access(scopes=ANY_READER)
 _READ_DIRECTION = {direction.value: Access(scopes=r) for direction, r in READERS.items()}
 AUDIT_READ = Access(scopes=frozenset({SCOPE_AUDIT}))
 

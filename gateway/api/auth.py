@@ -46,6 +46,8 @@ READERS: Mapping[Direction, frozenset[str]] = {
     Direction.OUTBOUND: frozenset({SCOPE_SEND, SCOPE_QUERY, SCOPE_ADMIN}),
     Direction.INBOUND: frozenset({SCOPE_RECEIVE, SCOPE_ADMIN}),
 }
+#: who may read messages of one direction or the other
+ANY_READER: frozenset[str] = frozenset().union(*READERS.values())
 #: the party name token keys are filed under in their key ring
 KEY_OWNER = "internal-api"
 

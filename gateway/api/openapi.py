@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.api.auth import READERS, SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
+from gateway.api.auth import ANY_READER, READERS, SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.audit.events import EventKind
 from gateway.config import MAX_TTL_S
@@ -18,7 +18,7 @@ from gateway.model import Direction
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
 _TIME = {"type": "string", "format": "date-time"}
-_READ_SCOPES = sorted(frozenset().union(*READERS.values()))
+_READ_SCOPES = sorted(ANY_READER)
 _INBOUND_READ_SCOPES = sorted(READERS[Direction.INBOUND])
 _READ_NOTE = (
     "Outbound messages need c2c:send, c2c:query or admin, inbound ones c2c:receive or admin:"

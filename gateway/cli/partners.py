@@ -19,7 +19,7 @@ from typing import NoReturn
 
 import click
 
-from gateway.adapters.registry import Adapter, adapter_for
+from gateway.adapters.registry import Adapter, adapter_for, cut_text
 from gateway.cli.params import config_option
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, load_config
@@ -212,7 +212,8 @@ def _check_fixture(
     except GatewayError as exc:
         # an adapter's exception: its text (kept out of the audit log, where it could quote a
         # partner's payload) is the point here, on the operator's own fixture
-        cause = "" if exc.__cause__ is None else f" [{_quoted_cause(exc.__cause__)}]"
+        why = exc.__cause__
+        cause = "" if why is None else f" [{type(why).__name__}: {cut_text(why)}]"
         return _Result(ok=False, what="fixture", detail=f"{name}: {exc.code}: {exc.reason}{cause}")
     if direction is Direction.INBOUND:
         expected = (partner.id, config.party)
@@ -307,8 +308,3 @@ def check_command(partner_id: str, config_path: Path) -> None:
     click.echo(f"{partner.id}: {passed} ok, {failed} failed")
     if failed:
         sys.exit(1)
-
-
-def _quoted_cause(cause: BaseException) -> str:
-    text = str(cause)
-    return f"{type(cause).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
