@@ -3,9 +3,9 @@
 structlog renders JSON lines when stderr is not a terminal and readable lines when it is;
 stdlib loggers (aiohttp, asyncpg ...) go through the same processors. Before rendering, every
 event is scrubbed: fields named like secrets or bodies are replaced, values that look like a
-JWS/JWT, a PEM block or a bearer token are replaced wherever they appear, control and bidi
-characters are escaped and long fields truncated (T79), so a partner-controlled value can
-neither forge log lines nor flood them.
+JWS/JWT, a PEM block, a bearer token, a URL's user and password or a ``password=`` parameter
+are replaced wherever they appear, control and bidi characters are escaped and long fields
+truncated (T79), so a partner-controlled value can neither forge log lines nor flood them.
 """
 
 from __future__ import annotations
@@ -47,14 +47,18 @@ SECRET_NAMES = (
     "dsn",
 )
 _SECRET_VALUES = re.compile(
-    # compact JWS/JWT (also detached, with an empty payload)
-    r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{16,}"
+    # compact JWS/JWT (also detached, with an empty payload), from where a token can start:
+    # tried inside a run of base64url characters, each "eyJ" of the run would rescan the rest
+    # of it (100 KB of "eyJ" took seconds)
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{16,}"
     # PEM blocks, complete or cut
     r"|-----BEGIN [A-Z ]+-----[^-]*(?:-----END [A-Z ]+-----)?"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
-    # credentials in URLs (scheme://user:password@)
-    r"|(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"
+    # a password as a URL query parameter (libpq takes ?password= and &sslpassword=) or as a
+    # keyword/value pair, quoted or not; the name is kept. A raw "&" in it ends it (libpq too).
+    r"|(?<=(?i:password)=)(?:'(?:[^'\\]|\\.)*'?|[^\s&]+)"
 )
+_WHITESPACE = re.compile(r"\s")
 #: C0/C1 controls, DEL, and bidi/format characters that can reorder what a reader sees
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
@@ -64,9 +68,36 @@ def _escape(match: re.Match[str]) -> str:
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
+def _without_userinfo(text: str) -> str:
+    """``text`` with the user and password of each ``scheme://user:password@host`` in it
+    replaced, wherever the URL stands and whatever the password holds.
+
+    A mistyped URL's password may hold "/", "?", "#", "@", a quote or a bracket, so its
+    userinfo runs to the last "@" before the next whitespace (not to the first "/", nor to a
+    closing quote): a later "@" in the same run (in a path, or in a neighbour glued on without
+    a space) hides more than the password, never less. Without a ":" there is no password
+    (``amqp://guest@mq/``): the user name is kept, it says which account was refused.
+    Linear time: each run is searched once, however many "://" and "@" the text holds (T79)."""
+    start = text.find("://")
+    if start < 0:
+        return text
+    parts: list[str] = []
+    done = 0
+    while start >= 0:
+        userinfo = start + 3
+        space = _WHITESPACE.search(text, userinfo)
+        end = space.start() if space else len(text)
+        at = text.rfind("@", userinfo, end)
+        if at >= 0 and text.find(":", userinfo, at) >= 0:
+            parts += (text[done:userinfo], REDACTED)
+            done = at
+        start = text.find("://", end)
+    return "".join(parts) + text[done:]
+
+
 def scrub_text(text: str, *, limit: int = MAX_FIELD) -> str:
     """Secrets replaced, control characters escaped, cut to ``limit`` characters."""
-    clean = _UNSAFE.sub(_escape, _SECRET_VALUES.sub(REDACTED, text))
+    clean = _UNSAFE.sub(_escape, _SECRET_VALUES.sub(REDACTED, _without_userinfo(text)))
     if len(clean) > limit:
         return f"{clean[:limit]}...(+{len(clean) - limit} chars)"
     return clean
