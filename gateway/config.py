@@ -300,6 +300,8 @@ _CHECKPOINT_INTERVAL_S = (0.1, 86_400)
 _POLL_INTERVAL_S = (0.05, 60)
 #: How often files (our certificate and key, the CRLs) are looked at for a new version.
 _FILE_CHECK_INTERVAL_S = (1, 86_400)
+#: OpenSSL's trusted certificate form (openssl x509 -trustout)
+_TRUSTED_BLOCK = b"-----BEGIN TRUSTED CERTIFICATE-----"
 #: Waits on a peer: a client's request head, an OCSP responder, the broker's confirm.
 _PEER_TIMEOUT_S = (0.5, 300)
 _REQUEST_TIMEOUT_S = (0.5, _MAX_WAIT_S)
@@ -772,6 +774,26 @@ def _retention(table: _Table) -> RetentionConfig:
     return retention
 
 
+def _refuse_trusted_blocks(table: _Table, name: str, path: Path | None) -> None:
+    """A CA file holds no TRUSTED CERTIFICATE block (``openssl x509 -trustout``): OpenSSL
+    would trust it in the handshakes, but cryptography, which ties a client certificate to
+    its partner and checks revocation, reads only CERTIFICATE blocks and passes over it. A
+    file that does not read is left to the loaders, which name what is wrong with it."""
+    if path is None:
+        return
+    try:
+        trusted = _TRUSTED_BLOCK in path.read_bytes()
+    except OSError:
+        return
+    if trusted:
+        raise table.error(
+            name,
+            f"{path} holds a TRUSTED CERTIFICATE block (openssl x509 -trustout): the"
+            " gateway reads CA certificates from CERTIFICATE blocks only; write each"
+            " certificate without -trustout (openssl x509 -in FILE -out NEW.pem)",
+        )
+
+
 def _tls(table: _Table) -> TlsConfig:
     tls = TlsConfig(
         cert=table.req_path("cert"),
@@ -795,6 +817,7 @@ def _tls(table: _Table) -> TlsConfig:
     )
     if tls.ocsp_url is not None and not tls.ocsp:
         raise table.error("ocsp_url", "set without ocsp = true")
+    _refuse_trusted_blocks(table, "ca", tls.ca)
     table.finish()
     return tls
 
@@ -878,6 +901,7 @@ def _partner_https(table: _Table) -> PartnerHttps:
     uses_https = https.url or https.client_cert_fingerprints or https.client_cert_subjects
     if uses_https and https.ca is None:
         raise table.error("ca", "required when the partner uses HTTPS (url or client_cert_*)")
+    _refuse_trusted_blocks(table, "ca", https.ca)
     table.finish()
     return https
 

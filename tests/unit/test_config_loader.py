@@ -467,3 +467,39 @@ def test_send_refuses_an_out_of_range_default_ttl_as_a_bad_config(tree: Path) ->
         f"error: {tree / G}: outbox.default_ttl_s: must be <= 2592000, got 1000000000000\n"
     )
     assert not (tree / "var").exists()
+
+
+def _as_trusted(pem: bytes) -> bytes:
+    """A certificate block under the label ``openssl x509 -trustout`` writes (the loader looks
+    for the label; tests/integration/test_cli_check.py uses the real command)."""
+    return pem.replace(b"BEGIN CERTIFICATE", b"BEGIN TRUSTED CERTIFICATE").replace(
+        b"END CERTIFICATE", b"END TRUSTED CERTIFICATE"
+    )
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["alone", "beside-a-certificate"])
+@pytest.mark.parametrize(
+    ("toml", "key", "line"),
+    [
+        ("gateway.toml", "tls.ca", 'ca = "certs/dev/ca.pem"'),
+        ("partners/MX-ANAM/partner.toml", "https.ca", 'ca = "../../certs/dev/ca.pem"'),
+    ],
+)
+def test_a_ca_file_with_a_trusted_certificate_block_is_refused(
+    tree: Path, toml: str, key: str, line: str, mixed: bool
+) -> None:
+    """OpenSSL would trust such a block in the handshake; the partner identification and
+    the revocation check, which read the file with cryptography, would not see it."""
+    ca = tree / "certs" / "dev" / "ca.pem"
+    trusted = tree / "certs" / "trusted-ca.pem"
+    trusted.write_bytes((ca.read_bytes() if mixed else b"") + _as_trusted(ca.read_bytes()))
+    edit_once(tree / toml, line, f'ca = "{trusted}"')
+    with pytest.raises(ConfigError) as caught:
+        load_config(tree / "gateway.toml")
+    assert (caught.value.file, caught.value.key, caught.value.reason) == (
+        str(tree / toml),
+        key,
+        f"{trusted} holds a TRUSTED CERTIFICATE block (openssl x509 -trustout): the gateway"
+        " reads CA certificates from CERTIFICATE blocks only; write each certificate without"
+        " -trustout (openssl x509 -in FILE -out NEW.pem)",
+    )
