@@ -4,12 +4,14 @@
 are, so that ``demo`` and ``sandbox`` run with no more than ``pki init``. These checks name
 the development settings left in a configuration meant for production, and the settings that
 weaken it there: certificates of the development PKI, no revocation check, the API token
-signing key on the gateway host, reserved-name audit origins, passwords written into
-gateway.toml, and private key files others may read. ``c2c-gateway check`` prints them.
+signing key on the gateway host, reserved-name audit origins, partner networks beyond a VPN's
+(every address, or loopback as in development), passwords written into gateway.toml, and
+private key files others may read. ``c2c-gateway check`` prints them.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +32,9 @@ _RESERVED_SUFFIXES = (".invalid", ".example", ".test", ".localhost")
 _RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
 #: URL query parameters that carry a password (asyncpg reads both from a store URL)
 _PASSWORD_PARAMETERS = frozenset({"password", "sslpassword"})
+#: the widest private networks (RFC 1918, RFC 4193): a VPN's is in one of them
+_WIDEST_PRIVATE = {4: ipaddress.ip_network("10.0.0.0/8"), 6: ipaddress.ip_network("fc00::/7")}
+_LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ def deployment_findings(config: GatewayConfig) -> list[Finding]:
         *_development_pki(config),
         *_token_keys(config),
         *_audit_origins(config),
+        *_partner_networks(config),
         *_inline_passwords(raw),
         *_open_key_files(config),
     ]
@@ -176,6 +182,38 @@ def _audit_origins(config: GatewayConfig) -> Iterator[Finding]:
                 f"{partner.audit.origin!r} names a reserved host (RFC 2606, RFC 6761), as"
                 " the development origins do: no real partner log has it",
             )
+
+
+def _partner_networks(config: GatewayConfig) -> Iterator[Finding]:
+    """``allowed_networks``: the non-public networks a partner's URL may lead the gateway to
+    (gateway/netpolicy.py); every other address it connects to is public."""
+    for partner in config.partners.values():
+        shown = _shown(config, partner.directory / "partner.toml")
+        for index, network in enumerate(partner.https.allowed_networks):
+            where = f"{shown}: https.allowed_networks[{index}]"
+            widest = _WIDEST_PRIVATE[network.version]
+            if network.prefixlen < widest.prefixlen:
+                what = (
+                    f"admits every IPv{network.version} address"
+                    if network.prefixlen == 0
+                    else f"is wider than any private network ({widest} is the widest)"
+                )
+                yield Finding(
+                    where,
+                    f"{network} {what}: the gateway connects wherever the partner's URL leads"
+                    " in it, to this host or an internal network too, where it otherwise"
+                    " connects to public addresses only (list only the non-public network the"
+                    " partner is reached over, a VPN's, or none)",
+                )
+            elif network.overlaps(_LOOPBACK[network.version]):
+                yield Finding(
+                    where,
+                    f"{network} admits loopback addresses, as the development partner files"
+                    " do (the peer gateway on this host): no real partner is there, and the"
+                    " gateway connects to this host's own services wherever the partner's URL"
+                    " leads to them (list only the non-public network the partner is reached"
+                    " over, a VPN's, or none)",
+                )
 
 
 def _has_password(url: Any) -> bool:

@@ -21,7 +21,8 @@ from gateway.errors import ConfigError
 @config_option
 def check(config_path: Path) -> None:
     """Check gateway.toml for production: the development PKI, no revocation check, the
-    API token signing key, a reserved audit origin, passwords inline, open key files."""
+    API token signing key, a reserved audit origin, partner networks on loopback or wider
+    than a VPN's, passwords inline, open key files."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -68,6 +68,11 @@ def _production(tree: Path) -> None:
         edit_once(
             tree / partner, f'"dev.c2c-gateway.invalid/{origin.rsplit("/")[-1]}"', f'"{origin}"'
         )
+    # the partners at their own hosts, MX-ANAM's over a VPN, not on this host's loopback
+    edit_once(tree / MX, '"https://127.0.0.1:9444/', '"https://c2c.anam.gob.mx/')
+    edit_once(tree / MX, '["127.0.0.1/32"]', '["10.44.0.0/16", "fd44:c2c::/48"]')
+    edit_once(tree / CA, '"https://127.0.0.1:9445/', '"https://c2c.cbsa-asfc.gc.ca/')
+    edit_once(tree / CA, '["127.0.0.1/32"]', "[]")
 
 
 def test_the_development_configuration_is_not_fit_for_production(tree: Path) -> None:
@@ -83,12 +88,14 @@ def test_the_development_configuration_is_not_fit_for_production(tree: Path) -> 
         "audit.origin",
         f"{CA}: audit.origin",
         f"{MX}: audit.origin",
+        f"{CA}: https.allowed_networks[0]",
+        f"{MX}: https.allowed_networks[0]",
     ]
     assert out[0] == (
         "  tls.crls, tls.ocsp: no revocation check: a partner certificate its CA revoked is"
         " accepted until it expires (give the partner CAs' CRLs, or ocsp = true)"
     )
-    assert out[-1] == f"{tree / G}: 9 setting(s) not fit for production"
+    assert out[-1] == f"{tree / G}: 11 setting(s) not fit for production"
 
 
 def test_a_production_configuration_has_nothing_to_say(tree: Path) -> None:
@@ -253,3 +260,68 @@ def test_a_certificate_file_that_cannot_be_read_is_said_so(tree: Path) -> None:
         f"  tls.cert: {(tree / DEV / 'US-CBP' / 'tls.pem').resolve()}"
         " could not be read to check it: "
     ), out
+
+
+# -- a CA file in OpenSSL's TRUSTED CERTIFICATE form (openssl x509 -trustout)
+
+
+def _trustout(pem: Path, out: Path) -> None:
+    """``pem``'s certificate written to ``out`` as ``openssl x509 -trustout`` writes it: a
+    TRUSTED CERTIFICATE block, the certificate followed by OpenSSL's trust settings."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed")
+    done = subprocess.run(
+        [openssl, "x509", "-in", str(pem), "-trustout"],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    assert done.stdout.startswith(b"-----BEGIN TRUSTED CERTIFICATE-----\n"), done.stdout
+    out.write_bytes(done.stdout)
+
+
+def test_a_ca_file_in_trusted_certificate_form_stops_the_check_as_it_stops_serve(
+    tree: Path,
+) -> None:
+    """OpenSSL trusts the development CA written by openssl x509 -trustout beside a
+    production CA, but the gateway's own readers pass over it: the configuration is refused,
+    by serve and by check alike (exit 2, serve's error)."""
+    dev = tree / "dev-ca.trusted.pem"
+    _trustout(tree / DEV / "ca.pem", dev)
+    _production(tree)
+    ca = (tree / DEV / "ca.pem").resolve()
+    ca.write_bytes(ca.read_bytes() + dev.read_bytes())
+    code, out, err = _check(tree)
+    assert (code, out) == (2, []), err
+    assert f"{tree / G}: tls.ca: {ca} holds a TRUSTED CERTIFICATE block" in err, err
+
+
+# -- a partner's allowed_networks
+
+
+@pytest.mark.parametrize(
+    "network", ["0.0.0.0/0", "::/0", "0.0.0.0/1", "64.0.0.0/2", "10.0.0.0/7", "::/1", "fc00::/6"]
+)
+def test_a_partner_network_wider_than_any_private_one(tree: Path, network: str) -> None:
+    _production(tree)
+    edit_once(tree / MX, '"fd44:c2c::/48"]', f'"fd44:c2c::/48", "{network}"]')
+    code, out, _ = _check(tree)
+    assert (code, _where(out)) == (1, [f"{MX}: https.allowed_networks[2]"]), out
+    assert "the gateway connects wherever the partner's URL leads" in out[0], out
+
+
+@pytest.mark.parametrize("network", ["127.0.0.1/32", "127.0.0.0/8", "::1/128"])
+def test_a_partner_network_on_loopback_is_a_development_setting(tree: Path, network: str) -> None:
+    _production(tree)
+    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
+    code, out, _ = _check(tree)
+    assert (code, _where(out)) == (1, [f"{CA}: https.allowed_networks[0]"]), out
+    assert f"{network} admits loopback addresses, as the development partner files do" in out[0]
+
+
+@pytest.mark.parametrize("network", ["10.0.0.0/8", "100.64.0.0/10", "192.168.7.0/24", "fc00::/7"])
+def test_a_partner_network_a_vpn_may_have_is_not_a_finding(tree: Path, network: str) -> None:
+    _production(tree)
+    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
+    assert _check(tree)[:2] == (0, [f"{tree / G}: nothing found unfit for production"])
