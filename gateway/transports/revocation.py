@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ssl
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -57,9 +57,10 @@ class CrlFile:
         return f"CRL of {cert_subject_cn(self.issuer)!r} ({len(self.crl)} revoked)"
 
 
-def read_anchors(files: Sequence[Path]) -> list[tuple[Path, x509.Certificate]]:
-    """Every CA certificate of the partner trust anchor files, with its file."""
-    return [(path, cert) for path in files for cert in read_ca_certs(path)]
+def read_anchors(files: Mapping[Path, str]) -> list[tuple[Path, x509.Certificate]]:
+    """Every CA certificate of the partner trust anchor files (each with the key naming it,
+    for an error), with its file."""
+    return [(path, cert) for path, key in files.items() for cert in read_ca_certs(path, key)]
 
 
 def read_crl(path: Path, anchors: Sequence[x509.Certificate]) -> CrlFile:
@@ -94,7 +95,7 @@ def read_crl(path: Path, anchors: Sequence[x509.Certificate]) -> CrlFile:
 
 
 def load_crls(
-    crls: Sequence[Path], anchor_files: Sequence[Path]
+    crls: Sequence[Path], anchor_files: Mapping[Path, str]
 ) -> tuple[list[CrlFile], list[x509.Certificate]]:
     """Read every configured CRL; every partner CA must have signed one of them."""
     anchors = read_anchors(anchor_files)

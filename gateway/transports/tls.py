@@ -38,7 +38,7 @@ def _load_ca(context: ssl.SSLContext, ca: Path, key: str) -> None:
         raise ConfigError(str(ca), key, f"cannot load trust anchor: {exc}") from None
 
 
-def _named_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> dict[Path, str]:
+def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> dict[Path, str]:
     """Every CA file a partner's client certificate may chain to, with the key that names it
     first (no duplicates, stable order)."""
     anchors = {tls.ca: "tls.ca"}
@@ -46,11 +46,6 @@ def _named_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> d
         if partner.https.ca is not None:
             anchors.setdefault(partner.https.ca, f"{partner.id}: https.ca")
     return anchors
-
-
-def partner_trust_anchors(tls: TlsConfig, partners: Iterable[PartnerConfig]) -> list[Path]:
-    """Every CA file a partner's client certificate may chain to (no duplicates, stable order)."""
-    return list(_named_trust_anchors(tls, partners))
 
 
 def server_context(
@@ -67,7 +62,7 @@ def server_context(
     context.options |= ssl.OP_NO_TICKET
     context.num_tickets = 0
     _load_pair(context, tls, load_pair)
-    for anchor, key in _named_trust_anchors(tls, partners).items():
+    for anchor, key in partner_trust_anchors(tls, partners).items():
         _load_ca(context, anchor, key)
     return context
 
