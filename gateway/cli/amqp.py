@@ -170,6 +170,8 @@ def setup_command(
             click.echo(f"created user {user} for {partner.id} (password in {path})")
         _set_permissions(ctl, vhost, user, partner_permissions(partner.id))
 
+    _set_dead_letter_policy(ctl, vhost)
+
     if declare:
         try:
             asyncio.run(_declare(config, [p.id for p in partners]))
@@ -233,6 +235,38 @@ def _set_permissions(ctl: Rabbitmqctl, vhost: str, user: str, perms: Permissions
     click.echo(
         f"set permissions of {user} on {vhost}: configure={perms.configure} "
         f"write={perms.write} read={perms.read}"
+    )
+
+
+#: RabbitMQ 4.0 gives a quorum queue declared without ``x-delivery-limit`` a limit of 20
+#: returns, after which a message is dropped (a dead-letter queue has no dead-letter exchange
+#: of its own): a replay tool that nacks, or a peek in the management UI, would lose what the
+#: gateway dead-lettered. The ``.dead`` queues cannot take the argument now (a queue declared
+#: again with other arguments is refused PRECONDITION_FAILED), and ``-1`` (no limit on 4.x)
+#: drops a message at its first return on 3.x, so a policy sets a limit no replay reaches.
+#: ``queues``, not ``quorum_queues``, which RabbitMQ before 3.12 does not know.
+DEAD_LETTER_POLICY = "c2c-dead-letter-queues"
+DEAD_LETTER_PATTERN = r"^c2c\..*\.dead$"
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
+
+def _set_dead_letter_policy(ctl: Rabbitmqctl, vhost: str) -> None:
+    definition = json.dumps({"delivery-limit": DEAD_LETTER_DELIVERY_LIMIT})
+    ctl.run(
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "queues",
+        "--priority",
+        "0",
+        DEAD_LETTER_POLICY,
+        DEAD_LETTER_PATTERN,
+        definition,
+    )
+    click.echo(
+        f"set policy {DEAD_LETTER_POLICY} on {vhost}: the dead-letter queues keep a message"
+        f" through {DEAD_LETTER_DELIVERY_LIMIT:,} returns"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,32 @@ def test_setup_creates_least_privilege_partner_user(
     assert password_file.read_text().strip() == password
 
     asyncio.run(_check_partner_rights(vhost, user, password))
+
+
+def test_setup_gives_the_dead_letter_queues_a_limit_no_replay_reaches(
+    tmp_path: Path, fresh: tuple[RabbitVhost, str]
+) -> None:
+    """RabbitMQ 4 gives a quorum queue declared without a delivery limit one of 20 returns,
+    after which a dead-lettered message would be dropped: a policy sets one on the .dead
+    queues, and on them only (the others keep the limit they are declared with)."""
+    vhost, user = fresh
+    config = write_config(tmp_path, amqp_url=vhost.url(), amqp_user=user)
+    for _ in range(2):  # idempotent
+        code, out, err = _setup(config, tmp_path / "secrets")
+        assert code == 0, err
+        assert f"set policy c2c-dead-letter-queues on {vhost.name}: the dead-letter queues" in out
+    policies = json.loads(rabbitmqctl("list_policies", "-p", vhost.name, "--formatter", "json"))
+    assert [(p["name"], p["pattern"], json.loads(p["definition"])) for p in policies] == [
+        ("c2c-dead-letter-queues", r"^c2c\..*\.dead$", {"delivery-limit": 1_000_000})
+    ]
+    queues = json.loads(
+        rabbitmqctl("list_queues", "-p", vhost.name, "name", "policy", "--formatter", "json")
+    )
+    dead = {q["name"] for q in queues if q["name"].endswith(".dead")}
+    assert dead >= {"c2c.submit.dead", f"c2c.partner.{AMQP_PARTNER}.in.dead"}, queues
+    assert {q["name"]: q["policy"] for q in queues} == {
+        q["name"]: "c2c-dead-letter-queues" if q["name"] in dead else "" for q in queues
+    }
 
 
 async def _check_partner_rights(vhost: RabbitVhost, user: str, password: str) -> None:
