@@ -95,12 +95,13 @@ def _unauthorized(reason: str) -> web.Response:
     )
 
 
-def _forbidden(needed: Collection[str]) -> web.Response:
+def forbidden(needed: Collection[str], *, what: str = "this operation") -> web.Response:
+    """403 naming the scopes ``what`` needs (RFC 6750 ``insufficient_scope``)."""
     names = " ".join(sorted(needed))
     detail = (
-        f"this operation needs the scope {names}"
+        f"{what} needs the scope {names}"
         if len(needed) == 1
-        else f"this operation needs one of the scopes {names}"
+        else f"{what} needs one of the scopes {names}"
     )
     return problem(
         403,
@@ -184,7 +185,7 @@ def bearer_middleware(
             return refused(request, _kind(exc.reason), exc.reason, _unauthorized(exc.reason))
         if not (claims.scopes & access.scopes):
             reason = f"{claims.subject} lacks the scope {' or '.join(sorted(access.scopes))}"
-            return refused(request, "scope", reason, _forbidden(access.scopes))
+            return refused(request, "scope", reason, forbidden(access.scopes))
         request[CLAIMS_KEY] = claims
         return await handler(request)
 

@@ -9,16 +9,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.api.auth import claims_of, readable
+from gateway.api.auth import SCOPE_QUERY, claims_of, forbidden, readable
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
+from gateway.audit.events import EventKind
 from gateway.clock import format_rfc3339
 from gateway.config import MAX_TTL_S
 from gateway.errors import Malformed
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
-from gateway.outbound.submission import Submission, submit_request
+from gateway.outbound.submission import Submission, is_query_type, submit_request
 from gateway.store.base import (
     INBOUND_DELIVERED,
     INBOUND_RECEIVED,
@@ -81,9 +82,11 @@ def submission_from(
 ) -> Submission:
     fields = Fields(document, allowed=SUBMIT_MEMBERS)
     priority = fields.choice("priority", frozenset(p.value for p in Priority))
+    recipient = fields.required_text("recipient", limit=40)
+    message_type = fields.required_text("message_type", limit=100)
     return Submission(
-        recipient=fields.required_text("recipient", limit=40),
-        message_type=fields.required_text("message_type", limit=100),
+        recipient=recipient,
+        message_type=message_type,
         schema_version=fields.text("schema_version", limit=20) or "1.0",
         payload=fields.obj("payload"),
         correlation_id=fields.uuid("correlation_id"),
@@ -93,6 +96,7 @@ def submission_from(
         respond_by=fields.timestamp("respond_by", utc=False),
         legal_basis=fields.text("legal_basis"),
         actor=actor,
+        audit_event=EventKind.QUERY if is_query_type(message_type) else EventKind.SUBMITTED,
         idempotency_key=idempotency_key,
     )
 
@@ -102,6 +106,9 @@ async def post_message(request: web.Request) -> web.Response:
     key = idempotency_key_of(request)
     document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
     submission = submission_from(document, actor=actor_of(request), idempotency_key=key)
+    if is_query_type(submission.message_type) and SCOPE_QUERY not in claims_of(request).scopes:
+        # the same question through /api/v1/queries needs c2c:query: not c2c:send alone here
+        return forbidden({SCOPE_QUERY}, what=f"{submission.message_type} (a query)")
     submitted = await submit_request(services.submission(), submission)
     record = submitted.record
     services.wake()

@@ -19,13 +19,18 @@ from gateway.api.requests import Fields, json_object, path_uuid
 from gateway.api.services import SERVICES, ApiServices
 from gateway.audit.events import EventKind
 from gateway.errors import Malformed
-from gateway.outbound.submission import Submission, submit_request
+from gateway.outbound.submission import (
+    QUERY_RESPONSE_TYPE,
+    Submission,
+    is_query_type,
+    submit_request,
+)
 from gateway.store.base import OutboundRecord, OutboundState
 
 QUERY_MEMBERS = frozenset(
     {"partner", "message_type", "schema_version", "params", "timeout_s", "correlation_id"}
 )
-RESPONSE_TYPE = "query.response"
+RESPONSE_TYPE = QUERY_RESPONSE_TYPE
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 60.0
 #: states in which no answer can come any more
@@ -37,7 +42,7 @@ def query_submission(
 ) -> tuple[Submission, float]:
     fields = Fields(document, allowed=QUERY_MEMBERS)
     message_type = fields.required_text("message_type", limit=100)
-    if not message_type.startswith("query.") or message_type == RESPONSE_TYPE:
+    if not is_query_type(message_type):
         raise Malformed(f"message_type must be a query type (query.*), not {message_type!r}")
     timeout_s = fields.number("timeout_s", low=0, high=MAX_TIMEOUT_S)
     submission = Submission(
@@ -63,7 +68,7 @@ async def _answer(services: ApiServices, query: OutboundRecord) -> dict[str, Any
 
 
 def is_query(record: OutboundRecord) -> bool:
-    return record.message_type.startswith("query.") and record.message_type != RESPONSE_TYPE
+    return is_query_type(record.message_type)
 
 
 def _view(query: OutboundRecord, answer: dict[str, Any] | None) -> dict[str, Any]:

@@ -39,6 +39,14 @@ log = structlog.get_logger(__name__)
 
 RECEIPT_TYPE = "receipt"
 MAX_IDEMPOTENCY_KEY = 255
+#: the answer to a query: a message type of the query.* family that asks nothing
+QUERY_RESPONSE_TYPE = "query.response"
+
+
+def is_query_type(message_type: str) -> bool:
+    """A question to a partner (``query.*`` but the response): asked through the queries API
+    or submitted as a message, it needs the ``c2c:query`` scope and is audited as ``query``."""
+    return message_type.startswith("query.") and message_type != QUERY_RESPONSE_TYPE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +65,9 @@ class Submission:
     ttl_s: int | None = None
     respond_by: datetime | None = None
     legal_basis: str | None = None
-    #: the audit event of the stored row: ``QUERY`` for a question asked through the queries
-    #: API, so auditors find who asked a partner what without reading message types
+    #: the audit event of the stored row: ``QUERY`` for a question to a partner
+    #: (``is_query_type``), so auditors find who asked a partner what without reading
+    #: message types
     audit_event: Literal[EventKind.SUBMITTED, EventKind.QUERY] = EventKind.SUBMITTED
     #: the submitter's key for retries (``Idempotency-Key``, AMQP ``message_id``): the same
     #: key and request from the same actor yield the message the first one created

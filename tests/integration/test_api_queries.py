@@ -6,7 +6,10 @@ import dataclasses
 
 from inbound_records import sample_record
 from outbound_env import Running, example
+from test_api_idempotency import entries, outbox_size
 from test_api_messages import api
+
+from gateway.audit.events import EventKind
 
 
 async def reply(running: Running, query_id: str, sender: str, message_type: str) -> str:
@@ -55,7 +58,43 @@ async def test_an_outbound_response_is_no_query(us: Running) -> None:
             "payload": example(us.gateway, "query.response"),
             "in_reply_to": "0192f4d6-0000-7000-8000-000000000001",
         },
+        scopes=("c2c:send",),  # an answer asks nothing: sending it needs no c2c:query
     )
     assert status == 202, sent
     status, body = await api(us, "GET", f"/api/v1/queries/{sent['message_id']}")
     assert status == 404, body
+
+
+def _question(us: Running) -> dict[str, object]:
+    return {
+        "recipient": "MX-ANAM",
+        "message_type": "query.trader_lookup",
+        "payload": example(us.gateway, "query.trader_lookup"),
+    }
+
+
+async def test_a_query_sent_as_a_message_needs_the_query_scope(us: Running) -> None:
+    """The question POST /api/v1/queries asks only with c2c:query is not asked through
+    POST /api/v1/messages with c2c:send alone."""
+    status, body = await api(
+        us, "POST", "/api/v1/messages", json=_question(us), scopes=("c2c:send",)
+    )
+    assert (status, body["detail"]) == (
+        403,
+        "query.trader_lookup (a query) needs the scope c2c:query",
+    ), body
+    assert await outbox_size(us) == 0
+    assert await entries(us, EventKind.QUERY) == []
+    assert await entries(us, EventKind.SUBMITTED) == []
+
+
+async def test_a_query_sent_as_a_message_is_audited_as_a_query(us: Running) -> None:
+    status, sent = await api(
+        us, "POST", "/api/v1/messages", json=_question(us), scopes=("c2c:send", "c2c:query")
+    )
+    assert status == 202, sent
+    [asked] = await entries(us, EventKind.QUERY)
+    assert (asked["message_id"], asked["actor"]) == (sent["message_id"], "api:test-client")
+    assert await entries(us, EventKind.SUBMITTED) == []
+    status, body = await api(us, "GET", f"/api/v1/queries/{sent['message_id']}")
+    assert (status, body["message_type"]) == (200, "query.trader_lookup"), body
