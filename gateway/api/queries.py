@@ -47,6 +47,7 @@ def query_submission(
     timeout_s = fields.number("timeout_s", low=0, high=MAX_TIMEOUT_S)
     submission = Submission(
         recipient=fields.required_text("partner", limit=40),
+        recipient_member="partner",
         message_type=message_type,
         schema_version=fields.text("schema_version", limit=20) or "1.0",
         payload=fields.obj("params"),

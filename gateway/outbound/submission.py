@@ -57,6 +57,9 @@ class Submission:
     message_type: str
     payload: Mapping[str, Any]
     actor: str
+    #: the request member that named the recipient, for the errors about it (a query names
+    #: it ``partner``)
+    recipient_member: str = "recipient"
     schema_version: str = "1.0"
     correlation_id: str | None = None
     in_reply_to: str | None = None
@@ -158,13 +161,14 @@ def current_signing_key(
 
 async def resolve_partner(ctx: SubmitContext) -> None:
     recipient = ctx.submission.recipient
+    member = ctx.submission.recipient_member
     if not is_party_id(recipient):
-        raise Malformed(f"recipient {recipient[:40]!r} is not a party id (CC-AGENCY)")
+        raise Malformed(f"{member} {recipient[:40]!r} is not a party id (CC-AGENCY)")
     partner = ctx.services.config.partners.get(recipient)
     if partner is None:
         raise NotAuthorized(
-            f"recipient {recipient} is not a configured partner",
-            detail=f"recipient {recipient} is not a configured partner",
+            f"{member} {recipient} is not a configured partner",
+            detail=f"{member} {recipient} is not a configured partner",
         )
     if partner.https.url is not None:
         ctx.transport = "https"

@@ -98,3 +98,16 @@ async def test_a_query_sent_as_a_message_is_audited_as_a_query(us: Running) -> N
     assert await entries(us, EventKind.SUBMITTED) == []
     status, body = await api(us, "GET", f"/api/v1/queries/{sent['message_id']}")
     assert (status, body["message_type"]) == (200, "query.trader_lookup"), body
+
+
+async def test_an_unknown_partner_is_named_by_the_member_that_named_it(us: Running) -> None:
+    question = {
+        "partner": "GB-HMRC",
+        "message_type": "query.trader_lookup",
+        "params": example(us.gateway, "query.trader_lookup"),
+        "timeout_s": 0,
+    }
+    status, body = await api(us, "POST", "/api/v1/queries", json=question)
+    assert (status, body["detail"]) == (403, "partner GB-HMRC is not a configured partner"), body
+    status, body = await api(us, "POST", "/api/v1/queries", json={**question, "partner": "gb"})
+    assert (status, body["detail"]) == (400, "partner 'gb' is not a party id (CC-AGENCY)"), body
