@@ -74,6 +74,10 @@ PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 PROBE_TIMEOUT_S = 2.0
 #: how long ``AmqpBroker.stop_consuming`` waits for the broker to answer its consumer cancels
 CANCEL_TIMEOUT_S = 3.0
+#: the first pause of a delivery held through an outage (``OutageHold``), doubled after each try
+_HOLD_FIRST_PAUSE_S = 0.2
+#: the longest such pause: the consumers' stop is noticed within it
+_HOLD_MAX_PAUSE_S = 5.0
 
 
 class Refused(Unavailable):
@@ -208,6 +212,50 @@ class Settlement(StrEnum):
 
 
 DeliveryHandler = Callable[[Delivery], Awaitable[Settlement]]
+
+
+class OutageHold:
+    """Holds one delivery in process while what it needs (the store, the broker) is down,
+    instead of returning it to the queue at each failed try.
+
+    RabbitMQ before 4.3 counts a ``basic.nack(requeue=True)`` towards a quorum queue's
+    ``x-delivery-limit`` like a reject, so returning a delivery for every failed try would
+    have an outage of a few seconds dead-letter it, unanswered and unaudited. The delivery is
+    held for ``hold_s``, tried again after each ``pause``, then returned (so that another
+    replica may take it) only while its count leaves one more return before the limit after
+    this one: that return is kept for a crash, a shutdown or a lost connection, which return
+    it too, counted. A delivery without that margin is held until a try succeeds. Either way
+    the hold ends when the consumers stop (``AmqpBroker.consuming``), and the delivery goes
+    back. RabbitMQ 4.3 and later count only rejects: there the count stays low.
+    """
+
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        delivery: Delivery,
+        *,
+        hold_s: float,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self._broker = broker
+        self._monotonic = monotonic
+        self._started = monotonic()
+        self._pause = _HOLD_FIRST_PAUSE_S
+        #: how long the delivery is held before it goes back; None: until a try succeeds
+        self.hold_s: float | None = (
+            hold_s if delivery.delivery_count + 2 <= broker.config.delivery_limit else None
+        )
+
+    async def pause(self) -> bool:
+        """Wait before the next try (0.2 s, doubling up to 5 s); False, at once, when the
+        delivery is to go back instead: held ``hold_s`` already, or the consumers stopping."""
+        if self.hold_s is not None and self._monotonic() - self._started >= self.hold_s:
+            return False
+        if not self._broker.consuming:
+            return False
+        await asyncio.sleep(self._pause)
+        self._pause = min(self._pause * 2, _HOLD_MAX_PAUSE_S)
+        return True
 
 
 class AmqpBroker:

@@ -6,7 +6,11 @@ broker (PROTOCOL section 5):
 - accepted, exact re-send, or refused with a signed NACK: the receipt is published to the
   partner's ``.out`` queue with a confirm, and only then is the delivery acked (a stored message
   whose receipt could not be published is returned to the queue; its redelivery is an exact
-  re-send answered with the original receipt). Deterministic refusals are never requeued.
+  re-send answered with the original receipt). Deterministic refusals are never requeued. A
+  delivery whose count leaves no more than one return before the delivery limit is held
+  instead, its receipt published again until the broker takes it (``OutageHold``): the broker
+  refusing receipts (the ``.out`` queue deleted, full, or without its quorum) would otherwise
+  dead-letter every delivery, unaudited, after ``delivery_limit + 1`` returns.
 - a partner's own receipt is handed to the dispatcher by the pipeline and not answered.
 - over the partner's rate: the queue is the buffer. Each delivery waits for a token of the
   partner's rate limiter (the one its HTTPS traffic and, on PostgreSQL, other replicas share)
@@ -19,8 +23,9 @@ broker (PROTOCOL section 5):
   RabbitMQ before 4.3 counts a ``basic.nack`` towards the delivery limit like a reject, so a
   long outage would dead-letter every held delivery, unaudited: a delivery whose count leaves
   no more than one return before the limit is held until the store answers instead (the one
-  return is kept for a crash or a shutdown, which returns it too). RabbitMQ 4.3 and later
-  count only rejects, so there the count stays low and deliveries keep going back.
+  return is kept for a crash or a shutdown, which returns it too; ``OutageHold``, the rule
+  the ``c2c.submit`` consumer follows too). RabbitMQ 4.3 and later count only rejects, so
+  there the count stays low and deliveries keep going back.
 - any other ``UNAVAILABLE`` with the store reachable, or an exception, is a processing failure: the
   delivery is returned with ``basic.reject(requeue=True)``, which the quorum queue counts; the
   last allowed attempt is audited as ``poison`` before the broker dead-letters it.
@@ -53,6 +58,7 @@ from gateway.transports.amqp import (
     SIGNATURE_HEADER,
     AmqpBroker,
     Delivery,
+    OutageHold,
     OutgoingMessage,
     Settlement,
     partner_in_queue,
@@ -165,7 +171,9 @@ class PartnerInbox:
         # check answers it RATE_LIMITED, with the retry-after.
         request = replace(request, rate_taken=paced)
         try:
-            result = await self._handle_through_outages(request, self._hold_for(partner, delivery))
+            result = await self._handle_through_outages(
+                request, self._hold(partner, delivery, self._outage_hold_s)
+            )
         except _Outage:
             return Settlement.REQUEUE
         except Exception as exc:
@@ -181,21 +189,8 @@ class PartnerInbox:
             # failure (an accepted message's redelivery meets the same receipt again)
             await self._failed(partner, delivery, f"our receipt cannot be read back: {exc.reason}")
             return Settlement.REJECT
-        if answer is not None:
-            try:
-                await self._broker.publish(
-                    answer,
-                    routing_key=self._out_queues.get(partner.id) or partner_out_queue(partner.id),
-                    concern=OUT_CONCERN,
-                )
-            except Unavailable as exc:
-                log.warning(
-                    "amqp_receipt_not_published",
-                    partner=partner.id,
-                    message_id=answer.message_id,
-                    reason=exc.reason,
-                )
-                return Settlement.REQUEUE
+        if answer is not None and not await self._publish_answer(partner, delivery, answer):
+            return Settlement.REQUEUE
         return Settlement.ACK
 
     async def _pace(self, partner: PartnerConfig) -> bool | None:
@@ -221,27 +216,24 @@ class PartnerInbox:
                     return False
                 await asyncio.sleep(min(max(wait_s, _MIN_WAIT_S), remaining, _WAIT_STEP_S))
 
-    def _hold_for(self, partner: PartnerConfig, delivery: Delivery) -> float | None:
-        """How long an outage may hold this delivery before it goes back to the queue; None:
-        until the store answers, because a return now would leave no margin before the
-        delivery limit on a broker that counts returns."""
-        if delivery.delivery_count + 2 <= self._broker.config.delivery_limit:
-            return self._outage_hold_s
-        log.debug(
-            "amqp_outage_hold_until_recovery",
-            partner=partner.id,
-            message_id=_safe_id(delivery.message_id),
-            delivery_count=delivery.delivery_count,
-        )
-        return None
+    def _hold(self, partner: PartnerConfig, delivery: Delivery, hold_s: float) -> OutageHold:
+        """How this delivery is held through an outage: ``hold_s``, or until a try succeeds
+        when a return now would leave no margin before the delivery limit."""
+        hold = OutageHold(self._broker, delivery, hold_s=hold_s, monotonic=self._clock.monotonic)
+        if hold.hold_s is None:
+            log.debug(
+                "amqp_outage_hold_until_recovery",
+                partner=partner.id,
+                message_id=_safe_id(delivery.message_id),
+                delivery_count=delivery.delivery_count,
+            )
+        return hold
 
     async def _handle_through_outages(
-        self, request: InboundRequest, hold_s: float | None
+        self, request: InboundRequest, hold: OutageHold
     ) -> InboundResult:
-        """Run the pipeline; while the store is down, hold the delivery and try again, for
-        ``hold_s`` (None: until the store answers or the consumers stop)."""
-        started = self._clock.monotonic()
-        pause = 0.2
+        """Run the pipeline; while the store is down, hold the delivery and try again, as
+        ``hold`` says (raises ``_Outage`` when the delivery is to go back)."""
         while True:
             result = await self._pipeline.handle(request)
             if result.code is not NackCode.UNAVAILABLE:
@@ -250,12 +242,44 @@ class PartnerInbox:
             # (else it is asked, in case the cause was the store after all)
             if not result.outage and (result.audited or await self._store_reachable()):
                 return result
-            if hold_s is not None and self._clock.monotonic() - started >= hold_s:
-                raise _Outage
-            if not self._broker.consuming:
-                raise _Outage  # stopping: the delivery goes back when the connection closes
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            if not await hold.pause():
+                raise _Outage  # held long enough, or stopping: the delivery goes back
+
+    async def _publish_answer(
+        self, partner: PartnerConfig, delivery: Delivery, answer: OutgoingMessage
+    ) -> bool:
+        """Publish ``answer`` to the partner's ``.out`` queue with a confirm; False when the
+        broker would not take it and the delivery is to go back (its redelivery is answered
+        the same: an exact re-send gets the original receipt). A delivery without a return
+        to spare is held, the answer published again, until the broker takes it or the
+        consumers stop (``OutageHold``)."""
+        routing_key = self._out_queues.get(partner.id) or partner_out_queue(partner.id)
+        hold: OutageHold | None = None
+        while True:
+            try:
+                await self._broker.publish(answer, routing_key=routing_key, concern=OUT_CONCERN)
+            except Unavailable as exc:
+                if hold is None:
+                    # with a return to spare it goes back at once, as it always did: publish
+                    # has retried for its whole deadline already, or the broker refused it
+                    hold = self._hold(partner, delivery, 0.0)
+                    log.warning(
+                        "amqp_receipt_not_published",
+                        partner=partner.id,
+                        message_id=answer.message_id,
+                        reason=exc.reason,
+                        held=hold.hold_s is None,
+                    )
+                if not await hold.pause():
+                    return False
+            else:
+                if hold is not None and hold.hold_s is None:
+                    log.info(
+                        "amqp_receipt_published_after_hold",
+                        partner=partner.id,
+                        message_id=answer.message_id,
+                    )
+                return True
 
     async def _store_reachable(self) -> bool:
         try:

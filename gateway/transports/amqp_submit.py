@@ -17,12 +17,19 @@ carries the header ``c2c-idempotent-replayed: "true"`` (the internal API's
 refused (``DUPLICATE_CONFLICT``, the detail naming the ``message_id``). A refused submission
 without ``reply_to`` is dead-lettered to ``c2c.submit.dead`` with the reason in the
 ``c2c-reason`` header. The delivery is acked only once the row is stored or the refusal was
-published with a confirm; while the store is down it goes back to the queue.
+published with a confirm.
+
+While the store is down (``Unavailable``) the delivery is held and tried again for
+``outage_pause_s``, then goes back to the queue with ``basic.nack(requeue=True)``. RabbitMQ
+before 4.3 counts that towards the queue's delivery limit like a reject, so a store outage of a
+few seconds would have the broker dead-letter every queued submission to ``c2c.submit.dead``,
+unanswered and unaudited: a delivery whose count leaves no more than one return before the limit
+is held until the store answers instead, or until the consumers stop (``OutageHold``, the rule
+the partner inbox follows too).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -33,13 +40,19 @@ from gateway.api.messages import submission_from
 from gateway.envelope import new_message_id, parse_json_strict
 from gateway.errors import GatewayError, IdempotencyKeyReused, Malformed, Unavailable
 from gateway.inbound.pipeline import problem_document
-from gateway.outbound.submission import SubmissionServices, submit_request
+from gateway.outbound.submission import (
+    Submission,
+    SubmissionServices,
+    Submitted,
+    submit_request,
+)
 from gateway.transports.amqp import (
     DEAD_LETTER_EXCHANGE,
     REASON_HEADER,
     SUBMIT_QUEUE,
     AmqpBroker,
     Delivery,
+    OutageHold,
     OutgoingMessage,
     Settlement,
 )
@@ -61,6 +74,8 @@ class SubmitConsumer:
         broker: AmqpBroker,
         services: SubmissionServices,
         on_submitted: Callable[[], None] | None = None,
+        #: how long a store outage holds a delivery (tried again meanwhile) before it goes back
+        #: to the queue, while its count leaves a return to spare
         outage_pause_s: float = 1.0,
     ) -> None:
         self._broker = broker
@@ -83,14 +98,11 @@ class SubmitConsumer:
             submission = submission_from(
                 document, actor=actor, idempotency_key=delivery.message_id or None
             )
-            submitted = await submit_request(self._services, submission)
-        except Unavailable as exc:
-            log.warning("amqp_submit_unavailable", actor=actor, reason=exc.reason)
-            # Give the store a moment before the message comes round again.
-            await asyncio.sleep(self._outage_pause_s)
-            return Settlement.REQUEUE
+            submitted = await self._submit_through_outages(delivery, actor, submission)
         except GatewayError as exc:
             return await self._refuse(delivery, actor, exc)
+        if submitted is None:
+            return Settlement.REQUEUE
         record = submitted.record
         if self._on_submitted is not None:
             self._on_submitted()
@@ -115,6 +127,34 @@ class SubmitConsumer:
                 # The message is stored and will be sent; only the courtesy reply is lost.
                 log.warning("amqp_submit_reply_lost", actor=actor, reason=exc.reason)
         return Settlement.ACK
+
+    async def _submit_through_outages(
+        self, delivery: Delivery, actor: str, submission: Submission
+    ) -> Submitted | None:
+        """Submit; while the store is unavailable, hold the delivery and try again, as
+        ``OutageHold`` says. None: the delivery is to go back to the queue (held long enough,
+        or the consumers stopping)."""
+        hold: OutageHold | None = None
+        while True:
+            try:
+                return await submit_request(self._services, submission)
+            except Unavailable as exc:
+                if hold is None:
+                    hold = OutageHold(
+                        self._broker,
+                        delivery,
+                        hold_s=self._outage_pause_s,
+                        monotonic=self._services.clock.monotonic,
+                    )
+                    log.warning(
+                        "amqp_submit_unavailable",
+                        actor=actor,
+                        reason=exc.reason,
+                        delivery_count=delivery.delivery_count,
+                        held_until_stored=hold.hold_s is None,
+                    )
+            if not await hold.pause():
+                return None
 
     async def _refuse(self, delivery: Delivery, actor: str, exc: GatewayError) -> Settlement:
         log.info("amqp_submit_refused", actor=actor, code=exc.code.value, reason=exc.reason)

@@ -436,3 +436,70 @@ async def test_stopping_ends_a_hold_that_waits_for_the_store(
             await broker.stop_consuming(timeout_s=30)
     assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 1
     assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in.dead") == 0
+
+
+async def test_a_receipt_the_broker_will_not_take_holds_the_delivery_without_dead_lettering_it(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """A receipt that cannot be published puts its delivery back, and RabbitMQ before 4.3
+    counts each return: with the partner's ``.out`` queue gone (an operator deleted it), every
+    accepted message used to reach ``.in.dead`` within milliseconds, unaudited and unanswered.
+    A delivery near the limit is now held and its receipt published again until the broker
+    takes it."""
+    dead = f"c2c.partner.{AMQP_PARTNER}.in.dead"
+    gateway = Gateway(config_without_broker(tmp_path))
+    await gateway.start()
+    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), delivery_limit=2))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        inbox = PartnerInbox(
+            broker=broker, pipeline=gateway.pipeline, partners=gateway.config.partners.values()
+        )
+        messages = signed_messages(
+            tmp_path / "certs",
+            sender=AMQP_PARTNER,
+            recipient=GATEWAY,
+            count=2,
+            message_type="shipment.advance_data",
+        )
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel()
+            await channel.queue_delete(OUT_QUEUE)
+        finally:
+            await connection.close()
+        await inbox.start()
+        await preload(rabbit_vhost, messages, message_type="shipment.advance_data")
+        await asyncio.sleep(3)
+        assert await queue_depth(rabbit_vhost, dead) == 0
+        for message_id, body, _ in messages:
+            stored = await gateway.store.get_inbound(AMQP_PARTNER, message_id)
+            assert stored is not None
+            assert stored.body == body
+
+        await broker.declare_topology([AMQP_PARTNER])  # as `amqp setup` puts it back
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel()
+            out = await channel.get_queue(OUT_QUEUE, ensure=False)
+            answered: list[dict[str, Any]] = []
+            async with asyncio.timeout(15):
+                while len(answered) < len(messages):
+                    got = await out.get(fail=False, no_ack=True)
+                    if got is None:
+                        await asyncio.sleep(0.05)
+                        continue
+                    answered.append(json.loads(got.body)["payload"])
+        finally:
+            await connection.close()
+        assert sorted((a["status"], a["ref_message_id"]) for a in answered) == sorted(
+            ("ACK", message_id) for message_id, _, _ in messages
+        )
+        # each acked once its receipt was confirmed: none comes back when the consumer goes
+        await broker.close()
+        assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 0
+        assert await queue_depth(rabbit_vhost, dead) == 0
+    finally:
+        await broker.close()
+        await gateway.stop()

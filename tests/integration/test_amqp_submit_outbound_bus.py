@@ -9,14 +9,16 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
-from amqp_peer import AmqpEnv, amqp_gateway
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, config_without_broker
+from amqp_peer import AmqpEnv, amqp_gateway, queue_depth
 from inbound_records import sample_record
 from rabbit import RabbitVhost
 
@@ -25,8 +27,10 @@ from gateway.crypto.jws import sign_detached
 from gateway.envelope import new_message_id
 from gateway.errors import Unavailable
 from gateway.outbound.transport import Delivery, Handed, TransportError
+from gateway.runtime import Gateway
 from gateway.transports.amqp import AmqpBroker
 from gateway.transports.amqp_bus import RabbitBus
+from gateway.transports.amqp_submit import SubmitConsumer
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -235,6 +239,134 @@ async def test_a_malformed_submission_is_answered_with_what_is_wrong_with_it(
         bad_id = await refusal(json.dumps({**good, "payload": example}).encode(), 'sub"1')
         assert bad_id["detail"].startswith("the idempotency key must be 1 to 255 printable ASCII")
         assert sum((await env.gateway.store.outbox_depth()).values()) == 0
+
+
+@asynccontextmanager
+async def _submit_in_an_outage(
+    root: Path, vhost: RabbitVhost, *, delivery_limit: int, outage_pause_s: float
+) -> AsyncIterator[tuple[Gateway, AmqpBroker]]:
+    """A submit consumer of its own (``outage_pause_s``, ``delivery_limit``) consuming
+    ``c2c.submit`` while the gateway's store is closed; the store is open again when the block
+    ends."""
+    gateway = Gateway(config_without_broker(root))
+    await gateway.start()
+    broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        consumer = SubmitConsumer(
+            broker=broker,
+            services=gateway.submission_services(),
+            outage_pause_s=outage_pause_s,
+        )
+        await gateway.store.close()
+        await consumer.start()
+        yield gateway, broker
+    finally:
+        await broker.close()
+        await gateway.store.open()
+        await gateway.stop()
+
+
+async def test_a_long_store_outage_holds_submissions_without_dead_lettering_them(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """RabbitMQ before 4.3 counts ``basic.nack(requeue)`` towards the delivery limit. A store
+    outage longer than (limit + 1) pauses used to dead-letter every queued submission to
+    ``c2c.submit.dead``, unanswered and unaudited. A submission near the limit is now held
+    until the store answers, then stored and answered."""
+    async with _submit_in_an_outage(
+        tmp_path, rabbit_vhost, delivery_limit=2, outage_pause_s=0.3
+    ) as (gateway, broker):
+        example = gateway.registry.examples("shipment.advance_data", "1.0")[0]
+        document = {
+            "recipient": AMQP_PARTNER,
+            "message_type": "shipment.advance_data",
+            "payload": example,
+        }
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            reply_queue, replies = await answers(channel)
+            submit = await channel.get_exchange("c2c.submit", ensure=False)
+            # two submitters wait for an answer, the third only publishes
+            keys = {"sub-a": True, "sub-b": True, "sub-c": False}
+            for key, answer_to in keys.items():
+                await submit.publish(
+                    aio_pika.Message(
+                        json.dumps(document).encode(),
+                        app_id="cbp-targeting",
+                        message_id=key,
+                        correlation_id=key,
+                        reply_to=reply_queue.name if answer_to else None,
+                        content_type="application/json",
+                    ),
+                    routing_key="",
+                )
+            # ten pauses and more: the old code had dead-lettered all three by now
+            await asyncio.sleep(4)
+            assert await queue_depth(rabbit_vhost, "c2c.submit.dead") == 0
+            assert replies.empty()
+
+            await gateway.store.open()
+            answered: dict[str | None, AbstractIncomingMessage] = {}
+            async with asyncio.timeout(15):
+                while len(answered) < 2:
+                    got = await replies.get()
+                    answered[got.correlation_id] = got
+        finally:
+            await connection.close()
+        assert set(answered) == {"sub-a", "sub-b"}
+        for key in keys:
+            record = await gateway.store.find_outbound_by_key("amqp:cbp-targeting", key)
+            assert record is not None, key
+            assert record.recipient == AMQP_PARTNER
+            if keys[key]:
+                reply = answered[key]
+                assert reply.type == "submission.accepted"
+                assert json.loads(reply.body) == {
+                    "message_id": record.message_id,
+                    "status": "queued",
+                }
+        assert sum((await gateway.store.outbox_depth()).values()) == 3
+        # each acked once stored: none comes back when the consumer goes
+        await broker.close()
+        assert await queue_depth(rabbit_vhost, "c2c.submit.dead") == 0
+        assert await queue_depth(rabbit_vhost, "c2c.submit") == 0
+
+
+async def test_stopping_ends_a_hold_of_a_submission_that_waits_for_the_store(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """A submission held until the store answers does not keep a stopping gateway waiting:
+    it goes back to ``c2c.submit``, whole, for the next consumer."""
+    # limit 1: even the first delivery is held until the store answers
+    async with _submit_in_an_outage(
+        tmp_path, rabbit_vhost, delivery_limit=1, outage_pause_s=30.0
+    ) as (gateway, broker):
+        document = {
+            "recipient": AMQP_PARTNER,
+            "message_type": "shipment.advance_data",
+            "payload": gateway.registry.examples("shipment.advance_data", "1.0")[0],
+        }
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            submit = await channel.get_exchange("c2c.submit", ensure=False)
+            await submit.publish(
+                aio_pika.Message(
+                    json.dumps(document).encode(), app_id="cbp-targeting", message_id="sub-held"
+                ),
+                routing_key="",
+            )
+        finally:
+            await connection.close()
+        await asyncio.sleep(1.0)  # delivered and held
+        # the hold ends at its next try (within 5 s), well before stop_consuming's own 30 s
+        async with asyncio.timeout(20):
+            await broker.stop_consuming(timeout_s=30)
+    assert await queue_depth(rabbit_vhost, "c2c.submit") == 1
+    assert await queue_depth(rabbit_vhost, "c2c.submit.dead") == 0
 
 
 async def test_outbound_message_goes_to_the_partners_out_queue(
