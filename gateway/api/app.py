@@ -23,7 +23,14 @@ from gateway.api.auth import (
     bearer_middleware,
 )
 from gateway.api.documents import get_document
-from gateway.api.messages import get_message, list_messages, post_message, retry_message
+from gateway.api.messages import (
+    get_message,
+    get_message_body,
+    get_receipt_body,
+    list_messages,
+    post_message,
+    retry_message,
+)
 from gateway.api.openapi import openapi_document
 from gateway.api.ops import healthz, metrics, readyz
 from gateway.api.problems import json_response, problem, problem_for
@@ -65,6 +72,18 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(method="GET", path="/api/v1/messages", handler=list_messages, access=READ),
     Route(method="GET", path="/api/v1/messages/{message_id}", handler=get_message, access=READ),
+    Route(
+        method="GET",
+        path="/api/v1/messages/{message_id}/body",
+        handler=get_message_body,
+        access=READ,
+    ),
+    Route(
+        method="GET",
+        path="/api/v1/messages/{message_id}/receipt/body",
+        handler=get_receipt_body,
+        access=READ,
+    ),
     Route(
         method="POST",
         path="/api/v1/messages/{message_id}/retry",

@@ -9,13 +9,14 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from gateway.adapters.registry import adapter_for, content_type_of
 from gateway.api.auth import SCOPE_QUERY, claims_of, forbidden, readable
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
 from gateway.audit.events import EventKind
 from gateway.clock import format_rfc3339
-from gateway.config import MAX_TTL_S
+from gateway.config import MAX_TTL_S, GatewayConfig
 from gateway.errors import Malformed
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
@@ -30,6 +31,7 @@ from gateway.store.base import (
     Store,
 )
 from gateway.store.queries import InvalidCursor
+from gateway.transports.https_server import SIGNATURE_HEADER
 
 SUBMIT_MEMBERS = frozenset(
     {
@@ -47,6 +49,7 @@ SUBMIT_MEMBERS = frozenset(
 )
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
+DEFAULT_PAGE = 50
 #: narrowing GET /api/v1/messages/{id} when the id names several messages
 ONE_QUERY = frozenset({"direction", "partner"})
 LIST_QUERY = frozenset(
@@ -196,6 +199,34 @@ def inbound_view(record: InboundRecord) -> dict[str, Any]:
     }
 
 
+def message_view(record: OutboundRecord | InboundRecord) -> dict[str, Any]:
+    return outbound_view(record) if isinstance(record, OutboundRecord) else inbound_view(record)
+
+
+async def find_records(
+    store: Store,
+    partners: Iterable[str],
+    message_id: str,
+    *,
+    direction: Direction | None = None,
+    partner: str | None = None,
+) -> list[OutboundRecord | InboundRecord]:
+    """Every message with this id, narrowed by direction and partner. Our ids are unique, but
+    a partner's are unique per sender only (PROTOCOL.md section 2), and may equal ours."""
+    records: list[OutboundRecord | InboundRecord] = []
+    if direction in (None, Direction.OUTBOUND):
+        outbound = await store.get_outbound(message_id)
+        if outbound is not None and partner in (None, outbound.recipient):
+            records.append(outbound)
+    if direction in (None, Direction.INBOUND):
+        # partners are few, so each is asked
+        for sender in sorted(partners) if partner is None else [partner]:
+            inbound = await store.get_inbound(sender, message_id)
+            if inbound is not None:
+                records.append(inbound)
+    return records
+
+
 async def find_messages(
     store: Store,
     partners: Iterable[str],
@@ -204,20 +235,9 @@ async def find_messages(
     direction: Direction | None = None,
     partner: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every message with this id, narrowed by direction and partner. Our ids are unique, but
-    a partner's are unique per sender only (PROTOCOL.md section 2), and may equal ours."""
-    views: list[dict[str, Any]] = []
-    if direction in (None, Direction.OUTBOUND):
-        outbound = await store.get_outbound(message_id)
-        if outbound is not None and partner in (None, outbound.recipient):
-            views.append(outbound_view(outbound))
-    if direction in (None, Direction.INBOUND):
-        # partners are few, so each is asked
-        for sender in sorted(partners) if partner is None else [partner]:
-            inbound = await store.get_inbound(sender, message_id)
-            if inbound is not None:
-                views.append(inbound_view(inbound))
-    return views
+    """``find_records``' messages as the API shows them."""
+    records = await find_records(store, partners, message_id, direction=direction, partner=partner)
+    return [message_view(record) for record in records]
 
 
 def several_messages(
@@ -230,7 +250,13 @@ def several_messages(
     return f"message_id {message_id} names {len(views)} messages ({named}): give {narrow}"
 
 
-async def get_message(request: web.Request) -> web.Response:
+def _partner_of(record: OutboundRecord | InboundRecord) -> str:
+    return record.recipient if isinstance(record, OutboundRecord) else record.sender
+
+
+async def _the_message(request: web.Request) -> OutboundRecord | InboundRecord | web.Response:
+    """The one message ``/api/v1/messages/{message_id}`` names, narrowed by ``direction`` and
+    ``partner`` and limited to the directions the token may read; else the problem to answer."""
     message_id = path_uuid(request, "message_id")
     fields = query_fields(request, ONE_QUERY)
     direction = fields.choice("direction", frozenset(d.value for d in Direction))
@@ -238,18 +264,80 @@ async def get_message(request: web.Request) -> web.Response:
     if partner is not None and not is_party_id(partner):
         raise Malformed("partner must be a party id (CC-AGENCY)")
     services = request.app[SERVICES]
-    views = await find_messages(
+    records = await find_records(
         services.store,
         services.config.partners,
         message_id,
         direction=Direction(direction) if direction else _only_readable(request),
         partner=partner,
     )
-    if not views:
+    if not records:
         return problem(404, f"no message with message_id {message_id}")
-    if len(views) > 1:
-        return problem(409, several_messages(message_id, views))
-    return json_response(views[0])
+    if len(records) > 1:
+        return problem(409, several_messages(message_id, [message_view(r) for r in records]))
+    return records[0]
+
+
+async def get_message(request: web.Request) -> web.Response:
+    found = await _the_message(request)
+    return found if isinstance(found, web.Response) else json_response(message_view(found))
+
+
+def _media_type(config: GatewayConfig, partner: str) -> str:
+    """The media type of a partner's stored bytes. The store keeps the bytes, not the media
+    type they came with: they are in the partner's format, the canonical envelope (JSON) or
+    its adapter's native one (docs/adapters.md), as configured now."""
+    configured = config.partners.get(partner)
+    if configured is None:
+        return "application/octet-stream"
+    return content_type_of(adapter_for(configured))
+
+
+def _signed_bytes(
+    request: web.Request, record: OutboundRecord | InboundRecord, body: bytes, signature: str
+) -> web.Response:
+    """Exactly ``body`` as stored, its detached JWS in the header that carries it on the wire
+    (PROTOCOL.md section 5): what the signature covers, to verify it again."""
+    return web.Response(
+        body=body,
+        content_type=_media_type(request.app[SERVICES].config, _partner_of(record)),
+        headers={SIGNATURE_HEADER: signature},
+    )
+
+
+async def get_message_body(request: web.Request) -> web.Response:
+    """``GET /api/v1/messages/{message_id}/body``: the message's bytes as sent or received."""
+    found = await _the_message(request)
+    if isinstance(found, web.Response):
+        return found
+    if found.body is None:
+        # body retention (``Store.purge_bodies``) nulls the body alone
+        return problem(
+            410,
+            f"the body of message {found.message_id} was removed after the retention period"
+            " ([retention] body_retention_days): its digest (body_digest) and signature are"
+            " kept with the message, and the digest in the audit log",
+            body_digest=found.body_digest,
+        )
+    return _signed_bytes(request, found, found.body, found.signature)
+
+
+async def get_receipt_body(request: web.Request) -> web.Response:
+    """``GET /api/v1/messages/{message_id}/receipt/body``: the receipt's bytes, ours for an
+    inbound message, the partner's for an outbound one. Retention never removes receipts."""
+    found = await _the_message(request)
+    if isinstance(found, web.Response):
+        return found
+    body, signature = found.receipt_body, found.receipt_signature
+    if body is None or signature is None:
+        # an inbound message is stored with the receipt that answered it: only ours wait
+        waiting = (
+            f"to {found.recipient} has no receipt: it is {found.state.value}, no receipt has come"
+            if isinstance(found, OutboundRecord)
+            else f"from {found.sender} has no receipt stored"
+        )
+        return problem(404, f"message {found.message_id} {waiting}")
+    return _signed_bytes(request, found, body, signature)
 
 
 def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None]:
@@ -268,7 +356,7 @@ def message_filter(request: web.Request) -> tuple[MessageFilter, int, str | None
         until=fields.timestamp("until"),
         correlation_id=fields.uuid("correlation_id"),
     )
-    return filt, limit or 50, fields.text("after", limit=400)
+    return filt, limit or DEFAULT_PAGE, fields.text("after", limit=400)
 
 
 def _only_readable(request: web.Request) -> Direction | None:

@@ -1,23 +1,43 @@
 """The OpenAPI 3.1 document of the internal API, served at ``/api/v1/openapi.json``.
 
-A test compares its paths and methods with the app's router, so the two cannot drift.
+A test compares its paths and methods with the app's router, so the two cannot drift; another
+checks real answers against it, every member a view emits declared
+(tests/integration/test_api_openapi_responses.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from gateway import __version__
+from gateway.api.audit import MAX_PAGE as AUDIT_MAX_PAGE
 from gateway.api.auth import ANY_READER, READERS, SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
+from gateway.api.messages import DEFAULT_PAGE, MAX_PAGE
 from gateway.audit.events import EventKind
 from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
-from gateway.model import Direction
+from gateway.inbound.context import Transport
+from gateway.model import Direction, Priority
+from gateway.store.base import INBOUND_DELIVERED, INBOUND_RECEIVED, OutboundState
+from gateway.transports.https_server import SIGNATURE_HEADER
 
 _UUID = {"type": "string", "format": "uuid", "pattern": "^[0-9a-f-]{36}$"}
 _PARTY = {"type": "string", "pattern": "^[A-Z]{2}-[A-Z0-9]{2,16}$"}
 _TIME = {"type": "string", "format": "date-time"}
+_MAYBE_TIME = {"type": ["string", "null"], "format": "date-time"}
+_MAYBE_UUID = {**_UUID, "type": ["string", "null"]}
+_DIGEST = {
+    "type": "string",
+    "pattern": "^sha-256:[A-Za-z0-9_-]{43}$",
+    "description": "sha-256:<base64url of SHA-256 of the exact body bytes> (PROTOCOL.md"
+    " section 4); kept when body retention removes the body",
+}
+_OUTBOUND_STATES = [state.value for state in OutboundState]
+_INBOUND_STATES = [INBOUND_RECEIVED, INBOUND_DELIVERED]
+#: gateway/api/queries.py: a query's state is its message's until the answer came
+_QUERY_STATES = ["answered", *_OUTBOUND_STATES]
+_DIRECTIONS = [direction.value for direction in Direction]
 _READ_SCOPES = sorted(ANY_READER)
 _INBOUND_READ_SCOPES = sorted(READERS[Direction.INBOUND])
 _READ_NOTE = (
@@ -90,8 +110,93 @@ _REPLAYED_HEADER = {
 _KEY_REUSED = _problem("The Idempotency-Key was used for a different request")
 
 
-def _replayable(response: dict[str, Any]) -> dict[str, Any]:
-    return {**response, "headers": _REPLAYED_HEADER}
+def _replayable(response: dict[str, Any], *, location: str | None = None) -> dict[str, Any]:
+    """``response`` with ``Idempotent-Replayed``, and the ``Location`` of what it created."""
+    headers: dict[str, Any] = dict(_REPLAYED_HEADER)
+    if location is not None:
+        headers["Location"] = {
+            "description": location,
+            "required": True,
+            "schema": {"type": "string", "format": "uri-reference"},
+        }
+    return {**response, "headers": headers}
+
+
+#: what ``pointer`` points into. It stays relative to the payload, as the detail (the exact
+#: reason, audited too) and the CLI's output are: a v1 member that changed meaning would break
+#: the clients that already prefix it.
+_POINTER = (
+    "SCHEMA_INVALID: the RFC 6901 JSON pointer of the schema error, relative to the payload"
+    " you submitted, not to the request body: into payload for POST /api/v1/messages, into"
+    ' params for POST /api/v1/queries ("" is the payload itself). Prefix /payload or /params'
+    " for a pointer into your request body. detail names the same location. (A partner's"
+    " NACK detail, PROTOCOL.md section 4, and the problem answering a c2c.submit submission"
+    " name it from the envelope or submission instead: /payload/...)"
+)
+_NOT_SIGNED = (
+    "This is not the signed bytes: the JWS covers the bytes exactly as sent (PROTOCOL.md"
+    " section 3), which may differ in spacing, member order or escapes, so this value"
+    " serialised again need not verify."
+)
+_COMMON_MEMBERS = (
+    "direction",
+    "message_id",
+    "partner",
+    "message_type",
+    "schema_version",
+    "correlation_id",
+    "in_reply_to",
+    "state",
+    "body_digest",
+    "envelope",
+    "signature",
+    "receipt",
+)
+_OUTBOUND_MEMBERS = (
+    "priority",
+    "attempts",
+    "last_error",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "next_attempt_at",
+    "submitted_by",
+    "idempotency_key",
+)
+_INBOUND_MEMBERS = (
+    "received_at",
+    "transport",
+    "document_ref",
+    "document_version",
+    "message_function",
+)
+
+
+def _common_properties(direction: Direction) -> dict[str, Any]:
+    """The members both views of a message have (gateway/api/messages.py)."""
+    return {
+        "direction": {"type": "string", "enum": [direction.value]},
+        "message_id": _UUID,
+        "partner": {
+            **_PARTY,
+            "description": "The recipient" if direction is Direction.OUTBOUND else "The sender",
+        },
+        "message_type": {"type": "string"},
+        "schema_version": {"type": "string"},
+        "correlation_id": _MAYBE_UUID,
+        "in_reply_to": _MAYBE_UUID,
+        "body_digest": _DIGEST,
+        "envelope": {
+            "type": ["object", "string", "null"],
+            "description": "The message's stored bytes parsed as JSON (a native-format body"
+            f" as text), for reading; null once body retention removed them. {_NOT_SIGNED}"
+            " GET /api/v1/messages/{message_id}/body gives the exact bytes with their JWS.",
+        },
+        "signature": {
+            "type": "string",
+            "description": "Detached JWS (RFC 7515 Appendix F) over the exact body bytes",
+        },
+    }
 
 
 _SCHEMAS: dict[str, Any] = {
@@ -105,7 +210,11 @@ _SCHEMAS: dict[str, Any] = {
             "status": {"type": "integer"},
             "detail": {"type": "string"},
             "code": {"type": "string", "description": "PROTOCOL.md NACK code, when one applies"},
-            "pointer": {"type": "string", "description": "JSON pointer of a schema error"},
+            "pointer": {"type": "string", "description": _POINTER},
+            "body_digest": {
+                **_DIGEST,
+                "description": "410 from a body endpoint: the digest of the removed bytes",
+            },
         },
     },
     "Submission": {
@@ -131,49 +240,80 @@ _SCHEMAS: dict[str, Any] = {
     "Accepted": {
         "type": "object",
         "required": ["message_id", "status"],
-        "properties": {"message_id": _UUID, "status": {"type": "string"}},
-    },
-    "Signed": {
-        "type": ["object", "null"],
         "properties": {
-            "envelope": {"description": "The envelope as sent (JSON), or native text"},
-            "signature": {"type": ["string", "null"], "description": "Detached JWS"},
+            "message_id": _UUID,
+            "status": {
+                "type": "string",
+                "enum": _OUTBOUND_STATES,
+                "description": "The message's state: queued when just stored; an answer"
+                " replayed for an Idempotency-Key gives the message's state now",
+            },
         },
     },
-    "Message": {
+    "Signed": {
         "type": "object",
-        "required": ["direction", "message_id", "partner", "message_type", "state"],
+        "description": "A receipt, parsed for reading: its exact bytes and their JWS are"
+        " GET /api/v1/messages/{message_id}/receipt/body",
+        "required": ["envelope", "signature"],
         "properties": {
-            "direction": {"type": "string", "enum": ["inbound", "outbound"]},
-            "message_id": _UUID,
-            "partner": _PARTY,
-            "message_type": {"type": "string"},
-            "schema_version": {"type": "string"},
-            "correlation_id": {"type": ["string", "null"]},
-            "in_reply_to": {"type": ["string", "null"]},
+            "envelope": {
+                "type": ["object", "string"],
+                "description": f"The receipt's stored bytes parsed as JSON (a native-format"
+                f" receipt as text). {_NOT_SIGNED}",
+            },
+            "signature": {"type": "string", "description": "Detached JWS over the exact bytes"},
+        },
+    },
+    "OutboundMessage": {
+        "type": "object",
+        "description": "A message we send (an outbox row)",
+        "required": [*_COMMON_MEMBERS, *_OUTBOUND_MEMBERS],
+        "properties": {
+            **_common_properties(Direction.OUTBOUND),
+            "priority": {"type": "string", "enum": [p.value for p in Priority]},
+            "state": {"type": "string", "enum": _OUTBOUND_STATES},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_error": {
+                "type": ["string", "null"],
+                "description": "Why the last attempt failed",
+            },
+            "created_at": _TIME,
+            "updated_at": _TIME,
+            "expires_at": {**_MAYBE_TIME, "description": "After it, no more attempts"},
+            "next_attempt_at": {
+                **_MAYBE_TIME,
+                "description": "When the next attempt is due while queued or sent; null once"
+                " the message is acknowledged, rejected or dead",
+            },
+            "submitted_by": {
+                "type": ["string", "null"],
+                "description": "Who submitted it: api:<token subject>, amqp:<user or app>",
+            },
+            "idempotency_key": {"type": ["string", "null"]},
+            "receipt": {
+                "oneOf": [{"type": "null"}, _ref("Signed")],
+                "description": "The partner's receipt once it came",
+            },
+        },
+    },
+    "InboundMessage": {
+        "type": "object",
+        "description": "A message a partner sent us (an inbox row)",
+        "required": [*_COMMON_MEMBERS, *_INBOUND_MEMBERS],
+        "properties": {
+            **_common_properties(Direction.INBOUND),
             "state": {
                 "type": "string",
-                "enum": [
-                    "queued",
-                    "sent",
-                    "acknowledged",
-                    "rejected",
-                    "dead",
-                    "received",
-                    "delivered",
-                ],
+                "enum": _INBOUND_STATES,
+                "description": "delivered once handed to the internal bus",
             },
-            "attempts": {"type": "integer"},
-            "last_error": {"type": ["string", "null"]},
-            "body_digest": {"type": "string"},
-            "submitted_by": {"type": ["string", "null"]},
-            "idempotency_key": {"type": ["string", "null"]},
-            "envelope": {},
-            "signature": {"type": ["string", "null"]},
-            "receipt": _ref("Signed"),
+            "received_at": _TIME,
+            "transport": {"type": "string", "enum": list(get_args(Transport))},
+            "receipt": {**_ref("Signed"), "description": "The receipt we answered with"},
             "document_ref": {
                 "type": ["string", "null"],
-                "description": "Inbound: the document this message is a version of",
+                "description": "The document this message is a version of (GET"
+                " /api/v1/documents), null for a type without versions",
             },
             "document_version": {
                 "type": ["string", "null"],
@@ -187,9 +327,27 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Message": {
+        "oneOf": [_ref("OutboundMessage"), _ref("InboundMessage")],
+        "discriminator": {
+            "propertyName": "direction",
+            "mapping": {
+                Direction.OUTBOUND.value: "#/components/schemas/OutboundMessage",
+                Direction.INBOUND.value: "#/components/schemas/InboundMessage",
+            },
+        },
+    },
     "DocumentVersion": {
         "type": "object",
-        "required": ["message_id", "version", "created_at", "received_at", "state"],
+        "required": [
+            "message_id",
+            "version",
+            "message_function",
+            "created_at",
+            "received_at",
+            "transport",
+            "state",
+        ],
         "properties": {
             "message_id": _UUID,
             "version": {
@@ -200,13 +358,13 @@ _SCHEMAS: dict[str, Any] = {
             "message_function": {"type": ["string", "null"]},
             "created_at": _TIME,
             "received_at": _TIME,
-            "transport": {"type": "string"},
-            "state": {"type": "string", "enum": ["received", "delivered"]},
+            "transport": {"type": "string", "enum": list(get_args(Transport))},
+            "state": {"type": "string", "enum": _INBOUND_STATES},
         },
     },
     "Document": {
         "type": "object",
-        "required": ["partner", "message_type", "document_ref", "current", "versions"],
+        "required": ["partner", "message_type", "document_ref", "current", "cancelled", "versions"],
         "properties": {
             "partner": _PARTY,
             "message_type": {"type": "string"},
@@ -227,18 +385,36 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "required": ["direction", "message_id", "partner", "message_type", "state"],
+                    "required": [
+                        "direction",
+                        "message_id",
+                        "partner",
+                        "message_type",
+                        "schema_version",
+                        "correlation_id",
+                        "state",
+                        "at",
+                        "attempts",
+                        "body_digest",
+                    ],
                     "properties": {
-                        "direction": {"type": "string"},
-                        "message_id": {"type": "string"},
-                        "partner": {"type": "string"},
+                        "direction": {"type": "string", "enum": _DIRECTIONS},
+                        "message_id": _UUID,
+                        "partner": _PARTY,
                         "message_type": {"type": "string"},
                         "schema_version": {"type": "string"},
-                        "correlation_id": {"type": ["string", "null"]},
-                        "state": {"type": "string"},
-                        "at": _TIME,
-                        "attempts": {"type": "integer"},
-                        "body_digest": {"type": "string"},
+                        "correlation_id": _MAYBE_UUID,
+                        "state": {"type": "string", "enum": _OUTBOUND_STATES + _INBOUND_STATES},
+                        "at": {
+                            **_TIME,
+                            "description": "created_at (outbound) or received_at (inbound)",
+                        },
+                        "attempts": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Delivery attempts (0 for an inbound message)",
+                        },
+                        "body_digest": _DIGEST,
                     },
                 },
             },
@@ -260,14 +436,19 @@ _SCHEMAS: dict[str, Any] = {
     },
     "QueryState": {
         "type": "object",
-        "required": ["query_id", "partner", "message_type", "state", "response"],
+        "required": ["query_id", "partner", "message_type", "state", "last_error", "response"],
         "properties": {
             "query_id": _UUID,
             "partner": _PARTY,
             "message_type": {"type": "string"},
-            "state": {"type": "string"},
+            "state": {
+                "type": "string",
+                "enum": _QUERY_STATES,
+                "description": "answered once the partner's query.response came; until then"
+                " the query message's state",
+            },
             "last_error": {"type": ["string", "null"]},
-            "response": {"oneOf": [{"type": "null"}, _ref("Message")]},
+            "response": {"oneOf": [{"type": "null"}, _ref("InboundMessage")]},
         },
     },
     "AuditEntryPage": {
@@ -359,7 +540,15 @@ _SCHEMAS: dict[str, Any] = {
     },
     "StoreCheck": {
         "type": "object",
-        "required": ["ok", "size", "checked", "first_bad_position", "problem_count", "problems"],
+        "required": [
+            "ok",
+            "size",
+            "checked",
+            "checkpoint_size",
+            "first_bad_position",
+            "problem_count",
+            "problems",
+        ],
         "properties": {
             "ok": {"type": "boolean"},
             "size": _SEQ,
@@ -402,30 +591,19 @@ def _list_parameters() -> list[dict[str, Any]]:
         }
 
     return [
-        query("direction", {"type": "string", "enum": ["inbound", "outbound"]}, "Direction"),
+        query("direction", {"type": "string", "enum": _DIRECTIONS}, "Direction"),
         query("partner", _PARTY, "Sender (inbound) or recipient (outbound)"),
         query("type", {"type": "string", "maxLength": 100}, "message_type"),
         query(
-            "state",
-            {
-                "type": "string",
-                "enum": [
-                    "queued",
-                    "sent",
-                    "acknowledged",
-                    "rejected",
-                    "dead",
-                    "received",
-                    "delivered",
-                ],
-            },
-            "Message state",
+            "state", {"type": "string", "enum": _OUTBOUND_STATES + _INBOUND_STATES}, "Message state"
         ),
         query("since", _TIME, "At or after this time (RFC 3339 UTC)"),
         query("until", _TIME, "Before this time (RFC 3339 UTC)"),
         query("correlation_id", _UUID, "Conversation id"),
         query(
-            "limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}, "Page size"
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+            "Page size",
         ),
         query("after", {"type": "string", "maxLength": 400}, "next_cursor of the previous page"),
     ]
@@ -460,8 +638,76 @@ def _audit_entry_parameters() -> list[dict[str, Any]]:
         _query("outcome", {"type": "string", "maxLength": 100}, "ACK, a NACK code or a state"),
         _query("event", {"type": "string", "enum": _EVENTS}, "Event kind"),
         _query("after", _INT, "next_after of the previous page (a seq)"),
-        _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size"),
+        # gateway/api/audit.py takes 100 when not given
+        _query(
+            "limit",
+            {"type": "integer", "minimum": 1, "maximum": AUDIT_MAX_PAGE, "default": 100},
+            "Page size",
+        ),
     ]
+
+
+def _one_message(
+    operation: str,
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    not_found: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A read of the one message ``message_id`` names (gateway/api/messages.py)."""
+    return {
+        "get": {
+            "operationId": operation,
+            "summary": summary,
+            "description": _READ_NOTE,
+            "security": _security(_READ_SCOPES),
+            "parameters": [
+                _MESSAGE_ID_PARAM,
+                _query(
+                    "direction",
+                    {"type": "string", "enum": _DIRECTIONS},
+                    "When the id names several messages",
+                ),
+                _query(
+                    "partner", _PARTY, "When the id names several messages: the sender or recipient"
+                ),
+            ],
+            "responses": {
+                "200": ok,
+                "400": _problem("message_id is not a UUID, or a bad parameter"),
+                **_AUTH_ERRORS,
+                "404": _problem(not_found),
+                "409": _problem(
+                    "The id names several messages (a partner's ids are unique per"
+                    " sender only): the detail lists them; give direction and partner"
+                ),
+                **(extra or {}),
+                "503": _problem("The store is unavailable"),
+            },
+        }
+    }
+
+
+def _signed_bytes(description: str, signature: str) -> dict[str, Any]:
+    """An answer of exact stored bytes: what the JWS in ``C2C-Signature`` covers."""
+    return {
+        "description": f"{description}: exactly the bytes the signature covers (PROTOCOL.md"
+        " section 3). The store keeps no media type: Content-Type is the partner's format as"
+        " configured now, application/json for the canonical envelope, else its adapter's"
+        " (application/octet-stream for a partner no longer configured).",
+        "headers": {
+            SIGNATURE_HEADER: {
+                "description": f"{signature}: the header PROTOCOL.md section 5 carries it in",
+                "required": True,
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "*/*": {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}},
+        },
+    }
 
 
 def _audit_get(
@@ -584,7 +830,8 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "202": _replayable(
-                            _json(_ref("Accepted"), "Stored in the outbox; delivery follows")
+                            _json(_ref("Accepted"), "Stored in the outbox; delivery follows"),
+                            location="/api/v1/messages/{message_id}: the message",
                         ),
                         "400": _problem("Malformed request, unknown type or schema error"),
                         **_SUBMIT_AUTH_ERRORS,
@@ -609,38 +856,38 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
-            "/api/v1/messages/{message_id}": {
-                "get": {
-                    "operationId": "getMessage",
-                    "summary": "A message's state, attempts and receipt",
-                    "description": _READ_NOTE,
-                    "security": _security(_READ_SCOPES),
-                    "parameters": [
-                        _MESSAGE_ID_PARAM,
-                        _query(
-                            "direction",
-                            {"type": "string", "enum": ["inbound", "outbound"]},
-                            "When the id names several messages",
-                        ),
-                        _query(
-                            "partner",
-                            _PARTY,
-                            "When the id names several messages: the sender or recipient",
-                        ),
-                    ],
-                    "responses": {
-                        "200": _json(_ref("Message"), "The message"),
-                        "400": _problem("message_id is not a UUID, or a bad parameter"),
-                        **_AUTH_ERRORS,
-                        "404": _problem("No such message"),
-                        "409": _problem(
-                            "The id names several messages (a partner's ids are unique per"
-                            " sender only): the detail lists them; give direction and partner"
-                        ),
-                        "503": _problem("The store is unavailable"),
-                    },
-                }
-            },
+            "/api/v1/messages/{message_id}": _one_message(
+                "getMessage",
+                "A message's state, attempts and receipt",
+                _json(_ref("Message"), "The message"),
+                not_found="No such message",
+            ),
+            "/api/v1/messages/{message_id}/body": _one_message(
+                "getMessageBody",
+                "The message's bytes exactly as sent or received, to verify its signature",
+                _signed_bytes(
+                    "The body as stored; for a native-format partner, in its format",
+                    "The message's detached JWS, as sent with it (signature in the message)",
+                ),
+                not_found="No such message",
+                extra={
+                    "410": _problem(
+                        "The body was removed after the retention period ([retention]"
+                        " body_retention_days); body_digest gives its digest, which the"
+                        " message and the audit log keep"
+                    )
+                },
+            ),
+            "/api/v1/messages/{message_id}/receipt/body": _one_message(
+                "getReceiptBody",
+                "The message's receipt exactly as sent or received: ours for an inbound"
+                " message, the partner's for an outbound one. Retention keeps receipts.",
+                _signed_bytes(
+                    "The receipt as stored; for a native-format partner, in its format",
+                    "The receipt's detached JWS (receipt.signature in the message)",
+                ),
+                not_found="No such message, or an outbound message whose receipt has not come",
+            ),
             "/api/v1/messages/{message_id}/retry": {
                 "post": {
                     "operationId": "retryMessage",
@@ -699,7 +946,10 @@ def openapi_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _replayable(_json(_ref("QueryState"), "Answered in time")),
-                        "202": _replayable(_json(_ref("QueryState"), "Sent; no answer yet")),
+                        "202": _replayable(
+                            _json(_ref("QueryState"), "Sent; no answer yet"),
+                            location="/api/v1/queries/{query_id}: poll it for the answer",
+                        ),
                         "400": _problem("Malformed request, unknown type or schema error"),
                         **_SUBMIT_AUTH_ERRORS,
                         "413": _problem(

@@ -160,6 +160,34 @@ async def test_schema_error_names_the_pointer(us: Running) -> None:
     assert "pointer" in body
 
 
+async def test_a_schema_errors_pointer_is_into_the_payload_or_params_as_documented(
+    us: Running,
+) -> None:
+    """``pointer`` is relative to the submitted payload (``payload`` of a message, ``params``
+    of a query), as the detail and the CLI's output are: the OpenAPI document says so."""
+    payload = {**example(us.gateway, "shipment.status"), "status": 7}
+    status, body = await api(us, "POST", "/api/v1/messages", json=submission(us, payload=payload))
+    assert status == 400
+    assert (body["code"], body["pointer"], body["detail"]) == (
+        "SCHEMA_INVALID",
+        "/status",
+        "/status: must be of type string",
+    )
+    params = {**example(us.gateway, "query.shipment_lookup"), "query_ref": 7}
+    query = {"partner": "MX-ANAM", "message_type": "query.shipment_lookup", "params": params}
+    status, body = await api(us, "POST", "/api/v1/queries", json=query)
+    assert status == 400
+    assert (body["code"], body["pointer"]) == ("SCHEMA_INVALID", "/query_ref")
+    status, document = await api(us, "GET", "/api/v1/openapi.json")
+    described = document["components"]["schemas"]["Problem"]["properties"]["pointer"]
+    for said in (
+        "relative to the payload you submitted, not to the request body",
+        "into payload for POST /api/v1/messages",
+        "into params for POST /api/v1/queries",
+    ):
+        assert said in described["description"]
+
+
 async def test_answers_need_in_reply_to(us: Running) -> None:
     status, body = await api(
         us, "POST", "/api/v1/messages", json=submission(us, "enforcement.assistance_response")

@@ -21,16 +21,18 @@ import structlog
 from outbound_env import (
     RETRYING_OUTBOX,
     Running,
+    auth,
     client_ssl,
     free_port,
     row_until,
     start_gateway,
     submit_to,
+    token,
 )
 
 from gateway.config import GatewayConfig, load_config
-from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import load_signing_key
+from gateway.crypto.jws import sign_detached, verify_detached
+from gateway.crypto.keys import KeyRing, SigningKey, load_signing_key, load_verification_key
 from gateway.devenv import prepare_dev_environment
 from gateway.envelope import encode_envelope, new_message_id
 from gateway.errors import ConfigError
@@ -185,6 +187,42 @@ async def test_an_exact_resend_gets_the_original_native_receipt(
     assert again[0] == 200
     assert again[1] == first[1]
     assert again[2]["C2C-Signature"] == first[2]["C2C-Signature"]
+
+
+def mx_signing_key(root: Path) -> SigningKey:
+    return load_signing_key(root / "pki" / MX / "sign.key", party=MX, alg="EdDSA")
+
+
+async def test_the_internal_api_gives_native_bytes_with_the_partners_media_type(
+    us: Running, tmp_path: Path
+) -> None:
+    """``GET /api/v1/messages/{id}/body`` and ``.../receipt/body``: the XML as signed, typed
+    with the media type of MX-ANAM's adapter (the store keeps the bytes, not a media type)."""
+    message_id, canonical = mx_message(us)
+    body = us.gateway.adapters[MX].from_canonical(canonical)
+    status, receipt, headers = await post_as_mx(us, tmp_path, body)
+    assert status == 202, receipt
+    mx_key = load_verification_key(tmp_path / "pki" / MX / "sign.pub", party=MX, alg="EdDSA")
+    us_keys = KeyRing(key.verification_key() for key in us.gateway.signing_keys)
+    signed = sign_detached(body, mx_signing_key(tmp_path), typ=XML_TYP)  # Ed25519: deterministic
+    for tail, sent, signature, keys in (
+        ("body", body, signed, KeyRing([mx_key])),
+        ("receipt/body", receipt, headers["C2C-Signature"], us_keys),
+    ):
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                f"{us.api_url}/api/v1/messages/{message_id}/{tail}",
+                headers=auth(token(us.config, ("c2c:receive",))),
+                ssl=client_ssl(us.config),
+            ) as response,
+        ):
+            got = await response.read()
+        assert response.status == 200, got
+        assert response.headers["Content-Type"] == "application/xml"
+        assert got == sent
+        assert response.headers["C2C-Signature"] == signature
+        verify_detached(signature, got, keyring=keys, party=None, at=None, accepted_typs=(XML_TYP,))
 
 
 async def test_an_asynchronous_xml_receipt_settles_our_message(us: Running, tmp_path: Path) -> None:
