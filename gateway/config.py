@@ -242,6 +242,15 @@ class GatewayConfig:
     partners_dir: Path = Path("partners")
     partners: Mapping[str, PartnerConfig] = field(default_factory=dict)
 
+    @property
+    def largest_body_bytes(self) -> int:
+        """The largest body any partner takes (its ``max_body_bytes``), or ``[limits]``'s if
+        larger: what the partner endpoint and an internal system's submission are read up to.
+        Each message is then held to its own partner's limit."""
+        return max(
+            [self.limits.max_body_bytes] + [p.max_body_bytes for p in self.partners.values()]
+        )
+
 
 # --------------------------------------------------------------------------------------------
 # Loading

@@ -222,10 +222,7 @@ class Gateway:
             identifier=PartnerIdentifier(config.tls, config.partners),
             ssl_context=partner_context,
             limits=config.limits,
-            max_body_bytes=max(
-                [config.limits.max_body_bytes]
-                + [partner.max_body_bytes for partner in config.partners.values()]
-            ),
+            max_body_bytes=config.largest_body_bytes,
             host=config.partner_listen.host,
             port=config.partner_listen.port,
             check_peer=self.ocsp.check if self.ocsp is not None else None,

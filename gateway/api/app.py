@@ -190,7 +190,7 @@ def build_api_app(services: ApiServices) -> web.Application:
                 metrics=services.metrics,
             ),
         ],
-        client_max_size=services.config.limits.max_body_bytes + 1,
+        client_max_size=services.config.largest_body_bytes + 1,
     )
     app[SERVICES] = services
     config = services.config

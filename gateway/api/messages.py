@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -17,10 +17,16 @@ from gateway.api.services import SERVICES
 from gateway.audit.events import EventKind
 from gateway.clock import format_rfc3339
 from gateway.config import MAX_TTL_S, GatewayConfig
-from gateway.errors import Malformed
+from gateway.errors import GatewayError, Malformed, NotAuthorized, TooLarge
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
-from gateway.outbound.submission import Submission, is_query_type, submit_request
+from gateway.outbound.submission import (
+    Submission,
+    is_query_type,
+    named_in,
+    record_refusal,
+    submit_request,
+)
 from gateway.store.base import (
     INBOUND_DELIVERED,
     INBOUND_RECEIVED,
@@ -50,6 +56,7 @@ SUBMIT_MEMBERS = frozenset(
 LIST_STATES = frozenset({s.value for s in OutboundState} | {INBOUND_RECEIVED, INBOUND_DELIVERED})
 MAX_PAGE = 500
 DEFAULT_PAGE = 50
+_R = TypeVar("_R")
 #: narrowing GET /api/v1/messages/{id} when the id names several messages
 ONE_QUERY = frozenset({"direction", "partner"})
 LIST_QUERY = frozenset(
@@ -104,14 +111,56 @@ def submission_from(
     )
 
 
+async def read_submission(
+    request: web.Request,
+    build: Callable[[dict[str, Any], str, str | None], _R],
+    *,
+    recipient_member: str = "recipient",
+) -> _R:
+    """``build(document, actor, idempotency key)`` of the request's JSON body. A request
+    refused here, before ``submit_request`` (which audits its own refusals), is audited too:
+    a header given twice, a body too large, not JSON, an unknown or mistyped member."""
+    services = request.app[SERVICES]
+    actor = actor_of(request)
+    document: object = None
+    try:
+        key = idempotency_key_of(request)
+        limit = services.config.largest_body_bytes
+        try:
+            document = await json_object(request, max_bytes=limit)
+        except TooLarge as exc:
+            raise TooLarge(
+                f"{exc.reason} (the largest max_body_bytes of [limits] and the partners)"
+            ) from None
+        return build(document, actor, key)
+    except GatewayError as exc:
+        await record_refusal(
+            services.submission(),
+            exc,
+            actor=actor,
+            **named_in(document, recipient_member=recipient_member),
+        )
+        raise
+
+
 async def post_message(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    key = idempotency_key_of(request)
-    document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
-    submission = submission_from(document, actor=actor_of(request), idempotency_key=key)
+    submission = await read_submission(
+        request,
+        lambda document, actor, key: submission_from(document, actor=actor, idempotency_key=key),
+    )
     if is_query_type(submission.message_type) and SCOPE_QUERY not in claims_of(request).scopes:
         # the same question through /api/v1/queries needs c2c:query: not c2c:send alone here
-        return forbidden({SCOPE_QUERY}, what=f"{submission.message_type} (a query)")
+        what = f"{submission.message_type} (a query)"
+        refused = NotAuthorized(f"{what} needs the scope {SCOPE_QUERY}; the token has not")
+        await record_refusal(
+            services.submission(),
+            refused,
+            actor=submission.actor,
+            recipient=submission.recipient,
+            message_type=submission.message_type,
+        )
+        return forbidden({SCOPE_QUERY}, what=what)
     submitted = await submit_request(services.submission(), submission)
     record = submitted.record
     services.wake()

@@ -13,9 +13,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.api.messages import REPLAYED_HEADER, actor_of, idempotency_key_of, inbound_view
+from gateway.api.messages import REPLAYED_HEADER, inbound_view, read_submission
 from gateway.api.problems import json_response, problem
-from gateway.api.requests import Fields, json_object, path_uuid
+from gateway.api.requests import Fields, path_uuid
 from gateway.api.services import SERVICES, ApiServices
 from gateway.audit.events import EventKind
 from gateway.errors import Malformed
@@ -85,9 +85,11 @@ def _view(query: OutboundRecord, answer: dict[str, Any] | None) -> dict[str, Any
 
 async def post_query(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    key = idempotency_key_of(request)
-    document = await json_object(request, max_bytes=services.config.limits.max_body_bytes)
-    submission, timeout_s = query_submission(document, actor=actor_of(request), idempotency_key=key)
+    submission, timeout_s = await read_submission(
+        request,
+        lambda document, actor, key: query_submission(document, actor=actor, idempotency_key=key),
+        recipient_member="partner",
+    )
     submitted = await submit_request(services.submission(), submission)
     query = submitted.record
     replayed = {REPLAYED_HEADER: "true"} if submitted.replayed else {}

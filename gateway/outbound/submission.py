@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import orjson
 import structlog
@@ -352,29 +352,71 @@ async def submit_request(services: SubmissionServices, submission: Submission) -
         for stage in STAGES:
             await stage(ctx)
     except GatewayError as exc:
-        if not isinstance(exc, Unavailable):
-            await services.store.append_audit(
-                [
-                    AuditEvent(
-                        event=EventKind.SUBMIT_REJECTED,
-                        at=ctx.now,
-                        sender=services.config.party,
-                        recipient=submission.recipient
-                        if is_party_id(submission.recipient)
-                        else None,
-                        message_type=submission.message_type[:100],
-                        outcome=exc.code.value,
-                        reason=exc.reason,
-                        actor=submission.actor,
-                    )
-                ]
-            )
+        await record_refusal(
+            services,
+            exc,
+            actor=submission.actor,
+            recipient=submission.recipient,
+            message_type=submission.message_type,
+            at=ctx.now,
+        )
         raise
     assert ctx.record is not None
     assert ctx.header is not None
     if ctx.record.message_id != ctx.header.message_id:
         return _replayed(ctx, ctx.record)
     return Submitted(record=ctx.record)
+
+
+class Named(TypedDict, total=False):
+    recipient: object
+    message_type: object
+
+
+def named_in(document: object, *, recipient_member: str = "recipient") -> Named:
+    """The recipient and message type a request names, as ``record_refusal`` takes them,
+    from a request refused before it was read into a ``Submission``."""
+    if not isinstance(document, dict):
+        return {}
+    return {
+        "recipient": document.get(recipient_member),
+        "message_type": document.get("message_type"),
+    }
+
+
+async def record_refusal(
+    services: SubmissionServices,
+    exc: GatewayError,
+    *,
+    actor: str,
+    recipient: object = None,
+    message_type: object = None,
+    at: datetime | None = None,
+) -> None:
+    """Audit a refused submission (``submit_rejected``, with the actor and exact reason),
+    wherever it was refused: by ``submit_request``'s stages, or before, its request unread
+    (``recipient`` and ``message_type`` as the request gave them, if it did). An outage
+    refuses nothing: the request is to be tried again."""
+    if isinstance(exc, Unavailable):
+        return
+    await services.store.append_audit(
+        [
+            AuditEvent(
+                event=EventKind.SUBMIT_REJECTED,
+                at=at or services.clock.now(),
+                sender=services.config.party,
+                recipient=recipient
+                if isinstance(recipient, str) and is_party_id(recipient)
+                else None,
+                message_type=message_type[:100]
+                if isinstance(message_type, str) and message_type
+                else None,
+                outcome=exc.code.value,
+                reason=exc.reason,
+                actor=actor,
+            )
+        ]
+    )
 
 
 def _replayed(ctx: SubmitContext, earlier: OutboundRecord) -> Submitted:

@@ -44,6 +44,8 @@ from gateway.outbound.submission import (
     Submission,
     SubmissionServices,
     Submitted,
+    named_in,
+    record_refusal,
     submit_request,
 )
 from gateway.transports.amqp import (
@@ -89,15 +91,25 @@ class SubmitConsumer:
 
     async def on_delivery(self, delivery: Delivery) -> Settlement:
         actor = _actor(delivery)
+        document: object = None
         try:
             document = parse_json_strict(
-                delivery.body, max_bytes=self._services.config.limits.max_body_bytes
+                delivery.body, max_bytes=self._services.config.largest_body_bytes
             )
             if not isinstance(document, dict):
                 raise Malformed("the submission must be a JSON object")
             submission = submission_from(
                 document, actor=actor, idempotency_key=delivery.message_id or None
             )
+        except GatewayError as exc:
+            # refused before submit_request, which audits its own refusals
+            try:
+                await record_refusal(self._services, exc, actor=actor, **named_in(document))
+            except Unavailable as outage:
+                log.warning("amqp_submit_unavailable", actor=actor, reason=outage.reason)
+                return Settlement.REQUEUE  # refused again, and audited, once the store answers
+            return await self._refuse(delivery, actor, exc)
+        try:
             submitted = await self._submit_through_outages(delivery, actor, submission)
         except GatewayError as exc:
             return await self._refuse(delivery, actor, exc)

@@ -22,12 +22,14 @@ from amqp_peer import AmqpEnv, amqp_gateway, queue_depth
 from inbound_records import sample_record
 from rabbit import RabbitVhost
 
+from gateway.audit.events import EventKind
 from gateway.config import AmqpConfig
 from gateway.crypto.jws import sign_detached
 from gateway.envelope import new_message_id
 from gateway.errors import Unavailable
 from gateway.outbound.transport import Delivery, Handed, TransportError
 from gateway.runtime import Gateway
+from gateway.store.base import AuditFilter
 from gateway.transports.amqp import AmqpBroker
 from gateway.transports.amqp_bus import RabbitBus
 from gateway.transports.amqp_submit import SubmitConsumer
@@ -132,6 +134,29 @@ async def test_submissions_are_stored_or_answered_with_the_reason(
         reason = lettered.headers["c2c-reason"]
         assert isinstance(reason, str)
         assert reason.startswith("MALFORMED: unknown member(s): colour")
+
+        await submit.publish(
+            aio_pika.Message(b"{not json", app_id="cbp-targeting", reply_to=reply_queue.name),
+            routing_key="",
+        )
+        async with asyncio.timeout(15):
+            unread = await replies.get()
+        assert json.loads(unread.body)["code"] == "MALFORMED"
+
+        # every refusal is audited, those refused before the submission was read too
+        rows = await env.gateway.store.audit_entries(
+            AuditFilter(event=EventKind.SUBMIT_REJECTED.value), limit=10
+        )
+        refused_entries = [json.loads(row.entry) for row in rows]
+        assert [
+            (e["actor"], e["outcome"], e.get("recipient"), e.get("message_type"))
+            for e in refused_entries
+        ] == [
+            ("amqp:cbp-targeting", "NOT_AUTHORIZED", "GB-HMRC", "shipment.advance_data"),
+            ("amqp:cbp-targeting", "MALFORMED", AMQP_PARTNER, "shipment.advance_data"),
+            ("amqp:cbp-targeting", "MALFORMED", None, None),
+        ]
+        assert refused_entries[1]["reason"].startswith("unknown member(s): colour")
 
 
 async def test_a_resent_submission_with_its_message_id_makes_one_message(

@@ -7,7 +7,7 @@ import dataclasses
 import gzip
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import structlog
 from inbound_records import sample_record
+from multidict import CIMultiDict
 from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
 
 from gateway.audit.events import EventKind
@@ -220,7 +221,7 @@ async def test_a_body_arriving_in_pieces_is_read_whole(us: Running) -> None:
     status, answer = await api(us, "POST", "/api/v1/messages", data=pieces(body))
     assert status == 202, answer
     assert (await us.gateway.store.outbox_depth())[OutboundState.QUEUED] == 1
-    over = body + b" " * us.config.limits.max_body_bytes
+    over = body + b" " * us.config.largest_body_bytes
     status, answer = await api(us, "POST", "/api/v1/messages", data=pieces(over))
     assert (status, answer["code"]) == (413, "TOO_LARGE")
     status, answer = await api(us, "POST", "/api/v1/messages", data=io.BytesIO(over))
@@ -490,3 +491,84 @@ async def test_who_read_which_message_is_logged(us: Running) -> None:
     assert [(line["subject"], line["path"], line["query"], line["status"]) for line in lines] == [
         ("test-client", path, None, 200)
     ], lines
+
+
+async def _post_raw(
+    running: Running, body: bytes, headers: Mapping[str, str]
+) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            running.api_url + "/api/v1/messages",
+            data=io.BytesIO(body),
+            headers=CIMultiDict(
+                [*auth(token(running.config, ("c2c:send",))).items(), *headers.items()]
+            ),
+            ssl=client_ssl(running.config),
+        ) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+async def test_a_request_refused_before_it_is_read_is_audited_too(us: Running) -> None:
+    """Not only what the submission's checks refuse: a request whose body or headers cannot
+    be read into a submission is audited with its exact reason, naming what it named."""
+    good = json.dumps(submission(us)).encode()
+    json_type = {"Content-Type": "application/json"}
+    cases = [
+        (b"{not json", json_type, None),
+        (json.dumps({**submission(us), "colour": "blue"}).encode(), json_type, "MX-ANAM"),
+        (good, {"Content-Type": "text/plain"}, None),
+        (
+            good,
+            CIMultiDict([*json_type.items(), ("Idempotency-Key", "a"), ("Idempotency-Key", "b")]),
+            None,
+        ),
+        (json.dumps(submission(us, "query.trader_lookup")).encode(), json_type, "MX-ANAM"),
+    ]
+    statuses = [(await _post_raw(us, body, headers))[0] for body, headers, _ in cases]
+    assert statuses == [400, 400, 400, 400, 403]
+    rows = await us.gateway.store.audit_entries(
+        AuditFilter(event=EventKind.SUBMIT_REJECTED.value), limit=10
+    )
+    entries = [json.loads(row.entry) for row in rows]
+    assert [(e["actor"], e["outcome"], e.get("recipient")) for e in entries] == [
+        ("api:test-client", "MALFORMED", None),
+        ("api:test-client", "MALFORMED", "MX-ANAM"),
+        ("api:test-client", "MALFORMED", None),
+        ("api:test-client", "MALFORMED", None),
+        ("api:test-client", "NOT_AUTHORIZED", "MX-ANAM"),
+    ]
+    assert entries[0]["reason"].startswith("invalid JSON")
+    assert entries[1]["reason"].startswith("unknown member(s): colour")
+    assert entries[2]["reason"] == "Content-Type must be application/json, not 'text/plain'"
+    assert entries[4]["reason"] == (
+        "query.trader_lookup (a query) needs the scope c2c:query; the token has not"
+    )
+    assert sum((await us.gateway.store.outbox_depth()).values()) == 0
+
+
+async def test_a_submission_is_read_up_to_the_largest_body_a_partner_takes(
+    tmp_path: Path,
+) -> None:
+    """MX-ANAM takes 2 MiB (manifests): a submission to it is not refused at [limits]' 1 MiB
+    before its own limit is applied; past the largest limit the 413 names the setting."""
+    config = gateway_config(tmp_path, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
+    partner = dataclasses.replace(config.partners["MX-ANAM"], max_body_bytes=2 * 1024 * 1024)
+    config = dataclasses.replace(config, partners={**config.partners, "MX-ANAM": partner})
+    assert config.limits.max_body_bytes == 1024 * 1024
+    running = await start_gateway(config)
+    try:
+        compact = json.dumps(submission_for(config, "shipment.status")).encode()
+        padded = b"{" + b" " * 1_500_000 + compact[1:]  # the envelope built from it is small
+        status, answer = await _post_raw(running, padded, {"Content-Type": "application/json"})
+        assert status == 202, answer
+        over = b"{" + b" " * (2 * 1024 * 1024) + compact[1:]
+        status, answer = await _post_raw(running, over, {"Content-Type": "application/json"})
+        assert (status, answer["code"]) == (413, "TOO_LARGE"), answer
+        assert answer["detail"] == (
+            f"body of {len(over)} bytes exceeds the limit of {2 * 1024 * 1024} bytes"
+            " (the largest max_body_bytes of [limits] and the partners)"
+        )
+    finally:
+        await running.gateway.stop()
