@@ -9,6 +9,10 @@ from enum import StrEnum
 from typing import Any
 
 PARTY_ID_RE = re.compile(r"^[A-Z]{2}-[A-Z0-9]{2,16}$")
+#: the messages of mutual audit witnessing (PROTOCOL.md section 6, gateway/audit/witnessing.py)
+CHECKPOINT_TYPE = "audit.checkpoint"
+COSIGNATURE_TYPE = "audit.cosignature"
+WITNESSING_TYPES = frozenset({CHECKPOINT_TYPE, COSIGNATURE_TYPE})
 
 
 def is_party_id(value: object) -> bool:

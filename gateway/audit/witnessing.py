@@ -49,7 +49,7 @@ from gateway.crypto.notes import NoteError, NoteVerifier, load_note_signer, load
 from gateway.crypto.notes import parse_note as parse_signed_note
 from gateway.errors import GatewayError, Malformed, SchemaInvalid
 from gateway.metrics import Metrics
-from gateway.model import Envelope
+from gateway.model import CHECKPOINT_TYPE, COSIGNATURE_TYPE, WITNESSING_TYPES, Envelope
 from gateway.outbound.submission import Submission, SubmissionServices, submit
 from gateway.runtime import Gateway, load_own_signing_keys
 from gateway.schemas.failures import REASON_MAX, clip
@@ -64,9 +64,6 @@ from gateway.store.base import (
 
 log = structlog.get_logger(__name__)
 
-CHECKPOINT_TYPE = "audit.checkpoint"
-COSIGNATURE_TYPE = "audit.cosignature"
-WITNESSING_TYPES = frozenset({CHECKPOINT_TYPE, COSIGNATURE_TYPE})
 #: the actor recorded on the outbox rows this module submits
 ACTOR = "gateway:witnessing"
 _DETAIL_MAX = 512

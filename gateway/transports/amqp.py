@@ -476,9 +476,11 @@ class AmqpBroker:
         exchange: str = "",
         routing_key: str,
         concern: str = "publish",
+        mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm; raises ``Unavailable`` past the deadline,
         ``Refused`` (at once) when the broker returns it, or nacks it through an exchange.
+        Without ``mandatory``, a message no queue is bound for is confirmed and dropped.
 
         A publish whose confirm was lost is sent again: receivers deduplicate by message_id.
         """
@@ -506,7 +508,7 @@ class AmqpBroker:
                         exchange=exchange,
                         routing_key=routing_key,
                         properties=properties,
-                        mandatory=True,
+                        mandatory=mandatory,
                         wait=False,
                     )
                 return

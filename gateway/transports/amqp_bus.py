@@ -2,11 +2,12 @@
 
 Called by the inbox relay only after the store commit; ``publish_inbound`` returns only after
 the broker's confirm (``mandatory``: with no queue bound, nothing is confirmed and the record
-stays pending); ``publish_inbound_many`` publishes a batch with the confirms in flight
-together, and a record that is not confirmed leaves the others of the batch taken. Routing key
-``<sender>.<message_type>``; the properties are those of PROTOCOL section 5, so a consumer
-deduplicates by ``(app_id, message_id)`` and can re-verify the partner's signature from the
-``c2c-signature`` header over the exact body.
+stays pending; but a partner's witnessing message, which this gateway answers itself, is
+confirmed whether or not a CBP system binds its key); ``publish_inbound_many`` publishes a
+batch with the confirms in flight together, and a record that is not confirmed leaves the
+others of the batch taken. Routing key ``<sender>.<message_type>``; the properties are those of
+PROTOCOL section 5, so a consumer deduplicates by ``(app_id, message_id)`` and can re-verify
+the partner's signature from the ``c2c-signature`` header over the exact body.
 
 In-process subscribers are called after the confirm, for the records this process relays;
 systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from gateway.clock import format_rfc3339
 from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
+from gateway.model import WITNESSING_TYPES
 from gateway.store.base import InboundRecord
 from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
 from gateway.transports.bus import InboundHandler, notify_in_order, notify_subscribers
@@ -95,6 +97,10 @@ class RabbitBus:
             exchange=INBOUND_EXCHANGE,
             routing_key=routing_key(record),
             concern=BUS_CONCERN,
+            # a partner's witnessing message is this gateway's own business (its in-process
+            # subscriber answers it), published for the CBP systems that bind its key: with
+            # none bound it is not kept waiting, nor its partner's cosignature with it
+            mandatory=record.message_type not in WITNESSING_TYPES,
         )
         crash_point("S8-before-confirm")
 

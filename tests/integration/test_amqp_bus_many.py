@@ -66,3 +66,45 @@ async def test_a_batch_is_confirmed_in_order_whatever_fails_beside_it(
             await bus.publish_inbound_many(batch[4:5])
     finally:
         await broker.close()
+
+
+async def test_a_witnessing_message_is_taken_with_no_queue_bound_for_it(
+    rabbit_vhost: RabbitVhost,
+) -> None:
+    """The gateway answers a partner's audit.checkpoint itself (its in-process subscriber):
+    a CBP system that binds only the business types must not hold up witnessing. A business
+    message with no queue bound still waits, refused as unroutable."""
+    broker = AmqpBroker(AmqpConfig(url=rabbit_vhost.url(), publish_timeout_s=3.0))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        channel = await broker.channel("test-sink")
+        sink = await channel.declare_queue("test.sink", durable=True)
+        await sink.bind("c2c.inbound", routing_key=f"{AMQP_PARTNER}.shipment.#")
+        bus = RabbitBus(broker)
+        relayed: list[str] = []
+
+        async def subscriber(record: InboundRecord) -> None:
+            relayed.append(record.message_type)
+
+        bus.subscribe(subscriber)
+        witnessing = [
+            dataclasses.replace(_record(i), message_type=kind)
+            for i, kind in enumerate(("audit.checkpoint", "audit.cosignature"))
+        ]
+        assert await bus.publish_inbound_many(witnessing) == witnessing
+        await bus.publish_inbound(dataclasses.replace(_record(2), message_type="audit.checkpoint"))
+        assert relayed == ["audit.checkpoint", "audit.cosignature", "audit.checkpoint"]
+        alert = dataclasses.replace(_record(3), message_type="enforcement.risk_alert")
+        with pytest.raises(Unavailable, match="unroutable"):
+            await bus.publish_inbound(alert)
+        assert await sink.get(fail=False, no_ack=True) is None
+
+        # a system that binds the witnessing key gets them, as before
+        await sink.bind("c2c.inbound", routing_key=f"{AMQP_PARTNER}.audit.#")
+        await bus.publish_inbound(witnessing[0])
+        message = await sink.get(fail=False, no_ack=True)
+        assert message is not None
+        assert message.type == "audit.checkpoint"
+    finally:
+        await broker.close()
