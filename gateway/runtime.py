@@ -10,6 +10,7 @@ the store is open, stopped before it closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ import structlog
 from cryptography import x509
 
 from gateway import partner_keys
-from gateway.adapters.registry import Adapter, adapter_for
+from gateway.adapters.registry import Adapter, adapter_for, partner_media_type
 from gateway.audit.events import AuditEvent, EventKind, record_or_log
 from gateway.clock import Clock, SystemClock
 from gateway.clockwatch import ClockWatch
@@ -150,7 +151,9 @@ class Gateway:
         self.broker: AmqpBroker | None = None
         if bus is None and config.amqp.url is not None:
             self.broker = AmqpBroker(config.amqp)
-            bus = RabbitBus(self.broker)
+            bus = RabbitBus(
+                self.broker, media_type=functools.partial(partner_media_type, config.partners)
+            )
         self.bus: Bus = bus if bus is not None else MemoryBus()
         #: called when an internal system submitted over AMQP (the dispatcher's wake-up)
         self.on_submitted: Callable[[], None] | None = None

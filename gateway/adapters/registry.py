@@ -23,7 +23,7 @@ import hashlib
 import importlib.util
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -148,6 +148,17 @@ def content_type_of(adapter: Adapter) -> str:
     """The media type sent with this partner's messages and receipts."""
     chosen = getattr(adapter, "content_type", None)
     return chosen if isinstance(chosen, str) else min(adapter.content_types)
+
+
+def partner_media_type(partners: Mapping[str, PartnerConfig], partner: str) -> str:
+    """The media type of a partner's stored bytes. The store keeps the bytes, not the media
+    type they came with: they are in the partner's format, the canonical envelope (JSON) or
+    its adapter's native one (docs/adapters.md), as configured now; a partner no longer
+    configured is ``application/octet-stream``."""
+    configured = partners.get(partner)
+    if configured is None:
+        return "application/octet-stream"
+    return content_type_of(adapter_for(configured))
 
 
 async def to_canonical_off_loop(adapter: Adapter, body: bytes) -> bytes:

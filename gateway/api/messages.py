@@ -9,14 +9,14 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
-from gateway.adapters.registry import adapter_for, content_type_of
+from gateway.adapters.registry import partner_media_type
 from gateway.api.auth import SCOPE_QUERY, claims_of, forbidden, readable
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
 from gateway.audit.events import EventKind
 from gateway.clock import format_rfc3339
-from gateway.config import MAX_TTL_S, GatewayConfig
+from gateway.config import MAX_TTL_S
 from gateway.errors import GatewayError, Malformed, NotAuthorized, TooLarge
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import RetryRefused, operator_retry
@@ -332,16 +332,6 @@ async def get_message(request: web.Request) -> web.Response:
     return found if isinstance(found, web.Response) else json_response(message_view(found))
 
 
-def _media_type(config: GatewayConfig, partner: str) -> str:
-    """The media type of a partner's stored bytes. The store keeps the bytes, not the media
-    type they came with: they are in the partner's format, the canonical envelope (JSON) or
-    its adapter's native one (docs/adapters.md), as configured now."""
-    configured = config.partners.get(partner)
-    if configured is None:
-        return "application/octet-stream"
-    return content_type_of(adapter_for(configured))
-
-
 def _signed_bytes(
     request: web.Request, record: OutboundRecord | InboundRecord, body: bytes, signature: str
 ) -> web.Response:
@@ -349,7 +339,7 @@ def _signed_bytes(
     (PROTOCOL.md section 5): what the signature covers, to verify it again."""
     return web.Response(
         body=body,
-        content_type=_media_type(request.app[SERVICES].config, _partner_of(record)),
+        content_type=partner_media_type(request.app[SERVICES].config.partners, _partner_of(record)),
         headers={SIGNATURE_HEADER: signature},
     )
 

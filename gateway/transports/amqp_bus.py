@@ -16,7 +16,7 @@ systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.clock import format_rfc3339
 from gateway.crashpoints import crash_point
@@ -33,7 +33,7 @@ def routing_key(record: InboundRecord) -> str:
     return f"{record.sender}.{record.message_type}"
 
 
-def bus_message(record: InboundRecord) -> OutgoingMessage:
+def bus_message(record: InboundRecord, content_type: str = "application/json") -> OutgoingMessage:
     if record.body is None:
         raise Unavailable(f"{record.sender}/{record.message_id}: body purged before it was relayed")
     headers = {
@@ -60,13 +60,20 @@ def bus_message(record: InboundRecord) -> OutgoingMessage:
         app_id=record.sender,
         signature=record.signature,
         correlation_id=record.correlation_id,
+        content_type=content_type,
         headers=headers,
     )
 
 
 class RabbitBus:
-    def __init__(self, broker: AmqpBroker) -> None:
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        media_type: Callable[[str], str] = lambda sender: "application/json",
+    ) -> None:
         self._broker = broker
+        #: the ``content_type`` of a sender's bytes: JSON, or its adapter's native format
+        self._media_type = media_type
         self._handlers: list[InboundHandler] = []
         self._closed = False
 
@@ -93,7 +100,7 @@ class RabbitBus:
 
     async def _publish(self, record: InboundRecord) -> None:
         await self._broker.publish(
-            bus_message(record),
+            bus_message(record, self._media_type(record.sender)),
             exchange=INBOUND_EXCHANGE,
             routing_key=routing_key(record),
             concern=BUS_CONCERN,

@@ -15,9 +15,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
 from outbound_env import (
     RETRYING_OUTBOX,
     Running,
@@ -29,6 +31,7 @@ from outbound_env import (
     submit_to,
     token,
 )
+from rabbit import RabbitVhost
 
 from gateway.config import GatewayConfig, load_config
 from gateway.crypto.jws import sign_detached, verify_detached
@@ -415,3 +418,34 @@ async def test_native_receipts_are_sent_with_the_adapters_content_type(
     assert nack["payload"]["status"] == "NACK"
     assert nack["payload"]["code"] == "SCHEMA_INVALID"
     assert nack["payload"]["ref_message_id"] == message_id
+
+
+@pytest.mark.rabbitmq
+async def test_c2c_inbound_carries_native_bytes_with_the_partners_media_type(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """A CBP system consuming c2c.inbound gets MX-ANAM's XML as signed, typed as XML, not
+    as the JSON the property said for every partner."""
+    config = native_config(tmp_path, US, MX, free_port(), free_port())
+    config = dataclasses.replace(
+        config, amqp=dataclasses.replace(config.amqp, url=rabbit_vhost.url())
+    )
+    running = await start_gateway(config)
+    try:
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        async with connection:
+            channel = await connection.channel()
+            sink = await channel.declare_queue("test.sink", durable=True)
+            await sink.bind("c2c.inbound", routing_key="#")
+            deliveries: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await sink.consume(deliveries.put, no_ack=True)
+            message_id, canonical = mx_message(running)
+            body = running.gateway.adapters[MX].from_canonical(canonical)
+            status, receipt, _ = await post_as_mx(running, tmp_path, body)
+            assert status == 202, receipt
+            async with asyncio.timeout(15):
+                delivery = await deliveries.get()
+            assert (delivery.message_id, delivery.content_type) == (message_id, "application/xml")
+            assert delivery.body == body
+    finally:
+        await running.gateway.stop()
