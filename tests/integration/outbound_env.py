@@ -13,12 +13,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from partner_stub import PartnerStub
 
 from gateway.api.auth import ALL_SCOPES
 from gateway.api.server import ApiServer
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
+from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import load_signing_key
 from gateway.crypto.tokens import issue_token
 from gateway.devenv import prepare_dev_environment
@@ -104,6 +106,34 @@ def auth(bearer: str) -> dict[str, str]:
 
 def client_ssl(config: GatewayConfig) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(config.tls.ca))
+
+
+def partner_signature(root: Path, body: bytes, party: str = "MX-ANAM") -> str:
+    """``party``'s detached JWS over ``body``, with its development key under ``root/pki``."""
+    key = load_signing_key(root / "pki" / party / "sign.key", party=party, alg="EdDSA")
+    return sign_detached(body, key)
+
+
+async def post_as_partner(
+    running: Running, root: Path, body: bytes, *, party: str = "MX-ANAM"
+) -> tuple[int, bytes, dict[str, str]]:
+    """``body`` POSTed to ``running``'s partner endpoint as ``party`` over mutual TLS (its
+    development certificate under ``root/pki``), signed with its key: the answer's status,
+    body and headers."""
+    context = client_ssl(running.config)
+    pki = root / "pki" / party
+    context.load_cert_chain(str(pki / "tls.pem"), str(pki / "tls.key"))
+    headers = {
+        "Content-Type": "application/json",
+        "C2C-Signature": partner_signature(root, body, party),
+    }
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
+        session.post(
+            running.gateway.partner_url + "/c2c/v1/messages", data=body, headers=headers
+        ) as response,
+    ):
+        return response.status, await response.read(), dict(response.headers)
 
 
 def example(gateway: Gateway, message_type: str) -> dict[str, Any]:

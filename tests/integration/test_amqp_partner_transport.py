@@ -378,6 +378,28 @@ async def _inbox_in_an_outage(
         await gateway.stop()
 
 
+async def _expect_acks(vhost: RabbitVhost, message_ids: list[str]) -> None:
+    """Each of ``message_ids`` is answered with an ACK receipt on the partner's .out queue
+    within 15 s."""
+    connection = await aio_pika.connect(vhost.url())
+    try:
+        channel = await connection.channel()
+        out = await channel.get_queue(OUT_QUEUE, ensure=False)
+        answered: list[dict[str, Any]] = []
+        async with asyncio.timeout(15):
+            while len(answered) < len(message_ids):
+                got = await out.get(fail=False, no_ack=True)
+                if got is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                answered.append(json.loads(got.body)["payload"])
+    finally:
+        await connection.close()
+    assert sorted((a["status"], a["ref_message_id"]) for a in answered) == sorted(
+        ("ACK", message_id) for message_id in message_ids
+    )
+
+
 async def test_a_long_store_outage_holds_deliveries_without_dead_lettering_them(
     tmp_path: Path, rabbit_vhost: RabbitVhost
 ) -> None:
@@ -394,23 +416,7 @@ async def test_a_long_store_outage_holds_deliveries_without_dead_lettering_them(
         assert await queue_depth(rabbit_vhost, OUT_QUEUE) == 0
 
         await gateway.store.open()
-        connection = await aio_pika.connect(rabbit_vhost.url())
-        try:
-            channel = await connection.channel()
-            out = await channel.get_queue(OUT_QUEUE, ensure=False)
-            answered = []
-            async with asyncio.timeout(15):
-                while len(answered) < len(messages):
-                    got = await out.get(fail=False, no_ack=True)
-                    if got is None:
-                        await asyncio.sleep(0.05)
-                        continue
-                    answered.append(json.loads(got.body)["payload"])
-        finally:
-            await connection.close()
-        assert sorted((a["status"], a["ref_message_id"]) for a in answered) == sorted(
-            ("ACK", message_id) for message_id, _, _ in messages
-        )
+        await _expect_acks(rabbit_vhost, [message_id for message_id, _, _ in messages])
         for message_id, body, _ in messages:
             stored = await gateway.store.get_inbound(AMQP_PARTNER, message_id)
             assert stored is not None
@@ -479,23 +485,7 @@ async def test_a_receipt_the_broker_will_not_take_holds_the_delivery_without_dea
             assert stored.body == body
 
         await broker.declare_topology([AMQP_PARTNER])  # as `amqp setup` puts it back
-        connection = await aio_pika.connect(rabbit_vhost.url())
-        try:
-            channel = await connection.channel()
-            out = await channel.get_queue(OUT_QUEUE, ensure=False)
-            answered: list[dict[str, Any]] = []
-            async with asyncio.timeout(15):
-                while len(answered) < len(messages):
-                    got = await out.get(fail=False, no_ack=True)
-                    if got is None:
-                        await asyncio.sleep(0.05)
-                        continue
-                    answered.append(json.loads(got.body)["payload"])
-        finally:
-            await connection.close()
-        assert sorted((a["status"], a["ref_message_id"]) for a in answered) == sorted(
-            ("ACK", message_id) for message_id, _, _ in messages
-        )
+        await _expect_acks(rabbit_vhost, [message_id for message_id, _, _ in messages])
         # each acked once its receipt was confirmed: none comes back when the consumer goes
         await broker.close()
         assert await queue_depth(rabbit_vhost, f"c2c.partner.{AMQP_PARTNER}.in") == 0

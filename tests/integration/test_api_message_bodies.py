@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from https_env import URL_PATH, wait_relayed
+from https_env import wait_relayed
 from inbound_records import sample_record
 from outbound_env import (
     RETRYING_OUTBOX,
@@ -28,6 +28,8 @@ from outbound_env import (
     example,
     free_port,
     gateway_config,
+    partner_signature,
+    post_as_partner,
     row_until,
     start_gateway,
     token,
@@ -105,24 +107,8 @@ def mx_message() -> tuple[str, bytes]:
     return message_id, pretty(json.loads(encode_envelope(header, payload)))
 
 
-def mx_signature(root: Path, body: bytes) -> str:
-    return sign_detached(
-        body, load_signing_key(root / "pki" / MX / "sign.key", party=MX, alg="EdDSA")
-    )
-
-
 async def post_as_mx(running: Running, root: Path, body: bytes) -> Raw:
-    context = client_ssl(running.config)
-    context.load_cert_chain(str(root / "pki" / MX / "tls.pem"), str(root / "pki" / MX / "tls.key"))
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-        session.post(
-            running.gateway.partner_url + URL_PATH,
-            data=body,
-            headers={"Content-Type": "application/json", "C2C-Signature": mx_signature(root, body)},
-        ) as response,
-    ):
-        return Raw(response.status, await response.read(), dict(response.headers))
+    return Raw(*await post_as_partner(running, root, body))
 
 
 class PrettyReceipts(PartnerStub):
@@ -185,7 +171,7 @@ async def test_a_pretty_printed_inbound_message_verifies_from_its_stored_bytes(
     assert sent.endswith(b"}\n")
     answer = await post_as_mx(us, tmp_path, sent)
     assert answer.status == 202, answer.body
-    jws = mx_signature(tmp_path, sent)  # Ed25519 signatures are deterministic
+    jws = partner_signature(tmp_path, sent)  # Ed25519 signatures are deterministic
 
     got = await get(us, f"/api/v1/messages/{message_id}/body", RECEIVE)
     assert got.status == 200, got.body

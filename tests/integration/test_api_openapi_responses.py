@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import jsonschema_rs
 import pytest
-from https_env import URL_PATH, wait_relayed
+from https_env import wait_relayed
 from inbound_records import sample_record
 from outbound_env import (
     RETRYING_OUTBOX,
@@ -30,6 +30,7 @@ from outbound_env import (
     client_ssl,
     free_port,
     gateway_config,
+    post_as_partner,
     row_until,
     start_gateway,
     token,
@@ -38,8 +39,6 @@ from partner_stub import PartnerStub
 
 from gateway.api.audit import MAX_PAGE as AUDIT_MAX_PAGE
 from gateway.api.messages import DEFAULT_PAGE, MAX_PAGE
-from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import load_signing_key
 from gateway.envelope import encode_envelope, new_message_id
 from gateway.model import Header
 from gateway.store.base import OutboundState
@@ -162,18 +161,8 @@ async def post_as_mx(running: Running, root: Path, message_type: str) -> str:
         correlation_id=new_message_id(),
     )
     body = encode_envelope(header, registry.examples(message_type, "1.0")[0])
-    key = load_signing_key(root / "pki" / MX / "sign.key", party=MX, alg="EdDSA")
-    context = client_ssl(running.config)
-    context.load_cert_chain(str(root / "pki" / MX / "tls.pem"), str(root / "pki" / MX / "tls.key"))
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-        session.post(
-            running.gateway.partner_url + URL_PATH,
-            data=body,
-            headers={"Content-Type": "application/json", "C2C-Signature": sign_detached(body, key)},
-        ) as response,
-    ):
-        assert response.status == 202, await response.read()
+    status, answer, _ = await post_as_partner(running, root, body)
+    assert status == 202, answer
     return message_id
 
 

@@ -15,12 +15,19 @@ from typing import Any
 
 import aiohttp
 import pytest
-from https_env import URL_PATH, wait_relayed
-from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from https_env import wait_relayed
+from outbound_env import (
+    Running,
+    auth,
+    client_ssl,
+    example,
+    gateway_config,
+    post_as_partner,
+    start_gateway,
+    token,
+)
 from serve_proc import run_cli
 
-from gateway.crypto.jws import sign_detached
-from gateway.crypto.keys import load_signing_key
 from gateway.envelope import encode_envelope, new_message_id
 from gateway.model import Header
 from gateway.store.base import AuditFilter, InboundRecord
@@ -62,19 +69,8 @@ def version_of(payload: dict[str, Any], function: str, created_at: datetime) -> 
 
 
 async def post_as_mx(running: Running, root: Path, body: bytes) -> int:
-    key = load_signing_key(root / "pki" / MX / "sign.key", party=MX, alg="EdDSA")
-    context = client_ssl(running.config)
-    context.load_cert_chain(str(root / "pki" / MX / "tls.pem"), str(root / "pki" / MX / "tls.key"))
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-        session.post(
-            running.gateway.partner_url + URL_PATH,
-            data=body,
-            headers={"Content-Type": "application/json", "C2C-Signature": sign_detached(body, key)},
-        ) as response,
-    ):
-        await response.read()
-        return response.status
+    status, _, _ = await post_as_partner(running, root, body)
+    return status
 
 
 async def get_document(running: Running, **query: str) -> tuple[int, Any]:
