@@ -14,7 +14,6 @@ from gateway.api.auth import SCOPE_QUERY, claims_of, forbidden, readable
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, json_object, path_uuid, query_fields
 from gateway.api.services import SERVICES
-from gateway.audit.events import EventKind
 from gateway.clock import format_rfc3339
 from gateway.config import MAX_TTL_S
 from gateway.errors import GatewayError, Malformed, NotAuthorized, TooLarge
@@ -106,7 +105,6 @@ def submission_from(
         respond_by=fields.timestamp("respond_by", utc=False),
         legal_basis=fields.text("legal_basis"),
         actor=actor,
-        audit_event=EventKind.QUERY if is_query_type(message_type) else EventKind.SUBMITTED,
         idempotency_key=idempotency_key,
     )
 

@@ -17,7 +17,6 @@ from gateway.api.messages import REPLAYED_HEADER, inbound_view, read_submission
 from gateway.api.problems import json_response, problem
 from gateway.api.requests import Fields, path_uuid
 from gateway.api.services import SERVICES, ApiServices
-from gateway.audit.events import EventKind
 from gateway.errors import Malformed
 from gateway.outbound.submission import (
     QUERY_RESPONSE_TYPE,
@@ -53,7 +52,6 @@ def query_submission(
         payload=fields.obj("params"),
         correlation_id=fields.uuid("correlation_id"),
         actor=actor,
-        audit_event=EventKind.QUERY,
         idempotency_key=idempotency_key,
     )
     return submission, DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s

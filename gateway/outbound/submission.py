@@ -68,13 +68,18 @@ class Submission:
     ttl_s: int | None = None
     respond_by: datetime | None = None
     legal_basis: str | None = None
-    #: the audit event of the stored row: ``QUERY`` for a question to a partner
-    #: (``is_query_type``), so auditors find who asked a partner what without reading
-    #: message types
-    audit_event: Literal[EventKind.SUBMITTED, EventKind.QUERY] = EventKind.SUBMITTED
     #: the submitter's key for retries (``Idempotency-Key``, AMQP ``message_id``): the same
     #: key and request from the same actor yield the message the first one created
     idempotency_key: str | None = None
+
+
+    @property
+    def audit_event(self) -> Literal[EventKind.SUBMITTED, EventKind.QUERY]:
+        """The audit event of the stored row: ``QUERY`` for a question to a partner
+        (``is_query_type``), however it was submitted (queries API, messages API,
+        ``c2c.submit``, ``send``), so auditors find who asked a partner what without reading
+        message types."""
+        return EventKind.QUERY if is_query_type(self.message_type) else EventKind.SUBMITTED
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

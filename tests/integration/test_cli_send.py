@@ -124,6 +124,23 @@ async def test_send_stores_a_signed_message_audited_as_the_cli_user(
     assert [(e["message_id"], e["actor"]) for e in submitted] == [(message_id, ACTOR)]
 
 
+async def test_a_query_sent_with_the_cli_is_audited_as_a_query(
+    config: GatewayConfig, tmp_path: Path
+) -> None:
+    """As through the internal API: auditors find who asked a partner what by the event."""
+    payload = payload_file(tmp_path, "query.trader_lookup")
+    result = await arun(
+        "send", "--config", config.source, "--to", "MX-ANAM", "--type", "query.trader_lookup",
+        "--payload", payload,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    message_id, _ = result.stdout.split()
+    entries = await audit_entries(config)
+    assert [(e["event"], e["actor"]) for e in entries if e.get("message_id") == message_id] == [
+        (EventKind.QUERY, ACTOR)
+    ]
+
+
 async def test_schema_error_prints_the_pointer_exits_1_and_stores_nothing(
     config: GatewayConfig, tmp_path: Path
 ) -> None:
