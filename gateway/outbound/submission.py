@@ -72,7 +72,6 @@ class Submission:
     #: key and request from the same actor yield the message the first one created
     idempotency_key: str | None = None
 
-
     @property
     def audit_event(self) -> Literal[EventKind.SUBMITTED, EventKind.QUERY]:
         """The audit event of the stored row: ``QUERY`` for a question to a partner

@@ -234,7 +234,7 @@ class OutageHold:
         broker: AmqpBroker,
         delivery: Delivery,
         *,
-        hold_s: float,
+        hold_s: float | None,
         monotonic: Callable[[], float],
     ) -> None:
         self._broker = broker
@@ -242,8 +242,11 @@ class OutageHold:
         self._started = monotonic()
         self._pause = _HOLD_FIRST_PAUSE_S
         #: how long the delivery is held before it goes back; None: until a try succeeds
+        #: (``hold_s`` None asks for that whatever the count)
         self.hold_s: float | None = (
-            hold_s if delivery.delivery_count + 2 <= broker.config.delivery_limit else None
+            hold_s
+            if hold_s is not None and delivery.delivery_count + 2 <= broker.config.delivery_limit
+            else None
         )
 
     async def pause(self) -> bool:

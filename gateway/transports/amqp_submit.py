@@ -25,13 +25,16 @@ before 4.3 counts that towards the queue's delivery limit like a reject, so a st
 few seconds would have the broker dead-letter every queued submission to ``c2c.submit.dead``,
 unanswered and unaudited: a delivery whose count leaves no more than one return before the limit
 is held until the store answers instead, or until the consumers stop (``OutageHold``, the rule
-the partner inbox follows too).
+the partner inbox follows too). A submission refused before it could be read (not JSON, an
+unknown member) is audited before it is answered, through an outage the same way. A dead
+letter the broker will not take (``c2c.submit.dead`` gone) is published again while the
+delivery is held, not returned: its redelivery would be refused and audited once more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 import structlog
@@ -41,9 +44,7 @@ from gateway.envelope import new_message_id, parse_json_strict
 from gateway.errors import GatewayError, IdempotencyKeyReused, Malformed, Unavailable
 from gateway.inbound.pipeline import problem_document
 from gateway.outbound.submission import (
-    Submission,
     SubmissionServices,
-    Submitted,
     named_in,
     record_refusal,
     submit_request,
@@ -60,6 +61,7 @@ from gateway.transports.amqp import (
 )
 
 log = structlog.get_logger(__name__)
+_T = TypeVar("_T")
 
 ACCEPTED_TYPE = "submission.accepted"
 PROBLEM_TYPE = "problem"
@@ -102,15 +104,25 @@ class SubmitConsumer:
                 document, actor=actor, idempotency_key=delivery.message_id or None
             )
         except GatewayError as exc:
-            # refused before submit_request, which audits its own refusals
-            try:
-                await record_refusal(self._services, exc, actor=actor, **named_in(document))
-            except Unavailable as outage:
-                log.warning("amqp_submit_unavailable", actor=actor, reason=outage.reason)
-                return Settlement.REQUEUE  # refused again, and audited, once the store answers
-            return await self._refuse(delivery, actor, exc)
+            # refused before submit_request, which audits its own refusals: audited here,
+            # through a store outage as a submission is stored
+            refused = exc
+            named = named_in(document)
+
+            async def audit() -> bool:
+                await record_refusal(self._services, refused, actor=actor, **named)
+                return True
+
+            if await self._through_outages(delivery, actor, "amqp_submit_unavailable", audit):
+                return await self._refuse(delivery, actor, exc)
+            return Settlement.REQUEUE
         try:
-            submitted = await self._submit_through_outages(delivery, actor, submission)
+            submitted = await self._through_outages(
+                delivery,
+                actor,
+                "amqp_submit_unavailable",
+                lambda: submit_request(self._services, submission),
+            )
         except GatewayError as exc:
             return await self._refuse(delivery, actor, exc)
         if submitted is None:
@@ -140,26 +152,33 @@ class SubmitConsumer:
                 log.warning("amqp_submit_reply_lost", actor=actor, reason=exc.reason)
         return Settlement.ACK
 
-    async def _submit_through_outages(
-        self, delivery: Delivery, actor: str, submission: Submission
-    ) -> Submitted | None:
-        """Submit; while the store is unavailable, hold the delivery and try again, as
-        ``OutageHold`` says. None: the delivery is to go back to the queue (held long enough,
-        or the consumers stopping)."""
+    async def _through_outages(
+        self,
+        delivery: Delivery,
+        actor: str,
+        event: str,
+        attempt: Callable[[], Awaitable[_T]],
+        *,
+        until_done: bool = False,
+    ) -> _T | None:
+        """``attempt()``; while what it needs is unavailable (the store, the broker), hold the
+        delivery and try again, as ``OutageHold`` says (``until_done``: until it succeeds,
+        whatever the delivery's count). None: the delivery is to go back to the queue (held
+        long enough, or the consumers stopping)."""
         hold: OutageHold | None = None
         while True:
             try:
-                return await submit_request(self._services, submission)
+                return await attempt()
             except Unavailable as exc:
                 if hold is None:
                     hold = OutageHold(
                         self._broker,
                         delivery,
-                        hold_s=self._outage_pause_s,
+                        hold_s=None if until_done else self._outage_pause_s,
                         monotonic=self._services.clock.monotonic,
                     )
                     log.warning(
-                        "amqp_submit_unavailable",
+                        event,
                         actor=actor,
                         reason=exc.reason,
                         delivery_count=delivery.delivery_count,
@@ -195,17 +214,23 @@ class SubmitConsumer:
             correlation_id=delivery.correlation_id,
             headers={REASON_HEADER: f"{exc.code.value}: {exc.reason}"},
         )
-        try:
+
+        async def dead_letter() -> bool:
             await self._broker.publish(
                 dead,
                 exchange=DEAD_LETTER_EXCHANGE,
                 routing_key=SUBMIT_QUEUE,
                 concern=REPLY_CONCERN,
             )
-        except Unavailable as dead_exc:
-            log.warning("amqp_submit_dead_letter_failed", actor=actor, reason=dead_exc.reason)
-            return Settlement.REQUEUE
-        return Settlement.ACK
+            return True
+
+        # held and published again until the broker takes it (or the consumers stop), not
+        # returned: a redelivery would be refused, and audited, once more
+        if await self._through_outages(
+            delivery, actor, "amqp_submit_dead_letter_failed", dead_letter, until_done=True
+        ):
+            return Settlement.ACK
+        return Settlement.REQUEUE
 
     def _reply(
         self,

@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, config_without_broker
 from amqp_peer import AmqpEnv, amqp_gateway, queue_depth
 from inbound_records import sample_record
-from rabbit import RabbitVhost
+from rabbit import RabbitVhost, rabbitmqctl
 
 from gateway.audit.events import EventKind
 from gateway.config import AmqpConfig
@@ -481,3 +481,80 @@ async def test_inbound_publish_with_no_queue_bound_is_not_confirmed(
         assert message.headers["c2c-message-function"] == "4"
     finally:
         await broker.close()
+
+
+async def test_an_unreadable_submission_in_a_store_outage_is_answered_once_the_store_is_back(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """Its refusal is audited before it is answered: held through the outage like a
+    submission to store, not returned at once (which dead-lettered it within a second,
+    unanswered and unaudited, after delivery_limit + 1 returns)."""
+    async with _submit_in_an_outage(
+        tmp_path, rabbit_vhost, delivery_limit=2, outage_pause_s=0.3
+    ) as (gateway, _):
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel()
+            reply_queue, replies = await answers(channel)
+            submit = await channel.get_exchange("c2c.submit", ensure=False)
+            await submit.publish(
+                aio_pika.Message(b"{not json", app_id="cbp-targeting", reply_to=reply_queue.name),
+                routing_key="",
+            )
+            await asyncio.sleep(3)  # ten hold periods
+            assert await queue_depth(rabbit_vhost, "c2c.submit.dead") == 0
+            assert replies.empty()
+            await gateway.store.open()
+            async with asyncio.timeout(15):
+                refused = await replies.get()
+            assert json.loads(refused.body)["code"] == "MALFORMED"
+            rows = await gateway.store.audit_entries(
+                AuditFilter(event=EventKind.SUBMIT_REJECTED.value), limit=10
+            )
+            assert [json.loads(row.entry)["outcome"] for row in rows] == ["MALFORMED"]
+        finally:
+            await connection.close()
+
+
+@pytest.mark.parametrize("refused_by", ["reading", "submit_request"])
+async def test_a_refusal_whose_dead_letter_cannot_be_published_is_audited_once(
+    tmp_path: Path, rabbit_vhost: RabbitVhost, refused_by: str
+) -> None:
+    """With c2c.submit.dead gone, the dead letter is published again while the delivery is
+    held, not returned to be refused and audited again on each redelivery."""
+    body = (
+        b"{not json"
+        if refused_by == "reading"
+        else json.dumps(
+            {"recipient": "ZZ-NOPE", "message_type": "shipment.status", "payload": {}}
+        ).encode()
+    )
+    async with _submit_in_an_outage(
+        tmp_path, rabbit_vhost, delivery_limit=2, outage_pause_s=0.3
+    ) as (gateway, broker):
+        await gateway.store.open()
+        rabbitmqctl("delete_queue", "-p", rabbit_vhost.name, "c2c.submit.dead")
+        connection = await aio_pika.connect(rabbit_vhost.url())
+        try:
+            channel = await connection.channel()
+            submit = await channel.get_exchange("c2c.submit", ensure=False)
+            await submit.publish(
+                aio_pika.Message(body, app_id="cbp-targeting", message_id="x1"), routing_key=""
+            )
+            await asyncio.sleep(3)
+            rows = await gateway.store.audit_entries(
+                AuditFilter(event=EventKind.SUBMIT_REJECTED.value), limit=50
+            )
+            assert len(rows) == 1, [json.loads(row.entry) for row in rows]
+            await broker.declare_topology([AMQP_PARTNER])  # the dead-letter queue back
+            dead = await channel.get_queue("c2c.submit.dead", ensure=False)
+            letters: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await dead.consume(letters.put, no_ack=True)
+            async with asyncio.timeout(15):
+                lettered = await letters.get()
+            assert lettered.body == body
+            assert str(lettered.headers["c2c-reason"]).startswith(
+                "MALFORMED: " if refused_by == "reading" else "NOT_AUTHORIZED: "
+            )
+        finally:
+            await connection.close()
