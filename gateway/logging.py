@@ -50,7 +50,9 @@ _SECRET_VALUES = re.compile(
     # compact JWS/JWT (also detached, with an empty payload), from where a token can start:
     # tried inside a run of base64url characters, each "eyJ" of the run would rescan the rest
     # of it (100 KB of "eyJ" took seconds)
-    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{16,}"
+    # (or after a %-escape: a token in URL-encoded text, access_token%3DeyJ...)
+    r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))"
+    r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]{16,}"
     # PEM blocks, complete or cut
     r"|-----BEGIN [A-Z ]+-----[^-]*(?:-----END [A-Z ]+-----)?"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
