@@ -34,7 +34,13 @@ _RESERVED_DOMAINS = ("example.com", "example.net", "example.org")
 _PASSWORD_PARAMETERS = frozenset({"password", "sslpassword"})
 #: the widest private networks (RFC 1918, RFC 4193): a VPN's is in one of them
 _WIDEST_PRIVATE = {4: ipaddress.ip_network("10.0.0.0/8"), 6: ipaddress.ip_network("fc00::/7")}
-_LOOPBACK = {4: ipaddress.ip_network("127.0.0.0/8"), 6: ipaddress.ip_network("::1/128")}
+#: this host: loopback, and the unspecified addresses, which a connection takes to this host
+_THIS_HOST = {
+    4: (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("0.0.0.0/8")),
+    6: (ipaddress.ip_network("::1/128"), ipaddress.ip_network("::/128")),
+}
+#: link-local: the cloud metadata service (169.254.169.254) among them
+_LINK_LOCAL = {4: ipaddress.ip_network("169.254.0.0/16"), 6: ipaddress.ip_network("fe80::/10")}
 
 
 @dataclass(frozen=True)
@@ -205,14 +211,23 @@ def _partner_networks(config: GatewayConfig) -> Iterator[Finding]:
                     " connects to public addresses only (list only the non-public network the"
                     " partner is reached over, a VPN's, or none)",
                 )
-            elif network.overlaps(_LOOPBACK[network.version]):
+            elif any(network.overlaps(own) for own in _THIS_HOST[network.version]):
                 yield Finding(
                     where,
-                    f"{network} admits loopback addresses, as the development partner files"
-                    " do (the peer gateway on this host): no real partner is there, and the"
-                    " gateway connects to this host's own services wherever the partner's URL"
-                    " leads to them (list only the non-public network the partner is reached"
-                    " over, a VPN's, or none)",
+                    f"{network} admits addresses of this host (loopback, or the unspecified"
+                    " address, which leads to it), as the development partner files do (the"
+                    " peer gateway on this host): no real partner is there, and the gateway"
+                    " connects to this host's own services wherever the partner's URL leads to"
+                    " them (list only the non-public network the partner is reached over, a"
+                    " VPN's, or none)",
+                )
+            elif network.overlaps(_LINK_LOCAL[network.version]):
+                yield Finding(
+                    where,
+                    f"{network} admits link-local addresses, the cloud metadata service at"
+                    " 169.254.169.254 among them: a partner's URL leading there would have the"
+                    " gateway fetch from it (list only the non-public network the partner is"
+                    " reached over, a VPN's, or none)",
                 )
 
 

@@ -311,13 +311,24 @@ def test_a_partner_network_wider_than_any_private_one(tree: Path, network: str) 
     assert "the gateway connects wherever the partner's URL leads" in out[0], out
 
 
-@pytest.mark.parametrize("network", ["127.0.0.1/32", "127.0.0.0/8", "::1/128"])
-def test_a_partner_network_on_loopback_is_a_development_setting(tree: Path, network: str) -> None:
+@pytest.mark.parametrize(
+    "network", ["127.0.0.1/32", "127.0.0.0/8", "::1/128", "0.0.0.0/8", "0.0.0.0/32", "::/128"]
+)
+def test_a_partner_network_on_this_host_is_a_development_setting(tree: Path, network: str) -> None:
     _production(tree)
     edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
     code, out, _ = _check(tree)
     assert (code, _where(out)) == (1, [f"{CA}: https.allowed_networks[0]"]), out
-    assert f"{network} admits loopback addresses, as the development partner files do" in out[0]
+    assert f"{network} admits addresses of this host (loopback, or the unspecified" in out[0]
+
+
+@pytest.mark.parametrize("network", ["169.254.0.0/16", "169.254.169.254/32", "fe80::/10"])
+def test_a_partner_network_on_link_local_addresses_is_a_finding(tree: Path, network: str) -> None:
+    _production(tree)
+    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
+    code, out, _ = _check(tree)
+    assert (code, _where(out)) == (1, [f"{CA}: https.allowed_networks[0]"]), out
+    assert f"{network} admits link-local addresses, the cloud metadata service" in out[0]
 
 
 @pytest.mark.parametrize("network", ["10.0.0.0/8", "100.64.0.0/10", "192.168.7.0/24", "fc00::/7"])
