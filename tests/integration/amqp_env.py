@@ -39,9 +39,11 @@ def write_config(
     rate_per_second: float = 10_000.0,
     burst: int = 20_000,
     amqp_partner_https: bool = False,
+    partner_max_body_bytes: int | None = None,
 ) -> Path:
     """Write the configuration under ``root``; returns the path of gateway.toml. With
-    ``amqp_partner_https``, MX-ANAM may also send over HTTPS (its dev client certificate)."""
+    ``amqp_partner_https``, MX-ANAM may also send over HTTPS (its dev client certificate);
+    ``partner_max_body_bytes``, the partners' ``max_body_bytes``."""
     init_dev_pki(root / "certs", [GATEWAY, AMQP_PARTNER, HTTPS_PARTNER], gateway_party=GATEWAY)
     amqp = f'url = "{amqp_url}"\n' if amqp_url else ""
     (root / "gateway.toml").write_text(
@@ -99,12 +101,17 @@ origin = "test/{GATEWAY}"
     ):
         folder = root / "partners" / partner
         folder.mkdir(parents=True, exist_ok=True)
+        limit = (
+            f"max_body_bytes = {partner_max_body_bytes}\n"
+            if partner_max_body_bytes is not None
+            else ""
+        )
         (folder / "partner.toml").write_text(
             f"""id = "{partner}"
 name = "{partner} test partner"
 inbound_types = {_TYPES}
 outbound_types = {_TYPES}
-
+{limit}
 [[keys]]
 path = "../../certs/{partner}/sign.pub"
 alg = "EdDSA"

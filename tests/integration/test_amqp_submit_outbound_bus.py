@@ -558,3 +558,23 @@ async def test_a_refusal_whose_dead_letter_cannot_be_published_is_audited_once(
             )
         finally:
             await connection.close()
+
+
+async def test_a_submission_is_read_up_to_the_largest_body_a_partner_takes(
+    tmp_path: Path, rabbit_vhost: RabbitVhost
+) -> None:
+    """As on the internal API: MX-ANAM takes 2 MiB (manifests), so a submission to it is not
+    refused at [limits]' 1 MiB before its own limit applies."""
+    async with amqp_gateway(tmp_path, rabbit_vhost, partner_max_body_bytes=2 * 1024 * 1024) as env:
+        config = env.gateway.config
+        assert config.limits.max_body_bytes < 1_500_000 < config.largest_body_bytes
+        submit = await submitter(env)
+        document = {
+            "recipient": AMQP_PARTNER,
+            "message_type": "shipment.status",
+            "payload": env.gateway.registry.examples("shipment.status", "1.0")[0],
+        }
+        compact = json.dumps(document).encode()
+        padded = b"{" + b" " * 1_500_000 + compact[1:]  # the envelope built from it is small
+        reply = await submit.ask(padded, "big-1")
+        assert reply.type == "submission.accepted", reply.body
