@@ -22,7 +22,7 @@ from gateway.api.queries import DEFAULT_TIMEOUT_S, MAX_TIMEOUT_S
 from gateway.cli.api_client import ApiCallError
 from gateway.cli.params import FiniteFloatRange
 from gateway.cli.send import OPERATOR_ERROR, REFUSED, api_client, fail, read_json_object
-from gateway.config import LimitsConfig
+from gateway.config import MAX_BODY_BYTES
 
 NO_ANSWER = 3
 #: on top of the gateway's own wait: the round trip and the submission itself
@@ -73,7 +73,7 @@ def query(
 ) -> None:
     """Send a query and print the partner's query.response (or the query id if none came)."""
     client = api_client(api_url, token_file, ca)
-    params = read_json_object(params_path, "--params", max_bytes=LimitsConfig.max_body_bytes)
+    params = read_json_object(params_path, "--params", max_bytes=MAX_BODY_BYTES)
     document: dict[str, Any] = {
         "partner": partner,
         "message_type": message_type,

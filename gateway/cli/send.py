@@ -24,7 +24,7 @@ from gateway.api.messages import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from gateway.api.requests import UUID_RE
 from gateway.cli.api_client import ApiCallError, ApiClient
 from gateway.clock import SystemClock
-from gateway.config import LimitsConfig, load_config
+from gateway.config import MAX_BODY_BYTES, load_config
 from gateway.envelope import parse_json_strict
 from gateway.errors import ConfigError, GatewayError, SchemaInvalid, Unavailable
 from gateway.model import Priority
@@ -203,7 +203,9 @@ def send(
 ) -> None:
     """Submit an outbound message; prints its message_id and state."""
     client = api_client(api_url, token_file, ca) if api_url is not None else None
-    payload = read_json_object(payload_path, "--payload", max_bytes=LimitsConfig.max_body_bytes)
+    # read up to what any configuration allows: the gateway (this one, or the one behind
+    # --api-url) holds the message to its recipient's max_body_bytes
+    payload = read_json_object(payload_path, "--payload", max_bytes=MAX_BODY_BYTES)
     submission = Submission(
         recipient=recipient,
         message_type=message_type,

@@ -124,6 +124,25 @@ async def test_send_stores_a_signed_message_audited_as_the_cli_user(
     assert [(e["message_id"], e["actor"]) for e in submitted] == [(message_id, ACTOR)]
 
 
+async def test_a_payload_is_read_up_to_what_the_recipient_takes(
+    config: GatewayConfig, tmp_path: Path
+) -> None:
+    """MX-ANAM takes 2 MiB (manifests): a payload file over [limits]' 1 MiB default is not
+    refused before the message built from it is held to MX-ANAM's limit."""
+    assert config.partners["MX-ANAM"].max_body_bytes > 1_500_000 > config.limits.max_body_bytes
+    compact = payload_file(tmp_path, "shipment.status").read_bytes()
+    padded = tmp_path / "padded.json"
+    padded.write_bytes(b"{" + b" " * 1_500_000 + compact[1:])  # the message built is small
+    result = await arun(
+        "send", "--config", config.source, "--to", "MX-ANAM", "--type", "shipment.status",
+        "--payload", padded,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    message_id, state = result.stdout.split()
+    assert state == "queued"
+    assert await outbound(config, message_id) is not None
+
+
 async def test_a_query_sent_with_the_cli_is_audited_as_a_query(
     config: GatewayConfig, tmp_path: Path
 ) -> None:
