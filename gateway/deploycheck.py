@@ -39,6 +39,8 @@ _THIS_HOST = {
     4: (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("0.0.0.0/8")),
     6: (ipaddress.ip_network("::1/128"), ipaddress.ip_network("::/128")),
 }
+#: what each allowed_networks finding asks for
+_NETWORK_ADVICE = "(list only the non-public network the partner is reached over, a VPN's, or none)"
 #: link-local: the cloud metadata service (169.254.169.254) among them
 _LINK_LOCAL = {4: ipaddress.ip_network("169.254.0.0/16"), 6: ipaddress.ip_network("fe80::/10")}
 
@@ -208,8 +210,7 @@ def _partner_networks(config: GatewayConfig) -> Iterator[Finding]:
                     where,
                     f"{network} {what}: the gateway connects wherever the partner's URL leads"
                     " in it, to this host or an internal network too, where it otherwise"
-                    " connects to public addresses only (list only the non-public network the"
-                    " partner is reached over, a VPN's, or none)",
+                    f" connects to public addresses only {_NETWORK_ADVICE}",
                 )
             elif any(network.overlaps(own) for own in _THIS_HOST[network.version]):
                 yield Finding(
@@ -218,16 +219,14 @@ def _partner_networks(config: GatewayConfig) -> Iterator[Finding]:
                     " address, which leads to it), as the development partner files do (the"
                     " peer gateway on this host): no real partner is there, and the gateway"
                     " connects to this host's own services wherever the partner's URL leads to"
-                    " them (list only the non-public network the partner is reached over, a"
-                    " VPN's, or none)",
+                    f" them {_NETWORK_ADVICE}",
                 )
             elif network.overlaps(_LINK_LOCAL[network.version]):
                 yield Finding(
                     where,
                     f"{network} admits link-local addresses, the cloud metadata service at"
                     " 169.254.169.254 among them: a partner's URL leading there would have the"
-                    " gateway fetch from it (list only the non-public network the partner is"
-                    " reached over, a VPN's, or none)",
+                    f" gateway fetch from it {_NETWORK_ADVICE}",
                 )
 
 

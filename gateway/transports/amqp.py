@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -67,6 +67,7 @@ REASON_HEADER = "c2c-reason"
 CONNECTION_NAME = "c2c-gateway"
 
 #: failures of one publish attempt that a reconnect can cure
+_T = TypeVar("_T")
 _TRANSIENT = (aiormq.exceptions.AMQPError, ChannelInvalidStateError, ConnectionError, OSError)
 #: ``delivery_mode`` of a message the broker writes to disk
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -259,6 +260,25 @@ class OutageHold:
         await asyncio.sleep(self._pause)
         self._pause = min(self._pause * 2, _HOLD_MAX_PAUSE_S)
         return True
+
+
+async def held_through_outages(
+    attempt: Callable[[], Awaitable[_T]],
+    hold: Callable[[Unavailable], OutageHold],
+) -> tuple[_T] | None:
+    """``(attempt(),)``; while it raises ``Unavailable`` (the store, the broker), the delivery
+    is held and ``attempt`` tried again as the ``OutageHold`` says, made by ``hold`` at the
+    first failure (which it may log) so that the hold counts from there. None: the delivery is
+    to go back to the queue (held long enough, or the consumers stopping)."""
+    held: OutageHold | None = None
+    while True:
+        try:
+            return (await attempt(),)
+        except Unavailable as exc:
+            if held is None:
+                held = hold(exc)
+        if not await held.pause():
+            return None
 
 
 class AmqpBroker:

@@ -61,6 +61,7 @@ from gateway.transports.amqp import (
     OutageHold,
     OutgoingMessage,
     Settlement,
+    held_through_outages,
     partner_in_queue,
     partner_out_queue,
 )
@@ -254,32 +255,33 @@ class PartnerInbox:
         to spare is held, the answer published again, until the broker takes it or the
         consumers stop (``OutageHold``)."""
         routing_key = self._out_queues.get(partner.id) or partner_out_queue(partner.id)
-        hold: OutageHold | None = None
-        while True:
-            try:
-                await self._broker.publish(answer, routing_key=routing_key, concern=OUT_CONCERN)
-            except Unavailable as exc:
-                if hold is None:
-                    # with a return to spare it goes back at once, as it always did: publish
-                    # has retried for its whole deadline already, or the broker refused it
-                    hold = self._hold(partner, delivery, 0.0)
-                    log.warning(
-                        "amqp_receipt_not_published",
-                        partner=partner.id,
-                        message_id=answer.message_id,
-                        reason=exc.reason,
-                        held=hold.hold_s is None,
-                    )
-                if not await hold.pause():
-                    return False
-            else:
-                if hold is not None and hold.hold_s is None:
-                    log.info(
-                        "amqp_receipt_published_after_hold",
-                        partner=partner.id,
-                        message_id=answer.message_id,
-                    )
-                return True
+        held: OutageHold | None = None
+
+        def hold(exc: Unavailable) -> OutageHold:
+            nonlocal held
+            # with a return to spare it goes back at once, as it always did: publish has
+            # retried for its whole deadline already, or the broker refused it
+            held = self._hold(partner, delivery, 0.0)
+            log.warning(
+                "amqp_receipt_not_published",
+                partner=partner.id,
+                message_id=answer.message_id,
+                reason=exc.reason,
+                held=held.hold_s is None,
+            )
+            return held
+
+        published = await held_through_outages(
+            lambda: self._broker.publish(answer, routing_key=routing_key, concern=OUT_CONCERN),
+            hold,
+        )
+        if published is not None and held is not None and held.hold_s is None:
+            log.info(
+                "amqp_receipt_published_after_hold",
+                partner=partner.id,
+                message_id=answer.message_id,
+            )
+        return published is not None
 
     async def _store_reachable(self) -> bool:
         try:

@@ -58,6 +58,7 @@ from gateway.transports.amqp import (
     OutageHold,
     OutgoingMessage,
     Settlement,
+    held_through_outages,
 )
 
 log = structlog.get_logger(__name__)
@@ -109,15 +110,14 @@ class SubmitConsumer:
             refused = exc
             named = named_in(document)
 
-            async def audit() -> bool:
+            async def audit() -> None:
                 await record_refusal(self._services, refused, actor=actor, **named)
-                return True
 
             if await self._through_outages(delivery, actor, "amqp_submit_unavailable", audit):
                 return await self._refuse(delivery, actor, exc)
             return Settlement.REQUEUE
         try:
-            submitted = await self._through_outages(
+            stored = await self._through_outages(
                 delivery,
                 actor,
                 "amqp_submit_unavailable",
@@ -125,8 +125,9 @@ class SubmitConsumer:
             )
         except GatewayError as exc:
             return await self._refuse(delivery, actor, exc)
-        if submitted is None:
+        if stored is None:
             return Settlement.REQUEUE
+        (submitted,) = stored
         record = submitted.record
         if self._on_submitted is not None:
             self._on_submitted()
@@ -160,32 +161,27 @@ class SubmitConsumer:
         attempt: Callable[[], Awaitable[_T]],
         *,
         until_done: bool = False,
-    ) -> _T | None:
-        """``attempt()``; while what it needs is unavailable (the store, the broker), hold the
-        delivery and try again, as ``OutageHold`` says (``until_done``: until it succeeds,
-        whatever the delivery's count). None: the delivery is to go back to the queue (held
-        long enough, or the consumers stopping)."""
-        hold: OutageHold | None = None
-        while True:
-            try:
-                return await attempt()
-            except Unavailable as exc:
-                if hold is None:
-                    hold = OutageHold(
-                        self._broker,
-                        delivery,
-                        hold_s=None if until_done else self._outage_pause_s,
-                        monotonic=self._services.clock.monotonic,
-                    )
-                    log.warning(
-                        event,
-                        actor=actor,
-                        reason=exc.reason,
-                        delivery_count=delivery.delivery_count,
-                        held_until_stored=hold.hold_s is None,
-                    )
-            if not await hold.pause():
-                return None
+    ) -> tuple[_T] | None:
+        """``held_through_outages`` for this delivery (``until_done``: held until ``attempt``
+        succeeds, whatever the delivery's count), the first failure logged as ``event``."""
+
+        def hold(exc: Unavailable) -> OutageHold:
+            held = OutageHold(
+                self._broker,
+                delivery,
+                hold_s=None if until_done else self._outage_pause_s,
+                monotonic=self._services.clock.monotonic,
+            )
+            log.warning(
+                event,
+                actor=actor,
+                reason=exc.reason,
+                delivery_count=delivery.delivery_count,
+                held_until_stored=held.hold_s is None,
+            )
+            return held
+
+        return await held_through_outages(attempt, hold)
 
     async def _refuse(self, delivery: Delivery, actor: str, exc: GatewayError) -> Settlement:
         log.info("amqp_submit_refused", actor=actor, code=exc.code.value, reason=exc.reason)
@@ -215,14 +211,13 @@ class SubmitConsumer:
             headers={REASON_HEADER: f"{exc.code.value}: {exc.reason}"},
         )
 
-        async def dead_letter() -> bool:
+        async def dead_letter() -> None:
             await self._broker.publish(
                 dead,
                 exchange=DEAD_LETTER_EXCHANGE,
                 routing_key=SUBMIT_QUEUE,
                 concern=REPLY_CONCERN,
             )
-            return True
 
         # held and published again until the broker takes it (or the consumers stop), not
         # returned: a redelivery would be refused, and audited, once more
