@@ -14,17 +14,18 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
-from amqp_env import AMQP_PARTNER, GATEWAY, write_config
+from amqp_env import AMQP_PARTNER, GATEWAY, config_without_broker, write_config
 from own_broker import OwnBroker
 from rabbit import RabbitVhost
 
-from gateway.config import load_config
+from gateway.config import AmqpConfig, load_config
 from gateway.crypto.jws import sign_detached
 from gateway.crypto.keys import KeyRing, SigningKey, load_signing_key
 from gateway.envelope import body_digest, encode_envelope, new_message_id
 from gateway.model import Header
 from gateway.receipts import Receipt, verify_receipt
 from gateway.runtime import Gateway
+from gateway.transports.amqp import AmqpBroker
 
 IN_EXCHANGE = f"c2c.partner.{AMQP_PARTNER}.in"
 OUT_QUEUE = f"c2c.partner.{AMQP_PARTNER}.out"
@@ -273,3 +274,24 @@ async def ack_receipts(channel: aio_pika.abc.AbstractChannel) -> dict[str, set[t
         assert isinstance(signature, str)
         receipts.setdefault(receipt["ref_message_id"], set()).add((message.body, signature))
     return receipts
+
+
+@asynccontextmanager
+async def broker_beside(
+    root: Path, vhost: RabbitVhost, *, delivery_limit: int
+) -> AsyncIterator[tuple[Gateway, AmqpBroker]]:
+    """A started gateway without a broker of its own, and a broker (``delivery_limit``) on
+    ``vhost`` with the topology declared, for a consumer under test to run on; when the block
+    ends the broker is closed and the gateway's store opened again (a test may close it to
+    make an outage) before the gateway stops."""
+    gateway = Gateway(config_without_broker(root))
+    await gateway.start()
+    broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
+    await broker.connect()
+    try:
+        await broker.declare_topology([AMQP_PARTNER])
+        yield gateway, broker
+    finally:
+        await broker.close()
+        await gateway.store.open()
+        await gateway.stop()

@@ -20,7 +20,7 @@ from gateway.api.auth import ALL_SCOPES
 from gateway.api.server import ApiServer
 from gateway.clock import Clock
 from gateway.config import GatewayConfig, OutboxConfig, load_config
-from gateway.crypto.jws import sign_detached
+from gateway.crypto.jws import DEFAULT_TYP, sign_detached
 from gateway.crypto.keys import load_signing_key
 from gateway.crypto.tokens import issue_token
 from gateway.devenv import prepare_dev_environment
@@ -108,24 +108,32 @@ def client_ssl(config: GatewayConfig) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(config.tls.ca))
 
 
-def partner_signature(root: Path, body: bytes, party: str = "MX-ANAM") -> str:
+def partner_signature(
+    root: Path, body: bytes, party: str = "MX-ANAM", *, typ: str = DEFAULT_TYP
+) -> str:
     """``party``'s detached JWS over ``body``, with its development key under ``root/pki``."""
     key = load_signing_key(root / "pki" / party / "sign.key", party=party, alg="EdDSA")
-    return sign_detached(body, key)
+    return sign_detached(body, key, typ=typ)
 
 
 async def post_as_partner(
-    running: Running, root: Path, body: bytes, *, party: str = "MX-ANAM"
+    running: Running,
+    root: Path,
+    body: bytes,
+    *,
+    party: str = "MX-ANAM",
+    content_type: str = "application/json",
+    typ: str = DEFAULT_TYP,
 ) -> tuple[int, bytes, dict[str, str]]:
     """``body`` POSTed to ``running``'s partner endpoint as ``party`` over mutual TLS (its
-    development certificate under ``root/pki``), signed with its key: the answer's status,
-    body and headers."""
+    development certificate under ``root/pki``), signed with its key (``typ``, the JWS
+    header's, for a native format): the answer's status, body and headers."""
     context = client_ssl(running.config)
     pki = root / "pki" / party
     context.load_cert_chain(str(pki / "tls.pem"), str(pki / "tls.key"))
     headers = {
-        "Content-Type": "application/json",
-        "C2C-Signature": partner_signature(root, body, party),
+        "Content-Type": content_type,
+        "C2C-Signature": partner_signature(root, body, party, typ=typ),
     }
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,

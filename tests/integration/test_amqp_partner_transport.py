@@ -21,7 +21,15 @@ from typing import Any
 import aio_pika
 import pytest
 from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, config_without_broker
-from amqp_peer import IN_EXCHANGE, OUT_QUEUE, AmqpEnv, amqp_gateway, preload, queue_depth
+from amqp_peer import (
+    IN_EXCHANGE,
+    OUT_QUEUE,
+    AmqpEnv,
+    amqp_gateway,
+    broker_beside,
+    preload,
+    queue_depth,
+)
 from rabbit import HOST, PORT, RabbitVhost, rabbitmqctl
 from serve_proc import signed_messages
 
@@ -349,12 +357,7 @@ async def _inbox_in_an_outage(
     """A partner inbox of its own (``outage_hold_s``, ``delivery_limit``) consuming while the
     gateway's store is closed, with ``count`` signed messages waiting in ``.in``; the store is
     open again when the block ends."""
-    gateway = Gateway(config_without_broker(root))
-    await gateway.start()
-    broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
-    await broker.connect()
-    try:
-        await broker.declare_topology([AMQP_PARTNER])
+    async with broker_beside(root, vhost, delivery_limit=delivery_limit) as (gateway, broker):
         inbox = PartnerInbox(
             broker=broker,
             pipeline=gateway.pipeline,
@@ -372,10 +375,6 @@ async def _inbox_in_an_outage(
         await inbox.start()
         await preload(vhost, messages, message_type="shipment.advance_data")
         yield gateway, broker, messages
-    finally:
-        await broker.close()
-        await gateway.store.open()
-        await gateway.stop()
 
 
 async def _expect_acks(vhost: RabbitVhost, message_ids: list[str]) -> None:

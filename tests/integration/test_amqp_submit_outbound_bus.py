@@ -17,8 +17,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
-from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER, config_without_broker
-from amqp_peer import AmqpEnv, amqp_gateway, queue_depth
+from amqp_env import AMQP_PARTNER, GATEWAY, HTTPS_PARTNER
+from amqp_peer import AmqpEnv, amqp_gateway, broker_beside, queue_depth
 from inbound_records import sample_record
 from rabbit import RabbitVhost, rabbitmqctl
 
@@ -273,12 +273,7 @@ async def _submit_in_an_outage(
     """A submit consumer of its own (``outage_pause_s``, ``delivery_limit``) consuming
     ``c2c.submit`` while the gateway's store is closed; the store is open again when the block
     ends."""
-    gateway = Gateway(config_without_broker(root))
-    await gateway.start()
-    broker = AmqpBroker(AmqpConfig(url=vhost.url(), delivery_limit=delivery_limit))
-    await broker.connect()
-    try:
-        await broker.declare_topology([AMQP_PARTNER])
+    async with broker_beside(root, vhost, delivery_limit=delivery_limit) as (gateway, broker):
         consumer = SubmitConsumer(
             broker=broker,
             services=gateway.submission_services(),
@@ -287,10 +282,6 @@ async def _submit_in_an_outage(
         await gateway.store.close()
         await consumer.start()
         yield gateway, broker
-    finally:
-        await broker.close()
-        await gateway.store.open()
-        await gateway.stop()
 
 
 async def test_a_long_store_outage_holds_submissions_without_dead_lettering_them(

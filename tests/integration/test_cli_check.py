@@ -310,28 +310,31 @@ def test_a_partner_network_wider_than_any_private_one(tree: Path, network: str) 
     assert "the gateway connects wherever the partner's URL leads" in out[0], out
 
 
+def _check_with_ca_network(tree: Path, network: str) -> tuple[int, list[str]]:
+    """The check of the production-like configuration with CA-CBSA allowing ``network``."""
+    _production(tree)
+    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
+    code, out, _ = _check(tree)
+    return code, out
+
+
 @pytest.mark.parametrize(
     "network", ["127.0.0.1/32", "127.0.0.0/8", "::1/128", "0.0.0.0/8", "0.0.0.0/32", "::/128"]
 )
 def test_a_partner_network_on_this_host_is_a_development_setting(tree: Path, network: str) -> None:
-    _production(tree)
-    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
-    code, out, _ = _check(tree)
+    code, out = _check_with_ca_network(tree, network)
     assert (code, _where(out)) == (1, [f"{CA}: https.allowed_networks[0]"]), out
     assert f"{network} admits addresses of this host (loopback, or the unspecified" in out[0]
 
 
 @pytest.mark.parametrize("network", ["169.254.0.0/16", "169.254.169.254/32", "fe80::/10"])
 def test_a_partner_network_on_link_local_addresses_is_a_finding(tree: Path, network: str) -> None:
-    _production(tree)
-    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
-    code, out, _ = _check(tree)
+    code, out = _check_with_ca_network(tree, network)
     assert (code, _where(out)) == (1, [f"{CA}: https.allowed_networks[0]"]), out
     assert f"{network} admits link-local addresses, the cloud metadata service" in out[0]
 
 
 @pytest.mark.parametrize("network", ["10.0.0.0/8", "100.64.0.0/10", "192.168.7.0/24", "fc00::/7"])
 def test_a_partner_network_a_vpn_may_have_is_not_a_finding(tree: Path, network: str) -> None:
-    _production(tree)
-    edit_once(tree / CA, "allowed_networks = []", f'allowed_networks = ["{network}"]')
-    assert _check(tree)[:2] == (0, [f"{tree / G}: nothing found unfit for production"])
+    code, out = _check_with_ca_network(tree, network)
+    assert (code, out) == (0, [f"{tree / G}: nothing found unfit for production"])

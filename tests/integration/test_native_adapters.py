@@ -9,7 +9,6 @@ import base64
 import dataclasses
 import json
 import shutil
-import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from outbound_env import (
     auth,
     client_ssl,
     free_port,
+    post_as_partner,
     row_until,
     start_gateway,
     submit_to,
@@ -119,20 +119,7 @@ def mx_message(us: Running, message_type: str = "shipment.advance_data") -> tupl
 
 async def post_as_mx(us: Running, root: Path, body: bytes) -> tuple[int, bytes, dict[str, str]]:
     """POST ``body`` to US-CBP's partner endpoint as MX-ANAM (mTLS), signed c2c+xml."""
-    key = load_signing_key(root / "pki" / MX / "sign.key", party=MX, alg="EdDSA")
-    context = ssl.create_default_context(cafile=str(root / "pki" / "ca.pem"))
-    context.load_cert_chain(str(root / "pki" / MX / "tls.pem"), str(root / "pki" / MX / "tls.key"))
-    headers = {
-        "Content-Type": "application/xml",
-        "C2C-Signature": sign_detached(body, key, typ=XML_TYP),
-    }
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session,
-        session.post(
-            us.gateway.partner_url + "/c2c/v1/messages", data=body, headers=headers
-        ) as response,
-    ):
-        return response.status, await response.read(), dict(response.headers)
+    return await post_as_partner(us, root, body, content_type="application/xml", typ=XML_TYP)
 
 
 async def malformed_entries(us: Running) -> list[dict[str, Any]]:
