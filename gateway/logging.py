@@ -56,9 +56,14 @@ _SECRET_VALUES = re.compile(
     # PEM blocks, complete or cut
     r"|-----BEGIN [A-Z ]+-----[^-]*(?:-----END [A-Z ]+-----)?"
     r"|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}"
-    # a password as a URL query parameter (libpq takes ?password= and &sslpassword=) or as a
-    # keyword/value pair, quoted or not; the name is kept. A raw "&" in it ends it (libpq too).
-    r"|(?<=(?i:password)=)(?:'(?:[^'\\]|\\.)*'?|[^\s&]+)"
+)
+#: a password as a URL query parameter (libpq takes ?password= and &sslpassword=), as a
+#: keyword/value pair (libpq allows spaces around "=") or as a JSON or YAML member, quoted or
+#: not; group 1, the name and its "=" or ":", is kept. A raw "&" ends an unquoted one (libpq
+#: too). Linear: only a "password" starts a match, and its spaces run to the next non-space.
+_PASSWORD_VALUES = re.compile(
+    r"""((?i:password)["']?[ \t]*[=:][ \t]*)"""
+    r"""(?:'(?:[^'\\]|\\.)*'?|"(?:[^"\\]|\\.)*"?|[^\s&]+)"""
 )
 _WHITESPACE = re.compile(r"\s")
 #: C0/C1 controls, DEL, and bidi/format characters that can reorder what a reader sees
@@ -97,9 +102,14 @@ def _without_userinfo(text: str) -> str:
     return "".join(parts) + text[done:]
 
 
+def _keep_password_name(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
 def scrub_text(text: str, *, limit: int = MAX_FIELD) -> str:
     """Secrets replaced, control characters escaped, cut to ``limit`` characters."""
-    clean = _UNSAFE.sub(_escape, _SECRET_VALUES.sub(REDACTED, _without_userinfo(text)))
+    clean = _SECRET_VALUES.sub(REDACTED, _without_userinfo(text))
+    clean = _UNSAFE.sub(_escape, _PASSWORD_VALUES.sub(_keep_password_name, clean))
     if len(clean) > limit:
         return f"{clean[:limit]}...(+{len(clean) - limit} chars)"
     return clean

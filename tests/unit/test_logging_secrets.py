@@ -115,6 +115,36 @@ LEAKS = [
         ["bad conninfo host=db.example password=", " sslmode=require"],
         id="keyword-value-quoted",
     ),
+    pytest.param(
+        "bad conninfo host=db.example password = Hn4Kd2 sslmode=require",
+        "Hn4Kd2",
+        ["bad conninfo host=db.example password = ", " sslmode=require"],
+        id="keyword-value-spaced",
+    ),
+    pytest.param(
+        "bad conninfo host=db.example password\t=\t'Hn4 Kd2' sslmode=require",
+        "Hn4 Kd2",
+        ["bad conninfo host=db.example password", " sslmode=require"],
+        id="keyword-value-tabs-quoted",
+    ),
+    pytest.param(
+        'refused {"user": "c2c", "password": "Hn4 \\"Kd2", "host": "db"}',
+        'Hn4 \\"Kd2',
+        ['refused {"user": "c2c", "password": ', ', "host": "db"}'],
+        id="json-member",
+    ),
+    pytest.param(
+        "store:\n  password: Hn4Kd2\n  host: db",
+        "Hn4Kd2",
+        ["store:", "password: ", "host: db"],
+        id="yaml-member",
+    ),
+    pytest.param(
+        "store.password='Hn4Kd2' is not allowed",
+        "Hn4Kd2",
+        ["store.password=", " is not allowed"],
+        id="toml-quoted",
+    ),
 ]
 
 
@@ -197,6 +227,11 @@ def test_a_logged_event_loses_the_password_of_a_url_in_any_field() -> None:
         "?password=" * 10_000,
         "password='" + "\\" * 100_000,
         "password=a&" * 9_000,
+        "password" + " " * 100_000,
+        "password \t" * 10_000,
+        "password" + " " * 50_000 + "=" + " " * 50_000,
+        'password="' + "\\" * 100_000,
+        "password:" * 11_000,
         "eyJ" * 33_333,
         "eyJabcdefgh." * 8_000,
         "-----BEGIN A" * 8_000,
