@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import getpass
+import os
+import shutil
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -24,6 +28,7 @@ from tqdm import tqdm
 
 from gateway.audit import merkle
 from gateway.audit.bundle import (
+    ExportSummary,
     ExportTargetError,
     KeptCheckpoint,
     check_export_target,
@@ -322,7 +327,15 @@ def check_command(
 
 @audit.command("export")
 @_config_option
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--out",
+    "out",
+    default="-",
+    show_default=True,
+    type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+    help="The bundle file (written beside it and renamed into place), or - for stdout (the "
+    "bundle is checked in full before a byte of it is written there).",
+)
 @click.option(
     "--since",
     help=f"Entries at or after this RFC 3339 UTC time. {_ROUNDED} The bundle's filter "
@@ -358,21 +371,73 @@ def export_command(
     prove_from: tuple[int, ...],
     progress: bool | None,
 ) -> None:
-    """Write an evidence bundle that `audit verify` checks offline.
+    """Write an evidence bundle that `audit verify` checks offline (to stdout by default).
 
     Every entry's proof is checked against the fresh checkpoint before the bundle is
-    renamed into place: a log that does not check gets no bundle (exit 2)."""
+    renamed into place or written out: a log that does not check gets no bundle (exit 2)."""
     since_at, until_at = _parse_time(since, "--since"), _parse_time(until, "--until")
     show = sys.stderr.isatty() if progress is None else progress
+    export = functools.partial(
+        _export,
+        config_path,
+        since=since,
+        until=until,
+        since_at=since_at,
+        until_at=until_at,
+        correlation_id=correlation_id,
+        prove_from=prove_from,
+        show=show,
+    )
+    if out == Path("-"):
+        # into a private directory first: the bundle is whole and checked before stdout
+        # gets any of it, and the summary goes to stderr, out of the bundle's way
+        with tempfile.TemporaryDirectory(prefix="c2c-export-") as tmp:
+            summary = export(Path(tmp) / "bundle.jsonl")
+            try:
+                with summary.path.open("rb") as fh:
+                    shutil.copyfileobj(fh, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+            except BrokenPipeError:
+                # the reader went away (| head): nothing more to say to it, nor at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                _fail("stdout closed before the whole bundle was written", code=1)
+            except OSError as exc:
+                _fail(f"stdout: cannot write bundle: {exc.strerror or exc}")
+        click.echo(_exported("the bundle to stdout", summary), err=True)
+        return
     # refused before the export is recorded; export_bundle checks again before its rename
     try:
         check_export_target(out)
     except ExportTargetError as exc:
-        _fail(f"--out: {exc}")
+        _fail(f"--out: {exc} (--out - writes it to stdout)")
     except OSError as exc:
         _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
+    summary = export(out)
+    click.echo(_exported(str(summary.path), summary))
 
-    async def run() -> str:
+
+def _exported(where: str, summary: ExportSummary) -> str:
+    return (
+        f"wrote {where}: {summary.entries} entries, {summary.messages} messages, "
+        f"{summary.cosignatures} cosignatures, checkpoint size {summary.size}"
+    )
+
+
+def _export(
+    config_path: Path,
+    out: Path,
+    *,
+    since: str | None,
+    until: str | None,
+    since_at: datetime | None,
+    until_at: datetime | None,
+    correlation_id: str | None,
+    prove_from: tuple[int, ...],
+    show: bool,
+) -> ExportSummary:
+    """Record the export as an operator action, then write the bundle to ``out``."""
+
+    async def run() -> ExportSummary:
         async with _open(config_path) as opened:
             clock = SystemClock()
             scope = correlation_id or "all"
@@ -390,7 +455,7 @@ def export_command(
                 ]
             )
             with _progress_bar(None, show, "exporting") as bar:
-                summary = await export_bundle(
+                return await export_bundle(
                     opened.store,
                     opened.audit,
                     opened.signer,
@@ -401,13 +466,9 @@ def export_command(
                     prove_from=prove_from,
                     progress=bar.update,
                 )
-        return (
-            f"wrote {summary.path}: {summary.entries} entries, {summary.messages} messages, "
-            f"{summary.cosignatures} cosignatures, checkpoint size {summary.size}"
-        )
 
     try:
-        click.echo(_run(run()))
+        return _run(run())
     except ExportTargetError as exc:
         _fail(f"--out: {exc}")
     except OSError as exc:
@@ -470,7 +531,7 @@ def _is_regular_file(path: Path) -> bool:
 
 
 @audit.command("verify")
-@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("bundle", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True))
 @click.option(
     "--key",
     "key_path",
@@ -505,8 +566,11 @@ def verify_command(
     kept_paths: tuple[Path, ...],
     progress: bool | None,
 ) -> None:
-    """Verify a bundle offline: checkpoint, every inclusion proof, order, completeness and
-    filter, wire bytes, cosignatures, kept checkpoints, end seal."""
+    """Verify a bundle offline (- reads it from stdin): checkpoint, every inclusion proof,
+    order, completeness and filter, wire bytes, cosignatures, kept checkpoints, end seal."""
+    shown = "stdin" if bundle == Path("-") else str(bundle)
+    if bundle == Path("-"):
+        bundle = Path("/dev/stdin")
     show = sys.stderr.isatty() if progress is None else progress
     key_for = _key_loader(key_path)
     witnesses = {p: _key_loader(path, cosignature=True) for p, path in witness_keys.items()}
@@ -518,18 +582,18 @@ def verify_command(
             with bundle.open("rb") as fh:
                 total = sum(1 for _ in fh)
         except OSError as exc:
-            _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
+            _fail(f"{shown}: cannot read bundle: {exc.strerror or exc}")
     try:
         with _progress_bar(total, show, "verifying") as bar:
             report = verify_bundle(
                 bundle, key_for, witness_keys=witnesses, kept=kept, progress=bar.update
             )
     except OSError as exc:
-        _fail(f"{bundle}: cannot read bundle: {exc.strerror or exc}")
+        _fail(f"{shown}: cannot read bundle: {exc.strerror or exc}")
     for failure in report.failures:
-        click.echo(f"FAIL {bundle}: {failure}", err=True)
+        click.echo(f"FAIL {shown}: {failure}", err=True)
     if not report.ok:
-        _fail(f"{bundle}: verification failed ({len(report.failures)} problem(s))", code=1)
+        _fail(f"{shown}: verification failed ({len(report.failures)} problem(s))", code=1)
     unchecked = report.unchecked_cosignatures
     cosigned = f"{report.cosignatures} cosignatures verified with witness keys"
     if unchecked:
@@ -542,7 +606,7 @@ def verify_command(
         plural = "s" if len(report.kept_sizes) > 1 else ""
         cosigned += f"; consistent with the kept checkpoint{plural} of size {sizes}"
     click.echo(
-        f"OK {bundle}: {report.entries} entries, {report.messages} messages proven in "
+        f"OK {shown}: {report.entries} entries, {report.messages} messages proven in "
         f"checkpoint {report.origin} size {report.size}; {cosigned} "
         f"(verified {format_rfc3339(datetime.now(UTC))})"
     )

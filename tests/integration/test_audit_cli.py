@@ -481,7 +481,8 @@ def test_export_refuses_to_replace_a_fifo(env: Path, tmp_path: Path) -> None:
         assert (code, stdout) == (2, "")
         assert stderr == (
             f"error: --out: {target} is a FIFO: "
-            "a bundle is written only to a new path or over a regular file\n"
+            "a bundle is written only to a new path or over a regular file "
+            "(--out - writes it to stdout)\n"
         )
         assert stat.S_ISFIFO(target.stat().st_mode)
         assert not target.with_name(target.name + ".partial").exists()

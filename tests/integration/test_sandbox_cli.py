@@ -215,6 +215,34 @@ def test_keys_and_schemas_with_curl(sandbox: tuple[dict[str, Any], Path], tmp_pa
     assert json.loads(raw)["examples"]
 
 
+def test_protocols_export_example_writes_a_bundle_that_verifies_from_a_pipe(
+    sandbox: tuple[dict[str, Any], Path],
+) -> None:
+    """PROTOCOL section 8's own example, `c2c-gateway audit export --config DIR/gateway.toml`,
+    as written: the bundle on stdout (the summary on stderr), read by `audit verify -`."""
+    _, directory = sandbox
+    exported = subprocess.run(
+        [C2C_GATEWAY, "audit", "export", "--config", str(directory / "gateway.toml")],
+        capture_output=True,
+        timeout=60,
+    )
+    assert exported.returncode == 0, exported.stderr.decode()
+    summary = exported.stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith("wrote the bundle to stdout: "), summary
+    lines = exported.stdout.splitlines()
+    assert json.loads(lines[0])["type"] == "header"
+    verified = subprocess.run(
+        [C2C_GATEWAY, "audit", "verify", "-", "--key", str(directory / "US-CBP" / "audit.pub")],
+        input=exported.stdout,
+        capture_output=True,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stderr.decode()
+    assert verified.stdout.decode().startswith("OK stdin: ")
+    entries = int(summary.split(": ", 1)[1].split(" entries")[0])
+    assert f"OK stdin: {entries} entries, " in verified.stdout.decode()
+
+
 def test_serve_bad_config_exits_2_with_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('party = "not a party"\n')
