@@ -83,30 +83,44 @@ _LONG_EXPONENT = re.compile(rb"0*[1-9][0-9]{2,}(?![0-9A-Za-z-])")
 _MAX_INT_DIGITS = 309
 
 
+def _refused(reason: str, detail: str | None = None) -> Malformed:
+    """MALFORMED telling the sender what is wrong: ``detail`` names the member and the rule
+    and never a value of theirs (``reason``, for the audit log, may quote one); ``reason``
+    itself where it quotes none. "Not a well-formed envelope" alone left a partner guessing
+    which of a dozen rules its message broke."""
+    return Malformed(reason, detail=reason if detail is None else detail)
+
+
 def _reject_constant(name: str) -> Any:
-    raise Malformed(f"JSON literal {name} is not allowed")
+    raise _refused(f"JSON literal {name} is not allowed")
 
 
 def _parse_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise Malformed(f"number {text[:40]} is outside IEEE-754 double range")
+        raise _refused(
+            f"number {text[:40]} is outside IEEE-754 double range",
+            "a number is outside IEEE-754 double range",
+        )
     if value == 0.0 and _NONZERO_DIGIT_RE.search(text.partition("e")[0].partition("E")[0]):
         # below the smallest subnormal: the reader would see 0 where the signed bytes do not
-        raise Malformed(f"number {text[:40]} is outside IEEE-754 double range (underflow)")
+        raise _refused(
+            f"number {text[:40]} is outside IEEE-754 double range (underflow)",
+            "a number is outside IEEE-754 double range (underflow: it would read as 0)",
+        )
     return value
 
 
 def _parse_int(text: str) -> int:
     digits = len(text) - (1 if text.startswith("-") else 0)
     if digits > _MAX_INT_DIGITS:
-        raise Malformed(f"integer with {digits} digits is outside IEEE-754 double range")
+        raise _refused(f"integer with {digits} digits is outside IEEE-754 double range")
     value = int(text)
     if digits == _MAX_INT_DIGITS:
         try:
             float(value)
         except OverflowError as exc:  # int to float never gives inf, it raises instead
-            raise Malformed("integer is outside IEEE-754 double range") from exc
+            raise _refused("integer is outside IEEE-754 double range") from exc
     return value
 
 
@@ -116,7 +130,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise Malformed(f"duplicate member name {key[:64]!r}")
+                raise _refused(
+                    f"duplicate member name {key[:64]!r}", "an object has a duplicate member name"
+                )
             seen.add(key)
     return result
 
@@ -136,14 +152,14 @@ def _check_depth_and_text(document: Any, *, check_surrogates: bool) -> None:
         node, depth = stack.pop()
         if isinstance(node, dict):
             if depth > MAX_DEPTH:
-                raise Malformed(f"nesting deeper than {MAX_DEPTH}")
+                raise _refused(f"nesting deeper than {MAX_DEPTH}")
             for key, value in node.items():
                 if check_surrogates:
                     _check_text(key)
                 stack.append((value, depth + 1))
         elif isinstance(node, list):
             if depth > MAX_DEPTH:
-                raise Malformed(f"nesting deeper than {MAX_DEPTH}")
+                raise _refused(f"nesting deeper than {MAX_DEPTH}")
             stack.extend((value, depth + 1) for value in node)
         elif check_surrogates and isinstance(node, str):
             _check_text(node)
@@ -153,7 +169,7 @@ def _check_text(text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise Malformed("string contains a lone UTF-16 surrogate escape") from exc
+        raise _refused("string contains a lone UTF-16 surrogate escape") from exc
 
 
 def parse_json_strict(body: bytes, *, max_bytes: int) -> Any:
@@ -161,11 +177,11 @@ def parse_json_strict(body: bytes, *, max_bytes: int) -> Any:
     if len(body) > max_bytes:
         raise TooLarge(f"body of {len(body)} bytes exceeds the limit of {max_bytes} bytes")
     if body.startswith(_BOM):
-        raise Malformed("body starts with a UTF-8 byte-order mark")
+        raise _refused("body starts with a UTF-8 byte-order mark")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise Malformed(f"body is not valid UTF-8 (byte {exc.start})") from exc
+        raise _refused(f"body is not valid UTF-8 (byte {exc.start})") from exc
     try:
         document = orjson.loads(body)
         indented = orjson.dumps(document, option=orjson.OPT_INDENT_2)
@@ -230,9 +246,9 @@ def _parse_json_text_strict(text: str, body: bytes) -> Any:
     except Malformed:
         raise
     except RecursionError as exc:
-        raise Malformed(f"nesting deeper than {MAX_DEPTH}") from exc
+        raise _refused(f"nesting deeper than {MAX_DEPTH}") from exc
     except ValueError as exc:  # json.JSONDecodeError and int() digit-limit errors
-        raise Malformed(f"invalid JSON: {str(exc)[:120]}") from exc
+        raise _refused(f"invalid JSON: {str(exc)[:120]}") from exc
     _check_depth_and_text(document, check_surrogates=_SURROGATE_ESCAPE_RE.search(body) is not None)
     return document
 
@@ -344,7 +360,7 @@ def parse_timestamp(value: object, field: str, *, utc: bool = True) -> datetime:
         return parse_rfc3339(value, utc=utc)
     except TimestampError as exc:
         shown = f": {value[:40]!r}" if isinstance(value, str) else ""
-        raise Malformed(f"header.{field} {exc}{shown}") from exc
+        raise _refused(f"header.{field} {exc}{shown}", f"header.{field} {exc}") from exc
 
 
 def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> str | None:
@@ -353,14 +369,14 @@ def _uuid(header: Mapping[str, Any], field: str, pattern: re.Pattern[str]) -> st
         return None
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
         kind = "a UUID v4 or v7" if pattern is _MESSAGE_ID_RE else "a UUID"
-        raise Malformed(f"header.{field} must be {kind} (8-4-4-4-12 hex digits)")
+        raise _refused(f"header.{field} must be {kind} (8-4-4-4-12 hex digits)")
     return value.lower()
 
 
 def _party(header: Mapping[str, Any], field: str) -> str:
     value = header[field]
     if not is_party_id(value):
-        raise Malformed(f"header.{field} is not a party id (CC-AGENCY)")
+        raise _refused(f"header.{field} is not a party id (CC-AGENCY)")
     return str(value)
 
 
@@ -372,21 +388,24 @@ def parse_header(
 ) -> Header:
     """See :func:`parse_envelope`."""
     if not isinstance(raw, dict):
-        raise Malformed("header must be a JSON object")
+        raise _refused("header must be a JSON object")
     if not raw.keys() <= _HEADER_FIELDS:
         unknown = sorted(set(raw) - _HEADER_FIELDS)
-        raise Malformed(f"header has unknown member {unknown[0][:64]!r}")
+        raise _refused(
+            f"header has unknown member {unknown[0][:64]!r}",
+            "header has a member PROTOCOL section 2 does not define",
+        )
     for field in _HEADER_REQUIRED:
         if raw.get(field) is None and (expires_at_required or field != "expires_at"):
-            raise Malformed(f"header.{field} is required")
+            raise _refused(f"header.{field} is required")
     message_id = _uuid(raw, "message_id", _MESSAGE_ID_RE)
     assert message_id is not None
     message_type = raw["message_type"]
     schema_version = raw["schema_version"]
     if not isinstance(message_type, str):
-        raise Malformed("header.message_type must be a string")
+        raise _refused("header.message_type must be a string")
     if not isinstance(schema_version, str):
-        raise Malformed("header.schema_version must be a string")
+        raise _refused("header.schema_version must be a string")
     # PROTOCOL section 2: any other pair, whatever its spelling, is an unknown one
     if (
         _TYPE_RE.fullmatch(message_type) is None
@@ -401,12 +420,12 @@ def parse_header(
         priority_raw = Priority.ROUTINE.value
     priority = _PRIORITIES.get(priority_raw) if isinstance(priority_raw, str) else None
     if priority is None:
-        raise Malformed("header.priority must be 'routine' or 'urgent'")
+        raise _refused("header.priority must be 'routine' or 'urgent'")
     legal_basis = raw.get("legal_basis")
     if legal_basis is not None and (
         not isinstance(legal_basis, str) or not 0 < len(legal_basis) <= MAX_LEGAL_BASIS
     ):
-        raise Malformed(f"header.legal_basis must be a string of 1-{MAX_LEGAL_BASIS} characters")
+        raise _refused(f"header.legal_basis must be a string of 1-{MAX_LEGAL_BASIS} characters")
     expires_raw = raw.get("expires_at")
     respond_raw = raw.get("respond_by")
     return Header(
@@ -442,13 +461,16 @@ def parse_envelope(
     """
     document = parse_json_strict(body, max_bytes=max_bytes)
     if not isinstance(document, dict):
-        raise Malformed("envelope must be a JSON object")
+        raise _refused("envelope must be a JSON object")
     if len(document) != 2 or "header" not in document or "payload" not in document:
         extra = sorted(set(document) - {"header", "payload"})
         if extra:
-            raise Malformed(f"envelope has unknown member {extra[0][:64]!r}")
+            raise _refused(
+                f"envelope has unknown member {extra[0][:64]!r}",
+                "envelope has a member other than header and payload",
+            )
         missing = sorted({"header", "payload"} - set(document))
-        raise Malformed(f"envelope lacks member {missing[0]!r}")
+        raise _refused(f"envelope lacks member {missing[0]!r}")
     header = parse_header(
         document["header"],
         is_known_type=is_known_type,
@@ -456,7 +478,7 @@ def parse_envelope(
     )
     payload = document["payload"]
     if not isinstance(payload, dict):
-        raise Malformed("payload must be a JSON object")
+        raise _refused("payload must be a JSON object")
     return Envelope(header=header, payload=payload)
 
 
