@@ -75,6 +75,13 @@ def _problem(status: int, title: str, detail: str, code: str | None = None) -> w
     return web.Response(status=status, body=orjson.dumps(document), content_type=PROBLEM_JSON)
 
 
+_ROUTER_DETAIL = {
+    404: "no such resource: messages are posted to /c2c/v1/messages; /c2c/v1/schemas and "
+    "/c2c/v1/keys are read with GET",
+    405: "method not allowed on this resource (see the Allow header)",
+}
+
+
 def _json(document: Any) -> web.Response:
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
@@ -646,15 +653,22 @@ class PartnerHttpsServer:
             )
             return result_response(result)
         request[_PARTNER] = partner
-        return await handler(request)
+        try:
+            return await handler(request)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+            # the router's own answers, as RFC 9457 problems like every other refusal here
+            # (aiohttp's are text/plain); a 405 keeps its Allow header
+            answer = _problem(exc.status, exc.reason, _ROUTER_DETAIL[exc.status])
+            if "Allow" in exc.headers:
+                answer.headers["Allow"] = exc.headers["Allow"]
+            return answer
 
     @web.middleware
     async def _close_retired(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """A connection retired while its request was under way, or any connection once the
         server is stopping, closes once that request is answered, whatever the answer; the
-        requests under way are counted for ``stop``. (The handlers raise no
-        ``HTTPException``: the router's 404 and 405 come before any await, when no retirement
-        can come between; aiohttp closes the connection after an error of its own.)"""
+        requests under way are counted for ``stop``. (No ``HTTPException`` reaches here: the
+        handlers raise none, and ``_require_partner`` answers the router's 404 and 405.)"""
         self._in_flight += 1
         self._idle.clear()
         try:

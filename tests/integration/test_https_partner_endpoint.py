@@ -516,3 +516,24 @@ async def test_schema_and_key_endpoints(env: Env) -> None:
     jwks = (await _get(env, "/c2c/v1/keys")).json()
     assert [key["kid"] for key in jwks["keys"]] == [k.kid for k in env.gateway.signing_keys]
     assert all("d" not in key for key in jwks["keys"])
+
+
+async def test_an_unknown_path_or_method_is_a_problem_document(env: Env) -> None:
+    """The router's 404 and 405 are RFC 9457 problems like every other refusal of the
+    partner endpoint (PROTOCOL section 5), not aiohttp's text/plain."""
+    connector = aiohttp.TCPConnector(ssl=env.client_ssl(MX))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for method, path, status in [
+            ("GET", "/c2c/v1/message", 404),
+            ("POST", "/c2c/v2/messages", 404),
+            ("GET", "/c2c/v1/messages", 405),
+            ("DELETE", "/c2c/v1/keys", 405),
+        ]:
+            async with session.request(method, env.gateway.partner_url + path) as response:
+                assert response.status == status, (method, path)
+                assert response.headers["Content-Type"] == "application/problem+json"
+                problem = await response.json(content_type="application/problem+json")
+                assert problem["status"] == status
+                assert problem["detail"]
+                if status == 405:
+                    assert response.headers["Allow"] in {"POST", "GET"}
