@@ -572,11 +572,23 @@ class AmqpBroker:
         return channel
 
     async def consume(
-        self, queue: str, handler: DeliveryHandler, *, concern: str, prefetch: int | None = None
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        concern: str,
+        exchange: str | None,
+        prefetch: int | None = None,
     ) -> None:
-        """Consume ``queue`` (declared with the standard arguments) until the broker closes.
+        """Consume ``queue`` (declared with the standard arguments, bound to the fanout
+        ``exchange`` its publishers write to; None: published to by name) until the broker
+        closes.
 
-        The consumer is restored with the channel after a reconnect.
+        The consumer is restored with the channel after a reconnect, and after the broker
+        cancels it: the queue deleted (by an operator, a policy), aio-pika declares it again
+        and consumes it, and the binding made here is restored with it. Made on the topology
+        channel only, the binding was not: the queue came back, consumed and reported ready,
+        with nothing routed to it, and every message published meanwhile was dropped.
         """
         try:
             channel = await self.channel(
@@ -587,6 +599,8 @@ class AmqpBroker:
                 durable=True,
                 arguments=quorum_queue_arguments(queue, delivery_limit=self._config.delivery_limit),
             )
+            if exchange is not None:
+                await declared.bind(exchange)
 
             async def on_message(message: AbstractIncomingMessage) -> None:
                 await self._handle(queue, message, handler)

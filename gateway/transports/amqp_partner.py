@@ -132,8 +132,10 @@ class PartnerInbox:
             async def handler(delivery: Delivery, partner: PartnerConfig = partner) -> Settlement:
                 return await self.on_delivery(partner, delivery)
 
+            inbox = partner_in_queue(partner.id)
+            # the partner writes to the fanout exchange of the queue's name (declare_topology)
             await self._broker.consume(
-                partner_in_queue(partner.id), handler, concern=f"partner-in:{partner.id}"
+                inbox, handler, concern=f"partner-in:{partner.id}", exchange=inbox
             )
 
     async def on_delivery(self, partner: PartnerConfig, delivery: Delivery) -> Settlement:

@@ -52,6 +52,7 @@ from gateway.outbound.submission import (
 from gateway.transports.amqp import (
     DEAD_LETTER_EXCHANGE,
     REASON_HEADER,
+    SUBMIT_EXCHANGE,
     SUBMIT_QUEUE,
     AmqpBroker,
     Delivery,
@@ -90,7 +91,9 @@ class SubmitConsumer:
         self._party = services.config.party
 
     async def start(self) -> None:
-        await self._broker.consume(SUBMIT_QUEUE, self.on_delivery, concern="submit")
+        await self._broker.consume(
+            SUBMIT_QUEUE, self.on_delivery, concern="submit", exchange=SUBMIT_EXCHANGE
+        )
 
     async def on_delivery(self, delivery: Delivery) -> Settlement:
         actor = _actor(delivery)

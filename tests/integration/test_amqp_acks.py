@@ -65,7 +65,7 @@ async def _consuming(vhost: RabbitVhost, handler: DeliveryHandler, *, prefetch: 
     broker = AmqpBroker(AmqpConfig(url=vhost.url(), prefetch=prefetch, delivery_limit=5))
     await broker.connect()
     await broker.declare_topology([])
-    await broker.consume(QUEUE, handler, concern=CONCERN)
+    await broker.consume(QUEUE, handler, concern=CONCERN, exchange=None)
     return broker
 
 
