@@ -66,8 +66,16 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def stop_signal() -> None:
+    def stop_signal(signum: signal.Signals) -> None:
         if not stop.is_set():
+            # said at once: a graceful stop can take tens of seconds (a partner that took a
+            # message and has not answered is waited for up to outbound send_timeout_s)
+            structlog.get_logger("gateway.serve").info(
+                "gateway_stopping",
+                signal=signum.name,
+                detail="answering the requests in flight and finishing outbound sends and "
+                "deliveries in hand; a second signal stops at once",
+            )
             stop.set()
             return
         # asked again while stopping gracefully (a request in flight waited for, a host going
@@ -78,7 +86,7 @@ async def run_until_signalled(gateway: Gateway, on_ready: Callable[[], None]) ->
         os._exit(1)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_signal)
+        loop.add_signal_handler(signum, stop_signal, signum)
     reloads: set[asyncio.Task[object]] = set()
 
     def reload() -> None:

@@ -75,5 +75,10 @@ async def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
             await request
     await server.wait()
     lines = [orjson.loads(line) for line in server.stderr_log.splitlines() if line[:1] == b"{"]
+    # the first signal is said at once, with what the stop waits for
+    (stopping,) = [line for line in lines if line["event"] == "gateway_stopping"]
+    assert (stopping["level"], stopping["signal"]) == ("info", "SIGTERM")
+    assert "a second signal stops at once" in stopping["detail"]
     (forced,) = [line for line in lines if line["event"] == "stop_forced"]
     assert forced["level"] == "warning"
+    assert lines.index(stopping) < lines.index(forced)
