@@ -25,6 +25,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from gateway import partner_keys
 from gateway.errors import NackCode
 from gateway.store.base import PartnerBacklog
 from gateway.transports import tls_accept, tls_identity
@@ -148,6 +149,14 @@ class Metrics:
             "c2c_tls_reloads_total",
             "Reloads of our own TLS certificate and key, by outcome (tls_reloaded, "
             "tls_reload_refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.partner_key_reloads = Counter(
+            "c2c_partner_key_reloads_total",
+            "Reloads of partners' signing keys (SIGHUP) that changed them or were refused, by "
+            "outcome (partner_keys_reloaded, partner_keys_reload_refused: the keys in force "
+            "stay, a revoked key among them).",
             ["outcome"],
             registry=self.registry,
         )
@@ -307,6 +316,7 @@ class Metrics:
         _zero(self.api_auth_refused, reason=API_AUTH_REASONS)
         _zero(self.outbound_tls_refused, reason=tls_accept.REASONS)
         _zero(self.tls_reloads, outcome=(tls_identity.RELOADED, tls_identity.REFUSED))
+        _zero(self.partner_key_reloads, outcome=(partner_keys.RELOADED, partner_keys.REFUSED))
         _zero(self.dispatcher_failures, reason=DISPATCHER_FAILURES)
         _zero(self.audit_history_inconsistent, partner=partners, whose=HISTORY_WHOSE)
         _zero(self.amqp_dead_lettered, partner=partners)

@@ -288,6 +288,7 @@ class Gateway:
             keys = partner_keys.served_keys(self.config, load_partner_keys(fresh))
         except ConfigError as exc:
             log.error("partner_keys_reload_refused", reason=str(exc), actor=actor)
+            self.metrics.partner_key_reloads.labels(outcome=partner_keys.REFUSED).inc()
             await self._audit_key_change(partner_keys.REFUSED, actor, str(exc))
             return False
         waiting = partner_keys.other_changes(self.config, fresh)
@@ -307,6 +308,7 @@ class Gateway:
             return True
         self.keyring.replace(keys)
         log.info("partner_keys_reloaded", changes=changes, actor=actor)
+        self.metrics.partner_key_reloads.labels(outcome=partner_keys.RELOADED).inc()
         await self._audit_key_change(partner_keys.RELOADED, actor, "; ".join(changes))
         return True
 

@@ -5,6 +5,7 @@ that does not load changes nothing; every change is audited."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +41,16 @@ async def status_of(env: Env, key: SigningKey | None = None) -> tuple[int, str]:
 async def key_changes(env: Env) -> list[dict[str, str]]:
     rows = await env.gateway.store.audit_entries(AuditFilter(event="key_change"))
     return [json.loads(row.entry) for row in rows]
+
+
+def reloads(env: Env) -> dict[str, int]:
+    """``c2c_partner_key_reloads_total`` by outcome, as /metrics shows it."""
+    found = re.findall(
+        rb'^c2c_partner_key_reloads_total\{outcome="([a-z_]+)"\} ([0-9.]+)$',
+        env.gateway.metrics.render(),
+        re.MULTILINE,
+    )
+    return {outcome.decode(): int(float(value)) for outcome, value in found}
 
 
 def kid_of(env: Env) -> str:
@@ -116,6 +127,7 @@ async def test_a_partner_key_rotated_without_a_restart(tmp_path: Path) -> None:
             old_key.kid: f"{MX}: key {old_key.kid} removed",
         }
         assert entry["reason"] == "; ".join(lines[kid] for kid in sorted(lines))
+        assert reloads(env) == {"partner_keys_reload_refused": 0, "partner_keys_reloaded": 1}
 
 
 async def test_a_configuration_that_does_not_load_changes_nothing(tmp_path: Path) -> None:
@@ -126,10 +138,14 @@ async def test_a_configuration_that_does_not_load_changes_nothing(tmp_path: Path
         [entry] = await key_changes(env)
         assert entry["outcome"] == "partner_keys_reload_refused"
         assert entry["reason"].startswith(f"{partner_toml(env)}: keys[0].not_after: ")
+        # counted, for the alert: an operator revoking a key whose edit does not load keeps
+        # the key in force, and a SIGHUP answers nothing
+        assert reloads(env) == {"partner_keys_reload_refused": 1, "partner_keys_reloaded": 0}
         # nothing to take in: no entry
         edit(env, 'not_after = "tomorrow"\n', "")
         assert await env.gateway.reload_partner_keys(actor="signal:SIGHUP")
         assert len(await key_changes(env)) == 1
+        assert reloads(env) == {"partner_keys_reload_refused": 1, "partner_keys_reloaded": 0}
 
 
 async def test_gateway_toml_changes_are_named_and_wait_for_a_restart(tmp_path: Path) -> None:

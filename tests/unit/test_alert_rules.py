@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway import partner_keys
 from gateway.errors import NackCode
 from gateway.metrics import OUTBOUND_RESULTS, Metrics
 from gateway.store.base import OutboundState
@@ -40,7 +41,9 @@ TARGET_LABELS = frozenset({"instance", "job"})
 VALUES = {
     "state": frozenset(state.value for state in OutboundState),
     "reason": frozenset(REASONS),
-    "outcome": frozenset({tls_identity.RELOADED, tls_identity.REFUSED}),
+    "outcome": frozenset(
+        {tls_identity.RELOADED, tls_identity.REFUSED, partner_keys.RELOADED, partner_keys.REFUSED}
+    ),
     "whose": frozenset({"ours", "partner"}),
     "code": frozenset(code.value for code in NackCode),
     "result": frozenset(OUTBOUND_RESULTS),
@@ -115,6 +118,7 @@ def test_the_one_event_rules_are_found() -> None:
     assert {rule["alert"] for rule in one_event_rules()} >= {
         "C2CClockStepped",
         "C2CTlsCertificateReloadRefused",
+        "C2CPartnerKeysReloadRefused",
         "C2CPartnerRevocationUnknown",
     }
 
