@@ -279,6 +279,8 @@ class Gateway:
         """What SIGHUP takes in again: partners' signing keys, and our TLS certificate and key."""
         await self.reload_partner_keys(actor=actor)
         await self.tls_identity.reload(actor=actor)
+        # a renewed key file is a new file, made with whatever umask the renewal ran under
+        warn_open_key_files(self.config)
 
     async def reload_partner_keys(self, *, actor: str) -> bool:
         """Swap in the partners' keys as configured now (gateway/partner_keys.py); False if

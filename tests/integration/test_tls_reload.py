@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from outbound_env import Running, client_ssl, gateway_config, start_gateway
 from serve_proc import ServeProcess, edit_toml
+from structlog.testing import capture_logs
 from test_api_audit import submit
 
 from gateway.audit.events import EventKind
@@ -125,6 +126,25 @@ async def test_a_renewed_certificate_is_presented_after_reload(us: Running) -> N
         if line.startswith("c2c_tls_certificate_expiry_timestamp_seconds ")
     ]
     assert expiry == not_after.timestamp()
+
+
+async def test_a_key_file_open_to_others_is_named_at_a_sighup(us: Running) -> None:
+    """As at start: a renewal that wrote the new key with a loose umask is said at once."""
+    config = us.config
+    renew(config)
+    config.tls.key.chmod(0o644)
+    with capture_logs() as logs:
+        await us.gateway.reload(actor="signal:SIGHUP")
+    [warning] = [entry for entry in logs if entry["event"] == "key_file_open_to_others"]
+    assert (warning["key"], warning["file"], warning["mode"]) == (
+        "tls.key",
+        str(config.tls.key),
+        "0644",
+    )
+    config.tls.key.chmod(0o600)
+    with capture_logs() as logs:
+        await us.gateway.reload(actor="signal:SIGHUP")
+    assert [entry for entry in logs if entry["event"] == "key_file_open_to_others"] == []
 
 
 def expired_certificate(config: GatewayConfig) -> bytes:
