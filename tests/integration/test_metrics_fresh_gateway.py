@@ -18,6 +18,7 @@ from outbound_env import free_port, gateway_config
 from prometheus_client.parser import text_string_to_metric_families
 from serve_proc import ServeProcess
 
+from gateway import partner_keys
 from gateway.errors import NackCode
 from gateway.transports import tls_accept, tls_identity
 
@@ -35,11 +36,16 @@ def known_values(name: str, partners: list[str]) -> dict[str, list[str]]:
     """What each label of counter ``name`` can be, as the code that counts writes it, known
     before anything happened."""
     dispatcher = name == "c2c_dispatcher_failures_total"
+    key_reloads = name == "c2c_partner_key_reloads_total"
     return {
         "partner": partners,
         # handshake and outbound refusals share tls_accept.REASONS; the dispatcher has its own
         "reason": ["store_unavailable", "internal_error"] if dispatcher else [*tls_accept.REASONS],
-        "outcome": [tls_identity.RELOADED, tls_identity.REFUSED],
+        "outcome": (
+            [partner_keys.RELOADED, partner_keys.REFUSED]
+            if key_reloads
+            else [tls_identity.RELOADED, tls_identity.REFUSED]
+        ),
         "direction": ["forward", "back"],
         "whose": ["ours", "partner"],
         "code": [code.value for code in NackCode],
