@@ -87,6 +87,9 @@ MAX_IN_FLIGHT = 32
 #: holds its requests (up to ``send_timeout_s`` each) with a backlog behind them cannot take
 #: every slot.
 MAX_IN_FLIGHT_PER_PARTNER = MAX_IN_FLIGHT // 2
+#: While the store is down, ``dispatcher_store_unavailable`` is logged at most this often: a
+#: round fails every ``poll_interval_s``, and a line for each buried everything else.
+STORE_OUTAGE_LOG_EVERY_S = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +209,64 @@ def _not_after_expiry(record: OutboundRecord, next_at: datetime) -> datetime:
     return next_at
 
 
+@dataclass(kw_only=True)
+class _OpenBreaker:
+    """A partner whose breaker this dispatcher saw open, until it closes again."""
+
+    since: datetime
+    since_monotonic: float
+    #: the last failed attempt to the partner: what opened it, then each failed probe
+    last_error: str | None
+
+
+class _StoreOutage:
+    """The log of store outages: the first failure at once, then at most one line every
+    ``every_s`` with the failures since the line before, and a line when a round succeeds
+    again. Failures are still counted one by one by ``c2c_dispatcher_failures_total``.
+
+    The limit spans outages: a store that fails again within ``every_s`` of the last line (a
+    flapping one) is counted into the next line, and its recovery logged only if its outage
+    was, or each blip would be two lines."""
+
+    def __init__(self, monotonic: Callable[[], float], *, every_s: float) -> None:
+        self._monotonic = monotonic
+        self._every_s = every_s
+        #: when the outage began; None while the store answers
+        self._since: float | None = None
+        self._last_line: float | None = None
+        self._unlogged = 0
+        self._failures = 0
+        self._logged = False
+
+    def failed(self, reason: str, **fields: object) -> None:
+        now = self._monotonic()
+        if self._since is None:
+            self._since, self._failures, self._logged = now, 0, False
+        self._failures += 1
+        self._unlogged += 1
+        if self._last_line is not None and now - self._last_line < self._every_s:
+            return
+        log.warning(
+            "dispatcher_store_unavailable",
+            reason=reason,
+            failed_rounds=self._unlogged,
+            down_s=round(now - self._since, 1),
+            **fields,
+        )
+        self._last_line, self._unlogged, self._logged = now, 0, True
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        if self._logged:
+            log.info(
+                "dispatcher_store_recovered",
+                down_s=round(self._monotonic() - self._since, 1),
+                failed_rounds_total=self._failures,
+            )
+        self._since = None
+
+
 def sign_again(
     body: bytes,
     *,
@@ -286,6 +347,8 @@ class Dispatcher:
         self._lease_s = outbox.send_timeout_s + 10.0
         # Waiting for a breaker probe plus a full send must stay within the lease.
         self._probe_wait_s = (self._lease_s - outbox.send_timeout_s) / 2
+        self._open_breakers: dict[str, _OpenBreaker] = {}
+        self._store_outage = _StoreOutage(clock.monotonic, every_s=STORE_OUTAGE_LOG_EVERY_S)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -438,13 +501,14 @@ class Dispatcher:
                             self._worker_id, self._clock.now(), free, self._lease_s, exclude=full
                         )
                     except Unavailable as exc:
-                        self._count_failure("store_unavailable")
-                        log.warning("dispatcher_store_unavailable", reason=exc.reason)
+                        self._store_unavailable(exc)
                         records = []
                     except Exception:
                         self._count_failure("internal_error")
                         log.exception("dispatcher_round_failed")
                         records = []
+                    else:
+                        self._store_outage.succeeded()
                     over: list[str] = []
                     for record in records:
                         if per_partner[record.recipient] >= self._per_partner:
@@ -476,27 +540,71 @@ class Dispatcher:
         try:
             await self._store.release_outbound(self._worker_id, message_ids)
         except Unavailable as exc:
-            self._count_failure("store_unavailable")
-            log.warning("dispatcher_store_unavailable", reason=exc.reason)
+            self._store_unavailable(exc)
 
     async def _attempt_in_flight(self, record: OutboundRecord) -> None:
         """One claimed row's attempt as a task of ``run``; no failure escapes it."""
         try:
             await self._process(record)
         except Unavailable as exc:
-            self._count_failure("store_unavailable")
-            log.warning(
-                "dispatcher_store_unavailable", message_id=record.message_id, reason=exc.reason
-            )
+            self._store_unavailable(exc, message_id=record.message_id)
         except Exception:
             # A bug, not an outage: the row keeps its lease and comes back when it ends; say
             # so with the traceback and keep sending, rather than stop unseen.
             self._count_failure("internal_error")
             log.exception("dispatcher_round_failed", message_id=record.message_id)
 
+    def _store_unavailable(self, exc: Unavailable, **fields: object) -> None:
+        self._count_failure("store_unavailable")
+        self._store_outage.failed(exc.reason, **fields)
+
     def _count_failure(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.dispatcher_failures.labels(reason).inc()
+
+    def _judge_partner(
+        self, partner: str, breaker: CircuitBreaker, verdict: Verdict | None
+    ) -> None:
+        """Tell ``partner``'s breaker how an acquired attempt ended (None: handed over, which
+        says nothing of its health) and show it: the gauge on each verdict, the log only when
+        it opens or closes, so a partner down for hours is one warning, not one per attempt."""
+        if verdict is not None and verdict.kind == "retry":
+            breaker.record_failure()
+        elif verdict is not None and verdict.partner_healthy:
+            breaker.record_success()
+        else:
+            breaker.release()
+        self._show_breaker(partner, breaker)
+        opened = self._open_breakers.get(partner)
+        if breaker.state is BreakerState.CLOSED:
+            if opened is not None:
+                del self._open_breakers[partner]
+                log.info(
+                    "outbound_breaker_closed",
+                    partner=partner,
+                    opened_at=format_rfc3339(opened.since),
+                    open_s=round(self._clock.monotonic() - opened.since_monotonic, 1),
+                )
+            return
+        error = verdict.reason if verdict is not None and verdict.kind == "retry" else None
+        if opened is not None:
+            # a failed probe (or an attempt begun before it opened): open again, not news
+            opened.last_error = error or opened.last_error
+            return
+        now = self._clock.now()
+        self._open_breakers[partner] = _OpenBreaker(
+            since=now, since_monotonic=self._clock.monotonic(), last_error=error
+        )
+        retry_in_s = breaker.seconds_until_probe()
+        log.warning(
+            "outbound_breaker_open",
+            partner=partner,
+            # a closed breaker opens exactly when its consecutive failures reach the threshold
+            failures=self._config.outbox.breaker_failures,
+            last_error=error,
+            retry_at=format_rfc3339(now + timedelta(seconds=retry_in_s)),
+            retry_in_s=round(retry_in_s, 1),
+        )
 
     def _show_breaker(self, partner: str, breaker: CircuitBreaker) -> None:
         """``c2c_outbound_breaker_open``: set on each verdict, the only time the breaker
@@ -590,10 +698,17 @@ class Dispatcher:
         now = self._clock.now()
         if record.expires_at is not None and record.expires_at <= now:
             last = f"; last error: {record.last_error}" if record.last_error else ""
+            # A row the open breaker held was never tried (or not lately): its own last_error
+            # does not say why, the partner's last failure does.
+            held = ""
+            if (opened := self._open_breakers.get(record.recipient)) is not None:
+                held = f"; partner circuit breaker open since {format_rfc3339(opened.since)}"
+                if opened.last_error:
+                    held += f", after: {opened.last_error}"
             await self._finish_dead(
                 record,
                 f"expired at {format_rfc3339(record.expires_at)} after {record.attempts}"
-                f" attempt(s){last}",
+                f" attempt(s){last}{held}",
                 now,
             )
             return
@@ -658,8 +773,7 @@ class Dispatcher:
         else:
             crash_point("S9-after-send-before-mark", message_id=record.message_id)
             if isinstance(result, Handed):
-                breaker.release()
-                self._show_breaker(partner.id, breaker)
+                self._judge_partner(partner.id, breaker, None)
                 await self._finish_handed(record, sent_at=sent_at)
                 return
             adapter = adapter_for(partner)
@@ -670,13 +784,7 @@ class Dispatcher:
                 verdict = judge()
             else:
                 verdict = await asyncio.to_thread(judge, typ=partner.typ, adapter=adapter)
-        if verdict.kind == "retry":
-            breaker.record_failure()
-        elif verdict.partner_healthy:
-            breaker.record_success()
-        else:
-            breaker.release()
-        self._show_breaker(partner.id, breaker)
+        self._judge_partner(partner.id, breaker, verdict)
         await self._finish(record, verdict, sent_at=sent_at, transport=transport.name)
 
     async def _finish_handed(self, record: OutboundRecord, *, sent_at: datetime) -> None:
