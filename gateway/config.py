@@ -6,6 +6,7 @@ with ConfigError(file, key, reason), never a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
@@ -596,6 +597,57 @@ def _listen(table: _Table, default_port: int) -> ListenConfig:
     )
     table.finish()
     return listen
+
+
+def _shared_listen_address(first: str, second: str, port: int) -> str | None:
+    """The address listeners on hosts ``first`` and ``second`` would both take on ``port``,
+    shown, when that is certain without resolving a name; None otherwise. asyncio binds an
+    IPv6 listener to IPv6 alone, so "::" and "0.0.0.0" share nothing; "" is every address."""
+    if first.lower() == second.lower():
+        return f"{second!r} port {port}"
+    one, other = _ip_or_none(first), _ip_or_none(second)
+    if one is not None and one == other:
+        return f"{second!r} port {port}, which is {first!r}"
+    for wide, narrow in ((first, second), (second, first)):
+        if wide == "":
+            return f"{narrow!r} port {port}, which '' takes too: every address of this host"
+        address, within = _ip_or_none(wide), _ip_or_none(narrow)
+        if (
+            address is not None
+            and address.is_unspecified
+            and within is not None
+            and within.version == address.version
+        ):
+            return (
+                f"{narrow!r} port {port}, which {wide!r} takes too: every IPv{address.version}"
+                " address of this host"
+            )
+    return None
+
+
+def _ip_or_none(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:  # a name: its addresses are known only once resolved
+        return None
+
+
+def _check_listeners(config: GatewayConfig) -> None:
+    """Refused here because serve would bind the second listener where the first listens
+    and stop with asyncio's bind error, which names neither key nor file (port 0 is a free
+    port of each listener's own, never shared)."""
+    partner, api = config.partner_listen, config.api_listen
+    if api.port == 0 or api.port != partner.port:
+        return
+    shared = _shared_listen_address(partner.host, api.host, api.port)
+    if shared is not None:
+        raise ConfigError(
+            str(config.source),
+            "api_listen.port",
+            f"the same address as partner_listen ({shared}): the internal API and the"
+            " partner endpoint cannot both listen there; give api_listen a port of its own"
+            " (8080 when it sets none)",
+        )
 
 
 def _check_amqp_url(table: _Table, name: str, value: str) -> None:
@@ -1245,6 +1297,7 @@ def load_config(
         ),
     )
     table.finish()
+    _check_listeners(config)
     _check_amqp_partners(config)
     _check_sign_with(config, datetime.now(UTC) if now is None else now)
     return config

@@ -5,8 +5,10 @@ are, so that ``demo`` and ``sandbox`` run with no more than ``pki init``. These 
 the development settings left in a configuration meant for production, and the settings that
 weaken it there: certificates of the development PKI, no revocation check, the API token
 signing key on the gateway host, reserved-name audit origins, partner networks beyond a VPN's
-(every address, or loopback as in development), passwords written into gateway.toml, and
-private key files others may read. ``c2c-gateway check`` prints them.
+(every address, or loopback as in development), passwords written into gateway.toml, private
+key files others may read; and what ``serve`` takes without a word though nothing works as
+meant: a partner none of whose signing keys is valid now, a broker URL naming no vhost (the
+broker's shared default), no partners at all. ``c2c-gateway check`` prints them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import ipaddress
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -22,8 +25,14 @@ from urllib.parse import parse_qs, urlsplit
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.config import GatewayConfig, open_private_key_files
-from gateway.crypto.keys import jwk_thumbprint, read_private_key, read_public_key
+from gateway.clock import SystemClock, format_rfc3339
+from gateway.config import GatewayConfig, PartnerConfig, open_private_key_files
+from gateway.crypto.keys import (
+    jwk_thumbprint,
+    load_verification_key,
+    read_private_key,
+    read_public_key,
+)
 from gateway.crypto.pki import DEV_ORGANIZATION
 from gateway.errors import ConfigError
 
@@ -57,18 +66,35 @@ class Finding:
         return f"{self.where}: {self.what}"
 
 
-def deployment_findings(config: GatewayConfig) -> list[Finding]:
-    """What ``config`` (loaded by ``load_config``) should not have in production."""
+def deployment_findings(config: GatewayConfig, *, now: datetime | None = None) -> list[Finding]:
+    """What ``config`` (loaded by ``load_config``) should not have in production, at ``now``
+    (default: the current time)."""
     raw = tomllib.loads(config.source.read_text(encoding="utf-8"))
+    at = SystemClock().now() if now is None else now
     return [
+        *_no_partners(config),
         *_revocation(config),
         *_development_pki(config),
         *_token_keys(config),
         *_audit_origins(config),
         *_partner_networks(config),
+        *_partner_keys(config, at),
         *_inline_passwords(raw),
+        *_amqp_vhost(config, raw),
         *_open_key_files(config),
     ]
+
+
+def _no_partners(config: GatewayConfig) -> Iterator[Finding]:
+    # serve starts without a word: a mistyped or emptied partners_dir is a gateway that
+    # refuses every partner's connection and has no one to send to
+    if not config.partners:
+        yield Finding(
+            "partners_dir",
+            f"{config.partners_dir} holds no partner (a folder with a partner.toml): the"
+            " gateway would exchange with no one; set partners_dir, relative to"
+            f" {config.source.name}, to the folder holding the partners' folders",
+        )
 
 
 def _revocation(config: GatewayConfig) -> Iterator[Finding]:
@@ -230,6 +256,47 @@ def _partner_networks(config: GatewayConfig) -> Iterator[Finding]:
                 )
 
 
+def _windows_missed(partner: PartnerConfig, now: datetime) -> list[str]:
+    """Each of the partner's keys, with the end of its window ``now`` is past, when none is
+    valid at ``now``; empty when one is, or when one does not load (serve refuses that
+    first, naming the file)."""
+    windows = []
+    for index, key in enumerate(partner.keys):
+        try:
+            # loaded as serve loads it, so valid now as serve verifies it
+            loaded = load_verification_key(
+                key.path,
+                party=partner.id,
+                alg=key.alg,
+                not_before=key.not_before,
+                not_after=key.not_after,
+            )
+        except ConfigError:
+            return []
+        if loaded.valid_at(now):
+            return []
+        if loaded.not_before is not None and now < loaded.not_before:
+            windows.append(f"keys[{index}] is not valid before {format_rfc3339(loaded.not_before)}")
+        elif loaded.not_after is not None:
+            windows.append(f"keys[{index}] expired at {format_rfc3339(loaded.not_after)}")
+    return windows
+
+
+def _partner_keys(config: GatewayConfig, now: datetime) -> Iterator[Finding]:
+    """A partner none of whose keys is valid now: serve takes in its keys, and every message
+    it signs is refused UNKNOWN_KEY (a key is checked at the message's created_at)."""
+    for partner in config.partners.values():
+        windows = _windows_missed(partner, now)
+        if windows:
+            yield Finding(
+                f"{_shown(config, partner.directory / 'partner.toml')}: keys",
+                f"none of {partner.id}'s signing keys is valid now ({format_rfc3339(now)}):"
+                f" {', '.join(windows)}; every message it signs now is refused (UNKNOWN_KEY)."
+                " Add the key it signs with now (a [[keys]] entry with its not_before), or"
+                " correct the window that is wrong, then send serve a SIGHUP",
+            )
+
+
 def _has_password(url: Any) -> bool:
     if not isinstance(url, str):
         return False
@@ -255,6 +322,28 @@ def _inline_passwords(raw: dict[str, Any]) -> Iterator[Finding]:
             "holds a password: give url_env, the name of an environment variable holding"
             " the URL, so the password is not in gateway.toml",
         )
+
+
+def _amqp_vhost(config: GatewayConfig, raw: dict[str, Any]) -> Iterator[Finding]:
+    if config.amqp.url is None:
+        return
+    try:
+        path = urlsplit(config.amqp.url).path
+    except ValueError:
+        return  # load_config refused it already
+    # RabbitMQ's URI spec: no path is the default vhost "/" (aiormq takes "/" alone as it
+    # too); "/%2F" names it, a deliberate choice
+    if path not in ("", "/"):
+        return
+    amqp = raw.get("amqp")
+    where = "amqp.url_env" if isinstance(amqp, dict) and "url_env" in amqp else "amqp.url"
+    yield Finding(
+        where,
+        "names no vhost, so the gateway declares its exchanges and queues in the broker's"
+        ' default vhost "/", shared with whatever else uses the broker: name one of its own'
+        " at the end of the URL (amqp://user@host/VHOST; c2c-gateway amqp setup makes it),"
+        ' or end it with /%2F to choose "/"',
+    )
 
 
 def _open_key_files(config: GatewayConfig) -> Iterator[Finding]:

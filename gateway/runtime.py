@@ -380,8 +380,9 @@ class Gateway:
         if count:
             log.warning("partner_connections_revoked", connections=count, by="a newer CRL")
 
-    async def start(self) -> None:
-        """Open the store, start the services (broker first), the relay, then take messages."""
+    def check_signing_keys(self) -> None:
+        """ConfigError unless a key of ours is valid now, and one of each partner's
+        ``sign_with``: checked before the store opens (and by ``check``)."""
         try:
             self.signer.current_key()
         except RuntimeError as exc:
@@ -393,6 +394,10 @@ class Gateway:
                 raise ConfigError(
                     str(partner.directory / PARTNER_FILE), "sign_with", str(exc)
                 ) from None
+
+    async def start(self) -> None:
+        """Open the store, start the services (broker first), the relay, then take messages."""
+        self.check_signing_keys()
         await self.store.open()
         loop = asyncio.get_running_loop()
         self.metrics.event_loop_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))

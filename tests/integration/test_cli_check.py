@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -16,7 +18,7 @@ import trustme
 from config_files import edit_once
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from gateway.crypto.pki import init_dev_pki
@@ -251,15 +253,16 @@ def test_a_ca_file_holding_what_cryptography_cannot_parse(tree: Path, odd: str) 
     assert _check(tree) == (0, [f"{tree / G}: nothing found unfit for production"], "")
 
 
-def test_a_certificate_file_that_cannot_be_read_is_said_so(tree: Path) -> None:
+def test_a_certificate_file_that_cannot_be_read_is_serve_s_error(tree: Path) -> None:
+    """serve refuses it at start: check says so as serve does (exit 2), not as a finding."""
     _production(tree)
     (tree / DEV / "US-CBP" / "tls.pem").write_text("not a certificate\n")
-    code, out, _ = _check(tree)
-    assert code == 1
-    assert out[0].startswith(
-        f"  tls.cert: {(tree / DEV / 'US-CBP' / 'tls.pem').resolve()}"
-        " could not be read to check it: "
-    ), out
+    code, out, err = _check(tree)
+    assert (code, out) == (2, [])
+    assert err.startswith(
+        f"error: {(tree / DEV / 'US-CBP' / 'tls.pem').resolve()}: tls.cert: holds no PEM"
+        " certificate: "
+    ), err
 
 
 # -- a CA file in OpenSSL's TRUSTED CERTIFICATE form (openssl x509 -trustout)
@@ -338,3 +341,286 @@ def test_a_partner_network_on_link_local_addresses_is_a_finding(tree: Path, netw
 def test_a_partner_network_a_vpn_may_have_is_not_a_finding(tree: Path, network: str) -> None:
     code, out = _check_with_ca_network(tree, network)
     assert (code, out) == (0, [f"{tree / G}: nothing found unfit for production"])
+
+
+# -- what serve refuses at start: check refuses it too, with serve's error (exit 2)
+
+
+def _serve(tree: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``serve``'s exit status and its last line on stderr (its error), for a configuration
+    it must refuse before it serves."""
+    cli = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
+    done = subprocess.run(
+        [*cli, "serve", "--config", str(tree / G)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+    return done.returncode, done.stderr.strip().splitlines()[-1]
+
+
+#: the one part of a refusal that is not the same twice: when it was asked
+_ASKED_AT = re.compile(r"valid at \S+")
+
+
+def _refused_as_serve_refuses(tree: Path, env: dict[str, str] | None = None) -> str:
+    """check's error for a configuration serve refuses at start, which must be serve's; the
+    listeners on ports of their own (0), should serve start after all."""
+    for port in ("port = 8443", "port = 8080"):
+        edit_once(tree / G, port, "port = 0")
+    code, out, err = _check(tree, env)
+    assert (code, out) == (2, []), err
+    served = _serve(tree, env)
+    assert (served[0], _ASKED_AT.sub("valid at T", served[1])) == (
+        2,
+        _ASKED_AT.sub("valid at T", err.strip()),
+    )
+    return err.strip()
+
+
+def test_a_certificate_not_of_our_key_is_refused_as_serve_refuses_it(tree: Path) -> None:
+    ours = tree / DEV / "US-CBP"
+    shutil.copy(tree / DEV / "MX-ANAM" / "tls.pem", ours / "tls.pem")
+    assert _refused_as_serve_refuses(tree) == (
+        f"error: {(ours / 'tls.pem').resolve()}: tls.cert: is not the certificate of the key in"
+        f" {(ours / 'tls.key').resolve()} (tls.key): the two are not a usable pair"
+        " (KEY_VALUES_MISMATCH)"
+    )
+
+
+def _our_certificate(tree: Path, not_before: datetime, not_after: datetime) -> bytes:
+    """Our TLS key, certified by the development CA for the period given."""
+    ca_cert = x509.load_pem_x509_certificate((tree / DEV / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((tree / DEV / "ca.key").read_bytes(), None)
+    key = serialization.load_pem_private_key((tree / DEV / "US-CBP" / "tls.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "US-CBP")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+def test_a_certificate_out_of_its_validity_period_is_refused_as_serve_refuses_it(
+    tree: Path, when: str
+) -> None:
+    """Checked when serve's TLS identity starts, after the store is open: not by loading the
+    configuration, nor by building the gateway."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    if when == "expired":
+        start, end = now - timedelta(days=30), now - timedelta(days=1)
+        reason = f"expired at {end:%Y-%m-%dT%H:%M:%S}.000Z"
+    else:
+        start, end = now + timedelta(days=1), now + timedelta(days=30)
+        reason = f"is not valid before {start:%Y-%m-%dT%H:%M:%S}.000Z"
+    cert = tree / DEV / "US-CBP" / "tls.pem"
+    cert.write_bytes(_our_certificate(tree, start, end))
+    assert _refused_as_serve_refuses(tree) == f"error: {cert.resolve()}: tls.cert: {reason}"
+
+
+def _toml_time(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+def test_our_only_signing_key_out_of_its_window_is_refused_as_serve_refuses_it(
+    tree: Path, when: str
+) -> None:
+    now = datetime.now(UTC)
+    window = (
+        f"not_before = 2025-01-01T00:00:00Z\nnot_after = {_toml_time(now - timedelta(days=1))}"
+        if when == "expired"
+        else f"not_before = {_toml_time(now + timedelta(days=1))}"
+    )
+    edit_once(tree / G, "not_before = 2025-01-01T00:00:00Z", window)
+    assert _refused_as_serve_refuses(tree).startswith(
+        f"error: {tree / G}: signing_keys: no signing key of US-CBP is valid at "
+    )
+
+
+def test_a_token_key_the_api_does_not_allow_is_refused_as_serve_refuses_it(tree: Path) -> None:
+    """A refusal of serve's while it builds the internal API: check builds what serve builds."""
+    edit_once(tree / G, 'algorithms = ["EdDSA"]', 'algorithms = ["ES256"]')
+    assert _refused_as_serve_refuses(tree) == (
+        f"error: {tree / G}: api_auth.public_keys[0]: api-token.pub is an EdDSA key but"
+        " api_auth.algorithms allows only ES256"
+    )
+
+
+def test_the_startup_self_test_is_checked_as_serve_checks_it(tree: Path) -> None:
+    assert _refused_as_serve_refuses(tree, {"AIOHTTP_NO_EXTENSIONS": "1"}) == (
+        "error: startup self-test failed: AIOHTTP_NO_EXTENSIONS is set: unset it, the C HTTP"
+        " parser is required"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _listen(tree: Path, partner: str, api: str, port: int) -> None:
+    """Both listeners on ``port``, at the hosts given."""
+    text = (tree / G).read_text(encoding="utf-8")
+    for table, host in (("partner_listen", partner), ("api_listen", api)):
+        text, count = re.subn(
+            rf'\[{table}\]\nhost = "[^"]*"\nport = \d+',
+            f'[{table}]\nhost = "{host}"\nport = {port}',
+            text,
+        )
+        assert count == 1, table
+    (tree / G).write_text(text, encoding="utf-8")
+
+
+def test_both_listeners_on_one_address_are_refused_by_serve_and_check(tree: Path) -> None:
+    """serve stopped with asyncio's bind error after the API listened (exit 1, naming neither
+    key nor file): the configuration is refused at load now, and only where the two would
+    share an address."""
+    _production(tree)
+    port = _free_port()
+    _listen(tree, "127.0.0.1", "127.0.0.1", port)
+    code, out, err = _check(tree)
+    refusal = (
+        f"error: {tree / G}: api_listen.port: the same address as partner_listen ('127.0.0.1'"
+        f" port {port}): the internal API and the partner endpoint cannot both listen there;"
+        " give api_listen a port of its own (8080 when it sets none)"
+    )
+    assert (code, out, err.strip()) == (2, [], refusal)
+    assert _serve(tree) == (2, refusal)
+    for partner, api, other_port in (
+        ("127.0.0.1", "127.0.0.1", 0),  # a free port each
+        ("127.0.0.1", "127.0.0.2", port),
+        ("0.0.0.0", "::", port),  # asyncio binds IPv6 listeners IPv6-only
+    ):
+        _listen(tree, partner, api, other_port)
+        assert _check(tree)[:2] == (0, [f"{tree / G}: nothing found unfit for production"])
+
+
+@pytest.mark.parametrize(
+    ("partner", "api", "shown"),
+    [
+        ("0.0.0.0", "127.0.0.1", "'127.0.0.1' port {port}, which '0.0.0.0' takes too"),
+        ("::1", "::", "'::1' port {port}, which '::' takes too"),
+        ("localhost", "LOCALHOST", "'LOCALHOST' port {port}"),
+        ("::1", "0:0::1", "'0:0::1' port {port}, which is '::1'"),
+    ],
+)
+def test_listeners_sharing_an_address_however_written_are_refused(
+    tree: Path, partner: str, api: str, shown: str
+) -> None:
+    _listen(tree, partner, api, 18943)
+    code, out, err = _check(tree)
+    assert (code, out) == (2, [])
+    assert err.startswith(
+        f"error: {tree / G}: api_listen.port: the same address as partner_listen"
+        f" ({shown.format(port=18943)}"
+    ), err
+
+
+# -- what serve takes without a word, though it does not work as meant (exit 1)
+
+
+def _key_window(tree: Path, window: str) -> None:
+    """MX-ANAM's one signing key given ``window`` (TOML lines) instead of its own."""
+    edit_once(tree / MX, "not_before = 2025-01-01T00:00:00Z", window)
+
+
+def _add_key_valid_now(tree: Path) -> None:
+    """A new signing key of MX-ANAM's, valid since yesterday: a rotation."""
+    new = tree / DEV / "MX-ANAM" / "sign-new.pub"
+    public = ed25519.Ed25519PrivateKey.generate().public_key()
+    new.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    since = _toml_time(datetime.now(UTC) - timedelta(days=1))
+    with (tree / MX).open("a", encoding="utf-8") as toml:
+        toml.write(
+            f'\n[[keys]]\npath = "../../certs/dev/MX-ANAM/sign-new.pub"\nalg = "EdDSA"\n'
+            f"not_before = {since}\n"
+        )
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+def test_a_partner_none_of_whose_keys_is_valid_now_is_named(tree: Path, when: str) -> None:
+    _production(tree)
+    now = datetime.now(UTC)
+    if when == "expired":
+        end = _toml_time(now - timedelta(days=1))
+        _key_window(tree, f"not_before = 2025-01-01T00:00:00Z\nnot_after = {end}")
+        missed = f"expired at {end[:-1]}.000Z"
+    else:
+        start = _toml_time(now + timedelta(days=1))
+        _key_window(tree, f"not_before = {start}")
+        missed = f"is not valid before {start[:-1]}.000Z"
+    code, out, _ = _check(tree)
+    assert (code, _where(out)) == (1, [f"{MX}: keys"]), out
+    head, _, tail = out[0].partition(" is valid now (")
+    assert head == f"  {MX}: keys: none of MX-ANAM's signing keys"
+    assert tail.partition("): ")[2] == (
+        f"keys[0] {missed}; every message it signs now is refused (UNKNOWN_KEY). Add"
+        " the key it signs with now (a [[keys]] entry with its not_before), or correct the"
+        " window that is wrong, then send serve a SIGHUP"
+    )
+    # one key valid now is enough
+    _add_key_valid_now(tree)
+    assert _check(tree)[:2] == (0, [f"{tree / G}: nothing found unfit for production"])
+
+
+_NO_VHOST = (
+    "names no vhost, so the gateway declares its exchanges and queues in the broker's default"
+    ' vhost "/", shared with whatever else uses the broker: name one of its own at the end of'
+    " the URL (amqp://user@host/VHOST; c2c-gateway amqp setup makes it), or end it with /%2F"
+    ' to choose "/"'
+)
+
+
+@pytest.mark.parametrize("url", ["amqp://gw@127.0.0.1:5672", "amqp://gw@127.0.0.1:5672/"])
+def test_a_broker_url_naming_no_vhost_is_named(tree: Path, url: str) -> None:
+    _production(tree)
+    edit_once(tree / G, "[amqp]\n", f'[amqp]\nurl = "{url}"\n')
+    code, out, _ = _check(tree)
+    assert (code, out[:-1]) == (1, [f"  amqp.url: {_NO_VHOST}"])
+    # from the environment: the key that names it
+    edit_once(tree / G, f'url = "{url}"', 'url_env = "C2C_AMQP"')
+    code, out, _ = _check(tree, {"C2C_AMQP": url})
+    assert (code, out[:-1]) == (1, [f"  amqp.url_env: {_NO_VHOST}"])
+    # a vhost named: the gateway's own, or "/" chosen (%2F)
+    for path in ("/c2c", "/%2F", "/%2f"):
+        named = {"C2C_AMQP": url.rstrip("/") + path}
+        assert _check(tree, named)[:2] == (
+            0,
+            [f"{tree / G}: nothing found unfit for production"],
+        ), path
+
+
+@pytest.mark.parametrize("holding", ["nothing", "a file"])
+def test_a_partners_dir_holding_no_partner_is_named(tree: Path, holding: str) -> None:
+    _production(tree)
+    folder = tree / "partners-new"
+    folder.mkdir()
+    if holding == "a file":
+        (folder / "README.md").write_text("the partners' folders go here\n")
+    edit_once(tree / G, 'partners_dir = "partners"', 'partners_dir = "partners-new"')
+    code, out, err = _check(tree)
+    assert (code, err) == (1, "")
+    assert out == [
+        f"  partners_dir: {folder} holds no partner (a folder with a partner.toml): the gateway"
+        " would exchange with no one; set partners_dir, relative to gateway.toml, to the folder"
+        " holding the partners' folders",
+        f"{tree / G}: 1 setting(s) not fit for production",
+    ]
