@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
+from urllib.parse import parse_qs, quote, unquote
 
 import asyncpg
 import structlog
@@ -74,6 +75,8 @@ from gateway.store.base import (
 )
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
+from gateway.store.url import POSTGRES_SCHEMES
+from gateway.urls import UrlInvalid, split_server_url
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -270,7 +273,12 @@ class PostgresStore:
                 server_settings=session_settings(self._command_timeout_s),
             )
         except _DB_ERRORS as exc:
-            raise self._unavailable(exc, "connect") from exc
+            # the reason names the server tried, which a URL from the environment hides
+            failed = self._unavailable(exc, "connect")
+            reason = " ".join(failed.reason.split())
+            raise Unavailable(
+                f"{reason}, connecting to {_endpoint(self._dsn)}", outage=failed.outage
+            ) from exc
         self._pool = pool
         try:
             await self._transaction(_migrate)
@@ -1219,6 +1227,45 @@ def _unavailable(
             outage=True,
         )
     return Unavailable(f"postgresql: {type(exc).__name__}: {exc}", outage=outage)
+
+
+def _endpoint(dsn: str) -> str:
+    """Where ``dsn`` connects, as ``postgresql://host:port[,host2:port2]/database``: never its
+    user, password or other parameters. A Unix socket's folder is percent-encoded in the host's
+    place, as in the URL. A URL whose path holds an '@' may be a password with an unencoded
+    '/' in it (``user:12/34@host/db``: the host and port the driver sees are the user and
+    ``12``): then neither the port nor the database is shown."""
+    try:
+        server = split_server_url(dsn, schemes=POSTGRES_SCHEMES, what="", several_hosts=True)
+    except UrlInvalid:
+        return "the configured PostgreSQL URL"
+    parts = server.parts
+    query = parse_qs(parts.query)
+    if "@" in parts.path:
+        hosts = ",".join(_host(address.host) for address in server.addresses)
+        return f"{parts.scheme}://{hosts} (port and database not shown: its path holds an '@')"
+    # as asyncpg reads them: ?host= when the URL names no host; for a host without a port,
+    # ?port= (one for all, or one each), else PGPORT, else 5432
+    named = [(a.host, a.port) for a in server.addresses] or [
+        (host, None) for value in query.get("host", []) for host in value.split(",") if host
+    ]
+    given = [port for value in query.get("port", []) for port in value.split(",") if port]
+    fallback = given[0] if len(given) == 1 else os.environ.get("PGPORT") or "5432"
+    hosts = ",".join(
+        f"{_host(host)}:{port or (given[i] if len(given) == len(named) else fallback)}"
+        for i, (host, port) in enumerate(named)
+    )
+    database = unquote(parts.path[1:]) or next(
+        (name for key in ("dbname", "database") for name in query.get(key, [])), ""
+    )
+    return f"{parts.scheme}://{hosts}/{quote(database, safe='')}"
+
+
+def _host(host: str) -> str:
+    """A host as a URL writes it: a Unix socket's folder percent-encoded, IPv6 in brackets."""
+    if host.startswith("/"):
+        return quote(host, safe="")
+    return f"[{host}]" if ":" in host else host
 
 
 def _operation(fn: Callable[..., object]) -> str:

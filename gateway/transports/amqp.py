@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import struct
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import TracebackType
 from typing import Any, TypeVar
+from urllib.parse import quote, unquote
 
 import aio_pika
 import aiormq
@@ -45,6 +48,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aio_pika.connection import make_url
 from aio_pika.exceptions import ChannelInvalidStateError
 from aiormq import spec
 from pamqp import decode as pamqp_decode
@@ -53,6 +57,7 @@ from gateway.config import AmqpConfig
 from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
 from gateway.model import is_party_id
+from gateway.urls import UrlInvalid, split_server_url
 
 log = structlog.get_logger(__name__)
 
@@ -343,15 +348,32 @@ class AmqpBroker:
         """Open the robust connection; raises ``Unavailable`` when the broker cannot be reached."""
         if self._connection is not None:
             return
+        # What aio_pika.connect_robust does, but holding the connection: one whose first
+        # attempt is cut short (the timeout, a stop) is closed. Left open, its reconnect task
+        # goes on trying every second and swallows the cancel of asyncio.run's shutdown, so
+        # the process never exits (a broker that takes the TCP connection and never answers).
+        connection = aio_pika.RobustConnection(
+            make_url(self._url),
+            client_properties={"connection_name": self._connection_name},
+            reconnect_interval=1.0,
+        )
         try:
             async with asyncio.timeout(timeout_s):
-                self._connection = await aio_pika.connect_robust(
-                    self._url,
-                    client_properties={"connection_name": self._connection_name},
-                    reconnect_interval=1.0,
-                )
-        except (*_TRANSIENT, TimeoutError) as exc:
-            raise Unavailable(f"cannot connect to RabbitMQ: {_describe(exc)}") from exc
+                await connection.connect()
+        except BaseException as exc:
+            with contextlib.suppress(*_TRANSIENT, TimeoutError):
+                await connection.close()
+            if not isinstance(exc, (*_TRANSIENT, TimeoutError)):
+                raise
+            why = (
+                f"no answer within {timeout_s:g} s"
+                if isinstance(exc, TimeoutError) and not str(exc)
+                else _describe(exc)
+            )
+            raise Unavailable(
+                f"cannot connect to RabbitMQ at {_endpoint(self._url)}: {why}"
+            ) from exc
+        self._connection = connection
         self._connection.close_callbacks.add(self._on_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
         self._up = True
@@ -367,6 +389,7 @@ class AmqpBroker:
         log.warning(
             "amqp_connection_lost",
             connection_name=self._connection_name,
+            endpoint=_endpoint(self._url),
             reason=_describe(exc) if exc is not None else "closed",
             detail="reconnecting every second; unsettled deliveries go back to their queues",
         )
@@ -869,9 +892,83 @@ def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:
     )
 
 
+def _endpoint(url: str) -> str:
+    """Where ``url`` connects, as ``amqp://host:port/vhost``: never its user, password or
+    query. The vhost is percent-encoded as RabbitMQ's URI spec writes it (the default one is
+    ``/%2F``). A URL whose path holds an '@' may be a password with an unencoded '/' in it
+    (``user:12/34@host``: the host and port the driver sees are the user and ``12``): then
+    neither the port nor the vhost is shown."""
+    try:
+        server = split_server_url(url, schemes=("amqp", "amqps"), what="an AMQP URL")
+    except UrlInvalid:
+        return "the configured AMQP URL"
+    scheme = server.parts.scheme
+    if len(server.addresses) != 1:
+        return f"{scheme}://(no host)"
+    address = server.addresses[0]
+    host = f"[{address.host}]" if ":" in address.host else address.host
+    if "@" in server.parts.path:
+        return f"{scheme}://{host} (port and vhost not shown: the URL's path holds an '@')"
+    port = address.port or (5671 if scheme == "amqps" else 5672)
+    # as aiormq reads it: an empty path or "/" is the default vhost
+    path = server.parts.path
+    vhost = unquote(path[1:]) if path not in ("", "/") else "/"
+    return f"{scheme}://{host}:{port}/{quote(vhost, safe='')}"
+
+
+#: ``<Connection.Close object at 0x7f8a...>``: pamqp's repr of a frame, which says nothing
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+#: the Connection.Close reply code of each exception aiormq raises with the reply text only
+_CLOSE_CODES: dict[type[BaseException], int] = {
+    **{cls: code for code, cls in aiormq.connection.EXCEPTION_MAPPING.items()},
+    aiormq.exceptions.ProbableAuthenticationError: 403,
+}
+#: the aiormq functions that hold a Connection.Close received from the broker as a local:
+#: ``_rpc`` (an answer during the handshake), ``__handle_close`` (on an open connection)
+_RECEIVING = frozenset({"_rpc", "__handle_close"})
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    """Why ``exc`` happened, on one line: the broker's reply code and text when it closed the
+    connection (``connection closed by the broker: 530 NOT_ALLOWED - vhost x not found``),
+    else the exception's type and text, without object reprs."""
+    frame = _broker_close(exc.__traceback__)
+    if frame is not None:
+        return f"connection closed by the broker: {frame.reply_code} {frame.reply_text}".strip()
+    if type(exc) is aiormq.exceptions.AMQPConnectionError and isinstance(exc.__cause__, OSError):
+        # aiormq raises a failed TCP or TLS connect as its own type with the OSError's args:
+        # ConnectionRefusedError, socket.gaierror, SSLCertVerificationError say more
+        exc = exc.__cause__
+    args = exc.args
+    if isinstance(exc, aiormq.exceptions.ConnectionClosed) and len(args) == 2:
+        text = f"{args[0]} {args[1]}"
+    elif type(exc) in _CLOSE_CODES and len(args) == 1:
+        text = f"{_CLOSE_CODES[type(exc)]} {args[0]}"
+    else:
+        text = _OBJECT_REPR.sub(r"\1", str(exc))
+    text = " ".join(text.split())
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _broker_close(tb: TracebackType | None) -> spec.Connection.Close | None:
+    """The Connection.Close the broker sent, where it is behind an exception's traceback.
+
+    aiormq keeps the frame in no exception: refused at Connection.Open (an unknown vhost, a
+    vhost's connection limit, no permission on it), it raises ``InvalidFrameError("Expected
+    one of ['Connection.OpenOk'], got <Connection.Close object at 0x...>")``, and a close on
+    an open connection keeps the reply code only as the exception's class, or not at all
+    (320 CONNECTION_FORCED). The frame is a local of the aiormq function that raised."""
+    found = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _RECEIVING and tb.tb_frame.f_globals.get("__name__") == (
+            "aiormq.connection"
+        ):
+            frame = tb.tb_frame.f_locals.get("frame")
+            if isinstance(frame, spec.Connection.Close):
+                found = frame
+        tb = tb.tb_next
+    return found
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:
