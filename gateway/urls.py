@@ -107,12 +107,26 @@ def split_server_url(
     return ServerUrl(parts=parts, addresses=tuple(_address(item) for item in specs))
 
 
+#: what is shown of such a URL after its scheme
+NOT_SHOWN = "(not shown: an '@' after the host; write '/' and '?' in a password as %2F, %3F)"
+
+
+def userinfo_past_netloc(parts: SplitResult) -> bool:
+    """An '@' after the host part: a password holding an unencoded '/' or '?' ended the
+    netloc early (``amqp://gw:12/SECRET?x@host/vh``: "gw" is taken for the host, "12" for the
+    port, the rest of the password for the path and query). Nothing of such a URL but its
+    scheme may be shown."""
+    return "@" in parts.path or "@" in parts.query
+
+
 __all__ = [
     "MAX_PORT",
+    "NOT_SHOWN",
     "NO_HOST",
     "ServerAddress",
     "ServerUrl",
     "UrlInvalid",
     "port_number",
     "split_server_url",
+    "userinfo_past_netloc",
 ]

@@ -76,7 +76,7 @@ from gateway.store.base import (
 from gateway.store.migrations import load_migrations
 from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
 from gateway.store.url import POSTGRES_SCHEMES
-from gateway.urls import UrlInvalid, split_server_url
+from gateway.urls import NOT_SHOWN, UrlInvalid, split_server_url, userinfo_past_netloc
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -1232,18 +1232,17 @@ def _unavailable(
 def _endpoint(dsn: str) -> str:
     """Where ``dsn`` connects, as ``postgresql://host:port[,host2:port2]/database``: never its
     user, password or other parameters. A Unix socket's folder is percent-encoded in the host's
-    place, as in the URL. A URL whose path holds an '@' may be a password with an unencoded
-    '/' in it (``user:12/34@host/db``: the host and port the driver sees are the user and
-    ``12``): then neither the port nor the database is shown."""
+    place, as in the URL. A URL with an '@' after its host part may hold a password with an
+    unencoded '/' or '?' (``user:12/34@host/db``: the host and port the driver sees are the
+    user and ``12``): nothing of it but the scheme is shown."""
     try:
         server = split_server_url(dsn, schemes=POSTGRES_SCHEMES, what="", several_hosts=True)
     except UrlInvalid:
         return "the configured PostgreSQL URL"
     parts = server.parts
+    if userinfo_past_netloc(parts):
+        return f"{parts.scheme}://{NOT_SHOWN}"
     query = parse_qs(parts.query)
-    if "@" in parts.path:
-        hosts = ",".join(_host(address.host) for address in server.addresses)
-        return f"{parts.scheme}://{hosts} (port and database not shown: its path holds an '@')"
     # as asyncpg reads them: ?host= when the URL names no host; for a host without a port,
     # ?port= (one for all, or one each), else PGPORT, else 5432
     named = [(a.host, a.port) for a in server.addresses] or [

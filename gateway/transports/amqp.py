@@ -57,7 +57,7 @@ from gateway.config import AmqpConfig
 from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
 from gateway.model import is_party_id
-from gateway.urls import UrlInvalid, split_server_url
+from gateway.urls import NOT_SHOWN, UrlInvalid, split_server_url, userinfo_past_netloc
 
 log = structlog.get_logger(__name__)
 
@@ -895,20 +895,20 @@ def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:
 def _endpoint(url: str) -> str:
     """Where ``url`` connects, as ``amqp://host:port/vhost``: never its user, password or
     query. The vhost is percent-encoded as RabbitMQ's URI spec writes it (the default one is
-    ``/%2F``). A URL whose path holds an '@' may be a password with an unencoded '/' in it
-    (``user:12/34@host``: the host and port the driver sees are the user and ``12``): then
-    neither the port nor the vhost is shown."""
+    ``/%2F``). A URL with an '@' after its host part may hold a password with an unencoded
+    '/' or '?' (``user:12/34@host``: the host and port the driver sees are the user and
+    ``12``): nothing of it but the scheme is shown."""
     try:
         server = split_server_url(url, schemes=("amqp", "amqps"), what="an AMQP URL")
     except UrlInvalid:
         return "the configured AMQP URL"
     scheme = server.parts.scheme
+    if userinfo_past_netloc(server.parts):
+        return f"{scheme}://{NOT_SHOWN}"
     if len(server.addresses) != 1:
         return f"{scheme}://(no host)"
     address = server.addresses[0]
     host = f"[{address.host}]" if ":" in address.host else address.host
-    if "@" in server.parts.path:
-        return f"{scheme}://{host} (port and vhost not shown: the URL's path holds an '@')"
     port = address.port or (5671 if scheme == "amqps" else 5672)
     # as aiormq reads it: an empty path or "/" is the default vhost
     path = server.parts.path
