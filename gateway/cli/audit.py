@@ -393,6 +393,7 @@ def export_command(
         # gets any of it, and the summary goes to stderr, out of the bundle's way
         with tempfile.TemporaryDirectory(prefix="c2c-export-") as tmp:
             summary = export(Path(tmp) / "bundle.jsonl")
+            _owner_only_stdout()
             try:
                 with summary.path.open("rb") as fh:
                     shutil.copyfileobj(fh, sys.stdout.buffer)
@@ -414,6 +415,21 @@ def export_command(
         _fail(f"{out}: cannot write bundle: {exc.strerror or exc}")
     summary = export(out)
     click.echo(_exported(str(summary.path), summary))
+
+
+def _owner_only_stdout() -> None:
+    """Stdout redirected to a file (``> case.jsonl``) gets the bundle's mode, 0600, as
+    ``--out`` does: it holds message bodies, and the shell made the file under the umask."""
+    fd = sys.stdout.fileno()
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    except OSError as exc:
+        click.echo(
+            f"warning: stdout: cannot make the file owner-only ({exc.strerror or exc}); "
+            "the bundle holds message bodies",
+            err=True,
+        )
 
 
 def _exported(where: str, summary: ExportSummary) -> str:

@@ -216,7 +216,7 @@ def test_keys_and_schemas_with_curl(sandbox: tuple[dict[str, Any], Path], tmp_pa
 
 
 def test_protocols_export_example_writes_a_bundle_that_verifies_from_a_pipe(
-    sandbox: tuple[dict[str, Any], Path],
+    sandbox: tuple[dict[str, Any], Path], tmp_path: Path
 ) -> None:
     """PROTOCOL section 8's own example, `c2c-gateway audit export --config DIR/gateway.toml`,
     as written: the bundle on stdout (the summary on stderr), read by `audit verify -`."""
@@ -241,6 +241,19 @@ def test_protocols_export_example_writes_a_bundle_that_verifies_from_a_pipe(
     assert verified.stdout.decode().startswith("OK stdin: ")
     entries = int(summary.split(": ", 1)[1].split(" entries")[0])
     assert f"OK stdin: {entries} entries, " in verified.stdout.decode()
+    # redirected to a file the shell made under its umask: owner-only, as --out makes it
+    redirected = tmp_path / "case.jsonl"
+    with redirected.open("wb") as out:
+        redirected.chmod(0o644)
+        done = subprocess.run(
+            [C2C_GATEWAY, "audit", "export", "--config", str(directory / "gateway.toml")],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert stat.S_IMODE(redirected.stat().st_mode) == 0o600
+    assert json.loads(redirected.read_bytes().splitlines()[0])["type"] == "header"
 
 
 def test_serve_bad_config_exits_2_with_clear_error(tmp_path: Path) -> None:
