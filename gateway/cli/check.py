@@ -21,7 +21,7 @@ import click
 from gateway.cli.params import config_option
 from gateway.cli.serve import build_gateway
 from gateway.deploycheck import deployment_findings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.runtime import Gateway
 from gateway.selfcheck import SelfCheckError
 
@@ -52,6 +52,11 @@ def check(config_path: Path) -> None:
         gateway = asyncio.run(_as_serve_starts(config_path))
     except (ConfigError, SelfCheckError) as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (OSError, GatewayError) as exc:
+        # what serve would stop at too (an unreadable file past the configuration's checks):
+        # not a finding, so not exit 1
+        click.echo(f"error: cannot serve: {exc}", err=True)
         sys.exit(2)
     config = gateway.config
     findings = deployment_findings(config, now=gateway.clock.now())

@@ -703,7 +703,8 @@ class Dispatcher:
             held = ""
             if (opened := self._open_breakers.get(record.recipient)) is not None:
                 held = f"; partner circuit breaker open since {format_rfc3339(opened.since)}"
-                if opened.last_error:
+                # unless it is the row's own last error, said already
+                if opened.last_error and opened.last_error != record.last_error:
                     held += f", after: {opened.last_error}"
             await self._finish_dead(
                 record,
