@@ -6,6 +6,7 @@ timeouts are observed exactly without waiting for them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -107,16 +108,22 @@ class Env:
         return [row.entry for row in rows]
 
 
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
-    port = free_port()
+@contextlib.asynccontextmanager
+async def dispatcher_env(
+    tmp_path: Path,
+    *,
+    start: datetime,
+    store_url: str | None = None,
+    port: int | None = None,
+) -> AsyncIterator[Env]:
+    """US-CBP's dispatcher (not running) on its dev-environment SQLite store, or on
+    ``store_url``, sending to MX-ANAM's stub at ``port`` (one free, by default)."""
+    port = free_port() if port is None else port
     config = gateway_config(
         tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"}, outbox=OUTBOX
     )
-    # A day behind real time: what expires on this clock has also expired for the CLI,
-    # which reads the system clock.
-    clock = ManualClock(datetime.now(UTC) - timedelta(days=1))
-    store = open_store(config.store_url, clock=clock)
+    clock = ManualClock(start)
+    store = open_store(config.store_url if store_url is None else store_url, clock=clock)
     await store.open()
     transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
     metrics = Metrics(partners=config.partners)
@@ -139,6 +146,14 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
         await stub.stop()
         await transport.aclose()
         await store.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    # A day behind real time: what expires on this clock has also expired for the CLI,
+    # which reads the system clock.
+    async with dispatcher_env(tmp_path, start=datetime.now(UTC) - timedelta(days=1)) as running:
+        yield running
 
 
 async def test_a_stale_receipt_arriving_later_signs_the_message_again(

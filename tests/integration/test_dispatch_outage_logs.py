@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,20 +25,14 @@ from typing import Any
 
 import pytest
 import structlog
-from outbound_env import free_port, gateway_config
-from partner_stub import PartnerStub
 from tcp_proxy import TcpProxy
-from test_dispatch_faults import OUTBOX, Env
+from test_dispatch_faults import OUTBOX, Env, dispatcher_env
 
-from gateway.clock import ManualClock, format_rfc3339
+from gateway.clock import format_rfc3339
 from gateway.metrics import Metrics
 from gateway.outbound.breaker import BreakerState
-from gateway.outbound.dispatcher import STORE_OUTAGE_LOG_EVERY_S, Dispatcher
-from gateway.runtime import load_own_signing_keys, load_partner_keys
-from gateway.schemas.registry import SchemaRegistry
-from gateway.store import open_store
+from gateway.outbound.dispatcher import STORE_OUTAGE_LOG_EVERY_S
 from gateway.store.base import OutboundRecord, OutboundState
-from gateway.transports.https_client import HttpsTransport
 
 MX = "MX-ANAM"
 
@@ -47,34 +40,8 @@ MX = "MX-ANAM"
 @pytest.fixture
 async def down(tmp_path: Path) -> AsyncIterator[Env]:
     """US-CBP's dispatcher on SQLite, sending to MX-ANAM's stub, not started yet."""
-    port = free_port()
-    config = gateway_config(
-        tmp_path, "US-CBP", peers={MX: f"https://127.0.0.1:{port}"}, outbox=OUTBOX
-    )
-    clock = ManualClock(datetime.now(UTC))
-    store = open_store(config.store_url, clock=clock)
-    await store.open()
-    transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
-    metrics = Metrics(partners=config.partners)
-    dispatcher = Dispatcher(
-        store=store,
-        config=config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(config),
-        signing_keys=load_own_signing_keys(config),
-        clock=clock,
-        rng=random.Random(4),
-        metrics=metrics,
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    try:
-        yield Env(
-            config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin(), metrics
-        )
-    finally:
-        await stub.stop()
-        await transport.aclose()
-        await store.close()
+    async with dispatcher_env(tmp_path, start=datetime.now(UTC)) as running:
+        yield running
 
 
 def lines(logs: Sequence[MutableMapping[str, Any]], event: str) -> list[MutableMapping[str, Any]]:
@@ -214,31 +181,13 @@ async def on_postgres(
 ) -> AsyncIterator[tuple[Env, TcpProxy]]:
     """US-CBP's dispatcher running (``run``), its store PostgreSQL through a relay."""
     proxy, dsn = proxied
-    config = gateway_config(tmp_path, "US-CBP", peers={MX: "https://127.0.0.1:9"}, outbox=OUTBOX)
-    clock = ManualClock(datetime.now(UTC))
-    store = open_store(dsn, clock=clock)
-    await store.open()
-    metrics = Metrics(partners=config.partners)
-    transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
-    dispatcher = Dispatcher(
-        store=store,
-        config=config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(config),
-        signing_keys=load_own_signing_keys(config),
-        clock=clock,
-        metrics=metrics,
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    env = Env(config, store, clock, dispatcher, stub, 9, SchemaRegistry.load_builtin(), metrics)
-    task = asyncio.create_task(dispatcher.run())
-    try:
-        yield env, proxy
-    finally:
-        dispatcher.stop()
-        await asyncio.wait_for(task, 10)
-        await transport.aclose()
-        await store.close()
+    async with dispatcher_env(tmp_path, start=datetime.now(UTC), store_url=dsn, port=9) as env:
+        task = asyncio.create_task(env.dispatcher.run())
+        try:
+            yield env, proxy
+        finally:
+            env.dispatcher.stop()
+            await asyncio.wait_for(task, 10)
 
 
 @pytest.mark.postgres

@@ -9,58 +9,22 @@ listens), then answers; time is a ManualClock moved to each row's next attempt.
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import structlog
-from outbound_env import free_port, gateway_config
-from partner_stub import PartnerStub
-from test_dispatch_faults import OUTBOX, Env
+from test_dispatch_faults import OUTBOX, Env, dispatcher_env
 
-from gateway.clock import ManualClock
-from gateway.metrics import Metrics
 from gateway.outbound.breaker import BreakerState
-from gateway.outbound.dispatcher import Dispatcher
-from gateway.runtime import load_own_signing_keys, load_partner_keys
-from gateway.schemas.registry import SchemaRegistry
-from gateway.store import open_store
 from gateway.store.base import OutboundState
-from gateway.transports.https_client import HttpsTransport
 
 
 @pytest.fixture
 async def down(tmp_path: Path) -> AsyncIterator[Env]:
-    port = free_port()
-    config = gateway_config(
-        tmp_path, "US-CBP", peers={"MX-ANAM": f"https://127.0.0.1:{port}"}, outbox=OUTBOX
-    )
-    clock = ManualClock(datetime.now(UTC))
-    store = open_store(config.store_url, clock=clock)
-    await store.open()
-    transport = HttpsTransport(config.tls, timeout_s=OUTBOX.send_timeout_s, now=clock.now)
-    metrics = Metrics(partners=config.partners)
-    dispatcher = Dispatcher(
-        store=store,
-        config=config,
-        transports={"https": transport},
-        partner_keys=load_partner_keys(config),
-        signing_keys=load_own_signing_keys(config),
-        clock=clock,
-        rng=random.Random(4),
-        metrics=metrics,
-    )
-    stub = PartnerStub(pki=tmp_path / "pki")
-    try:
-        yield Env(
-            config, store, clock, dispatcher, stub, port, SchemaRegistry.load_builtin(), metrics
-        )
-    finally:
-        await stub.stop()
-        await transport.aclose()
-        await store.close()
+    async with dispatcher_env(tmp_path, start=datetime.now(UTC)) as running:
+        yield running
 
 
 def breaker_open(env: Env, partner: str) -> float | None:
