@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 
+from gateway.crypto.keys import VerificationKey, load_verification_key
 from gateway.crypto.x509 import ca_identity, directly_issued
 from gateway.errors import ConfigError
 from gateway.model import is_party_id
@@ -221,6 +222,17 @@ class PartnerConfig:
     legal_basis: str | None = None
     #: the partner's audit log (None: no mutual witnessing with this partner)
     audit: PartnerAudit | None = None
+
+    def load_key(self, key: KeyConfig) -> VerificationKey:
+        """One of its ``keys``, loaded as every message's signature is verified with it;
+        ConfigError naming the file when it does not load."""
+        return load_verification_key(
+            key.path,
+            party=self.id,
+            alg=key.alg,
+            not_before=key.not_before,
+            not_after=key.not_after,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -29,7 +29,6 @@ from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, open_private_key_files
 from gateway.crypto.keys import (
     jwk_thumbprint,
-    load_verification_key,
     read_private_key,
     read_public_key,
 )
@@ -264,13 +263,7 @@ def _windows_missed(partner: PartnerConfig, now: datetime) -> list[str]:
     for index, key in enumerate(partner.keys):
         try:
             # loaded as serve loads it, so valid now as serve verifies it
-            loaded = load_verification_key(
-                key.path,
-                party=partner.id,
-                alg=key.alg,
-                not_before=key.not_before,
-                not_after=key.not_after,
-            )
+            loaded = partner.load_key(key)
         except ConfigError:
             return []
         if loaded.valid_at(now):

@@ -26,9 +26,7 @@ from gateway.config import PARTNER_FILE, GatewayConfig, load_config, open_privat
 from gateway.crypto.keys import (
     KeyRing,
     SigningKey,
-    VerificationKey,
     load_signing_key,
-    load_verification_key,
     public_jwk,
 )
 from gateway.errors import ConfigError
@@ -70,19 +68,9 @@ class Service(Protocol):
 
 
 def load_partner_keys(config: GatewayConfig) -> KeyRing:
-    keys: list[VerificationKey] = []
-    for partner in config.partners.values():
-        for key in partner.keys:
-            keys.append(
-                load_verification_key(
-                    key.path,
-                    party=partner.id,
-                    alg=key.alg,
-                    not_before=key.not_before,
-                    not_after=key.not_after,
-                )
-            )
-    return KeyRing(keys)
+    return KeyRing(
+        partner.load_key(key) for partner in config.partners.values() for key in partner.keys
+    )
 
 
 def load_own_signing_keys(config: GatewayConfig) -> tuple[SigningKey, ...]:

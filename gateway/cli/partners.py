@@ -23,7 +23,6 @@ from gateway.adapters.registry import Adapter, adapter_for, cut_text
 from gateway.cli.params import config_option
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig, load_config
-from gateway.crypto.keys import load_verification_key
 from gateway.crypto.notes import load_note_verifier
 from gateway.crypto.x509 import cert_subject_cn, load_certificate
 from gateway.envelope import parse_envelope
@@ -63,13 +62,7 @@ def _transports(partner: PartnerConfig) -> str:
 def _kid(partner: PartnerConfig, index: int) -> str:
     key = partner.keys[index]
     try:
-        loaded = load_verification_key(
-            key.path,
-            party=partner.id,
-            alg=key.alg,
-            not_before=key.not_before,
-            not_after=key.not_after,
-        )
+        loaded = partner.load_key(key)
     except ConfigError as exc:
         return f"UNREADABLE ({exc.reason})"
     return loaded.kid
@@ -129,13 +122,7 @@ def _check_keys(partner: PartnerConfig, now: datetime) -> Iterator[_Result]:
     valid_now = 0
     for key in partner.keys:
         try:
-            loaded = load_verification_key(
-                key.path,
-                party=partner.id,
-                alg=key.alg,
-                not_before=key.not_before,
-                not_after=key.not_after,
-            )
+            loaded = partner.load_key(key)
         except ConfigError as exc:
             yield _Result(ok=False, what="key", detail=str(exc))
             continue
