@@ -29,16 +29,21 @@ CA = "partners/CA-CBSA/partner.toml"
 DEV = "certs/dev"
 
 
-def _check(tree: Path, env: dict[str, str] | None = None) -> tuple[int, list[str], str]:
+def _cli(command: str, tree: Path, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    """The real CLI's ``command --config gateway.toml`` in ``tree``, to its end."""
     cli = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
-    done = subprocess.run(
-        [*cli, "check", "--config", str(tree / G)],
+    return subprocess.run(
+        [*cli, command, "--config", str(tree / G)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def _check(tree: Path, env: dict[str, str] | None = None) -> tuple[int, list[str], str]:
+    done = _cli("check", tree, env)
     return done.returncode, done.stdout.splitlines(), done.stderr
 
 
@@ -349,15 +354,7 @@ def test_a_partner_network_a_vpn_may_have_is_not_a_finding(tree: Path, network: 
 def _serve(tree: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
     """``serve``'s exit status and its last line on stderr (its error), for a configuration
     it must refuse before it serves."""
-    cli = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
-    done = subprocess.run(
-        [*cli, "serve", "--config", str(tree / G)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    done = _cli("serve", tree, env)
     return done.returncode, done.stderr.strip().splitlines()[-1]
 
 
