@@ -6,6 +6,13 @@ half-open: exactly one probe attempt is let through; its success closes the brea
 its failure opens it again for another full timeout. Attempts that find the probe in flight
 may wait for its verdict (``probe_settled``), so a recovered partner is reached at once.
 
+Each attempt carries the ``Attempt`` that ``try_acquire`` gave it, and its verdict is told
+with it. Up to a window of attempts may be in flight when the breaker opens; one begun
+before then that fails later is news of the outage already counted, not of the probe: it
+neither ends the probe (letting a second one through beside it) nor opens the breaker
+again for another full timeout. A success, whoever reports it, is the partner answering
+now, and closes the breaker.
+
 Time is monotonic so a wall-clock jump neither stalls nor floods a partner.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -21,6 +29,15 @@ class BreakerState(StrEnum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half_open"
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Attempt:
+    """Leave to try a partner, from ``try_acquire``; compared by identity."""
+
+    #: the breaker's epoch when it was given: the epoch moves on each open and each close
+    epoch: int
+    probe: bool
 
 
 class CircuitBreaker:
@@ -38,14 +55,15 @@ class CircuitBreaker:
         self._monotonic = monotonic
         self._failures = 0
         self._opened_at: float | None = None
-        self._probe_in_flight = False
+        self._epoch = 0
+        self._probe: Attempt | None = None
         self._probe_done: asyncio.Event | None = None
 
     @property
     def state(self) -> BreakerState:
         if self._opened_at is None:
             return BreakerState.CLOSED
-        if self._probe_in_flight or self._monotonic() - self._opened_at >= self._reset_timeout_s:
+        if self._probe is not None or self._monotonic() - self._opened_at >= self._reset_timeout_s:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
@@ -53,20 +71,21 @@ class CircuitBreaker:
         """How long until an attempt may be made (0 when one may be made now)."""
         if self._opened_at is None:
             return 0.0
-        if self._probe_in_flight:
+        if self._probe is not None:
             return self._reset_timeout_s
         return max(0.0, self._opened_at + self._reset_timeout_s - self._monotonic())
 
-    def try_acquire(self) -> bool:
-        """May an attempt start now? In half-open state only the first caller gets a yes."""
+    def try_acquire(self) -> Attempt | None:
+        """May an attempt start now? In half-open state only the first caller gets leave,
+        as the probe. The verdict on the attempt is told with what this returned."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return True
-        if state is BreakerState.HALF_OPEN and not self._probe_in_flight:
-            self._probe_in_flight = True
+            return Attempt(epoch=self._epoch, probe=False)
+        if state is BreakerState.HALF_OPEN and self._probe is None:
+            self._probe = Attempt(epoch=self._epoch, probe=True)
             self._probe_done = asyncio.Event()
-            return True
-        return False
+            return self._probe
+        return None
 
     async def probe_settled(self, timeout_s: float) -> bool:
         """Wait at most ``timeout_s`` for the probe in flight to end; True when none is left
@@ -75,29 +94,42 @@ class CircuitBreaker:
         if done is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
-        return not self._probe_in_flight
+        return self._probe is None
 
     def _end_probe(self) -> None:
-        self._probe_in_flight = False
+        self._probe = None
         done, self._probe_done = self._probe_done, None
         if done is not None:
             done.set()
 
-    def record_success(self) -> None:
+    def _open(self) -> None:
+        self._opened_at = self._monotonic()
+        self._epoch += 1
+
+    def record_success(self, attempt: Attempt) -> None:
         self._failures = 0
-        self._opened_at = None
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._epoch += 1
+        # closed now: whoever waits on a probe may go ahead, and the probe's own verdict,
+        # should it come later, counts as any other attempt's of an earlier epoch
         self._end_probe()
 
-    def record_failure(self) -> None:
-        self._failures += 1
-        if self._probe_in_flight or self._failures >= self._threshold:
-            self._opened_at = self._monotonic()
-        self._end_probe()
+    def record_failure(self, attempt: Attempt) -> None:
+        if attempt is self._probe:
+            self._open()
+            self._end_probe()
+        elif attempt.epoch == self._epoch and self._opened_at is None:
+            self._failures += 1
+            if self._failures >= self._threshold:
+                self._open()
+        # else: begun before the breaker last opened or closed; its failure is not news
 
-    def release(self) -> None:
-        """An acquired attempt ended with no verdict on the partner's health (e.g. a NACK)."""
-        if self._probe_in_flight:
-            self.record_success()
+    def release(self, attempt: Attempt) -> None:
+        """An acquired attempt ended with no verdict on the partner's health (e.g. a NACK):
+        the partner answered, so a probe's release closes the breaker."""
+        if attempt is self._probe:
+            self.record_success(attempt)
 
 
 class BreakerBoard:

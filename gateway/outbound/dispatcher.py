@@ -50,7 +50,7 @@ from gateway.errors import GatewayError, NackCode, Unavailable
 from gateway.inbound.context import ReceivedReceipt
 from gateway.metrics import Metrics
 from gateway.outbound.backoff import BackoffPolicy
-from gateway.outbound.breaker import BreakerBoard, BreakerState, CircuitBreaker
+from gateway.outbound.breaker import Attempt, BreakerBoard, BreakerState, CircuitBreaker
 from gateway.outbound.submission import current_signing_key
 from gateway.outbound.transport import (
     Delivery,
@@ -563,17 +563,17 @@ class Dispatcher:
             self._metrics.dispatcher_failures.labels(reason).inc()
 
     def _judge_partner(
-        self, partner: str, breaker: CircuitBreaker, verdict: Verdict | None
+        self, partner: str, breaker: CircuitBreaker, attempt: Attempt, verdict: Verdict | None
     ) -> None:
         """Tell ``partner``'s breaker how an acquired attempt ended (None: handed over, which
         says nothing of its health) and show it: the gauge on each verdict, the log only when
         it opens or closes, so a partner down for hours is one warning, not one per attempt."""
         if verdict is not None and verdict.kind == "retry":
-            breaker.record_failure()
+            breaker.record_failure(attempt)
         elif verdict is not None and verdict.partner_healthy:
-            breaker.record_success()
+            breaker.record_success(attempt)
         else:
-            breaker.release()
+            breaker.release(attempt)
         self._show_breaker(partner, breaker)
         opened = self._open_breakers.get(partner)
         if breaker.state is BreakerState.CLOSED:
@@ -588,7 +588,7 @@ class Dispatcher:
             return
         error = verdict.reason if verdict is not None and verdict.kind == "retry" else None
         if opened is not None:
-            # a failed probe (or an attempt begun before it opened): open again, not news
+            # still open (a failed probe, or an attempt begun before it opened): not news
             opened.last_error = error or opened.last_error
             return
         now = self._clock.now()
@@ -734,10 +734,10 @@ class Dispatcher:
         breaker = self.breakers.for_partner(partner.id)
         # A probe of a recovering partner in flight decides for this row too: wait for its
         # verdict rather than park the row for a whole reset timeout after a success.
-        if not (
-            breaker.try_acquire()
-            or (await breaker.probe_settled(self._probe_wait_s) and breaker.try_acquire())
-        ):
+        attempt = breaker.try_acquire()
+        if attempt is None and await breaker.probe_settled(self._probe_wait_s):
+            attempt = breaker.try_acquire()
+        if attempt is None:
             # Still probing (a slow partner): look again soon; open: at the next probe. Either
             # way no later than the message's expiry, to close it as dead then.
             until_probe = (
@@ -774,7 +774,7 @@ class Dispatcher:
         else:
             crash_point("S9-after-send-before-mark", message_id=record.message_id)
             if isinstance(result, Handed):
-                self._judge_partner(partner.id, breaker, None)
+                self._judge_partner(partner.id, breaker, attempt, None)
                 await self._finish_handed(record, sent_at=sent_at)
                 return
             adapter = adapter_for(partner)
@@ -785,7 +785,7 @@ class Dispatcher:
                 verdict = judge()
             else:
                 verdict = await asyncio.to_thread(judge, typ=partner.typ, adapter=adapter)
-        self._judge_partner(partner.id, breaker, verdict)
+        self._judge_partner(partner.id, breaker, attempt, verdict)
         await self._finish(record, verdict, sent_at=sent_at, transport=transport.name)
 
     async def _finish_handed(self, record: OutboundRecord, *, sent_at: datetime) -> None:
