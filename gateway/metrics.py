@@ -145,6 +145,14 @@ class Metrics:
             "When our own TLS certificate in force expires (Unix time).",
             registry=self.registry,
         )
+        self.crl_next_update = Gauge(
+            "c2c_tls_crl_next_update_timestamp_seconds",
+            "When the CRL in force of each partner CA (by its certificate's CN) passes its "
+            "nextUpdate (Unix time): from then on the CA's certificates are refused at the "
+            "handshake until a fresh CRL is installed. Only with [tls] crls.",
+            ["issuer"],
+            registry=self.registry,
+        )
         self.tls_reloads = Counter(
             "c2c_tls_reloads_total",
             "Reloads of our own TLS certificate and key, by outcome (tls_reloaded, "

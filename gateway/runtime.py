@@ -50,6 +50,7 @@ from gateway.transports.ocsp import OcspChecker
 from gateway.transports.revocation import (
     CrlWatcher,
     enable_revocation,
+    next_updates,
     read_anchors,
     revoked_in,
 )
@@ -224,6 +225,8 @@ class Gateway:
         if self.crl_watcher is not None:
             self._services.append(self.crl_watcher)
             self.crl_watcher.subscribe(self._retire_revoked)
+            self.crl_watcher.subscribe(self._show_crls)
+            self._show_crls()
         self.tls_identity.track(lambda: [self.partner_server.ssl_context])
         self._services.append(self.tls_identity)
         self.clock_watch = ClockWatch(
@@ -367,6 +370,13 @@ class Gateway:
         count = self.partner_server.retire_where(revoked)
         if count:
             log.warning("partner_connections_revoked", connections=count, by="a newer CRL")
+
+    def _show_crls(self) -> None:
+        """``c2c_tls_crl_next_update_timestamp_seconds``: when each partner CA's CRL in force
+        goes stale, so an alert can fire while a fresh one can still be installed."""
+        assert self.crl_watcher is not None
+        for issuer, moment in next_updates(self.crl_watcher.files).items():
+            self.metrics.crl_next_update.labels(issuer=issuer).set(moment.timestamp())
 
     def check_signing_keys(self) -> None:
         """ConfigError unless a key of ours is valid now, and one of each partner's

@@ -259,6 +259,21 @@ class CrlWatcher:
         log.error("crl_reload_refused", path=str(path), reason=reason, kept="the CRL in force")
 
 
+def next_updates(files: Iterable[CrlFile]) -> dict[str, datetime]:
+    """Per partner CA (its subject's CN, or its whole subject when it has no single CN), the
+    nextUpdate of its newest CRL in force: what OpenSSL checks, past which the CA's
+    certificates are refused. A CRL with no nextUpdate never goes stale and is left out."""
+    latest: dict[str, datetime] = {}
+    for crl_file in files:
+        moment = crl_file.next_update
+        if moment is None:
+            continue
+        issuer = cert_subject_cn(crl_file.issuer) or crl_file.issuer.subject.rfc4514_string()
+        if issuer not in latest or moment > latest[issuer]:
+            latest[issuer] = moment
+    return latest
+
+
 def _time(moment: datetime | None) -> str | None:
     return None if moment is None else format_rfc3339(moment)
 

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 import structlog
 from crl_file import NOW, write_crl
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from https_env import (
     CA,
@@ -83,6 +84,33 @@ async def test_a_fresh_crl_is_taken_in_while_serving(tmp_path: Path) -> None:
     async with running_gateway(tmp_path, tls=TLS, prepare=lambda root: write_crl(root)) as env:
         assert await status_of(env, MX) == 202
         await revoke_mx_by_a_new_crl(env)
+
+
+async def test_each_partner_cas_crl_shows_when_it_goes_stale(tmp_path: Path) -> None:
+    """``c2c_tls_crl_next_update_timestamp_seconds``: the CRL in force's nextUpdate, by the
+    CA's CN, set at start and moved by a newer CRL taken in."""
+    first = (NOW + dt.timedelta(hours=5)).replace(microsecond=0)  # CRL times are whole seconds
+
+    def prepare(root: Path) -> None:
+        write_crl(root, next_update=first)
+
+    async with running_gateway(tmp_path, tls=TLS, prepare=prepare) as env:
+        issuer = x509.load_pem_x509_certificate((tmp_path / "pki" / "ca.pem").read_bytes())
+        cn = issuer.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        registry = env.gateway.metrics.registry
+
+        def next_update() -> float | None:
+            return registry.get_sample_value(
+                "c2c_tls_crl_next_update_timestamp_seconds", {"issuer": str(cn)}
+            )
+
+        assert next_update() == first.timestamp()
+        later = (NOW + dt.timedelta(days=3)).replace(microsecond=0)
+        write_crl(tmp_path, this_update=NOW, next_update=later)
+        watcher = env.gateway.crl_watcher
+        assert watcher is not None
+        watcher.check()
+        assert next_update() == later.timestamp()
 
 
 async def test_a_crl_after_a_refused_pair_is_taken_in_with_the_pair_in_force(
