@@ -479,6 +479,7 @@ class WitnessingService:
                     message_type=CHECKPOINT_TYPE,
                     payload=offer.payload(),
                     actor=ACTOR,
+                    by_gateway=True,
                     # A checkpoint older than the partner's replay window is refused as
                     # STALE anyway; a newer one replaces it.
                     ttl_s=self._config.limits.replay_window_s,
@@ -586,6 +587,7 @@ class WitnessingService:
                 message_type=COSIGNATURE_TYPE,
                 payload=answer.payload(),
                 actor=ACTOR,
+                by_gateway=True,
                 in_reply_to=record.message_id,
                 correlation_id=record.correlation_id,
                 ttl_s=self._config.limits.replay_window_s,

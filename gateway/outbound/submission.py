@@ -16,7 +16,7 @@ from typing import Any, Literal, TypedDict
 import orjson
 import structlog
 
-from gateway.adapters.registry import adapter_for, from_canonical_off_loop
+from gateway.adapters.registry import adapter_for, from_canonical_off_loop, to_canonical_off_loop
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig
@@ -32,12 +32,15 @@ from gateway.errors import (
     UnsupportedType,
 )
 from gateway.model import Header, Priority, is_party_id
-from gateway.schemas.registry import SchemaRegistry
+from gateway.schemas.failures import PayloadInvalid
+from gateway.schemas.registry import ANSWERS, SchemaRegistry
 from gateway.store.base import OutboundRecord, Store, same_request
 
 log = structlog.get_logger(__name__)
 
 RECEIPT_TYPE = "receipt"
+#: the witnessing types (docs/witnessing.md): made and answered by the gateway itself
+GATEWAY_TYPE_PREFIX = "audit."
 MAX_IDEMPOTENCY_KEY = 255
 #: the answer to a query: a message type of the query.* family that asks nothing
 QUERY_RESPONSE_TYPE = "query.response"
@@ -71,6 +74,8 @@ class Submission:
     #: the submitter's key for retries (``Idempotency-Key``, AMQP ``message_id``): the same
     #: key and request from the same actor yield the message the first one created
     idempotency_key: str | None = None
+    #: made by the gateway itself (witnessing), which alone may send the ``audit.*`` types
+    by_gateway: bool = False
 
     @property
     def audit_event(self) -> Literal[EventKind.SUBMITTED, EventKind.QUERY]:
@@ -200,6 +205,11 @@ async def authorize_type(ctx: SubmitContext) -> None:
         raise UnsupportedType(
             f"unknown message_type/schema_version {message_type[:60]!r}/{schema_version[:20]!r}"
         )
+    if message_type.startswith(GATEWAY_TYPE_PREFIX) and not ctx.submission.by_gateway:
+        # a checkpoint signed with our key and offered by hand is refused by the partner's
+        # witness anyway, and is not an internal system's to offer
+        refusal = f"{message_type} messages are made by the gateway's witnessing, not submitted"
+        raise NotAuthorized(refusal, detail=refusal)
     if message_type not in ctx.partner.outbound_types:
         allowed = ", ".join(sorted(ctx.partner.outbound_types)) or "none"
         raise NotAuthorized(
@@ -219,6 +229,61 @@ async def validate_payload(ctx: SubmitContext) -> None:
         raise Malformed(
             f"{submission.message_type} answers another message: in_reply_to is required",
             detail=f"{submission.message_type} answers another message: in_reply_to is required",
+        )
+
+
+async def check_respond_by(ctx: SubmitContext) -> None:
+    respond_by = ctx.submission.respond_by
+    if respond_by is not None and respond_by <= ctx.now:
+        refusal = f"respond_by {format_rfc3339(respond_by)} is not in the future"
+        raise Malformed(refusal, detail=refusal)
+
+
+async def pair_answer(ctx: SubmitContext) -> None:
+    """An answer names, in ``in_reply_to``, a request the recipient sent us, of a type it
+    answers, and echoes its reference: what the partner's gateway checks (``pair_answer`` of
+    the inbound stages), refused here rather than NACKed after it is queued and sent.
+
+    The request must be in our inbox: every message a partner sent us came through it. Its
+    body purged by retention leaves only the type to check."""
+    assert ctx.partner is not None
+    submission = ctx.submission
+    pairing = ANSWERS.get(submission.message_type)
+    if pairing is None or submission.in_reply_to is None:
+        return
+    asked = await ctx.services.store.get_inbound(ctx.partner.id, submission.in_reply_to)
+    if asked is None:
+        refusal = (
+            f"in_reply_to {submission.in_reply_to} names no message received from"
+            f" {ctx.partner.id}: an answer names the message_id of the partner's request"
+        )
+        raise Malformed(refusal, detail=refusal)
+    request_types, member = pairing
+    if asked.message_type not in request_types:
+        answered = " or ".join(sorted(request_types))
+        refusal = (
+            f"in_reply_to names {ctx.partner.id}'s {asked.message_type};"
+            f" {submission.message_type} answers {answered}"
+        )
+        raise Malformed(refusal, detail=refusal)
+    if asked.body is None:
+        return
+    try:
+        canonical = await to_canonical_off_loop(adapter_for(ctx.partner), asked.body)
+        expected = orjson.loads(canonical)["payload"][member]
+    except (GatewayError, ValueError, LookupError, TypeError) as exc:
+        # the request no longer reads (the partner's adapter changed since): nothing to
+        # compare with, and not the submitter's fault
+        log.warning(
+            "answer_request_unreadable",
+            request=asked.message_id,
+            sender=asked.sender,
+            error=type(exc).__name__,
+        )
+        return
+    if submission.payload.get(member) != expected:
+        raise PayloadInvalid(
+            f"/{member}", f"does not echo the {member} of the request named in in_reply_to"
         )
 
 
@@ -324,7 +389,9 @@ STAGES: tuple[Stage, ...] = (
     resolve_partner,
     authorize_type,
     validate_payload,
+    check_respond_by,
     check_legal_basis,
+    pair_answer,
     build_envelope,
     sign_message,
     persist,

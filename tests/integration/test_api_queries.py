@@ -6,6 +6,7 @@ import dataclasses
 
 from inbound_records import sample_record
 from outbound_env import Running, example
+from test_api_answers import answer, received
 from test_api_idempotency import entries, outbox_size
 from test_api_messages import api
 
@@ -48,16 +49,12 @@ async def test_only_the_asked_partners_response_answers_a_query(us: Running) -> 
 
 
 async def test_an_outbound_response_is_no_query(us: Running) -> None:
+    lookup = await received(us, "query.shipment_lookup")
     status, sent = await api(
         us,
         "POST",
         "/api/v1/messages",
-        json={
-            "recipient": "MX-ANAM",
-            "message_type": "query.response",
-            "payload": example(us.gateway, "query.response"),
-            "in_reply_to": "0192f4d6-0000-7000-8000-000000000001",
-        },
+        json=answer(us, "query.response", lookup),
         scopes=("c2c:send",),  # an answer asks nothing: sending it needs no c2c:query
     )
     assert status == 202, sent

@@ -369,6 +369,7 @@ async def _answer(
             payload=payload,
             actor="test",
             in_reply_to=in_reply_to,
+            by_gateway=True,  # as the partner's witnessing sends it
         ),
     )
     wake()
@@ -588,6 +589,7 @@ async def test_a_checkpoint_not_signed_with_the_partners_audit_key_is_nacked(
                     message_type=CHECKPOINT_TYPE,
                     payload={"checkpoint": note, "old_size": 0, "consistency_proof": []},
                     actor="test",
+                    by_gateway=True,
                 ),
             )
             mx_wake()
