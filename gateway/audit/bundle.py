@@ -5,8 +5,8 @@ A bundle is one JSON Lines file, every line RFC 8785 canonical JSON:
 1. ``{"type": "header", ...}`` with the signed checkpoint note;
 2. ``{"type": "entry", "seq", "entry", "proof"}`` per audit entry (base64 leaf data and its
    inclusion proof in the checkpoint's tree);
-3. ``{"type": "message", ...}`` per archived message of a case export (wire bytes,
-   signature, receipt);
+3. ``{"type": "message", ...}`` per archived message of a case or message export (wire
+   bytes, signature, receipt);
 4. ``{"type": "cosignature", ...}`` per partner, its latest cosignature within the bundle's
    tree, with a consistency proof from the cosigned tree to the bundle's tree;
 5. ``{"type": "consistency", "old_size", "proof"}`` per ``prove_from`` size: a consistency
@@ -28,7 +28,7 @@ import binascii
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -38,7 +38,13 @@ import orjson
 import rfc8785
 
 from gateway.audit import merkle
-from gateway.audit.checkpoint import CheckpointError, open_checkpoint, parse_body
+from gateway.audit.checkpoint import (
+    CheckpointError,
+    KeptCheckpoint,
+    open_checkpoint,
+    parse_body,
+)
+from gateway.audit.events import entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.clock import format_rfc3339
 from gateway.crypto.notes import (
@@ -54,7 +60,7 @@ from gateway.crypto.notes import (
     verify_note,
 )
 from gateway.envelope import TimestampError, body_digest, parse_rfc3339
-from gateway.store.base import AuditFilter, MessageFilter, Store
+from gateway.store.base import AuditFilter, AuditRow, MessageFilter, Store
 
 FORMAT = "c2c-audit-bundle"
 VERSION = 1
@@ -158,14 +164,17 @@ async def export_bundle(
     since: datetime | None = None,
     until: datetime | None = None,
     correlation_id: str | None = None,
+    message_ids: Sequence[str] = (),
     prove_from: Sequence[int] = (),
     progress: Callable[[int], object] | None = None,
 ) -> ExportSummary:
     """Write a bundle of the entries matching the filter, proven against a fresh checkpoint.
 
     ``since`` and ``until`` are rounded up to the millisecond (``ceil_millisecond``) and the
-    header's filter records the bounds applied. ``prove_from`` adds a consistency proof from
-    each of those tree sizes (merkle.ProofError when one is beyond the checkpoint).
+    header's filter records the bounds applied. A case (``correlation_id``) or messages
+    (``message_ids``, entries of any of them) also get their archived messages: wire bytes,
+    signature, receipt. ``prove_from`` adds a consistency proof from each of those tree
+    sizes (merkle.ProofError when one is beyond the checkpoint).
 
     Every proof written is checked against the checkpoint first: a log whose entries do not
     match its tree fails the export (AuditIntegrityError naming the first bad seq) instead of
@@ -182,7 +191,14 @@ async def export_bundle(
             raise merkle.ProofError(
                 f"no consistency proof from size {old_size}: the log's checkpoint has size {size}"
             )
-    filt = AuditFilter(since=since, until=until, correlation_id=correlation_id)
+    message_ids = sorted(set(message_ids))
+    per_message: list[str | None] = [*message_ids] or [None]
+    filters = [
+        AuditFilter(since=since, until=until, correlation_id=correlation_id, message_id=m)
+        for m in per_message
+    ]
+    # what the entries written record of messages, when message lines are written
+    recorded = _Recorded() if correlation_id is not None or message_ids else None
     tmp = out.with_name(out.name + ".partial")
     try:
         # owner-only, as the store it copies message bodies from (a left-over temporary file
@@ -204,14 +220,20 @@ async def export_bundle(
                             ("since", since and format_rfc3339(since)),
                             ("until", until and format_rfc3339(until)),
                             ("correlation_id", correlation_id),
+                            ("message_ids", message_ids or None),
                         )
                         if v is not None
                     },
                 }
             )
             root = checkpoint.root_hash
-            entries = await _write_entries(store, writer, filt, size, root, progress)
-            messages = await _write_messages(store, writer, correlation_id)
+            pages = _pages(store, filters, size)
+            entries = await _write_entries(store, writer, pages, size, root, recorded, progress)
+            messages = 0
+            if recorded is not None:
+                messages = await _write_messages(
+                    store, writer, recorded, correlation_id, message_ids
+                )
             cosigs = await _write_cosignatures(store, audit, writer, size, root)
             for old_size in dict.fromkeys(prove_from):
                 writer.write(
@@ -233,21 +255,68 @@ async def export_bundle(
     )
 
 
+async def _pages(
+    store: Store, filters: Sequence[AuditFilter], size: int
+) -> AsyncIterator[list[AuditRow]]:
+    """Pages of the entries below ``size`` matching any of ``filters``, in seq order.
+
+    Several filters are those of several messages (one message id each, so no entry matches
+    two): a message has few entries, so each one's are read whole and merged.
+    """
+    if len(filters) == 1:
+        after = -1
+        while True:
+            page = await store.audit_entries(filters[0], after_seq=after, limit=PAGE)
+            rows = [r for r in page if r.seq < size]
+            if not rows:
+                return
+            yield rows
+            after = rows[-1].seq
+    merged: list[AuditRow] = []
+    for filt in filters:
+        async for rows in _pages(store, [filt], size):
+            merged += rows
+    merged.sort(key=lambda row: row.seq)
+    for start in range(0, len(merged), PAGE):
+        yield merged[start : start + PAGE]
+
+
+class _Recorded:
+    """What the written entries record of messages: the ``(message_id, body_digest)`` pairs
+    (a message line is written only for a pair a proven entry records, as ``audit verify``
+    asks) and, per message id, the senders named (whose inbound messages to look up)."""
+
+    def __init__(self) -> None:
+        self.digests: set[tuple[str, str]] = set()
+        self.senders: dict[str, set[str]] = {}
+
+    def add(self, entry: bytes) -> None:
+        view = entry_view(entry)
+        message_id, digest, sender = (
+            view.get("message_id"),
+            view.get("body_digest"),
+            view.get("sender"),
+        )
+        if not isinstance(message_id, str):
+            return
+        senders = self.senders.setdefault(message_id, set())
+        if isinstance(sender, str):
+            senders.add(sender)
+        if isinstance(digest, str):
+            self.digests.add((message_id, digest))
+
+
 async def _write_entries(
     store: Store,
     writer: _Writer,
-    filt: AuditFilter,
+    pages: AsyncIterator[list[AuditRow]],
     size: int,
     root: bytes,
+    recorded: _Recorded | None,
     progress: Callable[[int], object] | None,
 ) -> int:
     count = 0
-    after = -1
-    while True:
-        page = await store.audit_entries(filt, after_seq=after, limit=PAGE)
-        rows = [r for r in page if r.seq < size]
-        if not rows:
-            return count
+    async for rows in pages:
         plans = [merkle.inclusion_plan(r.seq, size) for r in rows]
         nodes = await _proof_nodes(store, [r.seq for r in rows], plans, size)
         for row, plan in zip(rows, plans, strict=True):
@@ -268,10 +337,12 @@ async def _write_entries(
                     "proof": [_b64(h) for h in proof],
                 }
             )
+            if recorded is not None:
+                recorded.add(row.entry)
         count += len(rows)
-        after = rows[-1].seq
         if progress is not None:
             progress(len(rows))
+    return count
 
 
 async def _proof_nodes(
@@ -299,24 +370,50 @@ async def _proof_nodes(
     return nodes
 
 
-async def _write_messages(store: Store, writer: _Writer, correlation_id: str | None) -> int:
-    if correlation_id is None:
-        return 0
+async def _write_messages(
+    store: Store,
+    writer: _Writer,
+    recorded: _Recorded,
+    correlation_id: str | None,
+    message_ids: Sequence[str],
+) -> int:
+    """The archived messages of the case or of the message ids, each whose body digest a
+    written entry records (a message of the case outside ``since``/``until`` has none)."""
     count = 0
+    async for direction, partner, message_id in _messages_of(
+        store, recorded, correlation_id, message_ids
+    ):
+        record = await _message_record(store, direction, partner, message_id)
+        if record is not None and (message_id, record["body_digest"]) in recorded.digests:
+            writer.write(record)
+            count += 1
+    return count
+
+
+async def _messages_of(
+    store: Store, recorded: _Recorded, correlation_id: str | None, message_ids: Sequence[str]
+) -> AsyncIterator[tuple[str, str, str]]:
+    """``(direction, partner, message_id)`` of the messages to archive: with message ids,
+    our outbound message of each id and the inbound one of each sender its entries name (a
+    partner's ids are unique per sender only, and may equal ours); else the case's."""
+    if message_ids:
+        for message_id in message_ids:
+            if message_id not in recorded.senders:
+                continue
+            yield "outbound", "", message_id
+            for sender in sorted(recorded.senders[message_id]):
+                yield "inbound", sender, message_id
+        return
+    assert correlation_id is not None
     after: str | None = None
     while True:
         page = await store.list_messages(
             MessageFilter(correlation_id=correlation_id), limit=100, after=after
         )
         for item in page.items:
-            record = await _message_record(
-                store, item.direction.value, item.partner, item.message_id
-            )
-            if record is not None:
-                writer.write(record)
-                count += 1
+            yield item.direction.value, item.partner, item.message_id
         if page.next_cursor is None:
-            return count
+            return
         after = page.next_cursor
 
 
@@ -480,22 +577,20 @@ WitnessKey = Callable[[str], NoteVerifier]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class KeptCheckpoint:
-    """A checkpoint note an auditor kept from an earlier bundle; ``label`` names it (a path)."""
-
-    label: str
-    note: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
 class _Filter:
     since: datetime | None = None
     until: datetime | None = None
     correlation_id: str | None = None
+    message_ids: frozenset[str] | None = None
 
     @property
     def empty(self) -> bool:
-        return self.since is None and self.until is None and self.correlation_id is None
+        return (
+            self.since is None
+            and self.until is None
+            and self.correlation_id is None
+            and self.message_ids is None
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -550,13 +645,24 @@ def verify_bundle(
     running = hashlib.sha256()
     state: _State | None = None
     ended = False
+    crlf = False
     with path.open("rb") as fh:
         for number, raw in enumerate(fh, start=1):
             if ended:
                 report.fail(number, "data after the end line")
                 break
+            if raw.endswith(b"\r\n"):
+                # a text-mode transfer converted the line endings: said once, and the lines
+                # read as they were exported, so that nothing else is blamed on it
+                if not crlf:
+                    report.fail(number, _CRLF)
+                    crlf = True
+                raw = raw[:-2] + b"\n"
             try:
-                obj = _parse_line(raw)
+                obj, canonical = _parse_line(raw)
+                if not canonical and (state is not None or number == 1):
+                    # still read: its entry is there, only its bytes are not the exported ones
+                    report.fail(number, "line is not in RFC 8785 canonical form")
                 kind = obj.get("type")
                 if number == 1:
                     if kind != "header":
@@ -592,10 +698,19 @@ def verify_bundle(
         _finish(state, report)
     if not ended:
         report.fail(None, "bundle is truncated: it has no end line")
+    # in line order (messages are checked once every entry is read), the bundle's own last
+    report.failures.sort(key=lambda f: (f.line is None, f.line or 0))
     return report
 
 
-def _parse_line(raw: bytes) -> dict[str, Any]:
+_CRLF = (
+    "the bundle has CRLF line endings (converted in transfer?): its lines end with \\n alone; "
+    "the rest is checked as if they did"
+)
+
+
+def _parse_line(raw: bytes) -> tuple[dict[str, Any], bool]:
+    """The line's JSON object and whether the line is its RFC 8785 form."""
     if not raw.endswith(b"\n"):
         raise _BadLine("line does not end with a newline (truncated bundle?)")
     try:
@@ -604,9 +719,10 @@ def _parse_line(raw: bytes) -> dict[str, Any]:
         raise _BadLine("line is not valid JSON") from None
     if not isinstance(obj, dict):
         raise _BadLine("line is not a JSON object")
-    if _line(obj) != raw:
-        raise _BadLine("line is not in RFC 8785 canonical form")
-    return obj
+    try:
+        return obj, _line(obj) == raw
+    except rfc8785.CanonicalizationError as exc:
+        raise _BadLine(f"line has a value RFC 8785 cannot represent: {exc}") from None
 
 
 def _header(
@@ -639,20 +755,29 @@ def _header(
     return state
 
 
-_FILTER_KEYS = ("since", "until", "correlation_id")
+_FILTER_STRINGS = ("since", "until", "correlation_id")
+_FILTER_KEYS = (*_FILTER_STRINGS, "message_ids")
 
 
 def _read_filter(value: Any) -> _Filter:
-    """The header's filter: an object of ``since``/``until`` (RFC 3339 UTC) and
-    ``correlation_id`` (a string), each absent when unused."""
+    """The header's filter: an object of ``since``/``until`` (RFC 3339 UTC),
+    ``correlation_id`` (a string) and ``message_ids`` (a non-empty list of strings), each
+    absent when unused."""
     if not isinstance(value, dict):
         raise _BadLine("filter is missing or not an object")
     unknown = sorted(set(value) - set(_FILTER_KEYS))
     if unknown:
         raise _BadLine(f"filter has keys verify cannot check: {', '.join(unknown)}")
-    for name in _FILTER_KEYS:
+    for name in _FILTER_STRINGS:
         if name in value and not isinstance(value[name], str):
             raise _BadLine(f"filter {name} is not a string")
+    message_ids = value.get("message_ids")
+    if message_ids is not None and (
+        not isinstance(message_ids, list)
+        or not message_ids
+        or not all(isinstance(m, str) for m in message_ids)
+    ):
+        raise _BadLine("filter message_ids is not a non-empty list of strings")
     times: dict[str, datetime | None] = {}
     for name in ("since", "until"):
         try:
@@ -660,7 +785,10 @@ def _read_filter(value: Any) -> _Filter:
         except TimestampError:
             raise _BadLine(f"filter {name} {value[name]!r} is not an RFC 3339 UTC time") from None
     return _Filter(
-        since=times["since"], until=times["until"], correlation_id=value.get("correlation_id")
+        since=times["since"],
+        until=times["until"],
+        correlation_id=value.get("correlation_id"),
+        message_ids=None if message_ids is None else frozenset(message_ids),
     )
 
 
@@ -730,6 +858,12 @@ def _outside_filter(entry: Any, filt: _Filter) -> str | None:
         return "it is not a JSON object"
     if filt.correlation_id is not None and entry.get("correlation_id") != filt.correlation_id:
         return f"its correlation_id is not {filt.correlation_id}"
+    message_id = entry.get("message_id")
+    if filt.message_ids is not None and not (
+        isinstance(message_id, str) and message_id in filt.message_ids
+    ):
+        wanted = ", ".join(sorted(filt.message_ids))
+        return f"its message_id is not {'one of ' if len(filt.message_ids) > 1 else ''}{wanted}"
     if filt.since is None and filt.until is None:
         return None
     text = entry.get("at")
@@ -792,14 +926,20 @@ def _finish(state: _State, report: BundleReport) -> None:
                 f"is not the kept root",
             )
         elif proof is None and prefix_root is None:
-            # an unfiltered bundle gets here only when its own entries failed (named above)
-            which = "this filtered bundle" if not state.filter.empty else "this bundle"
-            report.fail(
-                None,
-                f"{kept.label} cannot be checked against {which}: it holds not every proven "
-                f"entry below {kept.size} and no consistency proof from {kept.size}; export "
-                f"it unfiltered or with --prove-from {kept.size}",
-            )
+            if state.filter.empty:
+                # an unfiltered bundle holds them all: its own failures (named) are the cause
+                report.fail(
+                    None,
+                    f"{kept.label} cannot be checked against this bundle: not every entry "
+                    f"below {kept.size} is there and proven (see the failures above)",
+                )
+            else:
+                report.fail(
+                    None,
+                    f"{kept.label} cannot be checked against this filtered bundle: it holds "
+                    f"not every proven entry below {kept.size} and no consistency proof from "
+                    f"{kept.size}; export it unfiltered or with --prove-from {kept.size}",
+                )
         else:
             report.kept_sizes.append(kept.size)
 

@@ -104,6 +104,15 @@ class SignedCheckpoint:
     note: str
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KeptCheckpoint:
+    """A checkpoint note an auditor kept from earlier (``audit verify --checkpoint``, ``audit
+    check --trusted``); ``label`` names it in reports (its file)."""
+
+    label: str
+    note: str
+
+
 def sign_checkpoint(body: CheckpointBody, signer: NoteSigner) -> SignedCheckpoint:
     if signer.sig_type != SIG_ED25519:
         raise CheckpointError("the log signs checkpoints with an Ed25519 note key (type 0x01)")

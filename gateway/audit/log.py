@@ -20,6 +20,7 @@ from gateway.audit import merkle
 from gateway.audit.checkpoint import (
     CheckpointBody,
     CheckpointError,
+    KeptCheckpoint,
     open_checkpoint,
     parse_body,
     sign_checkpoint,
@@ -35,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 #: problems listed in a report beyond this are only counted
 MAX_LISTED_PROBLEMS = 100
+#: tree levels asked for nodes past the head: seqs stay below 2^62 (the stores' 64-bit seq)
+_MAX_LEVEL = 63
 
 
 class AuditIntegrityError(Exception):
@@ -251,14 +254,16 @@ class AuditLog:
     async def verify_store(
         self,
         *,
-        trusted: Sequence[str] = (),
+        trusted: Sequence[KeptCheckpoint] = (),
         batch: int = 4096,
         progress: Callable[[int], object] | None = None,
     ) -> VerifyReport:
         """Recompute the whole log and compare it with the store and the signed checkpoints.
 
         ``trusted`` are checkpoint notes an auditor kept from earlier (signed by this log);
-        each must still be a prefix of the current tree.
+        each must still be a prefix of the current tree. A caller that reads them from an
+        operator's files checks their signatures first: a bad file is the operator's error,
+        not a problem of the log.
         """
         size = await self._store.audit_size()
         report = VerifyReport(size=size)
@@ -288,21 +293,45 @@ class AuditLog:
                 body = self._stored_note(report, label, row.note, row)
                 if body is not None:
                     held.setdefault(body.size, []).append((label, body.root_hash))
-        for number, note in enumerate(trusted, start=1):
+        for kept in trusted:
+            label = f"trusted checkpoint {kept.label}"
             try:
-                body = open_checkpoint(note, self.verifier, origin=self.origin).body
+                body = open_checkpoint(kept.note, self.verifier, origin=self.origin).body
             except CheckpointError as exc:
-                report.add(None, f"trusted checkpoint {number}: {exc}")
+                report.add(None, f"{label}: {exc}")
                 continue
-            label = f"trusted checkpoint {number}"
             checkpoints.setdefault(body.size, []).append((label, body.root_hash))
         roots = await self._recompute(report, set(checkpoints) | set(held), batch, progress)
+        await self._check_nodes_beyond_head(report)
         for notes in (checkpoints, held):
             for cp_size in sorted(notes):
                 for label, root in notes[cp_size]:
                     self._check_root(report, label, cp_size, root, roots)
         await self._check_trusted_consistency(report, checkpoints, roots)
         return report
+
+    async def _check_nodes_beyond_head(self, report: VerifyReport) -> None:
+        """Tree nodes over entries at or past the head: what is left when entries were
+        deleted and the head set back (the next append would then collide with them).
+
+        Per level, the node over the head's position is asked for: entries appended past
+        the head wrote the leaf node at that position and, at each level, that node once
+        they completed it. A truncation is found unless every one of these was deleted too
+        (listing every node past the head would need a store read of its own). An append
+        since the head was read commits its entry with its nodes, so a node with the entry
+        at the head's position stored is no truncation (a live gateway appends meanwhile).
+        """
+        size = report.size
+        keys = [(level, size >> level) for level in range(_MAX_LEVEL)]
+        if (
+            await self._store.audit_node_hashes(keys)
+            and await self._store.audit_entry(size) is None
+        ):
+            report.add(
+                size,
+                f"the log holds tree nodes for entries beyond its head {size}: "
+                "entries were removed",
+            )
 
     def _stored_note(
         self, report: VerifyReport, label: str, note: str, row: Checkpoint | Cosignature

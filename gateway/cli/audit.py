@@ -30,12 +30,11 @@ from gateway.audit import merkle
 from gateway.audit.bundle import (
     ExportSummary,
     ExportTargetError,
-    KeptCheckpoint,
     check_export_target,
     export_bundle,
     verify_bundle,
 )
-from gateway.audit.checkpoint import CheckpointError, open_checkpoint
+from gateway.audit.checkpoint import CheckpointError, KeptCheckpoint, open_checkpoint
 from gateway.audit.events import AuditEvent, EventKind, entry_view
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.witnessing import offer_checkpoints
@@ -48,6 +47,7 @@ from gateway.crypto.notes import (
     NoteVerifier,
     load_note_signer,
     load_note_verifier,
+    note_in_file,
     parse_note,
 )
 from gateway.envelope import TimestampError, TimestampOutOfRange, parse_rfc3339_bound
@@ -105,10 +105,22 @@ class _Opened:
         self.audit = AuditLog(store, signer=signer, clock=SystemClock())
 
 
+_Loaded = tuple[GatewayConfig, NoteSigner]
+
+
+def _load(config_path: Path) -> _Loaded:
+    """The configuration and the log's key, loaded before anything else runs (exit 2 when
+    they do not load)."""
+    try:
+        config = load_config(config_path)
+        return config, load_note_signer(config.audit.key, config.audit.origin)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
 @asynccontextmanager
-async def _open(config_path: Path) -> AsyncIterator[_Opened]:
-    config = load_config(config_path)
-    signer = load_note_signer(config.audit.key, config.audit.origin)
+async def _open(loaded: _Loaded) -> AsyncIterator[_Opened]:
+    config, signer = loaded
     store = open_store(
         config.store_url, clock=SystemClock(), timeout_s=config.limits.store_timeout_s
     )
@@ -123,6 +135,14 @@ def _party_option(ctx: click.Context, param: click.Parameter, value: str | None)
     if value is not None and not is_party_id(value):
         raise click.BadParameter(f"{value[:60]!r} is not a party id (CC-AGENCY)")
     return value
+
+
+def _uuids_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    for value in values:
+        uuid_option(ctx, param, value)
+    return values
 
 
 def _config_option(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,7 +198,9 @@ def query_command(
     after_seq: int,
     limit: int,
 ) -> None:
-    """Print matching entries, one JSON object per line ({"seq", "leaf_hash", "entry"})."""
+    """Print matching entries, one JSON object per line ({"seq", "leaf_hash", "entry"}; the
+    leaf hash in base64, as the API and `audit proof` give it). When more match than
+    --limit, the last line on stderr says how to get the next page."""
     filt = AuditFilter(
         since=_parse_time(since, "--since"),
         until=_parse_time(until, "--until"),
@@ -190,16 +212,21 @@ def query_command(
         correlation_id=correlation_id,
     )
 
+    loaded = _load(config_path)
+
     async def run() -> None:
-        async with _open(config_path) as opened:
-            rows = await opened.store.audit_entries(filt, after_seq=after_seq, limit=limit)
-        for row in rows:
+        async with _open(loaded) as opened:
+            # one more than asked: whether there is a next page, said only when there is
+            rows = await opened.store.audit_entries(filt, after_seq=after_seq, limit=limit + 1)
+        for row in rows[:limit]:
             line = {
                 "seq": row.seq,
-                "leaf_hash": row.leaf_hash.hex(),
+                "leaf_hash": base64.b64encode(row.leaf_hash).decode(),
                 "entry": entry_view(row.entry),
             }
             click.echo(orjson.dumps(line).decode())
+        if len(rows) > limit:
+            click.echo(f"more: --after {rows[limit - 1].seq}", err=True)
 
     _run(run())
 
@@ -215,9 +242,10 @@ def proof_command(
     """Print an inclusion (--index) or consistency (--old-size) proof as JSON (base64 hashes)."""
     if (index is None) == (old_size is None):
         _fail("give exactly one of --index or --old-size")
+    loaded = _load(config_path)
 
     async def run() -> dict[str, Any]:
-        async with _open(config_path) as opened:
+        async with _open(loaded) as opened:
             if index is not None:
                 proof = await opened.audit.inclusion_proof(index, size)
                 return {
@@ -251,9 +279,10 @@ def proof_command(
 )
 def checkpoint_command(config_path: Path, send: bool) -> None:
     """Sign a checkpoint of the current tree now and print its note."""
+    loaded = _load(config_path)
 
     async def run() -> tuple[str, list[tuple[str, str]]]:
-        async with _open(config_path) as opened:
+        async with _open(loaded) as opened:
             # an on-demand checkpoint is an operator action, recorded in the tree it signs
             await opened.store.append_audit(
                 [
@@ -285,19 +314,26 @@ def checkpoint_command(config_path: Path, send: bool) -> None:
     "--trusted",
     "trusted_paths",
     multiple=True,
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="A checkpoint note kept from earlier; it must still be a prefix of the log.",
+    type=click.Path(path_type=Path, dir_okay=False),
+    metavar="NOTE",
+    help="A checkpoint note of this log kept from earlier; it must still be a prefix of the "
+    "log (repeatable). A file that is not a note signed by the log's key is refused (exit 2) "
+    "before the check.",
 )
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr.")
 def check_command(
     config_path: Path, trusted_paths: tuple[Path, ...], progress: bool | None
 ) -> None:
     """Recompute the whole stored log and compare it with its tree and signed checkpoints."""
-    trusted = [p.read_text(encoding="utf-8") for p in trusted_paths]
+    loaded = _load(config_path)
+    log_key = loaded[1].verifier
+    # the operator's files, checked before the log is read: a bad one is no problem of the
+    # log, and nothing is recorded for it
+    trusted = [_trusted_checkpoint(path, log_key) for path in trusted_paths]
     show = sys.stderr.isatty() if progress is None else progress
 
     async def run() -> tuple[bool, list[str], int, int]:
-        async with _open(config_path) as opened:
+        async with _open(loaded) as opened:
             size = await opened.store.audit_size()
             with _progress_bar(size, show, "checking") as bar:
                 report = await opened.audit.verify_store(trusted=trusted, progress=bar.update)
@@ -323,6 +359,35 @@ def check_command(
     if not ok:
         _fail(f"audit log check failed: {count} problem(s) in {checked} entries", code=1)
     click.echo(f"OK {checked} entries match their tree and signed checkpoints")
+
+
+def _note_file(path: Path, where: str) -> str:
+    """The signed note in an operator's file, read as ``note_in_file`` reads it; exit 2
+    naming the file when it cannot be read or holds no note."""
+    try:
+        # bytes, not text mode: which line endings to read as newlines is note_in_file's rule
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        _fail(f"{where}: the file is not UTF-8 text, so no checkpoint note")
+    except OSError as exc:
+        _fail(f"{where}: cannot read the checkpoint note: {exc.strerror or exc}")
+    try:
+        return note_in_file(text)
+    except NoteError as exc:
+        _fail(f"{where}: {exc}")
+
+
+def _trusted_checkpoint(path: Path, log_key: NoteVerifier) -> KeptCheckpoint:
+    """A ``--trusted`` note: this log's checkpoint, signed by its key (exit 2 otherwise)."""
+    where = f"--trusted {path}"
+    note = _note_file(path, where)
+    try:
+        open_checkpoint(note, log_key, origin=log_key.name)
+    except CheckpointError as exc:
+        _fail(
+            f"{where}: not a checkpoint note of this log ({log_key.name}) signed by its key: {exc}"
+        )
+    return KeptCheckpoint(label=str(path), note=note)
 
 
 @audit.command("export")
@@ -352,6 +417,15 @@ def check_command(
     help="A case (a lowercase UUID): its entries, messages, signatures, receipts.",
 )
 @click.option(
+    "--message-id",
+    "message_ids",
+    multiple=True,
+    callback=_uuids_option,
+    metavar="ID",
+    help="A message (a lowercase UUID): its entries, and its wire bytes, signature and "
+    "receipt (repeatable: the entries of any of them).",
+)
+@click.option(
     "--prove-from",
     "prove_from",
     multiple=True,
@@ -368,6 +442,7 @@ def export_command(
     since: str | None,
     until: str | None,
     correlation_id: str | None,
+    message_ids: tuple[str, ...],
     prove_from: tuple[int, ...],
     progress: bool | None,
 ) -> None:
@@ -385,6 +460,7 @@ def export_command(
         since_at=since_at,
         until_at=until_at,
         correlation_id=correlation_id,
+        message_ids=message_ids,
         prove_from=prove_from,
         show=show,
     )
@@ -448,15 +524,20 @@ def _export(
     since_at: datetime | None,
     until_at: datetime | None,
     correlation_id: str | None,
+    message_ids: tuple[str, ...],
     prove_from: tuple[int, ...],
     show: bool,
 ) -> ExportSummary:
     """Record the export as an operator action, then write the bundle to ``out``."""
+    loaded = _load(config_path)
 
     async def run() -> ExportSummary:
-        async with _open(config_path) as opened:
+        async with _open(loaded) as opened:
             clock = SystemClock()
-            scope = correlation_id or "all"
+            named = ([correlation_id] if correlation_id else []) + [
+                f"message {m}" for m in dict.fromkeys(message_ids)
+            ]
+            scope = " ".join(named) or "all"
             # the export is an operator action, recorded before the checkpoint that covers it
             await opened.store.append_audit(
                 [
@@ -479,6 +560,7 @@ def _export(
                     since=since_at,
                     until=until_at,
                     correlation_id=correlation_id,
+                    message_ids=message_ids,
                     prove_from=prove_from,
                     progress=bar.update,
                 )
@@ -527,10 +609,7 @@ def _kept_checkpoint(path: Path, key_for: Callable[[str], NoteVerifier]) -> Kept
     is unreadable or not signed by that key): the auditor's own file, not the bundle's fault.
     Whether its origin is the bundle's is the bundle's check."""
     where = f"--checkpoint {path}"
-    try:
-        note = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"{where}: cannot read the checkpoint note: {getattr(exc, 'strerror', None) or exc}")
+    note = _note_file(path, where)
     try:
         origin = parse_note(note).text.split("\n", 1)[0]
         open_checkpoint(note, key_for(origin), origin=origin)

@@ -254,6 +254,24 @@ def parse_note(data: str | bytes) -> Note:
     return Note(text=text, signatures=tuple(signatures))
 
 
+def note_in_file(text: str) -> str:
+    """The signed note a file (or a pasted text) holds, in its C2SP form.
+
+    What a file adds around a note is not the note's: CRLF line endings (a text-mode
+    transfer) are read as newlines, and blank or whitespace-only lines after its last line
+    are dropped (``jq -r`` adds one newline, editors more). The note returned ends with
+    exactly one newline after its last signature line, and its signatures are then checked
+    over its text exactly: a changed byte of that still fails. Anything else wrong is left
+    for ``parse_note`` to name; a blank file is named here (NoteError).
+    """
+    text = text.replace("\r\n", "\n")
+    end = len(text.rstrip(" \t\r\n"))
+    if end == 0:
+        raise NoteError("empty or blank: it holds no note")
+    newline = text.find("\n", end)
+    return text if newline < 0 else text[: newline + 1]
+
+
 def _cosigned_message(text: str, timestamp: int) -> bytes:
     return f"cosignature/v1\ntime {timestamp}\n".encode() + text.encode()
 
@@ -330,7 +348,11 @@ def verify_note(
         )
     if not verified:
         names = ", ".join(sorted({f"{v.name} ({v.key_id:08x})" for v in verifiers})) or "none"
-        raise NoteError(f"note carries no signature by a known key (known: {names})")
+        found = ", ".join(dict.fromkeys(f"{s.name} ({s.key_id:08x})" for s in parsed.signatures))
+        raise NoteError(
+            f"note carries no signature by a known key (known: {names}; found: {found}): "
+            "signed by another key, or forged"
+        )
     return verified
 
 

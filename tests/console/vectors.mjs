@@ -11,6 +11,7 @@ import {
   importLogKey,
   importWitnessKey,
   importWitnessKeys,
+  noteInText,
   verifyCheckpoint,
   verifyCosignature,
   verifyConsistency,
@@ -38,6 +39,7 @@ const RUN = {
     verifyCosignature(c.note, await importWitnessKey(c.key), await importLogKey(c.log_key)),
   witness_keys: async (c) => [...(await importWitnessKeys(c.text))].map(([partner, key]) => [partner, key.name]),
   vkey: async (c) => (await importLogKey(c.key, c.origin)).vkey,
+  note_in_text: async (c) => noteInText(c.text),
   events: async () => EVENTS,
 };
 

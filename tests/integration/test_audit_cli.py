@@ -395,7 +395,7 @@ def test_hashes_changed_to_text_are_found(env: Path, tmp_path: Path) -> None:
         "audit", "query", "--config", str(config), "--after", "2", "--limit", "1"
     )
     assert code == 0
-    assert json.loads(stdout)["leaf_hash"] == b"not a hash".hex()
+    assert json.loads(stdout)["leaf_hash"] == base64.b64encode(b"not a hash").decode()
     _sql(db, "UPDATE audit_entries SET entry = 'not json' WHERE seq = 4")
     code, stdout, _ = _invoke(
         "audit", "query", "--config", str(config), "--after", "3", "--limit", "1"

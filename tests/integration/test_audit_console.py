@@ -113,7 +113,9 @@ async def test_the_page_proves_every_entry_of_a_live_log(us: Running, tmp_path: 
     current = await audit_log.checkpoint()
     await submit(us)  # after the checkpoint: its hash is checked, it cannot be proven yet
     bundle = tmp_path / "bundle.jsonl"
-    result = await drive(us, tmp_path, old_notes=[old.note, current.note], bundle_path=str(bundle))
+    # the last as an auditor saved it with `jq -r` (one more newline) and pasted it
+    notes = [old.note, current.note, old.note + "\n"]
+    result = await drive(us, tmp_path, old_notes=notes, bundle_path=str(bundle))
 
     assert result["checkpoint"] == {
         "origin": us.config.audit.origin,
@@ -128,6 +130,7 @@ async def test_the_page_proves_every_entry_of_a_live_log(us: Running, tmp_path: 
     assert result["consistency"] == [
         {"ok": True, "oldSize": old.size},
         {"ok": True, "oldSize": current.size},
+        {"ok": True, "oldSize": old.size},
     ]
     report = verify_bundle(bundle, lambda origin: load_note_verifier(public_key_file(us), origin))
     assert report.ok, report.failures

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import merkle
 from gateway.audit.bundle import ExportTargetError, export_bundle, verify_bundle
-from gateway.audit.checkpoint import CheckpointError, open_checkpoint
+from gateway.audit.checkpoint import CheckpointError, KeptCheckpoint, open_checkpoint
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.audit.log import AuditIntegrityError, AuditLog
 from gateway.audit.witness import HistoryRewritten, StaleCheckpoint, Witness
@@ -123,7 +123,7 @@ async def test_checkpoints_are_signed_consistent_and_not_repeated(
     assert (await audit.latest_checkpoint()) == second
     proof = await audit.consistency_proof(5, 9)
     merkle.verify_consistency(5, 9, first.root_hash, second.root_hash, proof)
-    report = await audit.verify_store(trusted=[first.note])
+    report = await audit.verify_store(trusted=[KeptCheckpoint(label="first", note=first.note)])
     assert report.ok, report.problems
     assert (report.checked, report.checkpoint_size) == (9, 9)
 
@@ -356,9 +356,13 @@ async def test_rewrite_after_checkpoint_fails_consistency_and_the_witness(
         await forged_store.append_audit(forged_events)
         forged = AuditLog(forged_store, signer=log_signer, clock=store_clock)
         forged_cp = await forged.checkpoint()
-        report = await forged.verify_store(trusted=[published.note])
+        kept = KeptCheckpoint(label="published.checkpoint", note=published.note)
+        report = await forged.verify_store(trusted=[kept])
         assert not report.ok
-        assert any("differs from the trusted checkpoint 1" in p.what for p in report.problems)
+        assert any(
+            "differs from the trusted checkpoint published.checkpoint" in p.what
+            for p in report.problems
+        )
         with pytest.raises(HistoryRewritten, match="second root for tree size 20"):
             await witness.witness(forged_cp.note, log_signer.verifier, ORIGIN, partner="US")
         evidence = await witness_store.audit_entries(AuditFilter(event="history_inconsistent"))

@@ -28,7 +28,15 @@ from gateway.audit.checkpoint import (
     verify_cosignature,
 )
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.crypto.notes import NoteSigner, note_signer, public_key_pem
+from gateway.crypto.notes import (
+    NoteError,
+    NoteSigner,
+    note_in_file,
+    note_signer,
+    parse_note,
+    public_key_pem,
+    verify_note,
+)
 
 ORIGIN = "dev.c2c-gateway.invalid/US-CBP"
 LEAVES = [merkle.leaf_hash(b"entry %d" % i) for i in range(34)]
@@ -259,23 +267,55 @@ async def test_checkpoint_signatures(tmp_path: Path) -> None:
     }
     assert results[0] == results[1] == results[2] == {"ok": True, "value": good}
     errors = [r.get("error") for r in results[3:10]]
+    not_verified = "VerifyError: the log's signature (key {}) on the checkpoint does not verify"
+    other_key = (
+        f"VerifyError: checkpoint carries no signature by the log key {ORIGIN}"
+        f" ({other.key_id:08x}); found: {ORIGIN} ({signer.key_id:08x}): signed by another key,"
+        " or forged"
+    )
     assert errors == [
-        "VerifyError: the log's signature (key {}) on the checkpoint does not verify".format(
-            f"{signer.key_id:08x}"
-        ),
-        "VerifyError: the log's signature (key {}) on the checkpoint does not verify".format(
-            f"{signer.key_id:08x}"
-        ),
-        f"VerifyError: checkpoint carries no signature by the log key {ORIGIN}"
-        f" ({other.key_id:08x})",
-        f"VerifyError: checkpoint carries no signature by the log key {ORIGIN}"
-        f" ({other.key_id:08x})",
+        not_verified.format(f"{signer.key_id:08x}"),
+        not_verified.format(f"{signer.key_id:08x}"),
+        other_key,
+        other_key,
         'VerifyError: checkpoint is from log "dev.c2c-gateway.invalid/US-CBP",'
         ' the key is for "another-log"',
         "VerifyError: the verifier key's id does not match its name and key",
         "VerifyError: signature line 1 does not start with an em dash and space",
     ]
     assert results[10] == {"ok": True, "value": vkey}
+
+
+async def test_a_kept_note_is_read_from_a_text_as_the_cli_reads_its_file(tmp_path: Path) -> None:
+    """A note pasted or saved with `jq -r` (one more newline), an editor's blank lines or CRLF
+    line endings is the note itself; what is signed is still checked exactly."""
+    signer = note_signer(ORIGIN, Ed25519PrivateKey.generate())
+    note = sign_checkpoint(CheckpointBody(origin=ORIGIN, size=3, root_hash=LEAVES[0]), signer).note
+    texts = [
+        note,
+        note + "\n",
+        note + "\n \n\t\n  ",
+        note.replace("\n", "\r\n") + "\r\n",
+        note.rstrip("\n"),
+        note.replace("\n3\n", "\n4\n") + "\n",
+        "",
+        " \n\n",
+    ]
+    results = await run(tmp_path, [{"kind": "note_in_text", "text": t} for t in texts])
+    for text, result in zip(texts, results, strict=True):
+        try:
+            expected = {"ok": True, "value": note_in_file(text)}
+        except NoteError as exc:
+            expected = {"ok": False, "error": f"VerifyError: {exc}"}
+        assert result == expected, repr(text)
+    assert [r["value"] for r in results[:4]] == [note] * 4
+    verifier = signer.verifier
+    verify_note(note_in_file(texts[1]), [verifier])
+    with pytest.raises(NoteError, match="does not verify"):
+        verify_note(note_in_file(texts[5]), [verifier])
+    assert note_in_file(texts[4]) == texts[4]  # no final newline: parse_note names it
+    with pytest.raises(NoteError, match="does not end with a newline"):
+        parse_note(note_in_file(texts[4]))
 
 
 async def test_event_list_matches_the_gateway(tmp_path: Path) -> None:

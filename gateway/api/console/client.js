@@ -13,6 +13,7 @@ import {
   entryLeafHash,
   hex,
   importLogKey,
+  noteInText,
   verifyCheckpoint,
   verifyConsistency,
   verifyCosignature,
@@ -256,9 +257,10 @@ export class AuditClient {
     return { covered: true, leaf, proofLength: proof.proof.length };
   }
 
-  // An earlier checkpoint note (kept by the auditor) against the verified current one.
+  // An earlier checkpoint note (kept by the auditor: pasted, or kept by this browser) against
+  // the verified current one.
   async verifyConsistency(oldNote, logKey, checkpoint) {
-    const old = await verifyCheckpoint(oldNote, logKey);
+    const old = await verifyCheckpoint(noteInText(oldNote), logKey);
     if (old.size > checkpoint.size) {
       throw new VerifyError(
         `the earlier checkpoint (size ${old.size}) is larger than the current one (size ${checkpoint.size}): the log shrank`,

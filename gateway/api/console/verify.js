@@ -231,6 +231,20 @@ export function parseNote(note) {
   return { text, signatures };
 }
 
+// The note a pasted text or a file holds, in its C2SP form (as gateway/crypto/notes.py
+// note_in_file reads an auditor's file): CRLF line endings are read as newlines, and blank or
+// whitespace-only lines after its last line dropped (`jq -r` adds a newline, editors more).
+// The note returned ends with one newline after its last signature line; its signatures are
+// then checked over its text exactly.
+export function noteInText(text) {
+  const lf = String(text).replace(/\r\n/g, "\n");
+  let end = lf.length;
+  while (end > 0 && " \t\r\n".includes(lf[end - 1])) end -= 1;
+  if (end === 0) throw new VerifyError("empty or blank: it holds no note");
+  const newline = lf.indexOf("\n", end);
+  return newline < 0 ? lf : lf.slice(0, newline + 1);
+}
+
 export function parseCheckpoint(text) {
   const lines = text.slice(0, -1).split("\n");
   if (lines.length < 3) throw new VerifyError("checkpoint has fewer than three lines (origin, size, root hash)");
@@ -367,7 +381,11 @@ export async function verifyCheckpoint(note, logKey) {
   }
   const ours = signatures.filter((s) => s.name === logKey.name && s.keyId === logKey.keyId);
   if (!ours.length) {
-    throw new VerifyError(`checkpoint carries no signature by the log key ${logKey.name} (${logKey.keyId})`);
+    const found = [...new Set(signatures.map((s) => `${s.name} (${s.keyId})`))].join(", ");
+    throw new VerifyError(
+      `checkpoint carries no signature by the log key ${logKey.name} (${logKey.keyId}); found: ${found}: ` +
+        "signed by another key, or forged",
+    );
   }
   for (const sig of ours) {
     const ok = sig.signature.length === 64
