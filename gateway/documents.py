@@ -49,6 +49,9 @@ DOCUMENT_FIELDS: Mapping[str, tuple[str, ...]] = {
     "enforcement.seizure_report": ("case_ref", "event_type"),
 }
 
+#: reference fields that are an object {scheme, value}: their part is ``scheme:value``
+SCHEMED_FIELDS = frozenset({"export_ref"})
+
 #: longest reference kept (the schemas allow far less; the API takes up to this)
 MAX_REF = 200
 
@@ -77,6 +80,20 @@ def document_ref(message_type: str, payload: Mapping[str, Any]) -> str | None:
         return None
     ref = "/".join(part for part in parts if part is not None)
     return ref if len(ref) <= MAX_REF else None
+
+
+def not_found(message_type: str, partner: str, ref: str) -> str:
+    """What to say when ``partner`` filed no ``message_type`` under ``ref``: with the form of
+    that type's reference, which is not always one field (a seizure report's is
+    ``case_ref/event_type``)."""
+    form = "/".join(
+        f"{name}.scheme:{name}.value" if name in SCHEMED_FIELDS else name
+        for name in DOCUMENT_FIELDS[message_type]
+    )
+    return (
+        f"no {message_type} from {partner} with reference {ref[:MAX_REF]}"
+        f" ({message_type} is named by its payload's {form})"
+    )
 
 
 def message_function(payload: Mapping[str, Any]) -> str | None:

@@ -16,7 +16,13 @@ from gateway.api.problems import json_response, problem
 from gateway.api.requests import query_fields
 from gateway.api.services import SERVICES
 from gateway.clock import format_rfc3339
-from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS, MAX_REF, document_version
+from gateway.documents import (
+    CANCELLING_FUNCTIONS,
+    DOCUMENT_FIELDS,
+    MAX_REF,
+    document_version,
+    not_found,
+)
 from gateway.errors import Malformed
 from gateway.model import is_party_id
 from gateway.store.base import INBOUND_DELIVERED, INBOUND_RECEIVED, DocumentVersion
@@ -54,7 +60,7 @@ async def get_document(request: web.Request) -> web.Response:
         partner, message_type, ref, limit=MAX_VERSIONS
     )
     if not versions:
-        return problem(404, f"no {message_type} from {partner} with reference {ref}")
+        return problem(404, not_found(message_type, partner, ref))
     current = versions[-1]
     return json_response(
         {

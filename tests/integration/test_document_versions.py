@@ -162,7 +162,23 @@ async def test_a_late_original_never_replaces_the_amendment_that_came_first(
 @pytest.mark.parametrize(
     ("query", "status", "detail_part"),
     [
-        ({"partner": MX, "type": TYPE, "ref": "NO-SUCH-REF"}, 404, "no shipment.advance_data"),
+        (
+            {"partner": MX, "type": TYPE, "ref": "NO-SUCH-REF"},
+            404,
+            f"no {TYPE} from {MX} with reference NO-SUCH-REF ({TYPE} is named by its payload's"
+            " advance_data_ref)",
+        ),
+        # the reference is not always one field: the form is named
+        (
+            {"partner": MX, "type": "enforcement.seizure_report", "ref": "MX-ANAM-SZ-1"},
+            404,
+            "(enforcement.seizure_report is named by its payload's case_ref/event_type)",
+        ),
+        (
+            {"partner": MX, "type": "shipment.export_declaration", "ref": "MX-1"},
+            404,
+            "named by its payload's export_ref.scheme:export_ref.value)",
+        ),
         ({"partner": "mx", "type": TYPE, "ref": "x"}, 400, "party id"),
         ({"partner": MX, "type": "shipment.status", "ref": "x"}, 400, "has no versions"),
         ({"partner": MX, "type": TYPE}, 400, "ref is required"),
