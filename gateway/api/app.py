@@ -24,6 +24,7 @@ from gateway.api.auth import (
 )
 from gateway.api.documents import get_document
 from gateway.api.messages import (
+    close_message,
     get_message,
     get_message_body,
     get_receipt_body,
@@ -88,6 +89,12 @@ ROUTES: tuple[Route, ...] = (
         method="POST",
         path="/api/v1/messages/{message_id}/retry",
         handler=retry_message,
+        access=Access(scopes=frozenset({SCOPE_ADMIN})),
+    ),
+    Route(
+        method="POST",
+        path="/api/v1/messages/{message_id}/close",
+        handler=close_message,
         access=Access(scopes=frozenset({SCOPE_ADMIN})),
     ),
     Route(

@@ -1,4 +1,4 @@
-"""Internal API: submit, look up, list and retry messages."""
+"""Internal API: submit, look up, list, retry and close messages."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from gateway.clock import format_rfc3339
 from gateway.config import MAX_TTL_S
 from gateway.errors import GatewayError, Malformed, NotAuthorized, TooLarge
 from gateway.model import Direction, Priority, is_party_id
-from gateway.outbound.operator import RetryRefused, operator_retry
+from gateway.outbound.operator import (
+    MAX_CLOSE_REASON,
+    OperatorRefused,
+    operator_close,
+    operator_retry,
+)
 from gateway.outbound.submission import (
     Submission,
     is_query_type,
@@ -61,6 +66,11 @@ ONE_QUERY = frozenset({"direction", "partner"})
 LIST_QUERY = frozenset(
     {"direction", "partner", "type", "state", "since", "until", "correlation_id", "limit", "after"}
 )
+#: ``POST /api/v1/messages/{id}/close``: the operator's reason, and room for its JSON escapes
+CLOSE_MEMBERS = frozenset({"reason"})
+CLOSE_BODY_BYTES = 16 * 1024
+#: an operator action's refusal (``OperatorRefused.kind``) as an HTTP status
+_REFUSED_STATUS = {"not_found": 404, "conflict": 409, "invalid": 400}
 #: draft-ietf-httpapi-idempotency-key-header; a replayed answer says so (as Stripe's API does)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -446,7 +456,30 @@ async def retry_message(request: web.Request) -> web.Response:
             config=services.config,
             signing_keys=services.signing_keys,
         )
-    except RetryRefused as exc:
-        return problem(404 if exc.kind == "not_found" else 409, exc.reason)
+    except OperatorRefused as exc:
+        return _refused(exc)
     services.wake()
     return json_response({"message_id": record.message_id, "status": record.state.value})
+
+
+async def close_message(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    message_id = path_uuid(request, "message_id")
+    document = await json_object(request, max_bytes=CLOSE_BODY_BYTES)
+    reason = Fields(document, allowed=CLOSE_MEMBERS).required_text("reason", limit=MAX_CLOSE_REASON)
+    try:
+        record = await operator_close(
+            services.store,
+            party=services.config.party,
+            message_id=message_id,
+            actor=actor_of(request),
+            reason=reason,
+            now=services.clock.now(),
+        )
+    except OperatorRefused as exc:
+        return _refused(exc)
+    return json_response({"message_id": record.message_id, "status": record.state.value})
+
+
+def _refused(exc: OperatorRefused) -> web.Response:
+    return problem(_REFUSED_STATUS[exc.kind], exc.reason)

@@ -19,6 +19,7 @@ from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
 from gateway.inbound.context import Transport
 from gateway.model import Direction, Priority
+from gateway.outbound.operator import MAX_CLOSE_REASON
 from gateway.store.base import INBOUND_DELIVERED, INBOUND_RECEIVED, OutboundState
 from gateway.transports.https_server import SIGNATURE_HEADER
 
@@ -217,6 +218,20 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Closing": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["reason"],
+        "properties": {
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_CLOSE_REASON,
+                "description": "Why the message will not be sent again (its body purged, its"
+                " partner removed, ...): one line of text, kept in the audit entry",
+            },
+        },
+    },
     "Submission": {
         "type": "object",
         "additionalProperties": False,
@@ -283,7 +298,7 @@ _SCHEMAS: dict[str, Any] = {
             "next_attempt_at": {
                 **_MAYBE_TIME,
                 "description": "When the next attempt is due while queued or sent; null once"
-                " the message is acknowledged, rejected or dead",
+                " the message is acknowledged, rejected, dead or closed",
             },
             "submitted_by": {
                 "type": ["string", "null"],
@@ -891,7 +906,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/messages/{message_id}/retry": {
                 "post": {
                     "operationId": "retryMessage",
-                    "summary": "Queue a dead or rejected message again (audited)",
+                    "summary": "Queue a dead, closed or rejected message again (audited)",
                     "security": _security([SCOPE_ADMIN]),
                     "parameters": [_MESSAGE_ID_PARAM],
                     "responses": {
@@ -899,7 +914,34 @@ def openapi_document() -> dict[str, Any]:
                         "400": _problem("message_id is not a UUID"),
                         **_AUTH_ERRORS,
                         "404": _problem("No such outbound message"),
-                        "409": _problem("The message is not dead or rejected"),
+                        "409": _problem("The message is not dead, closed or rejected"),
+                        "503": _problem("The store is unavailable"),
+                    },
+                }
+            },
+            "/api/v1/messages/{message_id}/close": {
+                "post": {
+                    "operationId": "closeMessage",
+                    "summary": "Close a dead message that will not be sent again (audited with"
+                    " the reason)",
+                    "description": "The message is closed: no more attempts, and no longer"
+                    " counted as dead (c2c_outbox_depth, alert C2COutboxDead). A retry"
+                    " queues it again; the partner's late receipt still settles it.",
+                    "security": _security([SCOPE_ADMIN]),
+                    "parameters": [_MESSAGE_ID_PARAM],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("Closing")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("Accepted"), "Closed"),
+                        "400": _problem(
+                            "message_id is not a UUID, or the body or its reason is malformed"
+                        ),
+                        **_AUTH_ERRORS,
+                        "404": _problem("No such outbound message"),
+                        "409": _problem("The message is not dead"),
+                        "413": _problem("Body too large"),
                         "503": _problem("The store is unavailable"),
                     },
                 }

@@ -33,7 +33,7 @@ RESPONSE_TYPE = QUERY_RESPONSE_TYPE
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 60.0
 #: states in which no answer can come any more
-FINAL_STATES = frozenset({OutboundState.REJECTED, OutboundState.DEAD})
+FINAL_STATES = frozenset({OutboundState.REJECTED, OutboundState.DEAD, OutboundState.CLOSED})
 
 
 def query_submission(

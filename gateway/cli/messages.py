@@ -1,7 +1,10 @@
-"""``c2c-gateway messages list|show|versions|retry``: the outbox and inbox from the operator's seat.
+"""``c2c-gateway messages list|show|versions|retry|close``: the outbox and inbox from the
+operator's seat.
 
-``retry`` puts a dead or rejected message back in the queue (same signed bytes), audited
-with the actor ``cli:<user>``; a running gateway's dispatcher picks it up at its next poll.
+``retry`` puts a dead, closed or rejected message back in the queue (same signed bytes),
+audited with the actor ``cli:<user>``; a running gateway's dispatcher picks it up at its next
+poll. ``close`` ends a dead message that will not be sent again, audited with the actor and
+the operator's reason: it is no longer counted as dead, and ``retry`` undoes it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS
 from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
 from gateway.model import Direction, is_party_id
-from gateway.outbound.operator import RetryRefused, operator_retry
+from gateway.outbound.operator import OperatorRefused, operator_close, operator_retry
 from gateway.runtime import load_own_signing_keys
 from gateway.store import open_store
 from gateway.store.base import MessageFilter, Store
@@ -95,7 +98,7 @@ def _type_filter(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 @click.group()
 def messages() -> None:
-    """List, show and retry messages."""
+    """List, show, retry and close messages."""
 
 
 @messages.command("list")
@@ -230,9 +233,9 @@ def versions_command(config_path: Path, partner: str, message_type: str, ref: st
 @_CONFIG
 @click.argument("message_id")
 def retry_command(config_path: Path, message_id: str) -> None:
-    """Queue a dead or rejected outbound message again (audited as cli:<user>); an expired
-    one is signed again (same message_id and payload, created_at now, expires_at its TTL from
-    now)."""
+    """Queue a dead, closed or rejected outbound message again (audited as cli:<user>); an
+    expired one is signed again (same message_id and payload, created_at now, expires_at its
+    TTL from now)."""
     wanted = _message_id(message_id)
     actor = f"cli:{getpass.getuser()}"
 
@@ -247,8 +250,40 @@ def retry_command(config_path: Path, message_id: str) -> None:
                 config=config,
                 signing_keys=load_own_signing_keys(config),
             )
-        except RetryRefused as exc:
+        except OperatorRefused as exc:
             _fail(exc.reason)
         click.echo(f"queued again: {record.message_id} (to {record.recipient}, by {actor})")
+
+    _with_store(config_path, work)
+
+
+@messages.command("close")
+@_CONFIG
+@click.option(
+    "--reason",
+    required=True,
+    help="Why the message will not be sent again (kept in the audit log; one line).",
+)
+@click.argument("message_id")
+def close_command(config_path: Path, reason: str, message_id: str) -> None:
+    """Close a dead outbound message that will not be sent again (its body purged, its partner
+    removed): no more attempts, no longer counted as dead, audited as cli:<user> with the
+    reason. messages retry queues it again."""
+    wanted = _message_id(message_id)
+    actor = f"cli:{getpass.getuser()}"
+
+    async def work(config: GatewayConfig, store: Store) -> None:
+        try:
+            record = await operator_close(
+                store,
+                party=config.party,
+                message_id=wanted,
+                actor=actor,
+                reason=reason,
+                now=SystemClock().now(),
+            )
+        except OperatorRefused as exc:
+            _fail(exc.reason)
+        click.echo(f"closed: {record.message_id} (to {record.recipient}, by {actor})")
 
     _with_store(config_path, work)

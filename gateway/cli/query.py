@@ -93,7 +93,7 @@ def query(
         click.echo(json.dumps(response, indent=2, ensure_ascii=False))
         return
     query_id, state = answer["query_id"], answer.get("state")
-    if state in ("rejected", "dead"):
+    if state in ("rejected", "dead", "closed"):
         fail(f"query {query_id} is {state}: {answer.get('last_error')}", REFUSED)
     click.echo(f"query_id: {query_id}")
     click.echo(

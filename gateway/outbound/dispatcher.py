@@ -61,6 +61,7 @@ from gateway.outbound.transport import (
 )
 from gateway.receipts import Receipt, verify_receipt
 from gateway.store.base import (
+    GIVEN_UP_STATES,
     AttemptUpdate,
     InvalidTransition,
     LeaseLost,
@@ -411,10 +412,11 @@ class Dispatcher:
             status=None,
             retry_after_s=None,
         )
-        # A message given up on (dead) is settled by the partner's signed answer all the same:
-        # its ACK says the partner holds it. Only a final answer settles it: no STALE re-sign,
-        # and a NACK for later (RATE_LIMITED, UNAVAILABLE) leaves it dead.
-        dead = record.state is OutboundState.DEAD
+        # A message given up on (dead, or closed by an operator) is settled by the partner's
+        # signed answer all the same: its ACK says the partner holds it. Only a final answer
+        # settles it: no STALE re-sign, and a NACK for later (RATE_LIMITED, UNAVAILABLE)
+        # leaves it as it is.
+        dead = record.state in GIVEN_UP_STATES
         state = record.state.value
         if not dead or verdict.kind != "retry":
             # Written at once, durably and without a lease: a worker still sending the message
@@ -860,7 +862,7 @@ class Dispatcher:
             receipt is None
             or receipt.code is not NackCode.STALE
             # a late receipt for a message given up on settles it as it is
-            or record.state is OutboundState.DEAD
+            or record.state in GIVEN_UP_STATES
             or record.body is None
             or (record.expires_at is not None and record.expires_at <= now)
             or not self._attempts_left(attempts)

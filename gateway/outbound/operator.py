@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
@@ -12,6 +13,7 @@ from gateway.config import GatewayConfig
 from gateway.crypto.keys import SigningKey
 from gateway.errors import GatewayError
 from gateway.store.base import (
+    RETRYABLE_STATES,
     InvalidTransition,
     MessageNotFound,
     OutboundRecord,
@@ -19,9 +21,19 @@ from gateway.store.base import (
     Store,
 )
 
+#: the longest reason an operator may give for closing a message (it is kept in the audit log)
+MAX_CLOSE_REASON = 500
+#: Unicode categories a reason may not hold: control characters (C0, DEL, C1) and line or
+#: paragraph separators, which would break the audit entry's one line of text in a terminal
+#: or a log; and lone surrogates (undecodable bytes of a command line), which no UTF-8 entry
+#: can hold
+_NOT_TEXT = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
-class RetryRefused(Exception):
-    def __init__(self, reason: str, *, kind: Literal["not_found", "conflict"]) -> None:
+
+class OperatorRefused(Exception):
+    """An operator action refused: ``kind`` says why (the API answers 404, 409 or 400)."""
+
+    def __init__(self, reason: str, *, kind: Literal["not_found", "conflict", "invalid"]) -> None:
         super().__init__(reason)
         self.reason = reason
         self.kind = kind
@@ -37,7 +49,8 @@ async def operator_retry(
     config: GatewayConfig,
     signing_keys: Sequence[SigningKey],
 ) -> OutboundRecord:
-    """Put a dead or rejected message back in the queue, attempts reset, same signed bytes.
+    """Put a dead, closed or rejected message back in the queue, attempts reset, same signed
+    bytes.
 
     An expired message (PROTOCOL.md section 7: retryable by an operator) is signed again, as
     a partner's ``STALE`` answer has it signed again (docs/operations.md): the same
@@ -45,7 +58,7 @@ async def operator_retry(
     with the newest valid key of ``signing_keys``."""
     record = await store.get_outbound(message_id)
     if record is None:
-        raise RetryRefused(f"no outbound message with message_id {message_id}", kind="not_found")
+        raise OperatorRefused(f"no outbound message with message_id {message_id}", kind="not_found")
     resigned: Resigned | None = None
     reason = f"operator retry of a {record.state.value} message"
     if record.expires_at is not None and record.expires_at <= now:
@@ -80,14 +93,81 @@ async def operator_retry(
             resigned=resigned,
         )
     except MessageNotFound:
-        raise RetryRefused(
+        raise OperatorRefused(
             f"no outbound message with message_id {message_id}", kind="not_found"
         ) from None
     except InvalidTransition as exc:
-        raise RetryRefused(
-            f"message {message_id} is {exc.state}; only dead or rejected messages can be retried",
+        raise OperatorRefused(
+            f"message {message_id} is {exc.state}; only dead, closed or rejected messages can"
+            " be retried",
             kind="conflict",
         ) from None
+
+
+async def operator_close(
+    store: Store,
+    *,
+    party: str,
+    message_id: str,
+    actor: str,
+    reason: str,
+    now: datetime,
+) -> OutboundRecord:
+    """Close a dead message that will not be sent again (its body purged by retention, its
+    partner removed, its case settled another way): it is no longer counted as dead, so
+    ``C2COutboxDead`` clears. The operator says why, and the audit entry keeps it with the
+    actor. ``operator_retry`` undoes a close, and the partner's late receipt still settles
+    the message."""
+    why = _close_reason(reason)
+    record = await store.get_outbound(message_id)
+    if record is None:
+        raise OperatorRefused(f"no outbound message with message_id {message_id}", kind="not_found")
+    event = AuditEvent(
+        event=EventKind.OPERATOR_ACTION,
+        at=now,
+        message_id=message_id,
+        sender=party,
+        recipient=record.recipient,
+        message_type=record.message_type,
+        correlation_id=record.correlation_id,
+        body_digest=record.body_digest,
+        outcome="close",
+        reason=f"operator closed a dead message: {why}",
+        actor=actor,
+    )
+    try:
+        return await store.close_outbound(message_id, now=now, events=[event])
+    except MessageNotFound:
+        raise OperatorRefused(
+            f"no outbound message with message_id {message_id}", kind="not_found"
+        ) from None
+    except InvalidTransition as exc:
+        raise OperatorRefused(
+            f"message {message_id} is {exc.state}; only a dead message can be closed",
+            kind="conflict",
+        ) from None
+
+
+def _close_reason(reason: str) -> str:
+    """The operator's reason for a close, without surrounding blanks: one line of text."""
+    text = reason.strip()
+    if not text:
+        raise OperatorRefused(
+            "a reason is required: say why the message will not be sent again", kind="invalid"
+        )
+    if len(text) > MAX_CLOSE_REASON:
+        raise OperatorRefused(
+            f"the reason has {len(text)} characters; at most {MAX_CLOSE_REASON} are allowed",
+            kind="invalid",
+        )
+    for at, char in enumerate(text, start=1):
+        if unicodedata.category(char) in _NOT_TEXT:
+            raise OperatorRefused(
+                f"the reason has a control character or line break (U+{ord(char):04X}) at"
+                f" character {at}: give it as one line of text",
+                kind="invalid",
+            )
+    return text
 
 
 def _sign_again(
@@ -102,20 +182,20 @@ def _sign_again(
 
     assert record.expires_at is not None
     expired = f"message {record.message_id} expired at {format_rfc3339(record.expires_at)}"
-    if record.state.value not in ("dead", "rejected"):
-        raise RetryRefused(
-            f"message {record.message_id} is {record.state.value}; only dead or rejected"
-            " messages can be retried",
+    if record.state not in RETRYABLE_STATES:
+        raise OperatorRefused(
+            f"message {record.message_id} is {record.state.value}; only dead, closed or"
+            " rejected messages can be retried",
             kind="conflict",
         )
     if record.body is None:
-        raise RetryRefused(
+        raise OperatorRefused(
             f"{expired} and its body was purged by retention: it cannot be signed again",
             kind="conflict",
         )
     partner = config.partners.get(record.recipient)
     if partner is None:
-        raise RetryRefused(
+        raise OperatorRefused(
             f"{expired}; it must be signed again, and {record.recipient} is no longer a"
             " configured partner",
             kind="conflict",
@@ -125,7 +205,7 @@ def _sign_again(
             record.body, partner=partner, signing_keys=signing_keys, now=now, renew_expiry=True
         )
     except GatewayError as exc:
-        raise RetryRefused(
+        raise OperatorRefused(
             f"{expired}; signing it again failed: {exc.reason}", kind="conflict"
         ) from None
     assert resigned is not None

@@ -171,12 +171,18 @@ class OutboundState(StrEnum):
     ACKNOWLEDGED = "acknowledged"
     REJECTED = "rejected"
     DEAD = "dead"
+    #: a dead message an operator closed (it will not be sent again): no more attempts, and
+    #: not counted as dead, so its alert clears; a retry or the partner's late receipt still
+    #: ends it
+    CLOSED = "closed"
 
 
 #: states the dispatcher still works on
 ACTIVE_STATES = frozenset({OutboundState.QUEUED, OutboundState.SENT})
-#: states an operator may retry
-RETRYABLE_STATES = frozenset({OutboundState.DEAD, OutboundState.REJECTED})
+#: states an operator may retry (a close made by mistake is undone so)
+RETRYABLE_STATES = frozenset({OutboundState.DEAD, OutboundState.CLOSED, OutboundState.REJECTED})
+#: states a partner's late receipt settles with ``dead_too``: given up on, not settled
+GIVEN_UP_STATES = frozenset({OutboundState.DEAD, OutboundState.CLOSED})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -511,10 +517,11 @@ class Store(Protocol):
         dead_too: bool = False,
     ) -> OutboundRecord:
         """Apply a partner receipt that came in on its own (over AMQP), without a lease: only
-        while the message is queued or sent, or with ``dead_too`` also dead (a late receipt
-        settling a message given up on; ``update`` is then its final answer); else
-        InvalidTransition; MessageNotFound. Any lease is dropped, so a worker still sending it
-        gets LeaseLost and its result yields."""
+        while the message is queued or sent, or with ``dead_too`` also dead or closed (a late
+        receipt settling a message given up on; ``update`` is then its final answer: the
+        partner's word outweighs an operator's close); else InvalidTransition;
+        MessageNotFound. Any lease is dropped, so a worker still sending it gets LeaseLost and
+        its result yields."""
         ...
 
     async def get_outbound(self, message_id: str) -> OutboundRecord | None: ...
@@ -528,9 +535,17 @@ class Store(Protocol):
         events: Sequence[AuditEvent],
         resigned: Resigned | None = None,
     ) -> OutboundRecord:
-        """dead/rejected -> queued with attempts reset; MessageNotFound / InvalidTransition.
-        With ``resigned`` (an expired message signed again), its bytes and ``expires_at``
-        replace the stored ones."""
+        """dead/closed/rejected -> queued with attempts reset; MessageNotFound /
+        InvalidTransition. With ``resigned`` (an expired message signed again), its bytes and
+        ``expires_at`` replace the stored ones."""
+        ...
+
+    async def close_outbound(
+        self, message_id: str, *, now: datetime, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        """dead -> closed, with ``events`` (the operator's entry, which names who closed it and
+        why: no column does); MessageNotFound / InvalidTransition, and then nothing is
+        written."""
         ...
 
     async def outbox_depth(self) -> dict[OutboundState, int]: ...
@@ -678,6 +693,7 @@ def events_for_marked(
 
 __all__ = [
     "ACTIVE_STATES",
+    "GIVEN_UP_STATES",
     "INBOUND_DELIVERED",
     "INBOUND_RECEIVED",
     "RETRYABLE_STATES",

@@ -41,6 +41,7 @@ from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
     DOCUMENT_VERSION_COLUMNS,
+    GIVEN_UP_STATES,
     OUTBOX_BACKLOG_SQL,
     RETRYABLE_STATES,
     AttemptUpdate,
@@ -149,6 +150,8 @@ _OUTBOUND_COLUMNS = (
     "updated_at, idempotency_key, request_digest"
 )
 _PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
+#: the states retention purges the body of, as an SQL list of literals
+_FINISHED = ", ".join(f"'{s.value}'" for s in OutboundState if s not in ACTIVE_STATES)
 
 
 def _inbound(row: asyncpg.Record) -> InboundRecord:
@@ -1015,7 +1018,7 @@ class PostgresStore:
             if state is None:
                 raise MessageNotFound(message_id)
             if OutboundState(state) not in ACTIVE_STATES and not (
-                dead_too and OutboundState(state) is OutboundState.DEAD
+                dead_too and OutboundState(state) in GIVEN_UP_STATES
             ):
                 raise InvalidTransition(message_id, state, "record a receipt")
             updated = await self._apply_update(c, message_id, update)
@@ -1074,6 +1077,34 @@ class PostgresStore:
                 None
                 if resigned is None or resigned.expires_at is None
                 else _aware(resigned.expires_at),
+            )
+            if updated is None:
+                raise MessageNotFound(message_id)
+            tx.audit(events)
+            return _outbound(updated)
+
+        return await self._write(unit)
+
+    async def close_outbound(
+        self, message_id: str, *, now: datetime, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        async def unit(tx: _Tx) -> OutboundRecord:
+            c = tx.conn
+            state = await c.fetchval(
+                "SELECT state FROM outbound_messages WHERE message_id = $1 FOR UPDATE",
+                message_id,
+            )
+            if state is None:
+                raise MessageNotFound(message_id)
+            if OutboundState(state) is not OutboundState.DEAD:
+                raise InvalidTransition(message_id, state, "close")
+            updated = await c.fetchrow(
+                "UPDATE outbound_messages SET state = 'closed', updated_at = $1 "
+                f"WHERE message_id = $2 RETURNING {_OUTBOUND_COLUMNS}",
+                _aware(now),
+                message_id,
             )
             if updated is None:
                 raise MessageNotFound(message_id)
@@ -1308,7 +1339,7 @@ _PURGE_INBOUND_SQL = (
 )
 _PURGE_OUTBOUND_SQL = (
     "WITH scan AS (SELECT message_id, created_at < $1 "
-    "AND state IN ('acknowledged', 'rejected', 'dead') AND body IS NOT NULL AS due, "
+    f"AND state IN ({_FINISHED}) AND body IS NOT NULL AS due, "
     "octet_length(body) AS n FROM outbound_messages "
     "WHERE message_id > $2 ORDER BY message_id LIMIT $3), "
     "kept AS (SELECT message_id, due FROM (SELECT message_id, due, row_number() OVER w AS k, "
@@ -1316,7 +1347,7 @@ _PURGE_OUTBOUND_SQL = (
     "WINDOW w AS (ORDER BY message_id)) AS t WHERE k = 1 OR total <= $4), "
     "p AS (UPDATE outbound_messages AS o SET body = NULL FROM kept "
     "WHERE o.message_id = kept.message_id AND kept.due AND o.created_at < $1 "
-    "AND o.state IN ('acknowledged', 'rejected', 'dead') AND o.body IS NOT NULL RETURNING 1) "
+    f"AND o.state IN ({_FINISHED}) AND o.body IS NOT NULL RETURNING 1) "
     "SELECT (SELECT count(*) FROM p), (SELECT max(message_id) FROM kept)"
 )
 

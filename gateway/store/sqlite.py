@@ -41,6 +41,7 @@ from gateway.store.base import (
     ACTIVE_STATES,
     CLOCK_STEP_GRACE,
     DOCUMENT_VERSION_COLUMNS,
+    GIVEN_UP_STATES,
     OUTBOX_BACKLOG_SQL,
     RETRYABLE_STATES,
     AttemptUpdate,
@@ -1208,7 +1209,7 @@ class SqliteStore:
             if row is None:
                 raise MessageNotFound(message_id)
             state = OutboundState(row[0])
-            if state not in ACTIVE_STATES and not (dead_too and state is OutboundState.DEAD):
+            if state not in ACTIVE_STATES and not (dead_too and state in GIVEN_UP_STATES):
                 raise InvalidTransition(message_id, state.value, "record a receipt")
             self._apply_update(c, message_id, update)
             self._append_audit(c, events)
@@ -1257,6 +1258,30 @@ class SqliteStore:
                     _us_opt(None if resigned is None else resigned.expires_at),
                     message_id,
                 ),
+            )
+            self._append_audit(c, events)
+            return _require_outbound(c, message_id)
+
+        return await self._write(unit)
+
+    async def close_outbound(
+        self, message_id: str, *, now: datetime, events: Sequence[AuditEvent]
+    ) -> OutboundRecord:
+        events = list(events)
+
+        def unit(c: Conn) -> OutboundRecord:
+            row = c.execute(
+                "SELECT state FROM outbound_messages WHERE message_id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise MessageNotFound(message_id)
+            state = OutboundState(row[0])
+            if state is not OutboundState.DEAD:
+                raise InvalidTransition(message_id, state.value, "close")
+            c.execute(
+                "UPDATE outbound_messages SET state = 'closed', updated_at = ? "
+                "WHERE message_id = ?",
+                (_us(now), message_id),
             )
             self._append_audit(c, events)
             return _require_outbound(c, message_id)

@@ -173,6 +173,20 @@ async def test_retry_needs_admin(us: Running) -> None:
     assert body["detail"] == "this operation needs the scope admin"
 
 
+async def test_close_needs_admin(us: Running) -> None:
+    """Closing a dead message ends its alert: as a retry, an operator's (admin) alone."""
+    path = "/api/v1/messages/01890000-0000-7000-8000-000000000000/close"
+    for scopes in (["c2c:send"], ["c2c:query", "c2c:receive", "audit:read"]):
+        status, body, challenge = await call(
+            us, token(us.config, scopes=scopes), method="POST", path=path
+        )
+        assert status == 403
+        assert body["detail"] == "this operation needs the scope admin"
+        assert challenge == 'Bearer error="insufficient_scope", scope="admin"'
+    status, body, _ = await call(us, None, method="POST", path=path)
+    assert status == 401
+
+
 async def test_probes_need_no_token(us: Running) -> None:
     for path in ("/healthz", "/readyz", "/api/v1/openapi.json"):
         status, _, _ = await call(us, None, path=path)

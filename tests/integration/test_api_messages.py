@@ -1,4 +1,5 @@
-"""Internal API routes over real TLS: submit, refuse, look up, list, page, retry, OpenAPI."""
+"""Internal API routes over real TLS: submit, refuse, look up, list, page, retry, close,
+OpenAPI."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import gzip
 import io
 import json
 from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,16 @@ import pytest
 import structlog
 from inbound_records import sample_record
 from multidict import CIMultiDict
-from outbound_env import Running, auth, client_ssl, example, gateway_config, start_gateway, token
+from outbound_env import (
+    Running,
+    auth,
+    client_ssl,
+    example,
+    gateway_config,
+    row_until,
+    start_gateway,
+    token,
+)
 
 from gateway.audit.events import EventKind
 from gateway.config import GatewayConfig
@@ -383,7 +394,145 @@ async def test_lookup_and_retry_refusals(us: Running) -> None:
     mid = queued["message_id"]
     status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry")
     assert status == 409
-    assert body["detail"].endswith("only dead or rejected messages can be retried")
+    assert body["detail"].endswith("only dead, closed or rejected messages can be retried")
+
+
+async def dead_message(running: Running) -> str:
+    """A message the gateway gave up on: its partner unreachable (a closed port) until it
+    expired a second after it was submitted."""
+    status, body = await api(running, "POST", "/api/v1/messages", json=submission(running, ttl_s=1))
+    assert status == 202, body
+    message_id: str = body["message_id"]
+    await row_until(running.gateway.store, message_id, lambda r: r.state is OutboundState.DEAD)
+    return message_id
+
+
+async def metrics_text(running: Running) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(running.api_url + "/metrics", ssl=client_ssl(running.config)) as response,
+    ):
+        assert response.status == 200
+        return await response.text()
+
+
+async def test_a_dead_message_that_cannot_be_sent_again_is_closed_with_a_reason(
+    us: Running,
+) -> None:
+    """C2COutboxDead counts dead messages: one whose body retention purged can never be
+    retried, and the operator closes its case instead of silencing the alert."""
+    mid = await dead_message(us)
+    store = us.gateway.store
+    assert await store.purge_bodies(datetime.now(UTC) + timedelta(days=1)) == 1
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry")
+    assert status == 409
+    assert "its body was purged by retention: it cannot be signed again" in body["detail"]
+    assert 'c2c_outbox_depth{state="dead"} 1.0' in await metrics_text(us)
+
+    reason = "body purged by retention; MX-ANAM confirmed by phone it has the filing"
+    status, body = await api(
+        us, "POST", f"/api/v1/messages/{mid}/close", json={"reason": f" {reason} "}
+    )
+    assert (status, body) == (200, {"message_id": mid, "status": "closed"})
+    status, view = await api(us, "GET", f"/api/v1/messages/{mid}")
+    assert (status, view["state"], view["next_attempt_at"]) == (200, "closed", None)
+    assert (view["last_error"] or "").startswith("expired at ")
+    entry = json.loads((await store.audit_entries(AuditFilter(message_id=mid)))[-1].entry)
+    assert {k: entry[k] for k in ("event", "outcome", "actor", "reason", "recipient")} == {
+        "event": "operator_action",
+        "outcome": "close",
+        "actor": "api:test-client",
+        "reason": f"operator closed a dead message: {reason}",
+        "recipient": "MX-ANAM",
+    }
+    text = await metrics_text(us)
+    assert 'c2c_outbox_depth{state="dead"} 0.0' in text
+    assert 'c2c_outbox_depth{state="closed"} 1.0' in text
+    status, body = await api(us, "GET", "/api/v1/messages?state=closed")
+    assert (status, [item["message_id"] for item in body["items"]]) == (200, [mid])
+
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/close", json={"reason": "x"})
+    assert (status, body["detail"]) == (
+        409,
+        f"message {mid} is closed; only a dead message can be closed",
+    )
+
+
+async def test_a_retry_undoes_a_close(us: Running) -> None:
+    mid = await dead_message(us)
+    status, body = await api(
+        us, "POST", f"/api/v1/messages/{mid}/close", json={"reason": "closed by mistake"}
+    )
+    assert (status, body["status"]) == (200, "closed")
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry")
+    assert (status, body) == (200, {"message_id": mid, "status": "queued"})
+    rows = await us.gateway.store.audit_entries(
+        AuditFilter(message_id=mid, event=EventKind.OPERATOR_ACTION)
+    )
+    entries = [json.loads(row.entry) for row in rows]
+    assert [(e["outcome"], e["actor"]) for e in entries] == [
+        ("close", "api:test-client"),
+        ("retry", "api:test-client"),
+    ]
+    assert entries[0]["reason"] == "operator closed a dead message: closed by mistake"
+    # it had expired: queued again, it is signed again
+    assert entries[1]["reason"].startswith("operator retry of a closed message that expired at")
+
+
+@pytest.mark.parametrize(
+    ("document", "detail"),
+    [
+        (None, "Content-Type must be application/json, not 'application/octet-stream'"),
+        ({}, "reason is required"),
+        ({"reason": ""}, "reason must be a non-empty string of at most 500 characters"),
+        ({"reason": 7}, "reason must be a non-empty string of at most 500 characters"),
+        ({"reason": "x" * 501}, "reason must be a non-empty string of at most 500 characters"),
+        ({"reason": " \t "}, "a reason is required: say why the message will not be sent again"),
+        (
+            {"reason": "purged\nby retention"},
+            "the reason has a control character or line break (U+000A) at character 7: give"
+            " it as one line of text",
+        ),
+        (
+            {"reason": "purged\u2028by retention"},
+            "the reason has a control character or line break (U+2028) at character 7: give"
+            " it as one line of text",
+        ),
+        ({"reason": "purged", "force": True}, "unknown member(s): force; allowed: reason"),
+    ],
+)
+async def test_a_close_needs_a_reason_of_one_line(
+    us: Running, document: dict[str, Any] | None, detail: str
+) -> None:
+    """Refused before anything is read or written: the dead message stays dead, unaudited."""
+    mid = await dead_message(us)
+    size = await us.gateway.store.audit_size()
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/close", json=document)
+    assert (status, body["detail"]) == (400, detail)
+    row = await us.gateway.store.get_outbound(mid)
+    assert row is not None
+    assert row.state is OutboundState.DEAD
+    assert await us.gateway.store.audit_size() == size
+
+
+async def test_close_refusals(us: Running) -> None:
+    missing = "01890000-0000-7000-8000-000000000000"
+    status, body = await api(
+        us, "POST", f"/api/v1/messages/{missing}/close", json={"reason": "purged"}
+    )
+    assert (status, body["detail"]) == (404, f"no outbound message with message_id {missing}")
+    status, body = await api(
+        us, "POST", "/api/v1/messages/not-a-uuid/close", json={"reason": "purged"}
+    )
+    assert (status, body["detail"]) == (400, "message_id must be a lowercase UUID")
+    _, queued = await api(us, "POST", "/api/v1/messages", json=submission(us))
+    mid = queued["message_id"]
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/close", json={"reason": "x"})
+    assert status == 409
+    assert body["detail"] in (
+        f"message {mid} is queued; only a dead message can be closed",
+        f"message {mid} is sent; only a dead message can be closed",
+    )
 
 
 async def test_unknown_routes_and_methods_are_problems(us: Running) -> None:

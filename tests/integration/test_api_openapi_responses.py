@@ -238,6 +238,15 @@ async def test_every_answer_of_the_message_and_query_routes_is_documented(
         expect=403,
     )
     await api.call("POST", f"{MESSAGE}/retry", f"/api/v1/messages/{queued}/retry", expect=409)
+    close, reason = f"{MESSAGE}/close", {"reason": "its body was purged"}
+    await api.call("POST", close, f"/api/v1/messages/{queued}/close", json_body=reason, expect=409)
+    await api.call("POST", close, f"/api/v1/messages/{missing}/close", json_body=reason, expect=404)
+    await api.call("POST", close, f"/api/v1/messages/{queued}/close", json_body={}, expect=400)
+    dying = await api.call("POST", "/api/v1/messages", json_body={**submission, "ttl_s": 1})
+    await row_until(store, dying["message_id"], lambda r: r.state is OutboundState.DEAD)
+    path = f"/api/v1/messages/{dying['message_id']}/close"
+    closed = await api.call("POST", close, path, json_body=reason, expect=200)
+    assert closed["status"] == "closed"
     bad = {**submission, "payload": {**payload, "status": 7}}
     problem = await api.call("POST", "/api/v1/messages", json_body=bad, expect=400)
     assert "pointer" in problem

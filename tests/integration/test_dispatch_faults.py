@@ -357,7 +357,65 @@ async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> Non
     assert b'"actor":"cli:' in retried[0]
     code, _, err = await cli_retry(env, record.message_id)
     assert code == 2
-    assert err.strip().endswith("only dead or rejected messages can be retried")
+    assert err.strip().endswith("only dead, closed or rejected messages can be retried")
+
+
+async def cli_close(env: Env, message_id: str, *reason: str) -> tuple[int, str, str]:
+    config = str(env.config.source)
+    return await run_cli("messages", "close", "--config", config, *reason, message_id)
+
+
+async def test_an_operator_closes_a_dead_message_from_the_cli_and_a_retry_reopens_it(
+    env: Env,
+) -> None:
+    env.stub.behaviours = ["302", "ack"]
+    await env.stub.start(env.port)
+    record = await env.submit(ttl_s=3 * 86_400)
+    mid = record.message_id
+    assert (await env.step(mid)).state is OutboundState.DEAD
+    code, out, err = await cli_close(env, mid)
+    assert (code, out) == (2, "")
+    assert "Missing option '--reason'" in err
+    for reason, refusal in (
+        ("  ", "a reason is required: say why the message will not be sent again"),
+        (
+            "moved\tendpoint",
+            "the reason has a control character or line break (U+0009) at character 6: give"
+            " it as one line of text",
+        ),
+    ):
+        code, out, err = await cli_close(env, mid, "--reason", reason)
+        assert (code, out, err) == (2, "", f"error: {refusal}\n")
+    missing = "01890000-0000-7000-8000-000000000000"
+    code, _, err = await cli_close(env, missing, "--reason", "x")
+    assert (code, err) == (2, f"error: no outbound message with message_id {missing}\n")
+    assert (await env.row(mid)).state is OutboundState.DEAD
+
+    reason = "MX-ANAM moved its endpoint; re-filed by hand as 4711"
+    code, out, err = await cli_close(env, mid, "--reason", reason)
+    assert (code, err) == (0, "")
+    assert out.startswith(f"closed: {mid} (to MX-ANAM, by cli:")
+    assert (await env.row(mid)).state is OutboundState.CLOSED
+    env.clock.advance(timedelta(days=1))
+    assert await env.dispatcher.run_once() == 0
+    [entry] = [json.loads(e) for e in await env.events(mid) if b'"operator_action"' in e]
+    assert (entry["outcome"], entry["reason"]) == (
+        "close",
+        f"operator closed a dead message: {reason}",
+    )
+    assert entry["actor"].startswith("cli:")
+    code, _, err = await cli_close(env, mid, "--reason", "again")
+    assert (code, err) == (
+        2,
+        f"error: message {mid} is closed; only a dead message can be closed\n",
+    )
+
+    code, out, err = await cli_retry(env, mid)
+    assert code == 0, err
+    assert out.startswith(f"queued again: {mid} (to MX-ANAM, by cli:")
+    done = await env.step(mid)
+    assert (done.state, done.attempts) == (OutboundState.ACKNOWLEDGED, 1)
+    assert [seen.body for seen in env.stub.seen] == [record.body, record.body]
 
 
 async def test_slow_partner_times_out_and_the_resend_is_byte_identical(env: Env) -> None:

@@ -1,6 +1,7 @@
 """How an outbound message ends: ``[outbox] max_attempts`` (no cap by default: until expiry),
 over a synchronous (HTTPS) and an asynchronous (AMQP) transport; a partner's signed receipt
-that comes after the message was given up on; an operator retry of an expired message.
+that comes after the message was given up on, or closed by an operator; an operator retry of
+an expired message.
 
 Real parts: the store, a mutual-TLS partner stub (``test_dispatch_faults``'s ``env``), and
 RabbitMQ for the AMQP case."""
@@ -26,8 +27,8 @@ from gateway.config import OutboxConfig, load_config
 from gateway.crypto.jws import parse_detached, verify_signature
 from gateway.envelope import parse_envelope
 from gateway.errors import NackCode
-from gateway.outbound.dispatcher import Dispatcher
-from gateway.outbound.operator import operator_retry
+from gateway.outbound.dispatcher import RESIGN_AFTER, Dispatcher
+from gateway.outbound.operator import operator_close, operator_retry
 from gateway.outbound.submission import Submission, submit
 from gateway.runtime import load_own_signing_keys, load_partner_keys
 from gateway.store.base import AuditFilter, OutboundState, Store
@@ -250,6 +251,90 @@ async def test_a_late_nack_for_later_leaves_a_dead_message_dead_and_is_audited(
     assert row.state is OutboundState.DEAD
     rows = await env.store.audit_entries(AuditFilter(event=EventKind.REJECTED))
     assert [json.loads(r.entry)["outcome"] for r in rows] == ["DUPLICATE_CONFLICT"]
+
+
+async def closed_by_an_operator(env: Env) -> str:
+    message_id = await dead_by_expiry(env)
+    closed = await operator_close(
+        env.store,
+        party="US-CBP",
+        message_id=message_id,
+        actor="test:op",
+        reason="the partner was asked to confirm by mail",
+        now=env.clock.now(),
+    )
+    assert closed.state is OutboundState.CLOSED
+    return message_id
+
+
+@pytest.mark.parametrize(
+    ("code", "state"),
+    [(None, OutboundState.ACKNOWLEDGED), (NackCode.STALE, OutboundState.REJECTED)],
+)
+async def test_a_late_final_receipt_settles_a_closed_message(
+    env: Env, code: NackCode | None, state: OutboundState
+) -> None:
+    """The partner's signed answer is the truth about the message, whatever an operator
+    concluded when closing it."""
+    message_id = await closed_by_an_operator(env)
+    record = await env.row(message_id)
+    receipt = await hand_back_receipt(env, env.dispatcher, record, code=code)
+    row = await env.row(message_id)
+    assert (row.state, row.receipt_body) == (state, receipt)
+    answer = "ACK" if code is None else code.value
+    tail = [(e["event"], e.get("outcome")) for e in await audit_of(env.store, message_id)][-3:]
+    assert tail == [
+        ("operator_action", "close"),
+        ("receipt_received", answer),
+        ("acknowledged" if code is None else "partner_rejected", answer),
+    ]
+    assert await env.store.audit_entries(AuditFilter(event=EventKind.REJECTED)) == []
+
+
+async def test_a_late_stale_for_a_closed_message_not_expired_settles_it_unsigned_again(
+    env: Env,
+) -> None:
+    """Dead after its last allowed attempt, before it expired, then closed; the gateway
+    restarted with more attempts allowed: the partner's STALE settles it as rejected, it is
+    not signed again to be sent once more."""
+    env.config = dataclasses.replace(env.config, outbox=dataclasses.replace(OUTBOX, max_attempts=1))
+    env.dispatcher = dataclasses_dispatcher(env)
+    env.stub.behaviours = ["503"]
+    await env.stub.start(env.port)
+    submitted = await env.submit(ttl_s=1800)
+    assert (await env.step(submitted.message_id)).state is OutboundState.DEAD
+    await operator_close(
+        env.store,
+        party="US-CBP",
+        message_id=submitted.message_id,
+        actor="test:op",
+        reason="settled with the partner by phone",
+        now=env.clock.now(),
+    )
+    # restarted since with more attempts allowed: the message has attempts left
+    env.config = dataclasses.replace(env.config, outbox=dataclasses.replace(OUTBOX, max_attempts=5))
+    env.dispatcher = dataclasses_dispatcher(env)
+    env.clock.advance(RESIGN_AFTER + timedelta(seconds=1))  # its bytes old enough to re-sign
+    record = await env.row(submitted.message_id)
+    assert record.expires_at is not None
+    assert record.expires_at > env.clock.now()
+    await hand_back_receipt(env, env.dispatcher, record, code=NackCode.STALE)
+    row = await env.row(submitted.message_id)
+    assert (row.state, row.body) == (OutboundState.REJECTED, record.body)
+    assert await env.store.audit_entries(AuditFilter(event=EventKind.REJECTED)) == []
+
+
+async def test_a_late_nack_for_later_leaves_a_closed_message_closed_and_is_audited(
+    env: Env,
+) -> None:
+    message_id = await closed_by_an_operator(env)
+    record = await env.row(message_id)
+    await hand_back_receipt(env, env.dispatcher, record, code=NackCode.UNAVAILABLE)
+    assert (await env.row(message_id)).state is OutboundState.CLOSED
+    rows = await env.store.audit_entries(AuditFilter(event=EventKind.REJECTED))
+    [refused] = [json.loads(r.entry) for r in rows]
+    assert refused["outcome"] == "DUPLICATE_CONFLICT"
+    assert f"for {message_id}, which is already closed: it settles nothing" in refused["reason"]
 
 
 # F5 -----------------------------------------------------------------------------------

@@ -848,6 +848,166 @@ async def test_record_receipt_without_a_lease_only_while_active(store: Store) ->
     assert await store.audit_size() == 1
 
 
+async def outbound_in(store: Store, message_id: str, state: OutboundState) -> OutboundRecord:
+    """A row brought to ``state`` as the gateway brings it: queued by its submission, then
+    one attempt's result (``closed``: a dead row closed). Rows left queued are claimed by the
+    next call: make them last."""
+    record = await store.enqueue_outbound(outbound(message_id), [])
+    if state is OutboundState.QUEUED:
+        return record
+    claimed = await store.claim_outbound("w1", T0, 10, 30)
+    assert [r.message_id for r in claimed] == [message_id]
+    ended = OutboundState.DEAD if state is OutboundState.CLOSED else state
+    update = AttemptUpdate(
+        state=ended, attempts=1, next_attempt_at=T0 + timedelta(hours=1), last_error="HTTP 400"
+    )
+    record = await store.finish_attempt(message_id, "w1", update, [])
+    if state is OutboundState.CLOSED:
+        record = await store.close_outbound(message_id, now=T0, events=[])
+    return record
+
+
+def closing(message_id: str, why: str = "body purged by retention") -> AuditEvent:
+    return event(
+        EventKind.OPERATOR_ACTION,
+        message_id,
+        outcome="close",
+        actor="cli:ops",
+        reason=f"operator closed a dead message: {why}",
+    )
+
+
+async def test_close_ends_a_dead_message_with_its_audit_entry(store: Store) -> None:
+    dead = await outbound_in(store, "o-1", OutboundState.DEAD)
+    later = T0 + timedelta(hours=2)
+    closed = await store.close_outbound("o-1", now=later, events=[closing("o-1")])
+    # only its state and time change: why it died and what it was stay readable
+    assert closed == replace(dead, state=OutboundState.CLOSED, updated_at=later)
+    assert await store.get_outbound("o-1") == closed
+    assert await store.claim_outbound("w1", T0 + timedelta(days=1), 10, 30) == []
+    (row,) = await store.audit_entries(AuditFilter(message_id="o-1"))
+    assert json.loads(row.entry) == {
+        "event": "operator_action",
+        "at": "2026-11-24T12:00:00.000Z",
+        "message_id": "o-1",
+        "outcome": "close",
+        "actor": "cli:ops",
+        "reason": "operator closed a dead message: body purged by retention",
+    }
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        OutboundState.SENT,
+        OutboundState.ACKNOWLEDGED,
+        OutboundState.REJECTED,
+        OutboundState.CLOSED,
+        OutboundState.QUEUED,
+    ],
+)
+async def test_only_a_dead_message_is_closed(store: Store, state: OutboundState) -> None:
+    """A rejected message is final already and alerts nothing; the others are at work, or
+    closed: refused, with nothing written (no entry, the row as it was)."""
+    before = await outbound_in(store, "o-1", state)
+    size = await store.audit_size()
+    with pytest.raises(InvalidTransition, match=f"'o-1' is {state.value}; cannot close"):
+        await store.close_outbound("o-1", now=T0 + timedelta(hours=2), events=[closing("o-1")])
+    assert await store.get_outbound("o-1") == before
+    assert await store.audit_size() == size
+    with pytest.raises(MessageNotFound):
+        await store.close_outbound("nope", now=T0, events=[closing("nope")])
+    assert await store.audit_size() == size
+
+
+async def test_two_closes_of_one_message_close_it_once(
+    store: Store, store_url: str, store_clock: ManualClock
+) -> None:
+    """Two operators (two replicas) close the same dead message at once: one close and one
+    entry; the other is told it is closed."""
+    await outbound_in(store, "o-1", OutboundState.DEAD)
+    other = open_store(store_url, clock=store_clock)
+    await other.open()
+    try:
+        results = await asyncio.gather(
+            store.close_outbound("o-1", now=T0, events=[closing("o-1", "first")]),
+            other.close_outbound("o-1", now=T0, events=[closing("o-1", "second")]),
+            return_exceptions=True,
+        )
+    finally:
+        await other.close()
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1
+    assert isinstance(refused[0], InvalidTransition)
+    assert refused[0].state == "closed"
+    assert len(await store.audit_entries(AuditFilter(message_id="o-1"))) == 1
+
+
+async def test_closed_is_counted_apart_from_dead(store: Store) -> None:
+    await outbound_in(store, "dead-1", OutboundState.DEAD)
+    await outbound_in(store, "dead-2", OutboundState.DEAD)
+    await outbound_in(store, "closed", OutboundState.CLOSED)
+    depth = await store.outbox_depth()
+    assert (depth[OutboundState.DEAD], depth[OutboundState.CLOSED]) == (2, 1)
+    await store.close_outbound("dead-1", now=T0, events=[closing("dead-1")])
+    depth = await store.outbox_depth()
+    assert (depth[OutboundState.DEAD], depth[OutboundState.CLOSED]) == (1, 2)
+    listed = await store.list_messages(MessageFilter(state="closed"))
+    assert sorted(m.message_id for m in listed.items) == ["closed", "dead-1"]
+    assert {m.state for m in listed.items} == {"closed"}
+
+
+async def test_a_retry_reopens_a_closed_message(store: Store) -> None:
+    """A close made by mistake is undone by a retry: queued again, attempts reset."""
+    await outbound_in(store, "o-1", OutboundState.CLOSED)
+    later = T0 + timedelta(hours=2)
+    retried = await store.retry_outbound(
+        "o-1", now=later, actor="cli:ops", events=[event(EventKind.OPERATOR_ACTION, "o-1")]
+    )
+    assert (retried.state, retried.attempts, retried.next_attempt_at) == (
+        OutboundState.QUEUED,
+        0,
+        later,
+    )
+    (claimed,) = await store.claim_outbound("w1", later, 10, 30)
+    assert claimed.message_id == "o-1"
+    assert (await store.outbox_depth())[OutboundState.CLOSED] == 0
+
+
+async def test_a_late_receipt_settles_a_closed_message_only_with_dead_too(store: Store) -> None:
+    """The partner's receipt outweighs an operator's close, as it does a dead message's end;
+    without ``dead_too`` (an answer for later, not final) the message stays closed."""
+    closed = await outbound_in(store, "o-1", OutboundState.CLOSED)
+    acked = AttemptUpdate(
+        state=OutboundState.ACKNOWLEDGED,
+        attempts=1,
+        next_attempt_at=T0,
+        receipt_body=b"late receipt",
+        receipt_signature="sig",
+    )
+    with pytest.raises(InvalidTransition, match="closed; cannot record a receipt"):
+        await store.record_receipt("o-1", acked, [event(EventKind.ACKNOWLEDGED, "o-1")])
+    assert await store.get_outbound("o-1") == closed
+    assert await store.audit_size() == 0
+    done = await store.record_receipt(
+        "o-1", acked, [event(EventKind.ACKNOWLEDGED, "o-1")], dead_too=True
+    )
+    assert (done.state, done.receipt_body) == (OutboundState.ACKNOWLEDGED, b"late receipt")
+    assert await store.audit_size() == 1
+
+
+async def test_purge_takes_the_body_of_a_closed_message(store: Store) -> None:
+    """Closed is finished: retention takes its body as it takes a dead one's."""
+    await outbound_in(store, "closed", OutboundState.CLOSED)
+    await outbound_in(store, "sent", OutboundState.SENT)
+    assert await store.purge_bodies(T0 + timedelta(days=30)) == 1
+    closed, sent = await store.get_outbound("closed"), await store.get_outbound("sent")
+    assert closed is not None
+    assert sent is not None
+    assert (closed.body, closed.body_digest) == (None, digest(b'{"out": "closed"}'))
+    assert sent.body is not None
+
+
 async def test_outbox_backlog_counts_what_is_at_work_per_recipient(store: Store) -> None:
     """What /metrics shows as c2c_outbound_pending and its oldest age: queued and sent rows
     only, per recipient, with the creation time of the oldest."""

@@ -51,7 +51,7 @@ def test_a_known_partner_and_type_are_taken(config: Path) -> None:
     [
         (
             ("--state", "bogus"),
-            "Invalid value for '--state': 'bogus' is not one of 'acknowledged', 'dead',"
+            "Invalid value for '--state': 'bogus' is not one of 'acknowledged', 'closed', 'dead',"
             " 'delivered', 'queued', 'received', 'rejected', 'sent'.",
         ),
         (("--state", ""), "Invalid value for '--state': '' is not one of 'acknowledged',"),
