@@ -25,7 +25,7 @@ from gateway.api.messages import LIST_STATES, find_messages, several_messages
 from gateway.api.requests import UUID_RE
 from gateway.clock import SystemClock, format_rfc3339
 from gateway.config import GatewayConfig, known_message_types, load_config
-from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS
+from gateway.documents import CANCELLING_FUNCTIONS, DOCUMENT_FIELDS, not_found
 from gateway.envelope import parse_timestamp
 from gateway.errors import ConfigError, Malformed, Unavailable
 from gateway.model import Direction, is_party_id
@@ -213,7 +213,7 @@ def versions_command(config_path: Path, partner: str, message_type: str, ref: st
     async def work(config: GatewayConfig, store: Store) -> None:
         versions = await store.document_versions(partner, message_type, ref)
         if not versions:
-            _fail(f"no {message_type} from {partner} with reference {ref[:200]}")
+            _fail(not_found(message_type, partner, ref))
         heading = ("VERSION", "FN", "RECEIVED_AT", "STATE")
         click.echo("{:<49} {:<3} {:<24} {:<10} MESSAGE_ID".format(*heading))
         for version in versions:

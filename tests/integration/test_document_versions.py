@@ -156,7 +156,10 @@ async def test_a_late_original_never_replaces_the_amendment_that_came_first(
     assert lines[-1] == f"current: {v3_id} (cancelled)"
     code, out, err = await cli_versions(running, "NO-SUCH-REF")
     assert (code, out) == (2, "")
-    assert err == f"error: no {TYPE} from {MX} with reference NO-SUCH-REF\n"
+    assert err == (
+        f"error: no {TYPE} from {MX} with reference NO-SUCH-REF ({TYPE} is named by its"
+        " payload's advance_data_ref)\n"
+    )
 
 
 @pytest.mark.parametrize(
