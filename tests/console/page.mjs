@@ -4,7 +4,7 @@
 // Usage: node page.mjs PLAN.json
 //   PLAN: baseUrl, token, key, origin? (the log's, given with a PEM key), witnessKeys? (the
 //   partners' keys field), storage (a JSON file holding local storage across visits),
-//   tamper? ("shift" | "shift_last" | "no_checkpoint"), checkpointAnswer? (served in place of
+//   tamper? ("shift" | "shift_last" | "no_checkpoint" | "unmatched"), checkpointAnswer? (served in place of
 //   the gateway's checkpoint answer), filters? (searched after opening),
 //   proofDelay? (ms the gateway takes to answer each inclusion proof),
 //   steps? (what the auditor does while the page is still at work, in turn: each waits until
@@ -92,6 +92,14 @@ async function gateway(url, init) {
     page.items.splice(plan.tamper === "shift_last" ? page.items.length : 1, 0, item);
     return json(200, page);
   }
+  if (plan.tamper === "unmatched" && path === "/api/v1/audit/entries" && new URL(full).search.includes("event=")) {
+    // a real entry, with its real proof, that the search does not match, slipped into its page
+    const page = await (await realFetch(full, init)).json();
+    const all = await (await realFetch(`${plan.baseUrl}/api/v1/audit/entries?limit=500`, init)).json();
+    page.items.push(all.items.find((item) => !page.items.some((listed) => listed.seq === item.seq)));
+    page.items.sort((a, b) => a.seq - b.seq);
+    return json(200, page);
+  }
   return realFetch(full, init);
 }
 
@@ -149,7 +157,10 @@ out.more = { hidden: elements.more?.hidden ?? null, disabled: elements.more?.dis
 out.rows = (elements["entry-rows"]?.children ?? []).map((tr) => {
   const cells = tr.children;
   const proof = cells.at(-1);
-  return { seq: Number(cells[0].textContent), outcome: cells[7].textContent, proof: proof.textContent, kind: proof.className };
+  return {
+    seq: Number(cells[0].textContent), event: cells[2].textContent, outcome: cells[7].textContent,
+    proof: proof.textContent, kind: proof.className,
+  };
 });
 out.kept = Object.entries(kept)
   .filter(([slot]) => slot.startsWith("c2c.audit.checkpoint:"))

@@ -2,7 +2,7 @@
 // Usage: node vectors.mjs CASES.json  ->  one JSON array of {ok, value?, error?} on stdout.
 import { readFile } from "node:fs/promises";
 
-import { EVENTS } from "../../gateway/api/console/client.js";
+import { EVENTS, filterMismatch } from "../../gateway/api/console/client.js";
 import {
   b64decode,
   b64encode,
@@ -41,6 +41,7 @@ const RUN = {
   vkey: async (c) => (await importLogKey(c.key, c.origin)).vkey,
   note_in_text: async (c) => noteInText(c.text),
   events: async () => EVENTS,
+  filter_mismatch: async (c) => filterMismatch(c.entry, c.filters),
 };
 
 const cases = JSON.parse(await readFile(process.argv[2], "utf8"));

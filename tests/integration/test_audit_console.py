@@ -336,6 +336,25 @@ async def test_an_old_entry_moved_past_the_checkpoint_is_not_shown_as_checked(
     }
 
 
+async def test_an_entry_the_search_did_not_ask_for_is_shown_as_failed(
+    us: Running, tmp_path: Path
+) -> None:
+    """A dishonest gateway slips a real entry, with its valid proof, into the answer to a
+    search it does not match (another message's entry in a message's trail)."""
+    await queries(us, 3)
+    await queries(us, 1, EventKind.OPERATOR_ACTION)
+    await us.api.app[AUDIT_LOG].checkpoint()
+    page = await visit(us, tmp_path, tamper="unmatched", filters={"event": "query"})
+    rows = page["rows"]
+    [stranger] = [r for r in rows if r["event"] != "query"]
+    assert verdict(stranger) == {
+        "proof": f"✗ not what the search asked for: its event is {stranger['event']}, not query",
+        "kind": "bad",
+    }
+    assert [verdict(r) for r in rows if r is not stranger] == [PROVEN] * 3
+    assert page["entries-status"]["text"].startswith("4 entries shown: 1 FAILED verification")
+
+
 async def test_pages_loaded_while_proofs_are_checked_keep_the_listing_in_order(
     us: Running, tmp_path: Path
 ) -> None:

@@ -444,3 +444,40 @@ async def test_partners_keys_are_read_from_one_text(tmp_path: Path) -> None:
         "VerifyError: partners' keys: MX-ANAM: the verifier key is not an Ed25519 key of type"
         " 0x01 or 0x04",
     ]
+
+
+async def test_an_entry_is_checked_against_the_search_it_was_listed_for(tmp_path: Path) -> None:
+    entry = {
+        "at": "2026-12-07T10:00:00.250Z",
+        "event": "sent",
+        "message_id": "01a252e2-47cc-77c2-bffe-2aefcaa0f4ea",
+        "message_type": "shipment.status",
+        "sender": "US-CBP",
+        "recipient": "MX-ANAM",
+        "outcome": "attempt 1",
+    }
+    searches: list[tuple[dict[str, str], str | None]] = [
+        ({}, None),
+        ({"event": " sent ", "partner": "MX-ANAM", "type": "shipment.status"}, None),
+        ({"partner": "US-CBP"}, None),
+        ({"since": "2026-12-07T10:00:00.250Z", "until": "2026-12-07T10:00:00.251Z"}, None),
+        ({"since": "not a time"}, None),
+        (
+            {"message_id": "01a252e2-0000-7000-8000-000000000000"},
+            "its message_id is 01a252e2-47cc-77c2-bffe-2aefcaa0f4ea, not"
+            " 01a252e2-0000-7000-8000-000000000000",
+        ),
+        ({"correlation_id": "c"}, "its correlation_id is absent, not c"),
+        ({"partner": "CA-CBSA"}, "neither its sender nor its recipient is CA-CBSA"),
+        (
+            {"since": "2026-12-07T10:00:01Z"},
+            "its time 2026-12-07T10:00:00.250Z is before 2026-12-07T10:00:01Z",
+        ),
+        (
+            {"until": "2026-12-07T10:00:00Z"},
+            "its time 2026-12-07T10:00:00.250Z is not before 2026-12-07T10:00:00Z",
+        ),
+    ]
+    cases = [{"kind": "filter_mismatch", "entry": entry, "filters": f} for f, _ in searches]
+    results = await run(tmp_path, cases)
+    assert [r.get("value") for r in results] == [expected for _, expected in searches]

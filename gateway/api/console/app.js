@@ -3,7 +3,7 @@
 // Text from the log (partner ids, reasons) is only ever set as textContent, never parsed as
 // HTML; the page's Content-Security-Policy allows this origin's scripts alone.
 
-import { AuditClient, EVENTS, ENTRY_FILTERS, ListingCheck, auditorLogKey } from "./client.js";
+import { AuditClient, EVENTS, ENTRY_FILTERS, ListingCheck, auditorLogKey, filterMismatch } from "./client.js";
 import { b64encode, hex, importWitnessKeys, verifyCheckpoint } from "./verify.js";
 
 const TOKEN = "c2c.audit.token";
@@ -177,11 +177,12 @@ function mark(row, kind, problem = "") {
 }
 
 // A row's verdict joins its own check (`checked`: { covered } or { error }, once its proof is
-// in) with its place in the listing (`problem`), which a later row may still find wrong.
+// in) with its place in the listing (`problem`), which a later row may still find wrong, and
+// whether it is what the search asked for (`unmatched`).
 function render(listing, row) {
-  const { checked, problem } = row;
+  const { checked, problem, unmatched } = row;
   if (!checked) return;
-  const failures = [checked.error, problem].filter(Boolean);
+  const failures = [checked.error, problem, unmatched].filter(Boolean);
   if (failures.length) mark(row, "bad", failures.join("; "));
   else mark(row, checked.covered ? "proven" : listing.checkpoint ? "after" : "unproven");
 }
@@ -264,6 +265,7 @@ async function loadEntries(append) {
     state.after = null;
     state.listing = {
       rows: [],
+      filters: { ...state.filters },
       checkpoint: state.checkpoint,
       order: new ListingCheck({
         filtered: Object.values(state.filters).some((v) => v !== undefined && v !== null && String(v).trim() !== ""),
@@ -301,7 +303,9 @@ async function loadEntries(append) {
     });
     $("entry-rows").append(tr);
     const { problem, earlier } = listing.order.next(item.seq);
-    const row = { item, status, kind: "pending", checked: null, problem };
+    const mismatch = filterMismatch(e, listing.filters);
+    const unmatched = mismatch && `not what the search asked for: ${mismatch}`;
+    const row = { item, status, kind: "pending", checked: null, problem, unmatched };
     listing.rows.push(row);
     added.push(row);
     for (const misplaced of earlier) {

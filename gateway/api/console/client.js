@@ -40,6 +40,40 @@ export const ENTRY_FILTERS = [
   "since", "until", "partner", "type", "message_id", "correlation_id", "event", "outcome",
 ];
 
+// A filter's value as the page sends it, or null when the field is left empty.
+function given(value) {
+  return value === undefined || value === null || String(value).trim() === "" ? null : String(value).trim();
+}
+
+// The filters that name one member of an entry, by the entry member they name.
+const MEMBER_FILTERS = {
+  message_id: "message_id", correlation_id: "correlation_id", event: "event", outcome: "outcome", type: "message_type",
+};
+
+// What an entry listed for `filters` does not match of them, or null. Its proof says it is in
+// the log, not that it is what was asked for: a gateway answering a message's trail with
+// another message's entry is caught here. Times are compared to the millisecond either way
+// (the gateway rounds a finer bound), and a bound the browser cannot read is left to the
+// gateway, which refuses it.
+export function filterMismatch(entry, filters) {
+  for (const [name, member] of Object.entries(MEMBER_FILTERS)) {
+    const wanted = given(filters[name]);
+    if (wanted !== null && entry[member] !== wanted) {
+      return `its ${member} is ${entry[member] ?? "absent"}, not ${wanted}`;
+    }
+  }
+  const partner = given(filters.partner);
+  if (partner !== null && entry.sender !== partner && entry.recipient !== partner) {
+    return `neither its sender nor its recipient is ${partner}`;
+  }
+  const at = Date.parse(entry.at);
+  const since = Date.parse(given(filters.since));
+  const until = Date.parse(given(filters.until));
+  if (!Number.isNaN(since) && !(at >= since - 1)) return `its time ${entry.at} is before ${given(filters.since)}`;
+  if (!Number.isNaN(until) && !(at < until + 1)) return `its time ${entry.at} is not before ${given(filters.until)}`;
+  return null;
+}
+
 function queryString(params) {
   const query = new URLSearchParams();
   for (const [name, value] of Object.entries(params)) {
