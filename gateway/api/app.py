@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
-from gateway.api import audit
+from gateway.api import audit, schemas
 from gateway.api import console_routes as console
 from gateway.api.auth import (
     ANY_READER,
@@ -50,6 +50,8 @@ PUBLIC = Access(public=True)
 READ = Access(scopes=ANY_READER)
 _READ_DIRECTION = {direction.value: Access(scopes=r) for direction, r in READERS.items()}
 AUDIT_READ = Access(scopes=frozenset({SCOPE_AUDIT}))
+#: what describes the API rather than its data (the schema catalogue): every client needs it
+TOKEN = Access(any_scope=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +144,13 @@ ROUTES: tuple[Route, ...] = (
         path="/api/v1/audit/verify",
         handler=audit.verify,
         access=Access(scopes=frozenset({SCOPE_AUDIT, SCOPE_ADMIN})),
+    ),
+    Route(method="GET", path=schemas.PREFIX, handler=schemas.schema_index, access=TOKEN),
+    Route(
+        method="GET",
+        path=schemas.PREFIX + "/{message_type}/{schema_version}",
+        handler=schemas.get_schema,
+        access=TOKEN,
     ),
     Route(method="GET", path="/api/v1/openapi.json", handler=openapi, access=PUBLIC),
     Route(method="GET", path="/console", handler=console.redirect, access=PUBLIC),

@@ -7,14 +7,17 @@ come from ``AuditLog`` (O(log n) node reads); a bad parameter is a 400 naming it
 from __future__ import annotations
 
 import base64
+import re
 import tempfile
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
 
 from gateway.api.auth import claims_of
 from gateway.api.problems import json_response, problem
-from gateway.api.requests import Fields, query_fields
+from gateway.api.requests import Fields, query_fields, query_uuids
 from gateway.api.services import SERVICES
 from gateway.audit import merkle
 from gateway.audit.bundle import export_bundle
@@ -44,6 +47,11 @@ ENTRY_PARAMS = frozenset(
     }
 )
 EVENTS = frozenset(kind.value for kind in EventKind)
+#: ``?message_id=A&message_id=B``: the entries and messages of any of them
+EXPORT_REPEATABLE = frozenset({"message_id"})
+#: message ids of one export: a case's handful, well inside a request line's 8 KiB
+MAX_EXPORT_MESSAGES = 100
+_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _b64(data: bytes) -> str:
@@ -186,13 +194,45 @@ async def consistency_proof(request: web.Request) -> web.Response:
     )
 
 
+def _bundle_name(
+    origin: str,
+    size: int,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    correlation_id: str | None,
+    message_ids: Sequence[str],
+) -> str:
+    """The download's file name: the log, the filter (``all`` without one), the checkpoint's
+    size. Times in RFC 3339's basic form (no ``:``) and nothing but letters, digits, ``.``,
+    ``_`` and ``-``: a name any file system takes as it is."""
+    parts = [] if correlation_id is None else [f"case-{correlation_id}"]
+    distinct = list(dict.fromkeys(message_ids))
+    if len(distinct) == 1:
+        parts.append(f"message-{distinct[0]}")
+    elif distinct:
+        parts.append(f"messages-{len(distinct)}")
+    for name, bound in (("since", since), ("until", until)):
+        if bound is not None:
+            parts.append(f"{name}-{format_rfc3339(bound).replace('-', '').replace(':', '')}")
+    scope = "-".join(parts) or "all"
+    return _UNSAFE_IN_NAME.sub("_", f"audit-{origin}-{scope}-{size}.jsonl")
+
+
 async def export(request: web.Request) -> web.StreamResponse:
-    fields = query_fields(request, frozenset({"since", "until", "correlation_id"}))
+    fields = query_fields(
+        request, frozenset({"since", "until", "correlation_id"}), repeatable=EXPORT_REPEATABLE
+    )
     since, until = fields.timestamp("since", bound=True), fields.timestamp("until", bound=True)
     correlation_id = fields.uuid("correlation_id")
+    message_ids = query_uuids(request, "message_id", most=MAX_EXPORT_MESSAGES)
     services = request.app[SERVICES]
     audit = _audit_log(request)
-    scope = correlation_id or "all"
+    # named as `c2c-gateway audit export` names them
+    named = ([correlation_id] if correlation_id else []) + [
+        f"message {m}" for m in dict.fromkeys(message_ids)
+    ]
+    scope = " ".join(named) or "all"
     # the export is an operator action, recorded before the checkpoint that covers it
     await services.store.append_audit(
         [
@@ -220,10 +260,18 @@ async def export(request: web.Request) -> web.StreamResponse:
                 since=since,
                 until=until,
                 correlation_id=correlation_id,
+                message_ids=message_ids,
             )
         except AuditIntegrityError as exc:
             return problem(409, f"no bundle exported: {exc}")
-        name = f"audit-{audit.origin.replace('/', '_')}-{scope}-{summary.size}.jsonl"
+        name = _bundle_name(
+            audit.origin,
+            summary.size,
+            since=since,
+            until=until,
+            correlation_id=correlation_id,
+            message_ids=message_ids,
+        )
         response = web.StreamResponse(
             headers={
                 "Content-Type": "application/x-ndjson",

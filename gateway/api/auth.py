@@ -59,10 +59,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class Access:
-    """Who may call a route: ``public`` routes need no token; else any one of ``scopes``."""
+    """Who may call a route: ``public`` routes need no token; ``any_scope`` ones any valid
+    token, whatever its scopes; else a token with any one of ``scopes``."""
 
     scopes: frozenset[str] = frozenset()
     public: bool = False
+    any_scope: bool = False
 
 
 def load_token_keys(auth: ApiAuthConfig, *, source: str) -> KeyRing:
@@ -183,7 +185,7 @@ def bearer_middleware(
             )
         except TokenInvalid as exc:
             return refused(request, _kind(exc.reason), exc.reason, _unauthorized(exc.reason))
-        if not (claims.scopes & access.scopes):
+        if not access.any_scope and not (claims.scopes & access.scopes):
             reason = f"{claims.subject} lacks the scope {' or '.join(sorted(access.scopes))}"
             return refused(request, "scope", reason, forbidden(access.scopes))
         request[CLAIMS_KEY] = claims

@@ -10,10 +10,13 @@ from __future__ import annotations
 from typing import Any, get_args
 
 from gateway import __version__
+from gateway.api.audit import MAX_EXPORT_MESSAGES as AUDIT_MAX_MESSAGES
 from gateway.api.audit import MAX_PAGE as AUDIT_MAX_PAGE
 from gateway.api.auth import ANY_READER, READERS, SCOPE_ADMIN, SCOPE_AUDIT, SCOPE_QUERY, SCOPE_SEND
 from gateway.api.console_routes import ASSETS
 from gateway.api.messages import DEFAULT_PAGE, MAX_PAGE
+from gateway.api.schemas import PREFIX as SCHEMAS_PATH
+from gateway.api.schemas import SCHEMA_JSON
 from gateway.audit.events import EventKind
 from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
@@ -49,6 +52,11 @@ _READ_NOTE = (
 _B64 = {"type": "string", "contentEncoding": "base64"}
 _HASHES = {"type": "array", "items": _B64}
 _SEQ = {"type": "integer", "minimum": 0}
+_SCHEMA_OF = f"GET {SCHEMAS_PATH}/{{message_type}}/{{schema_version}}"
+_CATALOGUE = (
+    f"GET {SCHEMAS_PATH} lists every type and version; the same documents partners read at"
+    " /c2c/v1/schemas"
+)
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -242,7 +250,8 @@ _SCHEMAS: dict[str, Any] = {
             "schema_version": {"type": "string", "default": "1.0", "maxLength": 20},
             "payload": {
                 "type": "object",
-                "description": "Must satisfy the schema of message_type/schema_version",
+                "description": "Must satisfy the schema of message_type/schema_version:"
+                f" {_SCHEMA_OF} ({_CATALOGUE})",
             },
             "correlation_id": _UUID,
             "in_reply_to": _UUID,
@@ -444,7 +453,11 @@ _SCHEMAS: dict[str, Any] = {
             "partner": _PARTY,
             "message_type": {"type": "string", "pattern": "^query\\.", "maxLength": 100},
             "schema_version": {"type": "string", "default": "1.0", "maxLength": 20},
-            "params": {"type": "object", "description": "The query's payload"},
+            "params": {
+                "type": "object",
+                "description": "The query's payload: it must satisfy the schema of"
+                f" message_type/schema_version, {_SCHEMA_OF}",
+            },
             "timeout_s": {"type": "number", "minimum": 0, "maximum": 60, "default": 10},
             "correlation_id": _UUID,
         },
@@ -579,6 +592,29 @@ _SCHEMAS: dict[str, Any] = {
                     "properties": {
                         "position": {"type": ["integer", "null"]},
                         "what": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "SchemaIndex": {
+        "type": "object",
+        "required": ["schemas"],
+        "properties": {
+            "schemas": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["message_type", "schema_version", "title", "url"],
+                    "properties": {
+                        "message_type": {"type": "string"},
+                        "schema_version": {"type": "string"},
+                        "title": {"type": "string"},
+                        "url": {
+                            "type": "string",
+                            "format": "uri-reference",
+                            "description": "The path of the schema on this API",
+                        },
                     },
                 },
             },
@@ -792,10 +828,22 @@ def _audit_paths() -> dict[str, Any]:
         "/api/v1/audit/export": _audit_get(
             "auditExport",
             "Evidence bundle (docs/audit-bundle.md) proven against a fresh checkpoint; "
-            "with correlation_id: the case's messages, wire bytes, signatures and receipts. "
-            "Verify offline with `c2c-gateway audit verify`. Audited as an operator action.",
+            "with correlation_id or message_id: the case's or the messages' wire bytes, "
+            "signatures and receipts. Verify offline with `c2c-gateway audit verify`. "
+            "Audited as an operator action.",
             {
-                "description": "The bundle (JSON Lines) as a download",
+                "description": "The bundle (JSON Lines) as a download, named after its filter:"
+                " audit-<origin>-<filter>-<checkpoint size>.jsonl, the filter all, or"
+                " case-<correlation_id>, message-<message_id> or messages-<count>,"
+                " since-<time>, until-<time> (RFC 3339 basic form: 20260302T120000.000Z)"
+                " in that order",
+                "headers": {
+                    "Content-Disposition": {
+                        "description": 'attachment; filename="<the name>"',
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                },
                 "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
             },
             scopes=audit,
@@ -803,6 +851,13 @@ def _audit_paths() -> dict[str, Any]:
                 _query("since", _TIME, f"Entries at or after this time. {_ROUNDED}"),
                 _query("until", _TIME, f"Entries before this time. {_ROUNDED}"),
                 _query("correlation_id", _UUID, "A case: its entries and messages"),
+                _query(
+                    "message_id",
+                    {"type": "array", "items": _UUID, "maxItems": AUDIT_MAX_MESSAGES},
+                    "A message: its entries, and its wire bytes, signature and receipt"
+                    " (repeatable, ?message_id=A&message_id=B: the entries of any of them;"
+                    " as `c2c-gateway audit export --message-id`)",
+                ),
             ],
             extra={"409": _problem("The log does not check: no bundle that would not verify")},
         ),
@@ -813,6 +868,68 @@ def _audit_paths() -> dict[str, Any]:
             _json(_ref("StoreCheck"), "The report (ok false names the problems)"),
             scopes=[SCOPE_AUDIT, SCOPE_ADMIN],
         ),
+    }
+
+
+#: any valid token, whatever its scopes (OpenAPI: the scheme with no scope named)
+_ANY_TOKEN: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _schema_paths() -> dict[str, Any]:
+    """The schema catalogue (gateway/api/schemas.py): for any valid token, so no 403."""
+    unknown_parameter = _problem("An unknown query parameter (named in detail)")
+    unauthorized = _problem("Missing, invalid or expired bearer token")
+    return {
+        SCHEMAS_PATH: {
+            "get": {
+                "operationId": "listSchemas",
+                "summary": "Every message_type/schema_version a payload may be written"
+                " against, with the URL of its JSON Schema",
+                "description": f"Any valid token, whatever its scopes. {_CATALOGUE}.",
+                "security": _ANY_TOKEN,
+                "responses": {
+                    "200": _json(_ref("SchemaIndex"), "The catalogue"),
+                    "400": unknown_parameter,
+                    "401": unauthorized,
+                },
+            }
+        },
+        SCHEMAS_PATH + "/{message_type}/{schema_version}": {
+            "get": {
+                "operationId": "getSchema",
+                "summary": "The JSON Schema (Draft 2020-12) of a payload of this type and"
+                " version: what POST /api/v1/messages checks payload against",
+                "description": "Any valid token, whatever its scopes. Self-contained (the"
+                " shared definitions it uses are in its $defs); the same bytes partners"
+                " read at /c2c/v1/schemas/{message_type}/{schema_version}.",
+                "security": _ANY_TOKEN,
+                "parameters": [
+                    {
+                        "name": "message_type",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "example": "shipment.status",
+                    },
+                    {
+                        "name": "schema_version",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "example": "1.0",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The schema",
+                        "content": {SCHEMA_JSON: {"schema": {"type": "object"}}},
+                    },
+                    "400": unknown_parameter,
+                    "401": unauthorized,
+                    "404": _problem(f"No such type and version ({_CATALOGUE})"),
+                },
+            }
+        },
     }
 
 
@@ -1020,6 +1137,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_audit_paths(),
+            **_schema_paths(),
             "/api/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",

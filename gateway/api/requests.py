@@ -155,16 +155,31 @@ def path_uuid(request: web.Request, name: str) -> str:
     return value
 
 
-def query_fields(request: web.Request, allowed: frozenset[str]) -> Fields:
-    """The request's query parameters as ``Fields``: an unknown or repeated one is refused."""
+def query_fields(
+    request: web.Request, allowed: frozenset[str], *, repeatable: frozenset[str] = frozenset()
+) -> Fields:
+    """The request's query parameters as ``Fields``: an unknown or repeated one is refused.
+    Those ``repeatable`` are allowed too, and left out: ``query_uuids`` reads them."""
     query = request.query
-    unknown = sorted(set(query) - allowed)
+    unknown = sorted(set(query) - allowed - repeatable)
     if unknown:
         raise Malformed(
             f"unknown query parameter(s): {', '.join(n[:40] for n in unknown[:5])};"
-            f" allowed: {', '.join(sorted(allowed))}"
+            f" allowed: {', '.join(sorted(allowed | repeatable))}"
         )
     for name in allowed:
         if len(query.getall(name, [])) > 1:
             raise Malformed(f"query parameter {name} given more than once")
-    return Fields(dict(query), allowed=allowed)
+    return Fields({k: v for k, v in query.items() if k in allowed}, allowed=allowed)
+
+
+def query_uuids(request: web.Request, name: str, *, most: int) -> list[str]:
+    """Every value of the repeatable query parameter ``name`` (``?name=A&name=B``), each a
+    lowercase UUID, at most ``most`` of them."""
+    values = request.query.getall(name, [])
+    if len(values) > most:
+        raise Malformed(f"query parameter {name} given {len(values)} times; at most {most}")
+    for value in values:
+        if not UUID_RE.fullmatch(value):
+            raise Malformed(f"{name} must be a lowercase UUID, not {value[:40]!r}")
+    return values

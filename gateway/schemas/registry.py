@@ -277,13 +277,15 @@ class SchemaRegistry:
         answer[member] = request_payload[member]
         return answer
 
-    def index(self) -> list[dict[str, str]]:
+    def index(self, *, url_prefix: str = URL_PREFIX) -> list[dict[str, str]]:
+        """Every known type and version, with the URL of its schema under ``url_prefix`` (the
+        partner endpoint's, or the internal API's: the same documents)."""
         return [
             {
                 "message_type": e.message_type,
                 "schema_version": e.version,
                 "title": str(e.document["title"]),
-                "url": f"{URL_PREFIX}/{e.message_type}/{e.version}",
+                "url": f"{url_prefix}/{e.message_type}/{e.version}",
             }
             for e in self._entries.values()
         ]

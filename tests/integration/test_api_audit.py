@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import base64
+import re
 import sqlite3
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from outbound_env import Running, auth, client_ssl, example, token
+from outbound_env import Running, auth, client_ssl, example, post_as_partner, token
 
 from gateway.api.audit import AUDIT_LOG
 from gateway.audit import merkle
 from gateway.audit.bundle import verify_bundle
 from gateway.audit.checkpoint import cosign, verify_cosignature
 from gateway.audit.events import AuditEvent, EventKind
+from gateway.cli.main import cli
 from gateway.crypto.notes import NoteSigner, load_note_verifier, note_signer
+from gateway.envelope import encode_envelope, new_message_id
+from gateway.model import Header
 from gateway.store.base import Checkpoint
 
 AUDITOR = ("audit:read",)
@@ -349,3 +355,177 @@ async def test_store_check_names_the_first_bad_position(us: Running) -> None:
         "position": 17,
         "what": "entry bytes do not match the stored leaf hash",
     }
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+async def received(running: Running, root: Path) -> tuple[str, bytes]:
+    """An MX-ANAM message taken over mutual TLS and receipted: its id and wire bytes."""
+    message_id = new_message_id()
+    now = datetime.now(UTC)
+    header = Header(
+        message_id=message_id,
+        message_type="shipment.advance_data",
+        schema_version="1.0",
+        sender="MX-ANAM",
+        recipient="US-CBP",
+        created_at=now,
+        expires_at=now + timedelta(days=1),
+    )
+    body = encode_envelope(header, example(running.gateway, "shipment.advance_data"))
+    status, answer, _ = await post_as_partner(running, root, body)
+    assert status == 202, answer
+    return message_id, body
+
+
+def file_name(headers: dict[str, str]) -> str:
+    """The download's name, made of what any file system takes as it is."""
+    disposition = headers["Content-Disposition"]
+    match = re.fullmatch(r'attachment; filename="([A-Za-z0-9._-]+)"', disposition)
+    assert match is not None, disposition
+    return match[1]
+
+
+async def test_a_message_export_over_the_api_verifies_with_the_cli(
+    us: Running, tmp_path: Path
+) -> None:
+    inbound_id, inbound_body = await received(us, tmp_path)
+    other = await submit(us)
+    status, headers, body = await call(us, "GET", f"/api/v1/audit/export?message_id={inbound_id}")
+    assert status == 200, body
+    assert headers["Content-Type"] == "application/x-ndjson"
+    origin = "dev.c2c-gateway.invalid_US-CBP"
+    size = int(headers["X-Audit-Tree-Size"])
+    assert file_name(headers) == f"audit-{origin}-message-{inbound_id}-{size}.jsonl"
+    bundle = tmp_path / "message.jsonl"
+    bundle.write_bytes(body)
+    key = us.config.audit.key.with_name("audit.pub")
+    code, stdout, stderr = run_cli("audit", "verify", str(bundle), "--key", str(key))
+    assert (code, stderr) == (0, ""), stderr
+    assert ", 1 messages proven in checkpoint " in stdout
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert lines[0]["filter"] == {"message_ids": [inbound_id]}
+    exported = [orjson.loads(unb64(line["entry"])) for line in lines if line["type"] == "entry"]
+    assert exported
+    assert {e["message_id"] for e in exported} == {inbound_id}
+    # the message line: the partner's signed wire bytes and our signed receipt
+    (message,) = [line for line in lines if line["type"] == "message"]
+    assert (message["message_id"], message["direction"]) == (inbound_id, "inbound")
+    assert unb64(message["body"]) == inbound_body
+    receipt = unb64(message["receipt_body"])
+    assert inbound_id in receipt.decode()
+    pki = tmp_path / "pki"
+    for signer, signed, jws in (
+        ("MX-ANAM", inbound_body, message["signature"]),
+        ("US-CBP", receipt, message["receipt_signature"]),
+    ):
+        signed_file = tmp_path / f"{signer}.bin"
+        signed_file.write_bytes(signed)
+        code, stdout, stderr = run_cli(
+            "sig",
+            "verify",
+            "--key",
+            str(pki / signer / "sign.pub"),
+            "--body",
+            str(signed_file),
+            "--jws",
+            jws,
+        )
+        assert (code, stderr) == (0, ""), (signer, stderr)
+    # the export is audited as the CLI's is: the messages named in its reason
+    status, page = await get(us, "/api/v1/audit/entries?event=operator_action")
+    assert status == 200
+    (action,) = [item["entry"] for item in page["items"]]
+    assert (action["actor"], action["outcome"], action["reason"]) == (
+        "api:test-client",
+        "audit_export",
+        f"export message {inbound_id} since=- until=-",
+    )
+
+    # several: the entries and messages of any of them, named by their count
+    query = f"message_id={inbound_id}&message_id={other}&message_id={inbound_id}"
+    status, headers, body = await call(us, "GET", f"/api/v1/audit/export?{query}")
+    assert status == 200, body
+    size = int(headers["X-Audit-Tree-Size"])
+    assert file_name(headers) == f"audit-{origin}-messages-2-{size}.jsonl"
+    bundle.write_bytes(body)
+    code, stdout, stderr = run_cli("audit", "verify", str(bundle), "--key", str(key))
+    assert (code, stderr) == (0, ""), stderr
+    lines = [orjson.loads(line) for line in body.splitlines()]
+    assert lines[0]["filter"] == {"message_ids": sorted([inbound_id, other])}
+    assert {line["message_id"] for line in lines if line["type"] == "message"} == {
+        inbound_id,
+        other,
+    }
+    status, page = await get(us, "/api/v1/audit/entries?event=operator_action")
+    assert page["items"][-1]["entry"]["reason"] == (
+        f"export message {inbound_id} message {other} since=- until=-"
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "detail"),
+    [
+        ("message_id=xyz", "message_id must be a lowercase UUID, not 'xyz'"),
+        ("message_id=", "message_id must be a lowercase UUID, not ''"),
+        (
+            "message_id=01890000-0000-7000-8000-00000000000A",
+            "message_id must be a lowercase UUID, not '01890000-0000-7000-8000-00000000000A'",
+        ),
+        (
+            "message_id=01890000-0000-7000-8000-000000000000&message_id=nope",
+            "message_id must be a lowercase UUID, not 'nope'",
+        ),
+        (
+            "&".join(f"message_id={uuid.UUID(int=i)}" for i in range(101)),
+            "query parameter message_id given 101 times; at most 100",
+        ),
+        ("message_ids=01890000-0000-7000-8000-000000000000", "unknown query parameter(s)"),
+        (
+            "correlation_id=01890000-0000-7000-8000-000000000000"
+            "&correlation_id=01890000-0000-7000-8000-000000000001",
+            "query parameter correlation_id given more than once",
+        ),
+    ],
+    ids=["not-a-uuid", "empty", "uppercase", "one-of-two", "too-many", "misspelt", "repeated"],
+)
+async def test_a_bad_message_id_is_400_and_nothing_is_exported(
+    us: Running, query: str, detail: str
+) -> None:
+    before = await us.gateway.store.audit_size()
+    status, headers, body = await call(us, "GET", f"/api/v1/audit/export?{query}")
+    assert status == 400, body
+    assert headers["Content-Type"] == "application/problem+json"
+    problem = orjson.loads(body)
+    assert problem["code"] == "MALFORMED"
+    assert problem["detail"].startswith(detail), problem
+    # refused before the export is recorded
+    assert await us.gateway.store.audit_size() == before
+
+
+async def test_an_exports_file_name_is_its_filter(us: Running) -> None:
+    case = str(uuid.uuid4())
+    message_id = await submit(us, case)
+    origin = "audit-dev.c2c-gateway.invalid_US-CBP"
+    for query, named in (
+        ("", "all"),
+        ("since=2026-03-02T12:00:00Z", "since-20260302T120000.000Z"),
+        # the bound applied: rounded up to the millisecond, as the bundle's header records it
+        ("until=2099-03-02T12:00:00.247001Z", "until-20990302T120000.248Z"),
+        (
+            "since=2026-03-02T12:00:00Z&until=2099-03-02T12:00:00Z",
+            "since-20260302T120000.000Z-until-20990302T120000.000Z",
+        ),
+        (f"correlation_id={case}", f"case-{case}"),
+        (
+            f"correlation_id={case}&message_id={message_id}&since=2026-03-02T12:00:00Z",
+            f"case-{case}-message-{message_id}-since-20260302T120000.000Z",
+        ),
+    ):
+        status, headers, body = await call(us, "GET", f"/api/v1/audit/export?{query}")
+        assert status == 200, (query, body)
+        size = headers["X-Audit-Tree-Size"]
+        assert file_name(headers) == f"{origin}-{named}-{size}.jsonl", query

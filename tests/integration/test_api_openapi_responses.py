@@ -37,6 +37,7 @@ from outbound_env import (
 )
 from partner_stub import PartnerStub
 
+from gateway.api.audit import MAX_EXPORT_MESSAGES
 from gateway.api.audit import MAX_PAGE as AUDIT_MAX_PAGE
 from gateway.api.messages import DEFAULT_PAGE, MAX_PAGE
 from gateway.envelope import encode_envelope, new_message_id
@@ -112,7 +113,8 @@ class Api:
         content = spec.get("content", {})
         declared = content.get(media, content.get("*/*"))
         assert declared is not None, f"{where}: {media} not declared ({sorted(content)})"
-        if not media.endswith("json"):
+        # a JSON document (application/json, a +json type), not JSON Lines (x-ndjson)
+        if media != "application/json" and not media.endswith("+json"):
             return body
         answer = json.loads(body)
         errors = [str(e) for e in self.validator(declared["schema"]).iter_errors(answer)]
@@ -291,3 +293,25 @@ async def test_the_documented_page_sizes_are_the_codes(api: Api) -> None:
         "maximum": AUDIT_MAX_PAGE,
         "default": 100,
     }
+
+
+async def test_the_schema_catalogue_and_a_message_export_answer_as_documented(
+    api: Api, tmp_path: Path
+) -> None:
+    index = await api.call("GET", "/api/v1/schemas", scopes=("audit:read",), expect=200)
+    schema = "/api/v1/schemas/{message_type}/{schema_version}"
+    for entry in index["schemas"]:
+        await api.call("GET", schema, entry["url"], scopes=("c2c:send",), expect=200)
+    await api.call("GET", schema, "/api/v1/schemas/shipment.status/9.9", expect=404)
+    await api.call("GET", schema, "/api/v1/schemas/shipment.status/1.0?x=1", expect=400)
+    await api.call("GET", "/api/v1/schemas", "/api/v1/schemas?x=1", expect=400)
+    await api.call("GET", "/api/v1/schemas", headers={"Authorization": "Bearer x"}, expect=401)
+
+    received = await post_as_mx(api.running, tmp_path, "shipment.advance_data")
+    export = "/api/v1/audit/export"
+    await api.call("GET", export, f"{export}?message_id={received}", expect=200)
+    await api.call("GET", export, f"{export}?message_id={received.upper()}", expect=400)
+    [parameter] = [
+        p for p in api.document["paths"][export]["get"]["parameters"] if p["name"] == "message_id"
+    ]
+    assert parameter["schema"]["maxItems"] == MAX_EXPORT_MESSAGES
