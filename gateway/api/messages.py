@@ -19,7 +19,7 @@ from gateway.config import MAX_TTL_S
 from gateway.errors import GatewayError, Malformed, NotAuthorized, TooLarge
 from gateway.model import Direction, Priority, is_party_id
 from gateway.outbound.operator import (
-    MAX_CLOSE_REASON,
+    MAX_OPERATOR_REASON,
     OperatorRefused,
     operator_close,
     operator_retry,
@@ -66,9 +66,10 @@ ONE_QUERY = frozenset({"direction", "partner"})
 LIST_QUERY = frozenset(
     {"direction", "partner", "type", "state", "since", "until", "correlation_id", "limit", "after"}
 )
-#: ``POST /api/v1/messages/{id}/close``: the operator's reason, and room for its JSON escapes
-CLOSE_MEMBERS = frozenset({"reason"})
-CLOSE_BODY_BYTES = 16 * 1024
+#: ``POST /api/v1/messages/{id}/close`` and ``/retry``: the operator's reason, and room for
+#: its JSON escapes
+REASON_MEMBERS = frozenset({"reason"})
+REASON_BODY_BYTES = 16 * 1024
 #: an operator action's refusal (``OperatorRefused.kind``) as an HTTP status
 _REFUSED_STATUS = {"not_found": 404, "conflict": 409, "invalid": 400}
 #: draft-ietf-httpapi-idempotency-key-header; a replayed answer says so (as Stripe's API does)
@@ -446,6 +447,13 @@ async def list_messages(request: web.Request) -> web.Response:
 async def retry_message(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     message_id = path_uuid(request, "message_id")
+    # the body is optional: a retry asked with none is audited without a reason
+    why = None
+    if request.body_exists:
+        document = await json_object(request, max_bytes=REASON_BODY_BYTES)
+        why = Fields(document, allowed=REASON_MEMBERS).required_text(
+            "reason", limit=MAX_OPERATOR_REASON
+        )
     try:
         record = await operator_retry(
             services.store,
@@ -455,6 +463,7 @@ async def retry_message(request: web.Request) -> web.Response:
             now=services.clock.now(),
             config=services.config,
             signing_keys=services.signing_keys,
+            why=why,
         )
     except OperatorRefused as exc:
         return _refused(exc)
@@ -465,8 +474,10 @@ async def retry_message(request: web.Request) -> web.Response:
 async def close_message(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     message_id = path_uuid(request, "message_id")
-    document = await json_object(request, max_bytes=CLOSE_BODY_BYTES)
-    reason = Fields(document, allowed=CLOSE_MEMBERS).required_text("reason", limit=MAX_CLOSE_REASON)
+    document = await json_object(request, max_bytes=REASON_BODY_BYTES)
+    reason = Fields(document, allowed=REASON_MEMBERS).required_text(
+        "reason", limit=MAX_OPERATOR_REASON
+    )
     try:
         record = await operator_close(
             services.store,

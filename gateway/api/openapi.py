@@ -22,7 +22,7 @@ from gateway.config import MAX_TTL_S
 from gateway.documents import DOCUMENT_FIELDS, MAX_REF
 from gateway.inbound.context import Transport
 from gateway.model import Direction, Priority
-from gateway.outbound.operator import MAX_CLOSE_REASON
+from gateway.outbound.operator import MAX_OPERATOR_REASON
 from gateway.store.base import INBOUND_DELIVERED, INBOUND_RECEIVED, OutboundState
 from gateway.transports.https_server import SIGNATURE_HEADER
 
@@ -234,9 +234,23 @@ _SCHEMAS: dict[str, Any] = {
             "reason": {
                 "type": "string",
                 "minLength": 1,
-                "maxLength": MAX_CLOSE_REASON,
+                "maxLength": MAX_OPERATOR_REASON,
                 "description": "Why the message will not be sent again (its body purged, its"
                 " partner removed, ...): one line of text, kept in the audit entry",
+            },
+        },
+    },
+    "OperatorReason": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["reason"],
+        "properties": {
+            "reason": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_OPERATOR_REASON,
+                "description": "Why the message is sent again (a ticket, what was fixed): one"
+                " line of text, kept in the audit entry",
             },
         },
     },
@@ -1024,11 +1038,19 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "operationId": "retryMessage",
                     "summary": "Queue a dead, closed or rejected message again (audited)",
+                    "description": "The body is optional: with a reason (a ticket, what was"
+                    " fixed), the audit entry keeps it.",
                     "security": _security([SCOPE_ADMIN]),
                     "parameters": [_MESSAGE_ID_PARAM],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("OperatorReason")}},
+                    },
                     "responses": {
                         "200": _json(_ref("Accepted"), "Queued again"),
-                        "400": _problem("message_id is not a UUID"),
+                        "400": _problem(
+                            "message_id is not a UUID, or the body or its reason is malformed"
+                        ),
                         **_AUTH_ERRORS,
                         "404": _problem("No such outbound message"),
                         "409": _problem("The message is not dead, closed or rejected"),

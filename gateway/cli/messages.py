@@ -231,11 +231,16 @@ def versions_command(config_path: Path, partner: str, message_type: str, ref: st
 
 @messages.command("retry")
 @_CONFIG
+@click.option(
+    "--reason",
+    default=None,
+    help="Why it is sent again (a ticket, what was fixed; kept in the audit log; one line).",
+)
 @click.argument("message_id")
-def retry_command(config_path: Path, message_id: str) -> None:
-    """Queue a dead, closed or rejected outbound message again (audited as cli:<user>); an
-    expired one is signed again (same message_id and payload, created_at now, expires_at its
-    TTL from now)."""
+def retry_command(config_path: Path, reason: str | None, message_id: str) -> None:
+    """Queue a dead, closed or rejected outbound message again (audited as cli:<user>, with
+    the reason given); an expired one is signed again (same message_id and payload,
+    created_at now, expires_at its TTL from now)."""
     wanted = _message_id(message_id)
     actor = f"cli:{getpass.getuser()}"
 
@@ -249,6 +254,7 @@ def retry_command(config_path: Path, message_id: str) -> None:
                 now=SystemClock().now(),
                 config=config,
                 signing_keys=load_own_signing_keys(config),
+                why=reason,
             )
         except OperatorRefused as exc:
             _fail(exc.reason)

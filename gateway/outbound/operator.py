@@ -21,8 +21,8 @@ from gateway.store.base import (
     Store,
 )
 
-#: the longest reason an operator may give for closing a message (it is kept in the audit log)
-MAX_CLOSE_REASON = 500
+#: the longest reason an operator may give for a retry or a close (it is kept in the audit log)
+MAX_OPERATOR_REASON = 500
 #: Unicode categories a reason may not hold: control characters (C0, DEL, C1) and line or
 #: paragraph separators, which would break the audit entry's one line of text in a terminal
 #: or a log; and lone surrogates (undecodable bytes of a command line), which no UTF-8 entry
@@ -48,14 +48,16 @@ async def operator_retry(
     now: datetime,
     config: GatewayConfig,
     signing_keys: Sequence[SigningKey],
+    why: str | None = None,
 ) -> OutboundRecord:
     """Put a dead, closed or rejected message back in the queue, attempts reset, same signed
-    bytes.
+    bytes. ``why``, the operator's reason (a ticket, what was fixed), goes into the audit entry.
 
     An expired message (PROTOCOL.md section 7: retryable by an operator) is signed again, as
     a partner's ``STALE`` answer has it signed again (docs/operations.md): the same
     message_id and payload, ``created_at`` now and ``expires_at`` its time-to-live from now,
     with the newest valid key of ``signing_keys``."""
+    given = None if why is None else operator_reason(why, asked="say why it is sent again")
     record = await store.get_outbound(message_id)
     if record is None:
         raise OperatorRefused(f"no outbound message with message_id {message_id}", kind="not_found")
@@ -81,7 +83,7 @@ async def operator_retry(
         correlation_id=record.correlation_id,
         body_digest=record.body_digest if resigned is None else resigned.body_digest,
         outcome="retry",
-        reason=reason,
+        reason=reason if given is None else f"{reason}; the operator's reason: {given}",
         actor=actor,
     )
     try:
@@ -118,7 +120,7 @@ async def operator_close(
     ``C2COutboxDead`` clears. The operator says why, and the audit entry keeps it with the
     actor. ``operator_retry`` undoes a close, and the partner's late receipt still settles
     the message."""
-    why = _close_reason(reason)
+    why = operator_reason(reason, asked="say why the message will not be sent again")
     record = await store.get_outbound(message_id)
     if record is None:
         raise OperatorRefused(f"no outbound message with message_id {message_id}", kind="not_found")
@@ -148,16 +150,15 @@ async def operator_close(
         ) from None
 
 
-def _close_reason(reason: str) -> str:
-    """The operator's reason for a close, without surrounding blanks: one line of text."""
+def operator_reason(reason: str, *, asked: str) -> str:
+    """The operator's reason for an action, without surrounding blanks: one line of text.
+    ``asked`` says what it should say, for an empty one."""
     text = reason.strip()
     if not text:
+        raise OperatorRefused(f"a reason is required: {asked}", kind="invalid")
+    if len(text) > MAX_OPERATOR_REASON:
         raise OperatorRefused(
-            "a reason is required: say why the message will not be sent again", kind="invalid"
-        )
-    if len(text) > MAX_CLOSE_REASON:
-        raise OperatorRefused(
-            f"the reason has {len(text)} characters; at most {MAX_CLOSE_REASON} are allowed",
+            f"the reason has {len(text)} characters; at most {MAX_OPERATOR_REASON} are allowed",
             kind="invalid",
         )
     for at, char in enumerate(text, start=1):

@@ -464,7 +464,9 @@ async def test_a_retry_undoes_a_close(us: Running) -> None:
         us, "POST", f"/api/v1/messages/{mid}/close", json={"reason": "closed by mistake"}
     )
     assert (status, body["status"]) == (200, "closed")
-    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry")
+    status, body = await api(
+        us, "POST", f"/api/v1/messages/{mid}/retry", json={"reason": "closed by mistake, INC-4711"}
+    )
     assert (status, body) == (200, {"message_id": mid, "status": "queued"})
     rows = await us.gateway.store.audit_entries(
         AuditFilter(message_id=mid, event=EventKind.OPERATOR_ACTION)
@@ -475,8 +477,34 @@ async def test_a_retry_undoes_a_close(us: Running) -> None:
         ("retry", "api:test-client"),
     ]
     assert entries[0]["reason"] == "operator closed a dead message: closed by mistake"
-    # it had expired: queued again, it is signed again
+    # it had expired: queued again, it is signed again; the operator's reason comes last
     assert entries[1]["reason"].startswith("operator retry of a closed message that expired at")
+    assert entries[1]["reason"].endswith("; the operator's reason: closed by mistake, INC-4711")
+
+
+@pytest.mark.parametrize(
+    ("document", "detail"),
+    [
+        ({"reason": " "}, "a reason is required: say why it is sent again"),
+        (
+            {"reason": "fixed\tendpoint"},
+            "the reason has a control character or line break (U+0009) at character 6: give"
+            " it as one line of text",
+        ),
+        ({"why": "fixed"}, "unknown member(s): why; allowed: reason"),
+    ],
+)
+async def test_a_retry_reason_is_one_line_of_text(
+    us: Running, document: dict[str, Any], detail: str
+) -> None:
+    mid = await dead_message(us)
+    size = await us.gateway.store.audit_size()
+    status, body = await api(us, "POST", f"/api/v1/messages/{mid}/retry", json=document)
+    assert (status, body["detail"]) == (400, detail)
+    row = await us.gateway.store.get_outbound(mid)
+    assert row is not None
+    assert row.state is OutboundState.DEAD
+    assert await us.gateway.store.audit_size() == size
 
 
 @pytest.mark.parametrize(

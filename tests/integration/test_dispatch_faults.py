@@ -335,8 +335,9 @@ async def test_a_message_held_by_an_open_breaker_is_dead_at_its_expiry(env: Env)
     assert b'"event":"dead"' in (await env.events(record.message_id))[-1]
 
 
-async def cli_retry(env: Env, message_id: str) -> tuple[int, str, str]:
-    return await run_cli("messages", "retry", "--config", str(env.config.source), message_id)
+async def cli_retry(env: Env, message_id: str, *reason: str) -> tuple[int, str, str]:
+    config = str(env.config.source)
+    return await run_cli("messages", "retry", "--config", config, *reason, message_id)
 
 
 async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> None:
@@ -344,7 +345,13 @@ async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> Non
     await env.stub.start(env.port)
     record = await env.submit(ttl_s=3 * 86_400)
     assert (await env.step(record.message_id)).state is OutboundState.DEAD
-    code, out, err = await cli_retry(env, record.message_id)
+    code, out, err = await cli_retry(env, record.message_id, "--reason", "a\tb")
+    assert (code, out) == (2, "")
+    assert err.startswith("error: the reason has a control character or line break (U+0009)")
+    assert (await env.row(record.message_id)).state is OutboundState.DEAD
+    code, out, err = await cli_retry(
+        env, record.message_id, "--reason", "MX-ANAM moved its endpoint back, INC-4711"
+    )
     assert code == 0, err
     assert out.startswith(f"queued again: {record.message_id} (to MX-ANAM, by cli:")
     assert (await env.row(record.message_id)).state is OutboundState.QUEUED
@@ -355,6 +362,10 @@ async def test_operator_retry_from_the_cli_sends_the_same_bytes(env: Env) -> Non
     retried = [e for e in await env.events(record.message_id) if b'"operator_action"' in e]
     assert len(retried) == 1
     assert b'"actor":"cli:' in retried[0]
+    assert json.loads(retried[0])["reason"] == (
+        "operator retry of a dead message; the operator's reason: MX-ANAM moved its endpoint"
+        " back, INC-4711"
+    )
     code, _, err = await cli_retry(env, record.message_id)
     assert code == 2
     assert err.strip().endswith("only dead, closed or rejected messages can be retried")
