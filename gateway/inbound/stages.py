@@ -9,7 +9,6 @@ Nothing here knows HTTP or AMQP.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import partial
@@ -17,6 +16,7 @@ from functools import partial
 import structlog
 
 from gateway.adapters.registry import is_canonical, to_canonical_off_loop
+from gateway.answers import check_echo
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.crashpoints import crash_point
 from gateway.crypto.jws import verify_detached
@@ -38,7 +38,6 @@ from gateway.errors import (
 )
 from gateway.inbound.context import InboundContext, InboundEnv, InboundResult, ReceivedReceipt
 from gateway.receipts import RECEIPT_TYPE, SignedReceipt, Status
-from gateway.schemas.failures import PayloadInvalid
 from gateway.schemas.registry import ANSWERS
 from gateway.store.base import InboundRecord
 
@@ -284,23 +283,9 @@ async def pair_answer(ctx: InboundContext) -> None:
     if asked.body is None:
         return  # purged by retention: nothing left to compare with
     assert ctx.adapter is not None  # the partner's: the request went to this very partner
-    try:
-        canonical = await to_canonical_off_loop(ctx.adapter, asked.body)
-        expected = json.loads(canonical)["payload"][member]
-    except (GatewayError, ValueError, LookupError, TypeError) as exc:
-        # our own stored request no longer reads (the partner's adapter changed since): not
-        # the partner's fault, and nothing to compare with
-        log.warning(
-            "answer_request_unreadable",
-            message_id=header.message_id,
-            request=asked.message_id,
-            error=type(exc).__name__,
-        )
-        return
-    if ctx.envelope.payload.get(member) != expected:
-        raise PayloadInvalid(
-            f"/{member}", f"does not echo the {member} of the request named in in_reply_to"
-        )
+    await check_echo(
+        ctx.adapter, asked.body, ctx.envelope.payload, member, request_id=asked.message_id
+    )
 
 
 async def check_with_service(ctx: InboundContext) -> None:

@@ -16,7 +16,8 @@ from typing import Any, Literal, TypedDict
 import orjson
 import structlog
 
-from gateway.adapters.registry import adapter_for, from_canonical_off_loop, to_canonical_off_loop
+from gateway.adapters.registry import adapter_for, from_canonical_off_loop
+from gateway.answers import check_echo
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.clock import Clock, format_rfc3339
 from gateway.config import GatewayConfig, PartnerConfig
@@ -32,7 +33,6 @@ from gateway.errors import (
     UnsupportedType,
 )
 from gateway.model import Header, Priority, is_party_id
-from gateway.schemas.failures import PayloadInvalid
 from gateway.schemas.registry import ANSWERS, SchemaRegistry
 from gateway.store.base import OutboundRecord, Store, same_request
 
@@ -266,24 +266,13 @@ async def pair_answer(ctx: SubmitContext) -> None:
             f" {submission.message_type} answers {answered}"
         )
         raise Malformed(refusal, detail=refusal)
-    if asked.body is None:
-        return
-    try:
-        canonical = await to_canonical_off_loop(adapter_for(ctx.partner), asked.body)
-        expected = orjson.loads(canonical)["payload"][member]
-    except (GatewayError, ValueError, LookupError, TypeError) as exc:
-        # the request no longer reads (the partner's adapter changed since): nothing to
-        # compare with, and not the submitter's fault
-        log.warning(
-            "answer_request_unreadable",
-            request=asked.message_id,
-            sender=asked.sender,
-            error=type(exc).__name__,
-        )
-        return
-    if submission.payload.get(member) != expected:
-        raise PayloadInvalid(
-            f"/{member}", f"does not echo the {member} of the request named in in_reply_to"
+    if asked.body is not None:
+        await check_echo(
+            adapter_for(ctx.partner),
+            asked.body,
+            submission.payload,
+            member,
+            request_id=asked.message_id,
         )
 
 

@@ -132,15 +132,23 @@ async def test_probe_wait_is_bounded_and_a_failed_probe_keeps_others_out() -> No
 # breaker opened end later, one by one, and must not be taken for the probe's verdict.
 
 
-async def test_an_older_attempt_failing_neither_ends_the_probe_nor_lets_a_second_through() -> None:
-    breaker, mono = make()
-    older = [leave(breaker) for _ in range(4)]
+def opened_by(breaker: CircuitBreaker, in_flight: int) -> list[Attempt]:
+    """Three attempts fail and open ``breaker`` while ``in_flight`` more, begun with them,
+    have not ended yet: those are returned."""
+    older = [leave(breaker) for _ in range(3 + in_flight)]
     for attempt in older[:3]:
         breaker.record_failure(attempt)
     assert breaker.state is BreakerState.OPEN
+    return older[3:]
+
+
+async def test_an_older_attempt_failing_neither_ends_the_probe_nor_lets_a_second_through() -> None:
+    breaker, mono = make()
+    [older] = opened_by(breaker, 1)
+    assert breaker.state is BreakerState.OPEN
     mono.t += 30
     probe = leave(breaker)
-    breaker.record_failure(older[3])
+    breaker.record_failure(older)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.try_acquire() is None
     assert not await breaker.probe_settled(0.01)
@@ -151,11 +159,9 @@ async def test_an_older_attempt_failing_neither_ends_the_probe_nor_lets_a_second
 
 def test_an_older_attempt_failing_while_open_does_not_extend_the_timeout() -> None:
     breaker, mono = make()
-    older = [leave(breaker) for _ in range(4)]
-    for attempt in older[:3]:
-        breaker.record_failure(attempt)
+    [older] = opened_by(breaker, 1)
     mono.t += 20
-    breaker.record_failure(older[3])
+    breaker.record_failure(older)
     mono.t += 10
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.try_acquire() is not None
@@ -163,13 +169,11 @@ def test_an_older_attempt_failing_while_open_does_not_extend_the_timeout() -> No
 
 def test_an_older_attempt_failing_after_a_close_does_not_count_against_the_new_run() -> None:
     breaker, mono = make()
-    older = [leave(breaker) for _ in range(5)]
-    for attempt in older[:3]:
-        breaker.record_failure(attempt)
+    older = opened_by(breaker, 2)
     mono.t += 30
     breaker.record_success(leave(breaker))
-    breaker.record_failure(older[3])
-    breaker.record_failure(older[4])
+    for attempt in older:
+        breaker.record_failure(attempt)
     fail(breaker, 2)
     assert breaker.state is BreakerState.CLOSED
     fail(breaker)
@@ -178,15 +182,13 @@ def test_an_older_attempt_failing_after_a_close_does_not_count_against_the_new_r
 
 async def test_any_success_closes_and_the_probe_failing_later_does_not_reopen() -> None:
     breaker, mono = make()
-    older = [leave(breaker) for _ in range(4)]
-    for attempt in older[:3]:
-        breaker.record_failure(attempt)
+    [older] = opened_by(breaker, 1)
     mono.t += 30
     probe = leave(breaker)
     waiting = asyncio.create_task(breaker.probe_settled(10.0))
     await asyncio.sleep(0)
     # the partner answered an attempt sent before it opened: it is back
-    breaker.record_success(older[3])
+    breaker.record_success(older)
     assert await waiting
     assert breaker.state is BreakerState.CLOSED
     breaker.record_failure(probe)
@@ -196,12 +198,10 @@ async def test_any_success_closes_and_the_probe_failing_later_does_not_reopen() 
 
 def test_only_the_probe_released_closes() -> None:
     breaker, mono = make()
-    older = [leave(breaker) for _ in range(4)]
-    for attempt in older[:3]:
-        breaker.record_failure(attempt)
+    [older] = opened_by(breaker, 1)
     mono.t += 30
     probe = leave(breaker)
-    breaker.release(older[3])
+    breaker.release(older)
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.try_acquire() is None
     breaker.release(probe)
