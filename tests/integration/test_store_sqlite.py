@@ -115,13 +115,19 @@ def file_size(path: Path) -> int:
     return path.stat().st_size
 
 
-@pytest.mark.parametrize(("bound", "peak_at_most"), [(256, 8 << 20), (None, None)])
+#: the WAL's ceiling with the writer's bound of 256 frames
+BOUNDED_PEAK = 8 << 20
+
+
+@pytest.mark.parametrize(("bound", "peak_at_most"), [(256, BOUNDED_PEAK), (None, None)])
 async def test_wal_stays_bounded_under_steady_writes(
     tmp_path: Path, bound: int | None, peak_at_most: int | None
 ) -> None:
     """Commits that never pause leave PASSIVE checkpoints no moment to reset the WAL: without
-    the writer's own TRUNCATE checkpoint past the bound it only grows (the second case shows
-    that it would, so the first one means something)."""
+    the writer's own TRUNCATE checkpoint past the bound it grows past the bounded ceiling (the
+    second case shows that it would, so the first one means something). How far past depends
+    on the machine: on a loaded one the writer pauses more, and a PASSIVE checkpoint resets
+    the WAL now and then (seen: 13.7 MiB where an idle run reaches more than 16)."""
     path = tmp_path / "steady.db"
     store = SqliteStore(
         path, clock=ManualClock(T0), wal_truncate_frames=bound if bound else 1 << 30
@@ -144,7 +150,7 @@ async def test_wal_stays_bounded_under_steady_writes(
     if peak_at_most is not None:
         assert peak <= peak_at_most, f"WAL peaked at {peak / 2**20:.1f} MiB"
     else:
-        assert peak > 2 * (8 << 20), f"WAL peaked at {peak / 2**20:.1f} MiB only"
+        assert peak > BOUNDED_PEAK, f"WAL peaked at {peak / 2**20:.1f} MiB only"
 
 
 async def test_a_long_reader_does_not_hold_up_writes_past_the_wal_bound(tmp_path: Path) -> None:
