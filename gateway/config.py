@@ -120,6 +120,9 @@ class AmqpConfig:
     prefetch: int = 50
     delivery_limit: int = 5
     publish_timeout_s: float = 10.0
+    #: publish the final states of our messages to ``c2c.outcomes`` (docs/integration.md):
+    #: opt-in, as an outcome no queue takes waits in the store, retried, until one is bound
+    outcomes: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -758,6 +761,7 @@ def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
         publish_timeout_s=table.bounded_float(
             "publish_timeout_s", d.publish_timeout_s, _PEER_TIMEOUT_S
         ),
+        outcomes=table.bool_or("outcomes", d.outcomes),
     )
     table.finish()
     return amqp

@@ -27,6 +27,8 @@ The points carry the stage names of RELIABILITY-SECURITY section 0; where each o
   recorded;
 - ``S9-after-mark-before-commit``: the outbound attempt's outcome written inside its store
   transaction, not committed (both stores);
+- ``S10-outcome-after-confirm-before-mark``: the outcome relay's batch (final states of
+  outbound messages) confirmed by the bus, not yet marked published;
 - ``audit-append``: audit entries and tree nodes written inside a store transaction, the log's
   head not yet moved, nothing committed (both stores);
 - ``checkpoint-sign``: a checkpoint signed, not yet saved.
@@ -59,6 +61,7 @@ POINTS: tuple[str, ...] = (
     "S8-after-confirm-before-mark",
     "S9-after-send-before-mark",
     "S9-after-mark-before-commit",
+    "S10-outcome-after-confirm-before-mark",
     "audit-append",
     "checkpoint-sign",
 )

@@ -185,6 +185,18 @@ class Metrics:
             "Relay rounds that failed (store or bus unavailable, or a bug).",
             registry=self.registry,
         )
+        self.outcomes_published = Counter(
+            "c2c_outcomes_published_total",
+            "Outcomes of outbound messages (final states) handed to the internal bus"
+            " (at least once).",
+            registry=self.registry,
+        )
+        self.outcome_failures = Counter(
+            "c2c_outcome_failures_total",
+            "Outcome relay rounds in which the bus did not take every outcome (an outage,"
+            " an outcome returned as unroutable: no queue bound to its key), or that failed.",
+            registry=self.registry,
+        )
         self.outbound_attempts = Counter(
             "c2c_outbound_attempts_total",
             "Sends to partners by how they ended: acknowledged, rejected (a NACK that is"

@@ -1,10 +1,10 @@
 """The running gateway: one object that loads everything from config and starts/stops it.
 
 ``Gateway(config)`` loads keys (partners' and ours), the schema catalogue, adapters, rate
-limiters and metrics, and builds the store, the bus, the inbound pipeline, the inbox relay and
-the partner HTTPS server; nothing is opened until ``start()``. Further services (the internal
-API, the outbound dispatcher, AMQP consumers) are added with ``add_service`` and started after
-the store is open, stopped before it closes.
+limiters and metrics, and builds the store, the bus, the inbound pipeline, the inbox and
+outcome relays and the partner HTTPS server; nothing is opened until ``start()``. Further
+services (the internal API, the outbound dispatcher, AMQP consumers) are added with
+``add_service`` and started after the store is open, stopped before it closes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from gateway.inbound.pipeline import InboundPipeline
 from gateway.inbound.ratelimit import RateLimiters
 from gateway.metrics import Metrics
 from gateway.outbound.submission import SubmissionServices
+from gateway.outcome_relay import OutcomeRelay
 from gateway.receipts import ReceiptSigner
 from gateway.relay import InboxRelay
 from gateway.retention import RetentionService
@@ -141,7 +142,10 @@ class Gateway:
         if bus is None and config.amqp.url is not None:
             self.broker = AmqpBroker(config.amqp)
             bus = RabbitBus(
-                self.broker, media_type=functools.partial(partner_media_type, config.partners)
+                self.broker,
+                media_type=functools.partial(partner_media_type, config.partners),
+                party=config.party,
+                outcomes=config.amqp.outcomes,
             )
         self.bus: Bus = bus if bus is not None else MemoryBus()
         #: called when an internal system submitted over AMQP (the dispatcher's wake-up)
@@ -152,6 +156,15 @@ class Gateway:
             clock=self.clock,
             metrics=self.metrics,
             lease_s=config.relay.lease_s,
+        )
+        #: publishes the final states of our outbound messages (``c2c.outcomes``)
+        self.outcome_relay = OutcomeRelay(
+            store=self.store,
+            bus=self.bus,
+            clock=self.clock,
+            metrics=self.metrics,
+            lease_s=config.relay.lease_s,
+            owner=self.relay.owner,
         )
         self.metrics.relay_handover_records.set_function(lambda: self.relay.handed_records)
         self.metrics.relay_handover_bytes.set_function(lambda: self.relay.handed_bytes)
@@ -405,8 +418,10 @@ class Gateway:
                 await service.start()
                 started.append(service)
             self.relay.start()
+            self.outcome_relay.start()
             await self.partner_server.start()
         except BaseException:
+            await self.outcome_relay.stop()
             await self.relay.stop()
             for service in reversed(started):
                 await service.stop()
@@ -423,6 +438,7 @@ class Gateway:
         self._started = False
         await self.partner_server.stop()
         await self.relay.stop()
+        await self.outcome_relay.stop()
         for service in reversed(self._services):
             try:
                 await service.stop()

@@ -11,12 +11,15 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 from gateway.audit.events import AuditEvent
 from gateway.documents import document_version
 from gateway.errors import IdempotencyKeyReused, Unavailable
 from gateway.model import Direction, Priority
+
+if TYPE_CHECKING:
+    from gateway.store.outcomes import OutcomeRecord
 
 #: ``(sender, message_id)``: the inbox key
 InboundKey = tuple[str, str]
@@ -546,6 +549,26 @@ class Store(Protocol):
         """dead -> closed, with ``events`` (the operator's entry, which names who closed it and
         why: no column does); MessageNotFound / InvalidTransition, and then nothing is
         written."""
+        ...
+
+    # outcomes of outbound messages (gateway/store/outcomes.py): the rows written with each
+    # final state of a message by finish_attempt, record_receipt and close_outbound
+    async def claim_outcomes(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutcomeRecord]:
+        """Lease up to ``limit`` outcomes still to publish (oldest first) to ``owner`` for
+        ``lease_s`` seconds; one leased by anyone (``owner`` too) is skipped until its lease
+        ends, so a refused one waits out its lease while the others go out."""
+        ...
+
+    async def mark_outcomes_published(self, seqs: Sequence[int]) -> int:
+        """Forget the outcomes the bus confirmed; returns how many were still there (one
+        published twice, after its lease ran out, is forgotten once)."""
+        ...
+
+    async def release_outcomes(self, owner: str) -> int:
+        """End ``owner``'s leases on outcomes (a relay stopping cleanly, or after an outage),
+        so the next round takes them at once; returns how many were released."""
         ...
 
     async def outbox_depth(self) -> dict[OutboundState, int]: ...

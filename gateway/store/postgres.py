@@ -75,6 +75,7 @@ from gateway.store.base import (
     same_request,
 )
 from gateway.store.migrations import load_migrations
+from gateway.store.outcomes import OutcomeRecord, is_final, outcome_body
 from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
 from gateway.store.url import POSTGRES_SCHEMES
 from gateway.urls import NOT_SHOWN, UrlInvalid, split_server_url, userinfo_past_netloc
@@ -143,6 +144,7 @@ _INBOUND_COLUMNS = (
     "body, body_digest, signature, kid, transport, received_at, receipt_body, "
     "receipt_signature, seq, relayed, document_ref, created_at, message_function"
 )
+_OUTCOME_COLUMNS = "seq, message_id, recipient, message_type, state, n, body, at"
 _OUTBOUND_COLUMNS = (
     "message_id, recipient, message_type, schema_version, correlation_id, in_reply_to, "
     "priority, body, body_digest, signature, kid, transport, created_at, expires_at, state, "
@@ -994,8 +996,9 @@ class PostgresStore:
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)
+            finished = await _record_outcome(c, _outbound(updated))
             crash_point("S9-after-mark-before-commit", message_id=message_id)
-            return _outbound(updated)
+            return finished
 
         return await self._write(unit)
 
@@ -1025,7 +1028,7 @@ class PostgresStore:
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)
-            return _outbound(updated)
+            return await _record_outcome(c, _outbound(updated))
 
         return await self._write(unit)
 
@@ -1109,9 +1112,51 @@ class PostgresStore:
             if updated is None:
                 raise MessageNotFound(message_id)
             tx.audit(events)
-            return _outbound(updated)
+            return await _record_outcome(c, _outbound(updated))
 
         return await self._write(unit)
+
+    async def claim_outcomes(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutcomeRecord]:
+        until = _aware(now) + timedelta(seconds=lease_s)
+        cols = ", ".join(f"o.{col.strip()}" for col in _OUTCOME_COLUMNS.split(","))
+        # SKIP LOCKED: a replica claiming at the same moment takes the next rows instead of
+        # waiting for these, and the lease keeps them out of its later claims
+        rows = await self._transaction(
+            lambda c: c.fetch(
+                "WITH due AS (SELECT seq FROM outbound_outcomes "
+                "WHERE relay_owner IS NULL OR relay_lease_until <= $1 "
+                "ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) "
+                "UPDATE outbound_outcomes AS o SET relay_owner = $3, relay_lease_until = $4 "
+                f"FROM due WHERE o.seq = due.seq RETURNING {cols}",
+                _aware(now),
+                limit,
+                owner,
+                until,
+            )
+        )
+        return sorted((_outcome(r) for r in rows), key=lambda o: o.seq)
+
+    async def mark_outcomes_published(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        status: str = await self._call(
+            lambda c: c.execute(
+                "DELETE FROM outbound_outcomes WHERE seq = ANY($1::bigint[])", list(seqs)
+            )
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def release_outcomes(self, owner: str) -> int:
+        status: str = await self._call(
+            lambda c: c.execute(
+                "UPDATE outbound_outcomes SET relay_owner = NULL, relay_lease_until = NULL "
+                "WHERE relay_owner = $1",
+                owner,
+            )
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     async def outbox_depth(self) -> dict[OutboundState, int]:
         rows = await self._call(
@@ -1676,6 +1721,43 @@ async def _append_audit(c: Conn, events: Sequence[AuditEvent]) -> int:
         *_event_args(events),
     )
     return first
+
+
+async def _record_outcome(c: Conn, record: OutboundRecord) -> OutboundRecord:
+    """In the transaction that wrote ``record``'s state (its row locked): when it is final,
+    the outcome to publish (gateway/store/outcomes.py). Returns ``record``."""
+    if not is_final(record.state):
+        return record
+    n = await c.fetchval(
+        "UPDATE outbound_messages SET outcomes = outcomes + 1 WHERE message_id = $1 "
+        "RETURNING outcomes",
+        record.message_id,
+    )
+    await c.execute(
+        "INSERT INTO outbound_outcomes (message_id, recipient, message_type, state, n, body, at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        record.message_id,
+        record.recipient,
+        record.message_type,
+        record.state.value,
+        n,
+        outcome_body(record, n),
+        _aware(record.updated_at),
+    )
+    return record
+
+
+def _outcome(row: asyncpg.Record) -> OutcomeRecord:
+    return OutcomeRecord(
+        seq=row[0],
+        message_id=row[1],
+        recipient=row[2],
+        message_type=row[3],
+        state=OutboundState(row[4]),
+        n=row[5],
+        body=row[6],
+        at=row[7],
+    )
 
 
 async def _migrate(c: Conn) -> None:

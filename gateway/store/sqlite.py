@@ -76,6 +76,7 @@ from gateway.store.base import (
     same_request,
 )
 from gateway.store.migrations import load_migrations
+from gateway.store.outcomes import OutcomeRecord, is_final, outcome_body
 from gateway.store.queries import Cursor, Dialect, audit_query, index_fields, messages_query
 
 T = TypeVar("T")
@@ -136,6 +137,7 @@ _OUTBOUND_COLUMNS = (
     "attempts, next_attempt_at, last_error, receipt_body, receipt_signature, submitted_by, "
     "updated_at, idempotency_key, request_digest"
 )
+_OUTCOME_COLUMNS = "seq, message_id, recipient, message_type, state, n, body, at"
 _PRIORITY_RANK = {Priority.URGENT: 0, Priority.ROUTINE: 1}
 _FINISHED = tuple(s.value for s in OutboundState if s not in ACTIVE_STATES)
 
@@ -191,6 +193,19 @@ def _outbound(row: Sequence[Any]) -> OutboundRecord:
         updated_at=_dt(row[21]),
         idempotency_key=row[22],
         request_digest=row[23],
+    )
+
+
+def _outcome(row: Sequence[Any]) -> OutcomeRecord:
+    return OutcomeRecord(
+        seq=row[0],
+        message_id=row[1],
+        recipient=row[2],
+        message_type=row[3],
+        state=OutboundState(row[4]),
+        n=row[5],
+        body=row[6],
+        at=_dt(row[7]),
     )
 
 
@@ -1187,8 +1202,9 @@ class SqliteStore:
                 raise LeaseLost(message_id, worker_id)
             self._apply_update(c, message_id, update)
             self._append_audit(c, events)
+            finished = _record_outcome(c, _require_outbound(c, message_id))
             crash_point("S9-after-mark-before-commit", message_id=message_id)
-            return _require_outbound(c, message_id)
+            return finished
 
         return await self._write(unit)
 
@@ -1213,7 +1229,7 @@ class SqliteStore:
                 raise InvalidTransition(message_id, state.value, "record a receipt")
             self._apply_update(c, message_id, update)
             self._append_audit(c, events)
-            return _require_outbound(c, message_id)
+            return _record_outcome(c, _require_outbound(c, message_id))
 
         return await self._write(unit)
 
@@ -1284,7 +1300,51 @@ class SqliteStore:
                 (_us(now), message_id),
             )
             self._append_audit(c, events)
-            return _require_outbound(c, message_id)
+            return _record_outcome(c, _require_outbound(c, message_id))
+
+        return await self._write(unit)
+
+    async def claim_outcomes(
+        self, owner: str, now: datetime, limit: int, lease_s: float
+    ) -> list[OutcomeRecord]:
+        now_us = _us(now)
+        until_us = _us(now + timedelta(seconds=lease_s))
+
+        # one write unit: the single writer makes select-and-lease atomic across callers
+        def unit(c: Conn) -> list[OutcomeRecord]:
+            rows = c.execute(
+                f"SELECT {_OUTCOME_COLUMNS} FROM outbound_outcomes "
+                "WHERE relay_owner IS NULL OR relay_lease_until <= ? ORDER BY seq LIMIT ?",
+                (now_us, limit),
+            ).fetchall()
+            c.executemany(
+                "UPDATE outbound_outcomes SET relay_owner = ?, relay_lease_until = ? WHERE seq = ?",
+                [(owner, until_us, r[0]) for r in rows],
+            )
+            return [_outcome(r) for r in rows]
+
+        return await self._write(unit)
+
+    async def mark_outcomes_published(self, seqs: Sequence[int]) -> int:
+        seqs = list(seqs)
+        if not seqs:
+            return 0
+
+        def unit(c: Conn) -> int:
+            marks = ", ".join("?" * len(seqs))
+            cur = c.execute(f"DELETE FROM outbound_outcomes WHERE seq IN ({marks})", seqs)
+            return int(cur.rowcount)
+
+        return await self._write(unit)
+
+    async def release_outcomes(self, owner: str) -> int:
+        def unit(c: Conn) -> int:
+            cur = c.execute(
+                "UPDATE outbound_outcomes SET relay_owner = NULL, relay_lease_until = NULL "
+                "WHERE relay_owner = ?",
+                (owner,),
+            )
+            return int(cur.rowcount)
 
         return await self._write(unit)
 
@@ -1435,6 +1495,34 @@ def _outbound_by_key(
         (submitted_by, idempotency_key),
     ).fetchone()
     return None if row is None else _outbound(row)
+
+
+def _record_outcome(c: Conn, record: OutboundRecord) -> OutboundRecord:
+    """In the transaction that wrote ``record``'s state: when it is final, the outcome to
+    publish (gateway/store/outcomes.py). Returns ``record``."""
+    if not is_final(record.state):
+        return record
+    c.execute(
+        "UPDATE outbound_messages SET outcomes = outcomes + 1 WHERE message_id = ?",
+        (record.message_id,),
+    )
+    (n,) = c.execute(
+        "SELECT outcomes FROM outbound_messages WHERE message_id = ?", (record.message_id,)
+    ).fetchone()
+    c.execute(
+        "INSERT INTO outbound_outcomes (message_id, recipient, message_type, state, n, body, at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.message_id,
+            record.recipient,
+            record.message_type,
+            record.state.value,
+            n,
+            outcome_body(record, n),
+            _us(record.updated_at),
+        ),
+    )
+    return record
 
 
 def _require_outbound(c: Conn, message_id: str) -> OutboundRecord:

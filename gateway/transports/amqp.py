@@ -62,6 +62,8 @@ from gateway.urls import NOT_SHOWN, UrlInvalid, split_server_url, userinfo_past_
 log = structlog.get_logger(__name__)
 
 INBOUND_EXCHANGE = "c2c.inbound"
+#: the outcomes of our outbound messages (gateway/store/outcomes.py)
+OUTCOMES_EXCHANGE = "c2c.outcomes"
 SUBMIT_EXCHANGE = "c2c.submit"
 SUBMIT_QUEUE = "c2c.submit"
 DEAD_LETTER_EXCHANGE = "c2c.dlx"
@@ -482,6 +484,9 @@ class AmqpBroker:
             )
             await channel.declare_exchange(
                 INBOUND_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            await channel.declare_exchange(
+                OUTCOMES_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
             submit = await channel.declare_exchange(
                 SUBMIT_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True

@@ -11,6 +11,10 @@ the partner's signature from the ``c2c-signature`` header over the exact body.
 
 In-process subscribers are called after the confirm, for the records this process relays;
 systems elsewhere (and other replicas) consume ``c2c.inbound`` itself.
+
+The outcomes of our outbound messages go to the ``c2c.outcomes`` topic exchange, routing key
+``<recipient>.<message_type>.<state>``, ``message_id`` the outcome's stable id
+(``<message_id>/<state>/<n>``), published by the outcome relay the same way (docs/integration.md).
 """
 
 from __future__ import annotations
@@ -18,15 +22,30 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
+import orjson
+
 from gateway.clock import format_rfc3339
 from gateway.crashpoints import crash_point
 from gateway.errors import Unavailable
 from gateway.model import WITNESSING_TYPES
 from gateway.store.base import InboundRecord
-from gateway.transports.amqp import INBOUND_EXCHANGE, AmqpBroker, OutgoingMessage
-from gateway.transports.bus import InboundHandler, notify_in_order, notify_subscribers
+from gateway.store.outcomes import OutcomeRecord
+from gateway.transports.amqp import (
+    INBOUND_EXCHANGE,
+    OUTCOMES_EXCHANGE,
+    AmqpBroker,
+    OutgoingMessage,
+)
+from gateway.transports.bus import (
+    InboundHandler,
+    notify_in_order,
+    notify_subscribers,
+    taken_outcomes,
+)
 
 BUS_CONCERN = "bus"
+#: the AMQP ``type`` of an outcome event
+OUTCOME_TYPE = "c2c.outcome"
 
 
 def routing_key(record: InboundRecord) -> str:
@@ -65,13 +84,46 @@ def bus_message(record: InboundRecord, content_type: str = "application/json") -
     )
 
 
+def outcome_routing_key(outcome: OutcomeRecord) -> str:
+    return f"{outcome.recipient}.{outcome.message_type}.{outcome.state.value}"
+
+
+def outcome_message(outcome: OutcomeRecord, party: str) -> OutgoingMessage:
+    """The ``c2c.outcomes`` message of ``outcome``: its body as stored, its stable id."""
+    body = orjson.loads(outcome.body)
+    headers = {
+        "c2c-message-id": outcome.message_id,
+        "c2c-recipient": outcome.recipient,
+        "c2c-state": outcome.state.value,
+        "c2c-outcome-at": format_rfc3339(outcome.at),
+    }
+    if body.get("in_reply_to") is not None:
+        headers["c2c-in-reply-to"] = body["in_reply_to"]
+    return OutgoingMessage(
+        body=outcome.body,
+        message_id=outcome.outcome_id,
+        message_type=OUTCOME_TYPE,
+        app_id=party,
+        correlation_id=body.get("correlation_id"),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
 class RabbitBus:
     def __init__(
         self,
         broker: AmqpBroker,
         media_type: Callable[[str], str] = lambda sender: "application/json",
+        *,
+        party: str,
+        outcomes: bool = True,
     ) -> None:
         self._broker = broker
+        #: our party id: the ``app_id`` of the outcomes we publish
+        self._party = party
+        #: ``[amqp] outcomes``: publish outcomes to ``c2c.outcomes``, or take and drop them
+        self._outcomes = outcomes
         #: the ``content_type`` of a sender's bytes: JSON, or its adapter's native format
         self._media_type = media_type
         self._handlers: list[InboundHandler] = []
@@ -110,6 +162,31 @@ class RabbitBus:
             mandatory=record.message_type not in WITNESSING_TYPES,
         )
         crash_point("S8-before-confirm")
+
+    async def publish_outcomes(self, outcomes: Sequence[OutcomeRecord]) -> list[OutcomeRecord]:
+        if self._closed:
+            raise Unavailable("RabbitMQ bus is closed")
+        if not self._outcomes:
+            # not asked for: dropped, as the in-process bus drops them, so that none waits in
+            # the store (nor floods the exchange once they are asked for)
+            return list(outcomes)
+        failures: list[BaseException | None] = list(
+            await asyncio.gather(
+                *(self._publish_outcome(outcome) for outcome in outcomes), return_exceptions=True
+            )
+        )
+        return taken_outcomes(outcomes, failures)
+
+    async def _publish_outcome(self, outcome: OutcomeRecord) -> None:
+        # mandatory, as c2c.inbound: an outcome no bound queue takes is returned and waits in
+        # the store, tried again once per lease, until a queue is bound for its key
+        await self._broker.publish(
+            outcome_message(outcome, self._party),
+            exchange=OUTCOMES_EXCHANGE,
+            routing_key=outcome_routing_key(outcome),
+            concern=BUS_CONCERN,
+            mandatory=True,
+        )
 
     async def close(self) -> None:
         # The broker connection is the runtime's; it closes it after the relay stopped.

@@ -12,6 +12,9 @@ make the relay publish them again, round after round while it keeps failing (an 
 routing key, a purged body). The taken records keep their order; a record retried later comes
 after them, as any at-least-once redelivery may, and consumers order the versions of a document
 by ``c2c-document-version`` (highest version wins), not by arrival.
+
+``publish_outcomes`` hands over the outcomes of our outbound messages (their final states) the
+same way, for the outcome relay.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import structlog
 
 from gateway.errors import Unavailable
 from gateway.store.base import InboundRecord
+from gateway.store.outcomes import OutcomeRecord
 
 InboundHandler = Callable[[InboundRecord], Awaitable[None]]
 
@@ -40,6 +44,12 @@ class Bus(Protocol):
         order. A record that was not taken is left out and logged (``bus_publish_failed``);
         the others are taken all the same. Raises the first record's failure when none was
         taken."""
+        ...
+
+    async def publish_outcomes(self, outcomes: Sequence[OutcomeRecord]) -> list[OutcomeRecord]:
+        """Hand outcomes of our outbound messages over (gateway/store/outcomes.py), confirms
+        awaited together; returns those taken, in order, as ``publish_inbound_many`` does
+        (logged ``outcome_publish_failed``); raises the first failure when none was taken."""
         ...
 
     def subscribe(self, handler: InboundHandler) -> None:
@@ -91,6 +101,28 @@ def taken_records(
     return taken
 
 
+def taken_outcomes(
+    outcomes: Sequence[OutcomeRecord], failures: Sequence[BaseException | None]
+) -> list[OutcomeRecord]:
+    """The outcomes with no failure, in order; raises the first failure when none was taken,
+    else logs each failure."""
+    taken = [o for o, failure in zip(outcomes, failures, strict=True) if failure is None]
+    if outcomes and not taken:
+        raise next(failure for failure in failures if failure is not None)
+    for outcome, failure in zip(outcomes, failures, strict=True):
+        if failure is not None:
+            log.warning(
+                "outcome_publish_failed",
+                outcome_id=outcome.outcome_id,
+                taken=len(taken),
+                of=len(outcomes),
+                error=failure.reason
+                if isinstance(failure, Unavailable)
+                else type(failure).__name__,
+            )
+    return taken
+
+
 async def notify_subscribers(handlers: list[InboundHandler], record: InboundRecord) -> None:
     """Hand a record to every in-process subscriber; the first failure fails the publish.
 
@@ -135,6 +167,14 @@ class MemoryBus:
         if self._closed:
             raise Unavailable("in-process bus is closed")
         return await notify_in_order(self._handlers, records, [None] * len(records))
+
+    async def publish_outcomes(self, outcomes: Sequence[OutcomeRecord]) -> list[OutcomeRecord]:
+        # No system outside this process can consume an in-process bus, and nothing in it
+        # consumes outcomes: they are taken and dropped (the API has every message's state),
+        # so that none waits in the store to flood a bus configured later.
+        if self._closed:
+            raise Unavailable("in-process bus is closed")
+        return list(outcomes)
 
     async def close(self) -> None:
         self._closed = True

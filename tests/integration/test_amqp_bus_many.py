@@ -32,7 +32,7 @@ async def test_a_batch_is_confirmed_in_order_whatever_fails_beside_it(
     await broker.connect()
     try:
         await broker.declare_topology([AMQP_PARTNER])
-        bus = RabbitBus(broker)
+        bus = RabbitBus(broker, party=GATEWAY)
         relayed: list[str] = []
 
         async def subscriber(record: InboundRecord) -> None:
@@ -81,7 +81,7 @@ async def test_a_witnessing_message_is_taken_with_no_queue_bound_for_it(
         channel = await broker.channel("test-sink")
         sink = await channel.declare_queue("test.sink", durable=True)
         await sink.bind("c2c.inbound", routing_key=f"{AMQP_PARTNER}.shipment.#")
-        bus = RabbitBus(broker)
+        bus = RabbitBus(broker, party=GATEWAY)
         relayed: list[str] = []
 
         async def subscriber(record: InboundRecord) -> None:

@@ -436,7 +436,7 @@ async def test_inbound_publish_with_no_queue_bound_is_not_confirmed(
     await broker.connect()
     try:
         await broker.declare_topology([AMQP_PARTNER])
-        bus = RabbitBus(broker)
+        bus = RabbitBus(broker, party=GATEWAY)
         record = sample_record(sender=AMQP_PARTNER, recipient=GATEWAY)
         with pytest.raises(Unavailable, match="unroutable"):
             await bus.publish_inbound(record)

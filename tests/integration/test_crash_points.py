@@ -7,10 +7,11 @@ For each point: each crash came from that point (its stderr line, exit by SIGKIL
 message ends acknowledged, stored once with one ``accepted`` audit entry, re-sending it returns
 the byte-identical receipt, it reached the CBP side's queue on RabbitMQ (raw duplicates carry
 the partner's id and bytes), and ``c2c-gateway audit check`` passes on the log after the
-crashes. The outbound points (S9) run US-CBP's dispatcher against a partner endpoint: every
-message ends acknowledged, the partner holds each one, and a crash between the partner's answer
-and its record makes the message go out again. The inbound points also run over AMQP,
-draining a backlog from the partner's queue.
+crashes. The outbound points (S9, S10) run US-CBP's dispatcher against a partner endpoint:
+every message ends acknowledged, the partner holds each one, a crash between the partner's
+answer and its record makes the message go out again, and each message's outcome reaches a
+queue bound to ``c2c.outcomes`` (again, after a crash between its confirm and its mark). The
+inbound points also run over AMQP, draining a backlog from the partner's queue.
 
 Where the message in hand was at the crash is checked from outside: its final answer over
 HTTPS (202: stored by its retry; 200: found stored), its audit entries over AMQP (a
@@ -70,11 +71,15 @@ INBOUND_POINTS = {
 #: nothing of it was committed; at S6-after-commit it was; at S7-after-response the crashed
 #: process had answered it already
 IN_HAND_ANSWER = {"S6-before-commit": 202, "S6-after-commit": 200, "S7-after-response": 202}
-OUTBOUND_POINTS = {"S9-after-send-before-mark": 1, "S9-after-mark-before-commit": 1}
+OUTBOUND_POINTS = {
+    "S9-after-send-before-mark": 1,
+    "S9-after-mark-before-commit": 1,
+    "S10-outcome-after-confirm-before-mark": 1,
+}
 #: run on PostgreSQL too: the inbox commit and the outbound record (``audit-append`` on
 #: PostgreSQL: test_store_crash_points, as the inbox and the relay append inside one statement)
 ON_POSTGRES = ("S6-before-commit", "S6-after-commit")
-ON_POSTGRES_OUT = ("S9-after-mark-before-commit",)
+ON_POSTGRES_OUT = ("S9-after-mark-before-commit", "S10-outcome-after-confirm-before-mark")
 #: a crashed relay's rows wait for its lease: a short one, for a quick run
 RELAY_LEASE_S = 2.0
 RELAY = f"""
@@ -338,6 +343,7 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
     request: pytest.FixtureRequest,
 ) -> None:
     source = write_config(tmp_path, amqp_url=rabbit_vhost.url())
+    edit_toml(source, "[amqp]\n", "[amqp]\noutcomes = true\n")
     database = await use_store(source, backend, request)
     pki = tmp_path / "certs"
     partner = PartnerStub(pki, party=HTTPS_PARTNER)
@@ -353,9 +359,11 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
         'public_keys = ["certs/US-CBP/api-token.pub"]\nsigning_key = "certs/US-CBP/api-token.key"',
     )
     with source.open("a", encoding="utf-8") as handle:
-        handle.write(OUTBOX)
+        handle.write(OUTBOX + RELAY)
     crashing = CrashingServe(source, point, OUTBOUND_POINTS[point])
+    connection = await aio_pika.connect(rabbit_vhost.url())
     try:
+        outcomes = await bind_outcomes(await connection.channel())
         await crashing.start()
         ids = await submit(source, crashing.serve, MESSAGES // 2)
         await crashing.crashed(60)
@@ -365,14 +373,23 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
             60,
         )
         crashing.assert_crashed_at_the_point()
+        # every message's outcome reached the CBP system's queue, at least once; those in
+        # hand at an outcome relay's crash (confirmed, not marked) went out again after it
+        again = crashing.messages_in_hand() if point.startswith("S10") else []
+        assert again or not point.startswith("S10")
+        published = await outcomes_until(outcomes, set(ids), set(again), 60)
+        assert all(key[1:] == ("acknowledged", "1") for key in published), published
+        # and each is forgotten once confirmed (the mark follows the confirm)
+        await database.until("SELECT count(*) FROM outbound_outcomes", [(0,)], 30)
         await crashing.stop()
         seen = Counter(orjson.loads(s.body)["header"]["message_id"] for s in partner.seen)
         assert set(seen) == set(ids)
-        # the message in hand at each crash had reached the partner, was not recorded as
-        # answered, and went out again after the restart
-        in_hand = crashing.messages_in_hand()
-        assert len(in_hand) == CRASHES
-        assert all(seen[message_id] >= 2 for message_id in in_hand), (in_hand, seen)
+        if point.startswith("S9"):
+            # the message in hand at each crash had reached the partner, was not recorded as
+            # answered, and went out again after the restart
+            in_hand = crashing.messages_in_hand()
+            assert len(in_hand) == CRASHES
+            assert all(seen[message_id] >= 2 for message_id in in_hand), (in_hand, seen)
         assert await database.rows(
             "SELECT count(*) FROM outbound_messages WHERE receipt_body IS NULL"
         ) == [(0,)]
@@ -381,7 +398,41 @@ async def test_a_crash_at_an_outbound_point_ends_every_message_acknowledged(
     finally:
         await crashing.stop()
         await partner.stop()
+        await connection.close()
         await database.drop()
+
+
+async def bind_outcomes(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+    """A CBP system's queue on ``c2c.outcomes``, bound before the gateway starts."""
+    exchange = await channel.declare_exchange(
+        "c2c.outcomes", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(
+        "cbp.outcomes", durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await queue.bind(exchange, routing_key="#")
+    return queue
+
+
+async def outcomes_until(
+    queue: aio_pika.abc.AbstractQueue, ids: set[str], twice: set[str], timeout_s: float
+) -> Counter[tuple[str, str, str]]:
+    """The outcomes taken off ``queue`` (``(message_id, state, n)``, counted) once every one
+    of ``ids`` has one, and those of ``twice`` two at least."""
+    published: Counter[tuple[str, str, str]] = Counter()
+
+    def done() -> bool:
+        counts = Counter(key[0] for key in published.elements())
+        return ids <= set(counts) and all(counts[m] >= 2 for m in twice)
+
+    async with asyncio.timeout(timeout_s):
+        while not done():
+            for message in await drain(queue):
+                assert message.message_id is not None
+                message_id, state, n = message.message_id.split("/")
+                published[(message_id, state, n)] += 1
+            await asyncio.sleep(0.1)
+    return published
 
 
 #: over AMQP, every point of the inbound path (the delivery in hand is returned by the

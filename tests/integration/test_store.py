@@ -1232,3 +1232,142 @@ async def test_a_relay_claim_stops_at_its_byte_budget(store: Store) -> None:
     alone = await store.claim_relay("t", T0, 10, 30, max_bytes=2500)
     assert [(r.message_id, len(r.body or b"")) for r in alone] == [("b-3", 5000)]
     assert [r.message_id for r in await store.claim_relay("u", T0, 10, 30)] == ["b-4"]
+
+
+# outcomes of outbound messages (c2c.outcomes): written with each final state
+
+
+async def test_each_final_state_writes_its_outcome_in_its_transaction(
+    store: Store, store_clock: ManualClock
+) -> None:
+    """acknowledged, rejected, dead (by an attempt) and closed (by an operator) each leave one
+    outcome to publish, its body the message as it stood then; states still at work none."""
+    receipt = b'{"header": {}, "payload": {"status": "NACK", "code": "SCHEMA_INVALID"}}'
+    await store.enqueue_outbound(replace(outbound("o-ack"), correlation_id="c-1"), [])
+    for message_id in ("o-rej", "o-dead", "o-sent"):
+        await store.enqueue_outbound(outbound(message_id), [])
+    await store.claim_outbound("w1", T0, 10, 30)
+    updates = {
+        "o-ack": AttemptUpdate(
+            state=OutboundState.ACKNOWLEDGED,
+            attempts=1,
+            next_attempt_at=T0,
+            receipt_body=b'{"header": {}, "payload": {"status": "ACK"}}',
+            receipt_signature="sig",
+        ),
+        "o-rej": AttemptUpdate(
+            state=OutboundState.REJECTED,
+            attempts=2,
+            next_attempt_at=T0,
+            last_error="NACK SCHEMA_INVALID",
+            receipt_body=receipt,
+            receipt_signature="sig",
+        ),
+        "o-dead": AttemptUpdate(
+            state=OutboundState.DEAD, attempts=3, next_attempt_at=T0, last_error="gave up"
+        ),
+        "o-sent": AttemptUpdate(state=OutboundState.SENT, attempts=1, next_attempt_at=T0),
+    }
+    for message_id, update in updates.items():
+        await store.finish_attempt(message_id, "w1", update, [])
+    await store.close_outbound("o-dead", now=T0 + timedelta(hours=1), events=[])
+    claimed = await store.claim_outcomes("r1", T0, 10, 30)
+    assert [(o.message_id, o.state, o.n, o.outcome_id) for o in claimed] == [
+        ("o-ack", OutboundState.ACKNOWLEDGED, 1, "o-ack/acknowledged/1"),
+        ("o-rej", OutboundState.REJECTED, 1, "o-rej/rejected/1"),
+        ("o-dead", OutboundState.DEAD, 1, "o-dead/dead/1"),
+        ("o-dead", OutboundState.CLOSED, 2, "o-dead/closed/2"),
+    ]
+    assert all(o.recipient == "MX-SAT" for o in claimed)
+    assert all(o.message_type == "shipment.advance_data" for o in claimed)
+    bodies = [json.loads(o.body) for o in claimed]
+    assert bodies[0] == {
+        "outcome_id": "o-ack/acknowledged/1",
+        "message_id": "o-ack",
+        "recipient": "MX-SAT",
+        "message_type": "shipment.advance_data",
+        "state": "acknowledged",
+        "attempts": 1,
+        "last_error": None,
+        "correlation_id": "c-1",
+        "in_reply_to": None,
+        "submitted_by": "svc-test",
+        "idempotency_key": None,
+        "created_at": "2026-11-24T12:00:00.000Z",
+        "updated_at": "2026-11-24T12:00:00.000Z",
+        "receipt": {"status": "ACK", "code": None},
+    }
+    assert bodies[1]["receipt"] == {"status": "NACK", "code": "SCHEMA_INVALID"}
+    assert (bodies[1]["attempts"], bodies[1]["last_error"]) == (2, "NACK SCHEMA_INVALID")
+    assert (bodies[2]["state"], bodies[2]["receipt"], bodies[2]["last_error"]) == (
+        "dead",
+        None,
+        "gave up",
+    )
+    assert (bodies[3]["state"], bodies[3]["updated_at"]) == ("closed", "2026-11-24T13:00:00.000Z")
+
+
+async def test_a_refused_final_write_leaves_no_outcome(store: Store) -> None:
+    """The outcome is part of the final state's transaction: a write refused (a lost lease)
+    leaves none."""
+    await store.enqueue_outbound(outbound("o-1"), [])
+    await store.claim_outbound("w1", T0, 10, 30)
+    dead = AttemptUpdate(state=OutboundState.DEAD, attempts=1, next_attempt_at=T0)
+    with pytest.raises(LeaseLost):
+        await store.finish_attempt("o-1", "w2", dead, [])
+    assert await store.claim_outcomes("r1", T0, 10, 30) == []
+
+
+async def test_outcomes_are_claimed_with_a_lease_and_forgotten_once_published(
+    store: Store,
+) -> None:
+    for message_id in ("o-1", "o-2", "o-3"):
+        await outbound_in(store, message_id, OutboundState.DEAD)
+    first = await store.claim_outcomes("r1", T0, 2, 30)
+    assert [o.message_id for o in first] == ["o-1", "o-2"]
+    # leased: another relay, and r1 itself, get only what is left
+    ten = T0 + timedelta(seconds=10)
+    assert [o.message_id for o in await store.claim_outcomes("r2", ten, 10, 30)] == ["o-3"]
+    assert await store.claim_outcomes("r1", T0 + timedelta(seconds=29), 10, 30) == []
+    # r1 published o-1 only; o-2's lease runs out and another relay takes it
+    assert await store.mark_outcomes_published([first[0].seq]) == 1
+    later = T0 + timedelta(seconds=31)
+    again = await store.claim_outcomes("r2", later, 10, 30)
+    assert [(o.message_id, o.seq, o.body) for o in again] == [
+        (o.message_id, o.seq, o.body) for o in first[1:]
+    ]
+    # published twice (r1's late confirm, then r2's): forgotten once
+    assert await store.mark_outcomes_published([first[1].seq]) == 1
+    assert await store.mark_outcomes_published([first[1].seq]) == 0
+    # r2 stops: its lease on o-3 ends at once
+    assert await store.release_outcomes("r2") == 1
+    (last,) = await store.claim_outcomes("r3", later, 10, 30)
+    assert last.message_id == "o-3"
+    assert await store.mark_outcomes_published([last.seq]) == 1
+    assert await store.claim_outcomes("r3", T0 + timedelta(days=1), 10, 30) == []
+
+
+async def test_a_retried_message_has_its_next_final_state_published_again(store: Store) -> None:
+    """An operator's retry re-queues a final message: its next end is a new outcome, numbered
+    after the first, whether or not the first was published yet; a late receipt settling a
+    dead message is one too."""
+    await outbound_in(store, "o-1", OutboundState.REJECTED)
+    (first,) = await store.claim_outcomes("r1", T0, 10, 30)
+    assert await store.mark_outcomes_published([first.seq]) == 1
+    later = T0 + timedelta(hours=1)
+    await store.retry_outbound("o-1", now=later, actor="cli:ops", events=[])
+    assert await store.claim_outcomes("r1", later, 10, 30) == []
+    await store.claim_outbound("w1", later, 10, 30)
+    dead = AttemptUpdate(state=OutboundState.DEAD, attempts=1, next_attempt_at=later)
+    await store.finish_attempt("o-1", "w1", dead, [])
+    ack = AttemptUpdate(
+        state=OutboundState.ACKNOWLEDGED,
+        attempts=1,
+        next_attempt_at=later,
+        receipt_body=b"not the canonical envelope",
+        receipt_signature="sig",
+    )
+    await store.record_receipt("o-1", ack, [], dead_too=True)
+    claimed = await store.claim_outcomes("r1", later, 10, 30)
+    assert [o.outcome_id for o in claimed] == ["o-1/dead/2", "o-1/acknowledged/3"]
+    assert json.loads(claimed[1].body)["receipt"] is None
