@@ -25,7 +25,7 @@ from gateway.clock import Clock
 from gateway.crashpoints import crash_point
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.relay import default_owner
+from gateway.relay import default_owner, run_rounds
 from gateway.store.base import Store
 from gateway.store.outcomes import OutcomeRecord
 from gateway.transports.amqp import Refused
@@ -120,23 +120,16 @@ class OutcomeRelay:
             log.warning("outcome_relay_release_failed", code=exc.code.value, reason=exc.reason)
 
     async def _run(self) -> None:
-        backoff = self._poll_interval_s
-        while not self._stopping:
-            try:
-                count = await self.relay_once()
-            except Exception as exc:
-                self._metrics.outcome_failures.inc()
-                if isinstance(exc, GatewayError):
-                    log.warning("outcome_relay_failed", code=exc.code.value, reason=exc.reason)
-                else:
-                    # a bug, not an outage: the outcomes stay pending; say so and keep going
-                    log.exception("outcome_relay_round_failed")
-                backoff = min(self._max_backoff_s, backoff * 2)
-                await self._sleep(backoff)
-                continue
-            backoff = self._poll_interval_s
-            if count < self._batch:
-                await self._sleep(self._poll_interval_s)
+        await run_rounds(
+            self.relay_once,
+            stopping=lambda: self._stopping,
+            sleep=self._sleep,
+            failed=self._metrics.outcome_failures.inc,
+            events="outcome_relay",
+            batch=self._batch,
+            poll_interval_s=self._poll_interval_s,
+            max_backoff_s=self._max_backoff_s,
+        )
 
     async def _sleep(self, seconds: float) -> None:
         try:

@@ -32,6 +32,7 @@ import os
 import random
 import socket
 from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -46,6 +47,42 @@ from gateway.transports.amqp import Refused
 from gateway.transports.bus import Bus
 
 log = structlog.get_logger(__name__)
+
+
+async def run_rounds(
+    relay_once: Callable[[], Awaitable[int]],
+    *,
+    stopping: Callable[[], bool],
+    sleep: Callable[[float], Awaitable[None]],
+    failed: Callable[[], None],
+    events: str,
+    batch: int,
+    poll_interval_s: float,
+    max_backoff_s: float,
+) -> None:
+    """A relay's rounds until ``stopping()``: at once after a full batch, else after
+    ``poll_interval_s``; after a failure, a backoff doubling up to ``max_backoff_s``, counted
+    (``failed``) and logged ``<events>_failed`` (an outage) or ``<events>_round_failed``
+    (a bug, with its traceback)."""
+    backoff = poll_interval_s
+    while not stopping():
+        try:
+            count = await relay_once()
+        except Exception as exc:
+            failed()
+            if isinstance(exc, GatewayError):
+                log.warning(f"{events}_failed", code=exc.code.value, reason=exc.reason)
+            else:
+                # A bug, not an outage: the round's records are pending as after any failure
+                # (given back, or left leased), so say so with the traceback and keep
+                # relaying, rather than let internal delivery stop unseen.
+                log.exception(f"{events}_round_failed")
+            backoff = min(max_backoff_s, backoff * 2)
+            await sleep(backoff)
+            continue
+        backoff = poll_interval_s
+        if count < batch:
+            await sleep(poll_interval_s)
 
 
 def default_owner() -> str:
@@ -295,25 +332,16 @@ class InboxRelay:
         )
 
     async def _run(self) -> None:
-        backoff = self._poll_interval_s
-        while not self._stopping:
-            try:
-                count = await self.relay_once()
-            except Exception as exc:
-                self._metrics.relay_failures.inc()
-                if isinstance(exc, GatewayError):
-                    log.warning("relay_failed", code=exc.code.value, reason=exc.reason)
-                else:
-                    # A bug, not an outage: the round's records are pending as after any
-                    # failure (given back, or left leased), so say so with the traceback and
-                    # keep relaying, rather than let internal delivery stop unseen.
-                    log.exception("relay_round_failed")
-                backoff = min(self._max_backoff_s, backoff * 2)
-                await self._sleep(backoff)
-                continue
-            backoff = self._poll_interval_s
-            if count < self._batch:
-                await self._sleep(self._poll_interval_s)
+        await run_rounds(
+            self.relay_once,
+            stopping=lambda: self._stopping,
+            sleep=self._sleep,
+            failed=self._metrics.relay_failures.inc,
+            events="relay",
+            batch=self._batch,
+            poll_interval_s=self._poll_interval_s,
+            max_backoff_s=self._max_backoff_s,
+        )
 
     async def _sleep(self, seconds: float) -> None:
         try:
