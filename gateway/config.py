@@ -763,6 +763,9 @@ def _amqp(table: _Table, environ: Mapping[str, str]) -> AmqpConfig:
         ),
         outcomes=table.bool_or("outcomes", d.outcomes),
     )
+    if amqp.outcomes and url is None:
+        # without a broker the outcomes would be dropped in silence
+        raise table.error("outcomes", "publishes to RabbitMQ: set url (or url_env) too")
     table.finish()
     return amqp
 

@@ -251,6 +251,17 @@ def test_a_value_out_of_its_bounds_is_refused(
     assert (error.file, error.key, error.reason) == (str(tree / file), key, reason)
 
 
+def test_outcomes_without_a_broker_are_refused(tree: Path) -> None:
+    """[amqp] outcomes publishes to RabbitMQ: without url the bus would drop them unseen."""
+    edit_once(tree / G, "# outcomes = false", "outcomes = true")
+    error = _refusal(tree)
+    assert (error.file, error.key, error.reason) == (
+        str(tree / G),
+        "amqp.outcomes",
+        "publishes to RabbitMQ: set url (or url_env) too",
+    )
+
+
 def test_the_bounds_themselves_load(tree: Path) -> None:
     edit_once(tree / G, "checkpoint_interval_s = 60", "checkpoint_interval_s = 0.1")
     edit_once(tree / G, "# poll_interval_s = 0.5", "poll_interval_s = 0.05")
