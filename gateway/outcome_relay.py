@@ -17,7 +17,6 @@ one cheap claim per ``poll_interval_s``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 
@@ -25,7 +24,7 @@ from gateway.clock import Clock
 from gateway.crashpoints import crash_point
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.relay import default_owner, run_rounds
+from gateway.relay import default_owner, finish, run_rounds, woken
 from gateway.store.base import Store
 from gateway.store.outcomes import OutcomeRecord
 from gateway.transports.amqp import Refused
@@ -76,13 +75,7 @@ class OutcomeRelay:
             return
         self._stopping = True
         self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=self._stop_timeout_s)
-        except TimeoutError:
-            # a publish hung (broker gone): what it held stays pending and goes out next start
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await finish(task, self._stop_timeout_s)
         await self._release()
 
     async def relay_once(self) -> int:
@@ -132,9 +125,4 @@ class OutcomeRelay:
         )
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        finally:
-            self._wake.clear()
+        await woken(self._wake, seconds)

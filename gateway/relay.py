@@ -85,6 +85,29 @@ async def run_rounds(
             await sleep(poll_interval_s)
 
 
+async def finish(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Let a relay's task end its round in progress within ``timeout_s``; past that a publish
+    hung (broker gone), and the task is cancelled: what it held stays pending and goes out
+    at the next start."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=timeout_s)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def woken(wake: asyncio.Event, seconds: float) -> bool:
+    """Wait at most ``seconds`` for ``wake`` (cleared after); whether it was set."""
+    try:
+        await asyncio.wait_for(wake.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    finally:
+        wake.clear()
+    return True
+
+
 def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:relay:{random.getrandbits(32):08x}"
 
@@ -200,13 +223,7 @@ class InboxRelay:
             return
         self._stopping = True
         self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=self._stop_timeout_s)
-        except TimeoutError:
-            # A publish hung (broker gone): what it held stays pending and goes out next start.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await finish(task, self._stop_timeout_s)
         self._handed.clear()
         self._handed_bytes = 0
         try:
@@ -344,11 +361,5 @@ class InboxRelay:
         )
 
     async def _sleep(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout=seconds)
-        except TimeoutError:
-            return
-        finally:
-            self._wake.clear()
-        if not self._stopping and self._coalesce_s > 0:
+        if await woken(self._wake, seconds) and not self._stopping and self._coalesce_s > 0:
             await asyncio.sleep(self._coalesce_s)

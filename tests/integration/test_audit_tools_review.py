@@ -18,14 +18,15 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import rfc8785
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from outbound_env import example, gateway_config, post_as_partner, start_gateway, submit_to
+from outbound_env import gateway_config, start_gateway, submit_to
+from test_api_audit import received
 
 from gateway.audit import merkle
 from gateway.audit.checkpoint import CheckpointBody, sign_checkpoint
@@ -34,8 +35,6 @@ from gateway.cli.main import cli
 from gateway.clock import SystemClock
 from gateway.config import load_config
 from gateway.crypto.notes import load_note_signer, note_signer, sign_note
-from gateway.envelope import encode_envelope, new_message_id
-from gateway.model import Header
 from gateway.store import open_store
 
 US_ORIGIN = "dev.c2c-gateway.invalid/US-CBP"
@@ -63,20 +62,7 @@ async def _populate(root: Path) -> Env:
     config = gateway_config(root, "US-CBP", peers={"MX-ANAM": "https://127.0.0.1:9"})
     running = await start_gateway(config)
     try:
-        message_id = new_message_id()
-        created_at = datetime.now(UTC)
-        header = Header(
-            message_id=message_id,
-            message_type="shipment.advance_data",
-            schema_version="1.0",
-            sender="MX-ANAM",
-            recipient="US-CBP",
-            created_at=created_at,
-            expires_at=created_at + timedelta(days=7),
-        )
-        body = encode_envelope(header, example(running.gateway, "shipment.advance_data"))
-        status, answer, _ = await post_as_partner(running, root, body)
-        assert status == 202, answer  # accepted, with our signed receipt
+        message_id, body = await received(running, root)  # with our signed receipt
         outbound = await submit_to(running, "MX-ANAM")
         await running.gateway.store.append_audit(
             [
